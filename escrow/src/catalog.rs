@@ -1,0 +1,440 @@
+//! The catalog: partners, identities, datasets and their versions (with wrapped data keys).
+//!
+//! Embedded default: SQLite in WAL mode with `secure_delete` on, so a deleted wrapped key
+//! is overwritten in the database file rather than left in a free page. All methods are
+//! blocking; async callers run them on the blocking pool.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use serde::Serialize;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::{Error, Result};
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS partners (
+    name        TEXT PRIMARY KEY,
+    created_at  TEXT NOT NULL,
+    revoked_at  TEXT
+);
+CREATE TABLE IF NOT EXISTS identities (
+    serial      TEXT PRIMARY KEY,              -- certificate serial, lowercase hex
+    partner     TEXT NOT NULL REFERENCES partners(name),
+    user        TEXT NOT NULL,
+    role        TEXT NOT NULL,
+    created_at  TEXT NOT NULL,
+    revoked_at  TEXT
+);
+CREATE INDEX IF NOT EXISTS identities_by_partner ON identities(partner, user);
+CREATE TABLE IF NOT EXISTS datasets (
+    id          TEXT PRIMARY KEY,              -- random 128-bit id, hex
+    owner       TEXT NOT NULL REFERENCES partners(name),
+    name        TEXT NOT NULL,
+    created_at  TEXT NOT NULL,
+    UNIQUE (owner, name)
+);
+CREATE TABLE IF NOT EXISTS dataset_versions (
+    dataset_id   TEXT NOT NULL REFERENCES datasets(id) ON DELETE CASCADE,
+    version      INTEGER NOT NULL,
+    version_id   TEXT NOT NULL UNIQUE,         -- random 128-bit id, hex; bound into the sealed file
+    rows         INTEGER NOT NULL,
+    source_bytes INTEGER NOT NULL,             -- bytes received from the client
+    sealed_bytes INTEGER NOT NULL,             -- bytes of the sealed file
+    format       TEXT NOT NULL,
+    schema_json  TEXT NOT NULL,
+    key_column   TEXT,
+    wrapped_dek  BLOB NOT NULL,
+    kek_id       TEXT NOT NULL,
+    uploaded_by  TEXT NOT NULL,
+    created_at   TEXT NOT NULL,
+    PRIMARY KEY (dataset_id, version)
+);
+CREATE TABLE IF NOT EXISTS crl_state (
+    id      INTEGER PRIMARY KEY CHECK (id = 1),
+    number  INTEGER NOT NULL
+);
+"#;
+
+/// Handle on the catalog database.
+pub struct Catalog {
+    conn: Mutex<Connection>,
+}
+
+/// A registered, unrevoked identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityRow {
+    pub partner: String,
+    pub user: String,
+    pub role: String,
+}
+
+/// One column of a stored dataset.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ColumnInfo {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub data_type: String,
+    pub nullable: bool,
+}
+
+/// Metadata of the live (latest) version of a dataset. Never any row content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DatasetInfo {
+    pub owner: String,
+    pub name: String,
+    pub version: i64,
+    pub rows: i64,
+    pub source_bytes: i64,
+    pub sealed_bytes: i64,
+    pub format: String,
+    pub key_column: Option<String>,
+    pub columns: Vec<ColumnInfo>,
+    pub created_at: String,
+    pub uploaded_by: String,
+}
+
+/// Everything needed to open one sealed version.
+#[derive(Debug, Clone)]
+pub struct VersionKey {
+    pub dataset_id: String,
+    pub version_id: String,
+    pub version: i64,
+    pub wrapped_dek: Vec<u8>,
+    pub kek_id: String,
+}
+
+/// A new version to record at commit.
+#[derive(Debug, Clone)]
+pub struct NewVersion {
+    pub dataset_id: String,
+    pub version_id: String,
+    pub rows: i64,
+    pub source_bytes: i64,
+    pub sealed_bytes: i64,
+    pub format: String,
+    pub columns: Vec<ColumnInfo>,
+    pub key_column: Option<String>,
+    pub wrapped_dek: Vec<u8>,
+    pub kek_id: String,
+    pub uploaded_by: String,
+}
+
+pub fn now_rfc3339() -> String {
+    OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
+}
+
+impl Catalog {
+    /// Open (creating if needed) the catalog and bring its schema up to date.
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = FULL;
+             PRAGMA foreign_keys = ON;
+             PRAGMA secure_delete = ON;",
+        )?;
+        conn.execute_batch(SCHEMA)?;
+        conn.execute(
+            "INSERT OR IGNORE INTO crl_state (id, number) VALUES (1, 1)",
+            [],
+        )?;
+        Ok(Catalog {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll
+        // back on drop), so a poisoned lock is safe to reuse.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    // ---- partners and identities -------------------------------------------------------
+
+    /// Register a partner; fails with `conflict` if it exists.
+    pub fn add_partner(&self, name: &str) -> Result<()> {
+        let conn = self.conn();
+        let exists: Option<Option<String>> = conn
+            .query_row(
+                "SELECT revoked_at FROM partners WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match exists {
+            Some(None) => Err(Error::Conflict(format!("partner {name} already exists"))),
+            Some(Some(_)) => Err(Error::Conflict(format!(
+                "partner {name} was revoked; partner names are not reused"
+            ))),
+            None => {
+                conn.execute(
+                    "INSERT INTO partners (name, created_at) VALUES (?1, ?2)",
+                    params![name, now_rfc3339()],
+                )?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Record an issued identity certificate.
+    pub fn add_identity(&self, serial: &str, partner: &str, user: &str, role: &str) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO identities (serial, partner, user, role, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![serial, partner, user, role, now_rfc3339()],
+        )?;
+        Ok(())
+    }
+
+    /// Revoke a partner and all its identities; returns the new CRL contents and number.
+    pub fn revoke_partner(&self, name: &str) -> Result<(Vec<(String, OffsetDateTime)>, u64)> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let now = now_rfc3339();
+        let changed = tx.execute(
+            "UPDATE partners SET revoked_at = ?2 WHERE name = ?1 AND revoked_at IS NULL",
+            params![name, now],
+        )?;
+        if changed == 0 {
+            let known: bool = tx
+                .query_row("SELECT 1 FROM partners WHERE name = ?1", [name], |_| {
+                    Ok(true)
+                })
+                .optional()?
+                .unwrap_or(false);
+            return Err(if known {
+                Error::Conflict(format!("partner {name} is already revoked"))
+            } else {
+                Error::NotFound(format!("no partner named {name}"))
+            });
+        }
+        tx.execute(
+            "UPDATE identities SET revoked_at = ?2 WHERE partner = ?1 AND revoked_at IS NULL",
+            params![name, now],
+        )?;
+        tx.execute("UPDATE crl_state SET number = number + 1 WHERE id = 1", [])?;
+        let out = revocations_in(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Every revoked serial with its revocation time, and the current CRL number.
+    pub fn revocations(&self) -> Result<(Vec<(String, OffsetDateTime)>, u64)> {
+        revocations_in(&self.conn())
+    }
+
+    /// The identity registered for this certificate serial, if it and its partner are active.
+    pub fn active_identity(&self, serial: &str) -> Result<Option<IdentityRow>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT i.partner, i.user, i.role FROM identities i JOIN partners p ON p.name = i.partner
+                 WHERE i.serial = ?1 AND i.revoked_at IS NULL AND p.revoked_at IS NULL",
+                [serial],
+                |r| {
+                    Ok(IdentityRow {
+                        partner: r.get(0)?,
+                        user: r.get(1)?,
+                        role: r.get(2)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Names of all partners and whether they are active.
+    pub fn partners(&self) -> Result<Vec<(String, bool)>> {
+        let conn = self.conn();
+        let mut st = conn.prepare("SELECT name, revoked_at IS NULL FROM partners ORDER BY name")?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    // ---- datasets ----------------------------------------------------------------------
+
+    /// The id of `owner`'s dataset `name`, creating the dataset row if needed.
+    /// A dataset row without versions is invisible and removed at startup.
+    pub fn dataset_id_for_upload(&self, owner: &str, name: &str, new_id: &str) -> Result<String> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT OR IGNORE INTO datasets (id, owner, name, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![new_id, owner, name, now_rfc3339()],
+        )?;
+        Ok(conn.query_row(
+            "SELECT id FROM datasets WHERE owner = ?1 AND name = ?2",
+            params![owner, name],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Record a complete version; it becomes the live one. Returns its version number.
+    pub fn commit_version(&self, v: &NewVersion) -> Result<i64> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let exists = tx
+            .query_row(
+                "SELECT 1 FROM datasets WHERE id = ?1",
+                [&v.dataset_id],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+        if !exists {
+            return Err(Error::Conflict(
+                "the dataset was deleted while this upload was in progress".into(),
+            ));
+        }
+        let version: i64 = tx.query_row(
+            "SELECT COALESCE(MAX(version), 0) + 1 FROM dataset_versions WHERE dataset_id = ?1",
+            [&v.dataset_id],
+            |r| r.get(0),
+        )?;
+        let schema_json = serde_json::to_string(&v.columns).map_err(Error::internal)?;
+        tx.execute(
+            "INSERT INTO dataset_versions (dataset_id, version, version_id, rows, source_bytes,
+                sealed_bytes, format, schema_json, key_column, wrapped_dek, kek_id, uploaded_by, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            params![
+                v.dataset_id,
+                version,
+                v.version_id,
+                v.rows,
+                v.source_bytes,
+                v.sealed_bytes,
+                v.format,
+                schema_json,
+                v.key_column,
+                v.wrapped_dek,
+                v.kek_id,
+                v.uploaded_by,
+                now_rfc3339()
+            ],
+        )?;
+        tx.commit()?;
+        Ok(version)
+    }
+
+    /// The live version of every dataset `owner` has.
+    pub fn list_datasets(&self, owner: &str) -> Result<Vec<DatasetInfo>> {
+        let conn = self.conn();
+        let mut st = conn.prepare(
+            "SELECT d.owner, d.name, v.version, v.rows, v.source_bytes, v.sealed_bytes, v.format,
+                    v.key_column, v.schema_json, v.created_at, v.uploaded_by
+             FROM datasets d JOIN dataset_versions v ON v.dataset_id = d.id
+             WHERE d.owner = ?1
+               AND v.version = (SELECT MAX(version) FROM dataset_versions WHERE dataset_id = d.id)
+             ORDER BY d.name",
+        )?;
+        let rows = st.query_map([owner], |r| {
+            let schema: String = r.get(8)?;
+            Ok((
+                DatasetInfo {
+                    owner: r.get(0)?,
+                    name: r.get(1)?,
+                    version: r.get(2)?,
+                    rows: r.get(3)?,
+                    source_bytes: r.get(4)?,
+                    sealed_bytes: r.get(5)?,
+                    format: r.get(6)?,
+                    key_column: r.get(7)?,
+                    columns: Vec::new(),
+                    created_at: r.get(9)?,
+                    uploaded_by: r.get(10)?,
+                },
+                schema,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (mut info, schema) = row?;
+            info.columns = serde_json::from_str(&schema)
+                .map_err(|e| Error::internal(format!("bad schema in catalog: {e}")))?;
+            out.push(info);
+        }
+        Ok(out)
+    }
+
+    /// Keys of every version of a dataset (newest first).
+    pub fn version_keys(&self, owner: &str, name: &str) -> Result<Vec<VersionKey>> {
+        let conn = self.conn();
+        let mut st = conn.prepare(
+            "SELECT d.id, v.version_id, v.version, v.wrapped_dek, v.kek_id
+             FROM datasets d JOIN dataset_versions v ON v.dataset_id = d.id
+             WHERE d.owner = ?1 AND d.name = ?2 ORDER BY v.version DESC",
+        )?;
+        let rows = st.query_map(params![owner, name], |r| {
+            Ok(VersionKey {
+                dataset_id: r.get(0)?,
+                version_id: r.get(1)?,
+                version: r.get(2)?,
+                wrapped_dek: r.get(3)?,
+                kek_id: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Delete a dataset and every version row (with its wrapped key). Returns the dataset id
+    /// and the number of versions removed; `not_found` if the owner has no such dataset.
+    pub fn delete_dataset(&self, owner: &str, name: &str) -> Result<(String, usize)> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let id: Option<String> = tx
+            .query_row(
+                "SELECT id FROM datasets d WHERE owner = ?1 AND name = ?2
+                   AND EXISTS (SELECT 1 FROM dataset_versions v WHERE v.dataset_id = d.id)",
+                params![owner, name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(id) = id else {
+            return Err(Error::NotFound(format!("no dataset named {name}")));
+        };
+        let n = tx.execute("DELETE FROM dataset_versions WHERE dataset_id = ?1", [&id])?;
+        tx.execute("DELETE FROM datasets WHERE id = ?1", [&id])?;
+        tx.commit()?;
+        // Push the deleted pages out of the WAL into the (secure-deleted) main file.
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        Ok((id, n))
+    }
+
+    /// Every (dataset id, version id) with a catalog row: used to find orphan files.
+    pub fn all_version_ids(&self) -> Result<Vec<(String, String)>> {
+        let conn = self.conn();
+        let mut st = conn.prepare("SELECT dataset_id, version_id FROM dataset_versions")?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Remove dataset rows that never got a version (uploads that did not complete).
+    pub fn remove_empty_datasets(&self) -> Result<usize> {
+        Ok(self.conn().execute(
+            "DELETE FROM datasets WHERE NOT EXISTS
+               (SELECT 1 FROM dataset_versions v WHERE v.dataset_id = datasets.id)",
+            [],
+        )?)
+    }
+}
+
+fn revocations_in(conn: &Connection) -> Result<(Vec<(String, OffsetDateTime)>, u64)> {
+    let number: i64 = conn.query_row("SELECT number FROM crl_state WHERE id = 1", [], |r| {
+        r.get(0)
+    })?;
+    let mut st = conn.prepare(
+        "SELECT serial, revoked_at FROM identities WHERE revoked_at IS NOT NULL ORDER BY serial",
+    )?;
+    let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (serial, at) = row?;
+        let at = OffsetDateTime::parse(&at, &Rfc3339)
+            .map_err(|e| Error::internal(format!("bad time in catalog: {e}")))?;
+        out.push((serial, at));
+    }
+    Ok((out, number as u64))
+}

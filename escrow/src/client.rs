@@ -1,0 +1,172 @@
+//! The client side of the CLI: mutually authenticated HTTPS to an escrow server with an
+//! identity bundle (cert.pem, key.pem, ca.pem).
+
+use std::io::IsTerminal;
+use std::path::Path;
+
+use anyhow::{Context, anyhow, bail};
+use futures_util::TryStreamExt;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use tokio_util::io::ReaderStream;
+
+use crate::server::tls;
+
+/// A connection to an escrow server as one identity.
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+}
+
+/// The JSON error body every refusal carries.
+#[derive(Debug, Deserialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Debug, Deserialize)]
+struct ErrorDetail {
+    code: String,
+    message: String,
+}
+
+/// Guess the upload format from a file name; `None` lets the server sniff the content.
+pub fn format_from_path(path: &Path) -> Option<&'static str> {
+    let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+    match ext.as_str() {
+        "csv" => Some("csv"),
+        "arrow" | "feather" | "ipc" => Some("arrow"),
+        "arrows" => Some("arrow-stream"),
+        "parquet" | "pq" => Some("parquet"),
+        _ => None,
+    }
+}
+
+impl Client {
+    pub fn new(server: &str, identity: &Path) -> anyhow::Result<Self> {
+        if !identity.join("cert.pem").exists() {
+            bail!(
+                "no identity bundle at {} (expected cert.pem, key.pem, ca.pem; set --identity or ESCROW_IDENTITY)",
+                identity.display()
+            );
+        }
+        let config = tls::client_config(identity).map_err(|e| anyhow!("{e}"))?;
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(config)
+            .build()
+            .context("building the HTTPS client")?;
+        Ok(Client {
+            http,
+            base: server.trim_end_matches('/').to_string(),
+        })
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+        what: &str,
+    ) -> anyhow::Result<T> {
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| transport_error(e, &self.base))?;
+        let status = resp.status();
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| transport_error(e, &self.base))?;
+        if status.is_success() {
+            return serde_json::from_slice(&bytes)
+                .with_context(|| format!("{what}: unexpected response"));
+        }
+        match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(b) => bail!("{what} refused ({}): {}", b.error.code, b.error.message),
+            Err(_) => bail!("{what} failed: HTTP {status}"),
+        }
+    }
+
+    /// Stream a file to the server; shows a progress bar on a terminal.
+    pub async fn upload(
+        &self,
+        file: &Path,
+        dataset: &str,
+        key_column: Option<&str>,
+        format: Option<&str>,
+    ) -> anyhow::Result<serde_json::Value> {
+        let f = tokio::fs::File::open(file)
+            .await
+            .with_context(|| format!("cannot open {}", file.display()))?;
+        let len = f.metadata().await?.len();
+        let bar = if std::io::stderr().is_terminal() {
+            let bar = indicatif::ProgressBar::new(len);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_message(format!("uploading {}", file.display()));
+            Some(bar)
+        } else {
+            None
+        };
+        let progress = bar.clone();
+        let stream = ReaderStream::with_capacity(f, 256 << 10).inspect_ok(move |chunk| {
+            if let Some(b) = &progress {
+                b.inc(chunk.len() as u64);
+            }
+        });
+        let mut query: Vec<(&str, &str)> = Vec::new();
+        if let Some(k) = key_column {
+            query.push(("key_column", k));
+        }
+        if let Some(fmt) = format.or_else(|| format_from_path(file)) {
+            query.push(("format", fmt));
+        }
+        let req = self
+            .http
+            .put(format!("{}/v1/datasets/{dataset}", self.base))
+            .query(&query)
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .body(reqwest::Body::wrap_stream(stream));
+        let out = self.send(req, "upload").await;
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        out
+    }
+
+    pub async fn datasets(&self) -> anyhow::Result<serde_json::Value> {
+        self.send(
+            self.http.get(format!("{}/v1/datasets", self.base)),
+            "listing datasets",
+        )
+        .await
+    }
+
+    pub async fn delete(&self, dataset: &str) -> anyhow::Result<serde_json::Value> {
+        self.send(
+            self.http
+                .delete(format!("{}/v1/datasets/{dataset}", self.base)),
+            "delete",
+        )
+        .await
+    }
+
+    pub async fn whoami(&self) -> anyhow::Result<serde_json::Value> {
+        self.send(self.http.get(format!("{}/v1/whoami", self.base)), "whoami")
+            .await
+    }
+}
+
+/// One line that says what failed on the wire, without the error-chain noise.
+fn transport_error(e: reqwest::Error, base: &str) -> anyhow::Error {
+    let mut msg = e.to_string();
+    let mut src: Option<&dyn std::error::Error> = std::error::Error::source(&e);
+    while let Some(s) = src {
+        msg = format!("{msg}: {s}");
+        src = s.source();
+    }
+    anyhow!("cannot talk to escrow at {base}: {msg}")
+}

@@ -1,0 +1,115 @@
+//! The data directory: every path escrow reads or writes, in one place.
+//!
+//! ```text
+//! DIR/escrow.db                     catalog (SQLite, WAL): partners, identities, datasets, wrapped keys
+//! DIR/keys/kek                      key-encryption key (32 bytes, 0600)
+//! DIR/ca/ca.pem, ca.key, crl.pem    dev certificate authority and its revocation list
+//! DIR/tls/server.pem, server.key    server certificate (localhost, 127.0.0.1, ::1)
+//! DIR/identities/PARTNER/USER/      client bundles: cert.pem, key.pem, ca.pem
+//! DIR/datasets/DATASET_ID/VERSION_ID.sealed   sealed dataset versions
+//! DIR/tmp/                          uploads in flight (sealed too); emptied at startup
+//! ```
+
+use std::path::{Path, PathBuf};
+
+/// Paths inside one data directory.
+#[derive(Debug, Clone)]
+pub struct DataDir {
+    root: PathBuf,
+}
+
+impl DataDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        DataDir { root: root.into() }
+    }
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn catalog(&self) -> PathBuf {
+        self.root.join("escrow.db")
+    }
+    pub fn keys(&self) -> PathBuf {
+        self.root.join("keys")
+    }
+    pub fn kek(&self) -> PathBuf {
+        self.keys().join("kek")
+    }
+    pub fn ca_dir(&self) -> PathBuf {
+        self.root.join("ca")
+    }
+    pub fn ca_cert(&self) -> PathBuf {
+        self.ca_dir().join("ca.pem")
+    }
+    pub fn ca_key(&self) -> PathBuf {
+        self.ca_dir().join("ca.key")
+    }
+    pub fn crl(&self) -> PathBuf {
+        self.ca_dir().join("crl.pem")
+    }
+    pub fn tls_dir(&self) -> PathBuf {
+        self.root.join("tls")
+    }
+    pub fn server_cert(&self) -> PathBuf {
+        self.tls_dir().join("server.pem")
+    }
+    pub fn server_key(&self) -> PathBuf {
+        self.tls_dir().join("server.key")
+    }
+    pub fn identities(&self) -> PathBuf {
+        self.root.join("identities")
+    }
+    pub fn identity_bundle(&self, partner: &str, user: &str) -> PathBuf {
+        self.identities().join(partner).join(user)
+    }
+    pub fn datasets(&self) -> PathBuf {
+        self.root.join("datasets")
+    }
+    pub fn dataset_dir(&self, dataset_id: &str) -> PathBuf {
+        self.datasets().join(dataset_id)
+    }
+    pub fn sealed_file(&self, dataset_id: &str, version_id: &str) -> PathBuf {
+        self.dataset_dir(dataset_id)
+            .join(format!("{version_id}.sealed"))
+    }
+    pub fn tmp(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    /// Create the directory tree (private directories for keys and CA).
+    pub fn create_dirs(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::DirBuilderExt;
+        for (dir, mode) in [
+            (self.root.clone(), 0o700),
+            (self.keys(), 0o700),
+            (self.ca_dir(), 0o700),
+            (self.tls_dir(), 0o700),
+            (self.identities(), 0o700),
+            (self.datasets(), 0o700),
+            (self.tmp(), 0o700),
+        ] {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(mode)
+                .create(&dir)?;
+        }
+        Ok(())
+    }
+}
+
+/// Names of partners, users and datasets: lowercase, start with a letter, `[a-z0-9_]`,
+/// at most 63 characters. They become SQL identifiers (`partner.dataset`) and path parts.
+pub fn validate_name(kind: &str, name: &str) -> crate::Result<()> {
+    let ok = (1..=63).contains(&name.len())
+        && name.as_bytes()[0].is_ascii_lowercase()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(crate::Error::bad(
+            "invalid_name",
+            format!("{kind} name must match [a-z][a-z0-9_]{{0,62}}"),
+        ))
+    }
+}

@@ -1,0 +1,84 @@
+//! The one error type of the `escrow` crate.
+//!
+//! Every variant says who is at fault. Client faults carry a stable machine-readable
+//! `code` (part of the API contract) and a message that never contains dataset content.
+//! Server faults (`Internal`, `Integrity`) are logged in full and shown to clients only as
+//! a generic message: see `server::api::ApiError` for the single HTTP mapping.
+
+use std::fmt;
+
+/// Result alias used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong, classified by who must act.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request or the uploaded data is invalid. `code` is stable (see docs/API.md).
+    #[error("{message}")]
+    BadInput { code: &'static str, message: String },
+    /// The named thing does not exist for this caller.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request conflicts with concurrent work (e.g. a delete racing an upload).
+    #[error("{0}")]
+    Conflict(String),
+    /// The upload is larger than the configured limit.
+    #[error("upload exceeds the size limit of {limit} bytes")]
+    TooLarge { limit: u64 },
+    /// The client stopped sending before the upload was complete.
+    #[error("the upload was interrupted before it was complete")]
+    Interrupted,
+    /// The caller is authenticated but may not do this.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The caller could not be identified (no, unknown or revoked certificate).
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// Sealed data failed authentication: tampering, truncation or a swapped file.
+    #[error("sealed data failed authentication: {0}")]
+    Integrity(String),
+    /// Anything else on the server side. Logged, never shown to clients.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// A client fault with a stable code.
+    pub fn bad(code: &'static str, message: impl fmt::Display) -> Self {
+        Error::BadInput {
+            code,
+            message: message.to_string(),
+        }
+    }
+
+    /// A server fault; `context` says what was being done.
+    pub fn internal(context: impl fmt::Display) -> Self {
+        Error::Internal(context.to_string())
+    }
+
+    /// The stable code of this error, as returned to API clients.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::BadInput { code, .. } => code,
+            Error::NotFound(_) => "not_found",
+            Error::Conflict(_) => "conflict",
+            Error::TooLarge { .. } => "too_large",
+            Error::Interrupted => "upload_interrupted",
+            Error::Forbidden(_) => "forbidden",
+            Error::Unauthenticated(_) => "unauthenticated",
+            Error::Integrity(_) | Error::Internal(_) => "internal",
+        }
+    }
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Self {
+        Error::Internal(format!("catalog: {e}"))
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Internal(format!("i/o: {e}"))
+    }
+}

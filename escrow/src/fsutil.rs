@@ -1,0 +1,53 @@
+//! Small durable-file helpers: private files, atomic replacement, directory fsync.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+/// Create a new file readable only by the owner (0600); fails if it exists.
+pub fn create_private(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// fsync the directory holding `path`, so a create or rename in it is durable.
+pub fn sync_parent(path: &Path) -> io::Result<()> {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => File::open(dir)?.sync_all(),
+        _ => File::open(".")?.sync_all(),
+    }
+}
+
+/// Replace `path` atomically with `contents`: temp file, fsync, rename, fsync directory.
+/// `private` makes the file 0600.
+pub fn atomic_write(path: &Path, contents: &[u8], private: bool) -> io::Result<()> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(if private { 0o600 } else { 0o644 })
+        .open(&tmp)?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    drop(f);
+    fs::rename(&tmp, path)?;
+    sync_parent(path)
+}
+
+/// Write `contents` to a new private file; an existing file is left alone (returns false).
+pub fn write_new_private(path: &Path, contents: &[u8]) -> io::Result<bool> {
+    let mut f = match create_private(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    f.write_all(contents)?;
+    f.sync_all()?;
+    sync_parent(path)?;
+    Ok(true)
+}

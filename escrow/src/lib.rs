@@ -1,0 +1,19 @@
+//! escrow: a self-hostable data clean room.
+//!
+//! This crate is the service and its CLI: the data directory and its keys, the sealed
+//! storage engine, the catalog, the mutually authenticated HTTPS API and the client.
+//! See docs/ARCHITECTURE.md for the crate map and request lifecycle.
+
+pub mod admin;
+pub mod catalog;
+pub mod client;
+pub mod crypto;
+pub mod datadir;
+pub mod error;
+pub mod fsutil;
+pub mod ingest;
+pub mod pki;
+pub mod server;
+pub mod store;
+
+pub use error::{Error, Result};

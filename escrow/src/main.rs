@@ -1,0 +1,384 @@
+//! The `escrow` command: operator commands on a data directory, the server, and the client.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use escrow::client::Client;
+use escrow::datadir::DataDir;
+use escrow::server::{self, AppState};
+use escrow::store::{Store, StoreConfig};
+
+#[derive(Parser)]
+#[command(name = "escrow", version, about = "A self-hostable data clean room")]
+struct Cli {
+    /// Log format of the server (text or json).
+    #[arg(long, global = true, default_value = "text", env = "ESCROW_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args, Clone)]
+struct DirArgs {
+    /// Data directory.
+    #[arg(long, env = "ESCROW_DATA_DIR", default_value = "./escrow-data")]
+    data_dir: PathBuf,
+}
+
+#[derive(Args, Clone)]
+struct ClientArgs {
+    /// Identity bundle directory (cert.pem, key.pem, ca.pem).
+    #[arg(long, env = "ESCROW_IDENTITY")]
+    identity: Option<PathBuf>,
+    /// Server URL.
+    #[arg(long, env = "ESCROW_SERVER", default_value = "https://127.0.0.1:8443")]
+    server: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the data directory: key-encryption key, dev CA, server certificate, catalog.
+    /// Idempotent; never overwrites existing keys.
+    Init(DirArgs),
+    /// Run the HTTPS server (initialises an empty data directory first).
+    Serve {
+        #[command(flatten)]
+        dir: DirArgs,
+        /// Address to listen on (port 0 picks a free port; the bound address is printed).
+        #[arg(long, env = "ESCROW_LISTEN", default_value = "127.0.0.1:8443")]
+        listen: SocketAddr,
+        /// Largest upload accepted, in bytes.
+        #[arg(long, env = "ESCROW_MAX_UPLOAD_BYTES", default_value_t = 2 << 30)]
+        max_upload_bytes: u64,
+        /// Seconds in-flight requests get to finish on shutdown.
+        #[arg(long, default_value_t = 30)]
+        shutdown_grace_secs: u64,
+    },
+    /// Manage partners (operator commands on the data directory).
+    Partner {
+        #[command(subcommand)]
+        command: PartnerCommand,
+    },
+    /// Upload a CSV, Parquet or Arrow IPC file as a new version of a dataset.
+    Upload {
+        /// The file to upload.
+        file: PathBuf,
+        /// Dataset name ([a-z][a-z0-9_]*).
+        #[arg(long)]
+        dataset: String,
+        /// Column that identifies the account (e.g. website).
+        #[arg(long)]
+        key_column: Option<String>,
+        /// File format (csv, arrow, arrow-stream, parquet); guessed from the name otherwise.
+        #[arg(long = "input-format")]
+        input_format: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List your datasets (metadata only), or delete one.
+    #[command(args_conflicts_with_subcommands = true)]
+    Datasets {
+        #[command(subcommand)]
+        command: Option<DatasetsCommand>,
+        /// Output format.
+        #[arg(long, default_value = "table")]
+        format: OutputFormat,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show who the server thinks you are.
+    Whoami {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum PartnerCommand {
+    /// Register a partner and write its admin identity bundle to DIR/identities/NAME/admin/.
+    Add {
+        name: String,
+        #[command(flatten)]
+        dir: DirArgs,
+    },
+    /// Revoke a partner: its certificates stop working on the next handshake.
+    Revoke {
+        name: String,
+        #[command(flatten)]
+        dir: DirArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum DatasetsCommand {
+    /// Crypto-shred a dataset: its keys are destroyed and its files removed.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OutputFormat {
+    Table,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("{} (see escrow --help)", first.trim());
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("ESCROW_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn engine(e: escrow::Error) -> anyhow::Error {
+    anyhow!("{e}")
+}
+
+fn identity(args: &ClientArgs) -> anyhow::Result<Client> {
+    let id = args
+        .identity
+        .clone()
+        .ok_or_else(|| anyhow!("no identity: pass --identity BUNDLE_DIR or set ESCROW_IDENTITY"))?;
+    Client::new(&args.server, &id)
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Init(d) => {
+            let dir = DataDir::new(d.data_dir);
+            let r = escrow::admin::init(&dir).map_err(engine)?;
+            if r.created_anything() {
+                println!("initialised {}", dir.root().display());
+            } else {
+                println!(
+                    "{} is already initialised; nothing changed",
+                    dir.root().display()
+                );
+            }
+        }
+        Command::Serve {
+            dir,
+            listen,
+            max_upload_bytes,
+            shutdown_grace_secs,
+        } => {
+            serve(
+                DataDir::new(dir.data_dir),
+                listen,
+                max_upload_bytes,
+                shutdown_grace_secs,
+            )
+            .await?
+        }
+        Command::Partner { command } => match command {
+            PartnerCommand::Add { name, dir } => {
+                let bundle = escrow::admin::add_partner(&DataDir::new(dir.data_dir), &name)
+                    .map_err(engine)?;
+                println!(
+                    "partner {name} added; admin identity bundle: {}",
+                    bundle.display()
+                );
+            }
+            PartnerCommand::Revoke { name, dir } => {
+                escrow::admin::revoke_partner(&DataDir::new(dir.data_dir), &name)
+                    .map_err(engine)?;
+                println!(
+                    "partner {name} revoked; its certificates are refused from the next connection"
+                );
+            }
+        },
+        Command::Upload {
+            file,
+            dataset,
+            key_column,
+            input_format,
+            client,
+        } => {
+            let c = identity(&client)?;
+            let out = c
+                .upload(
+                    &file,
+                    &dataset,
+                    key_column.as_deref(),
+                    input_format.as_deref(),
+                )
+                .await?;
+            println!(
+                "dataset={} version={} rows={} bytes={} format={} key_column={}",
+                out["dataset"].as_str().unwrap_or("?"),
+                out["version"],
+                out["rows"],
+                out["bytes"],
+                out["format"].as_str().unwrap_or("?"),
+                out["key_column"].as_str().unwrap_or("-"),
+            );
+        }
+        Command::Datasets {
+            command,
+            format,
+            client,
+        } => match command {
+            Some(DatasetsCommand::Delete { name, client }) => {
+                let out = identity(&client)?.delete(&name).await?;
+                println!(
+                    "dataset {name} deleted: {} version(s) crypto-shredded",
+                    out["versions_destroyed"]
+                );
+            }
+            None => {
+                let out = identity(&client)?.datasets().await?;
+                match format {
+                    OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&out)?),
+                    OutputFormat::Table => print_datasets(&out),
+                }
+            }
+        },
+        Command::Whoami { client } => {
+            let out = identity(&client)?.whoami().await?;
+            println!(
+                "partner={} user={} role={}",
+                out["partner"].as_str().unwrap_or("?"),
+                out["user"].as_str().unwrap_or("?"),
+                out["role"].as_str().unwrap_or("?")
+            );
+        }
+    }
+    Ok(())
+}
+
+fn print_datasets(out: &serde_json::Value) {
+    let empty = Vec::new();
+    let list = out["datasets"].as_array().unwrap_or(&empty);
+    if list.is_empty() {
+        println!("no datasets");
+        return;
+    }
+    println!(
+        "{:<24} {:>7} {:>10} {:<16} {:<20}  COLUMNS",
+        "NAME", "VERSION", "ROWS", "KEY COLUMN", "CREATED"
+    );
+    for d in list {
+        let cols: Vec<String> = d["columns"]
+            .as_array()
+            .unwrap_or(&empty)
+            .iter()
+            .map(|c| {
+                format!(
+                    "{}:{}",
+                    c["name"].as_str().unwrap_or("?"),
+                    c["type"].as_str().unwrap_or("?")
+                )
+            })
+            .collect();
+        println!(
+            "{:<24} {:>7} {:>10} {:<16} {:<20}  {}",
+            d["name"].as_str().unwrap_or("?"),
+            d["version"],
+            d["rows"],
+            d["key_column"].as_str().unwrap_or("-"),
+            d["created_at"].as_str().unwrap_or("?"),
+            cols.join(", ")
+        );
+    }
+}
+
+async fn serve(
+    dir: DataDir,
+    listen: SocketAddr,
+    max_upload_bytes: u64,
+    grace_secs: u64,
+) -> anyhow::Result<()> {
+    let report = escrow::admin::init(&dir).map_err(engine)?;
+    if report.created_anything() {
+        tracing::info!(data_dir = %dir.root().display(), ?report, "initialised data directory");
+    }
+    let config = StoreConfig {
+        max_upload_bytes,
+        ..StoreConfig::default()
+    };
+    let store = Store::open(dir.clone(), config).map_err(engine)?;
+    let recovery = store.recover().map_err(engine)?;
+    tracing::info!(
+        partial_uploads_removed = recovery.partial_uploads_removed,
+        orphan_files_removed = recovery.orphan_files_removed,
+        empty_datasets_removed = recovery.empty_datasets_removed,
+        "startup recovery done"
+    );
+    let tls = server::tls::server_config(&dir).map_err(engine)?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, data_dir = %dir.root().display(), "escrow serving (mutual TLS required)");
+    // Machine-readable first line on stdout (tests and scripts read the bound port here).
+    println!("escrow listening on https://{addr}");
+    let state = Arc::new(AppState {
+        store: Arc::new(store),
+    });
+    server::serve(
+        state,
+        listener,
+        tls,
+        server::shutdown_signal(),
+        Duration::from_secs(grace_secs),
+    )
+    .await;
+    tracing::info!("escrow stopped");
+    Ok(())
+}

@@ -1,0 +1,224 @@
+//! The escrow's own certificate authority: dev CA, server certificate, partner identity
+//! certificates and the revocation list. Generated with rcgen, read with x509-parser.
+//!
+//! A client certificate names its holder in the subject: O = partner, CN = user.
+//! The catalog records each issued serial; the server trusts a certificate only if it
+//! chains to the CA, is not on the CRL, and its serial is registered to that partner/user.
+
+use std::fs;
+use std::path::Path;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevokedCertParams, SanType, SerialNumber,
+};
+use time::{Duration, OffsetDateTime};
+
+use crate::crypto::random_bytes;
+use crate::datadir::DataDir;
+use crate::fsutil;
+use crate::{Error, Result};
+
+/// Identity certificates are valid this long.
+const CLIENT_CERT_DAYS: i64 = 825;
+/// The CA and server certificate are valid this long.
+const CA_DAYS: i64 = 3650;
+
+fn pki_err(what: &str) -> impl Fn(rcgen::Error) -> Error + '_ {
+    move |e| Error::internal(format!("{what}: {e}"))
+}
+
+fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+/// A random positive 128-bit serial, returned with its lowercase hex form (the catalog key).
+fn new_serial() -> Result<(SerialNumber, String)> {
+    let mut bytes: [u8; 16] = random_bytes()?;
+    bytes[0] &= 0x7f;
+    bytes[0] |= 0x01; // no leading zero byte: the DER form and the hex form stay canonical
+    Ok((SerialNumber::from_slice(&bytes), hex::encode(bytes)))
+}
+
+/// Create the CA (key + self-signed cert) if missing. Returns true if created.
+pub fn create_ca_if_missing(dir: &DataDir) -> Result<bool> {
+    if dir.ca_key().exists() {
+        return Ok(false);
+    }
+    let key = KeyPair::generate().map_err(pki_err("CA key"))?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "escrow certificate authority");
+    dn.push(DnType::OrganizationName, "escrow");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = now() - Duration::hours(1);
+    params.not_after = now() + Duration::days(CA_DAYS);
+    params.serial_number = Some(new_serial()?.0);
+    params.key_identifier_method = KeyIdMethod::Sha256;
+    let cert = params
+        .self_signed(&key)
+        .map_err(pki_err("CA certificate"))?;
+    // Key first: a CA cert without its key would be useless, a key without cert is recreated.
+    if !fsutil::write_new_private(&dir.ca_key(), key.serialize_pem().as_bytes())? {
+        return Ok(false);
+    }
+    fsutil::atomic_write(&dir.ca_cert(), cert.pem().as_bytes(), false)?;
+    Ok(true)
+}
+
+/// The CA as an rcgen issuer (reads key and cert from the data dir).
+fn load_issuer(dir: &DataDir) -> Result<Issuer<'static, KeyPair>> {
+    let key_pem = fs::read_to_string(dir.ca_key())?;
+    let key = KeyPair::from_pem(&key_pem).map_err(pki_err("CA key"))?;
+    let cert_pem = fs::read_to_string(dir.ca_cert())?;
+    Issuer::from_ca_cert_pem(&cert_pem, key).map_err(pki_err("CA certificate"))
+}
+
+/// Create the server certificate (localhost, 127.0.0.1, ::1) if missing.
+pub fn create_server_cert_if_missing(dir: &DataDir) -> Result<bool> {
+    if dir.server_key().exists() && dir.server_cert().exists() {
+        return Ok(false);
+    }
+    let issuer = load_issuer(dir)?;
+    let key = KeyPair::generate().map_err(pki_err("server key"))?;
+    let mut params = CertificateParams::new(vec!["localhost".to_string()])
+        .map_err(pki_err("server certificate"))?;
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress(std::net::IpAddr::from(
+            std::net::Ipv6Addr::LOCALHOST,
+        )));
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "escrow server");
+    params.distinguished_name = dn;
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.not_before = now() - Duration::hours(1);
+    params.not_after = now() + Duration::days(CA_DAYS);
+    params.serial_number = Some(new_serial()?.0);
+    params.use_authority_key_identifier_extension = true;
+    let cert = params
+        .signed_by(&key, &issuer)
+        .map_err(pki_err("server certificate"))?;
+    fsutil::atomic_write(&dir.server_key(), key.serialize_pem().as_bytes(), true)?;
+    fsutil::atomic_write(&dir.server_cert(), cert.pem().as_bytes(), false)?;
+    Ok(true)
+}
+
+/// A freshly issued identity: PEM cert and key, and the serial in hex.
+pub struct IssuedIdentity {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub serial: String,
+}
+
+/// Issue a client certificate for `user` of `partner`.
+pub fn issue_identity(dir: &DataDir, partner: &str, user: &str) -> Result<IssuedIdentity> {
+    let issuer = load_issuer(dir)?;
+    let key = KeyPair::generate().map_err(pki_err("identity key"))?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, partner);
+    dn.push(DnType::CommonName, user);
+    params.distinguished_name = dn;
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.not_before = now() - Duration::hours(1);
+    params.not_after = now() + Duration::days(CLIENT_CERT_DAYS);
+    let (serial, serial_hex) = new_serial()?;
+    params.serial_number = Some(serial);
+    params.use_authority_key_identifier_extension = true;
+    let cert = params
+        .signed_by(&key, &issuer)
+        .map_err(pki_err("identity certificate"))?;
+    Ok(IssuedIdentity {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        serial: serial_hex,
+    })
+}
+
+/// Write an identity bundle directory: cert.pem, key.pem (0600), ca.pem.
+pub fn write_bundle(dir: &DataDir, bundle: &Path, id: &IssuedIdentity) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(bundle)?;
+    fsutil::atomic_write(&bundle.join("key.pem"), id.key_pem.as_bytes(), true)?;
+    fsutil::atomic_write(&bundle.join("cert.pem"), id.cert_pem.as_bytes(), false)?;
+    fs::copy(dir.ca_cert(), bundle.join("ca.pem"))?;
+    Ok(())
+}
+
+/// (Re)write the CRL with the given revoked serials (hex) and CRL number.
+pub fn write_crl(dir: &DataDir, revoked: &[(String, OffsetDateTime)], number: u64) -> Result<()> {
+    let issuer = load_issuer(dir)?;
+    let revoked_certs = revoked
+        .iter()
+        .map(|(serial, at)| {
+            let bytes = hex::decode(serial)
+                .map_err(|_| Error::internal(format!("bad serial in catalog: {serial}")))?;
+            Ok(RevokedCertParams {
+                serial_number: SerialNumber::from_slice(&bytes),
+                revocation_time: *at,
+                reason_code: None,
+                invalidity_date: None,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let params = CertificateRevocationListParams {
+        this_update: now() - Duration::minutes(5),
+        next_update: now() + Duration::days(CA_DAYS),
+        crl_number: SerialNumber::from_slice(&number.to_be_bytes()),
+        issuing_distribution_point: None,
+        revoked_certs,
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    let crl = params.signed_by(&issuer).map_err(pki_err("CRL"))?;
+    let pem = crl.pem().map_err(pki_err("CRL"))?;
+    fsutil::atomic_write(&dir.crl(), pem.as_bytes(), false)?;
+    Ok(())
+}
+
+/// Who a verified client certificate names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertSubject {
+    pub partner: String,
+    pub user: String,
+    pub serial: String,
+}
+
+/// Read partner (O), user (CN) and serial from a DER certificate.
+pub fn cert_subject(der: &[u8]) -> Option<CertSubject> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let subject = cert.subject();
+    let partner = subject
+        .iter_organization()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_string();
+    let user = subject
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_string();
+    let serial = hex::encode(cert.raw_serial());
+    Some(CertSubject {
+        partner,
+        user,
+        serial,
+    })
+}

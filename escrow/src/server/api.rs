@@ -1,0 +1,248 @@
+//! The HTTP API (axum). Thin handlers: authenticate, call the store on the blocking pool,
+//! map the result. `ApiError` is the one place errors become HTTP responses.
+//!
+//! There is deliberately no route that returns dataset rows.
+
+use std::io;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use futures_util::TryStreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio_util::io::{StreamReader, SyncIoBridge};
+
+use super::{AppState, ConnInfo};
+use crate::Error;
+use crate::catalog::DatasetInfo;
+use crate::ingest::Format;
+use crate::store::{UploadOutcome, UploadRequest};
+
+/// Build the router with its state.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/whoami", get(whoami))
+        .route("/v1/datasets", get(list_datasets))
+        .route(
+            "/v1/datasets/{name}",
+            axum::routing::put(upload).delete(delete_dataset),
+        )
+        .fallback(|| async { ApiError(Error::NotFound("no such endpoint".into())) })
+        .method_not_allowed_fallback(|| async {
+            ApiError(Error::bad(
+                "method_not_allowed",
+                "method not allowed on this endpoint",
+            ))
+        })
+        .with_state(state)
+}
+
+/// The one error-to-HTTP mapping.
+///
+/// | variant         | status | code                       |
+/// |-----------------|--------|----------------------------|
+/// | BadInput        | 400    | per error (see docs/API.md)|
+/// | NotFound        | 404    | not_found                  |
+/// | Conflict        | 409    | conflict                   |
+/// | TooLarge        | 413    | too_large                  |
+/// | Interrupted     | 400    | upload_interrupted         |
+/// | Forbidden       | 403    | forbidden                  |
+/// | Unauthenticated | 401    | unauthenticated            |
+/// | Integrity       | 500    | internal (details logged)  |
+/// | Internal        | 500    | internal (details logged)  |
+#[derive(Debug)]
+pub struct ApiError(pub Error);
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        ApiError(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let e = self.0;
+        let status = match &e {
+            Error::BadInput { code, .. } if *code == "method_not_allowed" => {
+                StatusCode::METHOD_NOT_ALLOWED
+            }
+            Error::BadInput { .. } | Error::Interrupted => StatusCode::BAD_REQUEST,
+            Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::Conflict(_) => StatusCode::CONFLICT,
+            Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::Forbidden(_) => StatusCode::FORBIDDEN,
+            Error::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            Error::Integrity(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let message = if status == StatusCode::INTERNAL_SERVER_ERROR {
+            let incident = uuid::Uuid::new_v4().simple().to_string();
+            tracing::error!(%incident, error = %e, "internal error");
+            format!("internal error; the operator can find incident {incident} in the server log")
+        } else {
+            e.to_string()
+        };
+        (
+            status,
+            Json(json!({ "error": { "code": e.code(), "message": message } })),
+        )
+            .into_response()
+    }
+}
+
+/// The authenticated caller: a registered, unrevoked identity whose certificate was verified
+/// in the TLS handshake. Handlers that take a `Caller` cannot run for anyone else.
+#[derive(Debug, Clone, Serialize)]
+pub struct Caller {
+    pub partner: String,
+    pub user: String,
+    pub role: String,
+}
+
+impl FromRequestParts<Arc<AppState>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, ApiError> {
+        let subject = parts
+            .extensions
+            .get::<ConnInfo>()
+            .and_then(|c| c.subject.clone())
+            .ok_or_else(|| Error::Unauthenticated("no client certificate".into()))?;
+        let store = state.store.clone();
+        let serial = subject.serial.clone();
+        let row = blocking(move || store.catalog().active_identity(&serial)).await?;
+        match row {
+            // Checked per request, so a revocation also ends keep-alive connections' access.
+            Some(id) if id.partner == subject.partner && id.user == subject.user => Ok(Caller {
+                partner: id.partner,
+                user: id.user,
+                role: id.role,
+            }),
+            _ => Err(
+                Error::Unauthenticated("certificate is not registered or was revoked".into())
+                    .into(),
+            ),
+        }
+    }
+}
+
+/// Run blocking store work on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> crate::Result<T> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::internal(format!("blocking task failed: {e}")))?
+        .map_err(ApiError)
+}
+
+async fn whoami(caller: Caller) -> Json<Caller> {
+    Json(caller)
+}
+
+#[derive(Serialize)]
+struct DatasetList {
+    datasets: Vec<DatasetInfo>,
+}
+
+async fn list_datasets(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+) -> Result<Json<DatasetList>, ApiError> {
+    let store = state.store.clone();
+    let datasets = blocking(move || store.list(&caller.partner)).await?;
+    Ok(Json(DatasetList { datasets }))
+}
+
+#[derive(Debug, Deserialize)]
+struct UploadParams {
+    format: Option<String>,
+    key_column: Option<String>,
+}
+
+/// Bytes of a refused upload read and discarded so the client can read the error response.
+const DRAIN_AFTER_ERROR: u64 = 64 << 20;
+
+async fn upload(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Query(params): Query<UploadParams>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<UploadOutcome>), ApiError> {
+    crate::datadir::validate_name("dataset", &name)?;
+    let limit = state.store.config().max_upload_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(Error::TooLarge { limit }.into());
+    }
+    let format = params.format.as_deref().map(Format::parse).transpose()?;
+    let req = UploadRequest {
+        owner: caller.partner.clone(),
+        user: caller.user.clone(),
+        dataset: name,
+        format,
+        key_column: params.key_column.filter(|k| !k.is_empty()),
+    };
+    let stream = body.into_data_stream().map_err(io::Error::other);
+    let mut reader = SyncIoBridge::new(StreamReader::new(stream));
+    let store = state.store.clone();
+    let started = std::time::Instant::now();
+    tracing::info!(partner = %caller.partner, user = %caller.user, dataset = %req.dataset, "upload started");
+    let result = blocking(move || {
+        let r = store.upload(&req, &mut reader);
+        if r.is_err() {
+            let _ = io::copy(
+                &mut io::Read::take(&mut reader, DRAIN_AFTER_ERROR),
+                &mut io::sink(),
+            );
+        }
+        r
+    })
+    .await;
+    match result {
+        Ok(outcome) => {
+            tracing::info!(
+                partner = %caller.partner,
+                dataset = %outcome.dataset,
+                version = outcome.version,
+                rows = outcome.rows,
+                bytes = outcome.bytes,
+                secs = started.elapsed().as_secs_f64(),
+                "upload committed"
+            );
+            Ok((StatusCode::CREATED, Json(outcome)))
+        }
+        Err(e) => {
+            tracing::info!(partner = %caller.partner, code = %e.0.code(), "upload refused");
+            Err(e)
+        }
+    }
+}
+
+async fn delete_dataset(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let store = state.store.clone();
+    let owner = caller.partner.clone();
+    let n = {
+        let name = name.clone();
+        blocking(move || store.delete(&owner, &name)).await?
+    };
+    tracing::info!(partner = %caller.partner, dataset = %name, versions = n, "dataset crypto-shredded");
+    Ok(Json(json!({ "dataset": name, "versions_destroyed": n })))
+}

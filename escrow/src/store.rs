@@ -1,0 +1,383 @@
+//! Sealed dataset storage: the upload pipeline (ingest -> seal -> atomic commit), listing,
+//! crypto-shredding deletes, startup recovery, and the verified read path used by the query
+//! engine. Blocking code; the server calls it on the blocking pool. No HTTP here.
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::io::{BufReader, BufWriter, Read};
+use std::path::PathBuf;
+
+use arrow_array::RecordBatch;
+use arrow_schema::{ArrowError, SchemaRef};
+
+use crate::catalog::{Catalog, ColumnInfo, DatasetInfo, NewVersion, VersionKey};
+use crate::crypto::keys::Kek;
+use crate::crypto::random_bytes;
+use crate::crypto::seal::{self, Binding, OpenReader, SealWriter};
+use crate::datadir::{DataDir, validate_name};
+use crate::ingest::{self, Format, IngestLimits, InputFault, TrackedInput};
+use crate::{Error, Result, fsutil};
+
+/// Settings of the store.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Largest upload accepted, in bytes of the uploaded file.
+    pub max_upload_bytes: u64,
+    /// Plaintext bytes per sealed segment.
+    pub segment_size: u32,
+    /// Parser bounds.
+    pub ingest: IngestLimits,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            max_upload_bytes: 2 << 30,
+            segment_size: seal::DEFAULT_SEGMENT_SIZE,
+            ingest: IngestLimits::default(),
+        }
+    }
+}
+
+/// The dataset store of one data directory.
+pub struct Store {
+    dir: DataDir,
+    catalog: Catalog,
+    kek: Kek,
+    config: StoreConfig,
+}
+
+/// An upload as the store sees it: who, into which dataset, how to parse.
+#[derive(Debug, Clone)]
+pub struct UploadRequest {
+    pub owner: String,
+    pub user: String,
+    pub dataset: String,
+    pub format: Option<Format>,
+    pub key_column: Option<String>,
+}
+
+/// What a committed upload produced.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UploadOutcome {
+    pub dataset: String,
+    pub version: i64,
+    pub rows: u64,
+    /// Bytes received from the client.
+    pub bytes: u64,
+    /// Bytes of the sealed file on disk.
+    pub sealed_bytes: u64,
+    pub format: String,
+    pub key_column: Option<String>,
+    pub columns: Vec<ColumnInfo>,
+}
+
+/// What startup recovery cleaned up.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    pub partial_uploads_removed: usize,
+    pub orphan_files_removed: usize,
+    pub empty_datasets_removed: usize,
+}
+
+fn new_id() -> Result<String> {
+    Ok(hex::encode(random_bytes::<16>()?))
+}
+
+fn binding(dataset_id: &str, version_id: &str) -> Result<Binding> {
+    let parse = |s: &str| -> Result<[u8; 16]> {
+        let v = hex::decode(s).map_err(|_| Error::internal(format!("bad id in catalog: {s}")))?;
+        v.try_into()
+            .map_err(|_| Error::internal(format!("bad id length in catalog: {s}")))
+    };
+    Ok(Binding {
+        dataset: parse(dataset_id)?,
+        version: parse(version_id)?,
+    })
+}
+
+/// Removes an uncommitted file when dropped (upload failed or the thread unwound).
+struct FileGuard(Option<PathBuf>);
+
+impl FileGuard {
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for FileGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+impl Store {
+    /// Open the store of an initialised data directory.
+    pub fn open(dir: DataDir, config: StoreConfig) -> Result<Self> {
+        let catalog = Catalog::open(&dir.catalog())?;
+        let kek = Kek::load(&dir.kek())?;
+        let mut config = config;
+        config.ingest.spool_dir.get_or_insert_with(|| dir.tmp());
+        Ok(Store {
+            dir,
+            catalog,
+            kek,
+            config,
+        })
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    pub fn data_dir(&self) -> &DataDir {
+        &self.dir
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
+    /// Remove what a crash can leave behind: partial uploads, sealed files without a catalog
+    /// row (crash between rename and commit, or during a delete), datasets without versions.
+    pub fn recover(&self) -> Result<Recovery> {
+        let mut r = Recovery::default();
+        for entry in fs::read_dir(self.dir.tmp())? {
+            let path = entry?.path();
+            if path.is_file() {
+                fs::remove_file(&path)?;
+                r.partial_uploads_removed += 1;
+            }
+        }
+        let known: HashSet<(String, String)> =
+            self.catalog.all_version_ids()?.into_iter().collect();
+        for entry in fs::read_dir(self.dir.datasets())? {
+            let dataset_dir = entry?.path();
+            let Some(dataset_id) = dataset_dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .map(str::to_string)
+            else {
+                continue;
+            };
+            if !dataset_dir.is_dir() {
+                continue;
+            }
+            for file in fs::read_dir(&dataset_dir)? {
+                let path = file?.path();
+                let version_id = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_suffix(".sealed"))
+                    .map(str::to_string);
+                let keep = version_id.is_some_and(|v| known.contains(&(dataset_id.clone(), v)));
+                if !keep {
+                    fs::remove_file(&path)?;
+                    r.orphan_files_removed += 1;
+                }
+            }
+            if fs::read_dir(&dataset_dir)?.next().is_none() {
+                fs::remove_dir(&dataset_dir)?;
+            }
+        }
+        fsutil::sync_parent(&self.dir.datasets().join("x"))?;
+        r.empty_datasets_removed = self.catalog.remove_empty_datasets()?;
+        Ok(r)
+    }
+
+    /// Receive, check, seal and commit one upload. Blocking; reads `input` to the end.
+    /// Either a complete new version is committed or nothing is left behind.
+    pub fn upload<R: Read>(&self, req: &UploadRequest, input: R) -> Result<UploadOutcome> {
+        validate_name("dataset", &req.dataset)?;
+        let dataset_id =
+            self.catalog
+                .dataset_id_for_upload(&req.owner, &req.dataset, &new_id()?)?;
+        let version_id = new_id()?;
+        let bind = binding(&dataset_id, &version_id)?;
+        let dek = Kek::new_dek()?;
+        let wrapped_dek = self.kek.wrap(&dek, &bind)?;
+
+        let tmp_path = self.dir.tmp().join(format!("{version_id}.partial"));
+        let file = fsutil::create_private(&tmp_path)?;
+        let mut tmp_guard = FileGuard(Some(tmp_path.clone()));
+        let sealer = SealWriter::new(
+            BufWriter::with_capacity(1 << 20, file),
+            &dek[..],
+            bind,
+            self.config.segment_size,
+        )?;
+        let (tracked, status) = TrackedInput::new(input, self.config.max_upload_bytes);
+        let ingested = ingest::ingest(
+            req.format,
+            tracked,
+            req.key_column.as_deref(),
+            sealer,
+            &self.config.ingest,
+        );
+        let (ingested, sealer) = match (ingested, status.fault()) {
+            (Ok(v), None) => v,
+            (_, Some(InputFault::TooLarge(limit))) => return Err(Error::TooLarge { limit }),
+            (_, Some(InputFault::Interrupted)) => return Err(Error::Interrupted),
+            (Err(e), None) => return Err(e),
+        };
+        let (buffered, _plain, sealed_bytes) = sealer.finish()?;
+        let file = buffered
+            .into_inner()
+            .map_err(|e| Error::internal(format!("flushing sealed file: {}", e.error())))?;
+        file.sync_all()?;
+        drop(file);
+
+        let final_path = self.dir.sealed_file(&dataset_id, &version_id);
+        let dataset_dir = self.dir.dataset_dir(&dataset_id);
+        if !dataset_dir.exists() {
+            fs::create_dir_all(&dataset_dir)?;
+            fsutil::sync_parent(&dataset_dir)?;
+        }
+        fs::rename(&tmp_path, &final_path)?;
+        tmp_guard.disarm();
+        let mut final_guard = FileGuard(Some(final_path.clone()));
+        fsutil::sync_parent(&final_path)?;
+
+        let version = self.catalog.commit_version(&NewVersion {
+            dataset_id,
+            version_id,
+            rows: ingested.rows as i64,
+            source_bytes: status.bytes() as i64,
+            sealed_bytes: sealed_bytes as i64,
+            format: ingested.format.as_str().to_string(),
+            columns: ingested.columns.clone(),
+            key_column: ingested.key_column.clone(),
+            wrapped_dek,
+            kek_id: self.kek.id().to_string(),
+            uploaded_by: req.user.clone(),
+        })?;
+        final_guard.disarm();
+        Ok(UploadOutcome {
+            dataset: req.dataset.clone(),
+            version,
+            rows: ingested.rows,
+            bytes: status.bytes(),
+            sealed_bytes,
+            format: ingested.format.as_str().to_string(),
+            key_column: ingested.key_column,
+            columns: ingested.columns,
+        })
+    }
+
+    /// Metadata of the live version of each of `owner`'s datasets.
+    pub fn list(&self, owner: &str) -> Result<Vec<DatasetInfo>> {
+        self.catalog.list_datasets(owner)
+    }
+
+    /// Crypto-shred a dataset: its wrapped keys are deleted from the catalog (secure_delete),
+    /// then its files are removed. Returns the number of versions destroyed.
+    pub fn delete(&self, owner: &str, name: &str) -> Result<usize> {
+        validate_name("dataset", name)?;
+        let (dataset_id, versions) = self.catalog.delete_dataset(owner, name)?;
+        // The keys are gone: the files are unreadable from here on. Removing them is hygiene;
+        // a crash before this point leaves orphans that startup recovery removes.
+        let dir = self.dir.dataset_dir(&dataset_id);
+        if dir.exists() {
+            fs::remove_dir_all(&dir)?;
+            fsutil::sync_parent(&dir)?;
+        }
+        Ok(versions)
+    }
+
+    /// Open the live version of a dataset for reading. Every batch comes from segments that
+    /// authenticated; any failure ends the read with `Error::Integrity`. Internal API for the
+    /// query engine and tests: no endpoint returns these rows.
+    pub fn read_live(&self, owner: &str, name: &str) -> Result<SealedBatches> {
+        let versions = self.catalog.version_keys(owner, name)?;
+        let live = versions
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::NotFound(format!("no dataset named {name}")))?;
+        self.read_version(&live)
+    }
+
+    fn read_version(&self, v: &VersionKey) -> Result<SealedBatches> {
+        if v.kek_id != self.kek.id() {
+            return Err(Error::internal(format!(
+                "version {} is wrapped under key {} which is not loaded",
+                v.version, v.kek_id
+            )));
+        }
+        let bind = binding(&v.dataset_id, &v.version_id)?;
+        let dek = self.kek.unwrap(&v.wrapped_dek, &bind)?;
+        let file = File::open(self.dir.sealed_file(&v.dataset_id, &v.version_id))?;
+        let opened = OpenReader::new(BufReader::with_capacity(1 << 20, file), &dek[..], bind)
+            .map_err(io_to_integrity)?;
+        let reader =
+            arrow_ipc::reader::StreamReader::try_new(opened, None).map_err(arrow_to_integrity)?;
+        Ok(SealedBatches {
+            reader,
+            failed: false,
+        })
+    }
+}
+
+fn io_to_integrity(e: std::io::Error) -> Error {
+    if seal::is_integrity_error(&e) {
+        Error::Integrity(e.to_string())
+    } else {
+        Error::internal(format!("reading sealed file: {e}"))
+    }
+}
+
+fn arrow_to_integrity(e: ArrowError) -> Error {
+    match e {
+        ArrowError::IoError(_, io) => io_to_integrity(io),
+        // Authenticated bytes that do not decode: written by a bug, not by an attacker.
+        other => Error::Integrity(format!("sealed data does not decode: {other}")),
+    }
+}
+
+/// Record batches of one sealed version, verified segment by segment.
+pub struct SealedBatches {
+    reader: arrow_ipc::reader::StreamReader<OpenReader<BufReader<File>>>,
+    failed: bool,
+}
+
+impl SealedBatches {
+    pub fn schema(&self) -> SchemaRef {
+        self.reader.schema()
+    }
+
+    /// Read everything, failing as a whole on any integrity error.
+    pub fn collect_all(self) -> Result<Vec<RecordBatch>> {
+        self.collect()
+    }
+}
+
+impl Iterator for SealedBatches {
+    type Item = Result<RecordBatch>;
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        match self.reader.next() {
+            Some(Ok(b)) => Some(Ok(b)),
+            Some(Err(e)) => {
+                self.failed = true;
+                Some(Err(arrow_to_integrity(e)))
+            }
+            None => {
+                // The IPC end-of-stream marker was read; the sealed file must end right there
+                // too. Draining verifies any remaining (possibly empty) last segment, so a
+                // file cut after the marker's segment is still caught.
+                self.failed = true;
+                let mut rest = Vec::new();
+                match self.reader.get_mut().read_to_end(&mut rest) {
+                    Ok(_) if rest.is_empty() => None,
+                    Ok(_) => Some(Err(Error::Integrity(
+                        "data after the end of the stream".into(),
+                    ))),
+                    Err(e) => Some(Err(io_to_integrity(e))),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! Shared fixtures: a fresh data directory with two partners, a real server process on
+//! 127.0.0.1:0, and the CLI run as a partner.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_escrow");
+
+/// A data directory initialised with partners `acme` and `globex`.
+pub struct Env {
+    pub tmp: tempfile::TempDir,
+    pub data: PathBuf,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let data = tmp.path().join("data");
+        let env = Env { tmp, data };
+        env.op(&["init"]).ok();
+        env.op(&["partner", "add", "acme"]).ok();
+        env.op(&["partner", "add", "globex"]).ok();
+        env
+    }
+
+    /// Run an operator command on the data directory.
+    pub fn op(&self, args: &[&str]) -> Run {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .env("ESCROW_DATA_DIR", &self.data)
+            .env_remove("ESCROW_IDENTITY");
+        Run::of(cmd)
+    }
+
+    pub fn bundle(&self, partner: &str) -> PathBuf {
+        self.data.join("identities").join(partner).join("admin")
+    }
+
+    /// Start a server on a free port; extra args go to `escrow serve`.
+    pub fn serve(&self, extra: &[&str]) -> Server {
+        let mut child = Command::new(BIN)
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
+            .env("ESCROW_DATA_DIR", &self.data)
+            .env("ESCROW_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start escrow serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read listen line");
+        let url = line
+            .trim()
+            .strip_prefix("escrow listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line from server: {line:?}"))
+            .to_string();
+        // Keep draining stderr so the server never blocks on a full pipe.
+        let stderr = child.stderr.take().expect("stderr");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(mut s) = sink.lock() {
+                    s.push_str(&l);
+                    s.push('\n');
+                }
+            }
+        });
+        Server { child, url, log }
+    }
+
+    /// The CLI as `partner`'s admin against `server`.
+    pub fn cli(&self, server: &Server, partner: &str, args: &[&str]) -> Run {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .env("ESCROW_IDENTITY", self.bundle(partner))
+            .env("ESCROW_SERVER", &server.url)
+            .env_remove("ESCROW_DATA_DIR");
+        Run::of(cmd)
+    }
+
+    /// Datasets of `partner` as JSON.
+    pub fn datasets(&self, server: &Server, partner: &str) -> serde_json::Value {
+        let r = self
+            .cli(server, partner, &["datasets", "--format", "json"])
+            .ok();
+        serde_json::from_str(&r.stdout).expect("datasets json")
+    }
+
+    pub fn file(&self, name: &str, contents: &[u8]) -> PathBuf {
+        let p = self.tmp.path().join(name);
+        std::fs::write(&p, contents).expect("write test file");
+        p
+    }
+
+    /// Every regular file under the data directory.
+    pub fn data_files(&self) -> Vec<PathBuf> {
+        fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(&p, out);
+                } else {
+                    out.push(p);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.data, &mut out);
+        out
+    }
+
+    /// Sealed dataset files.
+    pub fn sealed_files(&self) -> Vec<PathBuf> {
+        self.data_files()
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "sealed"))
+            .collect()
+    }
+}
+
+/// A running server process; killed when dropped.
+pub struct Server {
+    pub child: Child,
+    pub url: String,
+    pub log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Server {
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill -TERM");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "server did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Wait (up to 20 s) until the server's log contains `needle`; panics with the log if not.
+    pub fn wait_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "server never logged {needle:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The outcome of a CLI run.
+#[derive(Debug)]
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn of(mut cmd: Command) -> Run {
+        let Output {
+            status,
+            stdout,
+            stderr,
+        } = cmd.stdin(Stdio::null()).output().expect("run escrow");
+        Run {
+            code: status.code(),
+            stdout: String::from_utf8_lossy(&stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        }
+    }
+
+    /// Assert success and return self.
+    pub fn ok(self) -> Run {
+        assert_eq!(self.code, Some(0), "command failed: {self:?}");
+        self
+    }
+
+    /// Assert failure with a one-line message that contains `needle`.
+    pub fn fails_with(self, needle: &str) -> Run {
+        assert_ne!(self.code, Some(0), "command should have failed: {self:?}");
+        assert!(self.code.is_some(), "command died from a signal: {self:?}");
+        let lines: Vec<&str> = self.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "error must be one line: {:?}", self.stderr);
+        assert!(
+            self.stderr.contains(needle),
+            "expected {needle:?} in {:?}",
+            self.stderr
+        );
+        self
+    }
+}
+
+/// A CSV of `n` accounts with distinctive names and ids.
+pub fn accounts_csv(n: usize, tag: &str) -> String {
+    let mut s = String::from("account_id,company_name,website,status,region,arr_usd,employees\n");
+    for i in 0..n {
+        let status = ["customer", "opportunity", "prospect"][i % 3];
+        let region = ["NA", "EMEA", "APAC"][i % 3];
+        s.push_str(&format!(
+            "{tag}-{i:06},Zyqx{tag}Corp{i} Holdings,https://www.zyqx{tag}{i}.example/about,{status},{region},{}.5,{}\n",
+            1000 + i,
+            10 + i
+        ));
+    }
+    s
+}
+
+/// The workspace's sibling `shared/` directory (test vectors, generator).
+pub fn shared_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("ESCROW_SHARED_DIR") {
+        return PathBuf::from(d);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared")
+}

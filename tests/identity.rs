@@ -1,0 +1,143 @@
+//! Mutual TLS: identities, foreign and missing certificates, revocation without restart.
+
+use crate::harness::{Env, accounts_csv};
+
+#[test]
+fn certificate_names_the_caller() {
+    let env = Env::new();
+    let server = env.serve(&[]);
+    let out = env.cli(&server, "acme", &["whoami"]).ok();
+    assert_eq!(out.stdout.trim(), "partner=acme user=admin role=admin");
+    let out = env.cli(&server, "globex", &["whoami"]).ok();
+    assert!(out.stdout.contains("partner=globex"));
+}
+
+#[test]
+fn no_certificate_is_refused_in_the_handshake() {
+    let env = Env::new();
+    let server = env.serve(&[]);
+    // a bundle with the right CA but no client certificate: the CLI cannot even build one,
+    // so speak TLS by hand with rustls and no client auth
+    let roots = {
+        let mut r = rustls::RootCertStore::empty();
+        use rustls::pki_types::pem::PemObject;
+        for c in rustls::pki_types::CertificateDer::pem_file_iter(env.bundle("acme").join("ca.pem"))
+            .expect("ca")
+        {
+            r.add(c.expect("cert")).expect("add");
+        }
+        r
+    };
+    let config = rustls::ClientConfig::builder_with_provider(escrow::server::tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    let r = rt.block_on(async {
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(config)
+            .build()
+            .expect("client");
+        http.get(format!("{}/v1/whoami", server.url)).send().await
+    });
+    assert!(
+        r.is_err(),
+        "a client without certificate got an answer: {r:?}"
+    );
+    server.wait_log("TLS handshake refused");
+    env.cli(&server, "acme", &["whoami"]).ok();
+}
+
+#[test]
+fn certificate_from_another_ca_is_refused() {
+    let env = Env::new();
+    let alien = Env::new(); // its own CA, its own "acme"
+    let server = env.serve(&[]);
+    let mixed = env.tmp.path().join("mixed");
+    std::fs::create_dir_all(&mixed).expect("dir");
+    for f in ["cert.pem", "key.pem"] {
+        std::fs::copy(alien.bundle("acme").join(f), mixed.join(f)).expect("copy");
+    }
+    std::fs::copy(env.bundle("acme").join("ca.pem"), mixed.join("ca.pem")).expect("copy");
+    let mut cmd_env = std::process::Command::new(crate::harness::BIN);
+    cmd_env
+        .args(["whoami"])
+        .env("ESCROW_IDENTITY", &mixed)
+        .env("ESCROW_SERVER", &server.url);
+    let out = cmd_env.output().expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("cannot talk to escrow"), "{err}");
+    env.cli(&server, "acme", &["whoami"]).ok();
+}
+
+#[test]
+fn revocation_applies_without_restart() {
+    let env = Env::new();
+    let server = env.serve(&[]);
+    let csv = env.file("g.csv", accounts_csv(10, "g").as_bytes());
+    env.cli(
+        &server,
+        "globex",
+        &["upload", csv.to_str().expect("p"), "--dataset", "accounts"],
+    )
+    .ok();
+    let out = env.op(&["partner", "revoke", "globex"]).ok();
+    assert!(out.stdout.contains("revoked"));
+    env.cli(&server, "globex", &["whoami"])
+        .fails_with("cannot talk to escrow");
+    env.cli(
+        &server,
+        "globex",
+        &["upload", csv.to_str().expect("p"), "--dataset", "more"],
+    )
+    .fails_with("cannot talk to escrow");
+    env.cli(&server, "acme", &["whoami"]).ok();
+    server.wait_log("revocation list changed");
+    // operator errors are one line too
+    env.op(&["partner", "revoke", "globex"])
+        .fails_with("already revoked");
+    env.op(&["partner", "revoke", "nobody"])
+        .fails_with("no partner named nobody");
+    env.op(&["partner", "add", "acme"])
+        .fails_with("already exists");
+    env.op(&["partner", "add", "Not Valid"])
+        .fails_with("partner name must match");
+}
+
+#[test]
+fn init_is_idempotent_and_keeps_keys() {
+    let env = Env::new();
+    let kek = std::fs::read(env.data.join("keys/kek")).expect("kek");
+    let ca = std::fs::read(env.data.join("ca/ca.key")).expect("ca key");
+    let out = env.op(&["init"]).ok();
+    assert!(out.stdout.contains("already initialised"), "{}", out.stdout);
+    assert_eq!(std::fs::read(env.data.join("keys/kek")).expect("kek"), kek);
+    assert_eq!(std::fs::read(env.data.join("ca/ca.key")).expect("ca"), ca);
+    use std::os::unix::fs::PermissionsExt;
+    for f in [
+        "keys/kek",
+        "ca/ca.key",
+        "tls/server.key",
+        "identities/acme/admin/key.pem",
+    ] {
+        let mode = std::fs::metadata(env.data.join(f))
+            .expect("meta")
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "{f}");
+    }
+}
+
+#[test]
+fn sigterm_stops_gracefully() {
+    let env = Env::new();
+    let mut server = env.serve(&[]);
+    env.cli(&server, "acme", &["whoami"]).ok();
+    let status = server.terminate();
+    assert!(status.success(), "{status:?}");
+    server.wait_log("SIGTERM received");
+}

@@ -1,0 +1,11 @@
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+//! escrow's black-box test suite: the real `escrow` binary, real mutual TLS, real files,
+//! real SQLite. One test binary; modules by surface.
+
+mod harness;
+
+mod bad_input;
+mod crash;
+mod identity;
+mod tamper;
+mod upload;

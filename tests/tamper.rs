@@ -1,0 +1,151 @@
+//! Tampering with sealed files on disk: every read must fail as a whole.
+
+use std::path::PathBuf;
+
+use escrow::datadir::DataDir;
+use escrow::store::{Store, StoreConfig};
+
+use crate::harness::{Env, accounts_csv};
+
+const SEGMENT: usize = 1 << 20;
+const TAG: usize = 16;
+const HEADER: usize = escrow::crypto::seal::HEADER_LEN;
+
+/// Two datasets uploaded (the first big enough for several segments); returns the env and
+/// the sealed file of `big` and of `small`.
+fn setup() -> (Env, PathBuf, PathBuf) {
+    let env = Env::new();
+    let server = env.serve(&[]);
+    let big = env.file("big.csv", accounts_csv(60_000, "big").as_bytes());
+    let small = env.file("small.csv", accounts_csv(100, "small").as_bytes());
+    env.cli(
+        &server,
+        "acme",
+        &["upload", big.to_str().expect("p"), "--dataset", "big"],
+    )
+    .ok();
+    env.cli(
+        &server,
+        "acme",
+        &["upload", small.to_str().expect("p"), "--dataset", "small"],
+    )
+    .ok();
+    drop(server);
+    let store = store(&env);
+    let file_of = |name: &str| {
+        let k = &store.catalog().version_keys("acme", name).expect("keys")[0];
+        env.data
+            .join("datasets")
+            .join(&k.dataset_id)
+            .join(format!("{}.sealed", k.version_id))
+    };
+    let (b, s) = (file_of("big"), file_of("small"));
+    let len = std::fs::metadata(&b).expect("meta").len() as usize;
+    assert!(
+        len > HEADER + 3 * (SEGMENT + TAG),
+        "big dataset must span several segments ({len} bytes)"
+    );
+    (env, b, s)
+}
+
+fn store(env: &Env) -> Store {
+    Store::open(DataDir::new(&env.data), StoreConfig::default()).expect("store")
+}
+
+fn read_fails(env: &Env, name: &str, why: &str) {
+    let r = store(env)
+        .read_live("acme", name)
+        .and_then(|b| b.collect_all());
+    match r {
+        Err(escrow::Error::Integrity(_)) => {}
+        other => panic!(
+            "{why}: expected an integrity failure, got {:?}",
+            other.map(|b| b.len())
+        ),
+    }
+}
+
+#[test]
+fn untouched_files_read() {
+    let (env, _, _) = setup();
+    let b = store(&env)
+        .read_live("acme", "big")
+        .expect("open")
+        .collect_all()
+        .expect("read");
+    assert_eq!(b.iter().map(|b| b.num_rows()).sum::<usize>(), 60_000);
+}
+
+#[test]
+fn flipped_byte_fails() {
+    let (env, big, _) = setup();
+    let mut bytes = std::fs::read(&big).expect("read");
+    for at in [HEADER + 10, HEADER + SEGMENT + TAG + 5, bytes.len() - 3] {
+        let orig = bytes.clone();
+        bytes[at] ^= 0x01;
+        std::fs::write(&big, &bytes).expect("write");
+        read_fails(&env, "big", &format!("flip at {at}"));
+        bytes = orig;
+    }
+    // the header too (it is bound into every segment)
+    bytes[20] ^= 0x01;
+    std::fs::write(&big, &bytes).expect("write");
+    read_fails(&env, "big", "flip in header");
+}
+
+#[test]
+fn swapped_segments_fail() {
+    let (env, big, _) = setup();
+    let mut bytes = std::fs::read(&big).expect("read");
+    let seg = SEGMENT + TAG;
+    let (a, b) = (HEADER + seg, HEADER + 2 * seg);
+    let first = bytes[a..a + seg].to_vec();
+    bytes.copy_within(b..b + seg, a);
+    bytes[b..b + seg].copy_from_slice(&first);
+    std::fs::write(&big, &bytes).expect("write");
+    read_fails(&env, "big", "swap segments 1 and 2");
+}
+
+#[test]
+fn truncation_fails() {
+    let (env, big, _) = setup();
+    let bytes = std::fs::read(&big).expect("read");
+    let seg = SEGMENT + TAG;
+    for cut in [HEADER + 2 * seg, bytes.len() - 1, HEADER + 100, 10] {
+        std::fs::write(&big, &bytes[..cut]).expect("write");
+        read_fails(&env, "big", &format!("truncate to {cut}"));
+    }
+    let mut longer = bytes.clone();
+    longer.extend_from_slice(&bytes[HEADER..HEADER + seg]);
+    std::fs::write(&big, &longer).expect("write");
+    read_fails(&env, "big", "segment appended");
+}
+
+#[test]
+fn file_swapped_between_versions_fails() {
+    let (env, big, small) = setup();
+    std::fs::copy(&small, &big).expect("copy");
+    read_fails(&env, "big", "small's file over big's");
+    // a version's own older file over its newer one
+    let server = env.serve(&[]);
+    let v = env.file("v.csv", accounts_csv(50, "v2").as_bytes());
+    env.cli(
+        &server,
+        "acme",
+        &["upload", v.to_str().expect("p"), "--dataset", "small"],
+    )
+    .ok();
+    drop(server);
+    let keys = store(&env)
+        .catalog()
+        .version_keys("acme", "small")
+        .expect("keys");
+    assert_eq!(keys.len(), 2);
+    let newest = env
+        .data
+        .join("datasets")
+        .join(&keys[0].dataset_id)
+        .join(format!("{}.sealed", keys[0].version_id));
+    std::fs::copy(&small, &newest).expect("copy");
+    read_fails(&env, "small", "version 1's file over version 2's");
+}
