@@ -51,3 +51,17 @@ pub fn write_new_private(path: &Path, contents: &[u8]) -> io::Result<bool> {
     sync_parent(path)?;
     Ok(true)
 }
+
+/// Read until `buf` is full or EOF; returns the bytes read (fewer only at EOF).
+pub fn read_full<R: io::Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}

@@ -730,16 +730,7 @@ fn strip(e: ArrowError) -> String {
 }
 
 fn read_up_to<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match r.read(&mut buf[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(io_to_input_error(e)),
-        }
-    }
-    Ok(got)
+    crate::fsutil::read_full(r, buf).map_err(io_to_input_error)
 }
 
 fn read_exact_or<R: Read>(r: &mut R, buf: &mut [u8], what: &str) -> Result<()> {

@@ -145,9 +145,14 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::SUCCESS;
             }
+            // One line: the error paragraph without clap's usage block.
             let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("{} (see escrow --help)", first.trim());
+            let message: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.is_empty() && !l.starts_with("Usage:"))
+                .collect();
+            eprintln!("{} (see escrow --help)", message.join(" "));
             return ExitCode::from(2);
         }
     };
@@ -309,30 +314,30 @@ fn print_datasets(out: &serde_json::Value) {
         println!("no datasets");
         return;
     }
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".to_string(),
+        other => other.to_string(),
+    };
     println!(
-        "{:<24} {:>7} {:>10} {:<16} {:<20}  COLUMNS",
-        "NAME", "VERSION", "ROWS", "KEY COLUMN", "CREATED"
+        "{:<24} {:>7} {:>10}  {:<16} {:<20}  COLUMNS",
+        "NAME", "VERSION", "ROWS", "KEY COLUMN", "CREATED (UTC)"
     );
     for d in list {
         let cols: Vec<String> = d["columns"]
             .as_array()
             .unwrap_or(&empty)
             .iter()
-            .map(|c| {
-                format!(
-                    "{}:{}",
-                    c["name"].as_str().unwrap_or("?"),
-                    c["type"].as_str().unwrap_or("?")
-                )
-            })
+            .map(|c| format!("{}:{}", text(&c["name"]), text(&c["type"])))
             .collect();
+        let created = text(&d["created_at"]);
         println!(
-            "{:<24} {:>7} {:>10} {:<16} {:<20}  {}",
-            d["name"].as_str().unwrap_or("?"),
-            d["version"],
-            d["rows"],
-            d["key_column"].as_str().unwrap_or("-"),
-            d["created_at"].as_str().unwrap_or("?"),
+            "{:<24} {:>7} {:>10}  {:<16} {:<20}  {}",
+            text(&d["name"]),
+            text(&d["version"]),
+            text(&d["rows"]),
+            text(&d["key_column"]),
+            created.get(..19).unwrap_or(&created).replace('T', " "),
             cols.join(", ")
         );
     }

@@ -18,6 +18,7 @@
 use std::io::{self, Read, Write};
 
 use super::cipher::{Aead, CipherError, TAG_LEN};
+use crate::fsutil::read_full;
 
 /// File magic of a sealed file.
 pub const MAGIC: &[u8; 8] = b"ESCROWSL";
@@ -391,20 +392,6 @@ impl SealedRandomAccess {
         }
         Ok(out)
     }
-}
-
-/// Read until `buf` is full or EOF; returns the bytes read.
-fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match r.read(&mut buf[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(got)
 }
 
 #[cfg(test)]

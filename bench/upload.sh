@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Upload benchmark, side by side with DuckDB (the issue's reference):
+#   1. 1M-row partner list from ../shared/bench/gen_accounts.py (Arrow IPC file)
+#   2. `escrow upload acme.arrow` end to end over mTLS: wall time, MB/s, peak server RSS
+#   3. DuckDB (Python) loading the same Arrow file into an on-disk table: wall time
+#   4. a ~1 GB Arrow file (the 1M list repeated) uploaded: peak server RSS (target < 256 MB)
+#   5. the sealing micro-benchmark (cargo bench --bench seal)
+# Usage: bench/upload.sh [ROWS]   (default 1000000). Needs: pip install pyarrow duckdb
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROWS="${1:-1000000}"
+OUT="bench/out"
+SHARED="${ESCROW_SHARED_DIR:-../shared}"
+mkdir -p "$OUT"
+python3 -c "import pyarrow, duckdb" 2>/dev/null || python3 -m pip install --quiet pyarrow duckdb
+
+cargo build --release --bin escrow --quiet
+BIN="${CARGO_TARGET_DIR:-target}/release/escrow"
+
+if [ ! -f "$OUT/gen-$ROWS/acme.arrow" ]; then
+  echo "== generating $ROWS rows per partner"
+  python3 "$SHARED/bench/gen_accounts.py" --out "$OUT/gen-$ROWS" --rows "$ROWS" > /dev/null
+fi
+ARROW="$OUT/gen-$ROWS/acme.arrow"
+BIG="$OUT/gen-$ROWS/acme-1gb.arrow"
+if [ ! -f "$BIG" ]; then
+  python3 - "$ARROW" "$BIG" <<'PY'
+import sys, pyarrow as pa, pyarrow.ipc as ipc
+src, dst = sys.argv[1], sys.argv[2]
+t = ipc.open_file(src).read_all()
+reps = max(1, int(1_000_000_000 // t.nbytes) + 1)
+with ipc.new_file(dst, t.schema) as w:
+    for _ in range(reps):
+        w.write_table(t, max_chunksize=65536)
+PY
+fi
+
+DATA="$(mktemp -d)/data"
+"$BIN" init --data-dir "$DATA" > /dev/null
+"$BIN" partner add acme --data-dir "$DATA" > /dev/null
+"$BIN" serve --data-dir "$DATA" --listen 127.0.0.1:0 --max-upload-bytes 4000000000 > "$OUT/serve.out" 2> "$OUT/serve.log" &
+PID=$!
+trap 'kill $PID 2>/dev/null || true; rm -rf "$(dirname "$DATA")"' EXIT
+for _ in $(seq 100); do grep -q listening "$OUT/serve.out" 2>/dev/null && break; sleep 0.1; done
+export ESCROW_SERVER="$(sed -n 's/^escrow listening on //p' "$OUT/serve.out")"
+export ESCROW_IDENTITY="$DATA/identities/acme/admin"
+
+now() { python3 -c 'import time; print(time.perf_counter())'; }
+hwm_mb() { awk '/VmHWM/ {printf "%.0f", $2/1024}' "/proc/$PID/status"; }
+
+SIZE=$(stat -c %s "$ARROW")
+best_escrow=""
+for i in 1 2 3; do
+  t0=$(now)
+  "$BIN" upload "$ARROW" --dataset "accounts$i" --key-column website > /dev/null
+  t1=$(now)
+  s=$(python3 -c "print(f'{$t1-$t0:.3f}')")
+  best_escrow=$(python3 -c "print(min(float('$s'), float('${best_escrow:-1e9}')))")
+done
+RSS_1M=$(hwm_mb)
+
+best_duck=$(python3 - "$ARROW" <<'PY'
+import sys, time, os, tempfile, duckdb, pyarrow.ipc as ipc
+best = 1e9
+for i in range(3):
+    d = tempfile.mkdtemp()
+    t0 = time.perf_counter()
+    tbl = ipc.open_file(sys.argv[1]).read_all()
+    con = duckdb.connect(os.path.join(d, "db.duckdb"))
+    con.execute("CREATE TABLE accounts AS SELECT * FROM tbl")
+    con.execute("CHECKPOINT")
+    con.close()
+    best = min(best, time.perf_counter() - t0)
+print(f"{best:.3f}")
+PY
+)
+
+BIG_SIZE=$(stat -c %s "$BIG")
+t0=$(now)
+"$BIN" upload "$BIG" --dataset big --key-column website > /dev/null
+t1=$(now)
+big_s=$(python3 -c "print(f'{$t1-$t0:.3f}')")
+RSS_1G=$(hwm_mb)
+
+echo
+echo "== upload of $ROWS-row Arrow file ($((SIZE / 1000000)) MB), best of 3"
+python3 - <<PY
+size=$SIZE; e=float("$best_escrow"); d=float("$best_duck")
+print(f"escrow upload (mTLS, parse+validate, seal, fsync, commit): {e:.3f} s  {size/e/1e6:.0f} MB/s")
+print(f"duckdb load (pyarrow read + CREATE TABLE AS + CHECKPOINT): {d:.3f} s  {size/d/1e6:.0f} MB/s")
+print(f"ratio escrow/duckdb: {e/d:.2f}x  (target <= 1.5x)")
+PY
+echo "server peak RSS after the 1M uploads: ${RSS_1M} MB"
+echo
+echo "== upload of a $((BIG_SIZE / 1000000)) MB Arrow file"
+python3 -c "print(f'escrow upload: {float(\"$big_s\"):.2f} s  {$BIG_SIZE/float(\"$big_s\")/1e6:.0f} MB/s')"
+echo "server peak RSS (VmHWM, whole run): ${RSS_1G} MB  (target < 256 MB)"
+echo
+echo "== sealing micro-benchmark (one core)"
+cargo bench -p escrow --bench seal --quiet 2>/dev/null | grep -E "seal|open|target"
