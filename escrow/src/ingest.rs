@@ -337,8 +337,12 @@ fn check_schema(schema: &SchemaRef, key_column: Option<&str>) -> Result<Vec<Colu
                 format!("key column {key:?} is not a column of the upload"),
             )
         })?;
+        let value_type = match field.data_type() {
+            DataType::Dictionary(_, v) => v.as_ref(),
+            other => other,
+        };
         let ok = matches!(
-            field.data_type(),
+            value_type,
             DataType::Utf8
                 | DataType::LargeUtf8
                 | DataType::Utf8View
@@ -411,16 +415,27 @@ fn csv_batches<'a, R: Read + 'a>(
             .rposition(|&b| b == b'\n')
             .map_or(prefix.len(), |i| i + 1)
     };
-    let format = arrow_csv::reader::Format::default().with_header(true);
+    // Spreadsheet and CRM exports: a UTF-8 byte-order mark, and `;` or tab delimiters.
+    let start = if prefix.starts_with(b"\xEF\xBB\xBF") {
+        3
+    } else {
+        0
+    };
+    let delimiter = sniff_delimiter(&prefix[start..sample_end]);
+    let format = arrow_csv::reader::Format::default()
+        .with_header(true)
+        .with_delimiter(delimiter);
     let (schema, _) = format
         .infer_schema(
-            Cursor::new(&prefix[..sample_end]),
+            Cursor::new(&prefix[start..sample_end]),
             Some(limits.csv_infer_records),
         )
         .map_err(csv_error)?;
     let schema = Arc::new(schema);
+    prefix.drain(..start);
     let reader = arrow_csv::ReaderBuilder::new(schema.clone())
         .with_header(true)
+        .with_delimiter(delimiter)
         .with_batch_size(limits.batch_rows)
         .build(Cursor::new(prefix).chain(input))
         .map_err(csv_error)?;
@@ -428,6 +443,25 @@ fn csv_batches<'a, R: Read + 'a>(
         reader.map(|b| b.map_err(csv_error)),
         schema,
     ))
+}
+
+/// The delimiter of a CSV sample: whichever of `,` `;` tab occurs most in the header line
+/// (outside quotes), comma on a tie.
+fn sniff_delimiter(sample: &[u8]) -> u8 {
+    let header = sample.split(|&b| b == b'\n').next().unwrap_or_default();
+    let mut counts = [(b',', 0usize), (b';', 0), (b'\t', 0)];
+    let mut quoted = false;
+    for &b in header {
+        if b == b'"' {
+            quoted = !quoted;
+        } else if !quoted && let Some(c) = counts.iter_mut().find(|c| c.0 == b) {
+            c.1 += 1;
+        }
+    }
+    counts
+        .iter()
+        .fold((b',', 0), |best, &c| if c.1 > best.1 { c } else { best })
+        .0
 }
 
 /// Batches of `iter`, or one empty batch of `schema` if it yields none, so that a file with
@@ -880,6 +914,32 @@ mod tests {
 
     fn run(format: Option<Format>, bytes: &[u8], key: Option<&str>) -> Result<Ingested> {
         ingest(format, bytes, key, Vec::new(), &IngestLimits::default()).map(|(i, _)| i)
+    }
+
+    #[test]
+    fn csv_exports_with_bom_and_other_delimiters() {
+        for (text, delim) in [
+            (
+                "\u{feff}id;site;n\n1;a.example;3\n2;b.example;4\n",
+                "semicolon+BOM",
+            ),
+            ("id\tsite\tn\n1\ta.example\t3\n", "tab"),
+            (
+                "\"id\",\"site; or not\",n\n1,\"a.example\",3\n",
+                "quoted comma",
+            ),
+        ] {
+            let got = run(
+                None,
+                text.as_bytes(),
+                Some("site").filter(|_| !delim.starts_with("quoted")),
+            )
+            .unwrap_or_else(|e| panic!("{delim}: {e}"));
+            assert_eq!(got.format, Format::Csv, "{delim}");
+            assert_eq!(got.columns[0].name, "id", "{delim}");
+            assert_eq!(got.columns.len(), 3, "{delim}");
+            assert_eq!(got.columns[2].data_type, "Int64", "{delim}");
+        }
     }
 
     #[test]
