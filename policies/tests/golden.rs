@@ -1,0 +1,155 @@
+//! Golden tables through the loader: grants x requests -> decision.
+
+use escrow_policies::{ColumnUse, Decision, Grant, PolicyError, PolicySet, Usage};
+
+fn grant(grantee: &str, owner: &str, dataset: &str, column: Option<&str>, usage: Usage) -> Grant {
+    Grant {
+        owner: owner.into(),
+        dataset: dataset.into(),
+        column: column.map(Into::into),
+        grantee: grantee.into(),
+        usage,
+    }
+}
+
+fn use_of(owner: &str, dataset: &str, column: &str, usage: Usage) -> ColumnUse {
+    ColumnUse {
+        owner: owner.into(),
+        dataset: dataset.into(),
+        column: column.into(),
+        usage,
+    }
+}
+
+#[tokio::test]
+async fn golden_decisions() {
+    let set = PolicySet::build(vec![
+        grant("globex", "acme", "accounts", Some("website"), Usage::Join),
+        grant("globex", "acme", "accounts", Some("website"), Usage::Count),
+        grant("globex", "acme", "accounts", None, Usage::Dimension),
+        grant("*", "acme", "pipeline", Some("region"), Usage::Filter),
+    ])
+    .await
+    .expect("valid set");
+    // (subject, owner, dataset, column, usage, allowed?)
+    let table: &[(&str, &str, &str, &str, Usage, bool)] = &[
+        ("globex", "acme", "accounts", "website", Usage::Join, true),
+        ("globex", "acme", "accounts", "website", Usage::Count, true),
+        ("globex", "acme", "accounts", "website", Usage::Sum, false),
+        (
+            "globex",
+            "acme",
+            "accounts",
+            "industry",
+            Usage::Dimension,
+            true,
+        ),
+        (
+            "globex",
+            "acme",
+            "accounts",
+            "website",
+            Usage::Dimension,
+            true,
+        ), // column "*" covers it
+        (
+            "globex",
+            "acme",
+            "accounts",
+            "industry",
+            Usage::Filter,
+            false,
+        ),
+        ("globex", "acme", "accounts2", "website", Usage::Join, false),
+        ("initech", "acme", "accounts", "website", Usage::Join, false),
+        ("initech", "acme", "pipeline", "region", Usage::Filter, true),
+        ("globex", "acme", "pipeline", "region", Usage::Filter, true),
+        (
+            "globex",
+            "acme",
+            "pipeline",
+            "region",
+            Usage::Dimension,
+            false,
+        ),
+        ("acme", "globex", "accounts", "website", Usage::Join, false), // grants are one-way
+        ("acme", "acme", "accounts", "anything", Usage::Sum, true),    // own data
+        ("globex", "acme", "accounts", "*", Usage::Join, false), // a literal "*" column is not a wildcard request
+    ];
+    for &(sub, owner, ds, col, usage, want) in table {
+        let d = set
+            .decide(sub, &use_of(owner, ds, col, usage))
+            .expect("decide");
+        assert_eq!(
+            d.allowed(),
+            want,
+            "{sub} on {owner}.{ds}.{col} as {usage}: {d:?}"
+        );
+    }
+    // the decision names the rule
+    match set
+        .decide(
+            "globex",
+            &use_of("acme", "accounts", "region", Usage::Dimension),
+        )
+        .expect("d")
+    {
+        Decision::Granted(g) => assert_eq!(
+            g,
+            grant("globex", "acme", "accounts", None, Usage::Dimension)
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        set.decide("acme", &use_of("acme", "x", "y", Usage::Join))
+            .expect("d"),
+        Decision::Owner
+    );
+}
+
+#[tokio::test]
+async fn empty_policy_refuses_every_foreign_use() {
+    let set = PolicySet::build(vec![]).await.expect("empty set");
+    for usage in Usage::ALL {
+        for col in ["website", "*", ""] {
+            let d = set
+                .decide("globex", &use_of("acme", "accounts", col, usage))
+                .expect("decide");
+            assert_eq!(d, Decision::Missing, "{col} {usage}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn one_bad_rule_rejects_the_whole_set() {
+    let bad = [
+        grant("globex", "acme", "Accounts", None, Usage::Join),
+        grant("globex", "acme", "accounts", Some("a,b"), Usage::Join),
+        grant("globex", "acme", "accounts", Some("*"), Usage::Join),
+        grant("acme", "acme", "accounts", None, Usage::Join),
+        grant("Glo bex", "acme", "accounts", None, Usage::Join),
+    ];
+    for b in bad {
+        let set = PolicySet::build(vec![
+            grant("globex", "acme", "accounts", None, Usage::Count),
+            b.clone(),
+        ])
+        .await;
+        assert!(
+            matches!(set, Err(PolicyError::InvalidRule(_))),
+            "{b:?} accepted"
+        );
+    }
+    assert!("select".parse::<Usage>().is_err());
+    assert_eq!("avg".parse::<Usage>().expect("usage"), Usage::Avg);
+}
+
+#[tokio::test]
+async fn casbin_lines_round_trip() {
+    let g = grant("*", "acme", "accounts", Some("region"), Usage::Filter);
+    assert_eq!(Grant::from_casbin(&g.to_casbin()).expect("parse"), g);
+    let all = grant("globex", "acme", "accounts", None, Usage::Avg);
+    assert_eq!(all.to_casbin()[3], "*");
+    assert_eq!(Grant::from_casbin(&all.to_casbin()).expect("parse"), all);
+    assert!(Grant::from_casbin(&["a".to_string()]).is_err());
+}

@@ -1,0 +1,715 @@
+//! The query gate: an allow-list over the DataFusion logical plan (never the SQL text).
+//!
+//! Accepted shape, top to bottom:
+//!
+//! ```text
+//! [Limit] [Sort by output columns] [Projection of output columns]     top level only
+//! Aggregate: GROUP BY dimension columns; COUNT(DISTINCT key), SUM(metric), AVG(metric)
+//! row level: TableScan | SubqueryAlias | Projection of plain columns (lineage followed)
+//!            | Filter of `col = literal`, `col IN (literals)` conjunctions
+//!            | INNER JOIN on equalities of key columns of two tables
+//! ```
+//!
+//! Everything else is refused with a stable rule name. Walking the plan also derives every
+//! column use (`join`, `count`, `dimension`, `filter`, `sum`, `avg`) for the owners' policies,
+//! following lineage through aliases, derived tables and CTEs.
+
+use std::collections::{BTreeSet, HashMap};
+
+use datafusion::common::{Column, DFSchema, JoinType};
+use datafusion::logical_expr::expr::{AggregateFunction, Alias, InList};
+use datafusion::logical_expr::{BinaryExpr, Expr, LogicalPlan, Operator};
+use escrow_policies::{ColumnUse, Usage};
+
+use crate::QueryError;
+
+/// One scanned table in the plan (a table joined to itself appears twice).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableInstance {
+    pub owner: String,
+    pub dataset: String,
+    pub key_column: Option<String>,
+}
+
+/// What the gate learned about an allowed plan.
+#[derive(Debug, Clone, Default)]
+pub struct GateReport {
+    /// Every scanned table instance, in plan order.
+    pub tables: Vec<TableInstance>,
+    /// Every use of every column, for the owners' policies.
+    pub uses: BTreeSet<ColumnUse>,
+    /// Join edges between table instances (indices into `tables`).
+    pub joins: Vec<(usize, usize)>,
+}
+
+/// Where a column of an intermediate relation comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Lineage {
+    /// Unchanged column `column` of table instance `table`.
+    Source {
+        table: usize,
+        column: String,
+        is_key: bool,
+    },
+    /// An aggregate output (only above the Aggregate).
+    Aggregate,
+}
+
+fn refuse(rule: &'static str, message: impl Into<String>) -> QueryError {
+    QueryError::refused(rule, message)
+}
+
+/// Look up a table's key column by `owner.dataset`.
+pub trait KeyColumns {
+    fn key_column(&self, owner: &str, dataset: &str) -> Option<Option<String>>;
+}
+
+impl<F: Fn(&str, &str) -> Option<Option<String>>> KeyColumns for F {
+    fn key_column(&self, owner: &str, dataset: &str) -> Option<Option<String>> {
+        self(owner, dataset)
+    }
+}
+
+/// Check a plan; on success report its tables and column uses.
+pub fn check(plan: &LogicalPlan, keys: &dyn KeyColumns) -> Result<GateReport, QueryError> {
+    let mut g = Gate {
+        report: GateReport::default(),
+        keys,
+    };
+    g.top(plan)?;
+    Ok(g.report)
+}
+
+struct Gate<'a> {
+    report: GateReport,
+    keys: &'a dyn KeyColumns,
+}
+
+impl Gate<'_> {
+    /// Above the aggregate: limit, sort, plain projections.
+    fn top(&mut self, plan: &LogicalPlan) -> Result<Vec<Lineage>, QueryError> {
+        match plan {
+            LogicalPlan::Limit(l) => self.top(&l.input),
+            LogicalPlan::Sort(s) => {
+                let lin = self.top(&s.input)?;
+                for e in &s.expr {
+                    column_of(&e.expr, s.input.schema(), &lin).ok_or_else(|| {
+                        refuse(
+                            "expression_not_allowed",
+                            "ORDER BY may only name output columns",
+                        )
+                    })?;
+                }
+                Ok(lin)
+            }
+            LogicalPlan::Projection(p) => {
+                let lin = self.top(&p.input)?;
+                p.expr
+                    .iter()
+                    .map(|e| {
+                        column_of(e, p.input.schema(), &lin).ok_or_else(|| {
+                            self.expression_refusal(
+                                e,
+                                p.input.schema(),
+                                &lin,
+                                "the result may only list grouped columns and aggregates, without further expressions",
+                            )
+                        })
+                    })
+                    .collect()
+            }
+            LogicalPlan::Aggregate(_) => self.aggregate(plan),
+            LogicalPlan::Filter(_) => Err(refuse(
+                "having",
+                "HAVING filters on exact aggregates and is not allowed",
+            )),
+            LogicalPlan::Distinct(_) => Err(refuse(
+                "distinct",
+                "SELECT DISTINCT returns rows, not aggregates",
+            )),
+            LogicalPlan::Window(_) => Err(refuse(
+                "window_function",
+                "window functions are not allowed",
+            )),
+            LogicalPlan::TableScan(_) | LogicalPlan::Join(_) | LogicalPlan::SubqueryAlias(_) => {
+                Err(refuse(
+                    "no_aggregate",
+                    "a query must aggregate: rows are never returned",
+                ))
+            }
+            other => self.forbidden(other),
+        }
+    }
+
+    fn forbidden(&self, plan: &LogicalPlan) -> Result<Vec<Lineage>, QueryError> {
+        Err(match plan {
+            LogicalPlan::Union(_) => refuse(
+                "set_operation",
+                "UNION / INTERSECT / EXCEPT are not allowed",
+            ),
+            LogicalPlan::Window(_) => refuse("window_function", "window functions are not allowed"),
+            LogicalPlan::Distinct(_) => refuse("distinct", "SELECT DISTINCT is not allowed"),
+            LogicalPlan::Values(_) | LogicalPlan::EmptyRelation(_) => {
+                refuse("no_table", "a query must read an escrow dataset")
+            }
+            LogicalPlan::Subquery(_) => {
+                refuse("subquery", "subqueries that select rows are not allowed")
+            }
+            LogicalPlan::RecursiveQuery(_) => {
+                refuse("recursive_query", "recursive queries are not allowed")
+            }
+            LogicalPlan::Unnest(_) => refuse("unnest", "UNNEST is not allowed"),
+            LogicalPlan::Explain(_) | LogicalPlan::Analyze(_) | LogicalPlan::DescribeTable(_) => {
+                refuse(
+                    "statement_not_allowed",
+                    "EXPLAIN / DESCRIBE are not allowed",
+                )
+            }
+            LogicalPlan::Statement(_)
+            | LogicalPlan::Dml(_)
+            | LogicalPlan::Ddl(_)
+            | LogicalPlan::Copy(_)
+            | LogicalPlan::Repartition(_)
+            | LogicalPlan::Extension(_) => {
+                refuse("statement_not_allowed", "only SELECT queries are allowed")
+            }
+            _ => refuse(
+                "plan_not_allowed",
+                format!("{} is not allowed here", plan_name(plan)),
+            ),
+        })
+    }
+
+    fn aggregate(&mut self, plan: &LogicalPlan) -> Result<Vec<Lineage>, QueryError> {
+        let LogicalPlan::Aggregate(a) = plan else {
+            return self.forbidden(plan);
+        };
+        let lin = self.rows(&a.input)?;
+        let schema = a.input.schema();
+        let mut out = Vec::new();
+        for e in &a.group_expr {
+            if matches!(e, Expr::GroupingSet(_)) {
+                return Err(refuse(
+                    "grouping_sets",
+                    "ROLLUP / CUBE / GROUPING SETS are not allowed",
+                ));
+            }
+            match column_of(e, schema, &lin) {
+                Some(Lineage::Source {
+                    is_key: true,
+                    table,
+                    column,
+                }) => {
+                    let t = &self.report.tables[table];
+                    return Err(refuse(
+                        "group_by_key",
+                        format!(
+                            "{}.{}.{column} identifies entities and cannot be grouped by",
+                            t.owner, t.dataset
+                        ),
+                    ));
+                }
+                Some(src @ Lineage::Source { .. }) => {
+                    self.uses_of(&src, Usage::Dimension);
+                    out.push(src);
+                }
+                _ => {
+                    return Err(self.expression_refusal(
+                        e,
+                        schema,
+                        &lin,
+                        "GROUP BY may only name columns",
+                    ));
+                }
+            }
+        }
+        for e in &a.aggr_expr {
+            let inner = strip_alias(e);
+            let Expr::AggregateFunction(AggregateFunction { func, params }) = inner else {
+                return Err(self.expression_refusal(
+                    e,
+                    schema,
+                    &lin,
+                    "only aggregate functions are allowed here",
+                ));
+            };
+            let name = func.name().to_ascii_lowercase();
+            if params.filter.is_some() {
+                return Err(refuse(
+                    "aggregate_filter",
+                    "FILTER (WHERE ...) on aggregates is not allowed",
+                ));
+            }
+            if !params.order_by.is_empty() {
+                return Err(refuse(
+                    "aggregate_order_by",
+                    "ordered aggregates are not allowed",
+                ));
+            }
+            let arg = match params.args.as_slice() {
+                [one] => column_of(one, schema, &lin),
+                _ => None,
+            };
+            match (name.as_str(), params.distinct, arg) {
+                ("count", true, Some(src @ Lineage::Source { is_key: true, .. })) => {
+                    self.uses_of(&src, Usage::Count)
+                }
+                ("count", true, Some(Lineage::Source { .. })) => {
+                    return Err(refuse(
+                        "count_non_key",
+                        "COUNT(DISTINCT ...) must count a key column (entities)",
+                    ));
+                }
+                ("count", false, _) => {
+                    return Err(refuse(
+                        "count_rows",
+                        "count distinct entities with COUNT(DISTINCT key), never rows",
+                    ));
+                }
+                ("sum" | "avg", false, Some(Lineage::Source { is_key: true, .. })) => {
+                    return Err(refuse(
+                        "key_in_expression",
+                        "key columns may only be joined or counted",
+                    ));
+                }
+                ("sum", false, Some(src @ Lineage::Source { .. })) => {
+                    self.uses_of(&src, Usage::Sum)
+                }
+                ("avg", false, Some(src @ Lineage::Source { .. })) => {
+                    self.uses_of(&src, Usage::Avg)
+                }
+                ("sum" | "avg", true, _) => {
+                    return Err(refuse(
+                        "distinct_metric",
+                        "SUM/AVG(DISTINCT ...) is not allowed",
+                    ));
+                }
+                (
+                    "min"
+                    | "max"
+                    | "first_value"
+                    | "last_value"
+                    | "nth_value"
+                    | "string_agg"
+                    | "array_agg"
+                    | "median"
+                    | "approx_median"
+                    | "approx_percentile_cont"
+                    | "percentile_cont"
+                    | "approx_distinct"
+                    | "mode"
+                    | "bit_and"
+                    | "bit_or"
+                    | "bit_xor"
+                    | "bool_and"
+                    | "bool_or"
+                    | "grouping",
+                    _,
+                    _,
+                ) => {
+                    return Err(refuse(
+                        "value_revealing_aggregate",
+                        format!("{name}() can reveal individual values"),
+                    ));
+                }
+                ("count" | "sum" | "avg", _, None) => {
+                    return Err(self.expression_refusal(
+                        &params.args[0],
+                        schema,
+                        &lin,
+                        "aggregates take one plain column",
+                    ));
+                }
+                _ => {
+                    return Err(refuse(
+                        "aggregate_not_allowed",
+                        format!("{name}() is not an allowed aggregate"),
+                    ));
+                }
+            }
+            out.push(Lineage::Aggregate);
+        }
+        Ok(out)
+    }
+
+    /// Below the aggregate: the row-level relation. Returns the lineage of each output column.
+    fn rows(&mut self, plan: &LogicalPlan) -> Result<Vec<Lineage>, QueryError> {
+        match plan {
+            LogicalPlan::TableScan(scan) => {
+                let (Some(owner), dataset) = (scan.table_name.schema(), scan.table_name.table())
+                else {
+                    return Err(refuse("unknown_table", "tables are named partner.dataset"));
+                };
+                let key = self.keys.key_column(owner, dataset).ok_or_else(|| {
+                    refuse(
+                        "unknown_table",
+                        format!("{owner}.{dataset} is not a dataset you may query"),
+                    )
+                })?;
+                if !scan.filters.is_empty() || scan.fetch.is_some() {
+                    return Err(refuse(
+                        "plan_not_allowed",
+                        "pushed-down scans are not expected here",
+                    ));
+                }
+                let table = self.report.tables.len();
+                self.report.tables.push(TableInstance {
+                    owner: owner.to_string(),
+                    dataset: dataset.to_string(),
+                    key_column: key.clone(),
+                });
+                Ok(scan
+                    .projected_schema
+                    .fields()
+                    .iter()
+                    .map(|f| Lineage::Source {
+                        table,
+                        column: f.name().clone(),
+                        is_key: key.as_deref() == Some(f.name().as_str()),
+                    })
+                    .collect())
+            }
+            LogicalPlan::SubqueryAlias(s) => self.rows(&s.input),
+            LogicalPlan::Projection(p) => {
+                let lin = self.rows(&p.input)?;
+                p.expr
+                    .iter()
+                    .map(|e| {
+                        column_of(e, p.input.schema(), &lin).ok_or_else(|| {
+                            self.expression_refusal(
+                                e,
+                                p.input.schema(),
+                                &lin,
+                                "derived tables may only select plain columns",
+                            )
+                        })
+                    })
+                    .collect()
+            }
+            LogicalPlan::Filter(f) => {
+                let lin = self.rows(&f.input)?;
+                for conjunct in conjuncts(&f.predicate) {
+                    self.filter_predicate(conjunct, f.input.schema(), &lin)?;
+                }
+                Ok(lin)
+            }
+            LogicalPlan::Join(j) => {
+                match j.join_type {
+                    JoinType::Inner => {}
+                    JoinType::Left | JoinType::Right | JoinType::Full => {
+                        return Err(refuse(
+                            "outer_join",
+                            "only inner joins on key columns are allowed",
+                        ));
+                    }
+                    _ => {
+                        return Err(refuse(
+                            "subquery",
+                            "semi/anti joins (IN/EXISTS subqueries) are not allowed",
+                        ));
+                    }
+                }
+                let left = self.rows(&j.left)?;
+                let right = self.rows(&j.right)?;
+                let mut lin = left.clone();
+                lin.extend(right.iter().cloned());
+                let schema = j.schema.as_ref();
+                let mut pairs: Vec<(Lineage, Lineage)> = Vec::new();
+                for (l, r) in &j.on {
+                    pairs.push(self.join_side_pair(l, r, schema, &lin)?);
+                }
+                if let Some(filter) = &j.filter {
+                    for c in conjuncts(filter) {
+                        match c {
+                            Expr::BinaryExpr(BinaryExpr {
+                                left: l,
+                                op: Operator::Eq,
+                                right: r,
+                            }) => {
+                                pairs.push(self.join_side_pair(l, r, schema, &lin)?);
+                            }
+                            other => {
+                                return Err(self.expression_refusal(
+                                    other,
+                                    schema,
+                                    &lin,
+                                    "join conditions must be equalities of key columns",
+                                ));
+                            }
+                        }
+                    }
+                }
+                if pairs.is_empty() {
+                    return Err(refuse(
+                        "cross_join",
+                        "joins must be INNER JOIN ... ON key = key",
+                    ));
+                }
+                for (a, b) in pairs {
+                    let (
+                        Lineage::Source {
+                            table: ta,
+                            is_key: ka,
+                            ..
+                        },
+                        Lineage::Source {
+                            table: tb,
+                            is_key: kb,
+                            ..
+                        },
+                    ) = (&a, &b)
+                    else {
+                        return Err(refuse("non_key_join", "joins must compare key columns"));
+                    };
+                    if !ka || !kb {
+                        return Err(refuse(
+                            "non_key_join",
+                            "joins must compare the key columns of both tables",
+                        ));
+                    }
+                    if ta == tb {
+                        return Err(refuse(
+                            "non_key_join",
+                            "a join must compare two different tables",
+                        ));
+                    }
+                    self.uses_of(&a, Usage::Join);
+                    self.uses_of(&b, Usage::Join);
+                    self.report.joins.push((*ta, *tb));
+                }
+                Ok(lin)
+            }
+            LogicalPlan::Aggregate(_) => Err(refuse(
+                "nested_aggregate",
+                "aggregates over aggregates are not allowed",
+            )),
+            LogicalPlan::Limit(_) => Err(refuse(
+                "limit_below_aggregate",
+                "LIMIT is only allowed on the final result",
+            )),
+            LogicalPlan::Sort(_) => Err(refuse(
+                "sort_below_aggregate",
+                "ORDER BY is only allowed on the final result",
+            )),
+            other => self.forbidden(other),
+        }
+    }
+
+    fn join_side_pair(
+        &self,
+        l: &Expr,
+        r: &Expr,
+        schema: &DFSchema,
+        lin: &[Lineage],
+    ) -> Result<(Lineage, Lineage), QueryError> {
+        let a = column_of(l, schema, lin).ok_or_else(|| {
+            self.expression_refusal(
+                l,
+                schema,
+                lin,
+                "join conditions must compare plain key columns",
+            )
+        })?;
+        let b = column_of(r, schema, lin).ok_or_else(|| {
+            self.expression_refusal(
+                r,
+                schema,
+                lin,
+                "join conditions must compare plain key columns",
+            )
+        })?;
+        Ok((a, b))
+    }
+
+    /// `col = literal`, `literal = col`, `col IN (literals)` on non-key columns.
+    fn filter_predicate(
+        &mut self,
+        e: &Expr,
+        schema: &DFSchema,
+        lin: &[Lineage],
+    ) -> Result<(), QueryError> {
+        let col = match e {
+            Expr::BinaryExpr(BinaryExpr {
+                left,
+                op: Operator::Eq,
+                right,
+            }) => match (left.as_ref(), right.as_ref()) {
+                (c, Expr::Literal(..)) | (Expr::Literal(..), c) => column_of(c, schema, lin),
+                _ => None,
+            },
+            Expr::InList(InList {
+                expr,
+                list,
+                negated: false,
+            }) if list.iter().all(|v| matches!(v, Expr::Literal(..))) => {
+                column_of(expr, schema, lin)
+            }
+            _ => None,
+        };
+        match col {
+            Some(src @ Lineage::Source { is_key: false, .. }) => {
+                self.uses_of(&src, Usage::Filter);
+                Ok(())
+            }
+            Some(Lineage::Source { is_key: true, .. }) => Err(refuse(
+                "key_in_expression",
+                "key columns cannot be filtered on",
+            )),
+            _ => Err(self.expression_refusal(
+                e,
+                schema,
+                lin,
+                "filters may only be column = value or column IN (values), joined with AND",
+            )),
+        }
+    }
+
+    fn uses_of(&mut self, lineage: &Lineage, usage: Usage) {
+        if let Lineage::Source { table, column, .. } = lineage {
+            let t = &self.report.tables[*table];
+            self.report.uses.insert(ColumnUse {
+                owner: t.owner.clone(),
+                dataset: t.dataset.clone(),
+                column: column.clone(),
+                usage,
+            });
+        }
+    }
+
+    /// The refusal for an expression the gate does not allow: the most specific rule wins.
+    fn expression_refusal(
+        &self,
+        e: &Expr,
+        schema: &DFSchema,
+        lin: &[Lineage],
+        otherwise: &str,
+    ) -> QueryError {
+        let mut found: Option<QueryError> = None;
+        let _ = e.apply(|x| {
+            let r = match x {
+                Expr::ScalarSubquery(_)
+                | Expr::Exists(_)
+                | Expr::InSubquery(_)
+                | Expr::SetComparison(_)
+                | Expr::OuterReferenceColumn(..) => {
+                    Some(refuse("subquery", "subqueries are not allowed"))
+                }
+                Expr::WindowFunction(_) => Some(refuse(
+                    "window_function",
+                    "window functions are not allowed",
+                )),
+                Expr::Placeholder(_) | Expr::ScalarVariable(..) => Some(refuse(
+                    "placeholder",
+                    "placeholders and variables are not allowed",
+                )),
+                Expr::AggregateFunction(_) => Some(refuse(
+                    "aggregate_not_allowed",
+                    "aggregates are only allowed at the top of the query",
+                )),
+                Expr::Column(c) => match lineage_of(c, schema, lin) {
+                    Some(Lineage::Source { is_key: true, .. }) => Some(refuse(
+                        "key_in_expression",
+                        "key columns may only be joined or counted, not used in expressions",
+                    )),
+                    _ => None,
+                },
+                _ => None,
+            };
+            Ok(match r {
+                Some(r) => {
+                    found = Some(r);
+                    datafusion::common::tree_node::TreeNodeRecursion::Stop
+                }
+                None => datafusion::common::tree_node::TreeNodeRecursion::Continue,
+            })
+        });
+        found.unwrap_or_else(|| refuse("expression_not_allowed", otherwise))
+    }
+}
+
+use datafusion::common::tree_node::TreeNode;
+
+fn strip_alias(e: &Expr) -> &Expr {
+    match e {
+        Expr::Alias(Alias { expr, .. }) => strip_alias(expr),
+        other => other,
+    }
+}
+
+/// The lineage of `e` if it is a plain (possibly aliased) column reference.
+fn column_of(e: &Expr, schema: &DFSchema, lin: &[Lineage]) -> Option<Lineage> {
+    match strip_alias(e) {
+        Expr::Column(c) => lineage_of(c, schema, lin),
+        _ => None,
+    }
+}
+
+fn lineage_of(c: &Column, schema: &DFSchema, lin: &[Lineage]) -> Option<Lineage> {
+    let i = schema.index_of_column(c).ok()?;
+    lin.get(i).cloned()
+}
+
+fn conjuncts(e: &Expr) -> Vec<&Expr> {
+    match e {
+        Expr::BinaryExpr(BinaryExpr {
+            left,
+            op: Operator::And,
+            right,
+        }) => {
+            let mut v = conjuncts(left);
+            v.extend(conjuncts(right));
+            v
+        }
+        other => vec![other],
+    }
+}
+
+fn plan_name(plan: &LogicalPlan) -> String {
+    let text = plan.display().to_string();
+    text.split(':')
+        .next()
+        .unwrap_or("this plan node")
+        .trim()
+        .to_string()
+}
+
+/// Tables of other partners must be joined, on the key, to one of the caller's tables.
+pub fn check_foreign_joined(report: &GateReport, caller: &str) -> Result<(), QueryError> {
+    let n = report.tables.len();
+    let mut reach: Vec<bool> = report.tables.iter().map(|t| t.owner == caller).collect();
+    let mut changed = true;
+    while changed {
+        changed = false;
+        for &(a, b) in &report.joins {
+            if reach[a] != reach[b] {
+                reach[a] = true;
+                reach[b] = true;
+                changed = true;
+            }
+        }
+    }
+    let unjoined: Vec<String> = (0..n)
+        .filter(|&i| !reach[i])
+        .map(|i| format!("{}.{}", report.tables[i].owner, report.tables[i].dataset))
+        .collect();
+    if unjoined.is_empty() {
+        Ok(())
+    } else {
+        Err(refuse(
+            "unjoined_foreign_dataset",
+            format!(
+                "{} must be joined on its key with one of your datasets",
+                unjoined.join(", ")
+            ),
+        ))
+    }
+}
+
+/// Build the key-column lookup from the registered tables.
+pub fn keys_of(tables: &[crate::QueryTable]) -> impl Fn(&str, &str) -> Option<Option<String>> + '_ {
+    let map: HashMap<(String, String), Option<String>> = tables
+        .iter()
+        .map(|t| ((t.owner.clone(), t.dataset.clone()), t.key_column.clone()))
+        .collect();
+    move |o: &str, d: &str| map.get(&(o.to_string(), d.to_string())).cloned()
+}

@@ -1,0 +1,155 @@
+//! A DataFusion session built per query: only the tables the caller may see, no file or URL
+//! tables, no table functions, no information_schema, no spilling to disk, a memory limit.
+
+use std::sync::Arc;
+
+use datafusion::catalog::{
+    CatalogProvider, MemoryCatalogProvider, MemorySchemaProvider, SchemaProvider,
+};
+use datafusion::datasource::TableProvider;
+use datafusion::execution::SessionStateBuilder;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::prelude::SessionConfig;
+
+use crate::QueryError;
+
+/// The catalog name every escrow table lives in; schemas are partner names.
+pub const CATALOG: &str = "escrow";
+/// Default schema for unqualified names: always empty, so `accounts` alone never resolves.
+const NO_SCHEMA: &str = "no_default_schema";
+
+/// A table the caller may query, named `owner.dataset`.
+pub struct QueryTable {
+    pub owner: String,
+    pub dataset: String,
+    /// The column that identifies an entity (company), if the owner declared one.
+    pub key_column: Option<String>,
+    pub provider: Arc<dyn TableProvider>,
+}
+
+impl std::fmt::Debug for QueryTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.owner, self.dataset)
+    }
+}
+
+/// Limits of one query's execution.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub memory_bytes: usize,
+    pub target_partitions: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_bytes: 512 << 20,
+            target_partitions: 2,
+        }
+    }
+}
+
+/// Build the session for one query with exactly `tables` registered.
+pub fn session(
+    tables: &[QueryTable],
+    limits: &Limits,
+) -> Result<datafusion::execution::SessionState, QueryError> {
+    let runtime = RuntimeEnvBuilder::new()
+        .with_memory_limit(limits.memory_bytes, 1.0)
+        // No spill files: they would be plaintext Arrow IPC in the OS temp dir.
+        .with_disk_manager_builder(
+            DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+        )
+        .build_arc()?;
+    let config = SessionConfig::new()
+        .with_information_schema(false)
+        .with_default_catalog_and_schema(CATALOG, NO_SCHEMA)
+        .with_create_default_catalog_and_schema(false)
+        .with_target_partitions(limits.target_partitions);
+    let catalog = Arc::new(MemoryCatalogProvider::new());
+    catalog.register_schema(NO_SCHEMA, Arc::new(MemorySchemaProvider::new()))?;
+    for t in tables {
+        let schema = match catalog.schema(&t.owner) {
+            Some(s) => s,
+            None => {
+                let s: Arc<dyn SchemaProvider> = Arc::new(MemorySchemaProvider::new());
+                catalog.register_schema(&t.owner, s.clone())?;
+                s
+            }
+        };
+        schema.register_table(t.dataset.clone(), t.provider.clone())?;
+    }
+    let catalogs = Arc::new(datafusion::catalog::MemoryCatalogProviderList::new());
+    datafusion::catalog::CatalogProviderList::register_catalog(
+        &*catalogs,
+        CATALOG.to_string(),
+        catalog,
+    );
+    Ok(SessionStateBuilder::new()
+        .with_config(config)
+        .with_runtime_env(runtime)
+        .with_catalog_list(catalogs)
+        // Functions: aggregates and core scalar functions only, so the planner can name what a
+        // query uses; the gate decides what may run. No table functions, no file formats.
+        .with_aggregate_functions(
+            datafusion::functions_aggregate::all_default_aggregate_functions(),
+        )
+        .with_scalar_functions(datafusion::functions::all_default_functions())
+        .build())
+}
+
+/// Parse and plan one SQL statement against `tables`. Planning errors are refusals that
+/// say what was not understood (unknown table, function or column; more than one statement).
+pub async fn plan_sql(
+    sql: &str,
+    tables: &[QueryTable],
+    limits: &Limits,
+) -> Result<(LogicalPlan, datafusion::execution::SessionState), QueryError> {
+    let state = session(tables, limits)?;
+    let plan = state
+        .create_logical_plan(sql)
+        .await
+        .map_err(planning_refusal)?;
+    Ok((plan, state))
+}
+
+fn planning_refusal(e: datafusion::error::DataFusionError) -> QueryError {
+    use datafusion::error::DataFusionError as E;
+    let root = e.find_root();
+    let text = root.to_string();
+    let rule = match root {
+        E::SQL(..) => "syntax_error",
+        _ if text.contains("Invalid function")
+            || text.contains("could not be planned by registered expr planner")
+            || text.contains("function") && text.contains("not found") =>
+        {
+            "function_not_allowed"
+        }
+        _ if text.contains("table") && text.contains("not found") => "unknown_table",
+        _ if text.contains("No field named") || text.contains("Schema error") => "unknown_column",
+        _ if text.contains("only supports a single") || text.contains("multiple statements") => {
+            "multiple_statements"
+        }
+        _ if text.contains("failed to match any signature")
+            || text.contains("requires") && text.contains("received") =>
+        {
+            "type_mismatch"
+        }
+        E::NotImplemented(_) => "not_supported",
+        _ => "planning_error",
+    };
+    // Planner messages name identifiers from the query text, never data values.
+    let first_line: String = text
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split(". Hint")
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .take(300)
+        .collect();
+    QueryError::refused(rule, first_line)
+}
