@@ -89,7 +89,19 @@ impl Gate<'_> {
     /// Above the aggregate: limit, sort, plain projections.
     fn top(&mut self, plan: &LogicalPlan) -> Result<Vec<Lineage>, QueryError> {
         match plan {
-            LogicalPlan::Limit(l) => self.top(&l.input),
+            LogicalPlan::Limit(l) => {
+                // LIMIT/OFFSET must be constants: a subquery there would turn a hidden count
+                // into the number of rows returned.
+                for e in [&l.skip, &l.fetch].into_iter().flatten() {
+                    if !matches!(e.as_ref(), Expr::Literal(..)) {
+                        return Err(refuse(
+                            "expression_not_allowed",
+                            "LIMIT and OFFSET must be numbers",
+                        ));
+                    }
+                }
+                self.top(&l.input)
+            }
             LogicalPlan::Sort(s) => {
                 let lin = self.top(&s.input)?;
                 for e in &s.expr {

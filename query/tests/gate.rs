@@ -149,6 +149,7 @@ async fn refused_queries_name_their_rule() {
         ("SELECT SUM(n) FROM (SELECT industry, COUNT(DISTINCT website) AS n FROM acme.accounts GROUP BY industry) t".into(), "nested_aggregate"),
         ("SELECT industry, region, COUNT(DISTINCT website) FROM acme.accounts GROUP BY ROLLUP(industry, region)".into(), "grouping_sets"),
         ("SELECT COUNT(DISTINCT website) FILTER (WHERE status = 'customer') FROM acme.accounts".into(), "aggregate_filter"),
+        ("SELECT industry, COUNT(DISTINCT website) FROM acme.accounts GROUP BY industry LIMIT (SELECT COUNT(DISTINCT website) FROM globex.accounts)".into(), "expression_not_allowed"),
         ("SELECT 1".into(), "no_table"),
         ("VALUES (1)".into(), "no_table"),
         ("EXPLAIN SELECT COUNT(DISTINCT website) FROM acme.accounts".into(), "statement_not_allowed"),
