@@ -96,15 +96,9 @@ impl DataDir {
     }
 }
 
-/// Names of partners, users and datasets: lowercase, start with a letter, `[a-z0-9_]`,
-/// at most 63 characters. They become SQL identifiers (`partner.dataset`) and path parts.
+/// Check a partner, user or dataset name (rule: `escrow_policies::is_valid_name`).
 pub fn validate_name(kind: &str, name: &str) -> crate::Result<()> {
-    let ok = (1..=63).contains(&name.len())
-        && name.as_bytes()[0].is_ascii_lowercase()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-    if ok {
+    if escrow_policies::is_valid_name(name) {
         Ok(())
     } else {
         Err(crate::Error::bad(

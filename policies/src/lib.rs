@@ -179,13 +179,18 @@ impl fmt::Display for Grant {
     }
 }
 
-fn valid_name(kind: &str, name: &str) -> Result<(), PolicyError> {
-    let ok = (1..=63).contains(&name.len())
+/// Names of partners, users and datasets: lowercase, start with a letter, `[a-z0-9_]`, at
+/// most 63 characters. They become SQL identifiers (`partner.dataset`) and path parts.
+pub fn is_valid_name(name: &str) -> bool {
+    (1..=63).contains(&name.len())
         && name.as_bytes()[0].is_ascii_lowercase()
         && name
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-    if ok {
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+fn valid_name(kind: &str, name: &str) -> Result<(), PolicyError> {
+    if is_valid_name(name) {
         Ok(())
     } else {
         Err(PolicyError::InvalidRule(format!(

@@ -18,7 +18,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use datafusion::common::{Column, DFSchema, JoinType};
 use datafusion::logical_expr::expr::{AggregateFunction, Alias, InList};
-use datafusion::logical_expr::{BinaryExpr, Expr, LogicalPlan, Operator};
+use datafusion::logical_expr::{BinaryExpr, Expr, LogicalPlan, Operator, Projection};
 use escrow_policies::{ColumnUse, Usage};
 
 use crate::QueryError;
@@ -116,19 +116,11 @@ impl Gate<'_> {
             }
             LogicalPlan::Projection(p) => {
                 let lin = self.top(&p.input)?;
-                p.expr
-                    .iter()
-                    .map(|e| {
-                        column_of(e, p.input.schema(), &lin).ok_or_else(|| {
-                            self.expression_refusal(
-                                e,
-                                p.input.schema(),
-                                &lin,
-                                "the result may only list grouped columns and aggregates, without further expressions",
-                            )
-                        })
-                    })
-                    .collect()
+                self.project(
+                    p,
+                    &lin,
+                    "the result may only list grouped columns and aggregates, without further expressions",
+                )
             }
             LogicalPlan::Aggregate(_) => self.aggregate(plan),
             LogicalPlan::Filter(_) => Err(refuse(
@@ -384,19 +376,7 @@ impl Gate<'_> {
             LogicalPlan::SubqueryAlias(s) => self.rows(&s.input),
             LogicalPlan::Projection(p) => {
                 let lin = self.rows(&p.input)?;
-                p.expr
-                    .iter()
-                    .map(|e| {
-                        column_of(e, p.input.schema(), &lin).ok_or_else(|| {
-                            self.expression_refusal(
-                                e,
-                                p.input.schema(),
-                                &lin,
-                                "derived tables may only select plain columns",
-                            )
-                        })
-                    })
-                    .collect()
+                self.project(p, &lin, "derived tables may only select plain columns")
             }
             LogicalPlan::Filter(f) => {
                 let lin = self.rows(&f.input)?;
@@ -505,6 +485,22 @@ impl Gate<'_> {
             )),
             other => self.forbidden(other),
         }
+    }
+
+    /// A projection of plain (possibly renamed) columns keeps their lineage.
+    fn project(
+        &self,
+        p: &Projection,
+        lin: &[Lineage],
+        why: &str,
+    ) -> Result<Vec<Lineage>, QueryError> {
+        p.expr
+            .iter()
+            .map(|e| {
+                column_of(e, p.input.schema(), lin)
+                    .ok_or_else(|| self.expression_refusal(e, p.input.schema(), lin, why))
+            })
+            .collect()
     }
 
     fn join_side_pair(
