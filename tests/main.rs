@@ -7,5 +7,6 @@ mod harness;
 mod bad_input;
 mod crash;
 mod identity;
+mod policy;
 mod tamper;
 mod upload;

@@ -12,6 +12,8 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use escrow_policies::Grant;
+
 use crate::{Error, Result};
 
 const SCHEMA: &str = r#"
@@ -52,6 +54,17 @@ CREATE TABLE IF NOT EXISTS dataset_versions (
     created_at   TEXT NOT NULL,
     PRIMARY KEY (dataset_id, version)
 );
+CREATE TABLE IF NOT EXISTS grants (
+    owner       TEXT NOT NULL REFERENCES partners(name),
+    dataset     TEXT NOT NULL,                 -- dataset name of the owner
+    col         TEXT NOT NULL,                 -- a column, or '*' for every column
+    grantee     TEXT NOT NULL,                 -- a partner, or '*' for every partner
+    usage       TEXT NOT NULL,
+    created_at  TEXT NOT NULL,
+    created_by  TEXT NOT NULL,
+    PRIMARY KEY (owner, dataset, col, grantee, usage)
+);
+CREATE INDEX IF NOT EXISTS grants_by_grantee ON grants(grantee);
 CREATE TABLE IF NOT EXISTS crl_state (
     id      INTEGER PRIMARY KEY CHECK (id = 1),
     number  INTEGER NOT NULL
@@ -396,6 +409,11 @@ impl Catalog {
             return Err(Error::NotFound(format!("no dataset named {name}")));
         };
         let n = tx.execute("DELETE FROM dataset_versions WHERE dataset_id = ?1", [&id])?;
+        // Consent was given for this dataset; a later upload under the same name starts bare.
+        tx.execute(
+            "DELETE FROM grants WHERE owner = ?1 AND dataset = ?2",
+            params![owner, name],
+        )?;
         tx.execute("DELETE FROM datasets WHERE id = ?1", [&id])?;
         tx.commit()?;
         // Push the deleted pages out of the WAL into the (secure-deleted) main file.
@@ -409,6 +427,73 @@ impl Catalog {
         let mut st = conn.prepare("SELECT dataset_id, version_id FROM dataset_versions")?;
         let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    // ---- grants ------------------------------------------------------------------------
+
+    /// Record a grant; returns false if it already existed (nothing changed).
+    pub fn add_grant(&self, g: &Grant, by: &str) -> Result<bool> {
+        let n = self.conn().execute(
+            "INSERT OR IGNORE INTO grants (owner, dataset, col, grantee, usage, created_at, created_by)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                g.owner,
+                g.dataset,
+                g.column.as_deref().unwrap_or("*"),
+                g.grantee,
+                g.usage.as_str(),
+                now_rfc3339(),
+                by
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Remove a grant; returns false if there was no such grant.
+    pub fn remove_grant(&self, g: &Grant) -> Result<bool> {
+        let n = self.conn().execute(
+            "DELETE FROM grants WHERE owner = ?1 AND dataset = ?2 AND col = ?3 AND grantee = ?4 AND usage = ?5",
+            params![
+                g.owner,
+                g.dataset,
+                g.column.as_deref().unwrap_or("*"),
+                g.grantee,
+                g.usage.as_str()
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Grants made by `owner` (`made`) and grants made to `partner` or to everyone
+    /// (`received`), each ordered.
+    pub fn grants_of(&self, partner: &str) -> Result<(Vec<Grant>, Vec<Grant>)> {
+        let conn = self.conn();
+        let mut st = conn.prepare(
+            "SELECT owner, dataset, col, grantee, usage FROM grants
+             WHERE owner = ?1 OR grantee = ?1 OR grantee = '*'
+             ORDER BY owner, dataset, col, grantee, usage",
+        )?;
+        let rows = st.query_map([partner], |r| {
+            Ok([
+                r.get::<_, String>(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+            ])
+        })?;
+        let (mut made, mut received) = (Vec::new(), Vec::new());
+        for row in rows {
+            let [owner, dataset, col, grantee, usage] = row?;
+            let g = Grant::from_casbin(&[grantee, owner, dataset, col, usage])
+                .map_err(|e| Error::internal(format!("bad grant in catalog: {e}")))?;
+            if g.owner == partner {
+                made.push(g);
+            } else {
+                received.push(g);
+            }
+        }
+        Ok((made, received))
     }
 
     /// Remove dataset rows that never got a version (uploads that did not complete).

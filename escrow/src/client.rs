@@ -154,6 +154,35 @@ impl Client {
         .await
     }
 
+    /// Grant (`revoke == false`) or revoke a use of one of the caller's datasets.
+    pub async fn policy_change(
+        &self,
+        revoke: bool,
+        dataset: &str,
+        to: &str,
+        usage: &str,
+        column: Option<&str>,
+    ) -> anyhow::Result<serde_json::Value> {
+        let path = if revoke { "revocations" } else { "grants" };
+        let body =
+            serde_json::json!({ "dataset": dataset, "to": to, "usage": usage, "column": column });
+        self.send(
+            self.http
+                .post(format!("{}/v1/policies/{path}", self.base))
+                .json(&body),
+            if revoke { "revoke" } else { "grant" },
+        )
+        .await
+    }
+
+    pub async fn policies(&self) -> anyhow::Result<serde_json::Value> {
+        self.send(
+            self.http.get(format!("{}/v1/policies", self.base)),
+            "listing policies",
+        )
+        .await
+    }
+
     pub async fn whoami(&self) -> anyhow::Result<serde_json::Value> {
         self.send(self.http.get(format!("{}/v1/whoami", self.base)), "whoami")
             .await

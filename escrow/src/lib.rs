@@ -11,6 +11,7 @@ pub mod crypto;
 pub mod datadir;
 pub mod error;
 pub mod fsutil;
+pub mod grants;
 pub mod ingest;
 pub mod pki;
 pub mod server;

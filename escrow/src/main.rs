@@ -97,6 +97,11 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Grant, revoke and list the uses other partners may make of your datasets.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Show who the server thinks you are.
     Whoami {
         #[command(flatten)]
@@ -117,6 +122,38 @@ enum PartnerCommand {
         name: String,
         #[command(flatten)]
         dir: DirArgs,
+    },
+}
+
+#[derive(Args)]
+struct GrantArgs {
+    /// Your dataset.
+    dataset: String,
+    /// The partner (or `*` for every partner).
+    #[arg(long)]
+    to: String,
+    /// join, count, dimension, filter, sum or avg.
+    #[arg(long)]
+    usage: String,
+    /// One column (default: every column of the dataset).
+    #[arg(long)]
+    column: Option<String>,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Let a partner use a column of your dataset in a given way.
+    Grant(GrantArgs),
+    /// Take a grant back.
+    Revoke(GrantArgs),
+    /// Grants you made and grants you received.
+    List {
+        #[arg(long, default_value = "table")]
+        format: OutputFormat,
+        #[command(flatten)]
+        client: ClientArgs,
     },
 }
 
@@ -294,6 +331,44 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 }
             }
         },
+        Command::Policy { command } => match command {
+            PolicyCommand::Grant(a) => {
+                let out = identity(&a.client)?
+                    .policy_change(false, &a.dataset, &a.to, &a.usage, a.column.as_deref())
+                    .await?;
+                let verb = if out["changed"] == true {
+                    "granted"
+                } else {
+                    "already granted"
+                };
+                println!("{verb}: {}", grant_line(&out["grant"]));
+            }
+            PolicyCommand::Revoke(a) => {
+                let out = identity(&a.client)?
+                    .policy_change(true, &a.dataset, &a.to, &a.usage, a.column.as_deref())
+                    .await?;
+                println!("revoked: {}", grant_line(&out["revoked"]));
+            }
+            PolicyCommand::List { format, client } => {
+                let out = identity(&client)?.policies().await?;
+                match format {
+                    OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&out)?),
+                    OutputFormat::Table => {
+                        for (title, key) in [
+                            ("granted by you", "granted"),
+                            ("granted to you", "received"),
+                        ] {
+                            let empty = Vec::new();
+                            let list = out[key].as_array().unwrap_or(&empty);
+                            println!("{title}: {}", if list.is_empty() { "none" } else { "" });
+                            for g in list {
+                                println!("  {}", grant_line(g));
+                            }
+                        }
+                    }
+                }
+            }
+        },
         Command::Whoami { client } => {
             let out = identity(&client)?.whoami().await?;
             println!(
@@ -305,6 +380,17 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn grant_line(g: &serde_json::Value) -> String {
+    let s = |k: &str| g[k].as_str().unwrap_or("?").to_string();
+    format!(
+        "{} may use {}.{} as {}",
+        s("to"),
+        s("dataset"),
+        s("column"),
+        s("usage")
+    )
 }
 
 fn print_datasets(out: &serde_json::Value) {

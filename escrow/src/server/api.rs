@@ -33,6 +33,12 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/datasets/{name}",
             axum::routing::put(upload).delete(delete_dataset),
         )
+        .route("/v1/policies", get(list_grants))
+        .route("/v1/policies/grants", axum::routing::post(add_grant))
+        .route(
+            "/v1/policies/revocations",
+            axum::routing::post(revoke_grant),
+        )
         .fallback(|| async { ApiError(Error::NotFound("no such endpoint".into())) })
         .method_not_allowed_fallback(|| async {
             ApiError(Error::bad(
@@ -245,4 +251,56 @@ async fn delete_dataset(
     };
     tracing::info!(partner = %caller.partner, dataset = %name, versions = n, "dataset crypto-shredded");
     Ok(Json(json!({ "dataset": name, "versions_destroyed": n })))
+}
+
+async fn list_grants(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+) -> Result<Json<crate::grants::GrantList>, ApiError> {
+    let store = state.store.clone();
+    Ok(Json(
+        blocking(move || crate::grants::list(&store, &caller.partner)).await?,
+    ))
+}
+
+/// Grants are made by the data owner: the caller's partner owns the dataset named.
+async fn add_grant(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    body: bytes::Bytes,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let req: crate::grants::GrantRequest = json_body(&body)?;
+    let store = state.store.clone();
+    let (owner, user) = (caller.partner.clone(), caller.user.clone());
+    let (grant, new) = blocking(move || crate::grants::grant(&store, &owner, &user, &req)).await?;
+    tracing::info!(partner = %caller.partner, dataset = %grant.dataset, column = %grant.column, to = %grant.to, usage = %grant.usage, new, "grant");
+    let status = if new {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(json!({ "grant": grant, "changed": new }))))
+}
+
+async fn revoke_grant(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    body: bytes::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let req: crate::grants::GrantRequest = json_body(&body)?;
+    let store = state.store.clone();
+    let owner = caller.partner.clone();
+    let grant = blocking(move || crate::grants::revoke(&store, &owner, &req)).await?;
+    tracing::info!(partner = %caller.partner, dataset = %grant.dataset, column = %grant.column, to = %grant.to, usage = %grant.usage, "grant revoked");
+    Ok(Json(json!({ "revoked": grant })))
+}
+
+/// Parse a JSON request body; malformed bodies get the API's own error shape.
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError(Error::bad(
+            "invalid_request",
+            format!("invalid JSON body: {e}"),
+        ))
+    })
 }

@@ -1,0 +1,123 @@
+//! Data owners' grants: the consent a query's column uses are checked against. Each change is
+//! validated whole before it is stored (`escrow_policies::Grant::validate`, plus: the dataset
+//! and column exist, the grantee is a partner). Engine code: no HTTP.
+
+use escrow_policies::{Grant, Usage};
+use serde::{Deserialize, Serialize};
+
+use crate::datadir::validate_name;
+use crate::store::Store;
+use crate::{Error, Result};
+
+/// A grant or revoke as a data owner asks for it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct GrantRequest {
+    /// The owner's dataset name.
+    pub dataset: String,
+    /// A partner name, or `*` for every partner.
+    pub to: String,
+    pub usage: String,
+    /// One column; absent means every column of the dataset.
+    pub column: Option<String>,
+}
+
+/// A grant as shown to partners.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GrantView {
+    /// `owner.dataset`
+    pub dataset: String,
+    /// A column, or `*`.
+    pub column: String,
+    pub to: String,
+    pub usage: String,
+}
+
+impl From<&Grant> for GrantView {
+    fn from(g: &Grant) -> Self {
+        GrantView {
+            dataset: format!("{}.{}", g.owner, g.dataset),
+            column: g.column.clone().unwrap_or_else(|| "*".into()),
+            to: g.grantee.clone(),
+            usage: g.usage.as_str().into(),
+        }
+    }
+}
+
+/// Grants a partner made and received.
+#[derive(Debug, Clone, Serialize)]
+pub struct GrantList {
+    pub granted: Vec<GrantView>,
+    pub received: Vec<GrantView>,
+}
+
+fn to_grant(owner: &str, req: &GrantRequest) -> Result<Grant> {
+    let usage: Usage = req
+        .usage
+        .parse()
+        .map_err(|e| Error::bad("invalid_rule", e))?;
+    let g = Grant {
+        owner: owner.to_string(),
+        dataset: req.dataset.clone(),
+        column: req.column.clone().filter(|c| c != "*"),
+        grantee: req.to.clone(),
+        usage,
+    };
+    g.validate().map_err(|e| Error::bad("invalid_rule", e))?;
+    Ok(g)
+}
+
+/// Record `owner`'s grant. Returns the grant and whether it is new.
+pub fn grant(
+    store: &Store,
+    owner: &str,
+    by: &str,
+    req: &GrantRequest,
+) -> Result<(GrantView, bool)> {
+    validate_name("dataset", &req.dataset)?;
+    let g = to_grant(owner, req)?;
+    let live = store
+        .list(owner)?
+        .into_iter()
+        .find(|d| d.name == g.dataset)
+        .ok_or_else(|| Error::NotFound(format!("no dataset named {}", g.dataset)))?;
+    if let Some(c) = &g.column
+        && !live.columns.iter().any(|col| &col.name == c)
+    {
+        return Err(Error::bad(
+            "unknown_column",
+            format!("{} has no column {c:?}", g.dataset),
+        ));
+    }
+    if g.grantee != "*" {
+        let known = store
+            .catalog()
+            .partners()?
+            .into_iter()
+            .any(|(name, active)| active && name == g.grantee);
+        if !known {
+            return Err(Error::NotFound(format!("no partner named {}", g.grantee)));
+        }
+    }
+    let new = store.catalog().add_grant(&g, by)?;
+    Ok((GrantView::from(&g), new))
+}
+
+/// Remove `owner`'s grant; `not_found` if there is no such grant.
+pub fn revoke(store: &Store, owner: &str, req: &GrantRequest) -> Result<GrantView> {
+    validate_name("dataset", &req.dataset)?;
+    let g = to_grant(owner, req)?;
+    if store.catalog().remove_grant(&g)? {
+        Ok(GrantView::from(&g))
+    } else {
+        Err(Error::NotFound(format!("no such grant: {g}")))
+    }
+}
+
+/// What `partner` granted and received.
+pub fn list(store: &Store, partner: &str) -> Result<GrantList> {
+    let (made, received) = store.catalog().grants_of(partner)?;
+    Ok(GrantList {
+        granted: made.iter().map(GrantView::from).collect(),
+        received: received.iter().map(GrantView::from).collect(),
+    })
+}
