@@ -1,6 +1,17 @@
 //! Policy commands: data owners grant and revoke column uses; grants are validated whole.
 
-use crate::harness::{Env, accounts_csv};
+use crate::harness::{Env, Server, accounts_csv};
+
+const GRANT_JOIN: [&str; 9] = [
+    "policy", "grant", "accounts", "--to", "globex", "--usage", "join", "--column", "website",
+];
+
+fn policies(env: &Env, server: &Server, partner: &str) -> serde_json::Value {
+    let out = env
+        .cli(server, partner, &["policy", "list", "--format", "json"])
+        .ok();
+    serde_json::from_str(&out.stdout).expect("policy list json")
+}
 
 #[test]
 fn owners_grant_list_and_revoke() {
@@ -21,32 +32,14 @@ fn owners_grant_list_and_revoke() {
     )
     .ok();
 
-    let out = env
-        .cli(
-            &server,
-            "acme",
-            &[
-                "policy", "grant", "accounts", "--to", "globex", "--usage", "join", "--column",
-                "website",
-            ],
-        )
-        .ok();
+    let out = env.cli(&server, "acme", &GRANT_JOIN).ok();
     assert!(
         out.stdout
             .contains("granted: globex may use acme.accounts.website as join"),
         "{}",
         out.stdout
     );
-    let again = env
-        .cli(
-            &server,
-            "acme",
-            &[
-                "policy", "grant", "accounts", "--to", "globex", "--usage", "join", "--column",
-                "website",
-            ],
-        )
-        .ok();
+    let again = env.cli(&server, "acme", &GRANT_JOIN).ok();
     assert!(again.stdout.contains("already granted"), "{}", again.stdout);
     env.cli(
         &server,
@@ -63,20 +56,10 @@ fn owners_grant_list_and_revoke() {
     )
     .ok();
 
-    let mine: serde_json::Value = serde_json::from_str(
-        &env.cli(&server, "acme", &["policy", "list", "--format", "json"])
-            .ok()
-            .stdout,
-    )
-    .expect("json");
+    let mine = policies(&env, &server, "acme");
     assert_eq!(mine["granted"].as_array().expect("a").len(), 2, "{mine}");
     assert_eq!(mine["received"].as_array().expect("a").len(), 0);
-    let theirs: serde_json::Value = serde_json::from_str(
-        &env.cli(&server, "globex", &["policy", "list", "--format", "json"])
-            .ok()
-            .stdout,
-    )
-    .expect("json");
+    let theirs = policies(&env, &server, "globex");
     assert_eq!(
         theirs["received"].as_array().expect("a").len(),
         2,
@@ -151,11 +134,6 @@ fn owners_grant_list_and_revoke() {
     // deleting the dataset removes the consent given for it
     env.cli(&server, "acme", &["datasets", "delete", "accounts"])
         .ok();
-    let after: serde_json::Value = serde_json::from_str(
-        &env.cli(&server, "globex", &["policy", "list", "--format", "json"])
-            .ok()
-            .stdout,
-    )
-    .expect("json");
+    let after = policies(&env, &server, "globex");
     assert_eq!(after["received"].as_array().expect("a").len(), 0, "{after}");
 }
