@@ -9,9 +9,8 @@ use crate::harness::{Env, Server, accounts_csv, shared_dir};
 /// and the server still answers.
 fn refused(env: &Env, server: &Server, file_name: &str, bytes: &[u8], extra: &[&str], code: &str) {
     let path = env.file(file_name, bytes);
-    let mut args = vec!["upload", path.to_str().expect("p"), "--dataset", "bad"];
-    args.extend_from_slice(extra);
-    env.cli(server, "acme", &args).fails_with(code);
+    env.upload(server, "acme", &path, "bad", extra)
+        .fails_with(code);
     nothing_stored(env, server);
 }
 
@@ -150,12 +149,8 @@ fn malformed_uploads_are_refused_with_stable_codes() {
 
     // names
     let ok = env.file("ok.csv", good.as_bytes());
-    env.cli(
-        &server,
-        "acme",
-        &["upload", ok.to_str().expect("p"), "--dataset", "Bad-Name"],
-    )
-    .fails_with("invalid_name");
+    env.upload(&server, "acme", &ok, "Bad-Name", &[])
+        .fails_with("invalid_name");
     env.cli(
         &server,
         "acme",
@@ -163,12 +158,7 @@ fn malformed_uploads_are_refused_with_stable_codes() {
     )
     .fails_with("cannot open");
     // and a good upload still works after all that
-    env.cli(
-        &server,
-        "acme",
-        &["upload", ok.to_str().expect("p"), "--dataset", "good"],
-    )
-    .ok();
+    env.upload(&server, "acme", &ok, "good", &[]).ok();
 }
 
 /// The client stops sending in the middle of the body (raw HTTP/1.1 over real TLS, so
@@ -222,18 +212,7 @@ fn arrow_fuzz_corpus_is_refused_cleanly() {
         entries.sort();
         for path in entries {
             seen += 1;
-            let r = env.cli(
-                &server,
-                "acme",
-                &[
-                    "upload",
-                    path.to_str().expect("p"),
-                    "--dataset",
-                    "fuzz",
-                    "--input-format",
-                    format,
-                ],
-            );
+            let r = env.upload(&server, "acme", &path, "fuzz", &["--input-format", format]);
             assert!(r.code.is_some(), "{path:?}: CLI killed by a signal");
             if r.code != Some(0) {
                 assert_eq!(r.stderr.lines().count(), 1, "{path:?}: {}", r.stderr);

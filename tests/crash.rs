@@ -10,12 +10,7 @@ fn kill9_mid_upload_leaves_nothing() {
     let env = Env::new();
     let mut server = env.serve(&[]);
     let ok = env.file("ok.csv", accounts_csv(100, "ok").as_bytes());
-    env.cli(
-        &server,
-        "acme",
-        &["upload", ok.to_str().expect("p"), "--dataset", "kept"],
-    )
-    .ok();
+    env.upload(&server, "acme", &ok, "kept", &[]).ok();
 
     // a large upload in the background
     let big = env.file("big.csv", accounts_csv(400_000, "crash").as_bytes());
@@ -74,10 +69,5 @@ fn kill9_mid_upload_leaves_nothing() {
     let server = env.serve(&[]);
     server.wait_log("orphan_files_removed=1");
     assert_eq!(env.sealed_files().len(), 1);
-    env.cli(
-        &server,
-        "acme",
-        &["upload", big.to_str().expect("p"), "--dataset", "partial"],
-    )
-    .ok();
+    env.upload(&server, "acme", &big, "partial", &[]).ok();
 }

@@ -87,6 +87,25 @@ impl Env {
         Run::of(cmd)
     }
 
+    /// `escrow upload FILE --dataset DATASET EXTRA...` as `partner`.
+    pub fn upload(
+        &self,
+        server: &Server,
+        partner: &str,
+        file: &Path,
+        dataset: &str,
+        extra: &[&str],
+    ) -> Run {
+        let mut args = vec![
+            "upload",
+            file.to_str().expect("utf-8 path"),
+            "--dataset",
+            dataset,
+        ];
+        args.extend_from_slice(extra);
+        self.cli(server, partner, &args)
+    }
+
     /// Datasets of `partner` as JSON.
     pub fn datasets(&self, server: &Server, partner: &str) -> serde_json::Value {
         let r = self

@@ -78,22 +78,13 @@ fn revocation_applies_without_restart() {
     let env = Env::new();
     let server = env.serve(&[]);
     let csv = env.file("g.csv", accounts_csv(10, "g").as_bytes());
-    env.cli(
-        &server,
-        "globex",
-        &["upload", csv.to_str().expect("p"), "--dataset", "accounts"],
-    )
-    .ok();
+    env.upload(&server, "globex", &csv, "accounts", &[]).ok();
     let out = env.op(&["partner", "revoke", "globex"]).ok();
     assert!(out.stdout.contains("revoked"));
     env.cli(&server, "globex", &["whoami"])
         .fails_with("cannot talk to escrow");
-    env.cli(
-        &server,
-        "globex",
-        &["upload", csv.to_str().expect("p"), "--dataset", "more"],
-    )
-    .fails_with("cannot talk to escrow");
+    env.upload(&server, "globex", &csv, "more", &[])
+        .fails_with("cannot talk to escrow");
     env.cli(&server, "acme", &["whoami"]).ok();
     server.wait_log("revocation list changed");
     // operator errors are one line too

@@ -18,17 +18,12 @@ fn owners_grant_list_and_revoke() {
     let env = Env::new();
     let server = env.serve(&[]);
     let csv = env.file("a.csv", accounts_csv(20, "p").as_bytes());
-    env.cli(
+    env.upload(
         &server,
         "acme",
-        &[
-            "upload",
-            csv.to_str().expect("p"),
-            "--dataset",
-            "accounts",
-            "--key-column",
-            "website",
-        ],
+        &csv,
+        "accounts",
+        &["--key-column", "website"],
     )
     .ok();
 

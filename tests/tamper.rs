@@ -18,18 +18,8 @@ fn setup() -> (Env, PathBuf, PathBuf) {
     let server = env.serve(&[]);
     let big = env.file("big.csv", accounts_csv(60_000, "big").as_bytes());
     let small = env.file("small.csv", accounts_csv(100, "small").as_bytes());
-    env.cli(
-        &server,
-        "acme",
-        &["upload", big.to_str().expect("p"), "--dataset", "big"],
-    )
-    .ok();
-    env.cli(
-        &server,
-        "acme",
-        &["upload", small.to_str().expect("p"), "--dataset", "small"],
-    )
-    .ok();
+    env.upload(&server, "acme", &big, "big", &[]).ok();
+    env.upload(&server, "acme", &small, "small", &[]).ok();
     drop(server);
     let store = store(&env);
     let file_of = |name: &str| {
@@ -129,12 +119,7 @@ fn file_swapped_between_versions_fails() {
     // a version's own older file over its newer one
     let server = env.serve(&[]);
     let v = env.file("v.csv", accounts_csv(50, "v2").as_bytes());
-    env.cli(
-        &server,
-        "acme",
-        &["upload", v.to_str().expect("p"), "--dataset", "small"],
-    )
-    .ok();
+    env.upload(&server, "acme", &v, "small", &[]).ok();
     drop(server);
     let keys = store(&env)
         .catalog()

@@ -94,18 +94,7 @@ fn every_format_uploads_lists_and_reads_back() {
         let name = format!("set{i}");
         let path = env.file(file, bytes);
         let out = env
-            .cli(
-                &server,
-                "acme",
-                &[
-                    "upload",
-                    path.to_str().expect("path"),
-                    "--dataset",
-                    &name,
-                    "--key-column",
-                    "website",
-                ],
-            )
+            .upload(&server, "acme", &path, &name, &["--key-column", "website"])
             .ok();
         assert!(
             out.stdout.contains(&format!(
@@ -124,17 +113,12 @@ fn every_format_uploads_lists_and_reads_back() {
     }
     // CSV: types are inferred, the key column is kept.
     let csv = env.file("crm.csv", accounts_csv(1234, "acme").as_bytes());
-    env.cli(
+    env.upload(
         &server,
         "acme",
-        &[
-            "upload",
-            csv.to_str().expect("p"),
-            "--dataset",
-            "accounts",
-            "--key-column",
-            "website",
-        ],
+        &csv,
+        "accounts",
+        &["--key-column", "website"],
     )
     .ok();
     let list = env.datasets(&server, "acme");
@@ -185,13 +169,7 @@ fn reupload_makes_a_new_live_version_and_delete_shreds() {
     let v1 = env.file("v1.csv", accounts_csv(10, "one").as_bytes());
     let v2 = env.file("v2.csv", accounts_csv(25, "two").as_bytes());
     for (f, want) in [(&v1, "version=1 rows=10"), (&v2, "version=2 rows=25")] {
-        let out = env
-            .cli(
-                &server,
-                "acme",
-                &["upload", f.to_str().expect("p"), "--dataset", "accounts"],
-            )
-            .ok();
+        let out = env.upload(&server, "acme", f, "accounts", &[]).ok();
         assert!(out.stdout.contains(want), "{}", out.stdout);
     }
     let list = env.datasets(&server, "acme");
@@ -247,18 +225,8 @@ fn same_name_in_two_partners_is_two_datasets() {
     let server = env.serve(&[]);
     let a = env.file("a.csv", accounts_csv(7, "a").as_bytes());
     let g = env.file("g.csv", accounts_csv(9, "g").as_bytes());
-    env.cli(
-        &server,
-        "acme",
-        &["upload", a.to_str().expect("p"), "--dataset", "accounts"],
-    )
-    .ok();
-    env.cli(
-        &server,
-        "globex",
-        &["upload", g.to_str().expect("p"), "--dataset", "accounts"],
-    )
-    .ok();
+    env.upload(&server, "acme", &a, "accounts", &[]).ok();
+    env.upload(&server, "globex", &g, "accounts", &[]).ok();
     assert_eq!(env.datasets(&server, "acme")["datasets"][0]["rows"], 7);
     assert_eq!(env.datasets(&server, "globex")["datasets"][0]["rows"], 9);
 }
@@ -276,17 +244,12 @@ fn canary_nothing_readable_at_rest() {
         canaries.extend([f[0].to_string(), f[1].to_string(), f[2].to_string()]);
     }
     let path = env.file("canary.csv", csv.as_bytes());
-    env.cli(
+    env.upload(
         &server,
         "acme",
-        &[
-            "upload",
-            path.to_str().expect("p"),
-            "--dataset",
-            "accounts",
-            "--key-column",
-            "website",
-        ],
+        &path,
+        "accounts",
+        &["--key-column", "website"],
     )
     .ok();
     // And a realistic messy list from the shared generator, as an Arrow file.
@@ -314,19 +277,8 @@ fn canary_nothing_readable_at_rest() {
         canaries.push(f[0].trim_matches('"').to_string());
     }
     let arrow = gen_dir.join("acme.arrow");
-    env.cli(
-        &server,
-        "acme",
-        &[
-            "upload",
-            arrow.to_str().expect("p"),
-            "--dataset",
-            "crm",
-            "--key-column",
-            "website",
-        ],
-    )
-    .ok();
+    env.upload(&server, "acme", &arrow, "crm", &["--key-column", "website"])
+        .ok();
     drop(server);
     let files = env.data_files();
     assert!(files.len() >= 5);

@@ -127,14 +127,6 @@ impl Gate<'_> {
                 "having",
                 "HAVING filters on exact aggregates and is not allowed",
             )),
-            LogicalPlan::Distinct(_) => Err(refuse(
-                "distinct",
-                "SELECT DISTINCT returns rows, not aggregates",
-            )),
-            LogicalPlan::Window(_) => Err(refuse(
-                "window_function",
-                "window functions are not allowed",
-            )),
             LogicalPlan::TableScan(_) | LogicalPlan::Join(_) | LogicalPlan::SubqueryAlias(_) => {
                 Err(refuse(
                     "no_aggregate",
