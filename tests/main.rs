@@ -8,5 +8,6 @@ mod bad_input;
 mod crash;
 mod identity;
 mod policy;
+mod queries;
 mod tamper;
 mod upload;

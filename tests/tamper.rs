@@ -134,3 +134,33 @@ fn file_swapped_between_versions_fails() {
     std::fs::copy(&small, &newest).expect("copy");
     read_fails(&env, "small", "version 1's file over version 2's");
 }
+
+/// Through the service: a flipped byte in a sealed file fails queries over it, even after
+/// the version was read into the plaintext cache; the client sees a generic error only.
+#[test]
+fn flipped_byte_fails_queries_through_the_service() {
+    let env = Env::new();
+    let server = env.serve(&[]);
+    let csv = env.file("a.csv", accounts_csv(500, "q").as_bytes());
+    env.upload(
+        &server,
+        "acme",
+        &csv,
+        "accounts",
+        &["--key-column", "website"],
+    )
+    .ok();
+    let sql = "SELECT status, COUNT(DISTINCT website) FROM acme.accounts GROUP BY status";
+    env.cli(&server, "acme", &["query", sql]).ok(); // now cached
+    let file = env.sealed_files().pop().expect("a sealed file");
+    let mut bytes = std::fs::read(&file).expect("read");
+    let at = HEADER + 100;
+    bytes[at] ^= 0x01;
+    std::fs::write(&file, &bytes).expect("write");
+    let r = env
+        .cli(&server, "acme", &["query", sql])
+        .fails_with("(internal)");
+    assert!(r.stderr.contains("incident"), "{}", r.stderr);
+    assert!(!r.stderr.contains("authentication"), "{}", r.stderr);
+    server.wait_log("sealed data failed authentication");
+}

@@ -11,6 +11,7 @@ use crate::{Error, Result, pki};
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct InitReport {
     pub kek: bool,
+    pub noise_key: bool,
     pub ca: bool,
     pub crl: bool,
     pub server_cert: bool,
@@ -18,7 +19,7 @@ pub struct InitReport {
 
 impl InitReport {
     pub fn created_anything(&self) -> bool {
-        self.kek || self.ca || self.crl || self.server_cert
+        self.kek || self.noise_key || self.ca || self.crl || self.server_cert
     }
 }
 
@@ -27,6 +28,7 @@ pub fn init(dir: &DataDir) -> Result<InitReport> {
     dir.create_dirs()?;
     let mut report = InitReport {
         kek: Kek::create_if_missing(&dir.kek())?,
+        noise_key: crate::crypto::keys::create_secret_if_missing(&dir.noise_key())?,
         ca: pki::create_ca_if_missing(dir)?,
         ..Default::default()
     };

@@ -6,6 +6,7 @@
 
 use std::path::Path;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
@@ -65,6 +66,25 @@ CREATE TABLE IF NOT EXISTS grants (
     PRIMARY KEY (owner, dataset, col, grantee, usage)
 );
 CREATE INDEX IF NOT EXISTS grants_by_grantee ON grants(grantee);
+CREATE TABLE IF NOT EXISTS dataset_settings (
+    owner       TEXT NOT NULL REFERENCES partners(name),
+    dataset     TEXT NOT NULL,
+    settings    TEXT NOT NULL,                 -- JSON, see settings::DatasetSettings
+    updated_at  TEXT NOT NULL,
+    updated_by  TEXT NOT NULL,
+    PRIMARY KEY (owner, dataset)
+);
+-- Privacy budget spent: one row per (querying partner, dataset, question). A question asked
+-- again on the same data versions finds its row and spends nothing.
+CREATE TABLE IF NOT EXISTS privacy_ledger (
+    partner     TEXT NOT NULL,
+    owner       TEXT NOT NULL,
+    dataset     TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    epsilon     REAL NOT NULL,
+    spent_at    TEXT NOT NULL,
+    PRIMARY KEY (partner, owner, dataset, fingerprint)
+);
 CREATE TABLE IF NOT EXISTS crl_state (
     id      INTEGER PRIMARY KEY CHECK (id = 1),
     number  INTEGER NOT NULL
@@ -74,6 +94,26 @@ CREATE TABLE IF NOT EXISTS crl_state (
 /// Handle on the catalog database.
 pub struct Catalog {
     conn: Mutex<Connection>,
+    /// Bumped on every change that can alter a policy decision (grants, settings, deletes),
+    /// so the query engine knows when to rebuild its policy set.
+    policy_generation: AtomicU64,
+}
+
+/// A dataset a partner may name in a query: its own, or one shared with it by a grant.
+#[derive(Debug, Clone)]
+pub struct QueryableDataset {
+    pub owner: String,
+    pub name: String,
+    pub key_column: Option<String>,
+    pub live: VersionKey,
+}
+
+/// The budget a querying partner needs from one dataset, and what it may spend there.
+#[derive(Debug, Clone)]
+pub struct BudgetCharge {
+    pub owner: String,
+    pub dataset: String,
+    pub budget: f64,
 }
 
 /// A registered, unrevoked identity.
@@ -159,7 +199,17 @@ impl Catalog {
         )?;
         Ok(Catalog {
             conn: Mutex::new(conn),
+            policy_generation: AtomicU64::new(0),
         })
+    }
+
+    /// Changes with every grant, setting or dataset deletion (see `policy_generation`).
+    pub fn policy_generation(&self) -> u64 {
+        self.policy_generation.load(Ordering::Acquire)
+    }
+
+    fn policy_changed(&self) {
+        self.policy_generation.fetch_add(1, Ordering::AcqRel);
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -414,8 +464,13 @@ impl Catalog {
             "DELETE FROM grants WHERE owner = ?1 AND dataset = ?2",
             params![owner, name],
         )?;
+        tx.execute(
+            "DELETE FROM dataset_settings WHERE owner = ?1 AND dataset = ?2",
+            params![owner, name],
+        )?;
         tx.execute("DELETE FROM datasets WHERE id = ?1", [&id])?;
         tx.commit()?;
+        self.policy_changed();
         // Push the deleted pages out of the WAL into the (secure-deleted) main file.
         conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
         Ok((id, n))
@@ -446,6 +501,7 @@ impl Catalog {
                 by
             ],
         )?;
+        self.policy_changed();
         Ok(n == 1)
     }
 
@@ -461,6 +517,7 @@ impl Catalog {
                 g.usage.as_str()
             ],
         )?;
+        self.policy_changed();
         Ok(n == 1)
     }
 
@@ -494,6 +551,147 @@ impl Catalog {
             }
         }
         Ok((made, received))
+    }
+
+    // ---- queries: visibility, settings, privacy budget ---------------------------------
+
+    /// The live version of every dataset `partner` may name in a query: its own and those
+    /// with at least one grant to it (or to every partner).
+    pub fn queryable(&self, partner: &str) -> Result<Vec<QueryableDataset>> {
+        let conn = self.conn();
+        let mut st = conn.prepare(
+            "SELECT d.owner, d.name, v.key_column, d.id, v.version_id, v.version, v.wrapped_dek, v.kek_id
+             FROM datasets d JOIN dataset_versions v ON v.dataset_id = d.id
+             WHERE v.version = (SELECT MAX(version) FROM dataset_versions WHERE dataset_id = d.id)
+               AND (d.owner = ?1 OR EXISTS (SELECT 1 FROM grants g
+                     WHERE g.owner = d.owner AND g.dataset = d.name
+                       AND (g.grantee = ?1 OR g.grantee = '*')))
+             ORDER BY d.owner, d.name",
+        )?;
+        let rows = st.query_map([partner], |r| {
+            Ok(QueryableDataset {
+                owner: r.get(0)?,
+                name: r.get(1)?,
+                key_column: r.get(2)?,
+                live: VersionKey {
+                    dataset_id: r.get(3)?,
+                    version_id: r.get(4)?,
+                    version: r.get(5)?,
+                    wrapped_dek: r.get(6)?,
+                    kek_id: r.get(7)?,
+                },
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// The stored protection settings of a dataset (JSON), if the owner set any.
+    pub fn settings_json(&self, owner: &str, dataset: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT settings FROM dataset_settings WHERE owner = ?1 AND dataset = ?2",
+                params![owner, dataset],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Replace a dataset's protection settings.
+    pub fn put_settings_json(
+        &self,
+        owner: &str,
+        dataset: &str,
+        json: &str,
+        by: &str,
+    ) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO dataset_settings (owner, dataset, settings, updated_at, updated_by)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (owner, dataset) DO UPDATE SET
+               settings = excluded.settings, updated_at = excluded.updated_at,
+               updated_by = excluded.updated_by",
+            params![owner, dataset, json, now_rfc3339(), by],
+        )?;
+        self.policy_changed();
+        Ok(())
+    }
+
+    /// Budget `partner` has spent on a dataset.
+    pub fn spent(&self, partner: &str, owner: &str, dataset: &str) -> Result<f64> {
+        Ok(self.conn().query_row(
+            "SELECT COALESCE(SUM(epsilon), 0) FROM privacy_ledger
+             WHERE partner = ?1 AND owner = ?2 AND dataset = ?3",
+            params![partner, owner, dataset],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Spend `epsilon` of every dataset in `charges` for the question `fingerprint`, all or
+    /// nothing. A question already paid for spends nothing (returns `Ok(false)`); if any
+    /// dataset's budget would be exceeded, nothing is spent and that dataset is returned.
+    pub fn spend(
+        &self,
+        partner: &str,
+        charges: &[BudgetCharge],
+        epsilon: f64,
+        fingerprint: &str,
+    ) -> Result<std::result::Result<bool, (BudgetCharge, f64)>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut new = false;
+        for c in charges {
+            let paid: bool = tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM privacy_ledger WHERE partner = ?1 AND owner = ?2
+                   AND dataset = ?3 AND fingerprint = ?4)",
+                params![partner, c.owner, c.dataset, fingerprint],
+                |r| r.get(0),
+            )?;
+            if paid {
+                continue;
+            }
+            let spent: f64 = tx.query_row(
+                "SELECT COALESCE(SUM(epsilon), 0) FROM privacy_ledger
+                 WHERE partner = ?1 AND owner = ?2 AND dataset = ?3",
+                params![partner, c.owner, c.dataset],
+                |r| r.get(0),
+            )?;
+            // A small tolerance so that budget / epsilon questions fit exactly.
+            if spent + epsilon > c.budget + 1e-9 {
+                return Ok(Err((c.clone(), spent)));
+            }
+            tx.execute(
+                "INSERT INTO privacy_ledger (partner, owner, dataset, fingerprint, epsilon, spent_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![partner, c.owner, c.dataset, fingerprint, epsilon, now_rfc3339()],
+            )?;
+            new = true;
+        }
+        tx.commit()?;
+        Ok(Ok(new))
+    }
+
+    /// Every grant, for the policy engine.
+    pub fn all_grants(&self) -> Result<Vec<Grant>> {
+        let conn = self.conn();
+        let mut st = conn.prepare("SELECT grantee, owner, dataset, col, usage FROM grants")?;
+        let rows = st.query_map([], |r| {
+            Ok([
+                r.get::<_, String>(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+            ])
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(
+                Grant::from_casbin(&row?)
+                    .map_err(|e| Error::internal(format!("bad grant in catalog: {e}")))?,
+            );
+        }
+        Ok(out)
     }
 
     /// Remove dataset rows that never got a version (uploads that did not complete).

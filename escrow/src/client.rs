@@ -28,6 +28,8 @@ struct ErrorBody {
 struct ErrorDetail {
     code: String,
     message: String,
+    #[serde(default)]
+    rule: Option<String>,
 }
 
 /// Guess the upload format from a file name; `None` lets the server sniff the content.
@@ -79,10 +81,7 @@ impl Client {
             return serde_json::from_slice(&bytes)
                 .with_context(|| format!("{what}: unexpected response"));
         }
-        match serde_json::from_slice::<ErrorBody>(&bytes) {
-            Ok(b) => bail!("{what} refused ({}): {}", b.error.code, b.error.message),
-            Err(_) => bail!("{what} failed: HTTP {status}"),
-        }
+        Err(refusal(what, status, &bytes))
     }
 
     /// Stream a file to the server; shows a progress bar on a terminal.
@@ -183,9 +182,63 @@ impl Client {
         .await
     }
 
+    pub async fn settings(&self, body: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
+        self.send(
+            self.http
+                .post(format!("{}/v1/policies/settings", self.base))
+                .json(body),
+            "setting",
+        )
+        .await
+    }
+
+    /// Run a query; the JSON answer.
+    pub async fn query(&self, sql: &str) -> anyhow::Result<serde_json::Value> {
+        self.send(self.query_request(sql, "json"), "query").await
+    }
+
+    /// Run a query; the CSV answer.
+    pub async fn query_csv(&self, sql: &str) -> anyhow::Result<String> {
+        let resp = self
+            .query_request(sql, "csv")
+            .send()
+            .await
+            .map_err(|e| transport_error(e, &self.base))?;
+        let status = resp.status();
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| transport_error(e, &self.base))?;
+        if status.is_success() {
+            return Ok(String::from_utf8_lossy(&bytes).into_owned());
+        }
+        Err(refusal("query", status, &bytes))
+    }
+
+    fn query_request(&self, sql: &str, format: &str) -> reqwest::RequestBuilder {
+        self.http
+            .post(format!("{}/v1/queries", self.base))
+            .json(&serde_json::json!({ "sql": sql, "format": format }))
+    }
+
     pub async fn whoami(&self) -> anyhow::Result<serde_json::Value> {
         self.send(self.http.get(format!("{}/v1/whoami", self.base)), "whoami")
             .await
+    }
+}
+
+/// The one-line error for a non-success response.
+fn refusal(what: &str, status: reqwest::StatusCode, body: &[u8]) -> anyhow::Error {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(b) => match b.error.rule {
+            Some(rule) => anyhow!(
+                "{what} refused ({}, rule {rule}): {}",
+                b.error.code,
+                b.error.message
+            ),
+            None => anyhow!("{what} refused ({}): {}", b.error.code, b.error.message),
+        },
+        Err(_) => anyhow!("{what} failed: HTTP {status}"),
     }
 }
 

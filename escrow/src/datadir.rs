@@ -3,6 +3,7 @@
 //! ```text
 //! DIR/escrow.db                     catalog (SQLite, WAL): partners, identities, datasets, wrapped keys
 //! DIR/keys/kek                      key-encryption key (32 bytes, 0600)
+//! DIR/keys/noise                    secret seed of differential-privacy noise (32 bytes, 0600)
 //! DIR/ca/ca.pem, ca.key, crl.pem    dev certificate authority and its revocation list
 //! DIR/tls/server.pem, server.key    server certificate (localhost, 127.0.0.1, ::1)
 //! DIR/identities/PARTNER/USER/      client bundles: cert.pem, key.pem, ca.pem
@@ -33,6 +34,9 @@ impl DataDir {
     }
     pub fn kek(&self) -> PathBuf {
         self.keys().join("kek")
+    }
+    pub fn noise_key(&self) -> PathBuf {
+        self.keys().join("noise")
     }
     pub fn ca_dir(&self) -> PathBuf {
         self.root.join("ca")

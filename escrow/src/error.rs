@@ -31,6 +31,10 @@ pub enum Error {
     /// The caller is authenticated but may not do this.
     #[error("{0}")]
     Forbidden(String),
+    /// A query the gate or the owners' policies refuse. `rule` is stable (docs/API.md);
+    /// the message names constructs or grants, never data.
+    #[error("{message}")]
+    Refused { rule: &'static str, message: String },
     /// The caller could not be identified (no, unknown or revoked certificate).
     #[error("{0}")]
     Unauthenticated(String),
@@ -65,6 +69,7 @@ impl Error {
             Error::TooLarge { .. } => "too_large",
             Error::Interrupted => "upload_interrupted",
             Error::Forbidden(_) => "forbidden",
+            Error::Refused { .. } => "QUERY_REFUSED",
             Error::Unauthenticated(_) => "unauthenticated",
             Error::Integrity(_) | Error::Internal(_) => "internal",
         }

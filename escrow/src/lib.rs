@@ -5,6 +5,7 @@
 //! See docs/ARCHITECTURE.md for the crate map and request lifecycle.
 
 pub mod admin;
+pub mod cache;
 pub mod catalog;
 pub mod client;
 pub mod crypto;
@@ -14,7 +15,9 @@ pub mod fsutil;
 pub mod grants;
 pub mod ingest;
 pub mod pki;
+pub mod queries;
 pub mod server;
+pub mod settings;
 pub mod store;
 
 pub use error::{Error, Result};

@@ -64,6 +64,8 @@ enum Command {
         /// Seconds in-flight requests get to finish on shutdown.
         #[arg(long, default_value_t = 30)]
         shutdown_grace_secs: u64,
+        #[command(flatten)]
+        query: QueryLimitArgs,
     },
     /// Manage partners (operator commands on the data directory).
     Partner {
@@ -102,11 +104,35 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Ask an aggregate question in SQL over your datasets and those shared with you
+    /// (tables are named partner.dataset). Exits non-zero when the query is refused.
+    Query {
+        /// One SELECT statement.
+        sql: String,
+        /// Output format.
+        #[arg(long, default_value = "table")]
+        format: QueryFormat,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Show who the server thinks you are.
     Whoami {
         #[command(flatten)]
         client: ClientArgs,
     },
+}
+
+#[derive(Args, Clone)]
+struct QueryLimitArgs {
+    /// Memory one query may use, in MiB (nothing spills to disk).
+    #[arg(long, env = "ESCROW_QUERY_MEMORY_MB", default_value_t = 1024)]
+    query_memory_mb: usize,
+    /// Seconds one query may run.
+    #[arg(long, env = "ESCROW_QUERY_TIMEOUT_SECS", default_value_t = 60)]
+    query_timeout_secs: u64,
+    /// Verified plaintext batches kept in memory across queries, in MiB.
+    #[arg(long, env = "ESCROW_QUERY_CACHE_MB", default_value_t = 1024)]
+    query_cache_mb: usize,
 }
 
 #[derive(Subcommand)]
@@ -148,6 +174,29 @@ enum PolicyCommand {
     Grant(GrantArgs),
     /// Take a grant back.
     Revoke(GrantArgs),
+    /// Set the protection of one of your datasets: threshold, ε per query, budget per
+    /// partner, contribution bound, and clamping bounds of numeric columns.
+    Set {
+        /// Your dataset.
+        dataset: String,
+        /// Minimum distinct entities in any released row (k, default 5).
+        #[arg(long)]
+        min_entities: Option<u64>,
+        /// Privacy loss per query (ε, default 1).
+        #[arg(long)]
+        epsilon: Option<f64>,
+        /// Total ε each partner may spend on this dataset (default 10).
+        #[arg(long)]
+        budget: Option<f64>,
+        /// Groups one entity may count in, per query (L, default 1).
+        #[arg(long)]
+        max_groups: Option<u32>,
+        /// Clamping bounds of a numeric column for SUM/AVG: COLUMN=LOW:HIGH (repeatable).
+        #[arg(long = "bounds", value_name = "COLUMN=LOW:HIGH")]
+        bounds: Vec<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Grants you made and grants you received.
     List {
         #[arg(long, default_value = "table")]
@@ -165,6 +214,13 @@ enum DatasetsCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum QueryFormat {
+    Table,
+    Json,
+    Csv,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -259,12 +315,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
             listen,
             max_upload_bytes,
             shutdown_grace_secs,
+            query,
         } => {
             serve(
                 DataDir::new(dir.data_dir),
                 listen,
                 max_upload_bytes,
                 shutdown_grace_secs,
+                query,
             )
             .await?
         }
@@ -349,6 +407,45 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     .await?;
                 println!("revoked: {}", grant_line(&out["revoked"]));
             }
+            PolicyCommand::Set {
+                dataset,
+                min_entities,
+                epsilon,
+                budget,
+                max_groups,
+                bounds,
+                client,
+            } => {
+                let mut b = serde_json::Map::new();
+                for spec in &bounds {
+                    let (col, range) = spec
+                        .split_once('=')
+                        .ok_or_else(|| anyhow!("--bounds takes COLUMN=LOW:HIGH, got {spec:?}"))?;
+                    let (lo, hi) = range
+                        .split_once(':')
+                        .and_then(|(l, h)| Some((l.parse::<f64>().ok()?, h.parse::<f64>().ok()?)))
+                        .ok_or_else(|| anyhow!("--bounds takes COLUMN=LOW:HIGH, got {spec:?}"))?;
+                    b.insert(col.to_string(), serde_json::json!([lo, hi]));
+                }
+                let body = serde_json::json!({
+                    "dataset": dataset,
+                    "min_entities": min_entities,
+                    "epsilon": epsilon,
+                    "budget": budget,
+                    "max_groups_per_entity": max_groups,
+                    "bounds": b,
+                });
+                let out = identity(&client)?.settings(&body).await?;
+                let s = &out["settings"];
+                println!(
+                    "{dataset}: min_entities={} epsilon={} budget={} max_groups_per_entity={} bounds={}",
+                    s["min_entities"],
+                    s["epsilon"],
+                    s["budget"],
+                    s["max_groups_per_entity"],
+                    s["bounds"]
+                );
+            }
             PolicyCommand::List { format, client } => {
                 let out = identity(&client)?.policies().await?;
                 match format {
@@ -369,6 +466,20 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 }
             }
         },
+        Command::Query {
+            sql,
+            format,
+            client,
+        } => {
+            let c = identity(&client)?;
+            match format {
+                QueryFormat::Csv => print!("{}", c.query_csv(&sql).await?),
+                QueryFormat::Json => {
+                    println!("{}", serde_json::to_string_pretty(&c.query(&sql).await?)?)
+                }
+                QueryFormat::Table => print_answer(&c.query(&sql).await?),
+            }
+        }
         Command::Whoami { client } => {
             let out = identity(&client)?.whoami().await?;
             println!(
@@ -429,11 +540,89 @@ fn print_datasets(out: &serde_json::Value) {
     }
 }
 
+/// An answer as a table; suppressed rows and the protection applied are stated under it.
+fn print_answer(out: &serde_json::Value) {
+    let empty = Vec::new();
+    let cols: Vec<String> = out["columns"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .map(|c| c["name"].as_str().unwrap_or("?").to_string())
+        .collect();
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".to_string(),
+        other => other.to_string(),
+    };
+    let rows: Vec<Vec<String>> = out["rows"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .map(|r| r.as_array().unwrap_or(&empty).iter().map(text).collect())
+        .collect();
+    let suppressed: Vec<bool> = out["suppressed"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .map(|v| v == true)
+        .collect();
+    let mut width: Vec<usize> = cols.iter().map(String::len).collect();
+    for r in &rows {
+        for (w, v) in width.iter_mut().zip(r) {
+            *w = (*w).max(v.chars().count());
+        }
+    }
+    let line = |vals: &[String]| {
+        vals.iter()
+            .zip(&width)
+            .map(|(v, w)| format!("{v:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    println!("{}", line(&cols));
+    for (i, r) in rows.iter().enumerate() {
+        let mark = if suppressed.get(i) == Some(&true) {
+            "  (suppressed: too few entities)"
+        } else {
+            ""
+        };
+        println!("{}{mark}", line(r));
+    }
+    println!(
+        "({} row{})",
+        rows.len(),
+        if rows.len() == 1 { "" } else { "s" }
+    );
+    if let Some(p) = out["protection"].as_object() {
+        println!(
+            "protected: rows need >= {} entities (release threshold {:.1}), noise with epsilon {}; groups below the threshold are not listed",
+            p["min_entities"],
+            p["release_threshold"].as_f64().unwrap_or(0.0),
+            p["epsilon"]
+        );
+        let spent = out["epsilon_spent"].as_f64().unwrap_or(0.0);
+        if out["repeated"] == true {
+            println!("same question on the same data as before: same answer, no budget spent");
+        } else {
+            println!("budget spent: {spent}");
+        }
+        for b in out["budgets"].as_array().unwrap_or(&empty) {
+            println!(
+                "  {}: {} of {} spent",
+                text(&b["dataset"]),
+                b["spent"],
+                b["budget"]
+            );
+        }
+    }
+}
+
 async fn serve(
     dir: DataDir,
     listen: SocketAddr,
     max_upload_bytes: u64,
     grace_secs: u64,
+    query: QueryLimitArgs,
 ) -> anyhow::Result<()> {
     let report = escrow::admin::init(&dir).map_err(engine)?;
     if report.created_anything() {
@@ -441,6 +630,7 @@ async fn serve(
     }
     let config = StoreConfig {
         max_upload_bytes,
+        cache_bytes: query.query_cache_mb << 20,
         ..StoreConfig::default()
     };
     let store = Store::open(dir.clone(), config).map_err(engine)?;
@@ -459,8 +649,23 @@ async fn serve(
     tracing::info!(%addr, data_dir = %dir.root().display(), "escrow serving (mutual TLS required)");
     // Machine-readable first line on stdout (tests and scripts read the bound port here).
     println!("escrow listening on https://{addr}");
+    let store = Arc::new(store);
+    let noise_key =
+        escrow::crypto::keys::load_secret(&dir.noise_key(), "noise key").map_err(engine)?;
+    let queries = escrow::queries::QueryService::new(
+        store.clone(),
+        escrow_query::NoiseKey::new(*noise_key),
+        escrow::queries::QueryConfig {
+            limits: escrow_query::Limits {
+                memory_bytes: query.query_memory_mb << 20,
+                ..Default::default()
+            },
+            timeout: Duration::from_secs(query.query_timeout_secs),
+        },
+    );
     let state = Arc::new(AppState {
-        store: Arc::new(store),
+        store,
+        queries: Arc::new(queries),
     });
     server::serve(
         state,

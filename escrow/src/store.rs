@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use arrow_array::RecordBatch;
 use arrow_schema::{ArrowError, SchemaRef};
 
+use crate::cache::PlaintextCache;
 use crate::catalog::{Catalog, ColumnInfo, DatasetInfo, NewVersion, VersionKey};
 use crate::crypto::keys::Kek;
 use crate::crypto::random_bytes;
@@ -27,6 +28,8 @@ pub struct StoreConfig {
     pub segment_size: u32,
     /// Parser bounds.
     pub ingest: IngestLimits,
+    /// Bytes of verified plaintext batches kept in memory for queries.
+    pub cache_bytes: usize,
 }
 
 impl Default for StoreConfig {
@@ -35,6 +38,7 @@ impl Default for StoreConfig {
             max_upload_bytes: 2 << 30,
             segment_size: seal::DEFAULT_SEGMENT_SIZE,
             ingest: IngestLimits::default(),
+            cache_bytes: 1 << 30,
         }
     }
 }
@@ -45,6 +49,7 @@ pub struct Store {
     catalog: Catalog,
     kek: Kek,
     config: StoreConfig,
+    cache: PlaintextCache,
 }
 
 /// An upload as the store sees it: who, into which dataset, how to parse.
@@ -124,6 +129,7 @@ impl Store {
             dir,
             catalog,
             kek,
+            cache: PlaintextCache::new(config.cache_bytes),
             config,
         })
     }
@@ -241,8 +247,8 @@ impl Store {
         fsutil::sync_parent(&final_path)?;
 
         let version = self.catalog.commit_version(&NewVersion {
-            dataset_id,
-            version_id,
+            dataset_id: dataset_id.clone(),
+            version_id: version_id.clone(),
             rows: ingested.rows as i64,
             source_bytes: status.bytes() as i64,
             sealed_bytes: sealed_bytes as i64,
@@ -254,6 +260,7 @@ impl Store {
             uploaded_by: req.user.clone(),
         })?;
         final_guard.disarm();
+        self.cache.forget_dataset(&dataset_id, Some(&version_id));
         Ok(UploadOutcome {
             dataset: req.dataset.clone(),
             version,
@@ -276,6 +283,7 @@ impl Store {
     pub fn delete(&self, owner: &str, name: &str) -> Result<usize> {
         validate_name("dataset", name)?;
         let (dataset_id, versions) = self.catalog.delete_dataset(owner, name)?;
+        self.cache.forget_dataset(&dataset_id, None);
         // The keys are gone: the files are unreadable from here on. Removing them is hygiene;
         // a crash before this point leaves orphans that startup recovery removes.
         let dir = self.dir.dataset_dir(&dataset_id);
@@ -296,6 +304,67 @@ impl Store {
             .next()
             .ok_or_else(|| Error::NotFound(format!("no dataset named {name}")))?;
         self.read_version(&live)
+    }
+
+    /// The schema of a version (read from its sealed file once, then remembered).
+    pub fn schema_of(&self, v: &VersionKey) -> Result<SchemaRef> {
+        if let Some(s) = self.cache.schema(&v.dataset_id, &v.version_id) {
+            return Ok(s);
+        }
+        let schema = self.read_version(v)?.schema();
+        self.cache
+            .insert_schema(&v.dataset_id, &v.version_id, schema.clone());
+        Ok(schema)
+    }
+
+    /// The verified batches of a version: from the plaintext cache, or read (decrypting and
+    /// authenticating) and then cached once the whole version read cleanly.
+    pub fn batches(
+        self: &std::sync::Arc<Self>,
+        v: &VersionKey,
+    ) -> Result<Box<dyn Iterator<Item = Result<RecordBatch>> + Send>> {
+        let meta = fs::metadata(self.dir.sealed_file(&v.dataset_id, &v.version_id))?;
+        let mtime = meta
+            .modified()?
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i128)
+            .unwrap_or(-1);
+        let stamp = (meta.len(), mtime);
+        if let Some(batches) = self.cache.get(&v.dataset_id, &v.version_id, stamp) {
+            return Ok(Box::new(
+                (0..batches.len()).map(move |i| Ok(batches[i].clone())),
+            ));
+        }
+        let reader = self.read_version(v)?;
+        let mut collected = Some((Vec::new(), 0usize));
+        let max = self.cache.max_bytes();
+        let (dataset_id, version_id) = (v.dataset_id.clone(), v.version_id.clone());
+        let store = std::sync::Arc::clone(self);
+        let mut reader = reader;
+        let iter = std::iter::from_fn(move || match reader.next() {
+            Some(Ok(b)) => {
+                if let Some((batches, bytes)) = collected.as_mut() {
+                    *bytes += b.get_array_memory_size();
+                    if *bytes > max {
+                        collected = None;
+                    } else {
+                        batches.push(b.clone());
+                    }
+                }
+                Some(Ok(b))
+            }
+            Some(Err(e)) => {
+                collected = None;
+                Some(Err(e))
+            }
+            None => {
+                if let Some((batches, _)) = collected.take() {
+                    store.cache.insert(&dataset_id, &version_id, stamp, batches);
+                }
+                None
+            }
+        });
+        Ok(Box::new(iter))
     }
 
     fn read_version(&self, v: &VersionKey) -> Result<SealedBatches> {

@@ -40,6 +40,21 @@ pub struct GateReport {
     pub uses: BTreeSet<ColumnUse>,
     /// Join edges between table instances (indices into `tables`).
     pub joins: Vec<(usize, usize)>,
+    /// The aggregates computed, in the order of the plan's Aggregate node.
+    pub aggregates: Vec<Metric>,
+    /// Number of GROUP BY columns.
+    pub group_by: usize,
+}
+
+/// One aggregate of an allowed query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Metric {
+    /// COUNT(DISTINCT key): distinct entities.
+    Entities,
+    /// SUM(column) of table instance `table`.
+    Sum { table: usize, column: String },
+    /// AVG(column) of table instance `table`.
+    Avg { table: usize, column: String },
 }
 
 /// Where a column of an intermediate relation comes from.
@@ -123,9 +138,15 @@ impl Gate<'_> {
                 )
             }
             LogicalPlan::Aggregate(_) => self.aggregate(plan),
+            LogicalPlan::Filter(f) if matches!(f.input.as_ref(), LogicalPlan::Aggregate(_)) => {
+                Err(refuse(
+                    "having",
+                    "HAVING filters on exact aggregates and is not allowed",
+                ))
+            }
             LogicalPlan::Filter(_) => Err(refuse(
-                "having",
-                "HAVING filters on exact aggregates and is not allowed",
+                "no_aggregate",
+                "a query must aggregate: rows are never returned",
             )),
             LogicalPlan::TableScan(_) | LogicalPlan::Join(_) | LogicalPlan::SubqueryAlias(_) => {
                 Err(refuse(
@@ -144,6 +165,15 @@ impl Gate<'_> {
                 "UNION / INTERSECT / EXCEPT are not allowed",
             ),
             LogicalPlan::Window(_) => refuse("window_function", "window functions are not allowed"),
+            // UNION (without ALL) is planned as DISTINCT over the union.
+            LogicalPlan::Distinct(_)
+                if matches!(plan.inputs().first(), Some(LogicalPlan::Union(_))) =>
+            {
+                refuse(
+                    "set_operation",
+                    "UNION / INTERSECT / EXCEPT are not allowed",
+                )
+            }
             LogicalPlan::Distinct(_) => refuse("distinct", "SELECT DISTINCT is not allowed"),
             LogicalPlan::Values(_) | LogicalPlan::EmptyRelation(_) => {
                 refuse("no_table", "a query must read an escrow dataset")
@@ -207,6 +237,7 @@ impl Gate<'_> {
                 }
                 Some(src @ Lineage::Source { .. }) => {
                     self.uses_of(&src, Usage::Dimension);
+                    self.report.group_by += 1;
                     out.push(src);
                 }
                 _ => {
@@ -248,7 +279,8 @@ impl Gate<'_> {
             };
             match (name.as_str(), params.distinct, arg) {
                 ("count", true, Some(src @ Lineage::Source { is_key: true, .. })) => {
-                    self.uses_of(&src, Usage::Count)
+                    self.uses_of(&src, Usage::Count);
+                    self.report.aggregates.push(Metric::Entities);
                 }
                 ("count", true, Some(Lineage::Source { .. })) => {
                     return Err(refuse(
@@ -268,11 +300,27 @@ impl Gate<'_> {
                         "key columns may only be joined or counted",
                     ));
                 }
-                ("sum", false, Some(src @ Lineage::Source { .. })) => {
-                    self.uses_of(&src, Usage::Sum)
-                }
-                ("avg", false, Some(src @ Lineage::Source { .. })) => {
-                    self.uses_of(&src, Usage::Avg)
+                (
+                    "sum" | "avg",
+                    false,
+                    Some(Lineage::Source {
+                        table,
+                        column,
+                        is_key: false,
+                    }),
+                ) => {
+                    let src = Lineage::Source {
+                        table,
+                        column: column.clone(),
+                        is_key: false,
+                    };
+                    let (usage, metric) = if name == "sum" {
+                        (Usage::Sum, Metric::Sum { table, column })
+                    } else {
+                        (Usage::Avg, Metric::Avg { table, column })
+                    };
+                    self.uses_of(&src, usage);
+                    self.report.aggregates.push(metric);
                 }
                 ("sum" | "avg", true, _) => {
                     return Err(refuse(
@@ -386,10 +434,12 @@ impl Gate<'_> {
                             "only inner joins on key columns are allowed",
                         ));
                     }
+                    // In the unoptimized plan, IN / EXISTS subqueries are still expressions;
+                    // semi and anti joins come from INTERSECT / EXCEPT.
                     _ => {
                         return Err(refuse(
-                            "subquery",
-                            "semi/anti joins (IN/EXISTS subqueries) are not allowed",
+                            "set_operation",
+                            "UNION / INTERSECT / EXCEPT are not allowed",
                         ));
                     }
                 }

@@ -1,13 +1,21 @@
 //! escrow-query: the clean-room query engine. SQL -> DataFusion `LogicalPlan` -> gate
 //! (an allow-list over the plan, deriving every column use for the owners' policies) ->
-//! (next: rewrite with thresholds and noise) -> execution over decrypting table providers.
-//! Knows nothing of HTTP and nothing of casbin: policy decisions come in as a function.
+//! -> protection rewrite (thresholds, contribution bounding, noise) -> execution over table
+//! providers that decrypt and verify as they read. Knows nothing of HTTP, of casbin or of how
+//! data is sealed: policy decisions, settings and batch sources come in from the service.
 
+pub mod exec;
 pub mod gate;
+pub mod noise;
 pub mod session;
+pub mod source;
 
-pub use gate::{GateReport, TableInstance};
-pub use session::{QueryTable, plan_sql};
+pub use datafusion::logical_expr::LogicalPlan;
+pub use exec::{Answer, Applied, Protection, execute};
+pub use gate::{GateReport, Metric, TableInstance};
+pub use noise::{Noise, NoiseKey};
+pub use session::{Limits, QueryTable, is_planning_rule, plan_sql};
+pub use source::{BatchIter, BatchSource};
 
 /// Errors of the query engine.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +40,12 @@ impl QueryError {
 
 impl From<datafusion::error::DataFusionError> for QueryError {
     fn from(e: datafusion::error::DataFusionError) -> Self {
+        QueryError::Internal(e.to_string())
+    }
+}
+
+impl From<datafusion::arrow::error::ArrowError> for QueryError {
+    fn from(e: datafusion::arrow::error::ArrowError) -> Self {
         QueryError::Internal(e.to_string())
     }
 }

@@ -108,11 +108,45 @@ pub async fn plan_sql(
     limits: &Limits,
 ) -> Result<(LogicalPlan, datafusion::execution::SessionState), QueryError> {
     let state = session(tables, limits)?;
+    let dialect = state.config().options().sql_parser.dialect;
+    let statement = state
+        .sql_to_statement(sql, &dialect)
+        .map_err(planning_refusal)?;
+    // Statement-level allow-list before planning: only a query (SELECT, WITH ... SELECT, set
+    // operations, which the plan gate then judges). DDL, DML, COPY, SET, EXPLAIN, DESCRIBE,
+    // SHOW and every extension statement stop here.
+    use datafusion::sql::parser::Statement as Df;
+    use datafusion::sql::sqlparser::ast::Statement as Sql;
+    match &statement {
+        Df::Statement(s) if matches!(s.as_ref(), Sql::Query(_)) => {}
+        _ => {
+            return Err(QueryError::refused(
+                "statement_not_allowed",
+                "only SELECT queries are allowed",
+            ));
+        }
+    }
     let plan = state
-        .create_logical_plan(sql)
+        .statement_to_plan(statement)
         .await
         .map_err(planning_refusal)?;
     Ok((plan, state))
+}
+
+/// Rules that mean "the query was not understood" rather than "not allowed".
+pub const PLANNING_RULES: [&str; 8] = [
+    "syntax_error",
+    "function_not_allowed",
+    "unknown_table",
+    "unknown_column",
+    "multiple_statements",
+    "type_mismatch",
+    "not_supported",
+    "planning_error",
+];
+
+pub fn is_planning_rule(rule: &str) -> bool {
+    PLANNING_RULES.contains(&rule)
 }
 
 fn planning_refusal(e: datafusion::error::DataFusionError) -> QueryError {

@@ -30,40 +30,16 @@ pub struct Kek {
 impl Kek {
     /// Load the KEK file; it must be exactly 32 bytes.
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = Zeroizing::new(fs::read(path).map_err(|e| {
-            Error::internal(format!(
-                "reading key-encryption key {}: {e}",
-                path.display()
-            ))
-        })?);
-        if bytes.len() != KEY_LEN {
-            return Err(Error::internal(format!(
-                "key-encryption key {} must be {KEY_LEN} bytes, found {}",
-                path.display(),
-                bytes.len()
-            )));
-        }
+        let key = load_secret(path, "key-encryption key")?;
         Ok(Kek {
-            aead: Aead::new(&bytes).map_err(Error::internal)?,
-            id: key_id(&bytes),
+            aead: Aead::new(&key[..]).map_err(Error::internal)?,
+            id: key_id(&key[..]),
         })
     }
 
     /// Create a new random KEK at `path` unless one exists. Returns true if created.
     pub fn create_if_missing(path: &Path) -> Result<bool> {
-        if path.exists() {
-            return Ok(false);
-        }
-        let key: SecretKey = Zeroizing::new(random_bytes()?);
-        let mut f = match crate::fsutil::create_private(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
-            Err(e) => return Err(e.into()),
-        };
-        f.write_all(&key[..])?;
-        f.sync_all()?;
-        crate::fsutil::sync_parent(path)?;
-        Ok(true)
+        create_secret_if_missing(path)
     }
 
     /// Public identifier of this KEK (a hash prefix, safe to store and log).
@@ -106,6 +82,39 @@ impl Kek {
         key.copy_from_slice(&plain);
         Ok(key)
     }
+}
+
+/// Load a 32-byte secret key file.
+pub fn load_secret(path: &Path, what: &str) -> Result<SecretKey> {
+    let bytes = Zeroizing::new(
+        fs::read(path)
+            .map_err(|e| Error::internal(format!("reading {what} {}: {e}", path.display())))?,
+    );
+    let key: [u8; KEY_LEN] = bytes[..].try_into().map_err(|_| {
+        Error::internal(format!(
+            "{what} {} must be {KEY_LEN} bytes, found {}",
+            path.display(),
+            bytes.len()
+        ))
+    })?;
+    Ok(Zeroizing::new(key))
+}
+
+/// Create a random 32-byte secret key file (0600) unless one exists. Returns true if created.
+pub fn create_secret_if_missing(path: &Path) -> Result<bool> {
+    if path.exists() {
+        return Ok(false);
+    }
+    let key: SecretKey = Zeroizing::new(random_bytes()?);
+    let mut f = match crate::fsutil::create_private(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
+        Err(e) => return Err(e.into()),
+    };
+    f.write_all(&key[..])?;
+    f.sync_all()?;
+    crate::fsutil::sync_parent(path)?;
+    Ok(true)
 }
 
 fn wrap_aad(binding: &Binding) -> Vec<u8> {

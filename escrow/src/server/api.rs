@@ -39,6 +39,11 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/policies/revocations",
             axum::routing::post(revoke_grant),
         )
+        .route(
+            "/v1/policies/settings",
+            axum::routing::post(change_settings),
+        )
+        .route("/v1/queries", axum::routing::post(query))
         .fallback(|| async { ApiError(Error::NotFound("no such endpoint".into())) })
         .method_not_allowed_fallback(|| async {
             ApiError(Error::bad(
@@ -59,6 +64,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// | TooLarge        | 413    | too_large                  |
 /// | Interrupted     | 400    | upload_interrupted         |
 /// | Forbidden       | 403    | forbidden                  |
+/// | Refused         | 400 (query not understood) / 403 (not allowed) | QUERY_REFUSED + `rule` |
 /// | Unauthenticated | 401    | unauthenticated            |
 /// | Integrity       | 500    | internal (details logged)  |
 /// | Internal        | 500    | internal (details logged)  |
@@ -83,6 +89,10 @@ impl IntoResponse for ApiError {
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
+            Error::Refused { rule, .. } if escrow_query::is_planning_rule(rule) => {
+                StatusCode::BAD_REQUEST
+            }
+            Error::Refused { .. } => StatusCode::FORBIDDEN,
             Error::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             Error::Integrity(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -93,11 +103,11 @@ impl IntoResponse for ApiError {
         } else {
             e.to_string()
         };
-        (
-            status,
-            Json(json!({ "error": { "code": e.code(), "message": message } })),
-        )
-            .into_response()
+        let mut body = json!({ "code": e.code(), "message": message });
+        if let Error::Refused { rule, .. } = &e {
+            body["rule"] = json!(rule);
+        }
+        (status, Json(json!({ "error": body }))).into_response()
     }
 }
 
@@ -303,4 +313,96 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError>
             format!("invalid JSON body: {e}"),
         ))
     })
+}
+
+/// Owners change the protection settings of their own datasets.
+async fn change_settings(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    body: bytes::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let req: crate::settings::SettingsChange = json_body(&body)?;
+    let store = state.store.clone();
+    let (owner, user) = (caller.partner.clone(), caller.user.clone());
+    let dataset = req.dataset.clone();
+    let settings = blocking(move || crate::settings::change(&store, &owner, &user, &req)).await?;
+    tracing::info!(partner = %caller.partner, %dataset, ?settings, "protection settings changed");
+    Ok(Json(json!({ "dataset": dataset, "settings": settings })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QueryRequest {
+    sql: String,
+    /// json (default), csv or arrow.
+    #[serde(default)]
+    format: Option<String>,
+}
+
+/// Run a query. Refusals are 4xx `QUERY_REFUSED` with the rule; runtime failures are one
+/// generic internal error (details in the server log only).
+async fn query(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    body: bytes::Bytes,
+) -> Result<Response, ApiError> {
+    let req: QueryRequest = json_body(&body)?;
+    let format = req.format.as_deref().unwrap_or("json");
+    if !matches!(format, "json" | "csv" | "arrow") {
+        return Err(Error::bad("invalid_request", "format must be json, csv or arrow").into());
+    }
+    let started = std::time::Instant::now();
+    let outcome = match state.queries.run(&caller.partner, &req.sql).await {
+        Ok(o) => o,
+        Err(e) => {
+            match &e {
+                Error::Refused { rule, .. } => {
+                    tracing::info!(partner = %caller.partner, user = %caller.user, %rule, "query refused")
+                }
+                other => {
+                    tracing::info!(partner = %caller.partner, user = %caller.user, code = other.code(), "query failed")
+                }
+            }
+            return Err(e.into());
+        }
+    };
+    let rows: usize = outcome.answer.suppressed.len();
+    let suppressed = outcome.answer.suppressed.iter().filter(|s| **s).count();
+    tracing::info!(
+        partner = %caller.partner,
+        user = %caller.user,
+        rows,
+        suppressed,
+        epsilon_spent = outcome.epsilon_spent,
+        repeated = outcome.repeated,
+        secs = started.elapsed().as_secs_f64(),
+        "query answered"
+    );
+    let meta = [
+        ("escrow-suppressed-rows", suppressed.to_string()),
+        ("escrow-epsilon-spent", outcome.epsilon_spent.to_string()),
+    ];
+    let (content_type, bytes) = match format {
+        "csv" => ("text/csv", crate::queries::output::to_csv(&outcome)?),
+        "arrow" => (
+            "application/vnd.apache.arrow.stream",
+            crate::queries::output::to_arrow(&outcome)?,
+        ),
+        _ => {
+            let v = crate::queries::output::to_json(&outcome)?;
+            return Ok(Json(v).into_response());
+        }
+    };
+    let mut resp = (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, content_type)],
+        bytes,
+    )
+        .into_response();
+    for (k, v) in meta {
+        if let Ok(v) = axum::http::HeaderValue::from_str(&v) {
+            resp.headers_mut().insert(k, v);
+        }
+    }
+    Ok(resp)
 }

@@ -27,6 +27,8 @@ use crate::store::Store;
 pub struct AppState {
     /// Sealed storage and catalog: everything handlers read or change.
     pub store: Arc<Store>,
+    /// Query execution (engine, policies, budget).
+    pub queries: Arc<crate::queries::QueryService>,
 }
 
 /// What the TLS layer learned about a connection, attached to each of its requests.

@@ -1,0 +1,532 @@
+//! The service side of a query: which tables the caller may name, the owners' policies and
+//! settings, the privacy-budget ledger, and the sealed batch sources handed to the engine
+//! (`escrow-query`). No HTTP here.
+//!
+//! ```text
+//! SQL -> plan (only the caller's own and granted datasets registered)
+//!     -> gate (allow-list; derives every column use)
+//!     -> foreign datasets joined to one of the caller's   (unjoined_foreign_dataset)
+//!     -> casbin decision for every use of another partner's column (usage_not_granted)
+//!     -> protection from the owners' settings (strictest applies; metric bounds required)
+//!     -> budget spent in the ledger, once per question and data versions (budget_exhausted)
+//!     -> execution under memory and time limits -> answer
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow_array::RecordBatch;
+use arrow_schema::SchemaRef;
+use escrow_policies::{Decision, PolicySet};
+use escrow_query::gate;
+use escrow_query::{
+    Answer, BatchIter, BatchSource, Limits, Metric, Noise, NoiseKey, Protection, QueryError,
+    QueryTable,
+};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::catalog::{BudgetCharge, QueryableDataset, VersionKey};
+use crate::settings::{self, DatasetSettings};
+use crate::store::Store;
+use crate::{Error, Result};
+
+/// δ of the partition selection for data-derived groups.
+pub const DELTA: f64 = 1e-6;
+/// Longest SQL text accepted.
+pub const MAX_SQL_BYTES: usize = 64 << 10;
+
+/// Limits of query execution.
+#[derive(Debug, Clone)]
+pub struct QueryConfig {
+    pub limits: Limits,
+    pub timeout: Duration,
+}
+
+impl Default for QueryConfig {
+    fn default() -> Self {
+        QueryConfig {
+            limits: Limits::default(),
+            timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Runs queries for authenticated callers.
+pub struct QueryService {
+    store: Arc<Store>,
+    noise_key: NoiseKey,
+    config: QueryConfig,
+    policies: tokio::sync::Mutex<Option<(u64, Arc<PolicySet>)>>,
+}
+
+/// Budget state of one dataset after a query.
+#[derive(Debug, Clone, Serialize)]
+pub struct BudgetView {
+    pub dataset: String,
+    pub spent: f64,
+    pub budget: f64,
+}
+
+/// A query's answer with what it cost.
+#[derive(Debug)]
+pub struct QueryOutcome {
+    pub answer: Answer,
+    /// ε charged to each foreign dataset by this request (0 when repeated or own-only).
+    pub epsilon_spent: f64,
+    /// The same question on the same data was answered before: same answer, no new spend.
+    pub repeated: bool,
+    pub budgets: Vec<BudgetView>,
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::internal(format!("blocking task failed: {e}")))?
+}
+
+fn refused(rule: &'static str, message: impl Into<String>) -> Error {
+    Error::Refused {
+        rule,
+        message: message.into(),
+    }
+}
+
+impl From<QueryError> for Error {
+    fn from(e: QueryError) -> Self {
+        match e {
+            QueryError::Refused { rule, message } => Error::Refused { rule, message },
+            QueryError::Internal(m) if m.contains("Resources exhausted") => Error::bad(
+                "query_memory_limit",
+                "the query needs more memory than the per-query limit",
+            ),
+            QueryError::Internal(m) => Error::Internal(format!("query: {m}")),
+        }
+    }
+}
+
+impl QueryService {
+    pub fn new(store: Arc<Store>, noise_key: NoiseKey, config: QueryConfig) -> Self {
+        QueryService {
+            store,
+            noise_key,
+            config,
+            policies: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The casbin policy set of the current grants, rebuilt only after a change.
+    async fn policy_set(&self) -> Result<Arc<PolicySet>> {
+        let mut cached = self.policies.lock().await;
+        let generation = self.store.catalog().policy_generation();
+        if let Some((g, set)) = cached.as_ref()
+            && *g == generation
+        {
+            return Ok(set.clone());
+        }
+        let store = self.store.clone();
+        let grants = blocking(move || store.catalog().all_grants()).await?;
+        let set = Arc::new(
+            PolicySet::build(grants)
+                .await
+                .map_err(|e| Error::internal(format!("policy set: {e}")))?,
+        );
+        *cached = Some((generation, set.clone()));
+        Ok(set)
+    }
+
+    /// Answer `sql` for `caller`, or refuse it.
+    pub async fn run(&self, caller: &str, sql: &str) -> Result<QueryOutcome> {
+        if sql.len() > MAX_SQL_BYTES {
+            return Err(Error::bad(
+                "query_too_long",
+                format!("queries are limited to {MAX_SQL_BYTES} bytes"),
+            ));
+        }
+        let (tables, versions) = self.tables_for(caller).await?;
+        let (plan, state) = escrow_query::plan_sql(sql, &tables, &self.config.limits).await?;
+        let keys = gate::keys_of(&tables);
+        let report = gate::check(&plan, &keys)?;
+        gate::check_foreign_joined(&report, caller)?;
+        self.check_grants(caller, &report).await?;
+
+        let protection = self.protection(caller, &report).await?;
+        let (mut epsilon_spent, mut repeated) = (0.0, false);
+        let mut budgets = Vec::new();
+        let protection = match protection {
+            None => None,
+            Some((mut p, charges)) => {
+                let fp = fingerprint(&plan, &report, &versions, &p);
+                p.noise = Noise::new(self.noise_key.clone(), fp);
+                let (store, who, fp_hex, eps) = (
+                    self.store.clone(),
+                    caller.to_string(),
+                    hex::encode(fp),
+                    p.epsilon,
+                );
+                let ch = charges.clone();
+                let spent =
+                    blocking(move || store.catalog().spend(&who, &ch, eps, &fp_hex)).await?;
+                match spent {
+                    Ok(new) => {
+                        repeated = !new;
+                        epsilon_spent = if new { eps } else { 0.0 };
+                    }
+                    Err((c, spent)) => {
+                        return Err(refused(
+                            "budget_exhausted",
+                            format!(
+                                "the privacy budget of {}.{} for you is spent ({spent:.3} of {:.3}; this query needs {eps:.3}); its owner can raise it",
+                                c.owner, c.dataset, c.budget
+                            ),
+                        ));
+                    }
+                }
+                for c in charges {
+                    let (store, who) = (self.store.clone(), caller.to_string());
+                    let (o, d) = (c.owner.clone(), c.dataset.clone());
+                    let spent = blocking(move || store.catalog().spent(&who, &o, &d)).await?;
+                    budgets.push(BudgetView {
+                        dataset: format!("{}.{}", c.owner, c.dataset),
+                        spent,
+                        budget: c.budget,
+                    });
+                }
+                Some(p)
+            }
+        };
+        let run = escrow_query::execute(&state, plan, &report, protection.as_ref());
+        let answer = match tokio::time::timeout(self.config.timeout, run).await {
+            Ok(answer) => answer?,
+            Err(_) => {
+                return Err(Error::bad(
+                    "query_timeout",
+                    format!(
+                        "the query ran longer than the limit of {} s",
+                        self.config.timeout.as_secs()
+                    ),
+                ));
+            }
+        };
+        Ok(QueryOutcome {
+            answer,
+            epsilon_spent,
+            repeated,
+            budgets,
+        })
+    }
+
+    /// The caller's own and granted datasets as engine tables, with their live versions.
+    async fn tables_for(
+        &self,
+        caller: &str,
+    ) -> Result<(Vec<QueryTable>, BTreeMap<(String, String), String>)> {
+        let store = self.store.clone();
+        let who = caller.to_string();
+        blocking(move || {
+            let mut tables = Vec::new();
+            let mut versions = BTreeMap::new();
+            for d in store.catalog().queryable(&who)? {
+                let schema = store.schema_of(&d.live)?;
+                versions.insert((d.owner.clone(), d.name.clone()), d.live.version_id.clone());
+                let QueryableDataset {
+                    owner,
+                    name,
+                    key_column,
+                    live,
+                } = d;
+                let source = Arc::new(SealedSource {
+                    store: store.clone(),
+                    version: live,
+                    schema,
+                });
+                tables.push(QueryTable {
+                    owner,
+                    dataset: name,
+                    key_column,
+                    provider: escrow_query::source::table(source)
+                        .map_err(|e| Error::internal(format!("table provider: {e}")))?,
+                });
+            }
+            Ok((tables, versions))
+        })
+        .await
+    }
+
+    /// Every use of another partner's column must be granted to the caller.
+    async fn check_grants(&self, caller: &str, report: &escrow_query::GateReport) -> Result<()> {
+        let set = self.policy_set().await?;
+        let mut missing = Vec::new();
+        for u in &report.uses {
+            let d = set
+                .decide(caller, u)
+                .map_err(|e| Error::internal(format!("policy decision: {e}")))?;
+            if d == Decision::Missing {
+                missing.push(u.to_string());
+            }
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(refused(
+                "usage_not_granted",
+                format!(
+                    "not granted to {caller}: {} (the owner can grant it with `escrow policy grant`)",
+                    missing.join(", ")
+                ),
+            ))
+        }
+    }
+
+    /// Protection for a query that reads other partners' datasets (`None` if it reads only
+    /// the caller's own): the strictest settings of every dataset read, the budget charges.
+    async fn protection(
+        &self,
+        caller: &str,
+        report: &escrow_query::GateReport,
+    ) -> Result<Option<(Protection, Vec<BudgetCharge>)>> {
+        let Some(entity_table) = report.tables.iter().position(|t| t.owner != caller) else {
+            return Ok(None);
+        };
+        let store = self.store.clone();
+        let datasets: Vec<(String, String)> = report
+            .tables
+            .iter()
+            .map(|t| (t.owner.clone(), t.dataset.clone()))
+            .collect();
+        let settings = blocking(move || {
+            let mut m = BTreeMap::new();
+            for (o, d) in datasets {
+                let s = settings::of(&store, &o, &d)?;
+                m.insert((o, d), s);
+            }
+            Ok(m)
+        })
+        .await?;
+        let foreign: Vec<&DatasetSettings> = settings
+            .iter()
+            .filter(|((o, _), _)| o != caller)
+            .map(|(_, s)| s)
+            .collect();
+        let min_entities = foreign.iter().map(|s| s.min_entities).max().unwrap_or(5);
+        let epsilon = foreign
+            .iter()
+            .map(|s| s.epsilon)
+            .fold(f64::INFINITY, f64::min);
+        let max_groups = foreign
+            .iter()
+            .map(|s| s.max_groups_per_entity)
+            .min()
+            .unwrap_or(1);
+        let mut bounds = Vec::new();
+        for m in &report.aggregates {
+            bounds.push(match m {
+                Metric::Entities => None,
+                Metric::Sum { table, column } | Metric::Avg { table, column } => {
+                    let t = &report.tables[*table];
+                    let s = &settings[&(t.owner.clone(), t.dataset.clone())];
+                    let [lo, hi] = *s.bounds.get(column).ok_or_else(|| {
+                        refused(
+                            "metric_bounds_missing",
+                            format!(
+                                "{}.{}.{column} has no clamping bounds; its owner sets them with `escrow policy set {} --bounds {column}=LOW:HIGH`",
+                                t.owner, t.dataset, t.dataset
+                            ),
+                        )
+                    })?;
+                    Some((lo, hi))
+                }
+            });
+        }
+        let charges: Vec<BudgetCharge> = settings
+            .iter()
+            .filter(|((o, _), _)| o != caller)
+            .map(|((o, d), s)| BudgetCharge {
+                owner: o.clone(),
+                dataset: d.clone(),
+                budget: s.budget,
+            })
+            .collect();
+        let p = Protection {
+            min_entities,
+            epsilon,
+            max_groups_per_entity: max_groups,
+            delta: DELTA,
+            entity_table,
+            bounds,
+            noise: Noise::new(self.noise_key.clone(), [0; 32]),
+        };
+        Ok(Some((p, charges)))
+    }
+}
+
+/// What makes two questions "the same": the allowed plan, the data versions it reads and the
+/// protection applied (not the budget). Whitespace and keyword case in the SQL do not matter.
+fn fingerprint(
+    plan: &escrow_query::LogicalPlan,
+    report: &escrow_query::GateReport,
+    versions: &BTreeMap<(String, String), String>,
+    p: &Protection,
+) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"escrow-question-v1\0");
+    h.update(plan.display_indent().to_string().as_bytes());
+    for t in &report.tables {
+        let v = versions
+            .get(&(t.owner.clone(), t.dataset.clone()))
+            .map(String::as_str)
+            .unwrap_or("");
+        h.update(format!("\0{}.{}@{v}", t.owner, t.dataset).as_bytes());
+    }
+    h.update(
+        format!(
+            "\0k={} eps={} L={} delta={} bounds={:?}",
+            p.min_entities, p.epsilon, p.max_groups_per_entity, p.delta, p.bounds
+        )
+        .as_bytes(),
+    );
+    h.finalize().into()
+}
+
+/// Batches of one sealed version, for the engine.
+struct SealedSource {
+    store: Arc<Store>,
+    version: VersionKey,
+    schema: SchemaRef,
+}
+
+impl std::fmt::Debug for SealedSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SealedSource({})", self.version.version_id)
+    }
+}
+
+impl BatchSource for SealedSource {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn open(&self) -> std::result::Result<BatchIter, String> {
+        let batches = self
+            .store
+            .batches(&self.version)
+            .map_err(|e| e.to_string())?;
+        Ok(Box::new(batches.map(
+            |b: Result<RecordBatch>| -> std::result::Result<RecordBatch, String> {
+                b.map_err(|e| e.to_string())
+            },
+        )))
+    }
+}
+
+/// Output encodings of an answer.
+pub mod output {
+    use arrow_array::{Array, RecordBatch, cast::AsArray, types};
+    use arrow_cast::display::{ArrayFormatter, FormatOptions};
+    use arrow_schema::DataType;
+    use serde_json::{Value, json};
+
+    use super::QueryOutcome;
+    use crate::{Error, Result};
+
+    /// One value as JSON: numbers as numbers, text as strings, null as null; other types in
+    /// Arrow's display form.
+    fn value(a: &dyn Array, i: usize) -> Result<Value> {
+        if a.is_null(i) {
+            return Ok(Value::Null);
+        }
+        Ok(match a.data_type() {
+            DataType::Boolean => json!(a.as_boolean().value(i)),
+            DataType::Int8 => json!(a.as_primitive::<types::Int8Type>().value(i)),
+            DataType::Int16 => json!(a.as_primitive::<types::Int16Type>().value(i)),
+            DataType::Int32 => json!(a.as_primitive::<types::Int32Type>().value(i)),
+            DataType::Int64 => json!(a.as_primitive::<types::Int64Type>().value(i)),
+            DataType::UInt8 => json!(a.as_primitive::<types::UInt8Type>().value(i)),
+            DataType::UInt16 => json!(a.as_primitive::<types::UInt16Type>().value(i)),
+            DataType::UInt32 => json!(a.as_primitive::<types::UInt32Type>().value(i)),
+            DataType::UInt64 => json!(a.as_primitive::<types::UInt64Type>().value(i)),
+            DataType::Float32 => json!(a.as_primitive::<types::Float32Type>().value(i)),
+            DataType::Float64 => json!(a.as_primitive::<types::Float64Type>().value(i)),
+            DataType::Utf8 => json!(a.as_string::<i32>().value(i)),
+            DataType::LargeUtf8 => json!(a.as_string::<i64>().value(i)),
+            DataType::Utf8View => json!(a.as_string_view().value(i)),
+            _ => {
+                let f = ArrayFormatter::try_new(a, &FormatOptions::default())
+                    .map_err(|e| Error::internal(format!("formatting a result: {e}")))?;
+                json!(f.value(i).to_string())
+            }
+        })
+    }
+
+    /// The JSON answer: columns, rows, per-row suppression, protection and budget.
+    pub fn to_json(o: &QueryOutcome) -> Result<Value> {
+        let a = &o.answer;
+        let columns: Vec<Value> = a
+            .schema
+            .fields()
+            .iter()
+            .map(|f| json!({ "name": f.name(), "type": f.data_type().to_string() }))
+            .collect();
+        let mut rows = Vec::new();
+        for b in &a.batches {
+            for i in 0..b.num_rows() {
+                let row: Result<Vec<Value>> =
+                    b.columns().iter().map(|c| value(c.as_ref(), i)).collect();
+                rows.push(Value::Array(row?));
+            }
+        }
+        let protection = a.protection.as_ref().map(|p| {
+            json!({
+                "min_entities": p.min_entities,
+                "release_threshold": p.threshold,
+                "epsilon": p.epsilon,
+                "max_groups_per_entity": p.max_groups_per_entity,
+                "noise": "discrete Laplace on entity counts, Laplace on clamped sums",
+                "withheld_groups": "groups below the threshold are not listed",
+            })
+        });
+        Ok(json!({
+            "columns": columns,
+            "rows": rows,
+            "suppressed": a.suppressed,
+            "protection": protection,
+            "epsilon_spent": o.epsilon_spent,
+            "repeated": o.repeated,
+            "budgets": o.budgets,
+        }))
+    }
+
+    /// CSV with a header line.
+    pub fn to_csv(o: &QueryOutcome) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        {
+            let mut w = arrow_csv::WriterBuilder::new()
+                .with_header(true)
+                .build(&mut out);
+            if o.answer.batches.is_empty() {
+                w.write(&RecordBatch::new_empty(o.answer.schema.clone()))
+                    .map_err(|e| Error::internal(format!("csv: {e}")))?;
+            }
+            for b in &o.answer.batches {
+                w.write(b)
+                    .map_err(|e| Error::internal(format!("csv: {e}")))?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// An Arrow IPC stream.
+    pub fn to_arrow(o: &QueryOutcome) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        let err = |e: arrow_schema::ArrowError| Error::internal(format!("arrow: {e}"));
+        let mut w =
+            arrow_ipc::writer::StreamWriter::try_new(&mut out, &o.answer.schema).map_err(err)?;
+        for b in &o.answer.batches {
+            w.write(b).map_err(err)?;
+        }
+        w.finish().map_err(err)?;
+        drop(w);
+        Ok(out)
+    }
+}

@@ -1,0 +1,161 @@
+//! Owners' protection settings per dataset: the threshold k, ε per query, the privacy budget
+//! per querying partner, contribution bounding, and clamping bounds for SUM/AVG metrics.
+//!
+//! Defaults (documented in docs/API.md and docs/THREAT_MODEL.md) apply until an owner
+//! changes them; a change is validated whole before it is stored.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::Store;
+use crate::{Error, Result};
+
+pub const DEFAULT_MIN_ENTITIES: u64 = 5;
+pub const DEFAULT_EPSILON: f64 = 1.0;
+pub const DEFAULT_BUDGET: f64 = 10.0;
+pub const DEFAULT_MAX_GROUPS: u32 = 1;
+
+/// Protection settings of one dataset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetSettings {
+    /// Minimum distinct entities of this dataset in any released row (k).
+    pub min_entities: u64,
+    /// Privacy loss per query that reads this dataset.
+    pub epsilon: f64,
+    /// Total ε each other partner may spend on this dataset.
+    pub budget: f64,
+    /// Groups one entity may contribute to in one query (L).
+    pub max_groups_per_entity: u32,
+    /// Clamping bounds `[low, high]` per numeric column, required before a partner's query
+    /// may SUM or AVG it.
+    #[serde(default)]
+    pub bounds: BTreeMap<String, [f64; 2]>,
+}
+
+impl Default for DatasetSettings {
+    fn default() -> Self {
+        DatasetSettings {
+            min_entities: DEFAULT_MIN_ENTITIES,
+            epsilon: DEFAULT_EPSILON,
+            budget: DEFAULT_BUDGET,
+            max_groups_per_entity: DEFAULT_MAX_GROUPS,
+            bounds: BTreeMap::new(),
+        }
+    }
+}
+
+/// A change requested by the owner; absent fields keep their value.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettingsChange {
+    pub dataset: String,
+    pub min_entities: Option<u64>,
+    pub epsilon: Option<f64>,
+    pub budget: Option<f64>,
+    pub max_groups_per_entity: Option<u32>,
+    /// Bounds to set; `null` for a column removes its bounds.
+    #[serde(default)]
+    pub bounds: BTreeMap<String, Option<[f64; 2]>>,
+}
+
+fn invalid(message: impl std::fmt::Display) -> Error {
+    Error::bad("invalid_setting", message)
+}
+
+impl DatasetSettings {
+    fn validate(&self, numeric_columns: &[String]) -> Result<()> {
+        if !(2..=1_000_000).contains(&self.min_entities) {
+            return Err(invalid("min_entities must be between 2 and 1000000"));
+        }
+        if !(self.epsilon.is_finite() && self.epsilon > 0.0 && self.epsilon <= 100.0) {
+            return Err(invalid("epsilon must be > 0 and <= 100"));
+        }
+        if !(self.budget.is_finite() && self.budget >= 0.0 && self.budget <= 1e6) {
+            return Err(invalid("budget must be between 0 and 1000000"));
+        }
+        if !(1..=100).contains(&self.max_groups_per_entity) {
+            return Err(invalid("max_groups_per_entity must be between 1 and 100"));
+        }
+        for (col, [lo, hi]) in &self.bounds {
+            if !numeric_columns.contains(col) {
+                return Err(invalid(format!(
+                    "bounds need a numeric column of the dataset; {col:?} is not one"
+                )));
+            }
+            if !(lo.is_finite() && hi.is_finite() && lo < hi) {
+                return Err(invalid(format!(
+                    "bounds of {col} must be finite with low < high"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The settings in force for a dataset (defaults if the owner set none).
+pub fn of(store: &Store, owner: &str, dataset: &str) -> Result<DatasetSettings> {
+    match store.catalog().settings_json(owner, dataset)? {
+        None => Ok(DatasetSettings::default()),
+        Some(json) => serde_json::from_str(&json)
+            .map_err(|e| Error::internal(format!("bad settings in catalog: {e}"))),
+    }
+}
+
+/// Apply an owner's change to one of its datasets, validated whole.
+pub fn change(
+    store: &Store,
+    owner: &str,
+    user: &str,
+    req: &SettingsChange,
+) -> Result<DatasetSettings> {
+    crate::datadir::validate_name("dataset", &req.dataset)?;
+    let info = store
+        .list(owner)?
+        .into_iter()
+        .find(|d| d.name == req.dataset)
+        .ok_or_else(|| Error::NotFound(format!("you have no dataset named {}", req.dataset)))?;
+    let numeric: Vec<String> = info
+        .columns
+        .iter()
+        .filter(|c| is_numeric(&c.data_type))
+        .map(|c| c.name.clone())
+        .collect();
+    let mut s = of(store, owner, &req.dataset)?;
+    if let Some(k) = req.min_entities {
+        s.min_entities = k;
+    }
+    if let Some(e) = req.epsilon {
+        s.epsilon = e;
+    }
+    if let Some(b) = req.budget {
+        s.budget = b;
+    }
+    if let Some(l) = req.max_groups_per_entity {
+        s.max_groups_per_entity = l;
+    }
+    for (col, b) in &req.bounds {
+        match b {
+            Some(b) => {
+                s.bounds.insert(col.clone(), *b);
+            }
+            None => {
+                s.bounds.remove(col);
+            }
+        }
+    }
+    s.validate(&numeric)?;
+    let json = serde_json::to_string(&s).map_err(Error::internal)?;
+    store
+        .catalog()
+        .put_settings_json(owner, &req.dataset, &json, user)?;
+    Ok(s)
+}
+
+fn is_numeric(data_type: &str) -> bool {
+    let t = data_type.to_ascii_lowercase();
+    ["int", "float", "decimal", "double"]
+        .iter()
+        .any(|p| t.starts_with(p) || t.starts_with(&format!("u{p}")))
+}

@@ -1,0 +1,445 @@
+//! Execution of an allowed plan, and the output-protection rewrite.
+//!
+//! A query over the caller's own datasets only runs as planned (its answer is exact: nobody
+//! else's data is involved). A query that reads another partner's dataset is rewritten:
+//!
+//! ```text
+//! rows   := the allowed row-level relation + the privacy unit (a foreign table's key)
+//! stage1 := GROUP BY unit, dims: per-entity SUM/AVG of each metric          (one row per
+//!           entity and group, so duplicates and join fan-out count once)
+//! bound  := ROW_NUMBER() OVER (PARTITION BY unit ORDER BY dims) <= L         (contribution
+//!           bounding: an entity reaches at most L groups)
+//! stage2 := GROUP BY dims: COUNT(*) entities, SUM(clamp(metric)) ...
+//! ```
+//!
+//! Then, per group: a group is released only if it has at least `k` distinct entities and its
+//! noisy count reaches `k - 1 + 1 + (L/ε)·ln(L/2δ)` (the Laplace partition-selection threshold
+//! shifted by k), so neither a group's existence nor the exact-k test reveals one entity. Released values
+//! carry noise calibrated to the bounded contribution. Withheld groups are not listed (their
+//! dimension values would reveal that an entity exists); a query without GROUP BY always gets
+//! its one row, marked suppressed when withheld. The final ORDER BY / LIMIT / projection of the
+//! user's plan run over the protected rows, never over exact ones.
+//!
+//! All keys of a joined row are equal (joins are key equalities only), so the foreign key
+//! chosen as the privacy unit counts the same entities as any other key in the plan.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, ArrayRef, Float64Array, Int64Array, UInt32Array};
+use datafusion::arrow::compute::{cast, take};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::common::{Column, DFSchema, ScalarValue};
+use datafusion::datasource::{MemTable, provider_as_source};
+use datafusion::execution::SessionState;
+use datafusion::functions_aggregate::expr_fn::{avg, count, sum};
+use datafusion::functions_window::expr_fn::row_number;
+use datafusion::logical_expr::{
+    Aggregate, Expr, ExprFunctionExt, LogicalPlan, LogicalPlanBuilder, Projection, col, lit, when,
+};
+
+use crate::QueryError;
+use crate::gate::{GateReport, Metric};
+use crate::noise::{Noise, partition_threshold};
+
+const ENTITY: &str = "__escrow_entity";
+const ROW_NUMBER: &str = "__escrow_rn";
+const RESULT: &str = "__escrow_result";
+
+/// How a query that reads other partners' data is protected. Built by the service from the
+/// owners' settings: the strictest value of every dataset involved applies.
+#[derive(Debug, Clone)]
+pub struct Protection {
+    /// Minimum distinct entities in a released row (k).
+    pub min_entities: u64,
+    /// Privacy loss of this query, split evenly across its noisy statistics.
+    pub epsilon: f64,
+    /// Groups one entity may contribute to (L).
+    pub max_groups_per_entity: u32,
+    /// δ of the partition selection for data-derived groups.
+    pub delta: f64,
+    /// Table instance (index into the gate report) whose key is the privacy unit.
+    pub entity_table: usize,
+    /// Clamping bounds of each aggregate, in the gate report's order (`None` for counts).
+    pub bounds: Vec<Option<(f64, f64)>>,
+    pub noise: Noise,
+}
+
+/// What was applied, for the answer's metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applied {
+    pub min_entities: u64,
+    /// Noisy entity count a row needed to be released.
+    pub threshold: f64,
+    pub epsilon: f64,
+    pub max_groups_per_entity: u32,
+}
+
+/// A query's answer.
+#[derive(Debug)]
+pub struct Answer {
+    pub schema: SchemaRef,
+    pub batches: Vec<RecordBatch>,
+    /// Per output row: withheld by the thresholds (its values are null).
+    pub suppressed: Vec<bool>,
+    /// `None` for queries over the caller's own datasets only.
+    pub protection: Option<Applied>,
+}
+
+/// Run an allowed plan; with `protection`, through the protection rewrite.
+pub async fn execute(
+    state: &SessionState,
+    plan: LogicalPlan,
+    report: &GateReport,
+    protection: Option<&Protection>,
+) -> Result<Answer, QueryError> {
+    let Some(p) = protection else {
+        let schema = Arc::new(plan.schema().as_arrow().clone());
+        let batches = collect(state, &plan).await?;
+        let rows = batches.iter().map(RecordBatch::num_rows).sum();
+        return Ok(Answer {
+            schema,
+            batches,
+            suppressed: vec![false; rows],
+            protection: None,
+        });
+    };
+    let (top, agg) = split_top(&plan)?;
+    let stage = protected_stage(agg, report, p)?;
+    let exact = collect(state, &stage).await?;
+    let (rows, applied, global_suppressed) = release(agg, report, p, &exact)?;
+    let mut out = replace_aggregate(agg, rows)?;
+    for node in top.iter().rev() {
+        out = node.with_new_exprs(node.expressions(), vec![out])?;
+    }
+    let schema = Arc::new(out.schema().as_arrow().clone());
+    let batches = collect(state, &out).await?;
+    let n = batches.iter().map(RecordBatch::num_rows).sum();
+    Ok(Answer {
+        schema,
+        batches,
+        suppressed: vec![global_suppressed; n],
+        protection: Some(applied),
+    })
+}
+
+async fn collect(state: &SessionState, plan: &LogicalPlan) -> Result<Vec<RecordBatch>, QueryError> {
+    let physical = state.create_physical_plan(plan).await?;
+    Ok(datafusion::physical_plan::collect(physical, state.task_ctx()).await?)
+}
+
+fn internal(what: &str) -> QueryError {
+    QueryError::Internal(format!("protection rewrite: {what}"))
+}
+
+/// The nodes above the Aggregate (top-down) and the Aggregate itself.
+fn split_top(plan: &LogicalPlan) -> Result<(Vec<&LogicalPlan>, &Aggregate), QueryError> {
+    let mut top = Vec::new();
+    let mut node = plan;
+    loop {
+        match node {
+            LogicalPlan::Aggregate(a) => return Ok((top, a)),
+            LogicalPlan::Projection(_) | LogicalPlan::Sort(_) | LogicalPlan::Limit(_) => {
+                top.push(node);
+                node = node.inputs()[0];
+            }
+            _ => return Err(internal("unexpected node above the aggregate")),
+        }
+    }
+}
+
+/// Add the privacy unit (the key of table instance `table`) as a column that every
+/// projection above its scan carries along.
+fn carry_entity(input: LogicalPlan, table: usize, key: &str) -> Result<LogicalPlan, QueryError> {
+    let mut scans = 0usize;
+    let out = input.transform_up(|node| {
+        Ok(match node {
+            LogicalPlan::TableScan(_) => {
+                let i = scans;
+                scans += 1;
+                if i != table {
+                    Transformed::no(node)
+                } else {
+                    let schema = node.schema().clone();
+                    let mut exprs = all_columns(&schema);
+                    let (q, _) = schema.qualified_field_with_unqualified_name(key)?;
+                    exprs.push(Expr::Column(Column::new(q.cloned(), key)).alias(ENTITY));
+                    Transformed::yes(LogicalPlan::Projection(Projection::try_new(
+                        exprs,
+                        Arc::new(node),
+                    )?))
+                }
+            }
+            LogicalPlan::Projection(p) => {
+                let carried = p.schema.has_column_with_unqualified_name(ENTITY);
+                match p
+                    .input
+                    .schema()
+                    .qualified_field_with_unqualified_name(ENTITY)
+                {
+                    Ok((q, _)) if !carried => {
+                        let mut exprs = p.expr.clone();
+                        exprs.push(Expr::Column(Column::new(q.cloned(), ENTITY)));
+                        Transformed::yes(LogicalPlan::Projection(Projection::try_new(
+                            exprs, p.input,
+                        )?))
+                    }
+                    _ => Transformed::no(LogicalPlan::Projection(p)),
+                }
+            }
+            other => Transformed::yes(other.recompute_schema()?),
+        })
+    })?;
+    if scans <= table {
+        return Err(internal("privacy-unit table not found"));
+    }
+    Ok(out.data)
+}
+
+fn all_columns(schema: &DFSchema) -> Vec<Expr> {
+    schema
+        .iter()
+        .map(|(q, f)| Expr::Column(Column::new(q.cloned(), f.name())))
+        .collect()
+}
+
+fn metric_arg(agg: &Aggregate, j: usize) -> Result<Expr, QueryError> {
+    let mut e = agg
+        .aggr_expr
+        .get(j)
+        .ok_or_else(|| internal("aggregate count"))?;
+    while let Expr::Alias(a) = e {
+        e = &a.expr;
+    }
+    match e {
+        Expr::AggregateFunction(f) if f.params.args.len() == 1 => Ok(f.params.args[0].clone()),
+        _ => Err(internal("aggregate shape")),
+    }
+}
+
+/// stage1 -> contribution bound -> stage2 (see the module comment).
+fn protected_stage(
+    agg: &Aggregate,
+    report: &GateReport,
+    p: &Protection,
+) -> Result<LogicalPlan, QueryError> {
+    let key = report
+        .tables
+        .get(p.entity_table)
+        .and_then(|t| t.key_column.clone())
+        .ok_or_else(|| internal("privacy unit without a key column"))?;
+    let input = carry_entity(agg.input.as_ref().clone(), p.entity_table, &key)?;
+    let (q, _) = input
+        .schema()
+        .qualified_field_with_unqualified_name(ENTITY)?;
+    let entity = Expr::Column(Column::new(q.cloned(), ENTITY));
+    let dims = agg.group_expr.clone();
+
+    let mut per_entity = Vec::new();
+    for (j, m) in report.aggregates.iter().enumerate() {
+        let x = || -> Result<Expr, QueryError> {
+            Ok(datafusion::prelude::cast(
+                metric_arg(agg, j)?,
+                DataType::Float64,
+            ))
+        };
+        match m {
+            Metric::Entities => {}
+            Metric::Sum { .. } => per_entity.push(sum(x()?).alias(format!("__escrow_m{j}"))),
+            Metric::Avg { .. } => per_entity.push(avg(x()?).alias(format!("__escrow_m{j}"))),
+        }
+    }
+    let mut b = LogicalPlanBuilder::from(input).aggregate(
+        std::iter::once(entity.clone()).chain(dims.iter().cloned()),
+        per_entity,
+    )?;
+    if !dims.is_empty() {
+        let rn = row_number()
+            .partition_by(vec![entity])
+            .order_by(dims.iter().map(|d| d.clone().sort(true, true)).collect())
+            .build()?
+            .alias(ROW_NUMBER);
+        b = b
+            .window(vec![rn])?
+            .filter(col(ROW_NUMBER).lt_eq(lit(u64::from(p.max_groups_per_entity))))?;
+    }
+    let mut totals = vec![count(lit(1)).alias("__escrow_n")];
+    for (j, m) in report.aggregates.iter().enumerate() {
+        if matches!(m, Metric::Entities) {
+            continue;
+        }
+        let (lo, hi) = p
+            .bounds
+            .get(j)
+            .copied()
+            .flatten()
+            .ok_or_else(|| internal("metric without bounds"))?;
+        let v = col(format!("__escrow_m{j}"));
+        let clamped = when(v.clone().lt(lit(lo)), lit(lo))
+            .when(v.clone().gt(lit(hi)), lit(hi))
+            .otherwise(v.clone())?;
+        totals.push(sum(clamped).alias(format!("__escrow_s{j}")));
+        if matches!(m, Metric::Avg { .. }) {
+            totals.push(count(v).alias(format!("__escrow_c{j}")));
+        }
+    }
+    Ok(b.aggregate(dims, totals)?.build()?)
+}
+
+/// Thresholds and noise over the exact stage-2 rows. Returns the released rows in the
+/// Aggregate's output layout, what was applied, and whether the (global) row was withheld.
+fn release(
+    agg: &Aggregate,
+    report: &GateReport,
+    p: &Protection,
+    exact: &[RecordBatch],
+) -> Result<(RecordBatch, Applied, bool), QueryError> {
+    let dims = agg.group_expr.len();
+    let statistics: usize = 1 + report
+        .aggregates
+        .iter()
+        .map(|m| match m {
+            Metric::Entities => 0,
+            Metric::Sum { .. } => 1,
+            Metric::Avg { .. } => 2,
+        })
+        .sum::<usize>();
+    let eps = p.epsilon / statistics as f64;
+    let l = f64::from(p.max_groups_per_entity.max(1));
+    let k = p.min_entities as f64;
+    // Released only with at least k exact entities AND a noisy count of at least
+    // (k - 1) + the Laplace partition-selection threshold. The margin makes the exact k test
+    // invisible: a row at exactly k (or a group of one entity) is released with probability
+    // at most about δ, so adding or removing one entity cannot be seen through suppression.
+    let threshold = (k - 1.0) + partition_threshold(eps, p.max_groups_per_entity, p.delta);
+    let applied = Applied {
+        min_entities: p.min_entities,
+        threshold,
+        epsilon: p.epsilon,
+        max_groups_per_entity: p.max_groups_per_entity,
+    };
+
+    let out_fields: Vec<Field> = agg
+        .schema
+        .fields()
+        .iter()
+        .enumerate()
+        .map(|(i, f)| Field::new(format!("c{i}"), f.data_type().clone(), true))
+        .collect();
+    let out_schema = Arc::new(Schema::new(out_fields));
+    let mut dim_parts: Vec<Vec<ArrayRef>> = vec![Vec::new(); dims];
+    let mut values: Vec<Vec<Option<f64>>> = vec![Vec::new(); report.aggregates.len()];
+    let mut withheld_global = false;
+    for batch in exact {
+        let n_col = as_i64(batch.column(dims))?;
+        let mut keep: Vec<u32> = Vec::new();
+        for row in 0..batch.num_rows() {
+            let mut group = Vec::new();
+            for d in 0..dims {
+                let v = ScalarValue::try_from_array(batch.column(d), row)?;
+                let text = format!("{v:?}");
+                group.extend_from_slice(&(text.len() as u64).to_be_bytes());
+                group.extend_from_slice(text.as_bytes());
+            }
+            let n = n_col.value(row);
+            let noisy_n = n + p.noise.discrete_laplace(&group, 0, l / eps);
+            if n < p.min_entities as i64 || (noisy_n as f64) < threshold {
+                if dims == 0 {
+                    withheld_global = true;
+                    keep.push(row as u32);
+                    for v in values.iter_mut() {
+                        v.push(None);
+                    }
+                }
+                continue;
+            }
+            keep.push(row as u32);
+            let mut col = dims + 1;
+            for (j, m) in report.aggregates.iter().enumerate() {
+                let stat = 1 + 2 * j as u32;
+                let v = match m {
+                    Metric::Entities => Some(noisy_n as f64),
+                    Metric::Sum { .. } | Metric::Avg { .. } => {
+                        let (lo, hi) = p.bounds[j].ok_or_else(|| internal("bounds"))?;
+                        let scale = l * lo.abs().max(hi.abs()) / eps;
+                        let total = as_f64(batch.column(col))?;
+                        let s = if total.is_null(row) {
+                            0.0
+                        } else {
+                            total.value(row)
+                        } + p.noise.laplace(&group, stat, scale);
+                        col += 1;
+                        if matches!(m, Metric::Sum { .. }) {
+                            Some(s)
+                        } else {
+                            let c = as_i64(batch.column(col))?.value(row);
+                            col += 1;
+                            let noisy_c = c + p.noise.discrete_laplace(&group, stat + 1, l / eps);
+                            (noisy_c > 0).then(|| (s / noisy_c as f64).clamp(lo, hi))
+                        }
+                    }
+                };
+                values[j].push(v);
+            }
+        }
+        let idx = UInt32Array::from(keep);
+        for (d, part) in dim_parts.iter_mut().enumerate() {
+            part.push(take(batch.column(d), &idx, None)?);
+        }
+    }
+    let mut columns: Vec<ArrayRef> = Vec::new();
+    for (d, part) in dim_parts.iter().enumerate() {
+        let refs: Vec<&dyn Array> = part.iter().map(|a| a.as_ref()).collect();
+        let joined = if refs.is_empty() {
+            datafusion::arrow::array::new_empty_array(out_schema.field(d).data_type())
+        } else {
+            datafusion::arrow::compute::concat(&refs)?
+        };
+        columns.push(cast(&joined, out_schema.field(d).data_type())?);
+    }
+    for (j, v) in values.into_iter().enumerate() {
+        let target = out_schema.field(dims + j).data_type();
+        let array: ArrayRef = if target.is_integer() {
+            Arc::new(Int64Array::from(
+                v.into_iter()
+                    .map(|x| x.map(|x| x.round() as i64))
+                    .collect::<Vec<_>>(),
+            ))
+        } else {
+            Arc::new(Float64Array::from(v))
+        };
+        columns.push(cast(&array, target)?);
+    }
+    let batch = RecordBatch::try_new(out_schema, columns)?;
+    Ok((batch, applied, withheld_global))
+}
+
+fn as_i64(a: &ArrayRef) -> Result<&Int64Array, QueryError> {
+    a.as_any()
+        .downcast_ref::<Int64Array>()
+        .ok_or_else(|| internal("count column type"))
+}
+
+fn as_f64(a: &ArrayRef) -> Result<&Float64Array, QueryError> {
+    a.as_any()
+        .downcast_ref::<Float64Array>()
+        .ok_or_else(|| internal("sum column type"))
+}
+
+/// A plan that yields `rows` under the Aggregate's own column names and qualifiers, so the
+/// user's ORDER BY / LIMIT / projection apply unchanged.
+fn replace_aggregate(agg: &Aggregate, rows: RecordBatch) -> Result<LogicalPlan, QueryError> {
+    let schema = rows.schema();
+    let table = MemTable::try_new(schema.clone(), vec![vec![rows]])?;
+    let scan = LogicalPlanBuilder::scan(RESULT, provider_as_source(Arc::new(table)), None)?;
+    let exprs: Vec<Expr> = agg
+        .schema
+        .iter()
+        .zip(schema.fields())
+        .map(|((q, f), c)| {
+            Expr::Column(Column::new(Some(RESULT), c.name())).alias_qualified(q.cloned(), f.name())
+        })
+        .collect();
+    Ok(scan.project(exprs)?.build()?)
+}
