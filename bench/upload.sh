@@ -6,16 +6,7 @@
 #   4. a ~1 GB Arrow file (the 1M list repeated) uploaded: peak server RSS (target < 256 MB)
 #   5. the sealing micro-benchmark (cargo bench --bench seal)
 # Usage: bench/upload.sh [ROWS]   (default 1000000). Needs: pip install pyarrow duckdb
-set -euo pipefail
-cd "$(dirname "$0")/.."
-ROWS="${1:-1000000}"
-OUT="bench/out"
-SHARED="${ESCROW_SHARED_DIR:-../shared}"
-mkdir -p "$OUT"
-python3 -c "import pyarrow, duckdb" 2>/dev/null || python3 -m pip install --quiet pyarrow duckdb
-
-cargo build --release --bin escrow --quiet
-BIN="${CARGO_TARGET_DIR:-target}/release/escrow"
+source "$(dirname "$0")/common.sh"
 
 if [ ! -f "$OUT/gen-$ROWS/acme.arrow" ]; then
   echo "== generating $ROWS rows per partner"
