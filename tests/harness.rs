@@ -106,6 +106,12 @@ impl Env {
         self.cli(server, partner, &args)
     }
 
+    /// Write `csv` to a file and upload it as `partner`'s `dataset`, keyed by `website`.
+    pub fn upload_csv(&self, server: &Server, partner: &str, dataset: &str, csv: &str) -> Run {
+        let f = self.file(&format!("{partner}-{dataset}.csv"), csv.as_bytes());
+        self.upload(server, partner, &f, dataset, &["--key-column", "website"])
+    }
+
     /// Datasets of `partner` as JSON.
     pub fn datasets(&self, server: &Server, partner: &str) -> serde_json::Value {
         let r = self

@@ -17,15 +17,8 @@ fn policies(env: &Env, server: &Server, partner: &str) -> serde_json::Value {
 fn owners_grant_list_and_revoke() {
     let env = Env::new();
     let server = env.serve(&[]);
-    let csv = env.file("a.csv", accounts_csv(20, "p").as_bytes());
-    env.upload(
-        &server,
-        "acme",
-        &csv,
-        "accounts",
-        &["--key-column", "website"],
-    )
-    .ok();
+    env.upload_csv(&server, "acme", "accounts", &accounts_csv(20, "p"))
+        .ok();
 
     let out = env.cli(&server, "acme", &GRANT_JOIN).ok();
     assert!(

@@ -52,14 +52,12 @@ fn corpus_world() -> (Env, Server) {
         ));
     }
     let secret = "website,note\nco1.example,x\nco2.example,y\n";
-    let key = ["--key-column", "website"];
     for (partner, name, body) in [
         ("acme", "accounts", acme.as_str()),
         ("acme", "secret", secret),
         ("globex", "accounts", globex.as_str()),
     ] {
-        let f = env.file(&format!("{partner}-{name}.csv"), body.as_bytes());
-        env.upload(&server, partner, &f, name, &key).ok();
+        env.upload_csv(&server, partner, name, body).ok();
     }
     for (usage, column) in [
         ("join", Some("website")),
@@ -320,21 +318,10 @@ fn companies(
 fn shared_world(ids: impl IntoIterator<Item = usize>, settings: &[&str]) -> (Env, Server) {
     let env = Env::new();
     let server = env.serve(&[]);
-    let f = env.file(
-        "acme.csv",
-        companies(ids, "industry", &|i| {
-            ["retail", "energy"][i % 2].to_string()
-        })
-        .as_bytes(),
-    );
-    env.upload(
-        &server,
-        "acme",
-        &f,
-        "accounts",
-        &["--key-column", "website"],
-    )
-    .ok();
+    let acme = companies(ids, "industry", &|i| {
+        ["retail", "energy"][i % 2].to_string()
+    });
+    env.upload_csv(&server, "acme", "accounts", &acme).ok();
     for usage in ["join", "count", "dimension", "filter"] {
         env.cli(
             &server,
@@ -355,12 +342,8 @@ fn shared_world(ids: impl IntoIterator<Item = usize>, settings: &[&str]) -> (Env
 
 /// globex uploads its own list (`ids`, with a `segment` column) as `mine`.
 fn attacker_upload(env: &Env, server: &Server, ids: &[usize], segment: &dyn Fn(usize) -> String) {
-    let f = env.file(
-        "globex.csv",
-        companies(ids.iter().copied(), "segment", segment).as_bytes(),
-    );
-    env.upload(server, "globex", &f, "mine", &["--key-column", "website"])
-        .ok();
+    let list = companies(ids.iter().copied(), "segment", segment);
+    env.upload_csv(server, "globex", "mine", &list).ok();
 }
 
 const OVERLAP: &str = "SELECT COUNT(DISTINCT m.website) AS n FROM globex.mine m JOIN acme.accounts a ON m.website = a.website";

@@ -141,15 +141,8 @@ fn file_swapped_between_versions_fails() {
 fn flipped_byte_fails_queries_through_the_service() {
     let env = Env::new();
     let server = env.serve(&[]);
-    let csv = env.file("a.csv", accounts_csv(500, "q").as_bytes());
-    env.upload(
-        &server,
-        "acme",
-        &csv,
-        "accounts",
-        &["--key-column", "website"],
-    )
-    .ok();
+    env.upload_csv(&server, "acme", "accounts", &accounts_csv(500, "q"))
+        .ok();
     let sql = "SELECT status, COUNT(DISTINCT website) FROM acme.accounts GROUP BY status";
     env.cli(&server, "acme", &["query", sql]).ok(); // now cached
     let file = env.sealed_files().pop().expect("a sealed file");

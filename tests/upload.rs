@@ -112,15 +112,8 @@ fn every_format_uploads_lists_and_reads_back() {
         assert_eq!(all, orig, "{file} must round-trip exactly");
     }
     // CSV: types are inferred, the key column is kept.
-    let csv = env.file("crm.csv", accounts_csv(1234, "acme").as_bytes());
-    env.upload(
-        &server,
-        "acme",
-        &csv,
-        "accounts",
-        &["--key-column", "website"],
-    )
-    .ok();
+    env.upload_csv(&server, "acme", "accounts", &accounts_csv(1234, "acme"))
+        .ok();
     let list = env.datasets(&server, "acme");
     let ds = list["datasets"].as_array().expect("array");
     assert_eq!(ds.len(), 4);

@@ -108,6 +108,15 @@ pub struct QueryableDataset {
     pub live: VersionKey,
 }
 
+/// What `Catalog::spend` did.
+#[derive(Debug, Clone)]
+pub enum Spend {
+    /// Charged (`new`) or already paid; each charge's total spent afterwards.
+    Charged { new: bool, totals: Vec<f64> },
+    /// Nothing spent: this dataset's budget would be exceeded (`spent` so far).
+    Exhausted { charge: BudgetCharge, spent: f64 },
+}
+
 /// The budget a querying partner needs from one dataset, and what it may spend there.
 #[derive(Debug, Clone)]
 pub struct BudgetCharge {
@@ -430,15 +439,7 @@ impl Catalog {
              FROM datasets d JOIN dataset_versions v ON v.dataset_id = d.id
              WHERE d.owner = ?1 AND d.name = ?2 ORDER BY v.version DESC",
         )?;
-        let rows = st.query_map(params![owner, name], |r| {
-            Ok(VersionKey {
-                dataset_id: r.get(0)?,
-                version_id: r.get(1)?,
-                version: r.get(2)?,
-                wrapped_dek: r.get(3)?,
-                kek_id: r.get(4)?,
-            })
-        })?;
+        let rows = st.query_map(params![owner, name], |r| version_key(r, 0))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
@@ -526,24 +527,12 @@ impl Catalog {
     pub fn grants_of(&self, partner: &str) -> Result<(Vec<Grant>, Vec<Grant>)> {
         let conn = self.conn();
         let mut st = conn.prepare(
-            "SELECT owner, dataset, col, grantee, usage FROM grants
+            "SELECT grantee, owner, dataset, col, usage FROM grants
              WHERE owner = ?1 OR grantee = ?1 OR grantee = '*'
              ORDER BY owner, dataset, col, grantee, usage",
         )?;
-        let rows = st.query_map([partner], |r| {
-            Ok([
-                r.get::<_, String>(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-            ])
-        })?;
         let (mut made, mut received) = (Vec::new(), Vec::new());
-        for row in rows {
-            let [owner, dataset, col, grantee, usage] = row?;
-            let g = Grant::from_casbin(&[grantee, owner, dataset, col, usage])
-                .map_err(|e| Error::internal(format!("bad grant in catalog: {e}")))?;
+        for g in read_grants(&mut st, [partner])? {
             if g.owner == partner {
                 made.push(g);
             } else {
@@ -573,13 +562,7 @@ impl Catalog {
                 owner: r.get(0)?,
                 name: r.get(1)?,
                 key_column: r.get(2)?,
-                live: VersionKey {
-                    dataset_id: r.get(3)?,
-                    version_id: r.get(4)?,
-                    version: r.get(5)?,
-                    wrapped_dek: r.get(6)?,
-                    kek_id: r.get(7)?,
-                },
+                live: version_key(r, 3)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -617,48 +600,38 @@ impl Catalog {
         Ok(())
     }
 
-    /// Budget `partner` has spent on a dataset.
-    pub fn spent(&self, partner: &str, owner: &str, dataset: &str) -> Result<f64> {
-        Ok(self.conn().query_row(
-            "SELECT COALESCE(SUM(epsilon), 0) FROM privacy_ledger
-             WHERE partner = ?1 AND owner = ?2 AND dataset = ?3",
-            params![partner, owner, dataset],
-            |r| r.get(0),
-        )?)
-    }
-
     /// Spend `epsilon` of every dataset in `charges` for the question `fingerprint`, all or
-    /// nothing. A question already paid for spends nothing (returns `Ok(false)`); if any
-    /// dataset's budget would be exceeded, nothing is spent and that dataset is returned.
+    /// nothing. A question already paid for spends nothing. Returns whether anything was
+    /// spent and each dataset's total spent by `partner` afterwards; if any dataset's budget
+    /// would be exceeded, nothing is spent and that dataset and its total are returned.
     pub fn spend(
         &self,
         partner: &str,
         charges: &[BudgetCharge],
         epsilon: f64,
         fingerprint: &str,
-    ) -> Result<std::result::Result<bool, (BudgetCharge, f64)>> {
+    ) -> Result<Spend> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut new = false;
+        let mut totals = Vec::with_capacity(charges.len());
         for c in charges {
-            let paid: bool = tx.query_row(
-                "SELECT EXISTS (SELECT 1 FROM privacy_ledger WHERE partner = ?1 AND owner = ?2
-                   AND dataset = ?3 AND fingerprint = ?4)",
+            let (spent, paid): (f64, bool) = tx.query_row(
+                "SELECT COALESCE(SUM(epsilon), 0), COALESCE(MAX(fingerprint = ?4), 0)
+                 FROM privacy_ledger WHERE partner = ?1 AND owner = ?2 AND dataset = ?3",
                 params![partner, c.owner, c.dataset, fingerprint],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
             if paid {
+                totals.push(spent);
                 continue;
             }
-            let spent: f64 = tx.query_row(
-                "SELECT COALESCE(SUM(epsilon), 0) FROM privacy_ledger
-                 WHERE partner = ?1 AND owner = ?2 AND dataset = ?3",
-                params![partner, c.owner, c.dataset],
-                |r| r.get(0),
-            )?;
             // A small tolerance so that budget / epsilon questions fit exactly.
             if spent + epsilon > c.budget + 1e-9 {
-                return Ok(Err((c.clone(), spent)));
+                return Ok(Spend::Exhausted {
+                    charge: c.clone(),
+                    spent,
+                });
             }
             tx.execute(
                 "INSERT INTO privacy_ledger (partner, owner, dataset, fingerprint, epsilon, spent_at)
@@ -666,32 +639,17 @@ impl Catalog {
                 params![partner, c.owner, c.dataset, fingerprint, epsilon, now_rfc3339()],
             )?;
             new = true;
+            totals.push(spent + epsilon);
         }
         tx.commit()?;
-        Ok(Ok(new))
+        Ok(Spend::Charged { new, totals })
     }
 
     /// Every grant, for the policy engine.
     pub fn all_grants(&self) -> Result<Vec<Grant>> {
         let conn = self.conn();
         let mut st = conn.prepare("SELECT grantee, owner, dataset, col, usage FROM grants")?;
-        let rows = st.query_map([], |r| {
-            Ok([
-                r.get::<_, String>(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-            ])
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            out.push(
-                Grant::from_casbin(&row?)
-                    .map_err(|e| Error::internal(format!("bad grant in catalog: {e}")))?,
-            );
-        }
-        Ok(out)
+        read_grants(&mut st, [])
     }
 
     /// Remove dataset rows that never got a version (uploads that did not complete).
@@ -702,6 +660,42 @@ impl Catalog {
             [],
         )?)
     }
+}
+
+/// A `VersionKey` from columns `first..first + 5` of a row: dataset id, version id, version,
+/// wrapped DEK, KEK id.
+fn version_key(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<VersionKey> {
+    Ok(VersionKey {
+        dataset_id: r.get(first)?,
+        version_id: r.get(first + 1)?,
+        version: r.get(first + 2)?,
+        wrapped_dek: r.get(first + 3)?,
+        kek_id: r.get(first + 4)?,
+    })
+}
+
+/// Grants from a statement selecting `grantee, owner, dataset, col, usage` (casbin order).
+fn read_grants(
+    st: &mut rusqlite::Statement<'_>,
+    params: impl rusqlite::Params,
+) -> Result<Vec<Grant>> {
+    let rows = st.query_map(params, |r| {
+        Ok([
+            r.get::<_, String>(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+        ])
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        out.push(
+            Grant::from_casbin(&row?)
+                .map_err(|e| Error::internal(format!("bad grant in catalog: {e}")))?,
+        );
+    }
+    Ok(out)
 }
 
 fn revocations_in(conn: &Connection) -> Result<(Vec<(String, OffsetDateTime)>, u64)> {

@@ -68,6 +68,16 @@ impl Client {
         req: reqwest::RequestBuilder,
         what: &str,
     ) -> anyhow::Result<T> {
+        let bytes = self.send_raw(req, what).await?;
+        serde_json::from_slice(&bytes).with_context(|| format!("{what}: unexpected response"))
+    }
+
+    /// Send a request; the body of a success, or the one-line error of a refusal.
+    async fn send_raw(
+        &self,
+        req: reqwest::RequestBuilder,
+        what: &str,
+    ) -> anyhow::Result<bytes::Bytes> {
         let resp = req
             .send()
             .await
@@ -78,8 +88,7 @@ impl Client {
             .await
             .map_err(|e| transport_error(e, &self.base))?;
         if status.is_success() {
-            return serde_json::from_slice(&bytes)
-                .with_context(|| format!("{what}: unexpected response"));
+            return Ok(bytes);
         }
         Err(refusal(what, status, &bytes))
     }
@@ -199,20 +208,10 @@ impl Client {
 
     /// Run a query; the CSV answer.
     pub async fn query_csv(&self, sql: &str) -> anyhow::Result<String> {
-        let resp = self
-            .query_request(sql, "csv")
-            .send()
-            .await
-            .map_err(|e| transport_error(e, &self.base))?;
-        let status = resp.status();
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|e| transport_error(e, &self.base))?;
-        if status.is_success() {
-            return Ok(String::from_utf8_lossy(&bytes).into_owned());
-        }
-        Err(refusal("query", status, &bytes))
+        let bytes = self
+            .send_raw(self.query_request(sql, "csv"), "query")
+            .await?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
     fn query_request(&self, sql: &str, format: &str) -> reqwest::RequestBuilder {

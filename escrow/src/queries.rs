@@ -27,7 +27,7 @@ use escrow_query::{
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::catalog::{BudgetCharge, QueryableDataset, VersionKey};
+use crate::catalog::{BudgetCharge, QueryableDataset, Spend, VersionKey};
 use crate::settings::{self, DatasetSettings};
 use crate::store::Store;
 use crate::{Error, Result};
@@ -169,11 +169,20 @@ impl QueryService {
                 let spent =
                     blocking(move || store.catalog().spend(&who, &ch, eps, &fp_hex)).await?;
                 match spent {
-                    Ok(new) => {
+                    Spend::Charged { new, totals } => {
                         repeated = !new;
                         epsilon_spent = if new { eps } else { 0.0 };
+                        budgets = charges
+                            .iter()
+                            .zip(totals)
+                            .map(|(c, spent)| BudgetView {
+                                dataset: format!("{}.{}", c.owner, c.dataset),
+                                spent,
+                                budget: c.budget,
+                            })
+                            .collect();
                     }
-                    Err((c, spent)) => {
+                    Spend::Exhausted { charge: c, spent } => {
                         return Err(refused(
                             "budget_exhausted",
                             format!(
@@ -182,16 +191,6 @@ impl QueryService {
                             ),
                         ));
                     }
-                }
-                for c in charges {
-                    let (store, who) = (self.store.clone(), caller.to_string());
-                    let (o, d) = (c.owner.clone(), c.dataset.clone());
-                    let spent = blocking(move || store.catalog().spent(&who, &o, &d)).await?;
-                    budgets.push(BudgetView {
-                        dataset: format!("{}.{}", c.owner, c.dataset),
-                        spent,
-                        budget: c.budget,
-                    });
                 }
                 Some(p)
             }

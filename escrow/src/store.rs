@@ -335,12 +335,11 @@ impl Store {
                 (0..batches.len()).map(move |i| Ok(batches[i].clone())),
             ));
         }
-        let reader = self.read_version(v)?;
+        let mut reader = self.read_version(v)?;
         let mut collected = Some((Vec::new(), 0usize));
         let max = self.cache.max_bytes();
         let (dataset_id, version_id) = (v.dataset_id.clone(), v.version_id.clone());
         let store = std::sync::Arc::clone(self);
-        let mut reader = reader;
         let iter = std::iter::from_fn(move || match reader.next() {
             Some(Ok(b)) => {
                 if let Some((batches, bytes)) = collected.as_mut() {
