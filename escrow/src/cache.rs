@@ -7,10 +7,11 @@
 //! dataset or uploading a new version drops its entries, so crypto-shredding also forgets
 //! the plaintext.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use arrow_array::RecordBatch;
+use arrow_array::{Array, RecordBatch};
+use arrow_data::ArrayData;
 use arrow_schema::SchemaRef;
 
 /// Verified batches of one version.
@@ -37,6 +38,41 @@ struct Entry {
     bytes: usize,
     used: u64,
     stamp: Stamp,
+}
+
+/// Running total of the memory of batches, each allocation counted once. Batches decoded
+/// from an IPC stream slice every column out of one message buffer, so
+/// `get_array_memory_size` (which counts the whole buffer once per column) overstates them
+/// several times over.
+#[derive(Debug, Default)]
+pub struct MemoryMeter {
+    seen: HashSet<usize>,
+    total: usize,
+}
+
+impl MemoryMeter {
+    pub fn add(&mut self, batch: &RecordBatch) {
+        for c in batch.columns() {
+            self.visit(&c.to_data());
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.total
+    }
+
+    fn visit(&mut self, data: &ArrayData) {
+        let nulls = data.nulls().map(|n| n.buffer());
+        for b in data.buffers().iter().chain(nulls) {
+            if self.seen.insert(b.data_ptr().as_ptr() as usize) {
+                // Externally owned buffers report capacity 0: count what they show.
+                self.total += b.capacity().max(b.len());
+            }
+        }
+        for c in data.child_data() {
+            self.visit(c);
+        }
+    }
 }
 
 /// Size and modification time of the sealed file an entry was read from: an entry is only
@@ -76,14 +112,15 @@ impl PlaintextCache {
         Some(e.batches.clone())
     }
 
+    /// Keep `batches` (which hold `bytes`, as measured by [`MemoryMeter`]).
     pub fn insert(
         &self,
         dataset_id: &str,
         version_id: &str,
         stamp: Stamp,
         batches: Vec<RecordBatch>,
+        bytes: usize,
     ) {
-        let bytes: usize = batches.iter().map(RecordBatch::get_array_memory_size).sum();
         if bytes > self.max_bytes {
             return;
         }
@@ -154,5 +191,54 @@ impl PlaintextCache {
     /// Bytes held (for logs and tests).
     pub fn bytes(&self) -> usize {
         self.lock().bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow_array::{ArrayRef, RecordBatch, StringArray};
+
+    use super::MemoryMeter;
+
+    fn memory_size(batches: &[RecordBatch]) -> usize {
+        let mut m = MemoryMeter::default();
+        batches.iter().for_each(|b| m.add(b));
+        m.bytes()
+    }
+
+    /// A batch read back from an IPC stream: all eight columns live in one message buffer.
+    fn decoded(columns: usize, rows: usize) -> (RecordBatch, usize) {
+        let cols: Vec<(String, ArrayRef)> = (0..columns)
+            .map(|c| {
+                let v: Vec<String> = (0..rows).map(|r| format!("value-{c}-{r:08}")).collect();
+                (format!("c{c}"), Arc::new(StringArray::from(v)) as ArrayRef)
+            })
+            .collect();
+        let batch = RecordBatch::try_from_iter(cols).unwrap();
+        let mut bytes = Vec::new();
+        let mut w = arrow_ipc::writer::StreamWriter::try_new(&mut bytes, &batch.schema()).unwrap();
+        w.write(&batch).unwrap();
+        w.finish().unwrap();
+        drop(w);
+        let len = bytes.len();
+        let mut r = arrow_ipc::reader::StreamReader::try_new(&bytes[..], None).unwrap();
+        (r.next().unwrap().unwrap(), len)
+    }
+
+    #[test]
+    fn shared_message_buffers_are_counted_once() {
+        let (batch, stream_len) = decoded(8, 10_000);
+        let counted = memory_size(std::slice::from_ref(&batch));
+        assert!(counted >= stream_len / 2, "{counted} < {stream_len}/2");
+        assert!(counted <= stream_len * 2, "{counted} > 2 x {stream_len}");
+        // What the per-column measure says of the same batch (the overcount this avoids).
+        assert!(batch.get_array_memory_size() > 4 * counted);
+        // Two batches sharing nothing are counted in full.
+        let (other, _) = decoded(8, 10_000);
+        assert!(memory_size(&[batch.clone(), other]) > counted * 3 / 2);
+        // The same batch twice holds no more memory than once.
+        assert_eq!(memory_size(&[batch.clone(), batch]), counted);
     }
 }

@@ -21,15 +21,15 @@ use arrow_schema::SchemaRef;
 use escrow_policies::{Decision, PolicySet};
 use escrow_query::gate;
 use escrow_query::{
-    Answer, BatchIter, BatchSource, Limits, Metric, Noise, NoiseKey, Protection, QueryError,
-    QueryTable,
+    Answer, BatchIter, BatchSource, EntityHasher, Limits, Metric, Noise, NoiseKey, Protection,
+    QueryError, QueryTable,
 };
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::catalog::{BudgetCharge, QueryableDataset, Spend, VersionKey};
 use crate::settings::{self, DatasetSettings};
-use crate::store::Store;
+use crate::store::{Prepare, Store};
 use crate::{Error, Result};
 
 /// δ of the partition selection for data-derived groups.
@@ -57,6 +57,8 @@ impl Default for QueryConfig {
 pub struct QueryService {
     store: Arc<Store>,
     noise_key: NoiseKey,
+    /// Key columns execute as entity ids under this (derived from the noise key).
+    entity_hasher: EntityHasher,
     config: QueryConfig,
     policies: tokio::sync::Mutex<Option<(u64, Arc<PolicySet>)>>,
 }
@@ -110,6 +112,7 @@ impl QueryService {
     pub fn new(store: Arc<Store>, noise_key: NoiseKey, config: QueryConfig) -> Self {
         QueryService {
             store,
+            entity_hasher: noise_key.entity_hasher(),
             noise_key,
             config,
             policies: tokio::sync::Mutex::new(None),
@@ -145,7 +148,7 @@ impl QueryService {
             ));
         }
         let (tables, versions) = self.tables_for(caller).await?;
-        let (plan, state) = escrow_query::plan_sql(sql, &tables, &self.config.limits).await?;
+        let plan = escrow_query::plan_sql(sql, &tables).await?;
         let keys = gate::keys_of(&tables);
         let report = gate::check(&plan, &keys)?;
         gate::check_foreign_joined(&report, caller)?;
@@ -195,7 +198,9 @@ impl QueryService {
                 Some(p)
             }
         };
-        let run = escrow_query::execute(&state, plan, &report, protection.as_ref());
+        let (runs, state) =
+            escrow_query::plan_for_execution(sql, &tables, &self.config.limits, &report).await?;
+        let run = escrow_query::execute(&state, runs, &report, protection.as_ref());
         let answer = match tokio::time::timeout(self.config.timeout, run).await {
             Ok(answer) => answer?,
             Err(_) => {
@@ -223,6 +228,7 @@ impl QueryService {
     ) -> Result<(Vec<QueryTable>, BTreeMap<(String, String), String>)> {
         let store = self.store.clone();
         let who = caller.to_string();
+        let hasher = self.entity_hasher.clone();
         blocking(move || {
             let mut tables = Vec::new();
             let mut versions = BTreeMap::new();
@@ -235,15 +241,18 @@ impl QueryService {
                     key_column,
                     live,
                 } = d;
+                let (executes, prepare) = query_form(&schema, key_column.as_deref(), &hasher)?;
                 let source = Arc::new(SealedSource {
                     store: store.clone(),
                     version: live,
-                    schema,
+                    schema: executes,
+                    prepare,
                 });
                 tables.push(QueryTable {
                     owner,
                     dataset: name,
                     key_column,
+                    schema,
                     provider: escrow_query::source::table(source)
                         .map_err(|e| Error::internal(format!("table provider: {e}")))?,
                 });
@@ -389,10 +398,33 @@ fn fingerprint(
 }
 
 /// Batches of one sealed version, for the engine.
+/// The schema a dataset executes with and the preparation of its batches: the key column
+/// (if any) as entity ids.
+fn query_form(
+    schema: &SchemaRef,
+    key: Option<&str>,
+    hasher: &EntityHasher,
+) -> Result<(SchemaRef, Prepare)> {
+    let Some(key) = key else {
+        return Ok((schema.clone(), Arc::new(Ok)));
+    };
+    let executes = escrow_query::source::entity_schema(schema, key)
+        .map_err(|e| Error::internal(format!("entity schema: {e}")))?;
+    let (key, hasher) = (key.to_string(), hasher.clone());
+    let prepare: Prepare = Arc::new(move |b: RecordBatch| {
+        escrow_query::source::with_entity_ids(&b, &key, &hasher)
+            .map_err(|e| Error::internal(format!("entity ids: {e}")))
+    });
+    Ok((executes, prepare))
+}
+
+/// A sealed dataset version in query form.
 struct SealedSource {
     store: Arc<Store>,
     version: VersionKey,
+    /// The schema it executes with (key column as entity ids).
     schema: SchemaRef,
+    prepare: Prepare,
 }
 
 impl std::fmt::Debug for SealedSource {
@@ -409,7 +441,7 @@ impl BatchSource for SealedSource {
     fn open(&self) -> std::result::Result<BatchIter, String> {
         let batches = self
             .store
-            .batches(&self.version)
+            .batches(&self.version, self.prepare.clone())
             .map_err(|e| e.to_string())?;
         Ok(Box::new(batches.map(
             |b: Result<RecordBatch>| -> std::result::Result<RecordBatch, String> {

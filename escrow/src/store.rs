@@ -10,7 +10,10 @@ use std::path::PathBuf;
 use arrow_array::RecordBatch;
 use arrow_schema::{ArrowError, SchemaRef};
 
-use crate::cache::PlaintextCache;
+use crate::cache::{MemoryMeter, PlaintextCache};
+
+/// Turns a verified batch into the form the cache keeps and queries read.
+pub type Prepare = std::sync::Arc<dyn Fn(RecordBatch) -> Result<RecordBatch> + Send + Sync>;
 use crate::catalog::{Catalog, ColumnInfo, DatasetInfo, NewVersion, VersionKey};
 use crate::crypto::keys::Kek;
 use crate::crypto::random_bytes;
@@ -317,11 +320,15 @@ impl Store {
         Ok(schema)
     }
 
-    /// The verified batches of a version: from the plaintext cache, or read (decrypting and
-    /// authenticating) and then cached once the whole version read cleanly.
+    /// The verified batches of a version in query form (`prepare` applied to each batch,
+    /// e.g. key columns turned into entity ids): from the plaintext cache, or read
+    /// (decrypting and authenticating), prepared and cached once the whole version read
+    /// cleanly. `prepare` must be the same function for every call on a version: the cache
+    /// holds its output.
     pub fn batches(
         self: &std::sync::Arc<Self>,
         v: &VersionKey,
+        prepare: Prepare,
     ) -> Result<Box<dyn Iterator<Item = Result<RecordBatch>> + Send>> {
         let meta = fs::metadata(self.dir.sealed_file(&v.dataset_id, &v.version_id))?;
         let mtime = meta
@@ -336,15 +343,15 @@ impl Store {
             ));
         }
         let mut reader = self.read_version(v)?;
-        let mut collected = Some((Vec::new(), 0usize));
+        let mut collected = Some((Vec::new(), MemoryMeter::default()));
         let max = self.cache.max_bytes();
         let (dataset_id, version_id) = (v.dataset_id.clone(), v.version_id.clone());
         let store = std::sync::Arc::clone(self);
-        let iter = std::iter::from_fn(move || match reader.next() {
+        let iter = std::iter::from_fn(move || match reader.next().map(|b| b.and_then(&*prepare)) {
             Some(Ok(b)) => {
-                if let Some((batches, bytes)) = collected.as_mut() {
-                    *bytes += b.get_array_memory_size();
-                    if *bytes > max {
+                if let Some((batches, meter)) = collected.as_mut() {
+                    meter.add(&b);
+                    if meter.bytes() > max {
                         collected = None;
                     } else {
                         batches.push(b.clone());
@@ -357,8 +364,11 @@ impl Store {
                 Some(Err(e))
             }
             None => {
-                if let Some((batches, _)) = collected.take() {
-                    store.cache.insert(&dataset_id, &version_id, stamp, batches);
+                if let Some((batches, meter)) = collected.take() {
+                    let bytes = meter.bytes();
+                    store
+                        .cache
+                        .insert(&dataset_id, &version_id, stamp, batches, bytes);
                 }
                 None
             }

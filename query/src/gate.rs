@@ -32,7 +32,7 @@ pub struct TableInstance {
 }
 
 /// What the gate learned about an allowed plan.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct GateReport {
     /// Every scanned table instance, in plan order.
     pub tables: Vec<TableInstance>,

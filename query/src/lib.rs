@@ -14,8 +14,8 @@ pub use datafusion::logical_expr::LogicalPlan;
 pub use exec::{Answer, Applied, Protection, execute};
 pub use gate::{GateReport, Metric, TableInstance};
 pub use noise::{Noise, NoiseKey};
-pub use session::{Limits, QueryTable, is_planning_rule, plan_sql};
-pub use source::{BatchIter, BatchSource};
+pub use session::{Limits, QueryTable, is_planning_rule, plan_for_execution, plan_sql};
+pub use source::{BatchIter, BatchSource, EntityHasher};
 
 /// Errors of the query engine.
 #[derive(Debug, thiserror::Error)]

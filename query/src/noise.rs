@@ -31,6 +31,21 @@ impl NoiseKey {
     pub fn new(bytes: [u8; 32]) -> Self {
         NoiseKey(bytes)
     }
+
+    /// The entity-id hasher, under a key derived from this one (domain-separated, so ids
+    /// and noise never share key material).
+    pub fn entity_hasher(&self) -> crate::EntityHasher {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0)
+            .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+        mac.update(b"escrow-entity-id-v1\0");
+        let mut derived: [u8; 32] = mac.finalize().into_bytes().into();
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&derived[..16]);
+        zeroize::Zeroize::zeroize(&mut derived);
+        let hasher = crate::EntityHasher::new(key);
+        zeroize::Zeroize::zeroize(&mut key);
+        hasher
+    }
 }
 
 impl Drop for NoiseKey {

@@ -3,10 +3,12 @@
 
 use std::sync::Arc;
 
+use arrow_schema::SchemaRef;
 use datafusion::catalog::{
     CatalogProvider, MemoryCatalogProvider, MemorySchemaProvider, SchemaProvider,
 };
 use datafusion::datasource::TableProvider;
+use datafusion::datasource::empty::EmptyTable;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
@@ -14,6 +16,7 @@ use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionConfig;
 
 use crate::QueryError;
+use crate::gate::GateReport;
 
 /// The catalog name every escrow table lives in; schemas are partner names.
 pub const CATALOG: &str = "escrow";
@@ -26,6 +29,10 @@ pub struct QueryTable {
     pub dataset: String,
     /// The column that identifies an entity (company), if the owner declared one.
     pub key_column: Option<String>,
+    /// The declared schema: queries are planned, gated and explained over it.
+    pub schema: SchemaRef,
+    /// The data, as the query executes over it: the key column as entity ids
+    /// ([`crate::source::EntityHasher`]), every other column as declared.
     pub provider: Arc<dyn TableProvider>,
 }
 
@@ -51,10 +58,20 @@ impl Default for Limits {
     }
 }
 
+/// Which provider of each table a session registers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// The declared schemas, no data: for planning and the gate.
+    Plan,
+    /// The execution providers.
+    Execute,
+}
+
 /// Build the session for one query with exactly `tables` registered.
-pub fn session(
+fn session(
     tables: &[QueryTable],
     limits: &Limits,
+    stage: Stage,
 ) -> Result<datafusion::execution::SessionState, QueryError> {
     let runtime = RuntimeEnvBuilder::new()
         .with_memory_limit(limits.memory_bytes, 1.0)
@@ -79,7 +96,11 @@ pub fn session(
                 s
             }
         };
-        schema.register_table(t.dataset.clone(), t.provider.clone())?;
+        let provider: Arc<dyn TableProvider> = match stage {
+            Stage::Plan => Arc::new(EmptyTable::new(t.schema.clone())),
+            Stage::Execute => t.provider.clone(),
+        };
+        schema.register_table(t.dataset.clone(), provider)?;
     }
     let catalogs = Arc::new(datafusion::catalog::MemoryCatalogProviderList::new());
     datafusion::catalog::CatalogProviderList::register_catalog(
@@ -100,14 +121,41 @@ pub fn session(
         .build())
 }
 
-/// Parse and plan one SQL statement against `tables`. Planning errors are refusals that
-/// say what was not understood (unknown table, function or column; more than one statement).
-pub async fn plan_sql(
+/// Parse and plan one SQL statement against the declared schemas of `tables`, for the gate.
+/// Planning errors are refusals that say what was not understood (unknown table, function
+/// or column; more than one statement).
+pub async fn plan_sql(sql: &str, tables: &[QueryTable]) -> Result<LogicalPlan, QueryError> {
+    let state = session(tables, &Limits::default(), Stage::Plan)?;
+    plan_in(&state, sql).await
+}
+
+/// The plan that runs: `sql` planned again over the execution providers (key columns as
+/// entity ids), in a session with the memory limit. It must pass the gate with exactly the
+/// report of the gated plan, or the query fails.
+pub async fn plan_for_execution(
     sql: &str,
     tables: &[QueryTable],
     limits: &Limits,
+    gated: &GateReport,
 ) -> Result<(LogicalPlan, datafusion::execution::SessionState), QueryError> {
-    let state = session(tables, limits)?;
+    let state = session(tables, limits, Stage::Execute)?;
+    let plan = plan_in(&state, sql)
+        .await
+        .map_err(|e| QueryError::Internal(format!("execution plan of a gated query: {e}")))?;
+    let keys = crate::gate::keys_of(tables);
+    let report = crate::gate::check(&plan, &keys)?;
+    if &report != gated {
+        return Err(QueryError::Internal(
+            "execution plan differs from the gated plan".into(),
+        ));
+    }
+    Ok((plan, state))
+}
+
+async fn plan_in(
+    state: &datafusion::execution::SessionState,
+    sql: &str,
+) -> Result<LogicalPlan, QueryError> {
     let dialect = state.config().options().sql_parser.dialect;
     let statement = state
         .sql_to_statement(sql, &dialect)
@@ -126,11 +174,10 @@ pub async fn plan_sql(
             ));
         }
     }
-    let plan = state
+    state
         .statement_to_plan(statement)
         .await
-        .map_err(planning_refusal)?;
-    Ok((plan, state))
+        .map_err(planning_refusal)
 }
 
 /// Rules that mean "the query was not understood" rather than "not allowed".

@@ -1,13 +1,15 @@
 //! The gate on real DataFusion plans: allowed shapes with their derived column uses, and
 //! refusals with their rule names. (The full corpus through the service runs in tests/.)
 
+#![allow(clippy::expect_used)]
+
 use std::sync::Arc;
 
 use arrow_schema::{DataType, Field, Schema};
 use datafusion::datasource::empty::EmptyTable;
 use escrow_policies::Usage;
 use escrow_query::session::{Limits, QueryTable};
-use escrow_query::{QueryError, gate, plan_sql};
+use escrow_query::{QueryError, gate, plan_for_execution, plan_sql};
 
 fn table(owner: &str, dataset: &str, key: Option<&str>) -> QueryTable {
     let schema = Arc::new(Schema::new(vec![
@@ -19,11 +21,16 @@ fn table(owner: &str, dataset: &str, key: Option<&str>) -> QueryTable {
         Field::new("arr_usd", DataType::Float64, true),
         Field::new("employees", DataType::Int64, true),
     ]));
+    let executes = match key {
+        Some(k) => escrow_query::source::entity_schema(&schema, k).expect("key column"),
+        None => schema.clone(),
+    };
     QueryTable {
         owner: owner.into(),
         dataset: dataset.into(),
         key_column: key.map(Into::into),
-        provider: Arc::new(EmptyTable::new(schema)),
+        schema,
+        provider: Arc::new(EmptyTable::new(executes)),
     }
 }
 
@@ -38,9 +45,14 @@ fn tables() -> Vec<QueryTable> {
 
 async fn run(sql: &str) -> Result<gate::GateReport, QueryError> {
     let t = tables();
-    let (plan, _) = plan_sql(sql, &t, &Limits::default()).await?;
+    let plan = plan_sql(sql, &t).await?;
     let report = gate::check(&plan, &gate::keys_of(&t))?;
     gate::check_foreign_joined(&report, "acme")?;
+    // What runs is planned again over the key columns as entity ids, and must pass the gate
+    // with the same report.
+    plan_for_execution(sql, &t, &Limits::default(), &report)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: execution plan: {e}"));
     Ok(report)
 }
 
