@@ -52,13 +52,49 @@ fn corpus_world() -> (Env, Server) {
         ));
     }
     let secret = "website,note\nco1.example,x\nco2.example,y\n";
+    // acme.directory: granted to globex standalone (queried without a join to globex's data).
+    let mut directory = String::from("website,industry\n");
+    for i in 0..40 {
+        directory.push_str(&format!("co{i}.example,{}\n", industries[i % 2]));
+    }
     for (partner, name, body) in [
         ("acme", "accounts", acme.as_str()),
         ("acme", "secret", secret),
+        ("acme", "directory", directory.as_str()),
         ("globex", "accounts", globex.as_str()),
     ] {
         env.upload_csv(&server, partner, name, body).ok();
     }
+    // acme.notes has no key column: no privacy unit, so nobody else can query it.
+    let notes = env.file("notes.csv", b"note,amount\nx,1\ny,2\n");
+    env.upload(&server, "acme", &notes, "notes", &[]).ok();
+    for args in [
+        &["directory", "--usage", "standalone"][..],
+        &["directory", "--usage", "count", "--column", "website"],
+        &["directory", "--usage", "dimension", "--column", "industry"],
+        &["notes", "--usage", "standalone"],
+        &["notes", "--usage", "sum"],
+    ] {
+        let mut a = vec!["policy", "grant"];
+        a.extend_from_slice(&args[..1]);
+        a.extend(["--to", "globex"]);
+        a.extend_from_slice(&args[1..]);
+        env.cli(&server, "acme", &a).ok();
+    }
+    env.cli(
+        &server,
+        "acme",
+        &[
+            "policy",
+            "set",
+            "directory",
+            "--epsilon",
+            "100",
+            "--budget",
+            "1000000",
+        ],
+    )
+    .ok();
     for (usage, column) in [
         ("join", Some("website")),
         ("count", Some("website")),

@@ -158,7 +158,8 @@ struct GrantArgs {
     /// The partner (or `*` for every partner).
     #[arg(long)]
     to: String,
-    /// join, count, dimension, filter, sum or avg.
+    /// join, count, dimension, filter, sum or avg (of a column); standalone (of the
+    /// dataset: may be queried without a key join to the grantee's own data).
     #[arg(long)]
     usage: String,
     /// One column (default: every column of the dataset).

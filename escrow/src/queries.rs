@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
-use escrow_policies::{Decision, PolicySet};
+use escrow_policies::{ColumnUse, Decision, PolicySet, Usage};
 use escrow_query::gate;
 use escrow_query::{
     Answer, BatchIter, BatchSource, EntityHasher, Limits, Metric, Noise, NoiseKey, Protection,
@@ -151,8 +151,13 @@ impl QueryService {
         let plan = escrow_query::plan_sql(sql, &tables).await?;
         let keys = gate::keys_of(&tables);
         let report = gate::check(&plan, &keys)?;
-        gate::check_foreign_joined(&report, caller)?;
-        self.check_grants(caller, &report).await?;
+        let set = self.policy_set().await?;
+        let standalone = |t: &escrow_query::TableInstance| {
+            let u = ColumnUse::dataset_wide(&t.owner, &t.dataset, Usage::Standalone);
+            matches!(set.decide(caller, &u), Ok(d) if d.allowed())
+        };
+        gate::check_foreign_joined(&report, caller, &standalone)?;
+        Self::check_grants(&set, caller, &report)?;
 
         let protection = self.protection(caller, &report).await?;
         let (mut epsilon_spent, mut repeated) = (0.0, false);
@@ -263,8 +268,11 @@ impl QueryService {
     }
 
     /// Every use of another partner's column must be granted to the caller.
-    async fn check_grants(&self, caller: &str, report: &escrow_query::GateReport) -> Result<()> {
-        let set = self.policy_set().await?;
+    fn check_grants(
+        set: &PolicySet,
+        caller: &str,
+        report: &escrow_query::GateReport,
+    ) -> Result<()> {
         let mut missing = Vec::new();
         for u in &report.uses {
             let d = set
@@ -297,6 +305,21 @@ impl QueryService {
         let Some(entity_table) = report.tables.iter().position(|t| t.owner != caller) else {
             return Ok(None);
         };
+        // The privacy unit is an entity (a key value): a dataset without a key column has
+        // no unit to count, bound or protect, so other partners cannot query it.
+        if let Some(t) = report
+            .tables
+            .iter()
+            .find(|t| t.owner != caller && t.key_column.is_none())
+        {
+            return Err(refused(
+                "no_privacy_unit",
+                format!(
+                    "{}.{} has no key column, so its entities cannot be counted or protected; only its owner can query it",
+                    t.owner, t.dataset
+                ),
+            ));
+        }
         let store = self.store.clone();
         let datasets: Vec<(String, String)> = report
             .tables

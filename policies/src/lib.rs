@@ -46,17 +46,27 @@ pub enum Usage {
     Sum,
     /// Averaged (numeric metric).
     Avg,
+    /// The dataset as a whole (column `*`): queried without being joined on its key to one
+    /// of the caller's datasets. Without it, another partner's dataset is only ever seen
+    /// through the caller's own list.
+    Standalone,
 }
 
 impl Usage {
-    pub const ALL: [Usage; 6] = [
+    pub const ALL: [Usage; 7] = [
         Usage::Join,
         Usage::Count,
         Usage::Dimension,
         Usage::Filter,
         Usage::Sum,
         Usage::Avg,
+        Usage::Standalone,
     ];
+
+    /// Usages of a whole dataset rather than of a column.
+    pub fn is_dataset_wide(self) -> bool {
+        self == Usage::Standalone
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -66,6 +76,7 @@ impl Usage {
             Usage::Filter => "filter",
             Usage::Sum => "sum",
             Usage::Avg => "avg",
+            Usage::Standalone => "standalone",
         }
     }
 }
@@ -84,7 +95,7 @@ impl FromStr for Usage {
             .find(|u| u.as_str() == s)
             .ok_or_else(|| {
                 PolicyError::InvalidRule(format!(
-                    "unknown usage {s:?} (one of join, count, dimension, filter, sum, avg)"
+                    "unknown usage {s:?} (one of join, count, dimension, filter, sum, avg, standalone)"
                 ))
             })
     }
@@ -115,6 +126,12 @@ impl Grant {
             return Err(PolicyError::InvalidRule(
                 "a partner needs no grant for its own datasets".into(),
             ));
+        }
+        if self.usage.is_dataset_wide() && self.column.is_some() {
+            return Err(PolicyError::InvalidRule(format!(
+                "usage {} applies to a whole dataset, not to a column",
+                self.usage
+            )));
         }
         if let Some(c) = &self.column
             && (c.is_empty() || c == "*" || c.contains([',', '"', '\n', '\r']))
@@ -164,6 +181,13 @@ impl fmt::Display for Grant {
         } else {
             &self.grantee
         };
+        if self.usage == Usage::Standalone {
+            return write!(
+                f,
+                "{who} may query {}.{} without joining it to their own data",
+                self.owner, self.dataset
+            );
+        }
         match &self.column {
             Some(c) => write!(
                 f,
@@ -208,8 +232,23 @@ pub struct ColumnUse {
     pub usage: Usage,
 }
 
+impl ColumnUse {
+    /// A use of a whole dataset (column `*`).
+    pub fn dataset_wide(owner: &str, dataset: &str, usage: Usage) -> Self {
+        ColumnUse {
+            owner: owner.into(),
+            dataset: dataset.into(),
+            column: "*".into(),
+            usage,
+        }
+    }
+}
+
 impl fmt::Display for ColumnUse {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.usage.is_dataset_wide() {
+            return write!(f, "{}.{} as {}", self.owner, self.dataset, self.usage);
+        }
         write!(
             f,
             "{}.{}.{} as {}",

@@ -128,6 +128,14 @@ async fn one_bad_rule_rejects_the_whole_set() {
         grant("globex", "acme", "accounts", Some("*"), Usage::Join),
         grant("acme", "acme", "accounts", None, Usage::Join),
         grant("Glo bex", "acme", "accounts", None, Usage::Join),
+        // standalone is about a whole dataset, never a column
+        grant(
+            "globex",
+            "acme",
+            "accounts",
+            Some("website"),
+            Usage::Standalone,
+        ),
     ];
     for b in bad {
         let set = PolicySet::build(vec![
@@ -152,4 +160,40 @@ async fn casbin_lines_round_trip() {
     assert_eq!(all.to_casbin()[3], "*");
     assert_eq!(Grant::from_casbin(&all.to_casbin()).expect("parse"), all);
     assert!(Grant::from_casbin(&["a".to_string()]).is_err());
+}
+
+#[tokio::test]
+async fn standalone_is_its_own_dataset_wide_grant() {
+    let set = PolicySet::build(vec![
+        grant("globex", "acme", "directory", None, Usage::Standalone),
+        grant("globex", "acme", "accounts", None, Usage::Join),
+    ])
+    .await
+    .expect("set");
+    let standalone = |d: &str| ColumnUse::dataset_wide("acme", d, Usage::Standalone);
+    assert!(matches!(
+        set.decide("globex", &standalone("directory")).expect("d"),
+        Decision::Granted(g) if g.usage == Usage::Standalone
+    ));
+    // Every-column grants of other usages do not allow standalone use, nor the reverse.
+    assert_eq!(
+        set.decide("globex", &standalone("accounts")).expect("d"),
+        Decision::Missing
+    );
+    assert_eq!(
+        set.decide(
+            "globex",
+            &use_of("acme", "directory", "website", Usage::Join)
+        )
+        .expect("d"),
+        Decision::Missing
+    );
+    assert_eq!(
+        set.decide("initech", &standalone("directory")).expect("d"),
+        Decision::Missing
+    );
+    assert_eq!(
+        standalone("directory").to_string(),
+        "acme.directory as standalone"
+    );
 }

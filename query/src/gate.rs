@@ -723,8 +723,14 @@ fn plan_name(plan: &LogicalPlan) -> String {
         .to_string()
 }
 
-/// Tables of other partners must be joined, on the key, to one of the caller's tables.
-pub fn check_foreign_joined(report: &GateReport, caller: &str) -> Result<(), QueryError> {
+/// Tables of other partners must be joined, on the key, to one of the caller's tables
+/// (directly or through other joined tables), unless `standalone` says their owner allows
+/// them to be queried on their own.
+pub fn check_foreign_joined(
+    report: &GateReport,
+    caller: &str,
+    standalone: &dyn Fn(&TableInstance) -> bool,
+) -> Result<(), QueryError> {
     let n = report.tables.len();
     let mut reach: Vec<bool> = report.tables.iter().map(|t| t.owner == caller).collect();
     let mut changed = true;
@@ -738,17 +744,18 @@ pub fn check_foreign_joined(report: &GateReport, caller: &str) -> Result<(), Que
             }
         }
     }
-    let unjoined: Vec<String> = (0..n)
-        .filter(|&i| !reach[i])
+    let mut unjoined: Vec<String> = (0..n)
+        .filter(|&i| !reach[i] && !standalone(&report.tables[i]))
         .map(|i| format!("{}.{}", report.tables[i].owner, report.tables[i].dataset))
         .collect();
+    unjoined.dedup();
     if unjoined.is_empty() {
         Ok(())
     } else {
         Err(refuse(
             "unjoined_foreign_dataset",
             format!(
-                "{} must be joined on its key with one of your datasets",
+                "{} must be joined on its key with one of your datasets (unless its owner grants the usage standalone)",
                 unjoined.join(", ")
             ),
         ))
