@@ -6,7 +6,8 @@
 //!
 //! ```text
 //! query PARTNER [rowsort]        answered; expected rows follow `----`, values joined by |
-//! SQL ...                        NULL for null, SUPPRESSED for a withheld row,
+//! SQL ...                        NULL for null; a withheld row shows its group values
+//!                                then SUPPRESSED (`gold|SUPPRESSED`, or just `SUPPRESSED`),
 //! ----                           V~T for a number within T of V (noisy sums)
 //! energy|10
 //!
@@ -263,10 +264,16 @@ fn run_case(env: &Env, server: &Server, case: &Case) -> Result<(), String> {
                 .iter()
                 .enumerate()
                 .map(|(i, r)| {
+                    let cells = r.as_array().unwrap().iter();
                     if suppressed.get(i) == Some(&serde_json::Value::Bool(true)) {
-                        vec!["SUPPRESSED".to_string()]
+                        // Withheld: its (public) group values, SUPPRESSED for the rest.
+                        let shown: Vec<String> = cells.filter(|c| !c.is_null()).map(cell).collect();
+                        shown
+                            .into_iter()
+                            .chain(std::iter::once("SUPPRESSED".to_string()))
+                            .collect()
                     } else {
-                        r.as_array().unwrap().iter().map(cell).collect()
+                        cells.map(cell).collect()
                     }
                 })
                 .collect();

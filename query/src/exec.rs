@@ -15,9 +15,10 @@
 //! Then, per group: a group is released only if it has at least `k` distinct entities and its
 //! noisy count reaches `k - 1 + 1 + (L/ε)·ln(L/2δ)` (the Laplace partition-selection threshold
 //! shifted by k), so neither a group's existence nor the exact-k test reveals one entity. Released values
-//! carry noise calibrated to the bounded contribution. Withheld groups are not listed (their
-//! dimension values would reveal that an entity exists); a query without GROUP BY always gets
-//! its one row, marked suppressed when withheld. The final ORDER BY / LIMIT / projection of the
+//! carry noise calibrated to the bounded contribution. Withheld rows are listed as suppressed
+//! (null values) where that reveals nothing: the one row of a query without GROUP BY, and the
+//! groups a query enumerates through its filters (public values). Withheld data-derived groups
+//! are not listed: their dimension values would reveal that an entity exists. The final ORDER BY / LIMIT / projection of the
 //! user's plan run over the protected rows, never over exact ones.
 //!
 //! All keys of a joined row are equal (joins are key equalities only), so the foreign key
@@ -25,8 +26,8 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, Float64Array, Int64Array, UInt32Array};
-use datafusion::arrow::compute::{cast, take};
+use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, Float64Array, Int64Array};
+use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::tree_node::{Transformed, TreeNode};
@@ -46,6 +47,7 @@ use crate::noise::{Noise, partition_threshold};
 const ENTITY: &str = "__escrow_entity";
 const ROW_NUMBER: &str = "__escrow_rn";
 const RESULT: &str = "__escrow_result";
+const SUPPRESSED: &str = "__escrow_suppressed";
 
 /// How a query that reads other partners' data is protected. Built by the service from the
 /// owners' settings: the strictest value of every dataset involved applies.
@@ -108,18 +110,35 @@ pub async fn execute(
     let (top, agg) = split_top(&plan)?;
     let stage = protected_stage(agg, report, p)?;
     let exact = collect(state, &stage).await?;
-    let (rows, applied, global_suppressed) = release(agg, report, p, &exact)?;
+    let (rows, applied) = release(agg, report, p, &exact)?;
     let mut out = replace_aggregate(agg, rows)?;
     for node in top.iter().rev() {
-        out = node.with_new_exprs(node.expressions(), vec![out])?;
+        let mut exprs = node.expressions();
+        if matches!(node, LogicalPlan::Projection(_)) {
+            exprs.push(col(SUPPRESSED));
+        }
+        out = node.with_new_exprs(exprs, vec![out])?;
     }
-    let schema = Arc::new(out.schema().as_arrow().clone());
     let batches = collect(state, &out).await?;
-    let n = batches.iter().map(RecordBatch::num_rows).sum();
+    // The last column is the suppressed flag of each row: strip it from what is returned.
+    let full = out.schema().as_arrow().clone();
+    let shown: Vec<usize> = (0..full.fields().len() - 1).collect();
+    let schema = Arc::new(full.project(&shown)?);
+    let mut suppressed = Vec::new();
+    let mut answer = Vec::new();
+    for b in &batches {
+        let flags = b
+            .column(shown.len())
+            .as_any()
+            .downcast_ref::<BooleanArray>()
+            .ok_or_else(|| internal("suppressed flags"))?;
+        suppressed.extend(flags.iter().map(|f| f.unwrap_or(true)));
+        answer.push(b.project(&shown)?);
+    }
     Ok(Answer {
         schema,
-        batches,
-        suppressed: vec![global_suppressed; n],
+        batches: answer,
+        suppressed,
         protection: Some(applied),
     })
 }
@@ -287,14 +306,64 @@ fn protected_stage(
     Ok(b.aggregate(dims, totals)?.build()?)
 }
 
-/// Thresholds and noise over the exact stage-2 rows. Returns the released rows in the
-/// Aggregate's output layout, what was applied, and whether the (global) row was withheld.
+/// Most groups a query may enumerate through its filters (the product of the lists).
+const MAX_ENUMERATED_GROUPS: usize = 10_000;
+
+/// One row of the protected answer, in the Aggregate's layout.
+struct Released {
+    dims: Vec<ScalarValue>,
+    values: Vec<Option<f64>>,
+    suppressed: bool,
+}
+
+/// Every group the query enumerates through its filters (each GROUP BY column filtered with
+/// `=` / `IN` on literals), cast to the output types; `None` if any group is data-derived.
+fn enumerated_groups(
+    report: &GateReport,
+    types: &[DataType],
+) -> Result<Option<Vec<Vec<ScalarValue>>>, QueryError> {
+    let mut groups: Vec<Vec<ScalarValue>> = vec![Vec::new()];
+    for (d, t) in types.iter().enumerate() {
+        let Some(Some(domain)) = report.group_domains.get(d) else {
+            return Ok(None);
+        };
+        let Ok(values) = domain
+            .iter()
+            .map(|v| v.cast_to(t))
+            .collect::<Result<Vec<_>, _>>()
+        else {
+            return Ok(None);
+        };
+        if groups.len().saturating_mul(values.len()) > MAX_ENUMERATED_GROUPS {
+            return Ok(None);
+        }
+        groups = groups
+            .into_iter()
+            .flat_map(|g| {
+                values.iter().map(move |v| {
+                    let mut g = g.clone();
+                    g.push(v.clone());
+                    g
+                })
+            })
+            .collect();
+    }
+    Ok(Some(groups))
+}
+
+/// Thresholds and noise over the exact stage-2 rows. Returns the answer rows in the
+/// Aggregate's output layout plus a last column, the suppressed flag, and what was applied.
+///
+/// Which rows are listed: released groups; every group the query enumerated itself (see
+/// [`enumerated_groups`]), withheld ones marked suppressed with null values; and the single
+/// row of a query without GROUP BY. A withheld data-derived group is not listed: its values
+/// would tell that some entity has them.
 fn release(
     agg: &Aggregate,
     report: &GateReport,
     p: &Protection,
     exact: &[RecordBatch],
-) -> Result<(RecordBatch, Applied, bool), QueryError> {
+) -> Result<(RecordBatch, Applied), QueryError> {
     let dims = agg.group_expr.len();
     let statistics: usize = 1 + report
         .aggregates
@@ -320,24 +389,31 @@ fn release(
         max_groups_per_entity: p.max_groups_per_entity,
     };
 
-    let out_fields: Vec<Field> = agg
+    let mut out_fields: Vec<Field> = agg
         .schema
         .fields()
         .iter()
         .enumerate()
         .map(|(i, f)| Field::new(format!("c{i}"), f.data_type().clone(), true))
         .collect();
-    let out_schema = Arc::new(Schema::new(out_fields));
-    let mut dim_parts: Vec<Vec<ArrayRef>> = vec![Vec::new(); dims];
-    let mut values: Vec<Vec<Option<f64>>> = vec![Vec::new(); report.aggregates.len()];
-    let mut withheld_global = false;
+    let dim_types: Vec<DataType> = out_fields[..dims]
+        .iter()
+        .map(|f| f.data_type().clone())
+        .collect();
+    let enumerated = if dims == 0 {
+        None
+    } else {
+        enumerated_groups(report, &dim_types)?
+    };
+    let mut rows: Vec<Released> = Vec::new();
     for batch in exact {
         let n_col = as_i64(batch.column(dims))?;
-        let mut keep: Vec<u32> = Vec::new();
         for row in 0..batch.num_rows() {
+            let dim_values = (0..dims)
+                .map(|d| ScalarValue::try_from_array(batch.column(d), row))
+                .collect::<Result<Vec<_>, _>>()?;
             let mut group = Vec::new();
-            for d in 0..dims {
-                let v = ScalarValue::try_from_array(batch.column(d), row)?;
+            for v in &dim_values {
                 let text = format!("{v:?}");
                 group.extend_from_slice(&(text.len() as u64).to_be_bytes());
                 group.extend_from_slice(text.as_bytes());
@@ -345,20 +421,13 @@ fn release(
             let n = n_col.value(row);
             let noisy_n = n + p.noise.discrete_laplace(&group, 0, l / eps);
             if n < p.min_entities as i64 || (noisy_n as f64) < threshold {
-                if dims == 0 {
-                    withheld_global = true;
-                    keep.push(row as u32);
-                    for v in values.iter_mut() {
-                        v.push(None);
-                    }
-                }
                 continue;
             }
-            keep.push(row as u32);
+            let mut values = Vec::new();
             let mut col = dims + 1;
             for (j, m) in report.aggregates.iter().enumerate() {
                 let stat = 1 + 2 * j as u32;
-                let v = match m {
+                values.push(match m {
                     Metric::Entities => Some(noisy_n as f64),
                     Metric::Sum { .. } | Metric::Avg { .. } => {
                         let (lo, hi) = p.bounds[j].ok_or_else(|| internal("bounds"))?;
@@ -379,40 +448,63 @@ fn release(
                             (noisy_c > 0).then(|| (s / noisy_c as f64).clamp(lo, hi))
                         }
                     }
-                };
-                values[j].push(v);
+                });
+            }
+            rows.push(Released {
+                dims: dim_values,
+                values,
+                suppressed: false,
+            });
+        }
+    }
+    let withheld = |dims: Vec<ScalarValue>| Released {
+        dims,
+        values: vec![None; report.aggregates.len()],
+        suppressed: true,
+    };
+    if dims == 0 && rows.is_empty() {
+        rows.push(withheld(Vec::new()));
+    }
+    if let Some(groups) = enumerated {
+        let released: Vec<Vec<ScalarValue>> = rows.iter().map(|r| r.dims.clone()).collect();
+        for g in groups {
+            if !released.contains(&g) {
+                rows.push(withheld(g));
             }
         }
-        let idx = UInt32Array::from(keep);
-        for (d, part) in dim_parts.iter_mut().enumerate() {
-            part.push(take(batch.column(d), &idx, None)?);
-        }
     }
+
     let mut columns: Vec<ArrayRef> = Vec::new();
-    for (d, part) in dim_parts.iter().enumerate() {
-        let refs: Vec<&dyn Array> = part.iter().map(|a| a.as_ref()).collect();
-        let joined = if refs.is_empty() {
-            datafusion::arrow::array::new_empty_array(out_schema.field(d).data_type())
+    for (d, t) in dim_types.iter().enumerate() {
+        columns.push(if rows.is_empty() {
+            datafusion::arrow::array::new_empty_array(t)
         } else {
-            datafusion::arrow::compute::concat(&refs)?
-        };
-        columns.push(cast(&joined, out_schema.field(d).data_type())?);
+            ScalarValue::iter_to_array(rows.iter().map(|r| r.dims[d].clone()))?
+        });
     }
-    for (j, v) in values.into_iter().enumerate() {
-        let target = out_schema.field(dims + j).data_type();
+    for j in 0..report.aggregates.len() {
+        let target = out_fields[dims + j].data_type();
+        let v = rows.iter().map(|r| r.values[j]);
         let array: ArrayRef = if target.is_integer() {
             Arc::new(Int64Array::from(
-                v.into_iter()
-                    .map(|x| x.map(|x| x.round() as i64))
-                    .collect::<Vec<_>>(),
+                v.map(|x| x.map(|x| x.round() as i64)).collect::<Vec<_>>(),
             ))
         } else {
-            Arc::new(Float64Array::from(v))
+            Arc::new(Float64Array::from(v.collect::<Vec<_>>()))
         };
         columns.push(cast(&array, target)?);
     }
-    let batch = RecordBatch::try_new(out_schema, columns)?;
-    Ok((batch, applied, withheld_global))
+    for (c, f) in columns.iter_mut().zip(&out_fields) {
+        if c.data_type() != f.data_type() {
+            *c = cast(c, f.data_type())?;
+        }
+    }
+    columns.push(Arc::new(BooleanArray::from(
+        rows.iter().map(|r| r.suppressed).collect::<Vec<_>>(),
+    )));
+    out_fields.push(Field::new(SUPPRESSED, DataType::Boolean, false));
+    let batch = RecordBatch::try_new(Arc::new(Schema::new(out_fields)), columns)?;
+    Ok((batch, applied))
 }
 
 fn as_i64(a: &ArrayRef) -> Result<&Int64Array, QueryError> {
@@ -433,7 +525,7 @@ fn replace_aggregate(agg: &Aggregate, rows: RecordBatch) -> Result<LogicalPlan, 
     let schema = rows.schema();
     let table = MemTable::try_new(schema.clone(), vec![vec![rows]])?;
     let scan = LogicalPlanBuilder::scan(RESULT, provider_as_source(Arc::new(table)), None)?;
-    let exprs: Vec<Expr> = agg
+    let mut exprs: Vec<Expr> = agg
         .schema
         .iter()
         .zip(schema.fields())
@@ -441,5 +533,6 @@ fn replace_aggregate(agg: &Aggregate, rows: RecordBatch) -> Result<LogicalPlan, 
             Expr::Column(Column::new(Some(RESULT), c.name())).alias_qualified(q.cloned(), f.name())
         })
         .collect();
+    exprs.push(Expr::Column(Column::new(Some(RESULT), SUPPRESSED)).alias(SUPPRESSED));
     Ok(scan.project(exprs)?.build()?)
 }

@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use datafusion::common::{Column, DFSchema, JoinType};
+use datafusion::common::{Column, DFSchema, JoinType, ScalarValue};
 use datafusion::logical_expr::expr::{AggregateFunction, Alias, InList};
 use datafusion::logical_expr::{BinaryExpr, Expr, LogicalPlan, Operator, Projection};
 use escrow_policies::{ColumnUse, Usage};
@@ -44,6 +44,10 @@ pub struct GateReport {
     pub aggregates: Vec<Metric>,
     /// Number of GROUP BY columns.
     pub group_by: usize,
+    /// Per GROUP BY column: its values when the query itself enumerates them (the column is
+    /// filtered with `=` / `IN` on literals), so every group is known without looking at
+    /// the data and a withheld one can be listed as suppressed. `None`: data-derived.
+    pub group_domains: Vec<Option<Vec<ScalarValue>>>,
 }
 
 /// One aggregate of an allowed query.
@@ -90,14 +94,43 @@ pub fn check(plan: &LogicalPlan, keys: &dyn KeyColumns) -> Result<GateReport, Qu
     let mut g = Gate {
         report: GateReport::default(),
         keys,
+        filtered: Vec::new(),
+        dimensions: Vec::new(),
     };
     g.top(plan)?;
+    // Filters are conjunctions over inner joins: each one holds for every row, so the values
+    // a dimension can take are the intersection of the lists that filter it.
+    let domains = g
+        .dimensions
+        .iter()
+        .map(|dim| {
+            g.filtered.iter().filter(|(src, _)| src == dim).fold(
+                None,
+                |acc: Option<Vec<ScalarValue>>, (_, values)| {
+                    Some(match acc {
+                        None => values.iter().fold(Vec::new(), |mut u, v| {
+                            if !u.contains(v) {
+                                u.push(v.clone());
+                            }
+                            u
+                        }),
+                        Some(d) => d.into_iter().filter(|v| values.contains(v)).collect(),
+                    })
+                },
+            )
+        })
+        .collect();
+    g.report.group_domains = domains;
     Ok(g.report)
 }
 
 struct Gate<'a> {
     report: GateReport,
     keys: &'a dyn KeyColumns,
+    /// (table instance, column) -> the literals a filter allows it.
+    filtered: Vec<((usize, String), Vec<ScalarValue>)>,
+    /// (table instance, column) of each GROUP BY column.
+    dimensions: Vec<(usize, String)>,
 }
 
 impl Gate<'_> {
@@ -238,6 +271,9 @@ impl Gate<'_> {
                 Some(src @ Lineage::Source { .. }) => {
                     self.uses_of(&src, Usage::Dimension);
                     self.report.group_by += 1;
+                    if let Lineage::Source { table, column, .. } = &src {
+                        self.dimensions.push((*table, column.clone()));
+                    }
                     out.push(src);
                 }
                 _ => {
@@ -578,27 +614,37 @@ impl Gate<'_> {
         schema: &DFSchema,
         lin: &[Lineage],
     ) -> Result<(), QueryError> {
-        let col = match e {
+        let literal = |e: &Expr| match e {
+            Expr::Literal(v, _) => Some(v.clone()),
+            _ => None,
+        };
+        let (col, values) = match e {
             Expr::BinaryExpr(BinaryExpr {
                 left,
                 op: Operator::Eq,
                 right,
             }) => match (left.as_ref(), right.as_ref()) {
-                (c, Expr::Literal(..)) | (Expr::Literal(..), c) => column_of(c, schema, lin),
-                _ => None,
+                (c, Expr::Literal(v, _)) | (Expr::Literal(v, _), c) => {
+                    (column_of(c, schema, lin), vec![v.clone()])
+                }
+                _ => (None, vec![]),
             },
             Expr::InList(InList {
                 expr,
                 list,
                 negated: false,
-            }) if list.iter().all(|v| matches!(v, Expr::Literal(..))) => {
-                column_of(expr, schema, lin)
-            }
-            _ => None,
+            }) if list.iter().all(|v| matches!(v, Expr::Literal(..))) => (
+                column_of(expr, schema, lin),
+                list.iter().filter_map(literal).collect(),
+            ),
+            _ => (None, vec![]),
         };
         match col {
             Some(src @ Lineage::Source { is_key: false, .. }) => {
                 self.uses_of(&src, Usage::Filter);
+                if let Lineage::Source { table, column, .. } = src {
+                    self.filtered.push(((table, column), values));
+                }
                 Ok(())
             }
             Some(Lineage::Source { is_key: true, .. }) => Err(refuse(

@@ -196,3 +196,43 @@ async fn refused_queries_name_their_rule() {
         wrong.join("\n")
     );
 }
+
+#[tokio::test]
+async fn group_domains_come_from_the_query_filters() {
+    use datafusion::common::ScalarValue;
+    let s = |v: &str| ScalarValue::Utf8(Some(v.into()));
+    let cases: Vec<(String, Vec<Option<Vec<ScalarValue>>>)> = vec![
+        (
+            format!(
+                "SELECT a.region, COUNT(DISTINCT a.website) {JOIN} WHERE a.region IN ('NA', 'EMEA', 'NA') GROUP BY a.region"
+            ),
+            vec![Some(vec![s("NA"), s("EMEA")])],
+        ),
+        (
+            format!(
+                "SELECT a.region, COUNT(DISTINCT a.website) {JOIN} WHERE a.region IN ('NA', 'EMEA') AND a.region = 'EMEA' GROUP BY a.region"
+            ),
+            vec![Some(vec![s("EMEA")])],
+        ),
+        // Through a derived table's alias: the same source column.
+        (
+            "SELECT x.r, COUNT(DISTINCT x.w) FROM (SELECT region AS r, website AS w FROM acme.accounts WHERE region = 'NA') x JOIN globex.accounts b ON x.w = b.website GROUP BY x.r".to_string(),
+            vec![Some(vec![s("NA")])],
+        ),
+        // The same column name of another table instance is another column.
+        (
+            format!(
+                "SELECT a.region, b.region, COUNT(DISTINCT a.website) {JOIN} WHERE b.region = 'NA' GROUP BY a.region, b.region"
+            ),
+            vec![None, Some(vec![s("NA")])],
+        ),
+        (
+            format!("SELECT a.region, COUNT(DISTINCT a.website) {JOIN} GROUP BY a.region"),
+            vec![None],
+        ),
+    ];
+    for (sql, want) in cases {
+        let report = run(&sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+        assert_eq!(report.group_domains, want, "{sql}");
+    }
+}
