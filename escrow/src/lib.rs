@@ -14,6 +14,7 @@ pub mod error;
 pub mod fsutil;
 pub mod grants;
 pub mod ingest;
+pub mod matching;
 pub mod pki;
 pub mod queries;
 pub mod server;

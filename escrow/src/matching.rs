@@ -1,0 +1,432 @@
+//! Company matching: the canonical company key of a CRM row.
+//!
+//! Two partners rarely spell a company the same way: `https://WWW.ACME.CO.UK/about`,
+//! `shop.acme.co.uk` and `acme.co.uk.` are one company, and so are `ACME Systems, Inc.` and
+//! `Acme Systems`. A row's company key is
+//!
+//! - `d:` + the **registrable domain** of its website (public-suffix aware, so `acme.co.uk`
+//!   and not `co.uk`; IDNA to punycode; scheme, `www` and other subdomains, port, path,
+//!   query, fragment, credentials, trailing dot, case and surrounding spaces stripped; an
+//!   e-mail address counts by its domain), unless that domain is shared by many unrelated
+//!   companies (free mail, social networks, site builders): those identify nobody;
+//! - otherwise `n:` + the **normalised name** (Unicode compatibility-decomposed, accents and
+//!   case dropped, `&` read as `and`, punctuation removed, a leading `the` and trailing legal
+//!   forms such as `Inc`, `GmbH`, `S.A.` removed, spacing collapsed), if a name column is given;
+//! - otherwise none: the row is *unmatched* (counted, never joined, never one giant group).
+//!
+//! The public suffix list is Mozilla's, compiled in by the `psl` crate; URLs are parsed by
+//! the `url` crate (WHATWG host parsing, IDNA included). Known failure modes are documented
+//! in docs/MATCHING.md.
+
+use std::borrow::Cow;
+
+use unicode_normalization::UnicodeNormalization;
+use unicode_normalization::char::is_combining_mark;
+
+/// A canonical company key (`d:domain` or `n:name`).
+pub fn company_key(website: Option<&str>, name: Option<&str>) -> Option<String> {
+    if let Some(d) = website.and_then(website_key) {
+        return Some(format!("d:{d}"));
+    }
+    name.and_then(name_key).map(|n| format!("n:{n}"))
+}
+
+/// Registrable domains that many unrelated companies share: a website (or e-mail) there
+/// names no company. Not exhaustive; see docs/MATCHING.md.
+const SHARED_DOMAINS: &[&str] = &[
+    // free mail
+    "gmail.com",
+    "googlemail.com",
+    "yahoo.com",
+    "yahoo.co.uk",
+    "yahoo.co.jp",
+    "yahoo.fr",
+    "ymail.com",
+    "hotmail.com",
+    "hotmail.co.uk",
+    "hotmail.fr",
+    "outlook.com",
+    "live.com",
+    "msn.com",
+    "aol.com",
+    "icloud.com",
+    "me.com",
+    "mac.com",
+    "proton.me",
+    "protonmail.com",
+    "gmx.de",
+    "gmx.net",
+    "gmx.com",
+    "web.de",
+    "mail.ru",
+    "yandex.ru",
+    "yandex.com",
+    "qq.com",
+    "163.com",
+    "126.com",
+    "naver.com",
+    "orange.fr",
+    "free.fr",
+    "t-online.de",
+    "libero.it",
+    "zoho.com",
+    "fastmail.com",
+    // social networks, marketplaces, link and site-builder hosts
+    "linkedin.com",
+    "facebook.com",
+    "instagram.com",
+    "twitter.com",
+    "x.com",
+    "youtube.com",
+    "tiktok.com",
+    "google.com",
+    "goo.gl",
+    "bit.ly",
+    "linktr.ee",
+    "wixsite.com",
+    "wix.com",
+    "squarespace.com",
+    "godaddysites.com",
+    "weebly.com",
+    "wordpress.com",
+    "blogspot.com",
+    "sites.google.com",
+    "amazon.com",
+    "ebay.com",
+    "etsy.com",
+    "yelp.com",
+    "crunchbase.com",
+    "example.com",
+];
+
+/// Values CRM exports use for "no website".
+const PLACEHOLDERS: &[&str] = &[
+    "", "-", "--", "n/a", "n a", "na", "none", "null", "nil", "unknown", "tbd", "?", "0",
+];
+
+/// The registrable domain of a website (or e-mail address), if it names a company.
+pub fn website_key(raw: &str) -> Option<String> {
+    let v = raw
+        .trim()
+        .trim_matches(|c: char| c == '"' || c == '\'' || c == '<' || c == '>');
+    if PLACEHOLDERS.contains(&v.to_ascii_lowercase().as_str()) || v.chars().any(char::is_whitespace)
+    {
+        return None;
+    }
+    let v = v.strip_prefix("mailto:").unwrap_or(v);
+    // An e-mail address (no scheme): its domain.
+    let v = match (v.contains("://"), v.rsplit_once('@')) {
+        (false, Some((_, domain))) => domain,
+        _ => v,
+    };
+    let with_scheme: Cow<'_, str> = if v.contains("://") {
+        Cow::Borrowed(v)
+    } else if let Some(rest) = v.strip_prefix("//") {
+        Cow::Owned(format!("http://{rest}"))
+    } else {
+        Cow::Owned(format!("http://{v}"))
+    };
+    let url = url::Url::parse(&with_scheme).ok()?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return None;
+    }
+    let url::Host::Domain(host) = url.host()? else {
+        return None; // an IP address names a machine, not a company
+    };
+    let host = host.trim_end_matches('.');
+    if !host.contains('.') || host.split('.').any(str::is_empty) {
+        return None;
+    }
+    let domain = psl::domain_str(host)?;
+    if SHARED_DOMAINS.contains(&domain) {
+        return None;
+    }
+    Some(domain.to_string())
+}
+
+/// Legal forms dropped from the end of a name (after dots are removed: `S.A.` is `sa`).
+const LEGAL_FORMS: &[&str] = &[
+    "inc",
+    "incorporated",
+    "llc",
+    "llp",
+    "lp",
+    "ltd",
+    "limited",
+    "corp",
+    "corporation",
+    "co",
+    "company",
+    "plc",
+    "gmbh",
+    "ag",
+    "kg",
+    "ug",
+    "sa",
+    "sas",
+    "sarl",
+    "srl",
+    "spa",
+    "bv",
+    "nv",
+    "ab",
+    "as",
+    "asa",
+    "oy",
+    "oyj",
+    "kk",
+    "pty",
+    "pte",
+    "pvt",
+    "sl",
+    "se",
+];
+
+/// The normalised company name, if anything is left of it.
+pub fn name_key(raw: &str) -> Option<String> {
+    let mut text = String::with_capacity(raw.len());
+    for c in raw.nfkd() {
+        if is_combining_mark(c) || c == '.' || c == '\'' || c == '’' {
+            continue; // accents; dots and apostrophes join their letters (S.A. -> sa)
+        }
+        if c == '&' || c == '+' {
+            text.push_str(" and ");
+        } else if c.is_alphanumeric() {
+            text.extend(c.to_lowercase());
+        } else {
+            text.push(' ');
+        }
+    }
+    let mut words: Vec<&str> = text.split_whitespace().collect();
+    if words.len() > 1 && words[0] == "the" {
+        words.remove(0);
+    }
+    while words.len() > 1 && words.last().is_some_and(|w| LEGAL_FORMS.contains(w)) {
+        words.pop();
+    }
+    let key = words.join(" ");
+    (!key.is_empty() && !PLACEHOLDERS.contains(&key.as_str())).then_some(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Decorations a CRM export puts around a website, each of which must not change the key.
+    fn decorate(domain: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        for scheme in ["", "http://", "https://", "HTTPS://", "//"] {
+            for host in [
+                domain.to_string(),
+                format!("www.{domain}"),
+                format!("WWW.{}", domain.to_uppercase()),
+                format!("shop.{domain}"),
+                format!("eu.app.{domain}"),
+            ] {
+                for tail in ["", "/", "/about", ":8443/en-us/?utm_source=crm#top", "."] {
+                    let host = if tail == "." {
+                        format!("{host}.")
+                    } else {
+                        host.clone()
+                    };
+                    let tail = if tail == "." { "" } else { tail };
+                    out.push(format!("{scheme}{host}{tail}"));
+                    out.push(format!("  {scheme}{host}{tail} "));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn decorated_websites_reduce_to_their_registrable_domain() {
+        let domains = [
+            "acme.com",
+            "acme.co.uk",
+            "acme.com.au",
+            "acme.co.jp",
+            "acme.com.br",
+            "acme.de",
+            "acme.io",
+            "acme-systems.ai",
+            "acme.github.io",
+            "xn--bcher-kva.de",
+        ];
+        let mut checked = 0;
+        for d in domains {
+            for v in decorate(d) {
+                assert_eq!(website_key(&v).as_deref(), Some(d), "{v:?}");
+                checked += 1;
+            }
+        }
+        assert!(checked >= 1000, "{checked}");
+    }
+
+    #[test]
+    fn website_shapes() {
+        let cases: &[(&str, Option<&str>)] = &[
+            ("shop.acme.co.uk", Some("acme.co.uk")),
+            ("https://WWW.ACME.CO.UK/about", Some("acme.co.uk")),
+            ("acme.co.uk.", Some("acme.co.uk")),
+            ("http://user:pw@acme.com:8080/x", Some("acme.com")),
+            ("sales@acme.com", Some("acme.com")),
+            ("mailto:Sales@ACME.com", Some("acme.com")),
+            ("<https://acme.com>", Some("acme.com")),
+            ("\"acme.com\"", Some("acme.com")),
+            ("a.b.c.acme.com.au", Some("acme.com.au")),
+            ("acme.k12.ca.us", Some("acme.k12.ca.us")), // k12.ca.us is a public suffix
+            ("k12.ca.us", None),
+            ("school.acme.k12.ca.us", Some("acme.k12.ca.us")),
+            ("city.kawasaki.jp", Some("city.kawasaki.jp")), // an exception rule
+            ("www.city.kawasaki.jp", Some("city.kawasaki.jp")),
+            ("foo.bar.kawasaki.jp", Some("foo.bar.kawasaki.jp")), // a wildcard rule
+            // IDNA: Unicode and punycode spellings are one company
+            ("https://Bücher.de/kontakt", Some("xn--bcher-kva.de")),
+            ("BÜCHER.DE", Some("xn--bcher-kva.de")),
+            ("www.münchen.de", Some("xn--mnchen-3ya.de")),
+            ("例子.中国", Some("xn--fsqu00a.xn--fiqs8s")),
+            ("https://www.例子.中国/", Some("xn--fsqu00a.xn--fiqs8s")),
+            ("пример.рф", Some("xn--e1afmkfd.xn--p1ai")),
+            // unknown TLDs fall back to the last label as the suffix
+            ("acme.zzz", Some("acme.zzz")),
+            // shared domains name nobody
+            ("gmail.com", None),
+            ("https://www.linkedin.com/company/acme", None),
+            ("jane.doe@gmail.com", None),
+            ("JOHN@HOTMAIL.CO.UK", None),
+            // not a company website
+            ("", None),
+            ("   ", None),
+            ("n/a", None),
+            ("N/A", None),
+            ("none", None),
+            ("-", None),
+            ("localhost", None),
+            ("http://10.0.0.1/", None),
+            ("http://[::1]/", None),
+            ("co.uk", None),
+            ("com", None),
+            ("acme", None),
+            ("not a url", None),
+            ("ftp://acme.com", None),
+            ("javascript:alert(1)", None),
+            ("http://", None),
+            ("http://acme..com", None),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(website_key(raw).as_deref(), *want, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn name_shapes() {
+        let cases: &[(&str, Option<&str>)] = &[
+            ("Acme Systems", Some("acme systems")),
+            ("ACME SYSTEMS, INC.", Some("acme systems")),
+            ("acme systems inc", Some("acme systems")),
+            ("  Acme   Systems  ", Some("acme systems")),
+            ("The Acme Systems LLC", Some("acme systems")),
+            ("Acme Systems Ltd.", Some("acme systems")),
+            ("Acme Systems Limited", Some("acme systems")),
+            ("Acme Systems GmbH", Some("acme systems")),
+            ("Acme Systems S.A.", Some("acme systems")),
+            ("Acme Systems B.V.", Some("acme systems")),
+            ("Acme Systems Corp.", Some("acme systems")),
+            ("Acme Systems Corporation", Some("acme systems")),
+            ("Acme Systems Co.", Some("acme systems")),
+            ("Acme Systems PLC", Some("acme systems")),
+            ("Acme Systems Pty Ltd", Some("acme systems")),
+            ("Acme Holdings AG", Some("acme holdings")), // "Holdings" is part of names
+            ("Müller & Söhne GmbH", Some("muller and sohne")),
+            ("MÜLLER + SÖHNE", Some("muller and sohne")),
+            ("Ｆｕｌｌｗｉｄｔｈ Ｃｏｒｐ", Some("fullwidth")), // NFKD folds compatibility forms
+            ("Café Noir", Some("cafe noir")),
+            ("Café Noir S.à r.l.", Some("cafe noir sa rl")), // not a listed legal form
+            ("O'Reilly Media", Some("oreilly media")),
+            ("AT&T", Some("at and t")),
+            ("株式会社 トヨタ", Some("株式会社 トヨタ")),
+            // a legal form alone is a name, not nothing
+            ("Company", Some("company")),
+            ("The", Some("the")),
+            ("", None),
+            ("  ", None),
+            ("N/A", None),
+            ("---", None),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(name_key(raw).as_deref(), *want, "{raw:?}");
+        }
+    }
+
+    /// The messy spellings CRM exports make of one name (case, legal form, "The", spacing),
+    /// each of which must reduce to the same key.
+    #[test]
+    fn decorated_names_reduce_to_one_key() {
+        let names = [
+            ("Novaterra Systems", "novaterra systems"),
+            ("Acme Labs", "acme labs"),
+            ("Globex", "globex"),
+            ("Initech Health Group", "initech health group"),
+            ("Zenbit Cloud", "zenbit cloud"),
+        ];
+        let forms = [
+            "",
+            " Inc",
+            " Inc.",
+            ", Inc.",
+            " LLC",
+            ", LLC",
+            " Ltd",
+            " Ltd.",
+            " Limited",
+            " GmbH",
+            " AG",
+            " S.A.",
+            " Corp",
+            " Corp.",
+            " Corporation",
+            " Co.",
+            " PLC",
+            " BV",
+        ];
+        let mut checked = 0;
+        for (name, want) in names {
+            for form in forms {
+                for cased in [name.to_string(), name.to_uppercase(), name.to_lowercase()] {
+                    for the in ["", "The "] {
+                        let v = format!("{the}{cased}{form}");
+                        let spaced = format!("  {} ", v.replace(' ', "  "));
+                        for v in [v, spaced] {
+                            assert_eq!(name_key(&v).as_deref(), Some(want), "{v:?}");
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(checked >= 1000, "{checked}");
+    }
+
+    #[test]
+    fn website_first_then_name_then_unmatched() {
+        assert_eq!(
+            company_key(Some("https://www.acme.com/"), Some("Acme Inc")).as_deref(),
+            Some("d:acme.com")
+        );
+        assert_eq!(
+            company_key(Some("jane@gmail.com"), Some("Acme Inc")).as_deref(),
+            Some("n:acme")
+        );
+        assert_eq!(
+            company_key(None, Some("Acme, Inc.")).as_deref(),
+            Some("n:acme")
+        );
+        assert_eq!(company_key(Some("n/a"), None), None);
+        assert_eq!(company_key(None, Some("  ")), None);
+        // A domain key never equals a name key, even for the same text.
+        assert_ne!(
+            company_key(Some("acme.com"), None),
+            company_key(None, Some("acme.com"))
+        );
+    }
+}
