@@ -540,3 +540,113 @@ fn neighbouring_datasets_reupload_differencing_is_noisy_and_bounded() {
     env.cli(&server, "globex", &["query", OVERLAP])
         .fails_with("rule budget_exhausted");
 }
+
+/// Two partners spell the same companies differently; the overlap counts companies: website
+/// spellings reduce to one registrable domain, rows without a usable website match by
+/// normalised name, duplicates count once, unusable rows are unmatched (never one company).
+#[test]
+fn messy_spellings_match_as_companies() {
+    let env = Env::new();
+    let server = env.serve(&[]);
+    let mut acme = String::from("website,company_name\n");
+    for i in 0..30 {
+        acme.push_str(&format!("https://www.c{i}.co.uk/about,C{i} Systems\n"));
+    }
+    acme.push_str("C10.CO.UK.,C10 Systems Ltd\n"); // a duplicate of c10
+    for i in 40..45 {
+        acme.push_str(&format!(",\"The C{i} Systems, LLC\"\n")); // no website: by name
+    }
+    acme.push_str("n/a,\n"); // nothing usable: unmatched
+    let mut globex = String::from("website,company_name\n");
+    for i in 10..40 {
+        globex.push_str(&format!(
+            "shop.C{i}.CO.UK:8080/?utm_source=crm,c{i} systems inc\n"
+        ));
+    }
+    for i in 40..45 {
+        globex.push_str(&format!("sales{i}@gmail.com,C{i} SYSTEMS\n")); // free mail: by name
+    }
+    globex.push_str("localhost,N/A\n");
+    let mut outcomes = Vec::new();
+    for (partner, csv) in [("acme", &acme), ("globex", &globex)] {
+        let f = env.file(&format!("{partner}-crm.csv"), csv.as_bytes());
+        outcomes.push(
+            env.upload(
+                &server,
+                partner,
+                &f,
+                "crm",
+                &["--key-column", "website", "--name-column", "company_name"],
+            )
+            .ok()
+            .stdout,
+        );
+    }
+    assert!(
+        outcomes[0].contains("matched_by_domain=31 matched_by_name=5 unmatched=1"),
+        "{}",
+        outcomes[0]
+    );
+    assert!(
+        outcomes[1].contains("matched_by_domain=30 matched_by_name=5 unmatched=1"),
+        "{}",
+        outcomes[1]
+    );
+    for usage in ["join", "count"] {
+        env.cli(
+            &server,
+            "globex",
+            &["policy", "grant", "crm", "--to", "acme", "--usage", usage],
+        )
+        .ok();
+    }
+    env.cli(
+        &server,
+        "globex",
+        &[
+            "policy",
+            "set",
+            "crm",
+            "--epsilon",
+            "100",
+            "--budget",
+            "1000",
+        ],
+    )
+    .ok();
+    // c10..c29 by domain (20) + c40..c44 by name (5).
+    let v = ask(
+        &env,
+        &server,
+        "acme",
+        "SELECT COUNT(DISTINCT a.website) FROM acme.crm a JOIN globex.crm g ON a.website = g.website",
+    );
+    assert_eq!(v["rows"], serde_json::json!([[25]]), "{v}");
+    // Own data: 30 domains + 5 names; the duplicate and the unmatched row are no companies.
+    let v = ask(
+        &env,
+        &server,
+        "acme",
+        "SELECT COUNT(DISTINCT website) FROM acme.crm",
+    );
+    assert_eq!(v["rows"], serde_json::json!([[35]]), "{v}");
+    // A name column needs a website key; a reserved column name is refused.
+    let f = env.file("ids.csv", b"duns,company_name\n123,Acme\n");
+    env.upload(
+        &server,
+        "acme",
+        &f,
+        "ids",
+        &["--key-column", "duns", "--name-column", "company_name"],
+    )
+    .fails_with("invalid_name_column");
+    let f = env.file("reserved.csv", b"website,__escrow_company\na.com,x\n");
+    env.upload(
+        &server,
+        "acme",
+        &f,
+        "reserved",
+        &["--key-column", "website"],
+    )
+    .fails_with("reserved_column");
+}

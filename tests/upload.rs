@@ -109,7 +109,34 @@ fn every_format_uploads_lists_and_reads_back() {
         let all = arrow_select::concat::concat_batches(&back[0].schema(), &back).expect("concat");
         let orig =
             arrow_select::concat::concat_batches(&batches[0].schema(), &batches).expect("concat");
-        assert_eq!(all, orig, "{file} must round-trip exactly");
+        // Sealed: the uploaded columns exactly, then the hidden company key of each row.
+        let uploaded: Vec<usize> = (0..orig.num_columns()).collect();
+        assert_eq!(
+            all.project(&uploaded).expect("project"),
+            orig,
+            "{file} must round-trip exactly"
+        );
+        use arrow_array::Array;
+        let company = all
+            .column_by_name("__escrow_company")
+            .expect("company key column");
+        let company = company
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .expect("text");
+        let website = orig.column_by_name("website").expect("website");
+        let website = arrow_cast::cast(website, &DataType::Utf8).expect("cast");
+        let website = website
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .expect("text");
+        for i in [0, 1, 7999] {
+            assert_eq!(
+                company.is_valid(i).then(|| company.value(i).to_string()),
+                escrow::matching::company_key(website.is_valid(i).then(|| website.value(i)), None),
+                "{file} row {i}"
+            );
+        }
     }
     // CSV: types are inferred, the key column is kept.
     env.upload_csv(&server, "acme", "accounts", &accounts_csv(1234, "acme"))

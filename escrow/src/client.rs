@@ -12,6 +12,15 @@ use tokio_util::io::ReaderStream;
 
 use crate::server::tls;
 
+/// The key options of an upload (see `escrow upload --help`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UploadKey<'a> {
+    pub column: Option<&'a str>,
+    pub name_column: Option<&'a str>,
+    /// `website` (default) or `id`.
+    pub key_type: Option<&'a str>,
+}
+
 /// A connection to an escrow server as one identity.
 pub struct Client {
     http: reqwest::Client,
@@ -94,11 +103,13 @@ impl Client {
     }
 
     /// Stream a file to the server; shows a progress bar on a terminal.
+    ///
+    /// `key` names the column identifying companies (and how to read it).
     pub async fn upload(
         &self,
         file: &Path,
         dataset: &str,
-        key_column: Option<&str>,
+        key: &UploadKey<'_>,
         format: Option<&str>,
     ) -> anyhow::Result<serde_json::Value> {
         let f = tokio::fs::File::open(file)
@@ -126,8 +137,14 @@ impl Client {
             }
         });
         let mut query: Vec<(&str, &str)> = Vec::new();
-        if let Some(k) = key_column {
-            query.push(("key_column", k));
+        for (param, value) in [
+            ("key_column", key.column),
+            ("name_column", key.name_column),
+            ("key_type", key.key_type),
+        ] {
+            if let Some(v) = value {
+                query.push((param, v));
+            }
         }
         if let Some(fmt) = format.or_else(|| format_from_path(file)) {
             query.push(("format", fmt));

@@ -18,6 +18,7 @@ use arrow_ipc::writer::StreamWriter;
 use arrow_schema::{ArrowError, DataType, SchemaRef};
 
 use crate::catalog::ColumnInfo;
+use crate::matching::{COMPANY_KEY, MatchStats, company_keys};
 use crate::{Error, Result};
 
 /// Upload formats escrow accepts.
@@ -201,13 +202,53 @@ impl<R: Read> Read for TrackedInput<R> {
     }
 }
 
+/// Which column identifies a company, and how.
+#[derive(Debug, Clone, Default)]
+pub struct KeySpec {
+    pub column: Option<String>,
+    /// Company names for rows without a usable website (website keys only).
+    pub name_column: Option<String>,
+    pub key_type: KeyType,
+}
+
+/// How a key column is read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyType {
+    /// Websites, matched as companies (docs/MATCHING.md).
+    #[default]
+    Website,
+    /// Exact identifiers (DUNS, LEI, an agreed account id): compared as written. Integer key
+    /// columns are always ids.
+    Id,
+}
+
+impl KeyType {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "website" => Ok(KeyType::Website),
+            "id" => Ok(KeyType::Id),
+            other => Err(Error::bad(
+                "invalid_key_type",
+                format!("unknown key type {other:?} (website or id)"),
+            )),
+        }
+    }
+}
+
 /// The result of a successful ingest.
 #[derive(Debug, Clone)]
 pub struct Ingested {
     pub format: Format,
     pub rows: u64,
+    /// The uploaded columns (not the hidden company key).
     pub columns: Vec<ColumnInfo>,
     pub key_column: Option<String>,
+    pub name_column: Option<String>,
+    /// The key type in effect (`None` without a key column).
+    pub key_type: Option<KeyType>,
+    /// For website keys: how rows were matched.
+    pub matching: Option<MatchStats>,
 }
 
 /// Parse `input` as `format` (sniffed when `None`), check it, and write it into `sink` as an
@@ -215,7 +256,7 @@ pub struct Ingested {
 pub fn ingest<'a, R: Read + 'a, W: Write>(
     format: Option<Format>,
     input: R,
-    key_column: Option<&str>,
+    key: &KeySpec,
     sink: W,
     limits: &IngestLimits,
 ) -> Result<(Ingested, W)> {
@@ -240,7 +281,7 @@ pub fn ingest<'a, R: Read + 'a, W: Write>(
     // Arrow fuzz corpus). A panic while decoding an upload is a refusal of that upload, not
     // a crash: nothing of it is committed, and the server goes on.
     let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        decode_into(format, input, key_column, sink, limits)
+        decode_into(format, input, key, sink, limits)
     }));
     decoded.unwrap_or_else(|panic| {
         let what = panic
@@ -266,7 +307,7 @@ pub fn ingest<'a, R: Read + 'a, W: Write>(
 fn decode_into<'a, R: Read + 'a, W: Write>(
     format: Format,
     input: BufReader<R>,
-    key_column: Option<&str>,
+    key: &KeySpec,
     sink: W,
     limits: &IngestLimits,
 ) -> Result<(Ingested, W)> {
@@ -284,8 +325,49 @@ fn decode_into<'a, R: Read + 'a, W: Write>(
         None => return Err(Error::bad("no_rows", "the upload has no rows")),
     };
     let schema = first.schema();
+    let key_column = key.column.as_deref();
     let columns = check_schema(&schema, key_column)?;
-    let mut writer = StreamWriter::try_new(sink, &schema).map_err(internal_arrow)?;
+    let key_type = key_column.map(|k| match schema.field_with_name(k).map(|f| f.data_type()) {
+        Ok(t) if is_text(t) => key.key_type,
+        _ => KeyType::Id,
+    });
+    // Website keys: a hidden company-key column is computed per row and sealed with the data.
+    let company = match (key_column, key_type) {
+        (Some(k), Some(KeyType::Website)) => {
+            let name = key
+                .name_column
+                .as_deref()
+                .map(|n| text_column(&schema, n))
+                .transpose()?;
+            Some((schema.index_of(k).map_err(internal_arrow)?, name))
+        }
+        _ => {
+            if key.name_column.is_some() {
+                return Err(Error::bad(
+                    "invalid_name_column",
+                    "a name column is a fallback for a website key column: give --key-column (a text column of websites) too",
+                ));
+            }
+            None
+        }
+    };
+    let sealed_schema = match company {
+        Some(_) => {
+            let mut fields: Vec<arrow_schema::FieldRef> = schema.fields().iter().cloned().collect();
+            fields.push(Arc::new(arrow_schema::Field::new(
+                COMPANY_KEY,
+                DataType::Utf8,
+                true,
+            )));
+            Arc::new(arrow_schema::Schema::new_with_metadata(
+                fields,
+                schema.metadata().clone(),
+            ))
+        }
+        None => schema.clone(),
+    };
+    let mut stats = MatchStats::default();
+    let mut writer = StreamWriter::try_new(sink, &sealed_schema).map_err(internal_arrow)?;
     let mut rows = 0u64;
     for batch in std::iter::once(Ok(first)).chain(batches) {
         let batch = batch?;
@@ -296,6 +378,20 @@ fn decode_into<'a, R: Read + 'a, W: Write>(
             ));
         }
         rows += batch.num_rows() as u64;
+        let batch = match company {
+            Some((k, name)) => {
+                let keys = company_keys(
+                    batch.column(k).as_ref(),
+                    name.map(|n| batch.column(n).as_ref()),
+                    &mut stats,
+                )
+                .map_err(internal_arrow)?;
+                let mut cols = batch.columns().to_vec();
+                cols.push(keys);
+                RecordBatch::try_new(sealed_schema.clone(), cols).map_err(internal_arrow)?
+            }
+            None => batch,
+        };
         writer.write(&batch).map_err(sink_error)?;
     }
     if rows == 0 {
@@ -309,6 +405,9 @@ fn decode_into<'a, R: Read + 'a, W: Write>(
             rows,
             columns,
             key_column: key_column.map(str::to_string),
+            name_column: key.name_column.clone(),
+            key_type,
+            matching: company.map(|_| stats),
         },
         sink,
     ))
@@ -322,6 +421,15 @@ fn check_schema(schema: &SchemaRef, key_column: Option<&str>) -> Result<Vec<Colu
     for f in schema.fields() {
         if f.name().trim().is_empty() {
             return Err(Error::bad("invalid_column", "a column has an empty name"));
+        }
+        if f.name().to_lowercase().starts_with("__escrow") {
+            return Err(Error::bad(
+                "reserved_column",
+                format!(
+                    "column names starting with __escrow are reserved ({:?})",
+                    f.name()
+                ),
+            ));
         }
         if !seen.insert(f.name().to_lowercase()) {
             return Err(Error::bad(
@@ -374,6 +482,31 @@ fn check_schema(schema: &SchemaRef, key_column: Option<&str>) -> Result<Vec<Colu
             nullable: f.is_nullable(),
         })
         .collect())
+}
+
+fn is_text(t: &DataType) -> bool {
+    let t = match t {
+        DataType::Dictionary(_, v) => v.as_ref(),
+        other => other,
+    };
+    matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
+}
+
+/// The index of a text column named by the uploader (the name column).
+fn text_column(schema: &SchemaRef, name: &str) -> Result<usize> {
+    let i = schema.index_of(name).map_err(|_| {
+        Error::bad(
+            "unknown_name_column",
+            format!("name column {name:?} is not a column of the upload"),
+        )
+    })?;
+    if !is_text(schema.field(i).data_type()) {
+        return Err(Error::bad(
+            "invalid_name_column",
+            format!("name column {name:?} must be text"),
+        ));
+    }
+    Ok(i)
 }
 
 fn internal_arrow(e: ArrowError) -> Error {
@@ -913,7 +1046,11 @@ mod tests {
     }
 
     fn run(format: Option<Format>, bytes: &[u8], key: Option<&str>) -> Result<Ingested> {
-        ingest(format, bytes, key, Vec::new(), &IngestLimits::default()).map(|(i, _)| i)
+        let key = KeySpec {
+            column: key.map(str::to_string),
+            ..KeySpec::default()
+        };
+        ingest(format, bytes, &key, Vec::new(), &IngestLimits::default()).map(|(i, _)| i)
     }
 
     #[test]

@@ -82,6 +82,13 @@ enum Command {
         /// Column that identifies the account (e.g. website).
         #[arg(long)]
         key_column: Option<String>,
+        /// Company names, to match rows without a usable website (docs/MATCHING.md).
+        #[arg(long)]
+        name_column: Option<String>,
+        /// How the key column is read: website (matched as companies, the default for text)
+        /// or id (exact identifiers such as DUNS numbers).
+        #[arg(long)]
+        key_type: Option<String>,
         /// File format (csv, arrow, arrow-stream, parquet); guessed from the name otherwise.
         #[arg(long = "input-format")]
         input_format: Option<String>,
@@ -348,20 +355,31 @@ async fn run(command: Command) -> anyhow::Result<()> {
             file,
             dataset,
             key_column,
+            name_column,
+            key_type,
             input_format,
             client,
         } => {
             let c = identity(&client)?;
+            let key = escrow::client::UploadKey {
+                column: key_column.as_deref(),
+                name_column: name_column.as_deref(),
+                key_type: key_type.as_deref(),
+            };
             let out = c
-                .upload(
-                    &file,
-                    &dataset,
-                    key_column.as_deref(),
-                    input_format.as_deref(),
-                )
+                .upload(&file, &dataset, &key, input_format.as_deref())
                 .await?;
+            let m = &out["matching"];
+            let matching = if m.is_null() {
+                String::new()
+            } else {
+                format!(
+                    " matched_by_domain={} matched_by_name={} unmatched={}",
+                    m["by_domain"], m["by_name"], m["unmatched"]
+                )
+            };
             println!(
-                "dataset={} version={} rows={} bytes={} format={} key_column={}",
+                "dataset={} version={} rows={} bytes={} format={} key_column={}{matching}",
                 out["dataset"].as_str().unwrap_or("?"),
                 out["version"],
                 out["rows"],

@@ -19,9 +19,62 @@
 //! in docs/MATCHING.md.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
+use arrow_array::{Array, ArrayRef, StringArray};
+use arrow_schema::{ArrowError, DataType};
 use unicode_normalization::UnicodeNormalization;
 use unicode_normalization::char::is_combining_mark;
+
+/// The column, sealed with a dataset, that holds each row's company key. Hidden from users:
+/// queries join and count through it (see `queries.rs`), names starting with `__escrow` are
+/// refused in uploads.
+pub const COMPANY_KEY: &str = "__escrow_company";
+
+/// How many rows of an upload got which kind of key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MatchStats {
+    /// Keyed by the registrable domain of their website.
+    pub by_domain: u64,
+    /// Keyed by their normalised name (no usable website).
+    pub by_name: u64,
+    /// Neither: never joined, never counted as a company.
+    pub unmatched: u64,
+}
+
+/// Company keys of one batch: `website` (and `name`, if given) -> a Utf8 column of
+/// `d:`/`n:` keys, null where the row is unmatched.
+pub fn company_keys(
+    website: &dyn Array,
+    name: Option<&dyn Array>,
+    stats: &mut MatchStats,
+) -> Result<ArrayRef, ArrowError> {
+    let text = |a: &dyn Array| -> Result<StringArray, ArrowError> {
+        let t = arrow_cast::cast(a, &DataType::Utf8)?;
+        t.as_any()
+            .downcast_ref::<StringArray>()
+            .cloned()
+            .ok_or_else(|| ArrowError::CastError("not text".into()))
+    };
+    let websites = text(website)?;
+    let names = name.map(text).transpose()?;
+    let keys: StringArray = (0..websites.len())
+        .map(|i| {
+            let w = websites.is_valid(i).then(|| websites.value(i));
+            let n = names
+                .as_ref()
+                .and_then(|n| n.is_valid(i).then(|| n.value(i)));
+            let key = company_key(w, n);
+            match key.as_deref().map(|k| k.as_bytes()[0]) {
+                Some(b'd') => stats.by_domain += 1,
+                Some(_) => stats.by_name += 1,
+                None => stats.unmatched += 1,
+            }
+            key
+        })
+        .collect();
+    Ok(Arc::new(keys))
+}
 
 /// A canonical company key (`d:domain` or `n:name`).
 pub fn company_key(website: Option<&str>, name: Option<&str>) -> Option<String> {

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrow_array::RecordBatch;
+use arrow_array::{ArrayRef, RecordBatch};
 use arrow_schema::SchemaRef;
 use escrow_policies::{ColumnUse, Decision, PolicySet, Usage};
 use escrow_query::gate;
@@ -28,6 +28,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::catalog::{BudgetCharge, QueryableDataset, Spend, VersionKey};
+use crate::matching::COMPANY_KEY;
 use crate::settings::{self, DatasetSettings};
 use crate::store::{Prepare, Store};
 use crate::{Error, Result};
@@ -238,7 +239,7 @@ impl QueryService {
             let mut tables = Vec::new();
             let mut versions = BTreeMap::new();
             for d in store.catalog().queryable(&who)? {
-                let schema = store.schema_of(&d.live)?;
+                let sealed = store.schema_of(&d.live)?;
                 versions.insert((d.owner.clone(), d.name.clone()), d.live.version_id.clone());
                 let QueryableDataset {
                     owner,
@@ -246,7 +247,8 @@ impl QueryService {
                     key_column,
                     live,
                 } = d;
-                let (executes, prepare) = query_form(&schema, key_column.as_deref(), &hasher)?;
+                let (schema, executes, prepare) =
+                    query_form(&sealed, key_column.as_deref(), &hasher)?;
                 let source = Arc::new(SealedSource {
                     store: store.clone(),
                     version: live,
@@ -421,24 +423,44 @@ fn fingerprint(
 }
 
 /// Batches of one sealed version, for the engine.
-/// The schema a dataset executes with and the preparation of its batches: the key column
-/// (if any) as entity ids.
+/// How a sealed version is queried: the declared schema (what users plan against: the
+/// uploaded columns), the schema it executes with, and the preparation of its batches. The
+/// key column executes as entity ids of each row's company key (the hidden column
+/// `matching::COMPANY_KEY`, sealed at upload for website keys; null for unmatched rows) or,
+/// for id keys and versions without that column, of the key text itself.
 fn query_form(
-    schema: &SchemaRef,
+    sealed: &SchemaRef,
     key: Option<&str>,
     hasher: &EntityHasher,
-) -> Result<(SchemaRef, Prepare)> {
+) -> Result<(SchemaRef, SchemaRef, Prepare)> {
+    let shown: Vec<usize> = (0..sealed.fields().len())
+        .filter(|&i| !sealed.field(i).name().starts_with("__escrow"))
+        .collect();
+    let declared = Arc::new(
+        sealed
+            .project(&shown)
+            .map_err(|e| Error::internal(format!("declared schema: {e}")))?,
+    );
     let Some(key) = key else {
-        return Ok((schema.clone(), Arc::new(Ok)));
+        return Ok((declared.clone(), declared, Arc::new(Ok)));
     };
-    let executes = escrow_query::source::entity_schema(schema, key)
+    let executes = escrow_query::source::entity_schema(&declared, key)
         .map_err(|e| Error::internal(format!("entity schema: {e}")))?;
-    let (key, hasher) = (key.to_string(), hasher.clone());
+    let company = sealed.index_of(COMPANY_KEY).ok();
+    let key_index = declared
+        .index_of(key)
+        .map_err(|e| Error::internal(format!("key column: {e}")))?;
+    let (hasher, out) = (hasher.clone(), executes.clone());
     let prepare: Prepare = Arc::new(move |b: RecordBatch| {
-        escrow_query::source::with_entity_ids(&b, &key, &hasher)
-            .map_err(|e| Error::internal(format!("entity ids: {e}")))
+        let source = b.column(company.unwrap_or(key_index));
+        let mut columns: Vec<ArrayRef> = shown.iter().map(|&i| b.column(i).clone()).collect();
+        columns[key_index] = hasher
+            .ids(source.as_ref())
+            .map_err(|e| Error::internal(format!("entity ids: {e}")))?;
+        RecordBatch::try_new(out.clone(), columns)
+            .map_err(|e| Error::internal(format!("query form: {e}")))
     });
-    Ok((executes, prepare))
+    Ok((declared, executes, prepare))
 }
 
 /// A sealed dataset version in query form.

@@ -62,7 +62,7 @@ pub struct UploadRequest {
     pub user: String,
     pub dataset: String,
     pub format: Option<Format>,
-    pub key_column: Option<String>,
+    pub key: ingest::KeySpec,
 }
 
 /// What a committed upload produced.
@@ -77,6 +77,10 @@ pub struct UploadOutcome {
     pub sealed_bytes: u64,
     pub format: String,
     pub key_column: Option<String>,
+    pub key_type: Option<ingest::KeyType>,
+    pub name_column: Option<String>,
+    /// Website keys: rows matched by domain, by name, and unmatched.
+    pub matching: Option<crate::matching::MatchStats>,
     pub columns: Vec<ColumnInfo>,
 }
 
@@ -218,13 +222,7 @@ impl Store {
             self.config.segment_size,
         )?;
         let (tracked, status) = TrackedInput::new(input, self.config.max_upload_bytes);
-        let ingested = ingest::ingest(
-            req.format,
-            tracked,
-            req.key_column.as_deref(),
-            sealer,
-            &self.config.ingest,
-        );
+        let ingested = ingest::ingest(req.format, tracked, &req.key, sealer, &self.config.ingest);
         let (ingested, sealer) = match (ingested, status.fault()) {
             (Ok(v), None) => v,
             (_, Some(InputFault::TooLarge(limit))) => return Err(Error::TooLarge { limit }),
@@ -272,6 +270,9 @@ impl Store {
             sealed_bytes,
             format: ingested.format.as_str().to_string(),
             key_column: ingested.key_column,
+            key_type: ingested.key_type,
+            name_column: ingested.name_column,
+            matching: ingested.matching,
             columns: ingested.columns,
         })
     }

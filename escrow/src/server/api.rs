@@ -182,6 +182,8 @@ async fn list_datasets(
 struct UploadParams {
     format: Option<String>,
     key_column: Option<String>,
+    name_column: Option<String>,
+    key_type: Option<String>,
 }
 
 /// Bytes of a refused upload read and discarded so the client can read the error response.
@@ -210,7 +212,16 @@ async fn upload(
         user: caller.user.clone(),
         dataset: name,
         format,
-        key_column: params.key_column.filter(|k| !k.is_empty()),
+        key: crate::ingest::KeySpec {
+            column: params.key_column.filter(|k| !k.is_empty()),
+            name_column: params.name_column.filter(|k| !k.is_empty()),
+            key_type: params
+                .key_type
+                .as_deref()
+                .map(crate::ingest::KeyType::parse)
+                .transpose()?
+                .unwrap_or_default(),
+        },
     };
     let stream = body.into_data_stream().map_err(io::Error::other);
     let mut reader = SyncIoBridge::new(StreamReader::new(stream));
