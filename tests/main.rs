@@ -8,6 +8,7 @@ mod bad_input;
 mod crash;
 mod identity;
 mod policy;
+mod populations;
 mod queries;
 mod tamper;
 mod upload;

@@ -85,6 +85,18 @@ CREATE TABLE IF NOT EXISTS privacy_ledger (
     spent_at    TEXT NOT NULL,
     PRIMARY KEY (partner, owner, dataset, fingerprint)
 );
+-- Populations: a data owner's named subsets of one of its datasets (a SQL predicate over its
+-- columns, validated at definition). `position` orders them per dataset (definition order).
+CREATE TABLE IF NOT EXISTS populations (
+    owner       TEXT NOT NULL REFERENCES partners(name),
+    dataset     TEXT NOT NULL,
+    name        TEXT NOT NULL,
+    filter      TEXT NOT NULL,
+    position    INTEGER NOT NULL,
+    created_at  TEXT NOT NULL,
+    created_by  TEXT NOT NULL,
+    PRIMARY KEY (owner, dataset, name)
+);
 CREATE TABLE IF NOT EXISTS crl_state (
     id      INTEGER PRIMARY KEY CHECK (id = 1),
     number  INTEGER NOT NULL
@@ -140,6 +152,18 @@ pub struct ColumnInfo {
     #[serde(rename = "type")]
     pub data_type: String,
     pub nullable: bool,
+}
+
+/// A named subset of a dataset, defined by its owner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Population {
+    pub owner: String,
+    pub dataset: String,
+    pub name: String,
+    /// SQL predicate over the dataset's columns.
+    pub filter: String,
+    /// Definition order within the dataset (1, 2, ...).
+    pub position: i64,
 }
 
 /// Metadata of the live (latest) version of a dataset. Never any row content.
@@ -469,6 +493,10 @@ impl Catalog {
             "DELETE FROM dataset_settings WHERE owner = ?1 AND dataset = ?2",
             params![owner, name],
         )?;
+        tx.execute(
+            "DELETE FROM populations WHERE owner = ?1 AND dataset = ?2",
+            params![owner, name],
+        )?;
         tx.execute("DELETE FROM datasets WHERE id = ?1", [&id])?;
         tx.commit()?;
         self.policy_changed();
@@ -482,6 +510,71 @@ impl Catalog {
         let conn = self.conn();
         let mut st = conn.prepare("SELECT dataset_id, version_id FROM dataset_versions")?;
         let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    // ---- populations -------------------------------------------------------------------
+
+    /// Define a population. `Ok(false)`: the same definition exists already (nothing
+    /// changed); a different filter under the same name is `population_exists`.
+    pub fn add_population(&self, p: &Population, by: &str) -> Result<bool> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let existing: Option<String> = tx
+            .query_row(
+                "SELECT filter FROM populations WHERE owner = ?1 AND dataset = ?2 AND name = ?3",
+                params![p.owner, p.dataset, p.name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match existing {
+            Some(f) if f == p.filter => return Ok(false),
+            Some(_) => {
+                return Err(Error::Conflict(format!(
+                    "{}.{} already has a population {}; remove it first",
+                    p.owner, p.dataset, p.name
+                )));
+            }
+            None => {}
+        }
+        tx.execute(
+            "INSERT INTO populations (owner, dataset, name, filter, position, created_at, created_by)
+             VALUES (?1, ?2, ?3, ?4,
+                     (SELECT COALESCE(MAX(position), 0) + 1 FROM populations WHERE owner = ?1 AND dataset = ?2),
+                     ?5, ?6)",
+            params![p.owner, p.dataset, p.name, p.filter, now_rfc3339(), by],
+        )?;
+        tx.commit()?;
+        self.policy_changed();
+        Ok(true)
+    }
+
+    /// Remove a population; false if there was none.
+    pub fn remove_population(&self, owner: &str, dataset: &str, name: &str) -> Result<bool> {
+        let n = self.conn().execute(
+            "DELETE FROM populations WHERE owner = ?1 AND dataset = ?2 AND name = ?3",
+            params![owner, dataset, name],
+        )?;
+        self.policy_changed();
+        Ok(n == 1)
+    }
+
+    /// `owner`'s populations, by dataset then definition order.
+    pub fn populations_of(&self, owner: &str) -> Result<Vec<Population>> {
+        let conn = self.conn();
+        let mut st = conn.prepare(
+            "SELECT owner, dataset, name, filter, position FROM populations
+             WHERE owner = ?1 ORDER BY dataset, position",
+        )?;
+        let rows = st.query_map([owner], |r| {
+            Ok(Population {
+                owner: r.get(0)?,
+                dataset: r.get(1)?,
+                name: r.get(2)?,
+                filter: r.get(3)?,
+                position: r.get(4)?,
+            })
+        })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 

@@ -208,6 +208,32 @@ impl Client {
         .await
     }
 
+    pub async fn populations(&self) -> anyhow::Result<serde_json::Value> {
+        self.send(
+            self.http.get(format!("{}/v1/populations", self.base)),
+            "listing populations",
+        )
+        .await
+    }
+
+    /// Define (`remove` false) or remove a population of one of your datasets.
+    pub async fn population_change(
+        &self,
+        remove: bool,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<serde_json::Value> {
+        let (path, what) = if remove {
+            ("v1/populations/removals", "removing the population")
+        } else {
+            ("v1/populations", "defining the population")
+        };
+        self.send(
+            self.http.post(format!("{}/{path}", self.base)).json(body),
+            what,
+        )
+        .await
+    }
+
     pub async fn settings(&self, body: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
         self.send(
             self.http

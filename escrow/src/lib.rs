@@ -16,6 +16,7 @@ pub mod grants;
 pub mod ingest;
 pub mod matching;
 pub mod pki;
+pub mod populations;
 pub mod queries;
 pub mod server;
 pub mod settings;

@@ -111,6 +111,11 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Define, list and remove populations: named subsets of your datasets.
+    Population {
+        #[command(subcommand)]
+        command: PopulationCommand,
+    },
     /// Ask an aggregate question in SQL over your datasets and those shared with you
     /// (tables are named partner.dataset). Exits non-zero when the query is refused.
     Query {
@@ -209,6 +214,36 @@ enum PolicyCommand {
     List {
         #[arg(long, default_value = "table")]
         format: OutputFormat,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum PopulationCommand {
+    /// Define a population of one of your datasets by a SQL predicate over its columns
+    /// (not the key column), e.g. --filter "status = 'customer'".
+    Add {
+        /// Your dataset.
+        dataset: String,
+        /// Population name ([a-z][a-z0-9_]*).
+        name: String,
+        #[arg(long)]
+        filter: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Your populations.
+    List {
+        #[arg(long, default_value = "table")]
+        format: OutputFormat,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Remove a population.
+    Remove {
+        dataset: String,
+        name: String,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -483,6 +518,59 @@ async fn run(command: Command) -> anyhow::Result<()> {
                         }
                     }
                 }
+            }
+        },
+        Command::Population { command } => match command {
+            PopulationCommand::Add {
+                dataset,
+                name,
+                filter,
+                client,
+            } => {
+                let body = serde_json::json!({"dataset": dataset, "name": name, "filter": filter});
+                let out = identity(&client)?.population_change(false, &body).await?;
+                let p = &out["population"];
+                let verb = if out["changed"] == true {
+                    "defined"
+                } else {
+                    "already defined"
+                };
+                println!(
+                    "{verb}: {}.{} where {}",
+                    dataset,
+                    p["name"].as_str().unwrap_or("?"),
+                    p["filter"].as_str().unwrap_or("?")
+                );
+            }
+            PopulationCommand::List { format, client } => {
+                let out = identity(&client)?.populations().await?;
+                match format {
+                    OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&out)?),
+                    OutputFormat::Table => {
+                        let empty = Vec::new();
+                        let list = out["populations"].as_array().unwrap_or(&empty);
+                        if list.is_empty() {
+                            println!("no populations");
+                        }
+                        for p in list {
+                            println!(
+                                "{}.{}  where {}",
+                                p["dataset"].as_str().unwrap_or("?"),
+                                p["name"].as_str().unwrap_or("?"),
+                                p["filter"].as_str().unwrap_or("?")
+                            );
+                        }
+                    }
+                }
+            }
+            PopulationCommand::Remove {
+                dataset,
+                name,
+                client,
+            } => {
+                let body = serde_json::json!({"dataset": dataset, "name": name});
+                identity(&client)?.population_change(true, &body).await?;
+                println!("removed: {dataset}.{name}");
             }
         },
         Command::Query {

@@ -7,6 +7,7 @@
 pub mod exec;
 pub mod gate;
 pub mod noise;
+pub mod population;
 pub mod session;
 pub mod source;
 

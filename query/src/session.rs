@@ -121,6 +121,14 @@ fn session(
         .build())
 }
 
+/// A session over the declared schemas of `tables` (no data), for planning and checks.
+pub fn planning_session(
+    tables: &[QueryTable],
+    limits: &Limits,
+) -> Result<datafusion::execution::SessionState, QueryError> {
+    session(tables, limits, Stage::Plan)
+}
+
 /// Parse and plan one SQL statement against the declared schemas of `tables`, for the gate.
 /// Planning errors are refusals that say what was not understood (unknown table, function
 /// or column; more than one statement).

@@ -43,6 +43,14 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/policies/settings",
             axum::routing::post(change_settings),
         )
+        .route(
+            "/v1/populations",
+            get(list_populations).post(add_population),
+        )
+        .route(
+            "/v1/populations/removals",
+            axum::routing::post(remove_population),
+        )
         .route("/v1/queries", axum::routing::post(query))
         .fallback(|| async { ApiError(Error::NotFound("no such endpoint".into())) })
         .method_not_allowed_fallback(|| async {
@@ -314,6 +322,50 @@ async fn revoke_grant(
     let grant = blocking(move || crate::grants::revoke(&store, &owner, &req)).await?;
     tracing::info!(partner = %caller.partner, dataset = %grant.dataset, column = %grant.column, to = %grant.to, usage = %grant.usage, "grant revoked");
     Ok(Json(json!({ "revoked": grant })))
+}
+
+async fn list_populations(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let store = state.store.clone();
+    let list = blocking(move || crate::populations::list(&store, &caller.partner)).await?;
+    Ok(Json(json!({ "populations": list })))
+}
+
+/// Populations are defined by the data owner: the caller's partner owns the dataset named.
+async fn add_population(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    body: bytes::Bytes,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let req: crate::populations::PopulationRequest = json_body(&body)?;
+    let store = state.store.clone();
+    let (owner, user) = (caller.partner.clone(), caller.user.clone());
+    let (p, new) = blocking(move || crate::populations::add(&store, &owner, &user, &req)).await?;
+    tracing::info!(partner = %caller.partner, dataset = %p.dataset, population = %p.name, new, "population defined");
+    let status = if new {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(json!({ "population": p, "changed": new }))))
+}
+
+async fn remove_population(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    body: bytes::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let req: crate::populations::PopulationRequest = json_body(&body)?;
+    let store = state.store.clone();
+    let owner = caller.partner.clone();
+    let (dataset, name) = (req.dataset.clone(), req.name.clone());
+    blocking(move || crate::populations::remove(&store, &owner, &req)).await?;
+    tracing::info!(partner = %caller.partner, dataset = %dataset, population = %name, "population removed");
+    Ok(Json(
+        json!({ "removed": { "dataset": dataset, "name": name } }),
+    ))
 }
 
 /// Parse a JSON request body; malformed bodies get the API's own error shape.

@@ -1,0 +1,100 @@
+//! Populations: a data owner's named subsets of its datasets ("customers", "open
+//! opportunities"), defined by a SQL predicate over the dataset's own columns. Validated at
+//! definition (`escrow_query::population::check_filter`: one boolean expression, no key
+//! column, no subqueries); sharing them is a grant (later: usage `overlap`). Engine code: no
+//! HTTP.
+
+use escrow_query::QueryError;
+use serde::Deserialize;
+
+use crate::catalog::Population;
+use crate::datadir::validate_name;
+use crate::store::Store;
+use crate::{Error, Result};
+
+/// A population as its owner defines or removes it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PopulationRequest {
+    /// The owner's dataset name.
+    pub dataset: String,
+    pub name: String,
+    /// The predicate (for definitions).
+    pub filter: Option<String>,
+}
+
+/// Define a population of `owner`'s dataset. Returns it and whether it is new.
+pub fn add(
+    store: &Store,
+    owner: &str,
+    by: &str,
+    req: &PopulationRequest,
+) -> Result<(Population, bool)> {
+    validate_name("dataset", &req.dataset)?;
+    validate_name("population", &req.name)?;
+    let filter = req
+        .filter
+        .as_deref()
+        .ok_or_else(|| Error::bad("invalid_filter", "a population needs a filter"))?
+        .trim()
+        .to_string();
+    let live = store
+        .catalog()
+        .version_keys(owner, &req.dataset)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::NotFound(format!("no dataset named {}", req.dataset)))?;
+    let info = store
+        .list(owner)?
+        .into_iter()
+        .find(|d| d.name == req.dataset)
+        .ok_or_else(|| Error::NotFound(format!("no dataset named {}", req.dataset)))?;
+    let sealed = store.schema_of(&live)?;
+    let shown: Vec<usize> = (0..sealed.fields().len())
+        .filter(|&i| !sealed.field(i).name().starts_with("__escrow"))
+        .collect();
+    let declared = std::sync::Arc::new(
+        sealed
+            .project(&shown)
+            .map_err(|e| Error::internal(format!("declared schema: {e}")))?,
+    );
+    escrow_query::population::check_filter(&filter, &declared, info.key_column.as_deref())
+        .map_err(|e| match e {
+            QueryError::Refused { rule, message } => Error::bad(rule, message),
+            QueryError::Internal(m) => Error::internal(format!("population filter: {m}")),
+        })?;
+    let p = Population {
+        owner: owner.to_string(),
+        dataset: req.dataset.clone(),
+        name: req.name.clone(),
+        filter,
+        position: 0,
+    };
+    let new = store.catalog().add_population(&p, by)?;
+    let stored = list(store, owner)?
+        .into_iter()
+        .find(|x| x.dataset == p.dataset && x.name == p.name)
+        .ok_or_else(|| Error::internal("population vanished after it was stored"))?;
+    Ok((stored, new))
+}
+
+/// Remove a population; `not_found` if there is none.
+pub fn remove(store: &Store, owner: &str, req: &PopulationRequest) -> Result<()> {
+    validate_name("dataset", &req.dataset)?;
+    validate_name("population", &req.name)?;
+    if store
+        .catalog()
+        .remove_population(owner, &req.dataset, &req.name)?
+    {
+        Ok(())
+    } else {
+        Err(Error::NotFound(format!(
+            "{} has no population {}",
+            req.dataset, req.name
+        )))
+    }
+}
+
+/// `owner`'s populations.
+pub fn list(store: &Store, owner: &str) -> Result<Vec<Population>> {
+    store.catalog().populations_of(owner)
+}
