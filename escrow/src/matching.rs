@@ -31,6 +31,18 @@ use unicode_normalization::char::is_combining_mark;
 /// refused in uploads.
 pub const COMPANY_KEY: &str = "__escrow_company";
 
+/// The columns of a sealed schema that users see (all but the hidden `__escrow*` ones):
+/// their indices and the declared schema.
+pub fn declared_schema(
+    sealed: &arrow_schema::SchemaRef,
+) -> Result<(Vec<usize>, arrow_schema::SchemaRef), ArrowError> {
+    let shown: Vec<usize> = (0..sealed.fields().len())
+        .filter(|&i| !sealed.field(i).name().starts_with("__escrow"))
+        .collect();
+    let declared = Arc::new(sealed.project(&shown)?);
+    Ok((shown, declared))
+}
+
 /// How many rows of an upload got which kind of key.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct MatchStats {

@@ -48,15 +48,8 @@ pub fn add(
         .into_iter()
         .find(|d| d.name == req.dataset)
         .ok_or_else(|| Error::NotFound(format!("no dataset named {}", req.dataset)))?;
-    let sealed = store.schema_of(&live)?;
-    let shown: Vec<usize> = (0..sealed.fields().len())
-        .filter(|&i| !sealed.field(i).name().starts_with("__escrow"))
-        .collect();
-    let declared = std::sync::Arc::new(
-        sealed
-            .project(&shown)
-            .map_err(|e| Error::internal(format!("declared schema: {e}")))?,
-    );
+    let (_, declared) = crate::matching::declared_schema(&store.schema_of(&live)?)
+        .map_err(|e| Error::internal(format!("declared schema: {e}")))?;
     escrow_query::population::check_filter(&filter, &declared, info.key_column.as_deref())
         .map_err(|e| match e {
             QueryError::Refused { rule, message } => Error::bad(rule, message),

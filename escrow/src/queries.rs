@@ -433,14 +433,8 @@ fn query_form(
     key: Option<&str>,
     hasher: &EntityHasher,
 ) -> Result<(SchemaRef, SchemaRef, Prepare)> {
-    let shown: Vec<usize> = (0..sealed.fields().len())
-        .filter(|&i| !sealed.field(i).name().starts_with("__escrow"))
-        .collect();
-    let declared = Arc::new(
-        sealed
-            .project(&shown)
-            .map_err(|e| Error::internal(format!("declared schema: {e}")))?,
-    );
+    let (shown, declared) = crate::matching::declared_schema(sealed)
+        .map_err(|e| Error::internal(format!("declared schema: {e}")))?;
     let Some(key) = key else {
         return Ok((declared.clone(), declared, Arc::new(Ok)));
     };
