@@ -515,20 +515,21 @@ impl Catalog {
 
     // ---- populations -------------------------------------------------------------------
 
-    /// Define a population. `Ok(false)`: the same definition exists already (nothing
-    /// changed); a different filter under the same name is `population_exists`.
-    pub fn add_population(&self, p: &Population, by: &str) -> Result<bool> {
+    /// Define a population (`p.position` is ignored). Returns its position and whether it is
+    /// new: the same definition again changes nothing; a different filter under the same
+    /// name is a conflict.
+    pub fn add_population(&self, p: &Population, by: &str) -> Result<(i64, bool)> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let existing: Option<String> = tx
+        let existing: Option<(String, i64)> = tx
             .query_row(
-                "SELECT filter FROM populations WHERE owner = ?1 AND dataset = ?2 AND name = ?3",
+                "SELECT filter, position FROM populations WHERE owner = ?1 AND dataset = ?2 AND name = ?3",
                 params![p.owner, p.dataset, p.name],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
         match existing {
-            Some(f) if f == p.filter => return Ok(false),
+            Some((f, position)) if f == p.filter => return Ok((position, false)),
             Some(_) => {
                 return Err(Error::Conflict(format!(
                     "{}.{} already has a population {}; remove it first",
@@ -537,16 +538,19 @@ impl Catalog {
             }
             None => {}
         }
+        let position: i64 = tx.query_row(
+            "SELECT COALESCE(MAX(position), 0) + 1 FROM populations WHERE owner = ?1 AND dataset = ?2",
+            params![p.owner, p.dataset],
+            |r| r.get(0),
+        )?;
         tx.execute(
             "INSERT INTO populations (owner, dataset, name, filter, position, created_at, created_by)
-             VALUES (?1, ?2, ?3, ?4,
-                     (SELECT COALESCE(MAX(position), 0) + 1 FROM populations WHERE owner = ?1 AND dataset = ?2),
-                     ?5, ?6)",
-            params![p.owner, p.dataset, p.name, p.filter, now_rfc3339(), by],
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![p.owner, p.dataset, p.name, p.filter, position, now_rfc3339(), by],
         )?;
         tx.commit()?;
         self.policy_changed();
-        Ok(true)
+        Ok((position, true))
     }
 
     /// Remove a population; false if there was none.

@@ -75,11 +75,7 @@ pub fn grant(
 ) -> Result<(GrantView, bool)> {
     validate_name("dataset", &req.dataset)?;
     let g = to_grant(owner, req)?;
-    let live = store
-        .list(owner)?
-        .into_iter()
-        .find(|d| d.name == g.dataset)
-        .ok_or_else(|| Error::NotFound(format!("no dataset named {}", g.dataset)))?;
+    let live = store.live_dataset(owner, &g.dataset)?;
     if let Some(c) = &g.column
         && !live.columns.iter().any(|col| &col.name == c)
     {

@@ -174,7 +174,7 @@ pub fn website_key(raw: &str) -> Option<String> {
     let v = raw
         .trim()
         .trim_matches(|c: char| c == '"' || c == '\'' || c == '<' || c == '>');
-    if PLACEHOLDERS.contains(&v.to_ascii_lowercase().as_str()) || v.chars().any(char::is_whitespace)
+    if PLACEHOLDERS.iter().any(|p| p.eq_ignore_ascii_case(v)) || v.chars().any(char::is_whitespace)
     {
         return None;
     }

@@ -37,17 +37,8 @@ pub fn add(
         .ok_or_else(|| Error::bad("invalid_filter", "a population needs a filter"))?
         .trim()
         .to_string();
-    let live = store
-        .catalog()
-        .version_keys(owner, &req.dataset)?
-        .into_iter()
-        .next()
-        .ok_or_else(|| Error::NotFound(format!("no dataset named {}", req.dataset)))?;
-    let info = store
-        .list(owner)?
-        .into_iter()
-        .find(|d| d.name == req.dataset)
-        .ok_or_else(|| Error::NotFound(format!("no dataset named {}", req.dataset)))?;
+    let info = store.live_dataset(owner, &req.dataset)?;
+    let live = store.live_version(owner, &req.dataset)?;
     let (_, declared) = crate::matching::declared_schema(&store.schema_of(&live)?)
         .map_err(|e| Error::internal(format!("declared schema: {e}")))?;
     escrow_query::population::check_filter(&filter, &declared, info.key_column.as_deref())
@@ -55,19 +46,16 @@ pub fn add(
             QueryError::Refused { rule, message } => Error::bad(rule, message),
             QueryError::Internal(m) => Error::internal(format!("population filter: {m}")),
         })?;
-    let p = Population {
+    let mut p = Population {
         owner: owner.to_string(),
         dataset: req.dataset.clone(),
         name: req.name.clone(),
         filter,
         position: 0,
     };
-    let new = store.catalog().add_population(&p, by)?;
-    let stored = list(store, owner)?
-        .into_iter()
-        .find(|x| x.dataset == p.dataset && x.name == p.name)
-        .ok_or_else(|| Error::internal("population vanished after it was stored"))?;
-    Ok((stored, new))
+    let (position, new) = store.catalog().add_population(&p, by)?;
+    p.position = position;
+    Ok((p, new))
 }
 
 /// Remove a population; `not_found` if there is none.

@@ -111,11 +111,7 @@ pub fn change(
     req: &SettingsChange,
 ) -> Result<DatasetSettings> {
     crate::datadir::validate_name("dataset", &req.dataset)?;
-    let info = store
-        .list(owner)?
-        .into_iter()
-        .find(|d| d.name == req.dataset)
-        .ok_or_else(|| Error::NotFound(format!("you have no dataset named {}", req.dataset)))?;
+    let info = store.live_dataset(owner, &req.dataset)?;
     let numeric: Vec<String> = info
         .columns
         .iter()

@@ -277,6 +277,23 @@ impl Store {
         })
     }
 
+    /// Metadata of the live version of `owner`'s dataset `name`; `not_found` if it has none.
+    pub fn live_dataset(&self, owner: &str, name: &str) -> Result<DatasetInfo> {
+        self.list(owner)?
+            .into_iter()
+            .find(|d| d.name == name)
+            .ok_or_else(|| Error::NotFound(format!("no dataset named {name}")))
+    }
+
+    /// The live version of `owner`'s dataset `name`; `not_found` if it has none.
+    pub fn live_version(&self, owner: &str, name: &str) -> Result<VersionKey> {
+        self.catalog
+            .version_keys(owner, name)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::NotFound(format!("no dataset named {name}")))
+    }
+
     /// Metadata of the live version of each of `owner`'s datasets.
     pub fn list(&self, owner: &str) -> Result<Vec<DatasetInfo>> {
         self.catalog.list_datasets(owner)
@@ -302,12 +319,7 @@ impl Store {
     /// authenticated; any failure ends the read with `Error::Integrity`. Internal API for the
     /// query engine and tests: no endpoint returns these rows.
     pub fn read_live(&self, owner: &str, name: &str) -> Result<SealedBatches> {
-        let versions = self.catalog.version_keys(owner, name)?;
-        let live = versions
-            .into_iter()
-            .next()
-            .ok_or_else(|| Error::NotFound(format!("no dataset named {name}")))?;
-        self.read_version(&live)
+        self.read_version(&self.live_version(owner, name)?)
     }
 
     /// The schema of a version (read from its sealed file once, then remembered).

@@ -466,12 +466,14 @@ fn release(
         rows.push(withheld(Vec::new()));
     }
     if let Some(groups) = enumerated {
-        let released: Vec<Vec<ScalarValue>> = rows.iter().map(|r| r.dims.clone()).collect();
-        for g in groups {
-            if !released.contains(&g) {
-                rows.push(withheld(g));
-            }
-        }
+        // Up to MAX_ENUMERATED_GROUPS on each side: a set, not a scan per group.
+        let released: std::collections::HashSet<&[ScalarValue]> =
+            rows.iter().map(|r| r.dims.as_slice()).collect();
+        let missing: Vec<Vec<ScalarValue>> = groups
+            .into_iter()
+            .filter(|g| !released.contains(g.as_slice()))
+            .collect();
+        rows.extend(missing.into_iter().map(withheld));
     }
 
     let mut columns: Vec<ArrayRef> = Vec::new();

@@ -303,12 +303,10 @@ async fn add_grant(
     let (owner, user) = (caller.partner.clone(), caller.user.clone());
     let (grant, new) = blocking(move || crate::grants::grant(&store, &owner, &user, &req)).await?;
     tracing::info!(partner = %caller.partner, dataset = %grant.dataset, column = %grant.column, to = %grant.to, usage = %grant.usage, new, "grant");
-    let status = if new {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    Ok((status, Json(json!({ "grant": grant, "changed": new }))))
+    Ok((
+        created_if(new),
+        Json(json!({ "grant": grant, "changed": new })),
+    ))
 }
 
 async fn revoke_grant(
@@ -344,12 +342,10 @@ async fn add_population(
     let (owner, user) = (caller.partner.clone(), caller.user.clone());
     let (p, new) = blocking(move || crate::populations::add(&store, &owner, &user, &req)).await?;
     tracing::info!(partner = %caller.partner, dataset = %p.dataset, population = %p.name, new, "population defined");
-    let status = if new {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    Ok((status, Json(json!({ "population": p, "changed": new }))))
+    Ok((
+        created_if(new),
+        Json(json!({ "population": p, "changed": new })),
+    ))
 }
 
 async fn remove_population(
@@ -366,6 +362,15 @@ async fn remove_population(
     Ok(Json(
         json!({ "removed": { "dataset": dataset, "name": name } }),
     ))
+}
+
+/// 201 for a change that created something, 200 when it was already there.
+fn created_if(new: bool) -> StatusCode {
+    if new {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    }
 }
 
 /// Parse a JSON request body; malformed bodies get the API's own error shape.
