@@ -7,6 +7,7 @@ mod harness;
 mod bad_input;
 mod crash;
 mod identity;
+mod overlaps;
 mod policy;
 mod populations;
 mod queries;

@@ -13,7 +13,7 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use escrow_policies::Grant;
+use escrow_policies::{Grant, Usage};
 
 use crate::{Error, Result};
 
@@ -554,11 +554,21 @@ impl Catalog {
     }
 
     /// Remove a population; false if there was none.
+    /// Remove a population and the overlap grants that name it (a later population of the
+    /// same name is a new definition and needs its own grants).
     pub fn remove_population(&self, owner: &str, dataset: &str, name: &str) -> Result<bool> {
-        let n = self.conn().execute(
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let n = tx.execute(
             "DELETE FROM populations WHERE owner = ?1 AND dataset = ?2 AND name = ?3",
             params![owner, dataset, name],
         )?;
+        tx.execute(
+            "DELETE FROM grants WHERE owner = ?1 AND dataset = ?2 AND col = ?3 AND usage = ?4",
+            params![owner, dataset, name, Usage::Overlap.as_str()],
+        )?;
+        tx.commit()?;
+        drop(conn);
         self.policy_changed();
         Ok(n == 1)
     }

@@ -179,25 +179,49 @@ impl Client {
         .await
     }
 
-    /// Grant (`revoke == false`) or revoke a use of one of the caller's datasets.
+    /// POST a JSON body to `path` (under the server's base); the JSON answer.
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+        what: &str,
+    ) -> anyhow::Result<serde_json::Value> {
+        self.send(
+            self.http.post(format!("{}/{path}", self.base)).json(body),
+            what,
+        )
+        .await
+    }
+
+    /// POST a JSON body to `path`; the raw answer as text (CSV answers).
+    pub async fn post_text(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+        what: &str,
+    ) -> anyhow::Result<String> {
+        let bytes = self
+            .send_raw(
+                self.http.post(format!("{}/{path}", self.base)).json(body),
+                what,
+            )
+            .await?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// Grant (`revoke == false`) or revoke a use of one of the caller's datasets; `body` is
+    /// `{dataset, to, usage, column?, population?}`.
     pub async fn policy_change(
         &self,
         revoke: bool,
-        dataset: &str,
-        to: &str,
-        usage: &str,
-        column: Option<&str>,
+        body: &serde_json::Value,
     ) -> anyhow::Result<serde_json::Value> {
-        let path = if revoke { "revocations" } else { "grants" };
-        let body =
-            serde_json::json!({ "dataset": dataset, "to": to, "usage": usage, "column": column });
-        self.send(
-            self.http
-                .post(format!("{}/v1/policies/{path}", self.base))
-                .json(&body),
-            if revoke { "revoke" } else { "grant" },
-        )
-        .await
+        if revoke {
+            self.post_json("v1/policies/revocations", body, "revoke")
+                .await
+        } else {
+            self.post_json("v1/policies/grants", body, "grant").await
+        }
     }
 
     pub async fn policies(&self) -> anyhow::Result<serde_json::Value> {
@@ -222,26 +246,18 @@ impl Client {
         remove: bool,
         body: &serde_json::Value,
     ) -> anyhow::Result<serde_json::Value> {
-        let (path, what) = if remove {
-            ("v1/populations/removals", "removing the population")
+        if remove {
+            self.post_json("v1/populations/removals", body, "removing the population")
+                .await
         } else {
-            ("v1/populations", "defining the population")
-        };
-        self.send(
-            self.http.post(format!("{}/{path}", self.base)).json(body),
-            what,
-        )
-        .await
+            self.post_json("v1/populations", body, "defining the population")
+                .await
+        }
     }
 
     pub async fn settings(&self, body: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
-        self.send(
-            self.http
-                .post(format!("{}/v1/policies/settings", self.base))
-                .json(body),
-            "setting",
-        )
-        .await
+        self.post_json("v1/policies/settings", body, "setting")
+            .await
     }
 
     /// Run a query; the JSON answer.

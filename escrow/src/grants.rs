@@ -19,6 +19,9 @@ pub struct GrantRequest {
     pub usage: String,
     /// One column; absent means every column of the dataset.
     pub column: Option<String>,
+    /// For usage `overlap`: one population; absent means every population of the dataset.
+    #[serde(default)]
+    pub population: Option<String>,
 }
 
 /// A grant as shown to partners.
@@ -26,17 +29,27 @@ pub struct GrantRequest {
 pub struct GrantView {
     /// `owner.dataset`
     pub dataset: String,
-    /// A column, or `*`.
+    /// A column, or `*` (every column; for `overlap`, no column is used).
     pub column: String,
+    /// For `overlap`: a population, or `*` for every population.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub population: Option<String>,
     pub to: String,
     pub usage: String,
 }
 
 impl From<&Grant> for GrantView {
     fn from(g: &Grant) -> Self {
+        let target = g.column.clone().unwrap_or_else(|| "*".into());
+        let (column, population) = if g.usage.names_population() {
+            ("*".to_string(), Some(target))
+        } else {
+            (target, None)
+        };
         GrantView {
             dataset: format!("{}.{}", g.owner, g.dataset),
-            column: g.column.clone().unwrap_or_else(|| "*".into()),
+            column,
+            population,
             to: g.grantee.clone(),
             usage: g.usage.as_str().into(),
         }
@@ -55,10 +68,27 @@ fn to_grant(owner: &str, req: &GrantRequest) -> Result<Grant> {
         .usage
         .parse()
         .map_err(|e| Error::bad("invalid_rule", e))?;
+    let target = if usage.names_population() {
+        if req.column.is_some() {
+            return Err(Error::bad(
+                "invalid_rule",
+                format!("usage {usage} names a population (--population), not a column"),
+            ));
+        }
+        &req.population
+    } else {
+        if req.population.is_some() {
+            return Err(Error::bad(
+                "invalid_rule",
+                format!("usage {usage} names a column, not a population"),
+            ));
+        }
+        &req.column
+    };
     let g = Grant {
         owner: owner.to_string(),
         dataset: req.dataset.clone(),
-        column: req.column.clone().filter(|c| c != "*"),
+        column: target.clone().filter(|c| c != "*"),
         grantee: req.to.clone(),
         usage,
     };
@@ -76,7 +106,24 @@ pub fn grant(
     validate_name("dataset", &req.dataset)?;
     let g = to_grant(owner, req)?;
     let live = store.live_dataset(owner, &g.dataset)?;
-    if let Some(c) = &g.column
+    if g.usage.names_population() {
+        if let Some(p) = &g.column {
+            let defined = store
+                .catalog()
+                .populations_of(owner)?
+                .iter()
+                .any(|d| d.dataset == g.dataset && &d.name == p);
+            if !defined {
+                return Err(Error::bad(
+                    "unknown_population",
+                    format!(
+                        "{} has no population {p} (define it with `escrow population add`)",
+                        g.dataset
+                    ),
+                ));
+            }
+        }
+    } else if let Some(c) = &g.column
         && !live.columns.iter().any(|col| &col.name == c)
     {
         return Err(Error::bad(

@@ -15,6 +15,7 @@ pub mod fsutil;
 pub mod grants;
 pub mod ingest;
 pub mod matching;
+pub mod overlaps;
 pub mod pki;
 pub mod populations;
 pub mod queries;

@@ -127,6 +127,24 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Account mapping: how many of your companies are in another partner's populations,
+    /// as a matrix of your populations x theirs (only the ones they let you see).
+    Overlap {
+        /// The other partner.
+        #[arg(long)]
+        with: String,
+        #[command(flatten)]
+        args: OverlapArgs,
+        #[arg(long, default_value = "table")]
+        format: QueryFormat,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Ready reports built on the overlap matrix.
+    Report {
+        #[command(subcommand)]
+        command: ReportCommand,
+    },
     /// Show who the server thinks you are.
     Whoami {
         #[command(flatten)]
@@ -171,14 +189,30 @@ struct GrantArgs {
     #[arg(long)]
     to: String,
     /// join, count, dimension, filter, sum or avg (of a column); standalone (of the
-    /// dataset: may be queried without a key join to the grantee's own data).
+    /// dataset: may be queried without a key join to the grantee's own data); overlap (of
+    /// the dataset's populations: overlap counts, see `escrow overlap`).
     #[arg(long)]
     usage: String,
     /// One column (default: every column of the dataset).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "population")]
     column: Option<String>,
+    /// For usage overlap: one population (default: every population of the dataset).
+    #[arg(long)]
+    population: Option<String>,
     #[command(flatten)]
     client: ClientArgs,
+}
+
+impl GrantArgs {
+    fn body(&self) -> serde_json::Value {
+        serde_json::json!({
+            "dataset": self.dataset,
+            "to": self.to,
+            "usage": self.usage,
+            "column": self.column,
+            "population": self.population,
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -244,6 +278,49 @@ enum PopulationCommand {
     Remove {
         dataset: String,
         name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Args)]
+struct OverlapArgs {
+    /// Your dataset (default: your only dataset with populations).
+    #[arg(long)]
+    mine: Option<String>,
+    /// Their dataset (default: their only dataset whose populations you may see).
+    #[arg(long)]
+    theirs: Option<String>,
+    /// Break every cell down by a column both datasets have (e.g. industry, region).
+    #[arg(long)]
+    by: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum ReportCommand {
+    /// Co-selling: your customers x their opportunities and your opportunities x their
+    /// customers, optionally by a shared dimension.
+    CoSelling {
+        /// The other partner.
+        #[arg(long)]
+        with: String,
+        #[command(flatten)]
+        args: OverlapArgs,
+        /// Your population of customers (default: the one named customers or customer).
+        #[arg(long)]
+        my_customers: Option<String>,
+        /// Your population of open opportunities (default: opportunities, opportunity,
+        /// open_opportunities or open_opportunity).
+        #[arg(long)]
+        my_opportunities: Option<String>,
+        /// Their population of customers.
+        #[arg(long)]
+        their_customers: Option<String>,
+        /// Their population of open opportunities.
+        #[arg(long)]
+        their_opportunities: Option<String>,
+        #[arg(long, default_value = "table")]
+        format: QueryFormat,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -445,9 +522,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         },
         Command::Policy { command } => match command {
             PolicyCommand::Grant(a) => {
-                let out = identity(&a.client)?
-                    .policy_change(false, &a.dataset, &a.to, &a.usage, a.column.as_deref())
-                    .await?;
+                let out = identity(&a.client)?.policy_change(false, &a.body()).await?;
                 let verb = if out["changed"] == true {
                     "granted"
                 } else {
@@ -456,9 +531,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 println!("{verb}: {}", grant_line(&out["grant"]));
             }
             PolicyCommand::Revoke(a) => {
-                let out = identity(&a.client)?
-                    .policy_change(true, &a.dataset, &a.to, &a.usage, a.column.as_deref())
-                    .await?;
+                let out = identity(&a.client)?.policy_change(true, &a.body()).await?;
                 println!("revoked: {}", grant_line(&out["revoked"]));
             }
             PolicyCommand::Set {
@@ -587,6 +660,55 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 QueryFormat::Table => print_answer(&c.query(&sql).await?),
             }
         }
+        Command::Overlap {
+            with,
+            args,
+            format,
+            client,
+        } => {
+            let body = args.body(&with);
+            report(
+                &client,
+                "v1/overlaps",
+                "overlap",
+                &body,
+                format,
+                print_overlap,
+            )
+            .await?;
+        }
+        Command::Report {
+            command:
+                ReportCommand::CoSelling {
+                    with,
+                    args,
+                    my_customers,
+                    my_opportunities,
+                    their_customers,
+                    their_opportunities,
+                    format,
+                    client,
+                },
+        } => {
+            let mut body = args.body(&with);
+            for (k, v) in [
+                ("my_customers", my_customers),
+                ("my_opportunities", my_opportunities),
+                ("their_customers", their_customers),
+                ("their_opportunities", their_opportunities),
+            ] {
+                body[k] = serde_json::json!(v);
+            }
+            report(
+                &client,
+                "v1/reports/co-selling",
+                "co-selling report",
+                &body,
+                format,
+                print_co_selling,
+            )
+            .await?;
+        }
         Command::Whoami { client } => {
             let out = identity(&client)?.whoami().await?;
             println!(
@@ -600,8 +722,50 @@ async fn run(command: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+impl OverlapArgs {
+    fn body(&self, with: &str) -> serde_json::Value {
+        serde_json::json!({ "with": with, "mine": self.mine, "theirs": self.theirs, "by": self.by })
+    }
+}
+
+/// Ask for an overlap-shaped answer and print it in `format`.
+async fn report(
+    client: &ClientArgs,
+    path: &str,
+    what: &str,
+    body: &serde_json::Value,
+    format: QueryFormat,
+    table: fn(&serde_json::Value),
+) -> anyhow::Result<()> {
+    let c = identity(client)?;
+    match format {
+        QueryFormat::Csv => {
+            let mut body = body.clone();
+            body["format"] = serde_json::json!("csv");
+            print!("{}", c.post_text(path, &body, what).await?);
+        }
+        QueryFormat::Json => {
+            let out = c.post_json(path, body, what).await?;
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        QueryFormat::Table => table(&c.post_json(path, body, what).await?),
+    }
+    Ok(())
+}
+
 fn grant_line(g: &serde_json::Value) -> String {
     let s = |k: &str| g[k].as_str().unwrap_or("?").to_string();
+    if s("usage") == "overlap" {
+        let which = match s("population").as_str() {
+            "*" => "every population".to_string(),
+            p => format!("population {p}"),
+        };
+        return format!(
+            "{} may see overlap counts of {which} of {}",
+            s("to"),
+            s("dataset")
+        );
+    }
     format!(
         "{} may use {}.{} as {}",
         s("to"),
@@ -648,33 +812,22 @@ fn print_datasets(out: &serde_json::Value) {
 }
 
 /// An answer as a table; suppressed rows and the protection applied are stated under it.
-fn print_answer(out: &serde_json::Value) {
-    let empty = Vec::new();
-    let cols: Vec<String> = out["columns"]
-        .as_array()
-        .unwrap_or(&empty)
-        .iter()
-        .map(|c| c["name"].as_str().unwrap_or("?").to_string())
-        .collect();
-    let text = |v: &serde_json::Value| match v {
+fn text(v: &serde_json::Value) -> String {
+    match v {
         serde_json::Value::String(s) => s.clone(),
         serde_json::Value::Null => "-".to_string(),
         other => other.to_string(),
-    };
-    let rows: Vec<Vec<String>> = out["rows"]
-        .as_array()
-        .unwrap_or(&empty)
-        .iter()
-        .map(|r| r.as_array().unwrap_or(&empty).iter().map(text).collect())
-        .collect();
-    let suppressed: Vec<bool> = out["suppressed"]
-        .as_array()
-        .unwrap_or(&empty)
-        .iter()
-        .map(|v| v == true)
-        .collect();
-    let mut width: Vec<usize> = cols.iter().map(String::len).collect();
-    for r in &rows {
+    }
+}
+
+fn list(v: &serde_json::Value) -> &[serde_json::Value] {
+    v.as_array().map(Vec::as_slice).unwrap_or(&[])
+}
+
+/// Columns padded to their widest value, two spaces apart.
+fn print_table(header: &[String], rows: &[Vec<String>]) {
+    let mut width: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
         for (w, v) in width.iter_mut().zip(r) {
             *w = (*w).max(v.chars().count());
         }
@@ -685,43 +838,174 @@ fn print_answer(out: &serde_json::Value) {
             .map(|(v, w)| format!("{v:<w$}"))
             .collect::<Vec<_>>()
             .join("  ")
+            .trim_end()
+            .to_string()
     };
-    println!("{}", line(&cols));
-    for (i, r) in rows.iter().enumerate() {
-        let mark = if suppressed.get(i) == Some(&true) {
-            "  (suppressed: too few entities)"
-        } else {
-            ""
-        };
-        println!("{}{mark}", line(r));
+    println!("{}", line(header));
+    for r in rows {
+        println!("{}", line(r));
     }
+}
+
+/// The protection applied and the budget it cost, under an answer.
+fn print_protection(out: &serde_json::Value, withheld: &str) {
+    let Some(p) = out["protection"].as_object() else {
+        return;
+    };
+    println!(
+        "protected: rows need >= {} entities (release threshold {:.1}), noise with epsilon {}; {withheld}",
+        p["min_entities"],
+        p["release_threshold"].as_f64().unwrap_or(0.0),
+        p["epsilon"]
+    );
+    if out["repeated"] == true {
+        println!("same question on the same data as before: same answer, no budget spent");
+    } else {
+        println!("budget spent: {}", out["epsilon_spent"]);
+    }
+    for b in list(&out["budgets"]) {
+        println!(
+            "  {}: {} of {} spent",
+            text(&b["dataset"]),
+            b["spent"],
+            b["budget"]
+        );
+    }
+}
+
+/// An answer as a table; suppressed rows and the protection applied are stated under it.
+fn print_answer(out: &serde_json::Value) {
+    let cols: Vec<String> = list(&out["columns"])
+        .iter()
+        .map(|c| text(&c["name"]))
+        .collect();
+    let suppressed = list(&out["suppressed"]);
+    let rows: Vec<Vec<String>> = list(&out["rows"])
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let mut row: Vec<String> = list(r).iter().map(text).collect();
+            if suppressed.get(i) == Some(&serde_json::Value::Bool(true)) {
+                row.push("(suppressed: too few entities)".into());
+            }
+            row
+        })
+        .collect();
+    print_table(&cols, &rows);
     println!(
         "({} row{})",
         rows.len(),
         if rows.len() == 1 { "" } else { "s" }
     );
-    if let Some(p) = out["protection"].as_object() {
-        println!(
-            "protected: rows need >= {} entities (release threshold {:.1}), noise with epsilon {}; groups below the threshold are not listed",
-            p["min_entities"],
-            p["release_threshold"].as_f64().unwrap_or(0.0),
-            p["epsilon"]
+    print_protection(out, "groups below the threshold are not listed");
+}
+
+fn count_text(r: &serde_json::Value) -> String {
+    if r["suppressed"] == true {
+        "suppressed".into()
+    } else {
+        text(&r["count"])
+    }
+}
+
+/// Overlap rows as a list: mine, theirs, [value,] count.
+fn overlap_rows(
+    out: &serde_json::Value,
+    rows: &[serde_json::Value],
+) -> (Vec<String>, Vec<Vec<String>>) {
+    let by = out["by"].as_str();
+    let key = match by {
+        Some(b) if ["mine", "theirs", "count", "suppressed"].contains(&b) => Some("value"),
+        other => other,
+    };
+    let mut header = vec!["MINE".to_string(), "THEIRS".to_string()];
+    header.extend(by.map(str::to_uppercase));
+    header.push("COUNT".into());
+    let table = rows
+        .iter()
+        .map(|r| {
+            let mut row = vec![text(&r["mine"]), text(&r["theirs"])];
+            if let Some(k) = key {
+                row.push(text(&r[k]));
+            }
+            row.push(count_text(r));
+            row
+        })
+        .collect();
+    (header, table)
+}
+
+/// The matrix (my populations down, theirs across), or the breakdown as a list.
+fn print_overlap(out: &serde_json::Value) {
+    println!(
+        "overlap of {} (yours) with {}",
+        text(&out["mine"]),
+        text(&out["theirs"])
+    );
+    let rows = list(&out["rows"]);
+    if out["by"].is_null() {
+        let theirs: Vec<String> = list(&out["populations"]["theirs"])
+            .iter()
+            .map(text)
+            .collect();
+        let mut header = vec!["mine \\ theirs".to_string()];
+        header.extend(theirs.iter().cloned());
+        let table: Vec<Vec<String>> = list(&out["populations"]["mine"])
+            .iter()
+            .map(text)
+            .map(|m| {
+                let mut row = vec![m.clone()];
+                row.extend(theirs.iter().map(|t| {
+                    rows.iter()
+                        .find(|r| text(&r["mine"]) == m && &text(&r["theirs"]) == t)
+                        .map(count_text)
+                        .unwrap_or_else(|| "-".into())
+                }));
+                row
+            })
+            .collect();
+        print_table(&header, &table);
+        print_protection(
+            out,
+            "suppressed cells have fewer companies than the threshold",
         );
-        let spent = out["epsilon_spent"].as_f64().unwrap_or(0.0);
-        if out["repeated"] == true {
-            println!("same question on the same data as before: same answer, no budget spent");
+    } else {
+        let (header, table) = overlap_rows(out, rows);
+        print_table(&header, &table);
+        println!(
+            "({} row{})",
+            table.len(),
+            if table.len() == 1 { "" } else { "s" }
+        );
+        print_protection(out, "cells below the threshold are not listed");
+    }
+}
+
+/// The co-selling report, one section per pair of populations.
+fn print_co_selling(out: &serde_json::Value) {
+    println!(
+        "co-selling with {} (your {} x their {})",
+        text(&out["theirs"]).split('.').next().unwrap_or("?"),
+        text(&out["mine"]),
+        text(&out["theirs"])
+    );
+    for s in list(&out["sections"]) {
+        println!();
+        println!("your {} x their {}", text(&s["mine"]), text(&s["theirs"]));
+        let (header, table) = overlap_rows(out, list(&s["rows"]));
+        if table.is_empty() {
+            println!("  nothing released");
         } else {
-            println!("budget spent: {spent}");
-        }
-        for b in out["budgets"].as_array().unwrap_or(&empty) {
-            println!(
-                "  {}: {} of {} spent",
-                text(&b["dataset"]),
-                b["spent"],
-                b["budget"]
-            );
+            print_table(&header, &table);
         }
     }
+    println!();
+    let withheld = if out["by"].is_null() {
+        "suppressed cells have fewer companies than the threshold"
+    } else {
+        "cells below the threshold are not listed"
+    };
+    print_protection(out, withheld);
 }
 
 async fn serve(

@@ -44,7 +44,7 @@ pub fn add(
     escrow_query::population::check_filter(&filter, &declared, info.key_column.as_deref())
         .map_err(|e| match e {
             QueryError::Refused { rule, message } => Error::bad(rule, message),
-            QueryError::Internal(m) => Error::internal(format!("population filter: {m}")),
+            other => Error::internal(format!("population filter: {other}")),
         })?;
     let mut p = Population {
         owner: owner.to_string(),

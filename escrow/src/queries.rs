@@ -56,11 +56,11 @@ impl Default for QueryConfig {
 
 /// Runs queries for authenticated callers.
 pub struct QueryService {
-    store: Arc<Store>,
-    noise_key: NoiseKey,
+    pub(crate) store: Arc<Store>,
+    pub(crate) noise_key: NoiseKey,
     /// Key columns execute as entity ids under this (derived from the noise key).
-    entity_hasher: EntityHasher,
-    config: QueryConfig,
+    pub(crate) entity_hasher: EntityHasher,
+    pub(crate) config: QueryConfig,
     policies: tokio::sync::Mutex<Option<(u64, Arc<PolicySet>)>>,
 }
 
@@ -72,10 +72,9 @@ pub struct BudgetView {
     pub budget: f64,
 }
 
-/// A query's answer with what it cost.
-#[derive(Debug)]
-pub struct QueryOutcome {
-    pub answer: Answer,
+/// What an answer cost.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Cost {
     /// ε charged to each foreign dataset by this request (0 when repeated or own-only).
     pub epsilon_spent: f64,
     /// The same question on the same data was answered before: same answer, no new spend.
@@ -83,7 +82,16 @@ pub struct QueryOutcome {
     pub budgets: Vec<BudgetView>,
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+/// A query's answer with what it cost.
+#[derive(Debug)]
+pub struct QueryOutcome {
+    pub answer: Answer,
+    pub cost: Cost,
+}
+
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::internal(format!("blocking task failed: {e}")))?
@@ -100,6 +108,11 @@ impl From<QueryError> for Error {
     fn from(e: QueryError) -> Self {
         match e {
             QueryError::Refused { rule, message } => Error::Refused { rule, message },
+            QueryError::ResourcesExhausted(_) => Error::bad(
+                "query_memory_limit",
+                "the query needs more memory than the per-query limit",
+            ),
+            // DataFusion wraps some of its errors in others (external, context).
             QueryError::Internal(m) if m.contains("Resources exhausted") => Error::bad(
                 "query_memory_limit",
                 "the query needs more memory than the per-query limit",
@@ -121,7 +134,7 @@ impl QueryService {
     }
 
     /// The casbin policy set of the current grants, rebuilt only after a change.
-    async fn policy_set(&self) -> Result<Arc<PolicySet>> {
+    pub(crate) async fn policy_set(&self) -> Result<Arc<PolicySet>> {
         let mut cached = self.policies.lock().await;
         let generation = self.store.catalog().policy_generation();
         if let Some((g, set)) = cached.as_ref()
@@ -161,46 +174,13 @@ impl QueryService {
         Self::check_grants(&set, caller, &report)?;
 
         let protection = self.protection(caller, &report).await?;
-        let (mut epsilon_spent, mut repeated) = (0.0, false);
-        let mut budgets = Vec::new();
+        let mut cost = Cost::default();
         let protection = match protection {
             None => None,
             Some((mut p, charges)) => {
                 let fp = fingerprint(&plan, &report, &versions, &p);
                 p.noise = Noise::new(self.noise_key.clone(), fp);
-                let (store, who, fp_hex, eps) = (
-                    self.store.clone(),
-                    caller.to_string(),
-                    hex::encode(fp),
-                    p.epsilon,
-                );
-                let ch = charges.clone();
-                let spent =
-                    blocking(move || store.catalog().spend(&who, &ch, eps, &fp_hex)).await?;
-                match spent {
-                    Spend::Charged { new, totals } => {
-                        repeated = !new;
-                        epsilon_spent = if new { eps } else { 0.0 };
-                        budgets = charges
-                            .iter()
-                            .zip(totals)
-                            .map(|(c, spent)| BudgetView {
-                                dataset: format!("{}.{}", c.owner, c.dataset),
-                                spent,
-                                budget: c.budget,
-                            })
-                            .collect();
-                    }
-                    Spend::Exhausted { charge: c, spent } => {
-                        return Err(refused(
-                            "budget_exhausted",
-                            format!(
-                                "the privacy budget of {}.{} for you is spent ({spent:.3} of {:.3}; this query needs {eps:.3}); its owner can raise it",
-                                c.owner, c.dataset, c.budget
-                            ),
-                        ));
-                    }
-                }
+                cost = self.charge(caller, charges, p.epsilon, fp).await?;
                 Some(p)
             }
         };
@@ -219,12 +199,47 @@ impl QueryService {
                 ));
             }
         };
-        Ok(QueryOutcome {
-            answer,
-            epsilon_spent,
-            repeated,
-            budgets,
-        })
+        Ok(QueryOutcome { answer, cost })
+    }
+
+    /// Spend `epsilon` of each charged dataset's budget for `caller`, once per question
+    /// (`fingerprint`); refused when a budget would be exceeded.
+    pub(crate) async fn charge(
+        &self,
+        caller: &str,
+        charges: Vec<BudgetCharge>,
+        epsilon: f64,
+        fingerprint: [u8; 32],
+    ) -> Result<Cost> {
+        let (store, who, fp_hex) = (
+            self.store.clone(),
+            caller.to_string(),
+            hex::encode(fingerprint),
+        );
+        let ch = charges.clone();
+        let spent = blocking(move || store.catalog().spend(&who, &ch, epsilon, &fp_hex)).await?;
+        match spent {
+            Spend::Charged { new, totals } => Ok(Cost {
+                repeated: !new,
+                epsilon_spent: if new { epsilon } else { 0.0 },
+                budgets: charges
+                    .iter()
+                    .zip(totals)
+                    .map(|(c, spent)| BudgetView {
+                        dataset: format!("{}.{}", c.owner, c.dataset),
+                        spent,
+                        budget: c.budget,
+                    })
+                    .collect(),
+            }),
+            Spend::Exhausted { charge: c, spent } => Err(refused(
+                "budget_exhausted",
+                format!(
+                    "the privacy budget of {}.{} for you is spent ({spent:.3} of {:.3}; this question needs {epsilon:.3}); its owner can raise it",
+                    c.owner, c.dataset, c.budget
+                ),
+            )),
+        }
     }
 
     /// The caller's own and granted datasets as engine tables, with their live versions.
@@ -337,21 +352,12 @@ impl QueryService {
             Ok(m)
         })
         .await?;
-        let foreign: Vec<&DatasetSettings> = settings
-            .iter()
-            .filter(|((o, _), _)| o != caller)
-            .map(|(_, s)| s)
-            .collect();
-        let min_entities = foreign.iter().map(|s| s.min_entities).max().unwrap_or(5);
-        let epsilon = foreign
-            .iter()
-            .map(|s| s.epsilon)
-            .fold(f64::INFINITY, f64::min);
-        let max_groups = foreign
-            .iter()
-            .map(|s| s.max_groups_per_entity)
-            .min()
-            .unwrap_or(1);
+        let (min_entities, epsilon, max_groups) = strictest(
+            settings
+                .iter()
+                .filter(|((o, _), _)| o != caller)
+                .map(|(_, s)| s),
+        );
         let mut bounds = Vec::new();
         for m in &report.aggregates {
             bounds.push(match m {
@@ -394,6 +400,25 @@ impl QueryService {
     }
 }
 
+/// The strictest protection of several datasets' settings: the largest k, the smallest ε and
+/// the smallest L.
+pub(crate) fn strictest<'a>(
+    settings: impl IntoIterator<Item = &'a DatasetSettings>,
+) -> (u64, f64, u32) {
+    let mut settings = settings.into_iter().peekable();
+    if settings.peek().is_none() {
+        let d = DatasetSettings::default();
+        return (d.min_entities, d.epsilon, d.max_groups_per_entity);
+    }
+    settings.fold((0, f64::INFINITY, u32::MAX), |(k, e, l), s| {
+        (
+            k.max(s.min_entities),
+            e.min(s.epsilon),
+            l.min(s.max_groups_per_entity),
+        )
+    })
+}
+
 /// What makes two questions "the same": the allowed plan, the data versions it reads and the
 /// protection applied (not the budget). Whitespace and keyword case in the SQL do not matter.
 fn fingerprint(
@@ -428,7 +453,7 @@ fn fingerprint(
 /// key column executes as entity ids of each row's company key (the hidden column
 /// `matching::COMPANY_KEY`, sealed at upload for website keys; null for unmatched rows) or,
 /// for id keys and versions without that column, of the key text itself.
-fn query_form(
+pub(crate) fn query_form(
     sealed: &SchemaRef,
     key: Option<&str>,
     hasher: &EntityHasher,
@@ -561,9 +586,9 @@ pub mod output {
             "rows": rows,
             "suppressed": a.suppressed,
             "protection": protection,
-            "epsilon_spent": o.epsilon_spent,
-            "repeated": o.repeated,
-            "budgets": o.budgets,
+            "epsilon_spent": o.cost.epsilon_spent,
+            "repeated": o.cost.repeated,
+            "budgets": o.cost.budgets,
         }))
     }
 

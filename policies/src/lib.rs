@@ -50,10 +50,14 @@ pub enum Usage {
     /// of the caller's datasets. Without it, another partner's dataset is only ever seen
     /// through the caller's own list.
     Standalone,
+    /// Overlap counts of a population of the dataset (the casbin column slot holds the
+    /// population name; `*` = every population): how many of the grantee's companies are in
+    /// it, without using any of its columns.
+    Overlap,
 }
 
 impl Usage {
-    pub const ALL: [Usage; 7] = [
+    pub const ALL: [Usage; 8] = [
         Usage::Join,
         Usage::Count,
         Usage::Dimension,
@@ -61,11 +65,17 @@ impl Usage {
         Usage::Sum,
         Usage::Avg,
         Usage::Standalone,
+        Usage::Overlap,
     ];
 
     /// Usages of a whole dataset rather than of a column.
     pub fn is_dataset_wide(self) -> bool {
         self == Usage::Standalone
+    }
+
+    /// Usages whose target is a population of the dataset, not a column.
+    pub fn names_population(self) -> bool {
+        self == Usage::Overlap
     }
 
     pub fn as_str(self) -> &'static str {
@@ -77,6 +87,7 @@ impl Usage {
             Usage::Sum => "sum",
             Usage::Avg => "avg",
             Usage::Standalone => "standalone",
+            Usage::Overlap => "overlap",
         }
     }
 }
@@ -95,19 +106,21 @@ impl FromStr for Usage {
             .find(|u| u.as_str() == s)
             .ok_or_else(|| {
                 PolicyError::InvalidRule(format!(
-                    "unknown usage {s:?} (one of join, count, dimension, filter, sum, avg, standalone)"
+                    "unknown usage {s:?} (one of join, count, dimension, filter, sum, avg, standalone, overlap)"
                 ))
             })
     }
 }
 
 /// One grant by a data owner: `grantee` may use `column` (or every column) of
-/// `owner.dataset` as `usage`.
+/// `owner.dataset` as `usage`. For `overlap`, `column` is a population of the dataset (or
+/// every population).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Grant {
     pub owner: String,
     pub dataset: String,
-    /// `None`: every column of the dataset.
+    /// `None`: every column of the dataset (for `overlap`: a population name, `None` = every
+    /// population).
     pub column: Option<String>,
     /// A partner name, or `*` for every partner.
     pub grantee: String,
@@ -132,6 +145,11 @@ impl Grant {
                 "usage {} applies to a whole dataset, not to a column",
                 self.usage
             )));
+        }
+        if self.usage.names_population()
+            && let Some(p) = &self.column
+        {
+            valid_name("population", p)?;
         }
         if let Some(c) = &self.column
             && (c.is_empty() || c == "*" || c.contains([',', '"', '\n', '\r']))
@@ -188,6 +206,20 @@ impl fmt::Display for Grant {
                 self.owner, self.dataset
             );
         }
+        if self.usage == Usage::Overlap {
+            return match &self.column {
+                Some(p) => write!(
+                    f,
+                    "{who} may see overlap counts of population {p} of {}.{}",
+                    self.owner, self.dataset
+                ),
+                None => write!(
+                    f,
+                    "{who} may see overlap counts of every population of {}.{}",
+                    self.owner, self.dataset
+                ),
+            };
+        }
         match &self.column {
             Some(c) => write!(
                 f,
@@ -233,6 +265,16 @@ pub struct ColumnUse {
 }
 
 impl ColumnUse {
+    /// Overlap counts of one population of a dataset.
+    pub fn overlap(owner: &str, dataset: &str, population: &str) -> Self {
+        ColumnUse {
+            owner: owner.into(),
+            dataset: dataset.into(),
+            column: population.into(),
+            usage: Usage::Overlap,
+        }
+    }
+
     /// A use of a whole dataset (column `*`).
     pub fn dataset_wide(owner: &str, dataset: &str, usage: Usage) -> Self {
         ColumnUse {
@@ -248,6 +290,13 @@ impl fmt::Display for ColumnUse {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.usage.is_dataset_wide() {
             return write!(f, "{}.{} as {}", self.owner, self.dataset, self.usage);
+        }
+        if self.usage.names_population() {
+            return write!(
+                f,
+                "population {} of {}.{} as {}",
+                self.column, self.owner, self.dataset, self.usage
+            );
         }
         write!(
             f,

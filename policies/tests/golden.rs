@@ -197,3 +197,67 @@ async fn standalone_is_its_own_dataset_wide_grant() {
         "acme.directory as standalone"
     );
 }
+
+#[tokio::test]
+async fn overlap_grants_name_populations_not_columns() {
+    let set = PolicySet::build(vec![
+        grant(
+            "globex",
+            "acme",
+            "accounts",
+            Some("customers"),
+            Usage::Overlap,
+        ),
+        grant("initech", "acme", "accounts", None, Usage::Overlap),
+        grant("globex", "acme", "accounts", None, Usage::Dimension),
+    ])
+    .await
+    .expect("set");
+    let overlap = |who: &str, p: &str| {
+        set.decide(who, &ColumnUse::overlap("acme", "accounts", p))
+            .expect("d")
+    };
+    assert!(matches!(
+        overlap("globex", "customers"),
+        Decision::Granted(g) if g.column.as_deref() == Some("customers")
+    ));
+    // A grant of one population is not a grant of the others...
+    assert_eq!(overlap("globex", "prospects"), Decision::Missing);
+    // ...an every-population grant covers them all...
+    assert!(overlap("initech", "prospects").allowed());
+    // ...and an every-column grant of another usage is no overlap grant.
+    assert_eq!(overlap("hooli", "customers"), Decision::Missing);
+    assert_eq!(
+        set.decide(
+            "initech",
+            &use_of("acme", "accounts", "industry", Usage::Dimension)
+        )
+        .expect("d"),
+        Decision::Missing
+    );
+    assert_eq!(
+        ColumnUse::overlap("acme", "accounts", "customers").to_string(),
+        "population customers of acme.accounts as overlap"
+    );
+    let g = grant(
+        "globex",
+        "acme",
+        "accounts",
+        Some("customers"),
+        Usage::Overlap,
+    );
+    assert_eq!(
+        g.to_string(),
+        "globex may see overlap counts of population customers of acme.accounts"
+    );
+    assert_eq!(Grant::from_casbin(&g.to_casbin()).expect("parse"), g);
+    // Population names follow the naming rule.
+    let bad = grant(
+        "globex",
+        "acme",
+        "accounts",
+        Some("Customers!"),
+        Usage::Overlap,
+    );
+    assert!(bad.validate().is_err());
+}

@@ -351,6 +351,18 @@ fn enumerated_groups(
     Ok(Some(groups))
 }
 
+/// The noisy entity count a row must reach to be released (besides >= k exact entities):
+/// `k - 1` + the Laplace partition-selection threshold for `ε` per count and `L` groups per
+/// entity.
+pub(crate) fn release_threshold(
+    min_entities: u64,
+    epsilon: f64,
+    max_groups: u32,
+    delta: f64,
+) -> f64 {
+    (min_entities as f64 - 1.0) + partition_threshold(epsilon, max_groups, delta)
+}
+
 /// Thresholds and noise over the exact stage-2 rows. Returns the answer rows in the
 /// Aggregate's output layout plus a last column, the suppressed flag, and what was applied.
 ///
@@ -376,12 +388,11 @@ fn release(
         .sum::<usize>();
     let eps = p.epsilon / statistics as f64;
     let l = f64::from(p.max_groups_per_entity.max(1));
-    let k = p.min_entities as f64;
     // Released only with at least k exact entities AND a noisy count of at least
     // (k - 1) + the Laplace partition-selection threshold. The margin makes the exact k test
     // invisible: a row at exactly k (or a group of one entity) is released with probability
     // at most about δ, so adding or removing one entity cannot be seen through suppression.
-    let threshold = (k - 1.0) + partition_threshold(eps, p.max_groups_per_entity, p.delta);
+    let threshold = release_threshold(p.min_entities, eps, p.max_groups_per_entity, p.delta);
     let applied = Applied {
         min_entities: p.min_entities,
         threshold,

@@ -7,6 +7,7 @@
 pub mod exec;
 pub mod gate;
 pub mod noise;
+pub mod overlap;
 pub mod population;
 pub mod session;
 pub mod source;
@@ -25,6 +26,9 @@ pub enum QueryError {
     /// construct or the missing grant but never any data.
     #[error("query refused ({rule}): {message}")]
     Refused { rule: &'static str, message: String },
+    /// The query needs more memory than its limit.
+    #[error("resources exhausted: {0}")]
+    ResourcesExhausted(String),
     /// Anything else: logged server-side, shown to clients as a generic error.
     #[error("query engine: {0}")]
     Internal(String),
@@ -41,7 +45,12 @@ impl QueryError {
 
 impl From<datafusion::error::DataFusionError> for QueryError {
     fn from(e: datafusion::error::DataFusionError) -> Self {
-        QueryError::Internal(e.to_string())
+        match e.find_root() {
+            datafusion::error::DataFusionError::ResourcesExhausted(m) => {
+                QueryError::ResourcesExhausted(m.clone())
+            }
+            _ => QueryError::Internal(e.to_string()),
+        }
     }
 }
 

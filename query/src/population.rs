@@ -13,6 +13,7 @@ use datafusion::common::DFSchema;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::datasource::empty::EmptyTable;
 use datafusion::logical_expr::{Expr, ExprSchemable};
+use datafusion::physical_expr::PhysicalExpr;
 
 use crate::QueryError;
 use crate::session::{Limits, QueryTable};
@@ -99,6 +100,20 @@ pub fn check_filter(
         ));
     }
     Ok(expr)
+}
+
+/// A checked population predicate ready to evaluate over batches of `executes` (the schema a
+/// version executes with: the declared columns, the key column as entity ids).
+pub fn compile(
+    filter: &str,
+    declared: &SchemaRef,
+    executes: &SchemaRef,
+    key_column: Option<&str>,
+) -> Result<Arc<dyn PhysicalExpr>, QueryError> {
+    let expr = check_filter(filter, declared, key_column)?;
+    let state = crate::session::planning_session(&[], &Limits::default())?;
+    let df_schema = DFSchema::try_from(executes.as_ref().clone())?;
+    Ok(state.create_physical_expr(expr, &df_schema)?)
 }
 
 #[cfg(test)]

@@ -52,6 +52,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             axum::routing::post(remove_population),
         )
         .route("/v1/queries", axum::routing::post(query))
+        .route("/v1/overlaps", axum::routing::post(overlap))
+        .route("/v1/reports/co-selling", axum::routing::post(co_selling))
         .fallback(|| async { ApiError(Error::NotFound("no such endpoint".into())) })
         .method_not_allowed_fallback(|| async {
             ApiError(Error::bad(
@@ -441,14 +443,17 @@ async fn query(
         user = %caller.user,
         rows,
         suppressed,
-        epsilon_spent = outcome.epsilon_spent,
-        repeated = outcome.repeated,
+        epsilon_spent = outcome.cost.epsilon_spent,
+        repeated = outcome.cost.repeated,
         secs = started.elapsed().as_secs_f64(),
         "query answered"
     );
     let meta = [
         ("escrow-suppressed-rows", suppressed.to_string()),
-        ("escrow-epsilon-spent", outcome.epsilon_spent.to_string()),
+        (
+            "escrow-epsilon-spent",
+            outcome.cost.epsilon_spent.to_string(),
+        ),
     ];
     let (content_type, bytes) = match format {
         "csv" => ("text/csv", crate::queries::output::to_csv(&outcome)?),
@@ -473,4 +478,100 @@ async fn query(
         }
     }
     Ok(resp)
+}
+
+/// A JSON request with an optional `format` (json or csv) beside the request's own fields.
+fn with_format<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<(T, bool), ApiError> {
+    let mut v: serde_json::Value = json_body(body)?;
+    let format = match v.as_object_mut().and_then(|o| o.remove("format")) {
+        None => "json".to_string(),
+        Some(serde_json::Value::String(f)) => f,
+        Some(_) => String::new(),
+    };
+    let csv = match format.as_str() {
+        "json" => false,
+        "csv" => true,
+        _ => return Err(Error::bad("invalid_request", "format must be json or csv").into()),
+    };
+    let req = serde_json::from_value(v).map_err(|e| {
+        ApiError(Error::bad(
+            "invalid_request",
+            format!("invalid request: {e}"),
+        ))
+    })?;
+    Ok((req, csv))
+}
+
+fn csv_response(bytes: Vec<u8>) -> Response {
+    (StatusCode::OK, [(header::CONTENT_TYPE, "text/csv")], bytes).into_response()
+}
+
+/// Log an overlap or report outcome (never its counts).
+fn log_overlap(
+    caller: &Caller,
+    what: &str,
+    result: &Result<&crate::overlaps::OverlapOutcome, &Error>,
+    started: std::time::Instant,
+) {
+    match result {
+        Ok(o) => tracing::info!(
+            partner = %caller.partner,
+            user = %caller.user,
+            theirs = %o.theirs,
+            cells = o.rows.len(),
+            suppressed = o.rows.iter().filter(|r| r.suppressed).count(),
+            epsilon_spent = o.cost.epsilon_spent,
+            repeated = o.cost.repeated,
+            secs = started.elapsed().as_secs_f64(),
+            "{what} answered"
+        ),
+        Err(Error::Refused { rule, .. }) => {
+            tracing::info!(partner = %caller.partner, user = %caller.user, %rule, "{what} refused")
+        }
+        Err(e) => {
+            tracing::info!(partner = %caller.partner, user = %caller.user, code = e.code(), "{what} failed")
+        }
+    }
+}
+
+/// The overlap matrix of the caller's populations and another partner's.
+async fn overlap(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    body: bytes::Bytes,
+) -> Result<Response, ApiError> {
+    let (req, csv): (crate::overlaps::OverlapRequest, bool) = with_format(&body)?;
+    let started = std::time::Instant::now();
+    let result = state.queries.overlap(&caller.partner, &req).await;
+    log_overlap(&caller, "overlap", &result.as_ref(), started);
+    let o = result?;
+    if csv {
+        let bytes = crate::overlaps::output::rows_csv(&o.rows, o.by.as_deref())?;
+        return Ok(csv_response(bytes));
+    }
+    Ok(Json(crate::overlaps::output::overlap_json(&o)).into_response())
+}
+
+/// The co-selling report.
+async fn co_selling(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    body: bytes::Bytes,
+) -> Result<Response, ApiError> {
+    let (req, csv): (crate::overlaps::CoSellingRequest, bool) = with_format(&body)?;
+    let started = std::time::Instant::now();
+    let result = state.queries.co_selling(&caller.partner, &req).await;
+    log_overlap(
+        &caller,
+        "co-selling report",
+        &result.as_ref().map(|r| &r.overlap),
+        started,
+    );
+    let r = result?;
+    if csv {
+        let rows = r.sections.iter().flat_map(|s| &s.rows);
+        let bytes = crate::overlaps::output::rows_csv(rows, r.overlap.by.as_deref())?;
+        return Ok(csv_response(bytes));
+    }
+    Ok(Json(crate::overlaps::output::co_selling_json(&r)).into_response())
 }

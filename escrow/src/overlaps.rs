@@ -1,0 +1,805 @@
+//! Account mapping: the overlap matrix of two partners' populations and the co-selling report
+//! built from it. The engine part (reducing each side to its entities, counting, releasing)
+//! is `escrow_query::overlap`; this module decides which datasets and populations take part,
+//! checks the grants, applies both owners' protection settings and charges the budget. No
+//! HTTP here.
+//!
+//! ```text
+//! request -> my dataset (--mine, or the one with populations)
+//!         -> their dataset (--theirs, or the one whose populations they let me see:
+//!            usage `overlap`, per population or all; none -> usage_not_granted)
+//!         -> breakdown column: in both datasets, not a key, `dimension` granted on theirs
+//!         -> protection: the strictest settings of BOTH datasets (so both partners get the
+//!            same numbers), noise keyed by the question in a canonical side order
+//!         -> budget: ε once per matrix, on their dataset
+//!         -> both sides reduced in parallel -> counted -> released -> my orientation
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow_schema::SchemaRef;
+use escrow_policies::{ColumnUse, PolicySet, Usage, is_valid_name};
+use escrow_query::overlap::{self, CellCount, Membership, OverlapProtection, Side};
+use escrow_query::{Applied, Noise, QueryError};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::catalog::{BudgetCharge, Population, VersionKey};
+use crate::queries::{Cost, DELTA, QueryService, query_form, strictest};
+use crate::settings;
+use crate::{Error, Result};
+
+/// An overlap question, as a partner asks it.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OverlapRequest {
+    /// The other partner.
+    pub with: String,
+    /// My dataset (default: my only dataset with populations).
+    #[serde(default)]
+    pub mine: Option<String>,
+    /// Their dataset (default: their only dataset whose populations I may see).
+    #[serde(default)]
+    pub theirs: Option<String>,
+    /// A column of both datasets to break the cells down by.
+    #[serde(default)]
+    pub by: Option<String>,
+}
+
+/// One released (or suppressed) cell, in the caller's orientation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OverlapRow {
+    /// My population.
+    pub mine: String,
+    /// Their population.
+    pub theirs: String,
+    /// The breakdown value both sides agree on (`None`: no shared value), with `by`.
+    pub value: Option<String>,
+    /// Noisy count of companies in both populations; `None` when suppressed.
+    pub count: Option<u64>,
+    pub suppressed: bool,
+}
+
+/// An answered overlap question.
+#[derive(Debug, Clone)]
+pub struct OverlapOutcome {
+    /// My dataset.
+    pub mine: String,
+    /// Their dataset, `owner.dataset`.
+    pub theirs: String,
+    pub by: Option<String>,
+    /// My populations and the ones of theirs I may see: the matrix's axes.
+    pub mine_populations: Vec<String>,
+    pub their_populations: Vec<String>,
+    pub rows: Vec<OverlapRow>,
+    pub protection: Applied,
+    pub cost: Cost,
+}
+
+/// The co-selling report: my customers x their opportunities (where I can introduce them)
+/// and my opportunities x their customers (where they can introduce me), optionally by a
+/// shared dimension. One overlap question underneath: same numbers, same single charge.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoSellingRequest {
+    pub with: String,
+    #[serde(default)]
+    pub mine: Option<String>,
+    #[serde(default)]
+    pub theirs: Option<String>,
+    #[serde(default)]
+    pub by: Option<String>,
+    /// Population names, when they differ from the conventional ones (`customers` /
+    /// `customer`, `opportunities` / `opportunity` / `open_opportunities`).
+    #[serde(default)]
+    pub my_customers: Option<String>,
+    #[serde(default)]
+    pub my_opportunities: Option<String>,
+    #[serde(default)]
+    pub their_customers: Option<String>,
+    #[serde(default)]
+    pub their_opportunities: Option<String>,
+}
+
+/// One pair of populations of the report, with its cells.
+#[derive(Debug, Clone, Serialize)]
+pub struct CoSellingSection {
+    pub mine: String,
+    pub theirs: String,
+    pub rows: Vec<OverlapRow>,
+}
+
+/// The answered report: its sections and the overlap question it was cut from.
+#[derive(Debug, Clone)]
+pub struct CoSellingOutcome {
+    pub sections: Vec<CoSellingSection>,
+    pub overlap: OverlapOutcome,
+}
+
+const CUSTOMERS: [&str; 2] = ["customers", "customer"];
+const OPPORTUNITIES: [&str; 4] = [
+    "opportunities",
+    "opportunity",
+    "open_opportunities",
+    "open_opportunity",
+];
+
+/// The population playing a role in the report: the one named, or the first conventional
+/// name present.
+fn role(
+    named: &Option<String>,
+    names: &[String],
+    conventional: &[&str],
+    flag: &str,
+    whose: &str,
+) -> Result<String> {
+    match named {
+        Some(n) if names.contains(n) => Ok(n.clone()),
+        Some(n) => Err(Error::bad(
+            "unknown_population",
+            format!("{whose} have no population {n} that you may see"),
+        )),
+        None => conventional
+            .iter()
+            .find(|c| names.iter().any(|n| n == *c))
+            .map(|c| c.to_string())
+            .ok_or_else(|| {
+                Error::bad(
+                    "unknown_population",
+                    format!(
+                        "{whose} have no population named {} that you may see: name it with --{flag}",
+                        conventional.join(" or ")
+                    ),
+                )
+            }),
+    }
+}
+
+/// A checked question: both sides and which of their populations the caller sees.
+struct Matrix {
+    mine: SideData,
+    theirs: SideData,
+    /// Indexes into `theirs.populations`.
+    visible: Vec<usize>,
+}
+
+/// One side of the matrix: a dataset version and all its populations.
+struct SideData {
+    owner: String,
+    dataset: String,
+    key_column: String,
+    version: VersionKey,
+    populations: Vec<Population>,
+}
+
+fn bad(code: &'static str, message: impl std::fmt::Display) -> Error {
+    Error::bad(code, message)
+}
+
+fn refused(rule: &'static str, message: impl Into<String>) -> Error {
+    Error::Refused {
+        rule,
+        message: message.into(),
+    }
+}
+
+fn check_name(kind: &str, name: &str) -> Result<()> {
+    if is_valid_name(name) {
+        Ok(())
+    } else {
+        Err(bad(
+            "invalid_request",
+            format!("{kind} {name:?} is not a valid name"),
+        ))
+    }
+}
+
+fn group(populations: Vec<Population>) -> BTreeMap<String, Vec<Population>> {
+    let mut by_dataset: BTreeMap<String, Vec<Population>> = BTreeMap::new();
+    for p in populations {
+        by_dataset.entry(p.dataset.clone()).or_default().push(p);
+    }
+    by_dataset
+}
+
+impl QueryService {
+    /// The overlap matrix of `caller`'s populations and the populations `req.with` lets it
+    /// see, or a refusal.
+    pub async fn overlap(&self, caller: &str, req: &OverlapRequest) -> Result<OverlapOutcome> {
+        let m = self.matrix(caller, req).await?;
+        self.answer(caller, req, m).await
+    }
+
+    /// The co-selling report for `caller`, or a refusal.
+    pub async fn co_selling(
+        &self,
+        caller: &str,
+        req: &CoSellingRequest,
+    ) -> Result<CoSellingOutcome> {
+        let question = OverlapRequest {
+            with: req.with.clone(),
+            mine: req.mine.clone(),
+            theirs: req.theirs.clone(),
+            by: req.by.clone(),
+        };
+        let m = self.matrix(caller, &question).await?;
+        let mine: Vec<String> = m.mine.populations.iter().map(|p| p.name.clone()).collect();
+        let theirs: Vec<String> = m
+            .visible
+            .iter()
+            .map(|i| m.theirs.populations[*i].name.clone())
+            .collect();
+        let pairs = [
+            (
+                role(&req.my_customers, &mine, &CUSTOMERS, "my-customers", "you")?,
+                role(
+                    &req.their_opportunities,
+                    &theirs,
+                    &OPPORTUNITIES,
+                    "their-opportunities",
+                    "they",
+                )?,
+            ),
+            (
+                role(
+                    &req.my_opportunities,
+                    &mine,
+                    &OPPORTUNITIES,
+                    "my-opportunities",
+                    "you",
+                )?,
+                role(
+                    &req.their_customers,
+                    &theirs,
+                    &CUSTOMERS,
+                    "their-customers",
+                    "they",
+                )?,
+            ),
+        ];
+        let overlap = self.answer(caller, &question, m).await?;
+        let sections = pairs
+            .into_iter()
+            .map(|(mine, theirs)| CoSellingSection {
+                rows: overlap
+                    .rows
+                    .iter()
+                    .filter(|r| r.mine == mine && r.theirs == theirs)
+                    .cloned()
+                    .collect(),
+                mine,
+                theirs,
+            })
+            .collect();
+        Ok(CoSellingOutcome { sections, overlap })
+    }
+
+    /// Which datasets and populations a question involves, with every grant checked.
+    async fn matrix(&self, caller: &str, req: &OverlapRequest) -> Result<Matrix> {
+        check_name("partner", &req.with)?;
+        for (kind, n) in [
+            ("dataset", &req.mine),
+            ("dataset", &req.theirs),
+            ("column", &req.by),
+        ] {
+            if let Some(n) = n {
+                check_name(kind, n)?;
+            }
+        }
+        if req.with == caller {
+            return Err(bad(
+                "invalid_request",
+                "an overlap is between you and another partner",
+            ));
+        }
+        let set = self.policy_set().await?;
+        let (mine, theirs) = {
+            let store = self.store.clone();
+            let (caller, req) = (caller.to_string(), req.clone());
+            let set = set.clone();
+            crate::queries::blocking(move || resolve(&store, &set, &caller, &req)).await?
+        };
+        // Their populations the caller may see (all of them take part in the counting).
+        let mut visible = Vec::new();
+        for (i, p) in theirs.populations.iter().enumerate() {
+            let u = ColumnUse::overlap(&theirs.owner, &theirs.dataset, &p.name);
+            let d = set
+                .decide(caller, &u)
+                .map_err(|e| Error::internal(format!("policy decision: {e}")))?;
+            if d.allowed() {
+                visible.push(i);
+            }
+        }
+        if let Some(by) = &req.by {
+            let u = ColumnUse {
+                owner: theirs.owner.clone(),
+                dataset: theirs.dataset.clone(),
+                column: by.clone(),
+                usage: Usage::Dimension,
+            };
+            let d = set
+                .decide(caller, &u)
+                .map_err(|e| Error::internal(format!("policy decision: {e}")))?;
+            if !d.allowed() {
+                return Err(refused(
+                    "usage_not_granted",
+                    format!(
+                        "not granted to {caller}: {u} (the owner can grant it with `escrow policy grant {} --to {caller} --usage dimension --column {by}`)",
+                        theirs.dataset
+                    ),
+                ));
+            }
+        }
+        Ok(Matrix {
+            mine,
+            theirs,
+            visible,
+        })
+    }
+
+    /// Count, protect and release a checked matrix; ε is charged here.
+    async fn answer(
+        &self,
+        caller: &str,
+        req: &OverlapRequest,
+        m: Matrix,
+    ) -> Result<OverlapOutcome> {
+        let Matrix {
+            mine,
+            theirs,
+            visible,
+        } = m;
+        // Protection: the strictest settings of both datasets, so that both partners asking
+        // the same question get the same answer.
+        let (s_mine, s_theirs) = {
+            let store = self.store.clone();
+            let (a, b) = (
+                (mine.owner.clone(), mine.dataset.clone()),
+                (theirs.owner.clone(), theirs.dataset.clone()),
+            );
+            crate::queries::blocking(move || {
+                Ok((
+                    settings::of(&store, &a.0, &a.1)?,
+                    settings::of(&store, &b.0, &b.1)?,
+                ))
+            })
+            .await?
+        };
+        let (min_entities, epsilon, max_groups) = strictest([&s_mine, &s_theirs]);
+
+        // Canonical order: the sides sorted by (owner, dataset).
+        let mine_first = (&mine.owner, &mine.dataset) < (&theirs.owner, &theirs.dataset);
+        let (first, second) = if mine_first {
+            (&mine, &theirs)
+        } else {
+            (&theirs, &mine)
+        };
+        let fp = fingerprint(
+            first,
+            second,
+            req.by.as_deref(),
+            (min_entities, epsilon, max_groups),
+        );
+        let charge = BudgetCharge {
+            owner: theirs.owner.clone(),
+            dataset: theirs.dataset.clone(),
+            budget: s_theirs.budget,
+        };
+        let cost = self.charge(caller, vec![charge], epsilon, fp).await?;
+
+        let limit = self.config.limits.memory_bytes / 2;
+        let run = async {
+            let (a, b) = tokio::try_join!(
+                self.reduce(first, req.by.as_deref(), limit),
+                self.reduce(second, req.by.as_deref(), limit)
+            )?;
+            let by = req.by.is_some();
+            crate::queries::blocking(move || Ok(overlap::count(&a, &b, max_groups, by))).await
+        };
+        let cells: Vec<CellCount> = match tokio::time::timeout(self.config.timeout, run).await {
+            Ok(cells) => cells?,
+            Err(_) => {
+                return Err(bad(
+                    "query_timeout",
+                    format!(
+                        "the overlap ran longer than the limit of {} s",
+                        self.config.timeout.as_secs()
+                    ),
+                ));
+            }
+        };
+
+        let names = |s: &SideData| -> Vec<String> {
+            s.populations.iter().map(|p| p.name.clone()).collect()
+        };
+        let (names_a, names_b) = (names(first), names(second));
+        let protection = OverlapProtection {
+            min_entities,
+            epsilon,
+            max_groups_per_entity: max_groups,
+            delta: DELTA,
+            noise: Noise::new(self.noise_key.clone(), fp),
+        };
+        let shown = |a: usize, b: usize| {
+            let theirs_index = if mine_first { b } else { a };
+            visible.contains(&theirs_index)
+        };
+        let (released, applied) = overlap::release(
+            &cells,
+            &names_a,
+            &names_b,
+            shown,
+            req.by.is_some(),
+            &protection,
+        );
+        let mut rows: Vec<(usize, usize, OverlapRow)> = released
+            .into_iter()
+            .map(|c| {
+                let (m, t) = if mine_first { (c.a, c.b) } else { (c.b, c.a) };
+                (
+                    m,
+                    t,
+                    OverlapRow {
+                        mine: mine.populations[m].name.clone(),
+                        theirs: theirs.populations[t].name.clone(),
+                        value: c.value,
+                        suppressed: c.count.is_none(),
+                        count: c.count,
+                    },
+                )
+            })
+            .collect();
+        rows.sort_by(|x, y| (x.0, x.1, &x.2.value).cmp(&(y.0, y.1, &y.2.value)));
+        Ok(OverlapOutcome {
+            mine_populations: names(&mine),
+            their_populations: visible
+                .iter()
+                .map(|i| theirs.populations[*i].name.clone())
+                .collect(),
+            mine: mine.dataset.clone(),
+            theirs: format!("{}.{}", theirs.owner, theirs.dataset),
+            by: req.by.clone(),
+            rows: rows.into_iter().map(|r| r.2).collect(),
+            protection: applied,
+            cost,
+        })
+    }
+
+    /// Read one side's verified batches and reduce them to its entities (blocking pool).
+    async fn reduce(&self, side: &SideData, by: Option<&str>, limit: usize) -> Result<Membership> {
+        let store = self.store.clone();
+        let hasher = self.entity_hasher.clone();
+        let version = side.version.clone();
+        let key = side.key_column.clone();
+        let filters: Vec<(String, String)> = side
+            .populations
+            .iter()
+            .map(|p| (p.name.clone(), p.filter.clone()))
+            .collect();
+        let (owner, dataset, by) = (
+            side.owner.clone(),
+            side.dataset.clone(),
+            by.map(str::to_string),
+        );
+        crate::queries::blocking(move || {
+            let sealed = store.schema_of(&version)?;
+            let (declared, executes, prepare) = query_form(&sealed, Some(&key), &hasher)?;
+            let populations = filters
+                .iter()
+                .map(|(name, filter)| {
+                    compile(filter, &declared, &executes, &key, &owner, &dataset, name)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let index = |c: &str, s: &SchemaRef| {
+                s.index_of(c)
+                    .map_err(|e| Error::internal(format!("overlap column: {e}")))
+            };
+            let side = Side {
+                populations,
+                key_index: index(&key, &executes)?,
+                dimension: by.as_deref().map(|c| index(c, &executes)).transpose()?,
+            };
+            let batches = store
+                .batches(&version, prepare)?
+                .map(|b| b.map_err(|e| e.to_string()));
+            overlap::memberships(&side, batches, limit).map_err(Error::from)
+        })
+        .await
+    }
+}
+
+fn compile(
+    filter: &str,
+    declared: &SchemaRef,
+    executes: &SchemaRef,
+    key: &str,
+    owner: &str,
+    dataset: &str,
+    name: &str,
+) -> Result<Arc<dyn overlap::PhysicalExpr>> {
+    escrow_query::population::compile(filter, declared, executes, Some(key)).map_err(|e| match e {
+        QueryError::Refused { message, .. } => bad(
+            "population_invalid",
+            format!(
+                "population {name} of {owner}.{dataset} no longer fits the dataset's live version ({message}); its owner must define it again"
+            ),
+        ),
+        other => Error::from(other),
+    })
+}
+
+/// Which datasets take part: mine (with its populations) and theirs (with all its
+/// populations; which of them the caller sees is decided by the grants).
+fn resolve(
+    store: &crate::store::Store,
+    set: &PolicySet,
+    caller: &str,
+    req: &OverlapRequest,
+) -> Result<(SideData, SideData)> {
+    let partner_known = store
+        .catalog()
+        .partners()?
+        .into_iter()
+        .any(|(name, active)| active && name == req.with);
+    if !partner_known {
+        return Err(Error::NotFound(format!("no partner named {}", req.with)));
+    }
+
+    // Mine.
+    let mut my_pops = group(store.catalog().populations_of(caller)?);
+    let mine = match &req.mine {
+        Some(d) => {
+            store.live_dataset(caller, d)?;
+            d.clone()
+        }
+        None => match my_pops.keys().collect::<Vec<_>>().as_slice() {
+            [one] => (*one).clone(),
+            [] => {
+                return Err(bad(
+                    "no_populations",
+                    "you have no populations: define them with `escrow population add DATASET NAME --filter P`",
+                ));
+            }
+            many => {
+                return Err(bad(
+                    "ambiguous_dataset",
+                    format!(
+                        "you have populations on several datasets ({}): choose one with --mine",
+                        many.iter()
+                            .map(|s| s.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+        },
+    };
+    let my_populations = my_pops.remove(&mine).ok_or_else(|| {
+        bad(
+            "no_populations",
+            format!("{mine} has no populations: define them with `escrow population add {mine} NAME --filter P`"),
+        )
+    })?;
+
+    // Theirs: datasets with at least one population the caller may see.
+    let their_pops = group(store.catalog().populations_of(&req.with)?);
+    let sees = |d: &str, pops: &[Population]| {
+        pops.iter().any(|p| {
+            matches!(set.decide(caller, &ColumnUse::overlap(&req.with, d, &p.name)), Ok(d) if d.allowed())
+        })
+    };
+    let candidates: Vec<&String> = their_pops
+        .iter()
+        .filter(|(d, pops)| req.theirs.as_ref().is_none_or(|t| t == *d) && sees(d, pops))
+        .map(|(d, _)| d)
+        .collect();
+    let theirs = match candidates.as_slice() {
+        [one] => (*one).clone(),
+        [] => {
+            let on = req
+                .theirs
+                .as_deref()
+                .map(|t| format!("population of {}.{t}", req.with))
+                .unwrap_or_else(|| format!("population of {}", req.with));
+            return Err(refused(
+                "usage_not_granted",
+                format!(
+                    "not granted to {caller}: overlap counts of any {on} (its owner can grant them with `escrow policy grant DATASET --to {caller} --usage overlap`)"
+                ),
+            ));
+        }
+        many => {
+            return Err(bad(
+                "ambiguous_dataset",
+                format!(
+                    "{} lets you see populations of several datasets ({}): choose one with --theirs",
+                    req.with,
+                    many.iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+    };
+    let their_populations = their_pops.get(&theirs).cloned().unwrap_or_default();
+
+    let side = |owner: &str, dataset: &str, populations: Vec<Population>| -> Result<SideData> {
+        let info = store.live_dataset(owner, dataset)?;
+        let key_column = info.key_column.ok_or_else(|| {
+            refused(
+                "no_privacy_unit",
+                format!("{owner}.{dataset} has no key column, so its companies cannot be matched"),
+            )
+        })?;
+        if let Some(by) = &req.by {
+            if !info.columns.iter().any(|c| &c.name == by) {
+                return Err(bad(
+                    "unknown_column",
+                    format!(
+                        "{owner}.{dataset} has no column {by:?}: a breakdown needs a column of both datasets"
+                    ),
+                ));
+            }
+            if by == &key_column {
+                return Err(refused(
+                    "group_by_key",
+                    format!("{by} identifies companies: cells cannot be broken down by it"),
+                ));
+            }
+        }
+        Ok(SideData {
+            owner: owner.to_string(),
+            dataset: dataset.to_string(),
+            key_column,
+            version: store.live_version(owner, dataset)?,
+            populations,
+        })
+    };
+    Ok((
+        side(caller, &mine, my_populations)?,
+        side(&req.with, &theirs, their_populations)?,
+    ))
+}
+
+/// The question, independent of who asks: both sides in canonical order (dataset, data
+/// version, key, every population's definition), the breakdown and the protection.
+fn fingerprint(
+    first: &SideData,
+    second: &SideData,
+    by: Option<&str>,
+    (k, epsilon, l): (u64, f64, u32),
+) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"escrow-overlap-v1\0");
+    let mut field = |s: &str| {
+        h.update((s.len() as u64).to_be_bytes());
+        h.update(s.as_bytes());
+    };
+    for s in [first, second] {
+        field(&s.owner);
+        field(&s.dataset);
+        field(&s.version.version_id);
+        field(&s.key_column);
+        for p in &s.populations {
+            field(&p.name);
+            field(&p.filter);
+        }
+        field("\0end");
+    }
+    field(by.unwrap_or("\0none"));
+    field(&format!("k={k} eps={epsilon} L={l} delta={DELTA}"));
+    h.finalize().into()
+}
+
+/// Output encodings of overlap answers and reports.
+pub mod output {
+    use serde_json::{Map, Value, json};
+
+    use super::{CoSellingOutcome, OverlapOutcome, OverlapRow};
+    use crate::{Error, Result};
+
+    /// Row keys of the JSON shape; a breakdown column with one of these names is reported
+    /// under `value`.
+    const ROW_KEYS: [&str; 4] = ["mine", "theirs", "count", "suppressed"];
+
+    fn value_key(by: &str) -> &str {
+        if ROW_KEYS.contains(&by) { "value" } else { by }
+    }
+
+    fn row(r: &OverlapRow, by: Option<&str>) -> Value {
+        let mut o = Map::new();
+        o.insert("mine".into(), json!(r.mine));
+        o.insert("theirs".into(), json!(r.theirs));
+        if let Some(by) = by {
+            o.insert(value_key(by).into(), json!(r.value));
+        }
+        o.insert("count".into(), json!(r.count));
+        o.insert("suppressed".into(), json!(r.suppressed));
+        Value::Object(o)
+    }
+
+    fn meta(o: &OverlapOutcome) -> Map<String, Value> {
+        let p = &o.protection;
+        let mut m = Map::new();
+        m.insert("mine".into(), json!(o.mine));
+        m.insert("theirs".into(), json!(o.theirs));
+        m.insert("by".into(), json!(o.by));
+        m.insert(
+            "protection".into(),
+            json!({
+                "min_entities": p.min_entities,
+                "release_threshold": p.threshold,
+                "epsilon": p.epsilon,
+                "max_groups_per_entity": p.max_groups_per_entity,
+                "noise": "discrete Laplace on each cell's company count",
+                "suppressed_cells": if o.by.is_some() {
+                    "cells below the threshold are not listed (their values would reveal companies)"
+                } else {
+                    "cells below the threshold are listed with count null and suppressed true"
+                },
+            }),
+        );
+        m.insert("epsilon_spent".into(), json!(o.cost.epsilon_spent));
+        m.insert("repeated".into(), json!(o.cost.repeated));
+        m.insert("budgets".into(), json!(o.cost.budgets));
+        m
+    }
+
+    /// `{"rows": [{"mine", "theirs", ["<by>",] "count", "suppressed"}], ...}`
+    pub fn overlap_json(o: &OverlapOutcome) -> Value {
+        let mut m = meta(o);
+        m.insert(
+            "populations".into(),
+            json!({ "mine": o.mine_populations, "theirs": o.their_populations }),
+        );
+        let rows: Vec<Value> = o.rows.iter().map(|r| row(r, o.by.as_deref())).collect();
+        m.insert("rows".into(), Value::Array(rows));
+        Value::Object(m)
+    }
+
+    /// The report's sections, each with its rows.
+    pub fn co_selling_json(r: &CoSellingOutcome) -> Value {
+        let o = &r.overlap;
+        let mut m = meta(o);
+        m.insert("report".into(), json!("co-selling"));
+        let sections: Vec<Value> = r
+            .sections
+            .iter()
+            .map(|s| {
+                json!({
+                    "mine": s.mine,
+                    "theirs": s.theirs,
+                    "rows": s.rows.iter().map(|x| row(x, o.by.as_deref())).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        m.insert("sections".into(), Value::Array(sections));
+        Value::Object(m)
+    }
+
+    /// CSV with a header line: mine, theirs, [by,] count, suppressed.
+    pub fn rows_csv<'a>(
+        rows: impl IntoIterator<Item = &'a OverlapRow>,
+        by: Option<&str>,
+    ) -> Result<Vec<u8>> {
+        let err = |e: csv::Error| Error::internal(format!("csv: {e}"));
+        let mut w = csv::Writer::from_writer(Vec::new());
+        let mut header = vec!["mine", "theirs"];
+        header.extend(by);
+        header.extend(["count", "suppressed"]);
+        w.write_record(&header).map_err(err)?;
+        for r in rows {
+            let mut rec = vec![r.mine.clone(), r.theirs.clone()];
+            if by.is_some() {
+                rec.push(r.value.clone().unwrap_or_default());
+            }
+            rec.push(r.count.map(|c| c.to_string()).unwrap_or_default());
+            rec.push(r.suppressed.to_string());
+            w.write_record(&rec).map_err(err)?;
+        }
+        w.into_inner()
+            .map_err(|e| Error::internal(format!("csv: {e}")))
+    }
+}

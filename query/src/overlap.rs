@@ -1,0 +1,591 @@
+//! Overlap counts: how many companies two partners' datasets have in common, per pair of
+//! populations and optionally per value of a shared dimension (the account-mapping matrix).
+//!
+//! The matrix is a fixed-shape question, so it does not go through SQL: each side is read
+//! once, straight from its verified batches (key column as entity ids), and reduced to one
+//! entry per company before the two sides meet.
+//!
+//! ```text
+//! side   := entity -> bitmask of the populations any of its rows is in (definition order)
+//!           [+ the dimension values of its rows]           (duplicates are one entity)
+//! join   := the smaller side's entities probed in the larger side's map
+//! cells  := a common entity counts in the cells (population a, population b [, value]) in
+//!           the order (a's position, b's position, value), at most L of them. The value is
+//!           one both sides agree on, or null when they share none.
+//! release:= per cell, discrete Laplace noise of scale L/ε (the whole matrix is one
+//!           release: an entity changes at most L cells by one), and the release rule of
+//!           every answer: >= k exact entities and a noisy count >= k - 1 + the
+//!           partition-selection threshold.
+//! ```
+//!
+//! Both partners get the same numbers for the same cell: every population of both datasets
+//! takes part in the bounding (whatever subset a caller is shown), the sides come in a
+//! canonical order chosen by the service, and each cell's noise is keyed by the question and
+//! the cell's names in that order, never by who asks.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, AsArray, BooleanArray, StringArray};
+use datafusion::arrow::compute::{cast, prep_null_mask_filter};
+use datafusion::arrow::datatypes::{DataType, UInt64Type};
+use datafusion::arrow::record_batch::RecordBatch;
+pub use datafusion::physical_expr::PhysicalExpr;
+
+use crate::QueryError;
+use crate::exec::{Applied, release_threshold};
+use crate::noise::Noise;
+
+/// Populations of one dataset that can take part in a matrix (one bit each).
+pub const MAX_POPULATIONS: usize = 64;
+
+/// One side of a matrix: how to read a dataset version's batches.
+pub struct Side {
+    /// Every population of the dataset, in definition order, compiled over the schema the
+    /// version executes with ([`crate::population::compile`]).
+    pub populations: Vec<Arc<dyn PhysicalExpr>>,
+    /// Index of the key column (entity ids, `UInt64`).
+    pub key_index: usize,
+    /// Index of the dimension column of a breakdown.
+    pub dimension: Option<usize>,
+}
+
+/// Hashes keys that are already uniform (keyed entity ids) or small packed cell keys: one
+/// folded multiply, good enough for hashbrown's use of both the high and the low bits.
+#[derive(Default)]
+struct MixHasher(u64);
+
+impl Hasher for MixHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b) ^ self.0.rotate_left(8));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        let full = u128::from(n ^ self.0) * 0x9E37_79B9_7F4A_7C15_u128;
+        self.0 = (full as u64) ^ ((full >> 64) as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type FastMap<V> = HashMap<u64, V, BuildHasherDefault<MixHasher>>;
+
+const NO_VALUE: u32 = u32::MAX;
+
+#[derive(Debug, Clone, Copy)]
+struct Member {
+    mask: u64,
+    /// First dimension value seen (interned), or `NO_VALUE`.
+    value: u32,
+}
+
+/// One side reduced to its entities: the populations each is in and, for a breakdown, its
+/// dimension values.
+#[derive(Debug, Default)]
+pub struct Membership {
+    members: FastMap<Member>,
+    /// Entities whose rows carry more than one dimension value: all of them.
+    more_values: FastMap<Vec<u32>>,
+    /// Interned dimension values.
+    values: Vec<String>,
+    index: HashMap<String, u32>,
+}
+
+impl Membership {
+    /// Entities in at least one population.
+    pub fn entities(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Memory held (estimate: table slots, value lists and interned values).
+    pub fn memory_bytes(&self) -> usize {
+        let slot = size_of::<(u64, Member)>() + 1;
+        let list = size_of::<(u64, Vec<u32>)>() + 1;
+        self.members.capacity() * slot
+            + self.more_values.capacity() * list
+            + self
+                .more_values
+                .values()
+                .map(|v| v.capacity() * 4)
+                .sum::<usize>()
+            + self.values.iter().map(|v| 2 * v.len() + 64).sum::<usize>()
+    }
+
+    fn intern(&mut self, v: &str) -> u32 {
+        if let Some(&i) = self.index.get(v) {
+            return i;
+        }
+        let i = self.values.len() as u32;
+        self.values.push(v.to_string());
+        self.index.insert(v.to_string(), i);
+        i
+    }
+
+    fn values_of(&self, id: u64, m: &Member) -> Vec<u32> {
+        match self.more_values.get(&id) {
+            Some(all) => all.clone(),
+            None if m.value != NO_VALUE => vec![m.value],
+            None => Vec::new(),
+        }
+    }
+}
+
+fn internal(m: impl Into<String>) -> QueryError {
+    QueryError::Internal(m.into())
+}
+
+/// Reduce one side's batches to its entities. Rows without an entity id (unmatched keys) and
+/// rows in no population count nowhere. Fails with [`QueryError::ResourcesExhausted`] when
+/// the reduced side outgrows `memory_limit` bytes.
+pub fn memberships(
+    side: &Side,
+    batches: impl Iterator<Item = Result<RecordBatch, String>>,
+    memory_limit: usize,
+) -> Result<Membership, QueryError> {
+    if side.populations.len() > MAX_POPULATIONS {
+        return Err(QueryError::refused(
+            "too_many_populations",
+            format!("a matrix takes at most {MAX_POPULATIONS} populations per dataset"),
+        ));
+    }
+    let mut out = Membership::default();
+    let mut masks = Vec::new();
+    for batch in batches {
+        let batch = batch.map_err(internal)?;
+        let rows = batch.num_rows();
+        let ids = batch
+            .column(side.key_index)
+            .as_primitive_opt::<UInt64Type>()
+            .ok_or_else(|| internal("overlap: the key column is not entity ids"))?;
+        masks.clear();
+        masks.resize(rows, 0u64);
+        for (bit, p) in side.populations.iter().enumerate() {
+            let result = p.evaluate(&batch)?.into_array(rows)?;
+            let inside: &BooleanArray = result
+                .as_boolean_opt()
+                .ok_or_else(|| internal("overlap: a population filter is not boolean"))?;
+            let inside = match inside.nulls() {
+                Some(_) => prep_null_mask_filter(inside),
+                None => inside.clone(),
+            };
+            for i in inside.values().set_indices() {
+                masks[i] |= 1 << bit;
+            }
+        }
+        let values: Option<StringArray> = match side.dimension {
+            Some(d) => Some(
+                cast(batch.column(d), &DataType::Utf8)?
+                    .as_string_opt::<i32>()
+                    .ok_or_else(|| internal("overlap: dimension cast"))?
+                    .clone(),
+            ),
+            None => None,
+        };
+        for (i, &mask) in masks.iter().enumerate() {
+            if mask == 0 || ids.is_null(i) {
+                continue;
+            }
+            let id = ids.value(i);
+            let value = match &values {
+                Some(v) if v.is_valid(i) => out.intern(v.value(i)),
+                _ => NO_VALUE,
+            };
+            let m = out.members.entry(id).or_insert(Member {
+                mask: 0,
+                value: NO_VALUE,
+            });
+            m.mask |= mask;
+            if value == NO_VALUE || m.value == value {
+                continue;
+            }
+            if m.value == NO_VALUE {
+                m.value = value;
+                continue;
+            }
+            let first = m.value;
+            let all = out.more_values.entry(id).or_insert_with(|| vec![first]);
+            if !all.contains(&value) {
+                all.push(value);
+            }
+        }
+        if out.memory_bytes() > memory_limit {
+            return Err(QueryError::ResourcesExhausted(format!(
+                "the overlap of a dataset needs more than the per-query limit of {} MiB",
+                memory_limit >> 20
+            )));
+        }
+    }
+    Ok(out)
+}
+
+/// The exact entity count of one cell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CellCount {
+    /// Population index on side a, on side b.
+    pub a: usize,
+    pub b: usize,
+    /// Dimension value of a breakdown (`None`: the sides agree on no value).
+    pub value: Option<String>,
+    pub entities: u64,
+}
+
+/// Count the entities common to both sides, per cell, each in at most `max_groups` cells.
+/// `a` and `b` must come in the service's canonical order (it decides which cells an entity
+/// keeps when it is bounded). Cells with no entity are not returned.
+pub fn count(a: &Membership, b: &Membership, max_groups: u32, by: bool) -> Vec<CellCount> {
+    let limit = max_groups.max(1) as usize;
+    // Dimension values: b's ids mapped to a's, and a's ids ranked by value.
+    let b_to_a: Vec<u32> = b
+        .values
+        .iter()
+        .map(|v| a.index.get(v).copied().unwrap_or(NO_VALUE))
+        .collect();
+    let mut order: Vec<u32> = (0..a.values.len() as u32).collect();
+    order.sort_by(|x, y| a.values[*x as usize].cmp(&a.values[*y as usize]));
+    let mut rank = vec![0u32; a.values.len()];
+    for (r, id) in order.iter().enumerate() {
+        rank[*id as usize] = r as u32;
+    }
+
+    let mut cells: FastMap<u64> = FastMap::default();
+    let (small, large, small_is_a) = if a.members.len() <= b.members.len() {
+        (a, b, true)
+    } else {
+        (b, a, false)
+    };
+    let mut common = Vec::new();
+    for (id, ms) in &small.members {
+        let Some(ml) = large.members.get(id) else {
+            continue;
+        };
+        let (ma, mb) = if small_is_a { (ms, ml) } else { (ml, ms) };
+        common.clear();
+        if by {
+            let in_b: Vec<u32> = b
+                .values_of(*id, mb)
+                .into_iter()
+                .map(|v| b_to_a[v as usize])
+                .collect();
+            common.extend(
+                a.values_of(*id, ma)
+                    .into_iter()
+                    .filter(|v| in_b.contains(v)),
+            );
+            common.sort_by_key(|v| rank[*v as usize]);
+        }
+        if common.is_empty() {
+            common.push(NO_VALUE);
+        }
+        let mut kept = 0;
+        'cells: for pa in bits(ma.mask) {
+            for pb in bits(mb.mask) {
+                for v in &common {
+                    let key = (pa as u64) << 40 | (pb as u64) << 32 | u64::from(*v);
+                    *cells.entry(key).or_insert(0) += 1;
+                    kept += 1;
+                    if kept == limit {
+                        break 'cells;
+                    }
+                }
+            }
+        }
+    }
+    let mut out: Vec<CellCount> = cells
+        .into_iter()
+        .map(|(key, n)| {
+            let v = key as u32;
+            CellCount {
+                a: (key >> 40) as usize,
+                b: ((key >> 32) & 0xff) as usize,
+                value: (v != NO_VALUE).then(|| a.values[v as usize].clone()),
+                entities: n,
+            }
+        })
+        .collect();
+    out.sort_by(|x, y| (x.a, x.b, &x.value).cmp(&(y.a, y.b, &y.value)));
+    out
+}
+
+fn bits(mask: u64) -> impl Iterator<Item = usize> {
+    (0..64).filter(move |i| mask & (1 << i) != 0)
+}
+
+/// How a matrix is protected (the strictest settings of both datasets).
+#[derive(Debug, Clone)]
+pub struct OverlapProtection {
+    pub min_entities: u64,
+    pub epsilon: f64,
+    pub max_groups_per_entity: u32,
+    pub delta: f64,
+    pub noise: Noise,
+}
+
+/// A cell as released: `count` is `None` when the cell is suppressed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleasedCell {
+    pub a: usize,
+    pub b: usize,
+    pub value: Option<String>,
+    pub count: Option<u64>,
+}
+
+/// Release the cells a caller may see (`shown(a, b)`). Without a breakdown every shown cell
+/// is listed (population names are known to the caller), suppressed when it fails the
+/// release rule; with one, cells whose value fails the rule are not listed at all (the value
+/// itself would tell that some company has it). `names_a` / `names_b` are the populations'
+/// names, part of each cell's noise key.
+pub fn release(
+    cells: &[CellCount],
+    names_a: &[String],
+    names_b: &[String],
+    shown: impl Fn(usize, usize) -> bool,
+    by: bool,
+    p: &OverlapProtection,
+) -> (Vec<ReleasedCell>, Applied) {
+    let threshold = release_threshold(p.min_entities, p.epsilon, p.max_groups_per_entity, p.delta);
+    let scale = f64::from(p.max_groups_per_entity.max(1)) / p.epsilon;
+    let noisy = |a: usize, b: usize, value: Option<&str>, n: u64| -> Option<u64> {
+        let mut group = Vec::new();
+        for part in [Some(names_a[a].as_str()), Some(names_b[b].as_str()), value] {
+            match part {
+                Some(s) => {
+                    group.extend_from_slice(&(s.len() as u64).to_be_bytes());
+                    group.extend_from_slice(s.as_bytes());
+                }
+                None => group.extend_from_slice(&u64::MAX.to_be_bytes()),
+            }
+        }
+        let noisy = n as i64 + p.noise.discrete_laplace(&group, 0, scale);
+        (n >= p.min_entities && noisy as f64 >= threshold).then_some(noisy as u64)
+    };
+    let mut out = Vec::new();
+    if by {
+        for c in cells.iter().filter(|c| shown(c.a, c.b)) {
+            if let Some(count) = noisy(c.a, c.b, c.value.as_deref(), c.entities) {
+                out.push(ReleasedCell {
+                    a: c.a,
+                    b: c.b,
+                    value: c.value.clone(),
+                    count: Some(count),
+                });
+            }
+        }
+    } else {
+        let exact: HashMap<(usize, usize), u64> =
+            cells.iter().map(|c| ((c.a, c.b), c.entities)).collect();
+        for a in 0..names_a.len() {
+            for b in (0..names_b.len()).filter(|b| shown(a, *b)) {
+                let n = exact.get(&(a, b)).copied().unwrap_or(0);
+                out.push(ReleasedCell {
+                    a,
+                    b,
+                    value: None,
+                    count: noisy(a, b, None, n),
+                });
+            }
+        }
+    }
+    let applied = Applied {
+        min_entities: p.min_entities,
+        threshold,
+        epsilon: p.epsilon,
+        max_groups_per_entity: p.max_groups_per_entity,
+    };
+    (out, applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::noise::NoiseKey;
+    use datafusion::arrow::array::{ArrayRef, UInt64Array};
+    use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("id", DataType::UInt64, true),
+            Field::new("status", DataType::Utf8, true),
+            Field::new("industry", DataType::Utf8, true),
+        ]))
+    }
+
+    fn declared() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Utf8, true),
+            Field::new("status", DataType::Utf8, true),
+            Field::new("industry", DataType::Utf8, true),
+        ]))
+    }
+
+    fn side(filters: &[&str], by: bool) -> Side {
+        Side {
+            populations: filters
+                .iter()
+                .map(|f| {
+                    crate::population::compile(f, &declared(), &schema(), Some("id"))
+                        .expect("filter")
+                })
+                .collect(),
+            key_index: 0,
+            dimension: by.then_some(2),
+        }
+    }
+
+    fn batch(rows: &[(Option<u64>, &str, Option<&str>)]) -> RecordBatch {
+        let ids: ArrayRef = Arc::new(UInt64Array::from(
+            rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+        ));
+        let status: ArrayRef = Arc::new(StringArray::from(
+            rows.iter().map(|r| Some(r.1)).collect::<Vec<_>>(),
+        ));
+        let industry: ArrayRef = Arc::new(StringArray::from(
+            rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+        ));
+        RecordBatch::try_new(schema(), vec![ids, status, industry]).expect("batch")
+    }
+
+    const POPS: [&str; 3] = [
+        "status = 'customer'",
+        "status = 'opportunity'",
+        "status = 'prospect'",
+    ];
+
+    #[test]
+    fn duplicates_are_one_entity_in_their_first_population() {
+        let a = batch(&[
+            (Some(1), "prospect", Some("retail")),
+            (Some(1), "customer", Some("retail")), // duplicate: best status first
+            (Some(2), "opportunity", Some("energy")),
+            (Some(3), "customer", None),
+            (None, "customer", Some("retail")), // unmatched: counts nowhere
+            (Some(9), "churned", Some("retail")), // in no population
+        ]);
+        let b = batch(&[
+            (Some(1), "prospect", Some("retail")),
+            (Some(2), "customer", Some("media")), // the sides disagree on the industry
+            (Some(3), "prospect", Some("energy")),
+            (Some(9), "customer", Some("retail")),
+            (Some(4), "customer", Some("retail")),
+        ]);
+        let ma =
+            memberships(&side(&POPS, false), std::iter::once(Ok(a.clone())), 1 << 30).expect("a");
+        let mb =
+            memberships(&side(&POPS, false), std::iter::once(Ok(b.clone())), 1 << 30).expect("b");
+        assert_eq!((ma.entities(), mb.entities()), (3, 5));
+        let cells = count(&ma, &mb, 1, false);
+        let pairs: Vec<(usize, usize, u64)> =
+            cells.iter().map(|c| (c.a, c.b, c.entities)).collect();
+        assert_eq!(pairs, vec![(0, 2, 2), (1, 0, 1)]);
+        // L = 3 lets entity 1 count as customer and as prospect on side a.
+        let wide = count(&ma, &mb, 3, false);
+        assert_eq!(
+            wide.iter()
+                .map(|c| (c.a, c.b, c.entities))
+                .collect::<Vec<_>>(),
+            vec![(0, 2, 2), (1, 0, 1), (2, 2, 1)]
+        );
+        // Breakdown: a value both sides agree on, else null.
+        let ma = memberships(&side(&POPS, true), std::iter::once(Ok(a)), 1 << 30).expect("a");
+        let mb = memberships(&side(&POPS, true), std::iter::once(Ok(b)), 1 << 30).expect("b");
+        let by = count(&ma, &mb, 1, true);
+        let got: Vec<(usize, usize, Option<&str>, u64)> = by
+            .iter()
+            .map(|c| (c.a, c.b, c.value.as_deref(), c.entities))
+            .collect();
+        assert_eq!(
+            got,
+            vec![(0, 2, None, 1), (0, 2, Some("retail"), 1), (1, 0, None, 1)]
+        );
+    }
+
+    #[test]
+    fn sides_count_the_same_cells_whichever_is_smaller() {
+        let rows: Vec<(Option<u64>, &str, Option<&str>)> = (0..500u64)
+            .map(|i| (Some(i * 7 % 311), POPS_STATUS[(i % 3) as usize], None))
+            .collect();
+        let other: Vec<(Option<u64>, &str, Option<&str>)> = (0..200u64)
+            .map(|i| (Some(i), POPS_STATUS[(i % 2) as usize], None))
+            .collect();
+        let ma = memberships(
+            &side(&POPS, false),
+            std::iter::once(Ok(batch(&rows))),
+            1 << 30,
+        )
+        .expect("a");
+        let mb = memberships(
+            &side(&POPS, false),
+            std::iter::once(Ok(batch(&other))),
+            1 << 30,
+        )
+        .expect("b");
+        // Swapping which side is probed changes nothing; transposing the sides transposes.
+        let ab = count(&ma, &mb, 1, false);
+        let ba = count(&mb, &ma, 1, false);
+        let mut transposed: Vec<(usize, usize, u64)> =
+            ba.iter().map(|c| (c.b, c.a, c.entities)).collect();
+        transposed.sort();
+        assert_eq!(
+            ab.iter()
+                .map(|c| (c.a, c.b, c.entities))
+                .collect::<Vec<_>>(),
+            transposed
+        );
+        let total: u64 = ab.iter().map(|c| c.entities).sum();
+        assert_eq!(total, 200, "every common entity once with L = 1");
+    }
+
+    const POPS_STATUS: [&str; 3] = ["customer", "opportunity", "prospect"];
+
+    #[test]
+    fn memory_limit_is_a_clean_refusal() {
+        let rows: Vec<(Option<u64>, &str, Option<&str>)> = (0..10_000u64)
+            .map(|i| (Some(i), "customer", None))
+            .collect();
+        let e = memberships(&side(&POPS, false), std::iter::once(Ok(batch(&rows))), 4096)
+            .expect_err("over the limit");
+        assert!(matches!(e, QueryError::ResourcesExhausted(_)), "{e:?}");
+    }
+
+    #[test]
+    fn release_lists_every_shown_cell_and_suppresses_small_ones() {
+        let names: Vec<String> = POPS_STATUS.iter().map(|s| s.to_string()).collect();
+        let cells = vec![
+            CellCount {
+                a: 0,
+                b: 0,
+                value: None,
+                entities: 10_000,
+            },
+            CellCount {
+                a: 0,
+                b: 1,
+                value: None,
+                entities: 3,
+            },
+        ];
+        let p = OverlapProtection {
+            min_entities: 5,
+            epsilon: 1.0,
+            max_groups_per_entity: 1,
+            delta: 1e-6,
+            noise: Noise::new(NoiseKey::new([1; 32]), [2; 32]),
+        };
+        let (out, applied) = release(&cells, &names, &names, |_, b| b < 2, false, &p);
+        assert_eq!(out.len(), 6, "3 x 2 shown cells, all listed");
+        let big = out[0].count.expect("released");
+        assert!(big.abs_diff(10_000) < 40, "{big}");
+        assert!(out[1..].iter().all(|c| c.count.is_none()));
+        assert!(applied.threshold > 5.0);
+        // The same question gives the same numbers; the transposed question too.
+        let (again, _) = release(&cells, &names, &names, |_, b| b < 2, false, &p);
+        assert_eq!(again, out);
+        // Breakdowns list released cells only.
+        let (by, _) = release(&cells, &names, &names, |_, _| true, true, &p);
+        assert_eq!(by.len(), 1);
+    }
+}
