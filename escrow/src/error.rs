@@ -55,6 +55,14 @@ impl Error {
         }
     }
 
+    /// A query or overlap refused by rule `rule` (stable, see docs/API.md).
+    pub fn refused(rule: &'static str, message: impl fmt::Display) -> Self {
+        Error::Refused {
+            rule,
+            message: message.to_string(),
+        }
+    }
+
     /// A server fault; `context` says what was being done.
     pub fn internal(context: impl fmt::Display) -> Self {
         Error::Internal(context.to_string())

@@ -173,22 +173,11 @@ struct SideData {
     populations: Vec<Population>,
 }
 
-fn bad(code: &'static str, message: impl std::fmt::Display) -> Error {
-    Error::bad(code, message)
-}
-
-fn refused(rule: &'static str, message: impl Into<String>) -> Error {
-    Error::Refused {
-        rule,
-        message: message.into(),
-    }
-}
-
 fn check_name(kind: &str, name: &str) -> Result<()> {
     if is_valid_name(name) {
         Ok(())
     } else {
-        Err(bad(
+        Err(Error::bad(
             "invalid_request",
             format!("{kind} {name:?} is not a valid name"),
         ))
@@ -288,7 +277,7 @@ impl QueryService {
             }
         }
         if req.with == caller {
-            return Err(bad(
+            return Err(Error::bad(
                 "invalid_request",
                 "an overlap is between you and another partner",
             ));
@@ -322,7 +311,7 @@ impl QueryService {
                 .decide(caller, &u)
                 .map_err(|e| Error::internal(format!("policy decision: {e}")))?;
             if !d.allowed() {
-                return Err(refused(
+                return Err(Error::refused(
                     "usage_not_granted",
                     format!(
                         "not granted to {caller}: {u} (the owner can grant it with `escrow policy grant {} --to {caller} --usage dimension --column {by}`)",
@@ -400,7 +389,7 @@ impl QueryService {
         let cells: Vec<CellCount> = match tokio::time::timeout(self.config.timeout, run).await {
             Ok(cells) => cells?,
             Err(_) => {
-                return Err(bad(
+                return Err(Error::bad(
                     "query_timeout",
                     format!(
                         "the overlap ran longer than the limit of {} s",
@@ -519,7 +508,7 @@ fn compile(
     name: &str,
 ) -> Result<Arc<dyn overlap::PhysicalExpr>> {
     escrow_query::population::compile(filter, declared, executes, Some(key)).map_err(|e| match e {
-        QueryError::Refused { message, .. } => bad(
+        QueryError::Refused { message, .. } => Error::bad(
             "population_invalid",
             format!(
                 "population {name} of {owner}.{dataset} no longer fits the dataset's live version ({message}); its owner must define it again"
@@ -556,13 +545,13 @@ fn resolve(
         None => match my_pops.keys().collect::<Vec<_>>().as_slice() {
             [one] => (*one).clone(),
             [] => {
-                return Err(bad(
+                return Err(Error::bad(
                     "no_populations",
                     "you have no populations: define them with `escrow population add DATASET NAME --filter P`",
                 ));
             }
             many => {
-                return Err(bad(
+                return Err(Error::bad(
                     "ambiguous_dataset",
                     format!(
                         "you have populations on several datasets ({}): choose one with --mine",
@@ -576,7 +565,7 @@ fn resolve(
         },
     };
     let my_populations = my_pops.remove(&mine).ok_or_else(|| {
-        bad(
+        Error::bad(
             "no_populations",
             format!("{mine} has no populations: define them with `escrow population add {mine} NAME --filter P`"),
         )
@@ -602,7 +591,7 @@ fn resolve(
                 .as_deref()
                 .map(|t| format!("population of {}.{t}", req.with))
                 .unwrap_or_else(|| format!("population of {}", req.with));
-            return Err(refused(
+            return Err(Error::refused(
                 "usage_not_granted",
                 format!(
                     "not granted to {caller}: overlap counts of any {on} (its owner can grant them with `escrow policy grant DATASET --to {caller} --usage overlap`)"
@@ -610,7 +599,7 @@ fn resolve(
             ));
         }
         many => {
-            return Err(bad(
+            return Err(Error::bad(
                 "ambiguous_dataset",
                 format!(
                     "{} lets you see populations of several datasets ({}): choose one with --theirs",
@@ -628,14 +617,14 @@ fn resolve(
     let side = |owner: &str, dataset: &str, populations: Vec<Population>| -> Result<SideData> {
         let info = store.live_dataset(owner, dataset)?;
         let key_column = info.key_column.ok_or_else(|| {
-            refused(
+            Error::refused(
                 "no_privacy_unit",
                 format!("{owner}.{dataset} has no key column, so its companies cannot be matched"),
             )
         })?;
         if let Some(by) = &req.by {
             if !info.columns.iter().any(|c| &c.name == by) {
-                return Err(bad(
+                return Err(Error::bad(
                     "unknown_column",
                     format!(
                         "{owner}.{dataset} has no column {by:?}: a breakdown needs a column of both datasets"
@@ -643,7 +632,7 @@ fn resolve(
                 ));
             }
             if by == &key_column {
-                return Err(refused(
+                return Err(Error::refused(
                     "group_by_key",
                     format!("{by} identifies companies: cells cannot be broken down by it"),
                 ));

@@ -1,8 +1,8 @@
 //! Populations: a data owner's named subsets of its datasets ("customers", "open
 //! opportunities"), defined by a SQL predicate over the dataset's own columns. Validated at
 //! definition (`escrow_query::population::check_filter`: one boolean expression, no key
-//! column, no subqueries); sharing them is a grant (later: usage `overlap`). Engine code: no
-//! HTTP.
+//! column, no subqueries); sharing them is a grant of usage `overlap` (see overlaps.rs). At
+//! most 64 per dataset (one bit each in the overlap engine). Engine code: no HTTP.
 
 use escrow_query::QueryError;
 use serde::Deserialize;
@@ -46,6 +46,24 @@ pub fn add(
             QueryError::Refused { rule, message } => Error::bad(rule, message),
             other => Error::internal(format!("population filter: {other}")),
         })?;
+    let defined = store
+        .catalog()
+        .populations_of(owner)?
+        .into_iter()
+        .filter(|p| p.dataset == req.dataset)
+        .collect::<Vec<_>>();
+    if defined.len() >= escrow_query::overlap::MAX_POPULATIONS
+        && !defined.iter().any(|p| p.name == req.name)
+    {
+        return Err(Error::bad(
+            "too_many_populations",
+            format!(
+                "{} has {} populations, the most one dataset can have",
+                req.dataset,
+                defined.len()
+            ),
+        ));
+    }
     let mut p = Population {
         owner: owner.to_string(),
         dataset: req.dataset.clone(),

@@ -97,13 +97,6 @@ pub(crate) async fn blocking<T: Send + 'static>(
         .map_err(|e| Error::internal(format!("blocking task failed: {e}")))?
 }
 
-fn refused(rule: &'static str, message: impl Into<String>) -> Error {
-    Error::Refused {
-        rule,
-        message: message.into(),
-    }
-}
-
 impl From<QueryError> for Error {
     fn from(e: QueryError) -> Self {
         match e {
@@ -232,7 +225,7 @@ impl QueryService {
                     })
                     .collect(),
             }),
-            Spend::Exhausted { charge: c, spent } => Err(refused(
+            Spend::Exhausted { charge: c, spent } => Err(Error::refused(
                 "budget_exhausted",
                 format!(
                     "the privacy budget of {}.{} for you is spent ({spent:.3} of {:.3}; this question needs {epsilon:.3}); its owner can raise it",
@@ -302,7 +295,7 @@ impl QueryService {
         if missing.is_empty() {
             Ok(())
         } else {
-            Err(refused(
+            Err(Error::refused(
                 "usage_not_granted",
                 format!(
                     "not granted to {caller}: {} (the owner can grant it with `escrow policy grant`)",
@@ -329,7 +322,7 @@ impl QueryService {
             .iter()
             .find(|t| t.owner != caller && t.key_column.is_none())
         {
-            return Err(refused(
+            return Err(Error::refused(
                 "no_privacy_unit",
                 format!(
                     "{}.{} has no key column, so its entities cannot be counted or protected; only its owner can query it",
@@ -366,7 +359,7 @@ impl QueryService {
                     let t = &report.tables[*table];
                     let s = &settings[&(t.owner.clone(), t.dataset.clone())];
                     let [lo, hi] = *s.bounds.get(column).ok_or_else(|| {
-                        refused(
+                        Error::refused(
                             "metric_bounds_missing",
                             format!(
                                 "{}.{}.{column} has no clamping bounds; its owner sets them with `escrow policy set {} --bounds {column}=LOW:HIGH`",
