@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::harness::{Env, Server, shared_dir};
+use crate::harness::{Env, Run, Server, shared_dir};
 
 const STATUSES: [&str; 3] = ["customer", "opportunity", "prospect"];
 
@@ -56,10 +56,11 @@ fn setup(env: &Env, server: &Server, dir: &Path) {
     }
 }
 
-fn grant(env: &Env, server: &Server, owner: &str, to: &str, extra: &[&str]) {
+/// `escrow policy grant accounts --to TO --usage EXTRA...` as `owner`.
+fn grant(env: &Env, server: &Server, owner: &str, to: &str, extra: &[&str]) -> Run {
     let mut args = vec!["policy", "grant", "accounts", "--to", to, "--usage"];
     args.extend_from_slice(extra);
-    env.cli(server, owner, &args).ok();
+    env.cli(server, owner, &args)
 }
 
 fn overlap(env: &Env, server: &Server, who: &str, with: &str, extra: &[&str]) -> Value {
@@ -99,8 +100,8 @@ fn overlap_matrix_matches_the_truth_and_both_partners_see_the_same_counts() {
     // Without an overlap grant: a refusal naming the rule, never a matrix of zeros.
     env.cli(&server, "globex", &["overlap", "--with", "acme"])
         .fails_with("usage_not_granted");
-    grant(&env, &server, "acme", "globex", &["overlap"]);
-    grant(&env, &server, "globex", "acme", &["overlap"]);
+    grant(&env, &server, "acme", "globex", &["overlap"]).ok();
+    grant(&env, &server, "globex", "acme", &["overlap"]).ok();
 
     let a = overlap(&env, &server, "acme", "globex", &[]);
     let mine = cells(&a);
@@ -165,7 +166,8 @@ fn overlap_matrix_matches_the_truth_and_both_partners_see_the_same_counts() {
         "acme",
         "globex",
         &["overlap", "--population", "customer"],
-    );
+    )
+    .ok();
     let only = overlap(&env, &server, "globex", "acme", &[]);
     assert_eq!(
         only["populations"]["theirs"],
@@ -204,8 +206,8 @@ fn breakdowns_need_a_dimension_grant_and_feed_the_co_selling_report() {
     let truth = generate(&dir, 6_000);
     let server = env.serve(&[]);
     setup(&env, &server, &dir);
-    grant(&env, &server, "acme", "globex", &["overlap"]);
-    grant(&env, &server, "globex", "acme", &["overlap"]);
+    grant(&env, &server, "acme", "globex", &["overlap"]).ok();
+    grant(&env, &server, "globex", "acme", &["overlap"]).ok();
 
     // Breaking down by their column needs their dimension grant; never by the key.
     env.cli(
@@ -226,7 +228,8 @@ fn breakdowns_need_a_dimension_grant_and_feed_the_co_selling_report() {
         "globex",
         "acme",
         &["dimension", "--column", "website"],
-    );
+    )
+    .ok();
     env.cli(
         &server,
         "acme",
@@ -239,7 +242,8 @@ fn breakdowns_need_a_dimension_grant_and_feed_the_co_selling_report() {
         "globex",
         "acme",
         &["dimension", "--column", "industry"],
-    );
+    )
+    .ok();
     let by = overlap(&env, &server, "acme", "globex", &["--by", "industry"]);
     let rows = by["rows"].as_array().expect("rows");
     assert!(!rows.is_empty());
@@ -344,7 +348,8 @@ fn breakdowns_need_a_dimension_grant_and_feed_the_co_selling_report() {
         "globex",
         "acme",
         &["overlap", "--population", "customer"],
-    );
+    )
+    .ok();
     env.cli(
         &server,
         "globex",
@@ -396,45 +401,8 @@ fn overlap_requests_are_checked() {
     env.cli(&server, "acme", &["overlap", "--with", "globex"])
         .fails_with("usage_not_granted");
     // Overlap grants name populations, not columns; the population must exist.
-    env.cli(
-        &server,
-        "acme",
-        &[
-            "policy",
-            "grant",
-            "accounts",
-            "--to",
-            "globex",
-            "--usage",
-            "overlap",
-            "--population",
-            "vips",
-        ],
-    )
-    .fails_with("unknown_population");
-    env.cli(
-        &server,
-        "acme",
-        &[
-            "policy", "grant", "accounts", "--to", "globex", "--usage", "overlap", "--column",
-            "status",
-        ],
-    )
-    .fails_with("invalid_rule");
-    env.cli(
-        &server,
-        "acme",
-        &[
-            "policy",
-            "grant",
-            "accounts",
-            "--to",
-            "globex",
-            "--usage",
-            "join",
-            "--population",
-            "customers",
-        ],
-    )
-    .fails_with("invalid_rule");
+    let grant = |extra: &[&str]| grant(&env, &server, "acme", "globex", extra);
+    grant(&["overlap", "--population", "vips"]).fails_with("unknown_population");
+    grant(&["overlap", "--column", "status"]).fails_with("invalid_rule");
+    grant(&["join", "--population", "customers"]).fails_with("invalid_rule");
 }

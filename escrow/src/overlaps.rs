@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::catalog::{BudgetCharge, Population, VersionKey};
-use crate::queries::{Cost, DELTA, QueryService, query_form, strictest};
+use crate::queries::{Cost, DELTA, QueryService, check_grants, decide, query_form, strictest};
 use crate::settings;
 use crate::{Error, Result};
 
@@ -164,6 +164,24 @@ struct Matrix {
     visible: Vec<usize>,
 }
 
+impl Matrix {
+    /// The matrix's axes: my populations, and the ones of theirs I may see.
+    fn axes(&self) -> (Vec<String>, Vec<String>) {
+        let mine = self
+            .mine
+            .populations
+            .iter()
+            .map(|p| p.name.clone())
+            .collect();
+        let theirs = self
+            .visible
+            .iter()
+            .map(|i| self.theirs.populations[*i].name.clone())
+            .collect();
+        (mine, theirs)
+    }
+}
+
 /// One side of the matrix: a dataset version and all its populations.
 struct SideData {
     owner: String,
@@ -213,12 +231,7 @@ impl QueryService {
             by: req.by.clone(),
         };
         let m = self.matrix(caller, &question).await?;
-        let mine: Vec<String> = m.mine.populations.iter().map(|p| p.name.clone()).collect();
-        let theirs: Vec<String> = m
-            .visible
-            .iter()
-            .map(|i| m.theirs.populations[*i].name.clone())
-            .collect();
+        let (mine, theirs) = m.axes();
         let pairs = [
             (
                 role(&req.my_customers, &mine, &CUSTOMERS, "my-customers", "you")?,
@@ -283,48 +296,22 @@ impl QueryService {
             ));
         }
         let set = self.policy_set().await?;
-        let (mine, theirs) = {
-            let store = self.store.clone();
-            let (caller, req) = (caller.to_string(), req.clone());
-            let set = set.clone();
-            crate::queries::blocking(move || resolve(&store, &set, &caller, &req)).await?
-        };
-        // Their populations the caller may see (all of them take part in the counting).
-        let mut visible = Vec::new();
-        for (i, p) in theirs.populations.iter().enumerate() {
-            let u = ColumnUse::overlap(&theirs.owner, &theirs.dataset, &p.name);
-            let d = set
-                .decide(caller, &u)
-                .map_err(|e| Error::internal(format!("policy decision: {e}")))?;
-            if d.allowed() {
-                visible.push(i);
-            }
-        }
+        let (caller_owned, req_owned, set_owned) = (caller.to_string(), req.clone(), set.clone());
+        let store = self.store.clone();
+        let m = crate::queries::blocking(move || {
+            resolve(&store, &set_owned, &caller_owned, &req_owned)
+        })
+        .await?;
         if let Some(by) = &req.by {
             let u = ColumnUse {
-                owner: theirs.owner.clone(),
-                dataset: theirs.dataset.clone(),
+                owner: m.theirs.owner.clone(),
+                dataset: m.theirs.dataset.clone(),
                 column: by.clone(),
                 usage: Usage::Dimension,
             };
-            let d = set
-                .decide(caller, &u)
-                .map_err(|e| Error::internal(format!("policy decision: {e}")))?;
-            if !d.allowed() {
-                return Err(Error::refused(
-                    "usage_not_granted",
-                    format!(
-                        "not granted to {caller}: {u} (the owner can grant it with `escrow policy grant {} --to {caller} --usage dimension --column {by}`)",
-                        theirs.dataset
-                    ),
-                ));
-            }
+            check_grants(&set, caller, [&u])?;
         }
-        Ok(Matrix {
-            mine,
-            theirs,
-            visible,
-        })
+        Ok(m)
     }
 
     /// Count, protect and release a checked matrix; ε is charged here.
@@ -334,6 +321,7 @@ impl QueryService {
         req: &OverlapRequest,
         m: Matrix,
     ) -> Result<OverlapOutcome> {
+        let (mine_populations, their_populations) = m.axes();
         let Matrix {
             mine,
             theirs,
@@ -441,11 +429,8 @@ impl QueryService {
             .collect();
         rows.sort_by(|x, y| (x.0, x.1, &x.2.value).cmp(&(y.0, y.1, &y.2.value)));
         Ok(OverlapOutcome {
-            mine_populations: names(&mine),
-            their_populations: visible
-                .iter()
-                .map(|i| theirs.populations[*i].name.clone())
-                .collect(),
+            mine_populations,
+            their_populations,
             mine: mine.dataset.clone(),
             theirs: format!("{}.{}", theirs.owner, theirs.dataset),
             by: req.by.clone(),
@@ -519,13 +504,13 @@ fn compile(
 }
 
 /// Which datasets take part: mine (with its populations) and theirs (with all its
-/// populations; which of them the caller sees is decided by the grants).
+/// populations, and the ones the caller's grants let it see).
 fn resolve(
     store: &crate::store::Store,
     set: &PolicySet,
     caller: &str,
     req: &OverlapRequest,
-) -> Result<(SideData, SideData)> {
+) -> Result<Matrix> {
     let partner_known = store
         .catalog()
         .partners()?
@@ -571,20 +556,25 @@ fn resolve(
         )
     })?;
 
-    // Theirs: datasets with at least one population the caller may see.
-    let their_pops = group(store.catalog().populations_of(&req.with)?);
-    let sees = |d: &str, pops: &[Population]| {
-        pops.iter().any(|p| {
-            matches!(set.decide(caller, &ColumnUse::overlap(&req.with, d, &p.name)), Ok(d) if d.allowed())
-        })
-    };
-    let candidates: Vec<&String> = their_pops
-        .iter()
-        .filter(|(d, pops)| req.theirs.as_ref().is_none_or(|t| t == *d) && sees(d, pops))
-        .map(|(d, _)| d)
-        .collect();
-    let theirs = match candidates.as_slice() {
-        [one] => (*one).clone(),
+    // Theirs: datasets with at least one population the caller may see (each decided once).
+    let mut candidates: Vec<(String, Vec<usize>)> = Vec::new();
+    let mut their_pops = group(store.catalog().populations_of(&req.with)?);
+    for (d, pops) in &their_pops {
+        if req.theirs.as_ref().is_some_and(|t| t != d) {
+            continue;
+        }
+        let mut visible = Vec::new();
+        for (i, p) in pops.iter().enumerate() {
+            if decide(set, caller, &ColumnUse::overlap(&req.with, d, &p.name))?.allowed() {
+                visible.push(i);
+            }
+        }
+        if !visible.is_empty() {
+            candidates.push((d.clone(), visible));
+        }
+    }
+    let (theirs, visible) = match candidates.as_slice() {
+        [one] => one.clone(),
         [] => {
             let on = req
                 .theirs
@@ -605,14 +595,14 @@ fn resolve(
                     "{} lets you see populations of several datasets ({}): choose one with --theirs",
                     req.with,
                     many.iter()
-                        .map(|s| s.as_str())
+                        .map(|(d, _)| d.as_str())
                         .collect::<Vec<_>>()
                         .join(", ")
                 ),
             ));
         }
     };
-    let their_populations = their_pops.get(&theirs).cloned().unwrap_or_default();
+    let their_populations = their_pops.remove(&theirs).unwrap_or_default();
 
     let side = |owner: &str, dataset: &str, populations: Vec<Population>| -> Result<SideData> {
         let info = store.live_dataset(owner, dataset)?;
@@ -646,10 +636,11 @@ fn resolve(
             populations,
         })
     };
-    Ok((
-        side(caller, &mine, my_populations)?,
-        side(&req.with, &theirs, their_populations)?,
-    ))
+    Ok(Matrix {
+        mine: side(caller, &mine, my_populations)?,
+        theirs: side(&req.with, &theirs, their_populations)?,
+        visible,
+    })
 }
 
 /// The question, independent of who asks: both sides in canonical order (dataset, data

@@ -164,7 +164,7 @@ impl QueryService {
             matches!(set.decide(caller, &u), Ok(d) if d.allowed())
         };
         gate::check_foreign_joined(&report, caller, &standalone)?;
-        Self::check_grants(&set, caller, &report)?;
+        check_grants(&set, caller, &report.uses)?;
 
         let protection = self.protection(caller, &report).await?;
         let mut cost = Cost::default();
@@ -277,34 +277,6 @@ impl QueryService {
         .await
     }
 
-    /// Every use of another partner's column must be granted to the caller.
-    fn check_grants(
-        set: &PolicySet,
-        caller: &str,
-        report: &escrow_query::GateReport,
-    ) -> Result<()> {
-        let mut missing = Vec::new();
-        for u in &report.uses {
-            let d = set
-                .decide(caller, u)
-                .map_err(|e| Error::internal(format!("policy decision: {e}")))?;
-            if d == Decision::Missing {
-                missing.push(u.to_string());
-            }
-        }
-        if missing.is_empty() {
-            Ok(())
-        } else {
-            Err(Error::refused(
-                "usage_not_granted",
-                format!(
-                    "not granted to {caller}: {} (the owner can grant it with `escrow policy grant`)",
-                    missing.join(", ")
-                ),
-            ))
-        }
-    }
-
     /// Protection for a query that reads other partners' datasets (`None` if it reads only
     /// the caller's own): the strictest settings of every dataset read, the budget charges.
     async fn protection(
@@ -390,6 +362,37 @@ impl QueryService {
             noise: Noise::new(self.noise_key.clone(), [0; 32]),
         };
         Ok(Some((p, charges)))
+    }
+}
+
+/// casbin's decision on one use (an engine failure is an internal error, never a refusal).
+pub(crate) fn decide(set: &PolicySet, caller: &str, u: &ColumnUse) -> Result<Decision> {
+    set.decide(caller, u)
+        .map_err(|e| Error::internal(format!("policy decision: {e}")))
+}
+
+/// Every use of another partner's column must be granted to the caller.
+pub(crate) fn check_grants<'a>(
+    set: &PolicySet,
+    caller: &str,
+    uses: impl IntoIterator<Item = &'a ColumnUse>,
+) -> Result<()> {
+    let mut missing = Vec::new();
+    for u in uses {
+        if !decide(set, caller, u)?.allowed() {
+            missing.push(u.to_string());
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::refused(
+            "usage_not_granted",
+            format!(
+                "not granted to {caller}: {} (the owner can grant it with `escrow policy grant`)",
+                missing.join(", ")
+            ),
+        ))
     }
 }
 
