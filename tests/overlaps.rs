@@ -30,19 +30,14 @@ fn generate(dir: &Path, rows: usize) -> Value {
     truth["pairs"]["acme|globex"].clone()
 }
 
-/// Upload both generated lists with company matching and define populations by status.
-fn setup(env: &Env, server: &Server, dir: &Path) {
+/// Upload both generated lists with company matching (`extra` matching flags) and define
+/// populations by status.
+fn setup(env: &Env, server: &Server, dir: &Path, extra: &[&str]) {
     for p in ["acme", "globex"] {
         let file: PathBuf = dir.join(format!("{p}.arrow"));
-        let out = env
-            .upload(
-                server,
-                p,
-                &file,
-                "accounts",
-                &["--key-column", "website", "--name-column", "company_name"],
-            )
-            .ok();
+        let mut flags = vec!["--key-column", "website", "--name-column", "company_name"];
+        flags.extend_from_slice(extra);
+        let out = env.upload(server, p, &file, "accounts", &flags).ok();
         assert!(out.stdout.contains("matched_by_domain="), "{}", out.stdout);
         for s in STATUSES {
             let filter = format!("status = '{s}'");
@@ -95,7 +90,7 @@ fn overlap_matrix_matches_the_truth_and_both_partners_see_the_same_counts() {
     let dir = env.tmp.path().join("gen");
     let truth = generate(&dir, 10_000);
     let server = env.serve(&[]);
-    setup(&env, &server, &dir);
+    setup(&env, &server, &dir, &[]);
 
     // Without an overlap grant: a refusal naming the rule, never a matrix of zeros.
     env.cli(&server, "globex", &["overlap", "--with", "acme"])
@@ -111,23 +106,28 @@ fn overlap_matrix_matches_the_truth_and_both_partners_see_the_same_counts() {
         let want = truth["by_status"][format!("{m}|{t}")].as_u64().unwrap_or(0);
         let got = count.expect("every cell of a 10k x 10k overlap is large enough");
         assert!(!suppressed);
-        // Within the noise (discrete Laplace, scale 1) plus what matching cannot recover
-        // (companies without a website in one list: ~2%).
-        let tolerance = 12 + want * 4 / 100;
+        // Within the noise (discrete Laplace, scale 1) plus what matching gets wrong: names
+        // link most companies without a website in one list (~2% of the overlap), not all.
+        let tolerance = 12 + want * 15 / 1000;
         assert!(
             got.abs_diff(want) <= tolerance,
             "{m} x {t}: {got} vs truth {want}"
         );
         total += got;
     }
-    // Each common company counts once (L = 1): the matrix adds up to the matched overlap.
+    // Each common company counts once (L = 1): the matrix adds up to the matched overlap,
+    // the name-only remainder (companies without a website in one list) included.
     let matchable = truth["overlap_matchable_by_website"].as_u64().expect("n");
     let overall = truth["overlap_companies"].as_u64().expect("n");
     assert!(
-        total >= matchable * 99 / 100 - 40,
-        "recall: {total} of {matchable}"
+        overall - matchable >= 30,
+        "the pair has a name-only remainder"
     );
-    assert!(total <= overall + 40, "precision: {total} > {overall}");
+    assert!(
+        total + 20 >= overall * 995 / 1000,
+        "recall: {total} of {overall} ({matchable} by website)"
+    );
+    assert!(total <= overall + 20, "precision: {total} > {overall}");
 
     // Symmetry: globex's matrix is acme's transposed, cell for cell.
     let g = overlap(&env, &server, "globex", "acme", &[]);
@@ -205,7 +205,7 @@ fn breakdowns_need_a_dimension_grant_and_feed_the_co_selling_report() {
     let dir = env.tmp.path().join("gen");
     let truth = generate(&dir, 6_000);
     let server = env.serve(&[]);
-    setup(&env, &server, &dir);
+    setup(&env, &server, &dir, &["--name-context", "region"]);
     grant(&env, &server, "acme", "globex", &["overlap"]).ok();
     grant(&env, &server, "globex", "acme", &["overlap"]).ok();
 

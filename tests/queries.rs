@@ -640,6 +640,33 @@ fn messy_spellings_match_as_companies() {
         &["--key-column", "duns", "--name-column", "company_name"],
     )
     .fails_with("invalid_name_column");
+    // Name-context columns qualify a name column, and must be other columns of the upload.
+    let f = env.file(
+        "ctx.csv",
+        b"website,company_name,region\nacme.com,Acme,EMEA\n",
+    );
+    for flags in [
+        &["--key-column", "website", "--name-context", "region"][..],
+        &[
+            "--key-column",
+            "website",
+            "--name-column",
+            "company_name",
+            "--name-context",
+            "country",
+        ],
+        &[
+            "--key-column",
+            "website",
+            "--name-column",
+            "company_name",
+            "--name-context",
+            "company_name",
+        ],
+    ] {
+        env.upload(&server, "acme", &f, "ctx", flags)
+            .fails_with("invalid_name_context");
+    }
     let f = env.file("reserved.csv", b"website,__escrow_company\na.com,x\n");
     env.upload(
         &server,

@@ -17,6 +17,8 @@ use crate::server::tls;
 pub struct UploadKey<'a> {
     pub column: Option<&'a str>,
     pub name_column: Option<&'a str>,
+    /// Comma-separated columns that must agree too when companies are matched by name.
+    pub name_context: Option<&'a str>,
     /// `website` (default) or `id`.
     pub key_type: Option<&'a str>,
 }
@@ -140,6 +142,7 @@ impl Client {
         for (param, value) in [
             ("key_column", key.column),
             ("name_column", key.name_column),
+            ("name_context", key.name_context),
             ("key_type", key.key_type),
         ] {
             if let Some(v) = value {

@@ -13,12 +13,12 @@ use std::io::{self, BufRead, BufReader, Cursor, Read, Write};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
-use arrow_array::RecordBatch;
+use arrow_array::{Array, RecordBatch};
 use arrow_ipc::writer::StreamWriter;
 use arrow_schema::{ArrowError, DataType, SchemaRef};
 
 use crate::catalog::ColumnInfo;
-use crate::matching::{COMPANY_KEY, MatchStats, company_keys};
+use crate::matching::{COMPANY_KEY, MatchStats, NAME_KEY, Names, company_keys};
 use crate::{Error, Result};
 
 /// Upload formats escrow accepts.
@@ -208,6 +208,9 @@ pub struct KeySpec {
     pub column: Option<String>,
     /// Company names for rows without a usable website (website keys only).
     pub name_column: Option<String>,
+    /// Columns whose values must agree as well when companies are matched by name (a
+    /// country, a region): part of each row's name key.
+    pub name_context: Vec<String>,
     pub key_type: KeyType,
 }
 
@@ -245,6 +248,7 @@ pub struct Ingested {
     pub columns: Vec<ColumnInfo>,
     pub key_column: Option<String>,
     pub name_column: Option<String>,
+    pub name_context: Vec<String>,
     /// The key type in effect (`None` without a key column).
     pub key_type: Option<KeyType>,
     /// For website keys: how rows were matched.
@@ -331,7 +335,14 @@ fn decode_into<'a, R: Read + 'a, W: Write>(
         Ok(t) if is_text(t) => key.key_type,
         _ => KeyType::Id,
     });
-    // Website keys: a hidden company-key column is computed per row and sealed with the data.
+    if !key.name_context.is_empty() && key.name_column.is_none() {
+        return Err(Error::bad(
+            "invalid_name_context",
+            "name-context columns qualify a name column: give --name-column too",
+        ));
+    }
+    // Website keys: hidden company-key (and name-key) columns are computed per row and
+    // sealed with the data.
     let company = match (key_column, key_type) {
         (Some(k), Some(KeyType::Website)) => {
             let name = key
@@ -339,7 +350,12 @@ fn decode_into<'a, R: Read + 'a, W: Write>(
                 .as_deref()
                 .map(|n| text_column(&schema, n))
                 .transpose()?;
-            Some((schema.index_of(k).map_err(internal_arrow)?, name))
+            let context = key
+                .name_context
+                .iter()
+                .map(|c| context_column(&schema, c, key_column, key.name_column.as_deref()))
+                .collect::<Result<Vec<_>>>()?;
+            Some((schema.index_of(k).map_err(internal_arrow)?, name, context))
         }
         _ => {
             if key.name_column.is_some() {
@@ -351,14 +367,17 @@ fn decode_into<'a, R: Read + 'a, W: Write>(
             None
         }
     };
-    let sealed_schema = match company {
-        Some(_) => {
+    let sealed_schema = match &company {
+        Some((_, name, _)) => {
             let mut fields: Vec<arrow_schema::FieldRef> = schema.fields().iter().cloned().collect();
-            fields.push(Arc::new(arrow_schema::Field::new(
-                COMPANY_KEY,
-                DataType::Utf8,
-                true,
-            )));
+            let hidden = [Some(COMPANY_KEY), name.map(|_| NAME_KEY)];
+            for column in hidden.into_iter().flatten() {
+                fields.push(Arc::new(arrow_schema::Field::new(
+                    column,
+                    DataType::Utf8,
+                    true,
+                )));
+            }
             Arc::new(arrow_schema::Schema::new_with_metadata(
                 fields,
                 schema.metadata().clone(),
@@ -378,16 +397,19 @@ fn decode_into<'a, R: Read + 'a, W: Write>(
             ));
         }
         rows += batch.num_rows() as u64;
-        let batch = match company {
-            Some((k, name)) => {
-                let keys = company_keys(
-                    batch.column(k).as_ref(),
-                    name.map(|n| batch.column(n).as_ref()),
-                    &mut stats,
-                )
-                .map_err(internal_arrow)?;
+        let batch = match &company {
+            Some((k, name, context)) => {
+                let context: Vec<&dyn Array> =
+                    context.iter().map(|&c| batch.column(c).as_ref()).collect();
+                let names = name.map(|n| Names {
+                    name: batch.column(n).as_ref(),
+                    context: &context,
+                });
+                let (keys, name_keys) = company_keys(batch.column(*k).as_ref(), names, &mut stats)
+                    .map_err(internal_arrow)?;
                 let mut cols = batch.columns().to_vec();
                 cols.push(keys);
+                cols.extend(name_keys);
                 RecordBatch::try_new(sealed_schema.clone(), cols).map_err(internal_arrow)?
             }
             None => batch,
@@ -406,6 +428,7 @@ fn decode_into<'a, R: Read + 'a, W: Write>(
             columns,
             key_column: key_column.map(str::to_string),
             name_column: key.name_column.clone(),
+            name_context: key.name_context.clone(),
             key_type,
             matching: company.map(|_| stats),
         },
@@ -507,6 +530,27 @@ fn text_column(schema: &SchemaRef, name: &str) -> Result<usize> {
         ));
     }
     Ok(i)
+}
+
+/// The index of a name-context column: any column of the upload but the key and name.
+fn context_column(
+    schema: &SchemaRef,
+    name: &str,
+    key: Option<&str>,
+    name_column: Option<&str>,
+) -> Result<usize> {
+    if Some(name) == key || Some(name) == name_column {
+        return Err(Error::bad(
+            "invalid_name_context",
+            format!("{name:?} is the key or name column; a name context is another column"),
+        ));
+    }
+    schema.index_of(name).map_err(|_| {
+        Error::bad(
+            "invalid_name_context",
+            format!("name-context column {name:?} is not a column of the upload"),
+        )
+    })
 }
 
 fn internal_arrow(e: ArrowError) -> Error {

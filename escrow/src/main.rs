@@ -85,6 +85,10 @@ enum Command {
         /// Company names, to match rows without a usable website (docs/MATCHING.md).
         #[arg(long)]
         name_column: Option<String>,
+        /// Columns whose values must agree too when rows are matched by name, comma-separated
+        /// (e.g. country,region): a name alone is weak evidence (docs/MATCHING.md).
+        #[arg(long)]
+        name_context: Option<String>,
         /// How the key column is read: website (matched as companies, the default for text)
         /// or id (exact identifiers such as DUNS numbers).
         #[arg(long)]
@@ -468,6 +472,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             dataset,
             key_column,
             name_column,
+            name_context,
             key_type,
             input_format,
             client,
@@ -476,6 +481,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let key = escrow::client::UploadKey {
                 column: key_column.as_deref(),
                 name_column: name_column.as_deref(),
+                name_context: name_context.as_deref(),
                 key_type: key_type.as_deref(),
             };
             let out = c

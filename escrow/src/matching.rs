@@ -14,6 +14,12 @@
 //!   forms such as `Inc`, `GmbH`, `S.A.` removed, spacing collapsed), if a name column is given;
 //! - otherwise none: the row is *unmatched* (counted, never joined, never one giant group).
 //!
+//! With a name column, every row that has a name also gets a hidden **name key** (the `n:`
+//! key it would have without a website; with name-context columns, their normalised values
+//! are part of it, so a name alone never decides). The overlap engine uses it to fold a
+//! name-only row into the one company of its list with that name, and to link a name-only
+//! company to the one company of the other list with that name (query/src/overlap.rs).
+//!
 //! The public suffix list is Mozilla's, compiled in by the `psl` crate; URLs are parsed by
 //! the `url` crate (WHATWG host parsing, IDNA included). Known failure modes are documented
 //! in docs/MATCHING.md.
@@ -30,6 +36,13 @@ use unicode_normalization::char::is_combining_mark;
 /// queries join and count through it (see `queries.rs`), names starting with `__escrow` are
 /// refused in uploads.
 pub const COMPANY_KEY: &str = "__escrow_company";
+
+/// The hidden column, sealed with a dataset that has a name column, that holds each row's
+/// name key (null for rows without a name, or with a context value missing).
+pub const NAME_KEY: &str = "__escrow_name";
+
+/// Separates a name from its context values inside a name key.
+const CONTEXT_SEPARATOR: char = '\u{1f}';
 
 /// The columns of a sealed schema that users see (all but the hidden `__escrow*` ones):
 /// their indices and the declared schema.
@@ -54,38 +67,76 @@ pub struct MatchStats {
     pub unmatched: u64,
 }
 
-/// Company keys of one batch: `website` (and `name`, if given) -> a Utf8 column of
-/// `d:`/`n:` keys, null where the row is unmatched.
+/// The name side of a batch: the name column and the columns whose values must agree too.
+#[derive(Clone, Copy)]
+pub struct Names<'a> {
+    pub name: &'a dyn Array,
+    pub context: &'a [&'a dyn Array],
+}
+
+fn text(a: &dyn Array) -> Result<StringArray, ArrowError> {
+    let t = arrow_cast::cast(a, &DataType::Utf8)?;
+    t.as_any()
+        .downcast_ref::<StringArray>()
+        .cloned()
+        .ok_or_else(|| ArrowError::CastError("not text".into()))
+}
+
+/// Company keys of one batch: `website` (and `names`, if given) -> a Utf8 column of
+/// `d:`/`n:` keys, null where the row is unmatched, and (with `names`) the Utf8 column of
+/// name keys.
 pub fn company_keys(
     website: &dyn Array,
-    name: Option<&dyn Array>,
+    names: Option<Names<'_>>,
     stats: &mut MatchStats,
-) -> Result<ArrayRef, ArrowError> {
-    let text = |a: &dyn Array| -> Result<StringArray, ArrowError> {
-        let t = arrow_cast::cast(a, &DataType::Utf8)?;
-        t.as_any()
-            .downcast_ref::<StringArray>()
-            .cloned()
-            .ok_or_else(|| ArrowError::CastError("not text".into()))
-    };
+) -> Result<(ArrayRef, Option<ArrayRef>), ArrowError> {
     let websites = text(website)?;
-    let names = name.map(text).transpose()?;
-    let keys: StringArray = (0..websites.len())
-        .map(|i| {
-            let w = websites.is_valid(i).then(|| websites.value(i));
-            let n = names
-                .as_ref()
-                .and_then(|n| n.is_valid(i).then(|| n.value(i)));
-            let key = company_key(w, n);
-            match key.as_deref().map(|k| k.as_bytes()[0]) {
-                Some(b'd') => stats.by_domain += 1,
-                Some(_) => stats.by_name += 1,
-                None => stats.unmatched += 1,
+    let (name_text, context) = match names {
+        Some(n) => (
+            Some(text(n.name)?),
+            n.context
+                .iter()
+                .map(|c| text(*c))
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+        None => (None, Vec::new()),
+    };
+    fn value(a: &StringArray, i: usize) -> Option<&str> {
+        a.is_valid(i).then(|| a.value(i))
+    }
+    let mut scratch: Vec<Option<&str>> = Vec::with_capacity(context.len());
+    let mut keys = Vec::with_capacity(websites.len());
+    let mut name_keys = Vec::with_capacity(if names.is_some() { websites.len() } else { 0 });
+    for i in 0..websites.len() {
+        let name = name_text.as_ref().and_then(|n| {
+            scratch.clear();
+            scratch.extend(context.iter().map(|c| value(c, i)));
+            name_identity(value(n, i), &scratch)
+        });
+        let key = match value(&websites, i).and_then(website_key) {
+            Some(d) => {
+                stats.by_domain += 1;
+                Some(format!("d:{d}"))
             }
-            key
-        })
-        .collect();
-    Ok(Arc::new(keys))
+            None if name.is_some() => {
+                stats.by_name += 1;
+                name.clone()
+            }
+            None => {
+                stats.unmatched += 1;
+                None
+            }
+        };
+        keys.push(key);
+        if names.is_some() {
+            name_keys.push(name);
+        }
+    }
+    let keys: ArrayRef = Arc::new(StringArray::from(keys));
+    let name_keys = names
+        .is_some()
+        .then(|| Arc::new(StringArray::from(name_keys)) as ArrayRef);
+    Ok((keys, name_keys))
 }
 
 /// A canonical company key (`d:domain` or `n:name`).
@@ -93,7 +144,41 @@ pub fn company_key(website: Option<&str>, name: Option<&str>) -> Option<String> 
     if let Some(d) = website.and_then(website_key) {
         return Some(format!("d:{d}"));
     }
-    name.and_then(name_key).map(|n| format!("n:{n}"))
+    name_identity(name, &[])
+}
+
+/// The name key of a row: `n:` + its normalised name, then each context value normalised
+/// (case, accents, punctuation and spacing as for names), separated by U+001F. `None` when
+/// the name normalises to nothing or a context value is missing (such a row has no name to
+/// match by).
+pub fn name_identity(name: Option<&str>, context: &[Option<&str>]) -> Option<String> {
+    let mut key = format!("n:{}", name.and_then(name_key)?);
+    for c in context {
+        let v = context_value((*c)?)?;
+        key.push(CONTEXT_SEPARATOR);
+        key.push_str(&v);
+    }
+    Some(key)
+}
+
+/// Values that mean "not known" in a context column. Not `na`: that is North America.
+const CONTEXT_PLACEHOLDERS: &[&str] = &[
+    "-", "--", "n/a", "none", "null", "nil", "unknown", "tbd", "?",
+];
+
+/// A context value (a country, a region, a city): compared without case, accents,
+/// punctuation or extra spacing. Empty values and placeholders count as missing.
+fn context_value(raw: &str) -> Option<String> {
+    let raw = raw.trim();
+    if CONTEXT_PLACEHOLDERS
+        .iter()
+        .any(|p| p.eq_ignore_ascii_case(raw))
+    {
+        return None;
+    }
+    let words = fold_text(raw);
+    let v = words.split_whitespace().collect::<Vec<_>>().join(" ");
+    (!v.is_empty()).then_some(v)
 }
 
 /// Registrable domains that many unrelated companies share: a website (or e-mail) there
@@ -247,12 +332,13 @@ const LEGAL_FORMS: &[&str] = &[
     "se",
 ];
 
-/// The normalised company name, if anything is left of it.
-pub fn name_key(raw: &str) -> Option<String> {
+/// Lowercase, accents dropped, `&`/`+` read as `and`, dots and apostrophes joining their
+/// letters (`S.A.` -> `sa`), every other non-alphanumeric character a space.
+fn fold_text(raw: &str) -> String {
     let mut text = String::with_capacity(raw.len());
     for c in raw.nfkd() {
         if is_combining_mark(c) || c == '.' || c == '\'' || c == '’' {
-            continue; // accents; dots and apostrophes join their letters (S.A. -> sa)
+            continue;
         }
         if c == '&' || c == '+' {
             text.push_str(" and ");
@@ -262,6 +348,12 @@ pub fn name_key(raw: &str) -> Option<String> {
             text.push(' ');
         }
     }
+    text
+}
+
+/// The normalised company name, if anything is left of it.
+pub fn name_key(raw: &str) -> Option<String> {
+    let text = fold_text(raw);
     let mut words: Vec<&str> = text.split_whitespace().collect();
     if words.len() > 1 && words[0] == "the" {
         words.remove(0);
@@ -493,5 +585,101 @@ mod tests {
             company_key(Some("acme.com"), None),
             company_key(None, Some("acme.com"))
         );
+    }
+
+    #[test]
+    fn name_keys_carry_their_context_and_every_named_row_has_one() {
+        assert_eq!(
+            name_identity(Some("Acme, Inc."), &[Some(" EMEA "), Some("Deutschland")]).as_deref(),
+            Some("n:acme\u{1f}emea\u{1f}deutschland")
+        );
+        // Context compares like names: case, accents, punctuation and spacing aside.
+        assert_eq!(
+            name_identity(Some("ACME"), &[Some("Côte d'Ivoire")]),
+            name_identity(Some("acme inc"), &[Some("cote  divoire")])
+        );
+        assert_ne!(
+            name_identity(Some("Acme"), &[Some("EMEA")]),
+            name_identity(Some("Acme"), &[Some("APAC")])
+        );
+        // A missing context value leaves the row without a name to match by.
+        assert_eq!(name_identity(Some("Acme"), &[None]), None);
+        assert_eq!(name_identity(Some("Acme"), &[Some("n/a")]), None);
+        assert_eq!(name_identity(Some("Acme"), &[Some(" ")]), None);
+        // `NA` is a region (North America), not a placeholder.
+        assert_eq!(
+            name_identity(Some("Acme"), &[Some("NA")]).as_deref(),
+            Some("n:acme\u{1f}na")
+        );
+        assert_eq!(name_identity(None, &[Some("EMEA")]), None);
+
+        let websites = StringArray::from(vec![
+            Some("acme.com"),
+            None,
+            Some("gmail.com"),
+            None,
+            Some("globex.io"),
+        ]);
+        let names = StringArray::from(vec![
+            Some("Acme Inc"),
+            Some("Acme"),
+            Some("Initech LLC"),
+            None,
+            Some("Globex"),
+        ]);
+        let region = StringArray::from(vec![
+            Some("EMEA"),
+            Some("emea"),
+            Some("NA"),
+            Some("NA"),
+            None,
+        ]);
+        let mut stats = MatchStats::default();
+        let context: [&dyn Array; 1] = [&region];
+        let (keys, name_keys) = company_keys(
+            &websites,
+            Some(Names {
+                name: &names,
+                context: &context,
+            }),
+            &mut stats,
+        )
+        .expect("keys");
+        let strings = |a: &ArrayRef| -> Vec<Option<String>> {
+            let a = a.as_any().downcast_ref::<StringArray>().expect("text");
+            a.iter().map(|v| v.map(str::to_string)).collect()
+        };
+        let s = |v: &str| Some(v.to_string());
+        assert_eq!(
+            strings(&keys),
+            vec![
+                s("d:acme.com"),
+                s("n:acme\u{1f}emea"), // no website: its name key is its company key
+                s("n:initech\u{1f}na"),
+                None,
+                s("d:globex.io"),
+            ]
+        );
+        assert_eq!(
+            strings(&name_keys.expect("name keys")),
+            vec![
+                s("n:acme\u{1f}emea"), // the website row names the same company
+                s("n:acme\u{1f}emea"),
+                s("n:initech\u{1f}na"),
+                None,
+                None, // no region: no name to match by
+            ]
+        );
+        assert_eq!(
+            stats,
+            MatchStats {
+                by_domain: 2,
+                by_name: 2,
+                unmatched: 1
+            }
+        );
+        // Without a name column there are no name keys.
+        let (_, none) = company_keys(&websites, None, &mut stats).expect("keys");
+        assert!(none.is_none());
     }
 }

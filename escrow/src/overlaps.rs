@@ -458,7 +458,7 @@ impl QueryService {
         );
         crate::queries::blocking(move || {
             let sealed = store.schema_of(&version)?;
-            let (declared, executes, prepare) = query_form(&sealed, Some(&key), &hasher)?;
+            let (declared, executes, prepare) = query_form(&sealed, Some(&key), &hasher, true)?;
             let populations = filters
                 .iter()
                 .map(|(name, filter)| {
@@ -473,6 +473,7 @@ impl QueryService {
                 populations,
                 key_index: index(&key, &executes)?,
                 dimension: by.as_deref().map(|c| index(c, &executes)).transpose()?,
+                names: executes.index_of(crate::matching::NAME_KEY).ok(),
             };
             let batches = store
                 .batches(&version, prepare)?

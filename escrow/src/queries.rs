@@ -28,7 +28,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::catalog::{BudgetCharge, QueryableDataset, Spend, VersionKey};
-use crate::matching::COMPANY_KEY;
+use crate::matching::{COMPANY_KEY, NAME_KEY};
 use crate::settings::{self, DatasetSettings};
 use crate::store::{Prepare, Store};
 use crate::{Error, Result};
@@ -256,7 +256,7 @@ impl QueryService {
                     live,
                 } = d;
                 let (schema, executes, prepare) =
-                    query_form(&sealed, key_column.as_deref(), &hasher)?;
+                    query_form(&sealed, key_column.as_deref(), &hasher, false)?;
                 let source = Arc::new(SealedSource {
                     store: store.clone(),
                     version: live,
@@ -448,20 +448,33 @@ fn fingerprint(
 /// uploaded columns), the schema it executes with, and the preparation of its batches. The
 /// key column executes as entity ids of each row's company key (the hidden column
 /// `matching::COMPANY_KEY`, sealed at upload for website keys; null for unmatched rows) or,
-/// for id keys and versions without that column, of the key text itself.
+/// for id keys and versions without that column, of the key text itself. With `names` (the
+/// overlap engine), a version sealed with name keys executes with one more column at the end,
+/// `matching::NAME_KEY` as the entity ids those keys would have.
 pub(crate) fn query_form(
     sealed: &SchemaRef,
     key: Option<&str>,
     hasher: &EntityHasher,
+    names: bool,
 ) -> Result<(SchemaRef, SchemaRef, Prepare)> {
     let (shown, declared) = crate::matching::declared_schema(sealed)
         .map_err(|e| Error::internal(format!("declared schema: {e}")))?;
     let Some(key) = key else {
         return Ok((declared.clone(), declared, Arc::new(Ok)));
     };
-    let executes = escrow_query::source::entity_schema(&declared, key)
+    let mut executes = escrow_query::source::entity_schema(&declared, key)
         .map_err(|e| Error::internal(format!("entity schema: {e}")))?;
     let company = sealed.index_of(COMPANY_KEY).ok();
+    let name_keys = sealed.index_of(NAME_KEY).ok().filter(|_| names);
+    if name_keys.is_some() {
+        let mut fields: Vec<arrow_schema::FieldRef> = executes.fields().iter().cloned().collect();
+        fields.push(Arc::new(arrow_schema::Field::new(
+            NAME_KEY,
+            arrow_schema::DataType::UInt64,
+            true,
+        )));
+        executes = Arc::new(arrow_schema::Schema::new(fields));
+    }
     let key_index = declared
         .index_of(key)
         .map_err(|e| Error::internal(format!("key column: {e}")))?;
@@ -472,6 +485,13 @@ pub(crate) fn query_form(
         columns[key_index] = hasher
             .ids(source.as_ref())
             .map_err(|e| Error::internal(format!("entity ids: {e}")))?;
+        if let Some(n) = name_keys {
+            columns.push(
+                hasher
+                    .ids(b.column(n).as_ref())
+                    .map_err(|e| Error::internal(format!("name ids: {e}")))?,
+            );
+        }
         RecordBatch::try_new(out.clone(), columns)
             .map_err(|e| Error::internal(format!("query form: {e}")))
     });

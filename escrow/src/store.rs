@@ -79,6 +79,9 @@ pub struct UploadOutcome {
     pub key_column: Option<String>,
     pub key_type: Option<ingest::KeyType>,
     pub name_column: Option<String>,
+    /// Columns that must agree too for a match by name.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub name_context: Vec<String>,
     /// Website keys: rows matched by domain, by name, and unmatched.
     pub matching: Option<crate::matching::MatchStats>,
     pub columns: Vec<ColumnInfo>,
@@ -272,6 +275,7 @@ impl Store {
             key_column: ingested.key_column,
             key_type: ingested.key_type,
             name_column: ingested.name_column,
+            name_context: ingested.name_context,
             matching: ingested.matching,
             columns: ingested.columns,
         })

@@ -8,7 +8,12 @@
 //! ```text
 //! side   := entity -> bitmask of the populations any of its rows is in (definition order)
 //!           [+ the dimension values of its rows]           (duplicates are one entity)
+//! fold   := a name-only entity (rows without a usable website, keyed by their name) whose
+//!           name is carried by exactly one website entity of the same list is that entity
 //! join   := the smaller side's entities probed in the larger side's map
+//! link   := a name-only entity left unmatched, whose name no website entity of its own list
+//!           carries, is the other side's entity carrying that name if exactly one does (and
+//!           that entity is neither in its own list nor claimed by another name)
 //! cells  := a common entity counts in the cells (population a, population b [, value]) in
 //!           the order (a's position, b's position, value), at most L of them. The value is
 //!           one both sides agree on, or null when they share none.
@@ -49,6 +54,10 @@ pub struct Side {
     pub key_index: usize,
     /// Index of the dimension column of a breakdown.
     pub dimension: Option<usize>,
+    /// Index of the name ids (`UInt64`): per row, the entity id its name (with its context)
+    /// would have as a name-only key, null without a name. A row whose entity id equals its
+    /// name id is name-only. `None`: no name fallback, nothing folds or links.
+    pub names: Option<usize>,
 }
 
 /// Hashes keys that are already uniform (keyed entity ids) or small packed cell keys: one
@@ -82,13 +91,30 @@ struct Member {
     mask: u64,
     /// First dimension value seen (interned), or `NO_VALUE`.
     value: u32,
+    /// A name-only entity whose name no website entity of its list carries: it may link to
+    /// the other side by name.
+    linkable: bool,
+}
+
+impl Member {
+    const EMPTY: Member = Member {
+        mask: 0,
+        value: NO_VALUE,
+        linkable: false,
+    };
 }
 
 /// One side reduced to its entities: the populations each is in and, for a breakdown, its
 /// dimension values.
 #[derive(Debug, Default)]
 pub struct Membership {
+    /// Every entity of the list, in a population or not (mask 0: counts in no cell, but is
+    /// a company of the list when names link).
     members: FastMap<Member>,
+    /// (name id, entity id) of every row keyed by its website that has a name.
+    names: Vec<(u64, u64)>,
+    /// Name-only entities folded into a website entity of the list: from -> into.
+    folded: FastMap<u64>,
     /// Entities whose rows carry more than one dimension value: all of them.
     more_values: FastMap<Vec<u32>>,
     /// Interned dimension values.
@@ -99,14 +125,25 @@ pub struct Membership {
 impl Membership {
     /// Entities in at least one population.
     pub fn entities(&self) -> usize {
-        self.members.len()
+        self.members.values().filter(|m| m.mask != 0).count()
     }
 
-    /// Memory held (estimate: table slots, value lists and interned values).
+    /// The entity a row keyed `id` counts as: its own, or the one its name folded into.
+    pub fn entity_of(&self, id: u64) -> u64 {
+        self.folded.get(&id).copied().unwrap_or(id)
+    }
+
+    /// Name-only entities folded into a website entity of the list.
+    pub fn folded(&self) -> usize {
+        self.folded.len()
+    }
+
+    /// Memory held (estimate: table slots, name pairs, value lists and interned values).
     pub fn memory_bytes(&self) -> usize {
         let slot = size_of::<(u64, Member)>() + 1;
         let list = size_of::<(u64, Vec<u32>)>() + 1;
         self.members.capacity() * slot
+            + self.names.capacity() * size_of::<(u64, u64)>()
             + self.more_values.capacity() * list
             + self
                 .more_values
@@ -124,6 +161,71 @@ impl Membership {
         self.values.push(v.to_string());
         self.index.insert(v.to_string(), i);
         i
+    }
+
+    /// Record that entity `id` has dimension value `value`.
+    fn add_value(&mut self, id: u64, value: u32) {
+        let Some(m) = self.members.get_mut(&id) else {
+            return;
+        };
+        if value == NO_VALUE || m.value == value {
+            return;
+        }
+        if m.value == NO_VALUE {
+            m.value = value;
+            return;
+        }
+        let first = m.value;
+        let all = self.more_values.entry(id).or_insert_with(|| vec![first]);
+        if !all.contains(&value) {
+            all.push(value);
+        }
+    }
+
+    /// Fold name-only entities into the one website entity of this list that carries their
+    /// name; a name-only entity whose name several website entities carry stays on its own
+    /// and never links (which company it is cannot be told).
+    fn fold_names(&mut self) {
+        let mut owner: FastMap<Option<u64>> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.linkable)
+            .map(|(id, _)| (*id, None))
+            .collect();
+        if owner.is_empty() {
+            return;
+        }
+        // name -> Some(its one website entity) | None (none yet); ambiguous names are
+        // collected apart.
+        let mut ambiguous: FastMap<()> = FastMap::default();
+        for &(name, entity) in &self.names {
+            match owner.get_mut(&name) {
+                Some(slot @ None) => *slot = Some(entity),
+                Some(Some(e)) if *e != entity => {
+                    ambiguous.insert(name, ());
+                }
+                _ => {}
+            }
+        }
+        for (name, target) in owner {
+            if ambiguous.contains_key(&name) {
+                if let Some(m) = self.members.get_mut(&name) {
+                    m.linkable = false;
+                }
+                continue;
+            }
+            let Some(target) = target else { continue };
+            let Some(from) = self.members.remove(&name) else {
+                continue;
+            };
+            let values = self.values_of(name, &from);
+            self.more_values.remove(&name);
+            self.folded.insert(name, target);
+            self.members.entry(target).or_insert(Member::EMPTY).mask |= from.mask;
+            for v in values {
+                self.add_value(target, v);
+            }
+        }
     }
 
     fn values_of(&self, id: u64, m: &Member) -> Vec<u32> {
@@ -186,31 +288,36 @@ pub fn memberships(
             ),
             None => None,
         };
+        let names = match side.names {
+            Some(n) => Some(
+                batch
+                    .column(n)
+                    .as_primitive_opt::<UInt64Type>()
+                    .ok_or_else(|| internal("overlap: the name column is not name ids"))?,
+            ),
+            None => None,
+        };
         for (i, &mask) in masks.iter().enumerate() {
-            if mask == 0 || ids.is_null(i) {
+            if ids.is_null(i) {
                 continue;
             }
             let id = ids.value(i);
-            let value = match &values {
-                Some(v) if v.is_valid(i) => out.intern(v.value(i)),
-                _ => NO_VALUE,
-            };
-            let m = out.members.entry(id).or_insert(Member {
-                mask: 0,
-                value: NO_VALUE,
-            });
+            let name = names.and_then(|n| n.is_valid(i).then(|| n.value(i)));
+            let m = out.members.entry(id).or_insert(Member::EMPTY);
             m.mask |= mask;
-            if value == NO_VALUE || m.value == value {
+            match name {
+                Some(n) if n == id => m.linkable = true,
+                Some(n) => out.names.push((n, id)),
+                None => {}
+            }
+            if mask == 0 {
                 continue;
             }
-            if m.value == NO_VALUE {
-                m.value = value;
-                continue;
-            }
-            let first = m.value;
-            let all = out.more_values.entry(id).or_insert_with(|| vec![first]);
-            if !all.contains(&value) {
-                all.push(value);
+            if let Some(v) = &values
+                && v.is_valid(i)
+            {
+                let value = out.intern(v.value(i));
+                out.add_value(id, value);
             }
         }
         if out.memory_bytes() > memory_limit {
@@ -220,7 +327,85 @@ pub fn memberships(
             )));
         }
     }
+    out.fold_names();
     Ok(out)
+}
+
+/// The companies two sides have in common, as (entity of a, entity of b): the entities both
+/// hold, then the name links. Whatever their populations.
+pub fn matches<'m>(a: &'m Membership, b: &'m Membership) -> impl Iterator<Item = (u64, u64)> + 'm {
+    matched(a, b).map(|(ia, _, ib, _)| (ia, ib))
+}
+
+/// [`matches`] with each side's member.
+fn matched<'m>(
+    a: &'m Membership,
+    b: &'m Membership,
+) -> impl Iterator<Item = (u64, &'m Member, u64, &'m Member)> + 'm {
+    let (small, large, small_is_a) = if a.members.len() <= b.members.len() {
+        (a, b, true)
+    } else {
+        (b, a, false)
+    };
+    let direct = small.members.iter().filter_map(move |(id, ms)| {
+        let ml = large.members.get(id)?;
+        Some(if small_is_a {
+            (*id, ms, *id, ml)
+        } else {
+            (*id, ml, *id, ms)
+        })
+    });
+    let linked = links(a, b)
+        .into_iter()
+        .filter_map(|(ia, ib)| Some((ia, a.members.get(&ia)?, ib, b.members.get(&ib)?)));
+    direct.chain(linked)
+}
+
+/// Name links between the sides: (entity of a, entity of b) pairs of companies a name-only
+/// entity of one side shares with a website entity of the other (see the module's `link`).
+/// Symmetric: `links(b, a)` gives the same pairs swapped.
+fn links(a: &Membership, b: &Membership) -> Vec<(u64, u64)> {
+    // Names of `from`'s linkable entities that `to` does not hold as a key -> the one entity
+    // of `to` carrying that name, if exactly one does and `from` does not hold it itself.
+    let one_way = |from: &Membership, to: &Membership| -> Vec<(u64, u64)> {
+        let mut carrier: FastMap<Option<u64>> = from
+            .members
+            .iter()
+            .filter(|(id, m)| m.linkable && !to.members.contains_key(id))
+            .map(|(id, _)| (*id, None))
+            .collect();
+        if carrier.is_empty() {
+            return Vec::new();
+        }
+        let mut ambiguous: FastMap<()> = FastMap::default();
+        for &(name, entity) in &to.names {
+            match carrier.get_mut(&name) {
+                Some(slot @ None) => *slot = Some(entity),
+                Some(Some(e)) if *e != entity => {
+                    ambiguous.insert(name, ());
+                }
+                _ => {}
+            }
+        }
+        carrier
+            .into_iter()
+            .filter_map(|(name, target)| Some((name, target?)))
+            .filter(|(name, target)| {
+                !ambiguous.contains_key(name) && !from.members.contains_key(target)
+            })
+            .collect()
+    };
+    let mut pairs = one_way(a, b);
+    pairs.extend(one_way(b, a).into_iter().map(|(from, to)| (to, from)));
+    // A company claimed by two names (of one side) is linked to neither.
+    let mut claims: FastMap<(u32, u32)> = FastMap::default();
+    for (x, y) in &pairs {
+        claims.entry(*x).or_default().0 += 1;
+        claims.entry(*y).or_default().1 += 1;
+    }
+    pairs.retain(|(x, y)| claims[x].0 == 1 && claims[y].1 == 1);
+    pairs.sort_unstable();
+    pairs
 }
 
 /// The exact entity count of one cell.
@@ -253,29 +438,20 @@ pub fn count(a: &Membership, b: &Membership, max_groups: u32, by: bool) -> Vec<C
     }
 
     let mut cells: FastMap<u64> = FastMap::default();
-    let (small, large, small_is_a) = if a.members.len() <= b.members.len() {
-        (a, b, true)
-    } else {
-        (b, a, false)
-    };
     let mut common = Vec::new();
-    for (id, ms) in &small.members {
-        let Some(ml) = large.members.get(id) else {
-            continue;
-        };
-        let (ma, mb) = if small_is_a { (ms, ml) } else { (ml, ms) };
+    // One company: entity `ia` of a (member `ma`), entity `ib` of b.
+    let mut tally = |ia: u64, ma: &Member, ib: u64, mb: &Member| {
+        if ma.mask == 0 || mb.mask == 0 {
+            return;
+        }
         common.clear();
         if by {
             let in_b: Vec<u32> = b
-                .values_of(*id, mb)
+                .values_of(ib, mb)
                 .into_iter()
                 .map(|v| b_to_a[v as usize])
                 .collect();
-            common.extend(
-                a.values_of(*id, ma)
-                    .into_iter()
-                    .filter(|v| in_b.contains(v)),
-            );
+            common.extend(a.values_of(ia, ma).into_iter().filter(|v| in_b.contains(v)));
             common.sort_by_key(|v| rank[*v as usize]);
         }
         if common.is_empty() {
@@ -294,6 +470,9 @@ pub fn count(a: &Membership, b: &Membership, max_groups: u32, by: bool) -> Vec<C
                 }
             }
         }
+    };
+    for (ia, ma, ib, mb) in matched(a, b) {
+        tally(ia, ma, ib, mb);
     }
     let mut out: Vec<CellCount> = cells
         .into_iter()
@@ -433,6 +612,7 @@ mod tests {
                 .collect(),
             key_index: 0,
             dimension: by.then_some(2),
+            names: None,
         }
     }
 
@@ -540,6 +720,86 @@ mod tests {
     }
 
     const POPS_STATUS: [&str; 3] = ["customer", "opportunity", "prospect"];
+
+    /// Rows (entity id, name id, status) of a list with a name fallback: a row whose entity
+    /// id is its name id is name-only.
+    type NamedRow<'a> = (u64, Option<u64>, &'a str);
+
+    fn named(rows: &[NamedRow<'_>], names: bool) -> Membership {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::UInt64, true),
+            Field::new("status", DataType::Utf8, true),
+            Field::new("industry", DataType::Utf8, true),
+            Field::new("name", DataType::UInt64, true),
+        ]));
+        let column = |f: &dyn Fn(&NamedRow<'_>) -> Option<u64>| -> ArrayRef {
+            Arc::new(UInt64Array::from(rows.iter().map(f).collect::<Vec<_>>()))
+        };
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                column(&|r| Some(r.0)),
+                Arc::new(StringArray::from(
+                    rows.iter().map(|r| Some(r.2)).collect::<Vec<_>>(),
+                )),
+                Arc::new(StringArray::from(vec![None::<&str>; rows.len()])),
+                column(&|r| r.1),
+            ],
+        )
+        .expect("batch");
+        let mut side = side(&POPS, false);
+        side.names = names.then_some(3);
+        memberships(&side, std::iter::once(Ok(batch)), 1 << 30).expect("side")
+    }
+
+    #[test]
+    fn names_fold_duplicates_and_link_unique_companies_only() {
+        let a = [
+            (100, Some(1000), "prospect"),
+            (1000, Some(1000), "customer"), // same company without a website: folds into 100
+            (2000, Some(2000), "customer"), // links to b's 200, the one company named so
+            (3000, Some(3000), "customer"), // b has two companies of that name: no link
+            (4000, Some(4000), "customer"), // two companies of a carry that name: no link
+            (400, Some(4000), "prospect"),
+            (401, Some(4000), "prospect"),
+            (5000, Some(5000), "customer"), // two names of a claim b's 500: neither links
+            (5001, Some(5001), "customer"),
+            (6000, Some(6000), "customer"), // b's 600 is a company of a already: no link
+            (600, None, "customer"),
+            (700, Some(7000), "prospect"), // b's name-only 7000 links here
+        ];
+        let b = [
+            (100, Some(1000), "opportunity"),
+            (200, Some(2000), "opportunity"),
+            (300, Some(3000), "customer"),
+            (301, Some(3000), "customer"),
+            (4000, Some(4000), "prospect"), // name-only on both sides: one key, one company
+            (500, Some(5000), "customer"),
+            (500, Some(5001), "customer"),
+            (600, Some(6000), "opportunity"),
+            (7000, Some(7000), "customer"),
+        ];
+        let cells = |m: &Membership, n: &Membership| -> Vec<(usize, usize, u64)> {
+            count(m, n, 1, false)
+                .iter()
+                .map(|c| (c.a, c.b, c.entities))
+                .collect()
+        };
+        let (ma, mb) = (named(&a, true), named(&b, true));
+        // customer x opportunity: 100 (best status after the fold), 200 (linked), 600;
+        // customer x prospect: 4000; prospect x customer: 700 (linked from b).
+        assert_eq!(cells(&ma, &mb), vec![(0, 1, 3), (0, 2, 1), (2, 0, 1)]);
+        // Links are symmetric: the transposed question transposes the cells.
+        let mut t: Vec<_> = cells(&mb, &ma)
+            .into_iter()
+            .map(|(x, y, n)| (y, x, n))
+            .collect();
+        t.sort();
+        assert_eq!(t, cells(&ma, &mb));
+        // Without a name fallback nothing folds or links: 100 counts as a prospect.
+        let (ma, mb) = (named(&a, false), named(&b, false));
+        assert_eq!(cells(&ma, &mb), vec![(0, 1, 1), (0, 2, 1), (2, 1, 1)]);
+    }
 
     #[test]
     fn memory_limit_is_a_clean_refusal() {

@@ -193,6 +193,8 @@ struct UploadParams {
     format: Option<String>,
     key_column: Option<String>,
     name_column: Option<String>,
+    /// Comma-separated name-context columns.
+    name_context: Option<String>,
     key_type: Option<String>,
 }
 
@@ -225,6 +227,14 @@ async fn upload(
         key: crate::ingest::KeySpec {
             column: params.key_column.filter(|k| !k.is_empty()),
             name_column: params.name_column.filter(|k| !k.is_empty()),
+            name_context: params
+                .name_context
+                .iter()
+                .flat_map(|c| c.split(','))
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .map(str::to_string)
+                .collect(),
             key_type: params
                 .key_type
                 .as_deref()
