@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Account-mapping benchmark (issue 4), quality and speed in one run:
 #   1. two lists from ../shared/bench/gen_accounts.py (default 1M rows each) uploaded to escrow
-#      with company matching (--key-column website --name-column company_name), populations
+#      with company matching (--key-column website --name-column company_name, and
+#      --name-context $NAME_CONTEXT: default region, NAME_CONTEXT= for none), populations
 #      by status (customer, opportunity, prospect: definition order = truth's "best status"),
 #      overlap grants both ways; upload-to-first-answer timed (no refresh step exists)
 #   2. the overlap matrix through the full service path (mTLS, grants, settings, budget,
@@ -9,13 +10,15 @@
 #   3. DuckDB on the same plaintext with its own normalisation done at load (load reported
 #      separately), 2 threads, the equivalent matrix query (best status per key): median of 7
 #   4. quality against truth.json: per cell released vs truth; and, from the generator's
-#      universe ids (replayed, checked against truth.json) and escrow's company keys
-#      (examples/company_keys.rs, the ingest code), matching precision and recall
+#      universe ids (replayed, checked against truth.json) and escrow's matches
+#      (examples/overlap_matches.rs: the ingest code and the overlap engine's folds and links),
+#      matching precision and recall without name context, with region, with region+industry
 #   5. server peak RSS vs the per-query memory limit
 # Usage: bench/overlap.sh [ROWS]   (default 1000000). Needs: pip install pyarrow duckdb
 source "$(dirname "$0")/common.sh"
-cargo build --release --example company_keys --quiet
-KEYS_BIN="${CARGO_TARGET_DIR:-target}/release/examples/company_keys"
+cargo build --release --example overlap_matches --quiet
+MATCHES_BIN="${CARGO_TARGET_DIR:-target}/release/examples/overlap_matches"
+NAME_CONTEXT="${NAME_CONTEXT-region}"
 
 GEN="$OUT/gen-$ROWS"
 if [ ! -f "$GEN/acme.arrow" ]; then
@@ -35,16 +38,17 @@ export ESCROW_SERVER="$(sed -n 's/^escrow listening on //p' "$OUT/overlap-serve.
 A="$DATA/identities/acme/admin"
 G="$DATA/identities/globex/admin"
 
-echo "== company keys for the quality check (escrow's ingest code on the plaintext)"
-for p in acme globex; do
-  "$KEYS_BIN" "$GEN/$p.arrow" website company_name > "$OUT/keys-$p.txt"
+echo "== escrow's matches for the quality check (ingest + overlap engine on the plaintext)"
+for ctx in "" region region,industry $NAME_CONTEXT; do
+  "$MATCHES_BIN" "$GEN/acme.arrow" "$GEN/globex.arrow" website company_name $ctx "$OUT/matches-${ctx:-none}" 2> /dev/null
 done
 
 echo "== upload to first answer"
 T0=$(date +%s.%N)
 for p in acme globex; do
   I="$DATA/identities/$p/admin"
-  "$BIN" upload "$GEN/$p.arrow" --dataset accounts --key-column website --name-column company_name --identity "$I"
+  "$BIN" upload "$GEN/$p.arrow" --dataset accounts --key-column website --name-column company_name \
+    ${NAME_CONTEXT:+--name-context "$NAME_CONTEXT"} --identity "$I"
   for s in customer opportunity prospect; do
     "$BIN" population add accounts "$s" --filter "status = '$s'" --identity "$I" > /dev/null
   done
@@ -55,12 +59,12 @@ done
 T1=$(date +%s.%N)
 echo "uploads + populations + grants: $(python3 -c "print(f'{$T1 - $T0:.2f}')") s"
 
-python3 - "$ESCROW_SERVER" "$A" "$GEN" "$ROWS" "$SHARED/bench/gen_accounts.py" "$OUT" "$T0" <<'PY'
+python3 - "$ESCROW_SERVER" "$A" "$GEN" "$ROWS" "$SHARED/bench/gen_accounts.py" "$OUT" "$T0" "$NAME_CONTEXT" <<'PY'
 import http.client, importlib.util, json, os, random, ssl, statistics, sys, time
-from collections import Counter
+from collections import Counter, defaultdict
 import duckdb, pyarrow.ipc as ipc
 
-server, ident, gen, rows, gen_py, out, t_start = sys.argv[1:8]
+server, ident, gen, rows, gen_py, out, t_start, served_context = sys.argv[1:9]
 rows, t_start = int(rows), float(t_start)
 host, port = server.removeprefix("https://").rsplit(":", 1)
 ctx = ssl.create_default_context(cafile=os.path.join(ident, "ca.pem"))
@@ -146,36 +150,36 @@ pair = truth["pairs"]["acme|globex"]
 common = set(uids["acme"]) & set(uids["globex"])
 assert len(common) == pair["overlap_companies"], "replayed ids disagree with truth.json"
 
-keys = {p: open(os.path.join(out, f"keys-{p}.txt")).read().split("\n")[:rows] for p in ("acme", "globex")}
 status = {p: ipc.open_file(os.path.join(gen, f"{p}.arrow")).read_all().column("status").to_pylist() for p in ("acme", "globex")}
-by_key = {}
-for p in ("acme", "globex"):
-    m = {}
-    for k, u in zip(keys[p], uids[p]):
-        if k:
-            m.setdefault(k, set()).add(u)
-    by_key[p] = m
-matched = by_key["acme"].keys() & by_key["globex"].keys()
-true_keys = sum(1 for k in matched if by_key["acme"][k] & by_key["globex"][k])
-found = set()
-for k in matched:
-    found |= by_key["acme"][k] & by_key["globex"][k]
 websites = {p: ipc.open_file(os.path.join(gen, f"{p}.arrow")).read_all().column("website").to_pylist() for p in ("acme", "globex")}
 reach = {p: {u for u, w in zip(uids[p], websites[p]) if w is not None} for p in ("acme", "globex")}
 web_set = common & reach["acme"] & reach["globex"]
 matchable = pair["overlap_matchable_by_website"]
 assert len(web_set) == matchable, "replayed ids disagree with truth.json"
 name_only = common - web_set
-# escrow's exact cells (what the noise is added to): per key, best status on each side.
 rank = {"customer": 0, "opportunity": 1, "prospect": 2}
-best = {}
-for p in ("acme", "globex"):
-    b = {}
-    for k, s in zip(keys[p], status[p]):
-        if k and (k not in b or rank[s] < rank[b[k]]):
-            b[k] = s
-    best[p] = b
-exact = Counter((best["acme"][k], best["globex"][k]) for k in matched)
+
+def quality(ctx):
+    """escrow's matches (entities per row, common pairs) vs the universe ids."""
+    d = os.path.join(out, f"matches-{ctx or 'none'}")
+    members, best = {}, {}
+    for side, p in (("a", "acme"), ("b", "globex")):
+        m, b = defaultdict(set), {}
+        ents = open(os.path.join(d, f"entities-{side}.txt")).read().split("\n")[:rows]
+        for e, u, s in zip(ents, uids[p], status[p]):
+            if e:
+                m[e].add(u)
+                if e not in b or rank[s] < rank[b[e]]:
+                    b[e] = s
+        members[side], best[side] = m, b
+    pairs = [l.split() for l in open(os.path.join(d, "matches.txt")) if l.strip()]
+    true, found = 0, set()
+    for x, y in pairs:
+        both = members["a"][x] & members["b"][y]
+        true += bool(both)
+        found |= both
+    exact = Counter((best["a"][x], best["b"][y]) for x, y in pairs)
+    return len(pairs), true, found, exact
 
 print(f"overlap matrix, {rows} x {rows} rows, 3 x 3 populations")
 print(f"  escrow upload-to-first-answer: {since_upload:.2f} s from the start of the first upload (2 uploads, 6 populations, 2 grants, the first matrix: {first:.3f} s, decrypting both lists)")
@@ -183,12 +187,20 @@ print(f"  escrow warm median of 7:              {escrow_med:.3f} s")
 print(f"  DuckDB load + normalisation (once):   {duck_load:.3f} s")
 print(f"  DuckDB matrix query median of 7:      {duck_med:.3f} s (2 threads, in memory)")
 print(f"  ratio escrow/DuckDB warm: {escrow_med / duck_med:.2f}x  (target <= 1.0x, ceiling 1.5x); first answer {first / duck_med:.2f}x")
-print(f"matching quality (escrow's company keys vs the generator's universe ids)")
-print(f"  matched companies {len(matched)}, true {true_keys}: precision {true_keys / len(matched):.5%}")
-print(f"  recall {len(found) / len(common):.4%} of the overlap ({len(found)}/{len(common)}): "
-      f"{len(found & web_set) / len(web_set):.4%} of the website-matchable ({len(web_set)}), "
-      f"{len(found & name_only) / max(1, len(name_only)):.2%} of the name-only remainder ({len(name_only)})")
-print(f"per cell: truth | escrow exact | escrow released (noise) | DuckDB")
+print(f"matching quality (escrow's matches vs the generator's universe ids; overlap {len(common)}, "
+      f"{len(web_set)} matchable by website, {len(name_only)} name-only remainder)")
+exact = None
+for ctx in ("", "region", "region,industry"):
+    n, true, found, ex = quality(ctx)
+    print(f"  --name-context {ctx or '(none)':<16} matched {n}, true {true}: precision {true / n:.4%}; "
+          f"recall {len(found) / len(common):.4%} of the overlap, "
+          f"{len(found & web_set) / len(web_set):.4%} of the website-matchable, "
+          f"{len(found & name_only) / max(1, len(name_only)):.2%} of the name-only remainder")
+    if ctx == served_context:
+        exact = ex
+if exact is None:
+    exact = quality(served_context)[3]
+print(f"per cell (served with --name-context {served_context or '(none)'}): truth | escrow exact | escrow released (noise) | DuckDB")
 worst_noise = 0
 for a in names:
     for b in names:

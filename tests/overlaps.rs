@@ -51,6 +51,27 @@ fn setup(env: &Env, server: &Server, dir: &Path, extra: &[&str]) {
     }
 }
 
+/// Both partners set ε = 4 on their lists: with name links the matrix's sensitivity is 4
+/// (one company can change up to 4 pairs), so the noise has scale 4 / 4 = 1.
+fn epsilon_4(env: &Env, server: &Server) {
+    for p in ["acme", "globex"] {
+        env.cli(
+            server,
+            p,
+            &[
+                "policy",
+                "set",
+                "accounts",
+                "--epsilon",
+                "4",
+                "--budget",
+                "40",
+            ],
+        )
+        .ok();
+    }
+}
+
 /// `escrow policy grant accounts --to TO --usage EXTRA...` as `owner`.
 fn grant(env: &Env, server: &Server, owner: &str, to: &str, extra: &[&str]) -> Run {
     let mut args = vec!["policy", "grant", "accounts", "--to", to, "--usage"];
@@ -91,6 +112,7 @@ fn overlap_matrix_matches_the_truth_and_both_partners_see_the_same_counts() {
     let truth = generate(&dir, 10_000);
     let server = env.serve(&[]);
     setup(&env, &server, &dir, &[]);
+    epsilon_4(&env, &server);
 
     // Without an overlap grant: a refusal naming the rule, never a matrix of zeros.
     env.cli(&server, "globex", &["overlap", "--with", "acme"])
@@ -101,6 +123,8 @@ fn overlap_matrix_matches_the_truth_and_both_partners_see_the_same_counts() {
     let a = overlap(&env, &server, "acme", "globex", &[]);
     let mine = cells(&a);
     assert_eq!(mine.len(), 9, "3 x 3 populations: {a}");
+    assert_eq!(a["protection"]["sensitivity"], 4, "names link: {a}");
+    assert_eq!(a["protection"]["epsilon"], 4.0);
     let mut total = 0u64;
     for (m, t, count, suppressed) in &mine {
         let want = truth["by_status"][format!("{m}|{t}")].as_u64().unwrap_or(0);
@@ -141,9 +165,9 @@ fn overlap_matrix_matches_the_truth_and_both_partners_see_the_same_counts() {
     assert_eq!(transposed, sorted);
 
     // One budget charge per matrix; the same question again costs nothing.
-    assert_eq!(a["epsilon_spent"], 1.0);
+    assert_eq!(a["epsilon_spent"], 4.0);
     assert_eq!(a["budgets"][0]["dataset"], "globex.accounts");
-    assert_eq!(a["budgets"][0]["spent"], 1.0);
+    assert_eq!(a["budgets"][0]["spent"], 4.0);
     let again = overlap(&env, &server, "acme", "globex", &[]);
     assert_eq!(again["repeated"], true);
     assert_eq!(again["epsilon_spent"], 0.0);
@@ -206,6 +230,7 @@ fn breakdowns_need_a_dimension_grant_and_feed_the_co_selling_report() {
     let truth = generate(&dir, 6_000);
     let server = env.serve(&[]);
     setup(&env, &server, &dir, &["--name-context", "region"]);
+    epsilon_4(&env, &server);
     grant(&env, &server, "acme", "globex", &["overlap"]).ok();
     grant(&env, &server, "globex", "acme", &["overlap"]).ok();
 

@@ -858,8 +858,12 @@ fn print_protection(out: &serde_json::Value, withheld: &str) {
     let Some(p) = out["protection"].as_object() else {
         return;
     };
+    let sensitivity = match p.get("sensitivity") {
+        Some(s) => format!(" and sensitivity {s}"),
+        None => String::new(),
+    };
     println!(
-        "protected: rows need >= {} entities (release threshold {:.1}), noise with epsilon {}; {withheld}",
+        "protected: rows need >= {} entities (release threshold {:.1}), noise with epsilon {}{sensitivity}; {withheld}",
         p["min_entities"],
         p["release_threshold"].as_f64().unwrap_or(0.0),
         p["epsilon"]

@@ -74,6 +74,9 @@ pub struct OverlapOutcome {
     pub their_populations: Vec<String>,
     pub rows: Vec<OverlapRow>,
     pub protection: Applied,
+    /// How much one company can change the cells: the noise scale is this over ε
+    /// (`max_groups_per_entity`, times `overlap::NAME_SENSITIVITY` when names link).
+    pub sensitivity: u32,
     pub cost: Cost,
 }
 
@@ -372,20 +375,25 @@ impl QueryService {
                 self.reduce(second, req.by.as_deref(), limit)
             )?;
             let by = req.by.is_some();
-            crate::queries::blocking(move || Ok(overlap::count(&a, &b, max_groups, by))).await
+            crate::queries::blocking(move || {
+                let sensitivity = overlap::sensitivity(&a, &b, max_groups);
+                Ok((overlap::count(&a, &b, max_groups, by), sensitivity))
+            })
+            .await
         };
-        let cells: Vec<CellCount> = match tokio::time::timeout(self.config.timeout, run).await {
-            Ok(cells) => cells?,
-            Err(_) => {
-                return Err(Error::bad(
-                    "query_timeout",
-                    format!(
-                        "the overlap ran longer than the limit of {} s",
-                        self.config.timeout.as_secs()
-                    ),
-                ));
-            }
-        };
+        let (cells, sensitivity): (Vec<CellCount>, u32) =
+            match tokio::time::timeout(self.config.timeout, run).await {
+                Ok(cells) => cells?,
+                Err(_) => {
+                    return Err(Error::bad(
+                        "query_timeout",
+                        format!(
+                            "the overlap ran longer than the limit of {} s",
+                            self.config.timeout.as_secs()
+                        ),
+                    ));
+                }
+            };
 
         let names = |s: &SideData| -> Vec<String> {
             s.populations.iter().map(|p| p.name.clone()).collect()
@@ -395,6 +403,7 @@ impl QueryService {
             min_entities,
             epsilon,
             max_groups_per_entity: max_groups,
+            sensitivity,
             delta: DELTA,
             noise: Noise::new(self.noise_key.clone(), fp),
         };
@@ -436,6 +445,7 @@ impl QueryService {
             by: req.by.clone(),
             rows: rows.into_iter().map(|r| r.2).collect(),
             protection: applied,
+            sensitivity,
             cost,
         })
     }
@@ -714,7 +724,8 @@ pub mod output {
                 "release_threshold": p.threshold,
                 "epsilon": p.epsilon,
                 "max_groups_per_entity": p.max_groups_per_entity,
-                "noise": "discrete Laplace on each cell's company count",
+                "sensitivity": o.sensitivity,
+                "noise": "discrete Laplace of scale sensitivity / epsilon on each cell's company count",
                 "suppressed_cells": if o.by.is_some() {
                     "cells below the threshold are not listed (their values would reveal companies)"
                 } else {

@@ -13,15 +13,23 @@
 //! join   := the smaller side's entities probed in the larger side's map
 //! link   := a name-only entity left unmatched, whose name no website entity of its own list
 //!           carries, is the other side's entity carrying that name if exactly one does (and
-//!           that entity is neither in its own list nor claimed by another name)
+//!           that entity is not in its own list). A website entity carries one name: the
+//!           smallest name id of its rows, so no two names can claim it.
 //! cells  := a common entity counts in the cells (population a, population b [, value]) in
 //!           the order (a's position, b's position, value), at most L of them. The value is
 //!           one both sides agree on, or null when they share none.
-//! release:= per cell, discrete Laplace noise of scale L/ε (the whole matrix is one
-//!           release: an entity changes at most L cells by one), and the release rule of
-//!           every answer: >= k exact entities and a noisy count >= k - 1 + the
-//!           partition-selection threshold.
+//! release:= per cell, discrete Laplace noise of scale S/ε (the whole matrix is one
+//!           release), and the release rule of every answer: >= k exact entities and a noisy
+//!           count >= k - 1 + the partition-selection threshold for S.
 //! ```
+//!
+//! S is the matrix's sensitivity: how much one company's rows can change the cells (L1).
+//! Without names a company is its own pair only: S = L. With names, its presence also
+//! decides folds and links of other entities carrying its one name; working through the
+//! cases (website company: its pair, the pair of the other side's name-only entity that
+//! links to the remaining carrier or stops matching, the fold of its own side's name-only
+//! entity into that carrier; name-only company: its pair or its fold) bounds the change by
+//! 4 pairs, each at most L cells: S = [`NAME_SENSITIVITY`] x L.
 //!
 //! Both partners get the same numbers for the same cell: every population of both datasets
 //! takes part in the bounding (whatever subset a caller is shown), the sides come in a
@@ -44,6 +52,12 @@ use crate::noise::Noise;
 
 /// Populations of one dataset that can take part in a matrix (one bit each).
 pub const MAX_POPULATIONS: usize = 64;
+
+/// How many pairs one company can change when names fold and link (see the module docs).
+pub const NAME_SENSITIVITY: u32 = 4;
+
+/// No name (a name id is a keyed 64-bit hash; 0 stands for none, a 2^-64 loss).
+const NO_NAME: u64 = 0;
 
 /// One side of a matrix: how to read a dataset version's batches.
 pub struct Side {
@@ -94,6 +108,8 @@ struct Member {
     /// A name-only entity whose name no website entity of its list carries: it may link to
     /// the other side by name.
     linkable: bool,
+    /// A website entity's name: the smallest name id of its rows, or `NO_NAME`.
+    name: u64,
 }
 
 impl Member {
@@ -101,6 +117,7 @@ impl Member {
         mask: 0,
         value: NO_VALUE,
         linkable: false,
+        name: NO_NAME,
     };
 }
 
@@ -111,8 +128,8 @@ pub struct Membership {
     /// Every entity of the list, in a population or not (mask 0: counts in no cell, but is
     /// a company of the list when names link).
     members: FastMap<Member>,
-    /// (name id, entity id) of every row keyed by its website that has a name.
-    names: Vec<(u64, u64)>,
+    /// Read with a name column: names fold and link.
+    named: bool,
     /// Name-only entities folded into a website entity of the list: from -> into.
     folded: FastMap<u64>,
     /// Entities whose rows carry more than one dimension value: all of them.
@@ -138,12 +155,16 @@ impl Membership {
         self.folded.len()
     }
 
-    /// Memory held (estimate: table slots, name pairs, value lists and interned values).
+    /// Read with a name column (names fold and link).
+    pub fn named(&self) -> bool {
+        self.named
+    }
+
+    /// Memory held (estimate: table slots, value lists and interned values).
     pub fn memory_bytes(&self) -> usize {
         let slot = size_of::<(u64, Member)>() + 1;
         let list = size_of::<(u64, Vec<u32>)>() + 1;
         self.members.capacity() * slot
-            + self.names.capacity() * size_of::<(u64, u64)>()
             + self.more_values.capacity() * list
             + self
                 .more_values
@@ -195,18 +216,7 @@ impl Membership {
         if owner.is_empty() {
             return;
         }
-        // name -> Some(its one website entity) | None (none yet); ambiguous names are
-        // collected apart.
-        let mut ambiguous: FastMap<()> = FastMap::default();
-        for &(name, entity) in &self.names {
-            match owner.get_mut(&name) {
-                Some(slot @ None) => *slot = Some(entity),
-                Some(Some(e)) if *e != entity => {
-                    ambiguous.insert(name, ());
-                }
-                _ => {}
-            }
-        }
+        let ambiguous = carriers(&self.members, &mut owner);
         for (name, target) in owner {
             if ambiguous.contains_key(&name) {
                 if let Some(m) = self.members.get_mut(&name) {
@@ -255,7 +265,10 @@ pub fn memberships(
             format!("a matrix takes at most {MAX_POPULATIONS} populations per dataset"),
         ));
     }
-    let mut out = Membership::default();
+    let mut out = Membership {
+        named: side.names.is_some(),
+        ..Membership::default()
+    };
     let mut masks = Vec::new();
     for batch in batches {
         let batch = batch.map_err(internal)?;
@@ -307,8 +320,8 @@ pub fn memberships(
             m.mask |= mask;
             match name {
                 Some(n) if n == id => m.linkable = true,
-                Some(n) => out.names.push((n, id)),
-                None => {}
+                Some(n) if m.name == NO_NAME || n < m.name => m.name = n,
+                _ => {}
             }
             if mask == 0 {
                 continue;
@@ -361,9 +374,29 @@ fn matched<'m>(
     direct.chain(linked)
 }
 
+/// Fill `slots` (name -> its one website entity in `members`, `None` while none is seen) and
+/// return the names several website entities carry.
+fn carriers(members: &FastMap<Member>, slots: &mut FastMap<Option<u64>>) -> FastMap<()> {
+    let mut ambiguous = FastMap::default();
+    for (&entity, m) in members {
+        if m.name == NO_NAME {
+            continue;
+        }
+        match slots.get_mut(&m.name) {
+            Some(slot @ None) => *slot = Some(entity),
+            Some(Some(_)) => {
+                ambiguous.insert(m.name, ());
+            }
+            None => {}
+        }
+    }
+    ambiguous
+}
+
 /// Name links between the sides: (entity of a, entity of b) pairs of companies a name-only
 /// entity of one side shares with a website entity of the other (see the module's `link`).
-/// Symmetric: `links(b, a)` gives the same pairs swapped.
+/// Symmetric: `links(b, a)` gives the same pairs swapped. A website entity carries one name,
+/// so at most one name-only entity of the other side can claim it.
 fn links(a: &Membership, b: &Membership) -> Vec<(u64, u64)> {
     // Names of `from`'s linkable entities that `to` does not hold as a key -> the one entity
     // of `to` carrying that name, if exactly one does and `from` does not hold it itself.
@@ -377,16 +410,7 @@ fn links(a: &Membership, b: &Membership) -> Vec<(u64, u64)> {
         if carrier.is_empty() {
             return Vec::new();
         }
-        let mut ambiguous: FastMap<()> = FastMap::default();
-        for &(name, entity) in &to.names {
-            match carrier.get_mut(&name) {
-                Some(slot @ None) => *slot = Some(entity),
-                Some(Some(e)) if *e != entity => {
-                    ambiguous.insert(name, ());
-                }
-                _ => {}
-            }
-        }
+        let ambiguous = carriers(&to.members, &mut carrier);
         carrier
             .into_iter()
             .filter_map(|(name, target)| Some((name, target?)))
@@ -397,14 +421,6 @@ fn links(a: &Membership, b: &Membership) -> Vec<(u64, u64)> {
     };
     let mut pairs = one_way(a, b);
     pairs.extend(one_way(b, a).into_iter().map(|(from, to)| (to, from)));
-    // A company claimed by two names (of one side) is linked to neither.
-    let mut claims: FastMap<(u32, u32)> = FastMap::default();
-    for (x, y) in &pairs {
-        claims.entry(*x).or_default().0 += 1;
-        claims.entry(*y).or_default().1 += 1;
-    }
-    pairs.retain(|(x, y)| claims[x].0 == 1 && claims[y].1 == 1);
-    pairs.sort_unstable();
     pairs
 }
 
@@ -494,12 +510,25 @@ fn bits(mask: u64) -> impl Iterator<Item = usize> {
     (0..64).filter(move |i| mask & (1 << i) != 0)
 }
 
+/// The sensitivity of a matrix of `a` and `b` with contribution bound `max_groups`: L, or
+/// [`NAME_SENSITIVITY`] x L when either side's names fold and link.
+pub fn sensitivity(a: &Membership, b: &Membership, max_groups: u32) -> u32 {
+    let l = max_groups.max(1);
+    if a.named || b.named {
+        l * NAME_SENSITIVITY
+    } else {
+        l
+    }
+}
+
 /// How a matrix is protected (the strictest settings of both datasets).
 #[derive(Debug, Clone)]
 pub struct OverlapProtection {
     pub min_entities: u64,
     pub epsilon: f64,
     pub max_groups_per_entity: u32,
+    /// How much one company can change the cells ([`sensitivity`]).
+    pub sensitivity: u32,
     pub delta: f64,
     pub noise: Noise,
 }
@@ -526,8 +555,8 @@ pub fn release(
     by: bool,
     p: &OverlapProtection,
 ) -> (Vec<ReleasedCell>, Applied) {
-    let threshold = release_threshold(p.min_entities, p.epsilon, p.max_groups_per_entity, p.delta);
-    let scale = f64::from(p.max_groups_per_entity.max(1)) / p.epsilon;
+    let threshold = release_threshold(p.min_entities, p.epsilon, p.sensitivity, p.delta);
+    let scale = f64::from(p.sensitivity.max(1)) / p.epsilon;
     let noisy = |a: usize, b: usize, value: Option<&str>, n: u64| -> Option<u64> {
         let mut group = Vec::new();
         for part in [Some(names_a[a].as_str()), Some(names_b[b].as_str()), value] {
@@ -762,8 +791,8 @@ mod tests {
             (4000, Some(4000), "customer"), // two companies of a carry that name: no link
             (400, Some(4000), "prospect"),
             (401, Some(4000), "prospect"),
-            (5000, Some(5000), "customer"), // two names of a claim b's 500: neither links
-            (5001, Some(5001), "customer"),
+            (5000, Some(5000), "customer"), // b's 500 carries 5000 (its smallest name): links
+            (5001, Some(5001), "customer"), // ... so 5001 finds no company
             (6000, Some(6000), "customer"), // b's 600 is a company of a already: no link
             (600, None, "customer"),
             (700, Some(7000), "prospect"), // b's name-only 7000 links here
@@ -786,9 +815,14 @@ mod tests {
                 .collect()
         };
         let (ma, mb) = (named(&a, true), named(&b, true));
-        // customer x opportunity: 100 (best status after the fold), 200 (linked), 600;
-        // customer x prospect: 4000; prospect x customer: 700 (linked from b).
-        assert_eq!(cells(&ma, &mb), vec![(0, 1, 3), (0, 2, 1), (2, 0, 1)]);
+        // customer x customer: 500 (linked); customer x opportunity: 100 (best status after
+        // the fold), 200 (linked), 600; customer x prospect: 4000; prospect x customer: 700
+        // (linked from b).
+        assert_eq!(
+            cells(&ma, &mb),
+            vec![(0, 0, 1), (0, 1, 3), (0, 2, 1), (2, 0, 1)]
+        );
+        assert_eq!(sensitivity(&ma, &mb, 2), 2 * NAME_SENSITIVITY);
         // Links are symmetric: the transposed question transposes the cells.
         let mut t: Vec<_> = cells(&mb, &ma)
             .into_iter()
@@ -799,6 +833,7 @@ mod tests {
         // Without a name fallback nothing folds or links: 100 counts as a prospect.
         let (ma, mb) = (named(&a, false), named(&b, false));
         assert_eq!(cells(&ma, &mb), vec![(0, 1, 1), (0, 2, 1), (2, 1, 1)]);
+        assert_eq!(sensitivity(&ma, &mb, 2), 2);
     }
 
     #[test]
@@ -832,6 +867,7 @@ mod tests {
             min_entities: 5,
             epsilon: 1.0,
             max_groups_per_entity: 1,
+            sensitivity: 1,
             delta: 1e-6,
             noise: Noise::new(NoiseKey::new([1; 32]), [2; 32]),
         };
