@@ -209,7 +209,7 @@ for a in names:
         rel = cells.get((a, b))
         worst_noise = max(worst_noise, abs((rel or 0) - e))
         print(f"  {a:>11} x {b:<11} {t:>8} | {e:>8} ({(e - t) / t:+.2%}) | {rel!s:>8} ({(rel or 0) - e:+d}) | {duck_cells.get((a, b), 0):>8}")
-print(f"  largest noise on a cell: {worst_noise} (discrete Laplace, scale L/eps = "
-      f"{body['protection']['max_groups_per_entity'] / body['protection']['epsilon']:.1f})")
+print(f"  largest noise on a cell: {worst_noise} (discrete Laplace, scale sensitivity/eps = "
+      f"{body['protection']['sensitivity'] / body['protection']['epsilon']:.1f})")
 PY
 echo "server peak RSS: $(awk '/VmHWM/ {printf "%.0f MB", $2/1024}' "/proc/$PID/status") (per-query limit: 1024 MB; the plaintext cache holds up to 1024 MB)"
