@@ -39,7 +39,9 @@ A="$DATA/identities/acme/admin"
 G="$DATA/identities/globex/admin"
 
 echo "== escrow's matches for the quality check (ingest + overlap engine on the plaintext)"
-for ctx in "" region region,industry $NAME_CONTEXT; do
+CONTEXTS=("" region region,industry)
+case " ${CONTEXTS[*]} " in *" $NAME_CONTEXT "*) ;; *) CONTEXTS+=("$NAME_CONTEXT") ;; esac
+for ctx in "${CONTEXTS[@]}"; do
   "$MATCHES_BIN" "$GEN/acme.arrow" "$GEN/globex.arrow" website company_name $ctx "$OUT/matches-${ctx:-none}" 2> /dev/null
 done
 

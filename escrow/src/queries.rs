@@ -473,7 +473,10 @@ pub(crate) fn query_form(
             arrow_schema::DataType::UInt64,
             true,
         )));
-        executes = Arc::new(arrow_schema::Schema::new(fields));
+        executes = Arc::new(arrow_schema::Schema::new_with_metadata(
+            fields,
+            executes.metadata().clone(),
+        ));
     }
     let key_index = declared
         .index_of(key)

@@ -155,16 +155,12 @@ impl Membership {
         self.folded.len()
     }
 
-    /// Read with a name column (names fold and link).
-    pub fn named(&self) -> bool {
-        self.named
-    }
-
     /// Memory held (estimate: table slots, value lists and interned values).
     pub fn memory_bytes(&self) -> usize {
         let slot = size_of::<(u64, Member)>() + 1;
         let list = size_of::<(u64, Vec<u32>)>() + 1;
         self.members.capacity() * slot
+            + self.folded.capacity() * (size_of::<(u64, u64)>() + 1)
             + self.more_values.capacity() * list
             + self
                 .more_values
@@ -184,56 +180,36 @@ impl Membership {
         i
     }
 
-    /// Record that entity `id` has dimension value `value`.
-    fn add_value(&mut self, id: u64, value: u32) {
-        let Some(m) = self.members.get_mut(&id) else {
-            return;
-        };
-        if value == NO_VALUE || m.value == value {
-            return;
-        }
-        if m.value == NO_VALUE {
-            m.value = value;
-            return;
-        }
-        let first = m.value;
-        let all = self.more_values.entry(id).or_insert_with(|| vec![first]);
-        if !all.contains(&value) {
-            all.push(value);
-        }
-    }
-
     /// Fold name-only entities into the one website entity of this list that carries their
     /// name; a name-only entity whose name several website entities carry stays on its own
     /// and never links (which company it is cannot be told).
     fn fold_names(&mut self) {
-        let mut owner: FastMap<Option<u64>> = self
+        let linkable = self
             .members
             .iter()
             .filter(|(_, m)| m.linkable)
-            .map(|(id, _)| (*id, None))
-            .collect();
-        if owner.is_empty() {
-            return;
-        }
-        let ambiguous = carriers(&self.members, &mut owner);
-        for (name, target) in owner {
-            if ambiguous.contains_key(&name) {
-                if let Some(m) = self.members.get_mut(&name) {
-                    m.linkable = false;
+            .map(|(id, _)| *id);
+        for (name, carrier) in carriers(linkable, &self.members) {
+            match carrier {
+                Carrier::Nobody => {}
+                Carrier::Several => {
+                    if let Some(m) = self.members.get_mut(&name) {
+                        m.linkable = false;
+                    }
                 }
-                continue;
-            }
-            let Some(target) = target else { continue };
-            let Some(from) = self.members.remove(&name) else {
-                continue;
-            };
-            let values = self.values_of(name, &from);
-            self.more_values.remove(&name);
-            self.folded.insert(name, target);
-            self.members.entry(target).or_insert(Member::EMPTY).mask |= from.mask;
-            for v in values {
-                self.add_value(target, v);
+                Carrier::One(target) => {
+                    let Some(from) = self.members.remove(&name) else {
+                        continue;
+                    };
+                    let values = self.values_of(name, &from);
+                    self.more_values.remove(&name);
+                    self.folded.insert(name, target);
+                    let m = self.members.entry(target).or_insert(Member::EMPTY);
+                    m.mask |= from.mask;
+                    for v in values {
+                        add_value(m, &mut self.more_values, target, v);
+                    }
+                }
             }
         }
     }
@@ -244,6 +220,22 @@ impl Membership {
             None if m.value != NO_VALUE => vec![m.value],
             None => Vec::new(),
         }
+    }
+}
+
+/// Record that entity `id` (member `m`) has dimension value `value`.
+fn add_value(m: &mut Member, more_values: &mut FastMap<Vec<u32>>, id: u64, value: u32) {
+    if value == NO_VALUE || m.value == value {
+        return;
+    }
+    if m.value == NO_VALUE {
+        m.value = value;
+        return;
+    }
+    let first = m.value;
+    let all = more_values.entry(id).or_insert_with(|| vec![first]);
+    if !all.contains(&value) {
+        all.push(value);
     }
 }
 
@@ -316,6 +308,10 @@ pub fn memberships(
             }
             let id = ids.value(i);
             let name = names.and_then(|n| n.is_valid(i).then(|| n.value(i)));
+            let value = match &values {
+                Some(v) if mask != 0 && v.is_valid(i) => out.intern(v.value(i)),
+                _ => NO_VALUE,
+            };
             let m = out.members.entry(id).or_insert(Member::EMPTY);
             m.mask |= mask;
             match name {
@@ -323,15 +319,7 @@ pub fn memberships(
                 Some(n) if m.name == NO_NAME || n < m.name => m.name = n,
                 _ => {}
             }
-            if mask == 0 {
-                continue;
-            }
-            if let Some(v) = &values
-                && v.is_valid(i)
-            {
-                let value = out.intern(v.value(i));
-                out.add_value(id, value);
-            }
+            add_value(m, &mut out.more_values, id, value);
         }
         if out.memory_bytes() > memory_limit {
             return Err(QueryError::ResourcesExhausted(format!(
@@ -374,23 +362,32 @@ fn matched<'m>(
     direct.chain(linked)
 }
 
-/// Fill `slots` (name -> its one website entity in `members`, `None` while none is seen) and
-/// return the names several website entities carry.
-fn carriers(members: &FastMap<Member>, slots: &mut FastMap<Option<u64>>) -> FastMap<()> {
-    let mut ambiguous = FastMap::default();
+/// Which website entities of a side carry a name.
+#[derive(Debug, Clone, Copy)]
+enum Carrier {
+    Nobody,
+    One(u64),
+    Several,
+}
+
+/// For each of `names`, which website entity of `members` carries it.
+fn carriers(names: impl Iterator<Item = u64>, members: &FastMap<Member>) -> FastMap<Carrier> {
+    let mut slots: FastMap<Carrier> = names.map(|n| (n, Carrier::Nobody)).collect();
+    if slots.is_empty() {
+        return slots;
+    }
     for (&entity, m) in members {
         if m.name == NO_NAME {
             continue;
         }
-        match slots.get_mut(&m.name) {
-            Some(slot @ None) => *slot = Some(entity),
-            Some(Some(_)) => {
-                ambiguous.insert(m.name, ());
-            }
-            None => {}
+        if let Some(slot) = slots.get_mut(&m.name) {
+            *slot = match slot {
+                Carrier::Nobody => Carrier::One(entity),
+                _ => Carrier::Several,
+            };
         }
     }
-    ambiguous
+    slots
 }
 
 /// Name links between the sides: (entity of a, entity of b) pairs of companies a name-only
@@ -401,21 +398,16 @@ fn links(a: &Membership, b: &Membership) -> Vec<(u64, u64)> {
     // Names of `from`'s linkable entities that `to` does not hold as a key -> the one entity
     // of `to` carrying that name, if exactly one does and `from` does not hold it itself.
     let one_way = |from: &Membership, to: &Membership| -> Vec<(u64, u64)> {
-        let mut carrier: FastMap<Option<u64>> = from
+        let names = from
             .members
             .iter()
             .filter(|(id, m)| m.linkable && !to.members.contains_key(id))
-            .map(|(id, _)| (*id, None))
-            .collect();
-        if carrier.is_empty() {
-            return Vec::new();
-        }
-        let ambiguous = carriers(&to.members, &mut carrier);
-        carrier
+            .map(|(id, _)| *id);
+        carriers(names, &to.members)
             .into_iter()
-            .filter_map(|(name, target)| Some((name, target?)))
-            .filter(|(name, target)| {
-                !ambiguous.contains_key(name) && !from.members.contains_key(target)
+            .filter_map(|(name, carrier)| match carrier {
+                Carrier::One(target) if !from.members.contains_key(&target) => Some((name, target)),
+                _ => None,
             })
             .collect()
     };
