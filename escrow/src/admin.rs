@@ -1,7 +1,9 @@
-//! Operator commands on a data directory: `init`, `partner add`, `partner revoke`.
+//! Operator commands on a data directory: `init`, `partner add|revoke`, `user add|revoke`.
+//! Every change is audited in the same transaction as its catalog write.
 //! They work whether or not a server is running on the same directory (SQLite WAL; the
 //! server notices a new CRL on the next handshake).
 
+use crate::audit::{self, Actor, AuditLog, Event, Outcome};
 use crate::catalog::Catalog;
 use crate::crypto::keys::Kek;
 use crate::datadir::{DataDir, validate_name};
@@ -12,6 +14,7 @@ use crate::{Error, Result, pki};
 pub struct InitReport {
     pub kek: bool,
     pub noise_key: bool,
+    pub audit_key: bool,
     pub ca: bool,
     pub crl: bool,
     pub server_cert: bool,
@@ -19,7 +22,7 @@ pub struct InitReport {
 
 impl InitReport {
     pub fn created_anything(&self) -> bool {
-        self.kek || self.noise_key || self.ca || self.crl || self.server_cert
+        self.kek || self.noise_key || self.audit_key || self.ca || self.crl || self.server_cert
     }
 }
 
@@ -29,6 +32,7 @@ pub fn init(dir: &DataDir) -> Result<InitReport> {
     let mut report = InitReport {
         kek: Kek::create_if_missing(&dir.kek())?,
         noise_key: crate::crypto::keys::create_secret_if_missing(&dir.noise_key())?,
+        audit_key: crate::crypto::keys::create_secret_if_missing(&dir.audit_key())?,
         ca: pki::create_ca_if_missing(dir)?,
         ..Default::default()
     };
@@ -42,44 +46,134 @@ pub fn init(dir: &DataDir) -> Result<InitReport> {
     Ok(report)
 }
 
-/// Register a partner and issue its admin identity. Returns the bundle directory.
-pub fn add_partner(dir: &DataDir, name: &str) -> Result<std::path::PathBuf> {
-    validate_name("partner", name)?;
+/// The catalog and audit log of an initialised data directory, for operator commands.
+fn open(dir: &DataDir) -> Result<(Catalog, AuditLog)> {
     ensure_initialised(dir)?;
-    let catalog = Catalog::open(&dir.catalog())?;
-    catalog.add_partner(name)?;
-    add_identity(dir, &catalog, name, "admin", "admin")
+    Ok((Catalog::open(&dir.catalog())?, AuditLog::open(dir)?))
 }
 
-/// Issue an identity certificate for `user` of `partner` and write its bundle.
-pub fn add_identity(
+/// Register a partner and issue its admin identity. Returns the bundle directory.
+pub fn add_partner(dir: &DataDir, name: &str) -> Result<std::path::PathBuf> {
+    let (catalog, log) = open(dir)?;
+    let event = Event::new(
+        "partner_add",
+        Actor::operator(),
+        Outcome::Ok,
+        serde_json::json!({ "partner": name }),
+    )
+    .touching([name]);
+    audit::audited(&catalog, &log, event, |hook| {
+        validate_name("partner", name)?;
+        catalog.add_partner(name, |tx| hook.append(tx, serde_json::json!({})))
+    })?;
+    add_user_in(
+        dir,
+        &catalog,
+        &log,
+        &Actor::operator(),
+        name,
+        "admin",
+        "admin",
+    )
+}
+
+/// Issue an identity for `user` of `partner` with `role` and write its bundle to
+/// `DIR/identities/PARTNER/USER/`. `actor` is the operator or the partner's admin.
+pub fn add_user(
     dir: &DataDir,
-    catalog: &Catalog,
+    actor: &Actor,
     partner: &str,
     user: &str,
     role: &str,
 ) -> Result<std::path::PathBuf> {
-    validate_name("user", user)?;
-    let issued = pki::issue_identity(dir, partner, user)?;
-    let bundle = dir.identity_bundle(partner, user);
-    // Bundle first: a registered serial without a bundle would be an identity nobody holds.
-    pki::write_bundle(dir, &bundle, &issued)?;
-    catalog.add_identity(&issued.serial, partner, user, role)?;
-    Ok(bundle)
+    let (catalog, log) = open(dir)?;
+    add_user_in(dir, &catalog, &log, actor, partner, user, role)
+}
+
+fn add_user_in(
+    dir: &DataDir,
+    catalog: &Catalog,
+    log: &AuditLog,
+    actor: &Actor,
+    partner: &str,
+    user: &str,
+    role: &str,
+) -> Result<std::path::PathBuf> {
+    let event = Event::new(
+        "user_add",
+        actor.clone(),
+        Outcome::Ok,
+        serde_json::json!({ "partner": partner, "user": user, "role": role }),
+    )
+    .touching([partner]);
+    audit::audited(catalog, log, event, |hook| {
+        validate_name("partner", partner)?;
+        validate_name("user", user)?;
+        escrow_policies::roles::check_role(role).map_err(|e| Error::bad("invalid_role", e))?;
+        if !catalog.partner_is_active(partner)? {
+            return Err(Error::NotFound(format!(
+                "no active partner named {partner}"
+            )));
+        }
+        if catalog.user_is_active(partner, user)? {
+            return Err(Error::Conflict(format!(
+                "{partner} already has a user {user}; revoke it first"
+            )));
+        }
+        let issued = pki::issue_identity(dir, partner, user)?;
+        let bundle = dir.identity_bundle(partner, user);
+        // Bundle first: a registered serial without a bundle would be an identity nobody
+        // holds; a bundle whose serial never got registered is refused at every request.
+        pki::write_bundle(dir, &bundle, &issued)?;
+        catalog.add_identity(&issued.serial, partner, user, role, |tx| {
+            hook.append(tx, serde_json::json!({ "serial": issued.serial }))
+        })?;
+        Ok(bundle)
+    })
+}
+
+/// Revoke one user's identity: its certificate goes on the CRL and stops working at once.
+pub fn revoke_user(dir: &DataDir, actor: &Actor, partner: &str, user: &str) -> Result<()> {
+    let (catalog, log) = open(dir)?;
+    let event = Event::new(
+        "user_revoke",
+        actor.clone(),
+        Outcome::Ok,
+        serde_json::json!({ "partner": partner, "user": user }),
+    )
+    .touching([partner]);
+    let (revoked, number) = audit::audited(&catalog, &log, event, |hook| {
+        validate_name("partner", partner)?;
+        validate_name("user", user)?;
+        catalog.revoke_user(partner, user, |tx| hook.append(tx, serde_json::json!({})))
+    })?;
+    pki::write_crl(dir, &revoked, number)
 }
 
 /// Revoke a partner: every identity of it goes on the CRL and stops working at once.
 pub fn revoke_partner(dir: &DataDir, name: &str) -> Result<usize> {
-    validate_name("partner", name)?;
-    ensure_initialised(dir)?;
-    let catalog = Catalog::open(&dir.catalog())?;
-    let (revoked, number) = catalog.revoke_partner(name)?;
+    let (catalog, log) = open(dir)?;
+    let event = Event::new(
+        "partner_revoke",
+        Actor::operator(),
+        Outcome::Ok,
+        serde_json::json!({ "partner": name }),
+    )
+    .touching([name]);
+    let (revoked, number) = audit::audited(&catalog, &log, event, |hook| {
+        validate_name("partner", name)?;
+        catalog.revoke_partner(name, |tx| hook.append(tx, serde_json::json!({})))
+    })?;
     pki::write_crl(dir, &revoked, number)?;
     Ok(revoked.len())
 }
 
 fn ensure_initialised(dir: &DataDir) -> Result<()> {
-    if dir.ca_key().exists() && dir.kek().exists() && dir.catalog().exists() {
+    if dir.ca_key().exists()
+        && dir.kek().exists()
+        && dir.audit_key().exists()
+        && dir.catalog().exists()
+    {
         Ok(())
     } else {
         Err(Error::bad(
@@ -90,4 +184,42 @@ fn ensure_initialised(dir: &DataDir) -> Result<()> {
             ),
         ))
     }
+}
+
+/// The whole audit log (operator view), ending in a fresh signed checkpoint.
+pub fn audit_export(dir: &DataDir, out: &mut impl std::io::Write) -> Result<u64> {
+    let (catalog, log) = open(dir)?;
+    catalog.write(|tx| log.checkpoint(tx))?;
+    audit::export(log.path(), &audit::Viewer::Operator, out)
+}
+
+/// Every audit record (operator view).
+pub fn audit_list(
+    dir: &DataDir,
+    since: Option<time::OffsetDateTime>,
+) -> Result<Vec<audit::Record>> {
+    let (_, log) = open(dir)?;
+    audit::list(log.path(), &audit::Viewer::Operator, since)
+}
+
+/// Verify the stored audit log: the chain, every signature against this escrow's key, and
+/// that it reaches the catalog's anchor (so a truncated log fails too).
+pub fn audit_verify(
+    dir: &DataDir,
+) -> Result<std::result::Result<audit::Verified, audit::VerifyFailure>> {
+    let (catalog, log) = open(dir)?;
+    let anchor = catalog.write(|tx| audit::anchor(tx))?;
+    let file = match std::fs::File::open(log.path()) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && anchor.seq == 0 => {
+            return Ok(Ok(audit::Verified::default()));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let opts = audit::VerifyOptions {
+        public_key: Some(log.public_key().to_string()),
+        must_contain: (anchor.seq > 0).then(|| (anchor.seq, hex::encode(anchor.hash))),
+        whole: false,
+    };
+    Ok(audit::verify(file, &opts))
 }

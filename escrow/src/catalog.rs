@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use serde::Serialize;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -96,6 +96,12 @@ CREATE TABLE IF NOT EXISTS populations (
     created_at  TEXT NOT NULL,
     created_by  TEXT NOT NULL,
     PRIMARY KEY (owner, dataset, name)
+);
+-- The audit log's last record (audit.rs): the log file may run ahead of it, never behind.
+CREATE TABLE IF NOT EXISTS audit_anchor (
+    id      INTEGER PRIMARY KEY CHECK (id = 1),
+    seq     INTEGER NOT NULL,
+    hash    BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS crl_state (
     id      INTEGER PRIMARY KEY CHECK (id = 1),
@@ -245,6 +251,17 @@ impl Catalog {
         self.policy_generation.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// Run `f` in one write transaction (taken at once, so writers queue here rather than
+    /// fail later); committed only if `f` succeeds. Audit appends run inside it, so the
+    /// catalog lock always comes before the audit file lock, in every process.
+    pub fn write<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll
         // back on drop), so a poisoned lock is safe to reuse.
@@ -253,42 +270,61 @@ impl Catalog {
 
     // ---- partners and identities -------------------------------------------------------
 
-    /// Register a partner; fails with `conflict` if it exists.
-    pub fn add_partner(&self, name: &str) -> Result<()> {
-        let conn = self.conn();
-        let exists: Option<Option<String>> = conn
-            .query_row(
-                "SELECT revoked_at FROM partners WHERE name = ?1",
-                [name],
-                |r| r.get(0),
-            )
-            .optional()?;
-        match exists {
-            Some(None) => Err(Error::Conflict(format!("partner {name} already exists"))),
-            Some(Some(_)) => Err(Error::Conflict(format!(
-                "partner {name} was revoked; partner names are not reused"
-            ))),
-            None => {
-                conn.execute(
-                    "INSERT INTO partners (name, created_at) VALUES (?1, ?2)",
-                    params![name, now_rfc3339()],
-                )?;
-                Ok(())
+    /// Register a partner; fails with `conflict` if it exists. `after` runs in the same
+    /// transaction (the audit record).
+    pub fn add_partner(
+        &self,
+        name: &str,
+        after: impl FnOnce(&Connection) -> Result<()>,
+    ) -> Result<()> {
+        self.write(|conn| {
+            let exists: Option<Option<String>> = conn
+                .query_row(
+                    "SELECT revoked_at FROM partners WHERE name = ?1",
+                    [name],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            match exists {
+                Some(None) => Err(Error::Conflict(format!("partner {name} already exists"))),
+                Some(Some(_)) => Err(Error::Conflict(format!(
+                    "partner {name} was revoked; partner names are not reused"
+                ))),
+                None => {
+                    conn.execute(
+                        "INSERT INTO partners (name, created_at) VALUES (?1, ?2)",
+                        params![name, now_rfc3339()],
+                    )?;
+                    after(conn)
+                }
             }
-        }
+        })
     }
 
     /// Record an issued identity certificate.
-    pub fn add_identity(&self, serial: &str, partner: &str, user: &str, role: &str) -> Result<()> {
-        self.conn().execute(
-            "INSERT INTO identities (serial, partner, user, role, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![serial, partner, user, role, now_rfc3339()],
-        )?;
-        Ok(())
+    pub fn add_identity(
+        &self,
+        serial: &str,
+        partner: &str,
+        user: &str,
+        role: &str,
+        after: impl FnOnce(&Connection) -> Result<()>,
+    ) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO identities (serial, partner, user, role, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![serial, partner, user, role, now_rfc3339()],
+            )?;
+            after(tx)
+        })
     }
 
     /// Revoke a partner and all its identities; returns the new CRL contents and number.
-    pub fn revoke_partner(&self, name: &str) -> Result<(Vec<(String, OffsetDateTime)>, u64)> {
+    pub fn revoke_partner(
+        &self,
+        name: &str,
+        after: impl FnOnce(&Connection) -> Result<()>,
+    ) -> Result<(Vec<(String, OffsetDateTime)>, u64)> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let now = now_rfc3339();
@@ -315,8 +351,90 @@ impl Catalog {
         )?;
         tx.execute("UPDATE crl_state SET number = number + 1 WHERE id = 1", [])?;
         let out = revocations_in(&tx)?;
+        after(&tx)?;
         tx.commit()?;
         Ok(out)
+    }
+
+    /// Revoke one user's active identity; returns the new CRL contents and number.
+    pub fn revoke_user(
+        &self,
+        partner: &str,
+        user: &str,
+        after: impl FnOnce(&Connection) -> Result<()>,
+    ) -> Result<(Vec<(String, OffsetDateTime)>, u64)> {
+        self.write(|tx| {
+            let n = tx.execute(
+                "UPDATE identities SET revoked_at = ?3
+                 WHERE partner = ?1 AND user = ?2 AND revoked_at IS NULL",
+                params![partner, user, now_rfc3339()],
+            )?;
+            if n == 0 {
+                return Err(Error::NotFound(format!(
+                    "{partner} has no active user {user}"
+                )));
+            }
+            tx.execute("UPDATE crl_state SET number = number + 1 WHERE id = 1", [])?;
+            let out = revocations_in(tx)?;
+            after(tx)?;
+            Ok(out)
+        })
+    }
+
+    pub fn partner_is_active(&self, name: &str) -> Result<bool> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT 1 FROM partners WHERE name = ?1 AND revoked_at IS NULL",
+                [name],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+
+    pub fn user_is_active(&self, partner: &str, user: &str) -> Result<bool> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT 1 FROM identities WHERE partner = ?1 AND user = ?2 AND revoked_at IS NULL",
+                params![partner, user],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+
+    /// Every active user's role (the grouping rules of the role policy), and a generation
+    /// that changes whenever an identity is added or revoked.
+    pub fn role_assignments(&self) -> Result<(Vec<IdentityRow>, (i64, i64))> {
+        let conn = self.conn();
+        let generation = conn.query_row(
+            "SELECT COUNT(*), COUNT(revoked_at) FROM identities",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let mut st = conn.prepare(
+            "SELECT i.partner, i.user, i.role FROM identities i JOIN partners p ON p.name = i.partner
+             WHERE i.revoked_at IS NULL AND p.revoked_at IS NULL ORDER BY i.partner, i.user",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok(IdentityRow {
+                partner: r.get(0)?,
+                user: r.get(1)?,
+                role: r.get(2)?,
+            })
+        })?;
+        Ok((rows.collect::<rusqlite::Result<_>>()?, generation))
+    }
+
+    /// The generation of `role_assignments`, cheaply.
+    pub fn identity_generation(&self) -> Result<(i64, i64)> {
+        Ok(self.conn().query_row(
+            "SELECT COUNT(*), COUNT(revoked_at) FROM identities",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?)
     }
 
     /// Every revoked serial with its revocation time, and the current CRL number.
@@ -369,7 +487,12 @@ impl Catalog {
     }
 
     /// Record a complete version; it becomes the live one. Returns its version number.
-    pub fn commit_version(&self, v: &NewVersion) -> Result<i64> {
+    /// `after` runs in the same transaction with the version number (the audit record).
+    pub fn commit_version(
+        &self,
+        v: &NewVersion,
+        after: impl FnOnce(&Connection, i64) -> Result<()>,
+    ) -> Result<i64> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let exists = tx
@@ -411,6 +534,7 @@ impl Catalog {
                 now_rfc3339()
             ],
         )?;
+        after(&tx, version)?;
         tx.commit()?;
         Ok(version)
     }
@@ -469,7 +593,12 @@ impl Catalog {
 
     /// Delete a dataset and every version row (with its wrapped key). Returns the dataset id
     /// and the number of versions removed; `not_found` if the owner has no such dataset.
-    pub fn delete_dataset(&self, owner: &str, name: &str) -> Result<(String, usize)> {
+    pub fn delete_dataset(
+        &self,
+        owner: &str,
+        name: &str,
+        after: impl FnOnce(&Connection, usize) -> Result<()>,
+    ) -> Result<(String, usize)> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let id: Option<String> = tx
@@ -498,6 +627,7 @@ impl Catalog {
             params![owner, name],
         )?;
         tx.execute("DELETE FROM datasets WHERE id = ?1", [&id])?;
+        after(&tx, n)?;
         tx.commit()?;
         self.policy_changed();
         // Push the deleted pages out of the WAL into the (secure-deleted) main file.
@@ -518,7 +648,12 @@ impl Catalog {
     /// Define a population (`p.position` is ignored). Returns its position and whether it is
     /// new: the same definition again changes nothing; a different filter under the same
     /// name is a conflict.
-    pub fn add_population(&self, p: &Population, by: &str) -> Result<(i64, bool)> {
+    pub fn add_population(
+        &self,
+        p: &Population,
+        by: &str,
+        after: impl FnOnce(&Connection, bool) -> Result<()>,
+    ) -> Result<(i64, bool)> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let existing: Option<(String, i64)> = tx
@@ -529,7 +664,11 @@ impl Catalog {
             )
             .optional()?;
         match existing {
-            Some((f, position)) if f == p.filter => return Ok((position, false)),
+            Some((f, position)) if f == p.filter => {
+                after(&tx, false)?;
+                tx.commit()?;
+                return Ok((position, false));
+            }
             Some(_) => {
                 return Err(Error::Conflict(format!(
                     "{}.{} already has a population {}; remove it first",
@@ -548,15 +687,22 @@ impl Catalog {
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![p.owner, p.dataset, p.name, p.filter, position, now_rfc3339(), by],
         )?;
+        after(&tx, true)?;
         tx.commit()?;
         self.policy_changed();
         Ok((position, true))
     }
 
-    /// Remove a population; false if there was none.
     /// Remove a population and the overlap grants that name it (a later population of the
-    /// same name is a new definition and needs its own grants).
-    pub fn remove_population(&self, owner: &str, dataset: &str, name: &str) -> Result<bool> {
+    /// same name is a new definition and needs its own grants); false if there was none
+    /// (nothing changes then and `after` does not run).
+    pub fn remove_population(
+        &self,
+        owner: &str,
+        dataset: &str,
+        name: &str,
+        after: impl FnOnce(&Connection) -> Result<()>,
+    ) -> Result<bool> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let n = tx.execute(
@@ -567,6 +713,10 @@ impl Catalog {
             "DELETE FROM grants WHERE owner = ?1 AND dataset = ?2 AND col = ?3 AND usage = ?4",
             params![owner, dataset, name, Usage::Overlap.as_str()],
         )?;
+        if n == 0 {
+            return Ok(false);
+        }
+        after(&tx)?;
         tx.commit()?;
         drop(conn);
         self.policy_changed();
@@ -594,9 +744,16 @@ impl Catalog {
 
     // ---- grants ------------------------------------------------------------------------
 
-    /// Record a grant; returns false if it already existed (nothing changed).
-    pub fn add_grant(&self, g: &Grant, by: &str) -> Result<bool> {
-        let n = self.conn().execute(
+    /// Record a grant; returns false if it already existed (nothing changed). `after` runs
+    /// in the same transaction.
+    pub fn add_grant(
+        &self,
+        g: &Grant,
+        by: &str,
+        after: impl FnOnce(&Connection, bool) -> Result<()>,
+    ) -> Result<bool> {
+        let n = self.write(|tx| {
+            let n = tx.execute(
             "INSERT OR IGNORE INTO grants (owner, dataset, col, grantee, usage, created_at, created_by)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
@@ -609,13 +766,22 @@ impl Catalog {
                 by
             ],
         )?;
+            after(tx, n == 1)?;
+            Ok(n)
+        })?;
         self.policy_changed();
         Ok(n == 1)
     }
 
-    /// Remove a grant; returns false if there was no such grant.
-    pub fn remove_grant(&self, g: &Grant) -> Result<bool> {
-        let n = self.conn().execute(
+    /// Remove a grant; returns false if there was no such grant (then `after` does not
+    /// run).
+    pub fn remove_grant(
+        &self,
+        g: &Grant,
+        after: impl FnOnce(&Connection) -> Result<()>,
+    ) -> Result<bool> {
+        let n = self.write(|tx| {
+            let n = tx.execute(
             "DELETE FROM grants WHERE owner = ?1 AND dataset = ?2 AND col = ?3 AND grantee = ?4 AND usage = ?5",
             params![
                 g.owner,
@@ -625,6 +791,11 @@ impl Catalog {
                 g.usage.as_str()
             ],
         )?;
+            if n == 1 {
+                after(tx)?;
+            }
+            Ok(n)
+        })?;
         self.policy_changed();
         Ok(n == 1)
     }
@@ -694,15 +865,19 @@ impl Catalog {
         dataset: &str,
         json: &str,
         by: &str,
+        after: impl FnOnce(&Connection) -> Result<()>,
     ) -> Result<()> {
-        self.conn().execute(
-            "INSERT INTO dataset_settings (owner, dataset, settings, updated_at, updated_by)
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO dataset_settings (owner, dataset, settings, updated_at, updated_by)
              VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT (owner, dataset) DO UPDATE SET
                settings = excluded.settings, updated_at = excluded.updated_at,
                updated_by = excluded.updated_by",
-            params![owner, dataset, json, now_rfc3339(), by],
-        )?;
+                params![owner, dataset, json, now_rfc3339(), by],
+            )?;
+            after(tx)
+        })?;
         self.policy_changed();
         Ok(())
     }

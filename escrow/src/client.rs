@@ -227,6 +227,28 @@ impl Client {
         }
     }
 
+    /// GET a JSON endpoint with query parameters.
+    pub async fn get_json(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+        what: &str,
+    ) -> anyhow::Result<serde_json::Value> {
+        self.send(
+            self.http.get(format!("{}/{path}", self.base)).query(query),
+            what,
+        )
+        .await
+    }
+
+    /// GET an endpoint's body as text.
+    pub async fn get_text(&self, path: &str, what: &str) -> anyhow::Result<String> {
+        let bytes = self
+            .send_raw(self.http.get(format!("{}/{path}", self.base)), what)
+            .await?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
     pub async fn policies(&self) -> anyhow::Result<serde_json::Value> {
         self.send(
             self.http.get(format!("{}/v1/policies", self.base)),

@@ -4,6 +4,8 @@
 //! DIR/escrow.db                     catalog (SQLite, WAL): partners, identities, datasets, wrapped keys
 //! DIR/keys/kek                      key-encryption key (32 bytes, 0600)
 //! DIR/keys/noise                    secret seed of differential-privacy noise (32 bytes, 0600)
+//! DIR/keys/audit                    Ed25519 seed signing the audit log (32 bytes, 0600)
+//! DIR/audit/log.jsonl               audit log: hash-chained, signed JSON lines (audit.rs)
 //! DIR/ca/ca.pem, ca.key, crl.pem    dev certificate authority and its revocation list
 //! DIR/tls/server.pem, server.key    server certificate (localhost, 127.0.0.1, ::1)
 //! DIR/identities/PARTNER/USER/      client bundles: cert.pem, key.pem, ca.pem
@@ -34,6 +36,17 @@ impl DataDir {
     }
     pub fn kek(&self) -> PathBuf {
         self.keys().join("kek")
+    }
+    /// Ed25519 seed signing the audit log (32 bytes, 0600).
+    pub fn audit_key(&self) -> PathBuf {
+        self.keys().join("audit")
+    }
+    pub fn audit_dir(&self) -> PathBuf {
+        self.root.join("audit")
+    }
+    /// The hash-chained audit log (JSON lines, append-only).
+    pub fn audit_log(&self) -> PathBuf {
+        self.audit_dir().join("log.jsonl")
     }
     pub fn noise_key(&self) -> PathBuf {
         self.keys().join("noise")
@@ -90,6 +103,7 @@ impl DataDir {
             (self.identities(), 0o700),
             (self.datasets(), 0o700),
             (self.tmp(), 0o700),
+            (self.audit_dir(), 0o700),
         ] {
             std::fs::DirBuilder::new()
                 .recursive(true)

@@ -41,6 +41,10 @@ pub enum Error {
     /// Sealed data failed authentication: tampering, truncation or a swapped file.
     #[error("sealed data failed authentication: {0}")]
     Integrity(String),
+    /// The audit log cannot be written, so the action was not done (fail closed). Logged;
+    /// clients see only that the service is unavailable.
+    #[error("audit log unavailable: {0}")]
+    AuditUnavailable(String),
     /// Anything else on the server side. Logged, never shown to clients.
     #[error("internal error: {0}")]
     Internal(String),
@@ -79,6 +83,7 @@ impl Error {
             Error::Forbidden(_) => "forbidden",
             Error::Refused { .. } => "QUERY_REFUSED",
             Error::Unauthenticated(_) => "unauthenticated",
+            Error::AuditUnavailable(_) => "audit_unavailable",
             Error::Integrity(_) | Error::Internal(_) => "internal",
         }
     }

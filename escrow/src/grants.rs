@@ -5,6 +5,7 @@
 use escrow_policies::{Grant, Usage};
 use serde::{Deserialize, Serialize};
 
+use crate::audit::{Actor, Event, Hook, Outcome};
 use crate::datadir::validate_name;
 use crate::store::Store;
 use crate::{Error, Result};
@@ -96,13 +97,36 @@ fn to_grant(owner: &str, req: &GrantRequest) -> Result<Grant> {
     Ok(g)
 }
 
-/// Record `owner`'s grant. Returns the grant and whether it is new.
-pub fn grant(
+fn event(kind: &str, actor: &Actor, req: &GrantRequest) -> Event {
+    Event::new(
+        kind,
+        actor.clone(),
+        Outcome::Ok,
+        serde_json::json!({
+            "dataset": req.dataset,
+            "to": req.to,
+            "usage": req.usage,
+            "column": req.column,
+            "population": req.population,
+        }),
+    )
+    .touching([req.to.as_str()].into_iter().filter(|t| *t != "*"))
+}
+
+/// Record the caller's partner's grant, audited. Returns the grant and whether it is new.
+pub fn grant(store: &Store, actor: &Actor, req: &GrantRequest) -> Result<(GrantView, bool)> {
+    store.audited(event("grant", actor, req), |hook| {
+        grant_audited(store, actor, req, hook)
+    })
+}
+
+fn grant_audited(
     store: &Store,
-    owner: &str,
-    by: &str,
+    actor: &Actor,
     req: &GrantRequest,
+    hook: &Hook<'_>,
 ) -> Result<(GrantView, bool)> {
+    let (owner, by) = (actor.partner_name()?, actor.user.as_str());
     validate_name("dataset", &req.dataset)?;
     let g = to_grant(owner, req)?;
     let live = store.live_dataset(owner, &g.dataset)?;
@@ -141,19 +165,25 @@ pub fn grant(
             return Err(Error::NotFound(format!("no partner named {}", g.grantee)));
         }
     }
-    let new = store.catalog().add_grant(&g, by)?;
+    let new = store.catalog().add_grant(&g, by, |tx, new| {
+        hook.append(tx, serde_json::json!({ "changed": new }))
+    })?;
     Ok((GrantView::from(&g), new))
 }
 
-/// Remove `owner`'s grant; `not_found` if there is no such grant.
-pub fn revoke(store: &Store, owner: &str, req: &GrantRequest) -> Result<GrantView> {
-    validate_name("dataset", &req.dataset)?;
-    let g = to_grant(owner, req)?;
-    if store.catalog().remove_grant(&g)? {
-        Ok(GrantView::from(&g))
-    } else {
-        Err(Error::NotFound(format!("no such grant: {g}")))
-    }
+/// Remove the caller's partner's grant, audited; `not_found` if there is no such grant.
+pub fn revoke(store: &Store, actor: &Actor, req: &GrantRequest) -> Result<GrantView> {
+    store.audited(event("revoke", actor, req), |hook| {
+        validate_name("dataset", &req.dataset)?;
+        let g = to_grant(actor.partner_name()?, req)?;
+        if store.catalog().remove_grant(&g, |tx| {
+            hook.append(tx, serde_json::json!({ "changed": true }))
+        })? {
+            Ok(GrantView::from(&g))
+        } else {
+            Err(Error::NotFound(format!("no such grant: {g}")))
+        }
+    })
 }
 
 /// What `partner` granted and received.

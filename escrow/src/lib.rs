@@ -4,7 +4,9 @@
 //! storage engine, the catalog, the mutually authenticated HTTPS API and the client.
 //! See docs/ARCHITECTURE.md for the crate map and request lifecycle.
 
+pub mod access;
 pub mod admin;
+pub mod audit;
 pub mod cache;
 pub mod catalog;
 pub mod client;

@@ -149,6 +149,16 @@ enum Command {
         #[command(subcommand)]
         command: ReportCommand,
     },
+    /// Users inside a partner and their roles (admin, compliance, analyst, uploader).
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+    /// The tamper-evident audit log: list events, export the chain, verify it.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Show who the server thinks you are.
     Whoami {
         #[command(flatten)]
@@ -182,6 +192,108 @@ enum PartnerCommand {
         name: String,
         #[command(flatten)]
         dir: DirArgs,
+    },
+}
+
+/// Where a user command acts: on the data directory (operator), or through the API as the
+/// partner's admin (`--identity`).
+#[derive(Args)]
+struct UserTarget {
+    /// Data directory (operator command).
+    #[arg(long, env = "ESCROW_DATA_DIR", default_value = "./escrow-data")]
+    data_dir: PathBuf,
+    /// Act through the API as this admin identity bundle instead of on the data directory.
+    #[arg(long)]
+    identity: Option<PathBuf>,
+    /// Server URL (with --identity).
+    #[arg(long, env = "ESCROW_SERVER", default_value = "https://127.0.0.1:8443")]
+    server: String,
+}
+
+impl UserTarget {
+    /// The API client, if acting as an admin through the API.
+    fn client(&self) -> anyhow::Result<Option<Client>> {
+        self.identity
+            .as_ref()
+            .map(|id| Client::new(&self.server, id))
+            .transpose()
+    }
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Issue an identity for a user of a partner with a role; the bundle is written to
+    /// DIR/identities/PARTNER/NAME/ (or, through the API, to --out).
+    Add {
+        partner: String,
+        name: String,
+        /// admin, compliance, analyst or uploader (policies/roles.csv says what each may do).
+        #[arg(long)]
+        role: String,
+        /// With --identity: where to write the new bundle (default ./PARTNER-NAME).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        target: UserTarget,
+    },
+    /// Revoke a user's identity: its certificate is refused from the next request.
+    Revoke {
+        partner: String,
+        name: String,
+        #[command(flatten)]
+        target: UserTarget,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Events of your partner and every event that touched your datasets or rules
+    /// (with --data-dir: every event, as the operator).
+    List {
+        /// Only events at or after this RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, default_value = "table")]
+        format: OutputFormat,
+        /// Read the log of this data directory (operator) instead of asking the server.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// The hash chain as JSON lines with signed checkpoints (records you may not see are
+    /// redacted to their hashes); with --data-dir, the whole log.
+    Export {
+        /// Write here instead of stdout.
+        #[arg(long)]
+        output: Option<PathBuf>,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Check the chain and every signature of an export or of a data directory's log.
+    /// Exits 0 only if intact; otherwise names the first bad record.
+    #[command(group(clap::ArgGroup::new("source").required(true).args(["data_dir", "file"])))]
+    Verify {
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// An export (`escrow audit export`).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// The escrow's audit public key (hex) to check signatures against; without it the
+        /// key named in the export's checkpoints is used (and printed, to compare).
+        #[arg(long)]
+        public_key: Option<String>,
+        /// A checkpoint kept earlier (`escrow audit checkpoint` output): the log must still
+        /// contain it, so a rewritten or truncated history fails.
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+    },
+    /// Print the latest signed checkpoint (JSON), to keep and check later exports against.
+    Checkpoint {
+        #[command(flatten)]
+        client: ClientArgs,
     },
 }
 
@@ -352,6 +464,9 @@ enum OutputFormat {
     Table,
     Json,
 }
+
+/// Seconds between the server's periodic audit checkpoints.
+const AUDIT_CHECKPOINT_SECS: u64 = 60;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -715,6 +830,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             )
             .await?;
         }
+        Command::User { command } => user(command).await?,
+        Command::Audit { command } => audit(command).await?,
         Command::Whoami { client } => {
             let out = identity(&client)?.whoami().await?;
             println!(
@@ -726,6 +843,302 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+async fn user(command: UserCommand) -> anyhow::Result<()> {
+    match command {
+        UserCommand::Add {
+            partner,
+            name,
+            role,
+            out,
+            target,
+        } => match target.client()? {
+            None => {
+                let bundle = escrow::admin::add_user(
+                    &DataDir::new(&target.data_dir),
+                    &escrow::audit::Actor::operator(),
+                    &partner,
+                    &name,
+                    &role,
+                )
+                .map_err(engine)?;
+                println!(
+                    "user {partner}/{name} added with role {role}; identity bundle: {}",
+                    bundle.display()
+                );
+            }
+            Some(c) => {
+                let body = serde_json::json!({ "name": name, "role": role });
+                let resp = c.post_json("v1/users", &body, "adding the user").await?;
+                if resp["partner"] != partner.as_str() {
+                    anyhow::bail!("an admin adds users of its own partner only");
+                }
+                let out = out.unwrap_or_else(|| PathBuf::from(format!("{partner}-{name}")));
+                write_bundle(&out, &resp["bundle"])?;
+                println!(
+                    "user {partner}/{name} added with role {role}; identity bundle: {}",
+                    out.display()
+                );
+            }
+        },
+        UserCommand::Revoke {
+            partner,
+            name,
+            target,
+        } => {
+            match target.client()? {
+                None => escrow::admin::revoke_user(
+                    &DataDir::new(&target.data_dir),
+                    &escrow::audit::Actor::operator(),
+                    &partner,
+                    &name,
+                )
+                .map_err(engine)?,
+                Some(c) => {
+                    let body = serde_json::json!({ "name": name });
+                    c.post_json("v1/users/revocations", &body, "revoking the user")
+                        .await?;
+                }
+            }
+            println!("user {partner}/{name} revoked; its certificate is refused from now on");
+        }
+    }
+    Ok(())
+}
+
+/// Write an identity bundle received from the API (key 0600, never overwriting).
+fn write_bundle(out: &std::path::Path, bundle: &serde_json::Value) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(out)
+        .with_context(|| format!("creating {}", out.display()))?;
+    for (file, field) in [
+        ("key.pem", "key_pem"),
+        ("cert.pem", "cert_pem"),
+        ("ca.pem", "ca_pem"),
+    ] {
+        let text = bundle[field]
+            .as_str()
+            .ok_or_else(|| anyhow!("the server sent no {field}"))?;
+        let path = out.join(file);
+        if !escrow::fsutil::write_new_private(&path, text.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?
+        {
+            anyhow::bail!("{} exists; choose another --out", path.display());
+        }
+    }
+    Ok(())
+}
+
+async fn audit(command: AuditCommand) -> anyhow::Result<()> {
+    match command {
+        AuditCommand::List {
+            since,
+            format,
+            data_dir,
+            client,
+        } => {
+            let records = match data_dir {
+                Some(d) => {
+                    let since = since
+                        .as_deref()
+                        .map(escrow::audit::parse_since)
+                        .transpose()
+                        .map_err(engine)?;
+                    let r = escrow::admin::audit_list(&DataDir::new(d), since).map_err(engine)?;
+                    serde_json::to_value(r)?
+                }
+                None => {
+                    let q: Vec<(&str, &str)> =
+                        since.as_deref().map(|s| ("since", s)).into_iter().collect();
+                    identity(&client)?
+                        .get_json("v1/audit", &q, "listing the audit log")
+                        .await?["records"]
+                        .take()
+                }
+            };
+            match format {
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&records)?),
+                OutputFormat::Table => print_audit(&records),
+            }
+        }
+        AuditCommand::Export {
+            output,
+            data_dir,
+            client,
+        } => {
+            let bytes = match data_dir {
+                Some(d) => {
+                    let mut out = Vec::new();
+                    escrow::admin::audit_export(&DataDir::new(d), &mut out).map_err(engine)?;
+                    out
+                }
+                None => identity(&client)?
+                    .get_text("v1/audit/export", "exporting the audit log")
+                    .await?
+                    .into_bytes(),
+            };
+            match output {
+                Some(p) => std::fs::write(&p, &bytes)
+                    .with_context(|| format!("writing {}", p.display()))?,
+                None => {
+                    use std::io::Write;
+                    std::io::stdout().write_all(&bytes)?;
+                }
+            }
+        }
+        AuditCommand::Verify {
+            data_dir,
+            file,
+            public_key,
+            checkpoint,
+        } => {
+            let must_contain = checkpoint
+                .map(|p| -> anyhow::Result<(u64, String)> {
+                    let v: serde_json::Value = serde_json::from_slice(
+                        &std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
+                    )
+                    .with_context(|| format!("{} is not a checkpoint", p.display()))?;
+                    let c = if v["checkpoint"].is_object() {
+                        &v["checkpoint"]
+                    } else {
+                        &v
+                    };
+                    match (c["seq"].as_u64(), c["hash"].as_str()) {
+                        (Some(s), Some(h)) => Ok((s, h.to_string())),
+                        _ => Err(anyhow!("{} is not a checkpoint", p.display())),
+                    }
+                })
+                .transpose()?;
+            let (what, result, pinned) = match (data_dir, file) {
+                (Some(d), _) => {
+                    let dir = DataDir::new(&d);
+                    let mut r = escrow::admin::audit_verify(&dir).map_err(engine)?;
+                    if let (Ok(v), Some((s, h))) = (&r, &must_contain) {
+                        // Re-check against the kept checkpoint too.
+                        let f = std::fs::File::open(dir.audit_log())?;
+                        let opts = escrow::audit::VerifyOptions {
+                            public_key: Some(v.public_key.clone()),
+                            must_contain: Some((*s, h.clone())),
+                            whole: false,
+                        };
+                        r = escrow::audit::verify(f, &opts);
+                    }
+                    (d.display().to_string(), r, true)
+                }
+                (None, Some(f)) => {
+                    let file = std::fs::File::open(&f)
+                        .with_context(|| format!("opening {}", f.display()))?;
+                    let opts = escrow::audit::VerifyOptions {
+                        public_key: public_key.clone(),
+                        must_contain,
+                        whole: true,
+                    };
+                    (
+                        f.display().to_string(),
+                        escrow::audit::verify(file, &opts),
+                        public_key.is_some(),
+                    )
+                }
+                (None, None) => anyhow::bail!("pass --data-dir DIR or --file EXPORT"),
+            };
+            match result {
+                Ok(v) => {
+                    println!(
+                        "audit log {what} intact: {} records ({} redacted), {} signed checkpoints, head {}",
+                        v.records, v.redacted, v.checkpoints, v.head
+                    );
+                    println!(
+                        "signatures checked against key {}{}",
+                        v.public_key,
+                        if pinned {
+                            ""
+                        } else {
+                            " (named by the export itself: compare it with the escrow's key)"
+                        }
+                    );
+                    if v.after_last_checkpoint > 0 {
+                        println!(
+                            "{} record(s) after the last checkpoint (signed, not yet checkpointed)",
+                            v.after_last_checkpoint
+                        );
+                    }
+                    if v.torn_tail {
+                        println!(
+                            "the last line is incomplete (an append interrupted by a crash); the next append cuts it off and records that"
+                        );
+                    }
+                }
+                Err(f) => anyhow::bail!("audit log {what} is NOT intact: {f}"),
+            }
+        }
+        AuditCommand::Checkpoint { client } => {
+            let out = identity(&client)?
+                .get_json("v1/audit/checkpoint", &[], "fetching the checkpoint")
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+    }
+    Ok(())
+}
+
+fn print_audit(records: &serde_json::Value) {
+    let rows: Vec<Vec<String>> = list(records)
+        .iter()
+        .map(|r| {
+            let a = &r["actor"];
+            let who = match a["partner"].as_str() {
+                Some(p) => format!("{p}/{}", text(&a["user"])),
+                None => text(&a["user"]),
+            };
+            let outcome = match r["code"].as_str() {
+                Some(c) => format!("{} ({c})", text(&r["outcome"])),
+                None => text(&r["outcome"]),
+            };
+            vec![
+                r["seq"].to_string(),
+                text(&r["time"]),
+                text(&r["kind"]),
+                who,
+                outcome,
+                audit_summary(&r["detail"]),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        println!("no audit events");
+        return;
+    }
+    let header: Vec<String> = ["seq", "time", "kind", "by", "outcome", "detail"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    print_table(&header, &rows);
+}
+
+/// The detail of an audit record on one line (the SQL shortened).
+fn audit_summary(detail: &serde_json::Value) -> String {
+    let Some(o) = detail.as_object() else {
+        return String::new();
+    };
+    let mut parts = Vec::new();
+    for (k, v) in o {
+        if v.is_null() {
+            continue;
+        }
+        let mut s = match v {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        if s.chars().count() > 60 {
+            s = s.chars().take(57).collect::<String>() + "...";
+        }
+        parts.push(format!("{k}={s}"));
+    }
+    parts.join(" ")
 }
 
 impl OverlapArgs {
@@ -1064,10 +1477,43 @@ async fn serve(
             timeout: Duration::from_secs(query.query_timeout_secs),
         },
     );
+    let startup = escrow::audit::Event::new(
+        "startup",
+        escrow::audit::Actor::system(),
+        escrow::audit::Outcome::Ok,
+        serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "listen": addr.to_string(),
+            "recovery": {
+                "partial_uploads_removed": recovery.partial_uploads_removed,
+                "orphan_files_removed": recovery.orphan_files_removed,
+                "empty_datasets_removed": recovery.empty_datasets_removed,
+            },
+            "audit_public_key": store.audit_log().public_key(),
+        }),
+    );
+    store.record(&startup).map_err(engine)?;
     let state = Arc::new(AppState {
-        store,
+        access: Arc::new(escrow::access::Access::new(store.clone())),
+        store: store.clone(),
         queries: Arc::new(queries),
     });
+    // Certify the log's tail every so often, so a partner's kept checkpoint is recent.
+    let checkpoints = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(AUDIT_CHECKPOINT_SECS));
+            loop {
+                tick.tick().await;
+                let s = store.clone();
+                match tokio::task::spawn_blocking(move || s.audit_checkpoint()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::error!(error = %e, "audit checkpoint failed"),
+                    Err(e) => tracing::error!(error = %e, "audit checkpoint task failed"),
+                }
+            }
+        })
+    };
     server::serve(
         state,
         listener,
@@ -1076,6 +1522,19 @@ async fn serve(
         Duration::from_secs(grace_secs),
     )
     .await;
+    checkpoints.abort();
+    let shutdown = escrow::audit::Event::new(
+        "shutdown",
+        escrow::audit::Actor::system(),
+        escrow::audit::Outcome::Ok,
+        serde_json::json!({}),
+    );
+    if let Err(e) = store
+        .record(&shutdown)
+        .and_then(|()| store.audit_checkpoint())
+    {
+        tracing::error!(error = %e, "could not record the shutdown in the audit log");
+    }
     tracing::info!("escrow stopped");
     Ok(())
 }

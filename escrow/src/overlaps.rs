@@ -25,6 +25,7 @@ use escrow_query::{Applied, Noise, QueryError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::audit::{Actor, Event, Outcome};
 use crate::catalog::{BudgetCharge, Population, VersionKey};
 use crate::queries::{Cost, DELTA, QueryService, check_grants, decide, query_form, strictest};
 use crate::settings;
@@ -78,6 +79,9 @@ pub struct OverlapOutcome {
     /// (`max_groups_per_entity`, times `overlap::NAME_SENSITIVITY` when names link).
     pub sensitivity: u32,
     pub cost: Cost,
+    /// The question's fingerprint (hex) and `owner.dataset@vN` of both sides, for the audit.
+    pub fingerprint: String,
+    pub datasets: Vec<String>,
 }
 
 /// The co-selling report: my customers x their opportunities (where I can introduce them)
@@ -194,6 +198,40 @@ struct SideData {
     populations: Vec<Population>,
 }
 
+/// The audit event of an overlap-shaped question (before its outcome is known).
+fn question_event(
+    kind: &str,
+    actor: &Actor,
+    req: &OverlapRequest,
+    extra: serde_json::Value,
+) -> Event {
+    Event::new(
+        kind,
+        actor.clone(),
+        Outcome::Ok,
+        serde_json::json!({
+            "with": req.with,
+            "mine": req.mine,
+            "theirs": req.theirs,
+            "by": req.by,
+        }),
+    )
+    .with(extra)
+    .touching([req.with.as_str()].into_iter().filter(|w| is_valid_name(w)))
+}
+
+/// What the audit record says about an answered overlap (never its counts).
+fn overlap_facts(o: &OverlapOutcome) -> serde_json::Value {
+    serde_json::json!({
+        "fingerprint": o.fingerprint,
+        "datasets": o.datasets,
+        "cells": o.rows.len(),
+        "suppressed": o.rows.iter().filter(|r| r.suppressed).count(),
+        "epsilon_spent": o.cost.epsilon_spent,
+        "repeated": o.cost.repeated,
+    })
+}
+
 fn check_name(kind: &str, name: &str) -> Result<()> {
     if is_valid_name(name) {
         Ok(())
@@ -216,13 +254,46 @@ fn group(populations: Vec<Population>) -> BTreeMap<String, Vec<Population>> {
 impl QueryService {
     /// The overlap matrix of `caller`'s populations and the populations `req.with` lets it
     /// see, or a refusal.
-    pub async fn overlap(&self, caller: &str, req: &OverlapRequest) -> Result<OverlapOutcome> {
-        let m = self.matrix(caller, req).await?;
-        self.answer(caller, req, m).await
+    pub async fn overlap(&self, actor: &Actor, req: &OverlapRequest) -> Result<OverlapOutcome> {
+        let result = async {
+            let caller = actor.partner_name()?;
+            let m = self.matrix(caller, req).await?;
+            self.answer(caller, req, m).await
+        }
+        .await;
+        let event = question_event("overlap", actor, req, serde_json::json!({}));
+        self.release(event, result, overlap_facts).await
     }
 
     /// The co-selling report for `caller`, or a refusal.
     pub async fn co_selling(
+        &self,
+        actor: &Actor,
+        req: &CoSellingRequest,
+    ) -> Result<CoSellingOutcome> {
+        let question = OverlapRequest {
+            with: req.with.clone(),
+            mine: req.mine.clone(),
+            theirs: req.theirs.clone(),
+            by: req.by.clone(),
+        };
+        let roles = serde_json::json!({
+            "my_customers": req.my_customers,
+            "my_opportunities": req.my_opportunities,
+            "their_customers": req.their_customers,
+            "their_opportunities": req.their_opportunities,
+        });
+        let result = async {
+            let caller = actor.partner_name()?;
+            self.co_selling_report(caller, req).await
+        }
+        .await;
+        let event = question_event("co_selling_report", actor, &question, roles);
+        self.release(event, result, |r| overlap_facts(&r.overlap))
+            .await
+    }
+
+    async fn co_selling_report(
         &self,
         caller: &str,
         req: &CoSellingRequest,
@@ -447,6 +518,11 @@ impl QueryService {
             protection: applied,
             sensitivity,
             cost,
+            fingerprint: hex::encode(fp),
+            datasets: [&mine, &theirs]
+                .iter()
+                .map(|s| format!("{}.{}@v{}", s.owner, s.dataset, s.version.version))
+                .collect(),
         })
     }
 

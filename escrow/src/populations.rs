@@ -7,6 +7,7 @@
 use escrow_query::QueryError;
 use serde::Deserialize;
 
+use crate::audit::{Actor, Event, Hook, Outcome};
 use crate::catalog::Population;
 use crate::datadir::validate_name;
 use crate::store::Store;
@@ -22,13 +23,30 @@ pub struct PopulationRequest {
     pub filter: Option<String>,
 }
 
-/// Define a population of `owner`'s dataset. Returns it and whether it is new.
-pub fn add(
+fn event(kind: &str, actor: &Actor, req: &PopulationRequest) -> Event {
+    Event::new(
+        kind,
+        actor.clone(),
+        Outcome::Ok,
+        serde_json::json!({ "dataset": req.dataset, "population": req.name, "filter": req.filter }),
+    )
+}
+
+/// Define a population of the caller's partner's dataset, audited. Returns it and whether
+/// it is new.
+pub fn add(store: &Store, actor: &Actor, req: &PopulationRequest) -> Result<(Population, bool)> {
+    store.audited(event("population_add", actor, req), |hook| {
+        add_audited(store, actor, req, hook)
+    })
+}
+
+fn add_audited(
     store: &Store,
-    owner: &str,
-    by: &str,
+    actor: &Actor,
     req: &PopulationRequest,
+    hook: &Hook<'_>,
 ) -> Result<(Population, bool)> {
+    let (owner, by) = (actor.partner_name()?, actor.user.as_str());
     validate_name("dataset", &req.dataset)?;
     validate_name("population", &req.name)?;
     let filter = req
@@ -71,26 +89,33 @@ pub fn add(
         filter,
         position: 0,
     };
-    let (position, new) = store.catalog().add_population(&p, by)?;
+    let (position, new) = store.catalog().add_population(&p, by, |tx, new| {
+        hook.append(tx, serde_json::json!({ "changed": new }))
+    })?;
     p.position = position;
     Ok((p, new))
 }
 
-/// Remove a population; `not_found` if there is none.
-pub fn remove(store: &Store, owner: &str, req: &PopulationRequest) -> Result<()> {
-    validate_name("dataset", &req.dataset)?;
-    validate_name("population", &req.name)?;
-    if store
-        .catalog()
-        .remove_population(owner, &req.dataset, &req.name)?
-    {
-        Ok(())
-    } else {
-        Err(Error::NotFound(format!(
-            "{} has no population {}",
-            req.dataset, req.name
-        )))
-    }
+/// Remove a population, audited; `not_found` if there is none.
+pub fn remove(store: &Store, actor: &Actor, req: &PopulationRequest) -> Result<()> {
+    store.audited(event("population_remove", actor, req), |hook| {
+        validate_name("dataset", &req.dataset)?;
+        validate_name("population", &req.name)?;
+        let removed = store.catalog().remove_population(
+            actor.partner_name()?,
+            &req.dataset,
+            &req.name,
+            |tx| hook.append(tx, serde_json::json!({})),
+        )?;
+        if removed {
+            Ok(())
+        } else {
+            Err(Error::NotFound(format!(
+                "{} has no population {}",
+                req.dataset, req.name
+            )))
+        }
+    })
 }
 
 /// `owner`'s populations.

@@ -27,6 +27,7 @@ use escrow_query::{
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use crate::audit::{Actor, Event, Outcome};
 use crate::catalog::{BudgetCharge, QueryableDataset, Spend, VersionKey};
 use crate::matching::{COMPANY_KEY, NAME_KEY};
 use crate::settings::{self, DatasetSettings};
@@ -62,6 +63,17 @@ pub struct QueryService {
     pub(crate) entity_hasher: EntityHasher,
     pub(crate) config: QueryConfig,
     policies: tokio::sync::Mutex<Option<(u64, Arc<PolicySet>)>>,
+}
+
+/// What the audit record of a question says about it, gathered as it is checked.
+#[derive(Debug, Default)]
+pub(crate) struct Trace {
+    /// `owner.dataset@vN` of every dataset read.
+    pub datasets: Vec<String>,
+    /// Partners whose datasets it read.
+    pub owners: Vec<String>,
+    /// SHA-256 of the plan, the versions read and the protection (hex).
+    pub fingerprint: Option<String>,
 }
 
 /// Budget state of one dataset after a query.
@@ -146,8 +158,61 @@ impl QueryService {
         Ok(set)
     }
 
-    /// Answer `sql` for `caller`, or refuse it.
-    pub async fn run(&self, caller: &str, sql: &str) -> Result<QueryOutcome> {
+    /// Record an event (blocking write on the blocking pool); fails closed.
+    pub(crate) async fn audit(&self, event: Event) -> Result<()> {
+        let store = self.store.clone();
+        blocking(move || store.record(&event)).await
+    }
+
+    /// Record a question's outcome before it is released: the answer's `facts` when it was
+    /// answered, the rule or code when not. If the record cannot be written, nothing is
+    /// released and the audit's error is returned instead.
+    pub(crate) async fn release<T>(
+        &self,
+        event: Event,
+        result: Result<T>,
+        facts: impl FnOnce(&T) -> serde_json::Value,
+    ) -> Result<T> {
+        match result {
+            Ok(v) => {
+                self.audit(event.with(facts(&v))).await?;
+                Ok(v)
+            }
+            Err(e) => {
+                self.audit(event.failed(&e)).await?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Answer `sql` for `actor`'s partner, or refuse it; audited either way.
+    pub async fn run(&self, actor: &Actor, sql: &str) -> Result<QueryOutcome> {
+        let caller = actor.partner_name()?;
+        let mut trace = Trace::default();
+        let result = self.answer_sql(caller, sql, &mut trace).await;
+        let event = Event::new(
+            "query",
+            actor.clone(),
+            Outcome::Ok,
+            serde_json::json!({
+                "sql": sql,
+                "fingerprint": trace.fingerprint,
+                "datasets": trace.datasets,
+            }),
+        )
+        .touching(trace.owners.iter().map(String::as_str));
+        self.release(event, result, |o| {
+            serde_json::json!({
+                "rows": o.answer.suppressed.len(),
+                "suppressed": o.answer.suppressed.iter().filter(|s| **s).count(),
+                "epsilon_spent": o.cost.epsilon_spent,
+                "repeated": o.cost.repeated,
+            })
+        })
+        .await
+    }
+
+    async fn answer_sql(&self, caller: &str, sql: &str, trace: &mut Trace) -> Result<QueryOutcome> {
         if sql.len() > MAX_SQL_BYTES {
             return Err(Error::bad(
                 "query_too_long",
@@ -158,6 +223,17 @@ impl QueryService {
         let plan = escrow_query::plan_sql(sql, &tables).await?;
         let keys = gate::keys_of(&tables);
         let report = gate::check(&plan, &keys)?;
+        for t in &report.tables {
+            let id = (t.owner.clone(), t.dataset.clone());
+            let version = versions.get(&id).map(|(_, n)| *n).unwrap_or_default();
+            let name = format!("{}.{}@v{version}", t.owner, t.dataset);
+            if !trace.datasets.contains(&name) {
+                trace.datasets.push(name);
+            }
+            if !trace.owners.contains(&t.owner) {
+                trace.owners.push(t.owner.clone());
+            }
+        }
         let set = self.policy_set().await?;
         let standalone = |t: &escrow_query::TableInstance| {
             let u = ColumnUse::dataset_wide(&t.owner, &t.dataset, Usage::Standalone);
@@ -168,10 +244,16 @@ impl QueryService {
 
         let protection = self.protection(caller, &report).await?;
         let mut cost = Cost::default();
+        let fp = fingerprint(
+            &plan,
+            &report,
+            &versions,
+            protection.as_ref().map(|(p, _)| p),
+        );
+        trace.fingerprint = Some(hex::encode(fp));
         let protection = match protection {
             None => None,
             Some((mut p, charges)) => {
-                let fp = fingerprint(&plan, &report, &versions, &p);
                 p.noise = Noise::new(self.noise_key.clone(), fp);
                 cost = self.charge(caller, charges, p.epsilon, fp).await?;
                 Some(p)
@@ -239,7 +321,7 @@ impl QueryService {
     async fn tables_for(
         &self,
         caller: &str,
-    ) -> Result<(Vec<QueryTable>, BTreeMap<(String, String), String>)> {
+    ) -> Result<(Vec<QueryTable>, BTreeMap<(String, String), (String, i64)>)> {
         let store = self.store.clone();
         let who = caller.to_string();
         let hasher = self.entity_hasher.clone();
@@ -248,7 +330,10 @@ impl QueryService {
             let mut versions = BTreeMap::new();
             for d in store.catalog().queryable(&who)? {
                 let sealed = store.schema_of(&d.live)?;
-                versions.insert((d.owner.clone(), d.name.clone()), d.live.version_id.clone());
+                versions.insert(
+                    (d.owner.clone(), d.name.clone()),
+                    (d.live.version_id.clone(), d.live.version),
+                );
                 let QueryableDataset {
                     owner,
                     name,
@@ -420,8 +505,8 @@ pub(crate) fn strictest<'a>(
 fn fingerprint(
     plan: &escrow_query::LogicalPlan,
     report: &escrow_query::GateReport,
-    versions: &BTreeMap<(String, String), String>,
-    p: &Protection,
+    versions: &BTreeMap<(String, String), (String, i64)>,
+    p: Option<&Protection>,
 ) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(b"escrow-question-v1\0");
@@ -429,17 +514,19 @@ fn fingerprint(
     for t in &report.tables {
         let v = versions
             .get(&(t.owner.clone(), t.dataset.clone()))
-            .map(String::as_str)
+            .map(|(id, _)| id.as_str())
             .unwrap_or("");
         h.update(format!("\0{}.{}@{v}", t.owner, t.dataset).as_bytes());
     }
-    h.update(
-        format!(
-            "\0k={} eps={} L={} delta={} bounds={:?}",
-            p.min_entities, p.epsilon, p.max_groups_per_entity, p.delta, p.bounds
-        )
-        .as_bytes(),
-    );
+    if let Some(p) = p {
+        h.update(
+            format!(
+                "\0k={} eps={} L={} delta={} bounds={:?}",
+                p.min_entities, p.epsilon, p.max_groups_per_entity, p.delta, p.bounds
+            )
+            .as_bytes(),
+        );
+    }
     h.finalize().into()
 }
 

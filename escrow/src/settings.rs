@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::audit::{Actor, Event, Hook, Outcome};
 use crate::store::Store;
 use crate::{Error, Result};
 
@@ -104,12 +105,23 @@ pub fn of(store: &Store, owner: &str, dataset: &str) -> Result<DatasetSettings> 
 }
 
 /// Apply an owner's change to one of its datasets, validated whole.
-pub fn change(
+pub fn change(store: &Store, actor: &Actor, req: &SettingsChange) -> Result<DatasetSettings> {
+    let event = Event::new(
+        "settings",
+        actor.clone(),
+        Outcome::Ok,
+        serde_json::json!({ "dataset": req.dataset, "change": req }),
+    );
+    store.audited(event, |hook| change_audited(store, actor, req, hook))
+}
+
+fn change_audited(
     store: &Store,
-    owner: &str,
-    user: &str,
+    actor: &Actor,
     req: &SettingsChange,
+    hook: &Hook<'_>,
 ) -> Result<DatasetSettings> {
+    let (owner, user) = (actor.partner_name()?, actor.user.as_str());
     crate::datadir::validate_name("dataset", &req.dataset)?;
     let info = store.live_dataset(owner, &req.dataset)?;
     let numeric: Vec<String> = info
@@ -118,7 +130,8 @@ pub fn change(
         .filter(|c| is_numeric(&c.data_type))
         .map(|c| c.name.clone())
         .collect();
-    let mut s = of(store, owner, &req.dataset)?;
+    let before = of(store, owner, &req.dataset)?;
+    let mut s = before.clone();
     if let Some(k) = req.min_entities {
         s.min_entities = k;
     }
@@ -145,7 +158,9 @@ pub fn change(
     let json = serde_json::to_string(&s).map_err(Error::internal)?;
     store
         .catalog()
-        .put_settings_json(owner, &req.dataset, &json, user)?;
+        .put_settings_json(owner, &req.dataset, &json, user, |tx| {
+            hook.append(tx, serde_json::json!({ "before": before, "after": s }))
+        })?;
     Ok(s)
 }
 

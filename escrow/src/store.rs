@@ -14,6 +14,7 @@ use crate::cache::{MemoryMeter, PlaintextCache};
 
 /// Turns a verified batch into the form the cache keeps and queries read.
 pub type Prepare = std::sync::Arc<dyn Fn(RecordBatch) -> Result<RecordBatch> + Send + Sync>;
+use crate::audit::{self, Actor, AuditLog, Event, Outcome};
 use crate::catalog::{Catalog, ColumnInfo, DatasetInfo, NewVersion, VersionKey};
 use crate::crypto::keys::Kek;
 use crate::crypto::random_bytes;
@@ -50,6 +51,7 @@ impl Default for StoreConfig {
 pub struct Store {
     dir: DataDir,
     catalog: Catalog,
+    audit: AuditLog,
     kek: Kek,
     config: StoreConfig,
     cache: PlaintextCache,
@@ -60,6 +62,7 @@ pub struct Store {
 pub struct UploadRequest {
     pub owner: String,
     pub user: String,
+    pub role: String,
     pub dataset: String,
     pub format: Option<Format>,
     pub key: ingest::KeySpec,
@@ -133,11 +136,13 @@ impl Store {
     pub fn open(dir: DataDir, config: StoreConfig) -> Result<Self> {
         let catalog = Catalog::open(&dir.catalog())?;
         let kek = Kek::load(&dir.kek())?;
+        let audit = AuditLog::open(&dir)?;
         let mut config = config;
         config.ingest.spool_dir.get_or_insert_with(|| dir.tmp());
         Ok(Store {
             dir,
             catalog,
+            audit,
             kek,
             cache: PlaintextCache::new(config.cache_bytes),
             config,
@@ -146,6 +151,29 @@ impl Store {
 
     pub fn catalog(&self) -> &Catalog {
         &self.catalog
+    }
+
+    pub fn audit_log(&self) -> &AuditLog {
+        &self.audit
+    }
+
+    /// Record an event on its own (questions, refusals, startup); fails closed.
+    pub fn record(&self, event: &Event) -> Result<()> {
+        audit::record(&self.catalog, &self.audit, event).map(|_| ())
+    }
+
+    /// Run a change that commits with its audit record (see `audit::audited`).
+    pub fn audited<T>(
+        &self,
+        event: Event,
+        change: impl FnOnce(&audit::Hook<'_>) -> Result<T>,
+    ) -> Result<T> {
+        audit::audited(&self.catalog, &self.audit, event, change)
+    }
+
+    /// Write a signed checkpoint of the audit log unless it already ends with one.
+    pub fn audit_checkpoint(&self) -> Result<Option<audit::Checkpoint>> {
+        self.catalog.write(|tx| self.audit.checkpoint(tx))
     }
 
     pub fn data_dir(&self) -> &DataDir {
@@ -204,8 +232,24 @@ impl Store {
     }
 
     /// Receive, check, seal and commit one upload. Blocking; reads `input` to the end.
-    /// Either a complete new version is committed or nothing is left behind.
+    /// Either a complete new version is committed (with its audit record) or nothing is
+    /// left behind (and the refusal is audited).
     pub fn upload<R: Read>(&self, req: &UploadRequest, input: R) -> Result<UploadOutcome> {
+        let event = Event::new(
+            "upload",
+            Actor::user(&req.owner, &req.user, &req.role),
+            Outcome::Ok,
+            serde_json::json!({ "dataset": req.dataset }),
+        );
+        self.audited(event, |hook| self.upload_audited(req, input, hook))
+    }
+
+    fn upload_audited<R: Read>(
+        &self,
+        req: &UploadRequest,
+        input: R,
+        hook: &audit::Hook<'_>,
+    ) -> Result<UploadOutcome> {
         validate_name("dataset", &req.dataset)?;
         let dataset_id =
             self.catalog
@@ -250,7 +294,7 @@ impl Store {
         let mut final_guard = FileGuard(Some(final_path.clone()));
         fsutil::sync_parent(&final_path)?;
 
-        let version = self.catalog.commit_version(&NewVersion {
+        let new = NewVersion {
             dataset_id: dataset_id.clone(),
             version_id: version_id.clone(),
             rows: ingested.rows as i64,
@@ -262,6 +306,20 @@ impl Store {
             wrapped_dek,
             kek_id: self.kek.id().to_string(),
             uploaded_by: req.user.clone(),
+        };
+        let version = self.catalog.commit_version(&new, |tx, version| {
+            hook.append(
+                tx,
+                serde_json::json!({
+                    "version": version,
+                    "version_id": version_id,
+                    "rows": new.rows,
+                    "bytes": new.source_bytes,
+                    "format": new.format,
+                    "key_column": new.key_column,
+                    "columns": new.columns.len(),
+                }),
+            )
         })?;
         final_guard.disarm();
         self.cache.forget_dataset(&dataset_id, Some(&version_id));
@@ -305,9 +363,20 @@ impl Store {
 
     /// Crypto-shred a dataset: its wrapped keys are deleted from the catalog (secure_delete),
     /// then its files are removed. Returns the number of versions destroyed.
-    pub fn delete(&self, owner: &str, name: &str) -> Result<usize> {
-        validate_name("dataset", name)?;
-        let (dataset_id, versions) = self.catalog.delete_dataset(owner, name)?;
+    pub fn delete(&self, actor: &Actor, name: &str) -> Result<usize> {
+        let owner = actor.partner.as_deref().unwrap_or_default();
+        let event = Event::new(
+            "delete",
+            actor.clone(),
+            Outcome::Ok,
+            serde_json::json!({ "dataset": name }),
+        );
+        let (dataset_id, versions) = self.audited(event, |hook| {
+            validate_name("dataset", name)?;
+            self.catalog.delete_dataset(owner, name, |tx, n| {
+                hook.append(tx, serde_json::json!({ "versions_destroyed": n }))
+            })
+        })?;
         self.cache.forget_dataset(&dataset_id, None);
         // The keys are gone: the files are unreadable from here on. Removing them is hygiene;
         // a crash before this point leaves orphans that startup recovery removes.

@@ -6,6 +6,8 @@
 //! `grantee, owner, dataset, column, usage`. Every decision says which rule allowed it, or
 //! that none did, so refusals can name the missing grant.
 
+pub mod roles;
+
 use std::fmt;
 use std::str::FromStr;
 

@@ -20,9 +20,11 @@ use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use super::{AppState, ConnInfo};
 use crate::Error;
+use crate::audit::Actor;
 use crate::catalog::DatasetInfo;
 use crate::ingest::Format;
 use crate::store::{UploadOutcome, UploadRequest};
+use escrow_policies::roles::Action;
 
 /// Build the router with its state.
 pub fn router(state: Arc<AppState>) -> Router {
@@ -51,6 +53,11 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/populations/removals",
             axum::routing::post(remove_population),
         )
+        .route("/v1/users", axum::routing::post(add_user))
+        .route("/v1/users/revocations", axum::routing::post(revoke_user))
+        .route("/v1/audit", get(audit_list))
+        .route("/v1/audit/export", get(audit_export))
+        .route("/v1/audit/checkpoint", get(audit_checkpoint))
         .route("/v1/queries", axum::routing::post(query))
         .route("/v1/overlaps", axum::routing::post(overlap))
         .route("/v1/reports/co-selling", axum::routing::post(co_selling))
@@ -76,6 +83,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// | Forbidden       | 403    | forbidden                  |
 /// | Refused         | 400 (query not understood) / 403 (not allowed) | QUERY_REFUSED + `rule` |
 /// | Unauthenticated | 401    | unauthenticated            |
+/// | AuditUnavailable| 503    | audit_unavailable (details logged) |
 /// | Integrity       | 500    | internal (details logged)  |
 /// | Internal        | 500    | internal (details logged)  |
 #[derive(Debug)]
@@ -104,12 +112,24 @@ impl IntoResponse for ApiError {
             }
             Error::Refused { .. } => StatusCode::FORBIDDEN,
             Error::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            Error::AuditUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Integrity(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        let message = if status == StatusCode::INTERNAL_SERVER_ERROR {
+        let message = if matches!(
+            status,
+            StatusCode::INTERNAL_SERVER_ERROR | StatusCode::SERVICE_UNAVAILABLE
+        ) {
             let incident = uuid::Uuid::new_v4().simple().to_string();
             tracing::error!(%incident, error = %e, "internal error");
-            format!("internal error; the operator can find incident {incident} in the server log")
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                format!(
+                    "the audit log cannot be written, so nothing was done (fail closed); the operator can find incident {incident} in the server log"
+                )
+            } else {
+                format!(
+                    "internal error; the operator can find incident {incident} in the server log"
+                )
+            }
         } else {
             e.to_string()
         };
@@ -160,6 +180,20 @@ impl FromRequestParts<Arc<AppState>> for Caller {
     }
 }
 
+impl Caller {
+    /// The caller as the audit log names it.
+    pub fn actor(&self) -> Actor {
+        Actor::user(&self.partner, &self.user, &self.role)
+    }
+
+    /// The caller, if its role may take `action` (casbin role policy); refusals are audited.
+    async fn may(&self, state: &AppState, action: Action) -> Result<Actor, ApiError> {
+        let actor = self.actor();
+        state.access.require(&actor, action).await?;
+        Ok(actor)
+    }
+}
+
 /// Run blocking store work on the blocking pool.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> crate::Result<T> + Send + 'static,
@@ -183,6 +217,7 @@ async fn list_datasets(
     State(state): State<Arc<AppState>>,
     caller: Caller,
 ) -> Result<Json<DatasetList>, ApiError> {
+    caller.may(&state, Action::DatasetList).await?;
     let store = state.store.clone();
     let datasets = blocking(move || store.list(&caller.partner)).await?;
     Ok(Json(DatasetList { datasets }))
@@ -209,6 +244,7 @@ async fn upload(
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<UploadOutcome>), ApiError> {
+    caller.may(&state, Action::DatasetUpload).await?;
     crate::datadir::validate_name("dataset", &name)?;
     let limit = state.store.config().max_upload_bytes;
     let declared = headers
@@ -222,6 +258,7 @@ async fn upload(
     let req = UploadRequest {
         owner: caller.partner.clone(),
         user: caller.user.clone(),
+        role: caller.role.clone(),
         dataset: name,
         format,
         key: crate::ingest::KeySpec {
@@ -284,11 +321,11 @@ async fn delete_dataset(
     caller: Caller,
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let actor = caller.may(&state, Action::DatasetDelete).await?;
     let store = state.store.clone();
-    let owner = caller.partner.clone();
     let n = {
         let name = name.clone();
-        blocking(move || store.delete(&owner, &name)).await?
+        blocking(move || store.delete(&actor, &name)).await?
     };
     tracing::info!(partner = %caller.partner, dataset = %name, versions = n, "dataset crypto-shredded");
     Ok(Json(json!({ "dataset": name, "versions_destroyed": n })))
@@ -298,6 +335,7 @@ async fn list_grants(
     State(state): State<Arc<AppState>>,
     caller: Caller,
 ) -> Result<Json<crate::grants::GrantList>, ApiError> {
+    caller.may(&state, Action::PolicyRead).await?;
     let store = state.store.clone();
     Ok(Json(
         blocking(move || crate::grants::list(&store, &caller.partner)).await?,
@@ -310,10 +348,10 @@ async fn add_grant(
     caller: Caller,
     body: bytes::Bytes,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let actor = caller.may(&state, Action::PolicyChange).await?;
     let req: crate::grants::GrantRequest = json_body(&body)?;
     let store = state.store.clone();
-    let (owner, user) = (caller.partner.clone(), caller.user.clone());
-    let (grant, new) = blocking(move || crate::grants::grant(&store, &owner, &user, &req)).await?;
+    let (grant, new) = blocking(move || crate::grants::grant(&store, &actor, &req)).await?;
     tracing::info!(partner = %caller.partner, dataset = %grant.dataset, column = %grant.column, to = %grant.to, usage = %grant.usage, new, "grant");
     Ok((
         created_if(new),
@@ -326,10 +364,10 @@ async fn revoke_grant(
     caller: Caller,
     body: bytes::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let actor = caller.may(&state, Action::PolicyChange).await?;
     let req: crate::grants::GrantRequest = json_body(&body)?;
     let store = state.store.clone();
-    let owner = caller.partner.clone();
-    let grant = blocking(move || crate::grants::revoke(&store, &owner, &req)).await?;
+    let grant = blocking(move || crate::grants::revoke(&store, &actor, &req)).await?;
     tracing::info!(partner = %caller.partner, dataset = %grant.dataset, column = %grant.column, to = %grant.to, usage = %grant.usage, "grant revoked");
     Ok(Json(json!({ "revoked": grant })))
 }
@@ -338,6 +376,7 @@ async fn list_populations(
     State(state): State<Arc<AppState>>,
     caller: Caller,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    caller.may(&state, Action::PopulationRead).await?;
     let store = state.store.clone();
     let list = blocking(move || crate::populations::list(&store, &caller.partner)).await?;
     Ok(Json(json!({ "populations": list })))
@@ -349,10 +388,10 @@ async fn add_population(
     caller: Caller,
     body: bytes::Bytes,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let actor = caller.may(&state, Action::PopulationChange).await?;
     let req: crate::populations::PopulationRequest = json_body(&body)?;
     let store = state.store.clone();
-    let (owner, user) = (caller.partner.clone(), caller.user.clone());
-    let (p, new) = blocking(move || crate::populations::add(&store, &owner, &user, &req)).await?;
+    let (p, new) = blocking(move || crate::populations::add(&store, &actor, &req)).await?;
     tracing::info!(partner = %caller.partner, dataset = %p.dataset, population = %p.name, new, "population defined");
     Ok((
         created_if(new),
@@ -365,11 +404,11 @@ async fn remove_population(
     caller: Caller,
     body: bytes::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let actor = caller.may(&state, Action::PopulationChange).await?;
     let req: crate::populations::PopulationRequest = json_body(&body)?;
     let store = state.store.clone();
-    let owner = caller.partner.clone();
     let (dataset, name) = (req.dataset.clone(), req.name.clone());
-    blocking(move || crate::populations::remove(&store, &owner, &req)).await?;
+    blocking(move || crate::populations::remove(&store, &actor, &req)).await?;
     tracing::info!(partner = %caller.partner, dataset = %dataset, population = %name, "population removed");
     Ok(Json(
         json!({ "removed": { "dataset": dataset, "name": name } }),
@@ -401,11 +440,11 @@ async fn change_settings(
     caller: Caller,
     body: bytes::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let actor = caller.may(&state, Action::PolicyChange).await?;
     let req: crate::settings::SettingsChange = json_body(&body)?;
     let store = state.store.clone();
-    let (owner, user) = (caller.partner.clone(), caller.user.clone());
     let dataset = req.dataset.clone();
-    let settings = blocking(move || crate::settings::change(&store, &owner, &user, &req)).await?;
+    let settings = blocking(move || crate::settings::change(&store, &actor, &req)).await?;
     tracing::info!(partner = %caller.partner, %dataset, ?settings, "protection settings changed");
     Ok(Json(json!({ "dataset": dataset, "settings": settings })))
 }
@@ -426,13 +465,14 @@ async fn query(
     caller: Caller,
     body: bytes::Bytes,
 ) -> Result<Response, ApiError> {
+    let actor = caller.may(&state, Action::QueryRun).await?;
     let req: QueryRequest = json_body(&body)?;
     let format = req.format.as_deref().unwrap_or("json");
     if !matches!(format, "json" | "csv" | "arrow") {
         return Err(Error::bad("invalid_request", "format must be json, csv or arrow").into());
     }
     let started = std::time::Instant::now();
-    let outcome = match state.queries.run(&caller.partner, &req.sql).await {
+    let outcome = match state.queries.run(&actor, &req.sql).await {
         Ok(o) => o,
         Err(e) => {
             match &e {
@@ -550,9 +590,10 @@ async fn overlap(
     caller: Caller,
     body: bytes::Bytes,
 ) -> Result<Response, ApiError> {
+    let actor = caller.may(&state, Action::OverlapRun).await?;
     let (req, csv): (crate::overlaps::OverlapRequest, bool) = with_format(&body)?;
     let started = std::time::Instant::now();
-    let result = state.queries.overlap(&caller.partner, &req).await;
+    let result = state.queries.overlap(&actor, &req).await;
     log_overlap(&caller, "overlap", &result.as_ref(), started);
     let o = result?;
     if csv {
@@ -568,9 +609,10 @@ async fn co_selling(
     caller: Caller,
     body: bytes::Bytes,
 ) -> Result<Response, ApiError> {
+    let actor = caller.may(&state, Action::OverlapRun).await?;
     let (req, csv): (crate::overlaps::CoSellingRequest, bool) = with_format(&body)?;
     let started = std::time::Instant::now();
-    let result = state.queries.co_selling(&caller.partner, &req).await;
+    let result = state.queries.co_selling(&actor, &req).await;
     log_overlap(
         &caller,
         "co-selling report",
@@ -584,4 +626,128 @@ async fn co_selling(
         return Ok(csv_response(bytes));
     }
     Ok(Json(crate::overlaps::output::co_selling_json(&r)).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserRequest {
+    name: String,
+    #[serde(default)]
+    role: Option<String>,
+}
+
+/// A partner's admin adds a user of its own partner; the new identity's bundle (certificate,
+/// private key, CA) is returned once, over this mutually authenticated connection.
+async fn add_user(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    body: bytes::Bytes,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let actor = caller.may(&state, Action::UserManage).await?;
+    let req: UserRequest = json_body(&body)?;
+    let role = req
+        .role
+        .ok_or_else(|| Error::bad("invalid_role", "a user needs a role"))?;
+    let dir = state.store.data_dir().clone();
+    let partner = caller.partner.clone();
+    let (name, r) = (req.name.clone(), role.clone());
+    let bundle = blocking(move || {
+        let path = crate::admin::add_user(&dir, &actor, &partner, &name, &r)?;
+        let read = |f: &str| std::fs::read_to_string(path.join(f)).map_err(Error::from);
+        Ok(json!({
+            "cert_pem": read("cert.pem")?,
+            "key_pem": read("key.pem")?,
+            "ca_pem": read("ca.pem")?,
+        }))
+    })
+    .await?;
+    tracing::info!(partner = %caller.partner, user = %req.name, %role, by = %caller.user, "user added");
+    Ok((
+        StatusCode::CREATED,
+        Json(
+            json!({ "partner": caller.partner, "user": req.name, "role": role, "bundle": bundle }),
+        ),
+    ))
+}
+
+async fn revoke_user(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    body: bytes::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let actor = caller.may(&state, Action::UserManage).await?;
+    let req: UserRequest = json_body(&body)?;
+    let dir = state.store.data_dir().clone();
+    let partner = caller.partner.clone();
+    let name = req.name.clone();
+    blocking(move || crate::admin::revoke_user(&dir, &actor, &partner, &name)).await?;
+    tracing::info!(partner = %caller.partner, user = %req.name, by = %caller.user, "user revoked");
+    Ok(Json(
+        json!({ "revoked": { "partner": caller.partner, "user": req.name } }),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditParams {
+    /// RFC 3339; records at or after it.
+    since: Option<String>,
+}
+
+/// The caller's partner's events and every event that touched its datasets or rules.
+async fn audit_list(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Query(params): Query<AuditParams>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    caller.may(&state, Action::AuditRead).await?;
+    let since = params
+        .since
+        .as_deref()
+        .map(crate::audit::parse_since)
+        .transpose()?;
+    let store = state.store.clone();
+    let viewer = crate::audit::Viewer::Partner(caller.partner.clone());
+    let records =
+        blocking(move || crate::audit::list(store.audit_log().path(), &viewer, since)).await?;
+    Ok(Json(json!({ "records": records })))
+}
+
+/// The whole chain as JSON lines, ending in a fresh signed checkpoint; records the caller's
+/// partner may not see are redacted to their hashes and signatures.
+async fn audit_export(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    caller.may(&state, Action::AuditRead).await?;
+    let store = state.store.clone();
+    let viewer = crate::audit::Viewer::Partner(caller.partner.clone());
+    let bytes = blocking(move || {
+        store.audit_checkpoint()?;
+        let mut out = Vec::new();
+        crate::audit::export(store.audit_log().path(), &viewer, &mut out)?;
+        Ok(out)
+    })
+    .await?;
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/jsonl")],
+        bytes,
+    )
+        .into_response())
+}
+
+/// The latest signed checkpoint (written now if the log has moved on): what a partner keeps
+/// to detect a later rewrite. Any authenticated user may fetch it: it reveals only a count
+/// and a hash.
+async fn audit_checkpoint(
+    State(state): State<Arc<AppState>>,
+    _caller: Caller,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let store = state.store.clone();
+    let c = blocking(move || store.audit_checkpoint()).await?;
+    Ok(Json(json!({
+        "checkpoint": c,
+        "public_key": state.store.audit_log().public_key(),
+    })))
 }

@@ -29,6 +29,8 @@ pub struct AppState {
     pub store: Arc<Store>,
     /// Query execution (engine, policies, budget).
     pub queries: Arc<crate::queries::QueryService>,
+    /// Role decisions inside partners.
+    pub access: Arc<crate::access::Access>,
 }
 
 /// What the TLS layer learned about a connection, attached to each of its requests.
