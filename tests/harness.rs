@@ -79,12 +79,24 @@ impl Env {
 
     /// The CLI as `partner`'s admin against `server`.
     pub fn cli(&self, server: &Server, partner: &str, args: &[&str]) -> Run {
+        self.cli_as(server, &self.bundle(partner), args)
+    }
+
+    /// The CLI as the identity in `bundle` against `server`.
+    pub fn cli_as(&self, server: &Server, bundle: &Path, args: &[&str]) -> Run {
         let mut cmd = Command::new(BIN);
         cmd.args(args)
-            .env("ESCROW_IDENTITY", self.bundle(partner))
+            .env("ESCROW_IDENTITY", bundle)
             .env("ESCROW_SERVER", &server.url)
             .env_remove("ESCROW_DATA_DIR");
         Run::of(cmd)
+    }
+
+    /// Add a user of `partner` with `role` (operator command); returns its bundle.
+    pub fn add_user(&self, partner: &str, user: &str, role: &str) -> PathBuf {
+        self.op(&["user", "add", partner, user, "--role", role])
+            .ok();
+        self.data.join("identities").join(partner).join(user)
     }
 
     /// `escrow upload FILE --dataset DATASET EXTRA...` as `partner`.

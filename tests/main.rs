@@ -11,5 +11,6 @@ mod overlaps;
 mod policy;
 mod populations;
 mod queries;
+mod roles;
 mod tamper;
 mod upload;

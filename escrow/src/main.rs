@@ -869,11 +869,8 @@ async fn user(command: UserCommand) -> anyhow::Result<()> {
                 );
             }
             Some(c) => {
-                let body = serde_json::json!({ "name": name, "role": role });
+                let body = serde_json::json!({ "partner": partner, "name": name, "role": role });
                 let resp = c.post_json("v1/users", &body, "adding the user").await?;
-                if resp["partner"] != partner.as_str() {
-                    anyhow::bail!("an admin adds users of its own partner only");
-                }
                 let out = out.unwrap_or_else(|| PathBuf::from(format!("{partner}-{name}")));
                 write_bundle(&out, &resp["bundle"])?;
                 println!(
@@ -896,7 +893,7 @@ async fn user(command: UserCommand) -> anyhow::Result<()> {
                 )
                 .map_err(engine)?,
                 Some(c) => {
-                    let body = serde_json::json!({ "name": name });
+                    let body = serde_json::json!({ "partner": partner, "name": name });
                     c.post_json("v1/users/revocations", &body, "revoking the user")
                         .await?;
                 }

@@ -631,6 +631,9 @@ async fn co_selling(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct UserRequest {
+    /// The partner the user belongs to: must be the caller's own.
+    #[serde(default)]
+    partner: Option<String>,
     name: String,
     #[serde(default)]
     role: Option<String>,
@@ -645,6 +648,7 @@ async fn add_user(
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let actor = caller.may(&state, Action::UserManage).await?;
     let req: UserRequest = json_body(&body)?;
+    own_partner(&caller, &req)?;
     let role = req
         .role
         .ok_or_else(|| Error::bad("invalid_role", "a user needs a role"))?;
@@ -677,6 +681,7 @@ async fn revoke_user(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let actor = caller.may(&state, Action::UserManage).await?;
     let req: UserRequest = json_body(&body)?;
+    own_partner(&caller, &req)?;
     let dir = state.store.data_dir().clone();
     let partner = caller.partner.clone();
     let name = req.name.clone();
@@ -685,6 +690,18 @@ async fn revoke_user(
     Ok(Json(
         json!({ "revoked": { "partner": caller.partner, "user": req.name } }),
     ))
+}
+
+/// An admin manages the users of its own partner only.
+fn own_partner(caller: &Caller, req: &UserRequest) -> Result<(), ApiError> {
+    match &req.partner {
+        Some(p) if *p != caller.partner => Err(Error::Forbidden(format!(
+            "an admin of {} manages {}'s users only",
+            caller.partner, caller.partner
+        ))
+        .into()),
+        _ => Ok(()),
+    }
 }
 
 #[derive(Debug, Deserialize)]
