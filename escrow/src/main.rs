@@ -1458,6 +1458,26 @@ async fn serve(
         .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, data_dir = %dir.root().display(), "escrow serving (mutual TLS required)");
+    let startup = escrow::audit::Event::new(
+        "startup",
+        escrow::audit::Actor::system(),
+        escrow::audit::Outcome::Ok,
+        serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "listen": addr.to_string(),
+            "recovery": {
+                "partial_uploads_removed": recovery.partial_uploads_removed,
+                "orphan_files_removed": recovery.orphan_files_removed,
+                "empty_datasets_removed": recovery.empty_datasets_removed,
+            },
+            "audit_public_key": store.audit_log().public_key(),
+        }),
+    );
+    // Audited before serving: a log that cannot be continued (truncated, replaced,
+    // unwritable) stops the server here instead of letting it run unaudited.
+    store
+        .record(&startup)
+        .map_err(|e| anyhow!("cannot write the audit log: {e}"))?;
     // Machine-readable first line on stdout (tests and scripts read the bound port here).
     println!("escrow listening on https://{addr}");
     let store = Arc::new(store);
@@ -1474,22 +1494,6 @@ async fn serve(
             timeout: Duration::from_secs(query.query_timeout_secs),
         },
     );
-    let startup = escrow::audit::Event::new(
-        "startup",
-        escrow::audit::Actor::system(),
-        escrow::audit::Outcome::Ok,
-        serde_json::json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "listen": addr.to_string(),
-            "recovery": {
-                "partial_uploads_removed": recovery.partial_uploads_removed,
-                "orphan_files_removed": recovery.orphan_files_removed,
-                "empty_datasets_removed": recovery.empty_datasets_removed,
-            },
-            "audit_public_key": store.audit_log().public_key(),
-        }),
-    );
-    store.record(&startup).map_err(engine)?;
     let state = Arc::new(AppState {
         access: Arc::new(escrow::access::Access::new(store.clone())),
         store: store.clone(),
@@ -1499,7 +1503,8 @@ async fn serve(
     let checkpoints = {
         let store = store.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(AUDIT_CHECKPOINT_SECS));
+            let period = Duration::from_secs(AUDIT_CHECKPOINT_SECS);
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
             loop {
                 tick.tick().await;
                 let s = store.clone();

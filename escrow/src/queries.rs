@@ -221,19 +221,18 @@ impl QueryService {
         }
         let (tables, versions) = self.tables_for(caller).await?;
         let plan = escrow_query::plan_sql(sql, &tables).await?;
-        let keys = gate::keys_of(&tables);
-        let report = gate::check(&plan, &keys)?;
-        for t in &report.tables {
-            let id = (t.owner.clone(), t.dataset.clone());
-            let version = versions.get(&id).map(|(_, n)| *n).unwrap_or_default();
-            let name = format!("{}.{}@v{version}", t.owner, t.dataset);
-            if !trace.datasets.contains(&name) {
-                trace.datasets.push(name);
-            }
-            if !trace.owners.contains(&t.owner) {
-                trace.owners.push(t.owner.clone());
+        for (owner, dataset) in gate::scanned_tables(&plan) {
+            let version = versions
+                .get(&(owner.clone(), dataset.clone()))
+                .map(|(_, n)| *n)
+                .unwrap_or_default();
+            trace.datasets.push(format!("{owner}.{dataset}@v{version}"));
+            if !trace.owners.contains(&owner) {
+                trace.owners.push(owner);
             }
         }
+        let keys = gate::keys_of(&tables);
+        let report = gate::check(&plan, &keys)?;
         let set = self.policy_set().await?;
         let standalone = |t: &escrow_query::TableInstance| {
             let u = ColumnUse::dataset_wide(&t.owner, &t.dataset, Usage::Standalone);

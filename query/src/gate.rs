@@ -816,3 +816,22 @@ pub fn keys_of(tables: &[crate::QueryTable]) -> impl Fn(&str, &str) -> Option<Op
         .collect();
     move |o: &str, d: &str| map.get(&(o.to_string(), d.to_string())).cloned()
 }
+
+/// Every `(owner, dataset)` a plan scans, subqueries included, in first-seen order: what a
+/// query touched, known even when the gate then refuses it (for the audit log).
+pub fn scanned_tables(plan: &LogicalPlan) -> Vec<(String, String)> {
+    use datafusion::common::tree_node::TreeNodeRecursion;
+    let mut out: Vec<(String, String)> = Vec::new();
+    let _ = plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node
+            && let Some(owner) = scan.table_name.schema()
+        {
+            let t = (owner.to_string(), scan.table_name.table().to_string());
+            if !out.contains(&t) {
+                out.push(t);
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    out
+}
