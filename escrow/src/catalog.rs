@@ -262,6 +262,11 @@ impl Catalog {
         Ok(out)
     }
 
+    /// Run a read-only `f` on the connection (no write lock taken).
+    pub fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        f(&self.conn())
+    }
+
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll
         // back on drop), so a poisoned lock is safe to reuse.
