@@ -37,33 +37,7 @@ fn kinds(records: &[serde_json::Value]) -> Vec<String> {
 /// A session touching every kind of action: returns analyst ana's bundle.
 fn session(env: &Env, server: &Server) -> std::path::PathBuf {
     let ana = env.add_user("acme", "ana", "analyst");
-    env.upload_csv(server, "acme", "accounts", &accounts_csv(60, "s"))
-        .ok();
-    env.upload_csv(server, "globex", "accounts", &accounts_csv(60, "s"))
-        .ok();
-    for p in ["acme", "globex"] {
-        env.cli(
-            server,
-            p,
-            &[
-                "population",
-                "add",
-                "accounts",
-                "customers",
-                "--filter",
-                "status = 'customer'",
-            ],
-        )
-        .ok();
-    }
-    env.cli(
-        server,
-        "globex",
-        &[
-            "policy", "grant", "accounts", "--to", "acme", "--usage", "overlap",
-        ],
-    )
-    .ok();
+    env.customers_shared(server);
     env.cli(
         server,
         "globex",

@@ -92,6 +92,38 @@ impl Env {
         Run::of(cmd)
     }
 
+    /// acme and globex each upload `accounts` (the same 60 companies) with a `customers`
+    /// population, and globex lets acme see its overlap counts.
+    pub fn customers_shared(&self, server: &Server) {
+        for p in ["acme", "globex"] {
+            self.upload_csv(server, p, "accounts", &accounts_csv(60, "shared"))
+                .ok();
+        }
+        for p in ["acme", "globex"] {
+            self.cli(
+                server,
+                p,
+                &[
+                    "population",
+                    "add",
+                    "accounts",
+                    "customers",
+                    "--filter",
+                    "status = 'customer'",
+                ],
+            )
+            .ok();
+        }
+        self.cli(
+            server,
+            "globex",
+            &[
+                "policy", "grant", "accounts", "--to", "acme", "--usage", "overlap",
+            ],
+        )
+        .ok();
+    }
+
     /// Add a user of `partner` with `role` (operator command); returns its bundle.
     pub fn add_user(&self, partner: &str, user: &str, role: &str) -> PathBuf {
         self.op(&["user", "add", partner, user, "--role", role])

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use crate::harness::{Env, Run, Server, accounts_csv};
+use crate::harness::{Env, Run, accounts_csv};
 
 const ROLES: [&str; 4] = ["admin", "compliance", "analyst", "uploader"];
 
@@ -39,41 +39,11 @@ fn allowed_or_forbidden(run: Run, allowed: bool, what: &str, role: &str) {
     }
 }
 
-fn setup(env: &Env, server: &Server) {
-    env.upload_csv(server, "acme", "accounts", &accounts_csv(60, "shared"))
-        .ok();
-    env.upload_csv(server, "globex", "accounts", &accounts_csv(60, "shared"))
-        .ok();
-    for p in ["acme", "globex"] {
-        env.cli(
-            server,
-            p,
-            &[
-                "population",
-                "add",
-                "accounts",
-                "customers",
-                "--filter",
-                "status = 'customer'",
-            ],
-        )
-        .ok();
-    }
-    env.cli(
-        server,
-        "globex",
-        &[
-            "policy", "grant", "accounts", "--to", "acme", "--usage", "overlap",
-        ],
-    )
-    .ok();
-}
-
 #[test]
 fn each_role_may_do_exactly_what_the_role_policy_says() {
     let env = Env::new();
     let server = env.serve(&[]);
-    setup(&env, &server);
+    env.customers_shared(&server);
     let users = users(&env);
     let small = env.file("small.csv", accounts_csv(10, "r").as_bytes());
     // One dataset per role to delete, uploaded by the admin.
@@ -235,7 +205,7 @@ fn each_role_may_do_exactly_what_the_role_policy_says() {
 fn no_role_of_one_partner_reaches_another_partners_rules_or_users() {
     let env = Env::new();
     let server = env.serve(&[]);
-    setup(&env, &server);
+    env.customers_shared(&server);
     let globex_compliance = env.add_user("globex", "gina", "compliance");
     // acme grants globex a join on its accounts.
     env.cli(

@@ -81,8 +81,7 @@ impl Access {
             serde_json::json!({ "action": action.as_str() }),
         )
         .failed(&e);
-        let store = self.store.clone();
-        blocking(move || store.record(&event)).await?;
+        crate::queries::record(self.store.clone(), event).await?;
         Err(e)
     }
 }

@@ -203,9 +203,11 @@ pub fn audit_list(
 }
 
 /// Verify the stored audit log: the chain, every signature against this escrow's key, and
-/// that it reaches the catalog's anchor (so a truncated log fails too).
+/// that it reaches the catalog's anchor (so a truncated log fails too) and every checkpoint
+/// in `kept` (`(seq, hash hex)`, kept by a partner).
 pub fn audit_verify(
     dir: &DataDir,
+    kept: Vec<(u64, String)>,
 ) -> Result<std::result::Result<audit::Verified, audit::VerifyFailure>> {
     let (catalog, log) = open(dir)?;
     let anchor = catalog.read(audit::anchor)?;
@@ -216,9 +218,13 @@ pub fn audit_verify(
         }
         Err(e) => return Err(e.into()),
     };
+    let mut must_contain = kept;
+    if anchor.seq > 0 {
+        must_contain.push((anchor.seq, hex::encode(anchor.hash)));
+    }
     let opts = audit::VerifyOptions {
         public_key: Some(log.public_key().to_string()),
-        must_contain: (anchor.seq > 0).then(|| (anchor.seq, hex::encode(anchor.hash))),
+        must_contain,
         whole: false,
     };
     Ok(audit::verify(file, &opts))

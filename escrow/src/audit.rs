@@ -223,7 +223,7 @@ impl Head {
 }
 
 /// Every field any line may have; which ones are present says what the line is.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct Line<'a> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -356,8 +356,8 @@ impl AuditLog {
     /// also moves the anchor). If this fails the caller must fail its action.
     pub fn append(&self, tx: &Connection, event: &Event) -> Result<Head> {
         let _local = self.local.lock().unwrap_or_else(|p| p.into_inner());
-        let (mut file, head, mut out) = self.begin(tx)?;
-        let head = self.encode(&mut out, head, event)?;
+        let (mut file, tail, mut out) = self.begin(tx)?;
+        let head = self.encode(&mut out, tail.head, event)?;
         if head.seq.is_multiple_of(CHECKPOINT_EVERY) {
             self.encode_checkpoint(&mut out, head)?;
         }
@@ -369,14 +369,12 @@ impl AuditLog {
     /// (or is empty). Returns the checkpoint in force afterwards, if any.
     pub fn checkpoint(&self, tx: &Connection) -> Result<Option<Checkpoint>> {
         let _local = self.local.lock().unwrap_or_else(|p| p.into_inner());
-        let (mut file, head, mut out) = self.begin(tx)?;
+        let (mut file, tail, mut out) = self.begin(tx)?;
+        let head = tail.head;
         if head.seq == 0 {
             return Ok(None);
         }
-        if out.is_empty()
-            && let Some(c) = last_checkpoint(&mut file).map_err(audit_error)?
-            && c.seq == head.seq
-        {
+        if let Some(c) = tail.checkpoint {
             return Ok(Some(c));
         }
         let c = self.encode_checkpoint(&mut out, head)?;
@@ -385,13 +383,14 @@ impl AuditLog {
     }
 
     /// Open and lock the log, find its head (cutting a torn last line off, and encoding the
-    /// record of that repair into the returned buffer), and check it against the anchor.
-    fn begin(&self, tx: &Connection) -> Result<(File, Head, Vec<u8>)> {
+    /// record of that repair into the returned buffer, whose head is then the returned
+    /// one), and check it against the anchor.
+    fn begin(&self, tx: &Connection) -> Result<(File, Tail, Vec<u8>)> {
         let mut file = self.open_locked(tx)?;
-        let (mut head, torn) = read_head(&mut file).map_err(audit_error)?;
-        check_anchor(tx, head)?;
+        let mut tail = read_tail(&mut file).map_err(audit_error)?;
+        check_anchor(tx, tail.head)?;
         let mut out = Vec::new();
-        if let Some(bytes) = torn {
+        if let Some(bytes) = tail.torn {
             tracing::warn!(
                 torn_bytes = bytes,
                 "audit log: removed an incomplete last line"
@@ -405,9 +404,10 @@ impl AuditLog {
                     "reason": "an append was interrupted (crash); the incomplete last line was cut off",
                 }),
             );
-            head = self.encode(&mut out, head, &repair)?;
+            tail.head = self.encode(&mut out, tail.head, &repair)?;
+            tail.checkpoint = None;
         }
-        Ok((file, head, out))
+        Ok((file, tail, out))
     }
 
     /// Write `out` durably and move the anchor to `head`.
@@ -421,12 +421,14 @@ impl AuditLog {
     /// only while the anchor is at the start: otherwise it was removed, which is refused.
     fn open_locked(&self, tx: &Connection) -> Result<File> {
         let exists = self.path.exists();
-        if !exists && anchor(tx)?.seq > 0 {
-            return Err(Error::Integrity(format!(
-                "audit log {} is missing but the catalog records {} entries",
-                self.path.display(),
-                anchor(tx)?.seq
-            )));
+        if !exists {
+            let recorded = anchor(tx)?.seq;
+            if recorded > 0 {
+                return Err(Error::Integrity(format!(
+                    "audit log {} is missing but the catalog records {recorded} entries",
+                    self.path.display()
+                )));
+            }
         }
         let file = OpenOptions::new()
             .read(true)
@@ -466,9 +468,7 @@ impl AuditLog {
             hash: Some(hex::encode(hash)),
             sig: Some(hex::encode(sig)),
             record: Some(&raw),
-            redacted: false,
-            checkpoint: None,
-            signature: None,
+            ..Line::default()
         };
         serde_json::to_writer(&mut *out, &line).map_err(Error::internal)?;
         out.push(b'\n');
@@ -488,15 +488,9 @@ impl AuditLog {
             .sign(&signed_message(CHECKPOINT_DOMAIN, raw.as_bytes()));
         let raw = RawValue::from_string(raw).map_err(Error::internal)?;
         let line = Line {
-            seq: None,
-            prev: None,
-            digest: None,
-            hash: None,
-            sig: None,
-            record: None,
-            redacted: false,
             checkpoint: Some(&raw),
             signature: Some(hex::encode(signature.as_ref())),
+            ..Line::default()
         };
         serde_json::to_writer(&mut *out, &line).map_err(Error::internal)?;
         out.push(b'\n');
@@ -547,9 +541,17 @@ fn last_line(file: &mut File) -> std::io::Result<(Option<Vec<u8>>, u64)> {
     }
 }
 
-/// The head of the chain as the file ends, cutting off a torn last line first. Returns the
-/// number of bytes cut, if any.
-fn read_head(file: &mut File) -> std::io::Result<(Head, Option<u64>)> {
+/// How the log ends.
+struct Tail {
+    head: Head,
+    /// Bytes of a torn last line that were cut off.
+    torn: Option<u64>,
+    /// The last line, when it is a checkpoint (of `head`).
+    checkpoint: Option<Checkpoint>,
+}
+
+/// The head of the chain as the file ends, cutting off a torn last line first.
+fn read_tail(file: &mut File) -> std::io::Result<Tail> {
     let (line, torn) = last_line(file)?;
     let torn = if torn > 0 {
         let len = file.seek(SeekFrom::End(0))?;
@@ -560,30 +562,28 @@ fn read_head(file: &mut File) -> std::io::Result<(Head, Option<u64>)> {
         None
     };
     let Some(line) = line else {
-        return Ok((Head::GENESIS, torn));
+        return Ok(Tail {
+            head: Head::GENESIS,
+            torn,
+            checkpoint: None,
+        });
     };
     let bad = |m: &str| std::io::Error::other(format!("audit log: last line {m}"));
     let parsed: Line<'_> = serde_json::from_slice(&line).map_err(|_| bad("is not a log line"))?;
-    let (seq, hash) = match (parsed.seq, parsed.hash, parsed.checkpoint) {
-        (Some(seq), Some(hash), None) => (seq, hash),
+    let (seq, hash, checkpoint) = match (parsed.seq, parsed.hash, parsed.checkpoint) {
+        (Some(seq), Some(hash), None) => (seq, hash, None),
         (None, None, Some(c)) => {
             let c: Checkpoint =
                 serde_json::from_str(c.get()).map_err(|_| bad("has a bad checkpoint"))?;
-            (c.seq, c.hash)
+            (c.seq, c.hash.clone(), Some(c))
         }
         _ => return Err(bad("is neither a record nor a checkpoint")),
     };
     let hash = decode32(&hash).ok_or_else(|| bad("has a bad hash"))?;
-    Ok((Head { seq, hash }, torn))
-}
-
-fn last_checkpoint(file: &mut File) -> std::io::Result<Option<Checkpoint>> {
-    let (line, _) = last_line(file)?;
-    let Some(line) = line else { return Ok(None) };
-    let parsed: Line<'_> = serde_json::from_slice(&line).map_err(std::io::Error::other)?;
-    Ok(match parsed.checkpoint {
-        Some(c) => serde_json::from_str(c.get()).ok(),
-        None => None,
+    Ok(Tail {
+        head: Head { seq, hash },
+        torn,
+        checkpoint,
     })
 }
 
@@ -665,8 +665,7 @@ pub fn list(path: &Path, viewer: &Viewer, since: Option<OffsetDateTime>) -> Resu
     let mut out = Vec::new();
     for_each_line(path, |_, line| {
         if let Some(raw) = line.record {
-            let r: Record = serde_json::from_str(raw.get())
-                .map_err(|e| Error::internal(format!("audit record: {e}")))?;
+            let r = parse_record(raw)?;
             let recent = || {
                 OffsetDateTime::parse(&r.time, &Rfc3339)
                     .map(|t| since.is_none_or(|s| t >= s))
@@ -687,11 +686,7 @@ pub fn export(path: &Path, viewer: &Viewer, out: &mut impl Write) -> Result<u64>
     let mut n = 0;
     for_each_line(path, |text, line| {
         let hidden = match line.record {
-            Some(raw) => {
-                let r: Record = serde_json::from_str(raw.get())
-                    .map_err(|e| Error::internal(format!("audit record: {e}")))?;
-                !viewer.sees(&r.event)
-            }
+            Some(raw) => !viewer.sees(&parse_record(raw)?.event),
             None => false,
         };
         if hidden {
@@ -709,6 +704,10 @@ pub fn export(path: &Path, viewer: &Viewer, out: &mut impl Write) -> Result<u64>
         Ok(())
     })?;
     Ok(n)
+}
+
+fn parse_record(raw: &RawValue) -> Result<Record> {
+    serde_json::from_str(raw.get()).map_err(|e| Error::internal(format!("audit record: {e}")))
 }
 
 fn for_each_line(path: &Path, mut f: impl FnMut(&str, Line<'_>) -> Result<()>) -> Result<()> {
@@ -765,8 +764,9 @@ pub struct VerifyOptions {
     /// Check every signature against this key (hex) rather than the key the checkpoints
     /// name. A partner pins the key it got from the escrow.
     pub public_key: Option<String>,
-    /// The log must reach this head (the catalog's anchor, or a checkpoint a partner kept).
-    pub must_contain: Option<(u64, String)>,
+    /// The log must reach these heads, `(seq, hash hex)` (the catalog's anchor, checkpoints
+    /// a partner kept).
+    pub must_contain: Vec<(u64, String)>,
     /// A torn last line is an error (exports are written whole).
     pub whole: bool,
 }
@@ -788,7 +788,6 @@ pub fn verify(input: impl Read, opts: &VerifyOptions) -> Result<Verified, Verify
     // Records are checked once the key is known (the first checkpoint names it when none
     // is pinned): hold their hashes and signatures until then.
     let mut unsigned: Vec<(u64, u64, [u8; 32], Vec<u8>)> = Vec::new();
-    let mut contains = opts.must_contain.is_none();
     let mut buf = Vec::new();
     let mut line_no = 0u64;
     loop {
@@ -910,17 +909,16 @@ pub fn verify(input: impl Read, opts: &VerifyOptions) -> Result<Verified, Verify
         head = Head { seq, hash };
         v.records += 1;
         v.after_last_checkpoint += 1;
-        if let Some((s, h)) = &opts.must_contain
-            && *s == seq
+        if opts
+            .must_contain
+            .iter()
+            .any(|(s, h)| *s == seq && decode32(h) != Some(hash))
         {
-            if decode32(h) != Some(hash) {
-                return Err(fail(
-                    line_no,
-                    Some(seq),
-                    "differs from the checkpoint it must match (history rewritten)",
-                ));
-            }
-            contains = true;
+            return Err(fail(
+                line_no,
+                Some(seq),
+                "differs from the checkpoint it must match (history rewritten)",
+            ));
         }
     }
     if let Some((l, s, _, _)) = unsigned.first() {
@@ -930,8 +928,9 @@ pub fn verify(input: impl Read, opts: &VerifyOptions) -> Result<Verified, Verify
             "no key to check signatures against (no checkpoint, and none pinned)",
         ));
     }
-    if !contains {
-        let (s, _) = opts.must_contain.clone().unwrap_or_default();
+    if let Some(s) = opts.must_contain.iter().map(|(s, _)| *s).max()
+        && s > head.seq
+    {
         return Err(fail(
             line_no,
             None,
@@ -1048,7 +1047,7 @@ mod tests {
         assert!(e.reason.contains("signature"), "{e}");
         // Truncation alone is caught by a kept checkpoint (or the catalog's anchor).
         let kept = VerifyOptions {
-            must_contain: Some((70, v.head.clone())),
+            must_contain: vec![(70, v.head.clone())],
             ..pinned
         };
         let e = verify(join(&owned[..40]).as_bytes(), &kept).expect_err("truncated");

@@ -414,11 +414,7 @@ impl Catalog {
     /// that changes whenever an identity is added or revoked.
     pub fn role_assignments(&self) -> Result<(Vec<IdentityRow>, (i64, i64))> {
         let conn = self.conn();
-        let generation = conn.query_row(
-            "SELECT COUNT(*), COUNT(revoked_at) FROM identities",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
+        let generation = identity_generation_in(&conn)?;
         let mut st = conn.prepare(
             "SELECT i.partner, i.user, i.role FROM identities i JOIN partners p ON p.name = i.partner
              WHERE i.revoked_at IS NULL AND p.revoked_at IS NULL ORDER BY i.partner, i.user",
@@ -435,11 +431,7 @@ impl Catalog {
 
     /// The generation of `role_assignments`, cheaply.
     pub fn identity_generation(&self) -> Result<(i64, i64)> {
-        Ok(self.conn().query_row(
-            "SELECT COUNT(*), COUNT(revoked_at) FROM identities",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?)
+        identity_generation_in(&self.conn())
     }
 
     /// Every revoked serial with its revocation time, and the current CRL number.
@@ -983,6 +975,16 @@ fn read_grants(
         );
     }
     Ok(out)
+}
+
+/// Identities ever added and ever revoked: changes with every add or revoke (rows are never
+/// deleted).
+fn identity_generation_in(conn: &Connection) -> Result<(i64, i64)> {
+    Ok(conn.query_row(
+        "SELECT COUNT(*), COUNT(revoked_at) FROM identities",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?)
 }
 
 fn revocations_in(conn: &Connection) -> Result<(Vec<(String, OffsetDateTime)>, u64)> {

@@ -1009,21 +1009,13 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
                         _ => Err(anyhow!("{} is not a checkpoint", p.display())),
                     }
                 })
-                .transpose()?;
+                .transpose()?
+                .into_iter()
+                .collect::<Vec<_>>();
             let (what, result, pinned) = match (data_dir, file) {
                 (Some(d), _) => {
-                    let dir = DataDir::new(&d);
-                    let mut r = escrow::admin::audit_verify(&dir).map_err(engine)?;
-                    if let (Ok(v), Some((s, h))) = (&r, &must_contain) {
-                        // Re-check against the kept checkpoint too.
-                        let f = std::fs::File::open(dir.audit_log())?;
-                        let opts = escrow::audit::VerifyOptions {
-                            public_key: Some(v.public_key.clone()),
-                            must_contain: Some((*s, h.clone())),
-                            whole: false,
-                        };
-                        r = escrow::audit::verify(f, &opts);
-                    }
+                    let r = escrow::admin::audit_verify(&DataDir::new(&d), must_contain)
+                        .map_err(engine)?;
                     (d.display().to_string(), r, true)
                 }
                 (None, Some(f)) => {

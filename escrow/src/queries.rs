@@ -109,6 +109,11 @@ pub(crate) async fn blocking<T: Send + 'static>(
         .map_err(|e| Error::internal(format!("blocking task failed: {e}")))?
 }
 
+/// Record an audit event from async code (the append is blocking I/O).
+pub(crate) async fn record(store: Arc<Store>, event: Event) -> Result<()> {
+    blocking(move || store.record(&event)).await
+}
+
 impl From<QueryError> for Error {
     fn from(e: QueryError) -> Self {
         match e {
@@ -158,10 +163,9 @@ impl QueryService {
         Ok(set)
     }
 
-    /// Record an event (blocking write on the blocking pool); fails closed.
+    /// Record an event; fails closed.
     pub(crate) async fn audit(&self, event: Event) -> Result<()> {
-        let store = self.store.clone();
-        blocking(move || store.record(&event)).await
+        record(self.store.clone(), event).await
     }
 
     /// Record a question's outcome before it is released: the answer's `facts` when it was
