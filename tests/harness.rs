@@ -100,25 +100,30 @@ impl Env {
                 .ok();
         }
         for p in ["acme", "globex"] {
-            self.cli(
-                server,
-                p,
-                &[
-                    "population",
-                    "add",
-                    "accounts",
-                    "customers",
-                    "--filter",
-                    "status = 'customer'",
-                ],
-            )
-            .ok();
+            self.define_customers(server, p);
         }
         self.cli(
             server,
             "globex",
             &[
                 "policy", "grant", "accounts", "--to", "acme", "--usage", "overlap",
+            ],
+        )
+        .ok();
+    }
+
+    /// `partner` defines the population `customers` (status = 'customer') of `accounts`.
+    pub fn define_customers(&self, server: &Server, partner: &str) {
+        self.cli(
+            server,
+            partner,
+            &[
+                "population",
+                "add",
+                "accounts",
+                "customers",
+                "--filter",
+                "status = 'customer'",
             ],
         )
         .ok();

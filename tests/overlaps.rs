@@ -405,19 +405,7 @@ fn overlap_requests_are_checked() {
     // Without populations of mine there is no matrix.
     env.cli(&server, "acme", &["overlap", "--with", "globex"])
         .fails_with("no_populations");
-    env.cli(
-        &server,
-        "acme",
-        &[
-            "population",
-            "add",
-            "accounts",
-            "customers",
-            "--filter",
-            "status = 'customer'",
-        ],
-    )
-    .ok();
+    env.define_customers(&server, "acme");
     env.cli(&server, "acme", &["overlap", "--with", "acme"])
         .fails_with("invalid_request");
     env.cli(&server, "acme", &["overlap", "--with", "nobody"])
