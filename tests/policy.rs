@@ -125,3 +125,398 @@ fn owners_grant_list_and_revoke() {
     let after = policies(&env, &server, "globex");
     assert_eq!(after["received"].as_array().expect("a").len(), 0, "{after}");
 }
+
+fn json_of(run: crate::harness::Run) -> serde_json::Value {
+    serde_json::from_str(&run.stdout).expect("json output")
+}
+
+/// acme's policy in force, as casbin CSV without its header.
+fn export_body(env: &Env, server: &Server, version: Option<&str>) -> String {
+    let mut args = vec!["policy", "export"];
+    if let Some(v) = version {
+        args.extend(["--version", v]);
+    }
+    let out = env.cli(server, "acme", &args).ok();
+    assert!(
+        out.stdout.starts_with("# escrow policy of acme"),
+        "{}",
+        out.stdout
+    );
+    out.stdout
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+const BY_REGION: &str = "SELECT a.region, COUNT(DISTINCT g.website) AS n FROM globex.accounts g JOIN acme.accounts a ON g.website = a.website GROUP BY a.region";
+
+fn acme(env: &Env, server: &Server, args: &[&str]) {
+    env.cli(server, "acme", args).ok();
+}
+
+#[test]
+fn every_change_is_a_version_and_rollback_restores_the_exact_decisions() {
+    let env = Env::new();
+    let server = env.serve(&[]);
+    env.customers_shared(&server); // acme v1: population customers
+    acme(&env, &server, &GRANT_JOIN); // v2
+    acme(
+        &env,
+        &server,
+        &[
+            "policy",
+            "grant",
+            "accounts",
+            "--to",
+            "globex",
+            "--usage",
+            "dimension",
+            "--column",
+            "region",
+        ],
+    ); // v3
+    acme(
+        &env,
+        &server,
+        &[
+            "policy",
+            "set",
+            "accounts",
+            "--epsilon",
+            "0.5",
+            "--min-entities",
+            "7",
+        ],
+    ); // v4
+    acme(
+        &env,
+        &server,
+        &[
+            "policy",
+            "grant",
+            "accounts",
+            "--to",
+            "globex",
+            "--usage",
+            "overlap",
+            "--population",
+            "customers",
+        ],
+    ); // v5
+    // A change that changes nothing is not a version.
+    env.cli(&server, "acme", &GRANT_JOIN).ok();
+    let v5 = export_body(&env, &server, None);
+    assert_eq!(v5, export_body(&env, &server, Some("5")));
+    let answer_v5 = json_of(
+        env.cli(&server, "globex", &["query", BY_REGION, "--format", "json"])
+            .ok(),
+    );
+    assert_eq!(answer_v5["repeated"], false);
+    assert_eq!(answer_v5["protection"]["min_entities"], 7, "{answer_v5}");
+
+    // Three more changes: the question is refused, the overlap is gone.
+    acme(
+        &env,
+        &server,
+        &[
+            "policy", "revoke", "accounts", "--to", "globex", "--usage", "join", "--column",
+            "website",
+        ],
+    ); // v6
+    acme(
+        &env,
+        &server,
+        &["policy", "set", "accounts", "--epsilon", "2"],
+    ); // v7
+    acme(
+        &env,
+        &server,
+        &["population", "remove", "accounts", "customers"],
+    ); // v8
+    env.cli(&server, "globex", &["query", BY_REGION])
+        .fails_with("rule usage_not_granted");
+
+    let history = json_of(
+        env.cli(&server, "acme", &["policy", "history", "--format", "json"])
+            .ok(),
+    );
+    let versions = history["versions"].as_array().expect("versions");
+    let changes: Vec<&str> = versions
+        .iter()
+        .map(|v| v["change"].as_str().expect("c"))
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            "population_add",
+            "grant",
+            "grant",
+            "settings",
+            "grant",
+            "revoke",
+            "settings",
+            "population_remove"
+        ],
+        "{history}"
+    );
+    for (i, v) in versions.iter().enumerate() {
+        assert_eq!(v["version"], i as i64 + 1);
+        assert_eq!(v["by"], "admin", "{v}");
+        assert!(v["time"].as_str().expect("t").ends_with('Z'), "{v}");
+    }
+    // Removing the population took its overlap grant with it, in the same version.
+    assert_eq!(
+        versions[7]["removed"],
+        serde_json::json!([
+            "p,globex,acme,accounts,customers,overlap",
+            "population,acme,accounts,customers,status = 'customer'"
+        ]),
+        "{}",
+        versions[7]
+    );
+    assert_eq!(
+        versions[1]["added"],
+        serde_json::json!(["p,globex,acme,accounts,website,join"])
+    );
+
+    let diff = env.cli(&server, "acme", &["policy", "diff", "5", "8"]).ok();
+    for line in [
+        "- p,globex,acme,accounts,website,join",
+        "- setting,acme,accounts,epsilon,0.5",
+        "+ setting,acme,accounts,epsilon,2",
+        "- population,acme,accounts,customers,status = 'customer'",
+    ] {
+        assert!(diff.stdout.contains(line), "{line:?} in {}", diff.stdout);
+    }
+    assert!(
+        !diff.stdout.contains("region"),
+        "unchanged rules are not in the diff: {}",
+        diff.stdout
+    );
+
+    // Only rule-makers roll back; an analyst may read the history but not change it.
+    let analyst = env.add_user("acme", "ann", "analyst");
+    env.cli_as(&server, &analyst, &["policy", "history"]).ok();
+    env.cli_as(&server, &analyst, &["policy", "rollback", "5"])
+        .fails_with("forbidden");
+    env.cli(&server, "acme", &["policy", "rollback", "99"])
+        .fails_with("no policy version 99");
+
+    let rolled = env.cli(&server, "acme", &["policy", "rollback", "5"]).ok();
+    assert!(
+        rolled.stdout.contains("policy v9: the rules of v5 again"),
+        "{}",
+        rolled.stdout
+    );
+    assert_eq!(
+        export_body(&env, &server, None),
+        v5,
+        "v9 is v5's document, exactly"
+    );
+    // The same question is allowed again and, under the same protection, is the same
+    // question: the same answer, nothing spent.
+    let again = json_of(
+        env.cli(&server, "globex", &["query", BY_REGION, "--format", "json"])
+            .ok(),
+    );
+    assert_eq!(again["rows"], answer_v5["rows"]);
+    assert_eq!(again["repeated"], true, "{again}");
+    let overlap = json_of(
+        env.cli(
+            &server,
+            "globex",
+            &["overlap", "--with", "acme", "--format", "json"],
+        )
+        .ok(),
+    );
+    assert_eq!(
+        overlap["populations"]["theirs"],
+        serde_json::json!(["customers"])
+    );
+    let history = json_of(
+        env.cli(&server, "acme", &["policy", "history", "--format", "json"])
+            .ok(),
+    );
+    assert_eq!(history["versions"][8]["change"], "rollback");
+    // Rolling back to the policy in force changes nothing.
+    let same = env.cli(&server, "acme", &["policy", "rollback", "9"]).ok();
+    assert!(same.stdout.contains("nothing changed"), "{}", same.stdout);
+}
+
+#[test]
+fn an_invalid_import_changes_nothing_and_a_valid_one_is_one_version() {
+    let env = Env::new();
+    let server = env.serve(&[]);
+    env.customers_shared(&server);
+    acme(&env, &server, &GRANT_JOIN);
+    let before = export_body(&env, &server, None);
+    let history_len = || {
+        json_of(
+            env.cli(&server, "acme", &["policy", "history", "--format", "json"])
+                .ok(),
+        )["versions"]
+            .as_array()
+            .expect("versions")
+            .len()
+    };
+    let versions_before = history_len();
+
+    let exported = env.cli(&server, "acme", &["policy", "export"]).ok().stdout;
+    let bad: [(&str, &str); 9] = [
+        (
+            "p,globex,acme,accounts,no_such_column,join\n",
+            "has no column \"no_such_column\"",
+        ),
+        (
+            "p,acme,globex,accounts,website,join\n",
+            "names a dataset of globex",
+        ),
+        ("p,globex,acme,accounts,website,peek\n", "unknown usage"),
+        (
+            "p,globex,acme,nothing_here,*,dimension\n",
+            "acme has no dataset nothing_here",
+        ),
+        (
+            "p,nobody,acme,accounts,*,dimension\n",
+            "no active partner named nobody",
+        ),
+        (
+            "p,globex,acme,accounts,opportunities,overlap\n",
+            "has no population opportunities",
+        ),
+        ("setting,acme,accounts,epsilon,0\n", "epsilon must be > 0"),
+        (
+            "population,acme,accounts,by_site,website = 'x'\n",
+            "population by_site of accounts",
+        ),
+        ("bounds,acme,accounts,company_name,0,10\n", "not one"),
+    ];
+    for (line, needle) in bad {
+        // Valid rules first, the bad one last: nothing of the file may apply.
+        let doc = format!("{exported}p,globex,acme,accounts,*,dimension\n{line}");
+        let f = env.file("bad.csv", doc.as_bytes());
+        let run = env
+            .cli(
+                &server,
+                "acme",
+                &["policy", "import", f.to_str().expect("p")],
+            )
+            .fails_with("invalid_policy");
+        assert!(run.stderr.contains(needle), "{line:?}: {}", run.stderr);
+        assert_eq!(
+            export_body(&env, &server, None),
+            before,
+            "{line:?} changed the policy"
+        );
+    }
+    let not_csv = env.file("bad.csv", b"p,\"globex,acme\n");
+    env.cli(
+        &server,
+        "acme",
+        &["policy", "import", not_csv.to_str().expect("p")],
+    )
+    .fails_with("invalid_policy");
+    assert_eq!(
+        history_len(),
+        versions_before,
+        "refused imports write no version"
+    );
+
+    // A dry run says what would change and changes nothing.
+    let doc = format!(
+        "{exported}p,globex,acme,accounts,region,dimension\nsetting,acme,accounts,min_entities,9\n"
+    );
+    let f = env.file("good.csv", doc.as_bytes());
+    let dry = env
+        .cli(
+            &server,
+            "acme",
+            &["policy", "import", f.to_str().expect("p"), "--dry-run"],
+        )
+        .ok();
+    assert!(
+        dry.stdout
+            .contains("+ p,globex,acme,accounts,region,dimension"),
+        "{}",
+        dry.stdout
+    );
+    assert!(
+        dry.stdout
+            .contains("+ setting,acme,accounts,min_entities,9"),
+        "{}",
+        dry.stdout
+    );
+    assert_eq!(export_body(&env, &server, None), before);
+
+    let done = env
+        .cli(
+            &server,
+            "acme",
+            &["policy", "import", f.to_str().expect("p")],
+        )
+        .ok();
+    assert!(
+        done.stdout
+            .contains(&format!("imported as policy v{}", versions_before + 1)),
+        "{}",
+        done.stdout
+    );
+    let after = export_body(&env, &server, None);
+    assert!(
+        after.contains("p,globex,acme,accounts,region,dimension\n"),
+        "{after}"
+    );
+    assert!(
+        after.contains("setting,acme,accounts,min_entities,9\n"),
+        "{after}"
+    );
+    assert!(
+        after.contains("setting,acme,accounts,epsilon,1\n"),
+        "unset settings take the defaults: {after}"
+    );
+    assert_eq!(history_len(), versions_before + 1);
+
+    // The audit log has the import, with its diff, and the refusals.
+    let audit = json_of(
+        env.cli(&server, "acme", &["audit", "list", "--format", "json"])
+            .ok(),
+    );
+    let imports: Vec<&serde_json::Value> = audit
+        .as_array()
+        .expect("records")
+        .iter()
+        .filter(|r| r["kind"] == "policy_import")
+        .collect();
+    assert_eq!(
+        imports.len(),
+        11,
+        "9 + 1 refused, 1 applied (dry runs are not changes)"
+    );
+    let applied = imports.last().expect("applied");
+    assert_eq!(applied["outcome"], "ok", "{applied}");
+    assert_eq!(
+        applied["detail"]["policy_version"],
+        versions_before as i64 + 1
+    );
+    assert!(
+        applied["detail"]["diff"]["added"]
+            .as_array()
+            .expect("added")
+            .contains(&serde_json::json!(
+                "p,globex,acme,accounts,region,dimension"
+            )),
+        "{applied}"
+    );
+
+    // globex's compliance officer imports acme's document: it is about acme's datasets.
+    let officer = env.add_user("globex", "gina", "compliance");
+    let mine = env.file("acme.csv", after.as_bytes());
+    env.cli_as(
+        &server,
+        &officer,
+        &["policy", "import", mine.to_str().expect("p")],
+    )
+    .fails_with("a partner's policy covers only its own datasets");
+    assert_eq!(export_body(&env, &server, None), after);
+}

@@ -15,6 +15,7 @@ use time::format_description::well_known::Rfc3339;
 
 use escrow_policies::{Grant, Usage};
 
+use crate::policy::{self, PolicyDocument, PolicyVersion};
 use crate::{Error, Result};
 
 const SCHEMA: &str = r#"
@@ -96,6 +97,18 @@ CREATE TABLE IF NOT EXISTS populations (
     created_at  TEXT NOT NULL,
     created_by  TEXT NOT NULL,
     PRIMARY KEY (owner, dataset, name)
+);
+-- Every version of each partner's policy document (policy.rs): the whole canonical text, and
+-- its diff against the version before. Written in the transaction of the change.
+CREATE TABLE IF NOT EXISTS policy_versions (
+    owner       TEXT NOT NULL,
+    version     INTEGER NOT NULL,
+    created_at  TEXT NOT NULL,
+    created_by  TEXT NOT NULL,
+    change      TEXT NOT NULL,
+    document    TEXT NOT NULL,
+    diff        TEXT NOT NULL,                 -- JSON {removed: [...], added: [...]}
+    PRIMARY KEY (owner, version)
 );
 -- The audit log's last record (audit.rs): the log file may run ahead of it, never behind.
 CREATE TABLE IF NOT EXISTS audit_anchor (
@@ -594,7 +607,8 @@ impl Catalog {
         &self,
         owner: &str,
         name: &str,
-        after: impl FnOnce(&Connection, usize) -> Result<()>,
+        by: &str,
+        after: impl FnOnce(&Connection, usize, Option<&PolicyVersion>) -> Result<()>,
     ) -> Result<(String, usize)> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -624,7 +638,8 @@ impl Catalog {
             params![owner, name],
         )?;
         tx.execute("DELETE FROM datasets WHERE id = ?1", [&id])?;
-        after(&tx, n)?;
+        let v = record_policy_version(&tx, owner, by, "dataset_delete")?;
+        after(&tx, n, v.as_ref())?;
         tx.commit()?;
         self.policy_changed();
         // Push the deleted pages out of the WAL into the (secure-deleted) main file.
@@ -649,7 +664,7 @@ impl Catalog {
         &self,
         p: &Population,
         by: &str,
-        after: impl FnOnce(&Connection, bool) -> Result<()>,
+        after: impl FnOnce(&Connection, Option<&PolicyVersion>) -> Result<()>,
     ) -> Result<(i64, bool)> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -662,7 +677,7 @@ impl Catalog {
             .optional()?;
         match existing {
             Some((f, position)) if f == p.filter => {
-                after(&tx, false)?;
+                after(&tx, None)?;
                 tx.commit()?;
                 return Ok((position, false));
             }
@@ -684,7 +699,8 @@ impl Catalog {
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![p.owner, p.dataset, p.name, p.filter, position, now_rfc3339(), by],
         )?;
-        after(&tx, true)?;
+        let v = record_policy_version(&tx, &p.owner, by, "population_add")?;
+        after(&tx, v.as_ref())?;
         tx.commit()?;
         self.policy_changed();
         Ok((position, true))
@@ -698,7 +714,8 @@ impl Catalog {
         owner: &str,
         dataset: &str,
         name: &str,
-        after: impl FnOnce(&Connection) -> Result<()>,
+        by: &str,
+        after: impl FnOnce(&Connection, Option<&PolicyVersion>) -> Result<()>,
     ) -> Result<bool> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -713,7 +730,8 @@ impl Catalog {
         if n == 0 {
             return Ok(false);
         }
-        after(&tx)?;
+        let v = record_policy_version(&tx, owner, by, "population_remove")?;
+        after(&tx, v.as_ref())?;
         tx.commit()?;
         drop(conn);
         self.policy_changed();
@@ -747,7 +765,7 @@ impl Catalog {
         &self,
         g: &Grant,
         by: &str,
-        after: impl FnOnce(&Connection, bool) -> Result<()>,
+        after: impl FnOnce(&Connection, Option<&PolicyVersion>) -> Result<()>,
     ) -> Result<bool> {
         let n = self.write(|tx| {
             let n = tx.execute(
@@ -763,7 +781,12 @@ impl Catalog {
                 by
             ],
         )?;
-            after(tx, n == 1)?;
+            let v = if n == 1 {
+                record_policy_version(tx, &g.owner, by, "grant")?
+            } else {
+                None
+            };
+            after(tx, v.as_ref())?;
             Ok(n)
         })?;
         self.policy_changed();
@@ -775,7 +798,8 @@ impl Catalog {
     pub fn remove_grant(
         &self,
         g: &Grant,
-        after: impl FnOnce(&Connection) -> Result<()>,
+        by: &str,
+        after: impl FnOnce(&Connection, Option<&PolicyVersion>) -> Result<()>,
     ) -> Result<bool> {
         let n = self.write(|tx| {
             let n = tx.execute(
@@ -789,7 +813,8 @@ impl Catalog {
             ],
         )?;
             if n == 1 {
-                after(tx)?;
+                let v = record_policy_version(tx, &g.owner, by, "revoke")?;
+                after(tx, v.as_ref())?;
             }
             Ok(n)
         })?;
@@ -862,7 +887,7 @@ impl Catalog {
         dataset: &str,
         json: &str,
         by: &str,
-        after: impl FnOnce(&Connection) -> Result<()>,
+        after: impl FnOnce(&Connection, Option<&PolicyVersion>) -> Result<()>,
     ) -> Result<()> {
         self.write(|tx| {
             tx.execute(
@@ -873,7 +898,8 @@ impl Catalog {
                updated_by = excluded.updated_by",
                 params![owner, dataset, json, now_rfc3339(), by],
             )?;
-            after(tx)
+            let v = record_policy_version(tx, owner, by, "settings")?;
+            after(tx, v.as_ref())
         })?;
         self.policy_changed();
         Ok(())
@@ -922,6 +948,147 @@ impl Catalog {
         }
         tx.commit()?;
         Ok(Spend::Charged { new, totals })
+    }
+
+    // ---- policy versions -----------------------------------------------------------------
+
+    /// `owner`'s policy history, oldest first.
+    pub fn policy_history(&self, owner: &str) -> Result<Vec<policy::HistoryEntry>> {
+        let conn = self.conn();
+        let mut st = conn.prepare(
+            "SELECT version, created_at, created_by, change, diff FROM policy_versions
+             WHERE owner = ?1 ORDER BY version",
+        )?;
+        let rows = st.query_map([owner], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (version, time, by, change, diff) = row?;
+            let diff = serde_json::from_str(&diff)
+                .map_err(|e| Error::internal(format!("bad policy diff in catalog: {e}")))?;
+            out.push(policy::HistoryEntry {
+                version,
+                time,
+                by,
+                change,
+                diff,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The canonical text of `owner`'s policy at `version` (0: empty, before any change) with
+    /// that number; `None`: the policy in force and the latest version number.
+    pub fn policy_text(&self, owner: &str, version: Option<i64>) -> Result<(i64, String)> {
+        let conn = self.conn();
+        match version {
+            None => Ok((
+                latest_policy_in(&conn, owner)?.0,
+                policy_document_in(&conn, owner)?.body(),
+            )),
+            Some(0) => Ok((0, String::new())),
+            Some(v) => conn
+                .query_row(
+                    "SELECT document FROM policy_versions WHERE owner = ?1 AND version = ?2",
+                    params![owner, v],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .map(|text| (v, text))
+                .ok_or_else(|| Error::NotFound(format!("{owner} has no policy version {v}"))),
+        }
+    }
+
+    /// Replace the owner's whole policy (grants, settings, populations) with `doc`, already
+    /// validated, in one transaction with `after` (the audit record). Returns the version
+    /// written (`None`: the document is the policy in force, nothing changed).
+    pub fn replace_policy(
+        &self,
+        doc: &PolicyDocument,
+        by: &str,
+        change: &str,
+        after: impl FnOnce(&Connection, Option<&PolicyVersion>) -> Result<()>,
+    ) -> Result<Option<PolicyVersion>> {
+        let owner = doc.owner.as_str();
+        let v = self.write(|tx| {
+            // Validation ran before this transaction: a dataset deleted since then fails here
+            // rather than leaving rules about a dataset that no longer exists.
+            let mut datasets: Vec<&str> = doc
+                .grants
+                .iter()
+                .map(|g| g.dataset.as_str())
+                .chain(doc.settings.keys().map(String::as_str))
+                .chain(doc.populations.iter().map(|p| p.dataset.as_str()))
+                .collect();
+            datasets.dedup();
+            for d in datasets {
+                let live: bool = tx
+                    .query_row(
+                        "SELECT 1 FROM datasets WHERE owner = ?1 AND name = ?2",
+                        params![owner, d],
+                        |_| Ok(true),
+                    )
+                    .optional()?
+                    .unwrap_or(false);
+                if !live {
+                    return Err(Error::Conflict(format!(
+                        "dataset {d} was deleted while the policy was being replaced"
+                    )));
+                }
+            }
+            for table in ["grants", "dataset_settings", "populations"] {
+                tx.execute(&format!("DELETE FROM {table} WHERE owner = ?1"), [owner])?;
+            }
+            let now = now_rfc3339();
+            for g in &doc.grants {
+                tx.execute(
+                    "INSERT INTO grants (owner, dataset, col, grantee, usage, created_at, created_by)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![
+                        owner,
+                        g.dataset,
+                        g.column.as_deref().unwrap_or("*"),
+                        g.grantee,
+                        g.usage.as_str(),
+                        now,
+                        by
+                    ],
+                )?;
+            }
+            for (d, s) in &doc.settings {
+                let json = serde_json::to_string(s).map_err(Error::internal)?;
+                tx.execute(
+                    "INSERT INTO dataset_settings (owner, dataset, settings, updated_at, updated_by)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![owner, d, json, now, by],
+                )?;
+            }
+            let mut position = 0;
+            let mut last = "";
+            for p in &doc.populations {
+                if p.dataset != last {
+                    (position, last) = (0, p.dataset.as_str());
+                }
+                position += 1;
+                tx.execute(
+                    "INSERT INTO populations (owner, dataset, name, filter, position, created_at, created_by)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![owner, p.dataset, p.name, p.filter, position, now, by],
+                )?;
+            }
+            let v = record_policy_version(tx, owner, by, change)?;
+            after(tx, v.as_ref())?;
+            Ok(v)
+        })?;
+        self.policy_changed();
+        Ok(v)
     }
 
     /// Every grant, for the policy engine.
@@ -975,6 +1142,87 @@ fn read_grants(
         );
     }
     Ok(out)
+}
+
+/// `owner`'s policy document as the tables hold it.
+fn policy_document_in(conn: &Connection, owner: &str) -> Result<PolicyDocument> {
+    let mut st =
+        conn.prepare("SELECT grantee, owner, dataset, col, usage FROM grants WHERE owner = ?1")?;
+    let mut grants = read_grants(&mut st, [owner])?;
+    grants.sort();
+    let mut settings = std::collections::BTreeMap::new();
+    let mut st = conn.prepare("SELECT dataset, settings FROM dataset_settings WHERE owner = ?1")?;
+    let rows = st.query_map([owner], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+    })?;
+    for row in rows {
+        let (d, json) = row?;
+        let s = serde_json::from_str(&json)
+            .map_err(|e| Error::internal(format!("bad settings in catalog: {e}")))?;
+        settings.insert(d, s);
+    }
+    let mut st = conn.prepare(
+        "SELECT dataset, name, filter FROM populations WHERE owner = ?1 ORDER BY dataset, position",
+    )?;
+    let rows = st.query_map([owner], |r| {
+        Ok(policy::PopulationDef {
+            dataset: r.get(0)?,
+            name: r.get(1)?,
+            filter: r.get(2)?,
+        })
+    })?;
+    Ok(PolicyDocument {
+        owner: owner.to_string(),
+        grants,
+        settings,
+        populations: rows.collect::<rusqlite::Result<_>>()?,
+    })
+}
+
+/// The latest version of `owner`'s policy and its text (0 and empty before any change).
+fn latest_policy_in(conn: &Connection, owner: &str) -> Result<(i64, String)> {
+    Ok(conn
+        .query_row(
+            "SELECT version, document FROM policy_versions WHERE owner = ?1
+             ORDER BY version DESC LIMIT 1",
+            [owner],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?
+        .unwrap_or_default())
+}
+
+/// After a change made in `conn`: write the next version of `owner`'s policy if the change
+/// altered it (`None` if the document is unchanged).
+fn record_policy_version(
+    conn: &Connection,
+    owner: &str,
+    by: &str,
+    change: &str,
+) -> Result<Option<PolicyVersion>> {
+    let text = policy_document_in(conn, owner)?.body();
+    let (version, previous) = latest_policy_in(conn, owner)?;
+    if text == previous {
+        return Ok(None);
+    }
+    let diff = policy::diff(&previous, &text);
+    conn.execute(
+        "INSERT INTO policy_versions (owner, version, created_at, created_by, change, document, diff)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            owner,
+            version + 1,
+            now_rfc3339(),
+            by,
+            change,
+            text,
+            serde_json::to_string(&diff).map_err(Error::internal)?
+        ],
+    )?;
+    Ok(Some(PolicyVersion {
+        version: version + 1,
+        diff,
+    }))
 }
 
 /// Identities ever added and ever revoked: changes with every add or revoke (rows are never

@@ -212,6 +212,25 @@ impl Client {
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
+    /// POST a text body (a policy document) to `path` with query parameters; the JSON answer.
+    pub async fn post_document(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+        body: Vec<u8>,
+        what: &str,
+    ) -> anyhow::Result<serde_json::Value> {
+        self.send(
+            self.http
+                .post(format!("{}/{path}", self.base))
+                .query(query)
+                .header(reqwest::header::CONTENT_TYPE, "text/csv")
+                .body(body),
+            what,
+        )
+        .await
+    }
+
     /// Grant (`revoke == false`) or revoke a use of one of the caller's datasets; `body` is
     /// `{dataset, to, usage, column?, population?}`.
     pub async fn policy_change(

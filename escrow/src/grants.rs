@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::audit::{Actor, Event, Hook, Outcome};
 use crate::datadir::validate_name;
+use crate::policy::PolicyVersion;
 use crate::store::Store;
 use crate::{Error, Result};
 
@@ -165,8 +166,8 @@ fn grant_audited(
             return Err(Error::NotFound(format!("no partner named {}", g.grantee)));
         }
     }
-    let new = store.catalog().add_grant(&g, by, |tx, new| {
-        hook.append(tx, serde_json::json!({ "changed": new }))
+    let new = store.catalog().add_grant(&g, by, |tx, v| {
+        hook.append(tx, PolicyVersion::audit_json(v))
     })?;
     Ok((GrantView::from(&g), new))
 }
@@ -176,8 +177,8 @@ pub fn revoke(store: &Store, actor: &Actor, req: &GrantRequest) -> Result<GrantV
     store.audited(event("revoke", actor, req), |hook| {
         validate_name("dataset", &req.dataset)?;
         let g = to_grant(actor.partner_name()?, req)?;
-        if store.catalog().remove_grant(&g, |tx| {
-            hook.append(tx, serde_json::json!({ "changed": true }))
+        if store.catalog().remove_grant(&g, &actor.user, |tx, v| {
+            hook.append(tx, PolicyVersion::audit_json(v))
         })? {
             Ok(GrantView::from(&g))
         } else {

@@ -19,6 +19,7 @@ pub mod ingest;
 pub mod matching;
 pub mod overlaps;
 pub mod pki;
+pub mod policy;
 pub mod populations;
 pub mod queries;
 pub mod server;

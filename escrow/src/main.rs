@@ -367,6 +367,48 @@ enum PolicyCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Every version of your policy (grants, settings, populations): who changed what, when.
+    History {
+        #[arg(long, default_value = "table")]
+        format: OutputFormat,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// What changed between two versions of your policy (0 = before any rule).
+    Diff {
+        from: i64,
+        /// Default: the latest version.
+        to: Option<i64>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Make an earlier version your policy again (recorded as a new version).
+    Rollback {
+        version: i64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Your policy (or one version of it) as casbin CSV.
+    Export {
+        /// A version (default: the policy in force).
+        #[arg(long)]
+        version: Option<i64>,
+        /// Write to this file instead of standard output.
+        #[arg(long)]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Replace your whole policy with a casbin CSV document (as `policy export` writes it),
+    /// validated whole: an invalid document changes nothing.
+    Import {
+        file: PathBuf,
+        /// Validate and show what would change, without changing anything.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -712,6 +754,97 @@ async fn run(command: Command) -> anyhow::Result<()> {
                         }
                     }
                 }
+            }
+            PolicyCommand::History { format, client } => {
+                let out = identity(&client)?
+                    .get_json("v1/policies/versions", &[], "policy history")
+                    .await?;
+                match format {
+                    OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&out)?),
+                    OutputFormat::Table => {
+                        let empty = Vec::new();
+                        let versions = out["versions"].as_array().unwrap_or(&empty);
+                        if versions.is_empty() {
+                            println!("no policy changes yet");
+                        }
+                        for v in versions {
+                            println!(
+                                "v{}  {}  {}  {}",
+                                v["version"],
+                                v["time"].as_str().unwrap_or("?"),
+                                v["by"].as_str().unwrap_or("?"),
+                                v["change"].as_str().unwrap_or("?"),
+                            );
+                            print_diff(v, "    ");
+                        }
+                    }
+                }
+            }
+            PolicyCommand::Diff { from, to, client } => {
+                let (from_s, to_s) = (from.to_string(), to.map(|t| t.to_string()));
+                let mut q = vec![("from", from_s.as_str())];
+                if let Some(t) = &to_s {
+                    q.push(("to", t.as_str()));
+                }
+                let out = identity(&client)?
+                    .get_json("v1/policies/diff", &q, "policy diff")
+                    .await?;
+                println!("v{} -> v{}", out["from"], out["to"]);
+                print_diff(&out, "");
+            }
+            PolicyCommand::Rollback { version, client } => {
+                let out = identity(&client)?
+                    .post_json(
+                        "v1/policies/rollback",
+                        &serde_json::json!({ "version": version }),
+                        "rollback",
+                    )
+                    .await?;
+                match out["version"].as_i64() {
+                    Some(v) => println!("policy v{v}: the rules of v{version} again"),
+                    None => {
+                        println!("the policy in force already is v{version}'s: nothing changed")
+                    }
+                }
+                print_diff(&out, "");
+            }
+            PolicyCommand::Export {
+                version,
+                output,
+                client,
+            } => {
+                let path = match version {
+                    Some(v) => format!("v1/policies/export?version={v}"),
+                    None => "v1/policies/export".to_string(),
+                };
+                let text = identity(&client)?
+                    .get_text(&path, "exporting the policy")
+                    .await?;
+                match output {
+                    Some(p) => std::fs::write(&p, text)
+                        .with_context(|| format!("writing {}", p.display()))?,
+                    None => print!("{text}"),
+                }
+            }
+            PolicyCommand::Import {
+                file,
+                dry_run,
+                client,
+            } => {
+                let body =
+                    std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+                let q: &[(&str, &str)] = if dry_run { &[("dry_run", "true")] } else { &[] };
+                let out = identity(&client)?
+                    .post_document("v1/policies/import", q, body, "import")
+                    .await?;
+                match (dry_run, out["version"].as_i64()) {
+                    (true, _) => println!("valid; importing it would change:"),
+                    (false, Some(v)) => println!("imported as policy v{v}"),
+                    (false, None) => {
+                        println!("the document is the policy in force: nothing changed")
+                    }
+                }
+                print_diff(&out, "");
             }
         },
         Command::Population { command } => match command {
@@ -1159,6 +1292,15 @@ async fn report(
         QueryFormat::Table => table(&c.post_json(path, body, what).await?),
     }
     Ok(())
+}
+
+/// The `removed` and `added` lines of a policy diff, as `- line` / `+ line`.
+fn print_diff(d: &serde_json::Value, indent: &str) {
+    for (sign, key) in [("-", "removed"), ("+", "added")] {
+        for line in d[key].as_array().into_iter().flatten() {
+            println!("{indent}{sign} {}", line.as_str().unwrap_or("?"));
+        }
+    }
 }
 
 fn grant_line(g: &serde_json::Value) -> String {

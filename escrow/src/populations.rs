@@ -10,6 +10,7 @@ use serde::Deserialize;
 use crate::audit::{Actor, Event, Hook, Outcome};
 use crate::catalog::Population;
 use crate::datadir::validate_name;
+use crate::policy::PolicyVersion;
 use crate::store::Store;
 use crate::{Error, Result};
 
@@ -55,15 +56,7 @@ fn add_audited(
         .ok_or_else(|| Error::bad("invalid_filter", "a population needs a filter"))?
         .trim()
         .to_string();
-    let info = store.live_dataset(owner, &req.dataset)?;
-    let live = store.live_version(owner, &req.dataset)?;
-    let (_, declared) = crate::matching::declared_schema(&store.schema_of(&live)?)
-        .map_err(|e| Error::internal(format!("declared schema: {e}")))?;
-    escrow_query::population::check_filter(&filter, &declared, info.key_column.as_deref())
-        .map_err(|e| match e {
-            QueryError::Refused { rule, message } => Error::bad(rule, message),
-            other => Error::internal(format!("population filter: {other}")),
-        })?;
+    check_filter(store, owner, &req.dataset, &filter)?;
     let defined = store
         .catalog()
         .populations_of(owner)?
@@ -89,11 +82,27 @@ fn add_audited(
         filter,
         position: 0,
     };
-    let (position, new) = store.catalog().add_population(&p, by, |tx, new| {
-        hook.append(tx, serde_json::json!({ "changed": new }))
+    let (position, new) = store.catalog().add_population(&p, by, |tx, v| {
+        hook.append(tx, PolicyVersion::audit_json(v))
     })?;
     p.position = position;
     Ok((p, new))
+}
+
+/// Check a population filter against `owner`'s live `dataset`: one boolean expression over
+/// its declared columns, not the key column, no subqueries.
+pub(crate) fn check_filter(store: &Store, owner: &str, dataset: &str, filter: &str) -> Result<()> {
+    let info = store.live_dataset(owner, dataset)?;
+    let live = store.live_version(owner, dataset)?;
+    let (_, declared) = crate::matching::declared_schema(&store.schema_of(&live)?)
+        .map_err(|e| Error::internal(format!("declared schema: {e}")))?;
+    escrow_query::population::check_filter(filter, &declared, info.key_column.as_deref()).map_err(
+        |e| match e {
+            QueryError::Refused { rule, message } => Error::bad(rule, message),
+            other => Error::internal(format!("population filter: {other}")),
+        },
+    )?;
+    Ok(())
 }
 
 /// Remove a population, audited; `not_found` if there is none.
@@ -105,7 +114,8 @@ pub fn remove(store: &Store, actor: &Actor, req: &PopulationRequest) -> Result<(
             actor.partner_name()?,
             &req.dataset,
             &req.name,
-            |tx| hook.append(tx, serde_json::json!({})),
+            &actor.user,
+            |tx, v| hook.append(tx, PolicyVersion::audit_json(v)),
         )?;
         if removed {
             Ok(())

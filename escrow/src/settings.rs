@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::audit::{Actor, Event, Hook, Outcome};
+use crate::policy::PolicyVersion;
 use crate::store::Store;
 use crate::{Error, Result};
 
@@ -66,7 +67,7 @@ fn invalid(message: impl std::fmt::Display) -> Error {
 }
 
 impl DatasetSettings {
-    fn validate(&self, numeric_columns: &[String]) -> Result<()> {
+    pub(crate) fn validate(&self, numeric_columns: &[String]) -> Result<()> {
         if !(2..=1_000_000).contains(&self.min_entities) {
             return Err(invalid("min_entities must be between 2 and 1000000"));
         }
@@ -123,13 +124,7 @@ fn change_audited(
 ) -> Result<DatasetSettings> {
     let (owner, user) = (actor.partner_name()?, actor.user.as_str());
     crate::datadir::validate_name("dataset", &req.dataset)?;
-    let info = store.live_dataset(owner, &req.dataset)?;
-    let numeric: Vec<String> = info
-        .columns
-        .iter()
-        .filter(|c| is_numeric(&c.data_type))
-        .map(|c| c.name.clone())
-        .collect();
+    let numeric = numeric_columns(&store.live_dataset(owner, &req.dataset)?);
     let before = of(store, owner, &req.dataset)?;
     let mut s = before.clone();
     if let Some(k) = req.min_entities {
@@ -158,10 +153,22 @@ fn change_audited(
     let json = serde_json::to_string(&s).map_err(Error::internal)?;
     store
         .catalog()
-        .put_settings_json(owner, &req.dataset, &json, user, |tx| {
-            hook.append(tx, serde_json::json!({ "before": before, "after": s }))
+        .put_settings_json(owner, &req.dataset, &json, user, |tx, v| {
+            let mut detail = PolicyVersion::audit_json(v);
+            detail["before"] = serde_json::json!(before);
+            detail["after"] = serde_json::json!(s);
+            hook.append(tx, detail)
         })?;
     Ok(s)
+}
+
+/// The numeric columns of a dataset's live version (the ones bounds may clamp).
+pub(crate) fn numeric_columns(info: &crate::catalog::DatasetInfo) -> Vec<String> {
+    info.columns
+        .iter()
+        .filter(|c| is_numeric(&c.data_type))
+        .map(|c| c.name.clone())
+        .collect()
 }
 
 fn is_numeric(data_type: &str) -> bool {

@@ -373,9 +373,12 @@ impl Store {
         );
         let (dataset_id, versions) = self.audited(event, |hook| {
             validate_name("dataset", name)?;
-            self.catalog.delete_dataset(owner, name, |tx, n| {
-                hook.append(tx, serde_json::json!({ "versions_destroyed": n }))
-            })
+            self.catalog
+                .delete_dataset(owner, name, &actor.user, |tx, n, v| {
+                    let mut detail = crate::policy::PolicyVersion::audit_json(v);
+                    detail["versions_destroyed"] = n.into();
+                    hook.append(tx, detail)
+                })
         })?;
         self.cache.forget_dataset(&dataset_id, None);
         // The keys are gone: the files are unreadable from here on. Removing them is hygiene;

@@ -45,6 +45,14 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/policies/settings",
             axum::routing::post(change_settings),
         )
+        .route("/v1/policies/versions", get(policy_history))
+        .route("/v1/policies/diff", get(policy_diff))
+        .route("/v1/policies/export", get(policy_export))
+        .route(
+            "/v1/policies/rollback",
+            axum::routing::post(policy_rollback),
+        )
+        .route("/v1/policies/import", axum::routing::post(policy_import))
         .route(
             "/v1/populations",
             get(list_populations).post(add_population),
@@ -447,6 +455,145 @@ async fn change_settings(
     let settings = blocking(move || crate::settings::change(&store, &actor, &req)).await?;
     tracing::info!(partner = %caller.partner, %dataset, ?settings, "protection settings changed");
     Ok(Json(json!({ "dataset": dataset, "settings": settings })))
+}
+
+/// The caller's partner's policy versions, oldest first, each with its diff.
+async fn policy_history(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    caller.may(&state, Action::PolicyRead).await?;
+    let store = state.store.clone();
+    let versions = blocking(move || crate::policy::history(&store, &caller.partner)).await?;
+    Ok(Json(json!({ "versions": versions })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DiffParams {
+    from: i64,
+    /// Default: the latest version.
+    to: Option<i64>,
+}
+
+async fn policy_diff(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Query(params): Query<DiffParams>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    caller.may(&state, Action::PolicyRead).await?;
+    let store = state.store.clone();
+    let out = blocking(move || {
+        let to = match params.to {
+            Some(v) => v,
+            None => store.catalog().policy_text(&caller.partner, None)?.0,
+        };
+        let d = crate::policy::diff_versions(&store, &caller.partner, params.from, to)?;
+        Ok(json!({ "from": params.from, "to": to, "removed": d.removed, "added": d.added }))
+    })
+    .await?;
+    Ok(Json(out))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VersionParams {
+    version: Option<i64>,
+}
+
+/// The caller's partner's policy (or one of its versions) as casbin CSV.
+async fn policy_export(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Query(params): Query<VersionParams>,
+) -> Result<Response, ApiError> {
+    caller.may(&state, Action::PolicyRead).await?;
+    let store = state.store.clone();
+    let text = blocking(move || {
+        let (v, doc) = crate::policy::document(&store, &caller.partner, params.version)?;
+        Ok(doc.export(v))
+    })
+    .await?;
+    Ok((StatusCode::OK, [(header::CONTENT_TYPE, "text/csv")], text).into_response())
+}
+
+/// Replacing the whole policy changes grants, settings and populations: both rights needed.
+async fn may_replace_policy(state: &AppState, caller: &Caller) -> Result<Actor, ApiError> {
+    caller.may(state, Action::PolicyChange).await?;
+    caller.may(state, Action::PopulationChange).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackRequest {
+    version: i64,
+}
+
+/// Make an earlier version the policy in force again (as a new version).
+async fn policy_rollback(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    body: bytes::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let actor = may_replace_policy(&state, &caller).await?;
+    let req: RollbackRequest = json_body(&body)?;
+    let store = state.store.clone();
+    let owner = caller.partner.clone();
+    let doc = blocking(move || crate::policy::document(&store, &owner, Some(req.version)))
+        .await
+        .map(|(_, doc)| doc)
+        .map_err(|e| e.0);
+    let detail = json!({ "rollback_to": req.version });
+    let (version, diff) =
+        crate::policy::replace(&state.store, &actor, doc, "policy_rollback", detail, false).await?;
+    tracing::info!(partner = %caller.partner, to = req.version, ?version, "policy rolled back");
+    Ok(Json(
+        json!({ "version": version, "removed": diff.removed, "added": diff.added }),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportParams {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+/// Replace the caller's partner's policy with a casbin CSV document, validated whole; with
+/// `dry_run`, only say what would change.
+async fn policy_import(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Query(params): Query<ImportParams>,
+    body: bytes::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let actor = may_replace_policy(&state, &caller).await?;
+    if body.len() > crate::policy::MAX_DOCUMENT_BYTES {
+        return Err(Error::TooLarge {
+            limit: crate::policy::MAX_DOCUMENT_BYTES as u64,
+        }
+        .into());
+    }
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| Error::bad("invalid_policy", "a policy document is UTF-8 text"))?;
+    let detail = json!({ "bytes": body.len() });
+    let doc = crate::policy::PolicyDocument::parse(&caller.partner, text);
+    let (version, diff) = crate::policy::replace(
+        &state.store,
+        &actor,
+        doc,
+        "policy_import",
+        detail,
+        params.dry_run,
+    )
+    .await?;
+    tracing::info!(partner = %caller.partner, ?version, dry_run = params.dry_run, "policy imported");
+    Ok(Json(json!({
+        "dry_run": params.dry_run,
+        "version": version,
+        "removed": diff.removed,
+        "added": diff.added,
+    })))
 }
 
 #[derive(Debug, Deserialize)]
