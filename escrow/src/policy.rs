@@ -601,6 +601,35 @@ mod tests {
         }
     }
 
+    /// The export is a casbin policy file for policies/model.conf: casbin's own file adapter
+    /// loads exactly the grants (and skips escrow's other lines) and decides with them.
+    #[tokio::test]
+    async fn casbin_loads_the_export_with_the_model() {
+        use casbin::{CoreApi, DefaultModel, Enforcer, FileAdapter, MgmtApi};
+        let text = "p,globex,acme,accounts,website,join\n\
+            p,*,acme,accounts,customers,overlap\n\
+            setting,acme,accounts,epsilon,0.5\n\
+            population,acme,accounts,customers,\"status IN ('customer', 'partner')\"\n";
+        let doc = PolicyDocument::parse("acme", text).unwrap();
+        let dir = std::env::temp_dir().join(format!("escrow-policy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("acme.csv");
+        std::fs::write(&path, doc.export(4)).unwrap();
+        let model = DefaultModel::from_str(escrow_policies::MODEL).await.unwrap();
+        let e = Enforcer::new(model, FileAdapter::new(path.to_string_lossy().into_owned()))
+            .await
+            .unwrap();
+        let mut loaded = e.get_policy();
+        loaded.sort();
+        let mut expected: Vec<Vec<String>> = doc.grants.iter().map(Grant::to_casbin).collect();
+        expected.sort();
+        assert_eq!(loaded, expected);
+        assert!(e.enforce(("globex", "acme", "accounts", "website", "join")).unwrap());
+        assert!(!e.enforce(("globex", "acme", "accounts", "region", "join")).unwrap());
+        assert!(e.enforce(("initech", "acme", "accounts", "customers", "overlap")).unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn diffs_name_removed_and_added_lines() {
         let d = diff("a\nb\nc\n", "b\nc\nd\n");
