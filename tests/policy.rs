@@ -149,6 +149,35 @@ fn export_body(env: &Env, server: &Server, version: Option<&str>) -> String {
         .collect()
 }
 
+/// Every decision acme's policy makes for globex and for every other partner: each column
+/// and usage, standalone use, each population's visibility, and the protection settings.
+/// (initech must exist.)
+fn decisions(env: &Env, server: &Server) -> Vec<serde_json::Value> {
+    ["globex", "initech"]
+        .iter()
+        .flat_map(|p| {
+            let out = preview(env, server, &["--partner", p]);
+            out["datasets"]
+                .as_array()
+                .expect("datasets")
+                .iter()
+                .map(|d| {
+                    serde_json::json!([
+                        p,
+                        d["dataset"],
+                        d["visible"],
+                        d["standalone"],
+                        d["columns"],
+                        d["populations"],
+                        d["settings"],
+                        d["notes"]
+                    ])
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 const BY_REGION: &str = "SELECT a.region, COUNT(DISTINCT g.website) AS n FROM globex.accounts g JOIN acme.accounts a ON g.website = a.website GROUP BY a.region";
 
 fn acme(env: &Env, server: &Server, args: &[&str]) {
@@ -160,6 +189,7 @@ fn every_change_is_a_version_and_rollback_restores_the_exact_decisions() {
     let env = Env::new();
     let server = env.serve(&[]);
     env.customers_shared(&server); // acme v1: population customers
+    env.op(&["partner", "add", "initech"]).ok();
     acme(&env, &server, &GRANT_JOIN); // v2
     acme(
         &env,
@@ -208,6 +238,7 @@ fn every_change_is_a_version_and_rollback_restores_the_exact_decisions() {
     env.cli(&server, "acme", &GRANT_JOIN).ok();
     let v5 = export_body(&env, &server, None);
     assert_eq!(v5, export_body(&env, &server, Some("5")));
+    let decisions_v5 = decisions(&env, &server);
     let answer_v5 = json_of(
         env.cli(&server, "globex", &["query", BY_REGION, "--format", "json"])
             .ok(),
@@ -236,6 +267,7 @@ fn every_change_is_a_version_and_rollback_restores_the_exact_decisions() {
     ); // v8
     env.cli(&server, "globex", &["query", BY_REGION])
         .fails_with("rule usage_not_granted");
+    assert_ne!(decisions(&env, &server), decisions_v5);
 
     let history = json_of(
         env.cli(&server, "acme", &["policy", "history", "--format", "json"])
@@ -313,6 +345,11 @@ fn every_change_is_a_version_and_rollback_restores_the_exact_decisions() {
         export_body(&env, &server, None),
         v5,
         "v9 is v5's document, exactly"
+    );
+    assert_eq!(
+        decisions(&env, &server),
+        decisions_v5,
+        "and decides exactly as v5 did"
     );
     // The same question is allowed again and, under the same protection, is the same
     // question: the same answer, nothing spent.
@@ -519,4 +556,300 @@ fn an_invalid_import_changes_nothing_and_a_valid_one_is_one_version() {
     )
     .fails_with("a partner's policy covers only its own datasets");
     assert_eq!(export_body(&env, &server, None), after);
+}
+
+fn explain(env: &Env, server: &Server, partner: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["policy", "explain"];
+    all.extend_from_slice(args);
+    all.extend(["--format", "json"]);
+    json_of(env.cli(server, partner, &all).ok())
+}
+
+fn use_of<'a>(
+    e: &'a serde_json::Value,
+    dataset: &str,
+    column: &str,
+    usage: &str,
+) -> &'a serde_json::Value {
+    e["uses"]
+        .as_array()
+        .expect("uses")
+        .iter()
+        .find(|u| {
+            u["dataset"] == dataset
+                && (u["column"] == column || u["population"] == column)
+                && u["usage"] == usage
+        })
+        .unwrap_or_else(|| panic!("no use {dataset}.{column} as {usage} in {e}"))
+}
+
+#[test]
+fn explain_names_the_grant_or_the_missing_grant_of_every_use() {
+    let env = Env::new();
+    let server = env.serve(&[]);
+    env.customers_shared(&server);
+    acme(&env, &server, &GRANT_JOIN);
+
+    let refused = env
+        .cli(&server, "globex", &["query", BY_REGION])
+        .fails_with("rule usage_not_granted");
+    assert!(
+        refused
+            .stderr
+            .contains("`escrow policy explain \"SQL\"` shows each rule"),
+        "{}",
+        refused.stderr
+    );
+
+    let e = explain(&env, &server, "globex", &[BY_REGION]);
+    assert_eq!(e["allowed"], false, "{e}");
+    assert_eq!(e["refusal"]["rule"], "usage_not_granted");
+    assert_eq!(
+        e["datasets"],
+        serde_json::json!(["globex.accounts@v1", "acme.accounts@v1"])
+    );
+    let join = use_of(&e, "acme.accounts", "website", "join");
+    assert_eq!(join["decision"], "granted");
+    assert_eq!(join["rule"], "p,globex,acme,accounts,website,join");
+    let region = use_of(&e, "acme.accounts", "region", "dimension");
+    assert_eq!(region["decision"], "missing", "{e}");
+    let fix = region["missing_grant"].as_str().expect("the missing grant");
+    assert_eq!(
+        fix,
+        "acme runs: escrow policy grant accounts --to globex --usage dimension --column region"
+    );
+    assert_eq!(
+        use_of(&e, "globex.accounts", "website", "count")["decision"],
+        "owner"
+    );
+    assert_eq!(e["protection"]["min_entities"], 5);
+    assert_eq!(e["protection"]["epsilon"], 1.0);
+    assert_eq!(
+        e["protection"]["from"],
+        serde_json::json!(["acme.accounts"])
+    );
+    let table = env
+        .cli(&server, "globex", &["policy", "explain", BY_REGION])
+        .ok();
+    assert!(
+        table
+            .stdout
+            .contains("acme.accounts.region as dimension: MISSING GRANT"),
+        "{}",
+        table.stdout
+    );
+
+    // The owner runs exactly the command the explanation names; now it is allowed, and the
+    // cost it predicts is what answering costs.
+    let args: Vec<&str> = fix
+        .trim_start_matches("acme runs: escrow ")
+        .split(' ')
+        .collect();
+    acme(&env, &server, &args);
+    let e = explain(&env, &server, "globex", &[BY_REGION]);
+    assert_eq!(e["allowed"], true, "{e}");
+    assert_eq!(e["refusal"], serde_json::Value::Null);
+    assert_eq!(
+        use_of(&e, "acme.accounts", "region", "dimension")["rule"],
+        "p,globex,acme,accounts,region,dimension"
+    );
+    assert_eq!(e["cost"]["epsilon_spent"], 1.0, "{e}");
+    let explained_again = explain(&env, &server, "globex", &[BY_REGION]);
+    assert_eq!(
+        explained_again["cost"]["repeated"], false,
+        "explaining spends nothing"
+    );
+    assert_eq!(explained_again["cost"]["budgets"][0]["spent"], 1.0);
+    let answer = json_of(
+        env.cli(&server, "globex", &["query", BY_REGION, "--format", "json"])
+            .ok(),
+    );
+    assert_eq!(answer["budgets"], e["cost"]["budgets"], "{answer}");
+    assert_eq!(answer["epsilon_spent"], 1.0);
+    let after = explain(&env, &server, "globex", &[BY_REGION]);
+    assert_eq!(after["cost"]["repeated"], true, "{after}");
+    assert_eq!(after["cost"]["epsilon_spent"], 0.0);
+
+    // A query the gate refuses outright is explained by its rule.
+    let rows = explain(
+        &env,
+        &server,
+        "globex",
+        &["SELECT website FROM acme.accounts"],
+    );
+    assert_eq!(rows["allowed"], false);
+    assert!(
+        rows["refusal"]["rule"].as_str().expect("rule").len() > 3,
+        "{rows}"
+    );
+
+    // Overlap questions: globex may not see acme's populations; acme may see globex's.
+    let o = explain(&env, &server, "globex", &["--with", "acme"]);
+    assert_eq!(o["allowed"], false, "{o}");
+    assert_eq!(o["refusal"]["rule"], "usage_not_granted");
+    let customers = use_of(&o, "acme.accounts", "customers", "overlap");
+    assert_eq!(customers["decision"], "missing");
+    assert_eq!(
+        customers["missing_grant"],
+        "acme runs: escrow policy grant accounts --to globex --usage overlap --population customers"
+    );
+    env.cli(&server, "globex", &["overlap", "--with", "acme"])
+        .fails_with("`escrow policy explain --with acme` shows each rule");
+    let o = explain(
+        &env,
+        &server,
+        "acme",
+        &["--with", "globex", "--by", "region"],
+    );
+    assert_eq!(
+        o["allowed"], false,
+        "the breakdown column is not granted: {o}"
+    );
+    assert_eq!(
+        use_of(&o, "globex.accounts", "customers", "overlap")["rule"],
+        "p,acme,globex,accounts,*,overlap"
+    );
+    assert_eq!(
+        use_of(&o, "globex.accounts", "region", "dimension")["decision"],
+        "missing"
+    );
+    let o = explain(&env, &server, "acme", &["--with", "globex"]);
+    assert_eq!(o["allowed"], true, "{o}");
+    assert_eq!(
+        o["protection"]["from"],
+        serde_json::json!(["acme.accounts", "globex.accounts"])
+    );
+    assert_eq!(o["cost"]["budgets"][0]["dataset"], "globex.accounts");
+
+    // Explaining is reading policy: analysts may, uploaders may not.
+    let uploader = env.add_user("globex", "uma", "uploader");
+    env.cli_as(&server, &uploader, &["policy", "explain", BY_REGION])
+        .fails_with("forbidden");
+    env.cli(&server, "globex", &["policy", "explain"])
+        .fails_with("give the SQL to explain");
+}
+
+fn preview(env: &Env, server: &Server, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["policy", "preview", "--format", "json"];
+    all.extend_from_slice(args);
+    json_of(env.cli(server, "acme", &all).ok())
+}
+
+#[test]
+fn preview_shows_what_a_partner_can_ask_before_and_after_a_grant() {
+    let env = Env::new();
+    let server = env.serve(&[]);
+    env.customers_shared(&server);
+    let before = preview(&env, &server, &["--partner", "globex"]);
+    let d = &before["datasets"][0];
+    assert_eq!(d["dataset"], "acme.accounts", "{before}");
+    assert_eq!(d["visible"], false);
+    assert_eq!(d["columns"], serde_json::json!([]));
+    assert_eq!(d["standalone"], serde_json::Value::Null);
+    assert_eq!(
+        d["populations"],
+        serde_json::json!([{"name": "customers", "visible": false, "rule": null}])
+    );
+    assert_eq!(d["remaining"], 10.0);
+
+    acme(&env, &server, &GRANT_JOIN);
+    acme(
+        &env,
+        &server,
+        &[
+            "policy", "grant", "accounts", "--to", "*", "--usage", "sum", "--column", "arr_usd",
+        ],
+    );
+    acme(
+        &env,
+        &server,
+        &[
+            "policy",
+            "grant",
+            "accounts",
+            "--to",
+            "globex",
+            "--usage",
+            "overlap",
+            "--population",
+            "customers",
+        ],
+    );
+    let after = preview(
+        &env,
+        &server,
+        &["--partner", "globex", "--dataset", "accounts"],
+    );
+    let d = &after["datasets"][0];
+    assert_eq!(d["visible"], true);
+    assert_eq!(
+        d["columns"],
+        serde_json::json!([
+            {"column": "website", "usages": [{"usage": "join", "rule": "p,globex,acme,accounts,website,join"}]},
+            {"column": "arr_usd", "usages": [{"usage": "sum", "rule": "p,*,acme,accounts,arr_usd,sum"}]},
+        ]),
+        "{after}"
+    );
+    assert_eq!(d["populations"][0]["visible"], true);
+    assert!(
+        d["notes"][0]
+            .as_str()
+            .expect("note")
+            .contains("sum of arr_usd is granted but refused until you set its bounds"),
+        "{after}"
+    );
+    acme(
+        &env,
+        &server,
+        &["policy", "set", "accounts", "--bounds", "arr_usd=0:100000"],
+    );
+    // globex spends on the dataset: the preview shows what it has left.
+    env.cli(
+        &server,
+        "globex",
+        &["query", "SELECT COUNT(DISTINCT g.website) FROM globex.accounts g JOIN acme.accounts a ON g.website = a.website"],
+    )
+    .ok();
+    let spent = preview(&env, &server, &["--partner", "globex"]);
+    let d = &spent["datasets"][0];
+    assert_eq!(d["notes"], serde_json::json!([]), "{spent}");
+    assert_eq!(d["budget"]["spent"], 1.0);
+    assert_eq!(d["remaining"], 9.0);
+    let table = env
+        .cli(
+            &server,
+            "acme",
+            &["policy", "preview", "--partner", "globex"],
+        )
+        .ok();
+    assert!(
+        table
+            .stdout
+            .contains("acme.accounts (v1): globex can name it in queries"),
+        "{}",
+        table.stdout
+    );
+    assert!(table.stdout.contains("  website: join"), "{}", table.stdout);
+
+    env.cli(&server, "acme", &["policy", "preview", "--partner", "acme"])
+        .fails_with("invalid_request");
+    env.cli(
+        &server,
+        "acme",
+        &["policy", "preview", "--partner", "nobody"],
+    )
+    .fails_with("no partner named nobody");
+    env.cli(
+        &server,
+        "acme",
+        &[
+            "policy",
+            "preview",
+            "--partner",
+            "globex",
+            "--dataset",
+            "nope",
+        ],
+    )
+    .fails_with("no dataset named nope");
 }

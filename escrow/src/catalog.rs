@@ -908,13 +908,15 @@ impl Catalog {
     /// Spend `epsilon` of every dataset in `charges` for the question `fingerprint`, all or
     /// nothing. A question already paid for spends nothing. Returns whether anything was
     /// spent and each dataset's total spent by `partner` afterwards; if any dataset's budget
-    /// would be exceeded, nothing is spent and that dataset and its total are returned.
+    /// would be exceeded, nothing is spent and that dataset and its total are returned. With
+    /// `dry_run`, the same answer with nothing spent (the transaction rolls back).
     pub fn spend(
         &self,
         partner: &str,
         charges: &[BudgetCharge],
         epsilon: f64,
         fingerprint: &str,
+        dry_run: bool,
     ) -> Result<Spend> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -946,7 +948,9 @@ impl Catalog {
             new = true;
             totals.push(spent + epsilon);
         }
-        tx.commit()?;
+        if !dry_run {
+            tx.commit()?;
+        }
         Ok(Spend::Charged { new, totals })
     }
 
@@ -1089,6 +1093,16 @@ impl Catalog {
         })?;
         self.policy_changed();
         Ok(v)
+    }
+
+    /// ε `partner` has spent on `owner`'s `dataset`.
+    pub fn spent(&self, partner: &str, owner: &str, dataset: &str) -> Result<f64> {
+        Ok(self.conn().query_row(
+            "SELECT COALESCE(SUM(epsilon), 0) FROM privacy_ledger
+             WHERE partner = ?1 AND owner = ?2 AND dataset = ?3",
+            params![partner, owner, dataset],
+            |r| r.get(0),
+        )?)
     }
 
     /// Every grant, for the policy engine.

@@ -13,6 +13,7 @@ pub mod client;
 pub mod crypto;
 pub mod datadir;
 pub mod error;
+pub mod explain;
 pub mod fsutil;
 pub mod grants;
 pub mod ingest;

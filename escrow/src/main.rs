@@ -367,6 +367,37 @@ enum PolicyCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Why a question would be answered or refused: for each (dataset, column, usage) it
+    /// needs, the rule that grants it or the grant that is missing, and the threshold, ε and
+    /// budget that would apply. Give SQL, or --with PARTNER for an overlap question. Nothing
+    /// is read, spent or run.
+    Explain {
+        /// The SQL question.
+        sql: Option<String>,
+        /// Explain an overlap question with this partner instead.
+        #[arg(long, conflicts_with = "sql")]
+        with: Option<String>,
+        #[command(flatten)]
+        args: OverlapArgs,
+        #[arg(long, default_value = "table")]
+        format: OutputFormat,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// What another partner can currently ask of your datasets: usable columns and usages,
+    /// populations it sees, the protection in force and the budget it has left.
+    Preview {
+        /// The other partner.
+        #[arg(long)]
+        partner: String,
+        /// One of your datasets (default: all).
+        #[arg(long)]
+        dataset: Option<String>,
+        #[arg(long, default_value = "table")]
+        format: OutputFormat,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Every version of your policy (grants, settings, populations): who changed what, when.
     History {
         #[arg(long, default_value = "table")]
@@ -753,6 +784,58 @@ async fn run(command: Command) -> anyhow::Result<()> {
                             }
                         }
                     }
+                }
+            }
+            PolicyCommand::Explain {
+                sql,
+                with,
+                args,
+                format,
+                client,
+            } => {
+                let c = identity(&client)?;
+                let out = match (sql, with) {
+                    (Some(sql), None) => {
+                        c.post_json(
+                            "v1/queries/explain",
+                            &serde_json::json!({ "sql": sql }),
+                            "explain",
+                        )
+                        .await?
+                    }
+                    (None, Some(with)) => {
+                        let body = serde_json::json!({
+                            "with": with, "mine": args.mine, "theirs": args.theirs, "by": args.by,
+                        });
+                        c.post_json("v1/overlaps/explain", &body, "explain").await?
+                    }
+                    _ => {
+                        return Err(anyhow!(
+                            "give the SQL to explain, or --with PARTNER for an overlap question"
+                        ));
+                    }
+                };
+                match format {
+                    OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&out)?),
+                    OutputFormat::Table => print_explanation(&out),
+                }
+            }
+            PolicyCommand::Preview {
+                partner,
+                dataset,
+                format,
+                client,
+            } => {
+                let mut q = vec![("partner", partner.as_str())];
+                if let Some(d) = &dataset {
+                    q.push(("dataset", d.as_str()));
+                }
+                let out = identity(&client)?
+                    .get_json("v1/policies/preview", &q, "preview")
+                    .await?;
+                match format {
+                    OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&out)?),
+                    OutputFormat::Table => print_preview(&out),
                 }
             }
             PolicyCommand::History { format, client } => {
@@ -1292,6 +1375,122 @@ async fn report(
         QueryFormat::Table => table(&c.post_json(path, body, what).await?),
     }
     Ok(())
+}
+
+fn print_explanation(e: &serde_json::Value) {
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("?").to_string();
+    match e["refusal"].as_object() {
+        None => println!("allowed"),
+        Some(r) => println!("refused by rule {}: {}", s(&r["rule"]), s(&r["message"])),
+    }
+    let reads: Vec<String> = e["datasets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(s)
+        .collect();
+    if !reads.is_empty() {
+        println!("reads: {}", reads.join(", "));
+    }
+    for u in e["uses"].as_array().into_iter().flatten() {
+        let target = match (u["column"].as_str(), u["population"].as_str()) {
+            (Some(c), _) => format!("{}.{c}", s(&u["dataset"])),
+            (_, Some(p)) => format!("population {p} of {}", s(&u["dataset"])),
+            _ => s(&u["dataset"]),
+        };
+        let why = match u["decision"].as_str() {
+            Some("owner") => "your own data".to_string(),
+            Some("granted") => format!("granted by {}", s(&u["rule"])),
+            _ => format!("MISSING GRANT ({})", s(&u["missing_grant"])),
+        };
+        println!("  {target} as {}: {why}", s(&u["usage"]));
+    }
+    let p = &e["protection"];
+    if p.is_object() {
+        let from: Vec<String> = p["from"].as_array().into_iter().flatten().map(s).collect();
+        println!(
+            "protection: min_entities={} epsilon={} max_groups_per_entity={} (settings of {})",
+            p["min_entities"],
+            p["epsilon"],
+            p["max_groups_per_entity"],
+            from.join(", ")
+        );
+    }
+    let c = &e["cost"];
+    if c.is_object() {
+        let repeat = if c["repeated"] == true {
+            " (asked before: no new spend)"
+        } else {
+            ""
+        };
+        println!("cost: epsilon {}{repeat}", c["epsilon_spent"]);
+        for b in c["budgets"].as_array().into_iter().flatten() {
+            println!(
+                "  budget of {}: {} of {} spent after it",
+                s(&b["dataset"]),
+                b["spent"],
+                b["budget"]
+            );
+        }
+    }
+}
+
+fn print_preview(p: &serde_json::Value) {
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("?").to_string();
+    let partner = s(&p["partner"]);
+    for d in p["datasets"].as_array().into_iter().flatten() {
+        let seen = if d["visible"] == true {
+            "can name it in queries"
+        } else {
+            "cannot see it"
+        };
+        println!("{} (v{}): {partner} {seen}", s(&d["dataset"]), d["version"]);
+        for c in d["columns"].as_array().into_iter().flatten() {
+            let usages: Vec<String> = c["usages"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|u| s(&u["usage"]))
+                .collect();
+            println!("  {}: {}", s(&c["column"]), usages.join(", "));
+        }
+        match d["standalone"].as_str() {
+            Some(rule) => println!("  standalone: yes ({rule})"),
+            None => println!("  standalone: no (only joined to {partner}'s own datasets)"),
+        }
+        let pops: Vec<String> = d["populations"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|x| {
+                format!(
+                    "{} ({})",
+                    s(&x["name"]),
+                    if x["visible"] == true {
+                        "visible"
+                    } else {
+                        "hidden"
+                    }
+                )
+            })
+            .collect();
+        if !pops.is_empty() {
+            println!("  populations: {}", pops.join(", "));
+        }
+        let st = &d["settings"];
+        println!(
+            "  protection: min_entities={} epsilon={} max_groups_per_entity={}; budget {} spent {} remaining {}",
+            st["min_entities"],
+            st["epsilon"],
+            st["max_groups_per_entity"],
+            st["budget"],
+            d["budget"]["spent"],
+            d["remaining"]
+        );
+        for n in d["notes"].as_array().into_iter().flatten() {
+            println!("  note: {}", s(n));
+        }
+    }
 }
 
 /// The `removed` and `added` lines of a policy diff, as `- line` / `+ line`.

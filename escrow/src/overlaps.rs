@@ -27,6 +27,7 @@ use sha2::{Digest, Sha256};
 
 use crate::audit::{Actor, Event, Outcome};
 use crate::catalog::{BudgetCharge, Population, VersionKey};
+use crate::explain::{Explanation, ProtectionView, UseExplained};
 use crate::queries::{Cost, DELTA, QueryService, check_grants, decide, query_form, strictest};
 use crate::settings;
 use crate::{Error, Result};
@@ -189,6 +190,16 @@ impl Matrix {
     }
 }
 
+/// How a checked matrix is protected and charged.
+struct OverlapPlan {
+    /// My side comes first in the canonical order.
+    mine_first: bool,
+    /// (k, ε, L): the strictest of both datasets' settings.
+    protection: (u64, f64, u32),
+    fingerprint: [u8; 32],
+    charge: BudgetCharge,
+}
+
 /// One side of the matrix: a dataset version and all its populations.
 struct SideData {
     owner: String,
@@ -232,6 +243,30 @@ fn overlap_facts(o: &OverlapOutcome) -> serde_json::Value {
     })
 }
 
+/// Point a refused overlap question at its explanation.
+fn explain_hint(e: Error, req: &OverlapRequest) -> Error {
+    let names = [
+        Some(&req.with),
+        req.mine.as_ref(),
+        req.theirs.as_ref(),
+        req.by.as_ref(),
+    ];
+    if !names.into_iter().flatten().all(|n| is_valid_name(n)) {
+        return e;
+    }
+    let mut command = format!("escrow policy explain --with {}", req.with);
+    for (flag, v) in [
+        ("mine", &req.mine),
+        ("theirs", &req.theirs),
+        ("by", &req.by),
+    ] {
+        if let Some(v) = v {
+            command.push_str(&format!(" --{flag} {v}"));
+        }
+    }
+    crate::queries::point_to_explain(e, &command)
+}
+
 fn check_name(kind: &str, name: &str) -> Result<()> {
     if is_valid_name(name) {
         Ok(())
@@ -260,7 +295,8 @@ impl QueryService {
             let m = self.matrix(caller, req).await?;
             self.answer(caller, req, m).await
         }
-        .await;
+        .await
+        .map_err(|e| explain_hint(e, req));
         let event = question_event("overlap", actor, req, serde_json::json!({}));
         self.release(event, result, overlap_facts).await
     }
@@ -287,7 +323,8 @@ impl QueryService {
             let caller = actor.partner_name()?;
             self.co_selling_report(caller, req).await
         }
-        .await;
+        .await
+        .map_err(|e| explain_hint(e, &question));
         let event = question_event("co_selling_report", actor, &question, roles);
         self.release(event, result, |r| overlap_facts(&r.overlap))
             .await
@@ -401,43 +438,17 @@ impl QueryService {
             theirs,
             visible,
         } = m;
-        // Protection: the strictest settings of both datasets, so that both partners asking
-        // the same question get the same answer.
-        let (s_mine, s_theirs) = {
-            let store = self.store.clone();
-            let (a, b) = (
-                (mine.owner.clone(), mine.dataset.clone()),
-                (theirs.owner.clone(), theirs.dataset.clone()),
-            );
-            crate::queries::blocking(move || {
-                Ok((
-                    settings::of(&store, &a.0, &a.1)?,
-                    settings::of(&store, &b.0, &b.1)?,
-                ))
-            })
-            .await?
-        };
-        let (min_entities, epsilon, max_groups) = strictest([&s_mine, &s_theirs]);
-
-        // Canonical order: the sides sorted by (owner, dataset).
-        let mine_first = (&mine.owner, &mine.dataset) < (&theirs.owner, &theirs.dataset);
+        let plan = self.overlap_plan(&mine, &theirs, req.by.as_deref()).await?;
+        let (min_entities, epsilon, max_groups) = plan.protection;
+        let cost = self
+            .charge(caller, vec![plan.charge], epsilon, plan.fingerprint, false)
+            .await?;
+        let (mine_first, fp) = (plan.mine_first, plan.fingerprint);
         let (first, second) = if mine_first {
             (&mine, &theirs)
         } else {
             (&theirs, &mine)
         };
-        let fp = fingerprint(
-            first,
-            second,
-            req.by.as_deref(),
-            (min_entities, epsilon, max_groups),
-        );
-        let charge = BudgetCharge {
-            owner: theirs.owner.clone(),
-            dataset: theirs.dataset.clone(),
-            budget: s_theirs.budget,
-        };
-        let cost = self.charge(caller, vec![charge], epsilon, fp).await?;
 
         let limit = self.config.limits.memory_bytes / 2;
         let run = async {
@@ -523,6 +534,127 @@ impl QueryService {
                 .iter()
                 .map(|s| format!("{}.{}@v{}", s.owner, s.dataset, s.version.version))
                 .collect(),
+        })
+    }
+
+    /// Explain an overlap question as `caller` would ask it: the populations of the other
+    /// partner's datasets and whether each is visible (the grant or the missing one), the
+    /// breakdown column's grant, the protection and budget that would apply, and the first
+    /// refusal.
+    pub async fn explain_overlap(&self, caller: &str, req: &OverlapRequest) -> Result<Explanation> {
+        let set = self.policy_set().await?;
+        let mut uses = Vec::new();
+        if is_valid_name(&req.with) && req.with != caller {
+            let (store, with) = (self.store.clone(), req.with.clone());
+            let theirs =
+                crate::queries::blocking(move || store.catalog().populations_of(&with)).await?;
+            let mut datasets: Vec<&str> = Vec::new();
+            for p in theirs
+                .iter()
+                .filter(|p| req.theirs.as_ref().is_none_or(|t| t == &p.dataset))
+            {
+                let u = ColumnUse::overlap(&p.owner, &p.dataset, &p.name);
+                uses.push(UseExplained::new(caller, &u, &decide(&set, caller, &u)?));
+                if !datasets.contains(&p.dataset.as_str()) {
+                    datasets.push(&p.dataset);
+                }
+            }
+            for d in datasets.into_iter().filter(|_| req.by.is_some()) {
+                let u = ColumnUse {
+                    owner: req.with.clone(),
+                    dataset: d.to_string(),
+                    column: req.by.clone().unwrap_or_default(),
+                    usage: Usage::Dimension,
+                };
+                uses.push(UseExplained::new(caller, &u, &decide(&set, caller, &u)?));
+            }
+        }
+        let m = match self.matrix(caller, req).await {
+            Ok(m) => m,
+            Err(e) => {
+                return Ok(Explanation {
+                    allowed: false,
+                    refusal: Some(Explanation::refusal_of(e)?),
+                    datasets: Vec::new(),
+                    uses,
+                    protection: None,
+                    cost: None,
+                });
+            }
+        };
+        let plan = self
+            .overlap_plan(&m.mine, &m.theirs, req.by.as_deref())
+            .await?;
+        let (min_entities, epsilon, max_groups_per_entity) = plan.protection;
+        let sides = [&m.mine, &m.theirs];
+        let (refusal, cost) = match self
+            .charge(caller, vec![plan.charge], epsilon, plan.fingerprint, true)
+            .await
+        {
+            Ok(c) => (None, Some(c)),
+            Err(e) => (Some(Explanation::refusal_of(e)?), None),
+        };
+        Ok(Explanation {
+            allowed: refusal.is_none(),
+            refusal,
+            datasets: sides
+                .iter()
+                .map(|s| format!("{}.{}@v{}", s.owner, s.dataset, s.version.version))
+                .collect(),
+            uses,
+            protection: Some(ProtectionView {
+                min_entities,
+                epsilon,
+                max_groups_per_entity,
+                from: sides
+                    .iter()
+                    .map(|s| format!("{}.{}", s.owner, s.dataset))
+                    .collect(),
+            }),
+            cost,
+        })
+    }
+
+    /// The protection of a checked matrix (the strictest settings of both datasets, so that
+    /// both partners asking the same question get the same answer), its fingerprint (sides in
+    /// canonical order) and its budget charge (on their dataset).
+    async fn overlap_plan(
+        &self,
+        mine: &SideData,
+        theirs: &SideData,
+        by: Option<&str>,
+    ) -> Result<OverlapPlan> {
+        let (s_mine, s_theirs) = {
+            let store = self.store.clone();
+            let (a, b) = (
+                (mine.owner.clone(), mine.dataset.clone()),
+                (theirs.owner.clone(), theirs.dataset.clone()),
+            );
+            crate::queries::blocking(move || {
+                Ok((
+                    settings::of(&store, &a.0, &a.1)?,
+                    settings::of(&store, &b.0, &b.1)?,
+                ))
+            })
+            .await?
+        };
+        let protection = strictest([&s_mine, &s_theirs]);
+        // Canonical order: the sides sorted by (owner, dataset).
+        let mine_first = (&mine.owner, &mine.dataset) < (&theirs.owner, &theirs.dataset);
+        let (first, second) = if mine_first {
+            (mine, theirs)
+        } else {
+            (theirs, mine)
+        };
+        Ok(OverlapPlan {
+            mine_first,
+            protection,
+            fingerprint: fingerprint(first, second, by, protection),
+            charge: BudgetCharge {
+                owner: theirs.owner.clone(),
+                dataset: theirs.dataset.clone(),
+                budget: s_theirs.budget,
+            },
         })
     }
 

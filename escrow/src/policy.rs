@@ -615,7 +615,9 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("acme.csv");
         std::fs::write(&path, doc.export(4)).unwrap();
-        let model = DefaultModel::from_str(escrow_policies::MODEL).await.unwrap();
+        let model = DefaultModel::from_str(escrow_policies::MODEL)
+            .await
+            .unwrap();
         let e = Enforcer::new(model, FileAdapter::new(path.to_string_lossy().into_owned()))
             .await
             .unwrap();
@@ -624,9 +626,18 @@ mod tests {
         let mut expected: Vec<Vec<String>> = doc.grants.iter().map(Grant::to_casbin).collect();
         expected.sort();
         assert_eq!(loaded, expected);
-        assert!(e.enforce(("globex", "acme", "accounts", "website", "join")).unwrap());
-        assert!(!e.enforce(("globex", "acme", "accounts", "region", "join")).unwrap());
-        assert!(e.enforce(("initech", "acme", "accounts", "customers", "overlap")).unwrap());
+        assert!(
+            e.enforce(("globex", "acme", "accounts", "website", "join"))
+                .unwrap()
+        );
+        assert!(
+            !e.enforce(("globex", "acme", "accounts", "region", "join"))
+                .unwrap()
+        );
+        assert!(
+            e.enforce(("initech", "acme", "accounts", "customers", "overlap"))
+                .unwrap()
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

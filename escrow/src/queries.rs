@@ -193,7 +193,10 @@ impl QueryService {
     pub async fn run(&self, actor: &Actor, sql: &str) -> Result<QueryOutcome> {
         let caller = actor.partner_name()?;
         let mut trace = Trace::default();
-        let result = self.answer_sql(caller, sql, &mut trace).await;
+        let result = self
+            .answer_sql(caller, sql, &mut trace)
+            .await
+            .map_err(|e| point_to_explain(e, "escrow policy explain \"SQL\""));
         let event = Event::new(
             "query",
             actor.clone(),
@@ -217,48 +220,15 @@ impl QueryService {
     }
 
     async fn answer_sql(&self, caller: &str, sql: &str, trace: &mut Trace) -> Result<QueryOutcome> {
-        if sql.len() > MAX_SQL_BYTES {
-            return Err(Error::bad(
-                "query_too_long",
-                format!("queries are limited to {MAX_SQL_BYTES} bytes"),
-            ));
-        }
-        let (tables, versions) = self.tables_for(caller).await?;
-        let plan = escrow_query::plan_sql(sql, &tables).await?;
-        for (owner, dataset) in gate::scanned_tables(&plan) {
-            let version = versions
-                .get(&(owner.clone(), dataset.clone()))
-                .map(|(_, n)| *n)
-                .unwrap_or_default();
-            trace.datasets.push(format!("{owner}.{dataset}@v{version}"));
-            if !trace.owners.contains(&owner) {
-                trace.owners.push(owner);
-            }
-        }
-        let keys = gate::keys_of(&tables);
-        let report = gate::check(&plan, &keys)?;
-        let set = self.policy_set().await?;
-        let standalone = |t: &escrow_query::TableInstance| {
-            let u = ColumnUse::dataset_wide(&t.owner, &t.dataset, Usage::Standalone);
-            matches!(set.decide(caller, &u), Ok(d) if d.allowed())
-        };
-        gate::check_foreign_joined(&report, caller, &standalone)?;
-        check_grants(&set, caller, &report.uses)?;
-
-        let protection = self.protection(caller, &report).await?;
+        let checked = self.check_sql(caller, sql, trace).await?;
+        let fp = checked.fingerprint;
+        let (tables, report, protection) = checked.into_allowed(caller)?;
         let mut cost = Cost::default();
-        let fp = fingerprint(
-            &plan,
-            &report,
-            &versions,
-            protection.as_ref().map(|(p, _)| p),
-        );
-        trace.fingerprint = Some(hex::encode(fp));
         let protection = match protection {
             None => None,
             Some((mut p, charges)) => {
                 p.noise = Noise::new(self.noise_key.clone(), fp);
-                cost = self.charge(caller, charges, p.epsilon, fp).await?;
+                cost = self.charge(caller, charges, p.epsilon, fp, false).await?;
                 Some(p)
             }
         };
@@ -280,14 +250,77 @@ impl QueryService {
         Ok(QueryOutcome { answer, cost })
     }
 
+    /// Plan `sql` for `caller` and apply every check to it without spending or running
+    /// anything: what `run` enforces and `explain` shows. Fails on what the gate refuses
+    /// outright (no column uses to decide then).
+    pub(crate) async fn check_sql(
+        &self,
+        caller: &str,
+        sql: &str,
+        trace: &mut Trace,
+    ) -> Result<CheckedSql> {
+        if sql.len() > MAX_SQL_BYTES {
+            return Err(Error::bad(
+                "query_too_long",
+                format!("queries are limited to {MAX_SQL_BYTES} bytes"),
+            ));
+        }
+        let (tables, versions) = self.tables_for(caller).await?;
+        let plan = escrow_query::plan_sql(sql, &tables).await?;
+        for (owner, dataset) in gate::scanned_tables(&plan) {
+            let version = versions
+                .get(&(owner.clone(), dataset.clone()))
+                .map(|(_, n)| *n)
+                .unwrap_or_default();
+            trace.datasets.push(format!("{owner}.{dataset}@v{version}"));
+            if !trace.owners.contains(&owner) {
+                trace.owners.push(owner);
+            }
+        }
+        let report = gate::check(&plan, &gate::keys_of(&tables))?;
+        let set = self.policy_set().await?;
+        let standalone = |t: &escrow_query::TableInstance| {
+            let u = ColumnUse::dataset_wide(&t.owner, &t.dataset, Usage::Standalone);
+            matches!(set.decide(caller, &u), Ok(d) if d.allowed())
+        };
+        let joined = gate::check_foreign_joined(&report, caller, &standalone).map_err(Error::from);
+        let decisions = report
+            .uses
+            .iter()
+            .map(|u| Ok((u.clone(), decide(&set, caller, u)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let protection = self.protection(caller, &report).await;
+        let fp = fingerprint(
+            &plan,
+            &report,
+            &versions,
+            protection
+                .as_ref()
+                .ok()
+                .and_then(|p| p.as_ref())
+                .map(|(p, _)| p),
+        );
+        trace.fingerprint = Some(hex::encode(fp));
+        Ok(CheckedSql {
+            tables,
+            report,
+            decisions,
+            joined,
+            protection,
+            fingerprint: fp,
+        })
+    }
+
     /// Spend `epsilon` of each charged dataset's budget for `caller`, once per question
-    /// (`fingerprint`); refused when a budget would be exceeded.
+    /// (`fingerprint`); refused when a budget would be exceeded. With `dry_run`, nothing is
+    /// spent: the cost the question would have.
     pub(crate) async fn charge(
         &self,
         caller: &str,
         charges: Vec<BudgetCharge>,
         epsilon: f64,
         fingerprint: [u8; 32],
+        dry_run: bool,
     ) -> Result<Cost> {
         let (store, who, fp_hex) = (
             self.store.clone(),
@@ -295,7 +328,8 @@ impl QueryService {
             hex::encode(fingerprint),
         );
         let ch = charges.clone();
-        let spent = blocking(move || store.catalog().spend(&who, &ch, epsilon, &fp_hex)).await?;
+        let spent =
+            blocking(move || store.catalog().spend(&who, &ch, epsilon, &fp_hex, dry_run)).await?;
         match spent {
             Spend::Charged { new, totals } => Ok(Cost {
                 repeated: !new,
@@ -371,7 +405,7 @@ impl QueryService {
         &self,
         caller: &str,
         report: &escrow_query::GateReport,
-    ) -> Result<Option<(Protection, Vec<BudgetCharge>)>> {
+    ) -> Result<Protected> {
         let Some(entity_table) = report.tables.iter().position(|t| t.owner != caller) else {
             return Ok(None);
         };
@@ -453,6 +487,20 @@ impl QueryService {
     }
 }
 
+/// A refusal by a policy rule (not a planning one) says where to see every rule the question
+/// needs: `command` explains it.
+pub(crate) fn point_to_explain(e: Error, command: &str) -> Error {
+    match e {
+        Error::Refused { rule, message } if !escrow_query::is_planning_rule(rule) => {
+            Error::Refused {
+                rule,
+                message: format!("{message}; `{command}` shows each rule this question needs"),
+            }
+        }
+        other => other,
+    }
+}
+
 /// casbin's decision on one use (an engine failure is an internal error, never a refusal).
 pub(crate) fn decide(set: &PolicySet, caller: &str, u: &ColumnUse) -> Result<Decision> {
     set.decide(caller, u)
@@ -465,12 +513,20 @@ pub(crate) fn check_grants<'a>(
     caller: &str,
     uses: impl IntoIterator<Item = &'a ColumnUse>,
 ) -> Result<()> {
-    let mut missing = Vec::new();
-    for u in uses {
-        if !decide(set, caller, u)?.allowed() {
-            missing.push(u.to_string());
-        }
-    }
+    let decided = uses
+        .into_iter()
+        .map(|u| Ok((u.clone(), decide(set, caller, u)?)))
+        .collect::<Result<Vec<_>>>()?;
+    refuse_missing(caller, &decided)
+}
+
+/// `usage_not_granted`, naming every use no grant allows, if there is one.
+pub(crate) fn refuse_missing(caller: &str, decided: &[(ColumnUse, Decision)]) -> Result<()> {
+    let missing: Vec<String> = decided
+        .iter()
+        .filter(|(_, d)| !d.allowed())
+        .map(|(u, _)| u.to_string())
+        .collect();
     if missing.is_empty() {
         Ok(())
     } else {
@@ -481,6 +537,37 @@ pub(crate) fn check_grants<'a>(
                 missing.join(", ")
             ),
         ))
+    }
+}
+
+/// The protection of a question that reads other partners' data and the budget it charges
+/// (`None`: it reads only the caller's own).
+pub(crate) type Protected = Option<(Protection, Vec<BudgetCharge>)>;
+
+/// A question checked by `check_sql`: the plan's tables and gate report, the decision on
+/// every column use, and the outcome of each later rule.
+pub(crate) struct CheckedSql {
+    pub tables: Vec<QueryTable>,
+    pub report: escrow_query::GateReport,
+    /// Every use the plan makes, with casbin's decision.
+    pub decisions: Vec<(ColumnUse, Decision)>,
+    /// Foreign datasets joined to one of the caller's (or standalone granted).
+    pub joined: Result<()>,
+    /// The protection and budget charges, or the rule that refuses them.
+    pub protection: Result<Protected>,
+    pub fingerprint: [u8; 32],
+}
+
+impl CheckedSql {
+    /// The first refusal in the order the rules apply (joins, grants, protection), or the
+    /// tables, report and protection to run with (`None`: only the caller's own data).
+    pub(crate) fn into_allowed(
+        self,
+        caller: &str,
+    ) -> Result<(Vec<QueryTable>, escrow_query::GateReport, Protected)> {
+        self.joined?;
+        refuse_missing(caller, &self.decisions)?;
+        Ok((self.tables, self.report, self.protection?))
     }
 }
 

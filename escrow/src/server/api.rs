@@ -66,8 +66,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/audit", get(audit_list))
         .route("/v1/audit/export", get(audit_export))
         .route("/v1/audit/checkpoint", get(audit_checkpoint))
+        .route("/v1/policies/preview", get(policy_preview))
         .route("/v1/queries", axum::routing::post(query))
+        .route("/v1/queries/explain", axum::routing::post(explain_query))
         .route("/v1/overlaps", axum::routing::post(overlap))
+        .route("/v1/overlaps/explain", axum::routing::post(explain_overlap))
         .route("/v1/reports/co-selling", axum::routing::post(co_selling))
         .fallback(|| async { ApiError(Error::NotFound("no such endpoint".into())) })
         .method_not_allowed_fallback(|| async {
@@ -594,6 +597,60 @@ async fn policy_import(
         "removed": diff.removed,
         "added": diff.added,
     })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExplainRequest {
+    sql: String,
+}
+
+/// Why a query would be answered or refused, rule by rule; nothing is read, spent or run.
+async fn explain_query(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    body: bytes::Bytes,
+) -> Result<Json<crate::explain::Explanation>, ApiError> {
+    caller.may(&state, Action::PolicyRead).await?;
+    let req: ExplainRequest = json_body(&body)?;
+    Ok(Json(
+        state.queries.explain_sql(&caller.partner, &req.sql).await?,
+    ))
+}
+
+/// Why an overlap question would be answered or refused.
+async fn explain_overlap(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    body: bytes::Bytes,
+) -> Result<Json<crate::explain::Explanation>, ApiError> {
+    caller.may(&state, Action::PolicyRead).await?;
+    let req: crate::overlaps::OverlapRequest = json_body(&body)?;
+    Ok(Json(
+        state.queries.explain_overlap(&caller.partner, &req).await?,
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PreviewParams {
+    partner: String,
+    dataset: Option<String>,
+}
+
+/// What another partner can currently ask of the caller's partner's datasets.
+async fn policy_preview(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Query(params): Query<PreviewParams>,
+) -> Result<Json<crate::explain::Preview>, ApiError> {
+    caller.may(&state, Action::PolicyRead).await?;
+    Ok(Json(
+        state
+            .queries
+            .preview(&caller.partner, &params.partner, params.dataset.as_deref())
+            .await?,
+    ))
 }
 
 #[derive(Debug, Deserialize)]
