@@ -8,6 +8,7 @@ mod audit;
 mod bad_input;
 mod crash;
 mod identity;
+mod keys;
 mod overlaps;
 mod policy;
 mod populations;

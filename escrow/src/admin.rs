@@ -37,6 +37,7 @@ pub fn init(dir: &DataDir) -> Result<InitReport> {
         ..Default::default()
     };
     let catalog = Catalog::open(&dir.catalog())?;
+    catalog.ensure_current_kek(Kek::load(&dir.kek())?.id())?;
     if report.ca || !dir.crl().exists() {
         let (revoked, number) = catalog.revocations()?;
         pki::write_crl(dir, &revoked, number)?;
@@ -184,6 +185,66 @@ fn ensure_initialised(dir: &DataDir) -> Result<()> {
             ),
         ))
     }
+}
+
+/// What `keys rotate` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rotation {
+    pub from: String,
+    pub to: String,
+    /// Data keys re-wrapped (one per dataset version).
+    pub rewrapped: usize,
+    /// What an earlier, interrupted rotation left and how it was settled first.
+    pub settled: Option<String>,
+}
+
+/// Rotate the key-encryption key: a new key is written beside the current one
+/// (`keys/kek.next`); one catalog transaction re-wraps every data key under it, makes it
+/// current, checks the inventory (no data key left under any other key) and appends the
+/// audit record; only then does the new key replace the old file, retiring the old key. No
+/// data is re-encrypted. A crash at any point leaves either the old key in use (the unused
+/// next key is removed at the next start or rotation) or the new one (promoted then).
+/// Safe while a server runs: its uploads wrap under the catalog's current key inside their
+/// commit transaction, and its reads find the new key by reloading the key files.
+pub fn rotate_kek(dir: &DataDir) -> Result<Rotation> {
+    let (catalog, log) = open(dir)?;
+    let settled = crate::store::settle_rotation(dir, &catalog)?;
+    let old = Kek::load(&dir.kek())?;
+    crate::crypto::keys::create_secret_if_missing(&dir.kek_next())?;
+    let new = Kek::load(&dir.kek_next())?;
+    let event = Event::new(
+        "key_rotate",
+        Actor::operator(),
+        Outcome::Ok,
+        serde_json::json!({ "from": old.id(), "to": new.id() }),
+    );
+    let rewrap = |dataset: &str, version: &str, wrapped: &[u8]| {
+        old.rewrap(&new, wrapped, &crate::store::binding(dataset, version)?)
+    };
+    let rewrapped = audit::audited(&catalog, &log, event, |hook| {
+        catalog.rewrap_all(old.id(), new.id(), rewrap, |tx, n| {
+            hook.append(
+                tx,
+                serde_json::json!({ "rewrapped": n, "retired": old.id() }),
+            )
+        })
+    });
+    let rewrapped = match rewrapped {
+        Ok(n) => n,
+        Err(e) => {
+            // Nothing is wrapped under the new key: it goes.
+            crate::store::settle_rotation(dir, &catalog)?;
+            return Err(e);
+        }
+    };
+    std::fs::rename(dir.kek_next(), dir.kek())?;
+    crate::fsutil::sync_parent(&dir.kek())?;
+    Ok(Rotation {
+        from: old.id().to_string(),
+        to: new.id().to_string(),
+        rewrapped,
+        settled,
+    })
 }
 
 /// The whole audit log (operator view), ending in a fresh signed checkpoint.

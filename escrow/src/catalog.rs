@@ -116,6 +116,12 @@ CREATE TABLE IF NOT EXISTS audit_anchor (
     seq     INTEGER NOT NULL,
     hash    BLOB NOT NULL
 );
+-- The key-encryption key that wraps new data keys (its id). A rotation switches it in the
+-- transaction that re-wraps every data key, so no version is ever committed under a retired key.
+CREATE TABLE IF NOT EXISTS kek_state (
+    id      INTEGER PRIMARY KEY CHECK (id = 1),
+    current TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS crl_state (
     id      INTEGER PRIMARY KEY CHECK (id = 1),
     number  INTEGER NOT NULL
@@ -222,8 +228,6 @@ pub struct NewVersion {
     pub format: String,
     pub columns: Vec<ColumnInfo>,
     pub key_column: Option<String>,
-    pub wrapped_dek: Vec<u8>,
-    pub kek_id: String,
     pub uploaded_by: String,
 }
 
@@ -284,6 +288,69 @@ impl Catalog {
         // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll
         // back on drop), so a poisoned lock is safe to reuse.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    // ---- keys --------------------------------------------------------------------------
+
+    /// Record `id` as the current key-encryption key unless one is recorded (a new or older
+    /// data directory); returns the recorded one.
+    pub fn ensure_current_kek(&self, id: &str) -> Result<String> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT OR IGNORE INTO kek_state (id, current) VALUES (1, ?1)",
+                [id],
+            )?;
+            current_kek_in(tx)
+        })
+    }
+
+    /// Re-wrap every data key wrapped under `from` with `rewrap(dataset_id, version_id,
+    /// wrapped)` and make `to` the current key, in one transaction with `after` (the audit
+    /// record). Inside it, the inventory must show no data key wrapped under anything but
+    /// `to`, or nothing changes. Returns the number re-wrapped.
+    pub fn rewrap_all(
+        &self,
+        from: &str,
+        to: &str,
+        rewrap: impl Fn(&str, &str, &[u8]) -> Result<Vec<u8>>,
+        after: impl FnOnce(&Connection, usize) -> Result<()>,
+    ) -> Result<usize> {
+        self.write(|tx| {
+            let current = current_kek_in(tx)?;
+            if current != from {
+                return Err(Error::Conflict(format!(
+                    "the catalog's current key-encryption key is {current}, not {from}"
+                )));
+            }
+            let rows: Vec<(String, String, Vec<u8>)> = {
+                let mut st = tx.prepare(
+                    "SELECT dataset_id, version_id, wrapped_dek FROM dataset_versions WHERE kek_id = ?1",
+                )?;
+                st.query_map([from], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .collect::<rusqlite::Result<_>>()?
+            };
+            for (dataset_id, version_id, wrapped) in &rows {
+                let new = rewrap(dataset_id, version_id, wrapped)?;
+                tx.execute(
+                    "UPDATE dataset_versions SET wrapped_dek = ?3, kek_id = ?4
+                     WHERE dataset_id = ?1 AND version_id = ?2",
+                    params![dataset_id, version_id, new, to],
+                )?;
+            }
+            tx.execute("UPDATE kek_state SET current = ?1 WHERE id = 1", [to])?;
+            let left: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM dataset_versions WHERE kek_id <> ?1",
+                [to],
+                |r| r.get(0),
+            )?;
+            if left != 0 {
+                return Err(Error::internal(format!(
+                    "{left} data keys are wrapped under neither {from} nor {to}"
+                )));
+            }
+            after(tx, rows.len())?;
+            Ok(rows.len())
+        })
     }
 
     // ---- partners and identities -------------------------------------------------------
@@ -498,9 +565,12 @@ impl Catalog {
 
     /// Record a complete version; it becomes the live one. Returns its version number.
     /// `after` runs in the same transaction with the version number (the audit record).
+    /// `wrap` wraps the version's data key under the current key-encryption key (its id is
+    /// given), inside the transaction, so a rotation cannot slip between wrap and commit.
     pub fn commit_version(
         &self,
         v: &NewVersion,
+        wrap: impl FnOnce(&str) -> Result<Vec<u8>>,
         after: impl FnOnce(&Connection, i64) -> Result<()>,
     ) -> Result<i64> {
         let mut conn = self.conn();
@@ -524,6 +594,8 @@ impl Catalog {
             |r| r.get(0),
         )?;
         let schema_json = serde_json::to_string(&v.columns).map_err(Error::internal)?;
+        let kek_id = current_kek_in(&tx)?;
+        let wrapped_dek = wrap(&kek_id)?;
         tx.execute(
             "INSERT INTO dataset_versions (dataset_id, version, version_id, rows, source_bytes,
                 sealed_bytes, format, schema_json, key_column, wrapped_dek, kek_id, uploaded_by, created_at)
@@ -538,8 +610,8 @@ impl Catalog {
                 v.format,
                 schema_json,
                 v.key_column,
-                v.wrapped_dek,
-                v.kek_id,
+                wrapped_dek,
+                kek_id,
                 v.uploaded_by,
                 now_rfc3339()
             ],
@@ -1156,6 +1228,15 @@ fn read_grants(
         );
     }
     Ok(out)
+}
+
+/// The id of the key-encryption key that wraps new data keys.
+fn current_kek_in(conn: &Connection) -> Result<String> {
+    conn.query_row("SELECT current FROM kek_state WHERE id = 1", [], |r| {
+        r.get(0)
+    })
+    .optional()?
+    .ok_or_else(|| Error::internal("the catalog records no current key-encryption key"))
 }
 
 /// `owner`'s policy document as the tables hold it.

@@ -3,6 +3,7 @@
 //! ```text
 //! DIR/escrow.db                     catalog (SQLite, WAL): partners, identities, datasets, wrapped keys
 //! DIR/keys/kek                      key-encryption key (32 bytes, 0600)
+//! DIR/keys/kek.next                 the next KEK, only while `keys rotate` runs
 //! DIR/keys/noise                    secret seed of differential-privacy noise (32 bytes, 0600)
 //! DIR/keys/audit                    Ed25519 seed signing the audit log (32 bytes, 0600)
 //! DIR/audit/log.jsonl               audit log: hash-chained, signed JSON lines (audit.rs)
@@ -36,6 +37,10 @@ impl DataDir {
     }
     pub fn kek(&self) -> PathBuf {
         self.keys().join("kek")
+    }
+    /// The next key-encryption key, while a rotation is in progress.
+    pub fn kek_next(&self) -> PathBuf {
+        self.keys().join("kek.next")
     }
     /// Ed25519 seed signing the audit log (32 bytes, 0600).
     pub fn audit_key(&self) -> PathBuf {

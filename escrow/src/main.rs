@@ -159,6 +159,11 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// The escrow's keys (operator commands on the data directory).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Show who the server thinks you are.
     Whoami {
         #[command(flatten)]
@@ -177,6 +182,13 @@ struct QueryLimitArgs {
     /// Verified plaintext batches kept in memory across queries, in MiB.
     #[arg(long, env = "ESCROW_QUERY_CACHE_MB", default_value_t = 1024)]
     query_cache_mb: usize,
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Rotate the key-encryption key: every data key is re-wrapped under a new key (no data
+    /// is re-encrypted), then the old key is retired. Safe while the server runs.
+    Rotate(DirArgs),
 }
 
 #[derive(Subcommand)]
@@ -637,6 +649,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 query,
             )
             .await?
+        }
+        Command::Keys {
+            command: KeysCommand::Rotate(dir),
+        } => {
+            let r = escrow::admin::rotate_kek(&DataDir::new(dir.data_dir)).map_err(engine)?;
+            if let Some(s) = &r.settled {
+                println!("first {s}");
+            }
+            println!(
+                "rotated the key-encryption key {} -> {}: {} data key(s) re-wrapped; key {} retired",
+                r.from, r.to, r.rewrapped, r.from
+            );
         }
         Command::Partner { command } => match command {
             PartnerCommand::Add { name, dir } => {
@@ -1783,6 +1807,7 @@ async fn serve(
         partial_uploads_removed = recovery.partial_uploads_removed,
         orphan_files_removed = recovery.orphan_files_removed,
         empty_datasets_removed = recovery.empty_datasets_removed,
+        key_rotation = recovery.key_rotation.as_deref().unwrap_or("none"),
         "startup recovery done"
     );
     let tls = server::tls::server_config(&dir).map_err(engine)?;
@@ -1802,6 +1827,7 @@ async fn serve(
                 "partial_uploads_removed": recovery.partial_uploads_removed,
                 "orphan_files_removed": recovery.orphan_files_removed,
                 "empty_datasets_removed": recovery.empty_datasets_removed,
+                "key_rotation": recovery.key_rotation,
             },
             "audit_public_key": store.audit_log().public_key(),
         }),

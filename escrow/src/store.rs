@@ -16,7 +16,7 @@ use crate::cache::{MemoryMeter, PlaintextCache};
 pub type Prepare = std::sync::Arc<dyn Fn(RecordBatch) -> Result<RecordBatch> + Send + Sync>;
 use crate::audit::{self, Actor, AuditLog, Event, Outcome};
 use crate::catalog::{Catalog, ColumnInfo, DatasetInfo, NewVersion, VersionKey};
-use crate::crypto::keys::Kek;
+use crate::crypto::keys::{self, Kek, Keyring};
 use crate::crypto::random_bytes;
 use crate::crypto::seal::{self, Binding, OpenReader, SealWriter};
 use crate::datadir::{DataDir, validate_name};
@@ -52,7 +52,7 @@ pub struct Store {
     dir: DataDir,
     catalog: Catalog,
     audit: AuditLog,
-    kek: Kek,
+    keys: Keyring,
     config: StoreConfig,
     cache: PlaintextCache,
 }
@@ -96,13 +96,16 @@ pub struct Recovery {
     pub partial_uploads_removed: usize,
     pub orphan_files_removed: usize,
     pub empty_datasets_removed: usize,
+    /// An interrupted key rotation: finished (the catalog had switched) or undone.
+    pub key_rotation: Option<String>,
 }
 
 fn new_id() -> Result<String> {
     Ok(hex::encode(random_bytes::<16>()?))
 }
 
-fn binding(dataset_id: &str, version_id: &str) -> Result<Binding> {
+/// The AAD binding of a version's data key and sealed file, from its catalog ids.
+pub(crate) fn binding(dataset_id: &str, version_id: &str) -> Result<Binding> {
     let parse = |s: &str| -> Result<[u8; 16]> {
         let v = hex::decode(s).map_err(|_| Error::internal(format!("bad id in catalog: {s}")))?;
         v.try_into()
@@ -135,7 +138,8 @@ impl Store {
     /// Open the store of an initialised data directory.
     pub fn open(dir: DataDir, config: StoreConfig) -> Result<Self> {
         let catalog = Catalog::open(&dir.catalog())?;
-        let kek = Kek::load(&dir.kek())?;
+        let keys = Keyring::load(&dir.kek(), &dir.kek_next())?;
+        catalog.ensure_current_kek(&keys.file_id()?)?;
         let audit = AuditLog::open(&dir)?;
         let mut config = config;
         config.ingest.spool_dir.get_or_insert_with(|| dir.tmp());
@@ -143,7 +147,7 @@ impl Store {
             dir,
             catalog,
             audit,
-            kek,
+            keys,
             cache: PlaintextCache::new(config.cache_bytes),
             config,
         })
@@ -187,7 +191,10 @@ impl Store {
     /// Remove what a crash can leave behind: partial uploads, sealed files without a catalog
     /// row (crash between rename and commit, or during a delete), datasets without versions.
     pub fn recover(&self) -> Result<Recovery> {
-        let mut r = Recovery::default();
+        let mut r = Recovery {
+            key_rotation: settle_rotation(&self.dir, &self.catalog)?,
+            ..Recovery::default()
+        };
         for entry in fs::read_dir(self.dir.tmp())? {
             let path = entry?.path();
             if path.is_file() {
@@ -257,7 +264,6 @@ impl Store {
         let version_id = new_id()?;
         let bind = binding(&dataset_id, &version_id)?;
         let dek = Kek::new_dek()?;
-        let wrapped_dek = self.kek.wrap(&dek, &bind)?;
 
         let tmp_path = self.dir.tmp().join(format!("{version_id}.partial"));
         let file = fsutil::create_private(&tmp_path)?;
@@ -303,11 +309,10 @@ impl Store {
             format: ingested.format.as_str().to_string(),
             columns: ingested.columns.clone(),
             key_column: ingested.key_column.clone(),
-            wrapped_dek,
-            kek_id: self.kek.id().to_string(),
             uploaded_by: req.user.clone(),
         };
-        let version = self.catalog.commit_version(&new, |tx, version| {
+        let wrap = |kek_id: &str| self.keys.get(kek_id)?.wrap(&dek, &bind);
+        let version = self.catalog.commit_version(&new, wrap, |tx, version| {
             hook.append(
                 tx,
                 serde_json::json!({
@@ -466,14 +471,8 @@ impl Store {
     }
 
     fn read_version(&self, v: &VersionKey) -> Result<SealedBatches> {
-        if v.kek_id != self.kek.id() {
-            return Err(Error::internal(format!(
-                "version {} is wrapped under key {} which is not loaded",
-                v.version, v.kek_id
-            )));
-        }
         let bind = binding(&v.dataset_id, &v.version_id)?;
-        let dek = self.kek.unwrap(&v.wrapped_dek, &bind)?;
+        let dek = self.keys.get(&v.kek_id)?.unwrap(&v.wrapped_dek, &bind)?;
         let file = File::open(self.dir.sealed_file(&v.dataset_id, &v.version_id))?;
         let opened = OpenReader::new(BufReader::with_capacity(1 << 20, file), &dek[..], bind)
             .map_err(io_to_integrity)?;
@@ -484,6 +483,22 @@ impl Store {
             failed: false,
         })
     }
+}
+
+/// Finish or undo a key rotation a crash interrupted (see `keys::settle_rotation`); what was
+/// done, for the recovery log.
+pub(crate) fn settle_rotation(dir: &DataDir, catalog: &Catalog) -> Result<Option<String>> {
+    let file_id = Kek::load(&dir.kek())?.id().to_string();
+    let current = catalog.ensure_current_kek(&file_id)?;
+    Ok(
+        match keys::settle_rotation(&dir.kek(), &dir.kek_next(), &current)? {
+            keys::Settled::Nothing => None,
+            keys::Settled::Promoted(id) => Some(format!("finished the rotation to key {id}")),
+            keys::Settled::Discarded(id) => Some(format!(
+                "removed key {id} of a rotation that never committed"
+            )),
+        },
+    )
 }
 
 fn io_to_integrity(e: std::io::Error) -> Error {

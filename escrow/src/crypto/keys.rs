@@ -8,7 +8,8 @@
 
 use std::fs;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
@@ -28,13 +29,21 @@ pub struct Kek {
 }
 
 impl Kek {
-    /// Load the KEK file; it must be exactly 32 bytes.
+    /// Load the KEK file; it must be exactly 32 bytes. The key bytes are wiped once the
+    /// cipher is keyed.
     pub fn load(path: &Path) -> Result<Self> {
         let key = load_secret(path, "key-encryption key")?;
         Ok(Kek {
             aead: Aead::new(&key[..]).map_err(Error::internal)?,
             id: key_id(&key[..]),
         })
+    }
+
+    /// Re-wrap a DEK wrapped under `self` for `binding` under `to` (rotation). The DEK is
+    /// wiped when this returns.
+    pub fn rewrap(&self, to: &Kek, wrapped: &[u8], binding: &Binding) -> Result<Vec<u8>> {
+        let dek = self.unwrap(wrapped, binding)?;
+        to.wrap(&dek, binding)
     }
 
     /// Create a new random KEK at `path` unless one exists. Returns true if created.
@@ -81,6 +90,106 @@ impl Kek {
         }
         key.copy_from_slice(&plain);
         Ok(key)
+    }
+}
+
+/// The key-encryption keys of a data directory: the current one (`keys/kek`) and, between a
+/// rotation's catalog commit and its promotion, the next one (`keys/kek.next`). Which key
+/// wraps new data keys is the catalog's record (`Catalog::current_kek`), not the files; a
+/// key a catalog row names but this process has not loaded (another process rotated) is
+/// found by reloading the files. A reload drops keys no longer on disk: a retired key leaves
+/// memory too.
+pub struct Keyring {
+    current: PathBuf,
+    next: PathBuf,
+    keys: RwLock<Vec<Arc<Kek>>>,
+}
+
+impl Keyring {
+    pub fn load(current: &Path, next: &Path) -> Result<Self> {
+        let ring = Keyring {
+            current: current.to_path_buf(),
+            next: next.to_path_buf(),
+            keys: RwLock::new(Vec::new()),
+        };
+        ring.reload()?;
+        Ok(ring)
+    }
+
+    fn reload(&self) -> Result<()> {
+        // `next` first: a promotion (rename next -> current) between the two reads then
+        // finds the new key in one place or the other, never in neither.
+        let mut keys = Vec::new();
+        if self.next.exists() {
+            match Kek::load(&self.next) {
+                Ok(k) => keys.push(Arc::new(k)),
+                Err(_) if !self.next.exists() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let current = Kek::load(&self.current)?;
+        if !keys.iter().any(|k| k.id == current.id) {
+            keys.push(Arc::new(current));
+        }
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
+        Ok(())
+    }
+
+    fn find(&self, id: &str) -> Option<Arc<Kek>> {
+        self.keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|k| k.id == id)
+            .cloned()
+    }
+
+    /// The key with this id, reloading the key files once if it is not loaded.
+    pub fn get(&self, id: &str) -> Result<Arc<Kek>> {
+        if let Some(k) = self.find(id) {
+            return Ok(k);
+        }
+        self.reload()?;
+        self.find(id).ok_or_else(|| {
+            Error::internal(format!(
+                "a data key is wrapped under key-encryption key {id}, which is not in {}",
+                self.current.display()
+            ))
+        })
+    }
+
+    /// The id of the key in `keys/kek`.
+    pub fn file_id(&self) -> Result<String> {
+        Ok(Kek::load(&self.current)?.id)
+    }
+}
+
+/// What startup (or the next rotation) found of an interrupted rotation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settled {
+    /// No rotation was in progress.
+    Nothing,
+    /// The catalog had switched to the next key: the key file was promoted.
+    Promoted(String),
+    /// The rotation never committed: the unused next key was removed.
+    Discarded(String),
+}
+
+/// Finish or undo a rotation a crash interrupted, given the catalog's current key id: the
+/// next key is promoted if the catalog uses it, removed otherwise (nothing is wrapped by it).
+pub fn settle_rotation(current: &Path, next: &Path, catalog_current: &str) -> Result<Settled> {
+    if !next.exists() {
+        return Ok(Settled::Nothing);
+    }
+    let id = Kek::load(next)?.id;
+    if id == catalog_current {
+        fs::rename(next, current)?;
+        crate::fsutil::sync_parent(current)?;
+        Ok(Settled::Promoted(id))
+    } else {
+        fs::remove_file(next)?;
+        crate::fsutil::sync_parent(next)?;
+        Ok(Settled::Discarded(id))
     }
 }
 
