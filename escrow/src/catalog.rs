@@ -766,11 +766,7 @@ impl Catalog {
             params![p.owner, p.dataset],
             |r| r.get(0),
         )?;
-        tx.execute(
-            "INSERT INTO populations (owner, dataset, name, filter, position, created_at, created_by)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![p.owner, p.dataset, p.name, p.filter, position, now_rfc3339(), by],
-        )?;
+        insert_population_in(&tx, p, position, by)?;
         let v = record_policy_version(&tx, &p.owner, by, "population_add")?;
         after(&tx, v.as_ref())?;
         tx.commit()?;
@@ -840,19 +836,7 @@ impl Catalog {
         after: impl FnOnce(&Connection, Option<&PolicyVersion>) -> Result<()>,
     ) -> Result<bool> {
         let n = self.write(|tx| {
-            let n = tx.execute(
-            "INSERT OR IGNORE INTO grants (owner, dataset, col, grantee, usage, created_at, created_by)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                g.owner,
-                g.dataset,
-                g.column.as_deref().unwrap_or("*"),
-                g.grantee,
-                g.usage.as_str(),
-                now_rfc3339(),
-                by
-            ],
-        )?;
+            let n = insert_grant_in(tx, g, by)?;
             let v = if n == 1 {
                 record_policy_version(tx, &g.owner, by, "grant")?
             } else {
@@ -962,14 +946,7 @@ impl Catalog {
         after: impl FnOnce(&Connection, Option<&PolicyVersion>) -> Result<()>,
     ) -> Result<()> {
         self.write(|tx| {
-            tx.execute(
-                "INSERT INTO dataset_settings (owner, dataset, settings, updated_at, updated_by)
-             VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (owner, dataset) DO UPDATE SET
-               settings = excluded.settings, updated_at = excluded.updated_at,
-               updated_by = excluded.updated_by",
-                params![owner, dataset, json, now_rfc3339(), by],
-            )?;
+            put_settings_in(tx, owner, dataset, json, by)?;
             let v = record_policy_version(tx, owner, by, "settings")?;
             after(tx, v.as_ref())
         })?;
@@ -1096,15 +1073,7 @@ impl Catalog {
         let v = self.write(|tx| {
             // Validation ran before this transaction: a dataset deleted since then fails here
             // rather than leaving rules about a dataset that no longer exists.
-            let mut datasets: Vec<&str> = doc
-                .grants
-                .iter()
-                .map(|g| g.dataset.as_str())
-                .chain(doc.settings.keys().map(String::as_str))
-                .chain(doc.populations.iter().map(|p| p.dataset.as_str()))
-                .collect();
-            datasets.dedup();
-            for d in datasets {
+            for d in doc.datasets() {
                 let live: bool = tx
                     .query_row(
                         "SELECT 1 FROM datasets WHERE owner = ?1 AND name = ?2",
@@ -1122,29 +1091,12 @@ impl Catalog {
             for table in ["grants", "dataset_settings", "populations"] {
                 tx.execute(&format!("DELETE FROM {table} WHERE owner = ?1"), [owner])?;
             }
-            let now = now_rfc3339();
             for g in &doc.grants {
-                tx.execute(
-                    "INSERT INTO grants (owner, dataset, col, grantee, usage, created_at, created_by)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    params![
-                        owner,
-                        g.dataset,
-                        g.column.as_deref().unwrap_or("*"),
-                        g.grantee,
-                        g.usage.as_str(),
-                        now,
-                        by
-                    ],
-                )?;
+                insert_grant_in(tx, g, by)?;
             }
             for (d, s) in &doc.settings {
                 let json = serde_json::to_string(s).map_err(Error::internal)?;
-                tx.execute(
-                    "INSERT INTO dataset_settings (owner, dataset, settings, updated_at, updated_by)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![owner, d, json, now, by],
-                )?;
+                put_settings_in(tx, owner, d, &json, by)?;
             }
             let mut position = 0;
             let mut last = "";
@@ -1153,11 +1105,14 @@ impl Catalog {
                     (position, last) = (0, p.dataset.as_str());
                 }
                 position += 1;
-                tx.execute(
-                    "INSERT INTO populations (owner, dataset, name, filter, position, created_at, created_by)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    params![owner, p.dataset, p.name, p.filter, position, now, by],
-                )?;
+                let population = Population {
+                    owner: owner.to_string(),
+                    dataset: p.dataset.clone(),
+                    name: p.name.clone(),
+                    filter: p.filter.clone(),
+                    position,
+                };
+                insert_population_in(tx, &population, position, by)?;
             }
             let v = record_policy_version(tx, owner, by, change)?;
             after(tx, v.as_ref())?;
@@ -1228,6 +1183,60 @@ fn read_grants(
         );
     }
     Ok(out)
+}
+
+/// Insert a grant unless it exists; 1 if inserted, 0 if it was there.
+fn insert_grant_in(conn: &Connection, g: &Grant, by: &str) -> Result<usize> {
+    Ok(conn.execute(
+        "INSERT OR IGNORE INTO grants (owner, dataset, col, grantee, usage, created_at, created_by)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            g.owner,
+            g.dataset,
+            g.column.as_deref().unwrap_or("*"),
+            g.grantee,
+            g.usage.as_str(),
+            now_rfc3339(),
+            by
+        ],
+    )?)
+}
+
+/// Set a dataset's protection settings (JSON), replacing any.
+fn put_settings_in(
+    conn: &Connection,
+    owner: &str,
+    dataset: &str,
+    json: &str,
+    by: &str,
+) -> Result<()> {
+    conn.execute(
+        "INSERT INTO dataset_settings (owner, dataset, settings, updated_at, updated_by)
+         VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (owner, dataset) DO UPDATE SET
+           settings = excluded.settings, updated_at = excluded.updated_at,
+           updated_by = excluded.updated_by",
+        params![owner, dataset, json, now_rfc3339(), by],
+    )?;
+    Ok(())
+}
+
+/// Insert a population at `position` of its dataset.
+fn insert_population_in(conn: &Connection, p: &Population, position: i64, by: &str) -> Result<()> {
+    conn.execute(
+        "INSERT INTO populations (owner, dataset, name, filter, position, created_at, created_by)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            p.owner,
+            p.dataset,
+            p.name,
+            p.filter,
+            position,
+            now_rfc3339(),
+            by
+        ],
+    )?;
+    Ok(())
 }
 
 /// The id of the key-encryption key that wraps new data keys.

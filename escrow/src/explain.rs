@@ -47,11 +47,7 @@ impl UseExplained {
         };
         let (decision, rule, missing_grant) = match d {
             Decision::Owner => ("owner", None, None),
-            Decision::Granted(g) => (
-                "granted",
-                Some(format!("p,{}", g.to_casbin().join(","))),
-                None,
-            ),
+            Decision::Granted(_) => ("granted", rule_of(d), None),
             Decision::Missing => (
                 "missing",
                 None,
@@ -274,12 +270,7 @@ impl QueryService {
             dataset.map(str::to_string),
         );
         blocking(move || {
-            let known = store
-                .catalog()
-                .partners()?
-                .into_iter()
-                .any(|(name, active)| active && name == partner);
-            if !known {
+            if !store.catalog().partner_is_active(&partner)? {
                 return Err(Error::NotFound(format!("no partner named {partner}")));
             }
             let mut datasets = store.list(&owner)?;

@@ -156,15 +156,8 @@ fn grant_audited(
             format!("{} has no column {c:?}", g.dataset),
         ));
     }
-    if g.grantee != "*" {
-        let known = store
-            .catalog()
-            .partners()?
-            .into_iter()
-            .any(|(name, active)| active && name == g.grantee);
-        if !known {
-            return Err(Error::NotFound(format!("no partner named {}", g.grantee)));
-        }
+    if g.grantee != "*" && !store.catalog().partner_is_active(&g.grantee)? {
+        return Err(Error::NotFound(format!("no partner named {}", g.grantee)));
     }
     let new = store.catalog().add_grant(&g, by, |tx, v| {
         hook.append(tx, PolicyVersion::audit_json(v))

@@ -209,6 +209,13 @@ struct SideData {
     populations: Vec<Population>,
 }
 
+impl SideData {
+    /// `owner.dataset@vN`, as audit records and explanations name a dataset read.
+    fn label(&self) -> String {
+        format!("{}.{}@v{}", self.owner, self.dataset, self.version.version)
+    }
+}
+
 /// The audit event of an overlap-shaped question (before its outcome is known).
 fn question_event(
     kind: &str,
@@ -530,10 +537,7 @@ impl QueryService {
             sensitivity,
             cost,
             fingerprint: hex::encode(fp),
-            datasets: [&mine, &theirs]
-                .iter()
-                .map(|s| format!("{}.{}@v{}", s.owner, s.dataset, s.version.version))
-                .collect(),
+            datasets: [&mine, &theirs].iter().map(|s| s.label()).collect(),
         })
     }
 
@@ -597,10 +601,7 @@ impl QueryService {
         Ok(Explanation {
             allowed: refusal.is_none(),
             refusal,
-            datasets: sides
-                .iter()
-                .map(|s| format!("{}.{}@v{}", s.owner, s.dataset, s.version.version))
-                .collect(),
+            datasets: sides.iter().map(|s| s.label()).collect(),
             uses,
             protection: Some(ProtectionView {
                 min_entities,
@@ -730,12 +731,7 @@ fn resolve(
     caller: &str,
     req: &OverlapRequest,
 ) -> Result<Matrix> {
-    let partner_known = store
-        .catalog()
-        .partners()?
-        .into_iter()
-        .any(|(name, active)| active && name == req.with);
-    if !partner_known {
+    if !store.catalog().partner_is_active(&req.with)? {
         return Err(Error::NotFound(format!("no partner named {}", req.with)));
     }
 

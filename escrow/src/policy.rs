@@ -329,7 +329,7 @@ impl PolicyDocument {
     }
 
     /// The datasets the document names.
-    fn datasets(&self) -> BTreeSet<&str> {
+    pub(crate) fn datasets(&self) -> BTreeSet<&str> {
         self.grants
             .iter()
             .map(|g| g.dataset.as_str())

@@ -542,10 +542,12 @@ async fn policy_rollback(
     let req: RollbackRequest = json_body(&body)?;
     let store = state.store.clone();
     let owner = caller.partner.clone();
-    let doc = blocking(move || crate::policy::document(&store, &owner, Some(req.version)))
-        .await
-        .map(|(_, doc)| doc)
-        .map_err(|e| e.0);
+    // A version that cannot be read is a refused rollback: `replace` audits it.
+    let doc = crate::queries::blocking(move || {
+        crate::policy::document(&store, &owner, Some(req.version))
+    })
+    .await
+    .map(|(_, doc)| doc);
     let detail = json!({ "rollback_to": req.version });
     let (version, diff) =
         crate::policy::replace(&state.store, &actor, doc, "policy_rollback", detail, false).await?;
