@@ -29,11 +29,7 @@ impl Env {
 
     /// Run an operator command on the data directory.
     pub fn op(&self, args: &[&str]) -> Run {
-        let mut cmd = Command::new(BIN);
-        cmd.args(args)
-            .env("ESCROW_DATA_DIR", &self.data)
-            .env_remove("ESCROW_IDENTITY");
-        Run::of(cmd)
+        self.op_env(args, &[])
     }
 
     pub fn bundle(&self, partner: &str) -> PathBuf {
@@ -42,31 +38,34 @@ impl Env {
 
     /// Start a server on a free port; extra args go to `escrow serve`.
     pub fn serve(&self, extra: &[&str]) -> Server {
+        self.serve_env(&[], extra).unwrap_or_else(|(line, log)| {
+            panic!("unexpected first line from server: {line:?}\n{log}")
+        })
+    }
+
+    /// Start a server with extra environment variables (e.g. `ESCROW_FAULT`). `Err` holds
+    /// the server's first stdout line and its log when it did not start listening.
+    pub fn serve_env(
+        &self,
+        envs: &[(&str, &str)],
+        extra: &[&str],
+    ) -> Result<Server, (String, String)> {
         let mut child = Command::new(BIN)
             .arg("serve")
             .args(["--listen", "127.0.0.1:0"])
             .args(extra)
             .env("ESCROW_DATA_DIR", &self.data)
             .env("ESCROW_LOG", "info")
+            .envs(envs.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("start escrow serve");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read listen line");
-        let url = line
-            .trim()
-            .strip_prefix("escrow listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line from server: {line:?}"))
-            .to_string();
         // Keep draining stderr so the server never blocks on a full pipe.
         let stderr = child.stderr.take().expect("stderr");
         let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let sink = log.clone();
-        std::thread::spawn(move || {
+        let drain = std::thread::spawn(move || {
             for l in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Ok(mut s) = sink.lock() {
                     s.push_str(&l);
@@ -74,7 +73,34 @@ impl Env {
                 }
             }
         });
-        Server { child, url, log }
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read listen line");
+        match line.trim().strip_prefix("escrow listening on ") {
+            Some(url) => Ok(Server {
+                child,
+                url: url.to_string(),
+                log,
+            }),
+            None => {
+                let _ = child.wait();
+                let _ = drain.join();
+                let log = log.lock().map(|s| s.clone()).unwrap_or_default();
+                Err((line, log))
+            }
+        }
+    }
+
+    /// Run an operator command with extra environment variables.
+    pub fn op_env(&self, args: &[&str], envs: &[(&str, &str)]) -> Run {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .env("ESCROW_DATA_DIR", &self.data)
+            .env_remove("ESCROW_IDENTITY")
+            .envs(envs.iter().copied());
+        Run::of(cmd)
     }
 
     /// The CLI as `partner`'s admin against `server`.
@@ -212,6 +238,22 @@ impl Server {
     pub fn kill9(&mut self) {
         let _ = self.child.kill(); // SIGKILL
         let _ = self.child.wait();
+    }
+
+    /// Wait (up to 60 s) for the server to exit on its own; returns how it ended.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not exit:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// SIGTERM and wait; returns the exit status.

@@ -155,3 +155,128 @@ fn answers_own(env: &Env, server: &Server) -> String {
         .ok()
         .stdout
 }
+
+/// The KEK from an environment variable and from a command (a KMS or Vault): a data
+/// directory moves its key out of `keys/kek` (file -> environment), then to a key a command
+/// prints (environment -> command), by rotation; each time the data reads back the same, a
+/// server without the right key refuses to start with a message naming what is missing,
+/// and no key is ever echoed or logged. A fresh `init` with an external key writes no key file.
+#[test]
+fn the_kek_can_come_from_the_environment_or_a_command() {
+    let generate = |env: &Env| {
+        let k = env.op(&["keys", "generate"]).ok().stdout.trim().to_string();
+        assert_eq!(k.len(), 64, "{k}");
+        assert!(k.bytes().all(|b| b.is_ascii_hexdigit()), "{k}");
+        k
+    };
+    let env = Env::new();
+    let (a, b) = (generate(&env), generate(&env));
+    assert_ne!(a, b);
+    let mut server = env.serve(&[]);
+    env.upload_csv(&server, "acme", "accounts", &accounts_csv(30, "x"))
+        .ok();
+    let before = answers_own(&env, &server);
+    server.terminate();
+    let d = env.data.to_str().expect("p").to_string();
+    let mut said = String::new();
+
+    // file -> environment: the key file is retired (removed) once the catalog commits.
+    let out = env
+        .op_env(
+            &["keys", "rotate", "--data-dir", &d],
+            &[("ESCROW_KEK_NEXT", &a)],
+        )
+        .ok()
+        .stdout;
+    assert!(out.contains("1 data key(s) re-wrapped"), "{out}");
+    assert!(
+        out.contains("its file was removed") && out.contains("ESCROW_KEK"),
+        "{out}"
+    );
+    said.push_str(&out);
+    assert!(!env.data.join("keys/kek").exists());
+    // Without the key the server does not start, and says which key it lacks and where it
+    // looked; with it, the same answers.
+    let Err((_, log)) = env.serve_env(&[], &[]) else {
+        panic!("a server without the key must not start")
+    };
+    assert!(log.contains("which neither the file"), "{log}");
+    said.push_str(&log);
+    let mut server = env.serve_env(&[("ESCROW_KEK", &a)], &[]).expect("serve");
+    assert_eq!(answers_own(&env, &server), before);
+    env.upload_csv(&server, "acme", "accounts", &accounts_csv(30, "x"))
+        .ok();
+    server.terminate();
+    said.push_str(&server.log());
+
+    // environment -> command: both external, so the operator is told what to switch and
+    // which key to destroy.
+    let kms = env.file("kms-b.hex", format!("{b}\n").as_bytes());
+    let cmd = format!("cat {}", kms.display());
+    let out = env
+        .op_env(
+            &["keys", "rotate", "--data-dir", &d],
+            &[("ESCROW_KEK", &a), ("ESCROW_KEK_NEXT_COMMAND", &cmd)],
+        )
+        .ok()
+        .stdout;
+    assert!(out.contains("2 data key(s) re-wrapped"), "{out}");
+    assert!(out.contains("destroy key"), "{out}");
+    said.push_str(&out);
+    // rotating again before switching is refused with what to do
+    let again = env.op_env(
+        &["keys", "rotate", "--data-dir", &d],
+        &[("ESCROW_KEK", &a), ("ESCROW_KEK_NEXT_COMMAND", &cmd)],
+    );
+    let again = again.fails_with("already wrapped under the next key");
+    said.push_str(&again.stderr);
+    let Err((_, log)) = env.serve_env(&[("ESCROW_KEK", &a)], &[]) else {
+        panic!("the old key alone must not open the store")
+    };
+    said.push_str(&log);
+    let mut server = env
+        .serve_env(&[("ESCROW_KEK_COMMAND", &cmd)], &[])
+        .expect("serve");
+    assert_eq!(answers_own(&env, &server), before);
+    server.terminate();
+    said.push_str(&server.log());
+
+    // Broken sources: a failing command, a command printing junk, both variables set.
+    for (envs, needle) in [
+        (
+            vec![("ESCROW_KEK_COMMAND", "exit 3")],
+            "the key command failed",
+        ),
+        (
+            vec![("ESCROW_KEK_COMMAND", "echo not-a-key-but-a-secret")],
+            "must hold the key as 64 hex digits",
+        ),
+        (
+            vec![("ESCROW_KEK_COMMAND", cmd.as_str()), ("ESCROW_KEK", &a)],
+            "not both",
+        ),
+    ] {
+        let r = env
+            .op_env(&["keys", "rotate", "--data-dir", &d], &envs)
+            .fails_with(needle);
+        assert!(!r.stderr.contains("not-a-key-but-a-secret"), "{r:?}");
+        said.push_str(&r.stderr);
+    }
+
+    // No key material anywhere it could leak: outputs, logs, the audit log.
+    said.push_str(&std::fs::read_to_string(env.data.join("audit/log.jsonl")).expect("audit"));
+    for key in [&a, &b] {
+        assert!(!said.contains(key.as_str()), "a key was echoed or logged");
+    }
+
+    // A fresh data directory with an external key: no key file is written.
+    let fresh = env.tmp.path().join("fresh");
+    let fresh_s = fresh.to_str().expect("p");
+    env.op_env(
+        &["init"],
+        &[("ESCROW_DATA_DIR", fresh_s), ("ESCROW_KEK", &b)],
+    )
+    .ok();
+    assert!(!fresh.join("keys/kek").exists());
+    assert!(fresh.join("keys/audit").exists());
+}

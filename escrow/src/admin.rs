@@ -5,7 +5,10 @@
 
 use crate::audit::{self, Actor, AuditLog, Event, Outcome};
 use crate::catalog::Catalog;
-use crate::crypto::keys::Kek;
+use crate::crypto::keys::{
+    ENV_KEK, ENV_KEK_COMMAND, ENV_KEK_NEXT, ENV_KEK_NEXT_COMMAND, Kek, KeyLocation,
+    create_secret_if_missing,
+};
 use crate::datadir::{DataDir, validate_name};
 use crate::{Error, Result, pki};
 
@@ -30,14 +33,17 @@ impl InitReport {
 pub fn init(dir: &DataDir) -> Result<InitReport> {
     dir.create_dirs()?;
     let mut report = InitReport {
-        kek: Kek::create_if_missing(&dir.kek())?,
-        noise_key: crate::crypto::keys::create_secret_if_missing(&dir.noise_key())?,
-        audit_key: crate::crypto::keys::create_secret_if_missing(&dir.audit_key())?,
+        kek: match dir.kek_source()?.current {
+            KeyLocation::File(p) => Kek::create_if_missing(&p)?,
+            _ => false,
+        },
+        noise_key: create_secret_if_missing(&dir.noise_key())?,
+        audit_key: create_secret_if_missing(&dir.audit_key())?,
         ca: pki::create_ca_if_missing(dir)?,
         ..Default::default()
     };
     let catalog = Catalog::open(&dir.catalog())?;
-    catalog.ensure_current_kek(Kek::load(&dir.kek())?.id())?;
+    crate::store::open_keyring(dir, &catalog)?;
     if report.ca || !dir.crl().exists() {
         let (revoked, number) = catalog.revocations()?;
         pki::write_crl(dir, &revoked, number)?;
@@ -171,7 +177,7 @@ pub fn revoke_partner(dir: &DataDir, name: &str) -> Result<usize> {
 
 fn ensure_initialised(dir: &DataDir) -> Result<()> {
     if dir.ca_key().exists()
-        && dir.kek().exists()
+        && (dir.kek().exists() || dir.kek_source()?.is_external())
         && dir.audit_key().exists()
         && dir.catalog().exists()
     {
@@ -196,27 +202,61 @@ pub struct Rotation {
     pub rewrapped: usize,
     /// What an earlier, interrupted rotation left and how it was settled first.
     pub settled: Option<String>,
+    /// How the old key was retired, or what the operator must do to retire it (a key kept
+    /// outside the data directory is the operator's to destroy).
+    pub retired: String,
 }
 
-/// Rotate the key-encryption key: a new key is written beside the current one
-/// (`keys/kek.next`); one catalog transaction re-wraps every data key under it, makes it
-/// current, checks the inventory (no data key left under any other key) and appends the
-/// audit record; only then does the new key replace the old file, retiring the old key. No
-/// data is re-encrypted. A crash at any point leaves either the old key in use (the unused
-/// next key is removed at the next start or rotation) or the new one (promoted then).
-/// Safe while a server runs: its uploads wrap under the catalog's current key inside their
-/// commit transaction, and its reads find the new key by reloading the key files.
+/// Rotate the key-encryption key: the next key comes from the source's next location (a new
+/// random `keys/kek.next` by default; `ESCROW_KEK_NEXT` / `ESCROW_KEK_NEXT_COMMAND` for a key
+/// kept outside). One catalog transaction re-wraps every data key under it, makes it current,
+/// checks the inventory (no data key left under any other key) and appends the audit record;
+/// only then is the old key retired: the new key file replaces the old one, or the old key
+/// file is removed when the new key is external, or (both external) the operator is told to
+/// switch and destroy. No data is re-encrypted. A crash at any point leaves either the old
+/// key in use (an unused next key file is removed at the next start or rotation) or the new
+/// one (promoted then). Safe while a server runs: its uploads wrap under the catalog's
+/// current key inside their commit transaction, and its reads find the new key by reloading
+/// the source.
 pub fn rotate_kek(dir: &DataDir) -> Result<Rotation> {
     let (catalog, log) = open(dir)?;
-    let settled = crate::store::settle_rotation(dir, &catalog)?;
-    let old = Kek::load(&dir.kek())?;
-    crate::crypto::keys::create_secret_if_missing(&dir.kek_next())?;
-    let new = Kek::load(&dir.kek_next())?;
+    let keys = crate::store::open_keyring(dir, &catalog)?;
+    let settled = crate::store::settle_rotation(&catalog, &keys)?;
+    let source = keys.source().clone();
+    let old = keys.get(&catalog.current_kek()?)?;
+    let new = match &source.next {
+        KeyLocation::File(next) if source.is_external() => {
+            return Err(Error::bad(
+                "invalid_config",
+                format!(
+                    "the current key is kept outside the data directory: give the new key in {ENV_KEK_NEXT} or {ENV_KEK_NEXT_COMMAND} (escrow keys generate prints one), not in {}",
+                    next.display()
+                ),
+            ));
+        }
+        KeyLocation::File(next) => {
+            create_secret_if_missing(next)?;
+            Kek::load(next)?
+        }
+        external => external
+            .load()?
+            .ok_or_else(|| Error::internal("the next key's source holds no key"))?,
+    };
+    if new.id() == old.id() {
+        return Err(Error::bad(
+            "invalid_config",
+            format!(
+                "data keys are already wrapped under the next key {}: make it the current key ({ENV_KEK} or {ENV_KEK_COMMAND}) and unset {ENV_KEK_NEXT} / {ENV_KEK_NEXT_COMMAND}",
+                new.id()
+            ),
+        ));
+    }
+    crate::faults::hit("rotate.next_written")?;
     let event = Event::new(
         "key_rotate",
         Actor::operator(),
         Outcome::Ok,
-        serde_json::json!({ "from": old.id(), "to": new.id() }),
+        serde_json::json!({ "from": old.id(), "to": new.id(), "source": source.next.describe() }),
     );
     let rewrap = |dataset: &str, version: &str, wrapped: &[u8]| {
         old.rewrap(&new, wrapped, &crate::store::binding(dataset, version)?)
@@ -226,24 +266,48 @@ pub fn rotate_kek(dir: &DataDir) -> Result<Rotation> {
             hook.append(
                 tx,
                 serde_json::json!({ "rewrapped": n, "retired": old.id() }),
-            )
+            )?;
+            Ok(crate::faults::hit("rotate.rewrapped")?)
         })
     });
     let rewrapped = match rewrapped {
         Ok(n) => n,
         Err(e) => {
-            // Nothing is wrapped under the new key: it goes.
-            crate::store::settle_rotation(dir, &catalog)?;
+            // Nothing is wrapped under the new key: a new key file goes.
+            crate::store::settle_rotation(&catalog, &keys)?;
             return Err(e);
         }
     };
-    std::fs::rename(dir.kek_next(), dir.kek())?;
-    crate::fsutil::sync_parent(&dir.kek())?;
+    crate::faults::hit("rotate.committed")?;
+    let retired = match (&source.current, &source.next) {
+        (KeyLocation::File(current), KeyLocation::File(next)) => {
+            std::fs::rename(next, current)?;
+            crate::fsutil::sync_parent(current)?;
+            format!("key {} retired", old.id())
+        }
+        (KeyLocation::File(current), next) => {
+            std::fs::remove_file(current)?;
+            crate::fsutil::sync_parent(current)?;
+            format!(
+                "key {} retired (its file was removed); now make the {} the current key ({ENV_KEK} or {ENV_KEK_COMMAND}) and unset {ENV_KEK_NEXT} / {ENV_KEK_NEXT_COMMAND}",
+                old.id(),
+                next.describe()
+            )
+        }
+        (current, next) => format!(
+            "now make the {} the current key and unset {ENV_KEK_NEXT} / {ENV_KEK_NEXT_COMMAND}; then destroy key {} (the {}) in your key store",
+            next.describe(),
+            old.id(),
+            current.describe()
+        ),
+    };
+    crate::faults::hit("rotate.renamed")?;
     Ok(Rotation {
         from: old.id().to_string(),
         to: new.id().to_string(),
         rewrapped,
         settled,
+        retired,
     })
 }
 

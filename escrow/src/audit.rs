@@ -168,9 +168,10 @@ impl Event {
     /// The same event for a failed action: `refused` for client faults, `failed` otherwise.
     pub fn failed(mut self, e: &Error) -> Self {
         self.outcome = match e {
-            Error::Internal(_) | Error::Integrity(_) | Error::AuditUnavailable(_) => {
-                Outcome::Failed
-            }
+            Error::Internal(_)
+            | Error::Integrity(_)
+            | Error::AuditUnavailable(_)
+            | Error::StorageFull(_) => Outcome::Failed,
             _ => Outcome::Refused,
         };
         self.code = Some(match e {
@@ -388,8 +389,31 @@ impl AuditLog {
     fn begin(&self, tx: &Connection) -> Result<(File, Tail, Vec<u8>)> {
         let mut file = self.open_locked(tx)?;
         let mut tail = read_tail(&mut file).map_err(audit_error)?;
-        check_anchor(tx, tail.head)?;
+        let anchored = check_anchor(tx, tail.head)?;
         let mut out = Vec::new();
+        if tail.head.seq > anchored {
+            // Records whose catalog transaction never committed (the server died or the
+            // action failed after its append): say so in the chain, so nobody reads them as
+            // done.
+            let (first, last) = (anchored + 1, tail.head.seq);
+            tracing::warn!(
+                first,
+                last,
+                "audit log: records of actions that did not commit"
+            );
+            let note = Event::new(
+                "audit_uncommitted",
+                Actor::system(),
+                Outcome::Ok,
+                serde_json::json!({
+                    "first": first,
+                    "last": last,
+                    "reason": "these records were written but the action they describe did not commit (it failed, or the process stopped before committing): it did not take effect",
+                }),
+            );
+            tail.head = self.encode(&mut out, tail.head, &note)?;
+            tail.checkpoint = None;
+        }
         if let Some(bytes) = tail.torn {
             tracing::warn!(
                 torn_bytes = bytes,
@@ -412,8 +436,18 @@ impl AuditLog {
 
     /// Write `out` durably and move the anchor to `head`.
     fn finish(&self, tx: &Connection, file: &mut File, out: &[u8], head: Head) -> Result<()> {
-        file.write_all(out).map_err(audit_error)?;
+        let mut rest = out;
+        if crate::faults::is_armed("audit.torn") {
+            // Crash tests: half the bytes reach the file, then the process dies.
+            let (first, second) = out.split_at(out.len() / 2);
+            file.write_all(first).map_err(audit_error)?;
+            file.sync_data().map_err(audit_error)?;
+            crate::faults::hit("audit.torn").map_err(audit_error)?;
+            rest = second;
+        }
+        file.write_all(rest).map_err(audit_error)?;
         file.sync_data().map_err(audit_error)?;
+        crate::faults::hit("audit.written").map_err(audit_error)?;
         set_anchor(tx, head)
     }
 
@@ -498,7 +532,8 @@ impl AuditLog {
     }
 }
 
-fn check_anchor(tx: &Connection, head: Head) -> Result<()> {
+/// Check the log's head against the catalog's anchor; returns the anchor's sequence number.
+fn check_anchor(tx: &Connection, head: Head) -> Result<u64> {
     let anchor = anchor(tx)?;
     // The file is written before the anchor moves (in the same catalog transaction), so
     // it may be ahead after a crash or a rolled-back action, never behind.
@@ -508,7 +543,7 @@ fn check_anchor(tx: &Connection, head: Head) -> Result<()> {
             head.seq, anchor.seq
         )));
     }
-    Ok(())
+    Ok(anchor.seq)
 }
 
 /// The last complete line of `file` (without its newline) and how many bytes follow it

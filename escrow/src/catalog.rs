@@ -304,6 +304,19 @@ impl Catalog {
         })
     }
 
+    /// The key-encryption key new data keys are wrapped under.
+    pub fn current_kek(&self) -> Result<String> {
+        current_kek_in(&self.conn())
+    }
+
+    /// Every key-encryption key some data key is wrapped under.
+    pub fn kek_ids_in_use(&self) -> Result<Vec<String>> {
+        let conn = self.conn();
+        let mut st = conn.prepare("SELECT DISTINCT kek_id FROM dataset_versions")?;
+        let ids = st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        Ok(ids)
+    }
+
     /// Re-wrap every data key wrapped under `from` with `rewrap(dataset_id, version_id,
     /// wrapped)` and make `to` the current key, in one transaction with `after` (the audit
     /// record). Inside it, the inventory must show no data key wrapped under anything but
@@ -1323,6 +1336,7 @@ fn record_policy_version(
             serde_json::to_string(&diff).map_err(Error::internal)?
         ],
     )?;
+    crate::faults::hit("policy.versioned")?;
     Ok(Some(PolicyVersion {
         version: version + 1,
         diff,

@@ -42,6 +42,11 @@ impl DataDir {
     pub fn kek_next(&self) -> PathBuf {
         self.keys().join("kek.next")
     }
+    /// Where the key-encryption key comes from: these files, unless the environment names
+    /// another source (`crypto::keys::KekSource`).
+    pub fn kek_source(&self) -> crate::Result<crate::crypto::keys::KekSource> {
+        crate::crypto::keys::KekSource::from_env(&self.kek(), &self.kek_next())
+    }
     /// Ed25519 seed signing the audit log (32 bytes, 0600).
     pub fn audit_key(&self) -> PathBuf {
         self.keys().join("audit")

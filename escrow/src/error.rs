@@ -45,6 +45,18 @@ pub enum Error {
     /// clients see only that the service is unavailable.
     #[error("audit log unavailable: {0}")]
     AuditUnavailable(String),
+    /// Too much of the caller's work is already running (per-partner concurrency limit);
+    /// nothing was done. `retry_after` is in seconds (HTTP `Retry-After`).
+    #[error("{what}: {limit} already running for this partner; retry in {retry_after} s")]
+    Busy {
+        what: &'static str,
+        limit: usize,
+        retry_after: u64,
+    },
+    /// The server's storage is full (ENOSPC, quota, SQLite "database or disk is full"): the
+    /// action was not done and left nothing behind; retrying later may succeed. Logged.
+    #[error("storage full: {0}")]
+    StorageFull(String),
     /// Anything else on the server side. Logged, never shown to clients.
     #[error("internal error: {0}")]
     Internal(String),
@@ -84,6 +96,8 @@ impl Error {
             Error::Refused { .. } => "QUERY_REFUSED",
             Error::Unauthenticated(_) => "unauthenticated",
             Error::AuditUnavailable(_) => "audit_unavailable",
+            Error::StorageFull(_) => "storage_full",
+            Error::Busy { .. } => "too_many_requests",
             Error::Integrity(_) | Error::Internal(_) => "internal",
         }
     }
@@ -91,12 +105,19 @@ impl Error {
 
 impl From<rusqlite::Error> for Error {
     fn from(e: rusqlite::Error) -> Self {
-        Error::Internal(format!("catalog: {e}"))
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull) => Error::StorageFull(format!("catalog: {e}")),
+            _ => Error::Internal(format!("catalog: {e}")),
+        }
     }
 }
 
 impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Self {
-        Error::Internal(format!("i/o: {e}"))
+        use std::io::ErrorKind::{FileTooLarge, QuotaExceeded, StorageFull};
+        match e.kind() {
+            StorageFull | QuotaExceeded | FileTooLarge => Error::StorageFull(format!("i/o: {e}")),
+            _ => Error::Internal(format!("i/o: {e}")),
+        }
     }
 }

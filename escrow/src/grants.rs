@@ -162,6 +162,7 @@ fn grant_audited(
     let new = store.catalog().add_grant(&g, by, |tx, v| {
         hook.append(tx, PolicyVersion::audit_json(v))
     })?;
+    crate::faults::hit("policy.committed")?;
     Ok((GrantView::from(&g), new))
 }
 

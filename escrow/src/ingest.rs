@@ -191,6 +191,7 @@ impl<R: Read> Read for TrackedInput<R> {
                     self.set_fault(InputFault::TooLarge(self.limit));
                     return Err(io::Error::other("upload over the size limit"));
                 }
+                crate::faults::at("upload.received", self.read)?;
                 Ok(n)
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => Err(e),

@@ -14,6 +14,7 @@ pub mod crypto;
 pub mod datadir;
 pub mod error;
 pub mod explain;
+pub mod faults;
 pub mod fsutil;
 pub mod grants;
 pub mod ingest;

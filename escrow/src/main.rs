@@ -189,6 +189,9 @@ enum KeysCommand {
     /// Rotate the key-encryption key: every data key is re-wrapped under a new key (no data
     /// is re-encrypted), then the old key is retired. Safe while the server runs.
     Rotate(DirArgs),
+    /// Print a new random key-encryption key as 64 hex digits, for a key kept outside the
+    /// data directory (ESCROW_KEK, ESCROW_KEK_NEXT, or a KMS/Vault behind ESCROW_KEK_COMMAND).
+    Generate,
 }
 
 #[derive(Subcommand)]
@@ -658,8 +661,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 println!("first {s}");
             }
             println!(
-                "rotated the key-encryption key {} -> {}: {} data key(s) re-wrapped; key {} retired",
-                r.from, r.to, r.rewrapped, r.from
+                "rotated the key-encryption key {} -> {}: {} data key(s) re-wrapped; {}",
+                r.from, r.to, r.rewrapped, r.retired
+            );
+        }
+        Command::Keys {
+            command: KeysCommand::Generate,
+        } => {
+            println!(
+                "{}",
+                escrow::crypto::keys::generate_hex()
+                    .map_err(engine)?
+                    .as_str()
             );
         }
         Command::Partner { command } => match command {

@@ -330,6 +330,9 @@ impl QueryService {
         let ch = charges.clone();
         let spent =
             blocking(move || store.catalog().spend(&who, &ch, epsilon, &fp_hex, dry_run)).await?;
+        if !dry_run {
+            crate::faults::hit("query.charged")?;
+        }
         match spent {
             Spend::Charged { new, totals } => Ok(Cost {
                 repeated: !new,

@@ -16,12 +16,12 @@ use crate::cache::{MemoryMeter, PlaintextCache};
 pub type Prepare = std::sync::Arc<dyn Fn(RecordBatch) -> Result<RecordBatch> + Send + Sync>;
 use crate::audit::{self, Actor, AuditLog, Event, Outcome};
 use crate::catalog::{Catalog, ColumnInfo, DatasetInfo, NewVersion, VersionKey};
-use crate::crypto::keys::{self, Kek, Keyring};
+use crate::crypto::keys::{self, Kek, KeyLocation, Keyring};
 use crate::crypto::random_bytes;
 use crate::crypto::seal::{self, Binding, OpenReader, SealWriter};
 use crate::datadir::{DataDir, validate_name};
 use crate::ingest::{self, Format, IngestLimits, InputFault, TrackedInput};
-use crate::{Error, Result, fsutil};
+use crate::{Error, Result, faults, fsutil};
 
 /// Settings of the store.
 #[derive(Debug, Clone)]
@@ -138,8 +138,7 @@ impl Store {
     /// Open the store of an initialised data directory.
     pub fn open(dir: DataDir, config: StoreConfig) -> Result<Self> {
         let catalog = Catalog::open(&dir.catalog())?;
-        let keys = Keyring::load(&dir.kek(), &dir.kek_next())?;
-        catalog.ensure_current_kek(&keys.file_id()?)?;
+        let keys = open_keyring(&dir, &catalog)?;
         let audit = AuditLog::open(&dir)?;
         let mut config = config;
         config.ingest.spool_dir.get_or_insert_with(|| dir.tmp());
@@ -192,7 +191,7 @@ impl Store {
     /// row (crash between rename and commit, or during a delete), datasets without versions.
     pub fn recover(&self) -> Result<Recovery> {
         let mut r = Recovery {
-            key_rotation: settle_rotation(&self.dir, &self.catalog)?,
+            key_rotation: settle_rotation(&self.catalog, &self.keys)?,
             ..Recovery::default()
         };
         for entry in fs::read_dir(self.dir.tmp())? {
@@ -200,6 +199,7 @@ impl Store {
             if path.is_file() {
                 fs::remove_file(&path)?;
                 r.partial_uploads_removed += 1;
+                faults::hit("recovery.partial_removed")?;
             }
         }
         let known: HashSet<(String, String)> =
@@ -269,7 +269,7 @@ impl Store {
         let file = fsutil::create_private(&tmp_path)?;
         let mut tmp_guard = FileGuard(Some(tmp_path.clone()));
         let sealer = SealWriter::new(
-            BufWriter::with_capacity(1 << 20, file),
+            BufWriter::with_capacity(1 << 20, faults::Writer::new(file, "upload.write")),
             &dek[..],
             bind,
             self.config.segment_size,
@@ -285,9 +285,11 @@ impl Store {
         let (buffered, _plain, sealed_bytes) = sealer.finish()?;
         let file = buffered
             .into_inner()
-            .map_err(|e| Error::internal(format!("flushing sealed file: {}", e.error())))?;
+            .map_err(|e| Error::from(e.into_error()))?
+            .into_inner();
         file.sync_all()?;
         drop(file);
+        faults::hit("upload.sealed")?;
 
         let final_path = self.dir.sealed_file(&dataset_id, &version_id);
         let dataset_dir = self.dir.dataset_dir(&dataset_id);
@@ -299,6 +301,7 @@ impl Store {
         tmp_guard.disarm();
         let mut final_guard = FileGuard(Some(final_path.clone()));
         fsutil::sync_parent(&final_path)?;
+        faults::hit("upload.renamed")?;
 
         let new = NewVersion {
             dataset_id: dataset_id.clone(),
@@ -324,9 +327,11 @@ impl Store {
                     "key_column": new.key_column,
                     "columns": new.columns.len(),
                 }),
-            )
+            )?;
+            Ok(faults::hit("upload.committing")?)
         })?;
         final_guard.disarm();
+        faults::hit("upload.committed")?;
         self.cache.forget_dataset(&dataset_id, Some(&version_id));
         Ok(UploadOutcome {
             dataset: req.dataset.clone(),
@@ -386,6 +391,7 @@ impl Store {
                 })
         })?;
         self.cache.forget_dataset(&dataset_id, None);
+        faults::hit("delete.committed")?;
         // The keys are gone: the files are unreadable from here on. Removing them is hygiene;
         // a crash before this point leaves orphans that startup recovery removes.
         let dir = self.dir.dataset_dir(&dataset_id);
@@ -485,20 +491,65 @@ impl Store {
     }
 }
 
+/// The data directory's keyring, checked against the catalog: the catalog records the
+/// source's current key if it records none yet, and every key a data key is wrapped under (and
+/// the catalog's current one) must be held by the source, or the store does not open: better
+/// a clear refusal at startup than unreadable datasets later.
+pub(crate) fn open_keyring(dir: &DataDir, catalog: &Catalog) -> Result<Keyring> {
+    let keys = Keyring::load(dir.kek_source()?)?;
+    let current = match keys.current_id()? {
+        Some(id) => catalog.ensure_current_kek(&id)?,
+        None => catalog.current_kek()?,
+    };
+    let mut needed = catalog.kek_ids_in_use()?;
+    needed.push(current);
+    for id in needed {
+        keys.get(&id)?;
+    }
+    Ok(keys)
+}
+
 /// Finish or undo a key rotation a crash interrupted (see `keys::settle_rotation`); what was
 /// done, for the recovery log.
-pub(crate) fn settle_rotation(dir: &DataDir, catalog: &Catalog) -> Result<Option<String>> {
-    let file_id = Kek::load(&dir.kek())?.id().to_string();
-    let current = catalog.ensure_current_kek(&file_id)?;
-    Ok(
-        match keys::settle_rotation(&dir.kek(), &dir.kek_next(), &current)? {
-            keys::Settled::Nothing => None,
-            keys::Settled::Promoted(id) => Some(format!("finished the rotation to key {id}")),
-            keys::Settled::Discarded(id) => Some(format!(
-                "removed key {id} of a rotation that never committed"
-            )),
-        },
-    )
+pub(crate) fn settle_rotation(catalog: &Catalog, keys: &Keyring) -> Result<Option<String>> {
+    let current = catalog.current_kek()?;
+    let source = keys.source();
+    Ok(match (&source.current, &source.next) {
+        (KeyLocation::File(cur), KeyLocation::File(next)) => {
+            match keys::settle_rotation(cur, next, &current)? {
+                keys::Settled::Nothing => None,
+                keys::Settled::Promoted(id) => Some(format!("finished the rotation to key {id}")),
+                keys::Settled::Discarded(id) => Some(format!(
+                    "removed key {id} of a rotation that never committed"
+                )),
+            }
+        }
+        // Moving the key out of the data directory: once the catalog is on the external next
+        // key, the key file is retired.
+        (KeyLocation::File(cur), next) => {
+            let next_id = next.load()?.map(|k| k.id().to_string());
+            if cur.exists() && next_id.as_deref() == Some(current.as_str()) {
+                fs::remove_file(cur)?;
+                fsutil::sync_parent(cur)?;
+                Some(format!(
+                    "finished the rotation to key {current} ({}): removed the retired key file; make it the current key ({})",
+                    next.describe(),
+                    keys::ENV_KEK
+                ))
+            } else {
+                None
+            }
+        }
+        (cur, next) => {
+            let current_id = cur.load()?.map(|k| k.id().to_string());
+            (current_id.as_deref() != Some(current.as_str())).then(|| {
+                format!(
+                    "the catalog is on key {current} from the {}: make it the current key and retire the old one",
+                    next.describe()
+                )
+            })
+        }
+    })
 }
 
 fn io_to_integrity(e: std::io::Error) -> Error {

@@ -32,7 +32,11 @@ impl Kek {
     /// Load the KEK file; it must be exactly 32 bytes. The key bytes are wiped once the
     /// cipher is keyed.
     pub fn load(path: &Path) -> Result<Self> {
-        let key = load_secret(path, "key-encryption key")?;
+        Self::from_secret(&load_secret(path, "key-encryption key")?)
+    }
+
+    /// Key the cipher with `key` (the caller wipes it).
+    pub fn from_secret(key: &SecretKey) -> Result<Self> {
         Ok(Kek {
             aead: Aead::new(&key[..]).map_err(Error::internal)?,
             id: key_id(&key[..]),
@@ -93,23 +97,193 @@ impl Kek {
     }
 }
 
-/// The key-encryption keys of a data directory: the current one (`keys/kek`) and, between a
-/// rotation's catalog commit and its promotion, the next one (`keys/kek.next`). Which key
-/// wraps new data keys is the catalog's record (`Catalog::current_kek`), not the files; a
-/// key a catalog row names but this process has not loaded (another process rotated) is
-/// found by reloading the files. A reload drops keys no longer on disk: a retired key leaves
-/// memory too.
+/// Where a key-encryption key is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyLocation {
+    /// A 32-byte file (`keys/kek`, `keys/kek.next`): the default.
+    File(PathBuf),
+    /// An environment variable holding the key as 64 hex digits.
+    Env(&'static str),
+    /// A shell command that prints the key as 64 hex digits on stdout: an external KMS or
+    /// Vault (`vault kv get -field=kek secret/escrow`, `aws secretsmanager ...`).
+    Command(String),
+}
+
+/// Environment variables naming the KEK's source (docs/OPERATIONS.md, "Keys").
+pub const ENV_KEK: &str = "ESCROW_KEK";
+pub const ENV_KEK_NEXT: &str = "ESCROW_KEK_NEXT";
+pub const ENV_KEK_COMMAND: &str = "ESCROW_KEK_COMMAND";
+pub const ENV_KEK_NEXT_COMMAND: &str = "ESCROW_KEK_NEXT_COMMAND";
+/// How long a key command may run.
+const COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl KeyLocation {
+    /// The key, or `None` if a file location does not exist. Key bytes are wiped as soon as
+    /// the cipher is keyed; nothing here logs or echoes key material.
+    pub fn load(&self) -> Result<Option<Kek>> {
+        match self {
+            KeyLocation::File(p) => match p.exists() {
+                true => Kek::load(p).map(Some),
+                false => Ok(None),
+            },
+            KeyLocation::Env(var) => {
+                let value =
+                    Zeroizing::new(std::env::var(var).map_err(|_| {
+                        Error::internal(format!("{var} is not set (or not UTF-8)"))
+                    })?);
+                Kek::from_secret(&parse_hex_key(&value, var)?).map(Some)
+            }
+            KeyLocation::Command(cmd) => {
+                Kek::from_secret(&parse_hex_key(&run_key_command(cmd)?, "the key command")?)
+                    .map(Some)
+            }
+        }
+    }
+
+    /// How the location is named in messages (never the key).
+    pub fn describe(&self) -> String {
+        match self {
+            KeyLocation::File(p) => format!("file {}", p.display()),
+            KeyLocation::Env(var) => format!("environment variable {var}"),
+            KeyLocation::Command(_) => "key command".into(),
+        }
+    }
+}
+
+/// The key-encryption key's source: where the current key is, and where the next one is
+/// during a rotation. Chosen by environment variables: `ESCROW_KEK_COMMAND` or `ESCROW_KEK`
+/// (current), `ESCROW_KEK_NEXT_COMMAND` or `ESCROW_KEK_NEXT` (next); unset, the data
+/// directory's `keys/kek` and `keys/kek.next`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KekSource {
+    pub current: KeyLocation,
+    pub next: KeyLocation,
+}
+
+impl KekSource {
+    /// The source configured by the environment for the key files `kek` / `kek_next`.
+    pub fn from_env(kek: &Path, kek_next: &Path) -> Result<KekSource> {
+        let pick = |cmd: &'static str, var: &'static str, file: &Path| {
+            let cmd_value = std::env::var(cmd).ok().filter(|v| !v.trim().is_empty());
+            match (cmd_value, std::env::var_os(var).is_some()) {
+                (Some(_), true) => Err(Error::bad(
+                    "invalid_config",
+                    format!("set {cmd} or {var}, not both"),
+                )),
+                (Some(c), false) => Ok(KeyLocation::Command(c)),
+                (None, true) => Ok(KeyLocation::Env(var)),
+                (None, false) => Ok(KeyLocation::File(file.to_path_buf())),
+            }
+        };
+        Ok(KekSource {
+            current: pick(ENV_KEK_COMMAND, ENV_KEK, kek)?,
+            next: pick(ENV_KEK_NEXT_COMMAND, ENV_KEK_NEXT, kek_next)?,
+        })
+    }
+
+    /// The keys the source holds now: next (if any) and current (if any).
+    pub fn load_all(&self) -> Result<Vec<Kek>> {
+        let mut keys = Vec::new();
+        // `next` first: a promotion (rename next -> current) between the two reads then
+        // finds the new key in one place or the other, never in neither.
+        if let Some(k) = self.next.load()? {
+            keys.push(k);
+        }
+        match self.current.load() {
+            Ok(Some(k)) if !keys.iter().any(|n| n.id == k.id) => keys.push(k),
+            Ok(_) => {}
+            // A file promoted or retired between the reads: the key is in `keys` already.
+            Err(_) if matches!(self.current, KeyLocation::File(ref p) if !p.exists()) => {}
+            Err(e) => return Err(e),
+        }
+        Ok(keys)
+    }
+
+    /// Whether both keys are kept outside the data directory.
+    pub fn is_external(&self) -> bool {
+        !matches!(self.current, KeyLocation::File(_))
+    }
+}
+
+/// Run a key command (`sh -c`) with a time limit; its stdout, wiped on drop. Its stderr goes
+/// to ours (the operator's tool, for the operator to read); its stdout is never shown.
+fn run_key_command(cmd: &str) -> Result<Zeroizing<String>> {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("sh")
+        .args(["-c", cmd])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| Error::internal(format!("starting the key command: {e}")))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| Error::internal("key command stdout"))?;
+    // The key is 65 bytes: it fits in the pipe, so waiting before reading cannot deadlock;
+    // a command that prints more than the pipe holds is killed at the time limit.
+    let deadline = std::time::Instant::now() + COMMAND_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(Error::internal(format!(
+                "the key command did not finish within {} s",
+                COMMAND_TIMEOUT.as_secs()
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let mut out = Zeroizing::new(String::new());
+    stdout
+        .take(4096)
+        .read_to_string(&mut out)
+        .map_err(|e| Error::internal(format!("reading the key command's output: {e}")))?;
+    if !status.success() {
+        return Err(Error::internal(format!(
+            "the key command failed ({status})"
+        )));
+    }
+    Ok(out)
+}
+
+/// A 32-byte key from 64 hex digits (surrounding whitespace ignored).
+fn parse_hex_key(text: &str, from: &str) -> Result<SecretKey> {
+    let mut key: SecretKey = Zeroizing::new([0u8; KEY_LEN]);
+    hex::decode_to_slice(text.trim(), &mut key[..]).map_err(|_| {
+        Error::internal(format!(
+            "{from} must hold the key as {} hex digits (escrow keys generate prints one)",
+            2 * KEY_LEN
+        ))
+    })?;
+    Ok(key)
+}
+
+/// A new random key as hex, for an external source (`escrow keys generate`).
+pub fn generate_hex() -> Result<Zeroizing<String>> {
+    let key: SecretKey = Zeroizing::new(random_bytes()?);
+    Ok(Zeroizing::new(hex::encode(&key[..])))
+}
+
+/// The key-encryption keys a process knows: the source's current one and, between a
+/// rotation's catalog commit and its promotion, the next one. Which key wraps new data keys
+/// is the catalog's record (`Catalog::current_kek`), not the source; a key a catalog row
+/// names but this process has not loaded (another process rotated) is found by reloading
+/// the source. A reload drops keys the source no longer holds: a retired key leaves memory
+/// too.
 pub struct Keyring {
-    current: PathBuf,
-    next: PathBuf,
+    source: KekSource,
     keys: RwLock<Vec<Arc<Kek>>>,
 }
 
 impl Keyring {
-    pub fn load(current: &Path, next: &Path) -> Result<Self> {
+    pub fn load(source: KekSource) -> Result<Self> {
         let ring = Keyring {
-            current: current.to_path_buf(),
-            next: next.to_path_buf(),
+            source,
             keys: RwLock::new(Vec::new()),
         };
         ring.reload()?;
@@ -117,20 +291,7 @@ impl Keyring {
     }
 
     fn reload(&self) -> Result<()> {
-        // `next` first: a promotion (rename next -> current) between the two reads then
-        // finds the new key in one place or the other, never in neither.
-        let mut keys = Vec::new();
-        if self.next.exists() {
-            match Kek::load(&self.next) {
-                Ok(k) => keys.push(Arc::new(k)),
-                Err(_) if !self.next.exists() => {}
-                Err(e) => return Err(e),
-            }
-        }
-        let current = Kek::load(&self.current)?;
-        if !keys.iter().any(|k| k.id == current.id) {
-            keys.push(Arc::new(current));
-        }
+        let keys = self.source.load_all()?.into_iter().map(Arc::new).collect();
         *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
         Ok(())
     }
@@ -144,7 +305,7 @@ impl Keyring {
             .cloned()
     }
 
-    /// The key with this id, reloading the key files once if it is not loaded.
+    /// The key with this id, reloading the source once if it is not loaded.
     pub fn get(&self, id: &str) -> Result<Arc<Kek>> {
         if let Some(k) = self.find(id) {
             return Ok(k);
@@ -152,15 +313,20 @@ impl Keyring {
         self.reload()?;
         self.find(id).ok_or_else(|| {
             Error::internal(format!(
-                "a data key is wrapped under key-encryption key {id}, which is not in {}",
-                self.current.display()
+                "data keys are wrapped under key-encryption key {id}, which neither the {} nor the {} holds",
+                self.source.current.describe(),
+                self.source.next.describe()
             ))
         })
     }
 
-    /// The id of the key in `keys/kek`.
-    pub fn file_id(&self) -> Result<String> {
-        Ok(Kek::load(&self.current)?.id)
+    /// The id of the source's current key, if it has one.
+    pub fn current_id(&self) -> Result<Option<String>> {
+        Ok(self.source.current.load()?.map(|k| k.id))
+    }
+
+    pub fn source(&self) -> &KekSource {
+        &self.source
     }
 }
 

@@ -124,31 +124,41 @@ impl IntoResponse for ApiError {
             Error::Refused { .. } => StatusCode::FORBIDDEN,
             Error::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             Error::AuditUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::StorageFull(_) => StatusCode::INSUFFICIENT_STORAGE,
+            Error::Busy { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::Integrity(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        let message = if matches!(
-            status,
-            StatusCode::INTERNAL_SERVER_ERROR | StatusCode::SERVICE_UNAVAILABLE
-        ) {
-            let incident = uuid::Uuid::new_v4().simple().to_string();
-            tracing::error!(%incident, error = %e, "internal error");
-            if status == StatusCode::SERVICE_UNAVAILABLE {
-                format!(
-                    "the audit log cannot be written, so nothing was done (fail closed); the operator can find incident {incident} in the server log"
-                )
-            } else {
-                format!(
-                    "internal error; the operator can find incident {incident} in the server log"
-                )
+        // Server faults are logged in full under an incident id; the client learns only what
+        // it can act on (their details can hold paths, data or key ids).
+        let public = match &e {
+            Error::AuditUnavailable(_) => {
+                Some("the audit log cannot be written, so nothing was done (fail closed)")
             }
-        } else {
-            e.to_string()
+            Error::StorageFull(_) => {
+                Some("the server's storage is full, so nothing was stored; retry later")
+            }
+            Error::Integrity(_) | Error::Internal(_) => Some("internal error"),
+            _ => None,
+        };
+        let message = match public {
+            Some(public) => {
+                let incident = uuid::Uuid::new_v4().simple().to_string();
+                tracing::error!(%incident, code = e.code(), error = %e, "server fault");
+                format!("{public}; the operator can find incident {incident} in the server log")
+            }
+            None => e.to_string(),
         };
         let mut body = json!({ "code": e.code(), "message": message });
         if let Error::Refused { rule, .. } = &e {
             body["rule"] = json!(rule);
         }
-        (status, Json(json!({ "error": body }))).into_response()
+        let mut response = (status, Json(json!({ "error": body }))).into_response();
+        if let Error::Busy { retry_after, .. } = &e {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, (*retry_after).into());
+        }
+        response
     }
 }
 
