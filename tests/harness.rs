@@ -14,13 +14,43 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_escrow");
 pub struct Env {
     pub tmp: tempfile::TempDir,
     pub data: PathBuf,
+    /// The data directory is a filesystem of its own (unmounted on drop).
+    mounted: bool,
 }
 
 impl Env {
     pub fn new() -> Env {
         let tmp = tempfile::tempdir().expect("tempdir");
         let data = tmp.path().join("data");
-        let env = Env { tmp, data };
+        Env::init(Env {
+            tmp,
+            data,
+            mounted: false,
+        })
+    }
+
+    /// An environment whose data directory is a tmpfs of `bytes` (a small disk), or `None`
+    /// (with the reason) where this machine does not let the tests mount one.
+    pub fn on_small_disk(bytes: u64) -> Result<Env, String> {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let data = tmp.path().join("data");
+        std::fs::create_dir(&data).expect("mkdir");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(&data)
+            .output()
+            .map_err(|e| format!("mount: {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        }
+        Ok(Env::init(Env {
+            tmp,
+            data,
+            mounted: true,
+        }))
+    }
+
+    fn init(env: Env) -> Env {
         env.op(&["init"]).ok();
         env.op(&["partner", "add", "acme"]).ok();
         env.op(&["partner", "add", "globex"]).ok();
@@ -224,6 +254,14 @@ impl Env {
             .into_iter()
             .filter(|p| p.extension().is_some_and(|e| e == "sealed"))
             .collect()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = Command::new("umount").arg("-l").arg(&self.data).status();
+        }
     }
 }
 

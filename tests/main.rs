@@ -7,6 +7,7 @@ mod harness;
 mod audit;
 mod bad_input;
 mod crash;
+mod faults;
 mod identity;
 mod keys;
 mod overlaps;

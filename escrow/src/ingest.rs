@@ -561,7 +561,10 @@ fn internal_arrow(e: ArrowError) -> Error {
 /// Errors writing into the sink are server-side (disk full, I/O).
 fn sink_error(e: ArrowError) -> Error {
     match e {
-        ArrowError::IoError(msg, _) => Error::internal(format!("writing sealed data: {msg}")),
+        ArrowError::IoError(msg, io) => match Error::from(io) {
+            Error::StorageFull(_) => Error::StorageFull(format!("writing sealed data: {msg}")),
+            _ => Error::internal(format!("writing sealed data: {msg}")),
+        },
         other => internal_arrow(other),
     }
 }
@@ -998,7 +1001,7 @@ fn parquet_batches<'a, R: Read + 'a>(
     let (buffered, _, _) = writer.finish()?;
     buffered
         .into_inner()
-        .map_err(|e| Error::internal(format!("spooling: {}", e.error())))?;
+        .map_err(|e| Error::from(e.into_error()))?;
     let random = SealedRandomAccess::open(spool.reopen()?, &key[..], binding)?;
     // The spool file is unlinked now; the open handle keeps it readable until dropped.
     drop(spool);

@@ -1,0 +1,6 @@
+#![no_main]
+mod ingest_common;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    ingest_common::run(escrow::ingest::Format::Csv, data);
+});
