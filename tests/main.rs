@@ -10,6 +10,7 @@ mod crash;
 mod faults;
 mod identity;
 mod keys;
+mod limits;
 mod overlaps;
 mod policy;
 mod populations;

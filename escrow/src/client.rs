@@ -117,7 +117,10 @@ impl Client {
         let f = tokio::fs::File::open(file)
             .await
             .with_context(|| format!("cannot open {}", file.display()))?;
-        let len = f.metadata().await?.len();
+        let meta = f.metadata().await?;
+        // A pipe or FIFO (`/dev/stdin`) has no length: it is sent chunked.
+        let declared = meta.is_file().then_some(meta.len());
+        let len = meta.len();
         let bar = if std::io::stderr().is_terminal() {
             let bar = indicatif::ProgressBar::new(len);
             bar.set_style(
@@ -152,12 +155,14 @@ impl Client {
         if let Some(fmt) = format.or_else(|| format_from_path(file)) {
             query.push(("format", fmt));
         }
-        let req = self
+        let mut req = self
             .http
             .put(format!("{}/v1/datasets/{dataset}", self.base))
-            .query(&query)
-            .header(reqwest::header::CONTENT_LENGTH, len)
-            .body(reqwest::Body::wrap_stream(stream));
+            .query(&query);
+        if let Some(len) = declared {
+            req = req.header(reqwest::header::CONTENT_LENGTH, len);
+        }
+        let req = req.body(reqwest::Body::wrap_stream(stream));
         let out = self.send(req, "upload").await;
         if let Some(b) = bar {
             b.finish_and_clear();

@@ -47,10 +47,11 @@ pub enum Error {
     AuditUnavailable(String),
     /// Too much of the caller's work is already running (per-partner concurrency limit);
     /// nothing was done. `retry_after` is in seconds (HTTP `Retry-After`).
-    #[error("{what}: {limit} already running for this partner; retry in {retry_after} s")]
+    #[error("too busy: {limit} {what} already running for {scope}; retry in {retry_after} s")]
     Busy {
         what: &'static str,
         limit: usize,
+        scope: &'static str,
         retry_after: u64,
     },
     /// The server's storage is full (ENOSPC, quota, SQLite "database or disk is full"): the

@@ -182,6 +182,19 @@ struct QueryLimitArgs {
     /// Verified plaintext batches kept in memory across queries, in MiB.
     #[arg(long, env = "ESCROW_QUERY_CACHE_MB", default_value_t = 1024)]
     query_cache_mb: usize,
+    /// Questions (queries, overlaps, reports, explanations) one partner may run at once;
+    /// more are refused with 429 and Retry-After.
+    #[arg(long, env = "ESCROW_MAX_QUESTIONS_PER_PARTNER", default_value_t = 4)]
+    max_questions_per_partner: usize,
+    /// Questions the whole server runs at once (each may use --query-memory-mb).
+    #[arg(long, env = "ESCROW_MAX_QUESTIONS", default_value_t = 8)]
+    max_questions: usize,
+    /// Uploads one partner may send at once.
+    #[arg(long, env = "ESCROW_MAX_UPLOADS_PER_PARTNER", default_value_t = 2)]
+    max_uploads_per_partner: usize,
+    /// Uploads the whole server receives at once.
+    #[arg(long, env = "ESCROW_MAX_UPLOADS", default_value_t = 16)]
+    max_uploads: usize,
 }
 
 #[derive(Subcommand)]
@@ -1870,6 +1883,16 @@ async fn serve(
         access: Arc::new(escrow::access::Access::new(store.clone())),
         store: store.clone(),
         queries: Arc::new(queries),
+        admission: server::limits::Admission::new(server::limits::Limits {
+            uploads: server::limits::Limit {
+                per_partner: query.max_uploads_per_partner,
+                total: query.max_uploads,
+            },
+            questions: server::limits::Limit {
+                per_partner: query.max_questions_per_partner,
+                total: query.max_questions,
+            },
+        }),
     });
     // Certify the log's tail every so often, so a partner's kept checkpoint is recent.
     let checkpoints = {

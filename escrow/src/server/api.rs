@@ -7,6 +7,8 @@ use std::io;
 use std::sync::Arc;
 
 use axum::body::Body;
+
+use super::limits::Work;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
@@ -266,6 +268,7 @@ async fn upload(
     body: Body,
 ) -> Result<(StatusCode, Json<UploadOutcome>), ApiError> {
     caller.may(&state, Action::DatasetUpload).await?;
+    let _permit = state.admission.admit(&caller.partner, Work::Upload)?;
     crate::datadir::validate_name("dataset", &name)?;
     let limit = state.store.config().max_upload_bytes;
     let declared = headers
@@ -624,6 +627,7 @@ async fn explain_query(
     body: bytes::Bytes,
 ) -> Result<Json<crate::explain::Explanation>, ApiError> {
     caller.may(&state, Action::PolicyRead).await?;
+    let _permit = state.admission.admit(&caller.partner, Work::Question)?;
     let req: ExplainRequest = json_body(&body)?;
     Ok(Json(
         state.queries.explain_sql(&caller.partner, &req.sql).await?,
@@ -637,6 +641,7 @@ async fn explain_overlap(
     body: bytes::Bytes,
 ) -> Result<Json<crate::explain::Explanation>, ApiError> {
     caller.may(&state, Action::PolicyRead).await?;
+    let _permit = state.admission.admit(&caller.partner, Work::Question)?;
     let req: crate::overlaps::OverlapRequest = json_body(&body)?;
     Ok(Json(
         state.queries.explain_overlap(&caller.partner, &req).await?,
@@ -682,6 +687,7 @@ async fn query(
     body: bytes::Bytes,
 ) -> Result<Response, ApiError> {
     let actor = caller.may(&state, Action::QueryRun).await?;
+    let _permit = state.admission.admit(&caller.partner, Work::Question)?;
     let req: QueryRequest = json_body(&body)?;
     let format = req.format.as_deref().unwrap_or("json");
     if !matches!(format, "json" | "csv" | "arrow") {
@@ -807,6 +813,7 @@ async fn overlap(
     body: bytes::Bytes,
 ) -> Result<Response, ApiError> {
     let actor = caller.may(&state, Action::OverlapRun).await?;
+    let _permit = state.admission.admit(&caller.partner, Work::Question)?;
     let (req, csv): (crate::overlaps::OverlapRequest, bool) = with_format(&body)?;
     let started = std::time::Instant::now();
     let result = state.queries.overlap(&actor, &req).await;
@@ -826,6 +833,7 @@ async fn co_selling(
     body: bytes::Bytes,
 ) -> Result<Response, ApiError> {
     let actor = caller.may(&state, Action::OverlapRun).await?;
+    let _permit = state.admission.admit(&caller.partner, Work::Question)?;
     let (req, csv): (crate::overlaps::CoSellingRequest, bool) = with_format(&body)?;
     let started = std::time::Instant::now();
     let result = state.queries.co_selling(&actor, &req).await;

@@ -3,6 +3,7 @@
 //! and the shutdown signal (tests bind port 0 and stop the server when they are done).
 
 pub mod api;
+pub mod limits;
 pub mod tls;
 
 use std::future::Future;
@@ -31,6 +32,8 @@ pub struct AppState {
     pub queries: Arc<crate::queries::QueryService>,
     /// Role decisions inside partners.
     pub access: Arc<crate::access::Access>,
+    /// How much work may run at once (per partner, in all).
+    pub admission: limits::Admission,
 }
 
 /// What the TLS layer learned about a connection, attached to each of its requests.

@@ -1,0 +1,197 @@
+//! Limits: per-partner concurrency (429 with Retry-After, other partners unaffected, the slot
+//! comes back) and graceful shutdown with an upload in flight (finished if it completes
+//! within the grace period, cleanly discarded if not).
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::harness::{BIN, Env, Server, accounts_csv};
+
+/// An upload whose body comes from a FIFO the test writes: it stays in flight until the
+/// test closes the writer.
+struct SlowUpload {
+    cli: Child,
+    writer: Option<std::fs::File>,
+}
+
+impl SlowUpload {
+    fn start(env: &Env, server: &Server, partner: &str, dataset: &str) -> SlowUpload {
+        let fifo = env.tmp.path().join(format!("{partner}-{dataset}.csv"));
+        let ok = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+        assert!(ok.success());
+        let cli = Command::new(BIN)
+            .args(["upload", fifo.to_str().expect("p"), "--dataset", dataset])
+            .args(["--key-column", "website", "--input-format", "csv"])
+            .env("ESCROW_IDENTITY", env.bundle(partner))
+            .env("ESCROW_SERVER", &server.url)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("upload");
+        // opening for write waits for the CLI to open the reading end
+        let mut writer = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&fifo)
+            .expect("open fifo");
+        let csv = accounts_csv(2000, dataset);
+        let (head, _) = csv.split_at(csv.len() / 2);
+        writer.write_all(head.as_bytes()).expect("write");
+        writer.flush().expect("flush");
+        // in flight: the server is sealing it into tmp/
+        wait_for(
+            || partial_files(&env.data) > 0,
+            "the upload to reach the server",
+        );
+        SlowUpload {
+            cli,
+            writer: Some(writer),
+        }
+    }
+
+    /// Send the rest and wait for the CLI.
+    fn finish(mut self, dataset: &str) -> std::process::Output {
+        let csv = accounts_csv(2000, dataset);
+        let (_, tail) = csv.split_at(csv.len() / 2);
+        let mut w = self.writer.take().expect("writer");
+        // (the CLI may be gone already: the server cut the upload)
+        let _ = w.write_all(tail.as_bytes());
+        drop(w);
+        self.cli.wait_with_output().expect("cli")
+    }
+}
+
+fn partial_files(data: &Path) -> usize {
+    std::fs::read_dir(data.join("tmp"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+fn wait_for(mut ok: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A raw PUT as `bundle`, for the status and headers the CLI does not show.
+fn raw_put(
+    server: &Server,
+    bundle: &Path,
+    dataset: &str,
+    body: Vec<u8>,
+) -> (u16, Option<String>, String) {
+    let config = escrow::server::tls::client_config(bundle).expect("tls config");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    rt.block_on(async {
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(config)
+            .build()
+            .expect("client");
+        let resp = http
+            .put(format!(
+                "{}/v1/datasets/{dataset}?key_column=website",
+                server.url
+            ))
+            .body(body)
+            .send()
+            .await
+            .expect("send");
+        let status = resp.status().as_u16();
+        let retry = resp
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().expect("ascii").to_string());
+        (status, retry, resp.text().await.expect("body"))
+    })
+}
+
+#[test]
+fn a_partner_over_its_upload_limit_gets_429_with_retry_after_and_others_do_not() {
+    let env = Env::new();
+    let server = env.serve(&["--max-uploads-per-partner", "1"]);
+    let slow = SlowUpload::start(&env, &server, "acme", "slow");
+
+    let small = accounts_csv(10, "small").into_bytes();
+    let (status, retry, body) = raw_put(&server, &env.bundle("acme"), "other", small.clone());
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(retry.as_deref(), Some("5"));
+    let body: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(body["error"]["code"], "too_many_requests", "{body}");
+    let f = env.file("small.csv", &small);
+    env.upload(&server, "acme", &f, "other", &["--key-column", "website"])
+        .fails_with("too_many_requests");
+    // another partner is not held up by acme's upload
+    env.upload(&server, "globex", &f, "other", &["--key-column", "website"])
+        .ok();
+    // reading is not limited by uploads
+    env.cli(&server, "acme", &["datasets"]).ok();
+
+    let out = slow.finish("slow");
+    assert!(out.status.success(), "{out:?}");
+    // the slot came back
+    let (status, _, body) = raw_put(&server, &env.bundle("acme"), "other", small);
+    assert_eq!(status, 201, "{body}");
+    let d = env.data.to_str().expect("p").to_string();
+    env.op(&["audit", "verify", "--data-dir", &d]).ok();
+}
+
+#[test]
+fn graceful_shutdown_finishes_or_discards_uploads_in_flight() {
+    let env = Env::new();
+    let sealed_before = |env: &Env| env.sealed_files().len();
+
+    // Finishes within the grace period: acknowledged and kept.
+    let mut server = env.serve(&["--shutdown-grace-secs", "20"]);
+    let slow = SlowUpload::start(&env, &server, "acme", "finished");
+    send_term(&server);
+    server.wait_log("shutting down");
+    let out = slow.finish("finished");
+    assert!(out.status.success(), "{out:?}");
+    assert!(server.wait_exit().success());
+    assert_eq!(sealed_before(&env), 1);
+
+    // Does not finish: cut at the end of the grace period, discarded whole.
+    let mut server = env.serve(&["--shutdown-grace-secs", "1"]);
+    let slow = SlowUpload::start(&env, &server, "acme", "discarded");
+    send_term(&server);
+    let status = server.wait_exit();
+    assert!(status.success(), "{status:?}\n{}", server.log());
+    assert!(
+        server.log().contains("grace period over"),
+        "{}",
+        server.log()
+    );
+    let out = slow.finish("discarded");
+    assert!(!out.status.success(), "{out:?}");
+    assert_eq!(
+        partial_files(&env.data),
+        0,
+        "the discarded upload left a file"
+    );
+    assert_eq!(sealed_before(&env), 1);
+
+    let server = env.serve(&[]);
+    server.wait_log("partial_uploads_removed=0");
+    let list = env.datasets(&server, "acme");
+    let names: Vec<&str> = list["datasets"]
+        .as_array()
+        .expect("a")
+        .iter()
+        .filter_map(|d| d["name"].as_str())
+        .collect();
+    assert_eq!(names, vec!["finished"]);
+}
+
+fn send_term(server: &Server) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(ok.success());
+}
