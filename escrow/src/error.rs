@@ -23,7 +23,7 @@ pub enum Error {
     #[error("{0}")]
     Conflict(String),
     /// The upload is larger than the configured limit.
-    #[error("upload exceeds the size limit of {limit} bytes")]
+    #[error("the request body exceeds the size limit of {limit} bytes")]
     TooLarge { limit: u64 },
     /// The client stopped sending before the upload was complete.
     #[error("the upload was interrupted before it was complete")]

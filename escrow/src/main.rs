@@ -124,7 +124,11 @@ enum Command {
     /// (tables are named partner.dataset). Exits non-zero when the query is refused.
     Query {
         /// One SELECT statement.
-        sql: String,
+        #[arg(required_unless_present = "file")]
+        sql: Option<String>,
+        /// Read the statement from this file instead (`-` for stdin).
+        #[arg(long, conflicts_with = "sql")]
+        file: Option<PathBuf>,
         /// Output format.
         #[arg(long, default_value = "table")]
         format: QueryFormat,
@@ -1035,9 +1039,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
         },
         Command::Query {
             sql,
+            file,
             format,
             client,
         } => {
+            let sql = match (sql, file) {
+                (Some(sql), _) => sql,
+                (None, Some(f)) if f.as_os_str() == "-" => {
+                    std::io::read_to_string(std::io::stdin()).context("reading stdin")?
+                }
+                (None, Some(f)) => std::fs::read_to_string(&f)
+                    .with_context(|| format!("cannot read {}", f.display()))?,
+                (None, None) => unreachable!("clap requires one"),
+            };
             let c = identity(&client)?;
             match format {
                 QueryFormat::Csv => print!("{}", c.query_csv(&sql).await?),

@@ -81,7 +81,27 @@ pub fn router(state: Arc<AppState>) -> Router {
                 "method not allowed on this endpoint",
             ))
         })
+        // Extractor rejections (a JSON body over axum's 2 MiB default) come as plain text:
+        // give them the same JSON error shape and code as everything else.
+        .layer(axum::middleware::map_response(json_rejections))
         .with_state(state)
+}
+
+/// Request bodies other than uploads are limited to axum's default.
+const MAX_REQUEST_BODY: u64 = 2 << 20;
+
+async fn json_rejections(response: Response) -> Response {
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if response.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_json {
+        return ApiError(Error::TooLarge {
+            limit: MAX_REQUEST_BODY,
+        })
+        .into_response();
+    }
+    response
 }
 
 /// The one error-to-HTTP mapping.
@@ -97,6 +117,8 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// | Refused         | 400 (query not understood) / 403 (not allowed) | QUERY_REFUSED + `rule` |
 /// | Unauthenticated | 401    | unauthenticated            |
 /// | AuditUnavailable| 503    | audit_unavailable (details logged) |
+/// | StorageFull     | 507    | storage_full (details logged) |
+/// | Busy            | 429 + Retry-After | too_many_requests |
 /// | Integrity       | 500    | internal (details logged)  |
 /// | Internal        | 500    | internal (details logged)  |
 #[derive(Debug)]
