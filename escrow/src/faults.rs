@@ -128,10 +128,6 @@ impl<W> Writer<W> {
     pub fn into_inner(self) -> W {
         self.inner
     }
-
-    pub fn get_ref(&self) -> &W {
-        &self.inner
-    }
 }
 
 impl<W: io::Write> io::Write for Writer<W> {

@@ -497,7 +497,7 @@ impl Store {
 /// a clear refusal at startup than unreadable datasets later.
 pub(crate) fn open_keyring(dir: &DataDir, catalog: &Catalog) -> Result<Keyring> {
     let keys = Keyring::load(dir.kek_source()?)?;
-    let current = match keys.current_id()? {
+    let current = match keys.current_id() {
         Some(id) => catalog.ensure_current_kek(&id)?,
         None => catalog.current_kek()?,
     };
@@ -527,8 +527,7 @@ pub(crate) fn settle_rotation(catalog: &Catalog, keys: &Keyring) -> Result<Optio
         // Moving the key out of the data directory: once the catalog is on the external next
         // key, the key file is retired.
         (KeyLocation::File(cur), next) => {
-            let next_id = next.load()?.map(|k| k.id().to_string());
-            if cur.exists() && next_id.as_deref() == Some(current.as_str()) {
+            if cur.exists() && keys.next_id().as_deref() == Some(current.as_str()) {
                 fs::remove_file(cur)?;
                 fsutil::sync_parent(cur)?;
                 Some(format!(
@@ -540,9 +539,8 @@ pub(crate) fn settle_rotation(catalog: &Catalog, keys: &Keyring) -> Result<Optio
                 None
             }
         }
-        (cur, next) => {
-            let current_id = cur.load()?.map(|k| k.id().to_string());
-            (current_id.as_deref() != Some(current.as_str())).then(|| {
+        (_, next) => {
+            (keys.current_id().as_deref() != Some(current.as_str())).then(|| {
                 format!(
                     "the catalog is on key {current} from the {}: make it the current key and retire the old one",
                     next.describe()

@@ -181,22 +181,28 @@ impl KekSource {
         })
     }
 
-    /// The keys the source holds now: next (if any) and current (if any).
-    pub fn load_all(&self) -> Result<Vec<Kek>> {
-        let mut keys = Vec::new();
+    /// The keys the source holds now: next (if any) and current (if any), with their ids.
+    pub fn load_all(&self) -> Result<Loaded> {
+        let mut loaded = Loaded::default();
         // `next` first: a promotion (rename next -> current) between the two reads then
         // finds the new key in one place or the other, never in neither.
         if let Some(k) = self.next.load()? {
-            keys.push(k);
+            loaded.next = Some(k.id.clone());
+            loaded.keys.push(Arc::new(k));
         }
         match self.current.load() {
-            Ok(Some(k)) if !keys.iter().any(|n| n.id == k.id) => keys.push(k),
-            Ok(_) => {}
+            Ok(Some(k)) => {
+                loaded.current = Some(k.id.clone());
+                if !loaded.keys.iter().any(|n| n.id == k.id) {
+                    loaded.keys.push(Arc::new(k));
+                }
+            }
+            Ok(None) => {}
             // A file promoted or retired between the reads: the key is in `keys` already.
             Err(_) if matches!(self.current, KeyLocation::File(ref p) if !p.exists()) => {}
             Err(e) => return Err(e),
         }
-        Ok(keys)
+        Ok(loaded)
     }
 
     /// Whether both keys are kept outside the data directory.
@@ -269,6 +275,14 @@ pub fn generate_hex() -> Result<Zeroizing<String>> {
     Ok(Zeroizing::new(hex::encode(&key[..])))
 }
 
+/// What one read of a [`KekSource`] found: its keys, and the ids of the current and the next.
+#[derive(Default)]
+pub struct Loaded {
+    keys: Vec<Arc<Kek>>,
+    current: Option<String>,
+    next: Option<String>,
+}
+
 /// The key-encryption keys a process knows: the source's current one and, between a
 /// rotation's catalog commit and its promotion, the next one. Which key wraps new data keys
 /// is the catalog's record (`Catalog::current_kek`), not the source; a key a catalog row
@@ -277,29 +291,26 @@ pub fn generate_hex() -> Result<Zeroizing<String>> {
 /// too.
 pub struct Keyring {
     source: KekSource,
-    keys: RwLock<Vec<Arc<Kek>>>,
+    loaded: RwLock<Loaded>,
 }
 
 impl Keyring {
     pub fn load(source: KekSource) -> Result<Self> {
-        let ring = Keyring {
-            source,
-            keys: RwLock::new(Vec::new()),
-        };
-        ring.reload()?;
-        Ok(ring)
+        let loaded = RwLock::new(source.load_all()?);
+        Ok(Keyring { source, loaded })
     }
 
     fn reload(&self) -> Result<()> {
-        let keys = self.source.load_all()?.into_iter().map(Arc::new).collect();
-        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
+        let loaded = self.source.load_all()?;
+        *self.loaded.write().unwrap_or_else(|p| p.into_inner()) = loaded;
         Ok(())
     }
 
     fn find(&self, id: &str) -> Option<Arc<Kek>> {
-        self.keys
+        self.loaded
             .read()
             .unwrap_or_else(|p| p.into_inner())
+            .keys
             .iter()
             .find(|k| k.id == id)
             .cloned()
@@ -320,9 +331,23 @@ impl Keyring {
         })
     }
 
-    /// The id of the source's current key, if it has one.
-    pub fn current_id(&self) -> Result<Option<String>> {
-        Ok(self.source.current.load()?.map(|k| k.id))
+    /// The id of the source's current key as last read, if it has one (no I/O: a key
+    /// command runs once per read of the source, not once per question about it).
+    pub fn current_id(&self) -> Option<String> {
+        self.loaded
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .current
+            .clone()
+    }
+
+    /// The id of the source's next key as last read, if it has one.
+    pub fn next_id(&self) -> Option<String> {
+        self.loaded
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .next
+            .clone()
     }
 
     pub fn source(&self) -> &KekSource {
