@@ -13,14 +13,6 @@ fn json(out: &str) -> serde_json::Value {
     serde_json::from_str(out).unwrap_or_else(|e| panic!("not json ({e}): {out}"))
 }
 
-fn operator_records(env: &Env) -> Vec<serde_json::Value> {
-    let d = env.data.to_str().expect("p").to_string();
-    let out = env
-        .op(&["audit", "list", "--format", "json", "--data-dir", &d])
-        .ok();
-    json(&out.stdout).as_array().expect("records").clone()
-}
-
 fn kinds(records: &[serde_json::Value]) -> Vec<String> {
     records
         .iter()
@@ -89,7 +81,7 @@ fn every_action_appears_once_in_order_and_partners_see_what_touched_them() {
     let env = Env::new();
     let mut server = env.serve(&[]);
     session(&env, &server);
-    let records = operator_records(&env);
+    let records = env.audit_records();
     assert_eq!(
         kinds(&records),
         [
@@ -366,13 +358,7 @@ fn an_unwritable_audit_log_refuses_work_and_answers_nothing() {
     std::fs::remove_dir(&log).expect("unblock");
     std::fs::rename(&aside, &log).expect("restore");
     // Nothing happened while the log was down: no dataset, no grant.
-    let names: Vec<String> = env.datasets(&server, "acme")["datasets"]
-        .as_array()
-        .expect("a")
-        .iter()
-        .filter_map(|d| d["name"].as_str().map(String::from))
-        .collect();
-    assert_eq!(names, ["accounts"]);
+    assert_eq!(env.dataset_names(&server, "acme"), ["accounts"]);
     let p = env
         .cli(&server, "acme", &["policy", "list", "--format", "json"])
         .ok();

@@ -3,8 +3,9 @@
 //! recovery itself; then restart: nothing partial is visible, acknowledged work is all there
 //! and readable, recovery is logged and audited, the audit chain verifies.
 
+use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use escrow::faults;
@@ -45,24 +46,15 @@ fn kill9_mid_upload_leaves_nothing() {
     server.kill9();
     let _ = upload.wait();
     assert!(
-        std::fs::read_dir(&tmp).expect("tmp").next().is_some(),
+        !env.temp_files().is_empty(),
         "the crash should leave a partial file"
     );
 
     let server = env.serve(&[]);
     server.wait_log("partial_uploads_removed=1");
-    let list = env.datasets(&server, "acme");
-    let names: Vec<&str> = list["datasets"]
-        .as_array()
-        .expect("a")
-        .iter()
-        .filter_map(|d| d["name"].as_str())
-        .collect();
+    let names = env.dataset_names(&server, "acme");
     assert_eq!(names, vec!["kept"], "no partial dataset may be listed");
-    assert!(
-        std::fs::read_dir(&tmp).expect("tmp").next().is_none(),
-        "orphans must be gone"
-    );
+    assert!(env.temp_files().is_empty(), "orphans must be gone");
     assert_eq!(env.sealed_files().len(), 1);
     // an orphan sealed file (crash between rename and catalog commit) is removed too
     let kept_dir = env.sealed_files()[0].parent().expect("dir").to_path_buf();
@@ -101,43 +93,15 @@ const OWN_COUNT: &str = "SELECT COUNT(DISTINCT website) AS n FROM acme.";
 fn restart_and_check(env: &Env, expect: &Expect<'_>, what: &str) -> Server {
     let server = env.serve(&[]);
     server.wait_log("startup recovery done");
-    let list = env.datasets(&server, "acme");
-    let mut listed: Vec<(String, usize)> = list["datasets"]
-        .as_array()
-        .expect("datasets")
-        .iter()
-        .map(|d| {
-            (
-                d["name"].as_str().expect("name").to_string(),
-                d["rows"].as_u64().expect("rows") as usize,
-            )
-        })
-        .collect();
-    listed.sort();
-    let mut want: Vec<(String, usize)> = expect
+    let listed = env.dataset_rows(&server, "acme");
+    let want: BTreeMap<String, usize> = expect
         .datasets
         .iter()
         .map(|(n, r)| (n.to_string(), *r))
         .collect();
-    want.sort();
     assert_eq!(listed, want, "{what}: datasets after restart");
-    for (name, rows) in &want {
-        let out = env
-            .cli(
-                &server,
-                "acme",
-                &["query", &format!("{OWN_COUNT}{name}"), "--format", "csv"],
-            )
-            .ok();
-        assert_eq!(
-            out.stdout,
-            format!("n\n{rows}\n"),
-            "{what}: {name} reads back whole"
-        );
-    }
-    let tmp: Vec<_> = std::fs::read_dir(env.data.join("tmp"))
-        .expect("tmp")
-        .collect();
+    reads_back_whole(env, &server, &listed, what);
+    let tmp = env.temp_files();
     assert!(tmp.is_empty(), "{what}: temp files left: {tmp:?}");
     assert_eq!(
         env.sealed_files().len(),
@@ -150,14 +114,8 @@ fn restart_and_check(env: &Env, expect: &Expect<'_>, what: &str) -> Server {
     );
     let d = env.data.to_str().expect("p").to_string();
     env.op(&["audit", "verify", "--data-dir", &d]).ok();
-    let records = env
-        .op(&["audit", "list", "--format", "json", "--data-dir", &d])
-        .ok()
-        .stdout;
-    let records: serde_json::Value = serde_json::from_str(&records).expect("audit json");
+    let records = env.audit_records();
     let last_startup = records
-        .as_array()
-        .expect("records")
         .iter()
         .rev()
         .find(|r| r["kind"] == "startup")
@@ -192,17 +150,28 @@ fn point_of(fault: &str) -> &str {
 }
 
 fn audit_kinds(env: &Env) -> Vec<String> {
-    let d = env.data.to_str().expect("p").to_string();
-    let out = env
-        .op(&["audit", "list", "--format", "json", "--data-dir", &d])
-        .ok()
-        .stdout;
-    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
-    v.as_array()
-        .expect("records")
+    env.audit_records()
         .iter()
         .map(|r| r["kind"].as_str().expect("kind").to_string())
         .collect()
+}
+
+/// Each of `datasets` (acme's, with row counts) answers its owner's count with all its rows.
+fn reads_back_whole(env: &Env, server: &Server, datasets: &BTreeMap<String, usize>, what: &str) {
+    for (name, rows) in datasets {
+        let out = env
+            .cli(
+                server,
+                "acme",
+                &["query", &format!("{OWN_COUNT}{name}"), "--format", "csv"],
+            )
+            .ok();
+        assert_eq!(
+            out.stdout,
+            format!("n\n{rows}\n"),
+            "{what}: {name} reads back whole"
+        );
+    }
 }
 
 /// A small deterministic generator (SplitMix64) for reproducible "random" offsets; the seed
@@ -240,7 +209,7 @@ impl Rng {
 
 /// A data directory where acme has `kept` (100 rows) acknowledged; returns its upload file
 /// for `incoming` (3,000 rows, a little over 300 KB).
-fn upload_world() -> (Env, std::path::PathBuf) {
+fn upload_world() -> (Env, PathBuf) {
     let env = Env::new();
     let server = env.serve(&[]);
     env.upload_csv(&server, "acme", "kept", &accounts_csv(100, "kept"))
@@ -324,8 +293,7 @@ fn kill9_at_every_step_of_an_upload() {
             &["--key-column", "website"],
         )
         .ok();
-        let list = env.datasets(&server, "acme");
-        assert_eq!(list["datasets"].as_array().expect("d").len(), 2, "{fault}");
+        assert_eq!(env.dataset_names(&server, "acme").len(), 2, "{fault}");
     }
 }
 
@@ -453,14 +421,7 @@ fn kill9_during_key_rotation() {
         let server = restart_and_check(&env, &both, fault);
         let after = std::fs::read(env.data.join("keys/kek")).expect("kek");
         assert_eq!(before != after, rotated, "{fault}: rotated?");
-        let c = rusqlite::Connection::open(env.data.join("escrow.db")).expect("catalog");
-        let ids: Vec<String> = c
-            .prepare("SELECT DISTINCT kek_id FROM dataset_versions")
-            .expect("q")
-            .query_map([], |r| r.get(0))
-            .expect("rows")
-            .collect::<Result<_, _>>()
-            .expect("ids");
+        let ids = env.kek_ids();
         assert_eq!(ids.len(), 1, "{fault}: one key wraps everything: {ids:?}");
         if rotated && fault != "rotate.renamed" {
             server.wait_log("key_rotation=");
@@ -511,7 +472,6 @@ fn kill9_during_startup_recovery() {
 #[test]
 #[ignore = "long: run by bench/crash_soak.sh"]
 fn soak() {
-    use std::collections::BTreeMap;
     let iterations: usize = std::env::var("ESCROW_SOAK_ITERATIONS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -589,17 +549,7 @@ fn soak() {
 
         let server = env.serve(&[]);
         server.wait_log("startup recovery done");
-        let listed: BTreeMap<String, usize> = env.datasets(&server, "acme")["datasets"]
-            .as_array()
-            .expect("datasets")
-            .iter()
-            .map(|d| {
-                (
-                    d["name"].as_str().expect("n").to_string(),
-                    d["rows"].as_u64().expect("rows") as usize,
-                )
-            })
-            .collect();
+        let listed = env.dataset_rows(&server, "acme");
         let what = format!("iteration {i} ({fault} on {name}, acknowledged={acknowledged})");
         let now = listed.get(&name).copied();
         if acknowledged {
@@ -621,24 +571,12 @@ fn soak() {
             acked.len() - usize::from(acked.contains_key(&name)) + usize::from(now.is_some()),
             "{what}: {listed:?}"
         );
-        for (n, r) in &listed {
-            let out = env
-                .cli(
-                    &server,
-                    "acme",
-                    &["query", &format!("{OWN_COUNT}{n}"), "--format", "csv"],
-                )
-                .ok();
-            assert_eq!(
-                out.stdout,
-                format!("n\n{r}\n"),
-                "{what}: {n} reads back whole"
-            );
-        }
-        let tmp = std::fs::read_dir(env.data.join("tmp"))
-            .expect("tmp")
-            .count();
-        assert_eq!(tmp, 0, "{what}: temp files");
+        reads_back_whole(&env, &server, &listed, &what);
+        assert_eq!(
+            env.temp_files(),
+            Vec::<PathBuf>::new(),
+            "{what}: temp files"
+        );
         let c = rusqlite::Connection::open(env.data.join("escrow.db")).expect("catalog");
         let versions: i64 = c
             .query_row("SELECT COUNT(*) FROM dataset_versions", [], |r| r.get(0))

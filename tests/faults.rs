@@ -12,36 +12,22 @@ const OWN: &str = "SELECT COUNT(DISTINCT website) AS n FROM acme.kept";
 /// `tmp/`, exactly one sealed file exists, the failure is audited, the chain verifies, and a
 /// small upload still works.
 fn failed_cleanly(env: &Env, server: &Server, what: &str) {
-    let list = env.datasets(server, "acme");
-    let names: Vec<&str> = list["datasets"]
-        .as_array()
-        .expect("a")
-        .iter()
-        .filter_map(|d| d["name"].as_str())
-        .collect();
+    let names = env.dataset_names(server, "acme");
     assert_eq!(names, vec!["kept"], "{what}: no partial dataset");
     let out = env
         .cli(server, "acme", &["query", OWN, "--format", "csv"])
         .ok();
     assert_eq!(out.stdout, "n\n100\n", "{what}: queries keep working");
-    let tmp: Vec<_> = std::fs::read_dir(env.data.join("tmp"))
-        .expect("tmp")
-        .collect();
+    let tmp = env.temp_files();
     assert!(tmp.is_empty(), "{what}: {tmp:?}");
     assert_eq!(env.sealed_files().len(), 1, "{what}");
-    let d = env.data.to_str().expect("p").to_string();
-    let records = env
-        .op(&["audit", "list", "--format", "json", "--data-dir", &d])
-        .ok()
-        .stdout;
-    let records: serde_json::Value = serde_json::from_str(&records).expect("json");
-    let failed = records
-        .as_array()
-        .expect("records")
+    let failed = env
+        .audit_records()
         .iter()
         .filter(|r| r["kind"] == "upload" && r["outcome"] == "failed")
         .count();
     assert_eq!(failed, 1, "{what}: the failure is audited once");
+    let d = env.data.to_str().expect("p").to_string();
     env.op(&["audit", "verify", "--data-dir", &d]).ok();
     env.upload_csv(server, "acme", "small", &accounts_csv(10, "small"))
         .ok();
@@ -81,9 +67,7 @@ fn a_full_disk_fails_the_upload_cleanly_and_queries_keep_working() {
 
 /// A second refusal leaves the same clean state (no leak of space across failures).
 fn failed_cleanly_again(env: &Env) {
-    let tmp: Vec<_> = std::fs::read_dir(env.data.join("tmp"))
-        .expect("tmp")
-        .collect();
+    let tmp = env.temp_files();
     assert!(tmp.is_empty(), "{tmp:?}");
     assert_eq!(env.sealed_files().len(), 2);
 }

@@ -225,6 +225,62 @@ impl Env {
         serde_json::from_str(&r.stdout).expect("datasets json")
     }
 
+    /// Names of `partner`'s listed datasets, sorted.
+    pub fn dataset_names(&self, server: &Server, partner: &str) -> Vec<String> {
+        self.dataset_rows(server, partner).into_keys().collect()
+    }
+
+    /// `partner`'s listed datasets with their row counts.
+    pub fn dataset_rows(
+        &self,
+        server: &Server,
+        partner: &str,
+    ) -> std::collections::BTreeMap<String, usize> {
+        self.datasets(server, partner)["datasets"]
+            .as_array()
+            .expect("datasets")
+            .iter()
+            .map(|d| {
+                (
+                    d["name"].as_str().expect("name").to_string(),
+                    d["rows"].as_u64().expect("rows") as usize,
+                )
+            })
+            .collect()
+    }
+
+    /// Every audit record, operator view (`escrow audit list --format json`).
+    pub fn audit_records(&self) -> Vec<serde_json::Value> {
+        let d = self.data.to_str().expect("utf-8 path").to_string();
+        let out = self
+            .op(&["audit", "list", "--format", "json", "--data-dir", &d])
+            .ok();
+        let v: serde_json::Value = serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| panic!("audit list is not json ({e}): {}", out.stdout));
+        v.as_array().expect("records").clone()
+    }
+
+    /// Files in the data directory's `tmp/` (uploads in flight or left by a crash).
+    pub fn temp_files(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.data.join("tmp"))
+            .expect("tmp")
+            .flatten()
+            .map(|e| e.path())
+            .collect()
+    }
+
+    /// The distinct key-encryption key ids the catalog's data keys are wrapped under.
+    pub fn kek_ids(&self) -> Vec<String> {
+        let c = rusqlite::Connection::open(self.data.join("escrow.db")).expect("catalog");
+        let mut st = c
+            .prepare("SELECT DISTINCT kek_id FROM dataset_versions")
+            .expect("q");
+        st.query_map([], |r| r.get(0))
+            .expect("rows")
+            .collect::<Result<_, _>>()
+            .expect("ids")
+    }
+
     pub fn file(&self, name: &str, contents: &[u8]) -> PathBuf {
         let p = self.tmp.path().join(name);
         std::fs::write(&p, contents).expect("write test file");
@@ -369,6 +425,22 @@ impl Run {
     /// Assert success and return self.
     pub fn ok(self) -> Run {
         assert_eq!(self.code, Some(0), "command failed: {self:?}");
+        self
+    }
+
+    /// Assert the command succeeded or was refused cleanly: not killed, and a refusal is one
+    /// line that is not an internal error (`what` names the input; the server log is shown).
+    pub fn ok_or_clean_refusal(self, what: &str, server: &Server) -> Run {
+        assert!(self.code.is_some(), "{what}: CLI killed by a signal");
+        if self.code != Some(0) {
+            assert_eq!(self.stderr.lines().count(), 1, "{what}: {}", self.stderr);
+            assert!(
+                !self.stderr.contains("(internal)"),
+                "{what}: internal error: {}\n{}",
+                self.stderr,
+                server.log()
+            );
+        }
         self
     }
 

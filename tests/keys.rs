@@ -2,8 +2,6 @@
 //! key-encryption key while the server runs; everything stays readable, the old key is gone,
 //! and a rotation a crash interrupted is finished or undone at the next start.
 
-use std::path::Path;
-
 use crate::harness::{Env, Server, accounts_csv};
 
 const OWN: &str = "SELECT status, COUNT(DISTINCT website) AS n FROM acme.accounts GROUP BY status ORDER BY status";
@@ -17,18 +15,6 @@ fn answers(env: &Env, server: &Server) -> (String, String) {
         .cli(server, "globex", &["query", SHARED, "--format", "csv"])
         .ok();
     (own.stdout, shared.stdout)
-}
-
-/// Every (kek_id) of the catalog's dataset versions.
-fn wrapped_under(data: &Path) -> Vec<String> {
-    let c = rusqlite::Connection::open(data.join("escrow.db")).expect("catalog");
-    let mut st = c
-        .prepare("SELECT DISTINCT kek_id FROM dataset_versions")
-        .expect("q");
-    st.query_map([], |r| r.get(0))
-        .expect("rows")
-        .collect::<Result<_, _>>()
-        .expect("ids")
 }
 
 fn rotate(env: &Env) -> String {
@@ -55,7 +41,7 @@ fn rotation_rewraps_every_data_key_and_everything_stays_readable() {
     .ok();
     let before = answers(&env, &server);
     let old_key = std::fs::read(env.data.join("keys/kek")).expect("kek");
-    let old_ids = wrapped_under(&env.data);
+    let old_ids = env.kek_ids();
     assert_eq!(old_ids.len(), 1);
 
     let out = rotate(&env);
@@ -63,7 +49,7 @@ fn rotation_rewraps_every_data_key_and_everything_stays_readable() {
     let new_key = std::fs::read(env.data.join("keys/kek")).expect("kek");
     assert_ne!(new_key, old_key);
     assert!(!env.data.join("keys/kek.next").exists());
-    let ids = wrapped_under(&env.data);
+    let ids = env.kek_ids();
     assert_eq!(ids.len(), 1, "{ids:?}");
     assert_ne!(ids, old_ids, "every data key is wrapped under the new key");
     assert!(
@@ -86,7 +72,7 @@ fn rotation_rewraps_every_data_key_and_everything_stays_readable() {
     // The running server reads under the new key (no restart) and uploads under it.
     assert_eq!(answers(&env, &server), before);
     env.upload_csv(&server, "acme", "accounts", &csv).ok(); // version 3
-    assert_eq!(wrapped_under(&env.data), ids);
+    assert_eq!(env.kek_ids(), ids);
     assert_eq!(answers(&env, &server).0, before.0);
 
     // Again, twice; then a restart.
@@ -98,13 +84,8 @@ fn rotation_rewraps_every_data_key_and_everything_stays_readable() {
 
     // Each rotation is audited; the chain verifies.
     let d = env.data.to_str().expect("p").to_string();
-    let list = env
-        .op(&["audit", "list", "--format", "json", "--data-dir", &d])
-        .ok();
-    let records: serde_json::Value = serde_json::from_str(&list.stdout).expect("json");
+    let records = env.audit_records();
     let rotations: Vec<&serde_json::Value> = records
-        .as_array()
-        .expect("records")
         .iter()
         .filter(|r| r["kind"] == "key_rotate")
         .collect();

@@ -41,7 +41,7 @@ impl SlowUpload {
         writer.flush().expect("flush");
         // in flight: the server is sealing it into tmp/
         wait_for(
-            || partial_files(&env.data) > 0,
+            || !env.temp_files().is_empty(),
             "the upload to reach the server",
         );
         SlowUpload {
@@ -60,12 +60,6 @@ impl SlowUpload {
         drop(w);
         self.cli.wait_with_output().expect("cli")
     }
-}
-
-fn partial_files(data: &Path) -> usize {
-    std::fs::read_dir(data.join("tmp"))
-        .map(|d| d.count())
-        .unwrap_or(0)
 }
 
 fn wait_for(mut ok: impl FnMut() -> bool, what: &str) {
@@ -170,7 +164,7 @@ fn graceful_shutdown_finishes_or_discards_uploads_in_flight() {
     let out = slow.finish("discarded");
     assert!(!out.status.success(), "{out:?}");
     assert_eq!(
-        partial_files(&env.data),
+        env.temp_files().len(),
         0,
         "the discarded upload left a file"
     );
@@ -178,14 +172,7 @@ fn graceful_shutdown_finishes_or_discards_uploads_in_flight() {
 
     let server = env.serve(&[]);
     server.wait_log("partial_uploads_removed=0");
-    let list = env.datasets(&server, "acme");
-    let names: Vec<&str> = list["datasets"]
-        .as_array()
-        .expect("a")
-        .iter()
-        .filter_map(|d| d["name"].as_str())
-        .collect();
-    assert_eq!(names, vec!["finished"]);
+    assert_eq!(env.dataset_names(&server, "acme"), vec!["finished"]);
 }
 
 fn send_term(server: &Server) {

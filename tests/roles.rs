@@ -171,12 +171,7 @@ fn each_role_may_do_exactly_what_the_role_policy_says() {
         );
     }
     // What the refused roles did not do did not happen.
-    let names: Vec<String> = env.datasets(&server, "acme")["datasets"]
-        .as_array()
-        .expect("a")
-        .iter()
-        .filter_map(|d| d["name"].as_str().map(String::from))
-        .collect();
+    let names = env.dataset_names(&server, "acme");
     for role in ROLES {
         let uploads = may(role, &["admin", "uploader"]);
         assert_eq!(
