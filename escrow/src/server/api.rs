@@ -84,10 +84,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         // Extractor rejections (a JSON body over axum's 2 MiB default) come as plain text:
         // give them the same JSON error shape and code as everything else.
         .layer(axum::middleware::map_response(json_rejections))
+        // (uploads stream their `Body`, which this does not limit: they have their own)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BODY as usize))
         .with_state(state)
 }
 
-/// Request bodies other than uploads are limited to axum's default.
+/// Largest request body other than an upload (JSON requests, policy documents).
 const MAX_REQUEST_BODY: u64 = 2 << 20;
 
 async fn json_rejections(response: Response) -> Response {
