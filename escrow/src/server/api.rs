@@ -85,7 +85,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         // give them the same JSON error shape and code as everything else.
         .layer(axum::middleware::map_response(json_rejections))
         // (uploads stream their `Body`, which this does not limit: they have their own)
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BODY as usize))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            MAX_REQUEST_BODY as usize,
+        ))
         .with_state(state)
 }
 
