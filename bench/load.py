@@ -36,7 +36,8 @@ class Client:
         self.conn = None
 
     def call(self, method, path, body, ctype):
-        """One request; retried after Retry-After on 429. Returns (status, seconds, 429s)."""
+        """One request; retried after Retry-After on 429. Returns (status, seconds, 429s).
+        The last answer's body is kept in self.last."""
         busy = 0
         while True:
             if self.conn is None:
@@ -45,7 +46,7 @@ class Client:
             try:
                 self.conn.request(method, path, body=body, headers={"content-type": ctype})
                 r = self.conn.getresponse()
-                r.read()
+                self.last = r.read()
             except Exception as e:  # transport failure: a failed request
                 self.conn.close()
                 self.conn = None
@@ -75,6 +76,7 @@ def setup():
 
 
 results = {}  # kind -> list of seconds
+released = {}  # kind -> rows released in the latest answer (shows answers are not all suppressed)
 failures, busy_total, lock = [], [0], threading.Lock()
 stop_at = 0.0
 
@@ -103,6 +105,8 @@ def worker(idx):
             busy_total[0] += b
             if ok:
                 results.setdefault(kind, []).append(dt)
+                if kind != "upload":
+                    released[kind] = len(json.loads(c.last).get("rows", []))
             else:
                 failures.append((p, kind, st))
 
@@ -140,7 +144,8 @@ print(f"{len(names)} partners for {elapsed:.0f} s: {total} requests ok ({total /
 for kind in ["upload", "own", "join", "overlap"]:
     xs = results.get(kind, [])
     if xs:
-        print(f"  {kind:8s} n={len(xs):6d}  p50 {pct(xs, .5):8.1f} ms  p99 {pct(xs, .99):8.1f} ms")
+        rows = f"  (latest answer: {released[kind]} rows)" if kind in released else ""
+        print(f"  {kind:8s} n={len(xs):6d}  p50 {pct(xs, .5):8.1f} ms  p99 {pct(xs, .99):8.1f} ms{rows}")
 print(f"server RSS: start {rss[0] / 1024:.0f} MiB, peak {max(rss) / 1024:.0f} MiB, end {rss[-1] / 1024:.0f} MiB")
 if failures:
     print("failures (first 10):", failures[:10])

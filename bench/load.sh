@@ -8,15 +8,17 @@
 # any other non-2xx or transport error is a failure. Reports p50/p99 per kind, failures, 429s,
 # and the server's peak RSS (sampled every 0.5 s from /proc).
 #
-#   bench/load.sh [SECONDS] [PARTNERS]
+#   bench/load.sh [SECONDS] [PARTNERS]      (ESCROW_BIN=path skips the release build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_TO_RUN="${1:-300}"
 PARTNERS="${2:-20}"
 OUT="bench/out"
 mkdir -p "$OUT"
-cargo build --release --bin escrow --quiet
-BIN="${CARGO_TARGET_DIR:-target}/release/escrow"
+if [ -z "${ESCROW_BIN:-}" ]; then
+  cargo build --release --bin escrow --quiet
+fi
+BIN="${ESCROW_BIN:-${CARGO_TARGET_DIR:-target}/release/escrow}"
 
 DATA="$(mktemp -d)/data"
 "$BIN" init --data-dir "$DATA" > /dev/null

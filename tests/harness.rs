@@ -380,6 +380,26 @@ impl Server {
         }
     }
 
+    /// CPU time (user + system) the server process has used so far, from /proc.
+    pub fn cpu_secs(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .expect("/proc/PID/stat");
+        // fields after the parenthesised command name; utime and stime are fields 14 and 15
+        let rest = &stat[stat.rfind(')').expect("stat") + 2..];
+        let f: Vec<&str> = rest.split(' ').collect();
+        let ticks: f64 =
+            f[11].parse::<f64>().expect("utime") + f[12].parse::<f64>().expect("stime");
+        let out = Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .expect("getconf");
+        let hz: f64 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("CLK_TCK");
+        ticks / hz
+    }
+
     pub fn log(&self) -> String {
         self.log.lock().map(|s| s.clone()).unwrap_or_default()
     }

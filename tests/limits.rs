@@ -1,5 +1,6 @@
 //! Limits: per-partner concurrency (429 with Retry-After, other partners unaffected, the slot
-//! comes back) and graceful shutdown with an upload in flight (finished if it completes
+//! comes back), per-question time and memory limits (refused, the work stops, the slot comes
+//! back) and graceful shutdown with an upload in flight (finished if it completes
 //! within the grace period, cleanly discarded if not).
 
 use std::io::Write;
@@ -181,4 +182,77 @@ fn send_term(server: &Server) {
         .status()
         .expect("kill");
     assert!(ok.success());
+}
+
+/// `n` accounts that all share one website: a self-join on the key has n² pairs.
+fn one_key_csv(n: usize) -> String {
+    let mut s = String::from("account_id,company_name,website,status,region\n");
+    for i in 0..n {
+        let region = ["NA", "EMEA", "APAC"][i % 3];
+        s.push_str(&format!(
+            "d-{i:06},Dup{i} Holdings,https://www.same.example/,customer,{region}\n"
+        ));
+    }
+    s
+}
+
+#[test]
+fn questions_over_the_time_or_memory_limit_are_refused_and_stop_running() {
+    let env = Env::new();
+    // 10^10 joined rows (every row shares the key): minutes of work in any build
+    let slow = "SELECT a.region, b.region AS theirs, COUNT(DISTINCT a.website) AS n \
+                FROM acme.dup a JOIN acme.dup b ON a.website = b.website GROUP BY a.region, b.region";
+    // 100,000 groups, each with its own distinct-set: far more than 1 MiB
+    let big =
+        "SELECT company_name, COUNT(DISTINCT website) AS n FROM acme.dup GROUP BY company_name";
+    let small = "SELECT region, COUNT(DISTINCT website) AS n FROM acme.accounts GROUP BY region";
+
+    let server = env.serve(&[
+        "--query-timeout-secs",
+        "3",
+        "--max-questions-per-partner",
+        "1",
+    ]);
+    env.upload_csv(&server, "acme", "dup", &one_key_csv(100_000))
+        .ok();
+    env.upload_csv(&server, "acme", "accounts", &accounts_csv(60, "a"))
+        .ok();
+    let t = Instant::now();
+    let refused = std::thread::scope(|s| {
+        let asking = s.spawn(|| env.cli(&server, "acme", &["query", slow]));
+        // While it runs (on the query runtime), the server answers others at once.
+        std::thread::sleep(Duration::from_secs(1));
+        let w = Instant::now();
+        env.cli(&server, "globex", &["whoami"]).ok();
+        assert!(
+            w.elapsed() < Duration::from_secs(2),
+            "whoami took {:?} beside a heavy query",
+            w.elapsed()
+        );
+        asking.join().expect("query thread")
+    });
+    refused.fails_with("query_timeout");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    // The join stopped with the refusal: a join left running would keep a core busy.
+    std::thread::sleep(Duration::from_millis(300));
+    let before = server.cpu_secs();
+    std::thread::sleep(Duration::from_secs(2));
+    let spent = server.cpu_secs() - before;
+    assert!(
+        spent < 0.5,
+        "the server used {spent:.2} s of CPU after the timeout"
+    );
+    // the partner's only question slot came back: an ordinary question is answered
+    let r = env.cli(&server, "acme", &["query", small]).ok();
+    assert!(r.stdout.contains("(3 rows)"), "{}", r.stdout);
+    drop(server);
+
+    let server = env.serve(&["--query-memory-mb", "1", "--max-questions-per-partner", "1"]);
+    env.cli(&server, "acme", &["query", big])
+        .fails_with("query_memory_limit");
+    let r = env.cli(&server, "acme", &["query", small]).ok();
+    assert!(r.stdout.contains("(3 rows)"), "{}", r.stdout);
+    let log = server.log();
+    assert!(log.contains("code=\"query_memory_limit\""), "{log}");
+    assert!(!log.contains("ERROR"), "{log}");
 }

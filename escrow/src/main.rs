@@ -1891,8 +1891,10 @@ async fn serve(
                 ..Default::default()
             },
             timeout: Duration::from_secs(query.query_timeout_secs),
+            ..Default::default()
         },
-    );
+    )
+    .map_err(engine)?;
     let state = Arc::new(AppState {
         access: Arc::new(escrow::access::Access::new(store.clone())),
         store: store.clone(),

@@ -19,11 +19,11 @@ use std::time::Duration;
 use arrow_array::{ArrayRef, RecordBatch};
 use arrow_schema::SchemaRef;
 use escrow_policies::{ColumnUse, Decision, PolicySet, Usage};
-use escrow_query::gate;
 use escrow_query::{
     Answer, BatchIter, BatchSource, EntityHasher, Limits, Metric, Noise, NoiseKey, Protection,
     QueryError, QueryTable,
 };
+use escrow_query::{Executor, gate};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -44,6 +44,8 @@ pub const MAX_SQL_BYTES: usize = 64 << 10;
 pub struct QueryConfig {
     pub limits: Limits,
     pub timeout: Duration,
+    /// Worker threads of the query runtime.
+    pub threads: usize,
 }
 
 impl Default for QueryConfig {
@@ -51,6 +53,7 @@ impl Default for QueryConfig {
         QueryConfig {
             limits: Limits::default(),
             timeout: Duration::from_secs(60),
+            threads: std::thread::available_parallelism().map_or(2, usize::from),
         }
     }
 }
@@ -62,6 +65,8 @@ pub struct QueryService {
     /// Key columns execute as entity ids under this (derived from the noise key).
     pub(crate) entity_hasher: EntityHasher,
     pub(crate) config: QueryConfig,
+    /// Queries execute on a runtime of their own, so the server's stays responsive.
+    executor: Executor,
     policies: tokio::sync::Mutex<Option<(u64, Arc<PolicySet>)>>,
 }
 
@@ -133,14 +138,18 @@ impl From<QueryError> for Error {
 }
 
 impl QueryService {
-    pub fn new(store: Arc<Store>, noise_key: NoiseKey, config: QueryConfig) -> Self {
-        QueryService {
+    /// Starts the query runtime (`config.threads` worker threads).
+    pub fn new(store: Arc<Store>, noise_key: NoiseKey, config: QueryConfig) -> Result<Self> {
+        let executor = Executor::new(config.threads)
+            .map_err(|e| Error::internal(format!("cannot start the query runtime: {e}")))?;
+        Ok(QueryService {
             store,
             entity_hasher: noise_key.entity_hasher(),
             noise_key,
             config,
+            executor,
             policies: tokio::sync::Mutex::new(None),
-        }
+        })
     }
 
     /// The casbin policy set of the current grants, rebuilt only after a change.
@@ -234,7 +243,9 @@ impl QueryService {
         };
         let (runs, state) =
             escrow_query::plan_for_execution(sql, &tables, &self.config.limits, &report).await?;
-        let run = escrow_query::execute(&state, runs, &report, protection.as_ref());
+        let run = self.executor.run(async move {
+            escrow_query::execute(&state, runs, &report, protection.as_ref()).await
+        });
         let answer = match tokio::time::timeout(self.config.timeout, run).await {
             Ok(answer) => answer?,
             Err(_) => {

@@ -39,6 +39,12 @@ use datafusion::functions_window::expr_fn::row_number;
 use datafusion::logical_expr::{
     Aggregate, Expr, ExprFunctionExt, LogicalPlan, LogicalPlanBuilder, Projection, col, lit, when,
 };
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::coop::CooperativeExec;
+use datafusion::physical_plan::joins::{
+    CrossJoinExec, HashJoinExec, NestedLoopJoinExec, PiecewiseMergeJoinExec, SortMergeJoinExec,
+    SymmetricHashJoinExec,
+};
 
 use crate::QueryError;
 use crate::gate::{GateReport, Metric};
@@ -144,8 +150,31 @@ pub async fn execute(
 }
 
 async fn collect(state: &SessionState, plan: &LogicalPlan) -> Result<Vec<RecordBatch>, QueryError> {
-    let physical = state.create_physical_plan(plan).await?;
+    let physical = cooperative_joins(state.create_physical_plan(plan).await?)?;
     Ok(datafusion::physical_plan::collect(physical, state.task_ctx()).await?)
+}
+
+/// DataFusion's join operators can emit a great many batches for one input batch without
+/// returning to tokio (apache/datafusion#19358), so an aborted query would keep its worker
+/// until the join is done. Wrapped in a [`CooperativeExec`], each join's output spends
+/// tokio's cooperative budget per batch: the task yields, and an abort takes effect there.
+/// (A single poll can still be long: a hash join walks every match of a probe batch's keys
+/// before it yields, which for a key shared by most rows is seconds of work.)
+fn cooperative_joins(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>, QueryError> {
+    let wrapped = plan.transform_up(|node| {
+        let join = node.is::<HashJoinExec>()
+            || node.is::<NestedLoopJoinExec>()
+            || node.is::<CrossJoinExec>()
+            || node.is::<SortMergeJoinExec>()
+            || node.is::<SymmetricHashJoinExec>()
+            || node.is::<PiecewiseMergeJoinExec>();
+        Ok(if join {
+            Transformed::yes(Arc::new(CooperativeExec::new(node)) as Arc<dyn ExecutionPlan>)
+        } else {
+            Transformed::no(node)
+        })
+    })?;
+    Ok(wrapped.data)
 }
 
 fn internal(what: &str) -> QueryError {

@@ -5,6 +5,7 @@
 //! data is sealed: policy decisions, settings and batch sources come in from the service.
 
 pub mod exec;
+pub mod executor;
 pub mod gate;
 pub mod noise;
 pub mod overlap;
@@ -14,6 +15,7 @@ pub mod source;
 
 pub use datafusion::logical_expr::LogicalPlan;
 pub use exec::{Answer, Applied, Protection, execute};
+pub use executor::Executor;
 pub use gate::{GateReport, Metric, TableInstance};
 pub use noise::{Noise, NoiseKey};
 pub use session::{Limits, QueryTable, is_planning_rule, plan_for_execution, plan_sql};
