@@ -5,7 +5,8 @@
 # version of its account list (2,000 rows, ~150 KB) every 10th step, otherwise ask a question
 # (its own counts by region; the join with its neighbour's accounts, which granted it; the
 # overlap matrix with its neighbour). A 429 is retried after its Retry-After (counted apart);
-# any other non-2xx or transport error is a failure. Reports p50/p99 per kind, failures, 429s,
+# any other non-2xx or transport error is a failure. Reports p50/p99 per kind (of the answered
+# attempt, and from first attempt to answer with 429 waits), failures, 429s,
 # and the server's peak RSS (sampled every 0.5 s from /proc).
 #
 #   bench/load.sh [SECONDS] [PARTNERS]      (ESCROW_BIN=path skips the release build)
