@@ -786,6 +786,7 @@ impl<R: Read> CheckedMessages<R> {
         if message.header_type() == arrow_ipc::MessageHeader::RecordBatch {
             self.record_batches += 1;
         }
+        let compressed = compressed_buffers(&message);
         let body_len = body_len as usize;
         framed.reserve_exact(body_len);
         framed.resize(8 + meta_len + body_len, 0);
@@ -794,7 +795,39 @@ impl<R: Read> CheckedMessages<R> {
             &mut framed[8 + meta_len..],
             "truncated message body",
         )?;
+        self.check_uncompressed_lengths(&compressed, &framed[8 + meta_len..])?;
         Ok(Some(framed))
+    }
+
+    /// Each compressed buffer starts with its uncompressed length, which arrow allocates
+    /// before decompressing: a forged length would make it ask for exabytes, and a failed
+    /// allocation aborts the process (found by fuzz/ingest_arrow). The lengths of a batch
+    /// must add up to at most the per-batch limit; -1 marks a buffer stored uncompressed.
+    fn check_uncompressed_lengths(&self, buffers: &[(i64, i64)], body: &[u8]) -> Result<()> {
+        let mut total: u64 = 0;
+        for &(offset, length) in buffers {
+            let start = usize::try_from(offset).ok();
+            let prefix = start.and_then(|s| body.get(s..s.checked_add(8)?));
+            // (empty buffers have no prefix; one outside the body is arrow's to refuse)
+            let Some(prefix) = prefix.filter(|_| length >= 8) else {
+                continue;
+            };
+            let declared = i64::from_le_bytes(prefix.try_into().unwrap_or([0; 8]));
+            match declared {
+                -1 => {}
+                n if n < 0 => {
+                    return Err(ipc_error("a compressed buffer declares a negative length"));
+                }
+                n => total = total.saturating_add(n as u64),
+            }
+        }
+        if total > self.max_body as u64 {
+            return Err(ipc_error(format!(
+                "a record batch of {total} bytes uncompressed is over the {} byte limit per record batch",
+                self.max_body
+            )));
+        }
+        Ok(())
     }
 
     /// After the end-of-stream marker: a stream must end; a file must end with a footer
@@ -869,6 +902,20 @@ impl<R: Read> Read for CheckedMessages<R> {
         out[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
         self.pos += n;
         Ok(n)
+    }
+}
+
+/// (offset, length) in the body of each buffer of a compressed record or dictionary batch.
+fn compressed_buffers(message: &arrow_ipc::Message) -> Vec<(i64, i64)> {
+    let batch = message
+        .header_as_record_batch()
+        .or_else(|| message.header_as_dictionary_batch().and_then(|d| d.data()));
+    match batch {
+        Some(b) if b.compression().is_some() => b
+            .buffers()
+            .map(|bs| bs.iter().map(|b| (b.offset(), b.length())).collect())
+            .unwrap_or_default(),
+        _ => Vec::new(),
     }
 }
 

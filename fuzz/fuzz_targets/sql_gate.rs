@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use arrow_schema::{DataType, Field, Schema};
 use datafusion::datasource::empty::EmptyTable;
-use escrow_query::session::{Limits, QueryTable};
-use escrow_query::{gate, plan_for_execution, plan_sql};
+use escrow_query::session::{Limits, QueryTable, plan_in, planning_session};
+use escrow_query::{gate, plan_for_execution};
 
 fn table(owner: &str, dataset: &str, key: Option<&str>) -> QueryTable {
     let schema = Arc::new(Schema::new(vec![
@@ -37,20 +37,28 @@ fn table(owner: &str, dataset: &str, key: Option<&str>) -> QueryTable {
 struct World {
     rt: tokio::runtime::Runtime,
     tables: Vec<QueryTable>,
+    /// One planning session over `tables` (what `plan_sql` builds for every question: the
+    /// same tables and functions, built once here so the fuzzer spends its time on SQL).
+    planning: datafusion::execution::SessionState,
 }
 
 fn world() -> &'static World {
     static WORLD: std::sync::OnceLock<World> = std::sync::OnceLock::new();
-    WORLD.get_or_init(|| World {
-        rt: tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("runtime"),
-        tables: vec![
+    WORLD.get_or_init(|| {
+        let tables = vec![
             table("acme", "accounts", Some("website")),
             table("globex", "accounts", Some("website")),
             table("globex", "pipeline", Some("website")),
             table("initech", "nokey", None),
-        ],
+        ];
+        let planning = planning_session(&tables, &Limits::default()).expect("session");
+        World {
+            rt: tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("runtime"),
+            tables,
+            planning,
+        }
     })
 }
 
@@ -60,7 +68,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     };
     let w = world();
     w.rt.block_on(async {
-        let Ok(plan) = plan_sql(sql, &w.tables).await else {
+        let Ok(plan) = plan_in(&w.planning, sql).await else {
             return;
         };
         let Ok(report) = gate::check(&plan, &gate::keys_of(&w.tables)) else {

@@ -160,7 +160,9 @@ pub async fn plan_for_execution(
     Ok((plan, state))
 }
 
-async fn plan_in(
+/// Parse and plan one SQL statement in `state` (a [`planning_session`]): what [`plan_sql`]
+/// does, for callers that plan many statements over the same tables (the fuzz target).
+pub async fn plan_in(
     state: &datafusion::execution::SessionState,
     sql: &str,
 ) -> Result<LogicalPlan, QueryError> {
