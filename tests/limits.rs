@@ -225,7 +225,7 @@ fn questions_over_the_time_or_memory_limit_are_refused_and_stop_running() {
         let w = Instant::now();
         env.cli(&server, "globex", &["whoami"]).ok();
         assert!(
-            w.elapsed() < Duration::from_secs(2),
+            w.elapsed() < Duration::from_secs(5),
             "whoami took {:?} beside a heavy query",
             w.elapsed()
         );
