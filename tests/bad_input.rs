@@ -247,6 +247,7 @@ fn fuzz_regressions_are_refused_cleanly() {
         for path in files {
             seen += 1;
             let data = std::fs::read(&path).expect("read");
+            let started = std::time::Instant::now();
             let r = if target == "sql_gate" {
                 let sql = String::from_utf8_lossy(&data).into_owned();
                 env.cli(&server, "acme", &["query", &sql])
@@ -275,6 +276,13 @@ fn fuzz_regressions_are_refused_cleanly() {
                 env.upload(&server, "acme", &body, "fuzzed", &args)
             };
             r.ok_or_clean_refusal(&path.display().to_string(), &server);
+            // bounded time too: each of these is a few KB (one spun for 52 s before its fix)
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(10),
+                "{}: {:?}",
+                path.display(),
+                started.elapsed()
+            );
         }
     }
     assert!(seen >= 5, "corpus: {seen}");
