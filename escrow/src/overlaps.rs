@@ -471,18 +471,7 @@ impl QueryService {
             .await
         };
         let (cells, sensitivity): (Vec<CellCount>, u32) =
-            match tokio::time::timeout(self.config.timeout, run).await {
-                Ok(cells) => cells?,
-                Err(_) => {
-                    return Err(Error::bad(
-                        "query_timeout",
-                        format!(
-                            "the overlap ran longer than the limit of {} s",
-                            self.config.timeout.as_secs()
-                        ),
-                    ));
-                }
-            };
+            self.within_time_limit("overlap", run).await?;
 
         let names = |s: &SideData| -> Vec<String> {
             s.populations.iter().map(|p| p.name.clone()).collect()

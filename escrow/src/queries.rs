@@ -246,19 +246,29 @@ impl QueryService {
         let run = self.executor.run(async move {
             escrow_query::execute(&state, runs, &report, protection.as_ref()).await
         });
-        let answer = match tokio::time::timeout(self.config.timeout, run).await {
-            Ok(answer) => answer?,
-            Err(_) => {
-                return Err(Error::bad(
-                    "query_timeout",
-                    format!(
-                        "the query ran longer than the limit of {} s",
-                        self.config.timeout.as_secs()
-                    ),
-                ));
-            }
-        };
+        let answer = self
+            .within_time_limit("query", async { Ok(run.await?) })
+            .await?;
         Ok(QueryOutcome { answer, cost })
+    }
+
+    /// `work` under the per-question time limit: refused with `query_timeout` (naming
+    /// `what`) when it runs longer; dropping it then stops it.
+    pub(crate) async fn within_time_limit<T>(
+        &self,
+        what: &str,
+        work: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(self.config.timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::bad(
+                "query_timeout",
+                format!(
+                    "the {what} ran longer than the limit of {} s",
+                    self.config.timeout.as_secs()
+                ),
+            )),
+        }
     }
 
     /// Plan `sql` for `caller` and apply every check to it without spending or running
