@@ -9,9 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 RUNS="${1:-1000000}"
-shift || true
-TARGETS=("${@:-ingest_csv ingest_arrow ingest_parquet sql_gate}")
-read -r -a TARGETS <<< "${TARGETS[*]}"
+[ $# -gt 0 ] && shift
+[ $# -gt 0 ] || set -- ingest_csv ingest_arrow ingest_parquet sql_gate
+TARGETS=("$@")
 export RUSTC_BOOTSTRAP=1
 # The bundled SQLite (C, not instrumented) trips AddressSanitizer's one-definition-rule check
 # at startup (global 'aiOff'); it is linked once, so the report is spurious.
