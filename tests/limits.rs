@@ -206,19 +206,27 @@ fn questions_over_the_time_or_memory_limit_are_refused_and_stop_running() {
     let big =
         "SELECT company_name, COUNT(DISTINCT website) AS n FROM acme.dup GROUP BY company_name";
     let small = "SELECT region, COUNT(DISTINCT website) AS n FROM acme.accounts GROUP BY region";
+    let theirs = "SELECT region, COUNT(DISTINCT website) AS n FROM globex.accounts GROUP BY region";
 
+    // One question at a time on the whole server; others wait up to 20 s for the slot.
     let server = env.serve(&[
         "--query-timeout-secs",
         "3",
         "--max-questions-per-partner",
         "1",
+        "--max-questions",
+        "1",
+        "--busy-wait-ms",
+        "20000",
     ]);
     env.upload_csv(&server, "acme", "dup", &one_key_csv(100_000))
         .ok();
     env.upload_csv(&server, "acme", "accounts", &accounts_csv(60, "a"))
         .ok();
+    env.upload_csv(&server, "globex", "accounts", &accounts_csv(60, "g"))
+        .ok();
     let t = Instant::now();
-    let refused = std::thread::scope(|s| {
+    let (refused, waited) = std::thread::scope(|s| {
         let asking = s.spawn(|| env.cli(&server, "acme", &["query", slow]));
         // While it runs (on the query runtime), the server answers others at once.
         std::thread::sleep(Duration::from_secs(1));
@@ -229,9 +237,18 @@ fn questions_over_the_time_or_memory_limit_are_refused_and_stop_running() {
             "whoami took {:?} beside a heavy query",
             w.elapsed()
         );
-        asking.join().expect("query thread")
+        // globex's question waits for the server's only question slot, and is answered
+        // once acme's is refused
+        let waiting = s.spawn(|| env.cli(&server, "globex", &["query", theirs]));
+        (
+            asking.join().expect("query thread"),
+            waiting.join().expect("waiting thread"),
+        )
     });
     refused.fails_with("query_timeout");
+    let waited = waited.ok();
+    assert!(waited.stdout.contains("(3 rows)"), "{}", waited.stdout);
+    assert!(!server.log().contains("busy: refused"), "{}", server.log());
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     // The join stopped with the refusal: a join left running would keep a core busy.
     std::thread::sleep(Duration::from_millis(300));

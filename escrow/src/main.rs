@@ -187,7 +187,7 @@ struct QueryLimitArgs {
     #[arg(long, env = "ESCROW_QUERY_CACHE_MB", default_value_t = 1024)]
     query_cache_mb: usize,
     /// Questions (queries, overlaps, reports, explanations) one partner may run at once;
-    /// more are refused with 429 and Retry-After.
+    /// more are refused at once with 429 and Retry-After.
     #[arg(long, env = "ESCROW_MAX_QUESTIONS_PER_PARTNER", default_value_t = 4)]
     max_questions_per_partner: usize,
     /// Questions the whole server runs at once (each may use --query-memory-mb).
@@ -199,6 +199,10 @@ struct QueryLimitArgs {
     /// Uploads the whole server receives at once.
     #[arg(long, env = "ESCROW_MAX_UPLOADS", default_value_t = 16)]
     max_uploads: usize,
+    /// Milliseconds a question or upload waits for a server-wide slot before it is refused
+    /// with 429 (a partner over its own limit is refused at once).
+    #[arg(long, env = "ESCROW_BUSY_WAIT_MS", default_value_t = 1000)]
+    busy_wait_ms: u64,
 }
 
 #[derive(Subcommand)]
@@ -1908,6 +1912,7 @@ async fn serve(
                 per_partner: query.max_questions_per_partner,
                 total: query.max_questions,
             },
+            wait: Duration::from_millis(query.busy_wait_ms),
         }),
     });
     // Certify the log's tail every so often, so a partner's kept checkpoint is recent.

@@ -294,7 +294,7 @@ async fn upload(
     body: Body,
 ) -> Result<(StatusCode, Json<UploadOutcome>), ApiError> {
     caller.may(&state, Action::DatasetUpload).await?;
-    let _permit = state.admission.admit(&caller.partner, Work::Upload)?;
+    let _permit = state.admission.admit(&caller.partner, Work::Upload).await?;
     crate::datadir::validate_name("dataset", &name)?;
     let limit = state.store.config().max_upload_bytes;
     let declared = headers
@@ -653,7 +653,10 @@ async fn explain_query(
     body: bytes::Bytes,
 ) -> Result<Json<crate::explain::Explanation>, ApiError> {
     caller.may(&state, Action::PolicyRead).await?;
-    let _permit = state.admission.admit(&caller.partner, Work::Question)?;
+    let _permit = state
+        .admission
+        .admit(&caller.partner, Work::Question)
+        .await?;
     let req: ExplainRequest = json_body(&body)?;
     Ok(Json(
         state.queries.explain_sql(&caller.partner, &req.sql).await?,
@@ -667,7 +670,10 @@ async fn explain_overlap(
     body: bytes::Bytes,
 ) -> Result<Json<crate::explain::Explanation>, ApiError> {
     caller.may(&state, Action::PolicyRead).await?;
-    let _permit = state.admission.admit(&caller.partner, Work::Question)?;
+    let _permit = state
+        .admission
+        .admit(&caller.partner, Work::Question)
+        .await?;
     let req: crate::overlaps::OverlapRequest = json_body(&body)?;
     Ok(Json(
         state.queries.explain_overlap(&caller.partner, &req).await?,
@@ -713,7 +719,10 @@ async fn query(
     body: bytes::Bytes,
 ) -> Result<Response, ApiError> {
     let actor = caller.may(&state, Action::QueryRun).await?;
-    let _permit = state.admission.admit(&caller.partner, Work::Question)?;
+    let _permit = state
+        .admission
+        .admit(&caller.partner, Work::Question)
+        .await?;
     let req: QueryRequest = json_body(&body)?;
     let format = req.format.as_deref().unwrap_or("json");
     if !matches!(format, "json" | "csv" | "arrow") {
@@ -839,7 +848,10 @@ async fn overlap(
     body: bytes::Bytes,
 ) -> Result<Response, ApiError> {
     let actor = caller.may(&state, Action::OverlapRun).await?;
-    let _permit = state.admission.admit(&caller.partner, Work::Question)?;
+    let _permit = state
+        .admission
+        .admit(&caller.partner, Work::Question)
+        .await?;
     let (req, csv): (crate::overlaps::OverlapRequest, bool) = with_format(&body)?;
     let started = std::time::Instant::now();
     let result = state.queries.overlap(&actor, &req).await;
@@ -859,7 +871,10 @@ async fn co_selling(
     body: bytes::Bytes,
 ) -> Result<Response, ApiError> {
     let actor = caller.may(&state, Action::OverlapRun).await?;
-    let _permit = state.admission.admit(&caller.partner, Work::Question)?;
+    let _permit = state
+        .admission
+        .admit(&caller.partner, Work::Question)
+        .await?;
     let (req, csv): (crate::overlaps::CoSellingRequest, bool) = with_format(&body)?;
     let started = std::time::Instant::now();
     let result = state.queries.co_selling(&actor, &req).await;

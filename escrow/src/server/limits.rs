@@ -1,10 +1,17 @@
-//! Admission control: how much work may run at once, per partner and in all. Work over a
-//! limit is refused at once with 429 and `Retry-After` (`Error::Busy`), never queued without
-//! bound: a partner flooding the server slows only itself, and the server's memory stays
-//! bounded (each question also has its own memory and time limit).
+//! Admission control: how much work may run at once, per partner and in all.
+//!
+//! A partner over its own limit is refused at once with 429 and `Retry-After`
+//! (`Error::Busy`). Work that only finds the server full waits for a slot for at most
+//! `Limits::wait` (first come is not guaranteed first served), holding its partner's slot
+//! while it waits, so at most `per_partner` requests of a partner run or wait: the queue is
+//! bounded by the partners, a partner flooding the server slows only itself, and the
+//! server's memory stays bounded (each question also has its own memory and time limit).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
 
 use crate::{Error, Result};
 
@@ -46,6 +53,8 @@ pub struct Limit {
 pub struct Limits {
     pub uploads: Limit,
     pub questions: Limit,
+    /// How long work waits for a server-wide slot before it is refused.
+    pub wait: Duration,
 }
 
 impl Default for Limits {
@@ -59,94 +68,148 @@ impl Default for Limits {
                 per_partner: 4,
                 total: 8,
             },
+            wait: Duration::from_secs(1),
         }
     }
 }
 
-/// Running work by (partner, kind); `None` counts all partners.
-type Running = Arc<Mutex<HashMap<(Option<String>, Work), usize>>>;
+/// Work by (partner, kind), running or waiting for a server slot; `None` counts the work
+/// running on the whole server.
+#[derive(Debug, Default)]
+struct Counts(HashMap<(Option<String>, Work), usize>);
+
+impl Counts {
+    fn get(&self, partner: Option<&str>, work: Work) -> usize {
+        self.0
+            .get(&(partner.map(str::to_string), work))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn add(&mut self, partner: Option<&str>, work: Work) {
+        *self
+            .0
+            .entry((partner.map(str::to_string), work))
+            .or_default() += 1;
+    }
+
+    fn remove(&mut self, partner: Option<&str>, work: Work) {
+        let key = (partner.map(str::to_string), work);
+        if let Some(n) = self.0.get_mut(&key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.0.remove(&key);
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    counts: Mutex<Counts>,
+    /// Woken whenever a server slot is given back.
+    freed: Notify,
+}
+
+impl Shared {
+    fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
 
 /// Counts of running work; `admit` hands out permits that give their slot back on drop.
 #[derive(Debug)]
 pub struct Admission {
     limits: Limits,
-    running: Running,
+    shared: Arc<Shared>,
 }
 
-/// A slot of running work; released when dropped (also when the request is cancelled).
+/// A partner's slot, held while its work waits for a server slot and while it runs;
+/// given back when dropped (also when the request is cancelled while waiting).
 #[derive(Debug)]
-pub struct Permit {
-    running: Running,
+struct PartnerSlot {
+    shared: Arc<Shared>,
     partner: String,
     work: Work,
+}
+
+impl Drop for PartnerSlot {
+    fn drop(&mut self) {
+        self.shared.counts().remove(Some(&self.partner), self.work);
+    }
+}
+
+/// A slot of running work, the partner's and the server's; released when dropped (also
+/// when the request is cancelled).
+#[derive(Debug)]
+pub struct Permit {
+    slot: PartnerSlot,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.slot.shared.counts().remove(None, self.slot.work);
+        self.slot.shared.freed.notify_waiters();
+    }
 }
 
 impl Admission {
     pub fn new(limits: Limits) -> Self {
         Admission {
             limits,
-            running: Arc::new(Mutex::new(HashMap::new())),
+            shared: Arc::default(),
         }
     }
 
-    /// Admit one piece of `work` for `partner`, or refuse it (`Error::Busy`) if the partner
-    /// or the server is at its limit.
-    pub fn admit(&self, partner: &str, work: Work) -> Result<Permit> {
+    /// Admit one piece of `work` for `partner`: at once, after a wait of at most
+    /// `Limits::wait` for a server slot, or refused (`Error::Busy`) if the partner is at
+    /// its limit or no server slot came free in time.
+    pub async fn admit(&self, partner: &str, work: Work) -> Result<Permit> {
         let limit = match work {
             Work::Upload => self.limits.uploads,
             Work::Question => self.limits.questions,
         };
-        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        let mine = running
-            .get(&(Some(partner.to_string()), work))
-            .copied()
-            .unwrap_or(0);
-        let all = running.get(&(None, work)).copied().unwrap_or(0);
-        let (full, scope) = if mine >= limit.per_partner {
-            (limit.per_partner, "this partner")
-        } else if all >= limit.total {
-            (limit.total, "the server")
-        } else {
-            *running
-                .entry((Some(partner.to_string()), work))
-                .or_default() += 1;
-            *running.entry((None, work)).or_default() += 1;
-            return Ok(Permit {
-                running: self.running.clone(),
+        let slot = {
+            let mut counts = self.shared.counts();
+            if counts.get(Some(partner), work) >= limit.per_partner {
+                drop(counts);
+                return Err(busy(partner, work, limit.per_partner, "this partner"));
+            }
+            counts.add(Some(partner), work);
+            PartnerSlot {
+                shared: self.shared.clone(),
                 partner: partner.to_string(),
                 work,
-            });
+            }
         };
-        tracing::info!(
-            partner,
-            work = work.name(),
-            scope,
-            limit = full,
-            "busy: refused"
-        );
-        Err(Error::Busy {
-            what: work.name(),
-            limit: full,
-            scope,
-            retry_after: work.retry_after(),
-        })
+        let deadline = tokio::time::Instant::now() + self.limits.wait;
+        loop {
+            // Registered before the check, so a slot given back in between still wakes us.
+            let freed = self.shared.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            {
+                let mut counts = self.shared.counts();
+                if counts.get(None, work) < limit.total {
+                    counts.add(None, work);
+                    return Ok(Permit { slot });
+                }
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                drop(slot);
+                return Err(busy(partner, work, limit.total, "the server"));
+            }
+        }
     }
 }
 
-impl Drop for Permit {
-    fn drop(&mut self) {
-        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        for key in [
-            (Some(std::mem::take(&mut self.partner)), self.work),
-            (None, self.work),
-        ] {
-            if let Some(n) = running.get_mut(&key) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    running.remove(&key);
-                }
-            }
-        }
+fn busy(partner: &str, work: Work, limit: usize, scope: &'static str) -> Error {
+    tracing::info!(partner, work = work.name(), scope, limit, "busy: refused");
+    Error::Busy {
+        what: work.name(),
+        limit,
+        scope,
+        retry_after: work.retry_after(),
     }
 }
 
@@ -154,30 +217,98 @@ impl Drop for Permit {
 mod tests {
     use super::*;
 
-    #[test]
-    fn per_partner_then_total_and_slots_come_back() {
-        let a = Admission::new(Limits {
-            uploads: Limit {
-                per_partner: 2,
-                total: 3,
-            },
-            questions: Limit {
-                per_partner: 1,
-                total: 1,
-            },
-        });
-        let p1 = a.admit("acme", Work::Upload).expect("1");
-        let _p2 = a.admit("acme", Work::Upload).expect("2");
-        let e = a.admit("acme", Work::Upload).expect_err("acme is full");
+    fn limits(uploads: (usize, usize), questions: (usize, usize), wait_ms: u64) -> Limits {
+        let limit = |(per_partner, total)| Limit { per_partner, total };
+        Limits {
+            uploads: limit(uploads),
+            questions: limit(questions),
+            wait: Duration::from_millis(wait_ms),
+        }
+    }
+
+    #[tokio::test]
+    async fn per_partner_then_total_and_slots_come_back() {
+        let a = Admission::new(limits((2, 3), (1, 1), 0));
+        let p1 = a.admit("acme", Work::Upload).await.expect("1");
+        let _p2 = a.admit("acme", Work::Upload).await.expect("2");
+        let e = a
+            .admit("acme", Work::Upload)
+            .await
+            .expect_err("acme is full");
         assert!(e.to_string().contains("this partner"), "{e}");
-        let _g = a.admit("globex", Work::Upload).expect("globex has room");
+        let _g = a
+            .admit("globex", Work::Upload)
+            .await
+            .expect("globex has room");
         let e = a
             .admit("initech", Work::Upload)
+            .await
             .expect_err("server is full");
         assert!(e.to_string().contains("the server"), "{e}");
         // other work is counted apart
-        let _q = a.admit("acme", Work::Question).expect("question");
+        let _q = a.admit("acme", Work::Question).await.expect("question");
         drop(p1);
-        a.admit("initech", Work::Upload).expect("a slot came back");
+        a.admit("initech", Work::Upload)
+            .await
+            .expect("a slot came back");
+    }
+
+    #[tokio::test]
+    async fn a_full_server_is_waited_for_a_bounded_time_and_waiters_hold_their_partner_slot() {
+        let a = Arc::new(Admission::new(limits((1, 1), (1, 1), 1000)));
+        let held = a.admit("acme", Work::Question).await.expect("acme runs");
+
+        // globex waits for the server slot and gets it when acme's work ends
+        let waiter = {
+            let a = a.clone();
+            tokio::spawn(async move { a.admit("globex", Work::Question).await })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!waiter.is_finished(), "globex should be waiting");
+        // while globex waits it holds its partner slot: a second globex question is
+        // refused at once, not queued
+        let e = a
+            .admit("globex", Work::Question)
+            .await
+            .expect_err("globex's slot is taken by its waiter");
+        assert!(e.to_string().contains("this partner"), "{e}");
+        let freed = std::time::Instant::now();
+        drop(held);
+        let running = waiter.await.expect("join").expect("globex admitted");
+        // woken by the slot given back, not by the end of its wait
+        assert!(
+            freed.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            freed.elapsed()
+        );
+
+        // a wait that outlasts the limit is refused, and gives back the partner slot
+        let started = tokio::time::Instant::now();
+        let e = a
+            .admit("initech", Work::Question)
+            .await
+            .expect_err("no slot came free");
+        assert!(e.to_string().contains("the server"), "{e}");
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(1000) && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
+        assert_eq!(a.shared.counts().get(Some("initech"), Work::Question), 0);
+
+        // a waiter that is cancelled (client gone) gives back its partner slot too
+        let cancelled = {
+            let a = a.clone();
+            tokio::spawn(async move { a.admit("initech", Work::Question).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(a.shared.counts().get(Some("initech"), Work::Question), 1);
+        cancelled.abort();
+        let _ = cancelled.await;
+        assert_eq!(a.shared.counts().get(Some("initech"), Work::Question), 0);
+
+        drop(running);
+        assert_eq!(a.shared.counts().get(None, Work::Question), 0);
+        assert_eq!(a.shared.counts().get(Some("globex"), Work::Question), 0);
     }
 }
