@@ -398,10 +398,14 @@ async fn add_grant(
     caller: Caller,
     body: bytes::Bytes,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let actor = caller.may(&state, Action::PolicyChange).await?;
-    let req: crate::grants::GrantRequest = json_body(&body)?;
-    let store = state.store.clone();
-    let (grant, new) = blocking(move || crate::grants::grant(&store, &actor, &req)).await?;
+    let (_, (grant, new)) = owner_change(
+        &state,
+        &caller,
+        Action::PolicyChange,
+        &body,
+        crate::grants::grant,
+    )
+    .await?;
     tracing::info!(partner = %caller.partner, dataset = %grant.dataset, column = %grant.column, to = %grant.to, usage = %grant.usage, new, "grant");
     Ok((
         created_if(new),
@@ -414,10 +418,14 @@ async fn revoke_grant(
     caller: Caller,
     body: bytes::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let actor = caller.may(&state, Action::PolicyChange).await?;
-    let req: crate::grants::GrantRequest = json_body(&body)?;
-    let store = state.store.clone();
-    let grant = blocking(move || crate::grants::revoke(&store, &actor, &req)).await?;
+    let (_, grant) = owner_change(
+        &state,
+        &caller,
+        Action::PolicyChange,
+        &body,
+        crate::grants::revoke,
+    )
+    .await?;
     tracing::info!(partner = %caller.partner, dataset = %grant.dataset, column = %grant.column, to = %grant.to, usage = %grant.usage, "grant revoked");
     Ok(Json(json!({ "revoked": grant })))
 }
@@ -438,10 +446,14 @@ async fn add_population(
     caller: Caller,
     body: bytes::Bytes,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let actor = caller.may(&state, Action::PopulationChange).await?;
-    let req: crate::populations::PopulationRequest = json_body(&body)?;
-    let store = state.store.clone();
-    let (p, new) = blocking(move || crate::populations::add(&store, &actor, &req)).await?;
+    let (_, (p, new)) = owner_change(
+        &state,
+        &caller,
+        Action::PopulationChange,
+        &body,
+        crate::populations::add,
+    )
+    .await?;
     tracing::info!(partner = %caller.partner, dataset = %p.dataset, population = %p.name, new, "population defined");
     Ok((
         created_if(new),
@@ -454,15 +466,39 @@ async fn remove_population(
     caller: Caller,
     body: bytes::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let actor = caller.may(&state, Action::PopulationChange).await?;
-    let req: crate::populations::PopulationRequest = json_body(&body)?;
-    let store = state.store.clone();
-    let (dataset, name) = (req.dataset.clone(), req.name.clone());
-    blocking(move || crate::populations::remove(&store, &actor, &req)).await?;
+    let (req, ()) = owner_change(
+        &state,
+        &caller,
+        Action::PopulationChange,
+        &body,
+        crate::populations::remove,
+    )
+    .await?;
+    let (dataset, name) = (req.dataset, req.name);
     tracing::info!(partner = %caller.partner, dataset = %dataset, population = %name, "population removed");
     Ok(Json(
         json!({ "removed": { "dataset": dataset, "name": name } }),
     ))
+}
+
+/// A change the data owner makes: the caller's right to `action`, its JSON request, then
+/// `change` on the blocking pool (it writes the catalog and the audit log). Returns the
+/// request with the outcome.
+async fn owner_change<R, T>(
+    state: &AppState,
+    caller: &Caller,
+    action: Action,
+    body: &[u8],
+    change: fn(&crate::store::Store, &Actor, &R) -> crate::Result<T>,
+) -> Result<(R, T), ApiError>
+where
+    R: serde::de::DeserializeOwned + Send + 'static,
+    T: Send + 'static,
+{
+    let actor = caller.may(state, action).await?;
+    let req: R = json_body(body)?;
+    let store = state.store.clone();
+    blocking(move || change(&store, &actor, &req).map(|out| (req, out))).await
 }
 
 /// 201 for a change that created something, 200 when it was already there.
@@ -490,11 +526,15 @@ async fn change_settings(
     caller: Caller,
     body: bytes::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let actor = caller.may(&state, Action::PolicyChange).await?;
-    let req: crate::settings::SettingsChange = json_body(&body)?;
-    let store = state.store.clone();
-    let dataset = req.dataset.clone();
-    let settings = blocking(move || crate::settings::change(&store, &actor, &req)).await?;
+    let (req, settings) = owner_change(
+        &state,
+        &caller,
+        Action::PolicyChange,
+        &body,
+        crate::settings::change,
+    )
+    .await?;
+    let dataset = req.dataset;
     tracing::info!(partner = %caller.partner, %dataset, ?settings, "protection settings changed");
     Ok(Json(json!({ "dataset": dataset, "settings": settings })))
 }
