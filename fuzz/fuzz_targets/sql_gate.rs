@@ -8,7 +8,6 @@
 use std::sync::Arc;
 
 use arrow_schema::{DataType, Field, Schema};
-use datafusion::datasource::empty::EmptyTable;
 use escrow_query::session::{Limits, QueryTable, plan_in, planning_session};
 use escrow_query::{gate, plan_for_execution};
 
@@ -21,17 +20,7 @@ fn table(owner: &str, dataset: &str, key: Option<&str>) -> QueryTable {
         Field::new("arr_usd", DataType::Float64, true),
         Field::new("employees", DataType::Int64, true),
     ]));
-    let executes = match key {
-        Some(k) => escrow_query::source::entity_schema(&schema, k).expect("key column"),
-        None => schema.clone(),
-    };
-    QueryTable {
-        owner: owner.into(),
-        dataset: dataset.into(),
-        key_column: key.map(Into::into),
-        schema,
-        provider: Arc::new(EmptyTable::new(executes)),
-    }
+    QueryTable::declared(owner, dataset, key, schema).expect("key column")
 }
 
 struct World {

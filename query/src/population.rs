@@ -11,7 +11,6 @@ use std::sync::Arc;
 use arrow_schema::{DataType, SchemaRef};
 use datafusion::common::DFSchema;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
-use datafusion::datasource::empty::EmptyTable;
 use datafusion::logical_expr::{Expr, ExprSchemable};
 use datafusion::physical_expr::PhysicalExpr;
 
@@ -40,13 +39,7 @@ pub fn check_filter(
             format!("filters are limited to {MAX_FILTER_BYTES} bytes"),
         ));
     }
-    let table = QueryTable {
-        owner: "owner".into(),
-        dataset: "dataset".into(),
-        key_column: key_column.map(str::to_string),
-        schema: schema.clone(),
-        provider: Arc::new(EmptyTable::new(schema.clone())),
-    };
+    let table = QueryTable::declared("owner", "dataset", key_column, schema.clone())?;
     let state = crate::session::planning_session(std::slice::from_ref(&table), &Limits::default())?;
     let df_schema = DFSchema::try_from(schema.as_ref().clone())?;
     let expr = state.create_logical_expr(filter, &df_schema).map_err(|e| {

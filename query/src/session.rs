@@ -36,6 +36,30 @@ pub struct QueryTable {
     pub provider: Arc<dyn TableProvider>,
 }
 
+impl QueryTable {
+    /// A table without data: planned, gated and explained over `schema`, executing as an
+    /// empty table of its execution form (the key column as entity ids). For checks that
+    /// need no rows (population filters, the gate's tests and fuzzing).
+    pub fn declared(
+        owner: &str,
+        dataset: &str,
+        key_column: Option<&str>,
+        schema: SchemaRef,
+    ) -> Result<QueryTable, QueryError> {
+        let executes = match key_column {
+            Some(k) => crate::source::entity_schema(&schema, k)?,
+            None => schema.clone(),
+        };
+        Ok(QueryTable {
+            owner: owner.into(),
+            dataset: dataset.into(),
+            key_column: key_column.map(Into::into),
+            schema,
+            provider: Arc::new(EmptyTable::new(executes)),
+        })
+    }
+}
+
 impl std::fmt::Debug for QueryTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}.{}", self.owner, self.dataset)
