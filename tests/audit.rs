@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use crate::harness::{BIN, Env, Server, accounts_csv};
+use crate::harness::{BIN, Env, Server, accounts_csv, words};
 
 fn json(out: &str) -> serde_json::Value {
     serde_json::from_str(out).unwrap_or_else(|e| panic!("not json ({e}): {out}"))
@@ -63,9 +63,7 @@ fn session(env: &Env, server: &Server) -> std::path::PathBuf {
     env.cli_as(
         server,
         &ana,
-        &[
-            "policy", "grant", "accounts", "--to", "globex", "--usage", "join",
-        ],
+        &words("policy grant accounts --to globex --usage join"),
     )
     .fails_with("forbidden");
     let bad = env.file("bad.csv", b"domain,status\nacme.example,customer\n");
@@ -162,14 +160,7 @@ fn every_action_appears_once_in_order_and_partners_see_what_touched_them() {
         .cli_as(
             &server,
             &gina,
-            &[
-                "audit",
-                "list",
-                "--format",
-                "json",
-                "--since",
-                "2999-01-01T00:00:00Z",
-            ],
+            &words("audit list --format json --since 2999-01-01T00:00:00Z"),
         )
         .ok();
     assert_eq!(json(&later.stdout), serde_json::json!([]));
@@ -350,9 +341,7 @@ fn an_unwritable_audit_log_refuses_work_and_answers_nothing() {
     env.cli(
         &server,
         "acme",
-        &[
-            "policy", "grant", "accounts", "--to", "globex", "--usage", "join",
-        ],
+        &words("policy grant accounts --to globex --usage join"),
     )
     .fails_with("audit_unavailable");
     std::fs::remove_dir(&log).expect("unblock");

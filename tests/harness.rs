@@ -161,9 +161,7 @@ impl Env {
         self.cli(
             server,
             "globex",
-            &[
-                "policy", "grant", "accounts", "--to", "acme", "--usage", "overlap",
-            ],
+            &words("policy grant accounts --to acme --usage overlap"),
         )
         .ok();
     }
@@ -480,6 +478,11 @@ impl Run {
 }
 
 /// A CSV of `n` accounts with distinctive names and ids.
+/// Command-line words, for arguments without spaces: `words("policy grant accounts")`.
+pub fn words(s: &str) -> Vec<&str> {
+    s.split_whitespace().collect()
+}
+
 pub fn accounts_csv(n: usize, tag: &str) -> String {
     let mut s = String::from("account_id,company_name,website,status,region,arr_usd,employees\n");
     for i in 0..n {

@@ -2,7 +2,7 @@
 //! key-encryption key while the server runs; everything stays readable, the old key is gone,
 //! and a rotation a crash interrupted is finished or undone at the next start.
 
-use crate::harness::{Env, Server, accounts_csv};
+use crate::harness::{Env, Server, accounts_csv, words};
 
 const OWN: &str = "SELECT status, COUNT(DISTINCT website) AS n FROM acme.accounts GROUP BY status ORDER BY status";
 const SHARED: &str = "SELECT COUNT(DISTINCT g.website) AS n FROM globex.accounts g JOIN acme.accounts a ON g.website = a.website";
@@ -33,10 +33,7 @@ fn rotation_rewraps_every_data_key_and_everything_stays_readable() {
     env.cli(
         &server,
         "acme",
-        &[
-            "policy", "grant", "accounts", "--to", "globex", "--usage", "join", "--column",
-            "website",
-        ],
+        &words("policy grant accounts --to globex --usage join --column website"),
     )
     .ok();
     let before = answers(&env, &server);

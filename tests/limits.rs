@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::{BIN, Env, Server, accounts_csv};
+use crate::harness::{BIN, Env, Server, accounts_csv, words};
 
 /// An upload whose body comes from a FIFO the test writes: it stays in flight until the
 /// test closes the writer.
@@ -209,16 +209,7 @@ fn questions_over_the_time_or_memory_limit_are_refused_and_stop_running() {
     let theirs = "SELECT region, COUNT(DISTINCT website) AS n FROM globex.accounts GROUP BY region";
 
     // One question at a time on the whole server; others wait up to 20 s for the slot.
-    let server = env.serve(&[
-        "--query-timeout-secs",
-        "3",
-        "--max-questions-per-partner",
-        "1",
-        "--max-questions",
-        "1",
-        "--busy-wait-ms",
-        "20000",
-    ]);
+    let server = env.serve(&words("--query-timeout-secs 3 --max-questions-per-partner 1 --max-questions 1 --busy-wait-ms 20000"));
     env.upload_csv(&server, "acme", "dup", &one_key_csv(100_000))
         .ok();
     env.upload_csv(&server, "acme", "accounts", &accounts_csv(60, "a"))

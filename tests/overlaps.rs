@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::harness::{Env, Run, Server, shared_dir};
+use crate::harness::{Env, Run, Server, shared_dir, words};
 
 const STATUSES: [&str; 3] = ["customer", "opportunity", "prospect"];
 
@@ -58,15 +58,7 @@ fn epsilon_4(env: &Env, server: &Server) {
         env.cli(
             server,
             p,
-            &[
-                "policy",
-                "set",
-                "accounts",
-                "--epsilon",
-                "4",
-                "--budget",
-                "40",
-            ],
+            &words("policy set accounts --epsilon 4 --budget 40"),
         )
         .ok();
     }
@@ -177,9 +169,7 @@ fn overlap_matrix_matches_the_truth_and_both_partners_see_the_same_counts() {
     env.cli(
         &server,
         "acme",
-        &[
-            "policy", "revoke", "accounts", "--to", "globex", "--usage", "overlap",
-        ],
+        &words("policy revoke accounts --to globex --usage overlap"),
     )
     .ok();
     env.cli(&server, "globex", &["overlap", "--with", "acme"])
@@ -300,16 +290,7 @@ fn breakdowns_need_a_dimension_grant_and_feed_the_co_selling_report() {
         .cli(
             &server,
             "acme",
-            &[
-                "report",
-                "co-selling",
-                "--with",
-                "globex",
-                "--by",
-                "industry",
-                "--format",
-                "json",
-            ],
+            &words("report co-selling --with globex --by industry --format json"),
         )
         .ok();
     let r: Value = serde_json::from_str(&report.stdout).expect("json");
@@ -336,14 +317,7 @@ fn breakdowns_need_a_dimension_grant_and_feed_the_co_selling_report() {
         .cli(
             &server,
             "acme",
-            &[
-                "report",
-                "co-selling",
-                "--with",
-                "globex",
-                "--by",
-                "industry",
-            ],
+            &words("report co-selling --with globex --by industry"),
         )
         .ok();
     assert!(
@@ -355,14 +329,7 @@ fn breakdowns_need_a_dimension_grant_and_feed_the_co_selling_report() {
     env.cli(
         &server,
         "acme",
-        &[
-            "report",
-            "co-selling",
-            "--with",
-            "globex",
-            "--my-customers",
-            "vips",
-        ],
+        &words("report co-selling --with globex --my-customers vips"),
     )
     .fails_with("unknown_population");
 

@@ -1,6 +1,6 @@
 //! Policy commands: data owners grant and revoke column uses; grants are validated whole.
 
-use crate::harness::{Env, Server, accounts_csv};
+use crate::harness::{Env, Server, accounts_csv, words};
 
 const GRANT_JOIN: [&str; 9] = [
     "policy", "grant", "accounts", "--to", "globex", "--usage", "join", "--column", "website",
@@ -32,15 +32,7 @@ fn owners_grant_list_and_revoke() {
     env.cli(
         &server,
         "acme",
-        &[
-            "policy",
-            "grant",
-            "accounts",
-            "--to",
-            "globex",
-            "--usage",
-            "dimension",
-        ],
+        &words("policy grant accounts --to globex --usage dimension"),
     )
     .ok();
 
@@ -60,19 +52,13 @@ fn owners_grant_list_and_revoke() {
     env.cli(
         &server,
         "acme",
-        &[
-            "policy", "revoke", "accounts", "--to", "globex", "--usage", "join", "--column",
-            "website",
-        ],
+        &words("policy revoke accounts --to globex --usage join --column website"),
     )
     .ok();
     env.cli(
         &server,
         "acme",
-        &[
-            "policy", "revoke", "accounts", "--to", "globex", "--usage", "join", "--column",
-            "website",
-        ],
+        &words("policy revoke accounts --to globex --usage join --column website"),
     )
     .fails_with("not_found");
 
@@ -113,9 +99,7 @@ fn owners_grant_list_and_revoke() {
     env.cli(
         &server,
         "globex",
-        &[
-            "policy", "grant", "accounts", "--to", "acme", "--usage", "join",
-        ],
+        &words("policy grant accounts --to acme --usage join"),
     )
     .fails_with("not_found");
 
@@ -194,45 +178,17 @@ fn every_change_is_a_version_and_rollback_restores_the_exact_decisions() {
     acme(
         &env,
         &server,
-        &[
-            "policy",
-            "grant",
-            "accounts",
-            "--to",
-            "globex",
-            "--usage",
-            "dimension",
-            "--column",
-            "region",
-        ],
+        &words("policy grant accounts --to globex --usage dimension --column region"),
     ); // v3
     acme(
         &env,
         &server,
-        &[
-            "policy",
-            "set",
-            "accounts",
-            "--epsilon",
-            "0.5",
-            "--min-entities",
-            "7",
-        ],
+        &words("policy set accounts --epsilon 0.5 --min-entities 7"),
     ); // v4
     acme(
         &env,
         &server,
-        &[
-            "policy",
-            "grant",
-            "accounts",
-            "--to",
-            "globex",
-            "--usage",
-            "overlap",
-            "--population",
-            "customers",
-        ],
+        &words("policy grant accounts --to globex --usage overlap --population customers"),
     ); // v5
     // A change that changes nothing is not a version.
     env.cli(&server, "acme", &GRANT_JOIN).ok();
@@ -250,10 +206,7 @@ fn every_change_is_a_version_and_rollback_restores_the_exact_decisions() {
     acme(
         &env,
         &server,
-        &[
-            "policy", "revoke", "accounts", "--to", "globex", "--usage", "join", "--column",
-            "website",
-        ],
+        &words("policy revoke accounts --to globex --usage join --column website"),
     ); // v6
     acme(
         &env,
@@ -756,24 +709,12 @@ fn preview_shows_what_a_partner_can_ask_before_and_after_a_grant() {
     acme(
         &env,
         &server,
-        &[
-            "policy", "grant", "accounts", "--to", "*", "--usage", "sum", "--column", "arr_usd",
-        ],
+        &words("policy grant accounts --to * --usage sum --column arr_usd"),
     );
     acme(
         &env,
         &server,
-        &[
-            "policy",
-            "grant",
-            "accounts",
-            "--to",
-            "globex",
-            "--usage",
-            "overlap",
-            "--population",
-            "customers",
-        ],
+        &words("policy grant accounts --to globex --usage overlap --population customers"),
     );
     let after = preview(
         &env,
@@ -842,14 +783,7 @@ fn preview_shows_what_a_partner_can_ask_before_and_after_a_grant() {
     env.cli(
         &server,
         "acme",
-        &[
-            "policy",
-            "preview",
-            "--partner",
-            "globex",
-            "--dataset",
-            "nope",
-        ],
+        &words("policy preview --partner globex --dataset nope"),
     )
     .fails_with("no dataset named nope");
 }

@@ -17,7 +17,7 @@
 
 use std::path::Path;
 
-use crate::harness::{Env, Server};
+use crate::harness::{Env, Server, words};
 
 /// The corpus world: acme (60 companies, one duplicate row) and globex (60 companies, 30 of
 /// them acme's), acme sharing some columns of `accounts` with globex under exact-ish settings
@@ -85,15 +85,7 @@ fn corpus_world() -> (Env, Server) {
     env.cli(
         &server,
         "acme",
-        &[
-            "policy",
-            "set",
-            "directory",
-            "--epsilon",
-            "100",
-            "--budget",
-            "1000000",
-        ],
+        &words("policy set directory --epsilon 100 --budget 1000000"),
     )
     .ok();
     for (usage, column) in [
@@ -120,17 +112,7 @@ fn corpus_world() -> (Env, Server) {
     env.cli(
         &server,
         "acme",
-        &[
-            "policy",
-            "set",
-            "accounts",
-            "--epsilon",
-            "100",
-            "--budget",
-            "1000000",
-            "--bounds",
-            "revenue=0:500",
-        ],
+        &words("policy set accounts --epsilon 100 --budget 1000000 --bounds revenue=0:500"),
     )
     .ok();
     (env, server)
@@ -460,9 +442,7 @@ fn same_question_same_answer_without_new_spend_and_budget_runs_out() {
     env.cli(
         &server,
         "acme",
-        &[
-            "policy", "revoke", "accounts", "--to", "globex", "--usage", "join",
-        ],
+        &words("policy revoke accounts --to globex --usage join"),
     )
     .ok();
     env.cli(&server, "globex", &["query", OVERLAP])
@@ -603,15 +583,7 @@ fn messy_spellings_match_as_companies() {
     env.cli(
         &server,
         "globex",
-        &[
-            "policy",
-            "set",
-            "crm",
-            "--epsilon",
-            "100",
-            "--budget",
-            "1000",
-        ],
+        &words("policy set crm --epsilon 100 --budget 1000"),
     )
     .ok();
     // c10..c29 by domain (20) + c40..c44 by name (5).
@@ -647,22 +619,8 @@ fn messy_spellings_match_as_companies() {
     );
     for flags in [
         &["--key-column", "website", "--name-context", "region"][..],
-        &[
-            "--key-column",
-            "website",
-            "--name-column",
-            "company_name",
-            "--name-context",
-            "country",
-        ],
-        &[
-            "--key-column",
-            "website",
-            "--name-column",
-            "company_name",
-            "--name-context",
-            "company_name",
-        ],
+        &words("--key-column website --name-column company_name --name-context country"),
+        &words("--key-column website --name-column company_name --name-context company_name"),
     ] {
         env.upload(&server, "acme", &f, "ctx", flags)
             .fails_with("invalid_name_context");

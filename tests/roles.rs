@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use crate::harness::{Env, Run, accounts_csv};
+use crate::harness::{Env, Run, accounts_csv, words};
 
 const ROLES: [&str; 4] = ["admin", "compliance", "analyst", "uploader"];
 
@@ -94,17 +94,9 @@ fn each_role_may_do_exactly_what_the_role_policy_says() {
             role,
         );
         allowed_or_forbidden(
-            cli(&[
-                "policy",
-                "grant",
-                "accounts",
-                "--to",
-                "globex",
-                "--usage",
-                "dimension",
-                "--column",
-                "region",
-            ]),
+            cli(&words(
+                "policy grant accounts --to globex --usage dimension --column region",
+            )),
             may(role, &["admin", "compliance"]),
             "grant",
             role,
@@ -206,10 +198,7 @@ fn no_role_of_one_partner_reaches_another_partners_rules_or_users() {
     env.cli(
         &server,
         "acme",
-        &[
-            "policy", "grant", "accounts", "--to", "globex", "--usage", "join", "--column",
-            "website",
-        ],
+        &words("policy grant accounts --to globex --usage join --column website"),
     )
     .ok();
     // globex's compliance officer revokes "accounts" grants: that names globex's own
@@ -217,10 +206,7 @@ fn no_role_of_one_partner_reaches_another_partners_rules_or_users() {
     env.cli_as(
         &server,
         &globex_compliance,
-        &[
-            "policy", "revoke", "accounts", "--to", "globex", "--usage", "join", "--column",
-            "website",
-        ],
+        &words("policy revoke accounts --to globex --usage join --column website"),
     )
     .fails_with("");
     let acme = env
