@@ -834,8 +834,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                             ("granted by you", "granted"),
                             ("granted to you", "received"),
                         ] {
-                            let empty = Vec::new();
-                            let list = out[key].as_array().unwrap_or(&empty);
+                            let list = list(&out[key]);
                             println!("{title}: {}", if list.is_empty() { "none" } else { "" });
                             for g in list {
                                 println!("  {}", grant_line(g));
@@ -903,12 +902,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 match format {
                     OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&out)?),
                     OutputFormat::Table => {
-                        let empty = Vec::new();
-                        let versions = out["versions"].as_array().unwrap_or(&empty);
-                        if versions.is_empty() {
-                            println!("no policy changes yet");
-                        }
-                        for v in versions {
+                        for v in items_or_say(&out, "versions", "no policy changes yet") {
                             println!(
                                 "v{}  {}  {}  {}",
                                 v["version"],
@@ -1015,12 +1009,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 match format {
                     OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&out)?),
                     OutputFormat::Table => {
-                        let empty = Vec::new();
-                        let list = out["populations"].as_array().unwrap_or(&empty);
-                        if list.is_empty() {
-                            println!("no populations");
-                        }
-                        for p in list {
+                        for p in items_or_say(&out, "populations", "no populations") {
                             println!(
                                 "{}.{}  where {}",
                                 p["dataset"].as_str().unwrap_or("?"),
@@ -1460,7 +1449,7 @@ fn print_explanation(e: &serde_json::Value) {
     if !reads.is_empty() {
         println!("reads: {}", reads.join(", "));
     }
-    for u in e["uses"].as_array().into_iter().flatten() {
+    for u in list(&e["uses"]) {
         let target = match (u["column"].as_str(), u["population"].as_str()) {
             (Some(c), _) => format!("{}.{c}", s(&u["dataset"])),
             (_, Some(p)) => format!("population {p} of {}", s(&u["dataset"])),
@@ -1475,7 +1464,7 @@ fn print_explanation(e: &serde_json::Value) {
     }
     let p = &e["protection"];
     if p.is_object() {
-        let from: Vec<String> = p["from"].as_array().into_iter().flatten().map(s).collect();
+        let from: Vec<String> = list(&p["from"]).iter().map(s).collect();
         println!(
             "protection: min_entities={} epsilon={} max_groups_per_entity={} (settings of {})",
             p["min_entities"],
@@ -1492,7 +1481,7 @@ fn print_explanation(e: &serde_json::Value) {
             ""
         };
         println!("cost: epsilon {}{repeat}", c["epsilon_spent"]);
-        for b in c["budgets"].as_array().into_iter().flatten() {
+        for b in list(&c["budgets"]) {
             println!(
                 "  budget of {}: {} of {} spent after it",
                 s(&b["dataset"]),
@@ -1506,14 +1495,14 @@ fn print_explanation(e: &serde_json::Value) {
 fn print_preview(p: &serde_json::Value) {
     let s = |v: &serde_json::Value| v.as_str().unwrap_or("?").to_string();
     let partner = s(&p["partner"]);
-    for d in p["datasets"].as_array().into_iter().flatten() {
+    for d in list(&p["datasets"]) {
         let seen = if d["visible"] == true {
             "can name it in queries"
         } else {
             "cannot see it"
         };
         println!("{} (v{}): {partner} {seen}", s(&d["dataset"]), d["version"]);
-        for c in d["columns"].as_array().into_iter().flatten() {
+        for c in list(&d["columns"]) {
             let usages: Vec<String> = c["usages"]
                 .as_array()
                 .into_iter()
@@ -1555,7 +1544,7 @@ fn print_preview(p: &serde_json::Value) {
             d["budget"]["spent"],
             d["remaining"]
         );
-        for n in d["notes"].as_array().into_iter().flatten() {
+        for n in list(&d["notes"]) {
             println!("  note: {}", s(n));
         }
     }
@@ -1564,7 +1553,7 @@ fn print_preview(p: &serde_json::Value) {
 /// The `removed` and `added` lines of a policy diff, as `- line` / `+ line`.
 fn print_diff(d: &serde_json::Value, indent: &str) {
     for (sign, key) in [("-", "removed"), ("+", "added")] {
-        for line in d[key].as_array().into_iter().flatten() {
+        for line in list(&d[key]) {
             println!("{indent}{sign} {}", line.as_str().unwrap_or("?"));
         }
     }
@@ -1592,26 +1581,30 @@ fn grant_line(g: &serde_json::Value) -> String {
     )
 }
 
-fn print_datasets(out: &serde_json::Value) {
-    let empty = Vec::new();
-    let list = out["datasets"].as_array().unwrap_or(&empty);
+/// The items of the list `out[field]`, after printing `none` if there are none.
+fn items_or_say<'a>(
+    out: &'a serde_json::Value,
+    field: &str,
+    none: &str,
+) -> &'a [serde_json::Value] {
+    let list = list(&out[field]);
     if list.is_empty() {
-        println!("no datasets");
+        println!("{none}");
+    }
+    list
+}
+
+fn print_datasets(out: &serde_json::Value) {
+    let datasets = items_or_say(out, "datasets", "no datasets");
+    if datasets.is_empty() {
         return;
     }
-    let text = |v: &serde_json::Value| match v {
-        serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Null => "-".to_string(),
-        other => other.to_string(),
-    };
     println!(
         "{:<24} {:>7} {:>10}  {:<16} {:<20}  COLUMNS",
         "NAME", "VERSION", "ROWS", "KEY COLUMN", "CREATED (UTC)"
     );
-    for d in list {
-        let cols: Vec<String> = d["columns"]
-            .as_array()
-            .unwrap_or(&empty)
+    for d in datasets {
+        let cols: Vec<String> = list(&d["columns"])
             .iter()
             .map(|c| format!("{}:{}", text(&c["name"]), text(&c["type"])))
             .collect();
