@@ -17,6 +17,11 @@ use arrow_array::{Array, RecordBatch};
 use arrow_ipc::writer::StreamWriter;
 use arrow_schema::{ArrowError, DataType, SchemaRef};
 
+use parquet::arrow::arrow_reader::RowGroups;
+use parquet::column::page::{PageIterator, PageReader};
+use parquet::file::metadata::RowGroupMetaData;
+use parquet::file::reader::FileReader;
+
 use crate::catalog::ColumnInfo;
 use crate::matching::{COMPANY_KEY, MatchStats, NAME_KEY, Names, company_keys};
 use crate::{Error, Result};
@@ -1005,6 +1010,10 @@ fn read_exact_or<R: Read>(r: &mut R, buf: &mut [u8], what: &str) -> Result<()> {
 
 // ---- Parquet ----------------------------------------------------------------------------
 
+/// Segment size of the Parquet spool: each page header read decrypts one segment, so it is
+/// smaller than the default (pages are often a few KB in files written with small pages).
+const SPOOL_SEGMENT_SIZE: u32 = 64 << 10;
+
 /// A Parquet upload needs random access (its footer is at the end), so it is first spooled
 /// to a temp file sealed under a throwaway key that never leaves memory, then read back
 /// through authenticated random access. Plaintext never touches the disk.
@@ -1013,7 +1022,8 @@ fn parquet_batches<'a, R: Read + 'a>(
     limits: &IngestLimits,
 ) -> Result<Box<dyn Iterator<Item = Result<RecordBatch>> + 'a>> {
     use crate::crypto::seal::{Binding, SealWriter, SealedRandomAccess};
-    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReader;
+    use parquet::file::reader::{FileReader, SerializedFileReader};
 
     let spool_dir = limits
         .spool_dir
@@ -1033,7 +1043,7 @@ fn parquet_batches<'a, R: Read + 'a>(
         io::BufWriter::with_capacity(1 << 20, spool.as_file().try_clone()?),
         &key[..],
         binding,
-        crate::crypto::seal::DEFAULT_SEGMENT_SIZE,
+        SPOOL_SEGMENT_SIZE,
     )?;
     let mut chunk = vec![0u8; 256 << 10];
     loop {
@@ -1053,18 +1063,41 @@ fn parquet_batches<'a, R: Read + 'a>(
     // The spool file is unlinked now; the open handle keeps it readable until dropped.
     drop(spool);
     let source = SpooledBytes(Arc::new(random));
-    let reader = ParquetRecordBatchReaderBuilder::try_new(source)
-        .map_err(parquet_error)?
-        .with_batch_size(limits.batch_rows)
-        .build()
-        .map_err(parquet_error)?;
+    let file: Arc<dyn FileReader> =
+        Arc::new(SerializedFileReader::new(source).map_err(parquet_error)?);
+    let meta = file.metadata().file_metadata();
+    let schema =
+        parquet::arrow::parquet_to_arrow_schema(meta.schema_descr(), meta.key_value_metadata())
+            .map_err(parquet_error)?;
+    let levels = parquet::arrow::parquet_to_arrow_field_levels(
+        meta.schema_descr(),
+        parquet::arrow::ProjectionMask::all(),
+        Some(schema.fields()),
+    )
+    .map_err(parquet_error)?;
+    let checked = CheckedRowGroups {
+        file,
+        refused: Arc::default(),
+    };
+    let refused = checked.refused.clone();
+    let reader = ParquetRecordBatchReader::try_new_with_row_groups(
+        &levels,
+        &checked,
+        limits.batch_rows,
+        None,
+    )
+    .map_err(parquet_error)?;
     let schema = arrow_array::RecordBatchReader::schema(&reader);
-    let batches = reader.map(|b| {
+    let batches = reader.map(move |b| {
         b.map_err(|e| {
-            Error::bad(
-                "malformed_parquet",
-                format!("malformed Parquet: {}", strip(e)),
-            )
+            // the page checks' refusal, more precise than parquet's message about it
+            let precise = refused.lock().unwrap_or_else(|p| p.into_inner()).take();
+            precise.unwrap_or_else(|| {
+                Error::bad(
+                    "malformed_parquet",
+                    format!("malformed Parquet: {}", strip(e)),
+                )
+            })
         })
     });
     Ok(schema_even_if_empty(batches, schema))
@@ -1086,13 +1119,14 @@ impl parquet::file::reader::Length for SpooledBytes {
 }
 
 impl parquet::file::reader::ChunkReader for SpooledBytes {
-    type T = StrictEnd;
+    type T = SpooledRead;
 
     fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
-        let len = self.0.len().saturating_sub(start);
-        Ok(StrictEnd(Cursor::new(
-            self.get_bytes(start, len as usize)?.to_vec(),
-        )))
+        Ok(SpooledRead {
+            source: self.0.clone(),
+            next: start,
+            window: Cursor::new(Vec::new()),
+        })
     }
 
     fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<bytes::Bytes> {
@@ -1109,23 +1143,221 @@ impl parquet::file::reader::ChunkReader for SpooledBytes {
     }
 }
 
-/// The bytes from an offset to the end of a Parquet upload, where reading at the end is an
-/// error instead of `Ok(0)`. parquet's Thrift reader skips unknown fields with `io::copy` and
-/// ignores how much was copied, so a page header declaring a list of 2^31 fields past the end
-/// of the data spun for a minute per upload (found by fuzz/ingest_parquet). Its other readers
-/// use `read_exact`, for which both mean the same.
-pub struct StrictEnd(Cursor<Vec<u8>>);
+/// The bytes from an offset to the end of a Parquet upload (parquet reads page headers
+/// through it), decrypted one segment at a time as they are read: a page header costs one
+/// segment, not the rest of the file (reading it all made every header read allocate and
+/// decrypt the remainder of the upload, quadratic in its pages).
+///
+/// Reading at the end is an error instead of `Ok(0)`: parquet's Thrift reader skips unknown
+/// fields with `io::copy` and ignores how much was copied, so a page header declaring a
+/// list of 2^31 fields past the end of the data spun for a minute per upload (found by
+/// fuzz/ingest_parquet). Its other readers use `read_exact`, for which both mean the same.
+pub struct SpooledRead {
+    source: Arc<crate::crypto::seal::SealedRandomAccess>,
+    /// Offset of the first byte after `window`.
+    next: u64,
+    window: Cursor<Vec<u8>>,
+}
 
-impl Read for StrictEnd {
+impl Read for SpooledRead {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.0.read(buf)?;
-        if n == 0 && !buf.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "read past the end of the data",
-            ));
+        if buf.is_empty() {
+            return Ok(0);
         }
-        Ok(n)
+        if self.window.position() as usize == self.window.get_ref().len() {
+            if self.next >= self.source.len() {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "read past the end of the data",
+                ));
+            }
+            let segment = self.source.segment_size();
+            let to_segment_end = segment - self.next % segment;
+            let bytes = self.source.read_range(self.next, to_segment_end)?;
+            self.next += bytes.len() as u64;
+            self.window = Cursor::new(bytes);
+        }
+        self.window.read(buf)
+    }
+}
+
+/// A page check's refusal, kept for the error the upload gets.
+type Refused = Arc<Mutex<Option<Error>>>;
+
+/// The upload's row groups as the Arrow reader reads them, with every page checked first
+/// ([`CheckedPages`]).
+struct CheckedRowGroups {
+    file: Arc<dyn FileReader>,
+    refused: Refused,
+}
+
+impl RowGroups for CheckedRowGroups {
+    fn num_rows(&self) -> usize {
+        RowGroups::num_rows(&self.file)
+    }
+
+    fn column_chunks(&self, i: usize) -> parquet::errors::Result<Box<dyn PageIterator>> {
+        let column = self
+            .file
+            .metadata()
+            .file_metadata()
+            .schema_descr()
+            .column(i);
+        Ok(Box::new(CheckedChunks {
+            file: self.file.clone(),
+            column: i,
+            min_bits: min_value_bits(&column),
+            name: column.path().string(),
+            row_groups: 0..self.file.num_row_groups(),
+            refused: self.refused.clone(),
+        }))
+    }
+
+    fn row_groups(&self) -> Box<dyn Iterator<Item = &RowGroupMetaData> + '_> {
+        RowGroups::row_groups(&self.file)
+    }
+
+    fn metadata(&self) -> &parquet::file::metadata::ParquetMetaData {
+        self.file.metadata()
+    }
+}
+
+/// The fewest bits one plain-encoded value of a column can take.
+fn min_value_bits(column: &parquet::schema::types::ColumnDescriptor) -> u64 {
+    use parquet::basic::Type;
+    match column.physical_type() {
+        Type::BOOLEAN => 1,
+        Type::INT32 | Type::FLOAT | Type::BYTE_ARRAY => 32, // byte arrays: a 4-byte length
+        Type::INT64 | Type::DOUBLE => 64,
+        Type::INT96 => 96,
+        Type::FIXED_LEN_BYTE_ARRAY => 8 * u64::try_from(column.type_length()).unwrap_or(0).max(1),
+    }
+}
+
+/// One column's chunks, row group after row group.
+struct CheckedChunks {
+    file: Arc<dyn FileReader>,
+    column: usize,
+    min_bits: u64,
+    name: String,
+    row_groups: std::ops::Range<usize>,
+    refused: Refused,
+}
+
+impl Iterator for CheckedChunks {
+    type Item = parquet::errors::Result<Box<dyn PageReader>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let rg = self.row_groups.next()?;
+        Some(
+            self.file
+                .get_row_group(rg)
+                .and_then(|r| r.get_column_page_reader(self.column))
+                .map(|pages| {
+                    Box::new(CheckedPages {
+                        pages,
+                        min_bits: self.min_bits,
+                        name: self.name.clone(),
+                        refused: self.refused.clone(),
+                    }) as Box<dyn PageReader>
+                }),
+        )
+    }
+}
+
+impl PageIterator for CheckedChunks {}
+
+/// A column chunk's pages, each checked before the Arrow reader decodes it, against what
+/// parquet's decoders would otherwise allocate on a page's word (found by
+/// fuzz/ingest_parquet, which made a dictionary page of a few KB ask for 8 GB):
+/// - a dictionary page may not declare more values than its bytes can hold: decoders size
+///   the dictionary by the declared count before reading it;
+/// - data pages in `DELTA_LENGTH_BYTE_ARRAY` or `DELTA_BYTE_ARRAY` are refused: their
+///   decoders allocate the value count in the encoded data before checking it against the
+///   page, and that count is a 64-bit varint (writers use these encodings only when asked;
+///   the defaults are dictionary and plain).
+struct CheckedPages {
+    pages: Box<dyn PageReader>,
+    min_bits: u64,
+    name: String,
+    refused: Refused,
+}
+
+impl CheckedPages {
+    fn check(&self, page: &parquet::column::page::Page) -> std::result::Result<(), Error> {
+        use parquet::basic::Encoding;
+        use parquet::column::page::Page;
+        match page {
+            Page::DictionaryPage {
+                buf, num_values, ..
+            } => {
+                let room = 8 * buf.len() as u64;
+                if u64::from(*num_values).saturating_mul(self.min_bits) > room {
+                    return Err(Error::bad(
+                        "malformed_parquet",
+                        format!(
+                            "malformed Parquet: a dictionary page of column {} declares {num_values} values in {} bytes",
+                            self.name,
+                            buf.len()
+                        ),
+                    ));
+                }
+            }
+            Page::DataPage { encoding, .. } | Page::DataPageV2 { encoding, .. }
+                if matches!(
+                    encoding,
+                    Encoding::DELTA_LENGTH_BYTE_ARRAY | Encoding::DELTA_BYTE_ARRAY
+                ) =>
+            {
+                return Err(Error::bad(
+                    "unsupported_parquet_encoding",
+                    format!(
+                        "column {} is encoded as {encoding}, which escrow does not read (its decoder trusts a declared count); write it with dictionary or plain encoding",
+                        self.name
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+impl PageReader for CheckedPages {
+    fn get_next_page(&mut self) -> parquet::errors::Result<Option<parquet::column::page::Page>> {
+        let Some(page) = self.pages.get_next_page()? else {
+            return Ok(None);
+        };
+        match self.check(&page) {
+            Ok(()) => Ok(Some(page)),
+            Err(e) => {
+                let message = e.to_string();
+                *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                Err(parquet::errors::ParquetError::General(message))
+            }
+        }
+    }
+
+    fn peek_next_page(
+        &mut self,
+    ) -> parquet::errors::Result<Option<parquet::column::page::PageMetadata>> {
+        self.pages.peek_next_page()
+    }
+
+    fn skip_next_page(&mut self) -> parquet::errors::Result<()> {
+        self.pages.skip_next_page()
+    }
+
+    fn at_record_boundary(&mut self) -> parquet::errors::Result<bool> {
+        self.pages.at_record_boundary()
+    }
+}
+
+impl Iterator for CheckedPages {
+    type Item = parquet::errors::Result<parquet::column::page::Page>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.get_next_page().transpose()
     }
 }
 
@@ -1168,6 +1400,87 @@ mod tests {
             ..KeySpec::default()
         };
         ingest(format, bytes, &key, Vec::new(), &IngestLimits::default()).map(|(i, _)| i)
+    }
+
+    fn parquet(batch: &RecordBatch, props: parquet::file::properties::WriterProperties) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut w = parquet::arrow::ArrowWriter::try_new(&mut out, batch.schema(), Some(props))
+            .expect("writer");
+        w.write(batch).expect("write");
+        w.close().expect("close");
+        out
+    }
+
+    fn run_parquet(bytes: &[u8]) -> Result<Ingested> {
+        let spool = tempfile::tempdir().expect("spool");
+        let limits = IngestLimits {
+            spool_dir: Some(spool.path().to_path_buf()),
+            batch_rows: 1000,
+            ..IngestLimits::default()
+        };
+        ingest(
+            Some(Format::Parquet),
+            bytes,
+            &KeySpec::default(),
+            Vec::new(),
+            &limits,
+        )
+        .map(|(i, _)| i)
+    }
+
+    #[test]
+    fn parquet_with_many_pages_and_row_groups_is_read_whole() {
+        use parquet::file::properties::WriterProperties;
+        let b = batch(10_000);
+        let props = WriterProperties::builder()
+            .set_max_row_group_row_count(Some(3_000))
+            .set_data_page_row_count_limit(100)
+            .set_write_batch_size(100)
+            .build();
+        let bytes = parquet(&b, props);
+        let got = run_parquet(&bytes).expect("many pages");
+        assert_eq!(got.rows, 10_000);
+        assert_eq!(got.columns.len(), 2);
+    }
+
+    #[test]
+    fn parquet_dictionary_page_declaring_more_values_than_it_holds_is_refused() {
+        // found by fuzz/ingest_parquet: a 9 KB upload whose dictionary page declares about
+        // two billion values made the decoder reserve 8 GB for their offsets
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/corpus/fuzz/ingest_parquet/dictionary-page-declares-two-billion-values"
+        );
+        let input = std::fs::read(path).expect("corpus file");
+        let e = run_parquet(&input[1..]).expect_err("refused");
+        assert_eq!(e.code(), "malformed_parquet", "{e}");
+        assert!(e.to_string().contains("a dictionary page of column"), "{e}");
+    }
+
+    #[test]
+    fn parquet_delta_byte_array_pages_are_refused_by_name() {
+        use parquet::basic::Encoding;
+        use parquet::file::properties::WriterProperties;
+        for encoding in [
+            Encoding::DELTA_LENGTH_BYTE_ARRAY,
+            Encoding::DELTA_BYTE_ARRAY,
+        ] {
+            let props = WriterProperties::builder()
+                .set_column_dictionary_enabled("site".into(), false)
+                .set_column_encoding("site".into(), encoding)
+                .build();
+            let e = run_parquet(&parquet(&batch(50), props)).expect_err("delta refused");
+            assert_eq!(e.code(), "unsupported_parquet_encoding", "{encoding}: {e}");
+            assert!(e.to_string().contains("column site"), "{e}");
+        }
+        // the same list with its defaults (dictionary) is read
+        let props = WriterProperties::builder().build();
+        assert_eq!(
+            run_parquet(&parquet(&batch(50), props))
+                .expect("plain")
+                .rows,
+            50
+        );
     }
 
     #[test]

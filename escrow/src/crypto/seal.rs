@@ -348,6 +348,11 @@ impl SealedRandomAccess {
         self.plaintext_len == 0
     }
 
+    /// Plaintext bytes per segment: the unit every read decrypts and authenticates.
+    pub fn segment_size(&self) -> u64 {
+        self.segment_size
+    }
+
     /// Decrypt one segment.
     fn segment(&self, index: u64) -> io::Result<Vec<u8>> {
         use std::os::unix::fs::FileExt;
