@@ -4,7 +4,9 @@
 #   2. `escrow upload acme.arrow` end to end over mTLS: wall time, MB/s, peak server RSS
 #   3. DuckDB (Python) loading the same Arrow file into an on-disk table: wall time
 #   4. a ~1 GB Arrow file (the 1M list repeated) uploaded: peak server RSS (target < 256 MB)
-#   5. the sealing micro-benchmark (cargo bench --bench seal)
+#   5. the same list as Parquet (pyarrow's defaults, and with 16 KiB pages): escrow upload
+#      beside DuckDB loading the same file
+#   6. the sealing micro-benchmark (cargo bench --bench seal)
 # Usage: bench/upload.sh [ROWS]   (default 1000000). Needs: pip install pyarrow duckdb
 source "$(dirname "$0")/common.sh"
 
@@ -14,6 +16,16 @@ if [ ! -f "$OUT/gen-$ROWS/acme.arrow" ]; then
 fi
 ARROW="$OUT/gen-$ROWS/acme.arrow"
 BIG="$OUT/gen-$ROWS/acme-1gb.arrow"
+PARQUET="$OUT/gen-$ROWS/acme.parquet"
+PARQUET_16K="$OUT/gen-$ROWS/acme-16k-pages.parquet"
+if [ ! -f "$PARQUET_16K" ]; then
+  python3 - "$ARROW" "$PARQUET" "$PARQUET_16K" <<'PY'
+import sys, pyarrow.ipc as ipc, pyarrow.parquet as pq
+t = ipc.open_file(sys.argv[1]).read_all()
+pq.write_table(t, sys.argv[2])
+pq.write_table(t, sys.argv[3], data_page_size=16384)
+PY
+fi
 if [ ! -f "$BIG" ]; then
   python3 - "$ARROW" "$BIG" <<'PY'
 import sys, pyarrow as pa, pyarrow.ipc as ipc
@@ -86,6 +98,34 @@ echo
 echo "== upload of a $((BIG_SIZE / 1000000)) MB Arrow file"
 python3 -c "print(f'escrow upload: {float(\"$big_s\"):.2f} s  {$BIG_SIZE/float(\"$big_s\")/1e6:.0f} MB/s')"
 echo "server peak RSS (VmHWM, whole run): ${RSS_1G} MB  (target < 256 MB)"
+echo
+for f in "$PARQUET" "$PARQUET_16K"; do
+  best_e=""
+  for i in 1 2 3; do
+    t0=$(now)
+    "$BIN" upload "$f" --dataset "pq$i" --key-column website --name-column company_name > /dev/null
+    t1=$(now)
+    best_e=$(python3 -c "print(min($t1-$t0, float('${best_e:-1e9}')))")
+  done
+  best_d=$(python3 - "$f" <<'PY'
+import sys, time, os, tempfile, duckdb
+best = 1e9
+for i in range(3):
+    d = tempfile.mkdtemp()
+    t0 = time.perf_counter()
+    con = duckdb.connect(os.path.join(d, "db.duckdb"))
+    con.execute("SET threads = 2")
+    con.execute(f"CREATE TABLE accounts AS SELECT * FROM read_parquet('{sys.argv[1]}')")
+    con.execute("CHECKPOINT")
+    con.close()
+    best = min(best, time.perf_counter() - t0)
+print(f"{best:.3f}")
+PY
+)
+  echo "== upload of $(basename "$f") ($(($(stat -c %s "$f") / 1000000)) MB), best of 3"
+  python3 -c "e=$best_e; d=$best_d; print(f'escrow {e:.3f} s, duckdb {d:.3f} s, ratio {e/d:.2f}x')"
+done
+echo "server peak RSS (VmHWM, whole run): $(hwm_mb) MB"
 echo
 echo "== sealing micro-benchmark (one core)"
 cargo bench -p escrow --bench seal --quiet 2>/dev/null | grep -E "seal|open|target"
