@@ -1014,6 +1014,10 @@ fn read_exact_or<R: Read>(r: &mut R, buf: &mut [u8], what: &str) -> Result<()> {
 /// smaller than the default (pages are often a few KB in files written with small pages).
 const SPOOL_SEGMENT_SIZE: u32 = 64 << 10;
 
+/// The widest fixed-length byte array column a Parquet upload may have (UUIDs are 16,
+/// decimals at most 32).
+const MAX_FIXED_LEN: i32 = 4096;
+
 /// A Parquet upload needs random access (its footer is at the end), so it is first spooled
 /// to a temp file sealed under a throwaway key that never leaves memory, then read back
 /// through authenticated random access. Plaintext never touches the disk.
@@ -1066,6 +1070,21 @@ fn parquet_batches<'a, R: Read + 'a>(
     let file: Arc<dyn FileReader> =
         Arc::new(SerializedFileReader::new(source).map_err(parquet_error)?);
     let meta = file.metadata().file_metadata();
+    for column in meta.schema_descr().columns() {
+        let width = column.type_length();
+        if column.physical_type() == parquet::basic::Type::FIXED_LEN_BYTE_ARRAY
+            && !(1..=MAX_FIXED_LEN).contains(&width)
+        {
+            // parquet sizes a batch's buffer as rows x width before reading a value
+            return Err(Error::bad(
+                "unsupported_parquet",
+                format!(
+                    "column {} is a fixed-length byte array of {width} bytes; escrow reads 1 to {MAX_FIXED_LEN}",
+                    column.path().string()
+                ),
+            ));
+        }
+    }
     let schema =
         parquet::arrow::parquet_to_arrow_schema(meta.schema_descr(), meta.key_value_metadata())
             .map_err(parquet_error)?;
@@ -1230,7 +1249,7 @@ fn min_value_bits(column: &parquet::schema::types::ColumnDescriptor) -> u64 {
         Type::INT32 | Type::FLOAT | Type::BYTE_ARRAY => 32, // byte arrays: a 4-byte length
         Type::INT64 | Type::DOUBLE => 64,
         Type::INT96 => 96,
-        Type::FIXED_LEN_BYTE_ARRAY => 8 * u64::try_from(column.type_length()).unwrap_or(0).max(1),
+        Type::FIXED_LEN_BYTE_ARRAY => 8 * u64::try_from(column.type_length()).unwrap_or(1),
     }
 }
 
@@ -1272,7 +1291,8 @@ impl PageIterator for CheckedChunks {}
 /// fuzz/ingest_parquet, which made a dictionary page of a few KB ask for 8 GB):
 /// - a dictionary page may not declare more values than its bytes can hold: decoders size
 ///   the dictionary by the declared count before reading it;
-/// - data pages in `DELTA_LENGTH_BYTE_ARRAY` or `DELTA_BYTE_ARRAY` are refused: their
+/// - data pages in `DELTA_LENGTH_BYTE_ARRAY` or `DELTA_BYTE_ARRAY` are refused
+///   (`unsupported_parquet`): their
 ///   decoders allocate the value count in the encoded data before checking it against the
 ///   page, and that count is a 64-bit varint (writers use these encodings only when asked;
 ///   the defaults are dictionary and plain).
@@ -1310,7 +1330,7 @@ impl CheckedPages {
                 ) =>
             {
                 return Err(Error::bad(
-                    "unsupported_parquet_encoding",
+                    "unsupported_parquet",
                     format!(
                         "column {} is encoded as {encoding}, which escrow does not read (its decoder trusts a declared count); write it with dictionary or plain encoding",
                         self.name
@@ -1470,7 +1490,7 @@ mod tests {
                 .set_column_encoding("site".into(), encoding)
                 .build();
             let e = run_parquet(&parquet(&batch(50), props)).expect_err("delta refused");
-            assert_eq!(e.code(), "unsupported_parquet_encoding", "{encoding}: {e}");
+            assert_eq!(e.code(), "unsupported_parquet", "{encoding}: {e}");
             assert!(e.to_string().contains("column site"), "{e}");
         }
         // the same list with its defaults (dictionary) is read
@@ -1480,6 +1500,31 @@ mod tests {
                 .expect("plain")
                 .rows,
             50
+        );
+    }
+
+    #[test]
+    fn parquet_fixed_length_columns_wider_than_4_kib_are_refused() {
+        use arrow_array::FixedSizeBinaryArray;
+        let rows = |width: usize| {
+            let schema = Arc::new(Schema::new(vec![Field::new(
+                "blob",
+                DataType::FixedSizeBinary(width as i32),
+                false,
+            )]));
+            let values = (0..3u8).map(|i| vec![i; width]);
+            let array = FixedSizeBinaryArray::try_from_iter(values).expect("array");
+            RecordBatch::try_new(schema, vec![Arc::new(array)]).expect("batch")
+        };
+        let props = || parquet::file::properties::WriterProperties::builder().build();
+        let e = run_parquet(&parquet(&rows(8192), props())).expect_err("too wide");
+        assert_eq!(e.code(), "unsupported_parquet", "{e}");
+        assert!(e.to_string().contains("column blob"), "{e}");
+        assert_eq!(
+            run_parquet(&parquet(&rows(16), props()))
+                .expect("uuid")
+                .rows,
+            3
         );
     }
 
