@@ -51,15 +51,20 @@ export ESCROW_IDENTITY="$DATA/identities/acme/admin"
 now() { python3 -c 'import time; print(time.perf_counter())'; }
 hwm_mb() { awk '/VmHWM/ {printf "%.0f", $2/1024}' "/proc/$PID/status"; }
 
+# best_upload FILE DATASET: the best of 3 uploads of FILE (as DATASET1..3), in seconds
+best_upload() {
+  local best="" t0 t1
+  for i in 1 2 3; do
+    t0=$(now)
+    "$BIN" upload "$1" --dataset "$2$i" --key-column website --name-column company_name > /dev/null
+    t1=$(now)
+    best=$(python3 -c "print(f'{min($t1 - $t0, float(\"${best:-1e9}\")):.3f}')")
+  done
+  echo "$best"
+}
+
 SIZE=$(stat -c %s "$ARROW")
-best_escrow=""
-for i in 1 2 3; do
-  t0=$(now)
-  "$BIN" upload "$ARROW" --dataset "accounts$i" --key-column website --name-column company_name > /dev/null
-  t1=$(now)
-  s=$(python3 -c "print(f'{$t1-$t0:.3f}')")
-  best_escrow=$(python3 -c "print(min(float('$s'), float('${best_escrow:-1e9}')))")
-done
+best_escrow=$(best_upload "$ARROW" accounts)
 RSS_1M=$(hwm_mb)
 
 best_duck=$(python3 - "$ARROW" <<'PY'
@@ -100,13 +105,7 @@ python3 -c "print(f'escrow upload: {float(\"$big_s\"):.2f} s  {$BIG_SIZE/float(\
 echo "server peak RSS (VmHWM, whole run): ${RSS_1G} MB  (target < 256 MB)"
 echo
 for f in "$PARQUET" "$PARQUET_16K"; do
-  best_e=""
-  for i in 1 2 3; do
-    t0=$(now)
-    "$BIN" upload "$f" --dataset "pq$i" --key-column website --name-column company_name > /dev/null
-    t1=$(now)
-    best_e=$(python3 -c "print(min($t1-$t0, float('${best_e:-1e9}')))")
-  done
+  best_e=$(best_upload "$f" "pq$(basename "$f" .parquet | tr -c 'a-z0-9\n' '_')")
   best_d=$(python3 - "$f" <<'PY'
 import sys, time, os, tempfile, duckdb
 best = 1e9
