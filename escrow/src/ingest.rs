@@ -1171,77 +1171,91 @@ impl SpooledBytes {
     }
 }
 
-/// Walk one Thrift compact-protocol struct with Apache Thrift's own reader, which charges
-/// at least one byte for every element of a list, set or map. parquet's reader skips unknown
-/// fields charging nothing for a boolean list element, so a header or footer with an unknown
-/// `list<bool>` field of 2^31 elements spun for seconds per 9 KB upload (found by
-/// fuzz/ingest_parquet; nested lists multiply it), and it reserves the declared length of a
-/// footer's row-group list before reading it. A struct that walks within the bytes that
-/// follow it bounds both by the upload's size.
-/// (The walk is ours, the decoding Thrift's: its own `skip` reads binary fields as UTF-8
-/// strings, and Parquet's statistics are binary.)
-fn walk_thrift_struct(input: impl Read) -> std::result::Result<(), thrift::Error> {
-    let mut protocol = thrift::protocol::TCompactInputProtocol::new(input);
-    walk_thrift(&mut protocol, thrift::protocol::TType::Struct, 64)
+/// Walk one Thrift compact-protocol struct, charging at least one byte for every element of
+/// a list, set or map, and skipping binary fields without allocating them. parquet's Thrift
+/// reader skips unknown fields charging nothing for a boolean list element, so a header with
+/// an unknown `list<bool>` field of 2^31 elements spun for seconds per 9 KB upload (found by
+/// fuzz/ingest_parquet; nested lists multiply it), and it reserves a footer's declared
+/// row-group count before reading them. A struct that walks within the bytes that follow it
+/// bounds both by the upload's size. Apache Thrift's Rust reader was tried first: it
+/// allocates a binary field's declared length (4 GB from five bytes, also found by the
+/// fuzzer) and reads binary as UTF-8, so the walk reads the compact protocol's framing
+/// itself (thrift-compact-protocol.md: field headers, varints, list and map headers).
+fn walk_thrift_struct(input: impl Read) -> io::Result<()> {
+    walk_thrift(&mut BufReader::new(input), THRIFT_STRUCT, 64)
 }
 
-fn walk_thrift(
-    p: &mut impl thrift::protocol::TInputProtocol,
-    ty: thrift::protocol::TType,
-    depth: u8,
-) -> std::result::Result<(), thrift::Error> {
-    use thrift::protocol::TType;
-    let malformed = |message: &str| {
-        thrift::Error::Protocol(thrift::ProtocolError::new(
-            thrift::ProtocolErrorKind::InvalidData,
-            message,
-        ))
-    };
+const THRIFT_STRUCT: u8 = 12;
+
+fn walk_thrift(r: &mut impl Read, ty: u8, depth: u8) -> io::Result<()> {
+    use integer_encoding::VarIntReader;
+    let malformed = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
     let depth = depth
         .checked_sub(1)
         .ok_or_else(|| malformed("nested too deep"))?;
+    let byte = |r: &mut dyn Read| -> io::Result<u8> {
+        let mut b = [0u8; 1];
+        r.read_exact(&mut b)?;
+        Ok(b[0])
+    };
+    let skip = |r: &mut dyn Read, n: u64| -> io::Result<()> {
+        if io::copy(&mut r.take(n), &mut io::sink())? != n {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(())
+    };
     match ty {
-        TType::Bool => p.read_bool().map(drop),
-        TType::I08 => p.read_i8().map(drop),
-        TType::I16 => p.read_i16().map(drop),
-        TType::I32 => p.read_i32().map(drop),
-        TType::I64 => p.read_i64().map(drop),
-        TType::Double => p.read_double().map(drop),
-        TType::String => p.read_bytes().map(drop),
-        TType::Struct => {
-            p.read_struct_begin()?;
-            loop {
-                let field = p.read_field_begin()?;
-                if field.field_type == TType::Stop {
-                    break;
-                }
-                walk_thrift(p, field.field_type, depth)?;
-                p.read_field_end()?;
-            }
-            p.read_struct_end()
+        // a boolean, byte: one byte (a boolean field's value is in its header instead)
+        1..=3 => {
+            byte(r)?;
         }
-        TType::List | TType::Set => {
-            let list = p.read_list_begin()?;
-            for _ in 0..list.size {
-                walk_thrift(p, list.element_type, depth)?;
-            }
-            p.read_list_end()
+        // i16, i32, i64: a zigzag varint
+        4..=6 => {
+            r.read_varint::<u64>()?;
         }
-        TType::Map => {
-            let map = p.read_map_begin()?;
-            if map.size > 0 {
-                let (Some(key), Some(value)) = (map.key_type, map.value_type) else {
-                    return Err(malformed("map without types"));
-                };
-                for _ in 0..map.size {
-                    walk_thrift(p, key, depth)?;
-                    walk_thrift(p, value, depth)?;
+        7 => skip(r, 8)?,
+        8 => {
+            let n = r.read_varint::<u64>()?;
+            skip(r, n)?;
+        }
+        // list, set: size (4 bits, or a varint after 15) and element type
+        9 | 10 => {
+            let header = byte(r)?;
+            let size = match header >> 4 {
+                15 => u64::from(r.read_varint::<u32>()?),
+                n => u64::from(n),
+            };
+            for _ in 0..size {
+                walk_thrift(r, header & 0x0f, depth)?;
+            }
+        }
+        11 => {
+            let size = r.read_varint::<u32>()?;
+            if size > 0 {
+                let types = byte(r)?;
+                for _ in 0..size {
+                    walk_thrift(r, types >> 4, depth)?;
+                    walk_thrift(r, types & 0x0f, depth)?;
                 }
             }
-            p.read_map_end()
         }
-        _ => Err(malformed("unknown field type")),
+        THRIFT_STRUCT => loop {
+            let header = byte(r)?;
+            if header == 0 {
+                break; // stop
+            }
+            if header >> 4 == 0 {
+                r.read_varint::<i16>()?; // a field id that is not a small delta
+            }
+            match header & 0x0f {
+                1 | 2 => {} // boolean field
+                field => walk_thrift(r, field, depth)?,
+            }
+        },
+        13 => skip(r, 16)?, // uuid
+        _ => return Err(malformed("unknown Thrift type")),
     }
+    Ok(())
 }
 
 impl parquet::file::reader::ChunkReader for SpooledBytes {
@@ -1629,6 +1643,20 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    #[test]
+    fn parquet_footer_declaring_a_4_gb_binary_field_is_refused_without_allocating_it() {
+        // found by fuzz/ingest_parquet when the walk used Apache Thrift's reader, which
+        // allocated the declared length first
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/corpus/fuzz/ingest_parquet/footer-binary-declares-4-gb"
+        );
+        let input = std::fs::read(path).expect("corpus file");
+        let e = run_parquet(&input[1..]).expect_err("refused");
+        assert_eq!(e.code(), "malformed_parquet", "{e}");
+        assert!(e.to_string().contains("footer"), "{e}");
     }
 
     #[test]
