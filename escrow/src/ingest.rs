@@ -1020,14 +1020,65 @@ const MAX_FIXED_LEN: i32 = 4096;
 
 /// A Parquet upload needs random access (its footer is at the end), so it is first spooled
 /// to a temp file sealed under a throwaway key that never leaves memory, then read back
-/// through authenticated random access. Plaintext never touches the disk.
+/// through authenticated random access. Plaintext never touches the disk. parquet decodes
+/// it behind checks of its footer and page headers ([`walk_thrift_struct`]), its column
+/// widths and its pages ([`CheckedPages`]): bounds a hostile file needs that parquet does
+/// not apply.
 fn parquet_batches<'a, R: Read + 'a>(
-    mut input: BufReader<R>,
+    input: BufReader<R>,
     limits: &IngestLimits,
 ) -> Result<Box<dyn Iterator<Item = Result<RecordBatch>> + 'a>> {
-    use crate::crypto::seal::{Binding, SealWriter, SealedRandomAccess};
     use parquet::arrow::arrow_reader::ParquetRecordBatchReader;
     use parquet::file::reader::{FileReader, SerializedFileReader};
+
+    let source = SpooledBytes::open(Arc::new(spool(input, limits)?))?;
+    let file: Arc<dyn FileReader> =
+        Arc::new(SerializedFileReader::new(source).map_err(parquet_error)?);
+    let meta = file.metadata().file_metadata();
+    check_fixed_widths(meta.schema_descr())?;
+    let schema =
+        parquet::arrow::parquet_to_arrow_schema(meta.schema_descr(), meta.key_value_metadata())
+            .map_err(parquet_error)?;
+    let levels = parquet::arrow::parquet_to_arrow_field_levels(
+        meta.schema_descr(),
+        parquet::arrow::ProjectionMask::all(),
+        Some(schema.fields()),
+    )
+    .map_err(parquet_error)?;
+    let checked = CheckedRowGroups {
+        file,
+        refused: Arc::default(),
+    };
+    let refused = checked.refused.clone();
+    let reader = ParquetRecordBatchReader::try_new_with_row_groups(
+        &levels,
+        &checked,
+        limits.batch_rows,
+        None,
+    )
+    .map_err(parquet_error)?;
+    let schema = arrow_array::RecordBatchReader::schema(&reader);
+    let batches = reader.map(move |b| {
+        b.map_err(|e| {
+            // the page checks' refusal, more precise than parquet's message about it
+            let precise = refused.lock().unwrap_or_else(|p| p.into_inner()).take();
+            precise.unwrap_or_else(|| {
+                Error::bad(
+                    "malformed_parquet",
+                    format!("malformed Parquet: {}", strip(e)),
+                )
+            })
+        })
+    });
+    Ok(schema_even_if_empty(batches, schema))
+}
+
+/// The upload, spooled to a temp file sealed under a throwaway key, for random access.
+fn spool<R: Read>(
+    mut input: BufReader<R>,
+    limits: &IngestLimits,
+) -> Result<crate::crypto::seal::SealedRandomAccess> {
+    use crate::crypto::seal::{Binding, SealWriter, SealedRandomAccess};
 
     let spool_dir = limits
         .spool_dir
@@ -1066,16 +1117,17 @@ fn parquet_batches<'a, R: Read + 'a>(
     let random = SealedRandomAccess::open(spool.reopen()?, &key[..], binding)?;
     // The spool file is unlinked now; the open handle keeps it readable until dropped.
     drop(spool);
-    let source = SpooledBytes::open(Arc::new(random))?;
-    let file: Arc<dyn FileReader> =
-        Arc::new(SerializedFileReader::new(source).map_err(parquet_error)?);
-    let meta = file.metadata().file_metadata();
-    for column in meta.schema_descr().columns() {
+    Ok(random)
+}
+
+/// Fixed-length byte array columns must be 1 to `MAX_FIXED_LEN` bytes wide: parquet sizes a
+/// batch's buffer as rows x width before reading a value.
+fn check_fixed_widths(schema: &parquet::schema::types::SchemaDescriptor) -> Result<()> {
+    for column in schema.columns() {
         let width = column.type_length();
         if column.physical_type() == parquet::basic::Type::FIXED_LEN_BYTE_ARRAY
             && !(1..=MAX_FIXED_LEN).contains(&width)
         {
-            // parquet sizes a batch's buffer as rows x width before reading a value
             return Err(Error::bad(
                 "unsupported_parquet",
                 format!(
@@ -1085,41 +1137,7 @@ fn parquet_batches<'a, R: Read + 'a>(
             ));
         }
     }
-    let schema =
-        parquet::arrow::parquet_to_arrow_schema(meta.schema_descr(), meta.key_value_metadata())
-            .map_err(parquet_error)?;
-    let levels = parquet::arrow::parquet_to_arrow_field_levels(
-        meta.schema_descr(),
-        parquet::arrow::ProjectionMask::all(),
-        Some(schema.fields()),
-    )
-    .map_err(parquet_error)?;
-    let checked = CheckedRowGroups {
-        file,
-        refused: Arc::default(),
-    };
-    let refused = checked.refused.clone();
-    let reader = ParquetRecordBatchReader::try_new_with_row_groups(
-        &levels,
-        &checked,
-        limits.batch_rows,
-        None,
-    )
-    .map_err(parquet_error)?;
-    let schema = arrow_array::RecordBatchReader::schema(&reader);
-    let batches = reader.map(move |b| {
-        b.map_err(|e| {
-            // the page checks' refusal, more precise than parquet's message about it
-            let precise = refused.lock().unwrap_or_else(|p| p.into_inner()).take();
-            precise.unwrap_or_else(|| {
-                Error::bad(
-                    "malformed_parquet",
-                    format!("malformed Parquet: {}", strip(e)),
-                )
-            })
-        })
-    });
-    Ok(schema_even_if_empty(batches, schema))
+    Ok(())
 }
 
 fn parquet_error(e: parquet::errors::ParquetError) -> Error {
