@@ -964,7 +964,7 @@ pub mod output {
         Value::Object(m)
     }
 
-    /// CSV with a header line: mine, theirs, [by,] count, suppressed.
+    /// CSV with a header line: mine, theirs, (by,) count, suppressed.
     pub fn rows_csv<'a>(
         rows: impl IntoIterator<Item = &'a OverlapRow>,
         by: Option<&str>,
