@@ -298,6 +298,9 @@ pub struct SealedRandomAccess {
     segment_size: u64,
     segments: u64,
     plaintext_len: u64,
+    /// The segment decrypted last, by index: readers often ask for it again (Parquet reads
+    /// a page header, walked first, then the page's data, mostly from one segment).
+    last: std::sync::Mutex<Option<(u64, std::sync::Arc<Vec<u8>>)>>,
 }
 
 impl SealedRandomAccess {
@@ -336,6 +339,7 @@ impl SealedRandomAccess {
             segment_size: u64::from(segment_size),
             segments,
             plaintext_len,
+            last: std::sync::Mutex::new(None),
         })
     }
 
@@ -353,8 +357,21 @@ impl SealedRandomAccess {
         self.segment_size
     }
 
+    /// One segment's plaintext: the one decrypted last, or decrypted now.
+    fn segment(&self, index: u64) -> io::Result<std::sync::Arc<Vec<u8>>> {
+        let last = || self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((i, seg)) = last().as_ref()
+            && *i == index
+        {
+            return Ok(seg.clone());
+        }
+        let seg = std::sync::Arc::new(self.decrypt_segment(index)?);
+        *last() = Some((index, seg.clone()));
+        Ok(seg)
+    }
+
     /// Decrypt one segment.
-    fn segment(&self, index: u64) -> io::Result<Vec<u8>> {
+    fn decrypt_segment(&self, index: u64) -> io::Result<Vec<u8>> {
         use std::os::unix::fs::FileExt;
         let last = index + 1 == self.segments;
         let full = self.segment_size + TAG_LEN as u64;
