@@ -1309,7 +1309,7 @@ impl parquet::file::reader::ChunkReader for SpooledBytes {
 /// fields with `io::copy` and ignores how much was copied, so a page header declaring a
 /// list of 2^31 fields past the end of the data spun for a minute per upload (found by
 /// fuzz/ingest_parquet). Its other readers use `read_exact`, for which both mean the same.
-pub struct SpooledRead {
+struct SpooledRead {
     source: Arc<crate::crypto::seal::SealedRandomAccess>,
     /// Offset of the first byte after `window`.
     next: u64,
@@ -1606,6 +1606,17 @@ mod tests {
         .map(|(i, _)| i)
     }
 
+    /// An input of tests/corpus/fuzz/ingest_parquet, without the fuzz target's selector byte.
+    fn fuzz_input(name: &str) -> Vec<u8> {
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/corpus/fuzz/ingest_parquet"
+        );
+        let mut input = std::fs::read(format!("{dir}/{name}")).expect("corpus file");
+        input.remove(0);
+        input
+    }
+
     #[test]
     fn parquet_with_many_pages_and_row_groups_is_read_whole() {
         use parquet::file::properties::WriterProperties;
@@ -1647,13 +1658,9 @@ mod tests {
     #[test]
     fn parquet_page_header_with_a_huge_unknown_list_of_booleans_is_refused_at_once() {
         // found by fuzz/ingest_parquet: parquet skipped 2^31 list elements reading no byte
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../tests/corpus/fuzz/ingest_parquet/page-header-unknown-list-of-bools"
-        );
-        let input = std::fs::read(path).expect("corpus file");
+        let input = fuzz_input("page-header-unknown-list-of-bools");
         let started = std::time::Instant::now();
-        let e = run_parquet(&input[1..]).expect_err("refused");
+        let e = run_parquet(&input).expect_err("refused");
         assert_eq!(e.code(), "malformed_parquet", "{e}");
         assert!(e.to_string().contains("page header"), "{e}");
         assert!(
@@ -1667,12 +1674,7 @@ mod tests {
     fn parquet_footer_declaring_a_4_gb_binary_field_is_refused_without_allocating_it() {
         // found by fuzz/ingest_parquet when the walk used Apache Thrift's reader, which
         // allocated the declared length first
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../tests/corpus/fuzz/ingest_parquet/footer-binary-declares-4-gb"
-        );
-        let input = std::fs::read(path).expect("corpus file");
-        let e = run_parquet(&input[1..]).expect_err("refused");
+        let e = run_parquet(&fuzz_input("footer-binary-declares-4-gb")).expect_err("refused");
         assert_eq!(e.code(), "malformed_parquet", "{e}");
         assert!(e.to_string().contains("footer"), "{e}");
     }
