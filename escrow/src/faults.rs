@@ -7,8 +7,11 @@
 //!
 //! `@N` fires on the N-th hit (default 1). For points that report a position (`at`, e.g. the
 //! bytes of an upload received so far) it fires the first time the position reaches N.
-//! Unset (the production case), a point costs one load of an initialised `OnceLock`. The
-//! points are listed in docs/OPERATIONS.md; tests/crash.rs and tests/faults.rs use them.
+//! The points exist only in builds with the `fault-injection` feature, which `cargo test`
+//! turns on and `cargo build` does not: a production binary ignores `ESCROW_FAULT` (and
+//! says so at startup, see [`ignored`]), and there each point is a constant `Ok(())`. In a
+//! test build with the variable unset a point costs one load of an initialised `OnceLock`.
+//! The points are listed in docs/OPERATIONS.md; tests/crash.rs and tests/faults.rs use them.
 
 use std::io;
 use std::sync::OnceLock;
@@ -33,7 +36,15 @@ struct Armed {
     fired: AtomicU64,
 }
 
+/// Whether `ESCROW_FAULT` is set in a build without fault points, where it does nothing.
+pub fn ignored() -> bool {
+    !cfg!(feature = "fault-injection") && std::env::var_os(ENV).is_some()
+}
+
 fn armed() -> Option<&'static Armed> {
+    if !cfg!(feature = "fault-injection") {
+        return None;
+    }
     static ARMED: OnceLock<Option<Armed>> = OnceLock::new();
     ARMED
         .get_or_init(|| std::env::var(ENV).ok().and_then(|s| parse(&s)))

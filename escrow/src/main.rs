@@ -1829,6 +1829,12 @@ async fn serve(
     grace_secs: u64,
     query: QueryLimitArgs,
 ) -> anyhow::Result<()> {
+    if escrow::faults::ignored() {
+        tracing::warn!(
+            "{} is set, but this build has no fault points (feature fault-injection): ignored",
+            escrow::faults::ENV
+        );
+    }
     let report = escrow::admin::init(&dir).map_err(engine)?;
     if report.created_anything() {
         tracing::info!(data_dir = %dir.root().display(), ?report, "initialised data directory");
