@@ -149,8 +149,12 @@ fn every_action_appears_once_in_order_and_partners_see_what_touched_them() {
             "query refused",
             "overlap ok",
             "user_add ok",
+            "audit_read ok",
         ]
     );
+    let read = seen.last().expect("own read");
+    assert_eq!(read["actor"]["user"], "gina", "{read}");
+    assert_eq!(read["detail"]["view"], "list", "{read}");
     assert!(
         !out.stdout.contains("GROUP BY region"),
         "acme's own query leaked"
@@ -184,6 +188,28 @@ fn every_action_appears_once_in_order_and_partners_see_what_touched_them() {
         .op(&["audit", "verify", "--file", export.to_str().expect("p")])
         .ok();
     assert!(v.stdout.contains("intact"), "{}", v.stdout);
+    assert!(
+        text.contains("\"audit_read\""),
+        "the export holds its own read"
+    );
+    // Every read of the log is itself audited (the refused --since one read nothing).
+    let reads: Vec<_> = env
+        .audit_records()
+        .into_iter()
+        .filter(|r| r["kind"] == "audit_read")
+        .map(|r| (r["detail"]["view"].clone(), r["detail"]["since"].clone()))
+        .collect();
+    let since = serde_json::json!("2999-01-01T00:00:00Z");
+    let (list, export, none) = (json("\"list\""), json("\"export\""), json("null"));
+    assert_eq!(
+        reads,
+        [
+            (list.clone(), none.clone()),
+            (list.clone(), since),
+            (list, none.clone()),
+            (export, none)
+        ]
+    );
     server.terminate();
 }
 

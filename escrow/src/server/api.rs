@@ -1016,6 +1016,17 @@ struct AuditParams {
     since: Option<String>,
 }
 
+/// The record of a read of the audit log, written before the records are read (so the answer
+/// includes it): who looked at the log is itself audited.
+fn audit_read(caller: &Caller, detail: serde_json::Value) -> crate::audit::Event {
+    crate::audit::Event::new(
+        "audit_read",
+        caller.actor(),
+        crate::audit::Outcome::Ok,
+        detail,
+    )
+}
+
 /// The caller's partner's events and every event that touched its datasets or rules.
 async fn audit_list(
     State(state): State<Arc<AppState>>,
@@ -1030,8 +1041,12 @@ async fn audit_list(
         .transpose()?;
     let store = state.store.clone();
     let viewer = crate::audit::Viewer::Partner(caller.partner.clone());
-    let records =
-        blocking(move || crate::audit::list(store.audit_log().path(), &viewer, since)).await?;
+    let read = audit_read(&caller, json!({ "view": "list", "since": params.since }));
+    let records = blocking(move || {
+        store.record(&read)?;
+        crate::audit::list(store.audit_log().path(), &viewer, since)
+    })
+    .await?;
     Ok(Json(json!({ "records": records })))
 }
 
@@ -1044,7 +1059,9 @@ async fn audit_export(
     caller.may(&state, Action::AuditRead).await?;
     let store = state.store.clone();
     let viewer = crate::audit::Viewer::Partner(caller.partner.clone());
+    let read = audit_read(&caller, json!({ "view": "export" }));
     let bytes = blocking(move || {
+        store.record(&read)?;
         store.audit_checkpoint()?;
         let mut out = Vec::new();
         crate::audit::export(store.audit_log().path(), &viewer, &mut out)?;
