@@ -380,13 +380,12 @@ impl Server {
 
     /// CPU time (user + system) the server process has used so far, from /proc.
     pub fn cpu_secs(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
-            .expect("/proc/PID/stat");
-        // fields after the parenthesised command name; utime and stime are fields 14 and 15
-        let rest = &stat[stat.rfind(')').expect("stat") + 2..];
-        let f: Vec<&str> = rest.split(' ').collect();
-        let ticks: f64 =
-            f[11].parse::<f64>().expect("utime") + f[12].parse::<f64>().expect("stime");
+        self.thread_cpu_secs().values().sum()
+    }
+
+    /// CPU seconds (user + system) used so far by the server's live threads, summed by
+    /// thread name (`escrow-query`, `tokio-runtime-worker`, ...).
+    pub fn thread_cpu_secs(&self) -> std::collections::BTreeMap<String, f64> {
         let out = Command::new("getconf")
             .arg("CLK_TCK")
             .output()
@@ -395,7 +394,27 @@ impl Server {
             .trim()
             .parse()
             .expect("CLK_TCK");
-        ticks / hz
+        let mut by_name = std::collections::BTreeMap::new();
+        let tasks =
+            std::fs::read_dir(format!("/proc/{}/task", self.child.id())).expect("/proc/PID/task");
+        for task in tasks.flatten() {
+            // a thread may end between the listing and the read
+            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+                continue;
+            };
+            let (open, close) = (
+                stat.find('(').expect("stat"),
+                stat.rfind(')').expect("stat"),
+            );
+            // fields after the parenthesised name; utime and stime are fields 14 and 15
+            let f: Vec<&str> = stat[close + 2..].split(' ').collect();
+            let ticks: f64 =
+                f[11].parse::<f64>().expect("utime") + f[12].parse::<f64>().expect("stime");
+            *by_name
+                .entry(stat[open + 1..close].to_string())
+                .or_insert(0.0) += ticks / hz;
+        }
+        by_name
     }
 
     pub fn log(&self) -> String {

@@ -458,11 +458,24 @@ impl QueryService {
         };
 
         let limit = self.config.limits.memory_bytes / 2;
+        let stop = escrow_query::Stop::default();
         let run = async {
-            let (a, b) = tokio::try_join!(
-                self.reduce(first, req.by.as_deref(), limit),
-                self.reduce(second, req.by.as_deref(), limit)
-            )?;
+            // Both sides to their end (a dropped side's blocking task would run on), and a
+            // side that fails stops the other.
+            let (by, stop) = (req.by.as_deref(), &stop);
+            let side = |s| async move {
+                let r = self.reduce(s, by, limit, stop).await;
+                if r.is_err() {
+                    stop.request();
+                }
+                r
+            };
+            let (a, b) = match tokio::join!(side(first), side(second)) {
+                (Ok(a), Ok(b)) => (a, b),
+                // the side that failed first, not the one it stopped (an internal error)
+                (Err(e), Err(stopped)) if e.code() == "internal" => return Err(stopped),
+                (Err(e), _) | (_, Err(e)) => return Err(e),
+            };
             let by = req.by.is_some();
             crate::queries::blocking(move || {
                 let sensitivity = overlap::sensitivity(&a, &b, max_groups);
@@ -470,8 +483,9 @@ impl QueryService {
             })
             .await
         };
-        let (cells, sensitivity): (Vec<CellCount>, u32) =
-            self.within_time_limit("overlap", run).await?;
+        let (cells, sensitivity): (Vec<CellCount>, u32) = self
+            .within_time_limit("overlap", run, || stop.request())
+            .await?;
 
         let names = |s: &SideData| -> Vec<String> {
             s.populations.iter().map(|p| p.name.clone()).collect()
@@ -649,7 +663,14 @@ impl QueryService {
     }
 
     /// Read one side's verified batches and reduce them to its entities (blocking pool).
-    async fn reduce(&self, side: &SideData, by: Option<&str>, limit: usize) -> Result<Membership> {
+    async fn reduce(
+        &self,
+        side: &SideData,
+        by: Option<&str>,
+        limit: usize,
+        stop: &escrow_query::Stop,
+    ) -> Result<Membership> {
+        let stop = stop.clone();
         let store = self.store.clone();
         let hasher = self.entity_hasher.clone();
         let version = side.version.clone();
@@ -683,9 +704,12 @@ impl QueryService {
                 dimension: by.as_deref().map(|c| index(c, &executes)).transpose()?,
                 names: executes.index_of(crate::matching::NAME_KEY).ok(),
             };
-            let batches = store
-                .batches(&version, prepare)?
-                .map(|b| b.map_err(|e| e.to_string()));
+            let batches = store.batches(&version, prepare)?.map(|b| {
+                if stop.requested() {
+                    return Err("stopped at the time limit".to_string());
+                }
+                b.map_err(|e| e.to_string())
+            });
             overlap::memberships(&side, batches, limit).map_err(Error::from)
         })
         .await

@@ -114,6 +114,23 @@ pub(crate) async fn blocking<T: Send + 'static>(
         .map_err(|e| Error::internal(format!("blocking task failed: {e}")))?
 }
 
+/// Calls its function once: when asked to, or else when dropped.
+struct StopOnDrop<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> StopOnDrop<F> {
+    fn now(&mut self) {
+        if let Some(stop) = self.0.take() {
+            stop()
+        }
+    }
+}
+
+impl<F: FnOnce()> Drop for StopOnDrop<F> {
+    fn drop(&mut self) {
+        self.now()
+    }
+}
+
 /// Record an audit event from async code (the append is blocking I/O).
 pub(crate) async fn record(store: Arc<Store>, event: Event) -> Result<()> {
     blocking(move || store.record(&event)).await
@@ -243,31 +260,54 @@ impl QueryService {
         };
         let (runs, state) =
             escrow_query::plan_for_execution(sql, &tables, &self.config.limits, &report).await?;
-        let run = self.executor.run(async move {
-            escrow_query::execute(&state, runs, &report, protection.as_ref()).await
+        let stop = escrow_query::Stop::default();
+        let stopping = stop.clone();
+        let task = self.executor.spawn(async move {
+            escrow_query::execute(&state, runs, &report, protection.as_ref(), &stopping).await
         });
+        let abort = task.stopper();
         let answer = self
-            .within_time_limit("query", async { Ok(run.await?) })
+            .within_time_limit("query", async { Ok(task.await?) }, move || {
+                stop.request();
+                abort.abort();
+            })
             .await?;
         Ok(QueryOutcome { answer, cost })
     }
 
     /// `work` under the per-question time limit: refused with `query_timeout` (naming
-    /// `what`) when it runs longer; dropping it then stops it.
+    /// `what`) when it runs longer, but only after `stop` has made it stop and it has
+    /// ended, so that the question's admission slot (held by the caller) is not given back
+    /// while its work still takes a core. `work` must end soon after `stop` (at its next
+    /// yield or batch). If this future is dropped instead (client gone, shutdown), `stop`
+    /// is called then, without the wait.
     pub(crate) async fn within_time_limit<T>(
         &self,
         what: &str,
         work: impl Future<Output = Result<T>>,
+        stop: impl FnOnce(),
     ) -> Result<T> {
-        match tokio::time::timeout(self.config.timeout, work).await {
+        let mut stop = StopOnDrop(Some(stop));
+        let mut work = std::pin::pin!(work);
+        match tokio::time::timeout(self.config.timeout, work.as_mut()).await {
             Ok(result) => result,
-            Err(_) => Err(Error::bad(
-                "query_timeout",
-                format!(
-                    "the {what} ran longer than the limit of {} s",
-                    self.config.timeout.as_secs()
-                ),
-            )),
+            Err(_) => {
+                stop.now();
+                let stopping = std::time::Instant::now();
+                let _ = work.await;
+                tracing::info!(
+                    what,
+                    stopped_after_ms = stopping.elapsed().as_millis() as u64,
+                    "work over the time limit stopped"
+                );
+                Err(Error::bad(
+                    "query_timeout",
+                    format!(
+                        "the {what} ran longer than the limit of {} s",
+                        self.config.timeout.as_secs()
+                    ),
+                ))
+            }
         }
     }
 

@@ -107,9 +107,15 @@ async fn main() {
                 bounds: vec![None],
                 noise: Noise::new(key.clone(), [1; 32]),
             };
-            let answer = execute(&state, plan, &report, protected.then_some(&p))
-                .await
-                .expect("execute");
+            let answer = execute(
+                &state,
+                plan,
+                &report,
+                protected.then_some(&p),
+                &Default::default(),
+            )
+            .await
+            .expect("execute");
             times.push(t0.elapsed().as_secs_f64());
             assert!(!answer.batches.is_empty());
         }

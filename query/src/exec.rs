@@ -49,6 +49,7 @@ use datafusion::physical_plan::joins::{
 use crate::QueryError;
 use crate::gate::{GateReport, Metric};
 use crate::noise::{Noise, partition_threshold};
+use crate::stop::{Stop, StopExec};
 
 const ENTITY: &str = "__escrow_entity";
 const ROW_NUMBER: &str = "__escrow_rn";
@@ -101,10 +102,11 @@ pub async fn execute(
     plan: LogicalPlan,
     report: &GateReport,
     protection: Option<&Protection>,
+    stop: &Stop,
 ) -> Result<Answer, QueryError> {
     let Some(p) = protection else {
         let schema = Arc::new(plan.schema().as_arrow().clone());
-        let batches = collect(state, &plan).await?;
+        let batches = collect(state, &plan, stop).await?;
         let rows = batches.iter().map(RecordBatch::num_rows).sum();
         return Ok(Answer {
             schema,
@@ -115,7 +117,7 @@ pub async fn execute(
     };
     let (top, agg) = split_top(&plan)?;
     let stage = protected_stage(agg, report, p)?;
-    let exact = collect(state, &stage).await?;
+    let exact = collect(state, &stage, stop).await?;
     let (rows, applied) = release(agg, report, p, &exact)?;
     let mut out = replace_aggregate(agg, rows)?;
     for node in top.iter().rev() {
@@ -125,7 +127,7 @@ pub async fn execute(
         }
         out = node.with_new_exprs(exprs, vec![out])?;
     }
-    let batches = collect(state, &out).await?;
+    let batches = collect(state, &out, stop).await?;
     // The last column is the suppressed flag of each row: strip it from what is returned.
     let full = out.schema().as_arrow().clone();
     let shown: Vec<usize> = (0..full.fields().len() - 1).collect();
@@ -149,8 +151,12 @@ pub async fn execute(
     })
 }
 
-async fn collect(state: &SessionState, plan: &LogicalPlan) -> Result<Vec<RecordBatch>, QueryError> {
-    let physical = cooperative_joins(state.create_physical_plan(plan).await?)?;
+async fn collect(
+    state: &SessionState,
+    plan: &LogicalPlan,
+    stop: &Stop,
+) -> Result<Vec<RecordBatch>, QueryError> {
+    let physical = cooperative_joins(state.create_physical_plan(plan).await?, stop)?;
     Ok(datafusion::physical_plan::collect(physical, state.task_ctx()).await?)
 }
 
@@ -158,9 +164,12 @@ async fn collect(state: &SessionState, plan: &LogicalPlan) -> Result<Vec<RecordB
 /// returning to tokio (apache/datafusion#19358), so an aborted query would keep its worker
 /// until the join is done. Wrapped in a [`CooperativeExec`], each join's output spends
 /// tokio's cooperative budget per batch: the task yields, and an abort takes effect there.
-/// (A single poll can still be long: a hash join walks every match of a probe batch's keys
-/// before it yields, which for a key shared by most rows is seconds of work.)
-fn cooperative_joins(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>, QueryError> {
+/// And each join's output is wrapped in a [`StopExec`]: once `stop` is requested, the join
+/// stops at its next batch, on whichever task it runs (see [`crate::stop`]).
+fn cooperative_joins(
+    plan: Arc<dyn ExecutionPlan>,
+    stop: &Stop,
+) -> Result<Arc<dyn ExecutionPlan>, QueryError> {
     let wrapped = plan.transform_up(|node| {
         let join = node.is::<HashJoinExec>()
             || node.is::<NestedLoopJoinExec>()
@@ -169,7 +178,10 @@ fn cooperative_joins(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPl
             || node.is::<SymmetricHashJoinExec>()
             || node.is::<PiecewiseMergeJoinExec>();
         Ok(if join {
-            Transformed::yes(Arc::new(CooperativeExec::new(node)) as Arc<dyn ExecutionPlan>)
+            let cooperative = Arc::new(CooperativeExec::new(node));
+            Transformed::yes(
+                Arc::new(StopExec::new(cooperative, stop.clone())) as Arc<dyn ExecutionPlan>
+            )
         } else {
             Transformed::no(node)
         })

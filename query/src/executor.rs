@@ -6,14 +6,17 @@
 //! server's runtime, two such queries would stall every connection, TLS handshake and upload,
 //! and the very timer that enforces the query time limit. Queries therefore execute on a
 //! runtime of their own (the pattern of DataFusion's `thread_pools` example); the caller's
-//! runtime only waits for them. Dropping that wait (time limit, client gone, shutdown)
-//! aborts the query task, which stops at its next yield; joins are made to yield between
-//! batches (see `exec::cooperative_joins`).
+//! runtime only waits for them. Dropping that wait (client gone, shutdown) aborts the query
+//! task, which stops at its next yield; joins are made to yield between batches (see
+//! `exec::cooperative_joins`). At the time limit the caller aborts the task and then waits
+//! for it to stop, so the question's slot is not given back while its work still runs.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use tokio::runtime::Handle;
-use tokio::task::AbortHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::QueryError;
 
@@ -49,26 +52,45 @@ impl Executor {
         })
     }
 
-    /// Run `work` on the query runtime and wait for it. Dropping the returned future aborts
-    /// the work; a panic in it becomes an internal error.
-    pub async fn run<T, F>(&self, work: F) -> Result<T, QueryError>
+    /// Start `work` on the query runtime. Awaiting the task gives its result (a panic in it
+    /// becomes an internal error); dropping it aborts the work.
+    pub fn spawn<T, F>(&self, work: F) -> QueryTask<T>
     where
         F: Future<Output = Result<T, QueryError>> + Send + 'static,
         T: Send + 'static,
     {
-        let task = self.handle.spawn(work);
-        let _abort = AbortOnDrop(task.abort_handle());
-        match task.await {
-            Ok(result) => result,
-            Err(e) if e.is_panic() => Err(QueryError::Internal("query execution panicked".into())),
-            Err(_) => Err(QueryError::Internal("query execution was aborted".into())),
-        }
+        QueryTask(self.handle.spawn(work))
     }
 }
 
-struct AbortOnDrop(AbortHandle);
+/// Query work running on the [`Executor`]'s runtime.
+///
+/// An abort takes effect at the work's next yield: the poll under way runs to its end. So
+/// to know the work has really stopped (its thread is free again), abort it through
+/// [`QueryTask::stopper`] and await the task: that returns once the work was dropped.
+#[derive(Debug)]
+pub struct QueryTask<T>(JoinHandle<Result<T, QueryError>>);
 
-impl Drop for AbortOnDrop {
+impl<T> QueryTask<T> {
+    /// A handle that aborts the work, to call while something else awaits the task.
+    pub fn stopper(&self) -> AbortHandle {
+        self.0.abort_handle()
+    }
+}
+
+impl<T> Future for QueryTask<T> {
+    type Output = Result<T, QueryError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map(|joined| match joined {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => Err(QueryError::Internal("query execution panicked".into())),
+            Err(_) => Err(QueryError::Internal("query execution was aborted".into())),
+        })
+    }
+}
+
+impl<T> Drop for QueryTask<T> {
     fn drop(&mut self) {
         self.0.abort();
     }
@@ -86,7 +108,7 @@ mod tests {
         let ex = Executor::new(1).expect("executor");
         let caller = std::thread::current().id();
         let ran_on = ex
-            .run(async { Ok(std::thread::current().id()) })
+            .spawn(async { Ok(std::thread::current().id()) })
             .await
             .expect("run");
         assert_ne!(ran_on, caller);
@@ -94,7 +116,7 @@ mod tests {
         // a task that would set the flag after 200 ms, abandoned after 20 ms
         let done = Arc::new(AtomicBool::new(false));
         let flag = done.clone();
-        let wait = ex.run(async move {
+        let wait = ex.spawn(async move {
             tokio::time::sleep(Duration::from_millis(200)).await;
             flag.store(true, Ordering::SeqCst);
             Ok(())
@@ -107,10 +129,40 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert!(!done.load(Ordering::SeqCst), "the abandoned work went on");
 
-        let panicked = ex.run::<(), _>(async { panic!("boom") }).await;
+        let panicked = ex.spawn::<(), _>(async { panic!("boom") }).await;
         assert!(
             matches!(panicked, Err(QueryError::Internal(_))),
             "{panicked:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_stopped_task_is_awaited_until_its_poll_under_way_has_ended() {
+        let ex = Executor::new(1).expect("executor");
+        let (polled, resumed) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (p, r) = (polled.clone(), resumed.clone());
+        // one poll that keeps its thread for 300 ms, as a join over a shared key does
+        let task = ex.spawn(async move {
+            std::thread::sleep(Duration::from_millis(300));
+            p.store(true, Ordering::SeqCst);
+            tokio::task::yield_now().await;
+            r.store(true, Ordering::SeqCst);
+            Ok(())
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        task.stopper().abort();
+        let result = task.await;
+        assert!(
+            polled.load(Ordering::SeqCst),
+            "returned before the poll ended"
+        );
+        assert!(
+            !resumed.load(Ordering::SeqCst),
+            "the work went on after its yield"
+        );
+        assert!(matches!(result, Err(QueryError::Internal(_))), "{result:?}");
     }
 }

@@ -12,14 +12,16 @@ pub mod overlap;
 pub mod population;
 pub mod session;
 pub mod source;
+pub mod stop;
 
 pub use datafusion::logical_expr::LogicalPlan;
 pub use exec::{Answer, Applied, Protection, execute};
-pub use executor::Executor;
+pub use executor::{Executor, QueryTask};
 pub use gate::{GateReport, Metric, TableInstance};
 pub use noise::{Noise, NoiseKey};
 pub use session::{Limits, QueryTable, is_planning_rule, plan_for_execution, plan_sql};
 pub use source::{BatchIter, BatchSource, EntityHasher};
+pub use stop::Stop;
 
 /// Errors of the query engine.
 #[derive(Debug, thiserror::Error)]

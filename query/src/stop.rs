@@ -1,0 +1,164 @@
+//! Stopping a question at its time limit, and knowing that it stopped.
+//!
+//! Aborting the query task takes effect at its next yield, and only for that task: the
+//! tasks DataFusion spawns for its operators (a `RepartitionExec` reads its input on tasks
+//! of its own, so a join below it runs there) are aborted when the query's streams are
+//! dropped, and they too stop only at their next yield, which for a join over a shared key
+//! can be a great many batches later. Blocking work (reading a sealed dataset, the overlap
+//! reductions) cannot be aborted at all. A [`Stop`] reaches all of them: joins are wrapped
+//! in a [`StopExec`] that fails at the next batch once a stop is requested, and blocking
+//! loops check it between batches.
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::TaskContext;
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties, SendableRecordBatchStream,
+};
+use futures_util::{Stream, StreamExt};
+
+/// A request to stop, shared by everything one question runs.
+#[derive(Debug, Clone, Default)]
+pub struct Stop(Arc<AtomicBool>);
+
+impl Stop {
+    pub fn request(&self) {
+        self.0.store(true, Ordering::Relaxed)
+    }
+
+    pub fn requested(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// The error that work stopped by request ends with (discarded by whoever stopped it).
+    pub fn error() -> DataFusionError {
+        DataFusionError::Execution("stopped on request (time limit)".into())
+    }
+}
+
+/// Passes its input's batches through until a stop is requested, then fails.
+#[derive(Debug)]
+pub struct StopExec {
+    input: Arc<dyn ExecutionPlan>,
+    stop: Stop,
+}
+
+impl StopExec {
+    pub fn new(input: Arc<dyn ExecutionPlan>, stop: Stop) -> Self {
+        StopExec { input, stop }
+    }
+}
+
+impl DisplayAs for StopExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "StopExec")
+    }
+}
+
+impl ExecutionPlan for StopExec {
+    fn name(&self) -> &str {
+        "StopExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        self.input.properties()
+    }
+
+    fn maintains_input_order(&self) -> Vec<bool> {
+        vec![true]
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![&self.input]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        mut children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        if children.len() != 1 {
+            return Err(DataFusionError::Internal("StopExec takes one child".into()));
+        }
+        Ok(Arc::new(StopExec::new(
+            children.remove(0),
+            self.stop.clone(),
+        )))
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        let input = self.input.execute(partition, context)?;
+        let schema = input.schema();
+        let stream = Stopping {
+            input,
+            stop: self.stop.clone(),
+        };
+        Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
+    }
+}
+
+struct Stopping {
+    input: SendableRecordBatchStream,
+    stop: Stop,
+}
+
+impl Stream for Stopping {
+    type Item = Result<RecordBatch>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        // checked before the input is asked for more work
+        if self.stop.requested() {
+            return Poll::Ready(Some(Err(Stop::error())));
+        }
+        self.input.poll_next_unpin(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::Int64Array;
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::datasource::memory::MemorySourceConfig;
+
+    #[tokio::test]
+    async fn batches_pass_until_a_stop_is_requested_then_the_stream_fails() {
+        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+        let batch = |n: i64| {
+            RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![n]))])
+                .expect("batch")
+        };
+        let source =
+            MemorySourceConfig::try_new_exec(&[vec![batch(1), batch(2)]], schema.clone(), None)
+                .expect("source");
+        let stop = Stop::default();
+        let plan = Arc::new(StopExec::new(source, stop.clone()));
+        let mut stream = plan
+            .execute(0, Arc::new(TaskContext::default()))
+            .expect("stream");
+        let first = stream.next().await.expect("one").expect("ok");
+        assert_eq!(first.num_rows(), 1);
+        stop.request();
+        let e = stream.next().await.expect("an item").expect_err("stopped");
+        assert!(e.to_string().contains("stopped on request"), "{e}");
+    }
+}
