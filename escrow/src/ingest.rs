@@ -116,6 +116,13 @@ pub struct IngestLimits {
     pub csv_infer_records: usize,
     /// Where formats that need random access (Parquet) spool the upload, sealed.
     pub spool_dir: Option<std::path::PathBuf>,
+    /// Uncompressed bytes of Parquet pages held at once: the Arrow reader decodes one page
+    /// per column at a time, and a page is decompressed whole to the size its header
+    /// declares, so each page may declare at most this divided by the file's columns (and
+    /// at most `max_parquet_page`). Bounds what a decompression bomb can take.
+    pub parquet_page_budget: u64,
+    /// Largest uncompressed Parquet page (writers' defaults are about 1 MiB).
+    pub max_parquet_page: u64,
 }
 
 impl Default for IngestLimits {
@@ -127,6 +134,8 @@ impl Default for IngestLimits {
             csv_infer_bytes: 4 << 20,
             csv_infer_records: 10_000,
             spool_dir: None,
+            parquet_page_budget: 1 << 30,
+            max_parquet_page: 128 << 20,
         }
     }
 }
@@ -1031,11 +1040,17 @@ fn parquet_batches<'a, R: Read + 'a>(
     use parquet::arrow::arrow_reader::ParquetRecordBatchReader;
     use parquet::file::reader::{FileReader, SerializedFileReader};
 
-    let source = SpooledBytes::open(Arc::new(spool(input, limits)?))?;
+    let pages = PageHeaderCheck::default();
+    let source = SpooledBytes::open(Arc::new(spool(input, limits)?), pages.clone())?;
     let file: Arc<dyn FileReader> =
         Arc::new(SerializedFileReader::new(source).map_err(parquet_error)?);
     let meta = file.metadata().file_metadata();
     check_fixed_widths(meta.schema_descr())?;
+    let columns = meta.schema_descr().num_columns().max(1) as u64;
+    pages.max_page.store(
+        (limits.parquet_page_budget / columns).min(limits.max_parquet_page),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let schema =
         parquet::arrow::parquet_to_arrow_schema(meta.schema_descr(), meta.key_value_metadata())
             .map_err(parquet_error)?;
@@ -1047,7 +1062,7 @@ fn parquet_batches<'a, R: Read + 'a>(
     .map_err(parquet_error)?;
     let checked = CheckedRowGroups {
         file,
-        refused: Arc::default(),
+        refused: pages.refused.clone(),
     };
     let refused = checked.refused.clone();
     let reader = ParquetRecordBatchReader::try_new_with_row_groups(
@@ -1152,6 +1167,47 @@ struct SpooledBytes {
     /// Where the footer (metadata and its 8-byte tail) starts: readers before it are for
     /// page headers.
     footer_start: u64,
+    pages: PageHeaderCheck,
+}
+
+/// What every page header is checked against before parquet reads it.
+#[derive(Clone, Default)]
+struct PageHeaderCheck {
+    /// The largest uncompressed size a page may declare (set once the footer is read:
+    /// it depends on the number of columns; 0 until then).
+    max_page: Arc<std::sync::atomic::AtomicU64>,
+    /// A refusal with its own code, kept for the error the upload gets.
+    refused: Refused,
+}
+
+impl PageHeaderCheck {
+    /// Walk the page header at the start of `header` ([`walk_thrift_struct`]) and check
+    /// the uncompressed size it declares (PageHeader field 2): parquet reserves that much
+    /// and decompresses into it before any page check of ours can see the page.
+    fn check(&self, header: impl Read) -> io::Result<()> {
+        let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
+        let fields =
+            walk_thrift_struct(header).map_err(|e| invalid(format!("page header: {e}")))?;
+        let size = fields.iter().find(|(id, _)| *id == 2).map(|(_, v)| *v);
+        let max = self.max_page.load(std::sync::atomic::Ordering::Relaxed);
+        match size {
+            Some(n) if n < 0 => Err(invalid(format!(
+                "page header: a page declares {n} bytes uncompressed"
+            ))),
+            Some(n) if n as u64 > max => {
+                let e = Error::bad(
+                    "unsupported_parquet",
+                    format!(
+                        "a page declares {n} bytes uncompressed; escrow reads pages of at most {max} bytes in a file of this many columns; write it with smaller pages (pyarrow: data_page_size)"
+                    ),
+                );
+                let message = e.to_string();
+                *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                Err(invalid(message))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 impl parquet::file::reader::Length for SpooledBytes {
@@ -1162,11 +1218,15 @@ impl parquet::file::reader::Length for SpooledBytes {
 
 impl SpooledBytes {
     /// The spool, once its footer walks within its own length ([`walk_thrift_struct`]).
-    fn open(source: Arc<crate::crypto::seal::SealedRandomAccess>) -> Result<SpooledBytes> {
+    fn open(
+        source: Arc<crate::crypto::seal::SealedRandomAccess>,
+        pages: PageHeaderCheck,
+    ) -> Result<SpooledBytes> {
         let len = source.len();
         let mut spool = SpooledBytes {
             source,
             footer_start: len.saturating_sub(8),
+            pages,
         };
         let Some(tail_at) = len.checked_sub(8) else {
             return Ok(spool); // parquet refuses it
@@ -1199,13 +1259,28 @@ impl SpooledBytes {
 /// allocates a binary field's declared length (4 GB from five bytes, also found by the
 /// fuzzer) and reads binary as UTF-8, so the walk reads the compact protocol's framing
 /// itself (thrift-compact-protocol.md: field headers, varints, list and map headers).
-fn walk_thrift_struct(input: impl Read) -> io::Result<()> {
-    walk_thrift(&mut BufReader::new(input), THRIFT_STRUCT, 64)
+///
+/// Returns the struct's own integer fields (id, value), for checks of what they declare.
+fn walk_thrift_struct(input: impl Read) -> io::Result<Vec<(i16, i64)>> {
+    let mut ints = Vec::new();
+    walk_thrift(
+        &mut BufReader::new(input),
+        THRIFT_STRUCT,
+        64,
+        Some(&mut ints),
+    )?;
+    Ok(ints)
 }
 
 const THRIFT_STRUCT: u8 = 12;
 
-fn walk_thrift(r: &mut impl Read, ty: u8, depth: u8) -> io::Result<()> {
+/// `ints`: where to put the integer fields of the struct walked (not of nested ones).
+fn walk_thrift(
+    r: &mut impl Read,
+    ty: u8,
+    depth: u8,
+    mut ints: Option<&mut Vec<(i16, i64)>>,
+) -> io::Result<()> {
     use integer_encoding::VarIntReader;
     let malformed = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
     let depth = depth
@@ -1244,7 +1319,7 @@ fn walk_thrift(r: &mut impl Read, ty: u8, depth: u8) -> io::Result<()> {
                 n => u64::from(n),
             };
             for _ in 0..size {
-                walk_thrift(r, header & 0x0f, depth)?;
+                walk_thrift(r, header & 0x0f, depth, None)?;
             }
         }
         11 => {
@@ -1252,24 +1327,30 @@ fn walk_thrift(r: &mut impl Read, ty: u8, depth: u8) -> io::Result<()> {
             if size > 0 {
                 let types = byte(r)?;
                 for _ in 0..size {
-                    walk_thrift(r, types >> 4, depth)?;
-                    walk_thrift(r, types & 0x0f, depth)?;
+                    walk_thrift(r, types >> 4, depth, None)?;
+                    walk_thrift(r, types & 0x0f, depth, None)?;
                 }
             }
         }
-        THRIFT_STRUCT => loop {
-            let header = byte(r)?;
-            if header == 0 {
-                break; // stop
+        THRIFT_STRUCT => {
+            let mut id: i16 = 0;
+            loop {
+                let header = byte(r)?;
+                if header == 0 {
+                    break; // stop
+                }
+                id = match header >> 4 {
+                    0 => r.read_varint::<i16>()?, // a field id that is not a small delta
+                    delta => id.wrapping_add(i16::from(delta)),
+                };
+                match (header & 0x0f, ints.as_deref_mut()) {
+                    (1 | 2, _) => {} // boolean field
+                    // byte, i16, i32, i64 of this struct: zigzag varints (a byte is raw)
+                    (4..=6, Some(ints)) => ints.push((id, r.read_varint::<i64>()?)),
+                    (field, _) => walk_thrift(r, field, depth, None)?,
+                }
             }
-            if header >> 4 == 0 {
-                r.read_varint::<i16>()?; // a field id that is not a small delta
-            }
-            match header & 0x0f {
-                1 | 2 => {} // boolean field
-                field => walk_thrift(r, field, depth)?,
-            }
-        },
+        }
         13 => skip(r, 16)?, // uuid
         _ => return Err(malformed("unknown Thrift type")),
     }
@@ -1282,7 +1363,9 @@ impl parquet::file::reader::ChunkReader for SpooledBytes {
     /// Parquet reads each page header, and the footer's tail, through this.
     fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
         let mut read = SpooledRead::at(&self.source, start);
-        read.check_header = start < self.footer_start;
+        if start < self.footer_start {
+            read.check_header = Some(self.pages.clone());
+        }
         Ok(read)
     }
 
@@ -1314,10 +1397,10 @@ struct SpooledRead {
     /// Offset of the first byte after `window`.
     next: u64,
     window: Cursor<Vec<u8>>,
-    /// Walk the Thrift struct that starts here before the first read
-    /// ([`walk_thrift_struct`]); parquet asks for readers it never reads from, such as one
-    /// at the end of a column chunk.
-    check_header: bool,
+    /// Check the page header that starts here before the first read
+    /// ([`PageHeaderCheck::check`]); parquet asks for readers it never reads from, such as
+    /// one at the end of a column chunk.
+    check_header: Option<PageHeaderCheck>,
 }
 
 impl SpooledRead {
@@ -1326,7 +1409,7 @@ impl SpooledRead {
             source: source.clone(),
             next: start,
             window: Cursor::new(Vec::new()),
-            check_header: false,
+            check_header: None,
         }
     }
 }
@@ -1336,10 +1419,8 @@ impl Read for SpooledRead {
         if buf.is_empty() {
             return Ok(0);
         }
-        if std::mem::take(&mut self.check_header) {
-            walk_thrift_struct(SpooledRead::at(&self.source, self.next)).map_err(|e| {
-                io::Error::new(io::ErrorKind::InvalidData, format!("page header: {e}"))
-            })?;
+        if let Some(pages) = self.check_header.take() {
+            pages.check(SpooledRead::at(&self.source, self.next))?;
         }
         if self.window.position() as usize == self.window.get_ref().len() {
             if self.next >= self.source.len() {
@@ -1590,11 +1671,15 @@ mod tests {
     }
 
     fn run_parquet(bytes: &[u8]) -> Result<Ingested> {
+        run_parquet_with(bytes, IngestLimits::default())
+    }
+
+    fn run_parquet_with(bytes: &[u8], limits: IngestLimits) -> Result<Ingested> {
         let spool = tempfile::tempdir().expect("spool");
         let limits = IngestLimits {
             spool_dir: Some(spool.path().to_path_buf()),
             batch_rows: 1000,
-            ..IngestLimits::default()
+            ..limits
         };
         ingest(
             Some(Format::Parquet),
@@ -1615,6 +1700,43 @@ mod tests {
         let mut input = std::fs::read(format!("{dir}/{name}")).expect("corpus file");
         input.remove(0);
         input
+    }
+
+    #[test]
+    fn parquet_pages_declaring_more_than_the_page_limit_are_refused_before_decompression() {
+        use parquet::basic::{Compression, ZstdLevel};
+        use parquet::file::properties::WriterProperties;
+        // a decompression bomb in miniature: 200,000 equal values in one zstd page, a few
+        // KB on the wire and 4.6 MB once decompressed
+        let schema = Arc::new(Schema::new(vec![Field::new("site", DataType::Utf8, false)]));
+        let same = StringArray::from_iter_values((0..200_000).map(|_| "same.example.com"));
+        let b = RecordBatch::try_new(schema, vec![Arc::new(same)]).expect("batch");
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::default()))
+            .set_dictionary_enabled(false)
+            .set_data_page_size_limit(usize::MAX)
+            .set_data_page_row_count_limit(usize::MAX)
+            .build();
+        let bytes = parquet(&b, props);
+        assert!(bytes.len() < 64 << 10, "{} bytes", bytes.len());
+
+        let got = run_parquet(&bytes).expect("within the default limits");
+        assert_eq!(got.rows, 200_000);
+        for limits in [
+            IngestLimits {
+                max_parquet_page: 1 << 20,
+                ..IngestLimits::default()
+            },
+            // the budget over one column
+            IngestLimits {
+                parquet_page_budget: 1 << 20,
+                ..IngestLimits::default()
+            },
+        ] {
+            let e = run_parquet_with(&bytes, limits).expect_err("refused");
+            assert_eq!(e.code(), "unsupported_parquet", "{e}");
+            assert!(e.to_string().contains("at most 1048576 bytes"), "{e}");
+        }
     }
 
     #[test]
