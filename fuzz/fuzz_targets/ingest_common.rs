@@ -32,6 +32,8 @@ pub fn run(format: Format, data: &[u8]) {
         csv_infer_bytes: 64 << 10,
         csv_infer_records: 1000,
         spool_dir: Some(std::env::temp_dir()),
+        parquet_page_budget: 16 << 20,
+        max_parquet_page: 4 << 20,
     };
     let _ = ingest(Some(format), body, &key, std::io::sink(), &limits);
 }
