@@ -8,6 +8,7 @@
 #      beside DuckDB loading the same file
 #   6. the sealing micro-benchmark (cargo bench --bench seal)
 # Usage: bench/upload.sh [ROWS]   (default 1000000). Needs: pip install pyarrow duckdb
+#        UPLOAD_BENCH_ONLY=parquet bench/upload.sh   runs step 5 alone
 source "$(dirname "$0")/common.sh"
 
 if [ ! -f "$OUT/gen-$ROWS/acme.arrow" ]; then
@@ -63,6 +64,8 @@ best_upload() {
   echo "$best"
 }
 
+ONLY="${UPLOAD_BENCH_ONLY:-}"
+if [ "$ONLY" != parquet ]; then
 SIZE=$(stat -c %s "$ARROW")
 best_escrow=$(best_upload "$ARROW" accounts)
 RSS_1M=$(hwm_mb)
@@ -104,6 +107,7 @@ echo "== upload of a $((BIG_SIZE / 1000000)) MB Arrow file"
 python3 -c "print(f'escrow upload: {float(\"$big_s\"):.2f} s  {$BIG_SIZE/float(\"$big_s\")/1e6:.0f} MB/s')"
 echo "server peak RSS (VmHWM, whole run): ${RSS_1G} MB  (target < 256 MB)"
 echo
+fi
 for f in "$PARQUET" "$PARQUET_16K"; do
   best_e=$(best_upload "$f" "pq$(basename "$f" .parquet | tr -c 'a-z0-9\n' '_')")
   best_d=$(python3 - "$f" <<'PY'
@@ -125,6 +129,7 @@ PY
   python3 -c "e=$best_e; d=$best_d; print(f'escrow {e:.3f} s, duckdb {d:.3f} s, ratio {e/d:.2f}x')"
 done
 echo "server peak RSS (VmHWM, whole run): $(hwm_mb) MB"
+[ "$ONLY" = parquet ] && exit 0
 echo
 echo "== sealing micro-benchmark (one core)"
 cargo bench -p escrow --bench seal --quiet 2>/dev/null | grep -E "seal|open|target"
