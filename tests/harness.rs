@@ -378,41 +378,26 @@ impl Server {
         }
     }
 
-    /// CPU time (user + system) the server process has used so far, from /proc.
+    /// CPU time (user + system) the server process has used so far, from /proc (threads that
+    /// have ended included).
     pub fn cpu_secs(&self) -> f64 {
-        self.thread_cpu_secs().values().sum()
+        stat_cpu(&format!("/proc/{}/stat", self.child.id()))
+            .expect("/proc/PID/stat")
+            .1
     }
 
-    /// CPU seconds (user + system) used so far by the server's live threads, summed by
-    /// thread name (`escrow-query`, `tokio-runtime-worker`, ...).
+    /// CPU seconds used so far by the server's live threads, summed by thread name
+    /// (`escrow-query`, `tokio-rt-worker`, ...): for messages, not measurements (a thread
+    /// that ends takes its time out of the sum).
     pub fn thread_cpu_secs(&self) -> std::collections::BTreeMap<String, f64> {
-        let out = Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .expect("getconf");
-        let hz: f64 = String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .expect("CLK_TCK");
         let mut by_name = std::collections::BTreeMap::new();
         let tasks =
             std::fs::read_dir(format!("/proc/{}/task", self.child.id())).expect("/proc/PID/task");
         for task in tasks.flatten() {
             // a thread may end between the listing and the read
-            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
-                continue;
-            };
-            let (open, close) = (
-                stat.find('(').expect("stat"),
-                stat.rfind(')').expect("stat"),
-            );
-            // fields after the parenthesised name; utime and stime are fields 14 and 15
-            let f: Vec<&str> = stat[close + 2..].split(' ').collect();
-            let ticks: f64 =
-                f[11].parse::<f64>().expect("utime") + f[12].parse::<f64>().expect("stime");
-            *by_name
-                .entry(stat[open + 1..close].to_string())
-                .or_insert(0.0) += ticks / hz;
+            if let Some((name, secs)) = stat_cpu(&task.path().join("stat").to_string_lossy()) {
+                *by_name.entry(name).or_insert(0.0) += secs;
+            }
         }
         by_name
     }
@@ -522,4 +507,25 @@ pub fn shared_dir() -> PathBuf {
         return PathBuf::from(d);
     }
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared")
+}
+
+/// The name and CPU seconds (user + system) in a /proc `stat` file; `None` if it is gone.
+fn stat_cpu(path: &str) -> Option<(String, f64)> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    // fields after the parenthesised name; utime and stime are fields 14 and 15
+    let f: Vec<&str> = stat[close + 2..].split(' ').collect();
+    let ticks: f64 = f[11].parse::<f64>().expect("utime") + f[12].parse::<f64>().expect("stime");
+    static HZ: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    let hz = HZ.get_or_init(|| {
+        let out = Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .expect("getconf");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("CLK_TCK")
+    });
+    Some((stat[open + 1..close].to_string(), ticks / hz))
 }
