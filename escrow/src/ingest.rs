@@ -1060,11 +1060,11 @@ fn parquet_batches<'a, R: Read + 'a>(
         Some(schema.fields()),
     )
     .map_err(parquet_error)?;
+    let refused = pages.refused.clone();
     let checked = CheckedRowGroups {
         file,
-        refused: pages.refused.clone(),
+        refused: pages.refused,
     };
-    let refused = checked.refused.clone();
     let reader = ParquetRecordBatchReader::try_new_with_row_groups(
         &levels,
         &checked,
@@ -1201,9 +1201,7 @@ impl PageHeaderCheck {
                         "a page declares {n} bytes uncompressed; escrow reads pages of at most {max} bytes in a file of this many columns; write it with smaller pages (pyarrow: data_page_size)"
                     ),
                 );
-                let message = e.to_string();
-                *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-                Err(invalid(message))
+                Err(invalid(refuse(&self.refused, e)))
             }
             _ => Ok(()),
         }
@@ -1442,6 +1440,13 @@ impl Read for SpooledRead {
 /// A page check's refusal, kept for the error the upload gets.
 type Refused = Arc<Mutex<Option<Error>>>;
 
+/// Keep `e` as the upload's error and return its message, for the error parquet passes on.
+fn refuse(refused: &Refused, e: Error) -> String {
+    let message = e.to_string();
+    *refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+    message
+}
+
 /// The upload's row groups as the Arrow reader reads them, with every page checked first
 /// ([`CheckedPages`]).
 struct CheckedRowGroups {
@@ -1589,11 +1594,10 @@ impl PageReader for CheckedPages {
         };
         match self.check(&page) {
             Ok(()) => Ok(Some(page)),
-            Err(e) => {
-                let message = e.to_string();
-                *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-                Err(parquet::errors::ParquetError::General(message))
-            }
+            Err(e) => Err(parquet::errors::ParquetError::General(refuse(
+                &self.refused,
+                e,
+            ))),
         }
     }
 

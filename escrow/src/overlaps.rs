@@ -706,7 +706,7 @@ impl QueryService {
             };
             let batches = store.batches(&version, prepare)?.map(|b| {
                 if stop.requested() {
-                    return Err("stopped at the time limit".to_string());
+                    return Err(escrow_query::Stop::error().to_string());
                 }
                 b.map_err(|e| e.to_string())
             });

@@ -41,7 +41,7 @@ impl Stop {
 
     /// The error that work stopped by request ends with (discarded by whoever stopped it).
     pub fn error() -> DataFusionError {
-        DataFusionError::Execution("stopped on request (time limit)".into())
+        DataFusionError::Execution("stopped on request".into())
     }
 }
 
