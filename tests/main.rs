@@ -16,5 +16,6 @@ mod policy;
 mod populations;
 mod queries;
 mod roles;
+mod side_doors;
 mod tamper;
 mod upload;

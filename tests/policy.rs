@@ -353,7 +353,7 @@ fn an_invalid_import_changes_nothing_and_a_valid_one_is_one_version() {
     let versions_before = history_len();
 
     let exported = env.cli(&server, "acme", &["policy", "export"]).ok().stdout;
-    let bad: [(&str, &str); 9] = [
+    let bad: [(&str, &str); 10] = [
         (
             "p,globex,acme,accounts,no_such_column,join\n",
             "has no column \"no_such_column\"",
@@ -375,7 +375,11 @@ fn an_invalid_import_changes_nothing_and_a_valid_one_is_one_version() {
             "p,globex,acme,accounts,opportunities,overlap\n",
             "has no population opportunities",
         ),
-        ("setting,acme,accounts,epsilon,0\n", "epsilon must be > 0"),
+        (
+            "setting,acme,accounts,epsilon,0\n",
+            "epsilon must be a multiple of 0.001",
+        ),
+        ("bounds,acme,accounts,arr_usd,0,5e-324\n", "not sub-normal"),
         (
             "population,acme,accounts,by_site,website = 'x'\n",
             "population by_site of accounts",
@@ -480,8 +484,8 @@ fn an_invalid_import_changes_nothing_and_a_valid_one_is_one_version() {
         .collect();
     assert_eq!(
         imports.len(),
-        11,
-        "9 + 1 refused, 1 applied (dry runs are not changes)"
+        12,
+        "10 + 1 refused, 1 applied (dry runs are not changes)"
     );
     let applied = imports.last().expect("applied");
     assert_eq!(applied["outcome"], "ok", "{applied}");

@@ -75,8 +75,11 @@ CREATE TABLE IF NOT EXISTS dataset_settings (
     updated_by  TEXT NOT NULL,
     PRIMARY KEY (owner, dataset)
 );
--- Privacy budget spent: one row per (querying partner, dataset, question). A question asked
--- again on the same data versions finds its row and spends nothing.
+-- Privacy budget spent: one row per (querying partner, data owner, question); `dataset` names
+-- the owner's datasets the question read (comma-separated). What a partner has spent on an
+-- owner is the sum over all of that owner's datasets and versions (rows of older releases,
+-- one per dataset, count too). A question asked again on the same data versions finds its
+-- row and spends nothing.
 CREATE TABLE IF NOT EXISTS privacy_ledger (
     partner     TEXT NOT NULL,
     owner       TEXT NOT NULL,
@@ -85,6 +88,17 @@ CREATE TABLE IF NOT EXISTS privacy_ledger (
     epsilon     REAL NOT NULL,
     spent_at    TEXT NOT NULL,
     PRIMARY KEY (partner, owner, dataset, fingerprint)
+);
+-- Answers released to a partner for a question that read other partners' data (queries.rs
+-- `kept`): asked again on the same data versions, the question is answered from here without
+-- running, so its time and memory cannot be measured again. Removed with the datasets read.
+CREATE TABLE IF NOT EXISTS released_answers (
+    partner     TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    versions    TEXT NOT NULL,                 -- ' id1 id2 ': the version ids read
+    answer      BLOB NOT NULL,
+    created_at  TEXT NOT NULL,
+    PRIMARY KEY (partner, fingerprint)
 );
 -- Populations: a data owner's named subsets of one of its datasets (a SQL predicate over its
 -- columns, validated at definition). `position` orders them per dataset (definition order).
@@ -708,6 +722,12 @@ impl Catalog {
         let Some(id) = id else {
             return Err(Error::NotFound(format!("no dataset named {name}")));
         };
+        // Answers computed from these versions go with them.
+        tx.execute(
+            "DELETE FROM released_answers WHERE EXISTS (SELECT 1 FROM dataset_versions v
+               WHERE v.dataset_id = ?1 AND instr(versions, ' ' || v.version_id || ' ') > 0)",
+            [&id],
+        )?;
         let n = tx.execute("DELETE FROM dataset_versions WHERE dataset_id = ?1", [&id])?;
         // Consent was given for this dataset; a later upload under the same name starts bare.
         tx.execute(
@@ -967,10 +987,13 @@ impl Catalog {
         Ok(())
     }
 
-    /// Spend `epsilon` of every dataset in `charges` for the question `fingerprint`, all or
-    /// nothing. A question already paid for spends nothing. Returns whether anything was
-    /// spent and each dataset's total spent by `partner` afterwards; if any dataset's budget
-    /// would be exceeded, nothing is spent and that dataset and its total are returned. With
+    /// Spend `epsilon` for the question `fingerprint` once per data owner among `charges`,
+    /// all or nothing (sequential composition per (asking partner, owner): a partner's loss
+    /// against an owner is the sum of the ε of every distinct question that read any of the
+    /// owner's datasets). A question already paid for spends nothing. The limit for an owner
+    /// is the smallest budget of its datasets the question reads. Returns whether anything
+    /// was spent and, per charge, the owner's total spent by `partner` afterwards; if a limit
+    /// would be exceeded, nothing is spent and that charge and the total are returned. With
     /// `dry_run`, the same answer with nothing spent (the transaction rolls back).
     pub fn spend(
         &self,
@@ -983,33 +1006,50 @@ impl Catalog {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut new = false;
-        let mut totals = Vec::with_capacity(charges.len());
-        for c in charges {
+        let mut owner_totals: std::collections::BTreeMap<&str, f64> = Default::default();
+        let owners: std::collections::BTreeSet<&str> =
+            charges.iter().map(|c| c.owner.as_str()).collect();
+        for owner in owners {
+            let of_owner: Vec<&BudgetCharge> =
+                charges.iter().filter(|c| c.owner == owner).collect();
             let (spent, paid): (f64, bool) = tx.query_row(
-                "SELECT COALESCE(SUM(epsilon), 0), COALESCE(MAX(fingerprint = ?4), 0)
-                 FROM privacy_ledger WHERE partner = ?1 AND owner = ?2 AND dataset = ?3",
-                params![partner, c.owner, c.dataset, fingerprint],
+                "SELECT COALESCE(SUM(epsilon), 0), COALESCE(MAX(fingerprint = ?3), 0)
+                 FROM privacy_ledger WHERE partner = ?1 AND owner = ?2",
+                params![partner, owner, fingerprint],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
             if paid {
-                totals.push(spent);
+                owner_totals.insert(owner, spent);
                 continue;
             }
-            // A small tolerance so that budget / epsilon questions fit exactly.
-            if spent + epsilon > c.budget + 1e-9 {
+            // The strictest budget of the owner's datasets read; a small tolerance so that
+            // budget / epsilon questions fit exactly.
+            let limit = of_owner
+                .iter()
+                .copied()
+                .min_by(|a, b| a.budget.total_cmp(&b.budget))
+                .ok_or_else(|| Error::internal("a charge without datasets"))?;
+            if spent + epsilon > limit.budget + 1e-9 {
                 return Ok(Spend::Exhausted {
-                    charge: c.clone(),
+                    charge: limit.clone(),
                     spent,
                 });
             }
+            let mut names: Vec<&str> = of_owner.iter().map(|c| c.dataset.as_str()).collect();
+            names.sort_unstable();
+            names.dedup();
             tx.execute(
                 "INSERT INTO privacy_ledger (partner, owner, dataset, fingerprint, epsilon, spent_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![partner, c.owner, c.dataset, fingerprint, epsilon, now_rfc3339()],
+                params![partner, owner, names.join(","), fingerprint, epsilon, now_rfc3339()],
             )?;
             new = true;
-            totals.push(spent + epsilon);
+            owner_totals.insert(owner, spent + epsilon);
         }
+        let totals = charges
+            .iter()
+            .map(|c| owner_totals.get(c.owner.as_str()).copied().unwrap_or(0.0))
+            .collect();
         if !dry_run {
             tx.commit()?;
         }
@@ -1135,12 +1175,44 @@ impl Catalog {
         Ok(v)
     }
 
-    /// ε `partner` has spent on `owner`'s `dataset`.
-    pub fn spent(&self, partner: &str, owner: &str, dataset: &str) -> Result<f64> {
+    /// The answer kept for `partner`'s question `fingerprint`, if any.
+    pub fn released_answer(&self, partner: &str, fingerprint: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT answer FROM released_answers WHERE partner = ?1 AND fingerprint = ?2",
+                params![partner, fingerprint],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Keep the answer released to `partner` for `fingerprint`, computed from `versions`.
+    pub fn keep_answer(
+        &self,
+        partner: &str,
+        fingerprint: &str,
+        versions: &[String],
+        answer: &[u8],
+    ) -> Result<()> {
+        let versions = format!(" {} ", versions.join(" "));
+        self.write(|tx| {
+            tx.execute(
+                "INSERT OR REPLACE INTO released_answers
+                   (partner, fingerprint, versions, answer, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![partner, fingerprint, versions, answer, now_rfc3339()],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// ε `partner` has spent on `owner`'s data: every dataset and version of it.
+    pub fn spent(&self, partner: &str, owner: &str) -> Result<f64> {
         Ok(self.conn().query_row(
             "SELECT COALESCE(SUM(epsilon), 0) FROM privacy_ledger
-             WHERE partner = ?1 AND owner = ?2 AND dataset = ?3",
-            params![partner, owner, dataset],
+             WHERE partner = ?1 AND owner = ?2",
+            params![partner, owner],
             |r| r.get(0),
         )?)
     }

@@ -210,7 +210,7 @@ impl QueryService {
         let protection = match &checked.protection {
             Ok(Some((p, charges))) => Some(ProtectionView {
                 min_entities: p.min_entities,
-                epsilon: p.epsilon,
+                epsilon: p.epsilon.as_f64(),
                 max_groups_per_entity: p.max_groups_per_entity,
                 from: charges
                     .iter()
@@ -224,7 +224,8 @@ impl QueryService {
             Err(e) => Err(e),
             Ok((_, _, None)) => Ok(Cost::default()),
             Ok((_, _, Some((p, charges)))) => {
-                self.charge(caller, charges, p.epsilon, fp, true).await
+                self.charge(caller, charges, p.epsilon.as_f64(), fp, true)
+                    .await
             }
         };
         let (refusal, cost) = match outcome {
@@ -343,7 +344,7 @@ impl QueryService {
                         rule,
                     });
                 }
-                let spent = store.catalog().spent(&partner, &owner, d)?;
+                let spent = store.catalog().spent(&partner, &owner)?;
                 out.push(DatasetPreview {
                     dataset: format!("{owner}.{d}"),
                     version: info.version,

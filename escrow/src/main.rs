@@ -795,6 +795,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 bounds,
                 client,
             } => {
+                // JSON has no NaN or infinity (serde_json writes them as null, which would
+                // read as "unchanged"): refused here with the server's code.
+                let finite = |flag: &str, v: Option<f64>| match v {
+                    Some(x) if !x.is_finite() => Err(anyhow!(
+                        "settings refused (invalid_setting): {flag} must be a finite number, got {x}"
+                    )),
+                    _ => Ok(()),
+                };
+                finite("--epsilon", epsilon)?;
+                finite("--budget", budget)?;
                 let mut b = serde_json::Map::new();
                 for spec in &bounds {
                     let (col, range) = spec
@@ -804,6 +814,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                         .split_once(':')
                         .and_then(|(l, h)| Some((l.parse::<f64>().ok()?, h.parse::<f64>().ok()?)))
                         .ok_or_else(|| anyhow!("--bounds takes COLUMN=LOW:HIGH, got {spec:?}"))?;
+                    finite("--bounds", Some(lo))?;
+                    finite("--bounds", Some(hi))?;
                     b.insert(col.to_string(), serde_json::json!([lo, hi]));
                 }
                 let body = serde_json::json!({

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use arrow_schema::SchemaRef;
 use escrow_policies::{ColumnUse, PolicySet, Usage, is_valid_name};
-use escrow_query::overlap::{self, CellCount, Membership, OverlapProtection, Side};
+use escrow_query::overlap::{self, CellCount, Membership, OverlapProtection, ReleasedCell, Side};
 use escrow_query::{Applied, Noise, QueryError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -456,7 +456,77 @@ impl QueryService {
         } else {
             (&theirs, &mine)
         };
+        // Asked again on the same data: the cells released the first time, without running.
+        let kept = if cost.repeated {
+            self.kept_cells(caller, fp).await?
+        } else {
+            None
+        };
+        let (released, applied, sensitivity) = match kept {
+            Some(kept) => kept,
+            None => {
+                let fresh = self
+                    .release_matrix(first, second, req, max_groups, (min_entities, epsilon), fp)
+                    .await?;
+                let versions = [first, second]
+                    .iter()
+                    .map(|s| s.version.version_id.clone())
+                    .collect();
+                self.keep(caller, fp, versions, Ok(kept_matrix::encode(&fresh)))
+                    .await;
+                fresh
+            }
+        };
+        // Every cell is released (one ε-release of the whole matrix); the caller sees the
+        // ones of populations shared with it.
+        let released: Vec<ReleasedCell> = released
+            .into_iter()
+            .filter(|c| visible.contains(if mine_first { &c.b } else { &c.a }))
+            .collect();
+        let mut rows: Vec<(usize, usize, OverlapRow)> = released
+            .into_iter()
+            .map(|c| {
+                let (m, t) = if mine_first { (c.a, c.b) } else { (c.b, c.a) };
+                (
+                    m,
+                    t,
+                    OverlapRow {
+                        mine: mine.populations[m].name.clone(),
+                        theirs: theirs.populations[t].name.clone(),
+                        value: c.value,
+                        suppressed: c.count.is_none(),
+                        count: c.count,
+                    },
+                )
+            })
+            .collect();
+        rows.sort_by(|x, y| (x.0, x.1, &x.2.value).cmp(&(y.0, y.1, &y.2.value)));
+        Ok(OverlapOutcome {
+            mine_populations,
+            their_populations,
+            mine: mine.dataset.clone(),
+            theirs: format!("{}.{}", theirs.owner, theirs.dataset),
+            by: req.by.clone(),
+            rows: rows.into_iter().map(|r| r.2).collect(),
+            protection: applied,
+            sensitivity,
+            cost,
+            fingerprint: hex::encode(fp),
+            datasets: [&mine, &theirs].iter().map(|s| s.label()).collect(),
+        })
+    }
 
+    /// Count both sides and release every cell of the matrix (all populations of both
+    /// sides), with the matrix's sensitivity.
+    async fn release_matrix(
+        &self,
+        first: &SideData,
+        second: &SideData,
+        req: &OverlapRequest,
+        max_groups: u32,
+        (min_entities, epsilon): (u64, f64),
+        fp: [u8; 32],
+    ) -> Result<(Vec<ReleasedCell>, Applied, u32)> {
         let limit = self.config.limits.memory_bytes / 2;
         let stop = escrow_query::Stop::default();
         let run = async {
@@ -493,55 +563,31 @@ impl QueryService {
         let (names_a, names_b) = (names(first), names(second));
         let protection = OverlapProtection {
             min_entities,
-            epsilon,
+            epsilon: escrow_query::Epsilon::at_most(epsilon),
             max_groups_per_entity: max_groups,
             sensitivity,
             delta: DELTA,
             noise: Noise::new(self.noise_key.clone(), fp),
         };
-        let shown = |a: usize, b: usize| {
-            let theirs_index = if mine_first { b } else { a };
-            visible.contains(&theirs_index)
-        };
         let (released, applied) = overlap::release(
             &cells,
             &names_a,
             &names_b,
-            shown,
+            |_, _| true,
             req.by.is_some(),
             &protection,
         );
-        let mut rows: Vec<(usize, usize, OverlapRow)> = released
-            .into_iter()
-            .map(|c| {
-                let (m, t) = if mine_first { (c.a, c.b) } else { (c.b, c.a) };
-                (
-                    m,
-                    t,
-                    OverlapRow {
-                        mine: mine.populations[m].name.clone(),
-                        theirs: theirs.populations[t].name.clone(),
-                        value: c.value,
-                        suppressed: c.count.is_none(),
-                        count: c.count,
-                    },
-                )
-            })
-            .collect();
-        rows.sort_by(|x, y| (x.0, x.1, &x.2.value).cmp(&(y.0, y.1, &y.2.value)));
-        Ok(OverlapOutcome {
-            mine_populations,
-            their_populations,
-            mine: mine.dataset.clone(),
-            theirs: format!("{}.{}", theirs.owner, theirs.dataset),
-            by: req.by.clone(),
-            rows: rows.into_iter().map(|r| r.2).collect(),
-            protection: applied,
-            sensitivity,
-            cost,
-            fingerprint: hex::encode(fp),
-            datasets: [&mine, &theirs].iter().map(|s| s.label()).collect(),
-        })
+        Ok((released, applied, sensitivity))
+    }
+
+    /// The matrix released for `caller`'s question `fp` before, if kept.
+    async fn kept_cells(
+        &self,
+        caller: &str,
+        fp: [u8; 32],
+    ) -> Result<Option<(Vec<ReleasedCell>, Applied, u32)>> {
+        let bytes = self.kept(caller, fp).await?;
+        bytes.map(|b| kept_matrix::decode(&b)).transpose()
     }
 
     /// Explain an overlap question as `caller` would ask it: the populations of the other
@@ -1010,5 +1056,61 @@ pub mod output {
         }
         w.into_inner()
             .map_err(|e| Error::internal(format!("csv: {e}")))
+    }
+}
+
+/// Matrices kept for repeated overlap questions (catalog `released_answers`): every released
+/// cell of the whole matrix, the protection applied and the sensitivity, as JSON.
+mod kept_matrix {
+    use escrow_query::Applied;
+    use escrow_query::overlap::ReleasedCell;
+    use serde_json::{Value, json};
+
+    use crate::{Error, Result};
+
+    type Matrix = (Vec<ReleasedCell>, Applied, u32);
+
+    pub(super) fn encode((cells, p, sensitivity): &Matrix) -> Vec<u8> {
+        let cells: Vec<Value> = cells
+            .iter()
+            .map(|c| json!([c.a, c.b, c.value, c.count]))
+            .collect();
+        json!({
+            "cells": cells,
+            "min_entities": p.min_entities,
+            "threshold": p.threshold,
+            "epsilon": p.epsilon,
+            "max_groups_per_entity": p.max_groups_per_entity,
+            "sensitivity": sensitivity,
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    pub(super) fn decode(bytes: &[u8]) -> Result<Matrix> {
+        let bad = |what: &str| Error::internal(format!("kept matrix: {what}"));
+        let v: Value = serde_json::from_slice(bytes).map_err(|_| bad("json"))?;
+        let cells = v["cells"]
+            .as_array()
+            .ok_or_else(|| bad("cells"))?
+            .iter()
+            .map(|c| {
+                let (a, b, value, count): (usize, usize, Option<String>, Option<u64>) =
+                    serde_json::from_value(c.clone()).map_err(|_| bad("cell"))?;
+                Ok(ReleasedCell { a, b, value, count })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let u32_of = |k: &str| {
+            v[k].as_u64()
+                .and_then(|x| u32::try_from(x).ok())
+                .ok_or_else(|| bad(k))
+        };
+        let applied = Applied {
+            min_entities: v["min_entities"].as_u64().ok_or_else(|| bad("k"))?,
+            threshold: v["threshold"].as_f64().ok_or_else(|| bad("threshold"))?,
+            epsilon: v["epsilon"].as_f64().ok_or_else(|| bad("epsilon"))?,
+            max_groups_per_entity: u32_of("max_groups_per_entity")?,
+        };
+        Ok((cells, applied, u32_of("sensitivity")?))
     }
 }

@@ -8,7 +8,8 @@
 //!     -> foreign datasets joined to one of the caller's   (unjoined_foreign_dataset)
 //!     -> casbin decision for every use of another partner's column (usage_not_granted)
 //!     -> protection from the owners' settings (strictest applies; metric bounds required)
-//!     -> budget spent in the ledger, once per question and data versions (budget_exhausted)
+//!     -> budget spent in the ledger, once per question and data versions, per data owner
+//!        across all of its datasets (budget_exhausted)
 //!     -> execution under memory and time limits -> answer
 //! ```
 
@@ -247,17 +248,25 @@ impl QueryService {
 
     async fn answer_sql(&self, caller: &str, sql: &str, trace: &mut Trace) -> Result<QueryOutcome> {
         let checked = self.check_sql(caller, sql, trace).await?;
-        let fp = checked.fingerprint;
+        let (fp, versions) = (checked.fingerprint, checked.versions.clone());
         let (tables, report, protection) = checked.into_allowed(caller)?;
         let mut cost = Cost::default();
         let protection = match protection {
             None => None,
             Some((mut p, charges)) => {
                 p.noise = Noise::new(self.noise_key.clone(), fp);
-                cost = self.charge(caller, charges, p.epsilon, fp, false).await?;
+                cost = self
+                    .charge(caller, charges, p.epsilon.as_f64(), fp, false)
+                    .await?;
+                if cost.repeated
+                    && let Some(answer) = self.kept_answer(caller, fp).await?
+                {
+                    return Ok(QueryOutcome { answer, cost });
+                }
                 Some(p)
             }
         };
+        let protected = protection.is_some();
         let (runs, state) =
             escrow_query::plan_for_execution(sql, &tables, &self.config.limits, &report).await?;
         let stop = escrow_query::Stop::default();
@@ -272,7 +281,71 @@ impl QueryService {
                 abort.abort();
             })
             .await?;
+        if protected {
+            self.keep_answer(caller, fp, versions, &answer).await;
+        }
         Ok(QueryOutcome { answer, cost })
+    }
+
+    /// The answer released for `caller`'s question `fingerprint` before, if kept.
+    async fn kept_answer(&self, caller: &str, fingerprint: [u8; 32]) -> Result<Option<Answer>> {
+        let bytes = self.kept(caller, fingerprint).await?;
+        bytes.map(|b| kept::decode(&b)).transpose()
+    }
+
+    /// Keep a released answer, so that the question asked again is answered without running.
+    async fn keep_answer(
+        &self,
+        caller: &str,
+        fingerprint: [u8; 32],
+        versions: Vec<String>,
+        answer: &Answer,
+    ) {
+        self.keep(caller, fingerprint, versions, kept::encode(answer))
+            .await;
+    }
+
+    /// What was kept for `caller`'s question `fingerprint` (a query's answer or an overlap's
+    /// matrix), if anything.
+    pub(crate) async fn kept(
+        &self,
+        caller: &str,
+        fingerprint: [u8; 32],
+    ) -> Result<Option<Vec<u8>>> {
+        let (store, who) = (self.store.clone(), caller.to_string());
+        blocking(move || {
+            store
+                .catalog()
+                .released_answer(&who, &hex::encode(fingerprint))
+        })
+        .await
+    }
+
+    /// Keep what was released for `caller`'s question `fingerprint`, computed from the
+    /// dataset versions `versions`. A failure to keep it is logged, not returned: the release
+    /// stands either way (the question would then run again if asked again).
+    pub(crate) async fn keep(
+        &self,
+        caller: &str,
+        fingerprint: [u8; 32],
+        versions: Vec<String>,
+        bytes: Result<Vec<u8>>,
+    ) {
+        let (store, who) = (self.store.clone(), caller.to_string());
+        let kept = match bytes {
+            Ok(bytes) => {
+                blocking(move || {
+                    store
+                        .catalog()
+                        .keep_answer(&who, &hex::encode(fingerprint), &versions, &bytes)
+                })
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = kept {
+            tracing::warn!(error = %e, "keeping a released answer failed");
+        }
     }
 
     /// `work` under the per-question time limit: refused with `query_timeout` (naming
@@ -362,7 +435,14 @@ impl QueryService {
                 .map(|(p, _)| p),
         );
         trace.fingerprint = Some(hex::encode(fp));
+        let read = report
+            .tables
+            .iter()
+            .filter_map(|t| versions.get(&(t.owner.clone(), t.dataset.clone())))
+            .map(|(id, _)| id.clone())
+            .collect();
         Ok(CheckedSql {
+            versions: read,
             tables,
             report,
             decisions,
@@ -411,8 +491,8 @@ impl QueryService {
             Spend::Exhausted { charge: c, spent } => Err(Error::refused(
                 "budget_exhausted",
                 format!(
-                    "the privacy budget of {}.{} for you is spent ({spent:.3} of {:.3}; this question needs {epsilon:.3}); its owner can raise it",
-                    c.owner, c.dataset, c.budget
+                    "your privacy budget on {}'s data is spent ({spent:.3} of {:.3}, the budget of {}.{}, counted over every dataset of {}; this question needs {epsilon:.3}); its owner can raise it",
+                    c.owner, c.budget, c.owner, c.dataset, c.owner
                 ),
             )),
         }
@@ -540,7 +620,7 @@ impl QueryService {
             .collect();
         let p = Protection {
             min_entities,
-            epsilon,
+            epsilon: escrow_query::Epsilon::at_most(epsilon),
             max_groups_per_entity: max_groups,
             delta: DELTA,
             entity_table,
@@ -620,6 +700,8 @@ pub(crate) struct CheckedSql {
     /// The protection and budget charges, or the rule that refuses them.
     pub protection: Result<Protected>,
     pub fingerprint: [u8; 32],
+    /// Version ids of the datasets the plan reads.
+    pub versions: Vec<String>,
 }
 
 impl CheckedSql {
@@ -676,7 +758,11 @@ fn fingerprint(
         h.update(
             format!(
                 "\0k={} eps={} L={} delta={} bounds={:?}",
-                p.min_entities, p.epsilon, p.max_groups_per_entity, p.delta, p.bounds
+                p.min_entities,
+                p.epsilon.as_f64(),
+                p.max_groups_per_entity,
+                p.delta,
+                p.bounds
             )
             .as_bytes(),
         );
@@ -837,7 +923,7 @@ pub mod output {
                 "release_threshold": p.threshold,
                 "epsilon": p.epsilon,
                 "max_groups_per_entity": p.max_groups_per_entity,
-                "noise": "discrete Laplace on entity counts, Laplace on clamped sums",
+                "noise": "discrete Laplace (exact sampler) on entity counts and on clamped sums on a grid",
                 "withheld_groups": "groups below the threshold are not listed",
             })
         });
@@ -883,5 +969,75 @@ pub mod output {
         w.finish().map_err(err)?;
         drop(w);
         Ok(out)
+    }
+}
+
+/// Answers kept for repeated questions (catalog `released_answers`): a length-prefixed JSON
+/// header (suppressed flags, protection applied), then the rows as an Arrow IPC stream.
+mod kept {
+    use std::sync::Arc;
+
+    use escrow_query::{Answer, Applied};
+    use serde_json::{Value, json};
+
+    use crate::{Error, Result};
+
+    fn bad(what: impl std::fmt::Display) -> Error {
+        Error::internal(format!("kept answer: {what}"))
+    }
+
+    pub(super) fn encode(a: &Answer) -> Result<Vec<u8>> {
+        let header = json!({
+            "suppressed": a.suppressed,
+            "protection": a.protection.as_ref().map(|p| json!({
+                "min_entities": p.min_entities,
+                "threshold": p.threshold,
+                "epsilon": p.epsilon,
+                "max_groups_per_entity": p.max_groups_per_entity,
+            })),
+        })
+        .to_string();
+        let mut out = (header.len() as u32).to_le_bytes().to_vec();
+        out.extend_from_slice(header.as_bytes());
+        let mut w = arrow_ipc::writer::StreamWriter::try_new(&mut out, &a.schema).map_err(bad)?;
+        for b in &a.batches {
+            w.write(b).map_err(bad)?;
+        }
+        w.finish().map_err(bad)?;
+        drop(w);
+        Ok(out)
+    }
+
+    pub(super) fn decode(bytes: &[u8]) -> Result<Answer> {
+        let (len, rest) = bytes.split_first_chunk::<4>().ok_or_else(|| bad("short"))?;
+        let len = u32::from_le_bytes(*len) as usize;
+        let header: Value =
+            serde_json::from_slice(rest.get(..len).ok_or_else(|| bad("short header"))?)
+                .map_err(bad)?;
+        let reader = arrow_ipc::reader::StreamReader::try_new(&rest[len..], None).map_err(bad)?;
+        let schema = reader.schema();
+        let batches = reader
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(bad)?;
+        let suppressed: Vec<bool> =
+            serde_json::from_value(header["suppressed"].clone()).map_err(bad)?;
+        let protection = match &header["protection"] {
+            Value::Null => None,
+            p => Some(Applied {
+                min_entities: p["min_entities"].as_u64().ok_or_else(|| bad("k"))?,
+                threshold: p["threshold"].as_f64().ok_or_else(|| bad("threshold"))?,
+                epsilon: p["epsilon"].as_f64().ok_or_else(|| bad("epsilon"))?,
+                max_groups_per_entity: p["max_groups_per_entity"]
+                    .as_u64()
+                    .and_then(|l| u32::try_from(l).ok())
+                    .ok_or_else(|| bad("L"))?,
+            }),
+        };
+        Ok(Answer {
+            schema: Arc::clone(&schema),
+            batches,
+            suppressed,
+            protection,
+        })
     }
 }

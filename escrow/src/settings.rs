@@ -71,8 +71,10 @@ impl DatasetSettings {
         if !(2..=1_000_000).contains(&self.min_entities) {
             return Err(invalid("min_entities must be between 2 and 1000000"));
         }
-        if !(self.epsilon.is_finite() && self.epsilon > 0.0 && self.epsilon <= 100.0) {
-            return Err(invalid("epsilon must be > 0 and <= 100"));
+        if escrow_query::Epsilon::from_f64(self.epsilon).is_none() {
+            return Err(invalid(
+                "epsilon must be a multiple of 0.001 between 0.001 and 100",
+            ));
         }
         if !(self.budget.is_finite() && self.budget >= 0.0 && self.budget <= 1e6) {
             return Err(invalid("budget must be between 0 and 1000000"));
@@ -86,14 +88,50 @@ impl DatasetSettings {
                     "bounds need a numeric column of the dataset; {col:?} is not one"
                 )));
             }
-            if !(lo.is_finite() && hi.is_finite() && lo < hi) {
-                return Err(invalid(format!(
-                    "bounds of {col} must be finite with low < high"
-                )));
-            }
+            check_bounds(col, *lo, *hi)?;
         }
         Ok(())
     }
+}
+
+/// Largest magnitude a clamping bound may have (beyond it, per-entity sums of float64
+/// values lose whole units).
+pub const MAX_BOUND: f64 = 1e15;
+/// Smallest largest-magnitude of a pair of bounds: below it the bounds are not a metric's
+/// range but a way to make every value the same.
+pub const MIN_BOUND: f64 = 1e-6;
+
+/// Bounds `[lo, hi]` of a metric: finite numbers, each 0 or normal (no sub-normals), at most
+/// [`MAX_BOUND`] in magnitude, the larger magnitude at least [`MIN_BOUND`], and `hi - lo` at
+/// least one grid step of the sum grid (`escrow_query::exec::grid_step`). The noise of a sum
+/// is drawn in grid units, so no pair of bounds can shrink it below one entity's largest
+/// contribution; these checks refuse bounds that are a mistake or an attempt.
+fn check_bounds(col: &str, lo: f64, hi: f64) -> Result<()> {
+    let normal_or_zero = |x: f64| x == 0.0 || x.is_normal();
+    if !(lo.is_finite() && hi.is_finite()) {
+        return Err(invalid(format!("bounds of {col} must be finite numbers")));
+    }
+    if !(normal_or_zero(lo) && normal_or_zero(hi)) {
+        return Err(invalid(format!(
+            "bounds of {col} must be 0 or normal numbers (not sub-normal)"
+        )));
+    }
+    if lo.abs() > MAX_BOUND || hi.abs() > MAX_BOUND {
+        return Err(invalid(format!(
+            "bounds of {col} must be within -{MAX_BOUND:e}..{MAX_BOUND:e}"
+        )));
+    }
+    if lo.abs().max(hi.abs()) < MIN_BOUND {
+        return Err(invalid(format!(
+            "bounds of {col}: the larger magnitude must be at least {MIN_BOUND:e}"
+        )));
+    }
+    if lo >= hi || hi - lo < escrow_query::exec::grid_step(lo, hi) {
+        return Err(invalid(format!(
+            "bounds of {col} must have low < high, at least one millionth of their range apart"
+        )));
+    }
+    Ok(())
 }
 
 /// The settings in force for a dataset (defaults if the owner set none).
@@ -176,4 +214,66 @@ fn is_numeric(data_type: &str) -> bool {
     ["int", "float", "decimal", "double"]
         .iter()
         .any(|p| t.starts_with(p) || t.starts_with(&format!("u{p}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(epsilon: f64, bounds: Option<[f64; 2]>) -> DatasetSettings {
+        DatasetSettings {
+            epsilon,
+            bounds: bounds.into_iter().map(|b| ("arr".to_string(), b)).collect(),
+            ..DatasetSettings::default()
+        }
+    }
+
+    #[test]
+    fn privacy_parameters_are_checked() {
+        let numeric = vec!["arr".to_string()];
+        let ok = |s: DatasetSettings| s.validate(&numeric).is_ok();
+        assert!(ok(with(1.0, Some([0.0, 500.0]))));
+        assert!(ok(with(0.001, Some([-1e15, 1e15]))));
+        assert!(ok(with(100.0, Some([-1e-6, 0.0]))));
+        assert!(ok(with(0.25, Some([1.0, 1.000001]))));
+        let sub = f64::MIN_POSITIVE / 4.0;
+        for bounds in [
+            [0.0, sub],               // sub-normal: the side door of floating-point Laplace
+            [-sub, sub],              //
+            [sub, 10.0],              // one sub-normal bound
+            [0.0, 1e-300],            // normal but tiny: no range at all
+            [0.0, f64::INFINITY],     //
+            [f64::NEG_INFINITY, 0.0], //
+            [f64::NAN, 1.0],          //
+            [0.0, f64::NAN],          //
+            [5.0, 5.0],               // zero width
+            [6.0, 5.0],               // reversed
+            [1.0, 1.0 + 1e-12],       // narrower than one grid step
+            [0.0, 1e16],              // huge
+            [-1e300, 0.0],            //
+        ] {
+            assert!(!ok(with(1.0, Some(bounds))), "{bounds:?}");
+        }
+        for epsilon in [
+            0.0,
+            -1.0,
+            f64::NAN,
+            f64::INFINITY,
+            sub,
+            1e-300,
+            0.0004,
+            0.0105,
+            100.5,
+            1e9,
+        ] {
+            assert!(!ok(with(epsilon, None)), "{epsilon}");
+        }
+        let mut s = with(1.0, None);
+        s.budget = f64::NAN;
+        assert!(!ok(s.clone()));
+        s.budget = f64::INFINITY;
+        assert!(!ok(s.clone()));
+        s.budget = -0.5;
+        assert!(!ok(s));
+    }
 }

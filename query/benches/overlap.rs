@@ -100,7 +100,7 @@ async fn main() {
                 .expect("execution plan");
             let p = Protection {
                 min_entities: 5,
-                epsilon: 1.0,
+                epsilon: escrow_query::Epsilon::at_most(1.0),
                 max_groups_per_entity: 1,
                 delta: 1e-6,
                 entity_table: 1,

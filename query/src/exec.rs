@@ -48,7 +48,7 @@ use datafusion::physical_plan::joins::{
 
 use crate::QueryError;
 use crate::gate::{GateReport, Metric};
-use crate::noise::{Noise, partition_threshold};
+use crate::noise::{Epsilon, Noise, Scale, partition_threshold};
 use crate::stop::{Stop, StopExec};
 
 const ENTITY: &str = "__escrow_entity";
@@ -63,7 +63,7 @@ pub struct Protection {
     /// Minimum distinct entities in a released row (k).
     pub min_entities: u64,
     /// Privacy loss of this query, split evenly across its noisy statistics.
-    pub epsilon: f64,
+    pub epsilon: Epsilon,
     /// Groups one entity may contribute to (L).
     pub max_groups_per_entity: u32,
     /// δ of the partition selection for data-derived groups.
@@ -336,15 +336,33 @@ fn protected_stage(
             .flatten()
             .ok_or_else(|| internal("metric without bounds"))?;
         let v = col(format!("__escrow_m{j}"));
+        // Clamped (NaN and infinities too: comparisons order floats totally), then on the
+        // grid: an integer in [-2^GRID_BITS, 2^GRID_BITS] that cannot fail to cast.
         let clamped = when(v.clone().lt(lit(lo)), lit(lo))
             .when(v.clone().gt(lit(hi)), lit(hi))
             .otherwise(v.clone())?;
-        totals.push(sum(clamped).alias(format!("__escrow_s{j}")));
+        let on_grid = datafusion::prelude::cast(clamped / lit(grid_step(lo, hi)), DataType::Int64);
+        totals.push(sum(on_grid).alias(format!("__escrow_s{j}")));
         if matches!(m, Metric::Avg { .. }) {
             totals.push(count(v).alias(format!("__escrow_c{j}")));
         }
     }
     Ok(b.aggregate(dims, totals)?.build()?)
+}
+
+/// Sums are released on a grid of `2^GRID_BITS` steps per bound: each entity's clamped value
+/// `v` counts as the integer `trunc(v / g)` with `g = max(|low|, |high|) / 2^GRID_BITS`, so
+/// one entity moves a sum by at most `2^GRID_BITS` grid units whatever the bounds are, the
+/// noise is drawn in grid units by the exact sampler, and the released sum is
+/// `(grid sum + noise) · g`: post-processing of an integer. Bounds that are tiny, huge or
+/// sub-normal therefore cannot shrink the noise relative to what one entity contributes
+/// (the side door of floating-point Laplace, where a sub-normal scale drew exactly 0).
+pub const GRID_BITS: i32 = 20;
+
+/// The grid step of bounds `[lo, hi]` (see [`GRID_BITS`]); exact (a power-of-two scaling of
+/// a normal number: owners' bounds are validated to be normal and within range).
+pub fn grid_step(lo: f64, hi: f64) -> f64 {
+    lo.abs().max(hi.abs()) * 2f64.powi(-GRID_BITS)
 }
 
 /// Most groups a query may enumerate through its filters (the product of the lists).
@@ -427,8 +445,10 @@ fn release(
             Metric::Avg { .. } => 2,
         })
         .sum::<usize>();
-    let eps = p.epsilon / statistics as f64;
-    let l = f64::from(p.max_groups_per_entity.max(1));
+    let eps = p.epsilon.as_f64() / statistics as f64;
+    let l = u64::from(p.max_groups_per_entity.max(1));
+    let count_scale = Scale::laplace(l, statistics as u64, p.epsilon);
+    let sum_scale = Scale::laplace(l << GRID_BITS, statistics as u64, p.epsilon);
     // Released only with at least k exact entities AND a noisy count of at least
     // (k - 1) + the Laplace partition-selection threshold. The margin makes the exact k test
     // invisible: a row at exactly k (or a group of one entity) is released with probability
@@ -437,7 +457,7 @@ fn release(
     let applied = Applied {
         min_entities: p.min_entities,
         threshold,
-        epsilon: p.epsilon,
+        epsilon: p.epsilon.as_f64(),
         max_groups_per_entity: p.max_groups_per_entity,
     };
 
@@ -471,7 +491,7 @@ fn release(
                 group.extend_from_slice(text.as_bytes());
             }
             let n = n_col.value(row);
-            let noisy_n = n + p.noise.discrete_laplace(&group, 0, l / eps);
+            let noisy_n = n + p.noise.discrete_laplace(&group, 0, count_scale);
             if n < p.min_entities as i64 || (noisy_n as f64) < threshold {
                 continue;
             }
@@ -483,20 +503,23 @@ fn release(
                     Metric::Entities => Some(noisy_n as f64),
                     Metric::Sum { .. } | Metric::Avg { .. } => {
                         let (lo, hi) = p.bounds[j].ok_or_else(|| internal("bounds"))?;
-                        let scale = l * lo.abs().max(hi.abs()) / eps;
-                        let total = as_f64(batch.column(col))?;
-                        let s = if total.is_null(row) {
-                            0.0
+                        let total = as_i64(batch.column(col))?;
+                        let grid = if total.is_null(row) {
+                            0
                         } else {
                             total.value(row)
-                        } + p.noise.laplace(&group, stat, scale);
+                        };
+                        let noisy =
+                            grid.saturating_add(p.noise.discrete_laplace(&group, stat, sum_scale));
+                        let s = noisy as f64 * grid_step(lo, hi);
                         col += 1;
                         if matches!(m, Metric::Sum { .. }) {
                             Some(s)
                         } else {
                             let c = as_i64(batch.column(col))?.value(row);
                             col += 1;
-                            let noisy_c = c + p.noise.discrete_laplace(&group, stat + 1, l / eps);
+                            let noisy_c =
+                                c + p.noise.discrete_laplace(&group, stat + 1, count_scale);
                             (noisy_c > 0).then(|| (s / noisy_c as f64).clamp(lo, hi))
                         }
                     }
@@ -565,12 +588,6 @@ fn as_i64(a: &ArrayRef) -> Result<&Int64Array, QueryError> {
     a.as_any()
         .downcast_ref::<Int64Array>()
         .ok_or_else(|| internal("count column type"))
-}
-
-fn as_f64(a: &ArrayRef) -> Result<&Float64Array, QueryError> {
-    a.as_any()
-        .downcast_ref::<Float64Array>()
-        .ok_or_else(|| internal("sum column type"))
 }
 
 /// A plan that yields `rows` under the Aggregate's own column names and qualifiers, so the

@@ -641,6 +641,24 @@ impl Gate<'_> {
         };
         match col {
             Some(src @ Lineage::Source { is_key: false, .. }) => {
+                // Literals carry the column's type (see `typed_literals`): then type
+                // coercion casts nothing, and a comparison cannot fail on any value.
+                let column_type = match e {
+                    Expr::BinaryExpr(BinaryExpr { left, right, .. }) => {
+                        [left, right].into_iter().find_map(|x| match x.as_ref() {
+                            Expr::Literal(..) => None,
+                            c => c.get_type(schema).ok(),
+                        })
+                    }
+                    Expr::InList(InList { expr, .. }) => expr.get_type(schema).ok(),
+                    _ => None,
+                };
+                if values.iter().any(|v| Some(v.data_type()) != column_type) {
+                    return Err(refuse(
+                        "type_mismatch",
+                        "a filter must compare a column with values of the column's own type",
+                    ));
+                }
                 self.uses_of(&src, Usage::Filter);
                 if let Lineage::Source { table, column, .. } = src {
                     self.filtered.push(((table, column), values));
@@ -723,7 +741,152 @@ impl Gate<'_> {
     }
 }
 
-use datafusion::common::tree_node::TreeNode;
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::logical_expr::{ExprSchemable, Filter};
+
+/// Give every literal compared with a column (`col = v`, `v = col`, `col IN (v, ...)`) the
+/// column's type, at planning time, or refuse the question (`type_mismatch`).
+///
+/// DataFusion's type coercion would otherwise cast the *column* to the literal's type where
+/// the types differ (`text_column = 5` becomes `CAST(text_column AS Int64) = 5`), and such a
+/// cast fails at run time only if a row with an unconvertible value reaches it: an error
+/// that says whether another partner's rows passed the other conditions. Converted here, a
+/// literal either fits the column's type exactly (numbers between numeric types without
+/// loss, text between text types, a date or timestamp written as text) or the question is
+/// refused before any data is read; the gate then checks that every literal has exactly
+/// its column's type.
+pub fn typed_literals(plan: LogicalPlan) -> Result<LogicalPlan, QueryError> {
+    let mut refusal: Option<QueryError> = None;
+    let out = plan.transform_up_with_subqueries(|node| {
+        let LogicalPlan::Filter(f) = node else {
+            return Ok(Transformed::no(node));
+        };
+        let schema = f.input.schema().clone();
+        let predicate = f
+            .predicate
+            .clone()
+            .transform_up(|e| Ok(typed_comparison(e, &schema, &mut refusal)))?;
+        Ok(if predicate.transformed {
+            Transformed::yes(LogicalPlan::Filter(Filter::try_new(
+                predicate.data,
+                f.input,
+            )?))
+        } else {
+            Transformed::no(LogicalPlan::Filter(f))
+        })
+    })?;
+    match refusal {
+        Some(r) => Err(r),
+        None => Ok(out.data),
+    }
+}
+
+/// `e` with its literals typed (see [`typed_literals`]); a literal that cannot be is left as
+/// it is and the refusal recorded in `refusal` (the first one wins).
+fn typed_comparison(
+    e: Expr,
+    schema: &DFSchema,
+    refusal: &mut Option<QueryError>,
+) -> Transformed<Expr> {
+    let column_type = |c: &Expr| match c {
+        Expr::Column(_) => c.get_type(schema).ok(),
+        _ => None,
+    };
+    match e {
+        Expr::BinaryExpr(BinaryExpr {
+            left,
+            op: Operator::Eq,
+            right,
+        }) => {
+            let (l, r) = (*left, *right);
+            let typed = match (&l, &r) {
+                (c, Expr::Literal(v, m)) => column_type(c).map(|t| (true, c, v, m, t)),
+                (Expr::Literal(v, m), c) => column_type(c).map(|t| (false, c, v, m, t)),
+                _ => None,
+            };
+            let Some((literal_right, c, v, m, t)) = typed else {
+                return Transformed::no(l.eq(r));
+            };
+            if v.data_type() == t {
+                return Transformed::no(l.eq(r));
+            }
+            let Some(exact) = exact_literal(v, &t) else {
+                refusal.get_or_insert(literal_refusal(c, v, &t));
+                return Transformed::no(l.eq(r));
+            };
+            let lit = Expr::Literal(exact, m.clone());
+            let c = c.clone();
+            Transformed::yes(if literal_right { c.eq(lit) } else { lit.eq(c) })
+        }
+        Expr::InList(InList {
+            expr,
+            list,
+            negated,
+        }) => {
+            let original = || Expr::InList(InList::new(expr.clone(), list.clone(), negated));
+            let Some(t) = column_type(&expr) else {
+                return Transformed::no(original());
+            };
+            let mut changed = false;
+            let mut typed = Vec::with_capacity(list.len());
+            for item in &list {
+                match item {
+                    Expr::Literal(v, m) if v.data_type() != t => match exact_literal(v, &t) {
+                        Some(exact) => {
+                            changed = true;
+                            typed.push(Expr::Literal(exact, m.clone()));
+                        }
+                        None => {
+                            refusal.get_or_insert(literal_refusal(&expr, v, &t));
+                            return Transformed::no(original());
+                        }
+                    },
+                    other => typed.push(other.clone()),
+                }
+            }
+            let e = Expr::InList(InList::new(expr, typed, negated));
+            if changed {
+                Transformed::yes(e)
+            } else {
+                Transformed::no(e)
+            }
+        }
+        other => Transformed::no(other),
+    }
+}
+
+fn literal_refusal(column: &Expr, v: &ScalarValue, t: &arrow_schema::DataType) -> QueryError {
+    refuse(
+        "type_mismatch",
+        format!(
+            "{column} is {t} and cannot be compared with {v} ({}): write a value of the column's type",
+            v.data_type()
+        ),
+    )
+}
+
+/// `v` as a value of type `to`, if it converts without loss between types of one kind
+/// (numbers, text) or is text naming a date or time; `None` otherwise. A NULL literal
+/// becomes a NULL of `to`.
+fn exact_literal(v: &ScalarValue, to: &arrow_schema::DataType) -> Option<ScalarValue> {
+    use arrow_schema::DataType as T;
+    let from = v.data_type();
+    if v.is_null() {
+        return ScalarValue::try_from(to).ok();
+    }
+    let text = |t: &T| matches!(t, T::Utf8 | T::LargeUtf8 | T::Utf8View);
+    let number = |t: &T| t.is_numeric();
+    let time = |t: &T| matches!(t, T::Date32 | T::Date64 | T::Timestamp(..));
+    let converted = v.cast_to(to).ok().filter(|c| !c.is_null())?;
+    if (number(&from) && number(to)) || (text(&from) && text(to)) {
+        // Lossless: it converts back to the same value (5.5 is no integer, 300 no Int8).
+        (converted.cast_to(&from).ok().as_ref() == Some(v)).then_some(converted)
+    } else if text(&from) && time(to) {
+        Some(converted)
+    } else {
+        None
+    }
+}
 
 fn strip_alias(e: &Expr) -> &Expr {
     match e {

@@ -517,7 +517,7 @@ pub fn sensitivity(a: &Membership, b: &Membership, max_groups: u32) -> u32 {
 #[derive(Debug, Clone)]
 pub struct OverlapProtection {
     pub min_entities: u64,
-    pub epsilon: f64,
+    pub epsilon: crate::noise::Epsilon,
     pub max_groups_per_entity: u32,
     /// How much one company can change the cells ([`sensitivity`]).
     pub sensitivity: u32,
@@ -547,8 +547,8 @@ pub fn release(
     by: bool,
     p: &OverlapProtection,
 ) -> (Vec<ReleasedCell>, Applied) {
-    let threshold = release_threshold(p.min_entities, p.epsilon, p.sensitivity, p.delta);
-    let scale = f64::from(p.sensitivity.max(1)) / p.epsilon;
+    let threshold = release_threshold(p.min_entities, p.epsilon.as_f64(), p.sensitivity, p.delta);
+    let scale = crate::noise::Scale::laplace(u64::from(p.sensitivity.max(1)), 1, p.epsilon);
     let noisy = |a: usize, b: usize, value: Option<&str>, n: u64| -> Option<u64> {
         let mut group = Vec::new();
         for part in [Some(names_a[a].as_str()), Some(names_b[b].as_str()), value] {
@@ -593,7 +593,7 @@ pub fn release(
     let applied = Applied {
         min_entities: p.min_entities,
         threshold,
-        epsilon: p.epsilon,
+        epsilon: p.epsilon.as_f64(),
         max_groups_per_entity: p.max_groups_per_entity,
     };
     (out, applied)
@@ -857,7 +857,7 @@ mod tests {
         ];
         let p = OverlapProtection {
             min_entities: 5,
-            epsilon: 1.0,
+            epsilon: crate::noise::Epsilon::at_most(1.0),
             max_groups_per_entity: 1,
             sensitivity: 1,
             delta: 1e-6,

@@ -208,10 +208,11 @@ pub async fn plan_in(
             ));
         }
     }
-    state
+    let plan = state
         .statement_to_plan(statement)
         .await
-        .map_err(planning_refusal)
+        .map_err(planning_refusal)?;
+    crate::gate::typed_literals(plan)
 }
 
 /// Rules that mean "the query was not understood" rather than "not allowed".
