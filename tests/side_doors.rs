@@ -337,3 +337,60 @@ fn a_repeated_overlap_is_answered_without_running_again() {
     env.cli(&server, "globex", &words("overlap --with acme"))
         .fails_with("(internal)");
 }
+
+/// Time and memory: globex joins acme's list with two of its own tables that each hold
+/// 20,000 rows for one target company and sums one of their columns. Before, the join
+/// fanned out (400M rows) only when the target was in acme's list, so the question hit the
+/// 2 s time limit exactly then (and answered in 0.3 s otherwise). Every table is now reduced
+/// to at most L rows per company before any join: answered the same way in both worlds.
+#[test]
+fn a_join_cannot_fan_out_on_one_company() {
+    const COPIES: usize = 20_000;
+    let mut own = String::from("website,v\n");
+    for i in 0..60 {
+        own.push_str(&format!("co{i}.example,1\n"));
+    }
+    for _ in 0..COPIES {
+        own.push_str("co7.example,1\n");
+    }
+    let sql = "SELECT SUM(y.v) FROM globex.t1 x \
+               JOIN acme.accounts a ON x.website = a.website \
+               JOIN globex.t2 y ON y.website = a.website";
+    let outcomes: Vec<String> = [true, false]
+        .into_iter()
+        .map(|present| {
+            let env = Env::new();
+            let server = env.serve(&["--query-timeout-secs", "2"]);
+            let mut acme = String::from("website,industry\n");
+            for i in (0..60).filter(|&i| present || i != 7) {
+                acme.push_str(&format!("co{i}.example,retail\n"));
+            }
+            env.upload_csv(&server, "acme", "accounts", &acme).ok();
+            for t in ["t1", "t2"] {
+                env.upload_csv(&server, "globex", t, &own).ok();
+                env.cli(
+                    &server,
+                    "globex",
+                    &["policy", "set", t, "--bounds", "v=0:1000000"],
+                )
+                .ok();
+            }
+            for usage in ["join", "count"] {
+                env.cli(
+                    &server,
+                    "acme",
+                    &[
+                        "policy", "grant", "accounts", "--to", "globex", "--usage", usage,
+                    ],
+                )
+                .ok();
+            }
+            outcome(&env, &server, sql)
+        })
+        .collect();
+    assert_eq!(
+        outcomes[0], outcomes[1],
+        "the outcome tells whether co7 matched"
+    );
+    assert_eq!(outcomes[0], "answered, 1 rows");
+}

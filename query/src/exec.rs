@@ -4,13 +4,20 @@
 //! else's data is involved). A query that reads another partner's dataset is rewritten:
 //!
 //! ```text
-//! rows   := the allowed row-level relation + the privacy unit (a foreign table's key)
+//! tables := each table instance reduced on its own: its filters, then GROUP BY key and its
+//!           GROUP BY columns with its metrics summed (averaged) per row, then at most L rows
+//!           per key                                                   (`reduced_table`)
+//! rows   := the reduced tables joined on their keys (the query's join graph)
 //! stage1 := GROUP BY unit, dims: per-entity SUM/AVG of each metric          (one row per
-//!           entity and group, so duplicates and join fan-out count once)
+//!           entity and group)
 //! bound  := ROW_NUMBER() OVER (PARTITION BY unit ORDER BY dims) <= L         (contribution
 //!           bounding: an entity reaches at most L groups)
-//! stage2 := GROUP BY dims: COUNT(*) entities, SUM(clamp(metric)) ...
+//! stage2 := GROUP BY dims: COUNT(*) entities, SUM(grid(clamp(metric))) ...
 //! ```
+//!
+//! Reducing every table before the join bounds the work of a question by the sizes of its
+//! inputs: no company has more than L rows in any table, so a join cannot fan out for one
+//! company (its time and memory would otherwise tell whether it matched).
 //!
 //! Then, per group: a group is released only if it has at least `k` distinct entities and its
 //! noisy count reaches `k - 1 + 1 + (L/ε)·ln(L/2δ)` (the Laplace partition-selection threshold
@@ -31,13 +38,13 @@ use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::tree_node::{Transformed, TreeNode};
-use datafusion::common::{Column, DFSchema, ScalarValue};
+use datafusion::common::{Column, ScalarValue};
 use datafusion::datasource::{MemTable, provider_as_source};
 use datafusion::execution::SessionState;
 use datafusion::functions_aggregate::expr_fn::{avg, count, sum};
 use datafusion::functions_window::expr_fn::row_number;
 use datafusion::logical_expr::{
-    Aggregate, Expr, ExprFunctionExt, LogicalPlan, LogicalPlanBuilder, Projection, col, lit, when,
+    Aggregate, Expr, ExprFunctionExt, LogicalPlan, LogicalPlanBuilder, col, lit, when,
 };
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::coop::CooperativeExec;
@@ -209,114 +216,190 @@ fn split_top(plan: &LogicalPlan) -> Result<(Vec<&LogicalPlan>, &Aggregate), Quer
     }
 }
 
-/// Add the privacy unit (the key of table instance `table`) as a column that every
-/// projection above its scan carries along.
-fn carry_entity(input: LogicalPlan, table: usize, key: &str) -> Result<LogicalPlan, QueryError> {
-    let mut scans = 0usize;
-    let out = input.transform_up(|node| {
-        Ok(match node {
-            LogicalPlan::TableScan(_) => {
-                let i = scans;
-                scans += 1;
-                if i != table {
-                    Transformed::no(node)
-                } else {
-                    let schema = node.schema().clone();
-                    let mut exprs = all_columns(&schema);
-                    let (q, _) = schema.qualified_field_with_unqualified_name(key)?;
-                    exprs.push(Expr::Column(Column::new(q.cloned(), key)).alias(ENTITY));
-                    Transformed::yes(LogicalPlan::Projection(Projection::try_new(
-                        exprs,
-                        Arc::new(node),
-                    )?))
-                }
-            }
-            LogicalPlan::Projection(p) => {
-                let carried = p.schema.has_column_with_unqualified_name(ENTITY);
-                match p
-                    .input
-                    .schema()
-                    .qualified_field_with_unqualified_name(ENTITY)
-                {
-                    Ok((q, _)) if !carried => {
-                        let mut exprs = p.expr.clone();
-                        exprs.push(Expr::Column(Column::new(q.cloned(), ENTITY)));
-                        Transformed::yes(LogicalPlan::Projection(Projection::try_new(
-                            exprs, p.input,
-                        )?))
-                    }
-                    _ => Transformed::no(LogicalPlan::Projection(p)),
-                }
-            }
-            other => Transformed::yes(other.recompute_schema()?),
-        })
-    })?;
-    if scans <= table {
-        return Err(internal("privacy-unit table not found"));
-    }
-    Ok(out.data)
+/// The scans of `plan` in the gate's table-instance order (leaves left to right).
+fn scans(plan: &LogicalPlan) -> Vec<LogicalPlan> {
+    let mut out = Vec::new();
+    let _ = plan.apply(|node| {
+        if let LogicalPlan::TableScan(_) = node {
+            out.push(node.clone());
+        }
+        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+    });
+    out
 }
 
-fn all_columns(schema: &DFSchema) -> Vec<Expr> {
-    schema
+/// Column `name` of the reduced table instance `table`: `__escrow_t{table}_{what}`.
+fn reduced_column(table: usize, what: &str) -> String {
+    format!("__escrow_t{table}_{what}")
+}
+
+/// One table instance in its contribution-bounded form: its own filters applied, then one
+/// row per company and group (the key and this table's GROUP BY columns), with each of its
+/// metrics summed (or averaged) within the row, then at most `L` rows per company (the first
+/// by its group values). Columns: `key`, `d{n}` for the n-th GROUP BY column of the query if
+/// it is this table's, `m{j}` for the j-th aggregate if it is this table's metric.
+///
+/// Whatever the rows are, the table has at most `L` rows per company afterwards: a join of
+/// such tables on the key yields at most `L^tables` rows per company, so a question's time
+/// and memory are bounded by the sizes of its inputs, never by how many rows one company has
+/// in each table (before, the caller's own tables with thousands of rows for one target
+/// company made the join fan out only when the target was in the other list).
+fn reduced_table(
+    scan: LogicalPlan,
+    table: usize,
+    report: &GateReport,
+    p: &Protection,
+) -> Result<LogicalPlan, QueryError> {
+    let LogicalPlan::TableScan(ts) = &scan else {
+        return Err(internal("a table instance that is no scan"));
+    };
+    let qualifier = ts.table_name.clone();
+    let column = |name: &str| Expr::Column(Column::new(Some(qualifier.clone()), name));
+    let key = report
+        .tables
+        .get(table)
+        .and_then(|t| t.key_column.clone())
+        .ok_or_else(|| internal("a joined table without a key column"))?;
+    let mut b = LogicalPlanBuilder::from(scan);
+    let conjuncts: Vec<Expr> = report
+        .filters
         .iter()
-        .map(|(q, f)| Expr::Column(Column::new(q.cloned(), f.name())))
-        .collect()
+        .filter(|((t, _), _)| *t == table)
+        .map(|((_, c), values)| {
+            column(c).in_list(
+                values
+                    .iter()
+                    .map(|v| Expr::Literal(v.clone(), None))
+                    .collect(),
+                false,
+            )
+        })
+        .collect();
+    if let Some(predicate) = conjuncts.into_iter().reduce(Expr::and) {
+        b = b.filter(predicate)?;
+    }
+    let mut group = vec![column(&key).alias(reduced_column(table, "key"))];
+    let mut dims = Vec::new();
+    for (n, (t, c)) in report.dimensions.iter().enumerate() {
+        if *t == table {
+            let name = reduced_column(table, &format!("d{n}"));
+            group.push(column(c).alias(&name));
+            dims.push(col(name));
+        }
+    }
+    let mut metrics = Vec::new();
+    for (j, m) in report.aggregates.iter().enumerate() {
+        let name = reduced_column(table, &format!("m{j}"));
+        match m {
+            Metric::Sum {
+                table: t,
+                column: c,
+            } if *t == table => {
+                metrics
+                    .push(sum(datafusion::prelude::cast(column(c), DataType::Float64)).alias(name));
+            }
+            Metric::Avg {
+                table: t,
+                column: c,
+            } if *t == table => {
+                metrics
+                    .push(avg(datafusion::prelude::cast(column(c), DataType::Float64)).alias(name));
+            }
+            _ => {}
+        }
+    }
+    b = b.aggregate(group, metrics)?;
+    if !dims.is_empty() {
+        let rn = row_number()
+            .partition_by(vec![col(reduced_column(table, "key"))])
+            .order_by(dims.iter().map(|d| d.clone().sort(true, true)).collect())
+            .build()?
+            .alias(ROW_NUMBER);
+        let keep: Vec<Expr> = b.schema().fields().iter().map(|f| col(f.name())).collect();
+        b = b
+            .window(vec![rn])?
+            .filter(col(ROW_NUMBER).lt_eq(lit(u64::from(p.max_groups_per_entity))))?
+            .project(keep)?;
+    }
+    Ok(b.build()?)
 }
 
-fn metric_arg(agg: &Aggregate, j: usize) -> Result<Expr, QueryError> {
-    let mut e = agg
-        .aggr_expr
-        .get(j)
-        .ok_or_else(|| internal("aggregate count"))?;
-    while let Expr::Alias(a) = e {
-        e = &a.expr;
-    }
-    match e {
-        Expr::AggregateFunction(f) if f.params.args.len() == 1 => Ok(f.params.args[0].clone()),
-        _ => Err(internal("aggregate shape")),
-    }
-}
-
-/// stage1 -> contribution bound -> stage2 (see the module comment).
+/// reduce every table -> join on the keys -> stage1 -> contribution bound -> stage2 (see
+/// the module comment).
 fn protected_stage(
     agg: &Aggregate,
     report: &GateReport,
     p: &Protection,
 ) -> Result<LogicalPlan, QueryError> {
-    let key = report
-        .tables
-        .get(p.entity_table)
-        .and_then(|t| t.key_column.clone())
-        .ok_or_else(|| internal("privacy unit without a key column"))?;
-    let input = carry_entity(agg.input.as_ref().clone(), p.entity_table, &key)?;
-    let (q, _) = input
-        .schema()
-        .qualified_field_with_unqualified_name(ENTITY)?;
-    let entity = Expr::Column(Column::new(q.cloned(), ENTITY));
-    let dims = agg.group_expr.clone();
+    let scans = scans(&agg.input);
+    if scans.len() != report.tables.len() {
+        return Err(internal("scans and table instances differ"));
+    }
+    let mut reduced: Vec<Option<LogicalPlan>> = scans
+        .into_iter()
+        .enumerate()
+        .map(|(t, scan)| reduced_table(scan, t, report, p).map(Some))
+        .collect::<Result<_, _>>()?;
+    // Join the reduced tables along the query's key equalities (a connected graph: the
+    // gate allows no other joins), starting from the privacy unit's table.
+    let take = |reduced: &mut Vec<Option<LogicalPlan>>, t: usize| {
+        reduced
+            .get_mut(t)
+            .and_then(Option::take)
+            .ok_or_else(|| internal("table instance"))
+    };
+    let mut joined = vec![p.entity_table];
+    let mut b = LogicalPlanBuilder::from(take(&mut reduced, p.entity_table)?);
+    while joined.len() < report.tables.len() {
+        let next = report.joins.iter().find_map(|&(x, y)| {
+            match (joined.contains(&x), joined.contains(&y)) {
+                (true, false) => Some((x, y)),
+                (false, true) => Some((y, x)),
+                _ => None,
+            }
+        });
+        let Some((have, new)) = next else {
+            return Err(internal("table instances not joined on keys"));
+        };
+        b = b.join(
+            take(&mut reduced, new)?,
+            datafusion::common::JoinType::Inner,
+            (
+                vec![Column::from_name(reduced_column(have, "key"))],
+                vec![Column::from_name(reduced_column(new, "key"))],
+            ),
+            None,
+        )?;
+        joined.push(new);
+    }
+    let entity = col(reduced_column(p.entity_table, "key")).alias(ENTITY);
+    let dims: Vec<Expr> = report
+        .dimensions
+        .iter()
+        .enumerate()
+        .map(|(n, (t, _))| col(reduced_column(*t, &format!("d{n}"))))
+        .collect();
 
     let mut per_entity = Vec::new();
     for (j, m) in report.aggregates.iter().enumerate() {
-        let x = || -> Result<Expr, QueryError> {
-            Ok(datafusion::prelude::cast(
-                metric_arg(agg, j)?,
-                DataType::Float64,
-            ))
-        };
+        let of = |t: &usize| col(reduced_column(*t, &format!("m{j}")));
         match m {
             Metric::Entities => {}
-            Metric::Sum { .. } => per_entity.push(sum(x()?).alias(format!("__escrow_m{j}"))),
-            Metric::Avg { .. } => per_entity.push(avg(x()?).alias(format!("__escrow_m{j}"))),
+            Metric::Sum { table, .. } => {
+                per_entity.push(sum(of(table)).alias(format!("__escrow_m{j}")))
+            }
+            Metric::Avg { table, .. } => {
+                per_entity.push(avg(of(table)).alias(format!("__escrow_m{j}")))
+            }
         }
     }
-    let mut b = LogicalPlanBuilder::from(input).aggregate(
-        std::iter::once(entity.clone()).chain(dims.iter().cloned()),
+    let mut b = b.aggregate(
+        std::iter::once(entity).chain(dims.iter().cloned()),
         per_entity,
     )?;
     if !dims.is_empty() {
         let rn = row_number()
-            .partition_by(vec![entity])
+            .partition_by(vec![col(ENTITY)])
             .order_by(dims.iter().map(|d| d.clone().sort(true, true)).collect())
             .build()?
             .alias(ROW_NUMBER);

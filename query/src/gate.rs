@@ -48,6 +48,12 @@ pub struct GateReport {
     /// filtered with `=` / `IN` on literals), so every group is known without looking at
     /// the data and a withheld one can be listed as suppressed. `None`: data-derived.
     pub group_domains: Vec<Option<Vec<ScalarValue>>>,
+    /// (table instance, column) of each GROUP BY column, in order.
+    pub dimensions: Vec<(usize, String)>,
+    /// Every filter conjunct: (table instance, column) and the literals it allows. Filters
+    /// are conjunctions over inner joins, so each holds for every row and can be applied to
+    /// its table alone.
+    pub filters: Vec<((usize, String), Vec<ScalarValue>)>,
 }
 
 /// One aggregate of an allowed query.
@@ -94,17 +100,16 @@ pub fn check(plan: &LogicalPlan, keys: &dyn KeyColumns) -> Result<GateReport, Qu
     let mut g = Gate {
         report: GateReport::default(),
         keys,
-        filtered: Vec::new(),
-        dimensions: Vec::new(),
     };
     g.top(plan)?;
     // Filters are conjunctions over inner joins: each one holds for every row, so the values
     // a dimension can take are the intersection of the lists that filter it.
     let domains = g
+        .report
         .dimensions
         .iter()
         .map(|dim| {
-            g.filtered.iter().filter(|(src, _)| src == dim).fold(
+            g.report.filters.iter().filter(|(src, _)| src == dim).fold(
                 None,
                 |acc: Option<Vec<ScalarValue>>, (_, values)| {
                     Some(match acc {
@@ -127,10 +132,6 @@ pub fn check(plan: &LogicalPlan, keys: &dyn KeyColumns) -> Result<GateReport, Qu
 struct Gate<'a> {
     report: GateReport,
     keys: &'a dyn KeyColumns,
-    /// (table instance, column) -> the literals a filter allows it.
-    filtered: Vec<((usize, String), Vec<ScalarValue>)>,
-    /// (table instance, column) of each GROUP BY column.
-    dimensions: Vec<(usize, String)>,
 }
 
 impl Gate<'_> {
@@ -272,7 +273,7 @@ impl Gate<'_> {
                     self.uses_of(&src, Usage::Dimension);
                     self.report.group_by += 1;
                     if let Lineage::Source { table, column, .. } = &src {
-                        self.dimensions.push((*table, column.clone()));
+                        self.report.dimensions.push((*table, column.clone()));
                     }
                     out.push(src);
                 }
@@ -661,7 +662,7 @@ impl Gate<'_> {
                 }
                 self.uses_of(&src, Usage::Filter);
                 if let Lineage::Source { table, column, .. } = src {
-                    self.filtered.push(((table, column), values));
+                    self.report.filters.push(((table, column), values));
                 }
                 Ok(())
             }
