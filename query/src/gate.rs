@@ -869,7 +869,7 @@ fn literal_refusal(column: &Expr, v: &ScalarValue, t: &arrow_schema::DataType) -
 /// `v` as a value of type `to`, if it converts without loss between types of one kind
 /// (numbers, text) or is text naming a date or time; `None` otherwise. A NULL literal
 /// becomes a NULL of `to`.
-fn exact_literal(v: &ScalarValue, to: &arrow_schema::DataType) -> Option<ScalarValue> {
+pub(crate) fn exact_literal(v: &ScalarValue, to: &arrow_schema::DataType) -> Option<ScalarValue> {
     use arrow_schema::DataType as T;
     let from = v.data_type();
     if v.is_null() {

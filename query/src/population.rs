@@ -5,12 +5,19 @@
 //! the dataset's declared schema, and must be a boolean over plain columns: no subqueries,
 //! aggregates, windows or placeholders, and never the key column (a population defined by
 //! identifiers would single companies out: `website = 'acme.com'`).
+//!
+//! It is evaluated over the owner's rows while another partner waits for an overlap, so it
+//! must not be able to fail on any value (a failure would tell the other partner that such a
+//! row exists): the language is comparisons of a column with a literal of the column's own
+//! type (converted at definition, as query filters are) or with a column of the same type,
+//! `IN` lists, `BETWEEN`, `LIKE` / `ILIKE` on text, `IS [NOT] NULL`, `IS [NOT] TRUE / FALSE`,
+//! and boolean columns, combined with `AND`, `OR` and `NOT`. No function, cast or arithmetic.
 
 use std::sync::Arc;
 
 use arrow_schema::{DataType, SchemaRef};
-use datafusion::common::DFSchema;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::common::{DFSchema, ScalarValue};
 use datafusion::logical_expr::{Expr, ExprSchemable};
 use datafusion::physical_expr::PhysicalExpr;
 
@@ -92,7 +99,132 @@ pub fn check_filter(
             format!("the filter must be true or false for a row, not {t}"),
         ));
     }
-    Ok(expr)
+    infallible(expr, &df_schema)
+}
+
+fn not_allowed(what: impl std::fmt::Display) -> QueryError {
+    refuse(
+        "invalid_filter",
+        format!(
+            "{what}: a population filter compares columns with values of their own type (=, <>, <, >, IN, BETWEEN, LIKE, IS NULL) joined by AND, OR, NOT; no functions, casts or arithmetic, so that it cannot fail on any row"
+        ),
+    )
+}
+
+/// `e` with every literal in its column's type, if `e` is in the filter language that cannot
+/// fail on a value (see the module comment); refused otherwise.
+fn infallible(e: Expr, schema: &DFSchema) -> Result<Expr, QueryError> {
+    use datafusion::logical_expr::expr::{Between, InList, Like};
+    use datafusion::logical_expr::{BinaryExpr, Operator};
+    let column_type = |c: &Expr| match c {
+        Expr::Column(_) => c.get_type(schema).ok(),
+        _ => None,
+    };
+    let typed = |c: &Expr, v: &Expr| -> Result<Expr, QueryError> {
+        let (Some(t), Expr::Literal(v, m)) = (column_type(c), v) else {
+            return Err(not_allowed(v));
+        };
+        crate::gate::exact_literal(v, &t)
+            .map(|x| Expr::Literal(x, m.clone()))
+            .ok_or_else(|| {
+                refuse(
+                    "invalid_filter",
+                    format!(
+                        "{c} is {t} and cannot be compared with {v}: write a value of its type"
+                    ),
+                )
+            })
+    };
+    if let Expr::IsTrue(c)
+    | Expr::IsFalse(c)
+    | Expr::IsNotTrue(c)
+    | Expr::IsNotFalse(c)
+    | Expr::IsUnknown(c)
+    | Expr::IsNotUnknown(c) = &e
+    {
+        return if column_type(c) == Some(DataType::Boolean) {
+            Ok(e)
+        } else {
+            Err(not_allowed(&e))
+        };
+    }
+    Ok(match e {
+        Expr::BinaryExpr(BinaryExpr { left, op, right }) => match op {
+            Operator::And | Operator::Or => Expr::BinaryExpr(BinaryExpr::new(
+                Box::new(infallible(*left, schema)?),
+                op,
+                Box::new(infallible(*right, schema)?),
+            )),
+            Operator::Eq
+            | Operator::NotEq
+            | Operator::Lt
+            | Operator::LtEq
+            | Operator::Gt
+            | Operator::GtEq => {
+                let (l, r) = (*left, *right);
+                let (l, r) = match (column_type(&l), column_type(&r)) {
+                    (Some(a), Some(b)) if a == b => (l, r),
+                    (Some(_), None) => {
+                        let r = typed(&l, &r)?;
+                        (l, r)
+                    }
+                    (None, Some(_)) => {
+                        let l = typed(&r, &l)?;
+                        (l, r)
+                    }
+                    _ => return Err(not_allowed(format!("{l} {op} {r}"))),
+                };
+                Expr::BinaryExpr(BinaryExpr::new(Box::new(l), op, Box::new(r)))
+            }
+            _ => return Err(not_allowed(format!("{left} {op} {right}"))),
+        },
+        Expr::Not(inner) => Expr::Not(Box::new(infallible(*inner, schema)?)),
+        Expr::InList(InList {
+            expr,
+            list,
+            negated,
+        }) => {
+            let list = list
+                .iter()
+                .map(|v| typed(&expr, v))
+                .collect::<Result<Vec<_>, _>>()?;
+            Expr::InList(InList::new(expr, list, negated))
+        }
+        Expr::Between(Between {
+            expr,
+            negated,
+            low,
+            high,
+        }) => {
+            let (low, high) = (typed(&expr, &low)?, typed(&expr, &high)?);
+            Expr::Between(Between::new(expr, negated, Box::new(low), Box::new(high)))
+        }
+        Expr::Like(Like {
+            negated,
+            expr,
+            pattern,
+            escape_char,
+            case_insensitive,
+        }) if matches!(
+            column_type(&expr),
+            Some(DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
+        ) =>
+        {
+            let pattern = typed(&expr, &pattern)?;
+            Expr::Like(Like::new(
+                negated,
+                expr,
+                Box::new(pattern),
+                escape_char,
+                case_insensitive,
+            ))
+        }
+        Expr::IsNull(c) if matches!(*c, Expr::Column(_)) => Expr::IsNull(c),
+        Expr::IsNotNull(c) if matches!(*c, Expr::Column(_)) => Expr::IsNotNull(c),
+        c @ Expr::Column(_) if column_type(&c) == Some(DataType::Boolean) => c,
+        Expr::Literal(ScalarValue::Boolean(b), m) => Expr::Literal(ScalarValue::Boolean(b), m),
+        other => return Err(not_allowed(other)),
+    })
 }
 
 /// A checked population predicate ready to evaluate over batches of `executes` (the schema a
@@ -131,6 +263,10 @@ mod tests {
             "arr_usd > 100000 OR status LIKE 'open%'",
             "NOT (status = 'prospect')",
             "arr_usd IS NOT NULL",
+            "arr_usd BETWEEN 10 AND 20.5",
+            "status NOT IN ('a', 'b') AND NOT (region = 'x' OR region IS NULL)",
+            "status ILIKE 'Cust%'",
+            "region = status",
         ] {
             check_filter(ok, &schema(), Some("website")).unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
@@ -154,6 +290,16 @@ mod tests {
             ("count(*) > 1", "invalid_filter"),
             ("", "invalid_filter"),
             ("status = $1", "invalid_filter"),
+            // could fail on some row's value, so an overlap would fail exactly then
+            ("CAST(status AS INT) = 1", "invalid_filter"),
+            ("status = 5", "invalid_filter"),
+            ("arr_usd / 0 > 1", "invalid_filter"),
+            ("arr_usd + 1 > 2", "invalid_filter"),
+            ("upper(status) = 'X'", "invalid_filter"),
+            ("to_timestamp(status) > to_timestamp('2024-01-01')", "invalid_filter"),
+            ("CASE WHEN status = 'x' THEN arr_usd / 0 > 1 ELSE true END", "invalid_filter"),
+            ("arr_usd = status", "invalid_filter"),
+            ("arr_usd LIKE '1%'", "invalid_filter"),
         ] {
             assert_eq!(rule(bad), want, "{bad}");
         }
