@@ -635,3 +635,113 @@ fn messy_spellings_match_as_companies() {
     )
     .fails_with("reserved_column");
 }
+
+/// The shared cases at the default settings (ε = 1 per question, k = 5, L = 1), where the
+/// corpus runs at ε = 100 to compare exact numbers: every assertion holds under the noise
+/// (tolerances of 15 noise scales: each fails with probability below 10^-6).
+#[test]
+fn shared_answers_at_default_settings_hold_under_noise() {
+    let env = Env::new();
+    let server = env.serve(&[]);
+    let mut acme = String::from("website,industry,revenue\n");
+    for i in 0..400 {
+        acme.push_str(&format!("co{i}.example,i{},{}\n", i % 4, i % 500));
+    }
+    env.upload_csv(&server, "acme", "accounts", &acme).ok();
+    attacker_upload(&env, &server, &(0..300).collect::<Vec<_>>(), &|_| {
+        "x".into()
+    });
+    for args in [
+        "--usage join --column website",
+        "--usage count --column website",
+        "--usage dimension --column industry",
+        "--usage filter --column industry",
+        "--usage sum --column revenue",
+        "--usage avg --column revenue",
+    ] {
+        let mut a = words("policy grant accounts --to globex");
+        a.extend(words(args));
+        env.cli(&server, "acme", &a).ok();
+    }
+    env.cli(
+        &server,
+        "acme",
+        &words("policy set accounts --bounds revenue=0:500"),
+    )
+    .ok();
+    let near = |got: &serde_json::Value, want: f64, tolerance: f64| {
+        let g = got
+            .as_f64()
+            .unwrap_or_else(|| panic!("a released number: {got}"));
+        assert!(
+            (g - want).abs() <= tolerance,
+            "{g} vs {want} +- {tolerance}"
+        );
+    };
+    let join = "FROM globex.mine m JOIN acme.accounts a ON m.website = a.website";
+
+    let total = ask(
+        &env,
+        &server,
+        "globex",
+        &format!("SELECT COUNT(DISTINCT a.website) {join}"),
+    );
+    assert_eq!(total["protection"]["epsilon"], 1.0, "{total}");
+    near(&total["rows"][0][0], 300.0, 15.0);
+
+    let by = ask(
+        &env,
+        &server,
+        "globex",
+        &format!(
+            "SELECT a.industry, COUNT(DISTINCT a.website) {join} GROUP BY a.industry ORDER BY a.industry"
+        ),
+    );
+    let rows = by["rows"].as_array().expect("rows");
+    assert_eq!(
+        rows.len(),
+        4,
+        "75 companies per industry clear the threshold: {by}"
+    );
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(row[0], format!("i{i}"));
+        near(&row[1], 75.0, 15.0);
+    }
+
+    // count + sum: two statistics at ε/2 each; the sum's noise scale is 500 x 2 / 1 = 1000.
+    let exact_sum: f64 = (0..300).map(|i| f64::from(i % 500)).sum();
+    let sums = ask(
+        &env,
+        &server,
+        "globex",
+        &format!("SELECT COUNT(DISTINCT a.website), SUM(a.revenue) {join}"),
+    );
+    near(&sums["rows"][0][0], 300.0, 30.0);
+    near(&sums["rows"][0][1], exact_sum, 15_000.0);
+    let avg = ask(
+        &env,
+        &server,
+        "globex",
+        &format!("SELECT AVG(a.revenue) {join}"),
+    );
+    near(&avg["rows"][0][0], exact_sum / 300.0, 60.0);
+
+    // Enumerated groups: a value nobody has is listed, withheld; the others are released.
+    let listed = ask(
+        &env,
+        &server,
+        "globex",
+        &format!(
+            "SELECT a.industry, COUNT(DISTINCT a.website) {join} WHERE a.industry IN ('i0', 'i1', 'none') GROUP BY a.industry ORDER BY a.industry"
+        ),
+    );
+    let rows = listed["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 3, "{listed}");
+    assert_eq!(
+        listed["suppressed"],
+        serde_json::json!([false, false, true])
+    );
+    near(&rows[0][1], 75.0, 15.0);
+    assert!(rows[2][1].is_null());
+    assert_eq!(listed["budgets"][0]["spent"], 5.0);
+}
