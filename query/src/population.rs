@@ -296,8 +296,14 @@ mod tests {
             ("arr_usd / 0 > 1", "invalid_filter"),
             ("arr_usd + 1 > 2", "invalid_filter"),
             ("upper(status) = 'X'", "invalid_filter"),
-            ("to_timestamp(status) > to_timestamp('2024-01-01')", "invalid_filter"),
-            ("CASE WHEN status = 'x' THEN arr_usd / 0 > 1 ELSE true END", "invalid_filter"),
+            (
+                "to_timestamp(status) > to_timestamp('2024-01-01')",
+                "invalid_filter",
+            ),
+            (
+                "CASE WHEN status = 'x' THEN arr_usd / 0 > 1 ELSE true END",
+                "invalid_filter",
+            ),
             ("arr_usd = status", "invalid_filter"),
             ("arr_usd LIKE '1%'", "invalid_filter"),
         ] {
