@@ -775,6 +775,27 @@ fn preview_shows_what_a_partner_can_ask_before_and_after_a_grant() {
         table.stdout
     );
     assert!(table.stdout.contains("  website: join"), "{}", table.stdout);
+    // The guarantee in plain words, with the numbers in force (defaults: budget 10, ε 1).
+    assert!(
+        table.stdout.contains(
+            "  guarantee: a partner that spends its whole budget on your data (10 in all: 10 questions at epsilon 1) can become at most 99.995% sure"
+        ),
+        "{}",
+        table.stdout
+    );
+    acme(
+        &env,
+        &server,
+        &words("policy set accounts --epsilon 0.1 --budget 1.1"),
+    );
+    let tighter = preview(&env, &server, &["--partner", "globex"]);
+    let g = tighter["datasets"][0]["guarantee"]
+        .as_str()
+        .expect("guarantee");
+    assert!(
+        g.contains("11 questions at epsilon 0.1) can become at most 75.0% sure"),
+        "{g}"
+    );
 
     env.cli(&server, "acme", &["policy", "preview", "--partner", "acme"])
         .fails_with("invalid_request");

@@ -136,6 +136,8 @@ pub struct DatasetPreview {
     pub budget: BudgetView,
     /// ε the partner has left on this dataset.
     pub remaining: f64,
+    /// What the budget protects, in plain words, with these settings' numbers.
+    pub guarantee: String,
     /// Why a granted use would still be refused.
     pub notes: Vec<String>,
 }
@@ -358,6 +360,11 @@ impl QueryService {
                         budget: s.budget,
                     },
                     remaining: (s.budget - spent).max(0.0),
+                    guarantee: settings::guarantee(
+                        s.budget,
+                        s.epsilon,
+                        crate::queries::DELTA,
+                    ),
                     settings: s,
                     notes,
                 });

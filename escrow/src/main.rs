@@ -1556,6 +1556,7 @@ fn print_preview(p: &serde_json::Value) {
             d["budget"]["spent"],
             d["remaining"]
         );
+        println!("  guarantee: {}", s(&d["guarantee"]));
         for n in list(&d["notes"]) {
             println!("  note: {}", s(n));
         }

@@ -745,8 +745,20 @@ fn fingerprint(
     p: Option<&Protection>,
 ) -> [u8; 32] {
     let mut h = Sha256::new();
-    h.update(b"escrow-question-v1\0");
-    h.update(plan.display_indent().to_string().as_bytes());
+    h.update(b"escrow-question-v2\0");
+    let field = |h: &mut Sha256, bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_be_bytes());
+        h.update(bytes);
+    };
+    field(&mut h, plan.display_indent().to_string().as_bytes());
+    // The plan's text prints text literals without escaping them (`IN ('a', 'b"), Utf8("c')`
+    // prints as `IN ('a','b','c')` does), so every literal is hashed too, each on its own:
+    // two questions share a fingerprint only if their plans and all their values are equal.
+    let literals = gate::literals(plan);
+    field(&mut h, &(literals.len() as u64).to_be_bytes());
+    for l in &literals {
+        field(&mut h, l.as_bytes());
+    }
     for t in &report.tables {
         let v = versions
             .get(&(t.owner.clone(), t.dataset.clone()))

@@ -134,6 +134,23 @@ fn check_bounds(col: &str, lo: f64, hi: f64) -> Result<()> {
     Ok(())
 }
 
+/// What a budget protects, in plain words (docs/THREAT_MODEL.md, "The guarantee, in plain
+/// words"): every question is ε-differentially private for one company up to δ, and a
+/// partner's questions on one owner compose to at most its budget B, so from 50/50 it can
+/// become at most `e^B / (1 + e^B)` sure.
+pub fn guarantee(budget: f64, epsilon: f64, delta: f64) -> String {
+    let sure = 100.0 / (1.0 + (-budget).exp());
+    let sure = if sure > 99.9 {
+        format!("{sure:.3}")
+    } else {
+        format!("{sure:.1}")
+    };
+    let questions = (budget / epsilon + 1e-9).floor();
+    format!(
+        "a partner that spends its whole budget on your data ({budget} in all: {questions} questions at epsilon {epsilon}) can become at most {sure}% sure that one given company is in your list, starting from 50/50 (except with probability about {delta:e} per question)"
+    )
+}
+
 /// The settings in force for a dataset (defaults if the owner set none).
 pub fn of(store: &Store, owner: &str, dataset: &str) -> Result<DatasetSettings> {
     match store.catalog().settings_json(owner, dataset)? {
@@ -226,6 +243,15 @@ mod tests {
             bounds: bounds.into_iter().map(|b| ("arr".to_string(), b)).collect(),
             ..DatasetSettings::default()
         }
+    }
+
+    #[test]
+    fn the_guarantee_sentence_has_the_current_numbers() {
+        let g = guarantee(1.0986122886681098, 0.1, 1e-6);
+        assert!(g.contains("at most 75.0% sure"), "{g}");
+        assert!(g.contains("10 questions at epsilon 0.1"), "{g}");
+        assert!(guarantee(10.0, 1.0, 1e-6).contains("at most 99.995% sure"));
+        assert!(guarantee(0.0, 1.0, 1e-6).contains("at most 50.0% sure"));
     }
 
     #[test]

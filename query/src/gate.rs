@@ -981,6 +981,25 @@ pub fn keys_of(tables: &[crate::QueryTable]) -> impl Fn(&str, &str) -> Option<Op
     move |o: &str, d: &str| map.get(&(o.to_string(), d.to_string())).cloned()
 }
 
+/// Every literal of `plan` (subqueries included), in plan order, as its typed debug text
+/// (`Utf8("a\"b")`: quotes escaped), for fingerprints that the plan's display text alone
+/// would not make unique.
+pub fn literals(plan: &LogicalPlan) -> Vec<String> {
+    use datafusion::common::tree_node::TreeNodeRecursion;
+    let mut out = Vec::new();
+    let _ = plan.apply_with_subqueries(|node| {
+        node.apply_expressions(|e| {
+            e.apply(|x| {
+                if let Expr::Literal(v, _) = x {
+                    out.push(format!("{v:?}"));
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+        })
+    });
+    out
+}
+
 /// Every `(owner, dataset)` a plan scans, subqueries included, in first-seen order: what a
 /// query touched, known even when the gate then refuses it (for the audit log).
 pub fn scanned_tables(plan: &LogicalPlan) -> Vec<(String, String)> {

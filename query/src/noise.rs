@@ -14,8 +14,8 @@
 //! of Canonne, Kamath and Steinke ("The Discrete Gaussian for Differential Privacy", NeurIPS
 //! 2020, Algorithms 1 and 2), the one OpenDP uses: Bernoulli(exp(-n/d)) from uniform integers
 //! only, so there are no low bits of a floating-point draw to attack (Mironov, CCS 2012) and
-//! no scale that underflows to "no noise". Uniform integers come from `rand`'s unbiased
-//! range sampling over the ChaCha20 stream. OpenDP's own samplers read the operating
+//! no scale that underflows to "no noise". Uniform integers are drawn by rejection from
+//! 128-bit words of the ChaCha20 stream (exactly uniform). OpenDP's own samplers read the operating
 //! system's randomness and cannot be keyed, and keyed noise is what makes a repeated question
 //! (or the other side of an overlap) get the same numbers; so the ~40 lines of the algorithm
 //! live here, with the statistical tests OpenDP and Google's library run on theirs.
@@ -94,9 +94,22 @@ impl Scale {
     }
 }
 
+/// Uniform on `0..n`, `n > 0`, exactly: a uniform 128-bit draw, rejected below
+/// `2^128 mod n` so that what remains is a whole number of copies of `0..n`. (`rand`'s
+/// `random_range` without its `unbiased` feature uses a method that is biased once in 2^128.)
+fn uniform_below<R: Rng>(rng: &mut R, n: u128) -> u128 {
+    let reject_below = n.wrapping_neg() % n;
+    loop {
+        let x: u128 = rng.random();
+        if x >= reject_below {
+            return x % n;
+        }
+    }
+}
+
 /// Bernoulli(n / d), `n <= d`, `d > 0`.
 fn bernoulli_fraction<R: Rng>(rng: &mut R, n: u128, d: u128) -> bool {
-    rng.random_range(0..d) < n
+    uniform_below(rng, d) < n
 }
 
 /// Bernoulli(exp(-n / d)) for `n <= d` (CKS Algorithm 1, γ in [0, 1]): draw
@@ -127,7 +140,7 @@ fn bernoulli_exp<R: Rng>(rng: &mut R, n: u128, d: u128) -> bool {
 pub fn sample_discrete_laplace<R: Rng>(rng: &mut R, scale: Scale) -> i64 {
     let (t, s) = (scale.num, scale.den);
     loop {
-        let u = rng.random_range(0..t);
+        let u = uniform_below(rng, t);
         if !bernoulli_exp_upto_one(rng, u, t) {
             continue;
         }
