@@ -411,3 +411,52 @@ fn a_join_cannot_fan_out_on_one_company() {
     );
     assert_eq!(outcomes[0], "answered, 1 rows");
 }
+
+/// A charged question runs at most once. One that was not answered (over the time limit
+/// here; or failed, or its client went away) is refused when asked again, without running:
+/// before, it ran again at no cost, so killing the client at a chosen moment or timing the
+/// failures could be repeated for free (found by review).
+#[test]
+fn a_charged_question_that_was_not_answered_is_not_run_again() {
+    let env = Env::new();
+    let server = env.serve(&["--query-timeout-secs", "0"]);
+    let mut acme = String::from("website,industry\n");
+    for i in 0..60 {
+        acme.push_str(&format!("co{i}.example,retail\n"));
+    }
+    env.upload_csv(&server, "acme", "accounts", &acme).ok();
+    env.upload_csv(
+        &server,
+        "globex",
+        "mine",
+        "website,stage\nco1.example,open\n",
+    )
+    .ok();
+    for usage in ["join", "count"] {
+        env.cli(
+            &server,
+            "acme",
+            &[
+                "policy", "grant", "accounts", "--to", "globex", "--usage", usage,
+            ],
+        )
+        .ok();
+    }
+    let sql = "SELECT COUNT(DISTINCT g.website) FROM globex.mine g JOIN acme.accounts a ON g.website = a.website";
+    env.cli(&server, "globex", &["query", sql])
+        .fails_with("query_timeout");
+    let again = env
+        .cli(&server, "globex", &["query", sql])
+        .fails_with("rule not_run_again");
+    assert!(again.stderr.contains("(query_timeout)"), "{}", again.stderr);
+    // Nothing more was spent.
+    let preview = env
+        .cli(
+            &server,
+            "acme",
+            &words("policy preview --partner globex --format json"),
+        )
+        .ok();
+    let v: serde_json::Value = serde_json::from_str(&preview.stdout).expect("json");
+    assert_eq!(v["datasets"][0]["budget"]["spent"], 1.0, "{v}");
+}

@@ -28,7 +28,9 @@ use sha2::{Digest, Sha256};
 use crate::audit::{Actor, Event, Outcome};
 use crate::catalog::{BudgetCharge, Population, VersionKey};
 use crate::explain::{Explanation, ProtectionView, UseExplained};
-use crate::queries::{Cost, DELTA, QueryService, check_grants, decide, query_form, strictest};
+use crate::queries::{
+    Cost, DELTA, Kept, QueryService, check_grants, decide, not_run_again, query_form, strictest,
+};
 use crate::settings;
 use crate::{Error, Result};
 
@@ -457,9 +459,24 @@ impl QueryService {
             (&theirs, &mine)
         };
         // Asked again on the same data: the cells released the first time, without running.
+        let versions: Vec<String> = [first, second]
+            .iter()
+            .map(|s| s.version.version_id.clone())
+            .collect();
         let kept = if cost.repeated {
-            self.kept_cells(caller, fp).await?
+            match self.kept(caller, fp).await? {
+                Some(Kept::Released(bytes)) => Some(kept_matrix::decode(&bytes)?),
+                Some(Kept::NotAnswered(why)) => return Err(not_run_again(&why)),
+                None => None,
+            }
         } else {
+            self.keep(
+                caller,
+                fp,
+                versions.clone(),
+                Ok(Kept::not_answered("running")),
+            )
+            .await;
             None
         };
         let (released, applied, sensitivity) = match kept {
@@ -467,14 +484,13 @@ impl QueryService {
             None => {
                 let fresh = self
                     .release_matrix(first, second, req, max_groups, (min_entities, epsilon), fp)
-                    .await?;
-                let versions = [first, second]
-                    .iter()
-                    .map(|s| s.version.version_id.clone())
-                    .collect();
-                self.keep(caller, fp, versions, Ok(kept_matrix::encode(&fresh)))
                     .await;
-                fresh
+                let (keep, fresh) = match fresh {
+                    Ok(m) => (Kept::Released(kept_matrix::encode(&m)), Ok(m)),
+                    Err(e) => (Kept::not_answered(e.code()), Err(e)),
+                };
+                self.keep(caller, fp, versions, Ok(keep)).await;
+                fresh?
             }
         };
         // Every cell is released (one ε-release of the whole matrix); the caller sees the
@@ -578,16 +594,6 @@ impl QueryService {
             &protection,
         );
         Ok((released, applied, sensitivity))
-    }
-
-    /// The matrix released for `caller`'s question `fp` before, if kept.
-    async fn kept_cells(
-        &self,
-        caller: &str,
-        fp: [u8; 32],
-    ) -> Result<Option<(Vec<ReleasedCell>, Applied, u32)>> {
-        let bytes = self.kept(caller, fp).await?;
-        bytes.map(|b| kept_matrix::decode(&b)).transpose()
     }
 
     /// Explain an overlap question as `caller` would ask it: the populations of the other

@@ -258,39 +258,60 @@ impl QueryService {
                 cost = self
                     .charge(caller, charges, p.epsilon.as_f64(), fp, false)
                     .await?;
-                if cost.repeated
-                    && let Some(answer) = self.kept_answer(caller, fp).await?
-                {
-                    return Ok(QueryOutcome { answer, cost });
+                if cost.repeated {
+                    match self.kept(caller, fp).await? {
+                        Some(Kept::Released(bytes)) => {
+                            let answer = kept::decode(&bytes)?;
+                            return Ok(QueryOutcome { answer, cost });
+                        }
+                        Some(Kept::NotAnswered(why)) => return Err(not_run_again(&why)),
+                        None => {}
+                    }
+                } else {
+                    self.keep(
+                        caller,
+                        fp,
+                        versions.clone(),
+                        Ok(Kept::not_answered("running")),
+                    )
+                    .await;
                 }
                 Some(p)
             }
         };
         let protected = protection.is_some();
-        let (runs, state) =
-            escrow_query::plan_for_execution(sql, &tables, &self.config.limits, &report).await?;
-        let stop = escrow_query::Stop::default();
-        let stopping = stop.clone();
-        let task = self.executor.spawn(async move {
-            escrow_query::execute(&state, runs, &report, protection.as_ref(), &stopping).await
-        });
-        let abort = task.stopper();
-        let answer = self
-            .within_time_limit("query", async { Ok(task.await?) }, move || {
+        let run = async {
+            let (runs, state) =
+                escrow_query::plan_for_execution(sql, &tables, &self.config.limits, &report)
+                    .await?;
+            let stop = escrow_query::Stop::default();
+            let stopping = stop.clone();
+            let report = report.clone();
+            let task = self.executor.spawn(async move {
+                escrow_query::execute(&state, runs, &report, protection.as_ref(), &stopping).await
+            });
+            let abort = task.stopper();
+            self.within_time_limit("query", async { Ok(task.await?) }, move || {
                 stop.request();
                 abort.abort();
             })
-            .await?;
-        if protected {
-            self.keep_answer(caller, fp, versions, &answer).await;
+            .await
+        };
+        match run.await {
+            Ok(answer) => {
+                if protected {
+                    self.keep_answer(caller, fp, versions, &answer).await;
+                }
+                Ok(QueryOutcome { answer, cost })
+            }
+            Err(e) => {
+                if protected {
+                    self.keep(caller, fp, versions, Ok(Kept::not_answered(e.code())))
+                        .await;
+                }
+                Err(e)
+            }
         }
-        Ok(QueryOutcome { answer, cost })
-    }
-
-    /// The answer released for `caller`'s question `fingerprint` before, if kept.
-    async fn kept_answer(&self, caller: &str, fingerprint: [u8; 32]) -> Result<Option<Answer>> {
-        let bytes = self.kept(caller, fingerprint).await?;
-        bytes.map(|b| kept::decode(&b)).transpose()
     }
 
     /// Keep a released answer, so that the question asked again is answered without running.
@@ -301,24 +322,26 @@ impl QueryService {
         versions: Vec<String>,
         answer: &Answer,
     ) {
-        self.keep(caller, fingerprint, versions, kept::encode(answer))
-            .await;
+        self.keep(
+            caller,
+            fingerprint,
+            versions,
+            kept::encode(answer).map(Kept::Released),
+        )
+        .await;
     }
 
     /// What was kept for `caller`'s question `fingerprint` (a query's answer or an overlap's
-    /// matrix), if anything.
-    pub(crate) async fn kept(
-        &self,
-        caller: &str,
-        fingerprint: [u8; 32],
-    ) -> Result<Option<Vec<u8>>> {
+    /// matrix, or that it was charged and not answered), if anything.
+    pub(crate) async fn kept(&self, caller: &str, fingerprint: [u8; 32]) -> Result<Option<Kept>> {
         let (store, who) = (self.store.clone(), caller.to_string());
-        blocking(move || {
+        let bytes = blocking(move || {
             store
                 .catalog()
                 .released_answer(&who, &hex::encode(fingerprint))
         })
-        .await
+        .await?;
+        Ok(bytes.map(Kept::from_bytes))
     }
 
     /// Keep what was released for `caller`'s question `fingerprint`, computed from the
@@ -329,10 +352,10 @@ impl QueryService {
         caller: &str,
         fingerprint: [u8; 32],
         versions: Vec<String>,
-        bytes: Result<Vec<u8>>,
+        what: Result<Kept>,
     ) {
         let (store, who) = (self.store.clone(), caller.to_string());
-        let kept = match bytes {
+        let kept = match what.map(Kept::into_bytes) {
             Ok(bytes) => {
                 blocking(move || {
                     store
@@ -982,6 +1005,48 @@ pub mod output {
         drop(w);
         Ok(out)
     }
+}
+
+/// What the catalog keeps for a charged question that read other partners' data: what was
+/// released, or that it was not answered (still running, failed, or its client went away).
+/// A charged question runs at most once: asked again, it gets what was released, or the
+/// refusal `not_run_again`, so its time and outcome can never be measured twice.
+pub(crate) enum Kept {
+    Released(Vec<u8>),
+    /// The error code of the first run, or `running`.
+    NotAnswered(String),
+}
+
+const NOT_ANSWERED: &[u8] = b"escrow-not-answered\0";
+
+impl Kept {
+    pub(crate) fn not_answered(code: &str) -> Kept {
+        Kept::NotAnswered(code.to_string())
+    }
+
+    fn from_bytes(bytes: Vec<u8>) -> Kept {
+        match bytes.strip_prefix(NOT_ANSWERED) {
+            Some(code) => Kept::NotAnswered(String::from_utf8_lossy(code).into_owned()),
+            None => Kept::Released(bytes),
+        }
+    }
+
+    fn into_bytes(self) -> Vec<u8> {
+        match self {
+            Kept::Released(b) => b,
+            Kept::NotAnswered(code) => [NOT_ANSWERED, code.as_bytes()].concat(),
+        }
+    }
+}
+
+/// The refusal of a charged question that was not answered, asked again.
+pub(crate) fn not_run_again(why: &str) -> Error {
+    Error::refused(
+        "not_run_again",
+        format!(
+            "this question was charged before and not answered ({why}); a charged question runs at most once, so that its time and outcome cannot be measured twice: ask a different question"
+        ),
+    )
 }
 
 /// Answers kept for repeated questions (catalog `released_answers`): a length-prefixed JSON
