@@ -5,9 +5,9 @@
 
 use std::path::{Path, PathBuf};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
-use crate::harness::{Env, Run, Server, shared_dir, words};
+use crate::harness::{Env, Run, Server, accounts_csv, shared_dir, words};
 
 const STATUSES: [&str; 3] = ["customer", "opportunity", "prospect"];
 
@@ -385,4 +385,325 @@ fn overlap_requests_are_checked() {
     grant(&["overlap", "--population", "vips"]).fails_with("unknown_population");
     grant(&["overlap", "--column", "status"]).fails_with("invalid_rule");
     grant(&["join", "--population", "customers"]).fails_with("invalid_rule");
+}
+
+/// `csv` with one more column `name`, valued `value(i)` on the i-th row.
+fn with_column(csv: &str, name: &str, value: impl Fn(usize) -> String) -> String {
+    let mut lines = csv.lines();
+    let mut out = format!("{},{name}\n", lines.next().expect("header"));
+    for (i, l) in lines.enumerate() {
+        out.push_str(&format!("{l},{}\n", value(i)));
+    }
+    out
+}
+
+/// A raw POST of `body` to `path` as `partner`'s admin: the status and the exact body, which
+/// the CLI does not show.
+fn raw_post(env: &Env, server: &Server, partner: &str, path: &str, body: &Value) -> (u16, String) {
+    let config = escrow::server::tls::client_config(&env.bundle(partner)).expect("tls config");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    rt.block_on(async {
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(config)
+            .build()
+            .expect("client");
+        let resp = http
+            .post(format!("{}/{path}", server.url))
+            .json(body)
+            .send()
+            .await
+            .expect("send");
+        let status = resp.status().as_u16();
+        (status, resp.text().await.expect("body"))
+    })
+}
+
+/// Names of acme's and initech's that globex was never granted: no answer, refusal or
+/// explanation globex gets may contain one unless globex typed it.
+const NOT_SHARED: [&str; 6] = [
+    "secret_churn",
+    "risk_internal",
+    "secret_pipeline",
+    "hidden_deals",
+    "vip_secret",
+    "initech_private",
+];
+
+fn assert_names_nothing_not_shared(what: &str, text: &str) {
+    for name in NOT_SHARED {
+        assert!(!text.contains(name), "{what} names {name}: {text}");
+    }
+}
+
+/// acme shares one population of `accounts` (`customer`) with globex and keeps another
+/// (`secret_churn`, over a column it never shared) and two more datasets (`secret_pipeline`:
+/// no grant at all; `leads`: a join grant, no overlap grant) to itself; initech exists and
+/// shares nothing.
+fn partly_shared() -> (Env, Server) {
+    let env = Env::new();
+    env.op(&["partner", "add", "initech"]).ok();
+    let server = env.serve(&[]);
+    let acme = with_column(&accounts_csv(60, "shared"), "risk_internal", |i| {
+        (i % 10).to_string()
+    });
+    env.upload_csv(&server, "acme", "accounts", &acme).ok();
+    env.upload_csv(
+        &server,
+        "acme",
+        "secret_pipeline",
+        &accounts_csv(30, "pipe"),
+    )
+    .ok();
+    env.upload_csv(&server, "acme", "leads", &accounts_csv(30, "shared"))
+        .ok();
+    let globex = with_column(&accounts_csv(60, "shared"), "zzz_nothing", |_| "z".into());
+    env.upload_csv(&server, "globex", "accounts", &globex).ok();
+    env.upload_csv(&server, "initech", "accounts", &accounts_csv(30, "ini"))
+        .ok();
+    for (partner, dataset, population, filter) in [
+        ("acme", "accounts", "customer", "status = 'customer'"),
+        ("acme", "accounts", "secret_churn", "risk_internal > 5"),
+        (
+            "acme",
+            "secret_pipeline",
+            "hidden_deals",
+            "status = 'opportunity'",
+        ),
+        ("acme", "leads", "vip_secret", "status = 'customer'"),
+        ("globex", "accounts", "customers", "status = 'customer'"),
+        (
+            "globex",
+            "accounts",
+            "opportunities",
+            "status = 'opportunity'",
+        ),
+        (
+            "initech",
+            "accounts",
+            "initech_private",
+            "status = 'customer'",
+        ),
+    ] {
+        env.cli(
+            &server,
+            partner,
+            &["population", "add", dataset, population, "--filter", filter],
+        )
+        .ok();
+    }
+    for grant in [
+        "policy grant accounts --to globex --usage overlap --population customer",
+        "policy grant leads --to globex --usage join --column website",
+    ] {
+        env.cli(&server, "acme", &words(grant)).ok();
+    }
+    (env, server)
+}
+
+#[test]
+fn overlaps_explain_and_reports_name_nothing_the_other_partner_did_not_share() {
+    let (env, server) = partly_shared();
+    let run = |args: &[&str]| env.cli(&server, "globex", args);
+
+    // Explanations list the populations globex may see, and nothing else of acme's.
+    for args in [
+        &["policy", "explain", "--with", "acme", "--format", "json"][..],
+        &["policy", "explain", "--with", "acme"],
+        &[
+            "policy", "explain", "--with", "acme", "--by", "region", "--format", "json",
+        ],
+        &["policy", "explain", "--with", "acme", "--by", "region"],
+    ] {
+        let out = run(args).ok();
+        assert_names_nothing_not_shared(&args.join(" "), &out.stdout);
+    }
+    let e: Value = serde_json::from_str(
+        &run(&["policy", "explain", "--with", "acme", "--format", "json"])
+            .ok()
+            .stdout,
+    )
+    .expect("json");
+    assert_eq!(e["allowed"], true, "{e}");
+    let uses = e["uses"].as_array().expect("uses");
+    assert_eq!(uses.len(), 1, "{e}");
+    assert_eq!(uses[0]["population"], "customer");
+    assert_eq!(
+        uses[0]["rule"], "p,globex,acme,accounts,customer,overlap",
+        "{e}"
+    );
+    let by: Value = serde_json::from_str(
+        &run(&[
+            "policy", "explain", "--with", "acme", "--by", "region", "--format", "json",
+        ])
+        .ok()
+        .stdout,
+    )
+    .expect("json");
+    let datasets: Vec<&str> = by["uses"]
+        .as_array()
+        .expect("uses")
+        .iter()
+        .map(|u| u["dataset"].as_str().expect("dataset"))
+        .collect();
+    assert_eq!(datasets, ["acme.accounts", "acme.accounts"], "{by}");
+    assert_eq!(by["refusal"]["rule"], "usage_not_granted", "{by}");
+
+    // A partner that shares nothing: a refusal, and an explanation without its populations.
+    let out = run(&["policy", "explain", "--with", "initech", "--format", "json"]).ok();
+    assert_names_nothing_not_shared("explain --with initech", &out.stdout);
+    let refused = run(&["overlap", "--with", "initech"]).fails_with("usage_not_granted");
+    assert_names_nothing_not_shared("overlap --with initech", &refused.stderr);
+
+    // Answers: the matrix and the report show the shared population only.
+    for args in [
+        &["overlap", "--with", "acme", "--format", "json"][..],
+        &["overlap", "--with", "acme", "--format", "csv"],
+        &["overlap", "--with", "acme"],
+        &[
+            "report",
+            "co-selling",
+            "--with",
+            "acme",
+            "--their-opportunities",
+            "customer",
+            "--format",
+            "json",
+        ],
+    ] {
+        let out = run(args).ok();
+        assert_names_nothing_not_shared(&args.join(" "), &out.stdout);
+    }
+    let refused = run(&["report", "co-selling", "--with", "acme"]).fails_with("unknown_population");
+    assert_names_nothing_not_shared("co-selling without roles", &refused.stderr);
+    let refused =
+        run(&["overlap", "--with", "acme", "--by", "region"]).fails_with("usage_not_granted");
+    assert_names_nothing_not_shared("overlap --by region", &refused.stderr);
+
+    // acme's new upload drops the column its unshared population filters on: the overlap
+    // fails (every population takes part), without naming that population or its column.
+    env.upload_csv(&server, "acme", "accounts", &accounts_csv(60, "shared"))
+        .ok();
+    let refused = run(&["overlap", "--with", "acme"]).fails_with("population_invalid");
+    assert_names_nothing_not_shared("population_invalid", &refused.stderr);
+    assert!(
+        refused.stderr.contains("acme.accounts"),
+        "{}",
+        refused.stderr
+    );
+    // acme is told which one and why.
+    env.cli(
+        &server,
+        "globex",
+        &words("policy grant accounts --to acme --usage overlap"),
+    )
+    .ok();
+    let own = env
+        .cli(
+            &server,
+            "acme",
+            &words("overlap --with globex --mine accounts"),
+        )
+        .fails_with("population_invalid");
+    assert!(own.stderr.contains("secret_churn"), "{}", own.stderr);
+}
+
+#[test]
+fn overlaps_answer_unknown_names_as_they_answer_names_not_shared() {
+    let (env, server) = partly_shared();
+    // Each group: requests that differ only in one name globex typed; the status and the
+    // whole body must be identical once that name is taken out.
+    let same = |path: &str, requests: &[(&str, Value)]| {
+        let mut first: Option<(String, u16, String)> = None;
+        for (name, body) in requests {
+            let (status, text) = raw_post(&env, &server, "globex", path, body);
+            for secret in NOT_SHARED.iter().filter(|s| *s != name) {
+                assert!(
+                    !text.contains(secret),
+                    "{path} {body} names {secret}: {text}"
+                );
+            }
+            let seen = (status, text.replace(name, "NAME"));
+            match &first {
+                None => first = Some((name.to_string(), seen.0, seen.1)),
+                Some((n, s, t)) => assert_eq!(
+                    (s, t),
+                    (&seen.0, &seen.1),
+                    "{path}: {n} and {name} are answered differently"
+                ),
+            }
+        }
+        first.map(|(_, s, t)| (s, t)).expect("requests")
+    };
+    for path in [
+        "v1/overlaps",
+        "v1/overlaps/explain",
+        "v1/reports/co-selling",
+    ] {
+        // an unknown partner, and one that shares nothing
+        let (status, _) = same(
+            path,
+            &[
+                ("nobody", json!({"with": "nobody"})),
+                ("initech", json!({"with": "initech"})),
+            ],
+        );
+        let want = if path.ends_with("explain") { 200 } else { 403 };
+        assert_eq!(status, want, "{path}");
+        // their dataset: unknown, not shared at all, shared without an overlap grant
+        same(
+            path,
+            &[
+                ("nope", json!({"with": "acme", "theirs": "nope"})),
+                (
+                    "secret_pipeline",
+                    json!({"with": "acme", "theirs": "secret_pipeline"}),
+                ),
+                ("leads", json!({"with": "acme", "theirs": "leads"})),
+            ],
+        );
+        // a breakdown column acme lacks, and one acme has but did not share
+        same(
+            path,
+            &[
+                ("zzz_nothing", json!({"with": "acme", "by": "zzz_nothing"})),
+                ("region", json!({"with": "acme", "by": "region"})),
+            ],
+        );
+    }
+    // report roles: a population acme did not share, and none of that name
+    let (status, body) = same(
+        "v1/reports/co-selling",
+        &[
+            (
+                "secret_churn",
+                json!({"with": "acme", "their_opportunities": "customer", "their_customers": "secret_churn"}),
+            ),
+            (
+                "nope_pop",
+                json!({"with": "acme", "their_opportunities": "customer", "their_customers": "nope_pop"}),
+            ),
+        ],
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("unknown_population"), "{body}");
+    // SQL names another partner's datasets too: unknown, not shared, unknown partner.
+    let sql = |t: &str| {
+        json!({"sql": format!(
+            "SELECT COUNT(DISTINCT g.website) FROM globex.accounts g JOIN {t} t ON g.website = t.website"
+        )})
+    };
+    for path in ["v1/queries", "v1/queries/explain"] {
+        same(
+            path,
+            &[
+                ("acme.nope", sql("acme.nope")),
+                ("acme.secret_pipeline", sql("acme.secret_pipeline")),
+                ("nobody.accounts", sql("nobody.accounts")),
+                ("initech.accounts", sql("initech.accounts")),
+            ],
+        );
+    }
 }

@@ -460,3 +460,71 @@ fn a_charged_question_that_was_not_answered_is_not_run_again() {
     let v: serde_json::Value = serde_json::from_str(&preview.stdout).expect("json");
     assert_eq!(v["datasets"][0]["budget"]["spent"], 1.0, "{v}");
 }
+
+/// A question whose client goes away after it was charged is still in the audit log (with
+/// the code `client_gone`, visible to the owner whose data it read), and is not run again
+/// (found by review: the charge was spent, but no record was written).
+#[test]
+fn a_question_abandoned_by_its_client_is_audited_and_not_run_again() {
+    let env = Env::new();
+    let server = env.serve(&[]);
+    let mut acme = String::from("website,industry\n");
+    for i in 0..300_000 {
+        acme.push_str(&format!("co{i}.example,retail\n"));
+    }
+    env.upload_csv(&server, "acme", "accounts", &acme).ok();
+    env.upload_csv(
+        &server,
+        "globex",
+        "mine",
+        "website,stage\nco1.example,open\n",
+    )
+    .ok();
+    for usage in ["join", "count"] {
+        env.cli(
+            &server,
+            "acme",
+            &[
+                "policy", "grant", "accounts", "--to", "globex", "--usage", usage,
+            ],
+        )
+        .ok();
+    }
+    let sql = "SELECT COUNT(DISTINCT g.website) FROM globex.mine g JOIN acme.accounts a ON g.website = a.website";
+    // The first question reads 300,000 sealed rows (nothing cached yet): the client is
+    // killed while the server works on it.
+    let mut client = std::process::Command::new(crate::harness::BIN)
+        .args(["query", sql])
+        .env("ESCROW_IDENTITY", env.bundle("globex"))
+        .env("ESCROW_SERVER", &server.url)
+        .env_remove("ESCROW_DATA_DIR")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn the CLI");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        client.try_wait().expect("poll").is_none(),
+        "the question was answered within 300 ms: no client went away"
+    );
+    client.kill().expect("kill the CLI");
+    let _ = client.wait();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let record = loop {
+        let found = env
+            .audit_records()
+            .into_iter()
+            .find(|r| r["kind"] == "query" && r["code"] == "client_gone");
+        if let Some(r) = found {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no client_gone record"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert!(record.to_string().contains("acme.accounts@v1"), "{record}");
+    env.cli(&server, "globex", &["query", sql])
+        .fails_with("rule not_run_again");
+}

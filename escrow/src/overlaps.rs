@@ -204,6 +204,8 @@ struct OverlapPlan {
 
 /// One side of the matrix: a dataset version and all its populations.
 struct SideData {
+    /// The side of the partner asking (whose names its messages may use).
+    callers: bool,
     owner: String,
     dataset: String,
     key_column: String,
@@ -416,22 +418,9 @@ impl QueryService {
             ));
         }
         let set = self.policy_set().await?;
-        let (caller_owned, req_owned, set_owned) = (caller.to_string(), req.clone(), set.clone());
+        let (caller, req) = (caller.to_string(), req.clone());
         let store = self.store.clone();
-        let m = crate::queries::blocking(move || {
-            resolve(&store, &set_owned, &caller_owned, &req_owned)
-        })
-        .await?;
-        if let Some(by) = &req.by {
-            let u = ColumnUse {
-                owner: m.theirs.owner.clone(),
-                dataset: m.theirs.dataset.clone(),
-                column: by.clone(),
-                usage: Usage::Dimension,
-            };
-            check_grants(&set, caller, [&u])?;
-        }
-        Ok(m)
+        crate::queries::blocking(move || resolve(&store, &set, &caller, &req)).await
     }
 
     /// Count, protect and release a checked matrix; ε is charged here.
@@ -596,35 +585,42 @@ impl QueryService {
         Ok((released, applied, sensitivity))
     }
 
-    /// Explain an overlap question as `caller` would ask it: the populations of the other
-    /// partner's datasets and whether each is visible (the grant or the missing one), the
-    /// breakdown column's grant, the protection and budget that would apply, and the first
-    /// refusal.
+    /// Explain an overlap question as `caller` would ask it: the other partner's populations
+    /// it may see (with the rules that grant them), the breakdown column's grant or the one
+    /// missing, the protection and budget that would apply, and the first refusal. Only
+    /// what `shared_populations` lets it see is named: populations, datasets and columns that
+    /// were not shared stay out of the explanation as they stay out of the answer.
     pub async fn explain_overlap(&self, caller: &str, req: &OverlapRequest) -> Result<Explanation> {
         let set = self.policy_set().await?;
         let mut uses = Vec::new();
         if is_valid_name(&req.with) && req.with != caller {
-            let (store, with) = (self.store.clone(), req.with.clone());
-            let theirs =
-                crate::queries::blocking(move || store.catalog().populations_of(&with)).await?;
-            let mut datasets: Vec<&str> = Vec::new();
-            for p in theirs
-                .iter()
-                .filter(|p| req.theirs.as_ref().is_none_or(|t| t == &p.dataset))
-            {
-                let u = ColumnUse::overlap(&p.owner, &p.dataset, &p.name);
-                uses.push(UseExplained::new(caller, &u, &decide(&set, caller, &u)?));
-                if !datasets.contains(&p.dataset.as_str()) {
-                    datasets.push(&p.dataset);
-                }
-            }
-            for d in datasets.into_iter().filter(|_| req.by.is_some()) {
-                let u = ColumnUse {
-                    owner: req.with.clone(),
-                    dataset: d.to_string(),
-                    column: req.by.clone().unwrap_or_default(),
-                    usage: Usage::Dimension,
-                };
+            let (store, policies, who, asked) = (
+                self.store.clone(),
+                set.clone(),
+                caller.to_string(),
+                req.clone(),
+            );
+            let shared = crate::queries::blocking(move || {
+                shared_populations(
+                    &store,
+                    &policies,
+                    &who,
+                    &asked.with,
+                    asked.theirs.as_deref(),
+                )
+            })
+            .await?;
+            let populations = shared.iter().flat_map(|s| {
+                s.visible
+                    .iter()
+                    .map(|i| ColumnUse::overlap(&req.with, &s.dataset, &s.populations[*i].name))
+            });
+            let breakdowns = shared.iter().filter_map(|s| {
+                req.by
+                    .as_ref()
+                    .map(|by| dimension(&req.with, &s.dataset, by))
+            });
+            for u in populations.chain(breakdowns) {
                 uses.push(UseExplained::new(caller, &u, &decide(&set, caller, &u)?));
             }
         }
@@ -732,10 +728,11 @@ impl QueryService {
             .iter()
             .map(|p| (p.name.clone(), p.filter.clone()))
             .collect();
-        let (owner, dataset, by) = (
+        let (owner, dataset, by, own) = (
             side.owner.clone(),
             side.dataset.clone(),
             by.map(str::to_string),
+            side.callers,
         );
         crate::queries::blocking(move || {
             let sealed = store.schema_of(&version)?;
@@ -743,7 +740,19 @@ impl QueryService {
             let populations = filters
                 .iter()
                 .map(|(name, filter)| {
-                    compile(filter, &declared, &executes, &key, &owner, &dataset, name)
+                    compile(filter, &declared, &executes, &key, &owner, &dataset, name).map_err(
+                        |e| match e {
+                            // Not the caller's: its name and filter are the owner's business,
+                            // even when the caller may see its counts.
+                            Error::BadInput { code, .. } if !own => Error::bad(
+                                code,
+                                format!(
+                                    "a population of {owner}.{dataset} no longer fits the dataset's live version; its owner must define it again"
+                                ),
+                            ),
+                            other => other,
+                        },
+                    )
                 })
                 .collect::<Result<Vec<_>>>()?;
             let index = |c: &str, s: &SchemaRef| {
@@ -796,10 +805,6 @@ fn resolve(
     caller: &str,
     req: &OverlapRequest,
 ) -> Result<Matrix> {
-    if !store.catalog().partner_is_active(&req.with)? {
-        return Err(Error::NotFound(format!("no partner named {}", req.with)));
-    }
-
     // Mine.
     let mut my_pops = group(store.catalog().populations_of(caller)?);
     let mine = match &req.mine {
@@ -836,26 +841,16 @@ fn resolve(
         )
     })?;
 
-    // Theirs: datasets with at least one population the caller may see (each decided once).
-    let mut candidates: Vec<(String, Vec<usize>)> = Vec::new();
-    let mut their_pops = group(store.catalog().populations_of(&req.with)?);
-    for (d, pops) in &their_pops {
-        if req.theirs.as_ref().is_some_and(|t| t != d) {
-            continue;
-        }
-        let mut visible = Vec::new();
-        for (i, p) in pops.iter().enumerate() {
-            if decide(set, caller, &ColumnUse::overlap(&req.with, d, &p.name))?.allowed() {
-                visible.push(i);
-            }
-        }
-        if !visible.is_empty() {
-            candidates.push((d.clone(), visible));
-        }
-    }
-    let (theirs, visible) = match candidates.as_slice() {
-        [one] => one.clone(),
-        [] => {
+    // Theirs: the one dataset with populations the caller may see. Whether the partner or
+    // the dataset named exists, shares nothing or shares other uses, the refusal is the same.
+    let mut candidates = shared_populations(store, set, caller, &req.with, req.theirs.as_deref())?;
+    let Shared {
+        dataset: theirs,
+        populations: their_populations,
+        visible,
+    } = match candidates.len() {
+        1 => candidates.remove(0),
+        0 => {
             let on = req
                 .theirs
                 .as_deref()
@@ -868,21 +863,21 @@ fn resolve(
                 ),
             ));
         }
-        many => {
+        _ => {
             return Err(Error::bad(
                 "ambiguous_dataset",
                 format!(
                     "{} lets you see populations of several datasets ({}): choose one with --theirs",
                     req.with,
-                    many.iter()
-                        .map(|(d, _)| d.as_str())
+                    candidates
+                        .iter()
+                        .map(|s| s.dataset.as_str())
                         .collect::<Vec<_>>()
                         .join(", ")
                 ),
             ));
         }
     };
-    let their_populations = their_pops.remove(&theirs).unwrap_or_default();
 
     let side = |owner: &str, dataset: &str, populations: Vec<Population>| -> Result<SideData> {
         let info = store.live_dataset(owner, dataset)?;
@@ -909,6 +904,7 @@ fn resolve(
             }
         }
         Ok(SideData {
+            callers: owner == caller,
             owner: owner.to_string(),
             dataset: dataset.to_string(),
             key_column,
@@ -916,11 +912,73 @@ fn resolve(
             populations,
         })
     };
+    let mine = side(caller, &mine, my_populations)?;
+    // Their breakdown column's grant before anything about the column itself: whether a
+    // column that was not shared exists is not the caller's to learn.
+    if let Some(by) = &req.by {
+        check_grants(set, caller, [&dimension(&req.with, &theirs, by)])?;
+    }
     Ok(Matrix {
-        mine: side(caller, &mine, my_populations)?,
+        mine,
         theirs: side(&req.with, &theirs, their_populations)?,
         visible,
     })
+}
+
+/// One of the other partner's datasets with populations the caller may see.
+struct Shared {
+    dataset: String,
+    /// All its populations, in definition order (all of them take part in a matrix).
+    populations: Vec<Population>,
+    /// Indexes into `populations` of the ones the caller may see (never empty).
+    visible: Vec<usize>,
+}
+
+/// `with`'s datasets (or only `theirs`) with populations whose overlap counts `caller` may
+/// see (usage `overlap`, per population or for the whole dataset; each decided once). This
+/// is all of `with`'s that overlap questions and their explanations may name: an unknown or
+/// revoked partner, a dataset that does not exist or shares no population, and a population
+/// not granted all look alike (absent).
+fn shared_populations(
+    store: &crate::store::Store,
+    set: &PolicySet,
+    caller: &str,
+    with: &str,
+    theirs: Option<&str>,
+) -> Result<Vec<Shared>> {
+    if !store.catalog().partner_is_active(with)? {
+        return Ok(Vec::new());
+    }
+    let mut shared = Vec::new();
+    for (dataset, populations) in group(store.catalog().populations_of(with)?) {
+        if theirs.is_some_and(|t| t != dataset) {
+            continue;
+        }
+        let mut visible = Vec::new();
+        for (i, p) in populations.iter().enumerate() {
+            if decide(set, caller, &ColumnUse::overlap(with, &dataset, &p.name))?.allowed() {
+                visible.push(i);
+            }
+        }
+        if !visible.is_empty() {
+            shared.push(Shared {
+                dataset,
+                populations,
+                visible,
+            });
+        }
+    }
+    Ok(shared)
+}
+
+/// The use of `owner.dataset.column` as a breakdown.
+fn dimension(owner: &str, dataset: &str, column: &str) -> ColumnUse {
+    ColumnUse {
+        owner: owner.to_string(),
+        dataset: dataset.to_string(),
+        column: column.to_string(),
+        usage: Usage::Dimension,
+    }
 }
 
 /// The question, independent of who asks: both sides in canonical order (dataset, data

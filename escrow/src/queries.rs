@@ -72,7 +72,7 @@ pub struct QueryService {
 }
 
 /// What the audit record of a question says about it, gathered as it is checked.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct Trace {
     /// `owner.dataset@vN` of every dataset read.
     pub datasets: Vec<String>,
@@ -216,25 +216,23 @@ impl QueryService {
         }
     }
 
-    /// Answer `sql` for `actor`'s partner, or refuse it; audited either way.
+    /// Answer `sql` for `actor`'s partner, or refuse it; audited either way (also when the
+    /// client goes away after the question was charged: [`AbandonedQuestion`]).
     pub async fn run(&self, actor: &Actor, sql: &str) -> Result<QueryOutcome> {
         let caller = actor.partner_name()?;
         let mut trace = Trace::default();
+        let mut abandoned = AbandonedQuestion {
+            store: self.store.clone(),
+            actor: actor.clone(),
+            sql: sql.to_string(),
+            charged: Arc::new(std::sync::Mutex::new(None)),
+        };
         let result = self
-            .answer_sql(caller, sql, &mut trace)
+            .answer_sql(caller, sql, &mut trace, &abandoned.charged)
             .await
             .map_err(|e| point_to_explain(e, "escrow policy explain \"SQL\""));
-        let event = Event::new(
-            "query",
-            actor.clone(),
-            Outcome::Ok,
-            serde_json::json!({
-                "sql": sql,
-                "fingerprint": trace.fingerprint,
-                "datasets": trace.datasets,
-            }),
-        )
-        .touching(trace.owners.iter().map(String::as_str));
+        abandoned.disarm();
+        let event = question_event(actor, sql, &trace);
         self.release(event, result, |o| {
             serde_json::json!({
                 "rows": o.answer.suppressed.len(),
@@ -246,7 +244,13 @@ impl QueryService {
         .await
     }
 
-    async fn answer_sql(&self, caller: &str, sql: &str, trace: &mut Trace) -> Result<QueryOutcome> {
+    async fn answer_sql(
+        &self,
+        caller: &str,
+        sql: &str,
+        trace: &mut Trace,
+        charged: &std::sync::Mutex<Option<Trace>>,
+    ) -> Result<QueryOutcome> {
         let checked = self.check_sql(caller, sql, trace).await?;
         let (fp, versions) = (checked.fingerprint, checked.versions.clone());
         let (tables, report, protection) = checked.into_allowed(caller)?;
@@ -258,6 +262,7 @@ impl QueryService {
                 cost = self
                     .charge(caller, charges, p.epsilon.as_f64(), fp, false)
                     .await?;
+                *charged.lock().unwrap_or_else(|p| p.into_inner()) = Some(trace.clone());
                 if cost.repeated {
                     match self.kept(caller, fp).await? {
                         Some(Kept::Released(bytes)) => {
@@ -1004,6 +1009,62 @@ pub mod output {
         w.finish().map_err(err)?;
         drop(w);
         Ok(out)
+    }
+}
+
+/// The audit record of a question about `sql`, from what its checks gathered.
+fn question_event(actor: &Actor, sql: &str, trace: &Trace) -> Event {
+    Event::new(
+        "query",
+        actor.clone(),
+        Outcome::Ok,
+        serde_json::json!({
+            "sql": sql,
+            "fingerprint": trace.fingerprint,
+            "datasets": trace.datasets,
+        }),
+    )
+    .touching(trace.owners.iter().map(String::as_str))
+}
+
+/// A question whose client went away after it was charged (the request's future dropped)
+/// still gets its audit record, `client_gone`, appended on a task of its own: every ε spent
+/// is in the log its owners read.
+struct AbandonedQuestion {
+    store: Arc<Store>,
+    actor: Actor,
+    sql: String,
+    /// Set once the question is charged: what its record says.
+    charged: Arc<std::sync::Mutex<Option<Trace>>>,
+}
+
+impl AbandonedQuestion {
+    /// The question came back (answered or not): `run` records it.
+    fn disarm(&mut self) {
+        self.charged = Arc::new(std::sync::Mutex::new(None));
+    }
+}
+
+impl Drop for AbandonedQuestion {
+    fn drop(&mut self) {
+        let charged = self
+            .charged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let (Some(trace), Ok(runtime)) = (charged, tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        let event = question_event(&self.actor, &self.sql, &trace).failed(&Error::bad(
+            "client_gone",
+            "the client went away before the answer; the question was charged",
+        ));
+        let store = self.store.clone();
+        runtime.spawn(async move {
+            if let Err(e) = record(store, event).await {
+                tracing::warn!(error = %e, "recording an abandoned question failed");
+            }
+        });
     }
 }
 
