@@ -20,7 +20,7 @@
 //! company (its time and memory would otherwise tell whether it matched).
 //!
 //! Then, per group: a group is released only if it has at least `k` distinct entities and its
-//! noisy count reaches `k - 1 + 1 + (L/ε)·ln(L/2δ)` (the Laplace partition-selection threshold
+//! noisy count reaches `k - 1 + 1 + (L/ε)·ln(L/δ)` (the partition-selection threshold
 //! shifted by k), so neither a group's existence nor the exact-k test reveals one entity. Released values
 //! carry noise calibrated to the bounded contribution. Withheld rows are listed as suppressed
 //! (null values) where that reveals nothing: the one row of a query without GROUP BY, and the
