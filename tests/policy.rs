@@ -640,15 +640,19 @@ fn explain_names_the_grant_or_the_missing_grant_of_every_use() {
         "{rows}"
     );
 
-    // Overlap questions: globex may not see acme's populations; acme may see globex's.
+    // Overlap questions: globex may not see acme's populations, so the explanation names
+    // none of them (only the grant that would help); acme may see globex's.
     let o = explain(&env, &server, "globex", &["--with", "acme"]);
     assert_eq!(o["allowed"], false, "{o}");
     assert_eq!(o["refusal"]["rule"], "usage_not_granted");
-    let customers = use_of(&o, "acme.accounts", "customers", "overlap");
-    assert_eq!(customers["decision"], "missing");
-    assert_eq!(
-        customers["missing_grant"],
-        "acme runs: escrow policy grant accounts --to globex --usage overlap --population customers"
+    assert_eq!(o["uses"], serde_json::json!([]), "{o}");
+    assert!(!o.to_string().contains("customers"), "{o}");
+    assert!(
+        o["refusal"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("escrow policy grant DATASET --to globex --usage overlap"),
+        "{o}"
     );
     env.cli(&server, "globex", &["overlap", "--with", "acme"])
         .fails_with("`escrow policy explain --with acme` shows each rule");
@@ -803,6 +807,14 @@ fn preview_shows_what_a_partner_can_ask_before_and_after_a_grant() {
         &server,
         "acme",
         &["policy", "preview", "--partner", "nobody"],
+    )
+    .fails_with("no partner named nobody");
+    // ... which tells acme nothing a grant would not: partners' names are not secret (their
+    // datasets and populations are; overlap questions do not tell them from unknown ones).
+    env.cli(
+        &server,
+        "acme",
+        &words("policy grant accounts --to nobody --usage join --column website"),
     )
     .fails_with("no partner named nobody");
     env.cli(

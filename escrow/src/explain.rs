@@ -2,7 +2,9 @@
 //! refused (`explain`), and what another partner can currently ask of my datasets
 //! (`preview`). Both use the same checks and the same casbin decisions as answering does
 //! (`QueryService::check_sql`, the overlap resolution, `Catalog::spend` in dry-run mode), and
-//! neither reads, spends or runs anything. Engine code: no HTTP.
+//! neither reads, spends or runs anything. They name nothing of another partner's that its
+//! grants to the caller do not name: an overlap explanation lists only the populations
+//! shared with the caller (`overlaps::shared_populations`). Engine code: no HTTP.
 
 use escrow_policies::{ColumnUse, Decision, Usage, is_valid_name};
 use serde::Serialize;
@@ -273,6 +275,10 @@ impl QueryService {
             dataset.map(str::to_string),
         );
         blocking(move || {
+            // Unlike overlap questions, a preview may say that a partner does not exist: it
+            // is about the caller's own data, and whether a partner exists is what
+            // `policy grant --to P` tells the same owner anyway (a grant to no partner is
+            // refused). Answering "P sees nothing" for a mistyped P would mislead instead.
             if !store.catalog().partner_is_active(&partner)? {
                 return Err(Error::NotFound(format!("no partner named {partner}")));
             }

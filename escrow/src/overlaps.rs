@@ -205,7 +205,7 @@ struct OverlapPlan {
 /// One side of the matrix: a dataset version and all its populations.
 struct SideData {
     /// The side of the partner asking (whose names its messages may use).
-    callers: bool,
+    caller_side: bool,
     owner: String,
     dataset: String,
     key_column: String,
@@ -732,7 +732,7 @@ impl QueryService {
             side.owner.clone(),
             side.dataset.clone(),
             by.map(str::to_string),
-            side.callers,
+            side.caller_side,
         );
         crate::queries::blocking(move || {
             let sealed = store.schema_of(&version)?;
@@ -904,7 +904,7 @@ fn resolve(
             }
         }
         Ok(SideData {
-            callers: owner == caller,
+            caller_side: owner == caller,
             owner: owner.to_string(),
             dataset: dataset.to_string(),
             key_column,
