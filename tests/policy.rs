@@ -546,6 +546,15 @@ fn explain_names_the_grant_or_the_missing_grant_of_every_use() {
     let server = env.serve(&[]);
     env.customers_shared(&server);
     acme(&env, &server, &GRANT_JOIN);
+    // Before acme shares anything of region, globex cannot tell it exists.
+    env.cli(&server, "globex", &["query", BY_REGION])
+        .fails_with("rule unknown_column");
+    // Shared as a filter, it is there, and its use as a dimension is what is missing.
+    acme(
+        &env,
+        &server,
+        &words("policy grant accounts --to globex --usage filter --column region"),
+    );
 
     let refused = env
         .cli(&server, "globex", &["query", BY_REGION])

@@ -528,3 +528,59 @@ fn a_question_abandoned_by_its_client_is_audited_and_not_run_again() {
     env.cli(&server, "globex", &["query", sql])
         .fails_with("rule not_run_again");
 }
+
+/// SQL names nothing of another partner's dataset that was not shared: its columns without
+/// a grant are not declared, so naming one answers as naming a column that does not exist,
+/// and the planner's "Did you mean ..." hint (which named the real column) is dropped (found
+/// by review).
+#[test]
+fn a_column_that_was_not_shared_answers_as_one_that_does_not_exist() {
+    let env = Env::new();
+    let server = env.serve(&[]);
+    let mut acme = String::from("website,industry,secret_score\n");
+    for i in 0..30 {
+        acme.push_str(&format!("co{i}.example,retail,{i}\n"));
+    }
+    env.upload_csv(&server, "acme", "accounts", &acme).ok();
+    env.upload_csv(
+        &server,
+        "globex",
+        "mine",
+        "website,stage\nco1.example,open\n",
+    )
+    .ok();
+    for args in [
+        "--usage join --column website",
+        "--usage count --column website",
+        "--usage filter --column industry",
+    ] {
+        let mut a = words("policy grant accounts --to globex");
+        a.extend(words(args));
+        env.cli(&server, "acme", &a).ok();
+    }
+    let refusal = |column: &str, command: &str| {
+        let sql = format!("{JOIN} WHERE a.{column} = 1");
+        let args: Vec<&str> = match command {
+            "query" => vec!["query", &sql],
+            _ => vec!["policy", "explain", &sql],
+        };
+        let r = env.cli(&server, "globex", &args);
+        // A query is refused; an explanation of it is an answer that shows the refusal.
+        assert_eq!(r.code == Some(0), command == "explain", "{column}: {r:?}");
+        format!("{}{}", r.stdout, r.stderr).replace(column, "COLUMN")
+    };
+    for command in ["query", "explain"] {
+        let unshared = refusal("secret_score", command);
+        assert_eq!(unshared, refusal("no_such_column", command), "{command}");
+        assert_eq!(unshared, refusal("secret_scor", command), "{command}");
+        assert!(unshared.contains("unknown_column"), "{unshared}");
+        assert!(!refusal("secret_scor", command).contains("secret_score"));
+    }
+    // The granted column is there.
+    env.cli(
+        &server,
+        "globex",
+        &["query", &format!("{JOIN} WHERE a.industry = 'retail'")],
+    )
+    .ok();
+}

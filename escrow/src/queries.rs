@@ -527,6 +527,9 @@ impl QueryService {
     }
 
     /// The caller's own and granted datasets as engine tables, with their live versions.
+    /// Another partner's dataset is declared with its key column and the columns it granted
+    /// the caller some use of, nothing else: a column it did not share answers as one that
+    /// does not exist (`unknown_column`), so a question cannot tell whether it exists.
     async fn tables_for(
         &self,
         caller: &str,
@@ -534,6 +537,7 @@ impl QueryService {
         let store = self.store.clone();
         let who = caller.to_string();
         let hasher = self.entity_hasher.clone();
+        let set = self.policy_set().await?;
         blocking(move || {
             let mut tables = Vec::new();
             let mut versions = BTreeMap::new();
@@ -551,6 +555,11 @@ impl QueryService {
                 } = d;
                 let (schema, executes, prepare) =
                     query_form(&sealed, key_column.as_deref(), &hasher, false)?;
+                let schema = if owner == who {
+                    schema
+                } else {
+                    shared_columns(&set, &who, &owner, &name, key_column.as_deref(), &schema)?
+                };
                 let source = Arc::new(SealedSource {
                     store: store.clone(),
                     version: live,
@@ -657,6 +666,46 @@ impl QueryService {
         };
         Ok(Some((p, charges)))
     }
+}
+
+/// The declared schema of `owner`'s `dataset` as `caller` may name it: the key column and
+/// every column with a use granted to `caller`.
+fn shared_columns(
+    set: &PolicySet,
+    caller: &str,
+    owner: &str,
+    dataset: &str,
+    key: Option<&str>,
+    schema: &SchemaRef,
+) -> Result<SchemaRef> {
+    const COLUMN_USAGES: [Usage; 6] = [
+        Usage::Join,
+        Usage::Count,
+        Usage::Dimension,
+        Usage::Filter,
+        Usage::Sum,
+        Usage::Avg,
+    ];
+    let mut keep = Vec::new();
+    for (i, f) in schema.fields().iter().enumerate() {
+        let shared = Some(f.name().as_str()) == key
+            || COLUMN_USAGES.iter().any(|&usage| {
+                let u = ColumnUse {
+                    owner: owner.to_string(),
+                    dataset: dataset.to_string(),
+                    column: f.name().clone(),
+                    usage,
+                };
+                matches!(set.decide(caller, &u), Ok(d) if d.allowed())
+            });
+        if shared {
+            keep.push(i);
+        }
+    }
+    schema
+        .project(&keep)
+        .map(Arc::new)
+        .map_err(|e| Error::internal(format!("shared columns: {e}")))
 }
 
 /// A refusal by a policy rule (not a planning one) says where to see every rule the question

@@ -264,6 +264,10 @@ fn planning_refusal(e: datafusion::error::DataFusionError) -> QueryError {
         .split(". Hint")
         .next()
         .unwrap_or_default()
+        // "Did you mean 'a.secret_score'?" would name a column the query did not.
+        .split(". Did you mean")
+        .next()
+        .unwrap_or_default()
         .chars()
         .take(300)
         .collect();
