@@ -59,6 +59,36 @@ fn world(target_present: bool) -> (Env, Server) {
     (env, server)
 }
 
+/// A server started with `serve_args`; acme's `accounts` of `companies` companies, globex's
+/// `mine` of one of them, and acme's join and count grants to globex.
+fn joined_world(serve_args: &[&str], companies: usize) -> (Env, Server) {
+    let env = Env::new();
+    let server = env.serve(serve_args);
+    let mut acme = String::from("website,industry\n");
+    for i in 0..companies {
+        acme.push_str(&format!("co{i}.example,retail\n"));
+    }
+    env.upload_csv(&server, "acme", "accounts", &acme).ok();
+    env.upload_csv(
+        &server,
+        "globex",
+        "mine",
+        "website,stage\nco1.example,open\n",
+    )
+    .ok();
+    for usage in ["join", "count"] {
+        env.cli(
+            &server,
+            "acme",
+            &[
+                "policy", "grant", "accounts", "--to", "globex", "--usage", usage,
+            ],
+        )
+        .ok();
+    }
+    (env, server)
+}
+
 const JOIN: &str = "SELECT COUNT(DISTINCT g.website) AS n FROM globex.mine g JOIN acme.accounts a ON g.website = a.website";
 
 /// What a client can tell of an outcome besides released values: answered (with how many
@@ -418,31 +448,8 @@ fn a_join_cannot_fan_out_on_one_company() {
 /// failures could be repeated for free (found by review).
 #[test]
 fn a_charged_question_that_was_not_answered_is_not_run_again() {
-    let env = Env::new();
-    let server = env.serve(&["--query-timeout-secs", "0"]);
-    let mut acme = String::from("website,industry\n");
-    for i in 0..60 {
-        acme.push_str(&format!("co{i}.example,retail\n"));
-    }
-    env.upload_csv(&server, "acme", "accounts", &acme).ok();
-    env.upload_csv(
-        &server,
-        "globex",
-        "mine",
-        "website,stage\nco1.example,open\n",
-    )
-    .ok();
-    for usage in ["join", "count"] {
-        env.cli(
-            &server,
-            "acme",
-            &[
-                "policy", "grant", "accounts", "--to", "globex", "--usage", usage,
-            ],
-        )
-        .ok();
-    }
-    let sql = "SELECT COUNT(DISTINCT g.website) FROM globex.mine g JOIN acme.accounts a ON g.website = a.website";
+    let (env, server) = joined_world(&["--query-timeout-secs", "0"], 60);
+    let sql = JOIN;
     env.cli(&server, "globex", &["query", sql])
         .fails_with("query_timeout");
     let again = env
@@ -466,31 +473,8 @@ fn a_charged_question_that_was_not_answered_is_not_run_again() {
 /// (found by review: the charge was spent, but no record was written).
 #[test]
 fn a_question_abandoned_by_its_client_is_audited_and_not_run_again() {
-    let env = Env::new();
-    let server = env.serve(&[]);
-    let mut acme = String::from("website,industry\n");
-    for i in 0..300_000 {
-        acme.push_str(&format!("co{i}.example,retail\n"));
-    }
-    env.upload_csv(&server, "acme", "accounts", &acme).ok();
-    env.upload_csv(
-        &server,
-        "globex",
-        "mine",
-        "website,stage\nco1.example,open\n",
-    )
-    .ok();
-    for usage in ["join", "count"] {
-        env.cli(
-            &server,
-            "acme",
-            &[
-                "policy", "grant", "accounts", "--to", "globex", "--usage", usage,
-            ],
-        )
-        .ok();
-    }
-    let sql = "SELECT COUNT(DISTINCT g.website) FROM globex.mine g JOIN acme.accounts a ON g.website = a.website";
+    let (env, server) = joined_world(&[], 300_000);
+    let sql = JOIN;
     // The first question reads 300,000 sealed rows (nothing cached yet): the client is
     // killed while the server works on it.
     let mut client = std::process::Command::new(crate::harness::BIN)
