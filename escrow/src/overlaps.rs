@@ -29,7 +29,8 @@ use crate::audit::{Actor, Event, Outcome};
 use crate::catalog::{BudgetCharge, Population, VersionKey};
 use crate::explain::{Explanation, ProtectionView, UseExplained};
 use crate::queries::{
-    Cost, DELTA, Kept, QueryService, check_grants, decide, not_run_again, query_form, strictest,
+    AbandonedQuestion, Cost, DELTA, Kept, QueryService, check_grants, decide, not_run_again,
+    query_form, strictest,
 };
 use crate::settings;
 use crate::{Error, Result};
@@ -301,14 +302,17 @@ impl QueryService {
     /// The overlap matrix of `caller`'s populations and the populations `req.with` lets it
     /// see, or a refusal.
     pub async fn overlap(&self, actor: &Actor, req: &OverlapRequest) -> Result<OverlapOutcome> {
+        let event = question_event("overlap", actor, req, serde_json::json!({}));
+        let mut abandoned = AbandonedQuestion::new(self.store.clone());
+        let on_charge = || abandoned.charged(event.clone());
         let result = async {
             let caller = actor.partner_name()?;
             let m = self.matrix(caller, req).await?;
-            self.answer(caller, req, m).await
+            self.answer(caller, req, m, &on_charge).await
         }
         .await
         .map_err(|e| explain_hint(e, req));
-        let event = question_event("overlap", actor, req, serde_json::json!({}));
+        abandoned.disarm();
         self.release(event, result, overlap_facts).await
     }
 
@@ -330,13 +334,16 @@ impl QueryService {
             "their_customers": req.their_customers,
             "their_opportunities": req.their_opportunities,
         });
+        let event = question_event("co_selling_report", actor, &question, roles);
+        let mut abandoned = AbandonedQuestion::new(self.store.clone());
+        let on_charge = || abandoned.charged(event.clone());
         let result = async {
             let caller = actor.partner_name()?;
-            self.co_selling_report(caller, req).await
+            self.co_selling_report(caller, req, &on_charge).await
         }
         .await
         .map_err(|e| explain_hint(e, &question));
-        let event = question_event("co_selling_report", actor, &question, roles);
+        abandoned.disarm();
         self.release(event, result, |r| overlap_facts(&r.overlap))
             .await
     }
@@ -345,6 +352,7 @@ impl QueryService {
         &self,
         caller: &str,
         req: &CoSellingRequest,
+        on_charge: &(dyn Fn() + Sync),
     ) -> Result<CoSellingOutcome> {
         let question = OverlapRequest {
             with: req.with.clone(),
@@ -382,7 +390,7 @@ impl QueryService {
                 )?,
             ),
         ];
-        let overlap = self.answer(caller, &question, m).await?;
+        let overlap = self.answer(caller, &question, m, on_charge).await?;
         let sections = pairs
             .into_iter()
             .map(|(mine, theirs)| CoSellingSection {
@@ -429,6 +437,7 @@ impl QueryService {
         caller: &str,
         req: &OverlapRequest,
         m: Matrix,
+        on_charge: &(dyn Fn() + Sync),
     ) -> Result<OverlapOutcome> {
         let (mine_populations, their_populations) = m.axes();
         let Matrix {
@@ -441,6 +450,7 @@ impl QueryService {
         let cost = self
             .charge(caller, vec![plan.charge], epsilon, plan.fingerprint, false)
             .await?;
+        on_charge();
         let (mine_first, fp) = (plan.mine_first, plan.fingerprint);
         let (first, second) = if mine_first {
             (&mine, &theirs)

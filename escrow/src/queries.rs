@@ -221,14 +221,10 @@ impl QueryService {
     pub async fn run(&self, actor: &Actor, sql: &str) -> Result<QueryOutcome> {
         let caller = actor.partner_name()?;
         let mut trace = Trace::default();
-        let mut abandoned = AbandonedQuestion {
-            store: self.store.clone(),
-            actor: actor.clone(),
-            sql: sql.to_string(),
-            charged: Arc::new(std::sync::Mutex::new(None)),
-        };
+        let mut abandoned = AbandonedQuestion::new(self.store.clone());
+        let on_charge = |t: &Trace| abandoned.charged(question_event(actor, sql, t));
         let result = self
-            .answer_sql(caller, sql, &mut trace, &abandoned.charged)
+            .answer_sql(caller, sql, &mut trace, &on_charge)
             .await
             .map_err(|e| point_to_explain(e, "escrow policy explain \"SQL\""));
         abandoned.disarm();
@@ -249,7 +245,7 @@ impl QueryService {
         caller: &str,
         sql: &str,
         trace: &mut Trace,
-        charged: &std::sync::Mutex<Option<Trace>>,
+        on_charge: &(dyn Fn(&Trace) + Sync),
     ) -> Result<QueryOutcome> {
         let checked = self.check_sql(caller, sql, trace).await?;
         let (fp, versions) = (checked.fingerprint, checked.versions.clone());
@@ -262,7 +258,7 @@ impl QueryService {
                 cost = self
                     .charge(caller, charges, p.epsilon.as_f64(), fp, false)
                     .await?;
-                *charged.lock().unwrap_or_else(|p| p.into_inner()) = Some(trace.clone());
+                on_charge(trace);
                 if cost.repeated {
                     match self.kept(caller, fp).await? {
                         Some(Kept::Released(bytes)) => {
@@ -1078,19 +1074,29 @@ fn question_event(actor: &Actor, sql: &str, trace: &Trace) -> Event {
 
 /// A question whose client went away after it was charged (the request's future dropped)
 /// still gets its audit record, `client_gone`, appended on a task of its own: every ε spent
-/// is in the log its owners read.
-struct AbandonedQuestion {
+/// is in the log its owners read. Queries and overlap-shaped questions alike.
+pub(crate) struct AbandonedQuestion {
     store: Arc<Store>,
-    actor: Actor,
-    sql: String,
-    /// Set once the question is charged: what its record says.
-    charged: Arc<std::sync::Mutex<Option<Trace>>>,
+    /// Set once the question is charged: its record.
+    charged: std::sync::Mutex<Option<Event>>,
 }
 
 impl AbandonedQuestion {
-    /// The question came back (answered or not): `run` records it.
-    fn disarm(&mut self) {
-        self.charged = Arc::new(std::sync::Mutex::new(None));
+    pub(crate) fn new(store: Arc<Store>) -> Self {
+        AbandonedQuestion {
+            store,
+            charged: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The question was charged: `event` is its record if the client goes away.
+    pub(crate) fn charged(&self, event: Event) {
+        *self.charged.lock().unwrap_or_else(|p| p.into_inner()) = Some(event);
+    }
+
+    /// The question came back (answered or not): the caller records it.
+    pub(crate) fn disarm(&mut self) {
+        *self.charged.get_mut().unwrap_or_else(|p| p.into_inner()) = None;
     }
 }
 
@@ -1098,13 +1104,13 @@ impl Drop for AbandonedQuestion {
     fn drop(&mut self) {
         let charged = self
             .charged
-            .lock()
+            .get_mut()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        let (Some(trace), Ok(runtime)) = (charged, tokio::runtime::Handle::try_current()) else {
+        let (Some(event), Ok(runtime)) = (charged, tokio::runtime::Handle::try_current()) else {
             return;
         };
-        let event = question_event(&self.actor, &self.sql, &trace).failed(&Error::bad(
+        let event = event.failed(&Error::bad(
             "client_gone",
             "the client went away before the answer; the question was charged",
         ));
