@@ -178,16 +178,6 @@ fn rule_of(d: &Decision) -> Option<String> {
     }
 }
 
-/// Usages of a column, in the order they are shown.
-const COLUMN_USAGES: [Usage; 6] = [
-    Usage::Join,
-    Usage::Count,
-    Usage::Dimension,
-    Usage::Filter,
-    Usage::Sum,
-    Usage::Avg,
-];
-
 impl QueryService {
     /// Explain `sql` as `caller` would ask it: every column use and its grant (or the grant
     /// missing), the protection and budget that would apply, and the first refusal.
@@ -311,7 +301,7 @@ impl QueryService {
                 let mut notes = Vec::new();
                 for c in &info.columns {
                     let mut usages = Vec::new();
-                    for usage in COLUMN_USAGES {
+                    for usage in Usage::COLUMN {
                         if let Some(rule) = rule_of(&decide_use(&c.name, usage)?) {
                             if matches!(usage, Usage::Sum | Usage::Avg)
                                 && !s.bounds.contains_key(&c.name)

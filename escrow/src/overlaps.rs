@@ -29,8 +29,7 @@ use crate::audit::{Actor, Event, Outcome};
 use crate::catalog::{BudgetCharge, Population, VersionKey};
 use crate::explain::{Explanation, ProtectionView, UseExplained};
 use crate::queries::{
-    AbandonedQuestion, Cost, DELTA, Kept, QueryService, check_grants, decide, not_run_again,
-    query_form, strictest,
+    AbandonedQuestion, Cost, DELTA, QueryService, check_grants, decide, query_form, strictest,
 };
 use crate::settings;
 use crate::{Error, Result};
@@ -462,33 +461,17 @@ impl QueryService {
             .iter()
             .map(|s| s.version.version_id.clone())
             .collect();
-        let kept = if cost.repeated {
-            match self.kept(caller, fp).await? {
-                Some(Kept::Released(bytes)) => Some(kept_matrix::decode(&bytes)?),
-                Some(Kept::NotAnswered(why)) => return Err(not_run_again(&why)),
-                None => None,
-            }
-        } else {
-            self.keep(
-                caller,
-                fp,
-                versions.clone(),
-                Ok(Kept::not_answered("running")),
-            )
-            .await;
-            None
-        };
-        let (released, applied, sensitivity) = match kept {
-            Some(kept) => kept,
+        let (released, applied, sensitivity) = match self
+            .released_before(caller, fp, cost.repeated, &versions)
+            .await?
+        {
+            Some(bytes) => kept_matrix::decode(&bytes)?,
             None => {
                 let fresh = self
                     .release_matrix(first, second, req, max_groups, (min_entities, epsilon), fp)
                     .await;
-                let (keep, fresh) = match fresh {
-                    Ok(m) => (Kept::Released(kept_matrix::encode(&m)), Ok(m)),
-                    Err(e) => (Kept::not_answered(e.code()), Err(e)),
-                };
-                self.keep(caller, fp, versions, Ok(keep)).await;
+                self.keep_outcome(caller, fp, versions, &fresh, |m| Ok(kept_matrix::encode(m)))
+                    .await;
                 fresh?
             }
         };
@@ -1140,6 +1123,7 @@ mod kept_matrix {
     use escrow_query::overlap::ReleasedCell;
     use serde_json::{Value, json};
 
+    use crate::queries::kept::{applied_json, applied_of};
     use crate::{Error, Result};
 
     type Matrix = (Vec<ReleasedCell>, Applied, u32);
@@ -1151,10 +1135,7 @@ mod kept_matrix {
             .collect();
         json!({
             "cells": cells,
-            "min_entities": p.min_entities,
-            "threshold": p.threshold,
-            "epsilon": p.epsilon,
-            "max_groups_per_entity": p.max_groups_per_entity,
+            "protection": applied_json(p),
             "sensitivity": sensitivity,
         })
         .to_string()
@@ -1174,17 +1155,10 @@ mod kept_matrix {
                 Ok(ReleasedCell { a, b, value, count })
             })
             .collect::<Result<Vec<_>>>()?;
-        let u32_of = |k: &str| {
-            v[k].as_u64()
-                .and_then(|x| u32::try_from(x).ok())
-                .ok_or_else(|| bad(k))
-        };
-        let applied = Applied {
-            min_entities: v["min_entities"].as_u64().ok_or_else(|| bad("k"))?,
-            threshold: v["threshold"].as_f64().ok_or_else(|| bad("threshold"))?,
-            epsilon: v["epsilon"].as_f64().ok_or_else(|| bad("epsilon"))?,
-            max_groups_per_entity: u32_of("max_groups_per_entity")?,
-        };
-        Ok((cells, applied, u32_of("sensitivity")?))
+        let sensitivity = v["sensitivity"]
+            .as_u64()
+            .and_then(|x| u32::try_from(x).ok())
+            .ok_or_else(|| bad("sensitivity"))?;
+        Ok((cells, applied_of(&v["protection"])?, sensitivity))
     }
 }

@@ -72,7 +72,7 @@ pub struct QueryService {
 }
 
 /// What the audit record of a question says about it, gathered as it is checked.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 pub(crate) struct Trace {
     /// `owner.dataset@vN` of every dataset read.
     pub datasets: Vec<String>,
@@ -259,23 +259,12 @@ impl QueryService {
                     .charge(caller, charges, p.epsilon.as_f64(), fp, false)
                     .await?;
                 on_charge(trace);
-                if cost.repeated {
-                    match self.kept(caller, fp).await? {
-                        Some(Kept::Released(bytes)) => {
-                            let answer = kept::decode(&bytes)?;
-                            return Ok(QueryOutcome { answer, cost });
-                        }
-                        Some(Kept::NotAnswered(why)) => return Err(not_run_again(&why)),
-                        None => {}
-                    }
-                } else {
-                    self.keep(
-                        caller,
-                        fp,
-                        versions.clone(),
-                        Ok(Kept::not_answered("running")),
-                    )
-                    .await;
+                if let Some(bytes) = self
+                    .released_before(caller, fp, cost.repeated, &versions)
+                    .await?
+                {
+                    let answer = kept::decode(&bytes)?;
+                    return Ok(QueryOutcome { answer, cost });
                 }
                 Some(p)
             }
@@ -298,43 +287,61 @@ impl QueryService {
             })
             .await
         };
-        match run.await {
-            Ok(answer) => {
-                if protected {
-                    self.keep_answer(caller, fp, versions, &answer).await;
-                }
-                Ok(QueryOutcome { answer, cost })
-            }
-            Err(e) => {
-                if protected {
-                    self.keep(caller, fp, versions, Ok(Kept::not_answered(e.code())))
-                        .await;
-                }
-                Err(e)
-            }
+        let outcome = run.await;
+        if protected {
+            self.keep_outcome(caller, fp, versions, &outcome, kept::encode)
+                .await;
+        }
+        Ok(QueryOutcome {
+            answer: outcome?,
+            cost,
+        })
+    }
+
+    /// Before a protected question runs: asked again, what was released for it, or the
+    /// refusal `not_run_again` if it was not answered; charged for the first time, it is
+    /// marked as running. `None`: run it.
+    pub(crate) async fn released_before(
+        &self,
+        caller: &str,
+        fingerprint: [u8; 32],
+        repeated: bool,
+        versions: &[String],
+    ) -> Result<Option<Vec<u8>>> {
+        if !repeated {
+            let running = Ok(Kept::not_answered("running"));
+            self.keep(caller, fingerprint, versions.to_vec(), running)
+                .await;
+            return Ok(None);
+        }
+        match self.kept(caller, fingerprint).await? {
+            Some(Kept::Released(bytes)) => Ok(Some(bytes)),
+            Some(Kept::NotAnswered(why)) => Err(not_run_again(&why)),
+            // charged before answers were kept: it runs
+            None => Ok(None),
         }
     }
 
-    /// Keep a released answer, so that the question asked again is answered without running.
-    async fn keep_answer(
+    /// After a protected question ran: keep what was released (`encode`d), or that it was
+    /// not answered and why.
+    pub(crate) async fn keep_outcome<T>(
         &self,
         caller: &str,
         fingerprint: [u8; 32],
         versions: Vec<String>,
-        answer: &Answer,
+        outcome: &Result<T>,
+        encode: impl FnOnce(&T) -> Result<Vec<u8>>,
     ) {
-        self.keep(
-            caller,
-            fingerprint,
-            versions,
-            kept::encode(answer).map(Kept::Released),
-        )
-        .await;
+        let kept = match outcome {
+            Ok(v) => encode(v).map(Kept::Released),
+            Err(e) => Ok(Kept::not_answered(e.code())),
+        };
+        self.keep(caller, fingerprint, versions, kept).await;
     }
 
     /// What was kept for `caller`'s question `fingerprint` (a query's answer or an overlap's
     /// matrix, or that it was charged and not answered), if anything.
-    pub(crate) async fn kept(&self, caller: &str, fingerprint: [u8; 32]) -> Result<Option<Kept>> {
+    async fn kept(&self, caller: &str, fingerprint: [u8; 32]) -> Result<Option<Kept>> {
         let (store, who) = (self.store.clone(), caller.to_string());
         let bytes = blocking(move || {
             store
@@ -348,7 +355,7 @@ impl QueryService {
     /// Keep what was released for `caller`'s question `fingerprint`, computed from the
     /// dataset versions `versions`. A failure to keep it is logged, not returned: the release
     /// stands either way (the question would then run again if asked again).
-    pub(crate) async fn keep(
+    async fn keep(
         &self,
         caller: &str,
         fingerprint: [u8; 32],
@@ -423,7 +430,8 @@ impl QueryService {
                 format!("queries are limited to {MAX_SQL_BYTES} bytes"),
             ));
         }
-        let (tables, versions) = self.tables_for(caller).await?;
+        let set = self.policy_set().await?;
+        let (tables, versions) = self.tables_for(caller, set.clone()).await?;
         let plan = escrow_query::plan_sql(sql, &tables).await?;
         for (owner, dataset) in gate::scanned_tables(&plan) {
             let version = versions
@@ -436,7 +444,6 @@ impl QueryService {
             }
         }
         let report = gate::check(&plan, &gate::keys_of(&tables))?;
-        let set = self.policy_set().await?;
         let standalone = |t: &escrow_query::TableInstance| {
             let u = ColumnUse::dataset_wide(&t.owner, &t.dataset, Usage::Standalone);
             matches!(set.decide(caller, &u), Ok(d) if d.allowed())
@@ -529,11 +536,11 @@ impl QueryService {
     async fn tables_for(
         &self,
         caller: &str,
+        set: Arc<PolicySet>,
     ) -> Result<(Vec<QueryTable>, BTreeMap<(String, String), (String, i64)>)> {
         let store = self.store.clone();
         let who = caller.to_string();
         let hasher = self.entity_hasher.clone();
-        let set = self.policy_set().await?;
         blocking(move || {
             let mut tables = Vec::new();
             let mut versions = BTreeMap::new();
@@ -674,18 +681,10 @@ fn shared_columns(
     key: Option<&str>,
     schema: &SchemaRef,
 ) -> Result<SchemaRef> {
-    const COLUMN_USAGES: [Usage; 6] = [
-        Usage::Join,
-        Usage::Count,
-        Usage::Dimension,
-        Usage::Filter,
-        Usage::Sum,
-        Usage::Avg,
-    ];
     let mut keep = Vec::new();
     for (i, f) in schema.fields().iter().enumerate() {
         let shared = Some(f.name().as_str()) == key
-            || COLUMN_USAGES.iter().any(|&usage| {
+            || Usage::COLUMN.iter().any(|&usage| {
                 let u = ColumnUse {
                     owner: owner.to_string(),
                     dataset: dataset.to_string(),
@@ -1127,7 +1126,7 @@ impl Drop for AbandonedQuestion {
 /// released, or that it was not answered (still running, failed, or its client went away).
 /// A charged question runs at most once: asked again, it gets what was released, or the
 /// refusal `not_run_again`, so its time and outcome can never be measured twice.
-pub(crate) enum Kept {
+enum Kept {
     Released(Vec<u8>),
     /// The error code of the first run, or `running`.
     NotAnswered(String),
@@ -1136,7 +1135,7 @@ pub(crate) enum Kept {
 const NOT_ANSWERED: &[u8] = b"escrow-not-answered\0";
 
 impl Kept {
-    pub(crate) fn not_answered(code: &str) -> Kept {
+    fn not_answered(code: &str) -> Kept {
         Kept::NotAnswered(code.to_string())
     }
 
@@ -1156,7 +1155,7 @@ impl Kept {
 }
 
 /// The refusal of a charged question that was not answered, asked again.
-pub(crate) fn not_run_again(why: &str) -> Error {
+fn not_run_again(why: &str) -> Error {
     Error::refused(
         "not_run_again",
         format!(
@@ -1167,7 +1166,7 @@ pub(crate) fn not_run_again(why: &str) -> Error {
 
 /// Answers kept for repeated questions (catalog `released_answers`): a length-prefixed JSON
 /// header (suppressed flags, protection applied), then the rows as an Arrow IPC stream.
-mod kept {
+pub(crate) mod kept {
     use std::sync::Arc;
 
     use escrow_query::{Answer, Applied};
@@ -1179,15 +1178,32 @@ mod kept {
         Error::internal(format!("kept answer: {what}"))
     }
 
+    /// The protection an answer or a matrix was released with, as kept.
+    pub(crate) fn applied_json(p: &Applied) -> Value {
+        json!({
+            "min_entities": p.min_entities,
+            "threshold": p.threshold,
+            "epsilon": p.epsilon,
+            "max_groups_per_entity": p.max_groups_per_entity,
+        })
+    }
+
+    pub(crate) fn applied_of(p: &Value) -> Result<Applied> {
+        Ok(Applied {
+            min_entities: p["min_entities"].as_u64().ok_or_else(|| bad("k"))?,
+            threshold: p["threshold"].as_f64().ok_or_else(|| bad("threshold"))?,
+            epsilon: p["epsilon"].as_f64().ok_or_else(|| bad("epsilon"))?,
+            max_groups_per_entity: p["max_groups_per_entity"]
+                .as_u64()
+                .and_then(|l| u32::try_from(l).ok())
+                .ok_or_else(|| bad("L"))?,
+        })
+    }
+
     pub(super) fn encode(a: &Answer) -> Result<Vec<u8>> {
         let header = json!({
             "suppressed": a.suppressed,
-            "protection": a.protection.as_ref().map(|p| json!({
-                "min_entities": p.min_entities,
-                "threshold": p.threshold,
-                "epsilon": p.epsilon,
-                "max_groups_per_entity": p.max_groups_per_entity,
-            })),
+            "protection": a.protection.as_ref().map(applied_json),
         })
         .to_string();
         let mut out = (header.len() as u32).to_le_bytes().to_vec();
@@ -1216,15 +1232,7 @@ mod kept {
             serde_json::from_value(header["suppressed"].clone()).map_err(bad)?;
         let protection = match &header["protection"] {
             Value::Null => None,
-            p => Some(Applied {
-                min_entities: p["min_entities"].as_u64().ok_or_else(|| bad("k"))?,
-                threshold: p["threshold"].as_f64().ok_or_else(|| bad("threshold"))?,
-                epsilon: p["epsilon"].as_f64().ok_or_else(|| bad("epsilon"))?,
-                max_groups_per_entity: p["max_groups_per_entity"]
-                    .as_u64()
-                    .and_then(|l| u32::try_from(l).ok())
-                    .ok_or_else(|| bad("L"))?,
-            }),
+            p => Some(applied_of(p)?),
         };
         Ok(Answer {
             schema: Arc::clone(&schema),

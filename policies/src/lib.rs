@@ -70,6 +70,16 @@ impl Usage {
         Usage::Overlap,
     ];
 
+    /// Usages of one column, in the order they are shown.
+    pub const COLUMN: [Usage; 6] = [
+        Usage::Join,
+        Usage::Count,
+        Usage::Dimension,
+        Usage::Filter,
+        Usage::Sum,
+        Usage::Avg,
+    ];
+
     /// Usages of a whole dataset rather than of a column.
     pub fn is_dataset_wide(self) -> bool {
         self == Usage::Standalone

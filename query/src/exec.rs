@@ -290,22 +290,20 @@ fn reduced_table(
     let mut metrics = Vec::new();
     for (j, m) in report.aggregates.iter().enumerate() {
         let name = reduced_column(table, &format!("m{j}"));
-        match m {
+        let (per_row, t, c): (fn(Expr) -> Expr, _, _) = match m {
             Metric::Sum {
                 table: t,
                 column: c,
-            } if *t == table => {
-                metrics
-                    .push(sum(datafusion::prelude::cast(column(c), DataType::Float64)).alias(name));
-            }
+            } => (sum, t, c),
             Metric::Avg {
                 table: t,
                 column: c,
-            } if *t == table => {
-                metrics
-                    .push(avg(datafusion::prelude::cast(column(c), DataType::Float64)).alias(name));
-            }
-            _ => {}
+            } => (avg, t, c),
+            Metric::Entities => continue,
+        };
+        if *t == table {
+            metrics
+                .push(per_row(datafusion::prelude::cast(column(c), DataType::Float64)).alias(name));
         }
     }
     b = b.aggregate(group, metrics)?;
