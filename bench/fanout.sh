@@ -18,25 +18,8 @@ COPIES="${2:-20000}"
 OUT="bench/out"
 mkdir -p "$OUT"
 python3 -c "import scipy" 2>/dev/null || python3 -m pip install --quiet scipy
-if [ -z "${ESCROW_BIN:-}" ]; then
-  cargo build --release --bin escrow --quiet
-  ESCROW_BIN="${CARGO_TARGET_DIR:-target}/release/escrow"
-fi
-BIN="$ESCROW_BIN"
-
-WORK="$(mktemp -d)"
-DATA="$WORK/data"
-"$BIN" init --data-dir "$DATA" > /dev/null
-"$BIN" partner add acme --data-dir "$DATA" > /dev/null
-"$BIN" partner add globex --data-dir "$DATA" > /dev/null
-"$BIN" serve --data-dir "$DATA" --listen 127.0.0.1:0 --query-timeout-secs 10 \
-  > "$OUT/fanout-serve.out" 2> "$OUT/fanout-serve.log" &
-PID=$!
-trap 'kill $PID 2>/dev/null || true; rm -rf "$WORK"' EXIT
-for _ in $(seq 100); do grep -q listening "$OUT/fanout-serve.out" 2>/dev/null && break; sleep 0.1; done
-export ESCROW_SERVER="$(sed -n 's/^escrow listening on //p' "$OUT/fanout-serve.out")"
-A="$DATA/identities/acme/admin"
-G="$DATA/identities/globex/admin"
+source bench/serve.sh
+start_escrow fanout --query-timeout-secs 10
 
 python3 - "$WORK" "$COPIES" <<'PY'
 import sys

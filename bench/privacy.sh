@@ -23,24 +23,8 @@ KNOWN="${2:-100}"
 SEED="${3:-1}"
 OUT="bench/out"
 mkdir -p "$OUT"
-if [ -z "${ESCROW_BIN:-}" ]; then
-  cargo build --release --bin escrow --quiet
-  ESCROW_BIN="${CARGO_TARGET_DIR:-target}/release/escrow"
-fi
-BIN="$ESCROW_BIN"
-
-WORK="$(mktemp -d)"
-DATA="$WORK/data"
-"$BIN" init --data-dir "$DATA" > /dev/null
-"$BIN" partner add acme --data-dir "$DATA" > /dev/null
-"$BIN" partner add globex --data-dir "$DATA" > /dev/null
-"$BIN" serve --data-dir "$DATA" --listen 127.0.0.1:0 > "$OUT/privacy-serve.out" 2> "$OUT/privacy-serve.log" &
-PID=$!
-trap 'kill $PID 2>/dev/null || true; rm -rf "$WORK"' EXIT
-for _ in $(seq 100); do grep -q listening "$OUT/privacy-serve.out" 2>/dev/null && break; sleep 0.1; done
-export ESCROW_SERVER="$(sed -n 's/^escrow listening on //p' "$OUT/privacy-serve.out")"
-A="$DATA/identities/acme/admin"
-G="$DATA/identities/globex/admin"
+source bench/serve.sh
+start_escrow privacy
 
 python3 - "$WORK" "$TARGETS" "$KNOWN" "$SEED" <<'PY'
 import json, random, sys

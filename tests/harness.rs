@@ -148,6 +148,16 @@ impl Env {
         Run::of(cmd)
     }
 
+    /// `escrow policy grant DATASET --to TO ARGS` as `owner`, for each ARGS of `each`
+    /// (command-line words, e.g. `"--usage join --column website"`).
+    pub fn grants(&self, server: &Server, owner: &str, dataset: &str, to: &str, each: &[&str]) {
+        for args in each {
+            let mut a = vec!["policy", "grant", dataset, "--to", to];
+            a.extend(words(args));
+            self.cli(server, owner, &a).ok();
+        }
+    }
+
     /// acme and globex each upload `accounts` (the same 60 companies) with a `customers`
     /// population, and globex lets acme see its overlap counts.
     pub fn customers_shared(&self, server: &Server) {

@@ -651,18 +651,20 @@ fn shared_answers_at_default_settings_hold_under_noise() {
     attacker_upload(&env, &server, &(0..300).collect::<Vec<_>>(), &|_| {
         "x".into()
     });
-    for args in [
-        "--usage join --column website",
-        "--usage count --column website",
-        "--usage dimension --column industry",
-        "--usage filter --column industry",
-        "--usage sum --column revenue",
-        "--usage avg --column revenue",
-    ] {
-        let mut a = words("policy grant accounts --to globex");
-        a.extend(words(args));
-        env.cli(&server, "acme", &a).ok();
-    }
+    env.grants(
+        &server,
+        "acme",
+        "accounts",
+        "globex",
+        &[
+            "--usage join --column website",
+            "--usage count --column website",
+            "--usage dimension --column industry",
+            "--usage filter --column industry",
+            "--usage sum --column revenue",
+            "--usage avg --column revenue",
+        ],
+    );
     env.cli(
         &server,
         "acme",

@@ -36,20 +36,22 @@ fn world(target_present: bool) -> (Env, Server) {
         mine.push_str(&format!("co{i}.example,open,{}.5\n", 1u64 << (i % 40)));
     }
     env.upload_csv(&server, "globex", "mine", &mine).ok();
-    for args in [
-        "--usage join --column website",
-        "--usage count --column website",
-        "--usage filter --column industry",
-        "--usage filter --column code",
-        "--usage filter --column n",
-        "--usage dimension --column industry",
-        "--usage dimension --column code",
-        "--usage sum",
-    ] {
-        let mut a = words("policy grant accounts --to globex");
-        a.extend(words(args));
-        env.cli(&server, "acme", &a).ok();
-    }
+    env.grants(
+        &server,
+        "acme",
+        "accounts",
+        "globex",
+        &[
+            "--usage join --column website",
+            "--usage count --column website",
+            "--usage filter --column industry",
+            "--usage filter --column code",
+            "--usage filter --column n",
+            "--usage dimension --column industry",
+            "--usage dimension --column code",
+            "--usage sum",
+        ],
+    );
     env.cli(
         &server,
         "acme",
@@ -59,16 +61,12 @@ fn world(target_present: bool) -> (Env, Server) {
     (env, server)
 }
 
-/// A server started with `serve_args`; acme's `accounts` of `companies` companies, globex's
-/// `mine` of one of them, and acme's join and count grants to globex.
-fn joined_world(serve_args: &[&str], companies: usize) -> (Env, Server) {
+/// A server started with `serve_args`; acme's `accounts` (`acme`, a CSV), globex's `mine` of
+/// one company, and acme's join and count grants on the key to globex.
+fn joined_world(serve_args: &[&str], acme: &str) -> (Env, Server) {
     let env = Env::new();
     let server = env.serve(serve_args);
-    let mut acme = String::from("website,industry\n");
-    for i in 0..companies {
-        acme.push_str(&format!("co{i}.example,retail\n"));
-    }
-    env.upload_csv(&server, "acme", "accounts", &acme).ok();
+    env.upload_csv(&server, "acme", "accounts", acme).ok();
     env.upload_csv(
         &server,
         "globex",
@@ -76,17 +74,26 @@ fn joined_world(serve_args: &[&str], companies: usize) -> (Env, Server) {
         "website,stage\nco1.example,open\n",
     )
     .ok();
-    for usage in ["join", "count"] {
-        env.cli(
-            &server,
-            "acme",
-            &[
-                "policy", "grant", "accounts", "--to", "globex", "--usage", usage,
-            ],
-        )
-        .ok();
-    }
+    env.grants(
+        &server,
+        "acme",
+        "accounts",
+        "globex",
+        &[
+            "--usage join --column website",
+            "--usage count --column website",
+        ],
+    );
     (env, server)
+}
+
+/// `companies` companies `co{i}.example` in one industry, as a CSV.
+fn retail(companies: usize) -> String {
+    let mut csv = String::from("website,industry\n");
+    for i in 0..companies {
+        csv.push_str(&format!("co{i}.example,retail\n"));
+    }
+    csv
 }
 
 const JOIN: &str = "SELECT COUNT(DISTINCT g.website) AS n FROM globex.mine g JOIN acme.accounts a ON g.website = a.website";
@@ -305,16 +312,13 @@ fn the_same_list_under_two_names_does_not_double_the_budget() {
         &format!("website,industry\n{list}"),
     )
     .ok();
-    for usage in ["join", "count"] {
-        env.cli(
-            &server,
-            "acme",
-            &[
-                "policy", "grant", "copy", "--to", "globex", "--usage", usage,
-            ],
-        )
-        .ok();
-    }
+    env.grants(
+        &server,
+        "acme",
+        "copy",
+        "globex",
+        &["--usage join", "--usage count"],
+    );
     for dataset in ["accounts", "copy"] {
         env.cli(
             &server,
@@ -422,16 +426,13 @@ fn a_join_cannot_fan_out_on_one_company() {
                 )
                 .ok();
             }
-            for usage in ["join", "count"] {
-                env.cli(
-                    &server,
-                    "acme",
-                    &[
-                        "policy", "grant", "accounts", "--to", "globex", "--usage", usage,
-                    ],
-                )
-                .ok();
-            }
+            env.grants(
+                &server,
+                "acme",
+                "accounts",
+                "globex",
+                &["--usage join", "--usage count"],
+            );
             outcome(&env, &server, sql)
         })
         .collect();
@@ -448,7 +449,7 @@ fn a_join_cannot_fan_out_on_one_company() {
 /// failures could be repeated for free (found by review).
 #[test]
 fn a_charged_question_that_was_not_answered_is_not_run_again() {
-    let (env, server) = joined_world(&["--query-timeout-secs", "0"], 60);
+    let (env, server) = joined_world(&["--query-timeout-secs", "0"], &retail(60));
     let sql = JOIN;
     env.cli(&server, "globex", &["query", sql])
         .fails_with("query_timeout");
@@ -473,7 +474,7 @@ fn a_charged_question_that_was_not_answered_is_not_run_again() {
 /// (found by review: the charge was spent, but no record was written).
 #[test]
 fn a_question_abandoned_by_its_client_is_audited_and_not_run_again() {
-    let (env, server) = joined_world(&[], 300_000);
+    let (env, server) = joined_world(&[], &retail(300_000));
     let sql = JOIN;
     // The first question reads 300,000 sealed rows (nothing cached yet): the client is
     // killed while the server works on it.
@@ -519,29 +520,18 @@ fn a_question_abandoned_by_its_client_is_audited_and_not_run_again() {
 /// by review).
 #[test]
 fn a_column_that_was_not_shared_answers_as_one_that_does_not_exist() {
-    let env = Env::new();
-    let server = env.serve(&[]);
     let mut acme = String::from("website,industry,secret_score\n");
     for i in 0..30 {
         acme.push_str(&format!("co{i}.example,retail,{i}\n"));
     }
-    env.upload_csv(&server, "acme", "accounts", &acme).ok();
-    env.upload_csv(
+    let (env, server) = joined_world(&[], &acme);
+    env.grants(
         &server,
+        "acme",
+        "accounts",
         "globex",
-        "mine",
-        "website,stage\nco1.example,open\n",
-    )
-    .ok();
-    for args in [
-        "--usage join --column website",
-        "--usage count --column website",
-        "--usage filter --column industry",
-    ] {
-        let mut a = words("policy grant accounts --to globex");
-        a.extend(words(args));
-        env.cli(&server, "acme", &a).ok();
-    }
+        &["--usage filter --column industry"],
+    );
     let refusal = |column: &str, command: &str| {
         let sql = format!("{JOIN} WHERE a.{column} = 1");
         let args: Vec<&str> = match command {
