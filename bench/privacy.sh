@@ -9,8 +9,9 @@
 #   (each company is in one segment, so one question covers every target). Before each
 #   question it re-uploads its list, so every question gets fresh noise.
 #   Guess per target: the sign of the summed log-likelihood ratio of "count = KNOWN + 1"
-#   against "count = KNOWN" under the discrete Laplace noise of the released scale
-#   (the optimal test for that noise); a segment withheld counts as no evidence.
+#   against "count = KNOWN" under the discrete Gaussian noise of the released standard
+#   deviation (answers report it as noise_sd; the optimal test for that noise); a segment
+#   withheld counts as no evidence.
 # Prints the attacker's accuracy over the targets with a 95% Wilson interval. Target: <= 0.6.
 # Settings are the defaults unless EPSILON / BUDGET are set (acme sets them on its list).
 # Usage: bench/privacy.sh [TARGETS] [KNOWN] [SEED]   (defaults 40, 100, 1). KNOWN must clear the
@@ -81,14 +82,14 @@ answers = [json.loads(l) for l in open(sys.argv[2]) if l.strip()]
 llr = [0.0] * targets
 for a in answers:
     p = a["protection"]
-    # discrete Laplace of scale L / (eps / statistics): one count statistic per question
-    b = p["max_groups_per_entity"] / p["epsilon"]
+    # discrete Gaussian of variance sd^2: log P(x | in) - log P(x | out)
+    var = p["noise_sd"] ** 2
     for row, withheld in zip(a["rows"], a["suppressed"]):
         if withheld or row[1] is None:
             continue
         s = int(row[0][1:])
         x = row[1]
-        llr[s] += (abs(x - known) - abs(x - known - 1)) / b
+        llr[s] += ((x - known) ** 2 - (x - known - 1) ** 2) / (2 * var)
 guesses = [l > 0 for l in llr]
 correct = sum(g == (s in truth) for s, g in enumerate(guesses))
 n = targets

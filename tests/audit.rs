@@ -119,13 +119,13 @@ fn every_action_appears_once_in_order_and_partners_see_what_touched_them() {
     assert!(refused["code"].as_str().is_some(), "{refused}");
     assert_eq!(refused["parties"], serde_json::json!(["acme", "globex"]));
     let overlap = &records[14];
-    assert_eq!(overlap["detail"]["epsilon_spent"], 1.0, "{overlap}");
+    assert_eq!(overlap["detail"]["epsilon_spent"], 0.125, "{overlap}");
     assert_eq!(
         overlap["detail"]["datasets"].as_array().expect("a").len(),
         2
     );
     let settings = &records[11];
-    assert_eq!(settings["detail"]["before"]["epsilon"], 1.0);
+    assert_eq!(settings["detail"]["before"]["epsilon"], 0.125);
     assert_eq!(settings["detail"]["after"]["epsilon"], 4.0);
     assert_eq!(records[16]["code"], "unknown_key_column", "{}", records[16]);
     assert_eq!(records[17]["detail"]["versions_destroyed"], 1);

@@ -52,7 +52,7 @@ fn setup(env: &Env, server: &Server, dir: &Path, extra: &[&str]) {
 }
 
 /// Both partners set ε = 4 on their lists: with name links the matrix's sensitivity is 4
-/// (one company can change up to 4 pairs), so the noise has scale 4 / 4 = 1.
+/// (one company can change up to 4 pairs, L2 at most 4), so the noise has sd 4 / 4 = 1.
 fn epsilon_4(env: &Env, server: &Server) {
     for p in ["acme", "globex"] {
         env.cli(
@@ -122,7 +122,7 @@ fn overlap_matrix_matches_the_truth_and_both_partners_see_the_same_counts() {
         let want = truth["by_status"][format!("{m}|{t}")].as_u64().unwrap_or(0);
         let got = count.expect("every cell of a 10k x 10k overlap is large enough");
         assert!(!suppressed);
-        // Within the noise (discrete Laplace, scale 1) plus what matching gets wrong: names
+        // Within the noise (discrete Gaussian, sd 1) plus what matching gets wrong: names
         // link most companies without a website in one list (~2% of the overlap), not all.
         let tolerance = 12 + want * 15 / 1000;
         assert!(

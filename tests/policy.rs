@@ -183,7 +183,7 @@ fn every_change_is_a_version_and_rollback_restores_the_exact_decisions() {
     acme(
         &env,
         &server,
-        &words("policy set accounts --epsilon 0.5 --min-entities 7"),
+        &words("policy set accounts --epsilon 0.25 --min-entities 7"),
     ); // v4
     acme(
         &env,
@@ -268,7 +268,7 @@ fn every_change_is_a_version_and_rollback_restores_the_exact_decisions() {
     let diff = env.cli(&server, "acme", &["policy", "diff", "5", "8"]).ok();
     for line in [
         "- p,globex,acme,accounts,website,join",
-        "- setting,acme,accounts,epsilon,0.5",
+        "- setting,acme,accounts,epsilon,0.25",
         "+ setting,acme,accounts,epsilon,2",
         "- population,acme,accounts,customers,status = 'customer'",
     ] {
@@ -466,7 +466,7 @@ fn an_invalid_import_changes_nothing_and_a_valid_one_is_one_version() {
         "{after}"
     );
     assert!(
-        after.contains("setting,acme,accounts,epsilon,1\n"),
+        after.contains("setting,acme,accounts,epsilon,0.125\n"),
         "unset settings take the defaults: {after}"
     );
     assert_eq!(history_len(), versions_before + 1);
@@ -589,7 +589,7 @@ fn explain_names_the_grant_or_the_missing_grant_of_every_use() {
         "owner"
     );
     assert_eq!(e["protection"]["min_entities"], 5);
-    assert_eq!(e["protection"]["epsilon"], 1.0);
+    assert_eq!(e["protection"]["epsilon"], 0.125);
     assert_eq!(
         e["protection"]["from"],
         serde_json::json!(["acme.accounts"])
@@ -619,19 +619,19 @@ fn explain_names_the_grant_or_the_missing_grant_of_every_use() {
         use_of(&e, "acme.accounts", "region", "dimension")["rule"],
         "p,globex,acme,accounts,region,dimension"
     );
-    assert_eq!(e["cost"]["epsilon_spent"], 1.0, "{e}");
+    assert_eq!(e["cost"]["epsilon_spent"], 0.125, "{e}");
     let explained_again = explain(&env, &server, "globex", &[BY_REGION]);
     assert_eq!(
         explained_again["cost"]["repeated"], false,
         "explaining spends nothing"
     );
-    assert_eq!(explained_again["cost"]["budgets"][0]["spent"], 1.0);
+    assert_eq!(explained_again["cost"]["budgets"][0]["spent"], 0.125);
     let answer = json_of(
         env.cli(&server, "globex", &["query", BY_REGION, "--format", "json"])
             .ok(),
     );
     assert_eq!(answer["budgets"], e["cost"]["budgets"], "{answer}");
-    assert_eq!(answer["epsilon_spent"], 1.0);
+    assert_eq!(answer["epsilon_spent"], 0.125);
     let after = explain(&env, &server, "globex", &[BY_REGION]);
     assert_eq!(after["cost"]["repeated"], true, "{after}");
     assert_eq!(after["cost"]["epsilon_spent"], 0.0);
@@ -720,7 +720,7 @@ fn preview_shows_what_a_partner_can_ask_before_and_after_a_grant() {
         d["populations"],
         serde_json::json!([{"name": "customers", "visible": false, "rule": null}])
     );
-    assert_eq!(d["remaining"], 10.0);
+    assert_eq!(d["remaining"], 0.4);
 
     acme(&env, &server, &GRANT_JOIN);
     acme(
@@ -771,8 +771,11 @@ fn preview_shows_what_a_partner_can_ask_before_and_after_a_grant() {
     let spent = preview(&env, &server, &["--partner", "globex"]);
     let d = &spent["datasets"][0];
     assert_eq!(d["notes"], serde_json::json!([]), "{spent}");
-    assert_eq!(d["budget"]["spent"], 1.0);
-    assert_eq!(d["remaining"], 9.0);
+    // One question at the default ε 0.125 of the default budget 0.4: what is left is the ε
+    // of one more question, √(0.4² - 0.125²) (ε add up in squares).
+    assert_eq!(d["budget"]["spent"], 0.125);
+    let remaining = d["remaining"].as_f64().expect("remaining");
+    assert!((remaining - 0.379967).abs() < 1e-5, "{spent}");
     let table = env
         .cli(
             &server,
@@ -788,10 +791,10 @@ fn preview_shows_what_a_partner_can_ask_before_and_after_a_grant() {
         table.stdout
     );
     assert!(table.stdout.contains("  website: join"), "{}", table.stdout);
-    // The guarantee in plain words, with the numbers in force (defaults: budget 10, ε 1).
+    // The guarantee in plain words, with the numbers in force (defaults: budget 0.4, ε 0.125).
     assert!(
         table.stdout.contains(
-            "  guarantee: a partner that spends its whole budget on your data (10 in all: 10 questions at epsilon 1) can become at most 99.995% sure"
+            "  guarantee: a partner that spends its whole budget on your data (0.4 in all: 10 questions at epsilon 0.125, whose epsilons add up in squares) can guess whether one given company is in your list right at most 60.0% of the time, where a coin toss is right 50% of the time"
         ),
         "{}",
         table.stdout
@@ -806,7 +809,7 @@ fn preview_shows_what_a_partner_can_ask_before_and_after_a_grant() {
         .as_str()
         .expect("guarantee");
     assert!(
-        g.contains("11 questions at epsilon 0.1) can become at most 75.0% sure"),
+        g.contains("121 questions at epsilon 0.1, whose epsilons add up in squares) can guess whether one given company is in your list right at most 77.5% of the time"),
         "{g}"
     );
 

@@ -375,7 +375,8 @@ const OVERLAP: &str = "SELECT COUNT(DISTINCT m.website) AS n FROM globex.mine m 
 
 #[test]
 fn same_question_same_answer_without_new_spend_and_budget_runs_out() {
-    let (env, server) = shared_world(0..200, &["--epsilon", "1", "--budget", "3"]);
+    // Three questions at ε 1 cost √3 = 1.732 (ε add up in squares); a fourth costs 2.
+    let (env, server) = shared_world(0..200, &["--epsilon", "1", "--budget", "1.733"]);
     attacker_upload(&env, &server, &(100..300).collect::<Vec<_>>(), &|_| {
         "x".into()
     });
@@ -400,7 +401,7 @@ fn same_question_same_answer_without_new_spend_and_budget_runs_out() {
     assert_eq!(again["epsilon_spent"], 0.0);
     assert_eq!(again["budgets"][0]["spent"], 1.0);
 
-    // Two more distinct questions spend the rest of the budget of 3; the next is refused.
+    // Two more distinct questions spend the rest of the budget of 1.733; the next is refused.
     ask(
         &env,
         &server,
@@ -430,7 +431,7 @@ fn same_question_same_answer_without_new_spend_and_budget_runs_out() {
     env.cli(
         &server,
         "acme",
-        &["policy", "set", "accounts", "--budget", "4"],
+        &["policy", "set", "accounts", "--budget", "2"],
     )
     .ok();
     ask(
@@ -490,7 +491,8 @@ fn neighbouring_datasets_small_group_attacks_see_nothing() {
 #[test]
 fn neighbouring_datasets_reupload_differencing_is_noisy_and_bounded() {
     const TARGET: usize = 150;
-    let (env, server) = shared_world(0..200, &["--epsilon", "0.5", "--budget", "4"]);
+    // Eight questions at ε 0.5 cost √8 · 0.5 = 1.414; a ninth would cost 1.5.
+    let (env, server) = shared_world(0..200, &["--epsilon", "0.5", "--budget", "1.415"]);
     let known: Vec<usize> = (0..100).collect();
     let mut exact = 0;
     for round in 0..8 {
@@ -501,7 +503,7 @@ fn neighbouring_datasets_reupload_differencing_is_noisy_and_bounded() {
         attacker_upload(&env, &server, &ids, &|_| "x".into());
         let out = env.cli(&server, "globex", &["query", OVERLAP, "--format", "json"]);
         if out.code != Some(0) {
-            // Budget 4 at ε 0.5: eight questions on eight data versions, then nothing.
+            // Budget 1.415 at ε 0.5: eight questions on eight data versions, then nothing.
             panic!("round {round} refused early: {}", out.stderr);
         }
         let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
@@ -636,19 +638,21 @@ fn messy_spellings_match_as_companies() {
     .fails_with("reserved_column");
 }
 
-/// The shared cases at the default settings (ε = 1 per question, k = 5, L = 1), where the
+/// The shared cases at the default settings (ε = 0.125 per question, k = 5, L = 1), where the
 /// corpus runs at ε = 100 to compare exact numbers: every assertion holds under the noise
-/// (tolerances of 15 noise scales: each fails with probability below 10^-6).
+/// (tolerances of 5 standard deviations of the discrete Gaussian noise, sd 8 for a lone
+/// count: each fails with probability below 10^-6; groups of 150 clear the release
+/// threshold of about 47 by 13 sd).
 #[test]
 fn shared_answers_at_default_settings_hold_under_noise() {
     let env = Env::new();
     let server = env.serve(&[]);
     let mut acme = String::from("website,industry,revenue\n");
-    for i in 0..400 {
+    for i in 0..800 {
         acme.push_str(&format!("co{i}.example,i{},{}\n", i % 4, i % 500));
     }
     env.upload_csv(&server, "acme", "accounts", &acme).ok();
-    attacker_upload(&env, &server, &(0..300).collect::<Vec<_>>(), &|_| {
+    attacker_upload(&env, &server, &(0..600).collect::<Vec<_>>(), &|_| {
         "x".into()
     });
     env.grants(
@@ -688,8 +692,9 @@ fn shared_answers_at_default_settings_hold_under_noise() {
         "globex",
         &format!("SELECT COUNT(DISTINCT a.website) {join}"),
     );
-    assert_eq!(total["protection"]["epsilon"], 1.0, "{total}");
-    near(&total["rows"][0][0], 300.0, 15.0);
+    assert_eq!(total["protection"]["epsilon"], 0.125, "{total}");
+    assert_eq!(total["protection"]["noise_sd"], 8.0, "{total}");
+    near(&total["rows"][0][0], 600.0, 40.0);
 
     let by = ask(
         &env,
@@ -703,30 +708,32 @@ fn shared_answers_at_default_settings_hold_under_noise() {
     assert_eq!(
         rows.len(),
         4,
-        "75 companies per industry clear the threshold: {by}"
+        "150 companies per industry clear the threshold: {by}"
     );
     for (i, row) in rows.iter().enumerate() {
         assert_eq!(row[0], format!("i{i}"));
-        near(&row[1], 75.0, 15.0);
+        near(&row[1], 150.0, 40.0);
     }
 
-    // count + sum: two statistics at ε/2 each; the sum's noise scale is 500 x 2 / 1 = 1000.
-    let exact_sum: f64 = (0..300).map(|i| f64::from(i % 500)).sum();
+    // count + sum: two statistics at ρ/2 each; the sum's noise sd is 500 x √2 / 0.125 = 5657
+    // and the count's √2 / 0.125 = 11.3.
+    let exact_sum: f64 = (0..600).map(|i| f64::from(i % 500)).sum();
     let sums = ask(
         &env,
         &server,
         "globex",
         &format!("SELECT COUNT(DISTINCT a.website), SUM(a.revenue) {join}"),
     );
-    near(&sums["rows"][0][0], 300.0, 30.0);
-    near(&sums["rows"][0][1], exact_sum, 15_000.0);
+    near(&sums["rows"][0][0], 600.0, 57.0);
+    near(&sums["rows"][0][1], exact_sum, 28_300.0);
     let avg = ask(
         &env,
         &server,
         "globex",
         &format!("SELECT AVG(a.revenue) {join}"),
     );
-    near(&avg["rows"][0][0], exact_sum / 300.0, 60.0);
+    // (sum ± 28,300) / (600 ± 57): within 75 of the exact mean.
+    near(&avg["rows"][0][0], exact_sum / 600.0, 75.0);
 
     // Enumerated groups: a value nobody has is listed, withheld; the others are released.
     let listed = ask(
@@ -743,7 +750,8 @@ fn shared_answers_at_default_settings_hold_under_noise() {
         listed["suppressed"],
         serde_json::json!([false, false, true])
     );
-    near(&rows[0][1], 75.0, 15.0);
+    near(&rows[0][1], 150.0, 40.0);
     assert!(rows[2][1].is_null());
-    assert_eq!(listed["budgets"][0]["spent"], 5.0);
+    // Five questions at ε 0.125: √5 · 0.125 of the default budget 0.4.
+    near(&listed["budgets"][0]["spent"], 5f64.sqrt() * 0.125, 1e-9);
 }

@@ -75,10 +75,10 @@ CREATE TABLE IF NOT EXISTS dataset_settings (
     updated_by  TEXT NOT NULL,
     PRIMARY KEY (owner, dataset)
 );
--- Privacy budget spent: one row per (querying partner, data owner, question); `dataset` names
--- the owner's datasets the question read (comma-separated). What a partner has spent on an
--- owner is the sum over all of that owner's datasets and versions (rows of older releases,
--- one per dataset, count too). A question asked again on the same data versions finds its
+-- Privacy budget spent: one row per (querying partner, data owner, question) with the
+-- question's ε; `dataset` names the owner's datasets the question read (comma-separated).
+-- What a partner has spent on an owner is √(Σ ε²) over all of that owner's datasets and
+-- versions (zCDP composition, Catalog::spend; rows of older releases count too). A question asked again on the same data versions finds its
 -- row and spends nothing.
 CREATE TABLE IF NOT EXISTS privacy_ledger (
     partner     TEXT NOT NULL,
@@ -251,10 +251,56 @@ pub fn now_rfc3339() -> String {
         .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
 }
 
+/// The catalog's data version (SQLite `user_version`): 1 = budgets in zCDP units.
+const DATA_VERSION: i64 = 1;
+
+/// One-time conversions of stored values whose meaning changed, each in one transaction.
+///
+/// Version 1: budgets compose in squares (zCDP, [`Catalog::spend`]); before, the ε of
+/// questions added up linearly. A stored budget B at ε allowed B/ε questions; left as it
+/// was, it would now allow (B/ε)², far more than its owner agreed to. It becomes √(B·ε)
+/// (rounded up to a millionth), which allows the same B/ε questions at ε. Policy versions
+/// from before keep their numbers as written (a rollback to one restores them as written;
+/// `policy preview` states what they protect).
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version >= DATA_VERSION {
+        return Ok(());
+    }
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let rows: Vec<(String, String, String)> = {
+        let mut st = tx.prepare("SELECT owner, dataset, settings FROM dataset_settings")?;
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<rusqlite::Result<_>>()?
+    };
+    for (owner, dataset, json) in rows {
+        let mut v: serde_json::Value = serde_json::from_str(&json)
+            .map_err(|e| Error::internal(format!("bad settings in catalog: {e}")))?;
+        let (Some(budget), Some(epsilon)) = (v["budget"].as_f64(), v["epsilon"].as_f64()) else {
+            return Err(Error::internal(
+                "settings in catalog without budget or epsilon",
+            ));
+        };
+        let converted = ((budget * epsilon).max(0.0).sqrt() * 1e6).ceil() / 1e6;
+        v["budget"] = serde_json::json!(converted);
+        tx.execute(
+            "UPDATE dataset_settings SET settings = ?3 WHERE owner = ?1 AND dataset = ?2",
+            params![owner, dataset, v.to_string()],
+        )?;
+        tracing::warn!(
+            %owner, %dataset, budget, converted,
+            "privacy budgets now compose in squares (zCDP): budget converted to keep the same number of questions"
+        );
+    }
+    tx.execute_batch(&format!("PRAGMA user_version = {DATA_VERSION}"))?;
+    tx.commit()?;
+    Ok(())
+}
+
 impl Catalog {
     /// Open (creating if needed) the catalog and bring its schema up to date.
     pub fn open(path: &Path) -> Result<Self> {
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL;
@@ -267,6 +313,7 @@ impl Catalog {
             "INSERT OR IGNORE INTO crl_state (id, number) VALUES (1, 1)",
             [],
         )?;
+        migrate(&mut conn)?;
         Ok(Catalog {
             conn: Mutex::new(conn),
             policy_generation: AtomicU64::new(0),
@@ -988,10 +1035,12 @@ impl Catalog {
     }
 
     /// Spend `epsilon` for the question `fingerprint` once per data owner among `charges`,
-    /// all or nothing (sequential composition per (asking partner, owner): a partner's loss
-    /// against an owner is the sum of the ε of every distinct question that read any of the
-    /// owner's datasets). A question already paid for spends nothing. The limit for an owner
-    /// is the smallest budget of its datasets the question reads. Returns whether anything
+    /// all or nothing. Composition is zCDP's, per (asking partner, owner): a question at ε
+    /// costs ρ = ε²/2 and the ρ of every distinct question that read any of the owner's
+    /// datasets add up; the total is reported as the ε of one equivalent question,
+    /// `√(Σ ε²)` (escrow_query::noise). A question already paid for spends nothing. The limit
+    /// for an owner is the smallest budget of its datasets the question reads, in the same
+    /// unit: `√(Σ ε²) <= budget`. Returns whether anything
     /// was spent and, per charge, the owner's total spent by `partner` afterwards; if a limit
     /// would be exceeded, nothing is spent and that charge and the total are returned. With
     /// `dry_run`, the same answer with nothing spent (the transaction rolls back).
@@ -1012,27 +1061,28 @@ impl Catalog {
         for owner in owners {
             let of_owner: Vec<&BudgetCharge> =
                 charges.iter().filter(|c| c.owner == owner).collect();
-            let (spent, paid): (f64, bool) = tx.query_row(
-                "SELECT COALESCE(SUM(epsilon), 0), COALESCE(MAX(fingerprint = ?3), 0)
+            let (spent_sq, paid): (f64, bool) = tx.query_row(
+                "SELECT COALESCE(SUM(epsilon * epsilon), 0), COALESCE(MAX(fingerprint = ?3), 0)
                  FROM privacy_ledger WHERE partner = ?1 AND owner = ?2",
                 params![partner, owner, fingerprint],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
             if paid {
-                owner_totals.insert(owner, spent);
+                owner_totals.insert(owner, spent_sq.sqrt());
                 continue;
             }
             // The strictest budget of the owner's datasets read; a small tolerance so that
-            // budget / epsilon questions fit exactly.
+            // budget² / epsilon² questions fit exactly.
             let limit = of_owner
                 .iter()
                 .copied()
                 .min_by(|a, b| a.budget.total_cmp(&b.budget))
                 .ok_or_else(|| Error::internal("a charge without datasets"))?;
-            if spent + epsilon > limit.budget + 1e-9 {
+            let after_sq = spent_sq + epsilon * epsilon;
+            if after_sq > limit.budget * limit.budget * (1.0 + 1e-9) + 1e-12 {
                 return Ok(Spend::Exhausted {
                     charge: limit.clone(),
-                    spent,
+                    spent: spent_sq.sqrt(),
                 });
             }
             let mut names: Vec<&str> = of_owner.iter().map(|c| c.dataset.as_str()).collect();
@@ -1044,7 +1094,7 @@ impl Catalog {
                 params![partner, owner, names.join(","), fingerprint, epsilon, now_rfc3339()],
             )?;
             new = true;
-            owner_totals.insert(owner, spent + epsilon);
+            owner_totals.insert(owner, after_sq.sqrt());
         }
         let totals = charges
             .iter()
@@ -1207,14 +1257,16 @@ impl Catalog {
         })
     }
 
-    /// ε `partner` has spent on `owner`'s data: every dataset and version of it.
+    /// What `partner` has spent on `owner`'s data, every dataset and version of it, as the
+    /// ε of one equivalent question: `√(Σ ε²)` ([`Catalog::spend`]).
     pub fn spent(&self, partner: &str, owner: &str) -> Result<f64> {
-        Ok(self.conn().query_row(
-            "SELECT COALESCE(SUM(epsilon), 0) FROM privacy_ledger
+        let squares: f64 = self.conn().query_row(
+            "SELECT COALESCE(SUM(epsilon * epsilon), 0) FROM privacy_ledger
              WHERE partner = ?1 AND owner = ?2",
             params![partner, owner],
             |r| r.get(0),
-        )?)
+        )?;
+        Ok(squares.sqrt())
     }
 
     /// Every grant, for the policy engine.
@@ -1441,4 +1493,46 @@ fn revocations_in(conn: &Connection) -> Result<(Vec<(String, OffsetDateTime)>, u
         out.push((serial, at));
     }
     Ok((out, number as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A catalog written before budgets composed in squares: its stored budget is converted
+    /// once, to allow the same number of questions (B/ε = 10 at ε = 1, and √10 now).
+    #[test]
+    fn stored_budgets_keep_their_number_of_questions_across_the_zcdp_change() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("catalog.db");
+        {
+            let conn = Connection::open(&path).expect("open");
+            conn.execute_batch(SCHEMA).expect("schema");
+            conn.execute_batch(
+                "INSERT INTO partners (name, created_at) VALUES ('acme', 'now');
+                 INSERT INTO dataset_settings VALUES ('acme', 'a',
+                   '{\"min_entities\":5,\"epsilon\":1.0,\"budget\":10.0,\"max_groups_per_entity\":1,\"bounds\":{}}',
+                   'now', 'admin');
+                 INSERT INTO dataset_settings VALUES ('acme', 'b',
+                   '{\"min_entities\":5,\"epsilon\":0.5,\"budget\":2.0,\"max_groups_per_entity\":1,\"bounds\":{}}',
+                   'now', 'admin');",
+            )
+            .expect("old rows");
+        }
+        let budget = |c: &Catalog, d: &str| -> f64 {
+            let json = c.settings_json("acme", d).expect("read").expect("row");
+            serde_json::from_str::<serde_json::Value>(&json).expect("json")["budget"]
+                .as_f64()
+                .expect("budget")
+        };
+        let catalog = Catalog::open(&path).expect("migrate");
+        assert_eq!(budget(&catalog, "a"), 3.162278);
+        assert_eq!(budget(&catalog, "b"), 1.0);
+        // Still ten questions at ε = 1 (√10 rounded up to a millionth), not eleven.
+        assert!(10.0 <= 3.162278f64.powi(2) && 11.0 > 3.162278f64.powi(2));
+        drop(catalog);
+        // Once only: opening again changes nothing.
+        let catalog = Catalog::open(&path).expect("reopen");
+        assert_eq!(budget(&catalog, "a"), 3.162278);
+    }
 }

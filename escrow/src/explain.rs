@@ -136,7 +136,8 @@ pub struct DatasetPreview {
     pub populations: Vec<PopulationPreview>,
     pub settings: DatasetSettings,
     pub budget: BudgetView,
-    /// ε the partner has left on this dataset.
+    /// The largest ε of one more question the partner can ask of this dataset's owner:
+    /// `√(budget² - spent²)` (ε of questions add up in squares, see the ledger).
     pub remaining: f64,
     /// What the budget protects, in plain words, with these settings' numbers.
     pub guarantee: String,
@@ -355,7 +356,7 @@ impl QueryService {
                         spent,
                         budget: s.budget,
                     },
-                    remaining: (s.budget - spent).max(0.0),
+                    remaining: (s.budget * s.budget - spent * spent).max(0.0).sqrt(),
                     guarantee: settings::guarantee(
                         s.budget,
                         s.epsilon,

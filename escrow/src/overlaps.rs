@@ -78,8 +78,9 @@ pub struct OverlapOutcome {
     pub their_populations: Vec<String>,
     pub rows: Vec<OverlapRow>,
     pub protection: Applied,
-    /// How much one company can change the cells: the noise scale is this over ε
-    /// (`max_groups_per_entity`, times `overlap::NAME_SENSITIVITY` when names link).
+    /// How many cell counts one company can change in all (L1: `max_groups_per_entity`,
+    /// times `overlap::NAME_SENSITIVITY` when names link); the noise is in
+    /// `protection.count_sd`.
     pub sensitivity: u32,
     pub cost: Cost,
     /// The question's fingerprint (hex) and `owner.dataset@vN` of both sides, for the audit.
@@ -551,7 +552,7 @@ impl QueryService {
             })
             .await
         };
-        let (cells, sensitivity): (Vec<CellCount>, u32) = self
+        let (cells, sensitivity): (Vec<CellCount>, escrow_query::Sensitivity) = self
             .within_time_limit("overlap", run, || stop.request())
             .await?;
 
@@ -575,7 +576,8 @@ impl QueryService {
             req.by.is_some(),
             &protection,
         );
-        Ok((released, applied, sensitivity))
+        let l1 = u32::try_from(sensitivity.l1).unwrap_or(u32::MAX);
+        Ok((released, applied, l1))
     }
 
     /// Explain an overlap question as `caller` would ask it: the other partner's populations
@@ -983,7 +985,8 @@ fn fingerprint(
     (k, epsilon, l): (u64, f64, u32),
 ) -> [u8; 32] {
     let mut h = Sha256::new();
-    h.update(b"escrow-overlap-v1\0");
+    // v2: discrete Gaussian noise (a matrix kept from v1 had Laplace noise).
+    h.update(b"escrow-overlap-v2\0");
     let mut field = |s: &str| {
         h.update((s.len() as u64).to_be_bytes());
         h.update(s.as_bytes());
@@ -1045,7 +1048,8 @@ pub mod output {
                 "epsilon": p.epsilon,
                 "max_groups_per_entity": p.max_groups_per_entity,
                 "sensitivity": o.sensitivity,
-                "noise": "discrete Laplace of scale sensitivity / epsilon on each cell's company count",
+                "noise": "discrete Gaussian on each cell's company count",
+                "noise_sd": p.count_sd,
                 "suppressed_cells": if o.by.is_some() {
                     "cells below the threshold are not listed (their values would reveal companies)"
                 } else {

@@ -86,6 +86,8 @@ pub(crate) struct Trace {
 #[derive(Debug, Clone, Serialize)]
 pub struct BudgetView {
     pub dataset: String,
+    /// What the partner has spent on the dataset's owner, as the ε of one equivalent
+    /// question: √(Σ ε²) over its questions (zCDP composition, `Catalog::spend`).
     pub spent: f64,
     pub budget: f64,
 }
@@ -522,7 +524,7 @@ impl QueryService {
             Spend::Exhausted { charge: c, spent } => Err(Error::refused(
                 "budget_exhausted",
                 format!(
-                    "your privacy budget on {}'s data is spent ({spent:.3} of {:.3}, the budget of {}.{}, counted over every dataset of {}; this question needs {epsilon:.3}); its owner can raise it",
+                    "your privacy budget on {}'s data is spent ({spent:.3} of {:.3}, the budget of {}.{}, counted over every dataset of {}; this question needs {epsilon:.3}, and the epsilon of questions add up in squares); its owner can raise it",
                     c.owner, c.budget, c.owner, c.dataset, c.owner
                 ),
             )),
@@ -817,7 +819,8 @@ fn fingerprint(
     p: Option<&Protection>,
 ) -> [u8; 32] {
     let mut h = Sha256::new();
-    h.update(b"escrow-question-v2\0");
+    // v3: discrete Gaussian noise (an answer kept from v2 had Laplace noise).
+    h.update(b"escrow-question-v3\0");
     let field = |h: &mut Sha256, bytes: &[u8]| {
         h.update((bytes.len() as u64).to_be_bytes());
         h.update(bytes);
@@ -1007,7 +1010,8 @@ pub mod output {
                 "release_threshold": p.threshold,
                 "epsilon": p.epsilon,
                 "max_groups_per_entity": p.max_groups_per_entity,
-                "noise": "discrete Laplace (exact sampler) on entity counts and on clamped sums on a grid",
+                "noise": "discrete Gaussian (exact sampler) on entity counts and on clamped sums on a grid",
+                "noise_sd": p.count_sd,
                 "withheld_groups": "groups below the threshold are not listed",
             })
         });
@@ -1185,6 +1189,7 @@ pub(crate) mod kept {
             "threshold": p.threshold,
             "epsilon": p.epsilon,
             "max_groups_per_entity": p.max_groups_per_entity,
+            "count_sd": p.count_sd,
         })
     }
 
@@ -1197,6 +1202,7 @@ pub(crate) mod kept {
                 .as_u64()
                 .and_then(|l| u32::try_from(l).ok())
                 .ok_or_else(|| bad("L"))?,
+            count_sd: p["count_sd"].as_f64().ok_or_else(|| bad("count_sd"))?,
         })
     }
 

@@ -14,8 +14,10 @@ use crate::store::Store;
 use crate::{Error, Result};
 
 pub const DEFAULT_MIN_ENTITIES: u64 = 5;
-pub const DEFAULT_EPSILON: f64 = 1.0;
-pub const DEFAULT_BUDGET: f64 = 10.0;
+/// Ten questions at ε = 0.125 cost √10 · 0.125 = 0.395 of the default budget 0.4, which
+/// holds any guess about one company to at most 60% right ([`guarantee`]).
+pub const DEFAULT_EPSILON: f64 = 0.125;
+pub const DEFAULT_BUDGET: f64 = 0.4;
 pub const DEFAULT_MAX_GROUPS: u32 = 1;
 
 /// Protection settings of one dataset.
@@ -24,9 +26,10 @@ pub const DEFAULT_MAX_GROUPS: u32 = 1;
 pub struct DatasetSettings {
     /// Minimum distinct entities of this dataset in any released row (k).
     pub min_entities: u64,
-    /// Privacy loss per query that reads this dataset.
+    /// Privacy loss per query that reads this dataset (ρ = ε²/2 in zCDP).
     pub epsilon: f64,
-    /// Total ε each other partner may spend on this dataset.
+    /// What each other partner may spend on the owner's data, as the ε of one equivalent
+    /// question: the ε of its questions add up in squares (`√(Σ ε²) <= budget`).
     pub budget: f64,
     /// Groups one entity may contribute to in one query (L).
     pub max_groups_per_entity: u32,
@@ -135,19 +138,21 @@ fn check_bounds(col: &str, lo: f64, hi: f64) -> Result<()> {
 }
 
 /// What a budget protects, in plain words (docs/THREAT_MODEL.md, "The guarantee, in plain
-/// words"): every question is ε-differentially private for one company up to δ, and a
-/// partner's questions on one owner compose to at most its budget B, so from 50/50 it can
-/// become at most `e^B / (1 + e^B)` sure.
+/// words"). A partner's questions on one owner cost ρ = B²/2 in all at most (zCDP, see the
+/// ledger), up to δ per question for the groups whose existence depends on data. ρ-zCDP
+/// bounds the KL divergence between what the partner sees with and without one company by
+/// ρ, so by Pinsker's inequality the total variation distance by √(ρ/2) = B/2, and any guess
+/// of "in or out" from a 50/50 start is right with probability at most 1/2 + B/4.
 pub fn guarantee(budget: f64, epsilon: f64, delta: f64) -> String {
-    let sure = 100.0 / (1.0 + (-budget).exp());
-    let sure = if sure > 99.9 {
-        format!("{sure:.3}")
+    let right = (50.0 + 25.0 * budget).min(100.0);
+    let right = if right > 99.9 {
+        format!("{right:.3}")
     } else {
-        format!("{sure:.1}")
+        format!("{right:.1}")
     };
-    let questions = (budget / epsilon + 1e-9).floor();
+    let questions = ((budget / epsilon).powi(2) + 1e-9).floor();
     format!(
-        "a partner that spends its whole budget on your data ({budget} in all: {questions} questions at epsilon {epsilon}) can become at most {sure}% sure that one given company is in your list, starting from 50/50 (except with probability about {delta:e} per question)"
+        "a partner that spends its whole budget on your data ({budget} in all: {questions} questions at epsilon {epsilon}, whose epsilons add up in squares) can guess whether one given company is in your list right at most {right}% of the time, where a coin toss is right 50% of the time (except with probability about {delta:e} per question)"
     )
 }
 
@@ -247,11 +252,19 @@ mod tests {
 
     #[test]
     fn the_guarantee_sentence_has_the_current_numbers() {
-        let g = guarantee(1.0986122886681098, 0.1, 1e-6);
-        assert!(g.contains("at most 75.0% sure"), "{g}");
-        assert!(g.contains("10 questions at epsilon 0.1"), "{g}");
-        assert!(guarantee(10.0, 1.0, 1e-6).contains("at most 99.995% sure"));
-        assert!(guarantee(0.0, 1.0, 1e-6).contains("at most 50.0% sure"));
+        // The defaults: ten questions, at most 60% right.
+        let g = guarantee(DEFAULT_BUDGET, DEFAULT_EPSILON, 1e-6);
+        assert!(g.contains("right at most 60.0% of the time"), "{g}");
+        assert!(
+            g.contains("(0.4 in all: 10 questions at epsilon 0.125"),
+            "{g}"
+        );
+        // ε add up in squares: budget 1 holds 100 questions at 0.1; 1/2 + B/4 = 75%.
+        let g = guarantee(1.0, 0.1, 1e-6);
+        assert!(g.contains("right at most 75.0% of the time"), "{g}");
+        assert!(g.contains("100 questions at epsilon 0.1"), "{g}");
+        assert!(guarantee(10.0, 1.0, 1e-6).contains("at most 100.000% of the time"));
+        assert!(guarantee(0.0, 1.0, 1e-6).contains("at most 50.0% of the time"));
     }
 
     #[test]

@@ -55,7 +55,7 @@ use datafusion::physical_plan::joins::{
 
 use crate::QueryError;
 use crate::gate::{GateReport, Metric};
-use crate::noise::{Epsilon, Noise, Scale, partition_threshold};
+use crate::noise::{Epsilon, Noise, Sensitivity, Variance, partition_threshold};
 use crate::stop::{Stop, StopExec};
 
 const ENTITY: &str = "__escrow_entity";
@@ -90,6 +90,8 @@ pub struct Applied {
     pub threshold: f64,
     pub epsilon: f64,
     pub max_groups_per_entity: u32,
+    /// Standard deviation of the discrete Gaussian noise on each released count.
+    pub count_sd: f64,
 }
 
 /// A query's answer.
@@ -492,15 +494,15 @@ fn enumerated_groups(
 }
 
 /// The noisy entity count a row must reach to be released (besides >= k exact entities):
-/// `k - 1` + the Laplace partition-selection threshold for `ε` per count and `L` groups per
-/// entity.
+/// `k - 1` + the partition-selection threshold for counts of `sensitivity` with noise of
+/// variance `count_noise`.
 pub(crate) fn release_threshold(
     min_entities: u64,
-    epsilon: f64,
-    max_groups: u32,
+    count_noise: Variance,
+    sensitivity: Sensitivity,
     delta: f64,
 ) -> f64 {
-    (min_entities as f64 - 1.0) + partition_threshold(epsilon, max_groups, delta)
+    (min_entities as f64 - 1.0) + partition_threshold(count_noise, sensitivity, delta)
 }
 
 /// Thresholds and noise over the exact stage-2 rows. Returns the answer rows in the
@@ -526,20 +528,28 @@ fn release(
             Metric::Avg { .. } => 2,
         })
         .sum::<usize>();
-    let eps = p.epsilon.as_f64() / statistics as f64;
+    // One company is in at most L groups and moves each group's count by at most 1 and
+    // each sum by at most one grid step per unit of the bound, 2^GRID_BITS grid units. The
+    // question's ρ = ε²/2 is split evenly over its statistics (noise::Variance).
     let l = u64::from(p.max_groups_per_entity.max(1));
-    let count_scale = Scale::laplace(l, statistics as u64, p.epsilon);
-    let sum_scale = Scale::laplace(l << GRID_BITS, statistics as u64, p.epsilon);
+    let counts = Sensitivity::groups(l, 1);
+    let count_noise = Variance::gaussian(counts, statistics as u64, p.epsilon);
+    let sum_noise = Variance::gaussian(
+        Sensitivity::groups(l, 1 << GRID_BITS),
+        statistics as u64,
+        p.epsilon,
+    );
     // Released only with at least k exact entities AND a noisy count of at least
-    // (k - 1) + the Laplace partition-selection threshold. The margin makes the exact k test
+    // (k - 1) + the partition-selection threshold. The margin makes the exact k test
     // invisible: a row at exactly k (or a group of one entity) is released with probability
     // at most about δ, so adding or removing one entity cannot be seen through suppression.
-    let threshold = release_threshold(p.min_entities, eps, p.max_groups_per_entity, p.delta);
+    let threshold = release_threshold(p.min_entities, count_noise, counts, p.delta);
     let applied = Applied {
         min_entities: p.min_entities,
         threshold,
         epsilon: p.epsilon.as_f64(),
         max_groups_per_entity: p.max_groups_per_entity,
+        count_sd: count_noise.sd(),
     };
 
     let mut out_fields: Vec<Field> = agg
@@ -572,7 +582,7 @@ fn release(
                 group.extend_from_slice(text.as_bytes());
             }
             let n = n_col.value(row);
-            let noisy_n = n + p.noise.discrete_laplace(&group, 0, count_scale);
+            let noisy_n = n + p.noise.discrete_gaussian(&group, 0, count_noise);
             if n < p.min_entities as i64 || (noisy_n as f64) < threshold {
                 continue;
             }
@@ -591,7 +601,7 @@ fn release(
                             total.value(row)
                         };
                         let noisy =
-                            grid.saturating_add(p.noise.discrete_laplace(&group, stat, sum_scale));
+                            grid.saturating_add(p.noise.discrete_gaussian(&group, stat, sum_noise));
                         let s = noisy as f64 * grid_step(lo, hi);
                         col += 1;
                         if matches!(m, Metric::Sum { .. }) {
@@ -600,7 +610,7 @@ fn release(
                             let c = as_i64(batch.column(col))?.value(row);
                             col += 1;
                             let noisy_c =
-                                c + p.noise.discrete_laplace(&group, stat + 1, count_scale);
+                                c + p.noise.discrete_gaussian(&group, stat + 1, count_noise);
                             (noisy_c > 0).then(|| (s / noisy_c as f64).clamp(lo, hi))
                         }
                     }

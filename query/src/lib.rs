@@ -18,7 +18,7 @@ pub use datafusion::logical_expr::LogicalPlan;
 pub use exec::{Answer, Applied, Protection, execute};
 pub use executor::{Executor, QueryTask};
 pub use gate::{GateReport, Metric, TableInstance};
-pub use noise::{Epsilon, Noise, NoiseKey, Scale};
+pub use noise::{Epsilon, Noise, NoiseKey, Sensitivity, Variance};
 pub use session::{Limits, QueryTable, is_planning_rule, plan_for_execution, plan_sql};
 pub use source::{BatchIter, BatchSource, EntityHasher};
 pub use stop::Stop;

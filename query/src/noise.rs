@@ -9,18 +9,32 @@
 //!
 //! **No floating point anywhere in a sample.** Every released statistic is an integer on a
 //! grid (entity counts; sums in units of a grid step fixed by the owner's bounds, see
-//! `exec.rs`) plus discrete Laplace noise whose scale is an exact fraction [`Scale`]
-//! (sensitivity × statistics × 1000 / ε in thousandths, [`Epsilon`]). The sampler is the one
-//! of Canonne, Kamath and Steinke ("The Discrete Gaussian for Differential Privacy", NeurIPS
-//! 2020, Algorithms 1 and 2), the one OpenDP uses: Bernoulli(exp(-n/d)) from uniform integers
-//! only, so there are no low bits of a floating-point draw to attack (Mironov, CCS 2012) and
-//! no scale that underflows to "no noise". Uniform integers are drawn by rejection from
-//! 128-bit words of the ChaCha20 stream (exactly uniform). OpenDP's own samplers read the operating
-//! system's randomness and cannot be keyed, and keyed noise is what makes a repeated question
-//! (or the other side of an overlap) get the same numbers; so the ~40 lines of the algorithm
-//! live here, with the statistical tests OpenDP and Google's library run on theirs.
+//! `exec.rs`) plus discrete Gaussian noise whose variance is an exact fraction [`Variance`]
+//! (from the release's [`Sensitivity`], its number of statistics and ε in thousandths,
+//! [`Epsilon`]). The samplers are those of Canonne, Kamath and Steinke ("The Discrete
+//! Gaussian for Differential Privacy", NeurIPS 2020, Algorithms 1 to 3), the ones OpenDP
+//! uses: Bernoulli(exp(-n/d)) from uniform integers only, discrete Laplace from those, and
+//! discrete Gaussian by rejection from discrete Laplace, with big integers where the
+//! fractions outgrow 128 bits. So there are no low bits of a floating-point draw to attack
+//! (Mironov, CCS 2012) and no scale that underflows to "no noise". Uniform integers are drawn
+//! by rejection from the ChaCha20 stream (exactly uniform). OpenDP's own samplers read the
+//! operating system's randomness and cannot be keyed, and keyed noise is what makes a
+//! repeated question (or the other side of an overlap) get the same numbers; so the ~80 lines
+//! of the algorithms live here, with the statistical tests OpenDP and Google's library run on
+//! theirs.
+//!
+//! **Accounting: zero-concentrated DP.** A release of sensitivity Δ₂ (L2, over all its
+//! statistics) with discrete Gaussian noise of variance σ² is ρ-zCDP with ρ = Δ₂²/(2σ²)
+//! (CKS Theorem 4). escrow sets σ = Δ₂/ε, so a question "at ε" costs ρ = ε²/2, and questions
+//! compose by adding ρ: k questions at ε cost ρ = kε²/2, the cost of one question at ε√k. A
+//! budget B is the ε of that one equivalent question: the ε of the questions asked add up in
+//! squares, √(Σε²) ≤ B (see the ledger, `escrow::catalog`). Gaussian noise is what makes ten
+//! useful questions fit a budget that still protects one company: with Laplace noise, ε adds
+//! up linearly. (Questions answered with discrete Laplace noise before are ε-DP, hence
+//! ε²/2-zCDP too, so the ledger composes them the same way.)
 
 use hmac::{Hmac, Mac};
+use num_bigint::BigUint;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use sha2::Sha256;
@@ -69,27 +83,70 @@ impl Epsilon {
     }
 }
 
+/// How much one company can change a release, in grid units: `l1` in all (the sum of the
+/// changes over every statistic it moves) and `linf` at most in any one statistic. The L2
+/// sensitivity is at most `√(l1 · linf)`; for a count over `L` groups that is `√L`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sensitivity {
+    pub l1: u64,
+    pub linf: u64,
+}
+
+impl Sensitivity {
+    /// A company in at most `groups` groups, moving each by at most `per_group`.
+    pub fn groups(groups: u64, per_group: u64) -> Sensitivity {
+        let per_group = per_group.max(1);
+        Sensitivity {
+            // Saturating: an overflow could only make the noise larger.
+            l1: groups.max(1).saturating_mul(per_group),
+            linf: per_group,
+        }
+    }
+}
+
+/// The variance σ² of discrete Gaussian noise as the exact fraction `num / den` (grid
+/// units squared): `P(x) ∝ exp(-x² / (2σ²))`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Variance {
+    num: u128,
+    den: u128,
+}
+
+impl Variance {
+    /// The variance that makes a release of sensitivity `sensitivity` per statistic family
+    /// cost ρ = ε²/2 in all when the question releases `statistics` such families (each
+    /// company moves all of them): ρ is split evenly, σ² = Δ₂² · statistics / ε², with
+    /// Δ₂² bounded by `l1 · linf`.
+    pub fn gaussian(sensitivity: Sensitivity, statistics: u64, epsilon: Epsilon) -> Variance {
+        let milli = u128::from(epsilon.milli().max(1));
+        // Saturating: an overflow (beyond any validated setting) could only add noise.
+        Variance {
+            num: u128::from(sensitivity.l1.max(1))
+                .saturating_mul(u128::from(sensitivity.linf.max(1)))
+                .saturating_mul(u128::from(statistics.max(1)))
+                .saturating_mul(1_000_000),
+            den: milli * milli,
+        }
+    }
+
+    /// The standard deviation as a number (for reports and thresholds; never used to draw).
+    pub fn sd(self) -> f64 {
+        (self.num as f64 / self.den as f64).sqrt()
+    }
+}
+
 /// The scale of discrete Laplace noise as the exact fraction `num / den` (in units of the
 /// statistic's grid): `P(x) ∝ exp(-|x| · den / num)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Scale {
+struct Scale {
     num: u128,
     den: u128,
 }
 
 impl Scale {
-    /// The scale that makes one statistic of sensitivity `sensitivity` (grid units one
-    /// entity can move it by) ε/`statistics`-differentially private: the question's ε is
-    /// split evenly over its `statistics` noisy values (sequential composition).
-    pub fn laplace(sensitivity: u64, statistics: u64, epsilon: Epsilon) -> Scale {
-        Scale {
-            num: u128::from(sensitivity.max(1)) * u128::from(statistics.max(1)) * 1000,
-            den: u128::from(epsilon.milli().max(1)),
-        }
-    }
-
-    /// The scale as a number (for reports; never used to draw).
-    pub fn as_f64(self) -> f64 {
+    /// The scale as a number (for tests; never used to draw).
+    #[cfg(test)]
+    fn as_f64(self) -> f64 {
         self.num as f64 / self.den as f64
     }
 }
@@ -137,7 +194,7 @@ fn bernoulli_exp<R: Rng>(rng: &mut R, n: u128, d: u128) -> bool {
 /// One draw of discrete Laplace noise of scale `t / s` (CKS Algorithm 2): a geometric
 /// magnitude built from U ~ Uniform{0..t-1} accepted with probability exp(-U/t) and
 /// V ~ Geometric(1 - exp(-1)), then `floor((U + tV) / s)` with a fair sign, rejecting -0.
-pub fn sample_discrete_laplace<R: Rng>(rng: &mut R, scale: Scale) -> i64 {
+fn sample_discrete_laplace<R: Rng>(rng: &mut R, scale: Scale) -> i64 {
     let (t, s) = (scale.num, scale.den);
     loop {
         let u = uniform_below(rng, t);
@@ -155,6 +212,67 @@ pub fn sample_discrete_laplace<R: Rng>(rng: &mut R, scale: Scale) -> i64 {
         }
         let y = i64::try_from(y).unwrap_or(i64::MAX);
         return if negative { -y } else { y };
+    }
+}
+
+/// Uniform on `0..n`, `n > 0`, exactly, for big `n`: as many random bits as `n` has,
+/// rejected when not below `n` (fewer than two draws on average).
+fn uniform_below_big<R: Rng>(rng: &mut R, n: &BigUint) -> BigUint {
+    let bits = n.bits();
+    let mut bytes = vec![0u8; bits.div_ceil(8) as usize];
+    let spare = (bytes.len() as u64 * 8 - bits) as u32;
+    loop {
+        rng.fill(&mut bytes[..]);
+        bytes[0] &= 0xff >> spare;
+        let x = BigUint::from_bytes_be(&bytes);
+        if &x < n {
+            return x;
+        }
+    }
+}
+
+/// Bernoulli(exp(-n / d)) for any `n >= 0`, `d > 0` as big integers: exp(-1) once per whole
+/// unit of n/d, then CKS Algorithm 1 for the rest (Bernoulli(rest / (d·k)) for k = 1, 2, ...
+/// until one is 0; true when that k is odd).
+fn bernoulli_exp_big<R: Rng>(rng: &mut R, n: &BigUint, d: &BigUint) -> bool {
+    // More than 2^64 whole units would take exp(-1) to pass 2^64 times: probability
+    // below e^(-2^64), so stopping the count there changes nothing that can happen.
+    let whole = u64::try_from(n / d).unwrap_or(u64::MAX);
+    for _ in 0..whole {
+        if !bernoulli_exp_upto_one(rng, 1, 1) {
+            return false;
+        }
+    }
+    let rest = n % d;
+    let mut k = BigUint::from(1u8);
+    while uniform_below_big(rng, &(d * &k)) < rest {
+        k += 1u8;
+    }
+    k.bit(0)
+}
+
+/// One draw of discrete Gaussian noise of variance `v` (CKS Algorithm 3): with
+/// `t = floor(σ) + 1`, draw `Y` from discrete Laplace of scale `t` and keep it with
+/// probability `exp(-(|Y| - σ²/t)² / (2σ²))`. With σ² = n/d that exponent is the exact
+/// fraction `(|Y|·d·t - n)² / (2·n·d·t²)`.
+fn sample_discrete_gaussian<R: Rng>(rng: &mut R, v: Variance) -> i64 {
+    let (n, d) = (v.num, v.den);
+    // floor(√(n/d)) = floor(√floor(n/d)).
+    let t = (n / d).isqrt() + 1;
+    let laplace = Scale { num: t, den: 1 };
+    let (n_big, d_big, t_big) = (BigUint::from(n), BigUint::from(d), BigUint::from(t));
+    let den = BigUint::from(2u8) * &n_big * &d_big * &t_big * &t_big;
+    loop {
+        let y = sample_discrete_laplace(rng, laplace);
+        let ydt = BigUint::from(y.unsigned_abs()) * &d_big * &t_big;
+        let diff = if ydt >= n_big {
+            ydt - &n_big
+        } else {
+            &n_big - ydt
+        };
+        if bernoulli_exp_big(rng, &(&diff * &diff), &den) {
+            return y;
+        }
     }
 }
 
@@ -220,23 +338,23 @@ impl Noise {
         ChaCha20Rng::from_seed(seed)
     }
 
-    /// Discrete Laplace noise of scale `scale` (in grid units) for statistic `statistic`
-    /// of `group`.
-    pub fn discrete_laplace(&self, group: &[u8], statistic: u32, scale: Scale) -> i64 {
-        sample_discrete_laplace(&mut self.rng(group, statistic), scale)
+    /// Discrete Gaussian noise of variance `variance` (in grid units) for statistic
+    /// `statistic` of `group`.
+    pub fn discrete_gaussian(&self, group: &[u8], statistic: u32, variance: Variance) -> i64 {
+        sample_discrete_gaussian(&mut self.rng(group, statistic), variance)
     }
 }
 
-/// The count a group must reach (noisy) to be released when its existence depends on data:
-/// `1 + b·ln(L / δ)` with `b = L/ε` the scale of the count's noise, for entities that each
-/// contribute to at most `L` groups. Discrete Laplace noise of scale `b` reaches `m` with
-/// probability `a^m / (1 + a) <= e^(-m/b)` (`a = e^(-1/b)`), so a group made of one entity is
-/// released with probability at most δ/L per group it could appear in. (The continuous
-/// Laplace bound, `ln(L / 2δ)`, is up to twice too loose for the discrete noise at small
-/// scales; found by review.)
-pub fn partition_threshold(epsilon: f64, max_groups: u32, delta: f64) -> f64 {
-    let l = f64::from(max_groups.max(1));
-    1.0 + (l / epsilon) * (l / delta).ln()
+/// The noise a group's count must clear to be released when the group's existence depends
+/// on data (partition selection): `linf + σ·√(2 ln(l1 / δ))` for a count of `sensitivity`
+/// with noise of variance `v`. One company creates at most `l1` groups (each has a count of
+/// at least 1), each with a count of at most `linf`; discrete Gaussian noise is
+/// σ-subgaussian (CKS), so it reaches `m` with probability at most `exp(-m² / (2σ²))`, and
+/// each such group is released with probability at most δ / l1: all of them together at
+/// most δ.
+pub fn partition_threshold(v: Variance, sensitivity: Sensitivity, delta: f64) -> f64 {
+    let groups = sensitivity.l1.max(1) as f64;
+    sensitivity.linf as f64 + v.sd() * (2.0 * (groups / delta).ln()).sqrt()
 }
 
 #[cfg(test)]
@@ -253,10 +371,10 @@ mod tests {
 
     #[test]
     fn same_question_same_noise_other_question_other_noise() {
-        let s = Scale::laplace(1, 1, eps(0.5));
+        let v = Variance::gaussian(Sensitivity::groups(1, 1), 1, eps(0.5));
         let draw = |fp| -> Vec<i64> {
             (0..50)
-                .map(|i| noise(fp).discrete_laplace(b"g", i, s))
+                .map(|i| noise(fp).discrete_gaussian(b"g", i, v))
                 .collect()
         };
         assert_eq!(draw(1), draw(1));
@@ -289,19 +407,32 @@ mod tests {
     }
 
     /// P(x) of discrete Laplace with scale b: (1-a)/(1+a) · a^|x|, a = exp(-1/b).
-    fn pmf(b: f64, x: i64) -> f64 {
+    fn laplace_pmf(b: f64) -> impl Fn(i64) -> f64 {
         let a = (-1.0 / b).exp();
-        (1.0 - a) / (1.0 + a) * a.powi(x.unsigned_abs() as i32)
+        move |x| (1.0 - a) / (1.0 + a) * a.powi(x.unsigned_abs() as i32)
     }
 
-    /// Chi-square goodness of fit of `n` draws against the exact pmf of `claimed`, bins with
-    /// at least 20 expected draws (tails merged), at significance about 1e-6
-    /// (Wilson-Hilferty): a correct sampler fails this with probability 1e-6, and the seeds
-    /// are fixed. Also checks the mean against 0.
-    fn fit(claimed: Scale, n: usize, mut draw: impl FnMut() -> i64) -> Result<(), String> {
-        let b = claimed.as_f64();
+    /// P(x) of the discrete Gaussian with variance s2: exp(-x²/2s2) over its sum on Z.
+    fn gaussian_pmf(s2: f64) -> impl Fn(i64) -> f64 {
+        let reach = (40.0 * s2.sqrt()) as i64 + 40;
+        let z: f64 = (-reach..=reach)
+            .map(|x| (-((x * x) as f64) / (2.0 * s2)).exp())
+            .sum();
+        move |x| (-((x as f64).powi(2)) / (2.0 * s2)).exp() / z
+    }
+
+    /// Chi-square goodness of fit of `n` draws against an exact symmetric pmf (standard
+    /// deviation `sd`), bins with at least 20 expected draws (tails merged), at significance
+    /// about 1e-6 (Wilson-Hilferty): a correct sampler fails this with probability 1e-6, and
+    /// the seeds are fixed. Also checks the mean against 0.
+    fn fit(
+        pmf: impl Fn(i64) -> f64,
+        sd: f64,
+        n: usize,
+        mut draw: impl FnMut() -> i64,
+    ) -> Result<(), String> {
         let mut k = 0i64;
-        while pmf(b, k + 1) * n as f64 >= 20.0 {
+        while pmf(k + 1) * n as f64 >= 20.0 {
             k += 1;
         }
         let mut counts = vec![0u64; (2 * k + 3) as usize];
@@ -311,11 +442,11 @@ mod tests {
             sum += x as f64;
             counts[(x.clamp(-k - 1, k + 1) + k + 1) as usize] += 1;
         }
-        let tail: f64 = 1.0 - (-k..=k).map(|x| pmf(b, x)).sum::<f64>();
+        let tail: f64 = 1.0 - (-k..=k).map(&pmf).sum::<f64>();
         let mut chi2 = 0.0;
         for (i, &c) in counts.iter().enumerate() {
             let x = i as i64 - k - 1;
-            let p = if x.abs() > k { tail / 2.0 } else { pmf(b, x) };
+            let p = if x.abs() > k { tail / 2.0 } else { pmf(x) };
             let e = p * n as f64;
             chi2 += (c as f64 - e).powi(2) / e;
         }
@@ -324,21 +455,38 @@ mod tests {
         let critical = df * (1.0 - 2.0 / (9.0 * df) + z * (2.0 / (9.0 * df)).sqrt()).powi(3);
         if chi2 >= critical {
             return Err(format!(
-                "scale {b}: chi2 {chi2:.1} >= {critical:.1} (df {df}); counts {counts:?}"
+                "sd {sd}: chi2 {chi2:.1} >= {critical:.1} (df {df}); counts {counts:?}"
             ));
         }
         let mean = sum / n as f64;
-        let a = (-1.0 / b).exp();
-        let sd = (2.0 * a).sqrt() / (1.0 - a);
         if mean.abs() >= 5.0 * sd / (n as f64).sqrt() {
-            return Err(format!("scale {b}: mean {mean}"));
+            return Err(format!("sd {sd}: mean {mean}"));
         }
         Ok(())
     }
 
-    fn draws(scale: Scale, seed: u8) -> impl FnMut() -> i64 {
+    fn fit_laplace(claimed: Scale, n: usize, draw: impl FnMut() -> i64) -> Result<(), String> {
+        let b = claimed.as_f64();
+        let a = (-1.0 / b).exp();
+        fit(laplace_pmf(b), (2.0 * a).sqrt() / (1.0 - a), n, draw)
+    }
+
+    fn fit_gaussian(s2: f64, n: usize, draw: impl FnMut() -> i64) -> Result<(), String> {
+        fit(gaussian_pmf(s2), s2.sqrt(), n, draw)
+    }
+
+    fn laplace_draws(scale: Scale, seed: u8) -> impl FnMut() -> i64 {
         let mut rng = ChaCha20Rng::from_seed([seed; 32]);
         move || sample_discrete_laplace(&mut rng, scale)
+    }
+
+    fn gaussian_draws(v: Variance, seed: u8) -> impl FnMut() -> i64 {
+        let mut rng = ChaCha20Rng::from_seed([seed; 32]);
+        move || sample_discrete_gaussian(&mut rng, v)
+    }
+
+    fn as_f64(v: Variance) -> f64 {
+        v.num as f64 / v.den as f64
     }
 
     #[test]
@@ -347,32 +495,60 @@ mod tests {
         for (i, scale) in [
             Scale { num: 1, den: 3 },
             Scale { num: 3, den: 2 },
-            Scale::laplace(1, 1, eps(1.0)),
-            Scale::laplace(4, 3, eps(0.7)),
+            Scale { num: 1, den: 1 },
+            Scale {
+                num: 12_000,
+                den: 700,
+            },
             Scale { num: 250, den: 1 },
         ]
         .into_iter()
         .enumerate()
         {
-            fit(scale, 200_000, draws(scale, i as u8)).unwrap();
+            fit_laplace(scale, 200_000, laplace_draws(scale, i as u8)).unwrap();
+        }
+    }
+
+    #[test]
+    fn discrete_gaussian_follows_its_exact_distribution() {
+        // σ below one, around one, the default count noise (σ = 8), fractional, large.
+        for (i, v) in [
+            Variance { num: 1, den: 5 },
+            Variance { num: 1, den: 1 },
+            Variance::gaussian(Sensitivity::groups(1, 1), 1, eps(0.125)),
+            Variance::gaussian(Sensitivity::groups(3, 1), 2, eps(0.7)),
+            Variance {
+                num: 250_000,
+                den: 3,
+            },
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            fit_gaussian(as_f64(v), 200_000, gaussian_draws(v, 20 + i as u8)).unwrap();
         }
         // Through the keyed streams too: one draw per group, as answers draw.
-        let s = Scale::laplace(1, 2, eps(1.0));
+        let v = Variance::gaussian(Sensitivity::groups(1, 1), 2, eps(1.0));
         let mut i = 0u64;
-        fit(s, 50_000, || {
+        fit_gaussian(as_f64(v), 50_000, || {
             i += 1;
-            noise(3).discrete_laplace(&i.to_be_bytes(), 0, s)
+            noise(3).discrete_gaussian(&i.to_be_bytes(), 0, v)
         })
         .unwrap();
     }
 
     #[test]
     fn the_fit_tells_a_wrong_scale() {
-        // The check can fail: draws of scale 2 are not of scale 1.8, nor 2.2.
+        // The check can fail: draws of scale 2 are not of scale 1.8, nor 2.2; draws of
+        // variance 9 are not of variance 8.1 nor 9.9.
         let two = Scale { num: 2, den: 1 };
-        assert!(fit(Scale { num: 9, den: 5 }, 200_000, draws(two, 7)).is_err());
-        assert!(fit(Scale { num: 11, den: 5 }, 200_000, draws(two, 8)).is_err());
-        assert!(fit(two, 200_000, draws(two, 9)).is_ok());
+        assert!(fit_laplace(Scale { num: 9, den: 5 }, 200_000, laplace_draws(two, 7)).is_err());
+        assert!(fit_laplace(Scale { num: 11, den: 5 }, 200_000, laplace_draws(two, 8)).is_err());
+        assert!(fit_laplace(two, 200_000, laplace_draws(two, 9)).is_ok());
+        let nine = Variance { num: 9, den: 1 };
+        assert!(fit_gaussian(8.1, 200_000, gaussian_draws(nine, 7)).is_err());
+        assert!(fit_gaussian(9.9, 200_000, gaussian_draws(nine, 8)).is_err());
+        assert!(fit_gaussian(9.0, 200_000, gaussian_draws(nine, 9)).is_ok());
     }
 
     #[test]
@@ -380,45 +556,87 @@ mod tests {
         let mut rng = ChaCha20Rng::from_seed([11; 32]);
         let n = 200_000;
         for (num, den) in [(0u128, 1u128), (1, 3), (1, 1), (5, 2), (7, 3)] {
-            let hits = (0..n).filter(|_| bernoulli_exp(&mut rng, num, den)).count() as f64;
-            let p = (-(num as f64) / den as f64).exp();
-            let sd = (p * (1.0 - p) / n as f64).sqrt().max(1e-9);
-            assert!(
-                (hits / n as f64 - p).abs() <= 5.0 * sd,
-                "exp(-{num}/{den}): {} vs {p}",
-                hits / n as f64
-            );
+            let big = (BigUint::from(num), BigUint::from(den));
+            for use_big in [false, true] {
+                let hits = (0..n)
+                    .filter(|_| {
+                        if use_big {
+                            bernoulli_exp_big(&mut rng, &big.0, &big.1)
+                        } else {
+                            bernoulli_exp(&mut rng, num, den)
+                        }
+                    })
+                    .count() as f64;
+                let p = (-(num as f64) / den as f64).exp();
+                let sd = (p * (1.0 - p) / n as f64).sqrt().max(1e-9);
+                assert!(
+                    (hits / n as f64 - p).abs() <= 5.0 * sd,
+                    "exp(-{num}/{den}) (big: {use_big}): {} vs {p}",
+                    hits / n as f64
+                );
+            }
         }
     }
 
     #[test]
-    fn huge_and_tiny_scales_stay_exact() {
-        // No scale underflows to "no noise" and none overflows: a sum's grid noise at the
-        // smallest ε is about 1e11 grid units; the largest ε still draws integers.
+    fn big_uniforms_are_uniform() {
+        // 3 buckets of 0..3·2^70: each about a third (a wrong bit mask would skew them).
+        let mut rng = ChaCha20Rng::from_seed([13; 32]);
+        let n = BigUint::from(3u8) << 70;
+        let third = BigUint::from(1u8) << 70;
+        let mut buckets = [0u32; 3];
+        for _ in 0..30_000 {
+            let x = uniform_below_big(&mut rng, &n);
+            assert!(x < n);
+            buckets[u64::try_from(x / &third).unwrap() as usize] += 1;
+        }
+        assert!(
+            buckets.iter().all(|b| b.abs_diff(10_000) < 400),
+            "{buckets:?}"
+        );
+    }
+
+    #[test]
+    fn huge_and_tiny_variances_stay_exact() {
+        // No variance underflows to "no noise" and none overflows: a sum's grid noise at the
+        // smallest ε, with the largest L and many statistics, is about 5e10 grid units; the
+        // largest ε still draws integers.
         let mut rng = ChaCha20Rng::from_seed([12; 32]);
-        let big = Scale::laplace(100 << 20, 20, eps(0.001));
+        let big = Variance::gaussian(Sensitivity::groups(100, 1 << 20), 20, eps(0.001));
         let xs: Vec<i64> = (0..2000)
-            .map(|_| sample_discrete_laplace(&mut rng, big))
+            .map(|_| sample_discrete_gaussian(&mut rng, big))
             .collect();
-        let mean_abs = xs.iter().map(|x| x.unsigned_abs() as f64).sum::<f64>() / 2000.0;
-        assert!((mean_abs / big.as_f64() - 1.0).abs() < 0.1, "{mean_abs}");
-        let small = Scale::laplace(1, 1, eps(100.0));
-        assert!((0..1000).all(|_| sample_discrete_laplace(&mut rng, small).abs() <= 1));
+        let sd = (xs.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / 2000.0).sqrt();
+        assert!((sd / big.sd() - 1.0).abs() < 0.1, "{sd} vs {}", big.sd());
+        let small = Variance::gaussian(Sensitivity::groups(1, 1), 1, eps(100.0));
+        assert!((0..1000).all(|_| sample_discrete_gaussian(&mut rng, small).abs() <= 1));
     }
 
     #[test]
-    fn partition_threshold_matches_the_formula() {
-        let t = partition_threshold(1.0, 1, 1e-6);
-        assert!((t - (1.0 + (1e6f64).ln())).abs() < 1e-9);
-        // The discrete tail at the threshold is at most δ: a^m / (1 + a) with m = t - 1.
-        for (eps, l) in [(1.0, 1u32), (100.0, 1), (0.1, 3), (50.0, 4)] {
-            let b = f64::from(l) / eps;
-            let a = (-1.0 / b).exp();
-            let m = (partition_threshold(eps, l, 1e-6) - 1.0).ceil();
-            let tail = a.powf(m) / (1.0 + a) * f64::from(l);
-            assert!(tail <= 1e-6 * (1.0 + 1e-9), "eps {eps} L {l}: {tail}");
+    fn partition_threshold_bounds_the_tail() {
+        // Whatever σ and sensitivity: l1 groups of count linf, each released with the exact
+        // discrete Gaussian tail past the threshold, together at most δ.
+        for (s, e) in [
+            (Sensitivity::groups(1, 1), 0.125),
+            (Sensitivity::groups(1, 1), 100.0),
+            (Sensitivity::groups(3, 1), 0.1),
+            (Sensitivity { l1: 8, linf: 4 }, 0.5),
+        ] {
+            let v = Variance::gaussian(s, 1, eps(e));
+            let t = partition_threshold(v, s, 1e-6);
+            let pmf = gaussian_pmf(as_f64(v));
+            let reach = (t as i64) + (60.0 * v.sd()) as i64 + 60;
+            let from = (t - s.linf as f64).ceil() as i64;
+            let tail: f64 = (from..=reach).map(&pmf).sum::<f64>() * s.l1 as f64;
+            assert!(tail <= 1e-6, "{s:?} eps {e}: {tail}");
         }
-        assert!(partition_threshold(2.0, 1, 1e-6) < t);
-        assert!(partition_threshold(1.0, 2, 1e-6) > t);
+        let one = Sensitivity::groups(1, 1);
+        let v = |e| Variance::gaussian(one, 1, eps(e));
+        assert!(partition_threshold(v(2.0), one, 1e-6) < partition_threshold(v(1.0), one, 1e-6));
+        let three = Sensitivity::groups(3, 1);
+        assert!(
+            partition_threshold(Variance::gaussian(three, 1, eps(1.0)), three, 1e-6)
+                > partition_threshold(v(1.0), one, 1e-6)
+        );
     }
 }
