@@ -1680,10 +1680,11 @@ fn print_protection(out: &serde_json::Value, withheld: &str) {
         None => String::new(),
     };
     println!(
-        "protected: rows need >= {} entities (release threshold {:.1}), noise with epsilon {}{sensitivity}; {withheld}",
+        "protected: rows need >= {} entities (release threshold {:.1}), noise with epsilon {}{sensitivity} (sd {:.1} per count); {withheld}",
         p["min_entities"],
         p["release_threshold"].as_f64().unwrap_or(0.0),
-        p["epsilon"]
+        p["epsilon"],
+        p["noise_sd"].as_f64().unwrap_or(0.0)
     );
     if out["repeated"] == true {
         println!("same question on the same data as before: same answer, no budget spent");
