@@ -259,9 +259,9 @@ const DATA_VERSION: i64 = 1;
 /// Version 1: budgets compose in squares (zCDP, [`Catalog::spend`]); before, the ε of
 /// questions added up linearly. A stored budget B at ε allowed B/ε questions; left as it
 /// was, it would now allow (B/ε)², far more than its owner agreed to. It becomes √(B·ε)
-/// (rounded up to a millionth), which allows the same B/ε questions at ε. Policy versions
-/// from before keep their numbers as written (a rollback to one restores them as written;
-/// `policy preview` states what they protect).
+/// (rounded up to a millionth), which allows the same B/ε questions at ε. The documents of
+/// policy versions from before are converted alike, so a rollback to one restores what it
+/// meant (their diffs and the audit log keep the numbers as they were written then).
 fn migrate(conn: &mut Connection) -> Result<()> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version >= DATA_VERSION {
@@ -281,7 +281,7 @@ fn migrate(conn: &mut Connection) -> Result<()> {
                 "settings in catalog without budget or epsilon",
             ));
         };
-        let converted = ((budget * epsilon).max(0.0).sqrt() * 1e6).ceil() / 1e6;
+        let converted = zcdp_budget(budget, epsilon);
         v["budget"] = serde_json::json!(converted);
         tx.execute(
             "UPDATE dataset_settings SET settings = ?3 WHERE owner = ?1 AND dataset = ?2",
@@ -292,9 +292,66 @@ fn migrate(conn: &mut Connection) -> Result<()> {
             "privacy budgets now compose in squares (zCDP): budget converted to keep the same number of questions"
         );
     }
+    let versions: Vec<(String, i64, String)> = {
+        let mut st = tx.prepare("SELECT owner, version, document FROM policy_versions")?;
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<rusqlite::Result<_>>()?
+    };
+    for (owner, version, document) in versions {
+        if let Some(converted) = zcdp_document(&document) {
+            tx.execute(
+                "UPDATE policy_versions SET document = ?3 WHERE owner = ?1 AND version = ?2",
+                params![owner, version, converted],
+            )?;
+        }
+    }
     tx.execute_batch(&format!("PRAGMA user_version = {DATA_VERSION}"))?;
     tx.commit()?;
     Ok(())
+}
+
+/// A linear budget `budget` at `epsilon` in zCDP units: √(budget·ε), rounded up to a
+/// millionth (the same number of questions at ε).
+fn zcdp_budget(budget: f64, epsilon: f64) -> f64 {
+    ((budget * epsilon).max(0.0).sqrt() * 1e6).ceil() / 1e6
+}
+
+/// A policy document (policy.rs: lines `setting,OWNER,DATASET,NAME,VALUE`) with each
+/// dataset's budget line converted by [`zcdp_budget`] at that dataset's ε; `None` when it
+/// has no budget line.
+fn zcdp_document(document: &str) -> Option<String> {
+    let setting = |line: &str| -> Option<(String, String, String)> {
+        let f: Vec<&str> = line.strip_prefix("setting,")?.split(',').collect();
+        match f.as_slice() {
+            [owner, dataset, name, value] => Some((
+                format!("{owner},{dataset}"),
+                (*name).to_string(),
+                (*value).to_string(),
+            )),
+            _ => None,
+        }
+    };
+    let epsilons: std::collections::BTreeMap<String, f64> = document
+        .lines()
+        .filter_map(setting)
+        .filter(|(_, name, _)| name == "epsilon")
+        .filter_map(|(d, _, v)| Some((d, v.parse().ok()?)))
+        .collect();
+    let mut changed = false;
+    let lines: Vec<String> = document
+        .split('\n')
+        .map(|line| match setting(line) {
+            Some((d, name, value)) if name == "budget" => {
+                let (Ok(budget), Some(epsilon)) = (value.parse::<f64>(), epsilons.get(&d)) else {
+                    return line.to_string();
+                };
+                changed = true;
+                format!("setting,{d},budget,{}", zcdp_budget(budget, *epsilon))
+            }
+            _ => line.to_string(),
+        })
+        .collect();
+    changed.then(|| lines.join("\n"))
 }
 
 impl Catalog {
@@ -1518,6 +1575,13 @@ mod tests {
                    'now', 'admin');",
             )
             .expect("old rows");
+            conn.execute(
+                "INSERT INTO policy_versions VALUES ('acme', 1, 'now', 'admin', 'settings', ?1, '{}')",
+                params![
+                    "p,globex,acme,a,website,join\nsetting,acme,a,budget,10\nsetting,acme,a,epsilon,1\nsetting,acme,a,min_entities,5\n"
+                ],
+            )
+            .expect("old version");
         }
         let budget = |c: &Catalog, d: &str| -> f64 {
             let json = c.settings_json("acme", d).expect("read").expect("row");
@@ -1530,9 +1594,16 @@ mod tests {
         assert_eq!(budget(&catalog, "b"), 1.0);
         // Still ten questions at ε = 1 (√10 rounded up to a millionth), not eleven.
         assert!(10.0 <= 3.162278f64.powi(2) && 11.0 > 3.162278f64.powi(2));
+        // The old policy version means the same too: a rollback to it restores √10.
+        let (_, v1) = catalog.policy_text("acme", Some(1)).expect("v1");
+        assert_eq!(
+            v1,
+            "p,globex,acme,a,website,join\nsetting,acme,a,budget,3.162278\nsetting,acme,a,epsilon,1\nsetting,acme,a,min_entities,5\n"
+        );
         drop(catalog);
         // Once only: opening again changes nothing.
         let catalog = Catalog::open(&path).expect("reopen");
         assert_eq!(budget(&catalog, "a"), 3.162278);
+        assert_eq!(catalog.policy_text("acme", Some(1)).expect("v1").1, v1);
     }
 }
