@@ -563,3 +563,46 @@ fn a_column_that_was_not_shared_answers_as_one_that_does_not_exist() {
     )
     .ok();
 }
+
+/// Memory: globex joins its list of N companies with acme's list of N companies, which are
+/// either globex's own N (every company matches) or N others (none does). Before, the
+/// per-company work after the join made the question hit a 3 MiB limit only when the lists
+/// overlapped (44,000 companies: refused with `query_memory_limit` against answered).
+/// Every table is now reduced and held first, under the limit; what follows is judged from
+/// those sizes and then runs without a limit: the same outcome in both worlds, at every size.
+#[test]
+fn the_memory_limit_does_not_depend_on_who_matches_whom() {
+    for n in [20_000usize, 44_000, 60_000] {
+        let mine = retail(n).replace("website,industry", "website,stage");
+        let outcomes: Vec<String> = [true, false]
+            .into_iter()
+            .map(|overlap| {
+                let acme = if overlap {
+                    retail(n)
+                } else {
+                    retail(n).replace("co", "other")
+                };
+                let env = Env::new();
+                let server = env.serve(&["--query-memory-mb", "3"]);
+                env.upload_csv(&server, "acme", "accounts", &acme).ok();
+                env.upload_csv(&server, "globex", "mine", &mine).ok();
+                env.grants(
+                    &server,
+                    "acme",
+                    "accounts",
+                    "globex",
+                    &[
+                        "--usage join --column website",
+                        "--usage count --column website",
+                    ],
+                );
+                outcome(&env, &server, JOIN)
+            })
+            .collect();
+        assert_eq!(
+            outcomes[0], outcomes[1],
+            "{n} companies: the memory limit tells whether the lists overlap"
+        );
+        eprintln!("{n} companies: {}", outcomes[0]);
+    }
+}

@@ -7,6 +7,9 @@
 //! tables := each table instance reduced on its own: its filters, then GROUP BY key and its
 //!           GROUP BY columns with its metrics summed (averaged) per row, then at most L rows
 //!           per key                                                   (`reduced_table`)
+//!           each reduced table is held in memory (phase one, under the memory limit);
+//!           the rest runs once `admit` found it fits, judged from their sizes, without a
+//!           limit that could fail on how many companies match           (`reduce_tables`)
 //! rows   := the reduced tables joined on their keys (the query's join graph)
 //! stage1 := GROUP BY unit, dims: per-entity SUM/AVG of each metric          (one row per
 //!           entity and group)
@@ -125,8 +128,16 @@ pub async fn execute(
         });
     };
     let (top, agg) = split_top(&plan)?;
-    let stage = protected_stage(agg, report, p)?;
-    let exact = collect(state, &stage, stop).await?;
+    // Two phases, so that no memory limit can fail on who matches whom. First each table
+    // instance is reduced on its own, under the memory limit: that work depends on the
+    // question and on each table's own rows only. The joins and aggregates that follow are
+    // bounded by the sizes of those reduced tables, judged against the limit before they
+    // run (`admit`), and then run without a limit that could fail on how many companies
+    // match.
+    let reduced = reduce_tables(state, agg, report, p, stop).await?;
+    let unbounded = crate::session::without_memory_limit(state)?;
+    let stage = protected_stage(report, p, reduced)?;
+    let exact = collect(&unbounded, &stage, stop).await?;
     let (rows, applied) = release(agg, report, p, &exact)?;
     let mut out = replace_aggregate(agg, rows)?;
     for node in top.iter().rev() {
@@ -136,7 +147,7 @@ pub async fn execute(
         }
         out = node.with_new_exprs(exprs, vec![out])?;
     }
-    let batches = collect(state, &out, stop).await?;
+    let batches = collect(&unbounded, &out, stop).await?;
     // The last column is the suppressed flag of each row: strip it from what is returned.
     let full = out.schema().as_arrow().clone();
     let shown: Vec<usize> = (0..full.fields().len() - 1).collect();
@@ -326,20 +337,99 @@ fn reduced_table(
 
 /// reduce every table -> join on the keys -> stage1 -> contribution bound -> stage2 (see
 /// the module comment).
-fn protected_stage(
+/// Phase one of a protected question: every table instance reduced ([`reduced_table`]) and
+/// held in memory, in the order of the gate report's tables; then [`admit`].
+async fn reduce_tables(
+    state: &SessionState,
     agg: &Aggregate,
     report: &GateReport,
     p: &Protection,
-) -> Result<LogicalPlan, QueryError> {
+    stop: &Stop,
+) -> Result<Vec<LogicalPlan>, QueryError> {
     let scans = scans(&agg.input);
     if scans.len() != report.tables.len() {
         return Err(internal("scans and table instances differ"));
     }
-    let mut reduced: Vec<Option<LogicalPlan>> = scans
-        .into_iter()
-        .enumerate()
-        .map(|(t, scan)| reduced_table(scan, t, report, p).map(Some))
-        .collect::<Result<_, _>>()?;
+    let mut sizes = Vec::new();
+    let mut reduced = Vec::new();
+    for (t, scan) in scans.into_iter().enumerate() {
+        let plan = reduced_table(scan, t, report, p)?;
+        let schema = Arc::new(plan.schema().as_arrow().clone());
+        let batches = collect(state, &plan, stop).await?;
+        sizes.push((
+            batches.iter().map(RecordBatch::num_rows).sum::<usize>(),
+            batches.iter().map(slice_bytes).sum::<usize>(),
+        ));
+        let table = MemTable::try_new(schema, vec![batches])?;
+        reduced.push(
+            LogicalPlanBuilder::scan(
+                format!("__escrow_reduced{t}"),
+                provider_as_source(Arc::new(table)),
+                None,
+            )?
+            .build()?,
+        );
+    }
+    let limit = match state.runtime_env().memory_pool.memory_limit() {
+        datafusion::execution::memory_pool::MemoryLimit::Finite(bytes) => Some(bytes),
+        _ => None,
+    };
+    admit(&sizes, p.max_groups_per_entity, limit)?;
+    Ok(reduced)
+}
+
+/// The bytes of a batch's own rows. An aggregate's output batches are slices of larger
+/// arrays, and `get_array_memory_size` counts the whole of what a slice shares.
+fn slice_bytes(batch: &RecordBatch) -> usize {
+    batch
+        .columns()
+        .iter()
+        .map(|c| {
+            let data = c.to_data();
+            data.get_slice_memory_size()
+                .unwrap_or_else(|_| c.get_array_memory_size())
+        })
+        .sum()
+}
+
+/// Whether the joins and aggregates over reduced tables of `sizes` (rows, bytes held) fit
+/// `limit` bytes, judged from those sizes only: each table holds at most L rows per
+/// company, so the join yields at most `min rows x L^(tables - 1)` rows, each as wide as
+/// the tables' rows together; the hash tables of joins, per-entity aggregate and window
+/// are counted as four times that. A question refused here is refused in every world in
+/// which the tables it reads are as large, whoever matches whom.
+fn admit(
+    sizes: &[(usize, usize)],
+    max_groups: u32,
+    limit: Option<usize>,
+) -> Result<(), QueryError> {
+    let Some(limit) = limit else {
+        return Ok(());
+    };
+    let held: usize = sizes.iter().map(|(_, bytes)| *bytes).sum();
+    let width: f64 = sizes
+        .iter()
+        .map(|(rows, bytes)| *bytes as f64 / (*rows).max(1) as f64)
+        .sum();
+    let smallest = sizes.iter().map(|(rows, _)| *rows).min().unwrap_or(0) as f64;
+    let fan = f64::from(max_groups.max(1)).powi(sizes.len().saturating_sub(1) as i32);
+    let needed = held as f64 + 4.0 * smallest * fan * width;
+    if needed > limit as f64 {
+        return Err(QueryError::ResourcesExhausted(format!(
+            "judged from the sizes of the tables it reads, the question needs about {} MiB, more than the per-query limit of {} MiB",
+            (needed as usize) >> 20,
+            limit >> 20
+        )));
+    }
+    Ok(())
+}
+
+fn protected_stage(
+    report: &GateReport,
+    p: &Protection,
+    reduced: Vec<LogicalPlan>,
+) -> Result<LogicalPlan, QueryError> {
+    let mut reduced: Vec<Option<LogicalPlan>> = reduced.into_iter().map(Some).collect();
     // Join the reduced tables along the query's key equalities (a connected graph: the
     // gate allows no other joins), starting from the privacy unit's table.
     let take = |reduced: &mut Vec<Option<LogicalPlan>>, t: usize| {

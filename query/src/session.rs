@@ -91,19 +91,38 @@ enum Stage {
     Execute,
 }
 
+/// The runtime of a query: `memory_bytes` for its memory pool (`None`: no limit), and no
+/// spill files ever (they would be plaintext Arrow IPC in the OS temp dir).
+fn runtime(
+    memory_bytes: Option<usize>,
+) -> Result<Arc<datafusion::execution::runtime_env::RuntimeEnv>, QueryError> {
+    let mut builder = RuntimeEnvBuilder::new().with_disk_manager_builder(
+        DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+    );
+    if let Some(bytes) = memory_bytes {
+        builder = builder.with_memory_limit(bytes, 1.0);
+    }
+    Ok(builder.build_arc()?)
+}
+
+/// `state` without its memory limit (spill files still off): for the stage of a protected
+/// question whose memory would depend on who matches whom, once its inputs were sized
+/// (exec.rs, `execute`).
+pub(crate) fn without_memory_limit(
+    state: &datafusion::execution::SessionState,
+) -> Result<datafusion::execution::SessionState, QueryError> {
+    Ok(SessionStateBuilder::new_from_existing(state.clone())
+        .with_runtime_env(runtime(None)?)
+        .build())
+}
+
 /// Build the session for one query with exactly `tables` registered.
 fn session(
     tables: &[QueryTable],
     limits: &Limits,
     stage: Stage,
 ) -> Result<datafusion::execution::SessionState, QueryError> {
-    let runtime = RuntimeEnvBuilder::new()
-        .with_memory_limit(limits.memory_bytes, 1.0)
-        // No spill files: they would be plaintext Arrow IPC in the OS temp dir.
-        .with_disk_manager_builder(
-            DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
-        )
-        .build_arc()?;
+    let runtime = runtime(Some(limits.memory_bytes))?;
     let config = SessionConfig::new()
         .with_information_schema(false)
         .with_default_catalog_and_schema(CATALOG, NO_SCHEMA)
