@@ -448,6 +448,33 @@ fn a_join_cannot_fan_out_on_one_company() {
     assert_eq!(outcomes[0], "answered, 1 rows");
 }
 
+/// Time: with a contribution bound L, one company yields up to L^tables joined rows, the
+/// work it alone adds to a question. At most 100 (`MAX_FAN_OUT`), decided from the settings
+/// and the question before anything runs: with L = 10, a two-table question is answered and
+/// a three-table one refused, in both worlds alike.
+#[test]
+fn the_work_one_company_can_add_is_bounded_before_running() {
+    let (env, server) = joined_world(&[], &retail(60));
+    env.cli(
+        &server,
+        "acme",
+        &words("policy set accounts --max-groups 10"),
+    )
+    .ok();
+    assert_eq!(outcome(&env, &server, JOIN), "answered, 1 rows");
+    let three = "SELECT COUNT(DISTINCT a.website) FROM globex.mine x \
+                 JOIN acme.accounts a ON x.website = a.website \
+                 JOIN globex.mine y ON y.website = a.website";
+    let r = env
+        .cli(&server, "globex", &["query", three])
+        .fails_with("rule fan_out_too_large");
+    assert!(
+        r.stderr.contains("1000 joined rows, more than 100"),
+        "{}",
+        r.stderr
+    );
+}
+
 /// A charged question runs at most once. One that was not answered (over the time limit
 /// here; or failed, or its client went away) is refused when asked again, without running:
 /// before, it ran again at no cost, so killing the client at a chosen moment or timing the

@@ -381,13 +381,15 @@ enum PolicyCommand {
         /// Minimum distinct entities in any released row (k, default 5).
         #[arg(long)]
         min_entities: Option<u64>,
-        /// Privacy loss per query (ε, default 1).
+        /// Privacy loss per query (ε, default 0.125; zCDP ρ = ε²/2).
         #[arg(long)]
         epsilon: Option<f64>,
-        /// Total ε each partner may spend on this dataset (default 10).
+        /// What each partner may spend on your data, as the ε of one equivalent question:
+        /// the ε of its questions add up in squares (default 0.4: ten questions at 0.125).
         #[arg(long)]
         budget: Option<f64>,
-        /// Groups one entity may count in, per query (L, default 1).
+        /// Groups one entity may count in, per query (L, default 1; L^tables of a
+        /// question may be at most 100).
         #[arg(long)]
         max_groups: Option<u32>,
         /// Clamping bounds of a numeric column for SUM/AVG: COLUMN=LOW:HIGH (repeatable).

@@ -545,6 +545,9 @@ impl QueryService {
                 (Err(e), Err(stopped)) if e.code() == "internal" => return Err(stopped),
                 (Err(e), _) | (_, Err(e)) => return Err(e),
             };
+            // Both lists are reduced (their sizes, and so far the time, depend on each
+            // list alone); the count that follows depends on who matches whom.
+            stop.admit();
             let by = req.by.is_some();
             crate::queries::blocking(move || {
                 let sensitivity = overlap::sensitivity(&a, &b, max_groups);
@@ -553,7 +556,7 @@ impl QueryService {
             .await
         };
         let (cells, sensitivity): (Vec<CellCount>, escrow_query::Sensitivity) = self
-            .within_time_limit("overlap", run, || stop.request())
+            .within_time_limit("overlap", run, &stop, || stop.request())
             .await?;
 
         let names = |s: &SideData| -> Vec<String> {

@@ -39,6 +39,9 @@ use crate::{Error, Result};
 pub const DELTA: f64 = 1e-6;
 /// Longest SQL text accepted.
 pub const MAX_SQL_BYTES: usize = 64 << 10;
+/// The most joined rows one company may yield in a protected question: L per table
+/// instance, so L^tables. It bounds the work (and time) one company can add to a question.
+pub const MAX_FAN_OUT: u64 = 100;
 
 /// Limits of query execution.
 #[derive(Debug, Clone)]
@@ -283,7 +286,8 @@ impl QueryService {
                 escrow_query::execute(&state, runs, &report, protection.as_ref(), &stopping).await
             });
             let abort = task.stopper();
-            self.within_time_limit("query", async { Ok(task.await?) }, move || {
+            let question = stop.clone();
+            self.within_time_limit("query", async { Ok(task.await?) }, &question, move || {
                 stop.request();
                 abort.abort();
             })
@@ -386,17 +390,27 @@ impl QueryService {
     /// ended, so that the question's admission slot (held by the caller) is not given back
     /// while its work still takes a core. `work` must end soon after `stop` (at its next
     /// yield or batch). If this future is dropped instead (client gone, shutdown), `stop`
-    /// is called then, without the wait.
+    /// is called then, without the wait. Work that `question` says is past its admission
+    /// (`Stop::admit`: the rest bounded by its inputs' sizes, its time depending on who
+    /// matches whom) is not cut off: it runs to its end.
     pub(crate) async fn within_time_limit<T>(
         &self,
         what: &str,
         work: impl Future<Output = Result<T>>,
+        question: &escrow_query::Stop,
         stop: impl FnOnce(),
     ) -> Result<T> {
         let mut stop = StopOnDrop(Some(stop));
         let mut work = std::pin::pin!(work);
         match tokio::time::timeout(self.config.timeout, work.as_mut()).await {
             Ok(result) => result,
+            Err(_) if question.admitted() => {
+                tracing::info!(
+                    what,
+                    "work past its admission ran over the time limit: let finish"
+                );
+                work.await
+            }
             Err(_) => {
                 stop.now();
                 let stopping = std::time::Instant::now();
@@ -631,6 +645,20 @@ impl QueryService {
                 .filter(|((o, _), _)| o != caller)
                 .map(|(_, s)| s),
         );
+        // Each table instance holds at most L rows per company after its reduction, so one
+        // company yields at most L^tables joined rows: the work it alone can add, bounded
+        // so that the time of a question cannot tell it apart (docs/THREAT_MODEL.md).
+        let fan_out = u64::from(max_groups.max(1))
+            .saturating_pow(u32::try_from(report.tables.len()).unwrap_or(u32::MAX));
+        if fan_out > MAX_FAN_OUT {
+            return Err(Error::refused(
+                "fan_out_too_large",
+                format!(
+                    "with max_groups_per_entity {max_groups} over {} table instances, one company could yield {fan_out} joined rows, more than {MAX_FAN_OUT}: ask with fewer tables, or the owners can lower max_groups_per_entity",
+                    report.tables.len()
+                ),
+            ));
+        }
         let mut bounds = Vec::new();
         for m in &report.aggregates {
             bounds.push(match m {

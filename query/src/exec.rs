@@ -135,6 +135,7 @@ pub async fn execute(
     // run (`admit`), and then run without a limit that could fail on how many companies
     // match.
     let reduced = reduce_tables(state, agg, report, p, stop).await?;
+    stop.admit();
     let unbounded = crate::session::without_memory_limit(state)?;
     let stage = protected_stage(report, p, reduced)?;
     let exact = collect(&unbounded, &stage, stop).await?;

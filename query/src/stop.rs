@@ -26,17 +26,35 @@ use datafusion::physical_plan::{
 };
 use futures_util::{Stream, StreamExt};
 
-/// A request to stop, shared by everything one question runs.
+/// A request to stop, shared by everything one question runs; and whether the question is
+/// past its admission (its inputs sized, what is left bounded by them: see `exec.rs`).
 #[derive(Debug, Clone, Default)]
-pub struct Stop(Arc<AtomicBool>);
+pub struct Stop(Arc<Flags>);
+
+#[derive(Debug, Default)]
+struct Flags {
+    requested: AtomicBool,
+    admitted: AtomicBool,
+}
 
 impl Stop {
     pub fn request(&self) {
-        self.0.store(true, Ordering::Relaxed)
+        self.0.requested.store(true, Ordering::Relaxed)
     }
 
     pub fn requested(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.0.requested.load(Ordering::Relaxed)
+    }
+
+    /// The question's inputs are sized and what is left is bounded by them: from now on its
+    /// time depends on who matches whom, so a time limit must not cut it off (that would
+    /// make the outcome depend on it too).
+    pub fn admit(&self) {
+        self.0.admitted.store(true, Ordering::Relaxed)
+    }
+
+    pub fn admitted(&self) -> bool {
+        self.0.admitted.load(Ordering::Relaxed)
     }
 
     /// The error that work stopped by request ends with (discarded by whoever stopped it).
