@@ -64,16 +64,15 @@ fn world(target_present: bool) -> (Env, Server) {
 /// A server started with `serve_args`; acme's `accounts` (`acme`, a CSV), globex's `mine` of
 /// one company, and acme's join and count grants on the key to globex.
 fn joined_world(serve_args: &[&str], acme: &str) -> (Env, Server) {
+    lists_joined(serve_args, acme, "website,stage\nco1.example,open\n")
+}
+
+/// [`joined_world`] with globex's `mine` given (a CSV).
+fn lists_joined(serve_args: &[&str], acme: &str, mine: &str) -> (Env, Server) {
     let env = Env::new();
     let server = env.serve(serve_args);
     env.upload_csv(&server, "acme", "accounts", acme).ok();
-    env.upload_csv(
-        &server,
-        "globex",
-        "mine",
-        "website,stage\nco1.example,open\n",
-    )
-    .ok();
+    env.upload_csv(&server, "globex", "mine", mine).ok();
     env.grants(
         &server,
         "acme",
@@ -609,20 +608,7 @@ fn the_memory_limit_does_not_depend_on_who_matches_whom() {
                 } else {
                     retail(n).replace("co", "other")
                 };
-                let env = Env::new();
-                let server = env.serve(&["--query-memory-mb", "3"]);
-                env.upload_csv(&server, "acme", "accounts", &acme).ok();
-                env.upload_csv(&server, "globex", "mine", &mine).ok();
-                env.grants(
-                    &server,
-                    "acme",
-                    "accounts",
-                    "globex",
-                    &[
-                        "--usage join --column website",
-                        "--usage count --column website",
-                    ],
-                );
+                let (env, server) = lists_joined(&["--query-memory-mb", "3"], &acme, &mine);
                 outcome(&env, &server, JOIN)
             })
             .collect();

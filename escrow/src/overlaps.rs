@@ -555,9 +555,8 @@ impl QueryService {
             })
             .await
         };
-        let (cells, sensitivity): (Vec<CellCount>, escrow_query::Sensitivity) = self
-            .within_time_limit("overlap", run, &stop, || stop.request())
-            .await?;
+        let (cells, sensitivity): (Vec<CellCount>, escrow_query::Sensitivity) =
+            self.within_time_limit("overlap", run, &stop, || {}).await?;
 
         let names = |s: &SideData| -> Vec<String> {
             s.populations.iter().map(|p| p.name.clone()).collect()

@@ -286,10 +286,8 @@ impl QueryService {
                 escrow_query::execute(&state, runs, &report, protection.as_ref(), &stopping).await
             });
             let abort = task.stopper();
-            let question = stop.clone();
-            self.within_time_limit("query", async { Ok(task.await?) }, &question, move || {
-                stop.request();
-                abort.abort();
+            self.within_time_limit("query", async { Ok(task.await?) }, &stop, move || {
+                abort.abort()
             })
             .await
         };
@@ -386,21 +384,26 @@ impl QueryService {
     }
 
     /// `work` under the per-question time limit: refused with `query_timeout` (naming
-    /// `what`) when it runs longer, but only after `stop` has made it stop and it has
-    /// ended, so that the question's admission slot (held by the caller) is not given back
-    /// while its work still takes a core. `work` must end soon after `stop` (at its next
-    /// yield or batch). If this future is dropped instead (client gone, shutdown), `stop`
-    /// is called then, without the wait. Work that `question` says is past its admission
-    /// (`Stop::admit`: the rest bounded by its inputs' sizes, its time depending on who
-    /// matches whom) is not cut off: it runs to its end.
+    /// `what`) when it runs longer, but only after it was stopped and has ended, so that
+    /// the question's admission slot (held by the caller) is not given back while its work
+    /// still takes a core. Stopping it is `question.request()`, then `abort`; `work` must
+    /// end soon after (at its next yield or batch). If this future is
+    /// dropped instead (client gone, shutdown), it is stopped then, without the wait. Work
+    /// that `question` says is past its admission (`Stop::admit`: the rest bounded by its
+    /// inputs' sizes, its time depending on who matches whom) is not cut off: it runs to its
+    /// end.
     pub(crate) async fn within_time_limit<T>(
         &self,
         what: &str,
         work: impl Future<Output = Result<T>>,
         question: &escrow_query::Stop,
-        stop: impl FnOnce(),
+        abort: impl FnOnce(),
     ) -> Result<T> {
-        let mut stop = StopOnDrop(Some(stop));
+        let requested = question.clone();
+        let mut stop = StopOnDrop(Some(move || {
+            requested.request();
+            abort()
+        }));
         let mut work = std::pin::pin!(work);
         match tokio::time::timeout(self.config.timeout, work.as_mut()).await {
             Ok(result) => result,
