@@ -447,31 +447,75 @@ fn a_join_cannot_fan_out_on_one_company() {
     assert_eq!(outcomes[0], "answered, 1 rows");
 }
 
-/// Time: with a contribution bound L, one company yields up to L^tables joined rows, the
-/// work it alone adds to a question. At most 100 (`MAX_FAN_OUT`), decided from the settings
-/// and the question before anything runs: with L = 10, a two-table question is answered and
-/// a three-table one refused, in both worlds alike.
+/// Time: with a contribution bound L, one company yields up to L joined rows per table
+/// instance with a GROUP BY column (one per other), the work it alone adds to a question.
+/// At most 100 (`MAX_FAN_OUT`), decided from the settings and the question before anything
+/// runs: with L = 10, grouping by the columns of two tables is answered and of three refused,
+/// in both worlds alike (co1, globex's one company, in acme's list or not); a question over
+/// three tables grouping by none is answered (one row per company each); nine table
+/// instances are refused (`too_many_tables`).
 #[test]
 fn the_work_one_company_can_add_is_bounded_before_running() {
-    let (env, server) = joined_world(&[], &retail(60));
-    env.cli(
-        &server,
-        "acme",
-        &words("policy set accounts --max-groups 10"),
-    )
-    .ok();
-    assert_eq!(outcome(&env, &server, JOIN), "answered, 1 rows");
-    let three = "SELECT COUNT(DISTINCT a.website) FROM globex.mine x \
-                 JOIN acme.accounts a ON x.website = a.website \
-                 JOIN globex.mine y ON y.website = a.website";
-    let r = env
-        .cli(&server, "globex", &["query", three])
-        .fails_with("rule fan_out_too_large");
-    assert!(
-        r.stderr.contains("1000 joined rows, more than 100"),
-        "{}",
-        r.stderr
+    let outcomes: Vec<Vec<String>> = [true, false]
+        .into_iter()
+        .map(|present| {
+            let acme = if present {
+                retail(60)
+            } else {
+                retail(60).replace("co1.example", "other1.example")
+            };
+            let (env, server) = joined_world(&[], &acme);
+            env.cli(
+                &server,
+                "acme",
+                &words("policy set accounts --max-groups 10"),
+            )
+            .ok();
+            let tables = |n: usize, grouped: usize| {
+                let mut sql = String::from("SELECT ");
+                for t in 0..grouped {
+                    sql.push_str(&format!("t{t}.stage, "));
+                }
+                sql.push_str("COUNT(DISTINCT a.website) FROM acme.accounts a");
+                for t in 0..n - 1 {
+                    sql.push_str(&format!(
+                        " JOIN globex.mine t{t} ON t{t}.website = a.website"
+                    ));
+                }
+                if grouped > 0 {
+                    let by: Vec<String> = (0..grouped).map(|t| format!("t{t}.stage")).collect();
+                    sql.push_str(&format!(" GROUP BY {}", by.join(", ")));
+                }
+                outcome(&env, &server, &sql)
+            };
+            vec![
+                tables(2, 0),
+                tables(3, 0),
+                tables(3, 2),
+                tables(4, 3),
+                tables(9, 0),
+            ]
+        })
+        .collect();
+    assert_eq!(
+        outcomes[0], outcomes[1],
+        "the outcome tells whether co1 is in acme's list"
     );
+    let o = &outcomes[0];
+    assert!(o[0].starts_with("answered"), "{o:?}");
+    assert!(
+        o[1].starts_with("answered"),
+        "three tables, no GROUP BY: {o:?}"
+    );
+    assert!(
+        o[2].starts_with("answered"),
+        "two grouped tables: 100 rows: {o:?}"
+    );
+    assert!(
+        o[3].contains("rule fan_out_too_large") && o[3].contains("1000 joined rows, more than 100"),
+        "{o:?}"
+    );
+    assert!(o[4].contains("rule too_many_tables"), "{o:?}");
 }
 
 /// A charged question runs at most once. One that was not answered (over the time limit
@@ -518,10 +562,25 @@ fn a_question_abandoned_by_its_client_is_audited_and_not_run_again() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("spawn the CLI");
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Killed once the question is charged (acme's preview shows the spend), while it runs.
+    let charged = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let preview = env
+            .cli(
+                &server,
+                "acme",
+                &words("policy preview --partner globex --format json"),
+            )
+            .ok();
+        let v: serde_json::Value = serde_json::from_str(&preview.stdout).expect("json");
+        if v["datasets"][0]["budget"]["spent"].as_f64() > Some(0.0) {
+            break;
+        }
+        assert!(std::time::Instant::now() < charged, "never charged: {v}");
+    }
     assert!(
         client.try_wait().expect("poll").is_none(),
-        "the question was answered within 300 ms: no client went away"
+        "the question was answered before its client could go away"
     );
     client.kill().expect("kill the CLI");
     let _ = client.wait();
@@ -536,7 +595,11 @@ fn a_question_abandoned_by_its_client_is_audited_and_not_run_again() {
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "no client_gone record"
+            "no client_gone record: {:?}",
+            env.audit_records()
+                .iter()
+                .map(|r| format!("{} {} {}", r["kind"], r["outcome"], r["code"]))
+                .collect::<Vec<_>>()
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     };
@@ -594,11 +657,13 @@ fn a_column_that_was_not_shared_answers_as_one_that_does_not_exist() {
 /// either globex's own N (every company matches) or N others (none does). Before, the
 /// per-company work after the join made the question hit a 3 MiB limit only when the lists
 /// overlapped (44,000 companies: refused with `query_memory_limit` against answered).
-/// Every table is now reduced and held first, under the limit; what follows is judged from
-/// those sizes and then runs without a limit: the same outcome in both worlds, at every size.
+/// Every table is now reduced and held first; what follows is judged from globex's own
+/// sizes and then runs without a limit: the same outcome in both worlds, at every size, and
+/// some sizes answered in both.
 #[test]
 fn the_memory_limit_does_not_depend_on_who_matches_whom() {
-    for n in [20_000usize, 44_000, 60_000] {
+    let mut answered = 0;
+    for n in [10_000usize, 44_000, 60_000] {
         let mine = retail(n).replace("website,industry", "website,stage");
         let outcomes: Vec<String> = [true, false]
             .into_iter()
@@ -617,5 +682,67 @@ fn the_memory_limit_does_not_depend_on_who_matches_whom() {
             "{n} companies: the memory limit tells whether the lists overlap"
         );
         eprintln!("{n} companies: {}", outcomes[0]);
+        answered += usize::from(outcomes[0].starts_with("answered"));
     }
+    assert!(answered > 0, "refused at every size: nothing was compared");
+}
+
+/// Memory, the other partner's filtered rows: globex holds one company, co7, with a wide
+/// text `pad` it groups by; acme's list holds co7 as its one `retail` company, or no
+/// `retail` company at all. Before, the admission took acme's rows after globex's filter
+/// (`a.industry = 'retail'`: 1 or 0) as a bound of the join, so with `pad` sized to sit
+/// the estimate at the 1 MiB limit, `query_memory_limit` answered whether co7 was in acme's
+/// list, one question at a time (found by review). The bound is now globex's own rows:
+/// the same outcome in both worlds, for a pad that fits and one that does not.
+#[test]
+fn the_memory_limit_does_not_count_the_other_partners_filtered_rows() {
+    let outcomes: Vec<Vec<String>> = [true, false]
+        .into_iter()
+        .map(|present| {
+            let mut acme = String::from("website,industry\n");
+            for i in 0..40 {
+                let industry = if i == 7 { "retail" } else { "energy" };
+                if i != 7 || present {
+                    acme.push_str(&format!("co{i}.example,{industry}\n"));
+                }
+            }
+            let env = Env::new();
+            let server = env.serve(&["--query-memory-mb", "1"]);
+            env.upload_csv(&server, "acme", "accounts", &acme).ok();
+            env.grants(
+                &server,
+                "acme",
+                "accounts",
+                "globex",
+                &[
+                    "--usage join --column website",
+                    "--usage count --column website",
+                    "--usage filter --column industry",
+                ],
+            );
+            [100_000usize, 300_000]
+                .into_iter()
+                .map(|pad| {
+                    let mine = format!("website,pad\nco7.example,{}\n", "p".repeat(pad));
+                    env.upload_csv(&server, "globex", "mine", &mine).ok();
+                    outcome(
+                        &env,
+                        &server,
+                        "SELECT g.pad, COUNT(DISTINCT g.website) FROM globex.mine g \
+                         JOIN acme.accounts a ON g.website = a.website \
+                         WHERE a.industry = 'retail' GROUP BY g.pad",
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        outcomes[0], outcomes[1],
+        "the memory limit tells whether co7 is in acme's list"
+    );
+    assert!(outcomes[0][0].starts_with("answered"), "{outcomes:?}");
+    assert!(
+        outcomes[0][1].contains("query_memory_limit"),
+        "{outcomes:?}"
+    );
 }

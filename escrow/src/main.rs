@@ -388,8 +388,8 @@ enum PolicyCommand {
         /// the ε of its questions add up in squares (default 0.4: ten questions at 0.125).
         #[arg(long)]
         budget: Option<f64>,
-        /// Groups one entity may count in, per query (L, default 1; L^tables of a
-        /// question may be at most 100).
+        /// Groups one entity may count in, per query (L, default 1; L^(tables with a
+        /// GROUP BY column) of a question may be at most 100).
         #[arg(long)]
         max_groups: Option<u32>,
         /// Clamping bounds of a numeric column for SUM/AVG: COLUMN=LOW:HIGH (repeatable).

@@ -547,7 +547,9 @@ impl QueryService {
             };
             // Both lists are reduced (their sizes, and so far the time, depend on each
             // list alone); the count that follows depends on who matches whom.
-            stop.admit();
+            if !stop.admit() {
+                return Err(Error::from(QueryError::from(escrow_query::Stop::error())));
+            }
             let by = req.by.is_some();
             crate::queries::blocking(move || {
                 let sensitivity = overlap::sensitivity(&a, &b, max_groups);

@@ -40,8 +40,12 @@ pub const DELTA: f64 = 1e-6;
 /// Longest SQL text accepted.
 pub const MAX_SQL_BYTES: usize = 64 << 10;
 /// The most joined rows one company may yield in a protected question: L per table
-/// instance, so L^tables. It bounds the work (and time) one company can add to a question.
+/// instance with a GROUP BY column (1 per other). It bounds the work (and time) one company
+/// can add to a question.
 pub const MAX_FAN_OUT: u64 = 100;
+
+/// Table instances a question on another partner's data may read.
+pub const MAX_TABLE_INSTANCES: usize = 8;
 
 /// Limits of query execution.
 #[derive(Debug, Clone)]
@@ -407,7 +411,8 @@ impl QueryService {
         let mut work = std::pin::pin!(work);
         match tokio::time::timeout(self.config.timeout, work.as_mut()).await {
             Ok(result) => result,
-            Err(_) if question.admitted() => {
+            // Admitted first (and so not stopped): it runs to its end.
+            Err(_) if !question.unless_admitted() => {
                 tracing::info!(
                     what,
                     "work past its admission ran over the time limit: let finish"
@@ -455,7 +460,7 @@ impl QueryService {
         for (owner, dataset) in gate::scanned_tables(&plan) {
             let version = versions
                 .get(&(owner.clone(), dataset.clone()))
-                .map(|(_, n)| *n)
+                .map(|v| v.number)
                 .unwrap_or_default();
             trace.datasets.push(format!("{owner}.{dataset}@v{version}"));
             if !trace.owners.contains(&owner) {
@@ -473,7 +478,7 @@ impl QueryService {
             .iter()
             .map(|u| Ok((u.clone(), decide(&set, caller, u)?)))
             .collect::<Result<Vec<_>>>()?;
-        let protection = self.protection(caller, &report).await;
+        let protection = self.protection(caller, &report, &versions).await;
         let fp = fingerprint(
             &plan,
             &report,
@@ -489,7 +494,7 @@ impl QueryService {
             .tables
             .iter()
             .filter_map(|t| versions.get(&(t.owner.clone(), t.dataset.clone())))
-            .map(|(id, _)| id.clone())
+            .map(|v| v.id.clone())
             .collect();
         Ok(CheckedSql {
             versions: read,
@@ -556,7 +561,7 @@ impl QueryService {
         &self,
         caller: &str,
         set: Arc<PolicySet>,
-    ) -> Result<(Vec<QueryTable>, BTreeMap<(String, String), (String, i64)>)> {
+    ) -> Result<(Vec<QueryTable>, Live)> {
         let store = self.store.clone();
         let who = caller.to_string();
         let hasher = self.entity_hasher.clone();
@@ -567,13 +572,18 @@ impl QueryService {
                 let sealed = store.schema_of(&d.live)?;
                 versions.insert(
                     (d.owner.clone(), d.name.clone()),
-                    (d.live.version_id.clone(), d.live.version),
+                    LiveVersion {
+                        id: d.live.version_id.clone(),
+                        number: d.live.version,
+                        rows: u64::try_from(d.rows).unwrap_or(0),
+                    },
                 );
                 let QueryableDataset {
                     owner,
                     name,
                     key_column,
                     live,
+                    ..
                 } = d;
                 let (schema, executes, prepare) =
                     query_form(&sealed, key_column.as_deref(), &hasher, false)?;
@@ -608,6 +618,7 @@ impl QueryService {
         &self,
         caller: &str,
         report: &escrow_query::GateReport,
+        versions: &Live,
     ) -> Result<Protected> {
         let Some(entity_table) = report.tables.iter().position(|t| t.owner != caller) else {
             return Ok(None);
@@ -648,20 +659,46 @@ impl QueryService {
                 .filter(|((o, _), _)| o != caller)
                 .map(|(_, s)| s),
         );
-        // Each table instance holds at most L rows per company after its reduction, so one
-        // company yields at most L^tables joined rows: the work it alone can add, bounded
-        // so that the time of a question cannot tell it apart (docs/THREAT_MODEL.md).
-        let fan_out = u64::from(max_groups.max(1))
-            .saturating_pow(u32::try_from(report.tables.len()).unwrap_or(u32::MAX));
-        if fan_out > MAX_FAN_OUT {
+        // Each table instance is reduced and held on its own before the joins; how many
+        // is bounded so that the memory of that phase is too.
+        if report.tables.len() > MAX_TABLE_INSTANCES {
             return Err(Error::refused(
-                "fan_out_too_large",
+                "too_many_tables",
                 format!(
-                    "with max_groups_per_entity {max_groups} over {} table instances, one company could yield {fan_out} joined rows, more than {MAX_FAN_OUT}: ask with fewer tables, or the owners can lower max_groups_per_entity",
+                    "a question on another partner's data reads at most {MAX_TABLE_INSTANCES} table instances; this one reads {}",
                     report.tables.len()
                 ),
             ));
         }
+        // Each table instance with a GROUP BY column holds at most L rows per company
+        // after its reduction (one without, one row): one company yields at most
+        // L^(such tables) joined rows, the work it alone can add, bounded so that the time
+        // of a question cannot tell it apart (docs/THREAT_MODEL.md).
+        let fan_out = escrow_query::exec::fan_out(report, max_groups);
+        if fan_out > MAX_FAN_OUT {
+            return Err(Error::refused(
+                "fan_out_too_large",
+                format!(
+                    "with max_groups_per_entity {max_groups} over the table instances with GROUP BY columns, one company could yield {fan_out} joined rows, more than {MAX_FAN_OUT}: group by the columns of fewer tables, or the owners can lower max_groups_per_entity"
+                ),
+            ));
+        }
+        let sizes = report
+            .tables
+            .iter()
+            .map(|t| {
+                if t.owner == caller {
+                    escrow_query::exec::SizedBy::Own
+                } else {
+                    escrow_query::exec::SizedBy::Stored(
+                        versions
+                            .get(&(t.owner.clone(), t.dataset.clone()))
+                            .map(|v| v.rows)
+                            .unwrap_or(0),
+                    )
+                }
+            })
+            .collect();
         let mut bounds = Vec::new();
         for m in &report.aggregates {
             bounds.push(match m {
@@ -698,6 +735,7 @@ impl QueryService {
             delta: DELTA,
             entity_table,
             bounds,
+            sizes,
             noise: Noise::new(self.noise_key.clone(), [0; 32]),
         };
         Ok(Some((p, charges)))
@@ -841,12 +879,22 @@ pub(crate) fn strictest<'a>(
     })
 }
 
+/// The live version of every dataset a caller may query, by (owner, name).
+type Live = BTreeMap<(String, String), LiveVersion>;
+
+#[derive(Debug, Clone)]
+struct LiveVersion {
+    id: String,
+    number: i64,
+    rows: u64,
+}
+
 /// What makes two questions "the same": the allowed plan, the data versions it reads and the
 /// protection applied (not the budget). Whitespace and keyword case in the SQL do not matter.
 fn fingerprint(
     plan: &escrow_query::LogicalPlan,
     report: &escrow_query::GateReport,
-    versions: &BTreeMap<(String, String), (String, i64)>,
+    versions: &Live,
     p: Option<&Protection>,
 ) -> [u8; 32] {
     let mut h = Sha256::new();
@@ -868,7 +916,7 @@ fn fingerprint(
     for t in &report.tables {
         let v = versions
             .get(&(t.owner.clone(), t.dataset.clone()))
-            .map(|(id, _)| id.as_str())
+            .map(|v| v.id.as_str())
             .unwrap_or("");
         h.update(format!("\0{}.{}@{v}", t.owner, t.dataset).as_bytes());
     }

@@ -82,7 +82,30 @@ pub struct Protection {
     pub entity_table: usize,
     /// Clamping bounds of each aggregate, in the gate report's order (`None` for counts).
     pub bounds: Vec<Option<(f64, f64)>>,
+    /// Per table instance, in the gate report's order: what may size it for [`admit`].
+    pub sizes: Vec<SizedBy>,
     pub noise: Noise,
+}
+
+/// What may tell how large a table instance of a protected question is, when the question
+/// is judged against the memory limit ([`admit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SizedBy {
+    /// The caller's own dataset: its rows after the question's filters.
+    Own,
+    /// Another partner's dataset: only the row count of its stored version, never its rows
+    /// after the caller's filters (they would tell which companies it holds).
+    Stored(u64),
+}
+
+/// Joined rows one company can yield in a protected question: `L` for every table instance
+/// with a GROUP BY column (its reduced form holds at most L rows per company), 1 for every
+/// other (one row per company), multiplied.
+pub fn fan_out(report: &GateReport, max_groups: u32) -> u64 {
+    let grouped = (0..report.tables.len())
+        .filter(|t| report.dimensions.iter().any(|(d, _)| d == t))
+        .count();
+    u64::from(max_groups.max(1)).saturating_pow(u32::try_from(grouped).unwrap_or(u32::MAX))
 }
 
 /// What was applied, for the answer's metadata.
@@ -135,8 +158,10 @@ pub async fn execute(
     // run (`admit`), and then run without a limit that could fail on how many companies
     // match.
     let reduced = reduce_tables(state, agg, report, p, stop).await?;
-    stop.admit();
-    let unbounded = crate::session::without_memory_limit(state)?;
+    if !stop.admit() {
+        return Err(Stop::error().into());
+    }
+    let unbounded = crate::session::with_memory_limit(state, None)?;
     let stage = protected_stage(report, p, reduced)?;
     let exact = collect(&unbounded, &stage, stop).await?;
     let (rows, applied) = release(agg, report, p, &exact)?;
@@ -340,6 +365,12 @@ fn reduced_table(
 /// the module comment).
 /// Phase one of a protected question: every table instance reduced ([`reduced_table`]) and
 /// held in memory, in the order of the gate report's tables; then [`admit`].
+///
+/// The caller's own tables are reduced under what is left of the memory limit once the
+/// ones before them are held: that depends on the caller's own rows only. Another
+/// partner's are reduced without a limit: their memory is at most that of their stored
+/// version, and no refusal may depend on how many of their rows pass the caller's filters
+/// (a filter on a company's name would make it tell whether the company is there).
 async fn reduce_tables(
     state: &SessionState,
     agg: &Aggregate,
@@ -348,19 +379,41 @@ async fn reduce_tables(
     stop: &Stop,
 ) -> Result<Vec<LogicalPlan>, QueryError> {
     let scans = scans(&agg.input);
-    if scans.len() != report.tables.len() {
+    if scans.len() != report.tables.len() || p.sizes.len() != report.tables.len() {
         return Err(internal("scans and table instances differ"));
     }
+    let limit = match state.runtime_env().memory_pool.memory_limit() {
+        datafusion::execution::memory_pool::MemoryLimit::Finite(bytes) => Some(bytes),
+        _ => None,
+    };
+    let unbounded = crate::session::with_memory_limit(state, None)?;
     let mut sizes = Vec::new();
+    let mut held = 0usize;
     let mut reduced = Vec::new();
     for (t, scan) in scans.into_iter().enumerate() {
         let plan = reduced_table(scan, t, report, p)?;
         let schema = Arc::new(plan.schema().as_arrow().clone());
-        let batches = collect(state, &plan, stop).await?;
-        sizes.push((
-            batches.iter().map(RecordBatch::num_rows).sum::<usize>(),
-            batches.iter().map(slice_bytes).sum::<usize>(),
-        ));
+        let batches = match p.sizes[t] {
+            SizedBy::Own => {
+                let left = limit.map(|l| l.saturating_sub(held));
+                collect(
+                    &crate::session::with_memory_limit(state, left)?,
+                    &plan,
+                    stop,
+                )
+                .await?
+            }
+            SizedBy::Stored(_) => collect(&unbounded, &plan, stop).await?,
+        };
+        let size = Reduced {
+            rows: batches.iter().map(RecordBatch::num_rows).sum(),
+            bytes: batches.iter().map(slice_bytes).sum(),
+            typed_width: typed_width(&schema),
+        };
+        if p.sizes[t] == SizedBy::Own {
+            held += size.bytes;
+        }
+        sizes.push(size);
         let table = MemTable::try_new(schema, vec![batches])?;
         reduced.push(
             LogicalPlanBuilder::scan(
@@ -371,12 +424,48 @@ async fn reduce_tables(
             .build()?,
         );
     }
-    let limit = match state.runtime_env().memory_pool.memory_limit() {
-        datafusion::execution::memory_pool::MemoryLimit::Finite(bytes) => Some(bytes),
-        _ => None,
-    };
-    admit(&sizes, p.max_groups_per_entity, limit)?;
+    let per_company: Vec<u64> = (0..report.tables.len())
+        .map(|t| {
+            if report.dimensions.iter().any(|(d, _)| *d == t) {
+                u64::from(p.max_groups_per_entity.max(1))
+            } else {
+                1
+            }
+        })
+        .collect();
+    admit(&sizes, &p.sizes, &per_company, limit)?;
     Ok(reduced)
+}
+
+/// One reduced table instance as phase one measured it.
+struct Reduced {
+    rows: usize,
+    /// Bytes its rows hold.
+    bytes: usize,
+    /// Bytes per row judged from its column types alone ([`typed_width`]).
+    typed_width: f64,
+}
+
+/// Bytes a value of a variable-width type (a string) is taken to hold when only its type
+/// may be looked at.
+const VARIABLE_WIDTH: usize = 32;
+
+/// Bytes per joined row that the operators keep beside the row itself (hash table entries,
+/// group states, row numbers).
+const PER_ROW_OVERHEAD: f64 = 64.0;
+
+/// Bytes per row of `schema`'s columns from their types alone: fixed widths as they are,
+/// a string as [`VARIABLE_WIDTH`] bytes and its offset; one validity bit per value rounded
+/// up to a byte.
+fn typed_width(schema: &Schema) -> f64 {
+    schema
+        .fields()
+        .iter()
+        .map(|f| {
+            let t = f.data_type();
+            t.primitive_width().unwrap_or(VARIABLE_WIDTH + 4) as f64 + 1.0
+        })
+        .sum()
 }
 
 /// The bytes of a batch's own rows. An aggregate's output batches are slices of larger
@@ -393,28 +482,56 @@ fn slice_bytes(batch: &RecordBatch) -> usize {
         .sum()
 }
 
-/// Whether the joins and aggregates over reduced tables of `sizes` (rows, bytes held) fit
-/// `limit` bytes, judged from those sizes only: each table holds at most L rows per
-/// company, so the join yields at most `min rows x L^(tables - 1)` rows, each as wide as
-/// the tables' rows together; the hash tables of joins, per-entity aggregate and window
-/// are counted as four times that. A question refused here is refused in every world in
-/// which the tables it reads are as large, whoever matches whom.
+/// Whether the joins and aggregates over the reduced tables `sizes` fit `limit` bytes,
+/// judged without looking at another partner's rows after the caller's filters.
+///
+/// Table instance `t` holds at most `per_company[t]` rows per company, so the join yields
+/// at most `rows(t) x fan / per_company[t]` rows for any `t` (`fan` the product): `rows(t)`
+/// is what the caller's own table holds after its filters, or, when the question reads
+/// none of the caller's own tables, the stored row count of another partner's version.
+/// A joined row is as wide as the caller's own reduced rows and the others' column types
+/// ([`typed_width`]); joins, the per-entity aggregate and the window hold it about four
+/// times, with [`PER_ROW_OVERHEAD`] bytes of their own. With the caller's own reduced
+/// tables held, that must fit. So a refusal here depends on the question, the settings,
+/// the caller's own rows and the size of another partner's stored version (which every
+/// scan's time shows anyway), never on which of that partner's rows pass a filter or match.
 fn admit(
-    sizes: &[(usize, usize)],
-    max_groups: u32,
+    sizes: &[Reduced],
+    sized_by: &[SizedBy],
+    per_company: &[u64],
     limit: Option<usize>,
 ) -> Result<(), QueryError> {
     let Some(limit) = limit else {
         return Ok(());
     };
-    let held: usize = sizes.iter().map(|(_, bytes)| *bytes).sum();
-    let width: f64 = sizes
-        .iter()
-        .map(|(rows, bytes)| *bytes as f64 / (*rows).max(1) as f64)
+    let fan: f64 = per_company.iter().map(|&n| n as f64).product();
+    let bound = |t: usize, rows: f64| rows * fan / per_company[t].max(1) as f64;
+    let own = |t: &usize| sized_by[*t] == SizedBy::Own;
+    let tables = 0..sizes.len();
+    let joined = if tables.clone().any(|t| own(&t)) {
+        tables
+            .clone()
+            .filter(own)
+            .map(|t| bound(t, sizes[t].rows as f64))
+            .fold(f64::INFINITY, f64::min)
+    } else {
+        tables
+            .clone()
+            .filter_map(|t| match sized_by[t] {
+                SizedBy::Stored(rows) => Some(bound(t, rows as f64)),
+                SizedBy::Own => None,
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    let width: f64 = tables
+        .clone()
+        .map(|t| match sized_by[t] {
+            SizedBy::Own => sizes[t].bytes as f64 / sizes[t].rows.max(1) as f64,
+            SizedBy::Stored(_) => sizes[t].typed_width,
+        })
         .sum();
-    let smallest = sizes.iter().map(|(rows, _)| *rows).min().unwrap_or(0) as f64;
-    let fan = f64::from(max_groups.max(1)).powi(sizes.len().saturating_sub(1) as i32);
-    let needed = held as f64 + 4.0 * smallest * fan * width;
+    let held: usize = tables.filter(own).map(|t| sizes[t].bytes).sum();
+    let needed = held as f64 + joined * (4.0 * width + PER_ROW_OVERHEAD);
     if needed > limit as f64 {
         return Err(QueryError::ResourcesExhausted(format!(
             "judged from the sizes of the tables it reads, the question needs about {} MiB, more than the per-query limit of {} MiB",

@@ -58,6 +58,10 @@ pub const MAX_POPULATIONS: usize = 64;
 /// How many pairs one company can change when names fold and link (see the module docs).
 pub const NAME_SENSITIVITY: u32 = 4;
 
+/// Dimension values one company keeps on one side of a breakdown (its smallest); a company
+/// counts in at most L cells anyway.
+pub const MAX_VALUES_PER_COMPANY: usize = 16;
+
 /// No name (a name id is a keyed 64-bit hash; 0 stands for none, a 2^-64 loss).
 const NO_NAME: u64 = 0;
 
@@ -216,6 +220,20 @@ impl Membership {
         }
     }
 
+    /// Keep at most [`MAX_VALUES_PER_COMPANY`] dimension values per entity, its smallest:
+    /// counting a company intersects its values on both sides, so the time that takes
+    /// stays bounded whatever one list holds for one company (its own share of the time
+    /// would otherwise grow with the values the caller gave it, but only when it matched).
+    fn cap_values(&mut self) {
+        let values = &self.values;
+        for all in self.more_values.values_mut() {
+            if all.len() > MAX_VALUES_PER_COMPANY {
+                all.sort_unstable_by(|x, y| values[*x as usize].cmp(&values[*y as usize]));
+                all.truncate(MAX_VALUES_PER_COMPANY);
+            }
+        }
+    }
+
     fn values_of(&self, id: u64, m: &Member) -> Vec<u32> {
         match self.more_values.get(&id) {
             Some(all) => all.clone(),
@@ -331,6 +349,7 @@ pub fn memberships(
         }
     }
     out.fold_names();
+    out.cap_values();
     Ok(out)
 }
 
@@ -665,6 +684,39 @@ mod tests {
         "status = 'opportunity'",
         "status = 'prospect'",
     ];
+
+    #[test]
+    fn a_company_keeps_its_smallest_values_only() {
+        // Company 1 has 40 industries on side a (i00..i39) and two on side b: one among
+        // a's smallest 16, one not. Only the first is counted; the work of the count is
+        // bounded by the cap whatever one list holds for one company.
+        let names: Vec<String> = (0..40).rev().map(|i| format!("i{i:02}")).collect();
+        let rows: Vec<(Option<u64>, &str, Option<&str>)> = names
+            .iter()
+            .map(|n| (Some(1), "customer", Some(n.as_str())))
+            .collect();
+        let ma = memberships(
+            &side(&POPS, true),
+            std::iter::once(Ok(batch(&rows))),
+            1 << 30,
+        )
+        .expect("a");
+        assert_eq!(
+            ma.values_of(1, &ma.members[&1]).len(),
+            MAX_VALUES_PER_COMPANY
+        );
+        let b = batch(&[
+            (Some(1), "customer", Some("i03")),
+            (Some(1), "customer", Some("i30")),
+        ]);
+        let mb = memberships(&side(&POPS, true), std::iter::once(Ok(b)), 1 << 30).expect("b");
+        let cells = count(&ma, &mb, 3, true);
+        let got: Vec<(Option<&str>, u64)> = cells
+            .iter()
+            .map(|c| (c.value.as_deref(), c.entities))
+            .collect();
+        assert_eq!(got, vec![(Some("i03"), 1)]);
+    }
 
     #[test]
     fn duplicates_are_one_entity_in_their_first_population() {

@@ -105,14 +105,15 @@ fn runtime(
     Ok(builder.build_arc()?)
 }
 
-/// `state` without its memory limit (spill files still off): for the stage of a protected
-/// question whose memory would depend on who matches whom, once its inputs were sized
-/// (exec.rs, `execute`).
-pub(crate) fn without_memory_limit(
+/// `state` with a memory limit of its own (`None`: none; spill files still off): for the
+/// stages of a protected question (exec.rs, `execute`): the caller's own tables under what
+/// is left of the limit, the rest without one, once its inputs were sized.
+pub(crate) fn with_memory_limit(
     state: &datafusion::execution::SessionState,
+    memory_bytes: Option<usize>,
 ) -> Result<datafusion::execution::SessionState, QueryError> {
     Ok(SessionStateBuilder::new_from_existing(state.clone())
-        .with_runtime_env(runtime(None)?)
+        .with_runtime_env(runtime(memory_bytes)?)
         .build())
 }
 

@@ -12,7 +12,7 @@
 use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll};
 
 use datafusion::arrow::record_batch::RecordBatch;
@@ -29,32 +29,45 @@ use futures_util::{Stream, StreamExt};
 /// A request to stop, shared by everything one question runs; and whether the question is
 /// past its admission (its inputs sized, what is left bounded by them: see `exec.rs`).
 #[derive(Debug, Clone, Default)]
-pub struct Stop(Arc<Flags>);
+pub struct Stop(Arc<AtomicU8>);
 
-#[derive(Debug, Default)]
-struct Flags {
-    requested: AtomicBool,
-    admitted: AtomicBool,
-}
+const REQUESTED: u8 = 1;
+const ADMITTED: u8 = 2;
 
 impl Stop {
+    /// Stop, whether admitted or not (the client went away, the server shuts down).
     pub fn request(&self) {
-        self.0.requested.store(true, Ordering::Relaxed)
+        self.0.fetch_or(REQUESTED, Ordering::SeqCst);
     }
 
     pub fn requested(&self) -> bool {
-        self.0.requested.load(Ordering::Relaxed)
+        self.0.load(Ordering::SeqCst) & REQUESTED != 0
     }
 
     /// The question's inputs are sized and what is left is bounded by them: from now on its
     /// time depends on who matches whom, so a time limit must not cut it off (that would
-    /// make the outcome depend on it too).
-    pub fn admit(&self) {
-        self.0.admitted.store(true, Ordering::Relaxed)
+    /// make the outcome depend on it too). False if a stop was requested first: then the
+    /// question stops here. Admission and [`Stop::unless_admitted`] exclude each other, so
+    /// a time limit reached at the moment of admission decides one way, not both.
+    pub fn admit(&self) -> bool {
+        self.0
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |s| {
+                (s & REQUESTED == 0).then_some(s | ADMITTED)
+            })
+            .is_ok()
     }
 
     pub fn admitted(&self) -> bool {
-        self.0.admitted.load(Ordering::Relaxed)
+        self.0.load(Ordering::SeqCst) & ADMITTED != 0
+    }
+
+    /// Stop unless the question was admitted first (a time limit): whether it stopped.
+    pub fn unless_admitted(&self) -> bool {
+        self.0
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |s| {
+                (s & ADMITTED == 0).then_some(s | REQUESTED)
+            })
+            .is_ok()
     }
 
     /// The error that work stopped by request ends with (discarded by whoever stopped it).
@@ -178,5 +191,30 @@ mod tests {
         stop.request();
         let e = stream.next().await.expect("an item").expect_err("stopped");
         assert!(e.to_string().contains("stopped on request"), "{e}");
+    }
+
+    #[test]
+    fn admission_and_a_time_limit_exclude_each_other() {
+        let admitted = Stop::default();
+        assert!(admitted.admit());
+        assert!(
+            !admitted.unless_admitted(),
+            "an admitted question is not cut off"
+        );
+        assert!(!admitted.requested());
+        admitted.request();
+        assert!(
+            admitted.requested(),
+            "a request (client gone) stops it all the same"
+        );
+
+        let late = Stop::default();
+        assert!(late.unless_admitted());
+        assert!(late.requested());
+        assert!(
+            !late.admit(),
+            "a question stopped first is not admitted after"
+        );
+        assert!(!late.admitted());
     }
 }
