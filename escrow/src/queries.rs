@@ -150,6 +150,12 @@ impl From<QueryError> for Error {
     fn from(e: QueryError) -> Self {
         match e {
             QueryError::Refused { rule, message } => Error::Refused { rule, message },
+            // An admission refusal depends on the caller's own rows only: shown whole.
+            QueryError::ResourcesExhausted(m)
+                if m.starts_with(escrow_query::exec::ADMISSION_REFUSAL) =>
+            {
+                Error::bad("query_memory_limit", m)
+            }
             QueryError::ResourcesExhausted(_) => Error::bad(
                 "query_memory_limit",
                 "the query needs more memory than the per-query limit",

@@ -7,9 +7,11 @@
 //! tables := each table instance reduced on its own: its filters, then GROUP BY key and its
 //!           GROUP BY columns with its metrics summed (averaged) per row, then at most L rows
 //!           per key                                                   (`reduced_table`)
-//!           each reduced table is held in memory (phase one, under the memory limit);
-//!           the rest runs once `admit` found it fits, judged from their sizes, without a
-//!           limit that could fail on how many companies match           (`reduce_tables`)
+//!           the caller's own reduced tables are held in memory first (phase one, under
+//!           the memory limit); once `admit` found the rest fits, judged from those sizes
+//!           and the others' column types, the other partners' tables are reduced and
+//!           everything after runs without a limit that could fail on their rows or on
+//!           how many companies match                                   (`reduce_tables`)
 //! rows   := the reduced tables joined on their keys (the query's join graph)
 //! stage1 := GROUP BY unit, dims: per-entity SUM/AVG of each metric          (one row per
 //!           entity and group)
@@ -151,17 +153,12 @@ pub async fn execute(
         });
     };
     let (top, agg) = split_top(&plan)?;
-    // Two phases, so that no memory limit can fail on who matches whom. First each table
-    // instance is reduced on its own, under the memory limit: that work depends on the
-    // question and on each table's own rows only. The joins and aggregates that follow are
-    // bounded by the sizes of those reduced tables, judged against the limit before they
-    // run (`admit`), and then run without a limit that could fail on how many companies
-    // match.
+    // Two phases, so that no memory or time limit can fail on another partner's rows. First
+    // the caller's own table instances are reduced, under the memory limit: that depends on
+    // the question and the caller's own rows only. The rest is judged against the limit
+    // from those sizes (`admit`), and then runs without a limit.
     let reduced = reduce_tables(state, agg, report, p, stop).await?;
-    if !stop.admit() {
-        return Err(Stop::error().into());
-    }
-    let unbounded = crate::session::with_memory_limit(state, None)?;
+    let unbounded = crate::session::phase_two(state)?;
     let stage = protected_stage(report, p, reduced)?;
     let exact = collect(&unbounded, &stage, stop).await?;
     let (rows, applied) = release(agg, report, p, &exact)?;
@@ -279,7 +276,7 @@ fn reduced_column(table: usize, what: &str) -> String {
 /// it is this table's, `m{j}` for the j-th aggregate if it is this table's metric.
 ///
 /// Whatever the rows are, the table has at most `L` rows per company afterwards: a join of
-/// such tables on the key yields at most `L^tables` rows per company, so a question's time
+/// such tables on the key yields at most [`fan_out`] rows per company, so a question's time
 /// and memory are bounded by the sizes of its inputs, never by how many rows one company has
 /// in each table (before, the caller's own tables with thousands of rows for one target
 /// company made the join fan out only when the target was in the other list).
@@ -361,16 +358,13 @@ fn reduced_table(
     Ok(b.build()?)
 }
 
-/// reduce every table -> join on the keys -> stage1 -> contribution bound -> stage2 (see
-/// the module comment).
-/// Phase one of a protected question: every table instance reduced ([`reduced_table`]) and
-/// held in memory, in the order of the gate report's tables; then [`admit`].
-///
-/// The caller's own tables are reduced under what is left of the memory limit once the
-/// ones before them are held: that depends on the caller's own rows only. Another
-/// partner's are reduced without a limit: their memory is at most that of their stored
-/// version, and no refusal may depend on how many of their rows pass the caller's filters
-/// (a filter on a company's name would make it tell whether the company is there).
+/// Every table instance reduced ([`reduced_table`]) and held in memory, in the order of the
+/// gate report's tables. Phase one: the caller's own tables, each under what is left of the
+/// memory limit once the ones before are held (that depends on the caller's own rows only);
+/// then [`admit`] and [`Stop::admit`]. After admission: another partner's tables, without a
+/// limit; their memory is at most that of their stored version, and neither a refusal nor
+/// a time limit may depend on how many of their rows pass the caller's filters (a filter on
+/// a company's name would make it tell whether the company is there).
 async fn reduce_tables(
     state: &SessionState,
     agg: &Aggregate,
@@ -386,43 +380,32 @@ async fn reduce_tables(
         datafusion::execution::memory_pool::MemoryLimit::Finite(bytes) => Some(bytes),
         _ => None,
     };
-    let unbounded = crate::session::with_memory_limit(state, None)?;
+    let plans = scans
+        .into_iter()
+        .enumerate()
+        .map(|(t, scan)| reduced_table(scan, t, report, p))
+        .collect::<Result<Vec<_>, _>>()?;
+    // The caller's own tables first, each under what is left of the limit.
     let mut sizes = Vec::new();
     let mut held = 0usize;
-    let mut reduced = Vec::new();
-    for (t, scan) in scans.into_iter().enumerate() {
-        let plan = reduced_table(scan, t, report, p)?;
-        let schema = Arc::new(plan.schema().as_arrow().clone());
-        let batches = match p.sizes[t] {
-            SizedBy::Own => {
-                let left = limit.map(|l| l.saturating_sub(held));
-                collect(
-                    &crate::session::with_memory_limit(state, left)?,
-                    &plan,
-                    stop,
-                )
-                .await?
-            }
-            SizedBy::Stored(_) => collect(&unbounded, &plan, stop).await?,
-        };
-        let size = Reduced {
-            rows: batches.iter().map(RecordBatch::num_rows).sum(),
-            bytes: batches.iter().map(slice_bytes).sum(),
+    let mut reduced: Vec<Option<Vec<RecordBatch>>> = vec![None; plans.len()];
+    for (t, plan) in plans.iter().enumerate() {
+        let schema = plan.schema().as_arrow().clone();
+        let mut size = Reduced {
+            rows: 0,
+            bytes: 0,
             typed_width: typed_width(&schema),
         };
         if p.sizes[t] == SizedBy::Own {
+            let left = limit.map(|l| l.saturating_sub(held));
+            let batches =
+                collect(&crate::session::with_memory_limit(state, left)?, plan, stop).await?;
+            size.rows = batches.iter().map(RecordBatch::num_rows).sum();
+            size.bytes = batches.iter().map(slice_bytes).sum();
             held += size.bytes;
+            reduced[t] = Some(batches);
         }
         sizes.push(size);
-        let table = MemTable::try_new(schema, vec![batches])?;
-        reduced.push(
-            LogicalPlanBuilder::scan(
-                format!("__escrow_reduced{t}"),
-                provider_as_source(Arc::new(table)),
-                None,
-            )?
-            .build()?,
-        );
     }
     let per_company: Vec<u64> = (0..report.tables.len())
         .map(|t| {
@@ -434,8 +417,37 @@ async fn reduce_tables(
         })
         .collect();
     admit(&sizes, &p.sizes, &per_company, limit)?;
-    Ok(reduced)
+    // Admitted: from here the question is not cut off by its time limit. Another partner's
+    // tables are reduced now, without a memory limit: how long that takes and how much it
+    // holds depend on how many of their rows pass the caller's filters, so neither may
+    // decide whether the question is answered.
+    if !stop.admit() {
+        return Err(Stop::error().into());
+    }
+    let unbounded = crate::session::phase_two(state)?;
+    let mut out = Vec::new();
+    for (t, plan) in plans.into_iter().enumerate() {
+        let schema = Arc::new(plan.schema().as_arrow().clone());
+        let batches = match reduced[t].take() {
+            Some(b) => b,
+            None => collect(&unbounded, &plan, stop).await?,
+        };
+        let table = MemTable::try_new(schema, vec![batches])?;
+        out.push(
+            LogicalPlanBuilder::scan(
+                format!("__escrow_reduced{t}"),
+                provider_as_source(Arc::new(table)),
+                None,
+            )?
+            .build()?,
+        );
+    }
+    Ok(out)
 }
+
+/// How a refusal by [`admit`] begins: it depends on the caller's own rows and the question
+/// only, so its message may be shown whole.
+pub const ADMISSION_REFUSAL: &str = "judged from the sizes of your own tables it reads";
 
 /// One reduced table instance as phase one measured it.
 struct Reduced {
@@ -508,21 +520,17 @@ fn admit(
     let bound = |t: usize, rows: f64| rows * fan / per_company[t].max(1) as f64;
     let own = |t: &usize| sized_by[*t] == SizedBy::Own;
     let tables = 0..sizes.len();
-    let joined = if tables.clone().any(|t| own(&t)) {
-        tables
-            .clone()
-            .filter(own)
-            .map(|t| bound(t, sizes[t].rows as f64))
-            .fold(f64::INFINITY, f64::min)
-    } else {
-        tables
-            .clone()
-            .filter_map(|t| match sized_by[t] {
-                SizedBy::Stored(rows) => Some(bound(t, rows as f64)),
-                SizedBy::Own => None,
-            })
-            .fold(f64::INFINITY, f64::min)
-    };
+    // With none of the caller's own tables, nothing the caller may know bounds the join
+    // but the other partners' sizes: not judged (its memory is bounded by their stored
+    // versions; docs/THREAT_MODEL.md).
+    if !tables.clone().any(|t| own(&t)) {
+        return Ok(());
+    }
+    let joined = tables
+        .clone()
+        .filter(own)
+        .map(|t| bound(t, sizes[t].rows as f64))
+        .fold(f64::INFINITY, f64::min);
     let width: f64 = tables
         .clone()
         .map(|t| match sized_by[t] {
@@ -534,7 +542,7 @@ fn admit(
     let needed = held as f64 + joined * (4.0 * width + PER_ROW_OVERHEAD);
     if needed > limit as f64 {
         return Err(QueryError::ResourcesExhausted(format!(
-            "judged from the sizes of the tables it reads, the question needs about {} MiB, more than the per-query limit of {} MiB",
+            "{ADMISSION_REFUSAL}, the question needs about {} MiB, more than the per-query limit of {} MiB",
             (needed as usize) >> 20,
             limit >> 20
         )));
