@@ -397,11 +397,10 @@ impl QueryService {
     /// `what`) when it runs longer, but only after it was stopped and has ended, so that
     /// the question's admission slot (held by the caller) is not given back while its work
     /// still takes a core. Stopping it is `question.request()`, then `abort`; `work` must
-    /// end soon after (at its next yield or batch). If this future is
-    /// dropped instead (client gone, shutdown), it is stopped then, without the wait. Work
-    /// that `question` says is past its admission (`Stop::admit`: the rest bounded by its
-    /// inputs' sizes, its time depending on who matches whom) is not cut off: it runs to its
-    /// end.
+    /// end soon after (at its next yield or batch). If this future is dropped instead
+    /// (client gone, shutdown), it is stopped then, without the wait. Work that `question`
+    /// says is past its admission (`Stop::admit`: the rest bounded by its inputs' sizes, its
+    /// time depending on who matches whom) is not cut off: it runs to its end.
     pub(crate) async fn within_time_limit<T>(
         &self,
         what: &str,
@@ -466,7 +465,7 @@ impl QueryService {
         for (owner, dataset) in gate::scanned_tables(&plan) {
             let version = versions
                 .get(&(owner.clone(), dataset.clone()))
-                .map(|v| v.number)
+                .map(|(_, n)| *n)
                 .unwrap_or_default();
             trace.datasets.push(format!("{owner}.{dataset}@v{version}"));
             if !trace.owners.contains(&owner) {
@@ -484,7 +483,7 @@ impl QueryService {
             .iter()
             .map(|u| Ok((u.clone(), decide(&set, caller, u)?)))
             .collect::<Result<Vec<_>>>()?;
-        let protection = self.protection(caller, &report, &versions).await;
+        let protection = self.protection(caller, &report).await;
         let fp = fingerprint(
             &plan,
             &report,
@@ -500,7 +499,7 @@ impl QueryService {
             .tables
             .iter()
             .filter_map(|t| versions.get(&(t.owner.clone(), t.dataset.clone())))
-            .map(|v| v.id.clone())
+            .map(|(id, _)| id.clone())
             .collect();
         Ok(CheckedSql {
             versions: read,
@@ -567,7 +566,7 @@ impl QueryService {
         &self,
         caller: &str,
         set: Arc<PolicySet>,
-    ) -> Result<(Vec<QueryTable>, Live)> {
+    ) -> Result<(Vec<QueryTable>, BTreeMap<(String, String), (String, i64)>)> {
         let store = self.store.clone();
         let who = caller.to_string();
         let hasher = self.entity_hasher.clone();
@@ -578,18 +577,13 @@ impl QueryService {
                 let sealed = store.schema_of(&d.live)?;
                 versions.insert(
                     (d.owner.clone(), d.name.clone()),
-                    LiveVersion {
-                        id: d.live.version_id.clone(),
-                        number: d.live.version,
-                        rows: u64::try_from(d.rows).unwrap_or(0),
-                    },
+                    (d.live.version_id.clone(), d.live.version),
                 );
                 let QueryableDataset {
                     owner,
                     name,
                     key_column,
                     live,
-                    ..
                 } = d;
                 let (schema, executes, prepare) =
                     query_form(&sealed, key_column.as_deref(), &hasher, false)?;
@@ -624,7 +618,6 @@ impl QueryService {
         &self,
         caller: &str,
         report: &escrow_query::GateReport,
-        versions: &Live,
     ) -> Result<Protected> {
         let Some(entity_table) = report.tables.iter().position(|t| t.owner != caller) else {
             return Ok(None);
@@ -689,22 +682,6 @@ impl QueryService {
                 ),
             ));
         }
-        let sizes = report
-            .tables
-            .iter()
-            .map(|t| {
-                if t.owner == caller {
-                    escrow_query::exec::SizedBy::Own
-                } else {
-                    escrow_query::exec::SizedBy::Stored(
-                        versions
-                            .get(&(t.owner.clone(), t.dataset.clone()))
-                            .map(|v| v.rows)
-                            .unwrap_or(0),
-                    )
-                }
-            })
-            .collect();
         let mut bounds = Vec::new();
         for m in &report.aggregates {
             bounds.push(match m {
@@ -741,7 +718,7 @@ impl QueryService {
             delta: DELTA,
             entity_table,
             bounds,
-            sizes,
+            own: report.tables.iter().map(|t| t.owner == caller).collect(),
             noise: Noise::new(self.noise_key.clone(), [0; 32]),
         };
         Ok(Some((p, charges)))
@@ -885,22 +862,12 @@ pub(crate) fn strictest<'a>(
     })
 }
 
-/// The live version of every dataset a caller may query, by (owner, name).
-type Live = BTreeMap<(String, String), LiveVersion>;
-
-#[derive(Debug, Clone)]
-struct LiveVersion {
-    id: String,
-    number: i64,
-    rows: u64,
-}
-
 /// What makes two questions "the same": the allowed plan, the data versions it reads and the
 /// protection applied (not the budget). Whitespace and keyword case in the SQL do not matter.
 fn fingerprint(
     plan: &escrow_query::LogicalPlan,
     report: &escrow_query::GateReport,
-    versions: &Live,
+    versions: &BTreeMap<(String, String), (String, i64)>,
     p: Option<&Protection>,
 ) -> [u8; 32] {
     let mut h = Sha256::new();
@@ -922,7 +889,7 @@ fn fingerprint(
     for t in &report.tables {
         let v = versions
             .get(&(t.owner.clone(), t.dataset.clone()))
-            .map(|v| v.id.as_str())
+            .map(|(id, _)| id.as_str())
             .unwrap_or("");
         h.update(format!("\0{}.{}@{v}", t.owner, t.dataset).as_bytes());
     }

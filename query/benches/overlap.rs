@@ -106,13 +106,8 @@ async fn main() {
                 entity_table: 1,
                 bounds: vec![None],
                 // The caller is the first table's owner; the privacy unit's table is not
-                // its own (its stored size only matters under a memory limit).
-                sizes: (0..report.tables.len())
-                    .map(|t| match t {
-                        1 => escrow_query::exec::SizedBy::Stored(0),
-                        _ => escrow_query::exec::SizedBy::Own,
-                    })
-                    .collect(),
+                // its own.
+                own: (0..report.tables.len()).map(|t| t != 1).collect(),
                 noise: Noise::new(key.clone(), [1; 32]),
             };
             let answer = execute(

@@ -84,30 +84,34 @@ pub struct Protection {
     pub entity_table: usize,
     /// Clamping bounds of each aggregate, in the gate report's order (`None` for counts).
     pub bounds: Vec<Option<(f64, f64)>>,
-    /// Per table instance, in the gate report's order: what may size it for [`admit`].
-    pub sizes: Vec<SizedBy>,
+    /// Per table instance, in the gate report's order: read from the caller's own dataset.
+    /// Only those are sized by their rows when the question is judged against the memory
+    /// limit ([`admit`]); another partner's rows after the caller's filters would tell which
+    /// companies it holds.
+    pub own: Vec<bool>,
     pub noise: Noise,
 }
 
-/// What may tell how large a table instance of a protected question is, when the question
-/// is judged against the memory limit ([`admit`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SizedBy {
-    /// The caller's own dataset: its rows after the question's filters.
-    Own,
-    /// Another partner's dataset: only the row count of its stored version, never its rows
-    /// after the caller's filters (they would tell which companies it holds).
-    Stored(u64),
+/// Rows one company can have in each table instance's reduced form ([`reduced_table`]):
+/// `L` for a table instance with a GROUP BY column, 1 for any other.
+fn per_company(report: &GateReport, max_groups: u32) -> Vec<u64> {
+    (0..report.tables.len())
+        .map(|t| {
+            if report.dimensions.iter().any(|(d, _)| *d == t) {
+                u64::from(max_groups.max(1))
+            } else {
+                1
+            }
+        })
+        .collect()
 }
 
-/// Joined rows one company can yield in a protected question: `L` for every table instance
-/// with a GROUP BY column (its reduced form holds at most L rows per company), 1 for every
-/// other (one row per company), multiplied.
+/// Joined rows one company can yield in a protected question: its rows in every table
+/// instance's reduced form ([`per_company`]), multiplied.
 pub fn fan_out(report: &GateReport, max_groups: u32) -> u64 {
-    let grouped = (0..report.tables.len())
-        .filter(|t| report.dimensions.iter().any(|(d, _)| d == t))
-        .count();
-    u64::from(max_groups.max(1)).saturating_pow(u32::try_from(grouped).unwrap_or(u32::MAX))
+    per_company(report, max_groups)
+        .into_iter()
+        .fold(1, u64::saturating_mul)
 }
 
 /// What was applied, for the answer's metadata.
@@ -157,8 +161,7 @@ pub async fn execute(
     // the caller's own table instances are reduced, under the memory limit: that depends on
     // the question and the caller's own rows only. The rest is judged against the limit
     // from those sizes (`admit`), and then runs without a limit.
-    let reduced = reduce_tables(state, agg, report, p, stop).await?;
-    let unbounded = crate::session::phase_two(state)?;
+    let (reduced, unbounded) = reduce_tables(state, agg, report, p, stop).await?;
     let stage = protected_stage(report, p, reduced)?;
     let exact = collect(&unbounded, &stage, stop).await?;
     let (rows, applied) = release(agg, report, p, &exact)?;
@@ -364,16 +367,17 @@ fn reduced_table(
 /// then [`admit`] and [`Stop::admit`]. After admission: another partner's tables, without a
 /// limit; their memory is at most that of their stored version, and neither a refusal nor
 /// a time limit may depend on how many of their rows pass the caller's filters (a filter on
-/// a company's name would make it tell whether the company is there).
+/// a company's name would make it tell whether the company is there). Returns the reduced
+/// tables and the session the rest runs in ([`crate::session::phase_two`]).
 async fn reduce_tables(
     state: &SessionState,
     agg: &Aggregate,
     report: &GateReport,
     p: &Protection,
     stop: &Stop,
-) -> Result<Vec<LogicalPlan>, QueryError> {
+) -> Result<(Vec<LogicalPlan>, SessionState), QueryError> {
     let scans = scans(&agg.input);
-    if scans.len() != report.tables.len() || p.sizes.len() != report.tables.len() {
+    if scans.len() != report.tables.len() || p.own.len() != report.tables.len() {
         return Err(internal("scans and table instances differ"));
     }
     let limit = match state.runtime_env().memory_pool.memory_limit() {
@@ -390,33 +394,23 @@ async fn reduce_tables(
     let mut held = 0usize;
     let mut reduced: Vec<Option<Vec<RecordBatch>>> = vec![None; plans.len()];
     for (t, plan) in plans.iter().enumerate() {
-        let schema = plan.schema().as_arrow().clone();
-        let mut size = Reduced {
-            rows: 0,
-            bytes: 0,
-            typed_width: typed_width(&schema),
-        };
-        if p.sizes[t] == SizedBy::Own {
-            let left = limit.map(|l| l.saturating_sub(held));
-            let batches =
-                collect(&crate::session::with_memory_limit(state, left)?, plan, stop).await?;
-            size.rows = batches.iter().map(RecordBatch::num_rows).sum();
-            size.bytes = batches.iter().map(slice_bytes).sum();
-            held += size.bytes;
-            reduced[t] = Some(batches);
+        if !p.own[t] {
+            sizes.push(Reduced::Theirs {
+                typed_width: typed_width(plan.schema().as_arrow()),
+            });
+            continue;
         }
-        sizes.push(size);
+        let left = limit.map(|l| l.saturating_sub(held));
+        let batches = collect(&crate::session::with_memory_limit(state, left)?, plan, stop).await?;
+        let bytes = batches.iter().map(slice_bytes).sum();
+        held += bytes;
+        sizes.push(Reduced::Own {
+            rows: batches.iter().map(RecordBatch::num_rows).sum(),
+            bytes,
+        });
+        reduced[t] = Some(batches);
     }
-    let per_company: Vec<u64> = (0..report.tables.len())
-        .map(|t| {
-            if report.dimensions.iter().any(|(d, _)| *d == t) {
-                u64::from(p.max_groups_per_entity.max(1))
-            } else {
-                1
-            }
-        })
-        .collect();
-    admit(&sizes, &p.sizes, &per_company, limit)?;
+    admit(&sizes, &per_company(report, p.max_groups_per_entity), limit)?;
     // Admitted: from here the question is not cut off by its time limit. Another partner's
     // tables are reduced now, without a memory limit: how long that takes and how much it
     // holds depend on how many of their rows pass the caller's filters, so neither may
@@ -442,20 +436,20 @@ async fn reduce_tables(
             .build()?,
         );
     }
-    Ok(out)
+    Ok((out, unbounded))
 }
 
 /// How a refusal by [`admit`] begins: it depends on the caller's own rows and the question
 /// only, so its message may be shown whole.
 pub const ADMISSION_REFUSAL: &str = "judged from the sizes of your own tables it reads";
 
-/// One reduced table instance as phase one measured it.
-struct Reduced {
-    rows: usize,
-    /// Bytes its rows hold.
-    bytes: usize,
-    /// Bytes per row judged from its column types alone ([`typed_width`]).
-    typed_width: f64,
+/// One reduced table instance as [`admit`] may see it.
+enum Reduced {
+    /// The caller's own, as phase one measured it: its rows and the bytes they hold.
+    Own { rows: usize, bytes: usize },
+    /// Another partner's, not reduced yet: bytes per row judged from its column types
+    /// alone ([`typed_width`]).
+    Theirs { typed_width: f64 },
 }
 
 /// Bytes a value of a variable-width type (a string) is taken to hold when only its type
@@ -495,50 +489,38 @@ fn slice_bytes(batch: &RecordBatch) -> usize {
 }
 
 /// Whether the joins and aggregates over the reduced tables `sizes` fit `limit` bytes,
-/// judged without looking at another partner's rows after the caller's filters.
+/// judged without looking at another partner's rows.
 ///
 /// Table instance `t` holds at most `per_company[t]` rows per company, so the join yields
-/// at most `rows(t) x fan / per_company[t]` rows for any `t` (`fan` the product): `rows(t)`
-/// is what the caller's own table holds after its filters, or, when the question reads
-/// none of the caller's own tables, the stored row count of another partner's version.
-/// A joined row is as wide as the caller's own reduced rows and the others' column types
+/// at most `rows(t) x fan / per_company[t]` rows for any `t` (`fan` the product), with
+/// `rows(t)` what one of the caller's own tables holds after its filters. A joined row is
+/// as wide as the caller's own reduced rows and the others' column types
 /// ([`typed_width`]); joins, the per-entity aggregate and the window hold it about four
 /// times, with [`PER_ROW_OVERHEAD`] bytes of their own. With the caller's own reduced
-/// tables held, that must fit. So a refusal here depends on the question, the settings,
-/// the caller's own rows and the size of another partner's stored version (which every
-/// scan's time shows anyway), never on which of that partner's rows pass a filter or match.
-fn admit(
-    sizes: &[Reduced],
-    sized_by: &[SizedBy],
-    per_company: &[u64],
-    limit: Option<usize>,
-) -> Result<(), QueryError> {
+/// tables held, that must fit. A question with none of the caller's own tables is not
+/// judged: nothing the caller may know bounds its join but the other partners' sizes (its
+/// memory is bounded by their stored versions; docs/THREAT_MODEL.md). So a refusal here
+/// depends on the question, the settings and the caller's own rows only.
+fn admit(sizes: &[Reduced], per_company: &[u64], limit: Option<usize>) -> Result<(), QueryError> {
     let Some(limit) = limit else {
         return Ok(());
     };
     let fan: f64 = per_company.iter().map(|&n| n as f64).product();
-    let bound = |t: usize, rows: f64| rows * fan / per_company[t].max(1) as f64;
-    let own = |t: &usize| sized_by[*t] == SizedBy::Own;
-    let tables = 0..sizes.len();
-    // With none of the caller's own tables, nothing the caller may know bounds the join
-    // but the other partners' sizes: not judged (its memory is bounded by their stored
-    // versions; docs/THREAT_MODEL.md).
-    if !tables.clone().any(|t| own(&t)) {
+    let mut joined = f64::INFINITY;
+    let (mut width, mut held) = (0.0, 0usize);
+    for (t, size) in sizes.iter().enumerate() {
+        match *size {
+            Reduced::Own { rows, bytes } => {
+                joined = joined.min(rows as f64 * fan / per_company[t].max(1) as f64);
+                width += bytes as f64 / rows.max(1) as f64;
+                held += bytes;
+            }
+            Reduced::Theirs { typed_width } => width += typed_width,
+        }
+    }
+    if joined.is_infinite() {
         return Ok(());
     }
-    let joined = tables
-        .clone()
-        .filter(own)
-        .map(|t| bound(t, sizes[t].rows as f64))
-        .fold(f64::INFINITY, f64::min);
-    let width: f64 = tables
-        .clone()
-        .map(|t| match sized_by[t] {
-            SizedBy::Own => sizes[t].bytes as f64 / sizes[t].rows.max(1) as f64,
-            SizedBy::Stored(_) => sizes[t].typed_width,
-        })
-        .sum();
-    let held: usize = tables.filter(own).map(|t| sizes[t].bytes).sum();
     let needed = held as f64 + joined * (4.0 * width + PER_ROW_OVERHEAD);
     if needed > limit as f64 {
         return Err(QueryError::ResourcesExhausted(format!(

@@ -50,11 +50,7 @@ impl Stop {
     /// question stops here. Admission and [`Stop::unless_admitted`] exclude each other, so
     /// a time limit reached at the moment of admission decides one way, not both.
     pub fn admit(&self) -> bool {
-        self.0
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |s| {
-                (s & REQUESTED == 0).then_some(s | ADMITTED)
-            })
-            .is_ok()
+        self.set_unless(ADMITTED, REQUESTED)
     }
 
     pub fn admitted(&self) -> bool {
@@ -63,9 +59,14 @@ impl Stop {
 
     /// Stop unless the question was admitted first (a time limit): whether it stopped.
     pub fn unless_admitted(&self) -> bool {
+        self.set_unless(REQUESTED, ADMITTED)
+    }
+
+    /// Set flag `set` unless flag `unless` is set, atomically: whether it was set.
+    fn set_unless(&self, set: u8, unless: u8) -> bool {
         self.0
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |s| {
-                (s & ADMITTED == 0).then_some(s | REQUESTED)
+                (s & unless == 0).then_some(s | set)
             })
             .is_ok()
     }
