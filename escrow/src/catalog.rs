@@ -157,6 +157,8 @@ pub struct QueryableDataset {
     pub name: String,
     pub key_column: Option<String>,
     pub live: VersionKey,
+    /// Rows of the live version.
+    pub rows: i64,
 }
 
 /// What `Catalog::spend` did.
@@ -1042,7 +1044,8 @@ impl Catalog {
     pub fn queryable(&self, partner: &str) -> Result<Vec<QueryableDataset>> {
         let conn = self.conn();
         let mut st = conn.prepare(
-            "SELECT d.owner, d.name, v.key_column, d.id, v.version_id, v.version, v.wrapped_dek, v.kek_id
+            "SELECT d.owner, d.name, v.key_column, d.id, v.version_id, v.version, v.wrapped_dek, v.kek_id,
+                    v.rows
              FROM datasets d JOIN dataset_versions v ON v.dataset_id = d.id
              WHERE v.version = (SELECT MAX(version) FROM dataset_versions WHERE dataset_id = d.id)
                AND (d.owner = ?1 OR EXISTS (SELECT 1 FROM grants g
@@ -1056,6 +1059,7 @@ impl Catalog {
                 name: r.get(1)?,
                 key_column: r.get(2)?,
                 live: version_key(r, 3)?,
+                rows: r.get(8)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)

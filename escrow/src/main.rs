@@ -193,6 +193,12 @@ struct QueryLimitArgs {
     /// Questions the whole server runs at once (each may use --query-memory-mb).
     #[arg(long, env = "ESCROW_MAX_QUESTIONS", default_value_t = 8)]
     max_questions: usize,
+    /// Memory, in MiB, that admitted questions share for reading other partners' data
+    /// (after admission no per-query limit applies, so that no refusal depends on their
+    /// rows): a question reserves what it could hold at most and waits until it is free.
+    /// Default: --max-questions x --query-memory-mb.
+    #[arg(long, env = "ESCROW_ADMITTED_MEMORY_MB")]
+    admitted_memory_mb: Option<usize>,
     /// Uploads one partner may send at once.
     #[arg(long, env = "ESCROW_MAX_UPLOADS_PER_PARTNER", default_value_t = 2)]
     max_uploads_per_partner: usize,
@@ -1910,6 +1916,10 @@ async fn serve(
                 ..Default::default()
             },
             timeout: Duration::from_secs(query.query_timeout_secs),
+            shared_memory_bytes: query
+                .admitted_memory_mb
+                .unwrap_or(query.max_questions.saturating_mul(query.query_memory_mb))
+                .saturating_mul(1 << 20),
             ..Default::default()
         },
     )

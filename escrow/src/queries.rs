@@ -21,8 +21,8 @@ use arrow_array::{ArrayRef, RecordBatch};
 use arrow_schema::SchemaRef;
 use escrow_policies::{ColumnUse, Decision, PolicySet, Usage};
 use escrow_query::{
-    Answer, BatchIter, BatchSource, EntityHasher, Limits, Metric, Noise, NoiseKey, Protection,
-    QueryError, QueryTable,
+    Answer, BatchIter, BatchSource, EntityHasher, Holder, Limits, Metric, Noise, NoiseKey,
+    Protection, QueryError, QueryTable, SharedMemory,
 };
 use escrow_query::{Executor, gate};
 use serde::Serialize;
@@ -54,6 +54,8 @@ pub struct QueryConfig {
     pub timeout: Duration,
     /// Worker threads of the query runtime.
     pub threads: usize,
+    /// Memory the admitted questions share (`escrow_query::memory`).
+    pub shared_memory_bytes: usize,
 }
 
 impl Default for QueryConfig {
@@ -62,6 +64,7 @@ impl Default for QueryConfig {
             limits: Limits::default(),
             timeout: Duration::from_secs(60),
             threads: std::thread::available_parallelism().map_or(2, usize::from),
+            shared_memory_bytes: 8 * Limits::default().memory_bytes,
         }
     }
 }
@@ -75,6 +78,7 @@ pub struct QueryService {
     pub(crate) config: QueryConfig,
     /// Queries execute on a runtime of their own, so the server's stays responsive.
     executor: Executor,
+    shared: SharedMemory,
     policies: tokio::sync::Mutex<Option<(u64, Arc<PolicySet>)>>,
 }
 
@@ -179,6 +183,7 @@ impl QueryService {
             store,
             entity_hasher: noise_key.entity_hasher(),
             noise_key,
+            shared: SharedMemory::new(config.shared_memory_bytes),
             config,
             executor,
             policies: tokio::sync::Mutex::new(None),
@@ -465,7 +470,7 @@ impl QueryService {
         for (owner, dataset) in gate::scanned_tables(&plan) {
             let version = versions
                 .get(&(owner.clone(), dataset.clone()))
-                .map(|(_, n)| *n)
+                .map(|v| v.number)
                 .unwrap_or_default();
             trace.datasets.push(format!("{owner}.{dataset}@v{version}"));
             if !trace.owners.contains(&owner) {
@@ -483,7 +488,7 @@ impl QueryService {
             .iter()
             .map(|u| Ok((u.clone(), decide(&set, caller, u)?)))
             .collect::<Result<Vec<_>>>()?;
-        let protection = self.protection(caller, &report).await;
+        let protection = self.protection(caller, &report, &versions).await;
         let fp = fingerprint(
             &plan,
             &report,
@@ -499,7 +504,7 @@ impl QueryService {
             .tables
             .iter()
             .filter_map(|t| versions.get(&(t.owner.clone(), t.dataset.clone())))
-            .map(|(id, _)| id.clone())
+            .map(|v| v.id.clone())
             .collect();
         Ok(CheckedSql {
             versions: read,
@@ -566,7 +571,7 @@ impl QueryService {
         &self,
         caller: &str,
         set: Arc<PolicySet>,
-    ) -> Result<(Vec<QueryTable>, BTreeMap<(String, String), (String, i64)>)> {
+    ) -> Result<(Vec<QueryTable>, Live)> {
         let store = self.store.clone();
         let who = caller.to_string();
         let hasher = self.entity_hasher.clone();
@@ -577,13 +582,18 @@ impl QueryService {
                 let sealed = store.schema_of(&d.live)?;
                 versions.insert(
                     (d.owner.clone(), d.name.clone()),
-                    (d.live.version_id.clone(), d.live.version),
+                    LiveVersion {
+                        id: d.live.version_id.clone(),
+                        number: d.live.version,
+                        rows: u64::try_from(d.rows).unwrap_or(0),
+                    },
                 );
                 let QueryableDataset {
                     owner,
                     name,
                     key_column,
                     live,
+                    ..
                 } = d;
                 let (schema, executes, prepare) =
                     query_form(&sealed, key_column.as_deref(), &hasher, false)?;
@@ -618,6 +628,7 @@ impl QueryService {
         &self,
         caller: &str,
         report: &escrow_query::GateReport,
+        versions: &Live,
     ) -> Result<Protected> {
         let Some(entity_table) = report.tables.iter().position(|t| t.owner != caller) else {
             return Ok(None);
@@ -718,7 +729,20 @@ impl QueryService {
             delta: DELTA,
             entity_table,
             bounds,
-            own: report.tables.iter().map(|t| t.owner == caller).collect(),
+            tables: (report.tables.iter())
+                .map(
+                    |t| match versions.get(&(t.owner.clone(), t.dataset.clone())) {
+                        _ if t.owner == caller => Holder::Caller,
+                        Some(v) => Holder::Partner {
+                            stored_rows: v.rows,
+                        },
+                        None => Holder::Partner {
+                            stored_rows: u64::MAX,
+                        },
+                    },
+                )
+                .collect(),
+            shared: self.shared.clone(),
             noise: Noise::new(self.noise_key.clone(), [0; 32]),
         };
         Ok(Some((p, charges)))
@@ -862,12 +886,22 @@ pub(crate) fn strictest<'a>(
     })
 }
 
+/// The live version of every dataset a caller may query, by (owner, name).
+type Live = BTreeMap<(String, String), LiveVersion>;
+
+#[derive(Debug, Clone)]
+struct LiveVersion {
+    id: String,
+    number: i64,
+    rows: u64,
+}
+
 /// What makes two questions "the same": the allowed plan, the data versions it reads and the
 /// protection applied (not the budget). Whitespace and keyword case in the SQL do not matter.
 fn fingerprint(
     plan: &escrow_query::LogicalPlan,
     report: &escrow_query::GateReport,
-    versions: &BTreeMap<(String, String), (String, i64)>,
+    versions: &Live,
     p: Option<&Protection>,
 ) -> [u8; 32] {
     let mut h = Sha256::new();
@@ -889,7 +923,7 @@ fn fingerprint(
     for t in &report.tables {
         let v = versions
             .get(&(t.owner.clone(), t.dataset.clone()))
-            .map(|(id, _)| id.as_str())
+            .map(|v| v.id.as_str())
             .unwrap_or("");
         h.update(format!("\0{}.{}@{v}", t.owner, t.dataset).as_bytes());
     }

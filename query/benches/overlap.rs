@@ -15,8 +15,8 @@ use arrow_schema::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use escrow_query::source::{entity_schema, with_entity_ids};
 use escrow_query::{
-    BatchIter, BatchSource, Limits, Noise, NoiseKey, Protection, QueryTable, execute, gate,
-    plan_for_execution, plan_sql,
+    BatchIter, BatchSource, Holder, Limits, Noise, NoiseKey, Protection, QueryTable, SharedMemory,
+    execute, gate, plan_for_execution, plan_sql,
 };
 
 #[derive(Debug)]
@@ -107,7 +107,15 @@ async fn main() {
                 bounds: vec![None],
                 // The caller is the first table's owner; the privacy unit's table is not
                 // its own.
-                own: (0..report.tables.len()).map(|t| t != 1).collect(),
+                tables: (0..report.tables.len())
+                    .map(|t| match t {
+                        1 => Holder::Partner {
+                            stored_rows: lists[1].1.1.iter().map(|b| b.num_rows() as u64).sum(),
+                        },
+                        _ => Holder::Caller,
+                    })
+                    .collect(),
+                shared: SharedMemory::new(8 << 30),
                 noise: Noise::new(key.clone(), [1; 32]),
             };
             let answer = execute(

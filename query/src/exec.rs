@@ -7,11 +7,13 @@
 //! tables := each table instance reduced on its own: its filters, then GROUP BY key and its
 //!           GROUP BY columns with its metrics summed (averaged) per row, then at most L rows
 //!           per key                                                   (`reduced_table`)
-//!           the caller's own reduced tables are held in memory first (phase one, under
-//!           the memory limit); once `admit` found the rest fits, judged from those sizes
-//!           and the others' column types, the other partners' tables are reduced and
-//!           everything after runs without a limit that could fail on their rows or on
-//!           how many companies match                                   (`reduce_tables`)
+//!           (instances of one shape, a self-join, once); the caller's own reduced
+//!           tables are held in memory first (phase one, under the memory limit); once
+//!           `admit` found the rest fits, judged from those sizes and the others' column
+//!           types, the question reserves the server's shared memory for the most it could
+//!           hold (`crate::memory`), the other partners' tables are reduced and everything
+//!           after runs without a limit that could fail on their rows or on how many
+//!           companies match                                            (`reduce_tables`)
 //! rows   := the reduced tables joined on their keys (the query's join graph)
 //! stage1 := GROUP BY unit, dims: per-entity SUM/AVG of each metric          (one row per
 //!           entity and group)
@@ -43,7 +45,7 @@ use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::tree_node::{Transformed, TreeNode};
-use datafusion::common::{Column, ScalarValue};
+use datafusion::common::{Column, ScalarValue, TableReference};
 use datafusion::datasource::{MemTable, provider_as_source};
 use datafusion::execution::SessionState;
 use datafusion::functions_aggregate::expr_fn::{avg, count, sum};
@@ -60,6 +62,7 @@ use datafusion::physical_plan::joins::{
 
 use crate::QueryError;
 use crate::gate::{GateReport, Metric};
+use crate::memory::{Reservation, SharedMemory};
 use crate::noise::{Epsilon, Noise, Sensitivity, Variance, partition_threshold};
 use crate::stop::{Stop, StopExec};
 
@@ -84,12 +87,23 @@ pub struct Protection {
     pub entity_table: usize,
     /// Clamping bounds of each aggregate, in the gate report's order (`None` for counts).
     pub bounds: Vec<Option<(f64, f64)>>,
-    /// Per table instance, in the gate report's order: read from the caller's own dataset.
-    /// Only those are sized by their rows when the question is judged against the memory
-    /// limit ([`admit`]); another partner's rows after the caller's filters would tell which
-    /// companies it holds.
-    pub own: Vec<bool>,
+    /// Per table instance, in the gate report's order: whose dataset it reads.
+    pub tables: Vec<Holder>,
+    /// The memory admitted questions share ([`crate::memory`]).
+    pub shared: SharedMemory,
     pub noise: Noise,
+}
+
+/// Whose dataset a table instance reads, as execution may size it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Holder {
+    /// The caller's own: sized by its rows after the caller's filters when the question is
+    /// judged against the memory limit ([`admit`]).
+    Caller,
+    /// Another partner's, with the rows of its stored version: an upper bound of what any
+    /// filter keeps, used only to reserve shared memory after admission. Its rows after
+    /// the caller's filters would tell which companies it holds.
+    Partner { stored_rows: u64 },
 }
 
 /// Rows one company can have in each table instance's reduced form ([`reduced_table`]):
@@ -161,7 +175,7 @@ pub async fn execute(
     // the caller's own table instances are reduced, under the memory limit: that depends on
     // the question and the caller's own rows only. The rest is judged against the limit
     // from those sizes (`admit`), and then runs without a limit.
-    let (reduced, unbounded) = reduce_tables(state, agg, report, p, stop).await?;
+    let (reduced, unbounded, _reserved) = reduce_tables(state, agg, report, p, stop).await?;
     let stage = protected_stage(report, p, reduced)?;
     let exact = collect(&unbounded, &stage, stop).await?;
     let (rows, applied) = release(agg, report, p, &exact)?;
@@ -361,29 +375,92 @@ fn reduced_table(
     Ok(b.build()?)
 }
 
+/// What makes two table instances reduce to the same rows ([`reduced_table`]): the table
+/// scanned, its filters, its GROUP BY columns and its metrics, each in the query's order
+/// (so their reduced columns correspond one to one, under other names).
+#[derive(PartialEq)]
+struct Shape<'a> {
+    scan: (&'a TableReference, &'a [Expr], Option<usize>),
+    filters: Vec<(&'a str, &'a [ScalarValue])>,
+    dims: Vec<&'a str>,
+    metrics: Vec<(bool, &'a str)>,
+}
+
+fn shape<'a>(scan: &'a LogicalPlan, t: usize, report: &'a GateReport) -> Option<Shape<'a>> {
+    let LogicalPlan::TableScan(ts) = scan else {
+        return None;
+    };
+    Some(Shape {
+        scan: (&ts.table_name, &ts.filters, ts.fetch),
+        filters: (report.filters.iter())
+            .filter(|((u, _), _)| *u == t)
+            .map(|((_, c), v)| (c.as_str(), v.as_slice()))
+            .collect(),
+        dims: (report.dimensions.iter())
+            .filter(|(u, _)| *u == t)
+            .map(|(_, c)| c.as_str())
+            .collect(),
+        metrics: (report.aggregates.iter())
+            .filter_map(|m| match m {
+                Metric::Sum { table, column } if *table == t => Some((true, column.as_str())),
+                Metric::Avg { table, column } if *table == t => Some((false, column.as_str())),
+                _ => None,
+            })
+            .collect(),
+    })
+}
+
+/// Per table instance: the first instance of the same [`Shape`] (itself if none before).
+fn first_of_shape(scans: &[LogicalPlan], report: &GateReport) -> Vec<usize> {
+    let shapes: Vec<Option<Shape>> = (scans.iter().enumerate())
+        .map(|(t, scan)| shape(scan, t, report))
+        .collect();
+    (0..shapes.len())
+        .map(|t| match &shapes[t] {
+            Some(s) => shapes[..t]
+                .iter()
+                .position(|o| o.as_ref() == Some(s))
+                .unwrap_or(t),
+            None => t,
+        })
+        .collect()
+}
+
+/// The rows reduced for another instance of the same shape, under `plan`'s column names.
+fn renamed(batches: &[RecordBatch], plan: &LogicalPlan) -> Result<Vec<RecordBatch>, QueryError> {
+    let schema = Arc::new(plan.schema().as_arrow().clone());
+    Ok(batches
+        .iter()
+        .map(|b| RecordBatch::try_new(schema.clone(), b.columns().to_vec()))
+        .collect::<Result<_, _>>()?)
+}
+
 /// Every table instance reduced ([`reduced_table`]) and held in memory, in the order of the
-/// gate report's tables. Phase one: the caller's own tables, each under what is left of the
-/// memory limit once the ones before are held (that depends on the caller's own rows only);
-/// then [`admit`] and [`Stop::admit`]. After admission: another partner's tables, without a
-/// limit; their memory is at most that of their stored version, and neither a refusal nor
-/// a time limit may depend on how many of their rows pass the caller's filters (a filter on
-/// a company's name would make it tell whether the company is there). Returns the reduced
-/// tables and the session the rest runs in ([`crate::session::phase_two`]).
+/// gate report's tables; instances of one [`Shape`] (a self-join) are reduced once. Phase
+/// one: the caller's own tables, each under what is left of the memory limit once the ones
+/// before are held (that depends on the caller's own rows only); then [`admit`] and
+/// [`Stop::admit`]. After admission: the question reserves shared memory for what it could
+/// hold at most ([`crate::memory`]), then another partner's tables are reduced without a
+/// limit that could fail; neither a refusal nor a time limit may depend on how many of
+/// their rows pass the caller's filters (a filter on a company's name would make it tell
+/// whether the company is there). Returns the reduced tables, the session the rest runs in
+/// ([`crate::session::phase_two`]) and the reservation, to be held until the answer is out.
 async fn reduce_tables(
     state: &SessionState,
     agg: &Aggregate,
     report: &GateReport,
     p: &Protection,
     stop: &Stop,
-) -> Result<(Vec<LogicalPlan>, SessionState), QueryError> {
+) -> Result<(Vec<LogicalPlan>, SessionState, Reservation), QueryError> {
     let scans = scans(&agg.input);
-    if scans.len() != report.tables.len() || p.own.len() != report.tables.len() {
+    if scans.len() != report.tables.len() || p.tables.len() != report.tables.len() {
         return Err(internal("scans and table instances differ"));
     }
     let limit = match state.runtime_env().memory_pool.memory_limit() {
         datafusion::execution::memory_pool::MemoryLimit::Finite(bytes) => Some(bytes),
         _ => None,
     };
+    let first = first_of_shape(&scans, report);
     let plans = scans
         .into_iter()
         .enumerate()
@@ -394,39 +471,56 @@ async fn reduce_tables(
     let mut held = 0usize;
     let mut reduced: Vec<Option<Vec<RecordBatch>>> = vec![None; plans.len()];
     for (t, plan) in plans.iter().enumerate() {
-        if !p.own[t] {
-            sizes.push(Reduced::Theirs {
-                typed_width: typed_width(plan.schema().as_arrow()),
+        let Holder::Partner { stored_rows } = p.tables[t] else {
+            let batches = match &reduced[first[t]] {
+                Some(same) => renamed(same, plan)?,
+                None => {
+                    let left = limit.map(|l| l.saturating_sub(held));
+                    let session = crate::session::with_memory_limit(state, left)?;
+                    collect(&session, plan, stop).await?
+                }
+            };
+            let bytes = batches.iter().map(slice_bytes).sum();
+            held += bytes;
+            sizes.push(Reduced::Own {
+                rows: batches.iter().map(RecordBatch::num_rows).sum(),
+                bytes,
             });
+            reduced[t] = Some(batches);
             continue;
-        }
-        let left = limit.map(|l| l.saturating_sub(held));
-        let batches = collect(&crate::session::with_memory_limit(state, left)?, plan, stop).await?;
-        let bytes = batches.iter().map(slice_bytes).sum();
-        held += bytes;
-        sizes.push(Reduced::Own {
-            rows: batches.iter().map(RecordBatch::num_rows).sum(),
-            bytes,
+        };
+        sizes.push(Reduced::Theirs {
+            typed_width: typed_width(plan.schema().as_arrow()),
+            stored_rows,
         });
-        reduced[t] = Some(batches);
     }
-    admit(&sizes, &per_company(report, p.max_groups_per_entity), limit)?;
+    let per_company = per_company(report, p.max_groups_per_entity);
+    admit(&sizes, &per_company, limit)?;
     // Admitted: from here the question is not cut off by its time limit. Another partner's
     // tables are reduced now, without a memory limit: how long that takes and how much it
     // holds depend on how many of their rows pass the caller's filters, so neither may
-    // decide whether the question is answered.
+    // decide whether the question is answered. What bounds it is the shared memory, reserved
+    // for the most it could hold (their stored rows), waited for, never refused.
     if !stop.admit() {
         return Err(Stop::error().into());
     }
+    let reservation = p
+        .shared
+        .reserve(needed(&sizes, &per_company, true).unwrap_or(0.0))
+        .await;
     let unbounded = crate::session::phase_two(state)?;
+    for (t, plan) in plans.iter().enumerate() {
+        if reduced[t].is_none() {
+            reduced[t] = Some(match &reduced[first[t]] {
+                Some(same) => renamed(same, plan)?,
+                None => collect(&unbounded, plan, stop).await?,
+            });
+        }
+    }
     let mut out = Vec::new();
-    for (t, plan) in plans.into_iter().enumerate() {
+    for (t, (plan, batches)) in plans.into_iter().zip(reduced).enumerate() {
         let schema = Arc::new(plan.schema().as_arrow().clone());
-        let batches = match reduced[t].take() {
-            Some(b) => b,
-            None => collect(&unbounded, &plan, stop).await?,
-        };
-        let table = MemTable::try_new(schema, vec![batches])?;
+        let table = MemTable::try_new(schema, vec![batches.unwrap_or_default()])?;
         out.push(
             LogicalPlanBuilder::scan(
                 format!("__escrow_reduced{t}"),
@@ -436,7 +530,7 @@ async fn reduce_tables(
             .build()?,
         );
     }
-    Ok((out, unbounded))
+    Ok((out, unbounded, reservation))
 }
 
 /// How a refusal by [`admit`] begins: it depends on the caller's own rows and the question
@@ -448,8 +542,8 @@ enum Reduced {
     /// The caller's own, as phase one measured it: its rows and the bytes they hold.
     Own { rows: usize, bytes: usize },
     /// Another partner's, not reduced yet: bytes per row judged from its column types
-    /// alone ([`typed_width`]).
-    Theirs { typed_width: f64 },
+    /// alone ([`typed_width`]), and the rows of its stored version.
+    Theirs { typed_width: f64, stored_rows: u64 },
 }
 
 /// Bytes a value of a variable-width type (a string) is taken to hold when only its type
@@ -488,40 +582,54 @@ fn slice_bytes(batch: &RecordBatch) -> usize {
         .sum()
 }
 
-/// Whether the joins and aggregates over the reduced tables `sizes` fit `limit` bytes,
-/// judged without looking at another partner's rows.
+/// About the bytes a question holds over the reduced tables `sizes`: the tables, and the
+/// joins and aggregates over them. With `theirs`, another partner's tables count at their
+/// stored rows (the most any filter keeps); without, they count by their width only, and a
+/// question with none of the caller's own tables gives `None` (nothing the caller may know
+/// bounds its join).
 ///
 /// Table instance `t` holds at most `per_company[t]` rows per company, so the join yields
-/// at most `rows(t) x fan / per_company[t]` rows for any `t` (`fan` the product), with
-/// `rows(t)` what one of the caller's own tables holds after its filters. A joined row is
-/// as wide as the caller's own reduced rows and the others' column types
+/// at most `rows(t) x fan / per_company[t]` rows for any `t` (`fan` the product). A joined
+/// row is as wide as the caller's own reduced rows and the others' column types
 /// ([`typed_width`]); joins, the per-entity aggregate and the window hold it about four
-/// times, with [`PER_ROW_OVERHEAD`] bytes of their own. With the caller's own reduced
-/// tables held, that must fit. A question with none of the caller's own tables is not
-/// judged: nothing the caller may know bounds its join but the other partners' sizes (its
-/// memory is bounded by their stored versions; docs/THREAT_MODEL.md). So a refusal here
-/// depends on the question, the settings and the caller's own rows only.
-fn admit(sizes: &[Reduced], per_company: &[u64], limit: Option<usize>) -> Result<(), QueryError> {
-    let Some(limit) = limit else {
-        return Ok(());
-    };
+/// times, with [`PER_ROW_OVERHEAD`] bytes of their own.
+fn needed(sizes: &[Reduced], per_company: &[u64], theirs: bool) -> Option<f64> {
     let fan: f64 = per_company.iter().map(|&n| n as f64).product();
     let mut joined = f64::INFINITY;
-    let (mut width, mut held) = (0.0, 0usize);
+    let (mut width, mut held) = (0.0, 0.0);
     for (t, size) in sizes.iter().enumerate() {
-        match *size {
+        let rows = match *size {
             Reduced::Own { rows, bytes } => {
-                joined = joined.min(rows as f64 * fan / per_company[t].max(1) as f64);
                 width += bytes as f64 / rows.max(1) as f64;
-                held += bytes;
+                held += bytes as f64;
+                rows as f64
             }
-            Reduced::Theirs { typed_width } => width += typed_width,
-        }
+            Reduced::Theirs {
+                typed_width,
+                stored_rows,
+            } => {
+                width += typed_width;
+                if !theirs {
+                    continue;
+                }
+                held += stored_rows as f64 * (typed_width + PER_ROW_OVERHEAD);
+                stored_rows as f64
+            }
+        };
+        joined = joined.min(rows * fan / per_company[t].max(1) as f64);
     }
-    if joined.is_infinite() {
+    (!joined.is_infinite()).then_some(held + joined * (4.0 * width + PER_ROW_OVERHEAD))
+}
+
+/// Whether the question fits `limit` bytes, judged without looking at another partner's
+/// rows ([`needed`] without theirs): from the question, the settings and the caller's own
+/// rows only. A question with none of the caller's own tables is not judged: its memory is
+/// bounded by the other partners' stored versions and the shared memory it reserves after
+/// admission ([`crate::memory`]; docs/THREAT_MODEL.md).
+fn admit(sizes: &[Reduced], per_company: &[u64], limit: Option<usize>) -> Result<(), QueryError> {
+    let (Some(limit), Some(needed)) = (limit, needed(sizes, per_company, false)) else {
         return Ok(());
-    }
-    let needed = held as f64 + joined * (4.0 * width + PER_ROW_OVERHEAD);
+    };
     if needed > limit as f64 {
         return Err(QueryError::ResourcesExhausted(format!(
             "{ADMISSION_REFUSAL}, the question needs about {} MiB, more than the per-query limit of {} MiB",

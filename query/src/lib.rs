@@ -7,6 +7,7 @@
 pub mod exec;
 pub mod executor;
 pub mod gate;
+pub mod memory;
 pub mod noise;
 pub mod overlap;
 pub mod population;
@@ -15,9 +16,10 @@ pub mod source;
 pub mod stop;
 
 pub use datafusion::logical_expr::LogicalPlan;
-pub use exec::{Answer, Applied, Protection, execute};
+pub use exec::{Answer, Applied, Holder, Protection, execute};
 pub use executor::{Executor, QueryTask};
 pub use gate::{GateReport, Metric, TableInstance};
+pub use memory::SharedMemory;
 pub use noise::{Epsilon, Noise, NoiseKey, Sensitivity, Variance};
 pub use session::{Limits, QueryTable, is_planning_rule, plan_for_execution, plan_sql};
 pub use source::{BatchIter, BatchSource, EntityHasher};
