@@ -62,6 +62,10 @@ pub struct Actor {
     pub partner: Option<String>,
     pub user: String,
     pub role: String,
+    /// `console` when the action came from a browser session of the web console (absent
+    /// for a client with its certificate, the operator and the escrow itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
 }
 
 impl Actor {
@@ -71,6 +75,7 @@ impl Actor {
             partner: Some(partner.into()),
             user: user.into(),
             role: role.into(),
+            via: None,
         }
     }
 
@@ -87,6 +92,7 @@ impl Actor {
             partner: None,
             user: "operator".into(),
             role: "operator".into(),
+            via: None,
         }
     }
 
@@ -96,6 +102,7 @@ impl Actor {
             partner: None,
             user: "escrow".into(),
             role: "system".into(),
+            via: None,
         }
     }
 }

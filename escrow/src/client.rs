@@ -328,6 +328,17 @@ impl Client {
             .json(&serde_json::json!({ "sql": sql, "format": format }))
     }
 
+    /// A single-use sign-in link to the web console for this identity (full URL).
+    pub async fn console_link(&self) -> anyhow::Result<(String, crate::wire::ConsoleLink)> {
+        let link: crate::wire::ConsoleLink = self
+            .send(
+                self.http.post(format!("{}/v1/console/links", self.base)),
+                "console sign-in link",
+            )
+            .await?;
+        Ok((format!("{}{}", self.base, link.path), link))
+    }
+
     pub async fn whoami(&self) -> anyhow::Result<serde_json::Value> {
         self.send(self.http.get(format!("{}/v1/whoami", self.base)), "whoami")
             .await

@@ -27,5 +27,6 @@ pub mod queries;
 pub mod server;
 pub mod settings;
 pub mod store;
+pub mod wire;
 
 pub use error::{Error, Result};

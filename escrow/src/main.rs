@@ -168,6 +168,15 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Open the web console: a single-use sign-in link for your identity, valid for five
+    /// minutes, opened in a browser on this machine (or only printed with --print).
+    Console {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Print the link instead of opening a browser (to open it on another machine).
+        #[arg(long)]
+        print: bool,
+    },
     /// Show who the server thinks you are.
     Whoami {
         #[command(flatten)]
@@ -199,6 +208,9 @@ struct QueryLimitArgs {
     /// Default: --max-questions x --query-memory-mb.
     #[arg(long, env = "ESCROW_ADMITTED_MEMORY_MB")]
     admitted_memory_mb: Option<usize>,
+    /// Seconds a console sign-in link (`escrow console`) stays valid (1 to 3600).
+    #[arg(long, env = "ESCROW_CONSOLE_LINK_SECS", default_value_t = 300)]
+    console_link_secs: u64,
     /// Uploads one partner may send at once.
     #[arg(long, env = "ESCROW_MAX_UPLOADS_PER_PARTNER", default_value_t = 2)]
     max_uploads_per_partner: usize,
@@ -1125,6 +1137,24 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::User { command } => user(command).await?,
         Command::Audit { command } => audit(command).await?,
+        Command::Console { client, print } => {
+            let (url, link) = identity(&client)?.console_link().await?;
+            println!("{url}");
+            if !print {
+                let opened = std::process::Command::new("xdg-open")
+                    .arg(&url)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .is_ok();
+                if !opened {
+                    eprintln!(
+                        "no browser to open here: open the link above within {} seconds",
+                        link.expires_in_secs
+                    );
+                }
+            }
+        }
         Command::Whoami { client } => {
             let out = identity(&client)?.whoami().await?;
             println!(
@@ -1925,6 +1955,9 @@ async fn serve(
     )
     .map_err(engine)?;
     let state = Arc::new(AppState {
+        sessions: server::sessions::Sessions::new(Duration::from_secs(
+            query.console_link_secs.clamp(1, 3600),
+        )),
         access: Arc::new(escrow::access::Access::new(store.clone())),
         store: store.clone(),
         queries: Arc::new(queries),

@@ -74,6 +74,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/overlaps", axum::routing::post(overlap))
         .route("/v1/overlaps/explain", axum::routing::post(explain_overlap))
         .route("/v1/reports/co-selling", axum::routing::post(co_selling))
+        .merge(super::console::routes())
         .fallback(|| async { ApiError(Error::NotFound("no such endpoint".into())) })
         .method_not_allowed_fallback(|| async {
             ApiError(Error::bad(
@@ -190,13 +191,26 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The authenticated caller: a registered, unrevoked identity whose certificate was verified
-/// in the TLS handshake. Handlers that take a `Caller` cannot run for anyone else.
+/// The authenticated caller: a registered, unrevoked identity, known by the certificate
+/// verified in the TLS handshake or by a console session minted with one (`console.rs`).
+/// Handlers that take a `Caller` cannot run for anyone else.
 #[derive(Debug, Clone, Serialize)]
 pub struct Caller {
     pub partner: String,
     pub user: String,
     pub role: String,
+    /// How the caller authenticated.
+    pub via: Via,
+}
+
+/// How a caller authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Via {
+    /// Its client certificate (programs, the CLI).
+    Certificate,
+    /// A browser session of the web console.
+    Console,
 }
 
 impl FromRequestParts<Arc<AppState>> for Caller {
@@ -209,22 +223,31 @@ impl FromRequestParts<Arc<AppState>> for Caller {
         let subject = parts
             .extensions
             .get::<ConnInfo>()
-            .and_then(|c| c.subject.clone())
-            .ok_or_else(|| Error::Unauthenticated("no client certificate".into()))?;
+            .and_then(|c| c.subject.clone());
+        let (serial, partner, user, via) = match subject {
+            Some(s) => (s.serial, s.partner, s.user, Via::Certificate),
+            None => {
+                let session =
+                    super::console::session(&parts.method, &parts.headers, &state.sessions)?;
+                let id = session.identity;
+                (id.serial, id.partner, id.user, Via::Console)
+            }
+        };
         let store = state.store.clone();
-        let serial = subject.serial.clone();
         let row = blocking(move || store.catalog().active_identity(&serial)).await?;
         match row {
-            // Checked per request, so a revocation also ends keep-alive connections' access.
-            Some(id) if id.partner == subject.partner && id.user == subject.user => Ok(Caller {
+            // Checked per request, so a revocation also ends keep-alive connections' access
+            // and the console sessions of the identity.
+            Some(id) if id.partner == partner && id.user == user => Ok(Caller {
                 partner: id.partner,
                 user: id.user,
                 role: id.role,
+                via,
             }),
-            _ => Err(
-                Error::Unauthenticated("certificate is not registered or was revoked".into())
-                    .into(),
-            ),
+            _ => Err(Error::Unauthenticated(
+                "the identity is not registered or was revoked".into(),
+            )
+            .into()),
         }
     }
 }
@@ -232,7 +255,11 @@ impl FromRequestParts<Arc<AppState>> for Caller {
 impl Caller {
     /// The caller as the audit log names it.
     pub fn actor(&self) -> Actor {
-        Actor::user(&self.partner, &self.user, &self.role)
+        let mut actor = Actor::user(&self.partner, &self.user, &self.role);
+        if self.via == Via::Console {
+            actor.via = Some("console".into());
+        }
+        actor
     }
 
     /// The caller, if its role may take `action` (casbin role policy); refusals are audited.
@@ -244,7 +271,7 @@ impl Caller {
 }
 
 /// Run blocking store work on the blocking pool.
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> crate::Result<T> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)

@@ -1,9 +1,12 @@
-//! The HTTPS server: a tokio accept loop with rustls (mandatory client certificates), hyper
+//! The HTTPS server: a tokio accept loop with rustls (client certificates, or none for a
+//! browser on the console), hyper
 //! connections serving the axum router, and graceful shutdown. The caller owns the listener
 //! and the shutdown signal (tests bind port 0 and stop the server when they are done).
 
 pub mod api;
+pub mod console;
 pub mod limits;
+pub mod sessions;
 pub mod tls;
 
 use std::future::Future;
@@ -34,6 +37,8 @@ pub struct AppState {
     pub access: Arc<crate::access::Access>,
     /// How much work may run at once (per partner, in all).
     pub admission: limits::Admission,
+    /// Login links and browser sessions of the console.
+    pub sessions: sessions::Sessions,
 }
 
 /// What the TLS layer learned about a connection, attached to each of its requests.

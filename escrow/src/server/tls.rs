@@ -1,5 +1,6 @@
-//! TLS for the server: rustls with a mandatory client certificate from the escrow CA,
-//! checked against the CRL. The CRL is re-read when its file changes, checked on every
+//! TLS for the server: rustls asking for a client certificate from the escrow CA, checked
+//! against the CRL. A client may connect without one (a browser on the console); it is then
+//! unauthenticated until it shows a console session (`api::Caller`). The CRL is re-read when its file changes, checked on every
 //! handshake, so `escrow partner revoke` takes effect on the next connection without a
 //! restart.
 
@@ -141,8 +142,11 @@ impl ClientCertVerifier for ReloadingVerifier {
         true
     }
 
+    /// A browser on the console has no certificate: it connects without one and gets no
+    /// API data without a session (`api::Caller`). A certificate it does present must
+    /// verify, or the handshake fails as before.
     fn client_auth_mandatory(&self) -> bool {
-        true
+        false
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
@@ -182,7 +186,8 @@ impl ClientCertVerifier for ReloadingVerifier {
     }
 }
 
-/// The server's rustls configuration: TLS 1.2/1.3, mandatory client certs, h2 + http/1.1.
+/// The server's rustls configuration: TLS 1.2/1.3, client certificates verified when
+/// presented, h2 + http/1.1.
 pub fn server_config(dir: &DataDir) -> Result<Arc<ServerConfig>> {
     let verifier = Arc::new(ReloadingVerifier::new(dir)?);
     let mut config = ServerConfig::builder_with_provider(provider())

@@ -1,0 +1,279 @@
+//! The web console: its pages and assets (embedded in the binary), the login link, the
+//! browser session and logout. Every page action goes through the same `/v1` API, roles,
+//! validation and audit log as a program's; a session is only another way to be a
+//! [`Caller`] (`api.rs`), and its audit records say `via: console`.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use super::AppState;
+use super::api::{ApiError, Caller, Via, blocking};
+use super::sessions::{self, Identity, Session, Sessions};
+use crate::Error;
+use crate::audit::{Actor, Event, Outcome};
+use crate::wire::{ConsoleLink, ConsoleSession};
+
+/// The session cookie. `__Host-`: the browser keeps it only if Secure, for this host alone
+/// and for path `/`.
+pub const COOKIE: &str = "__Host-escrow_session";
+/// The header a state-changing console request carries its CSRF token in.
+pub const CSRF_HEADER: &str = "x-csrf-token";
+
+const INDEX: &str = include_str!("../../console/index.html");
+const SCRIPT: &str = include_str!("../../console/console.js");
+const STYLE: &str = include_str!("../../console/console.css");
+
+/// The console's routes (pages, assets, login) and its API (links, session, logout).
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/", get(index))
+        .route("/assets/console.js", get(script))
+        .route("/assets/console.css", get(style))
+        .route("/login/{token}", get(login))
+        .route("/v1/console/links", post(mint_link))
+        .route("/v1/console/session", get(current_session))
+        .route("/v1/console/logout", post(logout))
+}
+
+/// The session of a request without a client certificate: its cookie names a live session,
+/// and a request that may change something carries the session's CSRF token.
+pub(super) fn session(
+    method: &Method,
+    headers: &HeaderMap,
+    sessions: &Sessions,
+) -> Result<Session, ApiError> {
+    let token = cookie(headers).ok_or_else(|| {
+        Error::Unauthenticated(
+            "no client certificate and no console session (sign in with `escrow console`)".into(),
+        )
+    })?;
+    let session = sessions.get(&token).ok_or_else(|| {
+        Error::Unauthenticated(
+            "the console session ended; sign in again with `escrow console`".into(),
+        )
+    })?;
+    if !matches!(*method, Method::GET | Method::HEAD) {
+        let sent = headers
+            .get(CSRF_HEADER)
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        // Compared by digest: the time of `==` tells nothing about the token itself.
+        if Sha256::digest(sent) != Sha256::digest(session.csrf.as_bytes()) {
+            return Err(Error::Forbidden(format!(
+                "a console request that changes something must carry the session's CSRF token in {CSRF_HEADER}"
+            ))
+            .into());
+        }
+    }
+    Ok(session)
+}
+
+/// The session token in the request's cookies.
+fn cookie(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(name, _)| *name == COOKIE)
+        .map(|(_, value)| value.to_string())
+}
+
+fn set_cookie(value: &str, max_age: u64) -> HeaderValue {
+    let cookie =
+        format!("{COOKIE}={value}; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age={max_age}");
+    HeaderValue::from_str(&cookie).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// Headers of every console page: no framing, scripts and styles from this origin only, no
+/// referrer (a login URL holds its token), nothing cached.
+fn page(status: StatusCode, body: String) -> Response {
+    let mut r = (status, Html(body)).into_response();
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+             connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    r
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn index() -> Response {
+    page(StatusCode::OK, INDEX.to_string())
+}
+
+async fn script() -> Response {
+    asset("text/javascript; charset=utf-8", SCRIPT)
+}
+
+async fn style() -> Response {
+    asset("text/css; charset=utf-8", STYLE)
+}
+
+/// A login link for the caller's identity: only over mutual TLS (a console session cannot
+/// extend itself past its expiry by minting links).
+async fn mint_link(
+    State(state): State<Arc<AppState>>,
+    Extension(conn): Extension<super::ConnInfo>,
+    caller: Caller,
+) -> Result<Json<ConsoleLink>, ApiError> {
+    if caller.via != Via::Certificate {
+        return Err(Error::Forbidden(
+            "a login link is minted with a client certificate (`escrow console`)".into(),
+        )
+        .into());
+    }
+    let serial = conn
+        .subject
+        .map(|s| s.serial)
+        .ok_or_else(|| Error::internal("a certificate caller without a subject"))?;
+    let token = state.sessions.mint_link(Identity {
+        serial,
+        partner: caller.partner.clone(),
+        user: caller.user.clone(),
+    })?;
+    audit(&state, caller.actor(), "console_link", Outcome::Ok).await?;
+    Ok(Json(ConsoleLink {
+        path: format!("/login/{token}"),
+        expires_in_secs: state.sessions.link_ttl().as_secs(),
+    }))
+}
+
+async fn audit(
+    state: &AppState,
+    actor: Actor,
+    kind: &str,
+    outcome: Outcome,
+) -> Result<(), ApiError> {
+    let store = state.store.clone();
+    let event = Event::new(kind, actor, outcome, json!({}));
+    blocking(move || store.record(&event)).await
+}
+
+/// Open a login link: a session cookie and a page that moves on to the console. The move is
+/// a navigation of this origin's own page, so the SameSite=Strict cookie goes with it even
+/// when the link was opened from another site (a redirect would not carry it).
+async fn login(State(state): State<Arc<AppState>>, Path(token): Path<String>) -> Response {
+    let refused = |status| {
+        page(
+            status,
+            shell(
+                "Sign-in link not valid",
+                "<p>This sign-in link was used already, has expired, or was never issued. \
+                 A link works once, for a few minutes.</p>\
+                 <p>Run <code>escrow console</code> with your identity bundle for a new one.</p>",
+            ),
+        )
+    };
+    let redeemed = match state.sessions.redeem(&token) {
+        Ok(Some(r)) => r,
+        Ok(None) => return refused(StatusCode::FORBIDDEN),
+        Err(e) => return ApiError(e).into_response(),
+    };
+    let (identity, session) = redeemed;
+    let store = state.store.clone();
+    let serial = identity.serial.clone();
+    let active = match blocking(move || store.catalog().active_identity(&serial)).await {
+        Ok(a) => a,
+        Err(e) => return e.into_response(),
+    };
+    let Some(id) = active.filter(|i| i.partner == identity.partner && i.user == identity.user)
+    else {
+        state.sessions.end(&session);
+        return refused(StatusCode::FORBIDDEN);
+    };
+    let mut actor = Actor::user(&id.partner, &id.user, &id.role);
+    actor.via = Some("console".into());
+    if let Err(e) = audit(&state, actor, "console_login", Outcome::Ok).await {
+        state.sessions.end(&session);
+        return e.into_response();
+    }
+    let mut r = page(
+        StatusCode::OK,
+        shell(
+            "Signed in",
+            "<p>Signed in. <a id=\"continue\" href=\"/\">Continue to the console</a>.</p>\
+             <script src=\"/assets/console.js\"></script>",
+        ),
+    );
+    r.headers_mut().insert(
+        header::SET_COOKIE,
+        set_cookie(&session, sessions::ABSOLUTE.as_secs()),
+    );
+    r
+}
+
+/// A minimal page around `body` (sign-in outcomes).
+fn shell(title: &str, body: &str) -> String {
+    format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <title>{title} · escrow</title><link rel=\"stylesheet\" href=\"/assets/console.css\">\
+         </head><body><main class=\"narrow\"><h1>{title}</h1>{body}</main></body></html>"
+    )
+}
+
+/// Who the console session is, with its CSRF token (read by the console's script; another
+/// site cannot read it: no CORS, and the cookie is not sent from other sites).
+async fn current_session(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    caller: Caller,
+) -> Result<Json<ConsoleSession>, ApiError> {
+    let csrf = match caller.via {
+        Via::Console => Some(session(&Method::GET, &headers, &state.sessions)?.csrf),
+        Via::Certificate => None,
+    };
+    Ok(Json(ConsoleSession {
+        partner: caller.partner,
+        user: caller.user,
+        role: caller.role,
+        csrf,
+    }))
+}
+
+async fn logout(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    if let Some(token) = cookie(&headers) {
+        state.sessions.end(&token);
+    }
+    audit(&state, caller.actor(), "console_logout", Outcome::Ok).await?;
+    let mut r = StatusCode::NO_CONTENT.into_response();
+    r.headers_mut()
+        .insert(header::SET_COOKIE, set_cookie("", 0));
+    Ok(r)
+}

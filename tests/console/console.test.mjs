@@ -1,0 +1,249 @@
+// The web console in a real browser (Debian's Chromium, headless, through playwright-core)
+// against a real `escrow serve` on a fresh data directory: sign-in links, pages, roles,
+// CSRF, expiry, logout; axe-core on every page; screenshots in tests/console/out/.
+//
+// Run: node --test tests/console/ (ESCROW_BIN: the escrow binary, default
+// $CARGO_TARGET_DIR/debug/escrow; CHROMIUM: default /usr/bin/chromium).
+
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { spawn, execFileSync } from "node:child_process";
+import { mkdtempSync, mkdirSync, writeFileSync, rmSync, existsSync } from "node:fs";
+import { createInterface } from "node:readline";
+import { createServer } from "node:http";
+import { tmpdir, homedir } from "node:os";
+import { join, dirname } from "node:path";
+import { fileURLToPath } from "node:url";
+import { createRequire } from "node:module";
+import { chromium } from "playwright-core";
+
+const here = dirname(fileURLToPath(import.meta.url));
+const require = createRequire(import.meta.url);
+const AXE = require.resolve("axe-core/axe.min.js");
+const BIN = process.env.ESCROW_BIN ||
+  join(process.env.CARGO_TARGET_DIR || join(homedir(), ".cache/escrow-ci-target"), "debug/escrow");
+const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
+const OUT = join(here, "out");
+const LINK_SECS = 5;
+
+let tmp, data, server, url, browser, log = "";
+
+function op(...args) {
+  return execFileSync(BIN, args, { env: { ...process.env, ESCROW_DATA_DIR: data }, encoding: "utf8" });
+}
+
+function cli(partner, user, ...args) {
+  return execFileSync(BIN, args, {
+    env: {
+      ...process.env,
+      ESCROW_IDENTITY: join(data, "identities", partner, user),
+      ESCROW_SERVER: url,
+      ESCROW_DATA_DIR: "",
+    },
+    encoding: "utf8",
+  });
+}
+
+/** A fresh sign-in link for `partner`'s `user`, as `escrow console --print` prints it. */
+function link(partner, user = "admin") {
+  const printed = cli(partner, user, "console", "--print").trim();
+  assert.match(printed, /\/login\/[0-9a-f]{64}$/);
+  assert.ok(printed.startsWith(url), printed);
+  return printed;
+}
+
+function csv(n, tag) {
+  let s = "account_id,company_name,website,status,region\n";
+  for (let i = 0; i < n; i++) {
+    s += `${tag}-${i},Zyqx${tag}Corp${i},https://www.zyqx${tag}${i}.example,${["customer", "opportunity", "prospect"][i % 3]},${["NA", "EMEA", "APAC"][i % 3]}\n`;
+  }
+  return s;
+}
+
+async function axe(page, name) {
+  await page.addScriptTag({ path: AXE });
+  const result = await page.evaluate(async () => await window.axe.run(document, {
+    resultTypes: ["violations"],
+  }));
+  const bad = result.violations.filter((v) => v.impact === "critical" || v.impact === "serious");
+  assert.deepEqual(bad.map((v) => `${v.id}: ${v.help} (${v.nodes.length})`), [], `axe on ${name}`);
+}
+
+async function shot(page, name) {
+  await page.screenshot({ path: join(OUT, `${name}.png`), fullPage: true });
+}
+
+/** A browser profile of its own: no certificate, no cookies. */
+async function fresh(viewport = { width: 1280, height: 800 }) {
+  // The server's certificate is from the escrow's own CA, which this profile does not
+  // trust; bypassCSP lets axe-core's script in (the console allows scripts of its origin only).
+  return browser.newContext({ ignoreHTTPSErrors: true, bypassCSP: true, viewport });
+}
+
+before(async () => {
+  assert.ok(existsSync(BIN), `no escrow binary at ${BIN} (build it, or set ESCROW_BIN)`);
+  assert.ok(existsSync(CHROMIUM), `no Chromium at ${CHROMIUM} (apt-get install chromium)`);
+  rmSync(OUT, { recursive: true, force: true });
+  mkdirSync(OUT, { recursive: true });
+  tmp = mkdtempSync(join(tmpdir(), "escrow-console-"));
+  data = join(tmp, "data");
+  op("init");
+  op("partner", "add", "acme");
+  op("partner", "add", "globex");
+  op("user", "add", "acme", "ann", "--role", "analyst");
+  server = spawn(BIN, ["serve", "--listen", "127.0.0.1:0", "--console-link-secs", String(LINK_SECS)], {
+    env: { ...process.env, ESCROW_DATA_DIR: data, ESCROW_LOG: "info" },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  server.stderr.on("data", (d) => { log += d; });
+  const first = await new Promise((resolve, reject) => {
+    createInterface({ input: server.stdout }).once("line", resolve);
+    server.once("exit", (c) => reject(new Error(`escrow serve exited ${c}:\n${log}`)));
+  });
+  url = first.replace("escrow listening on ", "").trim();
+  assert.match(url, /^https:\/\/127\.0\.0\.1:\d+$/, first);
+  const file = join(tmp, "acme.csv");
+  writeFileSync(file, csv(30, "a"));
+  cli("acme", "admin", "upload", file, "--dataset", "accounts", "--key-column", "website");
+  browser = await chromium.launch({ executablePath: CHROMIUM, args: ["--no-sandbox"] });
+});
+
+after(async () => {
+  await browser?.close();
+  server?.kill("SIGTERM");
+  if (tmp) rmSync(tmp, { recursive: true, force: true });
+});
+
+test("without a session the console asks to sign in and the API gives nothing", async () => {
+  const ctx = await fresh();
+  const page = await ctx.newPage();
+  const r = await page.goto(`${url}/`);
+  assert.equal(r.status(), 200);
+  await page.getByRole("heading", { name: "Sign in" }).waitFor();
+  assert.match(await page.locator("#signin").innerText(), /escrow console/);
+  const api = await page.evaluate(async () => {
+    const r = await fetch("/v1/datasets");
+    return [r.status, (await r.json()).error.code];
+  });
+  assert.deepEqual(api, [401, "unauthenticated"]);
+  await axe(page, "sign-in");
+  await shot(page, "signin");
+  await ctx.close();
+});
+
+test("a sign-in link opens the console; pages work by keyboard; logout ends the session", async () => {
+  const ctx = await fresh();
+  const page = await ctx.newPage();
+  await page.goto(link("acme"));
+  await page.waitForURL(`${url}/`);
+  await page.getByText("admin · acme (admin)").waitFor();
+  const cookies = await ctx.cookies();
+  const session = cookies.find((c) => c.name === "__Host-escrow_session");
+  assert.ok(session, JSON.stringify(cookies));
+  assert.equal(session.httpOnly, true);
+  assert.equal(session.secure, true);
+  assert.equal(session.sameSite, "Strict");
+  assert.equal(await page.evaluate(() => document.cookie), "", "the session cookie is not readable by scripts");
+
+  // Datasets: the upload made over mutual TLS, as a table.
+  const table = page.getByRole("table", { name: /Your datasets/ });
+  await table.waitFor();
+  const row = table.getByRole("row", { name: /accounts/ });
+  assert.match(await row.innerText(), /accounts\s+1\s+30\s+csv\s+website/);
+  await axe(page, "datasets");
+  await shot(page, "datasets");
+
+  // Keyboard: the skip link, then the sections.
+  await page.keyboard.press("Tab");
+  assert.equal(await page.evaluate(() => document.activeElement.textContent), "Skip to content");
+  await page.keyboard.press("Tab");
+  await page.keyboard.press("Tab");
+  assert.equal(await page.evaluate(() => document.activeElement.textContent), "Audit");
+  await page.keyboard.press("Enter");
+  const audit = page.getByRole("table", { name: /Latest events/ });
+  await audit.waitFor();
+  const login = audit.getByRole("row", { name: /console_login/ }).first();
+  assert.match(await login.innerText(), /acme\/admin \(console\)\s+ok/);
+  await axe(page, "audit");
+  await shot(page, "audit");
+
+  // A phone's width: still readable (no horizontal scroll of the page itself).
+  await page.setViewportSize({ width: 390, height: 844 });
+  await page.goto(`${url}/#datasets`);
+  await page.getByRole("table", { name: /Your datasets/ }).waitFor();
+  const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  assert.ok(overflow <= 0, `page wider than the phone by ${overflow}px`);
+  await shot(page, "datasets-phone");
+  await page.setViewportSize({ width: 1280, height: 800 });
+
+  await page.getByRole("button", { name: "Sign out" }).click();
+  await page.getByRole("heading", { name: "Sign in" }).waitFor();
+  const after = await page.evaluate(async () => (await fetch("/v1/whoami")).status);
+  assert.equal(after, 401);
+  await ctx.close();
+});
+
+test("a role sees what it may: an analyst is refused the audit log", async () => {
+  const ctx = await fresh();
+  const page = await ctx.newPage();
+  await page.goto(link("acme", "ann"));
+  await page.getByText("ann · acme (analyst)").waitFor();
+  await page.goto(`${url}/#audit`);
+  const alert = page.getByRole("alert");
+  await alert.waitFor();
+  assert.match(await alert.innerText(), /role analyst of acme may not audit\.read/);
+  await shot(page, "audit-analyst");
+  await ctx.close();
+});
+
+test("used and expired links are refused", async () => {
+  const used = link("globex");
+  const ctx = await fresh();
+  const page = await ctx.newPage();
+  assert.equal((await page.goto(used)).status(), 200);
+  await page.getByText("admin · globex (admin)").waitFor();
+
+  const other = await fresh();
+  const second = await other.newPage();
+  const again = await second.goto(used);
+  assert.equal(again.status(), 403);
+  await second.getByRole("heading", { name: "Sign-in link not valid" }).waitFor();
+  assert.deepEqual(await other.cookies(), []);
+  await axe(second, "link refused");
+  await shot(second, "link-refused");
+
+  const late = link("globex");
+  await new Promise((r) => setTimeout(r, (LINK_SECS + 1) * 1000));
+  const expired = await second.goto(late);
+  assert.equal(expired.status(), 403);
+  assert.deepEqual(await other.cookies(), []);
+  await other.close();
+  await ctx.close();
+});
+
+test("a cross-site form post changes nothing", async () => {
+  // Another site (another origin) with a form that posts a grant to the escrow.
+  const evil = createServer((req, res) => {
+    res.setHeader("content-type", "text/html");
+    res.end(`<!doctype html><html lang="en"><title>evil</title><body>
+      <form id="f" method="POST" action="${url}/v1/policies/grants" enctype="text/plain">
+      <input name='{"dataset":"accounts","to":"globex","usage":"join","column":"website","x":"' value='"}'>
+      </form><script>document.getElementById("f").submit()</script></body></html>`);
+  });
+  await new Promise((r) => evil.listen(0, "127.0.0.1", r));
+  const before = cli("acme", "admin", "policy", "list");
+  const ctx = await fresh();
+  const page = await ctx.newPage();
+  await page.goto(link("acme"));
+  await page.getByText("admin · acme (admin)").waitFor();
+  const posted = page.waitForResponse((r) => r.url().endsWith("/v1/policies/grants"));
+  await page.goto(`http://127.0.0.1:${evil.address().port}/`);
+  const r = await posted;
+  assert.ok([401, 403].includes(r.status()), `cross-site post answered ${r.status()}`);
+  assert.equal(cli("acme", "admin", "policy", "list"), before);
+  // The session itself is still fine.
+  await page.goto(`${url}/`);
+  await page.getByText("admin · acme (admin)").waitFor();
+  evil.close();
+  await ctx.close();
+});
