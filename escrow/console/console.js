@@ -1,42 +1,57 @@
 // escrow console: progressive script over the same /v1 API as every program. No third-party
-// code. State-changing requests carry the session's CSRF token.
+// code. Data from the API is only ever rendered as text (textContent), never as markup.
+// State-changing requests carry the session's CSRF token.
 "use strict";
 
 (function () {
   // The sign-in page moves on to the console by a navigation of this origin's own page, so
   // the SameSite=Strict session cookie goes with it.
-  const onward = document.getElementById("continue");
-  if (onward) {
+  if (document.getElementById("continue")) {
     window.location.replace("/");
     return;
   }
 
   let session = null;
 
+  function failure(r, body) {
+    const e = new Error(body && body.error ? body.error.message : "request failed (" + r.status + ")");
+    e.status = r.status;
+    e.code = body && body.error ? body.error.code : null;
+    return e;
+  }
+
+  function headers(extra, method) {
+    const h = Object.assign({}, extra || {});
+    if (method && method !== "GET" && session && session.csrf) h["x-csrf-token"] = session.csrf;
+    return h;
+  }
+
   async function api(path, options) {
-    const opts = Object.assign({ credentials: "same-origin", headers: {} }, options || {});
-    if (opts.method && opts.method !== "GET" && session && session.csrf) {
-      opts.headers["x-csrf-token"] = session.csrf;
+    const opts = Object.assign({ credentials: "same-origin" }, options || {});
+    opts.headers = headers(opts.headers, opts.method);
+    if (opts.json !== undefined) {
+      opts.body = JSON.stringify(opts.json);
+      opts.headers["content-type"] = "application/json";
+      delete opts.json;
     }
     const r = await fetch(path, opts);
+    if (opts.raw && r.ok) return r;
     const text = await r.text();
     let body = null;
     try { body = text ? JSON.parse(text) : null; } catch (_) { body = null; }
-    if (!r.ok) {
-      const e = new Error(body && body.error ? body.error.message : "request failed (" + r.status + ")");
-      e.status = r.status;
-      e.code = body && body.error ? body.error.code : null;
-      throw e;
-    }
+    if (!r.ok) throw failure(r, body);
     return body;
   }
 
   function el(tag, attrs, children) {
     const n = document.createElement(tag);
     for (const [k, v] of Object.entries(attrs || {})) {
-      if (k === "text") n.textContent = v; else n.setAttribute(k, v);
+      if (v === undefined || v === null || v === false) continue;
+      if (k === "text") n.textContent = v;
+      else if (k === "on") for (const [ev, f] of Object.entries(v)) n.addEventListener(ev, f);
+      else n.setAttribute(k, v === true ? "" : v);
     }
-    for (const c of children || []) n.append(c);
+    for (const c of children || []) if (c !== null && c !== undefined) n.append(c);
     return n;
   }
 
@@ -44,6 +59,7 @@
     const head = el("tr", {}, columns.map((c) => el("th", { scope: "col", text: c.label })));
     const body = rows.map((r) => el("tr", {}, columns.map((c) => {
       const v = c.value(r);
+      if (v instanceof Node) return el("td", {}, [v]);
       return el("td", c.num ? { class: "num", text: String(v) } : { text: v == null ? "" : String(v) });
     })));
     return el("div", { class: "table-wrap" }, [
@@ -51,24 +67,179 @@
     ]);
   }
 
+  let uid = 0;
+  /** A labelled form field; `control` is an input or select element. */
+  function field(label, control) {
+    control.id = control.id || "f" + (++uid);
+    return el("label", { for: control.id }, [label, control]);
+  }
+
+  function input(name, attrs) {
+    return el("input", Object.assign({ name, type: "text", autocomplete: "off" }, attrs || {}));
+  }
+
+  function select(name, options, attrs) {
+    return el("select", Object.assign({ name }, attrs || {}),
+      options.map((o) => el("option", { value: o.value !== undefined ? o.value : o, text: o.label || o })));
+  }
+
+  /** Show an API error next to the field it is about (or the form). */
+  function showError(form, e, fieldFor) {
+    for (const old of form.querySelectorAll(".field-error")) old.remove();
+    for (const c of form.querySelectorAll("[aria-invalid]")) { c.removeAttribute("aria-invalid"); c.removeAttribute("aria-describedby"); }
+    // The field an error is about: by its code, or for a rule refused whole
+    // (`invalid_rule`), by the part of the rule its message names.
+    const byMessage = e.code === "invalid_rule"
+      ? ["grantee", "usage", "column", "population", "dataset"].find((w) => (e.message || "").includes(w))
+      : null;
+    const name = (fieldFor ? fieldFor(e.code) : null) ||
+      ({ grantee: "to", usage: "usage", column: "column", population: "column", dataset: "dataset" }[byMessage]);
+    const control = name ? form.elements[name] : null;
+    const msg = el("p", { class: "field-error", role: "alert", id: "err" + (++uid), text: e.message });
+    if (control) {
+      control.setAttribute("aria-invalid", "true");
+      control.setAttribute("aria-describedby", msg.id);
+      control.closest("label").after(msg);
+    } else {
+      form.append(msg);
+    }
+  }
+
+  function partnerOf(dataset) { return dataset.split(".")[0]; }
+
   const pages = {
-    async datasets(view) {
-      const list = await api("/v1/datasets");
-      view.append(el("h1", { text: "Datasets" }));
-      if (!list.datasets.length) {
-        view.append(el("p", { class: "muted", text: "No datasets yet." }));
+    async partners(view) {
+      view.append(el("h1", { text: "Partners" }));
+      const g = await api("/v1/policies");
+      const names = new Set();
+      for (const x of g.granted) names.add(x.to);
+      for (const x of g.received) names.add(partnerOf(x.dataset));
+      if (!names.size) {
+        view.append(el("p", { class: "muted", text: "You share nothing with any partner yet, and no partner shares anything with you." }));
         return;
       }
-      view.append(table("Your datasets, latest version of each", [
-        { label: "Name", value: (d) => d.name },
-        { label: "Version", value: (d) => d.version, num: true },
-        { label: "Rows", value: (d) => d.rows, num: true },
-        { label: "Format", value: (d) => d.format },
-        { label: "Key column", value: (d) => d.key_column || "none" },
-        { label: "Uploaded", value: (d) => d.created_at },
-        { label: "By", value: (d) => d.uploaded_by },
-      ], list.datasets));
+      const cols = [
+        { label: "Dataset", value: (x) => x.dataset },
+        { label: "Use", value: (x) => x.usage },
+        { label: "Column or population", value: (x) => x.population || x.column },
+      ];
+      for (const p of [...names].sort()) {
+        const label = p === "*" ? "Every partner" : p;
+        view.append(el("h2", { text: label }));
+        const mine = g.granted.filter((x) => x.to === p);
+        const theirs = g.received.filter((x) => partnerOf(x.dataset) === p);
+        view.append(mine.length ? table("What you share with " + label, cols, mine)
+          : el("p", { class: "muted", text: "You share nothing with " + label + "." }));
+        if (p !== "*") {
+          view.append(theirs.length ? table("What " + p + " shares with you", cols, theirs)
+            : el("p", { class: "muted", text: p + " shares nothing with you." }));
+        }
+      }
     },
+
+    async mapping(view) {
+      view.append(el("h1", { text: "Account mapping" }));
+      const g = await api("/v1/policies");
+      const sharing = [...new Set(g.received.filter((x) => x.usage === "overlap").map((x) => partnerOf(x.dataset)))].sort();
+      if (!sharing.length) {
+        view.append(el("p", { class: "muted", text: "No partner shares overlap counts with you yet." }));
+        return;
+      }
+      const form = el("form", { class: "inline", "aria-label": "Overlap question" }, [
+        field("Partner", select("with", sharing)),
+        field("Your dataset (optional)", input("mine")),
+        field("Their dataset (optional)", input("theirs")),
+        field("Break down by (optional)", input("by")),
+        el("button", { type: "submit", class: "primary", text: "Show overlap" }),
+      ]);
+      view.append(form, el("p", { class: "note", text:
+        "A new question spends privacy budget with that partner; the same question on the same data versions again is free and gives the same answer. Counts carry noise; cells with too few companies are withheld." }));
+      const out = el("div", { id: "mapping-result", "aria-live": "polite" });
+      view.append(out);
+      const request = () => {
+        const f = new FormData(form);
+        const body = { with: f.get("with") };
+        for (const k of ["mine", "theirs", "by"]) if (f.get(k)) body[k] = f.get(k);
+        return body;
+      };
+      form.addEventListener("submit", async (ev) => {
+        ev.preventDefault();
+        out.replaceChildren(el("p", { class: "muted", text: "Counting…" }));
+        try {
+          const body = request();
+          const answer = await api("/v1/overlaps", { method: "POST", json: body });
+          out.replaceChildren(...overlapView(answer, body));
+          for (const old of form.querySelectorAll(".field-error")) old.remove();
+        } catch (e) {
+          if (e.status === 401) return signedOut();
+          out.replaceChildren();
+          showError(form, e, (code) => ({ unknown_column: "by", group_by_key: "by", ambiguous_dataset: "theirs" }[code]));
+        }
+      });
+    },
+
+    async datasets(view) {
+      view.append(el("h1", { text: "Datasets" }));
+      const list = await api("/v1/datasets");
+      if (!list.datasets.length) {
+        view.append(el("p", { class: "muted", text: "No datasets yet." }));
+      } else {
+        view.append(table("Your datasets, latest version of each", [
+          { label: "Name", value: (d) => d.name },
+          { label: "Version", value: (d) => d.version, num: true },
+          { label: "Rows", value: (d) => d.rows, num: true },
+          { label: "Format", value: (d) => d.format },
+          { label: "Key column", value: (d) => d.key_column || "none" },
+          { label: "Uploaded", value: (d) => d.created_at },
+          { label: "By", value: (d) => d.uploaded_by },
+          { label: "Actions", value: (d) => el("button", { type: "button", class: "danger", text: "Delete " + d.name, on: { click: () => confirmDelete(d.name) } }) },
+        ], list.datasets));
+      }
+      view.append(el("h2", { text: "Upload a new dataset or version" }));
+      view.append(uploadForm());
+    },
+
+    async policies(view) {
+      view.append(el("h1", { text: "Policies" }));
+      const [g, list] = await Promise.all([api("/v1/policies"), api("/v1/datasets")]);
+      view.append(g.granted.length ? table("Uses of your datasets you granted", [
+        { label: "Dataset", value: (x) => x.dataset },
+        { label: "To", value: (x) => x.to },
+        { label: "Use", value: (x) => x.usage },
+        { label: "Column or population", value: (x) => x.population || x.column },
+        { label: "Actions", value: (x) => el("button", { type: "button", class: "danger", text: "Revoke", "aria-label": "Revoke " + x.usage + " of " + x.dataset + " to " + x.to,
+          on: { click: async () => {
+            const body = { dataset: x.dataset.split(".").slice(1).join("."), to: x.to, usage: x.usage };
+            if (x.usage === "overlap") { if (x.population !== "*") body.population = x.population; } else if (x.column !== "*") body.column = x.column;
+            try { await api("/v1/policies/revocations", { method: "POST", json: body }); await show(); }
+            catch (e) { view.append(el("p", { class: "error", role: "alert", text: e.message })); }
+          } } }) },
+      ], g.granted) : el("p", { class: "muted", text: "You granted nothing yet." }));
+      view.append(el("h2", { text: "Grant a use" }));
+      const usages = ["join", "count", "dimension", "filter", "sum", "avg", "standalone", "overlap"];
+      const form = el("form", { class: "inline", "aria-label": "Grant a use" }, [
+        field("Dataset", select("dataset", list.datasets.map((d) => d.name))),
+        field("To partner", input("to", { required: true })),
+        field("Use", select("usage", usages)),
+        field("Column (or population for overlap; empty: all)", input("column")),
+        el("button", { type: "submit", class: "primary", text: "Grant" }),
+      ]);
+      form.addEventListener("submit", async (ev) => {
+        ev.preventDefault();
+        const f = new FormData(form);
+        const body = { dataset: f.get("dataset"), to: f.get("to"), usage: f.get("usage") };
+        if (f.get("column")) body[f.get("usage") === "overlap" ? "population" : "column"] = f.get("column");
+        try {
+          await api("/v1/policies/grants", { method: "POST", json: body });
+          await show();
+        } catch (e) {
+          if (e.status === 401) return signedOut();
+          showError(form, e, (code) => ({ unknown_column: "column", unknown_population: "column", unknown_dataset: "dataset", invalid_name: "to", unknown_partner: "to" }[code]));
+        }
+      });
+      view.append(form);
+    },
+
     async audit(view) {
       const list = await api("/v1/audit");
       view.append(el("h1", { text: "Audit" }));
@@ -83,10 +254,142 @@
     },
   };
 
+  /** The overlap answer: a heatmap of your populations x theirs, protection and budget. */
+  function overlapView(a, request) {
+    const parts = [];
+    const mine = a.populations.mine, theirs = a.populations.theirs;
+    const counts = a.rows.filter((r) => !r.suppressed).map((r) => r.count);
+    const max = Math.max(1, ...counts);
+    if (!a.by) {
+      const cell = (m, t) => a.rows.find((r) => r.mine === m && r.theirs === t);
+      const head = el("tr", {}, [el("th", { scope: "col", text: "Yours \u2193 / theirs \u2192" }), ...theirs.map((t) => el("th", { scope: "col", text: t }))]);
+      const rows = mine.map((m) => el("tr", {}, [el("th", { scope: "row", text: m }), ...theirs.map((t) => {
+        const c = cell(m, t);
+        if (!c || c.suppressed) {
+          return el("td", { class: "cell suppressed", title: "Withheld: too few companies to say (it may hold a handful or none)", text: "withheld" });
+        }
+        const td = el("td", { class: "cell", text: String(c.count) });
+        // Darker is more; two bands keep the text readable on either.
+        const t01 = Math.max(0, c.count) / max;
+        const light = t01 <= 0.5 ? 95 - 70 * t01 : 40 - 30 * (t01 - 0.5);
+        td.style.backgroundColor = "hsl(210, 70%, " + light.toFixed(1) + "%)";
+        td.style.color = light <= 40 ? "#ffffff" : "#1b1f24";
+        return td;
+      })]));
+      parts.push(el("div", { class: "table-wrap heat" }, [el("table", {}, [
+        el("caption", { text: "Companies in both lists: " + a.mine + " \u00d7 " + a.theirs }),
+        el("thead", {}, [head]), el("tbody", {}, rows)])]));
+      parts.push(el("p", { class: "legend" }, [
+        el("span", {}, [el("span", { class: "swatch", "aria-hidden": "true" }), "darker: more companies (largest shown: " + max + ")"]),
+        el("span", {}, [el("span", { class: "swatch suppressed-swatch", "aria-hidden": "true" }), "withheld: below the release threshold"]),
+      ]));
+    } else {
+      parts.push(table("Companies in both lists by " + a.by + ": " + a.mine + " \u00d7 " + a.theirs, [
+        { label: "Yours", value: (r) => r.mine },
+        { label: "Theirs", value: (r) => r.theirs },
+        { label: a.by, value: (r) => (a.by in r ? r[a.by] : r.value) },
+        { label: "Companies", value: (r) => (r.suppressed ? "withheld" : r.count), num: true },
+      ], a.rows));
+    }
+    const p = a.protection || {};
+    parts.push(el("p", { class: "note", text:
+      "Each count carries discrete Gaussian noise (standard deviation " + fmt(p.noise_sd) + "); a cell is shown only with at least " +
+      p.min_entities + " companies and a noisy count of " + fmt(p.release_threshold) + " or more. This answer " +
+      (a.repeated ? "repeats an earlier one and spent nothing." : "spent \u03b5 " + fmt(a.epsilon_spent) + ".") }));
+    for (const b of a.budgets || []) {
+      const id = "budget" + (++uid);
+      parts.push(el("p", {}, [
+        el("label", { for: id, text: "Budget on " + b.dataset + ": " + fmt(b.spent) + " of " + fmt(b.budget) + " spent " }),
+        el("meter", { id, min: "0", max: String(b.budget), value: String(b.spent), high: String(b.budget * 0.75), optimum: "0" }),
+      ]));
+    }
+    parts.push(el("button", { type: "button", text: "Download CSV", on: { click: () => download(request) } }));
+    return parts;
+  }
+
+  function fmt(x) { return typeof x === "number" ? String(Math.round(x * 1000) / 1000) : String(x); }
+
+  async function download(request) {
+    const r = await api("/v1/overlaps", { method: "POST", json: Object.assign({}, request, { format: "csv" }), raw: true });
+    const blob = await r.blob();
+    const a = el("a", { href: URL.createObjectURL(blob), download: "overlap-" + request.with + ".csv" });
+    document.body.append(a);
+    a.click();
+    a.remove();
+  }
+
+  function uploadForm() {
+    const file = el("input", { name: "file", type: "file", required: true, accept: ".csv,.parquet,.pq,.arrow,.arrows,.feather,.ipc" });
+    const progress = el("progress", { max: "100", value: "0", hidden: true, "aria-label": "Upload progress" });
+    const status = el("p", { class: "muted", role: "status" });
+    const form = el("form", { class: "inline", "aria-label": "Upload" }, [
+      field("File (CSV, Parquet, Arrow IPC)", file),
+      field("Dataset name", input("name", { required: true, pattern: "[a-z][a-z0-9_]*" })),
+      field("Key column", input("key_column", { value: "website" })),
+      field("Name column (optional)", input("name_column")),
+      el("button", { type: "submit", class: "primary", text: "Upload" }),
+    ]);
+    form.addEventListener("submit", (ev) => {
+      ev.preventDefault();
+      const f = new FormData(form);
+      const chosen = file.files[0];
+      const ext = chosen.name.split(".").pop().toLowerCase();
+      const format = { csv: "csv", parquet: "parquet", pq: "parquet", arrow: "arrow", feather: "arrow", ipc: "arrow", arrows: "arrow-stream" }[ext] || "csv";
+      const q = new URLSearchParams({ format });
+      for (const k of ["key_column", "name_column"]) if (f.get(k)) q.set(k, f.get(k));
+      // XMLHttpRequest: the only browser API that reports upload progress; the file is
+      // streamed from disk, never read into memory.
+      const x = new XMLHttpRequest();
+      x.open("PUT", "/v1/datasets/" + encodeURIComponent(f.get("name")) + "?" + q);
+      const h = headers({}, "PUT");
+      for (const [k, v] of Object.entries(h)) x.setRequestHeader(k, v);
+      progress.hidden = false;
+      progress.value = 0;
+      status.textContent = "Uploading " + chosen.name + "…";
+      x.upload.addEventListener("progress", (e) => {
+        if (e.lengthComputable) progress.value = Math.round((100 * e.loaded) / e.total);
+      });
+      x.addEventListener("load", async () => {
+        let body = null;
+        try { body = JSON.parse(x.responseText); } catch (_) { body = null; }
+        if (x.status >= 200 && x.status < 300) {
+          progress.value = 100;
+          await show();
+          const done = document.querySelector("[role=status]");
+          if (done) done.textContent = "Uploaded " + body.dataset + " version " + body.version + ": " + body.rows + " rows sealed.";
+        } else {
+          progress.hidden = true;
+          status.textContent = "";
+          showError(form, failure({ status: x.status }, body), (code) => ({ bad_csv: "file", unknown_column: "key_column", invalid_name: "name" }[code]));
+        }
+      });
+      x.addEventListener("error", () => { status.textContent = "The upload failed: the connection was lost."; });
+      x.send(chosen);
+    });
+    return el("div", {}, [form, progress, status]);
+  }
+
+  function confirmDelete(name) {
+    const dialog = el("dialog", { "aria-labelledby": "del-title" }, [
+      el("h2", { id: "del-title", text: "Delete " + name + "?" }),
+      el("p", { text: "Every version of " + name + " is crypto-shredded: its keys are destroyed and nobody, you included, can read it again. This cannot be undone." }),
+    ]);
+    const cancel = el("button", { type: "button", text: "Cancel", on: { click: () => dialog.close() } });
+    const confirm = el("button", { type: "button", class: "danger", text: "Delete for good", on: { click: async () => {
+      try { await api("/v1/datasets/" + encodeURIComponent(name), { method: "DELETE" }); dialog.close(); await show(); }
+      catch (e) { dialog.append(el("p", { class: "error", role: "alert", text: e.message })); }
+    } } });
+    dialog.append(el("p", {}, [cancel, " ", confirm]));
+    dialog.addEventListener("close", () => dialog.remove());
+    document.body.append(dialog);
+    dialog.showModal();
+    cancel.focus();
+  }
+
   async function show() {
     const view = document.getElementById("view");
-    const name = (window.location.hash || "#datasets").slice(1);
-    const page = pages[name] ? name : "datasets";
+    const name = (window.location.hash || "#partners").slice(1);
+    const page = pages[name] ? name : "partners";
     for (const a of document.querySelectorAll("nav a")) {
       if (a.getAttribute("href") === "#" + page) a.setAttribute("aria-current", "page");
       else a.removeAttribute("aria-current");

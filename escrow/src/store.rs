@@ -61,8 +61,8 @@ pub struct Store {
 #[derive(Debug, Clone)]
 pub struct UploadRequest {
     pub owner: String,
-    pub user: String,
-    pub role: String,
+    /// Who uploads, as the audit log names it.
+    pub actor: Actor,
     pub dataset: String,
     pub format: Option<Format>,
     pub key: ingest::KeySpec,
@@ -244,7 +244,7 @@ impl Store {
     pub fn upload<R: Read>(&self, req: &UploadRequest, input: R) -> Result<UploadOutcome> {
         let event = Event::new(
             "upload",
-            Actor::user(&req.owner, &req.user, &req.role),
+            req.actor.clone(),
             Outcome::Ok,
             serde_json::json!({ "dataset": req.dataset }),
         );
@@ -312,7 +312,7 @@ impl Store {
             format: ingested.format.as_str().to_string(),
             columns: ingested.columns.clone(),
             key_column: ingested.key_column.clone(),
-            uploaded_by: req.user.clone(),
+            uploaded_by: req.actor.user.clone(),
         };
         let wrap = |kek_id: &str| self.keys.get(kek_id)?.wrap(&dek, &bind);
         let version = self.catalog.commit_version(&new, wrap, |tx, version| {

@@ -52,12 +52,18 @@ function link(partner, user = "admin") {
   return printed;
 }
 
-function csv(n, tag) {
+/** `n` companies (the same websites for the same `tag`), status by `status(i)`. */
+function csv(n, tag, status = (i) => i % 3) {
   let s = "account_id,company_name,website,status,region\n";
   for (let i = 0; i < n; i++) {
-    s += `${tag}-${i},Zyqx${tag}Corp${i},https://www.zyqx${tag}${i}.example,${["customer", "opportunity", "prospect"][i % 3]},${["NA", "EMEA", "APAC"][i % 3]}\n`;
+    s += `${tag}-${i},Zyqx${tag}Corp${i},https://www.zyqx${tag}${i}.example,${["customer", "opportunity", "prospect"][status(i)]},${["NA", "EMEA", "APAC"][i % 3]}\n`;
   }
   return s;
+}
+
+function populations(partner, dataset) {
+  cli(partner, "admin", "population", "add", dataset, "customers", "--filter", "status = 'customer'");
+  cli(partner, "admin", "population", "add", dataset, "opportunities", "--filter", "status = 'opportunity'");
 }
 
 async function axe(page, name) {
@@ -91,6 +97,7 @@ before(async () => {
   op("partner", "add", "acme");
   op("partner", "add", "globex");
   op("user", "add", "acme", "ann", "--role", "analyst");
+  op("user", "add", "globex", "cora", "--role", "compliance");
   server = spawn(BIN, ["serve", "--listen", "127.0.0.1:0", "--console-link-secs", String(LINK_SECS)], {
     env: { ...process.env, ESCROW_DATA_DIR: data, ESCROW_LOG: "info" },
     stdio: ["ignore", "pipe", "pipe"],
@@ -105,6 +112,12 @@ before(async () => {
   const file = join(tmp, "acme.csv");
   writeFileSync(file, csv(30, "a"));
   cli("acme", "admin", "upload", file, "--dataset", "accounts", "--key-column", "website");
+  // globex's list: the same 900 companies as acme's CRM export below, statuses spread so that
+  // every pair of populations holds about 100 of them.
+  const theirs = join(tmp, "globex.csv");
+  writeFileSync(theirs, csv(900, "m", (i) => Math.floor(i / 3) % 3));
+  cli("globex", "admin", "upload", theirs, "--dataset", "accounts", "--key-column", "website");
+  populations("globex", "accounts");
   browser = await chromium.launch({ executablePath: CHROMIUM, args: ["--no-sandbox"] });
 });
 
@@ -146,6 +159,7 @@ test("a sign-in link opens the console; pages work by keyboard; logout ends the 
   assert.equal(await page.evaluate(() => document.cookie), "", "the session cookie is not readable by scripts");
 
   // Datasets: the upload made over mutual TLS, as a table.
+  await page.goto(`${url}/#datasets`);
   const table = page.getByRole("table", { name: /Your datasets/ });
   await table.waitFor();
   const row = table.getByRole("row", { name: /accounts/ });
@@ -156,8 +170,7 @@ test("a sign-in link opens the console; pages work by keyboard; logout ends the 
   // Keyboard: the skip link, then the sections.
   await page.keyboard.press("Tab");
   assert.equal(await page.evaluate(() => document.activeElement.textContent), "Skip to content");
-  await page.keyboard.press("Tab");
-  await page.keyboard.press("Tab");
+  for (let i = 0; i < 5; i++) await page.keyboard.press("Tab");
   assert.equal(await page.evaluate(() => document.activeElement.textContent), "Audit");
   await page.keyboard.press("Enter");
   const audit = page.getByRole("table", { name: /Latest events/ });
@@ -245,5 +258,106 @@ test("a cross-site form post changes nothing", async () => {
   await page.goto(`${url}/`);
   await page.getByText("admin · acme (admin)").waitFor();
   evil.close();
+  await ctx.close();
+});
+
+test("a compliance officer grants overlap; the other partner uploads in the browser and maps accounts", async () => {
+  // globex's compliance officer grants acme the overlap counts of globex's populations.
+  const cora = await fresh();
+  const page = await cora.newPage();
+  await page.goto(link("globex", "cora"));
+  await page.getByText("cora · globex (compliance)").waitFor();
+  await page.goto(`${url}/#policies`);
+  const form = page.getByRole("form", { name: "Grant a use" });
+  await form.waitFor();
+  await form.getByLabel("Dataset").selectOption("accounts");
+  await form.getByLabel("To partner").fill("acme");
+  await form.getByLabel("Use").selectOption("overlap");
+  await form.getByRole("button", { name: "Grant" }).click();
+  const granted = page.getByRole("table", { name: /you granted/ });
+  await granted.getByRole("row", { name: /overlap/ }).waitFor();
+  // An invalid change is refused whole, with the reason next to the field.
+  await page.getByRole("form", { name: "Grant a use" }).getByLabel("To partner").fill("Not A Partner");
+  await page.getByRole("form", { name: "Grant a use" }).getByRole("button", { name: "Grant" }).click();
+  await page.getByRole("alert").waitFor();
+  const to = page.getByRole("form", { name: "Grant a use" }).getByLabel("To partner");
+  assert.equal(await to.getAttribute("aria-invalid"), "true", "the reason sits with the field");
+  assert.match(await page.locator(`#${await to.getAttribute("aria-describedby")}`).innerText(), /not a valid name/);
+  assert.equal(await granted.getByRole("row").count(), 2, "nothing else was granted");
+  await axe(page, "policies");
+  await shot(page, "policies");
+  await cora.close();
+  assert.match(cli("acme", "admin", "policy", "list"), /overlap/);
+
+  // acme's admin uploads its CRM export in the browser, with a progress bar.
+  const ctx = await fresh();
+  const mine = await ctx.newPage();
+  await mine.goto(link("acme"));
+  await mine.getByText("admin · acme (admin)").waitFor();
+  await mine.goto(`${url}/#datasets`);
+  const file = join(tmp, "crm.csv");
+  writeFileSync(file, csv(900, "m"));
+  const upload = mine.getByRole("form", { name: "Upload" });
+  await upload.getByLabel(/^File/).setInputFiles(file);
+  await upload.getByLabel("Dataset name").fill("crm");
+  await upload.getByRole("button", { name: "Upload" }).click();
+  await mine.getByText("Uploaded crm version 1: 900 rows sealed.").waitFor();
+  await mine.getByRole("table", { name: /Your datasets/ }).getByRole("row", { name: /crm/ }).waitFor();
+  await shot(mine, "datasets-uploaded");
+  populations("acme", "crm");
+
+  // The account mapping: a heatmap, the same counts as `escrow overlap`.
+  await mine.goto(`${url}/#mapping`);
+  const ask = mine.getByRole("form", { name: "Overlap question" });
+  await ask.waitFor();
+  await ask.getByLabel("Partner").selectOption("globex");
+  await ask.getByLabel("Your dataset (optional)").fill("crm");
+  await ask.getByRole("button", { name: "Show overlap" }).click();
+  const heat = mine.getByRole("table", { name: /Companies in both lists/ });
+  await heat.waitFor();
+  const shown = await heat.locator("tbody tr").evaluateAll((rows) => rows.map((r) =>
+    [r.querySelector("th").textContent, ...[...r.querySelectorAll("td")].map((d) => d.textContent)]));
+  const cli_answer = JSON.parse(cli("acme", "admin", "overlap", "--with", "globex", "--mine", "crm", "--format", "json"));
+  assert.equal(cli_answer.repeated, true, "the CLI asked the same question: answered again, free");
+  const expected = cli_answer.populations.mine.map((m) => [m, ...cli_answer.populations.theirs.map((t) => {
+    const c = cli_answer.rows.find((r) => r.mine === m && r.theirs === t);
+    return c.suppressed ? "withheld" : String(c.count);
+  })]);
+  assert.deepEqual(shown, expected);
+  assert.ok(shown.flat().some((v) => /^\d+$/.test(v)), `no released cell: ${JSON.stringify(shown)}`);
+  await mine.getByText(/Budget on globex\.accounts/).waitFor();
+  await axe(mine, "account mapping");
+  await shot(mine, "mapping");
+
+  // Partners: what each side shares.
+  await mine.goto(`${url}/#partners`);
+  await mine.getByRole("table", { name: "What globex shares with you" }).waitFor();
+  await axe(mine, "partners");
+  await shot(mine, "partners");
+
+  // The audit page shows the browser's actions as the console's.
+  await mine.goto(`${url}/#audit`);
+  const audit = mine.getByRole("table", { name: /Latest events/ });
+  await audit.waitFor();
+  const rows = await audit.locator("tbody tr").allInnerTexts();
+  for (const kind of ["upload", "overlap"]) {
+    assert.ok(rows.some((r) => r.split("\t")[2] === kind && r.includes("acme/admin (console)")),
+      `no ${kind} from the console in:\n${rows.join("\n")}`);
+  }
+  await ctx.close();
+});
+
+test("an analyst is refused the policy editor's changes", async () => {
+  const ctx = await fresh();
+  const page = await ctx.newPage();
+  await page.goto(link("acme", "ann"));
+  await page.getByText("ann · acme (analyst)").waitFor();
+  await page.goto(`${url}/#policies`);
+  const form = page.getByRole("form", { name: "Grant a use" });
+  await form.getByLabel("To partner").fill("globex");
+  await form.getByRole("button", { name: "Grant" }).click();
+  const alert = page.getByRole("alert");
+  await alert.waitFor();
+  assert.match(await alert.innerText(), /role analyst of acme may not policy\.change/);
   await ctx.close();
 });

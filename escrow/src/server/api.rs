@@ -334,8 +334,7 @@ async fn upload(
     let format = params.format.as_deref().map(Format::parse).transpose()?;
     let req = UploadRequest {
         owner: caller.partner.clone(),
-        user: caller.user.clone(),
-        role: caller.role.clone(),
+        actor: caller.actor(),
         dataset: name,
         format,
         key: crate::ingest::KeySpec {
