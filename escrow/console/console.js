@@ -199,60 +199,142 @@
       view.append(uploadForm());
     },
 
-    async policies(view) {
-      view.append(el("h1", { text: "Policies" }));
-      const [g, list] = await Promise.all([api("/v1/policies"), api("/v1/datasets")]);
-      view.append(g.granted.length ? table("Uses of your datasets you granted", [
-        { label: "Dataset", value: (x) => x.dataset },
-        { label: "To", value: (x) => x.to },
-        { label: "Use", value: (x) => x.usage },
-        { label: "Column or population", value: (x) => x.population || x.column },
-        { label: "Actions", value: (x) => el("button", { type: "button", class: "danger", text: "Revoke", "aria-label": "Revoke " + x.usage + " of " + x.dataset + " to " + x.to,
-          on: { click: async () => {
-            const body = { dataset: x.dataset.split(".").slice(1).join("."), to: x.to, usage: x.usage };
-            if (x.usage === "overlap") { if (x.population !== "*") body.population = x.population; } else if (x.column !== "*") body.column = x.column;
-            try { await api("/v1/policies/revocations", { method: "POST", json: body }); await show(); }
-            catch (e) { view.append(el("p", { class: "error", role: "alert", text: e.message })); }
-          } } }) },
-      ], g.granted) : el("p", { class: "muted", text: "You granted nothing yet." }));
-      view.append(el("h2", { text: "Grant a use" }));
-      const usages = ["join", "count", "dimension", "filter", "sum", "avg", "standalone", "overlap"];
-      const form = el("form", { class: "inline", "aria-label": "Grant a use" }, [
-        field("Dataset", select("dataset", list.datasets.map((d) => d.name))),
-        field("To partner", input("to", { required: true })),
-        field("Use", select("usage", usages)),
-        field("Column (or population for overlap; empty: all)", input("column")),
-        el("button", { type: "submit", class: "primary", text: "Grant" }),
+    async questions(view) {
+      view.append(el("h1", { text: "Questions" }));
+      const sql = el("textarea", { name: "sql", rows: "6", cols: "80", spellcheck: "false", required: true });
+      const form = el("form", { "aria-label": "Question" }, [
+        field("SQL: one SELECT over partner.dataset tables; aggregates only", sql),
+        el("p", {}, [
+          el("button", { type: "submit", value: "explain", class: "", text: "Explain" }), " ",
+          el("button", { type: "submit", value: "run", class: "primary", text: "Run" }),
+        ]),
       ]);
+      const out = el("div", { "aria-live": "polite" });
+      view.append(form, el("p", { class: "note", text:
+        "Explain shows every use the question makes and the grant that allows it, and what answering would cost, without reading data or spending anything. A question over another partner's data spends privacy budget; asking it again is free and gives the same answer." }), out);
       form.addEventListener("submit", async (ev) => {
         ev.preventDefault();
-        const f = new FormData(form);
-        const body = { dataset: f.get("dataset"), to: f.get("to"), usage: f.get("usage") };
-        if (f.get("column")) body[f.get("usage") === "overlap" ? "population" : "column"] = f.get("column");
+        const what = ev.submitter ? ev.submitter.value : "run";
+        out.replaceChildren(el("p", { class: "muted", text: what === "run" ? "Running…" : "Checking…" }));
         try {
-          await api("/v1/policies/grants", { method: "POST", json: body });
-          await show();
+          if (what === "explain") {
+            out.replaceChildren(...explainView(await api("/v1/queries/explain", { method: "POST", json: { sql: sql.value } })));
+          } else {
+            out.replaceChildren(...answerView(await api("/v1/queries", { method: "POST", json: { sql: sql.value, format: "json" } })));
+          }
+          for (const old of form.querySelectorAll(".field-error")) old.remove();
         } catch (e) {
           if (e.status === 401) return signedOut();
-          showError(form, e, (code) => ({ unknown_column: "column", unknown_population: "column", unknown_dataset: "dataset", invalid_name: "to", unknown_partner: "to" }[code]));
+          out.replaceChildren();
+          showError(form, e, () => "sql");
         }
       });
-      view.append(form);
+    },
+
+    async policies(view) {
+      await policyEditor(view);
+      view.append(el("h2", { text: "History" }));
+      const h = await api("/v1/policies/versions");
+      const mayChange = ["admin", "compliance"].includes(session.role);
+      if (!h.versions.length) {
+        view.append(el("p", { class: "muted", text: "No changes yet." }));
+        return;
+      }
+      const latest = h.versions[h.versions.length - 1].version;
+      view.append(table("Policy versions, newest first", [
+        { label: "Version", value: (v) => v.version, num: true },
+        { label: "Time", value: (v) => v.time },
+        { label: "By", value: (v) => v.by },
+        { label: "Change", value: (v) => v.change },
+        { label: "Diff", value: (v) => el("pre", { class: "diff", text: [...v.removed.map((l) => "- " + l), ...v.added.map((l) => "+ " + l)].join("\n") || "(no lines)" }) },
+        { label: "Actions", value: (v) => (mayChange && v.version !== latest)
+          ? el("button", { type: "button", text: "Roll back to " + v.version, on: { click: async () => {
+            try { await api("/v1/policies/rollback", { method: "POST", json: { version: v.version } }); await show(); }
+            catch (e) { view.append(el("p", { class: "error", role: "alert", text: e.message })); }
+          } } })
+          : "" },
+      ], h.versions.slice().reverse()));
     },
 
     async audit(view) {
-      const list = await api("/v1/audit");
       view.append(el("h1", { text: "Audit" }));
-      const records = list.records.slice(-200).reverse();
-      view.append(table("Latest events you may see, newest first", [
-        { label: "#", value: (r) => r.seq, num: true },
-        { label: "Time", value: (r) => r.time },
-        { label: "Action", value: (r) => r.kind },
-        { label: "Who", value: (r) => (r.actor.partner || "") + "/" + r.actor.user + (r.actor.via ? " (" + r.actor.via + ")" : "") },
-        { label: "Outcome", value: (r) => r.outcome + (r.code ? ": " + r.code : "") },
-      ], records));
+      const status = el("p", { role: "status", class: "muted", text: "Verifying the chain…" });
+      const since = el("input", { name: "since", type: "datetime-local" });
+      const form = el("form", { class: "inline", "aria-label": "Filter the audit log" }, [
+        field("Since (UTC)", since),
+        field("Partner", input("partner")),
+        field("Action", input("action")),
+        field("Outcome", select("outcome", [{ value: "", label: "any" }, "ok", "refused", "failed"])),
+        el("button", { type: "submit", class: "primary", text: "Filter" }),
+        el("button", { type: "button", text: "Export the chain", on: { click: exportAudit } }),
+      ]);
+      const out = el("div", {});
+      view.append(status, form, out);
+      const load = async () => {
+        const f = new FormData(form);
+        const q = f.get("since") ? "?since=" + encodeURIComponent(new Date(f.get("since") + "Z").toISOString()) : "";
+        const list = await api("/v1/audit" + q);
+        const keep = (r) => (!f.get("partner") || (r.actor.partner || "") === f.get("partner") || (r.parties || []).includes(f.get("partner"))) &&
+          (!f.get("action") || r.kind === f.get("action")) && (!f.get("outcome") || r.outcome === f.get("outcome"));
+        const records = list.records.filter(keep).reverse();
+        out.replaceChildren(table("Events you may see, newest first (" + records.length + ")", [
+          { label: "#", value: (r) => r.seq, num: true },
+          { label: "Time", value: (r) => r.time },
+          { label: "Action", value: (r) => r.kind },
+          { label: "Who", value: (r) => (r.actor.partner || "") + "/" + r.actor.user + (r.actor.via ? " (" + r.actor.via + ")" : "") },
+          { label: "Outcome", value: (r) => r.outcome + (r.code ? ": " + r.code : "") },
+        ], records.slice(0, 500)));
+      };
+      form.addEventListener("submit", async (ev) => { ev.preventDefault(); await load(); });
+      await load();
+      const v = await api("/v1/audit/verification");
+      status.className = v.verified ? "" : "error";
+      status.textContent = v.verified
+        ? "Chain verified: " + v.records + " records (" + v.redacted + " of other partners redacted to their hashes), " + v.checkpoints + " signed checkpoints, head " + v.head.slice(0, 16) + "…"
+        : "Chain verification FAILED at line " + v.line + ": " + v.reason;
     },
   };
+
+  async function policyEditor(view) {
+    view.append(el("h1", { text: "Policies" }));
+    const [g, list] = await Promise.all([api("/v1/policies"), api("/v1/datasets")]);
+    view.append(g.granted.length ? table("Uses of your datasets you granted", [
+      { label: "Dataset", value: (x) => x.dataset },
+      { label: "To", value: (x) => x.to },
+      { label: "Use", value: (x) => x.usage },
+      { label: "Column or population", value: (x) => x.population || x.column },
+      { label: "Actions", value: (x) => el("button", { type: "button", class: "danger", text: "Revoke", "aria-label": "Revoke " + x.usage + " of " + x.dataset + " to " + x.to,
+        on: { click: async () => {
+          const body = { dataset: x.dataset.split(".").slice(1).join("."), to: x.to, usage: x.usage };
+          if (x.usage === "overlap") { if (x.population !== "*") body.population = x.population; } else if (x.column !== "*") body.column = x.column;
+          try { await api("/v1/policies/revocations", { method: "POST", json: body }); await show(); }
+          catch (e) { view.append(el("p", { class: "error", role: "alert", text: e.message })); }
+        } } }) },
+    ], g.granted) : el("p", { class: "muted", text: "You granted nothing yet." }));
+    view.append(el("h2", { text: "Grant a use" }));
+    const usages = ["join", "count", "dimension", "filter", "sum", "avg", "standalone", "overlap"];
+    const form = el("form", { class: "inline", "aria-label": "Grant a use" }, [
+      field("Dataset", select("dataset", list.datasets.map((d) => d.name))),
+      field("To partner", input("to", { required: true })),
+      field("Use", select("usage", usages)),
+      field("Column (or population for overlap; empty: all)", input("column")),
+      el("button", { type: "submit", class: "primary", text: "Grant" }),
+    ]);
+    form.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      const f = new FormData(form);
+      const body = { dataset: f.get("dataset"), to: f.get("to"), usage: f.get("usage") };
+      if (f.get("column")) body[f.get("usage") === "overlap" ? "population" : "column"] = f.get("column");
+      try {
+        await api("/v1/policies/grants", { method: "POST", json: body });
+        await show();
+      } catch (e) {
+        if (e.status === 401) return signedOut();
+        showError(form, e, (code) => ({ unknown_column: "column", unknown_population: "column", unknown_dataset: "dataset", invalid_name: "to", unknown_partner: "to" }[code]));
+      }
+    });
+    view.append(form);
+  }
 
   /** The overlap answer: a heatmap of your populations x theirs, protection and budget. */
   function overlapView(a, request) {
@@ -296,15 +378,83 @@
       "Each count carries discrete Gaussian noise (standard deviation " + fmt(p.noise_sd) + "); a cell is shown only with at least " +
       p.min_entities + " companies and a noisy count of " + fmt(p.release_threshold) + " or more. This answer " +
       (a.repeated ? "repeats an earlier one and spent nothing." : "spent \u03b5 " + fmt(a.epsilon_spent) + ".") }));
-    for (const b of a.budgets || []) {
-      const id = "budget" + (++uid);
-      parts.push(el("p", {}, [
-        el("label", { for: id, text: "Budget on " + b.dataset + ": " + fmt(b.spent) + " of " + fmt(b.budget) + " spent " }),
-        el("meter", { id, min: "0", max: String(b.budget), value: String(b.spent), high: String(b.budget * 0.75), optimum: "0" }),
-      ]));
-    }
+    for (const b of a.budgets || []) parts.push(budgetGauge(b));
     parts.push(el("button", { type: "button", text: "Download CSV", on: { click: () => download(request) } }));
     return parts;
+  }
+
+
+  function explainView(x) {
+    const parts = [el("p", { class: x.allowed ? "" : "error", role: x.allowed ? null : "alert",
+      text: x.allowed ? "Allowed: every use is granted." : "Refused (" + x.refusal.rule + "): " + x.refusal.message })];
+    parts.push(table("Uses of each column, and what allows them", [
+      { label: "Dataset", value: (u) => u.dataset },
+      { label: "Column", value: (u) => u.column },
+      { label: "Use", value: (u) => u.usage },
+      { label: "Decision", value: (u) => u.decision },
+      { label: "Rule or missing grant", value: (u) => u.rule || u.missing_grant || "" },
+    ], x.uses || []));
+    if (x.cost) {
+      parts.push(el("p", { class: "note", text: x.cost.repeated ? "Answering now would repeat an earlier answer: free." : "Answering now would spend \u03b5 " + fmt(x.cost.epsilon_spent) + "." }));
+    }
+    return parts;
+  }
+
+  /** A query's answer: a table, and a bar chart when it has a label column and a number. */
+  function answerView(a) {
+    const cols = a.columns;
+    const rows = a.rows.map((r, i) => ({ r, s: a.suppressed[i] }));
+    const parts = [table("Answer" + (a.protection ? " (protected: noisy, thresholded)" : " (your own data only: exact)"), [
+      ...cols.map((c, j) => ({ label: c.name, value: (x) => (x.s ? "withheld" : x.r[j]), num: /Int|Float|Decimal/.test(c.type) })),
+    ], rows)];
+    const label = cols.findIndex((c) => !/Int|Float|Decimal/.test(c.type));
+    const value = cols.findIndex((c) => /Int|Float|Decimal/.test(c.type));
+    const shown = rows.filter((x) => !x.s && typeof x.r[value] === "number");
+    if (label >= 0 && value >= 0 && shown.length > 1 && shown.length <= 50) parts.push(barChart(cols[label].name, cols[value].name, shown.map((x) => [String(x.r[label]), x.r[value]])));
+    if (a.protection) {
+      parts.push(el("p", { class: "note", text: "Noise standard deviation " + fmt(a.protection.noise_sd) + "; rows need " + a.protection.min_entities +
+        " companies and a noisy count of " + fmt(a.protection.release_threshold) + ". " + (a.repeated ? "A repeat: nothing spent." : "Spent \u03b5 " + fmt(a.epsilon_spent) + ".") }));
+      for (const b of a.budgets || []) parts.push(budgetGauge(b));
+    }
+    return parts;
+  }
+
+  const SVG = "http://www.w3.org/2000/svg";
+  function svg(tag, attrs, text) {
+    const n = document.createElementNS(SVG, tag);
+    for (const [k, v] of Object.entries(attrs)) n.setAttribute(k, String(v));
+    if (text !== undefined) n.textContent = text;
+    return n;
+  }
+
+  function barChart(labelName, valueName, data) {
+    const max = Math.max(1, ...data.map((d) => d[1]));
+    const bar = 22, gap = 6, left = 160, width = 560;
+    const chart = svg("svg", { role: "img", "aria-label": valueName + " by " + labelName + " (bar chart of the table above)",
+      viewBox: "0 0 " + (left + width + 60) + " " + (data.length * (bar + gap)), class: "chart" });
+    data.forEach(([l, v], i) => {
+      const y = i * (bar + gap);
+      chart.append(svg("text", { x: left - 8, y: y + bar * 0.7, "text-anchor": "end", "font-size": 13, fill: "#1b1f24" }, l.length > 22 ? l.slice(0, 21) + "…" : l));
+      chart.append(svg("rect", { x: left, y, width: Math.max(1, (width * Math.max(0, v)) / max), height: bar, fill: "#0b5cad" }));
+      chart.append(svg("text", { x: left + (width * Math.max(0, v)) / max + 6, y: y + bar * 0.7, "font-size": 13, fill: "#1b1f24" }, fmt(v)));
+    });
+    return el("figure", {}, [chart, el("figcaption", { class: "muted", text: valueName + " by " + labelName })]);
+  }
+
+  function budgetGauge(b) {
+    const id = "budget" + (++uid);
+    return el("p", {}, [
+      el("label", { for: id, text: "Budget on " + b.dataset + ": " + fmt(b.spent) + " of " + fmt(b.budget) + " spent " }),
+      el("meter", { id, min: "0", max: String(b.budget), value: String(b.spent), high: String(b.budget * 0.75), optimum: "0" }),
+    ]);
+  }
+
+  async function exportAudit() {
+    const r = await api("/v1/audit/export", { raw: true });
+    const a = el("a", { href: URL.createObjectURL(await r.blob()), download: "escrow-audit.jsonl" });
+    document.body.append(a);
+    a.click();
+    a.remove();
   }
 
   function fmt(x) { return typeof x === "number" ? String(Math.round(x * 1000) / 1000) : String(x); }

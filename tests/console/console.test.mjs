@@ -170,10 +170,10 @@ test("a sign-in link opens the console; pages work by keyboard; logout ends the 
   // Keyboard: the skip link, then the sections.
   await page.keyboard.press("Tab");
   assert.equal(await page.evaluate(() => document.activeElement.textContent), "Skip to content");
-  for (let i = 0; i < 5; i++) await page.keyboard.press("Tab");
+  for (let i = 0; i < 6; i++) await page.keyboard.press("Tab");
   assert.equal(await page.evaluate(() => document.activeElement.textContent), "Audit");
   await page.keyboard.press("Enter");
-  const audit = page.getByRole("table", { name: /Latest events/ });
+  const audit = page.getByRole("table", { name: /Events you may see/ });
   await audit.waitFor();
   const login = audit.getByRole("row", { name: /console_login/ }).first();
   assert.match(await login.innerText(), /acme\/admin \(console\)\s+ok/);
@@ -337,7 +337,7 @@ test("a compliance officer grants overlap; the other partner uploads in the brow
 
   // The audit page shows the browser's actions as the console's.
   await mine.goto(`${url}/#audit`);
-  const audit = mine.getByRole("table", { name: /Latest events/ });
+  const audit = mine.getByRole("table", { name: /Events you may see/ });
   await audit.waitFor();
   const rows = await audit.locator("tbody tr").allInnerTexts();
   for (const kind of ["upload", "overlap"]) {
@@ -359,5 +359,80 @@ test("an analyst is refused the policy editor's changes", async () => {
   const alert = page.getByRole("alert");
   await alert.waitFor();
   assert.match(await alert.innerText(), /role analyst of acme may not policy\.change/);
+  await ctx.close();
+});
+
+test("questions: explain before running, answers as a table and a chart", async () => {
+  const ctx = await fresh();
+  const page = await ctx.newPage();
+  await page.goto(link("acme"));
+  await page.getByText("admin · acme (admin)").waitFor();
+  await page.goto(`${url}/#questions`);
+  const form = page.getByRole("form", { name: "Question" });
+  const sql = form.getByLabel(/^SQL/);
+  await sql.fill("SELECT status, COUNT(DISTINCT website) AS companies FROM acme.crm GROUP BY status ORDER BY status");
+  await form.getByRole("button", { name: "Explain" }).click();
+  await page.getByText("Allowed: every use is granted.").waitFor();
+  await page.getByRole("table", { name: /Uses of each column/ }).getByRole("row", { name: /status/ }).first().waitFor();
+  await form.getByRole("button", { name: "Run" }).click();
+  const answer = page.getByRole("table", { name: /Answer \(your own data only: exact\)/ });
+  await answer.waitFor();
+  const rows = await answer.locator("tbody tr").allInnerTexts();
+  assert.deepEqual(rows.map((r) => r.split("\t")), [["customer", "300"], ["opportunity", "300"], ["prospect", "300"]]);
+  await page.getByRole("img", { name: /companies by status/ }).waitFor();
+  await axe(page, "questions");
+  await shot(page, "questions");
+  // A question the gate refuses says why, next to the SQL.
+  await sql.fill("SELECT * FROM acme.crm");
+  await form.getByRole("button", { name: "Run" }).click();
+  const alert = page.getByRole("alert");
+  await alert.waitFor();
+  assert.equal(await sql.getAttribute("aria-invalid"), "true");
+  assert.match(await alert.innerText(), /refused|aggregate/i);
+  await ctx.close();
+});
+
+test("audit: filters, chain verification and export", async () => {
+  const ctx = await fresh();
+  const page = await ctx.newPage();
+  await page.goto(link("acme"));
+  await page.getByText("admin · acme (admin)").waitFor();
+  await page.goto(`${url}/#audit`);
+  await page.getByText(/^Chain verified: \d+ records/).waitFor();
+  const form = page.getByRole("form", { name: "Filter the audit log" });
+  await form.getByLabel("Action").fill("console_login");
+  await form.getByRole("button", { name: "Filter" }).click();
+  const list = page.getByRole("table", { name: /Events you may see/ });
+  await list.waitFor();
+  const kinds = (await list.locator("tbody tr").allInnerTexts()).map((r) => r.split("\t")[2]);
+  assert.ok(kinds.length >= 3, kinds.join());
+  assert.deepEqual([...new Set(kinds)], ["console_login"]);
+  await axe(page, "audit filtered");
+  await shot(page, "audit-filtered");
+  const download = page.waitForEvent("download");
+  await form.getByRole("button", { name: "Export the chain" }).click();
+  const file = join(tmp, "audit.jsonl");
+  await (await download).saveAs(file);
+  // The export verifies with the CLI, offline, as a partner would check it.
+  const verified = execFileSync(BIN, ["audit", "verify", "--file", file], { encoding: "utf8" });
+  assert.match(verified, /intact: \d+ records/);
+  await ctx.close();
+});
+
+test("policy history: diffs, and a rollback by the compliance officer", async () => {
+  const ctx = await fresh();
+  const page = await ctx.newPage();
+  await page.goto(link("globex", "cora"));
+  await page.getByText("cora · globex (compliance)").waitFor();
+  await page.goto(`${url}/#policies`);
+  const history = page.getByRole("table", { name: "Policy versions, newest first" });
+  await history.waitFor();
+  const newest = history.locator("tbody tr").first();
+  assert.match(await newest.innerText(), /\+ p,acme,globex,accounts,\*,overlap/);
+  const previous = Number((await history.locator("tbody tr").nth(1).locator("td").first().innerText()).trim());
+  await axe(page, "policies history");
+  await history.getByRole("button", { name: `Roll back to ${previous}` }).click();
+  await page.getByRole("table", { name: "Policy versions, newest first" }).locator("tbody tr").first().getByText(/- p,acme,globex,accounts,\*,overlap/).waitFor();
+  assert.doesNotMatch(cli("acme", "admin", "policy", "list"), /overlap/);
   await ctx.close();
 });

@@ -68,6 +68,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/audit", get(audit_list))
         .route("/v1/audit/export", get(audit_export))
         .route("/v1/audit/checkpoint", get(audit_checkpoint))
+        .route("/v1/audit/verification", get(audit_verification))
         .route("/v1/policies/preview", get(policy_preview))
         .route("/v1/queries", axum::routing::post(query))
         .route("/v1/queries/explain", axum::routing::post(explain_query))
@@ -1100,6 +1101,48 @@ async fn audit_export(
         bytes,
     )
         .into_response())
+}
+
+/// The caller's export of the chain (`audit_export`) verified on the server against the
+/// escrow's signing key: for the console's status line. A partner that must not trust the
+/// escrow verifies an export itself (`escrow audit verify`).
+async fn audit_verification(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    caller.may(&state, Action::AuditRead).await?;
+    let store = state.store.clone();
+    let viewer = crate::audit::Viewer::Partner(caller.partner.clone());
+    let read = audit_read(&caller, json!({ "view": "verification" }));
+    let verdict = blocking(move || {
+        store.record(&read)?;
+        store.audit_checkpoint()?;
+        let mut out = Vec::new();
+        crate::audit::export(store.audit_log().path(), &viewer, &mut out)?;
+        let opts = crate::audit::VerifyOptions {
+            public_key: Some(store.audit_log().public_key().to_string()),
+            whole: true,
+            ..Default::default()
+        };
+        Ok(match crate::audit::verify(&out[..], &opts) {
+            Ok(v) => json!({
+                "verified": true,
+                "records": v.records,
+                "redacted": v.redacted,
+                "checkpoints": v.checkpoints,
+                "head": v.head,
+                "public_key": v.public_key,
+            }),
+            Err(f) => json!({
+                "verified": false,
+                "line": f.line,
+                "seq": f.seq,
+                "reason": f.reason,
+            }),
+        })
+    })
+    .await?;
+    Ok(Json(verdict))
 }
 
 /// The latest signed checkpoint (written now if the log has moved on): what a partner keeps
