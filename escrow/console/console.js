@@ -256,6 +256,45 @@
       ], h.versions.slice().reverse()));
     },
 
+    async users(view) {
+      view.append(el("h1", { text: "Users" }));
+      const list = await api("/v1/users");
+      view.append(table("Users of " + list.partner + " and their roles", [
+        { label: "User", value: (u) => u.user },
+        { label: "Role", value: (u) => u.role },
+        { label: "Actions", value: (u) => u.user === session.user ? "(you)"
+          : el("button", { type: "button", class: "danger", text: "Revoke " + u.user, on: { click: async () => {
+            try { await api("/v1/users/revocations", { method: "POST", json: { name: u.user } }); await show(); }
+            catch (e) { view.append(el("p", { class: "error", role: "alert", text: e.message })); }
+          } } }) },
+      ], list.users));
+      view.append(el("h2", { text: "Add a user" }));
+      const form = el("form", { class: "inline", "aria-label": "Add a user" }, [
+        field("Name", input("name", { required: true })),
+        field("Role", select("role", ["analyst", "uploader", "compliance", "admin"])),
+        el("button", { type: "submit", class: "primary", text: "Add" }),
+      ]);
+      const out = el("div", { "aria-live": "polite" });
+      form.addEventListener("submit", async (ev) => {
+        ev.preventDefault();
+        const f = new FormData(form);
+        try {
+          const added = await api("/v1/users", { method: "POST", json: { name: f.get("name"), role: f.get("role") } });
+          await show();
+          const blob = new Blob([JSON.stringify(added.bundle, null, 2)], { type: "application/json" });
+          document.getElementById("view").append(el("p", { role: "status" }, [
+            "Added " + added.user + " (" + added.role + "). Its identity bundle (certificate and private key) is shown only now: ",
+            el("a", { href: URL.createObjectURL(blob), download: added.user + "-bundle.json", text: "download it" }),
+            " and hand it over securely.",
+          ]));
+        } catch (e) {
+          if (e.status === 401) return signedOut();
+          showError(form, e, (code) => ({ invalid_role: "role", invalid_name: "name", conflict: "name" }[code]));
+        }
+      });
+      view.append(form, out);
+    },
+
     async audit(view) {
       view.append(el("h1", { text: "Audit" }));
       const status = el("p", { role: "status", class: "muted", text: "Verifying the chain…" });

@@ -403,7 +403,8 @@ test("audit: filters, chain verification and export", async () => {
   await form.getByLabel("Action").fill("console_login");
   await form.getByRole("button", { name: "Filter" }).click();
   const list = page.getByRole("table", { name: /Events you may see/ });
-  await list.waitFor();
+  await page.waitForFunction(() => [...document.querySelectorAll("tbody tr")]
+    .every((r) => r.children[2].textContent === "console_login"));
   const kinds = (await list.locator("tbody tr").allInnerTexts()).map((r) => r.split("\t")[2]);
   assert.ok(kinds.length >= 3, kinds.join());
   assert.deepEqual([...new Set(kinds)], ["console_login"]);
@@ -435,4 +436,33 @@ test("policy history: diffs, and a rollback by the compliance officer", async ()
   await page.getByRole("table", { name: "Policy versions, newest first" }).locator("tbody tr").first().getByText(/- p,acme,globex,accounts,\*,overlap/).waitFor();
   assert.doesNotMatch(cli("acme", "admin", "policy", "list"), /overlap/);
   await ctx.close();
+});
+
+test("users: an admin adds and revokes a user of its partner; others may not", async () => {
+  const ctx = await fresh();
+  const page = await ctx.newPage();
+  await page.goto(link("acme"));
+  await page.getByText("admin · acme (admin)").waitFor();
+  await page.goto(`${url}/#users`);
+  const form = page.getByRole("form", { name: "Add a user" });
+  await form.getByLabel("Name").fill("bob");
+  await form.getByLabel("Role").selectOption("uploader");
+  await form.getByRole("button", { name: "Add" }).click();
+  await page.getByRole("link", { name: "download it" }).waitFor();
+  const users = page.getByRole("table", { name: /Users of acme/ });
+  assert.match(await users.getByRole("row", { name: /bob/ }).innerText(), /bob\s+uploader/);
+  await axe(page, "users");
+  await shot(page, "users");
+  await users.getByRole("button", { name: "Revoke bob" }).click();
+  await page.getByRole("table", { name: /Users of acme/ }).getByRole("row", { name: /bob/ }).waitFor({ state: "detached" });
+  assert.match(cli("acme", "admin", "whoami"), /acme/);
+  await ctx.close();
+
+  const analyst = await fresh();
+  const other = await analyst.newPage();
+  await other.goto(link("acme", "ann"));
+  await other.getByText("ann · acme (analyst)").waitFor();
+  await other.goto(`${url}/#users`);
+  assert.match(await other.getByRole("alert").innerText(), /may not user\.manage/);
+  await analyst.close();
 });

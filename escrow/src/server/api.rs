@@ -63,7 +63,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/populations/removals",
             axum::routing::post(remove_population),
         )
-        .route("/v1/users", axum::routing::post(add_user))
+        .route("/v1/users", get(list_users).post(add_user))
         .route("/v1/users/revocations", axum::routing::post(revoke_user))
         .route("/v1/audit", get(audit_list))
         .route("/v1/audit/export", get(audit_export))
@@ -969,6 +969,22 @@ struct UserRequest {
     name: String,
     #[serde(default)]
     role: Option<String>,
+}
+
+/// The active users of the caller's partner and their roles (admins).
+async fn list_users(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    caller.may(&state, Action::UserManage).await?;
+    let store = state.store.clone();
+    let (rows, _) = blocking(move || store.catalog().role_assignments()).await?;
+    let users: Vec<serde_json::Value> = rows
+        .into_iter()
+        .filter(|r| r.partner == caller.partner)
+        .map(|r| json!({ "user": r.user, "role": r.role }))
+        .collect();
+    Ok(Json(json!({ "partner": caller.partner, "users": users })))
 }
 
 /// A partner's admin adds a user of its own partner; the new identity's bundle (certificate,
