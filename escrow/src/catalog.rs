@@ -187,7 +187,7 @@ pub struct IdentityRow {
 }
 
 /// One column of a stored dataset.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct ColumnInfo {
     pub name: String,
     #[serde(rename = "type")]
@@ -208,7 +208,7 @@ pub struct Population {
 }
 
 /// Metadata of the live (latest) version of a dataset. Never any row content.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct DatasetInfo {
     pub owner: String,
     pub name: String,

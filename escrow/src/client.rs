@@ -6,7 +6,6 @@ use std::path::Path;
 
 use anyhow::{Context, anyhow, bail};
 use futures_util::TryStreamExt;
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use tokio_util::io::ReaderStream;
 
@@ -27,20 +26,6 @@ pub struct UploadKey<'a> {
 pub struct Client {
     http: reqwest::Client,
     base: String,
-}
-
-/// The JSON error body every refusal carries.
-#[derive(Debug, Deserialize)]
-struct ErrorBody {
-    error: ErrorDetail,
-}
-
-#[derive(Debug, Deserialize)]
-struct ErrorDetail {
-    code: String,
-    message: String,
-    #[serde(default)]
-    rule: Option<String>,
 }
 
 /// Guess the upload format from a file name; `None` lets the server sniff the content.
@@ -347,7 +332,7 @@ impl Client {
 
 /// The one-line error for a non-success response.
 fn refusal(what: &str, status: reqwest::StatusCode, body: &[u8]) -> anyhow::Error {
-    match serde_json::from_slice::<ErrorBody>(body) {
+    match serde_json::from_slice::<crate::wire::ErrorBody>(body) {
         Ok(b) => match b.error.rule {
             Some(rule) => anyhow!(
                 "{what} refused ({}, rule {rule}): {}",

@@ -12,7 +12,7 @@ use crate::store::Store;
 use crate::{Error, Result};
 
 /// A grant or revoke as a data owner asks for it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 pub struct GrantRequest {
     /// The owner's dataset name.
     pub dataset: String,
@@ -27,7 +27,7 @@ pub struct GrantRequest {
 }
 
 /// A grant as shown to partners.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct GrantView {
     /// `owner.dataset`
     pub dataset: String,
@@ -59,7 +59,7 @@ impl From<&Grant> for GrantView {
 }
 
 /// Grants a partner made and received.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct GrantList {
     pub granted: Vec<GrantView>,
     pub received: Vec<GrantView>,

@@ -35,7 +35,7 @@ use crate::settings;
 use crate::{Error, Result};
 
 /// An overlap question, as a partner asks it.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OverlapRequest {
     /// The other partner.
@@ -91,7 +91,7 @@ pub struct OverlapOutcome {
 /// The co-selling report: my customers x their opportunities (where I can introduce them)
 /// and my opportunities x their customers (where they can introduce me), optionally by a
 /// shared dimension. One overlap question underneath: same numbers, same single charge.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CoSellingRequest {
     pub with: String,

@@ -52,7 +52,7 @@ impl Default for DatasetSettings {
 }
 
 /// A change requested by the owner; absent fields keep their value.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SettingsChange {
     pub dataset: String,

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 /// `POST /v1/console/links`: a single-use sign-in link for the caller's identity.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ConsoleLink {
     /// Path of the link on the server (`/login/<token>`).
     pub path: String,
@@ -14,10 +14,26 @@ pub struct ConsoleLink {
 
 /// `GET /v1/console/session`: who the caller is, and the CSRF token a console request that
 /// changes something must carry (`None` for a client with its certificate).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ConsoleSession {
     pub partner: String,
     pub user: String,
     pub role: String,
     pub csrf: Option<String>,
+}
+
+/// Every refusal and failure: `{"error": {"code", "message", "rule"?}}`.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// What went wrong: a stable code (docs/API.md), a message for people, and for a refused
+/// question the rule that refused it.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
 }

@@ -69,6 +69,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/audit/export", get(audit_export))
         .route("/v1/audit/checkpoint", get(audit_checkpoint))
         .route("/v1/audit/verification", get(audit_verification))
+        .route("/v1/openapi.json", get(super::openapi::document))
         .route("/v1/policies/preview", get(policy_preview))
         .route("/v1/queries", axum::routing::post(query))
         .route("/v1/queries/explain", axum::routing::post(explain_query))
@@ -106,6 +107,21 @@ async fn json_rejections(response: Response) -> Response {
             limit: MAX_REQUEST_BODY,
         })
         .into_response();
+    }
+    // Other extractor rejections (a query string that does not fit) are plain text too.
+    let plain = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/plain"));
+    if response.status().is_client_error() && plain {
+        let status = response.status();
+        let text = axum::body::to_bytes(response.into_body(), 4096)
+            .await
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        let mut r = ApiError(Error::bad("invalid_request", text)).into_response();
+        *r.status_mut() = status;
+        return r;
     }
     response
 }
@@ -178,11 +194,18 @@ impl IntoResponse for ApiError {
             }
             None => e.to_string(),
         };
-        let mut body = json!({ "code": e.code(), "message": message });
-        if let Error::Refused { rule, .. } = &e {
-            body["rule"] = json!(rule);
-        }
-        let mut response = (status, Json(json!({ "error": body }))).into_response();
+        let rule = match &e {
+            Error::Refused { rule, .. } => Some(rule.to_string()),
+            _ => None,
+        };
+        let body = crate::wire::ErrorBody {
+            error: crate::wire::ErrorDetail {
+                code: e.code().to_string(),
+                message,
+                rule,
+            },
+        };
+        let mut response = (status, Json(body)).into_response();
         if let Error::Busy { retry_after, .. } = &e {
             response
                 .headers_mut()
@@ -195,7 +218,7 @@ impl IntoResponse for ApiError {
 /// The authenticated caller: a registered, unrevoked identity, known by the certificate
 /// verified in the TLS handshake or by a console session minted with one (`console.rs`).
 /// Handlers that take a `Caller` cannot run for anyone else.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Caller {
     pub partner: String,
     pub user: String,
@@ -205,7 +228,7 @@ pub struct Caller {
 }
 
 /// How a caller authenticated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Via {
     /// Its client certificate (programs, the CLI).
@@ -281,16 +304,18 @@ pub(super) async fn blocking<T: Send + 'static>(
         .map_err(ApiError)
 }
 
-async fn whoami(caller: Caller) -> Json<Caller> {
+#[utoipa::path(get, path = "/v1/whoami", tag = "whoami", responses((status = 200, description = "the caller", body = Caller), (status = "4XX", description = "refused: see `code` (docs/API.md)", body = crate::wire::ErrorBody), (status = "5XX", description = "server fault (an incident id; details in the server log)", body = crate::wire::ErrorBody)))]
+pub(super) async fn whoami(caller: Caller) -> Json<Caller> {
     Json(caller)
 }
 
-#[derive(Serialize)]
-struct DatasetList {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct DatasetList {
     datasets: Vec<DatasetInfo>,
 }
 
-async fn list_datasets(
+#[utoipa::path(get, path = "/v1/datasets", tag = "datasets", responses((status = 200, description = "the caller's datasets", body = DatasetList), (status = "4XX", description = "refused: see `code` (docs/API.md)", body = crate::wire::ErrorBody), (status = "5XX", description = "server fault (an incident id; details in the server log)", body = crate::wire::ErrorBody)))]
+pub(super) async fn list_datasets(
     State(state): State<Arc<AppState>>,
     caller: Caller,
 ) -> Result<Json<DatasetList>, ApiError> {
@@ -301,7 +326,7 @@ async fn list_datasets(
 }
 
 #[derive(Debug, Deserialize)]
-struct UploadParams {
+pub(super) struct UploadParams {
     format: Option<String>,
     key_column: Option<String>,
     name_column: Option<String>,
@@ -313,7 +338,8 @@ struct UploadParams {
 /// Bytes of a refused upload read and discarded so the client can read the error response.
 const DRAIN_AFTER_ERROR: u64 = 64 << 20;
 
-async fn upload(
+#[utoipa::path(put, path = "/v1/datasets/{name}", tag = "datasets", request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the file's bytes: CSV, Parquet, Arrow IPC file or stream"), params(("name" = String, Path, description = "dataset name, [a-z][a-z0-9_]{0,62}"), ("format" = Option<String>, Query, description = "csv, arrow, arrow-stream, parquet; sniffed when absent"), ("key_column" = Option<String>, Query), ("name_column" = Option<String>, Query), ("name_context" = Option<String>, Query, description = "comma-separated columns"), ("key_type" = Option<String>, Query, description = "website or id")), responses((status = 201, description = "the version committed", body = serde_json::Value), (status = "4XX", description = "refused: see `code` (docs/API.md)", body = crate::wire::ErrorBody), (status = "5XX", description = "server fault (an incident id; details in the server log)", body = crate::wire::ErrorBody)))]
+pub(super) async fn upload(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Path(name): Path<String>,
@@ -393,7 +419,8 @@ async fn upload(
     }
 }
 
-async fn delete_dataset(
+#[utoipa::path(delete, path = "/v1/datasets/{name}", tag = "datasets", params(("name" = String, Path)), responses((status = 200, description = "crypto-shredded", body = serde_json::Value), (status = "4XX", description = "refused: see `code` (docs/API.md)", body = crate::wire::ErrorBody), (status = "5XX", description = "server fault (an incident id; details in the server log)", body = crate::wire::ErrorBody)))]
+pub(super) async fn delete_dataset(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Path(name): Path<String>,
@@ -408,7 +435,8 @@ async fn delete_dataset(
     Ok(Json(json!({ "dataset": name, "versions_destroyed": n })))
 }
 
-async fn list_grants(
+#[utoipa::path(get, path = "/v1/policies", tag = "policies", responses((status = 200, description = "grants made and received", body = crate::grants::GrantList), (status = "4XX", description = "refused: see `code` (docs/API.md)", body = crate::wire::ErrorBody), (status = "5XX", description = "server fault (an incident id; details in the server log)", body = crate::wire::ErrorBody)))]
+pub(super) async fn list_grants(
     State(state): State<Arc<AppState>>,
     caller: Caller,
 ) -> Result<Json<crate::grants::GrantList>, ApiError> {
@@ -420,7 +448,8 @@ async fn list_grants(
 }
 
 /// Grants are made by the data owner: the caller's partner owns the dataset named.
-async fn add_grant(
+#[utoipa::path(post, path = "/v1/policies/grants", tag = "policies", request_body = crate::grants::GrantRequest, responses((status = 201, description = "granted", body = serde_json::Value), (status = 200, description = "already granted", body = serde_json::Value), (status = "4XX", description = "refused: see `code` (docs/API.md)", body = crate::wire::ErrorBody), (status = "5XX", description = "server fault (an incident id; details in the server log)", body = crate::wire::ErrorBody)))]
+pub(super) async fn add_grant(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     body: bytes::Bytes,
@@ -440,7 +469,8 @@ async fn add_grant(
     ))
 }
 
-async fn revoke_grant(
+#[utoipa::path(post, path = "/v1/policies/revocations", tag = "policies", request_body = crate::grants::GrantRequest, responses((status = 200, description = "revoked", body = serde_json::Value), (status = "4XX", description = "refused: see `code` (docs/API.md)", body = crate::wire::ErrorBody), (status = "5XX", description = "server fault (an incident id; details in the server log)", body = crate::wire::ErrorBody)))]
+pub(super) async fn revoke_grant(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     body: bytes::Bytes,
@@ -457,7 +487,8 @@ async fn revoke_grant(
     Ok(Json(json!({ "revoked": grant })))
 }
 
-async fn list_populations(
+#[utoipa::path(get, path = "/v1/populations", tag = "populations", responses((status = 200, description = "populations of the caller's datasets and those shared with it", body = serde_json::Value), (status = "4XX", description = "refused: see `code` (docs/API.md)", body = crate::wire::ErrorBody), (status = "5XX", description = "server fault (an incident id; details in the server log)", body = crate::wire::ErrorBody)))]
+pub(super) async fn list_populations(
     State(state): State<Arc<AppState>>,
     caller: Caller,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -468,7 +499,8 @@ async fn list_populations(
 }
 
 /// Populations are defined by the data owner: the caller's partner owns the dataset named.
-async fn add_population(
+#[utoipa::path(post, path = "/v1/populations", tag = "populations", request_body = crate::populations::PopulationRequest, responses((status = 201, description = "defined", body = serde_json::Value), (status = 200, description = "unchanged", body = serde_json::Value), (status = "4XX", description = "refused: see `code` (docs/API.md)", body = crate::wire::ErrorBody), (status = "5XX", description = "server fault (an incident id; details in the server log)", body = crate::wire::ErrorBody)))]
+pub(super) async fn add_population(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     body: bytes::Bytes,
@@ -488,7 +520,8 @@ async fn add_population(
     ))
 }
 
-async fn remove_population(
+#[utoipa::path(post, path = "/v1/populations/removals", tag = "populations", request_body = crate::populations::PopulationRequest, responses((status = 200, description = "removed", body = serde_json::Value), (status = "4XX", description = "refused: see `code` (docs/API.md)", body = crate::wire::ErrorBody), (status = "5XX", description = "server fault (an incident id; details in the server log)", body = crate::wire::ErrorBody)))]
+pub(super) async fn remove_population(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     body: bytes::Bytes,
@@ -548,7 +581,8 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError>
 }
 
 /// Owners change the protection settings of their own datasets.
-async fn change_settings(
+#[utoipa::path(post, path = "/v1/policies/settings", tag = "policies", request_body = crate::settings::SettingsChange, responses((status = 200, description = "the dataset's settings now", body = serde_json::Value), (status = "4XX", description = "refused: see `code` (docs/API.md)", body = crate::wire::ErrorBody), (status = "5XX", description = "server fault (an incident id; details in the server log)", body = crate::wire::ErrorBody)))]
+pub(super) async fn change_settings(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     body: bytes::Bytes,
@@ -567,7 +601,8 @@ async fn change_settings(
 }
 
 /// The caller's partner's policy versions, oldest first, each with its diff.
-async fn policy_history(
+#[utoipa::path(get, path = "/v1/policies/versions", tag = "policies", responses((status = 200, description = "policy versions, oldest first", body = serde_json::Value), (status = "4XX", description = "refused: see `code` (docs/API.md)", body = crate::wire::ErrorBody), (status = "5XX", description = "server fault (an incident id; details in the server log)", body = crate::wire::ErrorBody)))]
+pub(super) async fn policy_history(
     State(state): State<Arc<AppState>>,
     caller: Caller,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -579,13 +614,14 @@ async fn policy_history(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DiffParams {
+pub(super) struct DiffParams {
     from: i64,
     /// Default: the latest version.
     to: Option<i64>,
 }
 
-async fn policy_diff(
+#[utoipa::path(get, path = "/v1/policies/diff", tag = "policies", params(("from" = i64, Query), ("to" = Option<i64>, Query)), responses((status = 200, description = "lines removed and added", body = serde_json::Value), (status = "4XX", description = "refused: see `code` (docs/API.md)", body = crate::wire::ErrorBody), (status = "5XX", description = "server fault (an incident id; details in the server log)", body = crate::wire::ErrorBody)))]
+pub(super) async fn policy_diff(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Query(params): Query<DiffParams>,
@@ -606,12 +642,13 @@ async fn policy_diff(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct VersionParams {
+pub(super) struct VersionParams {
     version: Option<i64>,
 }
 
 /// The caller's partner's policy (or one of its versions) as casbin CSV.
-async fn policy_export(
+#[utoipa::path(get, path = "/v1/policies/export", tag = "policies", params(("version" = Option<i64>, Query)), responses((status = 200, description = "the policy as casbin CSV", body = String, content_type = "text/csv"), (status = "4XX", description = "refused: see `code` (docs/API.md)", body = crate::wire::ErrorBody), (status = "5XX", description = "server fault (an incident id; details in the server log)", body = crate::wire::ErrorBody)))]
+pub(super) async fn policy_export(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Query(params): Query<VersionParams>,
@@ -632,14 +669,15 @@ async fn may_replace_policy(state: &AppState, caller: &Caller) -> Result<Actor, 
     caller.may(state, Action::PopulationChange).await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RollbackRequest {
+pub(super) struct RollbackRequest {
     version: i64,
 }
 
 /// Make an earlier version the policy in force again (as a new version).
-async fn policy_rollback(
+#[utoipa::path(post, path = "/v1/policies/rollback", tag = "policies", request_body = RollbackRequest, responses((status = 200, description = "rolled back, as a new version", body = serde_json::Value), (status = "4XX", description = "refused: see `code` (docs/API.md)", body = crate::wire::ErrorBody), (status = "5XX", description = "server fault (an incident id; details in the server log)", body = crate::wire::ErrorBody)))]
+pub(super) async fn policy_rollback(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     body: bytes::Bytes,
@@ -665,14 +703,15 @@ async fn policy_rollback(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ImportParams {
+pub(super) struct ImportParams {
     #[serde(default)]
     dry_run: bool,
 }
 
 /// Replace the caller's partner's policy with a casbin CSV document, validated whole; with
 /// `dry_run`, only say what would change.
-async fn policy_import(
+#[utoipa::path(post, path = "/v1/policies/import", tag = "policies", request_body(content = String, content_type = "text/csv", description = "the whole policy as casbin CSV"), params(("dry_run" = Option<bool>, Query)), responses((status = 200, description = "imported (or the diff of a dry run)", body = serde_json::Value), (status = "4XX", description = "refused: see `code` (docs/API.md)", body = crate::wire::ErrorBody), (status = "5XX", description = "server fault (an incident id; details in the server log)", body = crate::wire::ErrorBody)))]
+pub(super) async fn policy_import(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Query(params): Query<ImportParams>,
@@ -707,14 +746,15 @@ async fn policy_import(
     })))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ExplainRequest {
+pub(super) struct ExplainRequest {
     sql: String,
 }
 
 /// Why a query would be answered or refused, rule by rule; nothing is read, spent or run.
-async fn explain_query(
+#[utoipa::path(post, path = "/v1/queries/explain", tag = "queries", request_body = ExplainRequest, responses((status = 200, description = "why the query would be answered or refused", body = serde_json::Value), (status = "4XX", description = "refused: see `code` (docs/API.md)", body = crate::wire::ErrorBody), (status = "5XX", description = "server fault (an incident id; details in the server log)", body = crate::wire::ErrorBody)))]
+pub(super) async fn explain_query(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     body: bytes::Bytes,
@@ -731,7 +771,8 @@ async fn explain_query(
 }
 
 /// Why an overlap question would be answered or refused.
-async fn explain_overlap(
+#[utoipa::path(post, path = "/v1/overlaps/explain", tag = "overlaps", request_body = crate::overlaps::OverlapRequest, responses((status = 200, description = "why the overlap would be answered or refused", body = serde_json::Value), (status = "4XX", description = "refused: see `code` (docs/API.md)", body = crate::wire::ErrorBody), (status = "5XX", description = "server fault (an incident id; details in the server log)", body = crate::wire::ErrorBody)))]
+pub(super) async fn explain_overlap(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     body: bytes::Bytes,
@@ -749,13 +790,14 @@ async fn explain_overlap(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct PreviewParams {
+pub(super) struct PreviewParams {
     partner: String,
     dataset: Option<String>,
 }
 
 /// What another partner can currently ask of the caller's partner's datasets.
-async fn policy_preview(
+#[utoipa::path(get, path = "/v1/policies/preview", tag = "policies", params(("partner" = String, Query), ("dataset" = Option<String>, Query)), responses((status = 200, description = "what the partner can ask of the caller's datasets", body = serde_json::Value), (status = "4XX", description = "refused: see `code` (docs/API.md)", body = crate::wire::ErrorBody), (status = "5XX", description = "server fault (an incident id; details in the server log)", body = crate::wire::ErrorBody)))]
+pub(super) async fn policy_preview(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Query(params): Query<PreviewParams>,
@@ -769,9 +811,9 @@ async fn policy_preview(
     ))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct QueryRequest {
+pub(super) struct QueryRequest {
     sql: String,
     /// json (default), csv or arrow.
     #[serde(default)]
@@ -780,7 +822,8 @@ struct QueryRequest {
 
 /// Run a query. Refusals are 4xx `QUERY_REFUSED` with the rule; runtime failures are one
 /// generic internal error (details in the server log only).
-async fn query(
+#[utoipa::path(post, path = "/v1/queries", tag = "queries", request_body = QueryRequest, responses((status = 200, description = "the answer: JSON, CSV or Arrow IPC stream by `format`", content((serde_json::Value = "application/json"), (String = "text/csv"), (Vec<u8> = "application/vnd.apache.arrow.stream"))), (status = "4XX", description = "refused: see `code` (docs/API.md)", body = crate::wire::ErrorBody), (status = "5XX", description = "server fault (an incident id; details in the server log)", body = crate::wire::ErrorBody)))]
+pub(super) async fn query(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     body: bytes::Bytes,
@@ -909,7 +952,8 @@ fn log_overlap(
 }
 
 /// The overlap matrix of the caller's populations and another partner's.
-async fn overlap(
+#[utoipa::path(post, path = "/v1/overlaps", tag = "overlaps", request_body = crate::overlaps::OverlapRequest, responses((status = 200, description = "the overlap matrix, JSON or CSV by `format`", content((serde_json::Value = "application/json"), (String = "text/csv"))), (status = "4XX", description = "refused: see `code` (docs/API.md)", body = crate::wire::ErrorBody), (status = "5XX", description = "server fault (an incident id; details in the server log)", body = crate::wire::ErrorBody)))]
+pub(super) async fn overlap(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     body: bytes::Bytes,
@@ -932,7 +976,8 @@ async fn overlap(
 }
 
 /// The co-selling report.
-async fn co_selling(
+#[utoipa::path(post, path = "/v1/reports/co-selling", tag = "reports", request_body = crate::overlaps::CoSellingRequest, responses((status = 200, description = "the co-selling report, JSON or CSV by `format`", content((serde_json::Value = "application/json"), (String = "text/csv"))), (status = "4XX", description = "refused: see `code` (docs/API.md)", body = crate::wire::ErrorBody), (status = "5XX", description = "server fault (an incident id; details in the server log)", body = crate::wire::ErrorBody)))]
+pub(super) async fn co_selling(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     body: bytes::Bytes,
@@ -960,9 +1005,9 @@ async fn co_selling(
     Ok(Json(crate::overlaps::output::co_selling_json(&r)).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct UserRequest {
+pub(super) struct UserRequest {
     /// The partner the user belongs to: must be the caller's own.
     #[serde(default)]
     partner: Option<String>,
@@ -972,7 +1017,8 @@ struct UserRequest {
 }
 
 /// The active users of the caller's partner and their roles (admins).
-async fn list_users(
+#[utoipa::path(get, path = "/v1/users", tag = "users", responses((status = 200, description = "users of the caller's partner", body = serde_json::Value), (status = "4XX", description = "refused: see `code` (docs/API.md)", body = crate::wire::ErrorBody), (status = "5XX", description = "server fault (an incident id; details in the server log)", body = crate::wire::ErrorBody)))]
+pub(super) async fn list_users(
     State(state): State<Arc<AppState>>,
     caller: Caller,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -989,7 +1035,8 @@ async fn list_users(
 
 /// A partner's admin adds a user of its own partner; the new identity's bundle (certificate,
 /// private key, CA) is returned once, over this mutually authenticated connection.
-async fn add_user(
+#[utoipa::path(post, path = "/v1/users", tag = "users", request_body = UserRequest, responses((status = 201, description = "added; the identity bundle is returned once", body = serde_json::Value), (status = "4XX", description = "refused: see `code` (docs/API.md)", body = crate::wire::ErrorBody), (status = "5XX", description = "server fault (an incident id; details in the server log)", body = crate::wire::ErrorBody)))]
+pub(super) async fn add_user(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     body: bytes::Bytes,
@@ -1022,7 +1069,8 @@ async fn add_user(
     ))
 }
 
-async fn revoke_user(
+#[utoipa::path(post, path = "/v1/users/revocations", tag = "users", request_body = UserRequest, responses((status = 200, description = "revoked", body = serde_json::Value), (status = "4XX", description = "refused: see `code` (docs/API.md)", body = crate::wire::ErrorBody), (status = "5XX", description = "server fault (an incident id; details in the server log)", body = crate::wire::ErrorBody)))]
+pub(super) async fn revoke_user(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     body: bytes::Bytes,
@@ -1054,7 +1102,7 @@ fn own_partner(caller: &Caller, req: &UserRequest) -> Result<(), ApiError> {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct AuditParams {
+pub(super) struct AuditParams {
     /// RFC 3339; records at or after it.
     since: Option<String>,
 }
@@ -1071,7 +1119,8 @@ fn audit_read(caller: &Caller, detail: serde_json::Value) -> crate::audit::Event
 }
 
 /// The caller's partner's events and every event that touched its datasets or rules.
-async fn audit_list(
+#[utoipa::path(get, path = "/v1/audit", tag = "audit", params(("since" = Option<String>, Query, description = "RFC 3339")), responses((status = 200, description = "audit records the caller may see", body = serde_json::Value), (status = "4XX", description = "refused: see `code` (docs/API.md)", body = crate::wire::ErrorBody), (status = "5XX", description = "server fault (an incident id; details in the server log)", body = crate::wire::ErrorBody)))]
+pub(super) async fn audit_list(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Query(params): Query<AuditParams>,
@@ -1095,7 +1144,8 @@ async fn audit_list(
 
 /// The whole chain as JSON lines, ending in a fresh signed checkpoint; records the caller's
 /// partner may not see are redacted to their hashes and signatures.
-async fn audit_export(
+#[utoipa::path(get, path = "/v1/audit/export", tag = "audit", responses((status = 200, description = "the chain as JSON lines, redacted for the caller", body = String, content_type = "application/jsonl"), (status = "4XX", description = "refused: see `code` (docs/API.md)", body = crate::wire::ErrorBody), (status = "5XX", description = "server fault (an incident id; details in the server log)", body = crate::wire::ErrorBody)))]
+pub(super) async fn audit_export(
     State(state): State<Arc<AppState>>,
     caller: Caller,
 ) -> Result<Response, ApiError> {
@@ -1122,7 +1172,8 @@ async fn audit_export(
 /// The caller's export of the chain (`audit_export`) verified on the server against the
 /// escrow's signing key: for the console's status line. A partner that must not trust the
 /// escrow verifies an export itself (`escrow audit verify`).
-async fn audit_verification(
+#[utoipa::path(get, path = "/v1/audit/verification", tag = "audit", responses((status = 200, description = "the caller's export verified on the server", body = serde_json::Value), (status = "4XX", description = "refused: see `code` (docs/API.md)", body = crate::wire::ErrorBody), (status = "5XX", description = "server fault (an incident id; details in the server log)", body = crate::wire::ErrorBody)))]
+pub(super) async fn audit_verification(
     State(state): State<Arc<AppState>>,
     caller: Caller,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -1164,7 +1215,8 @@ async fn audit_verification(
 /// The latest signed checkpoint (written now if the log has moved on): what a partner keeps
 /// to detect a later rewrite. Any authenticated user may fetch it: it reveals only a count
 /// and a hash.
-async fn audit_checkpoint(
+#[utoipa::path(get, path = "/v1/audit/checkpoint", tag = "audit", responses((status = 200, description = "the latest signed checkpoint", body = serde_json::Value), (status = "4XX", description = "refused: see `code` (docs/API.md)", body = crate::wire::ErrorBody), (status = "5XX", description = "server fault (an incident id; details in the server log)", body = crate::wire::ErrorBody)))]
+pub(super) async fn audit_checkpoint(
     State(state): State<Arc<AppState>>,
     _caller: Caller,
 ) -> Result<Json<serde_json::Value>, ApiError> {

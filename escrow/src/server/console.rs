@@ -143,7 +143,8 @@ async fn style() -> Response {
 
 /// A login link for the caller's identity: only over mutual TLS (a console session cannot
 /// extend itself past its expiry by minting links).
-async fn mint_link(
+#[utoipa::path(post, path = "/v1/console/links", tag = "console", responses((status = 200, description = "a single-use sign-in link", body = ConsoleLink), (status = "4XX", description = "refused", body = crate::wire::ErrorBody), (status = "5XX", description = "server fault", body = crate::wire::ErrorBody)))]
+pub(super) async fn mint_link(
     State(state): State<Arc<AppState>>,
     Extension(conn): Extension<super::ConnInfo>,
     caller: Caller,
@@ -246,7 +247,8 @@ fn shell(title: &str, body: &str) -> String {
 
 /// Who the console session is, with its CSRF token (read by the console's script; another
 /// site cannot read it: no CORS, and the cookie is not sent from other sites).
-async fn current_session(
+#[utoipa::path(get, path = "/v1/console/session", tag = "console", responses((status = 200, description = "the session and its CSRF token", body = ConsoleSession), (status = "4XX", description = "refused", body = crate::wire::ErrorBody), (status = "5XX", description = "server fault", body = crate::wire::ErrorBody)))]
+pub(super) async fn current_session(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     caller: Caller,
@@ -263,7 +265,8 @@ async fn current_session(
     }))
 }
 
-async fn logout(
+#[utoipa::path(post, path = "/v1/console/logout", tag = "console", responses((status = 204, description = "signed out; the cookie is cleared"), (status = "4XX", description = "refused", body = crate::wire::ErrorBody), (status = "5XX", description = "server fault", body = crate::wire::ErrorBody)))]
+pub(super) async fn logout(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     caller: Caller,

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod console;
 pub mod limits;
+pub mod openapi;
 pub mod sessions;
 pub mod tls;
 
