@@ -6,24 +6,24 @@ use crate::harness::{Env, Server};
 
 /// A client like a browser: trusts the escrow's CA, has no client certificate, follows no
 /// redirects, and sends the session cookie it was given.
-struct Browser {
+pub struct Browser {
     rt: tokio::runtime::Runtime,
     http: reqwest::Client,
     base: String,
     cookie: Option<String>,
 }
 
-struct Reply {
-    status: u16,
-    headers: reqwest::header::HeaderMap,
-    body: String,
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: String,
 }
 
 impl Reply {
-    fn json(&self) -> serde_json::Value {
+    pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
     }
-    fn code(&self) -> String {
+    pub fn code(&self) -> String {
         self.json()["error"]["code"]
             .as_str()
             .unwrap_or("")
@@ -32,7 +32,7 @@ impl Reply {
 }
 
 impl Browser {
-    fn new(env: &Env, server: &Server) -> Browser {
+    pub fn new(env: &Env, server: &Server) -> Browser {
         use rustls::pki_types::pem::PemObject;
         let mut roots = rustls::RootCertStore::empty();
         for c in rustls::pki_types::CertificateDer::pem_file_iter(env.bundle("acme").join("ca.pem"))
@@ -87,7 +87,7 @@ impl Browser {
         })
     }
 
-    fn get(&self, path: &str) -> Reply {
+    pub fn get(&self, path: &str) -> Reply {
         self.send("GET", path, &[], "")
     }
 

@@ -18,36 +18,9 @@ fn no_certificate_gets_no_api_data() {
     let server = env.serve(&[]);
     // A client with the right CA but no client certificate (a browser on the console)
     // completes the handshake, and gets nothing from the API without a console session.
-    let roots = {
-        let mut r = rustls::RootCertStore::empty();
-        use rustls::pki_types::pem::PemObject;
-        for c in rustls::pki_types::CertificateDer::pem_file_iter(env.bundle("acme").join("ca.pem"))
-            .expect("ca")
-        {
-            r.add(c.expect("cert")).expect("add");
-        }
-        r
-    };
-    let config = rustls::ClientConfig::builder_with_provider(escrow::server::tls::provider())
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let rt = tokio::runtime::Runtime::new().expect("rt");
-    let (status, body) = rt.block_on(async {
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(config)
-            .build()
-            .expect("client");
-        let r = http
-            .get(format!("{}/v1/datasets", server.url))
-            .send()
-            .await
-            .expect("answered");
-        (r.status().as_u16(), r.text().await.expect("body"))
-    });
-    assert_eq!(status, 401, "{body}");
-    assert!(body.contains("\"unauthenticated\""), "{body}");
+    let r = crate::console::Browser::new(&env, &server).get("/v1/datasets");
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert_eq!(r.code(), "unauthenticated");
     env.cli(&server, "acme", &["whoami"]).ok();
 }
 

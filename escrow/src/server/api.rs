@@ -1142,6 +1142,22 @@ pub(super) async fn audit_list(
     Ok(Json(json!({ "records": records })))
 }
 
+/// The chain as `caller` may export it (`audit_export`), its reading audited as `view`.
+async fn export_for(state: &AppState, caller: &Caller, view: &str) -> Result<Vec<u8>, ApiError> {
+    caller.may(state, Action::AuditRead).await?;
+    let store = state.store.clone();
+    let viewer = crate::audit::Viewer::Partner(caller.partner.clone());
+    let read = audit_read(caller, json!({ "view": view }));
+    blocking(move || {
+        store.record(&read)?;
+        store.audit_checkpoint()?;
+        let mut out = Vec::new();
+        crate::audit::export(store.audit_log().path(), &viewer, &mut out)?;
+        Ok(out)
+    })
+    .await
+}
+
 /// The whole chain as JSON lines, ending in a fresh signed checkpoint; records the caller's
 /// partner may not see are redacted to their hashes and signatures.
 #[utoipa::path(get, path = "/v1/audit/export", tag = "audit", responses((status = 200, description = "the chain as JSON lines, redacted for the caller", body = String, content_type = "application/jsonl"), (status = "4XX", description = "refused: see `code` (docs/API.md)", body = crate::wire::ErrorBody), (status = "5XX", description = "server fault (an incident id; details in the server log)", body = crate::wire::ErrorBody)))]
@@ -1149,18 +1165,7 @@ pub(super) async fn audit_export(
     State(state): State<Arc<AppState>>,
     caller: Caller,
 ) -> Result<Response, ApiError> {
-    caller.may(&state, Action::AuditRead).await?;
-    let store = state.store.clone();
-    let viewer = crate::audit::Viewer::Partner(caller.partner.clone());
-    let read = audit_read(&caller, json!({ "view": "export" }));
-    let bytes = blocking(move || {
-        store.record(&read)?;
-        store.audit_checkpoint()?;
-        let mut out = Vec::new();
-        crate::audit::export(store.audit_log().path(), &viewer, &mut out)?;
-        Ok(out)
-    })
-    .await?;
+    let bytes = export_for(&state, &caller, "export").await?;
     Ok((
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/jsonl")],
@@ -1177,15 +1182,9 @@ pub(super) async fn audit_verification(
     State(state): State<Arc<AppState>>,
     caller: Caller,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    caller.may(&state, Action::AuditRead).await?;
+    let out = export_for(&state, &caller, "verification").await?;
     let store = state.store.clone();
-    let viewer = crate::audit::Viewer::Partner(caller.partner.clone());
-    let read = audit_read(&caller, json!({ "view": "verification" }));
     let verdict = blocking(move || {
-        store.record(&read)?;
-        store.audit_checkpoint()?;
-        let mut out = Vec::new();
-        crate::audit::export(store.audit_log().path(), &viewer, &mut out)?;
         let opts = crate::audit::VerifyOptions {
             public_key: Some(store.audit_log().public_key().to_string()),
             whole: true,
