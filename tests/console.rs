@@ -91,9 +91,25 @@ impl Browser {
         self.send("GET", path, &[], "")
     }
 
-    /// Open a sign-in link; keeps the session cookie it sets.
+    /// Open a sign-in link and sign in on its page (a same-origin POST); keeps the session
+    /// cookie it sets. Opening the link alone signs in nobody.
     fn open_link(&mut self, url: &str) -> Reply {
-        let r = self.get(url);
+        let page = self.get(url);
+        if page.status != 200 {
+            return page;
+        }
+        assert!(page.body.contains("<form method=\"post\""), "{}", page.body);
+        assert!(
+            page.headers.get("set-cookie").is_none(),
+            "opening is not signing in"
+        );
+        let origin = self.base.trim_end_matches('/').to_string();
+        let r = self.send(
+            "POST",
+            url,
+            &[("origin", &origin), ("sec-fetch-site", "same-origin")],
+            "",
+        );
         if let Some(set) = r.headers.get("set-cookie") {
             let set = set.to_str().expect("cookie text");
             self.cookie = Some(set.split(';').next().expect("pair").to_string());
@@ -141,8 +157,30 @@ fn a_sign_in_link_gives_one_browser_a_session_until_logout() {
     assert_eq!(r.status, 401, "a link needs a certificate");
 
     let url = link(&env, &server, "acme");
+    // Another site can make a browser open the link or post to it: opening signs in
+    // nobody and uses nothing; a cross-site post is refused and uses nothing either.
+    let page = browser.get(&url);
+    assert_eq!(page.status, 200);
+    assert!(
+        page.body.contains("admin</strong> of <strong>acme"),
+        "{}",
+        page.body
+    );
+    for site in [
+        vec![("origin", "https://evil.example")],
+        vec![("sec-fetch-site", "cross-site")],
+    ] {
+        let r = browser.send("POST", &url, &site, "");
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (403, "forbidden"),
+            "{site:?}"
+        );
+        assert!(r.headers.get("set-cookie").is_none());
+    }
     let r = browser.open_link(&url);
-    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.status, 303, "{}", r.body);
+    assert_eq!(r.headers["location"], "/");
     let set = r.headers["set-cookie"].to_str().expect("cookie");
     for attr in [
         "__Host-escrow_session=",
@@ -237,7 +275,7 @@ fn expired_links_and_revoked_identities_end_there() {
 
     // A session ends when its identity is revoked.
     let url = link(&env, &server, "globex");
-    assert_eq!(browser.open_link(&url).status, 200);
+    assert_eq!(browser.open_link(&url).status, 303);
     assert_eq!(browser.get("/v1/whoami").json()["partner"], "globex");
     env.op(&["partner", "revoke", "globex"]).ok();
     let r = browser.get("/v1/whoami");

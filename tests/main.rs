@@ -4,6 +4,7 @@
 
 mod harness;
 
+mod app;
 mod audit;
 mod bad_input;
 mod console;

@@ -189,7 +189,9 @@ fn reupload_makes_a_new_live_version_and_delete_shreds() {
     let v1 = env.file("v1.csv", accounts_csv(10, "one").as_bytes());
     let v2 = env.file("v2.csv", accounts_csv(25, "two").as_bytes());
     for (f, want) in [(&v1, "version=1 rows=10"), (&v2, "version=2 rows=25")] {
-        let out = env.upload(&server, "acme", f, "accounts", &[]).ok();
+        let out = env
+            .upload(&server, "acme", f, "accounts", &["--key-column", "website"])
+            .ok();
         assert!(out.stdout.contains(want), "{}", out.stdout);
     }
     let list = env.datasets(&server, "acme");
@@ -197,6 +199,50 @@ fn reupload_makes_a_new_live_version_and_delete_shreds() {
     assert_eq!(list["datasets"][0]["rows"], 25);
     assert_eq!(rows(&read_back(&env, "acme", "accounts")), 25);
     assert_eq!(env.sealed_files().len(), 2);
+
+    // Its owner sees every version with how its companies matched (website keys).
+    let out = env
+        .cli(
+            &server,
+            "acme",
+            &["datasets", "versions", "accounts", "--format", "json"],
+        )
+        .ok();
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("versions json");
+    let versions = v["versions"].as_array().expect("versions");
+    assert_eq!(versions.len(), 2, "{v}");
+    for (got, (number, n)) in versions.iter().zip([(1, 10), (2, 25)]) {
+        assert_eq!(
+            (got["version"].as_i64(), got["rows"].as_i64()),
+            (Some(number), Some(n))
+        );
+        let m = &got["matching"];
+        assert_eq!(
+            m["by_domain"].as_i64(),
+            Some(n),
+            "every row has a website: {m}"
+        );
+        assert_eq!(
+            (m["by_name"].as_i64(), m["unmatched"].as_i64()),
+            (Some(0), Some(0))
+        );
+        assert_eq!(got["uploaded_by"], "admin");
+    }
+    let table = env
+        .cli(&server, "acme", &["datasets", "versions", "accounts"])
+        .ok();
+    assert!(table.stdout.contains("BY DOMAIN"), "{}", table.stdout);
+    // Another partner's versions answer exactly as a dataset that does not exist.
+    let theirs = env
+        .cli(&server, "globex", &["datasets", "versions", "accounts"])
+        .fails_with("not_found");
+    let none = env
+        .cli(&server, "acme", &["datasets", "versions", "no_such"])
+        .fails_with("not_found");
+    assert_eq!(
+        theirs.stderr.replace("accounts", "X"),
+        none.stderr.replace("no_such", "X")
+    );
 
     // another partner neither sees nor deletes it
     assert_eq!(

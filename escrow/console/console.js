@@ -4,13 +4,6 @@
 "use strict";
 
 (function () {
-  // The sign-in page moves on to the console by a navigation of this origin's own page, so
-  // the SameSite=Strict session cookie goes with it.
-  if (document.getElementById("continue")) {
-    window.location.replace("/");
-    return;
-  }
-
   let session = null;
 
   function failure(r, body) {
@@ -192,8 +185,12 @@
           { label: "Key column", value: (d) => d.key_column || "none" },
           { label: "Uploaded", value: (d) => d.created_at },
           { label: "By", value: (d) => d.uploaded_by },
-          { label: "Actions", value: (d) => el("button", { type: "button", class: "danger", text: "Delete " + d.name, on: { click: () => confirmDelete(d.name) } }) },
+          { label: "Actions", value: (d) => el("span", { class: "actions" }, [
+            el("button", { type: "button", text: "Versions of " + d.name, "aria-controls": "versions", on: { click: () => showVersions(d.name) } }),
+            el("button", { type: "button", class: "danger", text: "Delete " + d.name, on: { click: () => confirmDelete(d.name) } }),
+          ]) },
         ], list.datasets));
+        view.append(el("section", { id: "versions", "aria-live": "polite" }));
       }
       view.append(el("h2", { text: "Upload a new dataset or version" }));
       view.append(uploadForm());
@@ -269,30 +266,9 @@
           } } }) },
       ], list.users));
       view.append(el("h2", { text: "Add a user" }));
-      const form = el("form", { class: "inline", "aria-label": "Add a user" }, [
-        field("Name", input("name", { required: true })),
-        field("Role", select("role", ["analyst", "uploader", "compliance", "admin"])),
-        el("button", { type: "submit", class: "primary", text: "Add" }),
-      ]);
-      const out = el("div", { "aria-live": "polite" });
-      form.addEventListener("submit", async (ev) => {
-        ev.preventDefault();
-        const f = new FormData(form);
-        try {
-          const added = await api("/v1/users", { method: "POST", json: { name: f.get("name"), role: f.get("role") } });
-          await show();
-          const blob = new Blob([JSON.stringify(added.bundle, null, 2)], { type: "application/json" });
-          document.getElementById("view").append(el("p", { role: "status" }, [
-            "Added " + added.user + " (" + added.role + "). Its identity bundle (certificate and private key) is shown only now: ",
-            el("a", { href: URL.createObjectURL(blob), download: added.user + "-bundle.json", text: "download it" }),
-            " and hand it over securely.",
-          ]));
-        } catch (e) {
-          if (e.status === 401) return signedOut();
-          showError(form, e, (code) => ({ invalid_role: "role", invalid_name: "name", conflict: "name" }[code]));
-        }
-      });
-      view.append(form, out);
+      view.append(el("p", { class: "note", text:
+        "A new user gets a certificate and its private key, so users are added with your certificate, not from the browser (a browser session must not become a lasting identity):" }));
+      view.append(el("pre", { text: "escrow user add " + list.partner + " NAME --role analyst|uploader|compliance|admin --identity YOUR_BUNDLE --server " + window.location.origin }));
     },
 
     async audit(view) {
@@ -478,6 +454,58 @@
       chart.append(svg("text", { x: left + (width * Math.max(0, v)) / max + 6, y: y + bar * 0.7, "font-size": 13, fill: "#1b1f24" }, fmt(v)));
     });
     return el("figure", {}, [chart, el("figcaption", { class: "muted", text: valueName + " by " + labelName })]);
+  }
+
+  /** Every version of one of your datasets: a table, and how its rows matched as a chart. */
+  async function showVersions(name) {
+    const out = document.getElementById("versions");
+    out.replaceChildren(el("p", { class: "muted", text: "Loading versions…" }));
+    try {
+      const v = await api("/v1/datasets/" + encodeURIComponent(name) + "/versions");
+      const m = (x, k) => (x.matching ? x.matching[k] : "—");
+      out.replaceChildren(
+        el("h2", { text: "Versions of " + v.dataset }),
+        table("Every version of " + v.dataset + ", oldest first", [
+          { label: "Version", value: (x) => x.version, num: true },
+          { label: "Uploaded", value: (x) => x.created_at },
+          { label: "By", value: (x) => x.uploaded_by },
+          { label: "Rows", value: (x) => x.rows, num: true },
+          { label: "Bytes", value: (x) => x.source_bytes, num: true },
+          { label: "Key column", value: (x) => x.key_column || "none" },
+          { label: "Matched by domain", value: (x) => m(x, "by_domain"), num: true },
+          { label: "Matched by name", value: (x) => m(x, "by_name"), num: true },
+          { label: "Unmatched", value: (x) => m(x, "unmatched"), num: true },
+        ], v.versions),
+        matchingChart(v),
+      );
+    } catch (e) {
+      if (e.status === 401) return signedOut();
+      out.replaceChildren(el("p", { class: "error", role: "alert", text: e.message }));
+    }
+  }
+
+  /** Rows of each version split by how they matched (stacked bars; a table above says the same). */
+  function matchingChart(v) {
+    const parts = [["by_domain", "by domain", "#0b5cad", "m-domain"], ["by_name", "by name", "#5b8fd1", "m-name"], ["unmatched", "unmatched", "#c9ced6", "m-unmatched"]];
+    const max = Math.max(1, ...v.versions.map((x) => x.rows));
+    const bar = 22, gap = 8, left = 60, width = 560;
+    const chart = svg("svg", { role: "img", "aria-label": "Rows of each version of " + v.dataset + " by how their companies matched (stacked bar chart of the table above)",
+      viewBox: "0 0 " + (left + width + 80) + " " + (v.versions.length * (bar + gap) + 24), class: "chart" });
+    v.versions.forEach((x, i) => {
+      const y = i * (bar + gap);
+      chart.append(svg("text", { x: left - 8, y: y + bar * 0.7, "text-anchor": "end", "font-size": 13, fill: "#1b1f24" }, "v" + x.version));
+      let at = left;
+      const split = x.matching ? parts.map(([k, , c]) => [x.matching[k], c]) : [[x.rows, "#8a939e"]];
+      for (const [n, color] of split) {
+        const w = (width * n) / max;
+        if (w > 0) chart.append(svg("rect", { x: at, y, width: w, height: bar, fill: color }));
+        at += w;
+      }
+      chart.append(svg("text", { x: at + 6, y: y + bar * 0.7, "font-size": 13, fill: "#1b1f24" }, fmt(x.rows)));
+    });
+    const legend = el("ul", { class: "legend" }, parts.map(([, label, , cls]) =>
+      el("li", {}, [el("span", { class: "swatch " + cls, "aria-hidden": "true" }), label])));
+    return el("figure", {}, [chart, legend, el("figcaption", { class: "muted", text: "Rows per version, by how their companies matched" })]);
   }
 
   function budgetGauge(b) {

@@ -56,7 +56,7 @@ const CHECKPOINT_DOMAIN: &[u8] = b"escrow/audit/checkpoint/v1\0";
 pub const CHECKPOINT_EVERY: u64 = 64;
 
 /// Who did something.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Actor {
     /// The partner of the identity; `None` for the operator and the escrow itself.
     pub partner: Option<String>,
@@ -108,7 +108,7 @@ impl Actor {
 }
 
 /// How an audited action ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     /// Done (and answered, for questions).
@@ -120,7 +120,7 @@ pub enum Outcome {
 }
 
 /// One audited event, as the code describes it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Event {
     /// What happened: `upload`, `delete`, `query`, `overlap`, `report`, `grant`, ...
     pub kind: String,
@@ -198,7 +198,7 @@ impl Event {
 }
 
 /// A stored record: the event with its place and time.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Record {
     pub seq: u64,
     pub time: String,
@@ -207,7 +207,7 @@ pub struct Record {
 }
 
 /// A signed statement that the log had `records` records ending in `hash`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Checkpoint {
     pub seq: u64,

@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS dataset_versions (
     kek_id       TEXT NOT NULL,
     uploaded_by  TEXT NOT NULL,
     created_at   TEXT NOT NULL,
+    matching     TEXT,                         -- JSON matching::MatchStats (website keys)
     PRIMARY KEY (dataset_id, version)
 );
 CREATE TABLE IF NOT EXISTS grants (
@@ -196,7 +197,7 @@ pub struct ColumnInfo {
 }
 
 /// A named subset of a dataset, defined by its owner.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Population {
     pub owner: String,
     pub dataset: String,
@@ -208,7 +209,7 @@ pub struct Population {
 }
 
 /// Metadata of the live (latest) version of a dataset. Never any row content.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema, serde::Deserialize)]
 pub struct DatasetInfo {
     pub owner: String,
     pub name: String,
@@ -245,6 +246,25 @@ pub struct NewVersion {
     pub columns: Vec<ColumnInfo>,
     pub key_column: Option<String>,
     pub uploaded_by: String,
+    /// How website keys matched (none for id keys or no key).
+    pub matching: Option<crate::matching::MatchStats>,
+}
+
+/// One version of a dataset, as its owner sees it. Never any row content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct VersionInfo {
+    pub version: i64,
+    pub rows: i64,
+    pub source_bytes: i64,
+    pub sealed_bytes: i64,
+    pub format: String,
+    pub key_column: Option<String>,
+    pub columns: Vec<ColumnInfo>,
+    /// Rows keyed by domain, by name, and unmatched (website keys; absent for id keys and
+    /// for versions uploaded before escrow kept these).
+    pub matching: Option<crate::matching::MatchStats>,
+    pub created_at: String,
+    pub uploaded_by: String,
 }
 
 pub fn now_rfc3339() -> String {
@@ -264,6 +284,20 @@ const DATA_VERSION: i64 = 1;
 /// (rounded up to a millionth), which allows the same B/ε questions at ε. The documents of
 /// policy versions from before are converted alike, so a rollback to one restores what it
 /// meant (their diffs and the audit log keep the numbers as they were written then).
+/// Add a column a catalog made by an older escrow lacks (`CREATE TABLE IF NOT EXISTS` does
+/// not change an existing table).
+fn add_column(conn: &Connection, table: &str, column: &str, decl: &str) -> Result<()> {
+    let has: bool = conn.query_row(
+        "SELECT COUNT(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
+        params![table, column],
+        |r| r.get(0),
+    )?;
+    if !has {
+        conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+    }
+    Ok(())
+}
+
 fn migrate(conn: &mut Connection) -> Result<()> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version >= DATA_VERSION {
@@ -368,6 +402,7 @@ impl Catalog {
              PRAGMA secure_delete = ON;",
         )?;
         conn.execute_batch(SCHEMA)?;
+        add_column(&conn, "dataset_versions", "matching", "TEXT")?;
         conn.execute(
             "INSERT OR IGNORE INTO crl_state (id, number) VALUES (1, 1)",
             [],
@@ -727,12 +762,18 @@ impl Catalog {
             |r| r.get(0),
         )?;
         let schema_json = serde_json::to_string(&v.columns).map_err(Error::internal)?;
+        let matching = v
+            .matching
+            .map(|m| serde_json::to_string(&m))
+            .transpose()
+            .map_err(Error::internal)?;
         let kek_id = current_kek_in(&tx)?;
         let wrapped_dek = wrap(&kek_id)?;
         tx.execute(
             "INSERT INTO dataset_versions (dataset_id, version, version_id, rows, source_bytes,
-                sealed_bytes, format, schema_json, key_column, wrapped_dek, kek_id, uploaded_by, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                sealed_bytes, format, schema_json, key_column, wrapped_dek, kek_id, uploaded_by, created_at,
+                matching)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
             params![
                 v.dataset_id,
                 version,
@@ -746,7 +787,8 @@ impl Catalog {
                 wrapped_dek,
                 kek_id,
                 v.uploaded_by,
-                now_rfc3339()
+                now_rfc3339(),
+                matching
             ],
         )?;
         after(&tx, version)?;
@@ -789,6 +831,49 @@ impl Catalog {
             let (mut info, schema) = row?;
             info.columns = serde_json::from_str(&schema)
                 .map_err(|e| Error::internal(format!("bad schema in catalog: {e}")))?;
+            out.push(info);
+        }
+        Ok(out)
+    }
+
+    /// Every version of `owner`'s dataset `name`, oldest first.
+    pub fn dataset_versions(&self, owner: &str, name: &str) -> Result<Vec<VersionInfo>> {
+        let conn = self.conn();
+        let mut st = conn.prepare(
+            "SELECT v.version, v.rows, v.source_bytes, v.sealed_bytes, v.format, v.key_column,
+                    v.schema_json, v.matching, v.created_at, v.uploaded_by
+             FROM datasets d JOIN dataset_versions v ON v.dataset_id = d.id
+             WHERE d.owner = ?1 AND d.name = ?2
+             ORDER BY v.version",
+        )?;
+        let rows = st.query_map([owner, name], |r| {
+            Ok((
+                VersionInfo {
+                    version: r.get(0)?,
+                    rows: r.get(1)?,
+                    source_bytes: r.get(2)?,
+                    sealed_bytes: r.get(3)?,
+                    format: r.get(4)?,
+                    key_column: r.get(5)?,
+                    columns: Vec::new(),
+                    matching: None,
+                    created_at: r.get(8)?,
+                    uploaded_by: r.get(9)?,
+                },
+                r.get::<_, String>(6)?,
+                r.get::<_, Option<String>>(7)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (mut info, schema, matching) = row?;
+            let bad =
+                |e: serde_json::Error| Error::internal(format!("bad version in catalog: {e}"));
+            info.columns = serde_json::from_str(&schema).map_err(bad)?;
+            info.matching = matching
+                .map(|m| serde_json::from_str(&m))
+                .transpose()
+                .map_err(bad)?;
             out.push(info);
         }
         Ok(out)

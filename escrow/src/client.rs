@@ -6,10 +6,12 @@ use std::path::Path;
 
 use anyhow::{Context, anyhow, bail};
 use futures_util::TryStreamExt;
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_util::io::ReaderStream;
 
 use crate::server::tls;
+use crate::wire;
 
 /// The key options of an upload (see `escrow upload --help`).
 #[derive(Debug, Default, Clone, Copy)]
@@ -98,7 +100,7 @@ impl Client {
         dataset: &str,
         key: &UploadKey<'_>,
         format: Option<&str>,
-    ) -> anyhow::Result<serde_json::Value> {
+    ) -> anyhow::Result<wire::UploadOutcome> {
         let f = tokio::fs::File::open(file)
             .await
             .with_context(|| format!("cannot open {}", file.display()))?;
@@ -155,15 +157,20 @@ impl Client {
         out
     }
 
-    pub async fn datasets(&self) -> anyhow::Result<serde_json::Value> {
-        self.send(
-            self.http.get(format!("{}/v1/datasets", self.base)),
-            "listing datasets",
+    pub async fn datasets(&self) -> anyhow::Result<wire::DatasetList> {
+        self.get("v1/datasets", &[], "listing datasets").await
+    }
+
+    pub async fn versions(&self, dataset: &str) -> anyhow::Result<wire::DatasetVersions> {
+        self.get(
+            &format!("v1/datasets/{dataset}/versions"),
+            &[],
+            "listing versions",
         )
         .await
     }
 
-    pub async fn delete(&self, dataset: &str) -> anyhow::Result<serde_json::Value> {
+    pub async fn delete(&self, dataset: &str) -> anyhow::Result<wire::DatasetDeleted> {
         self.send(
             self.http
                 .delete(format!("{}/v1/datasets/{dataset}", self.base)),
@@ -172,13 +179,27 @@ impl Client {
         .await
     }
 
-    /// POST a JSON body to `path` (under the server's base); the JSON answer.
-    pub async fn post_json(
+    /// GET `path` (under the server's base) with query parameters; the typed JSON answer.
+    pub async fn get<T: DeserializeOwned>(
         &self,
         path: &str,
-        body: &serde_json::Value,
+        query: &[(&str, &str)],
         what: &str,
-    ) -> anyhow::Result<serde_json::Value> {
+    ) -> anyhow::Result<T> {
+        self.send(
+            self.http.get(format!("{}/{path}", self.base)).query(query),
+            what,
+        )
+        .await
+    }
+
+    /// POST a JSON body to `path`; the typed JSON answer.
+    pub async fn post<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        what: &str,
+    ) -> anyhow::Result<T> {
         self.send(
             self.http.post(format!("{}/{path}", self.base)).json(body),
             what,
@@ -187,10 +208,10 @@ impl Client {
     }
 
     /// POST a JSON body to `path`; the raw answer as text (CSV answers).
-    pub async fn post_text(
+    pub async fn post_text<B: Serialize + ?Sized>(
         &self,
         path: &str,
-        body: &serde_json::Value,
+        body: &B,
         what: &str,
     ) -> anyhow::Result<String> {
         let bytes = self
@@ -202,54 +223,6 @@ impl Client {
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
-    /// POST a text body (a policy document) to `path` with query parameters; the JSON answer.
-    pub async fn post_document(
-        &self,
-        path: &str,
-        query: &[(&str, &str)],
-        body: Vec<u8>,
-        what: &str,
-    ) -> anyhow::Result<serde_json::Value> {
-        self.send(
-            self.http
-                .post(format!("{}/{path}", self.base))
-                .query(query)
-                .header(reqwest::header::CONTENT_TYPE, "text/csv")
-                .body(body),
-            what,
-        )
-        .await
-    }
-
-    /// Grant (`revoke == false`) or revoke a use of one of the caller's datasets; `body` is
-    /// `{dataset, to, usage, column?, population?}`.
-    pub async fn policy_change(
-        &self,
-        revoke: bool,
-        body: &serde_json::Value,
-    ) -> anyhow::Result<serde_json::Value> {
-        if revoke {
-            self.post_json("v1/policies/revocations", body, "revoke")
-                .await
-        } else {
-            self.post_json("v1/policies/grants", body, "grant").await
-        }
-    }
-
-    /// GET a JSON endpoint with query parameters.
-    pub async fn get_json(
-        &self,
-        path: &str,
-        query: &[(&str, &str)],
-        what: &str,
-    ) -> anyhow::Result<serde_json::Value> {
-        self.send(
-            self.http.get(format!("{}/{path}", self.base)).query(query),
-            what,
-        )
-        .await
-    }
-
     /// GET an endpoint's body as text.
     pub async fn get_text(&self, path: &str, what: &str) -> anyhow::Result<String> {
         let bytes = self
@@ -258,64 +231,75 @@ impl Client {
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
-    pub async fn policies(&self) -> anyhow::Result<serde_json::Value> {
-        self.send(
-            self.http.get(format!("{}/v1/policies", self.base)),
-            "listing policies",
-        )
-        .await
-    }
-
-    pub async fn populations(&self) -> anyhow::Result<serde_json::Value> {
-        self.send(
-            self.http.get(format!("{}/v1/populations", self.base)),
-            "listing populations",
-        )
-        .await
-    }
-
-    /// Define (`remove` false) or remove a population of one of your datasets.
-    pub async fn population_change(
+    /// Replace the policy with a casbin CSV document (`dry_run`: only say what would change).
+    pub async fn import_policy(
         &self,
-        remove: bool,
-        body: &serde_json::Value,
-    ) -> anyhow::Result<serde_json::Value> {
-        if remove {
-            self.post_json("v1/populations/removals", body, "removing the population")
-                .await
-        } else {
-            self.post_json("v1/populations", body, "defining the population")
-                .await
-        }
+        document: Vec<u8>,
+        dry_run: bool,
+    ) -> anyhow::Result<wire::PolicyReplaced> {
+        let query: &[(&str, &str)] = if dry_run { &[("dry_run", "true")] } else { &[] };
+        self.send(
+            self.http
+                .post(format!("{}/v1/policies/import", self.base))
+                .query(query)
+                .header(reqwest::header::CONTENT_TYPE, "text/csv")
+                .body(document),
+            "import",
+        )
+        .await
     }
 
-    pub async fn settings(&self, body: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
-        self.post_json("v1/policies/settings", body, "setting")
+    pub async fn grant(&self, req: &wire::GrantRequest) -> anyhow::Result<wire::GrantChanged> {
+        self.post("v1/policies/grants", req, "grant").await
+    }
+
+    pub async fn revoke(&self, req: &wire::GrantRequest) -> anyhow::Result<wire::GrantRevoked> {
+        self.post("v1/policies/revocations", req, "revoke").await
+    }
+
+    pub async fn policies(&self) -> anyhow::Result<wire::GrantList> {
+        self.get("v1/policies", &[], "listing policies").await
+    }
+
+    pub async fn populations(&self) -> anyhow::Result<wire::PopulationList> {
+        self.get("v1/populations", &[], "listing populations").await
+    }
+
+    pub async fn define_population(
+        &self,
+        req: &wire::PopulationRequest,
+    ) -> anyhow::Result<wire::PopulationChanged> {
+        self.post("v1/populations", req, "defining the population")
             .await
     }
 
+    pub async fn remove_population(
+        &self,
+        req: &wire::PopulationRequest,
+    ) -> anyhow::Result<wire::PopulationRemoved> {
+        self.post("v1/populations/removals", req, "removing the population")
+            .await
+    }
+
+    pub async fn settings(&self, req: &wire::SettingsChange) -> anyhow::Result<wire::SettingsNow> {
+        self.post("v1/policies/settings", req, "setting").await
+    }
+
     /// Run a query; the JSON answer.
-    pub async fn query(&self, sql: &str) -> anyhow::Result<serde_json::Value> {
-        self.send(self.query_request(sql, "json"), "query").await
+    pub async fn query(&self, sql: &str) -> anyhow::Result<wire::QueryAnswer> {
+        self.post("v1/queries", &query_request(sql, "json"), "query")
+            .await
     }
 
     /// Run a query; the CSV answer.
     pub async fn query_csv(&self, sql: &str) -> anyhow::Result<String> {
-        let bytes = self
-            .send_raw(self.query_request(sql, "csv"), "query")
-            .await?;
-        Ok(String::from_utf8_lossy(&bytes).into_owned())
-    }
-
-    fn query_request(&self, sql: &str, format: &str) -> reqwest::RequestBuilder {
-        self.http
-            .post(format!("{}/v1/queries", self.base))
-            .json(&serde_json::json!({ "sql": sql, "format": format }))
+        self.post_text("v1/queries", &query_request(sql, "csv"), "query")
+            .await
     }
 
     /// A single-use sign-in link to the web console for this identity (full URL).
-    pub async fn console_link(&self) -> anyhow::Result<(String, crate::wire::ConsoleLink)> {
-        let link: crate::wire::ConsoleLink = self
+    pub async fn console_link(&self) -> anyhow::Result<(String, wire::ConsoleLink)> {
+        let link: wire::ConsoleLink = self
             .send(
                 self.http.post(format!("{}/v1/console/links", self.base)),
                 "console sign-in link",
@@ -324,15 +308,29 @@ impl Client {
         Ok((format!("{}{}", self.base, link.path), link))
     }
 
-    pub async fn whoami(&self) -> anyhow::Result<serde_json::Value> {
-        self.send(self.http.get(format!("{}/v1/whoami", self.base)), "whoami")
-            .await
+    pub async fn whoami(&self) -> anyhow::Result<wire::Caller> {
+        self.get("v1/whoami", &[], "whoami").await
     }
+}
+
+fn query_request(sql: &str, format: &str) -> wire::QueryRequest {
+    wire::QueryRequest {
+        sql: sql.to_string(),
+        format: Some(format.to_string()),
+    }
+}
+
+/// A request of an answer that can also come as CSV: its own fields and `format`.
+#[derive(Serialize)]
+pub struct WithFormat<'a, T> {
+    #[serde(flatten)]
+    pub request: &'a T,
+    pub format: &'a str,
 }
 
 /// The one-line error for a non-success response.
 fn refusal(what: &str, status: reqwest::StatusCode, body: &[u8]) -> anyhow::Error {
-    match serde_json::from_slice::<crate::wire::ErrorBody>(body) {
+    match serde_json::from_slice::<wire::ErrorBody>(body) {
         Ok(b) => match b.error.rule {
             Some(rule) => anyhow!(
                 "{what} refused ({}, rule {rule}): {}",

@@ -14,22 +14,22 @@ use crate::settings::{self, DatasetSettings};
 use crate::{Error, Result};
 
 /// One use a question makes of one column (or population, or whole dataset), decided.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct UseExplained {
     /// `owner.dataset`
     pub dataset: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub column: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub population: Option<String>,
     pub usage: String,
     /// owner (the caller's own data), granted, or missing.
-    pub decision: &'static str,
+    pub decision: String,
     /// The casbin rule that grants it (`p,grantee,owner,dataset,column,usage`).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
     /// For a missing grant: the command its owner would run to grant it.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub missing_grant: Option<String>,
 }
 
@@ -64,7 +64,7 @@ impl UseExplained {
             column,
             population,
             usage: u.usage.as_str().into(),
-            decision,
+            decision: decision.into(),
             rule,
             missing_grant,
         }
@@ -72,7 +72,7 @@ impl UseExplained {
 }
 
 /// The protection that would apply: the strictest settings of the datasets read.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct ProtectionView {
     pub min_entities: u64,
     pub epsilon: f64,
@@ -82,14 +82,14 @@ pub struct ProtectionView {
 }
 
 /// A rule that refuses.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct RefusalView {
     pub rule: String,
     pub message: String,
 }
 
 /// Why a question would be answered or refused.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Explanation {
     pub allowed: bool,
     /// The first rule that refuses it, as answering would report it.
@@ -121,7 +121,7 @@ impl Explanation {
 }
 
 /// What one partner can currently ask of one of my datasets.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct DatasetPreview {
     /// `owner.dataset`
     pub dataset: String,
@@ -145,19 +145,19 @@ pub struct DatasetPreview {
     pub notes: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct ColumnPreview {
     pub column: String,
     pub usages: Vec<UsagePreview>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct UsagePreview {
     pub usage: String,
     pub rule: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct PopulationPreview {
     pub name: String,
     pub visible: bool,
@@ -165,7 +165,7 @@ pub struct PopulationPreview {
 }
 
 /// What `partner` can ask of `owner`'s datasets.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Preview {
     pub owner: String,
     pub partner: String,

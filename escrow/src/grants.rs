@@ -12,7 +12,7 @@ use crate::store::Store;
 use crate::{Error, Result};
 
 /// A grant or revoke as a data owner asks for it.
-#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GrantRequest {
     /// The owner's dataset name.
     pub dataset: String,
@@ -27,14 +27,14 @@ pub struct GrantRequest {
 }
 
 /// A grant as shown to partners.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema, serde::Deserialize)]
 pub struct GrantView {
     /// `owner.dataset`
     pub dataset: String,
     /// A column, or `*` (every column; for `overlap`, no column is used).
     pub column: String,
     /// For `overlap`: a population, or `*` for every population.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub population: Option<String>,
     pub to: String,
     pub usage: String,
@@ -59,7 +59,7 @@ impl From<&Grant> for GrantView {
 }
 
 /// Grants a partner made and received.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema, serde::Deserialize)]
 pub struct GrantList {
     pub granted: Vec<GrantView>,
     pub received: Vec<GrantView>,

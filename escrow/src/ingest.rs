@@ -230,7 +230,17 @@ pub struct KeySpec {
 }
 
 /// How a key column is read.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum KeyType {
     /// Websites, matched as companies (docs/MATCHING.md).

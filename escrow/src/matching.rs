@@ -57,7 +57,17 @@ pub fn declared_schema(
 }
 
 /// How many rows of an upload got which kind of key.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    utoipa::ToSchema,
+)]
 pub struct MatchStats {
     /// Keyed by the registrable domain of their website.
     pub by_domain: u64,

@@ -35,7 +35,7 @@ use crate::settings;
 use crate::{Error, Result};
 
 /// An overlap question, as a partner asks it.
-#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, serde::Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OverlapRequest {
     /// The other partner.
@@ -91,7 +91,7 @@ pub struct OverlapOutcome {
 /// The co-selling report: my customers x their opportunities (where I can introduce them)
 /// and my opportunities x their customers (where they can introduce me), optionally by a
 /// shared dimension. One overlap question underneath: same numbers, same single charge.
-#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, serde::Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CoSellingRequest {
     pub with: String,
@@ -1011,93 +1011,11 @@ fn fingerprint(
     h.finalize().into()
 }
 
-/// Output encodings of overlap answers and reports.
+/// Output encodings of overlap answers and reports (the JSON shapes are `wire::OverlapAnswer`
+/// and `wire::CoSellingAnswer`).
 pub mod output {
-    use serde_json::{Map, Value, json};
-
-    use super::{CoSellingOutcome, OverlapOutcome, OverlapRow};
+    use super::OverlapRow;
     use crate::{Error, Result};
-
-    /// Row keys of the JSON shape; a breakdown column with one of these names is reported
-    /// under `value`.
-    const ROW_KEYS: [&str; 4] = ["mine", "theirs", "count", "suppressed"];
-
-    fn value_key(by: &str) -> &str {
-        if ROW_KEYS.contains(&by) { "value" } else { by }
-    }
-
-    fn row(r: &OverlapRow, by: Option<&str>) -> Value {
-        let mut o = Map::new();
-        o.insert("mine".into(), json!(r.mine));
-        o.insert("theirs".into(), json!(r.theirs));
-        if let Some(by) = by {
-            o.insert(value_key(by).into(), json!(r.value));
-        }
-        o.insert("count".into(), json!(r.count));
-        o.insert("suppressed".into(), json!(r.suppressed));
-        Value::Object(o)
-    }
-
-    fn meta(o: &OverlapOutcome) -> Map<String, Value> {
-        let p = &o.protection;
-        let mut m = Map::new();
-        m.insert("mine".into(), json!(o.mine));
-        m.insert("theirs".into(), json!(o.theirs));
-        m.insert("by".into(), json!(o.by));
-        m.insert(
-            "protection".into(),
-            json!({
-                "min_entities": p.min_entities,
-                "release_threshold": p.threshold,
-                "epsilon": p.epsilon,
-                "max_groups_per_entity": p.max_groups_per_entity,
-                "sensitivity": o.sensitivity,
-                "noise": "discrete Gaussian on each cell's company count",
-                "noise_sd": p.count_sd,
-                "suppressed_cells": if o.by.is_some() {
-                    "cells below the threshold are not listed (their values would reveal companies)"
-                } else {
-                    "cells below the threshold are listed with count null and suppressed true"
-                },
-            }),
-        );
-        m.insert("epsilon_spent".into(), json!(o.cost.epsilon_spent));
-        m.insert("repeated".into(), json!(o.cost.repeated));
-        m.insert("budgets".into(), json!(o.cost.budgets));
-        m
-    }
-
-    /// `{"rows": [{"mine", "theirs", ["<by>",] "count", "suppressed"}], ...}`
-    pub fn overlap_json(o: &OverlapOutcome) -> Value {
-        let mut m = meta(o);
-        m.insert(
-            "populations".into(),
-            json!({ "mine": o.mine_populations, "theirs": o.their_populations }),
-        );
-        let rows: Vec<Value> = o.rows.iter().map(|r| row(r, o.by.as_deref())).collect();
-        m.insert("rows".into(), Value::Array(rows));
-        Value::Object(m)
-    }
-
-    /// The report's sections, each with its rows.
-    pub fn co_selling_json(r: &CoSellingOutcome) -> Value {
-        let o = &r.overlap;
-        let mut m = meta(o);
-        m.insert("report".into(), json!("co-selling"));
-        let sections: Vec<Value> = r
-            .sections
-            .iter()
-            .map(|s| {
-                json!({
-                    "mine": s.mine,
-                    "theirs": s.theirs,
-                    "rows": s.rows.iter().map(|x| row(x, o.by.as_deref())).collect::<Vec<_>>(),
-                })
-            })
-            .collect();
-        m.insert("sections".into(), Value::Array(sections));
-        Value::Object(m)
-    }
 
     /// CSV with a header line: mine, theirs, (by,) count, suppressed.
     pub fn rows_csv<'a>(

@@ -57,7 +57,7 @@ pub struct PolicyDocument {
 }
 
 /// What one version changed: its number and the document lines removed and added.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct PolicyDiff {
     pub removed: Vec<String>,
     pub added: Vec<String>,
@@ -82,7 +82,7 @@ impl PolicyVersion {
 }
 
 /// One entry of a partner's policy history.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct HistoryEntry {
     pub version: i64,
     pub time: String,

@@ -15,7 +15,7 @@ use crate::store::Store;
 use crate::{Error, Result};
 
 /// A population as its owner defines or removes it.
-#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, serde::Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PopulationRequest {
     /// The owner's dataset name.
     pub dataset: String,

@@ -94,7 +94,7 @@ pub(crate) struct Trace {
 }
 
 /// Budget state of one dataset after a query.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct BudgetView {
     pub dataset: String,
     /// What the partner has spent on the dataset's owner, as the ε of one equivalent
@@ -104,7 +104,7 @@ pub struct BudgetView {
 }
 
 /// What an answer cost.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Cost {
     /// ε charged to each foreign dataset by this request (0 when repeated or own-only).
     pub epsilon_spent: f64,
@@ -1073,43 +1073,17 @@ pub mod output {
         })
     }
 
-    /// The JSON answer: columns, rows, per-row suppression, protection and budget.
-    pub fn to_json(o: &QueryOutcome) -> Result<Value> {
-        let a = &o.answer;
-        let columns: Vec<Value> = a
-            .schema
-            .fields()
-            .iter()
-            .map(|f| json!({ "name": f.name(), "type": f.data_type().to_string() }))
-            .collect();
+    /// The answer's rows as JSON values, one array per row (`wire::QueryAnswer`).
+    pub fn rows(a: &escrow_query::Answer) -> Result<Vec<Vec<Value>>> {
         let mut rows = Vec::new();
         for b in &a.batches {
             for i in 0..b.num_rows() {
                 let row: Result<Vec<Value>> =
                     b.columns().iter().map(|c| value(c.as_ref(), i)).collect();
-                rows.push(Value::Array(row?));
+                rows.push(row?);
             }
         }
-        let protection = a.protection.as_ref().map(|p| {
-            json!({
-                "min_entities": p.min_entities,
-                "release_threshold": p.threshold,
-                "epsilon": p.epsilon,
-                "max_groups_per_entity": p.max_groups_per_entity,
-                "noise": "discrete Gaussian (exact sampler) on entity counts and on clamped sums on a grid",
-                "noise_sd": p.count_sd,
-                "withheld_groups": "groups below the threshold are not listed",
-            })
-        });
-        Ok(json!({
-            "columns": columns,
-            "rows": rows,
-            "suppressed": a.suppressed,
-            "protection": protection,
-            "epsilon_spent": o.cost.epsilon_spent,
-            "repeated": o.cost.repeated,
-            "budgets": o.cost.budgets,
-        }))
+        Ok(rows)
     }
 
     /// CSV with a header line.

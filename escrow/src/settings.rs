@@ -21,7 +21,7 @@ pub const DEFAULT_BUDGET: f64 = 0.4;
 pub const DEFAULT_MAX_GROUPS: u32 = 1;
 
 /// Protection settings of one dataset.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DatasetSettings {
     /// Minimum distinct entities of this dataset in any released row (k).

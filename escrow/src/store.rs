@@ -69,7 +69,7 @@ pub struct UploadRequest {
 }
 
 /// What a committed upload produced.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct UploadOutcome {
     pub dataset: String,
     pub version: i64,
@@ -83,7 +83,7 @@ pub struct UploadOutcome {
     pub key_type: Option<ingest::KeyType>,
     pub name_column: Option<String>,
     /// Columns that must agree too for a match by name.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub name_context: Vec<String>,
     /// Website keys: rows matched by domain, by name, and unmatched.
     pub matching: Option<crate::matching::MatchStats>,
@@ -313,6 +313,7 @@ impl Store {
             columns: ingested.columns.clone(),
             key_column: ingested.key_column.clone(),
             uploaded_by: req.actor.user.clone(),
+            matching: ingested.matching,
         };
         let wrap = |kek_id: &str| self.keys.get(kek_id)?.wrap(&dek, &bind);
         let version = self.catalog.commit_version(&new, wrap, |tx, version| {
@@ -369,6 +370,15 @@ impl Store {
     /// Metadata of the live version of each of `owner`'s datasets.
     pub fn list(&self, owner: &str) -> Result<Vec<DatasetInfo>> {
         self.catalog.list_datasets(owner)
+    }
+
+    /// Every version of `owner`'s dataset `name`, oldest first.
+    pub fn versions(&self, owner: &str, name: &str) -> Result<Vec<crate::catalog::VersionInfo>> {
+        let versions = self.catalog.dataset_versions(owner, name)?;
+        if versions.is_empty() {
+            return Err(Error::NotFound(format!("no dataset named {name}")));
+        }
+        Ok(versions)
     }
 
     /// Crypto-shred a dataset: its wrapped keys are deleted from the catalog (secure_delete),

@@ -52,6 +52,14 @@ function link(partner, user = "admin") {
   return printed;
 }
 
+/** Open a sign-in link and sign in on its page (opening alone signs in nobody). */
+async function signIn(page, address) {
+  const opened = await page.goto(address);
+  await page.getByRole("button", { name: /^Sign in as / }).click();
+  await page.waitForURL(`${url}/`);
+  return opened;
+}
+
 /** `n` companies (the same websites for the same `tag`), status by `status(i)`. */
 function csv(n, tag, status = (i) => i % 3) {
   let s = "account_id,company_name,website,status,region\n";
@@ -147,7 +155,7 @@ test("without a session the console asks to sign in and the API gives nothing", 
 test("a sign-in link opens the console; pages work by keyboard; logout ends the session", async () => {
   const ctx = await fresh();
   const page = await ctx.newPage();
-  await page.goto(link("acme"));
+  await signIn(page, link("acme"));
   await page.waitForURL(`${url}/`);
   await page.getByText("admin · acme (admin)").waitFor();
   const cookies = await ctx.cookies();
@@ -199,7 +207,7 @@ test("a sign-in link opens the console; pages work by keyboard; logout ends the 
 test("a role sees what it may: an analyst is refused the audit log", async () => {
   const ctx = await fresh();
   const page = await ctx.newPage();
-  await page.goto(link("acme", "ann"));
+  await signIn(page, link("acme", "ann"));
   await page.getByText("ann · acme (analyst)").waitFor();
   await page.goto(`${url}/#audit`);
   const alert = page.getByRole("alert");
@@ -213,7 +221,7 @@ test("used and expired links are refused", async () => {
   const used = link("globex");
   const ctx = await fresh();
   const page = await ctx.newPage();
-  assert.equal((await page.goto(used)).status(), 200);
+  assert.equal((await signIn(page, used)).status(), 200);
   await page.getByText("admin · globex (admin)").waitFor();
 
   const other = await fresh();
@@ -247,7 +255,7 @@ test("a cross-site form post changes nothing", async () => {
   const before = cli("acme", "admin", "policy", "list");
   const ctx = await fresh();
   const page = await ctx.newPage();
-  await page.goto(link("acme"));
+  await signIn(page, link("acme"));
   await page.getByText("admin · acme (admin)").waitFor();
   const posted = page.waitForResponse((r) => r.url().endsWith("/v1/policies/grants"));
   await page.goto(`http://127.0.0.1:${evil.address().port}/`);
@@ -258,6 +266,25 @@ test("a cross-site form post changes nothing", async () => {
   await page.goto(`${url}/`);
   await page.getByText("admin · acme (admin)").waitFor();
   evil.close();
+
+  // Login CSRF: another site makes the browser open, then post, another partner's link
+  // (globex's own): the browser stays signed in as acme, and the link stays unused.
+  const theirs = link("globex");
+  const lure = createServer((req, res) => {
+    res.setHeader("content-type", "text/html");
+    res.end(`<!doctype html><html lang="en"><title>lure</title><body>
+      <form id="f" method="POST" action="${theirs}"></form>
+      <script>document.getElementById("f").submit()</script></body></html>`);
+  });
+  await new Promise((r) => lure.listen(0, "127.0.0.1", r));
+  const signin = page.waitForResponse((r) => r.url() === theirs);
+  await page.goto(`http://127.0.0.1:${lure.address().port}/`);
+  assert.equal((await signin).status(), 403, "a cross-site sign-in post is refused");
+  await page.goto(theirs);
+  await page.getByRole("button", { name: "Sign in as admin · globex" }).waitFor();
+  await page.goto(`${url}/`);
+  await page.getByText("admin · acme (admin)").waitFor();
+  lure.close();
   await ctx.close();
 });
 
@@ -265,7 +292,7 @@ test("a compliance officer grants overlap; the other partner uploads in the brow
   // globex's compliance officer grants acme the overlap counts of globex's populations.
   const cora = await fresh();
   const page = await cora.newPage();
-  await page.goto(link("globex", "cora"));
+  await signIn(page, link("globex", "cora"));
   await page.getByText("cora · globex (compliance)").waitFor();
   await page.goto(`${url}/#policies`);
   const form = page.getByRole("form", { name: "Grant a use" });
@@ -292,7 +319,7 @@ test("a compliance officer grants overlap; the other partner uploads in the brow
   // acme's admin uploads its CRM export in the browser, with a progress bar.
   const ctx = await fresh();
   const mine = await ctx.newPage();
-  await mine.goto(link("acme"));
+  await signIn(mine, link("acme"));
   await mine.getByText("admin · acme (admin)").waitFor();
   await mine.goto(`${url}/#datasets`);
   const file = join(tmp, "crm.csv");
@@ -304,6 +331,18 @@ test("a compliance officer grants overlap; the other partner uploads in the brow
   await mine.getByText("Uploaded crm version 1: 900 rows sealed.").waitFor();
   await mine.getByRole("table", { name: /Your datasets/ }).getByRole("row", { name: /crm/ }).waitFor();
   await shot(mine, "datasets-uploaded");
+  // Its versions: a table and a chart of how its rows matched, as `escrow datasets versions` says.
+  await mine.getByRole("button", { name: "Versions of crm" }).click();
+  const versions = mine.getByRole("table", { name: /Every version of crm/ });
+  await versions.waitFor();
+  const told = JSON.parse(cli("acme", "admin", "datasets", "versions", "crm", "--format", "json")).versions;
+  const cells = await versions.locator("tbody tr td").allInnerTexts();
+  assert.equal(cells[3], String(told[0].rows));
+  assert.ok(told[0].matching && told[0].matching.by_domain > 0, JSON.stringify(told));
+  assert.deepEqual(cells.slice(6, 9), ["by_domain", "by_name", "unmatched"].map((k) => String(told[0].matching[k])));
+  await mine.getByRole("img", { name: /Rows of each version of crm/ }).waitFor();
+  await axe(mine, "dataset versions");
+  await shot(mine, "dataset-versions");
   populations("acme", "crm");
 
   // The account mapping: a heatmap, the same counts as `escrow overlap`.
@@ -350,7 +389,7 @@ test("a compliance officer grants overlap; the other partner uploads in the brow
 test("an analyst is refused the policy editor's changes", async () => {
   const ctx = await fresh();
   const page = await ctx.newPage();
-  await page.goto(link("acme", "ann"));
+  await signIn(page, link("acme", "ann"));
   await page.getByText("ann · acme (analyst)").waitFor();
   await page.goto(`${url}/#policies`);
   const form = page.getByRole("form", { name: "Grant a use" });
@@ -365,7 +404,7 @@ test("an analyst is refused the policy editor's changes", async () => {
 test("questions: explain before running, answers as a table and a chart", async () => {
   const ctx = await fresh();
   const page = await ctx.newPage();
-  await page.goto(link("acme"));
+  await signIn(page, link("acme"));
   await page.getByText("admin · acme (admin)").waitFor();
   await page.goto(`${url}/#questions`);
   const form = page.getByRole("form", { name: "Question" });
@@ -395,7 +434,7 @@ test("questions: explain before running, answers as a table and a chart", async 
 test("audit: filters, chain verification and export", async () => {
   const ctx = await fresh();
   const page = await ctx.newPage();
-  await page.goto(link("acme"));
+  await signIn(page, link("acme"));
   await page.getByText("admin · acme (admin)").waitFor();
   await page.goto(`${url}/#audit`);
   await page.getByText(/^Chain verified: \d+ records/).waitFor();
@@ -423,7 +462,7 @@ test("audit: filters, chain verification and export", async () => {
 test("policy history: diffs, and a rollback by the compliance officer", async () => {
   const ctx = await fresh();
   const page = await ctx.newPage();
-  await page.goto(link("globex", "cora"));
+  await signIn(page, link("globex", "cora"));
   await page.getByText("cora · globex (compliance)").waitFor();
   await page.goto(`${url}/#policies`);
   const history = page.getByRole("table", { name: "Policy versions, newest first" });
@@ -441,14 +480,20 @@ test("policy history: diffs, and a rollback by the compliance officer", async ()
 test("users: an admin adds and revokes a user of its partner; others may not", async () => {
   const ctx = await fresh();
   const page = await ctx.newPage();
-  await page.goto(link("acme"));
+  await signIn(page, link("acme"));
   await page.getByText("admin · acme (admin)").waitFor();
+  // A user is added with a certificate (the answer holds a private key), never by a session.
+  const status = await page.evaluate(async () => {
+    const { csrf } = await (await fetch("/v1/console/session")).json();
+    const r = await fetch("/v1/users", { method: "POST", body: JSON.stringify({ name: "eve", role: "admin" }),
+      headers: { "content-type": "application/json", "x-csrf-token": csrf } });
+    return r.status;
+  });
+  assert.equal(status, 403, "a console session may not add a user");
+  cli("acme", "admin", "user", "add", "acme", "bob", "--role", "uploader",
+    "--identity", join(data, "identities", "acme", "admin"), "--out", join(tmp, "bob-bundle"));
   await page.goto(`${url}/#users`);
-  const form = page.getByRole("form", { name: "Add a user" });
-  await form.getByLabel("Name").fill("bob");
-  await form.getByLabel("Role").selectOption("uploader");
-  await form.getByRole("button", { name: "Add" }).click();
-  await page.getByRole("link", { name: "download it" }).waitFor();
+  await page.getByText(/escrow user add acme NAME/).waitFor();
   const users = page.getByRole("table", { name: /Users of acme/ });
   assert.match(await users.getByRole("row", { name: /bob/ }).innerText(), /bob\s+uploader/);
   await axe(page, "users");
@@ -460,7 +505,7 @@ test("users: an admin adds and revokes a user of its partner; others may not", a
 
   const analyst = await fresh();
   const other = await analyst.newPage();
-  await other.goto(link("acme", "ann"));
+  await signIn(other, link("acme", "ann"));
   await other.getByText("ann · acme (analyst)").waitFor();
   await other.goto(`${url}/#users`);
   assert.match(await other.getByRole("alert").innerText(), /may not user\.manage/);

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Extension, Json, Router};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -31,15 +31,20 @@ const SCRIPT: &str = include_str!("../../console/console.js");
 const STYLE: &str = include_str!("../../console/console.css");
 
 /// The console's routes (pages, assets, login) and its API (links, session, logout).
-pub fn routes() -> Router<Arc<AppState>> {
+pub fn pages() -> Router<Arc<AppState>> {
     Router::new()
         .route("/", get(index))
         .route("/assets/console.js", get(script))
         .route("/assets/console.css", get(style))
-        .route("/login/{token}", get(login))
-        .route("/v1/console/links", post(mint_link))
-        .route("/v1/console/session", get(current_session))
-        .route("/v1/console/logout", post(logout))
+        .route("/login/{token}", get(confirm_login).post(login))
+}
+
+/// The console's API operations (documented in the OpenAPI document with the rest).
+pub fn api() -> utoipa_axum::router::OpenApiRouter<Arc<AppState>> {
+    utoipa_axum::router::OpenApiRouter::default()
+        .routes(utoipa_axum::routes!(mint_link))
+        .routes(utoipa_axum::routes!(current_session))
+        .routes(utoipa_axum::routes!(logout))
 }
 
 /// The session of a request without a client certificate: its cookie names a live session,
@@ -182,21 +187,82 @@ async fn audit(
     blocking(move || store.record(&event)).await
 }
 
-/// Open a login link: a session cookie and a page that moves on to the console. The move is
-/// a navigation of this origin's own page, so the SameSite=Strict cookie goes with it even
-/// when the link was opened from another site (a redirect would not carry it).
-async fn login(State(state): State<Arc<AppState>>, Path(token): Path<String>) -> Response {
-    let refused = |status| {
-        page(
-            status,
-            shell(
-                "Sign-in link not valid",
-                "<p>This sign-in link was used already, has expired, or was never issued. \
-                 A link works once, for a few minutes.</p>\
-                 <p>Run <code>escrow console</code> with your identity bundle for a new one.</p>",
-            ),
-        )
+fn link_refused(status: StatusCode) -> Response {
+    page(
+        status,
+        shell(
+            "Sign-in link not valid",
+            "<p>This sign-in link was used already, has expired, or was never issued. \
+             A link works once, for a few minutes.</p>\
+             <p>Run <code>escrow console</code> with your identity bundle for a new one.</p>",
+        ),
+    )
+}
+
+/// Open a login link: a page that says whose it is and asks to sign in (a POST of this page).
+/// Opening it uses nothing and signs in nobody, so another site that makes a browser open a
+/// link (its own partner's, to sign a victim into the wrong account), or a link preview that
+/// fetches one, achieves nothing.
+async fn confirm_login(State(state): State<Arc<AppState>>, Path(token): Path<String>) -> Response {
+    let Some(who) = state.sessions.peek(&token) else {
+        return link_refused(StatusCode::FORBIDDEN);
     };
+    // Names are [a-z0-9_-] (datadir::validate_name), but escaped anyway.
+    let esc = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+            .replace('"', "&quot;")
+    };
+    let (user, partner) = (esc(&who.user), esc(&who.partner));
+    page(
+        StatusCode::OK,
+        shell(
+            "Sign in to escrow",
+            &format!(
+                "<p>This link signs you in as <strong>{user}</strong> of <strong>{partner}</strong>. \
+                 Sign in only if you asked for it (<code>escrow console</code>) yourself.</p>\
+                 <form method=\"post\"><button type=\"submit\" class=\"primary\">\
+                 Sign in as {user} · {partner}</button></form>"
+            ),
+        ),
+    )
+}
+
+/// Whether a POST came from this origin's own page: browsers send `Sec-Fetch-Site` and
+/// `Origin` on a form post, so one from another site is refused; a program sending neither
+/// is not a browser that another site could drive.
+fn same_origin(headers: &HeaderMap, uri: &axum::http::Uri) -> bool {
+    let site_ok = headers
+        .get("sec-fetch-site")
+        .is_none_or(|v| matches!(v.as_bytes(), b"same-origin" | b"none"));
+    // HTTP/1 names the host in `Host`, HTTP/2 in the `:authority` of the URI.
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()));
+    let origin_ok = match headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) {
+        None => true,
+        Some(o) => host.is_some_and(|h| o == format!("https://{h}")),
+    };
+    site_ok && origin_ok
+}
+
+/// Sign in with a link (the POST of the page above): the session cookie, then on to the
+/// console (a same-origin redirect, so the SameSite=Strict cookie goes with it).
+async fn login(
+    State(state): State<Arc<AppState>>,
+    Path(token): Path<String>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> Response {
+    let refused = link_refused;
+    if !same_origin(&headers, &uri) {
+        return ApiError(Error::Forbidden(
+            "a sign-in is posted by escrow's own sign-in page, not from another site".into(),
+        ))
+        .into_response();
+    }
     let redeemed = match state.sessions.redeem(&token) {
         Ok(Some(r)) => r,
         Ok(None) => return refused(StatusCode::FORBIDDEN),
@@ -221,13 +287,14 @@ async fn login(State(state): State<Arc<AppState>>, Path(token): Path<String>) ->
         return e.into_response();
     }
     let mut r = page(
-        StatusCode::OK,
+        StatusCode::SEE_OTHER,
         shell(
             "Signed in",
-            "<p>Signed in. <a id=\"continue\" href=\"/\">Continue to the console</a>.</p>\
-             <script src=\"/assets/console.js\"></script>",
+            "<p>Signed in. <a href=\"/\">Continue to the console</a>.</p>",
         ),
     );
+    r.headers_mut()
+        .insert(header::LOCATION, HeaderValue::from_static("/"));
     r.headers_mut().insert(
         header::SET_COOKIE,
         set_cookie(&session, sessions::ABSOLUTE.as_secs()),

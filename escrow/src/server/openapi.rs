@@ -18,40 +18,6 @@ use super::{api, console};
                        than GET/HEAD carry its CSRF token in `x-csrf-token`. No endpoint returns \
                        dataset rows. Error codes: docs/API.md."
     ),
-    paths(
-        api::whoami,
-        api::list_datasets,
-        api::upload,
-        api::delete_dataset,
-        api::list_grants,
-        api::add_grant,
-        api::revoke_grant,
-        api::change_settings,
-        api::policy_history,
-        api::policy_diff,
-        api::policy_export,
-        api::policy_rollback,
-        api::policy_import,
-        api::policy_preview,
-        api::list_populations,
-        api::add_population,
-        api::remove_population,
-        api::list_users,
-        api::add_user,
-        api::revoke_user,
-        api::audit_list,
-        api::audit_export,
-        api::audit_verification,
-        api::audit_checkpoint,
-        api::query,
-        api::explain_query,
-        api::overlap,
-        api::explain_overlap,
-        api::co_selling,
-        console::mint_link,
-        console::current_session,
-        console::logout,
-    ),
     modifiers(&Authentication),
     security(("client_certificate" = []), ("console_session" = []))
 )]
@@ -83,16 +49,26 @@ impl Modify for Authentication {
     }
 }
 
+/// The document: the description and security schemes above, and the operations the
+/// router serves (`api::routes`, where each is routed from its own annotation).
+pub fn document_value() -> &'static utoipa::openapi::OpenApi {
+    static DOC: std::sync::OnceLock<utoipa::openapi::OpenApi> = std::sync::OnceLock::new();
+    DOC.get_or_init(|| {
+        let (_, operations) = api::routes().split_for_parts();
+        ApiDoc::openapi().merge_from(operations)
+    })
+}
+
 /// The document as JSON text (what is served and committed).
 pub fn json() -> String {
-    ApiDoc::openapi()
+    document_value()
         .to_pretty_json()
         .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }
 
 /// `GET /v1/openapi.json`: public (it describes the API, no data).
-pub async fn document() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+pub async fn document() -> Json<&'static utoipa::openapi::OpenApi> {
+    Json(document_value())
 }
 
 #[cfg(test)]

@@ -25,8 +25,14 @@ pub const LINK_TTL: Duration = Duration::from_secs(5 * 60);
 pub const IDLE: Duration = Duration::from_secs(30 * 60);
 /// A session ends this long after login, whatever happens.
 pub const ABSOLUTE: Duration = Duration::from_secs(12 * 60 * 60);
-/// Links and sessions kept at most (oldest dropped first): minting is authenticated, but
-/// the map must not grow without bound.
+/// Pending links one identity may hold: minting another drops that identity's oldest, never
+/// anyone else's (one partner cannot void other partners' links by minting many).
+const LINKS_PER_IDENTITY: usize = 4;
+/// Sessions one identity may hold: a new sign-in ends that identity's least recently used
+/// session, never anyone else's.
+const SESSIONS_PER_IDENTITY: usize = 8;
+/// Links, and sessions, kept at most in all: past it (which takes thousands of identities)
+/// a new one is refused with 429 rather than anyone's being dropped.
 const MAX_ENTRIES: usize = 10_000;
 
 /// The identity a link or session acts as.
@@ -76,14 +82,36 @@ fn digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
-/// Drop the oldest entries beyond [`MAX_ENTRIES`].
-fn bound<V>(map: &mut HashMap<[u8; 32], V>, age: impl Fn(&V) -> Instant) {
-    while map.len() >= MAX_ENTRIES {
-        let Some(oldest) = map.iter().min_by_key(|(_, v)| age(v)).map(|(k, _)| *k) else {
-            return;
-        };
-        map.remove(&oldest);
+/// Make room for one more entry of `serial`: drop its own oldest beyond `per_identity`;
+/// refuse when the whole map is full (nobody else's entry is dropped).
+fn bound<V>(
+    map: &mut HashMap<[u8; 32], V>,
+    serial: &str,
+    per_identity: usize,
+    of: impl Fn(&V) -> (&Identity, Instant),
+) -> Result<()> {
+    loop {
+        let own: Vec<([u8; 32], Instant)> = map
+            .iter()
+            .filter(|(_, v)| of(v).0.serial == serial)
+            .map(|(k, v)| (*k, of(v).1))
+            .collect();
+        if own.len() < per_identity {
+            break;
+        }
+        if let Some((oldest, _)) = own.iter().min_by_key(|(_, at)| *at) {
+            map.remove(oldest);
+        }
     }
+    if map.len() >= MAX_ENTRIES {
+        return Err(crate::Error::Busy {
+            what: "console sign-ins",
+            limit: MAX_ENTRIES,
+            scope: "the server",
+            retry_after: 60,
+        });
+    }
+    Ok(())
 }
 
 impl Sessions {
@@ -110,9 +138,24 @@ impl Sessions {
         let t = token()?;
         let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
         links.retain(|_, (_, at)| now.duration_since(*at) < self.link_ttl);
-        bound(&mut links, |(_, at)| *at);
+        bound(
+            &mut links,
+            &identity.serial,
+            LINKS_PER_IDENTITY,
+            |(i, at)| (i, *at),
+        )?;
         links.insert(digest(&t), (identity, now));
         Ok(t)
+    }
+
+    /// Whose a link is, without using it (the sign-in page asks before signing in); `None`
+    /// if unknown, used or expired.
+    pub fn peek(&self, link: &str) -> Option<Identity> {
+        let links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        links
+            .get(&digest(link))
+            .filter(|(_, at)| at.elapsed() < self.link_ttl)
+            .map(|(i, _)| i.clone())
     }
 
     /// Use a link: its identity and a new session token, or `None` if the link is unknown,
@@ -135,7 +178,15 @@ impl Sessions {
         }
         let (t, csrf) = (token()?, token()?);
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        bound(&mut sessions, |e| e.last_seen);
+        sessions.retain(|_, e| {
+            now.duration_since(e.last_seen) < IDLE && now.duration_since(e.created) < ABSOLUTE
+        });
+        bound(
+            &mut sessions,
+            &identity.serial,
+            SESSIONS_PER_IDENTITY,
+            |e| (&e.identity, e.last_seen),
+        )?;
         sessions.insert(
             digest(&t),
             Entry {
@@ -202,6 +253,57 @@ mod tests {
         assert_eq!(got.csrf.len(), 64);
         assert!(s.get(&link).is_none(), "a link is no session");
         assert!(s.redeem("00").unwrap().is_none());
+    }
+
+    fn of(serial: &str) -> Identity {
+        Identity {
+            serial: serial.into(),
+            partner: format!("p{serial}"),
+            user: "u".into(),
+        }
+    }
+
+    #[test]
+    fn one_identity_minting_many_drops_only_its_own() {
+        let s = Sessions::default();
+        let theirs = s.mint_link(of("aa")).unwrap();
+        let (_, their_session) = s.redeem(&s.mint_link(of("aa")).unwrap()).unwrap().unwrap();
+        let mut mine = Vec::new();
+        for _ in 0..200 {
+            let link = s.mint_link(of("bb")).unwrap();
+            mine.push(link.clone());
+            let _ = s.redeem(&s.mint_link(of("bb")).unwrap()).unwrap().unwrap();
+        }
+        assert_eq!(
+            s.peek(&theirs),
+            Some(of("aa")),
+            "another identity's link stays"
+        );
+        assert!(
+            s.get(&their_session).is_some(),
+            "another identity's session stays"
+        );
+        let live = mine.iter().filter(|l| s.peek(l).is_some()).count();
+        assert!(live <= LINKS_PER_IDENTITY, "{live} links of one identity");
+        let sessions = s.sessions.lock().unwrap();
+        let own = sessions
+            .values()
+            .filter(|e| e.identity.serial == "bb")
+            .count();
+        assert!(
+            own <= SESSIONS_PER_IDENTITY,
+            "{own} sessions of one identity"
+        );
+    }
+
+    #[test]
+    fn peeking_does_not_use_a_link() {
+        let s = Sessions::default();
+        let link = s.mint_link(who()).unwrap();
+        assert_eq!(s.peek(&link), Some(who()));
+        assert_eq!(s.peek(&link), Some(who()));
+        assert!(s.redeem(&link).unwrap().is_some());
+        assert_eq!(s.peek(&link), None, "used");
     }
 
     #[test]

@@ -3,15 +3,14 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use escrow::client::Client;
 use escrow::datadir::DataDir;
-use escrow::server::{self, AppState};
-use escrow::store::{Store, StoreConfig};
+use escrow::server;
+use escrow::wire;
 
 #[derive(Parser)]
 #[command(name = "escrow", version, about = "A self-hostable data clean room")]
@@ -99,7 +98,7 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// List your datasets (metadata only), or delete one.
+    /// List your datasets (metadata only), show one's versions, or delete one.
     #[command(args_conflicts_with_subcommands = true)]
     Datasets {
         #[command(subcommand)]
@@ -374,14 +373,14 @@ struct GrantArgs {
 }
 
 impl GrantArgs {
-    fn body(&self) -> serde_json::Value {
-        serde_json::json!({
-            "dataset": self.dataset,
-            "to": self.to,
-            "usage": self.usage,
-            "column": self.column,
-            "population": self.population,
-        })
+    fn request(&self) -> wire::GrantRequest {
+        wire::GrantRequest {
+            dataset: self.dataset.clone(),
+            to: self.to.clone(),
+            usage: self.usage.clone(),
+            column: self.column.clone(),
+            population: self.population.clone(),
+        }
     }
 }
 
@@ -573,6 +572,16 @@ enum ReportCommand {
 
 #[derive(Subcommand)]
 enum DatasetsCommand {
+    /// Every version of one of your datasets: rows, sizes, who uploaded it, and how its
+    /// companies were matched (by domain, by name, unmatched).
+    Versions {
+        name: String,
+        /// Output format.
+        #[arg(long, default_value = "table")]
+        format: OutputFormat,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Crypto-shred a dataset: its keys are destroyed and its files removed.
     Delete {
         name: String,
@@ -594,8 +603,7 @@ enum OutputFormat {
     Json,
 }
 
-/// Seconds between the server's periodic audit checkpoints.
-const AUDIT_CHECKPOINT_SECS: u64 = 60;
+mod print;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -753,58 +761,52 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let out = c
                 .upload(&file, &dataset, &key, input_format.as_deref())
                 .await?;
-            let m = &out["matching"];
-            let matching = if m.is_null() {
-                String::new()
-            } else {
-                format!(
-                    " matched_by_domain={} matched_by_name={} unmatched={}",
-                    m["by_domain"], m["by_name"], m["unmatched"]
-                )
-            };
-            println!(
-                "dataset={} version={} rows={} bytes={} format={} key_column={}{matching}",
-                out["dataset"].as_str().unwrap_or("?"),
-                out["version"],
-                out["rows"],
-                out["bytes"],
-                out["format"].as_str().unwrap_or("?"),
-                out["key_column"].as_str().unwrap_or("-"),
-            );
+            print::upload(&out);
         }
         Command::Datasets {
             command,
             format,
             client,
         } => match command {
+            Some(DatasetsCommand::Versions {
+                name,
+                format,
+                client,
+            }) => {
+                let out = identity(&client)?.versions(&name).await?;
+                match format {
+                    OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&out)?),
+                    OutputFormat::Table => print::versions(&out),
+                }
+            }
             Some(DatasetsCommand::Delete { name, client }) => {
                 let out = identity(&client)?.delete(&name).await?;
                 println!(
                     "dataset {name} deleted: {} version(s) crypto-shredded",
-                    out["versions_destroyed"]
+                    out.versions_destroyed
                 );
             }
             None => {
                 let out = identity(&client)?.datasets().await?;
                 match format {
                     OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&out)?),
-                    OutputFormat::Table => print_datasets(&out),
+                    OutputFormat::Table => print::datasets(&out),
                 }
             }
         },
         Command::Policy { command } => match command {
             PolicyCommand::Grant(a) => {
-                let out = identity(&a.client)?.policy_change(false, &a.body()).await?;
-                let verb = if out["changed"] == true {
+                let out = identity(&a.client)?.grant(&a.request()).await?;
+                let verb = if out.changed {
                     "granted"
                 } else {
                     "already granted"
                 };
-                println!("{verb}: {}", grant_line(&out["grant"]));
+                println!("{verb}: {}", print::grant_line(&out.grant));
             }
             PolicyCommand::Revoke(a) => {
-                let out = identity(&a.client)?.policy_change(true, &a.body()).await?;
-                println!("revoked: {}", grant_line(&out["revoked"]));
+                let out = identity(&a.client)?.revoke(&a.request()).await?;
+                println!("revoked: {}", print::grant_line(&out.revoked));
             }
             PolicyCommand::Set {
                 dataset,
@@ -825,7 +827,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 };
                 finite("--epsilon", epsilon)?;
                 finite("--budget", budget)?;
-                let mut b = serde_json::Map::new();
+                let mut b = std::collections::BTreeMap::new();
                 for spec in &bounds {
                     let (col, range) = spec
                         .split_once('=')
@@ -836,43 +838,23 @@ async fn run(command: Command) -> anyhow::Result<()> {
                         .ok_or_else(|| anyhow!("--bounds takes COLUMN=LOW:HIGH, got {spec:?}"))?;
                     finite("--bounds", Some(lo))?;
                     finite("--bounds", Some(hi))?;
-                    b.insert(col.to_string(), serde_json::json!([lo, hi]));
+                    b.insert(col.to_string(), Some([lo, hi]));
                 }
-                let body = serde_json::json!({
-                    "dataset": dataset,
-                    "min_entities": min_entities,
-                    "epsilon": epsilon,
-                    "budget": budget,
-                    "max_groups_per_entity": max_groups,
-                    "bounds": b,
-                });
-                let out = identity(&client)?.settings(&body).await?;
-                let s = &out["settings"];
-                println!(
-                    "{dataset}: min_entities={} epsilon={} budget={} max_groups_per_entity={} bounds={}",
-                    s["min_entities"],
-                    s["epsilon"],
-                    s["budget"],
-                    s["max_groups_per_entity"],
-                    s["bounds"]
-                );
+                let req = wire::SettingsChange {
+                    dataset,
+                    min_entities,
+                    epsilon,
+                    budget,
+                    max_groups_per_entity: max_groups,
+                    bounds: b,
+                };
+                print::settings(&identity(&client)?.settings(&req).await?);
             }
             PolicyCommand::List { format, client } => {
                 let out = identity(&client)?.policies().await?;
                 match format {
                     OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&out)?),
-                    OutputFormat::Table => {
-                        for (title, key) in [
-                            ("granted by you", "granted"),
-                            ("granted to you", "received"),
-                        ] {
-                            let list = list(&out[key]);
-                            println!("{title}: {}", if list.is_empty() { "none" } else { "" });
-                            for g in list {
-                                println!("  {}", grant_line(g));
-                            }
-                        }
-                    }
+                    OutputFormat::Table => print::grants(&out),
                 }
             }
             PolicyCommand::Explain {
@@ -883,20 +865,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 client,
             } => {
                 let c = identity(&client)?;
-                let out = match (sql, with) {
+                let out: wire::Explanation = match (sql, with) {
                     (Some(sql), None) => {
-                        c.post_json(
-                            "v1/queries/explain",
-                            &serde_json::json!({ "sql": sql }),
-                            "explain",
-                        )
-                        .await?
+                        let req = wire::ExplainRequest { sql };
+                        c.post("v1/queries/explain", &req, "explain").await?
                     }
                     (None, Some(with)) => {
-                        let body = serde_json::json!({
-                            "with": with, "mine": args.mine, "theirs": args.theirs, "by": args.by,
-                        });
-                        c.post_json("v1/overlaps/explain", &body, "explain").await?
+                        c.post("v1/overlaps/explain", &args.request(&with), "explain")
+                            .await?
                     }
                     _ => {
                         return Err(anyhow!(
@@ -906,7 +882,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 };
                 match format {
                     OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&out)?),
-                    OutputFormat::Table => print_explanation(&out),
+                    OutputFormat::Table => print::explanation(&out),
                 }
             }
             PolicyCommand::Preview {
@@ -919,32 +895,21 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 if let Some(d) = &dataset {
                     q.push(("dataset", d.as_str()));
                 }
-                let out = identity(&client)?
-                    .get_json("v1/policies/preview", &q, "preview")
+                let out: wire::Preview = identity(&client)?
+                    .get("v1/policies/preview", &q, "preview")
                     .await?;
                 match format {
                     OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&out)?),
-                    OutputFormat::Table => print_preview(&out),
+                    OutputFormat::Table => print::preview(&out),
                 }
             }
             PolicyCommand::History { format, client } => {
-                let out = identity(&client)?
-                    .get_json("v1/policies/versions", &[], "policy history")
+                let out: wire::PolicyHistory = identity(&client)?
+                    .get("v1/policies/versions", &[], "policy history")
                     .await?;
                 match format {
                     OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&out)?),
-                    OutputFormat::Table => {
-                        for v in items_or_say(&out, "versions", "no policy changes yet") {
-                            println!(
-                                "v{}  {}  {}  {}",
-                                v["version"],
-                                v["time"].as_str().unwrap_or("?"),
-                                v["by"].as_str().unwrap_or("?"),
-                                v["change"].as_str().unwrap_or("?"),
-                            );
-                            print_diff(v, "    ");
-                        }
-                    }
+                    OutputFormat::Table => print::history(&out),
                 }
             }
             PolicyCommand::Diff { from, to, client } => {
@@ -953,27 +918,27 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 if let Some(t) = &to_s {
                     q.push(("to", t.as_str()));
                 }
-                let out = identity(&client)?
-                    .get_json("v1/policies/diff", &q, "policy diff")
+                let out: wire::PolicyVersionsDiff = identity(&client)?
+                    .get("v1/policies/diff", &q, "policy diff")
                     .await?;
-                println!("v{} -> v{}", out["from"], out["to"]);
-                print_diff(&out, "");
+                println!("v{} -> v{}", out.from, out.to);
+                print::diff(&out.diff, "");
             }
             PolicyCommand::Rollback { version, client } => {
-                let out = identity(&client)?
-                    .post_json(
+                let out: wire::PolicyReplaced = identity(&client)?
+                    .post(
                         "v1/policies/rollback",
-                        &serde_json::json!({ "version": version }),
+                        &wire::RollbackRequest { version },
                         "rollback",
                     )
                     .await?;
-                match out["version"].as_i64() {
+                match out.version {
                     Some(v) => println!("policy v{v}: the rules of v{version} again"),
                     None => {
                         println!("the policy in force already is v{version}'s: nothing changed")
                     }
                 }
-                print_diff(&out, "");
+                print::diff(&out.diff, "");
             }
             PolicyCommand::Export {
                 version,
@@ -1000,18 +965,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
             } => {
                 let body =
                     std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-                let q: &[(&str, &str)] = if dry_run { &[("dry_run", "true")] } else { &[] };
-                let out = identity(&client)?
-                    .post_document("v1/policies/import", q, body, "import")
-                    .await?;
-                match (dry_run, out["version"].as_i64()) {
+                let out = identity(&client)?.import_policy(body, dry_run).await?;
+                match (dry_run, out.version) {
                     (true, _) => println!("valid; importing it would change:"),
                     (false, Some(v)) => println!("imported as policy v{v}"),
                     (false, None) => {
                         println!("the document is the policy in force: nothing changed")
                     }
                 }
-                print_diff(&out, "");
+                print::diff(&out.diff, "");
             }
         },
         Command::Population { command } => match command {
@@ -1021,35 +983,25 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 filter,
                 client,
             } => {
-                let body = serde_json::json!({"dataset": dataset, "name": name, "filter": filter});
-                let out = identity(&client)?.population_change(false, &body).await?;
-                let p = &out["population"];
-                let verb = if out["changed"] == true {
+                let req = wire::PopulationRequest {
+                    dataset: dataset.clone(),
+                    name,
+                    filter: Some(filter),
+                };
+                let out = identity(&client)?.define_population(&req).await?;
+                let p = &out.population;
+                let verb = if out.changed {
                     "defined"
                 } else {
                     "already defined"
                 };
-                println!(
-                    "{verb}: {}.{} where {}",
-                    dataset,
-                    p["name"].as_str().unwrap_or("?"),
-                    p["filter"].as_str().unwrap_or("?")
-                );
+                println!("{verb}: {dataset}.{} where {}", p.name, p.filter);
             }
             PopulationCommand::List { format, client } => {
                 let out = identity(&client)?.populations().await?;
                 match format {
                     OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&out)?),
-                    OutputFormat::Table => {
-                        for p in items_or_say(&out, "populations", "no populations") {
-                            println!(
-                                "{}.{}  where {}",
-                                p["dataset"].as_str().unwrap_or("?"),
-                                p["name"].as_str().unwrap_or("?"),
-                                p["filter"].as_str().unwrap_or("?")
-                            );
-                        }
-                    }
+                    OutputFormat::Table => print::populations(&out),
                 }
             }
             PopulationCommand::Remove {
@@ -1057,8 +1009,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 name,
                 client,
             } => {
-                let body = serde_json::json!({"dataset": dataset, "name": name});
-                identity(&client)?.population_change(true, &body).await?;
+                let req = wire::PopulationRequest {
+                    dataset: dataset.clone(),
+                    name: name.clone(),
+                    filter: None,
+                };
+                identity(&client)?.remove_population(&req).await?;
                 println!("removed: {dataset}.{name}");
             }
         },
@@ -1083,7 +1039,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 QueryFormat::Json => {
                     println!("{}", serde_json::to_string_pretty(&c.query(&sql).await?)?)
                 }
-                QueryFormat::Table => print_answer(&c.query(&sql).await?),
+                QueryFormat::Table => print::answer(&c.query(&sql).await?),
             }
         }
         Command::Overlap {
@@ -1092,14 +1048,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
             format,
             client,
         } => {
-            let body = args.body(&with);
             report(
                 &client,
                 "v1/overlaps",
                 "overlap",
-                &body,
+                &args.request(&with),
                 format,
-                print_overlap,
+                print::overlap,
             )
             .await?;
         }
@@ -1116,22 +1071,23 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     client,
                 },
         } => {
-            let mut body = args.body(&with);
-            for (k, v) in [
-                ("my_customers", my_customers),
-                ("my_opportunities", my_opportunities),
-                ("their_customers", their_customers),
-                ("their_opportunities", their_opportunities),
-            ] {
-                body[k] = serde_json::json!(v);
-            }
+            let req = wire::CoSellingRequest {
+                with,
+                mine: args.mine,
+                theirs: args.theirs,
+                by: args.by,
+                my_customers,
+                my_opportunities,
+                their_customers,
+                their_opportunities,
+            };
             report(
                 &client,
                 "v1/reports/co-selling",
                 "co-selling report",
-                &body,
+                &req,
                 format,
-                print_co_selling,
+                print::co_selling,
             )
             .await?;
         }
@@ -1159,9 +1115,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let out = identity(&client)?.whoami().await?;
             println!(
                 "partner={} user={} role={}",
-                out["partner"].as_str().unwrap_or("?"),
-                out["user"].as_str().unwrap_or("?"),
-                out["role"].as_str().unwrap_or("?")
+                out.partner, out.user, out.role
             );
         }
     }
@@ -1192,10 +1146,14 @@ async fn user(command: UserCommand) -> anyhow::Result<()> {
                 );
             }
             Some(c) => {
-                let body = serde_json::json!({ "partner": partner, "name": name, "role": role });
-                let resp = c.post_json("v1/users", &body, "adding the user").await?;
+                let req = wire::UserRequest {
+                    partner: Some(partner.clone()),
+                    name: name.clone(),
+                    role: Some(role.clone()),
+                };
+                let added: wire::UserAdded = c.post("v1/users", &req, "adding the user").await?;
                 let out = out.unwrap_or_else(|| PathBuf::from(format!("{partner}-{name}")));
-                write_bundle(&out, &resp["bundle"])?;
+                write_bundle(&out, &added.bundle)?;
                 println!(
                     "user {partner}/{name} added with role {role}; identity bundle: {}",
                     out.display()
@@ -1216,8 +1174,13 @@ async fn user(command: UserCommand) -> anyhow::Result<()> {
                 )
                 .map_err(engine)?,
                 Some(c) => {
-                    let body = serde_json::json!({ "partner": partner, "name": name });
-                    c.post_json("v1/users/revocations", &body, "revoking the user")
+                    let req = wire::UserRequest {
+                        partner: Some(partner.clone()),
+                        name: name.clone(),
+                        role: None,
+                    };
+                    let _: wire::UserRevoked = c
+                        .post("v1/users/revocations", &req, "revoking the user")
                         .await?;
                 }
             }
@@ -1228,21 +1191,18 @@ async fn user(command: UserCommand) -> anyhow::Result<()> {
 }
 
 /// Write an identity bundle received from the API (key 0600, never overwriting).
-fn write_bundle(out: &std::path::Path, bundle: &serde_json::Value) -> anyhow::Result<()> {
+fn write_bundle(out: &std::path::Path, bundle: &wire::Bundle) -> anyhow::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(out)
         .with_context(|| format!("creating {}", out.display()))?;
-    for (file, field) in [
-        ("key.pem", "key_pem"),
-        ("cert.pem", "cert_pem"),
-        ("ca.pem", "ca_pem"),
+    for (file, text) in [
+        ("key.pem", &bundle.key_pem),
+        ("cert.pem", &bundle.cert_pem),
+        ("ca.pem", &bundle.ca_pem),
     ] {
-        let text = bundle[field]
-            .as_str()
-            .ok_or_else(|| anyhow!("the server sent no {field}"))?;
         let path = out.join(file);
         if !escrow::fsutil::write_new_private(&path, text.as_bytes())
             .with_context(|| format!("writing {}", path.display()))?
@@ -1268,21 +1228,20 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
                         .map(escrow::audit::parse_since)
                         .transpose()
                         .map_err(engine)?;
-                    let r = escrow::admin::audit_list(&DataDir::new(d), since).map_err(engine)?;
-                    serde_json::to_value(r)?
+                    escrow::admin::audit_list(&DataDir::new(d), since).map_err(engine)?
                 }
                 None => {
                     let q: Vec<(&str, &str)> =
                         since.as_deref().map(|s| ("since", s)).into_iter().collect();
-                    identity(&client)?
-                        .get_json("v1/audit", &q, "listing the audit log")
-                        .await?["records"]
-                        .take()
+                    let out: wire::AuditRecords = identity(&client)?
+                        .get("v1/audit", &q, "listing the audit log")
+                        .await?;
+                    out.records
                 }
             };
             match format {
                 OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&records)?),
-                OutputFormat::Table => print_audit(&records),
+                OutputFormat::Table => print::audit(&records),
             }
         }
         AuditCommand::Export {
@@ -1318,19 +1277,24 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
         } => {
             let must_contain = checkpoint
                 .map(|p| -> anyhow::Result<(u64, String)> {
-                    let v: serde_json::Value = serde_json::from_slice(
+                    /// What `audit checkpoint` prints, or the checkpoint alone.
+                    #[derive(serde::Deserialize)]
+                    #[serde(untagged)]
+                    enum Kept {
+                        Fetched(wire::AuditCheckpoint),
+                        Alone(wire::Checkpoint),
+                    }
+                    let kept: Kept = serde_json::from_slice(
                         &std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
                     )
                     .with_context(|| format!("{} is not a checkpoint", p.display()))?;
-                    let c = if v["checkpoint"].is_object() {
-                        &v["checkpoint"]
-                    } else {
-                        &v
+                    let c = match kept {
+                        Kept::Fetched(f) => f
+                            .checkpoint
+                            .ok_or_else(|| anyhow!("{} holds no checkpoint", p.display()))?,
+                        Kept::Alone(c) => c,
                     };
-                    match (c["seq"].as_u64(), c["hash"].as_str()) {
-                        (Some(s), Some(h)) => Ok((s, h.to_string())),
-                        _ => Err(anyhow!("{} is not a checkpoint", p.display())),
-                    }
+                    Ok((c.seq, c.hash))
                 })
                 .transpose()?
                 .into_iter()
@@ -1388,8 +1352,8 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
             }
         }
         AuditCommand::Checkpoint { client } => {
-            let out = identity(&client)?
-                .get_json("v1/audit/checkpoint", &[], "fetching the checkpoint")
+            let out: wire::AuditCheckpoint = identity(&client)?
+                .get("v1/audit/checkpoint", &[], "fetching the checkpoint")
                 .await?;
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
@@ -1397,481 +1361,42 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_audit(records: &serde_json::Value) {
-    let rows: Vec<Vec<String>> = list(records)
-        .iter()
-        .map(|r| {
-            let a = &r["actor"];
-            let who = match a["partner"].as_str() {
-                Some(p) => format!("{p}/{}", text(&a["user"])),
-                None => text(&a["user"]),
-            };
-            let outcome = match r["code"].as_str() {
-                Some(c) => format!("{} ({c})", text(&r["outcome"])),
-                None => text(&r["outcome"]),
-            };
-            vec![
-                r["seq"].to_string(),
-                text(&r["time"]),
-                text(&r["kind"]),
-                who,
-                outcome,
-                audit_summary(&r["detail"]),
-            ]
-        })
-        .collect();
-    if rows.is_empty() {
-        println!("no audit events");
-        return;
-    }
-    let header: Vec<String> = ["seq", "time", "kind", "by", "outcome", "detail"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    print_table(&header, &rows);
-}
-
-/// The detail of an audit record on one line (the SQL shortened).
-fn audit_summary(detail: &serde_json::Value) -> String {
-    let Some(o) = detail.as_object() else {
-        return String::new();
-    };
-    let mut parts = Vec::new();
-    for (k, v) in o {
-        if v.is_null() {
-            continue;
-        }
-        let mut s = match v {
-            serde_json::Value::String(s) => s.clone(),
-            other => other.to_string(),
-        };
-        if s.chars().count() > 60 {
-            s = s.chars().take(57).collect::<String>() + "...";
-        }
-        parts.push(format!("{k}={s}"));
-    }
-    parts.join(" ")
-}
-
 impl OverlapArgs {
-    fn body(&self, with: &str) -> serde_json::Value {
-        serde_json::json!({ "with": with, "mine": self.mine, "theirs": self.theirs, "by": self.by })
+    fn request(&self, with: &str) -> wire::OverlapRequest {
+        wire::OverlapRequest {
+            with: with.to_string(),
+            mine: self.mine.clone(),
+            theirs: self.theirs.clone(),
+            by: self.by.clone(),
+        }
     }
 }
 
 /// Ask for an overlap-shaped answer and print it in `format`.
-async fn report(
+async fn report<R: serde::Serialize, T: serde::Serialize + serde::de::DeserializeOwned>(
     client: &ClientArgs,
     path: &str,
     what: &str,
-    body: &serde_json::Value,
+    request: &R,
     format: QueryFormat,
-    table: fn(&serde_json::Value),
+    table: fn(&T),
 ) -> anyhow::Result<()> {
     let c = identity(client)?;
     match format {
         QueryFormat::Csv => {
-            let mut body = body.clone();
-            body["format"] = serde_json::json!("csv");
+            let body = escrow::client::WithFormat {
+                request,
+                format: "csv",
+            };
             print!("{}", c.post_text(path, &body, what).await?);
         }
         QueryFormat::Json => {
-            let out = c.post_json(path, body, what).await?;
+            let out: T = c.post(path, request, what).await?;
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
-        QueryFormat::Table => table(&c.post_json(path, body, what).await?),
+        QueryFormat::Table => table(&c.post(path, request, what).await?),
     }
     Ok(())
-}
-
-fn print_explanation(e: &serde_json::Value) {
-    let s = |v: &serde_json::Value| v.as_str().unwrap_or("?").to_string();
-    match e["refusal"].as_object() {
-        None => println!("allowed"),
-        Some(r) => println!("refused by rule {}: {}", s(&r["rule"]), s(&r["message"])),
-    }
-    let reads: Vec<String> = e["datasets"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(s)
-        .collect();
-    if !reads.is_empty() {
-        println!("reads: {}", reads.join(", "));
-    }
-    for u in list(&e["uses"]) {
-        let target = match (u["column"].as_str(), u["population"].as_str()) {
-            (Some(c), _) => format!("{}.{c}", s(&u["dataset"])),
-            (_, Some(p)) => format!("population {p} of {}", s(&u["dataset"])),
-            _ => s(&u["dataset"]),
-        };
-        let why = match u["decision"].as_str() {
-            Some("owner") => "your own data".to_string(),
-            Some("granted") => format!("granted by {}", s(&u["rule"])),
-            _ => format!("MISSING GRANT ({})", s(&u["missing_grant"])),
-        };
-        println!("  {target} as {}: {why}", s(&u["usage"]));
-    }
-    let p = &e["protection"];
-    if p.is_object() {
-        let from: Vec<String> = list(&p["from"]).iter().map(s).collect();
-        println!(
-            "protection: min_entities={} epsilon={} max_groups_per_entity={} (settings of {})",
-            p["min_entities"],
-            p["epsilon"],
-            p["max_groups_per_entity"],
-            from.join(", ")
-        );
-    }
-    let c = &e["cost"];
-    if c.is_object() {
-        let repeat = if c["repeated"] == true {
-            " (asked before: no new spend)"
-        } else {
-            ""
-        };
-        println!("cost: epsilon {}{repeat}", c["epsilon_spent"]);
-        for b in list(&c["budgets"]) {
-            println!(
-                "  budget of {}: {} of {} spent after it",
-                s(&b["dataset"]),
-                b["spent"],
-                b["budget"]
-            );
-        }
-    }
-}
-
-fn print_preview(p: &serde_json::Value) {
-    let s = |v: &serde_json::Value| v.as_str().unwrap_or("?").to_string();
-    let partner = s(&p["partner"]);
-    for d in list(&p["datasets"]) {
-        let seen = if d["visible"] == true {
-            "can name it in queries"
-        } else {
-            "cannot see it"
-        };
-        println!("{} (v{}): {partner} {seen}", s(&d["dataset"]), d["version"]);
-        for c in list(&d["columns"]) {
-            let usages: Vec<String> = c["usages"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|u| s(&u["usage"]))
-                .collect();
-            println!("  {}: {}", s(&c["column"]), usages.join(", "));
-        }
-        match d["standalone"].as_str() {
-            Some(rule) => println!("  standalone: yes ({rule})"),
-            None => println!("  standalone: no (only joined to {partner}'s own datasets)"),
-        }
-        let pops: Vec<String> = d["populations"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|x| {
-                format!(
-                    "{} ({})",
-                    s(&x["name"]),
-                    if x["visible"] == true {
-                        "visible"
-                    } else {
-                        "hidden"
-                    }
-                )
-            })
-            .collect();
-        if !pops.is_empty() {
-            println!("  populations: {}", pops.join(", "));
-        }
-        let st = &d["settings"];
-        println!(
-            "  protection: min_entities={} epsilon={} max_groups_per_entity={}; budget {} spent {} remaining {}",
-            st["min_entities"],
-            st["epsilon"],
-            st["max_groups_per_entity"],
-            st["budget"],
-            d["budget"]["spent"],
-            d["remaining"]
-        );
-        println!("  guarantee: {}", s(&d["guarantee"]));
-        for n in list(&d["notes"]) {
-            println!("  note: {}", s(n));
-        }
-    }
-}
-
-/// The `removed` and `added` lines of a policy diff, as `- line` / `+ line`.
-fn print_diff(d: &serde_json::Value, indent: &str) {
-    for (sign, key) in [("-", "removed"), ("+", "added")] {
-        for line in list(&d[key]) {
-            println!("{indent}{sign} {}", line.as_str().unwrap_or("?"));
-        }
-    }
-}
-
-fn grant_line(g: &serde_json::Value) -> String {
-    let s = |k: &str| g[k].as_str().unwrap_or("?").to_string();
-    if s("usage") == "overlap" {
-        let which = match s("population").as_str() {
-            "*" => "every population".to_string(),
-            p => format!("population {p}"),
-        };
-        return format!(
-            "{} may see overlap counts of {which} of {}",
-            s("to"),
-            s("dataset")
-        );
-    }
-    format!(
-        "{} may use {}.{} as {}",
-        s("to"),
-        s("dataset"),
-        s("column"),
-        s("usage")
-    )
-}
-
-/// The items of the list `out[field]`, after printing `none` if there are none.
-fn items_or_say<'a>(
-    out: &'a serde_json::Value,
-    field: &str,
-    none: &str,
-) -> &'a [serde_json::Value] {
-    let list = list(&out[field]);
-    if list.is_empty() {
-        println!("{none}");
-    }
-    list
-}
-
-fn print_datasets(out: &serde_json::Value) {
-    let datasets = items_or_say(out, "datasets", "no datasets");
-    if datasets.is_empty() {
-        return;
-    }
-    println!(
-        "{:<24} {:>7} {:>10}  {:<16} {:<20}  COLUMNS",
-        "NAME", "VERSION", "ROWS", "KEY COLUMN", "CREATED (UTC)"
-    );
-    for d in datasets {
-        let cols: Vec<String> = list(&d["columns"])
-            .iter()
-            .map(|c| format!("{}:{}", text(&c["name"]), text(&c["type"])))
-            .collect();
-        let created = text(&d["created_at"]);
-        println!(
-            "{:<24} {:>7} {:>10}  {:<16} {:<20}  {}",
-            text(&d["name"]),
-            text(&d["version"]),
-            text(&d["rows"]),
-            text(&d["key_column"]),
-            created.get(..19).unwrap_or(&created).replace('T', " "),
-            cols.join(", ")
-        );
-    }
-}
-
-/// An answer as a table; suppressed rows and the protection applied are stated under it.
-fn text(v: &serde_json::Value) -> String {
-    match v {
-        serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Null => "-".to_string(),
-        other => other.to_string(),
-    }
-}
-
-fn list(v: &serde_json::Value) -> &[serde_json::Value] {
-    v.as_array().map(Vec::as_slice).unwrap_or(&[])
-}
-
-/// Columns padded to their widest value, two spaces apart.
-fn print_table(header: &[String], rows: &[Vec<String>]) {
-    let mut width: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for r in rows {
-        for (w, v) in width.iter_mut().zip(r) {
-            *w = (*w).max(v.chars().count());
-        }
-    }
-    let line = |vals: &[String]| {
-        vals.iter()
-            .zip(&width)
-            .map(|(v, w)| format!("{v:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_string()
-    };
-    println!("{}", line(header));
-    for r in rows {
-        println!("{}", line(r));
-    }
-}
-
-/// The protection applied and the budget it cost, under an answer.
-fn print_protection(out: &serde_json::Value, withheld: &str) {
-    let Some(p) = out["protection"].as_object() else {
-        return;
-    };
-    let sensitivity = match p.get("sensitivity") {
-        Some(s) => format!(" and sensitivity {s}"),
-        None => String::new(),
-    };
-    println!(
-        "protected: rows need >= {} entities (release threshold {:.1}), noise with epsilon {}{sensitivity} (sd {:.1} per count); {withheld}",
-        p["min_entities"],
-        p["release_threshold"].as_f64().unwrap_or(0.0),
-        p["epsilon"],
-        p["noise_sd"].as_f64().unwrap_or(0.0)
-    );
-    if out["repeated"] == true {
-        println!("same question on the same data as before: same answer, no budget spent");
-    } else {
-        println!("budget spent: {}", out["epsilon_spent"]);
-    }
-    for b in list(&out["budgets"]) {
-        println!(
-            "  {}: {} of {} spent",
-            text(&b["dataset"]),
-            b["spent"],
-            b["budget"]
-        );
-    }
-}
-
-/// An answer as a table; suppressed rows and the protection applied are stated under it.
-fn print_answer(out: &serde_json::Value) {
-    let cols: Vec<String> = list(&out["columns"])
-        .iter()
-        .map(|c| text(&c["name"]))
-        .collect();
-    let suppressed = list(&out["suppressed"]);
-    let rows: Vec<Vec<String>> = list(&out["rows"])
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            let mut row: Vec<String> = list(r).iter().map(text).collect();
-            if suppressed.get(i) == Some(&serde_json::Value::Bool(true)) {
-                row.push("(suppressed: too few entities)".into());
-            }
-            row
-        })
-        .collect();
-    print_table(&cols, &rows);
-    println!(
-        "({} row{})",
-        rows.len(),
-        if rows.len() == 1 { "" } else { "s" }
-    );
-    print_protection(out, "groups below the threshold are not listed");
-}
-
-fn count_text(r: &serde_json::Value) -> String {
-    if r["suppressed"] == true {
-        "suppressed".into()
-    } else {
-        text(&r["count"])
-    }
-}
-
-/// Overlap rows as a list: mine, theirs, [value,] count.
-fn overlap_rows(
-    out: &serde_json::Value,
-    rows: &[serde_json::Value],
-) -> (Vec<String>, Vec<Vec<String>>) {
-    let by = out["by"].as_str();
-    let key = match by {
-        Some(b) if ["mine", "theirs", "count", "suppressed"].contains(&b) => Some("value"),
-        other => other,
-    };
-    let mut header = vec!["MINE".to_string(), "THEIRS".to_string()];
-    header.extend(by.map(str::to_uppercase));
-    header.push("COUNT".into());
-    let table = rows
-        .iter()
-        .map(|r| {
-            let mut row = vec![text(&r["mine"]), text(&r["theirs"])];
-            if let Some(k) = key {
-                row.push(text(&r[k]));
-            }
-            row.push(count_text(r));
-            row
-        })
-        .collect();
-    (header, table)
-}
-
-/// The matrix (my populations down, theirs across), or the breakdown as a list.
-fn print_overlap(out: &serde_json::Value) {
-    println!(
-        "overlap of {} (yours) with {}",
-        text(&out["mine"]),
-        text(&out["theirs"])
-    );
-    let rows = list(&out["rows"]);
-    if out["by"].is_null() {
-        let theirs: Vec<String> = list(&out["populations"]["theirs"])
-            .iter()
-            .map(text)
-            .collect();
-        let mut header = vec!["mine \\ theirs".to_string()];
-        header.extend(theirs.iter().cloned());
-        let table: Vec<Vec<String>> = list(&out["populations"]["mine"])
-            .iter()
-            .map(text)
-            .map(|m| {
-                let mut row = vec![m.clone()];
-                row.extend(theirs.iter().map(|t| {
-                    rows.iter()
-                        .find(|r| text(&r["mine"]) == m && &text(&r["theirs"]) == t)
-                        .map(count_text)
-                        .unwrap_or_else(|| "-".into())
-                }));
-                row
-            })
-            .collect();
-        print_table(&header, &table);
-        print_protection(
-            out,
-            "suppressed cells have fewer companies than the threshold",
-        );
-    } else {
-        let (header, table) = overlap_rows(out, rows);
-        print_table(&header, &table);
-        println!(
-            "({} row{})",
-            table.len(),
-            if table.len() == 1 { "" } else { "s" }
-        );
-        print_protection(out, "cells below the threshold are not listed");
-    }
-}
-
-/// The co-selling report, one section per pair of populations.
-fn print_co_selling(out: &serde_json::Value) {
-    println!(
-        "co-selling with {} (your {} x their {})",
-        text(&out["theirs"]).split('.').next().unwrap_or("?"),
-        text(&out["mine"]),
-        text(&out["theirs"])
-    );
-    for s in list(&out["sections"]) {
-        println!();
-        println!("your {} x their {}", text(&s["mine"]), text(&s["theirs"]));
-        let (header, table) = overlap_rows(out, list(&s["rows"]));
-        if table.is_empty() {
-            println!("  nothing released");
-        } else {
-            print_table(&header, &table);
-        }
-    }
-    println!();
-    let withheld = if out["by"].is_null() {
-        "suppressed cells have fewer companies than the threshold"
-    } else {
-        "cells below the threshold are not listed"
-    };
-    print_protection(out, withheld);
 }
 
 async fn serve(
@@ -1881,87 +1406,17 @@ async fn serve(
     grace_secs: u64,
     query: QueryLimitArgs,
 ) -> anyhow::Result<()> {
-    if escrow::faults::ignored() {
-        tracing::warn!(
-            "{} is set, but this build has no fault points (feature fault-injection): ignored",
-            escrow::faults::ENV
-        );
-    }
-    let report = escrow::admin::init(&dir).map_err(engine)?;
-    if report.created_anything() {
-        tracing::info!(data_dir = %dir.root().display(), ?report, "initialised data directory");
-    }
-    let config = StoreConfig {
+    let mb = |n: usize| n.saturating_mul(1 << 20);
+    let config = escrow::app::Config {
+        listen,
         max_upload_bytes,
-        cache_bytes: query.query_cache_mb << 20,
-        ..StoreConfig::default()
-    };
-    let store = Store::open(dir.clone(), config).map_err(engine)?;
-    let recovery = store.recover().map_err(engine)?;
-    tracing::info!(
-        partial_uploads_removed = recovery.partial_uploads_removed,
-        orphan_files_removed = recovery.orphan_files_removed,
-        empty_datasets_removed = recovery.empty_datasets_removed,
-        key_rotation = recovery.key_rotation.as_deref().unwrap_or("none"),
-        "startup recovery done"
-    );
-    let tls = server::tls::server_config(&dir).map_err(engine)?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
-    let addr = listener.local_addr()?;
-    tracing::info!(%addr, data_dir = %dir.root().display(), "escrow serving (mutual TLS required)");
-    let startup = escrow::audit::Event::new(
-        "startup",
-        escrow::audit::Actor::system(),
-        escrow::audit::Outcome::Ok,
-        serde_json::json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "listen": addr.to_string(),
-            "recovery": {
-                "partial_uploads_removed": recovery.partial_uploads_removed,
-                "orphan_files_removed": recovery.orphan_files_removed,
-                "empty_datasets_removed": recovery.empty_datasets_removed,
-                "key_rotation": recovery.key_rotation,
-            },
-            "audit_public_key": store.audit_log().public_key(),
-        }),
-    );
-    // Audited before serving: a log that cannot be continued (truncated, replaced,
-    // unwritable) stops the server here instead of letting it run unaudited.
-    store
-        .record(&startup)
-        .map_err(|e| anyhow!("cannot write the audit log: {e}"))?;
-    // Machine-readable first line on stdout (tests and scripts read the bound port here).
-    println!("escrow listening on https://{addr}");
-    let store = Arc::new(store);
-    let noise_key =
-        escrow::crypto::keys::load_secret(&dir.noise_key(), "noise key").map_err(engine)?;
-    let queries = escrow::queries::QueryService::new(
-        store.clone(),
-        escrow_query::NoiseKey::new(*noise_key),
-        escrow::queries::QueryConfig {
-            limits: escrow_query::Limits {
-                memory_bytes: query.query_memory_mb << 20,
-                ..Default::default()
-            },
-            timeout: Duration::from_secs(query.query_timeout_secs),
-            shared_memory_bytes: query
-                .admitted_memory_mb
-                .unwrap_or(query.max_questions.saturating_mul(query.query_memory_mb))
-                .saturating_mul(1 << 20),
-            ..Default::default()
-        },
-    )
-    .map_err(engine)?;
-    let state = Arc::new(AppState {
-        sessions: server::sessions::Sessions::new(Duration::from_secs(
-            query.console_link_secs.clamp(1, 3600),
-        )),
-        access: Arc::new(escrow::access::Access::new(store.clone())),
-        store: store.clone(),
-        queries: Arc::new(queries),
-        admission: server::limits::Admission::new(server::limits::Limits {
+        shutdown_grace: Duration::from_secs(grace_secs),
+        query_memory_bytes: mb(query.query_memory_mb),
+        query_timeout: Duration::from_secs(query.query_timeout_secs),
+        query_cache_bytes: mb(query.query_cache_mb),
+        admitted_memory_bytes: query.admitted_memory_mb.map(mb),
+        console_link: Duration::from_secs(query.console_link_secs),
+        admission: server::limits::Limits {
             uploads: server::limits::Limit {
                 per_partner: query.max_uploads_per_partner,
                 total: query.max_uploads,
@@ -1971,46 +1426,15 @@ async fn serve(
                 total: query.max_questions,
             },
             wait: Duration::from_millis(query.busy_wait_ms),
-        }),
-    });
-    // Certify the log's tail every so often, so a partner's kept checkpoint is recent.
-    let checkpoints = {
-        let store = store.clone();
-        tokio::spawn(async move {
-            let period = Duration::from_secs(AUDIT_CHECKPOINT_SECS);
-            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-            loop {
-                tick.tick().await;
-                let s = store.clone();
-                match tokio::task::spawn_blocking(move || s.audit_checkpoint()).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => tracing::error!(error = %e, "audit checkpoint failed"),
-                    Err(e) => tracing::error!(error = %e, "audit checkpoint task failed"),
-                }
-            }
-        })
+        },
+        ..escrow::app::Config::new(dir)
     };
-    server::serve(
-        state,
-        listener,
-        tls,
-        server::shutdown_signal(),
-        Duration::from_secs(grace_secs),
-    )
-    .await;
-    checkpoints.abort();
-    let shutdown = escrow::audit::Event::new(
-        "shutdown",
-        escrow::audit::Actor::system(),
-        escrow::audit::Outcome::Ok,
-        serde_json::json!({}),
-    );
-    if let Err(e) = store
-        .record(&shutdown)
-        .and_then(|()| store.audit_checkpoint())
-    {
-        tracing::error!(error = %e, "could not record the shutdown in the audit log");
-    }
-    tracing::info!("escrow stopped");
-    Ok(())
+    let app = escrow::app::Application::build(config)
+        .await
+        .map_err(engine)?;
+    // Machine-readable first line on stdout (tests and scripts read the bound port here).
+    println!("escrow listening on https://{}", app.local_addr());
+    app.run_until(server::shutdown_signal())
+        .await
+        .map_err(engine)
 }

@@ -1,0 +1,127 @@
+//! Users of the caller's partner (admins).
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+
+use super::{ApiError, Caller, blocking, json_body};
+use crate::Error;
+use crate::server::AppState;
+use crate::wire::{self, UserRequest};
+use escrow_policies::roles::Action;
+
+/// The active users of the caller's partner and their roles (admins).
+#[utoipa::path(get, path = "/v1/users", tag = "users", responses((status = 200, description = "users of the caller's partner", body = wire::UserList), wire::Errors))]
+pub(crate) async fn list_users(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+) -> Result<Json<wire::UserList>, ApiError> {
+    caller.may(&state, Action::UserManage).await?;
+    let store = state.store.clone();
+    let (rows, _) = blocking(move || store.catalog().role_assignments()).await?;
+    let users: Vec<wire::UserRole> = rows
+        .into_iter()
+        .filter(|r| r.partner == caller.partner)
+        .map(|r| wire::UserRole {
+            user: r.user,
+            role: r.role,
+        })
+        .collect();
+    Ok(Json(wire::UserList {
+        partner: caller.partner,
+        users,
+    }))
+}
+
+/// A partner's admin adds a user of its own partner; the new identity's bundle (certificate,
+/// private key, CA) is returned once, over this mutually authenticated connection.
+#[utoipa::path(post, path = "/v1/users", tag = "users", request_body = UserRequest, responses((status = 201, description = "added; the identity bundle is returned once", body = wire::UserAdded), wire::Errors))]
+pub(crate) async fn add_user(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    body: bytes::Bytes,
+) -> Result<(StatusCode, Json<wire::UserAdded>), ApiError> {
+    let actor = caller.may(&state, Action::UserManage).await?;
+    // The answer holds a new identity's private key: a console session must not turn itself
+    // into a lasting certificate, so only a certificate holder adds users.
+    if caller.via == wire::Via::Console {
+        return Err(Error::Forbidden(
+            "adding a user hands out a private key: run `escrow user add` with your certificate"
+                .into(),
+        )
+        .into());
+    }
+    let req: UserRequest = json_body(&body)?;
+    own_partner(&caller, &req)?;
+    let role = req
+        .role
+        .ok_or_else(|| Error::bad("invalid_role", "a user needs a role"))?;
+    let dir = state.store.data_dir().clone();
+    let partner = caller.partner.clone();
+    let (name, r) = (req.name.clone(), role.clone());
+    let bundle = blocking(move || {
+        let path = crate::admin::add_user(&dir, &actor, &partner, &name, &r)?;
+        let read = |f: &str| std::fs::read_to_string(path.join(f)).map_err(Error::from);
+        Ok(wire::Bundle {
+            cert_pem: read("cert.pem")?,
+            key_pem: read("key.pem")?,
+            ca_pem: read("ca.pem")?,
+        })
+    })
+    .await?;
+    tracing::info!(partner = %caller.partner, user = %req.name, %role, by = %caller.user, "user added");
+    Ok((
+        StatusCode::CREATED,
+        Json(wire::UserAdded {
+            partner: caller.partner,
+            user: req.name,
+            role,
+            bundle,
+        }),
+    ))
+}
+
+#[utoipa::path(post, path = "/v1/users/revocations", tag = "users", request_body = UserRequest, responses((status = 200, description = "revoked", body = wire::UserRevoked), wire::Errors))]
+pub(crate) async fn revoke_user(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    body: bytes::Bytes,
+) -> Result<Json<wire::UserRevoked>, ApiError> {
+    let actor = caller.may(&state, Action::UserManage).await?;
+    // The answer holds a new identity's private key: a console session must not turn itself
+    // into a lasting certificate, so only a certificate holder adds users.
+    if caller.via == wire::Via::Console {
+        return Err(Error::Forbidden(
+            "adding a user hands out a private key: run `escrow user add` with your certificate"
+                .into(),
+        )
+        .into());
+    }
+    let req: UserRequest = json_body(&body)?;
+    own_partner(&caller, &req)?;
+    let dir = state.store.data_dir().clone();
+    let partner = caller.partner.clone();
+    let name = req.name.clone();
+    blocking(move || crate::admin::revoke_user(&dir, &actor, &partner, &name)).await?;
+    tracing::info!(partner = %caller.partner, user = %req.name, by = %caller.user, "user revoked");
+    Ok(Json(wire::UserRevoked {
+        revoked: wire::UserRef {
+            partner: caller.partner,
+            user: req.name,
+        },
+    }))
+}
+
+/// An admin manages the users of its own partner only.
+fn own_partner(caller: &Caller, req: &UserRequest) -> Result<(), ApiError> {
+    match &req.partner {
+        Some(p) if *p != caller.partner => Err(Error::Forbidden(format!(
+            "an admin of {} manages {}'s users only",
+            caller.partner, caller.partner
+        ))
+        .into()),
+        _ => Ok(()),
+    }
+}
