@@ -69,9 +69,9 @@
 
   let uid = 0;
   /** A labelled form field; `control` is an input or select element. */
-  function field(label, control) {
+  function field(label, control, attrs) {
     control.id = control.id || "f" + (++uid);
-    return el("label", { for: control.id }, [label, control]);
+    return el("label", Object.assign({ for: control.id }, attrs), [label, control]);
   }
 
   function input(name, attrs) {
@@ -83,16 +83,20 @@
       options.map((o) => el("option", { value: o.value !== undefined ? o.value : o, text: o.label || o })));
   }
 
-  /** Show an API error next to the field it is about (or the form). */
-  function showError(form, e, fieldFor) {
+  function clearErrors(form) {
     for (const old of form.querySelectorAll(".field-error")) old.remove();
     for (const c of form.querySelectorAll("[aria-invalid]")) { c.removeAttribute("aria-invalid"); c.removeAttribute("aria-describedby"); }
+  }
+
+  /** Show an API error next to the field it is about (or the form). */
+  function showError(form, e, fieldFor) {
+    clearErrors(form);
     // The field an error is about: by its code, or for a rule refused whole
     // (`invalid_rule`), by the part of the rule its message names.
     const byMessage = e.code === "invalid_rule"
       ? ["grantee", "usage", "column", "population", "dataset"].find((w) => (e.message || "").includes(w))
       : null;
-    const name = (fieldFor ? fieldFor(e.code) : null) ||
+    const name = (fieldFor ? fieldFor(e.code, e.message || "") : null) ||
       ({ grantee: "to", usage: "usage", column: "column", population: "column", dataset: "dataset" }[byMessage]);
     const control = name ? form.elements[name] : null;
     const msg = el("p", { class: "field-error", role: "alert", id: "err" + (++uid), text: e.message });
@@ -105,7 +109,43 @@
     }
   }
 
+  /** Submit `form` to `action(formData)`; a refusal is shown next to its field (`fieldFor`). */
+  function onSubmit(form, action, fieldFor) {
+    form.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      try {
+        await action(new FormData(form), ev.submitter);
+        clearErrors(form);
+      } catch (e) {
+        if (e.status === 401) return signedOut();
+        showError(form, e, fieldFor);
+      }
+    });
+  }
+
+  /** A button that posts `body` to `path` and shows the page again; a refusal is shown by it. */
+  function postButton(text, attrs, path, body) {
+    const b = el("button", Object.assign({ type: "button", text }, attrs, { on: { click: async () => {
+      try { await api(path, { method: "POST", json: body }); await show(); }
+      catch (e) {
+        if (e.status === 401) return signedOut();
+        for (const old of b.parentNode.querySelectorAll(".error")) old.remove();
+        b.after(el("p", { class: "error", role: "alert", text: e.message }));
+      }
+    } } }));
+    return b;
+  }
+
   function partnerOf(dataset) { return dataset.split(".")[0]; }
+
+  /** The optional parts of an overlap question, their fields, and the fields their refusals concern. */
+  const OVERLAP_PARTS = [["mine", "Your dataset (optional)"], ["theirs", "Their dataset (optional)"], ["by", "Break down by (optional)"]];
+  const overlapField = (code) => ({ unknown_column: "by", group_by_key: "by", ambiguous_dataset: "theirs" }[code]);
+  function overlapRequest(f) {
+    const body = { with: f.get("with") };
+    for (const [k] of OVERLAP_PARTS) if (f.get(k)) body[k] = f.get(k);
+    return body;
+  }
 
   const pages = {
     async partners(view) {
@@ -147,35 +187,19 @@
       }
       const form = el("form", { class: "inline", "aria-label": "Overlap question" }, [
         field("Partner", select("with", sharing)),
-        field("Your dataset (optional)", input("mine")),
-        field("Their dataset (optional)", input("theirs")),
-        field("Break down by (optional)", input("by")),
+        ...OVERLAP_PARTS.map(([k, label]) => field(label, input(k))),
         el("button", { type: "submit", class: "primary", text: "Show overlap" }),
       ]);
       view.append(form, el("p", { class: "note", text:
         "A new question spends privacy budget with that partner; the same question on the same data versions again is free and gives the same answer. Counts carry noise; cells with too few companies are withheld." }));
       const out = el("div", { id: "mapping-result", "aria-live": "polite" });
       view.append(out);
-      const request = () => {
-        const f = new FormData(form);
-        const body = { with: f.get("with") };
-        for (const k of ["mine", "theirs", "by"]) if (f.get(k)) body[k] = f.get(k);
-        return body;
-      };
-      form.addEventListener("submit", async (ev) => {
-        ev.preventDefault();
+      onSubmit(form, async (f) => {
         out.replaceChildren(el("p", { class: "muted", text: "Counting…" }));
-        try {
-          const body = request();
-          const answer = await api("/v1/overlaps", { method: "POST", json: body });
-          out.replaceChildren(...overlapView(answer, body));
-          for (const old of form.querySelectorAll(".field-error")) old.remove();
-        } catch (e) {
-          if (e.status === 401) return signedOut();
-          out.replaceChildren();
-          showError(form, e, (code) => ({ unknown_column: "by", group_by_key: "by", ambiguous_dataset: "theirs" }[code]));
-        }
-      });
+        const body = overlapRequest(f);
+        try { out.replaceChildren(...overlapView(await api("/v1/overlaps", { method: "POST", json: body }), body)); }
+        catch (e) { out.replaceChildren(); throw e; }
+      }, overlapField);
     },
 
     async datasets(view) {
@@ -212,9 +236,8 @@
       const out = el("div", { "aria-live": "polite" });
       view.append(form, el("p", { class: "note", text:
         "Explain shows every use the question makes and the grant that allows it, and what answering would cost, without reading data or spending anything. A question over another partner's data spends privacy budget; asking it again is free and gives the same answer." }), out);
-      form.addEventListener("submit", async (ev) => {
-        ev.preventDefault();
-        const what = ev.submitter ? ev.submitter.value : "run";
+      onSubmit(form, async (f, submitter) => {
+        const what = submitter ? submitter.value : "run";
         out.replaceChildren(el("p", { class: "muted", text: what === "run" ? "Running…" : "Checking…" }));
         try {
           if (what === "explain") {
@@ -222,13 +245,8 @@
           } else {
             out.replaceChildren(...answerView(await api("/v1/queries", { method: "POST", json: { sql: sql.value, format: "json" } })));
           }
-          for (const old of form.querySelectorAll(".field-error")) old.remove();
-        } catch (e) {
-          if (e.status === 401) return signedOut();
-          out.replaceChildren();
-          showError(form, e, () => "sql");
-        }
-      });
+        } catch (e) { out.replaceChildren(); throw e; }
+      }, () => "sql");
     },
 
     async policies(view) {
@@ -248,10 +266,7 @@
         { label: "Change", value: (v) => v.change },
         { label: "Diff", value: (v) => el("pre", { class: "diff", text: [...v.removed.map((l) => "- " + l), ...v.added.map((l) => "+ " + l)].join("\n") || "(no lines)" }) },
         { label: "Actions", value: (v) => (mayChange && v.version !== latest)
-          ? el("button", { type: "button", text: "Roll back to " + v.version, on: { click: async () => {
-            try { await api("/v1/policies/rollback", { method: "POST", json: { version: v.version } }); await show(); }
-            catch (e) { view.append(el("p", { class: "error", role: "alert", text: e.message })); }
-          } } })
+          ? postButton("Roll back to " + v.version, {}, "/v1/policies/rollback", { version: v.version })
           : "" },
       ], h.versions.slice().reverse()));
     },
@@ -263,10 +278,7 @@
         { label: "User", value: (u) => u.user },
         { label: "Role", value: (u) => u.role },
         { label: "Actions", value: (u) => u.user === session.user ? "(you)"
-          : el("button", { type: "button", class: "danger", text: "Revoke " + u.user, on: { click: async () => {
-            try { await api("/v1/users/revocations", { method: "POST", json: { name: u.user } }); await show(); }
-            catch (e) { view.append(el("p", { class: "error", role: "alert", text: e.message })); }
-          } } }) },
+          : postButton("Revoke " + u.user, { class: "danger" }, "/v1/users/revocations", { name: u.user }) },
       ], list.users));
       view.append(el("h2", { text: "Add a user" }));
       const form = el("form", { class: "inline", "aria-label": "Add a user" }, [
@@ -274,25 +286,17 @@
         field("Role", select("role", ["analyst", "uploader", "compliance", "admin"])),
         el("button", { type: "submit", class: "primary", text: "Add" }),
       ]);
-      const out = el("div", { "aria-live": "polite" });
-      form.addEventListener("submit", async (ev) => {
-        ev.preventDefault();
-        const f = new FormData(form);
-        try {
-          const added = await api("/v1/users", { method: "POST", json: { name: f.get("name"), role: f.get("role") } });
-          await show();
-          const blob = new Blob([JSON.stringify(added.bundle, null, 2)], { type: "application/json" });
-          document.getElementById("view").append(el("p", { role: "status" }, [
-            "Added " + added.user + " (" + added.role + "). Its identity bundle (certificate and private key) is shown only now: ",
-            el("a", { href: URL.createObjectURL(blob), download: added.user + "-bundle.json", text: "download it" }),
-            " and hand it over securely.",
-          ]));
-        } catch (e) {
-          if (e.status === 401) return signedOut();
-          showError(form, e, (code) => ({ invalid_role: "role", invalid_name: "name", conflict: "name" }[code]));
-        }
-      });
-      view.append(form, out);
+      onSubmit(form, async (f) => {
+        const added = await api("/v1/users", { method: "POST", json: { name: f.get("name"), role: f.get("role") } });
+        await show();
+        const blob = new Blob([JSON.stringify(added.bundle, null, 2)], { type: "application/json" });
+        document.getElementById("view").append(el("p", { role: "status" }, [
+          "Added " + added.user + " (" + added.role + "). Its identity bundle (certificate and private key) is shown only now: ",
+          el("a", { href: URL.createObjectURL(blob), download: added.user + "-bundle.json", text: "download it" }),
+          " and hand it over securely.",
+        ]));
+      }, (code) => ({ invalid_role: "role", invalid_name: "name", conflict: "name" }[code]));
+      view.append(form);
     },
 
     async audit(view) {
@@ -342,13 +346,11 @@
       { label: "To", value: (x) => x.to },
       { label: "Use", value: (x) => x.usage },
       { label: "Column or population", value: (x) => x.population || x.column },
-      { label: "Actions", value: (x) => el("button", { type: "button", class: "danger", text: "Revoke", "aria-label": "Revoke " + x.usage + " of " + x.dataset + " to " + x.to,
-        on: { click: async () => {
-          const body = { dataset: x.dataset.split(".").slice(1).join("."), to: x.to, usage: x.usage };
-          if (x.usage === "overlap") { if (x.population !== "*") body.population = x.population; } else if (x.column !== "*") body.column = x.column;
-          try { await api("/v1/policies/revocations", { method: "POST", json: body }); await show(); }
-          catch (e) { view.append(el("p", { class: "error", role: "alert", text: e.message })); }
-        } } }) },
+      { label: "Actions", value: (x) => {
+        const body = { dataset: x.dataset.split(".").slice(1).join("."), to: x.to, usage: x.usage };
+        if (x.usage === "overlap") { if (x.population !== "*") body.population = x.population; } else if (x.column !== "*") body.column = x.column;
+        return postButton("Revoke", { class: "danger", "aria-label": "Revoke " + x.usage + " of " + x.dataset + " to " + x.to }, "/v1/policies/revocations", body);
+      } },
     ], g.granted) : el("p", { class: "muted", text: "You granted nothing yet." }));
     view.append(el("h2", { text: "Grant a use" }));
     const usages = ["join", "count", "dimension", "filter", "sum", "avg", "standalone", "overlap"];
@@ -359,19 +361,12 @@
       field("Column (or population for overlap; empty: all)", input("column")),
       el("button", { type: "submit", class: "primary", text: "Grant" }),
     ]);
-    form.addEventListener("submit", async (ev) => {
-      ev.preventDefault();
-      const f = new FormData(form);
+    onSubmit(form, async (f) => {
       const body = { dataset: f.get("dataset"), to: f.get("to"), usage: f.get("usage") };
       if (f.get("column")) body[f.get("usage") === "overlap" ? "population" : "column"] = f.get("column");
-      try {
-        await api("/v1/policies/grants", { method: "POST", json: body });
-        await show();
-      } catch (e) {
-        if (e.status === 401) return signedOut();
-        showError(form, e, (code) => ({ unknown_column: "column", unknown_population: "column", unknown_dataset: "dataset", invalid_name: "to", unknown_partner: "to" }[code]));
-      }
-    });
+      await api("/v1/policies/grants", { method: "POST", json: body });
+      await show();
+    }, (code) => ({ unknown_column: "column", unknown_population: "column", unknown_dataset: "dataset", invalid_name: "to", unknown_partner: "to" }[code]));
     view.append(form);
   }
 
@@ -559,14 +554,22 @@
   }
 
   function confirmDelete(name) {
-    const dialog = el("dialog", { "aria-labelledby": "del-title" }, [
-      el("h2", { id: "del-title", text: "Delete " + name + "?" }),
-      el("p", { text: "Every version of " + name + " is crypto-shredded: its keys are destroyed and nobody, you included, can read it again. This cannot be undone." }),
-    ]);
+    confirmDialog("Delete " + name + "?",
+      "Every version of " + name + " is crypto-shredded: its keys are destroyed and nobody, you included, can read it again. This cannot be undone.",
+      "Delete for good", () => api("/v1/datasets/" + encodeURIComponent(name), { method: "DELETE" }));
+  }
+
+  /** A modal confirmation; `action` runs on confirm, then the page is shown again. A refusal stays in the dialog. */
+  function confirmDialog(title, text, label, action) {
+    const id = "dlg" + (++uid);
+    const dialog = el("dialog", { "aria-labelledby": id }, [el("h2", { id, text: title }), el("p", { text })]);
     const cancel = el("button", { type: "button", text: "Cancel", on: { click: () => dialog.close() } });
-    const confirm = el("button", { type: "button", class: "danger", text: "Delete for good", on: { click: async () => {
-      try { await api("/v1/datasets/" + encodeURIComponent(name), { method: "DELETE" }); dialog.close(); await show(); }
-      catch (e) { dialog.append(el("p", { class: "error", role: "alert", text: e.message })); }
+    const confirm = el("button", { type: "button", class: "danger", text: label, on: { click: async () => {
+      try { await action(); dialog.close(); await show(); }
+      catch (e) {
+        if (e.status === 401) { dialog.close(); return signedOut(); }
+        dialog.append(el("p", { class: "error", role: "alert", text: e.message }));
+      }
     } } });
     dialog.append(el("p", {}, [cancel, " ", confirm]));
     dialog.addEventListener("close", () => dialog.remove());
