@@ -79,8 +79,11 @@
   }
 
   function select(name, options, attrs) {
-    return el("select", Object.assign({ name }, attrs || {}),
-      options.map((o) => el("option", { value: o.value !== undefined ? o.value : o, text: o.label || o })));
+    return el("select", Object.assign({ name }, attrs || {}), optionsOf(options));
+  }
+
+  function optionsOf(options) {
+    return options.map((o) => el("option", { value: o.value !== undefined ? o.value : o, text: o.label || o }));
   }
 
   function clearErrors(form) {
@@ -96,7 +99,7 @@
     const byMessage = e.code === "invalid_rule"
       ? ["grantee", "usage", "column", "population", "dataset"].find((w) => (e.message || "").includes(w))
       : null;
-    const name = (fieldFor ? fieldFor(e.code, e.message || "") : null) ||
+    const name = e.field || (fieldFor ? fieldFor(e.code, e.message || "") : null) ||
       ({ grantee: "to", usage: "usage", column: "column", population: "column", dataset: "dataset" }[byMessage]);
     const control = name ? form.elements[name] : null;
     const msg = el("p", { class: "field-error", role: "alert", id: "err" + (++uid), text: e.message });
@@ -340,7 +343,8 @@
 
   async function policyEditor(view) {
     view.append(el("h1", { text: "Policies" }));
-    const [g, list] = await Promise.all([api("/v1/policies"), api("/v1/datasets")]);
+    const [g, list, policy] = await Promise.all([api("/v1/policies"), api("/v1/datasets"),
+      api("/v1/policies/export", { raw: true }).then((r) => r.text())]);
     view.append(g.granted.length ? table("Uses of your datasets you granted", [
       { label: "Dataset", value: (x) => x.dataset },
       { label: "To", value: (x) => x.to },
@@ -368,6 +372,142 @@
       await show();
     }, (code) => ({ unknown_column: "column", unknown_population: "column", unknown_dataset: "dataset", invalid_name: "to", unknown_partner: "to" }[code]));
     view.append(form);
+    view.append(...settingsSection(list.datasets, settingsOf(policy, list.datasets)));
+  }
+
+  /** Show the page again, then say what changed under the heading `id`, and move there. */
+  async function shown(id, message) {
+    await show();
+    const h = document.getElementById(id);
+    if (!h) return;
+    h.after(el("p", { role: "status", text: message }));
+    h.focus();
+  }
+
+  /** A refusal made here, before asking the server, shaped as the server's and about `field`. */
+  function refusal(code, field, message) {
+    return Object.assign(new Error(message), { code, field });
+  }
+
+  // Protection settings: their names in the API, labels, and the defaults of a dataset whose
+  // policy sets none (docs/API.md, "Protection settings").
+  const SETTINGS = [
+    ["epsilon", "Epsilon per question"],
+    ["budget", "Budget per partner (epsilon in all)"],
+    ["min_entities", "Fewest companies per row (k)"],
+    ["max_groups_per_entity", "Most groups per company (L)"],
+  ];
+  const WHOLE = ["min_entities", "max_groups_per_entity"];
+  const DEFAULT_SETTINGS = { epsilon: 0.125, budget: 0.4, min_entities: 5, max_groups_per_entity: 1 };
+  const isNumeric = (c) => /^u?(int|float|decimal|double)/i.test(c.type);
+
+  /** Each dataset's settings in force: the policy document's `setting` and `bounds` lines over the defaults. */
+  function settingsOf(policy, datasets) {
+    const all = Object.fromEntries(datasets.map((d) => [d.name, Object.assign({ bounds: {} }, DEFAULT_SETTINGS)]));
+    for (const [kind, , dataset, name, ...v] of csvRecords(policy)) {
+      const s = all[dataset];
+      if (s && kind === "setting") s[name] = Number(v[0]);
+      else if (s && kind === "bounds") s.bounds[name] = v.map(Number);
+    }
+    return all;
+  }
+
+  /** The records of a CSV text (quoted fields may hold commas, quotes, line breaks); `#` lines are comments. */
+  function csvRecords(text) {
+    const records = [];
+    let rec = [], cur = "", quoted = false;
+    for (let i = 0; i <= text.length; i++) {
+      const c = text[i];
+      if (!quoted && c === "#" && !rec.length && !cur) {
+        i = text.indexOf("\n", i);
+        if (i < 0) break;
+      } else if (quoted && c !== undefined) {
+        if (c !== '"') cur += c;
+        else if (text[i + 1] === '"') { cur += c; i++; }
+        else quoted = false;
+      } else if (c === '"') quoted = true;
+      else if (c === ",") { rec.push(cur); cur = ""; }
+      else if (c === "\n" || c === undefined) { rec.push(cur); records.push(rec); rec = []; cur = ""; }
+      else cur += c;
+    }
+    return records;
+  }
+
+  /** A number typed for `field`, or a refusal next to it. */
+  function numberIn(field, name, text, whole) {
+    const n = Number(text);
+    if (!text || !Number.isFinite(n) || (whole && !(Number.isSafeInteger(n) && n >= 0))) {
+      throw refusal("invalid_setting", field, name + " must be " + (whole ? "a whole number" : "a finite number") + ", not " + JSON.stringify(text));
+    }
+    return n;
+  }
+
+  /** The field a refused setting is about, by the name its message starts with. */
+  function settingField(code, message) {
+    if (code !== "invalid_setting") return null;
+    const named = SETTINGS.find(([k]) => message.startsWith(k + " "));
+    if (named) return named[0];
+    return message.startsWith("bounds need") ? "bounds_column" : message.startsWith("bounds") ? "bounds_low" : null;
+  }
+
+  function settingsSection(datasets, settings) {
+    const parts = [el("h2", { id: "policy-settings", tabindex: "-1", text: "Protection settings" })];
+    if (!datasets.length) return [...parts, el("p", { class: "muted", text: "No datasets yet." })];
+    parts.push(el("p", { class: "note", text:
+      "They apply to every question of another partner that reads the dataset: the noise of each answer (epsilon per question), " +
+      "what each partner may spend on your data in all (epsilons add up in squares), the fewest companies a released row needs, " +
+      "how many groups one company may count in, and the range a numeric column is clamped to (without bounds, partners may not SUM or AVG it)." }));
+    const bounds = (name) => {
+      const set = Object.entries(settings[name].bounds);
+      return set.length ? el("ul", { class: "plain" }, set.map(([col, [lo, hi]]) => el("li", {}, [
+        col + ": " + lo + " to " + hi + " ",
+        postButton("Remove", { "aria-label": "Remove the bounds of " + col + " of " + name }, "/v1/policies/settings", { dataset: name, bounds: { [col]: null } }),
+      ]))) : "none";
+    };
+    parts.push(table("Protection of your datasets now", [
+      { label: "Dataset", value: (d) => d.name },
+      ...SETTINGS.map(([k, label]) => ({ label, value: (d) => settings[d.name][k], num: true })),
+      { label: "Bounds (for SUM and AVG)", value: (d) => bounds(d.name) },
+    ], datasets));
+
+    const dataset = select("dataset", datasets.map((d) => d.name));
+    const column = select("bounds_column", []);
+    const form = el("form", { class: "inline", "aria-label": "Change protection settings" }, [
+      field("Dataset", dataset),
+      ...SETTINGS.map(([k, label]) => field(label, input(k, { inputmode: WHOLE.includes(k) ? "numeric" : "decimal", size: "8" }))),
+      field("Bounds of column", column),
+      field("Lowest value", input("bounds_low", { inputmode: "decimal", size: "10" })),
+      field("Highest value", input("bounds_high", { inputmode: "decimal", size: "10" })),
+      el("button", { type: "submit", class: "primary", text: "Save settings" }),
+    ]);
+    const fillBounds = () => {
+      const b = settings[dataset.value].bounds[column.value] || ["", ""];
+      form.elements.bounds_low.value = b[0];
+      form.elements.bounds_high.value = b[1];
+    };
+    const fill = () => {
+      for (const [k] of SETTINGS) form.elements[k].value = settings[dataset.value][k];
+      const numeric = datasets.find((d) => d.name === dataset.value).columns.filter(isNumeric).map((c) => c.name);
+      column.replaceChildren(...optionsOf([{ value: "", label: numeric.length ? "(none)" : "(no numeric column)" }, ...numeric]));
+      fillBounds();
+    };
+    dataset.addEventListener("change", fill);
+    column.addEventListener("change", fillBounds);
+    fill();
+    onSubmit(form, async (f) => {
+      const body = { dataset: f.get("dataset") };
+      for (const [k] of SETTINGS) {
+        const v = f.get(k).trim();
+        if (v) body[k] = numberIn(k, k, v, WHOLE.includes(k));
+      }
+      const [col, lo, hi] = ["bounds_column", "bounds_low", "bounds_high"].map((k) => f.get(k).trim());
+      if (!col && (lo || hi)) throw refusal("invalid_setting", "bounds_column", "bounds need a numeric column: choose which");
+      if (col) body.bounds = { [col]: [numberIn("bounds_low", "the lowest value", lo), numberIn("bounds_high", "the highest value", hi)] };
+      await api("/v1/policies/settings", { method: "POST", json: body });
+      await shown("policy-settings", "Saved the protection of " + body.dataset + ".");
+    }, settingField);
+    parts.push(el("h3", { text: "Change them" }), form);
+    return parts;
   }
 
   /** The overlap answer: a heatmap of your populations x theirs, protection and budget. */

@@ -466,3 +466,97 @@ test("users: an admin adds and revokes a user of its partner; others may not", a
   assert.match(await other.getByRole("alert").innerText(), /may not user\.manage/);
   await analyst.close();
 });
+
+// ---- Policies page: protection settings, populations, explain, preview (issue 19) ----------
+
+/** The policies page of `partner`'s `user`, signed in, in a fresh profile. */
+async function policiesPage(partner, user, viewport) {
+  const ctx = await fresh(viewport);
+  const page = await ctx.newPage();
+  await page.goto(link(partner, user));
+  await page.getByText(new RegExp(`^${user} · ${partner} `)).waitFor();
+  await page.goto(`${url}/#policies`);
+  await page.getByRole("heading", { name: "Policies" }).waitFor();
+  return [ctx, page];
+}
+
+/** The error message a control's aria-describedby points to (it must be marked invalid). */
+async function errorOf(page, control) {
+  assert.equal(await control.getAttribute("aria-invalid"), "true", "the reason sits with its field");
+  const msg = page.locator(`#${await control.getAttribute("aria-describedby")}`);
+  assert.equal(await msg.getAttribute("role"), "alert");
+  return msg.innerText();
+}
+
+test("protection settings: a compliance officer changes them; a refused change says why by its field and changes nothing", async () => {
+  // globex's deals, with a numeric column to bound.
+  const file = join(tmp, "deals.csv");
+  let rows = "website,stage,arr_usd\n";
+  for (let i = 0; i < 40; i++) rows += `https://www.zyqxd${i}.example,${i % 2 ? "won" : "open"},${i * 1000}\n`;
+  writeFileSync(file, rows);
+  cli("globex", "admin", "upload", file, "--dataset", "deals", "--key-column", "website");
+  const protection = (d) => cli("globex", "admin", "policy", "preview", "--partner", "acme", "--dataset", d)
+    .split("\n").find((l) => l.includes("protection:"));
+
+  const [ctx, page] = await policiesPage("globex", "cora");
+  const now = page.getByRole("table", { name: "Protection of your datasets now" });
+  const row = (d) => now.getByRole("row", { name: new RegExp(`^${d} `) });
+  assert.match(await row("accounts").innerText(), /^accounts\s+0\.125\s+0\.4\s+5\s+1\s+none$/, "the defaults");
+  const form = page.getByRole("form", { name: "Change protection settings" });
+  await form.getByLabel("Dataset").selectOption("accounts");
+  assert.equal(await form.getByLabel("Epsilon per question").inputValue(), "0.125", "the form starts from the settings in force");
+  await form.getByLabel("Epsilon per question").fill("0.25");
+  await form.getByLabel(/^Budget/).fill("1");
+  await form.getByRole("button", { name: "Save settings" }).click();
+  await page.getByRole("status").filter({ hasText: "Saved the protection of accounts." }).waitFor();
+  assert.match(await row("accounts").innerText(), /^accounts\s+0\.25\s+1\s+5\s+1\s+none$/);
+  assert.match(protection("accounts"), /min_entities=5 epsilon=0\.25 max_groups_per_entity=1; budget 1\.0 /);
+
+  // Refused whole: the budget typed with it does not apply either.
+  await form.getByLabel("Dataset").selectOption("accounts");
+  await form.getByLabel(/^Budget/).fill("2");
+  await form.getByLabel("Epsilon per question").fill("0.0005");
+  await form.getByRole("button", { name: "Save settings" }).click();
+  await page.getByRole("alert").waitFor();
+  assert.match(await errorOf(page, form.getByLabel("Epsilon per question")), /epsilon must be a multiple of 0\.001/);
+  assert.equal(await form.getByLabel(/^Budget/).getAttribute("aria-invalid"), null);
+  assert.match(protection("accounts"), /epsilon=0\.25 max_groups_per_entity=1; budget 1\.0 /, "nothing changed");
+  assert.match(await row("accounts").innerText(), /^accounts\s+0\.25\s+1\s+5\s+1\s+none$/);
+
+  // Bounds: only numeric columns are offered; low >= high is refused by the lowest value.
+  await form.getByLabel("Dataset").selectOption("deals");
+  assert.deepEqual(await form.getByLabel("Bounds of column").locator("option").allInnerTexts(), ["(none)", "arr_usd"]);
+  await form.getByLabel("Bounds of column").selectOption("arr_usd");
+  await form.getByLabel("Lowest value").fill("5");
+  await form.getByLabel("Highest value").fill("1");
+  await form.getByRole("button", { name: "Save settings" }).click();
+  await page.getByRole("alert").filter({ hasText: /low < high/ }).waitFor();
+  assert.match(await errorOf(page, form.getByLabel("Lowest value")), /bounds of arr_usd must have low < high/);
+  assert.doesNotMatch(cli("globex", "admin", "policy", "export"), /^bounds,/m);
+  await form.getByLabel("Lowest value").fill("0");
+  await form.getByLabel("Highest value").fill("1000000");
+  await form.getByRole("button", { name: "Save settings" }).click();
+  await page.getByRole("status").filter({ hasText: "Saved the protection of deals." }).waitFor();
+  assert.match(await row("deals").innerText(), /arr_usd: 0 to 1000000/);
+  assert.match(cli("globex", "admin", "policy", "export"), /^bounds,globex,deals,arr_usd,0,1000000$/m);
+  assert.equal(await form.getByLabel("Dataset").inputValue(), "accounts");
+  await axe(page, "policies settings");
+  await shot(page, "policies-settings");
+  await now.getByRole("button", { name: "Remove the bounds of arr_usd of deals" }).click();
+  await row("deals").getByText("none").waitFor();
+  assert.doesNotMatch(cli("globex", "admin", "policy", "export"), /^bounds,/m);
+  await ctx.close();
+});
+
+test("an analyst may not change protection settings: the server refuses and the page says so", async () => {
+  const [ctx, page] = await policiesPage("acme", "ann");
+  const form = page.getByRole("form", { name: "Change protection settings" });
+  await form.getByLabel("Dataset").selectOption("accounts");
+  await form.getByLabel("Epsilon per question").fill("0.5");
+  await form.getByRole("button", { name: "Save settings" }).click();
+  const alert = form.getByRole("alert");
+  await alert.waitFor();
+  assert.match(await alert.innerText(), /role analyst of acme may not policy\.change/);
+  assert.match(cli("acme", "admin", "policy", "preview", "--partner", "globex", "--dataset", "accounts"), /epsilon=0\.125 /);
+  await ctx.close();
+});
