@@ -343,8 +343,8 @@
 
   async function policyEditor(view) {
     view.append(el("h1", { text: "Policies" }));
-    const [g, list, policy] = await Promise.all([api("/v1/policies"), api("/v1/datasets"),
-      api("/v1/policies/export", { raw: true }).then((r) => r.text())]);
+    const [g, list, policy, pops] = await Promise.all([api("/v1/policies"), api("/v1/datasets"),
+      api("/v1/policies/export", { raw: true }).then((r) => r.text()), api("/v1/populations")]);
     view.append(g.granted.length ? table("Uses of your datasets you granted", [
       { label: "Dataset", value: (x) => x.dataset },
       { label: "To", value: (x) => x.to },
@@ -373,6 +373,38 @@
     }, (code) => ({ unknown_column: "column", unknown_population: "column", unknown_dataset: "dataset", invalid_name: "to", unknown_partner: "to" }[code]));
     view.append(form);
     view.append(...settingsSection(list.datasets, settingsOf(policy, list.datasets)));
+    view.append(...populationsSection(list.datasets, pops.populations));
+  }
+
+  function populationsSection(datasets, populations) {
+    const parts = [el("h2", { id: "policy-populations", tabindex: "-1", text: "Populations" }), el("p", { class: "note", text:
+      "Named subsets of your datasets by a condition on their columns (never the key column). Overlap counts are counted between populations, " +
+      "and an overlap grant shares them; a company counts in the first of a dataset's populations it is in (in this order)." })];
+    parts.push(populations.length ? table("Populations of your datasets", [
+      { label: "Dataset", value: (p) => p.dataset },
+      { label: "Order", value: (p) => p.position, num: true },
+      { label: "Name", value: (p) => p.name },
+      { label: "Filter", value: (p) => el("code", { text: p.filter }) },
+      { label: "Actions", value: (p) => el("button", { type: "button", class: "danger", text: "Remove", "aria-label": "Remove population " + p.name + " of " + p.dataset,
+        on: { click: () => confirmDialog("Remove population " + p.name + " of " + p.dataset + "?",
+          "The overlap grants that name it are removed with it: partners no longer see its overlap counts, even if you define it again.",
+          "Remove population", () => api("/v1/populations/removals", { method: "POST", json: { dataset: p.dataset, name: p.name } })) } }) },
+    ], populations) : el("p", { class: "muted", text: "No populations yet." }));
+    if (!datasets.length) return parts;
+    const form = el("form", { class: "inline", "aria-label": "Define a population" }, [
+      field("Dataset", select("dataset", datasets.map((d) => d.name))),
+      field("Name", input("name", { required: true })),
+      field("Filter: a condition on its columns", input("filter", { required: true, spellcheck: "false", placeholder: "status = 'customer'" }), { class: "wide" }),
+      el("button", { type: "submit", class: "primary", text: "Define" }),
+    ]);
+    onSubmit(form, async (f) => {
+      const body = { dataset: f.get("dataset"), name: f.get("name"), filter: f.get("filter") };
+      const r = await api("/v1/populations", { method: "POST", json: body });
+      await shown("policy-populations", (r.changed ? "Defined " : "Already defined: ") + body.name + " of " + body.dataset + ".");
+    }, (code) => ({ invalid_name: "name", conflict: "name", too_many_populations: "dataset", not_found: "dataset",
+      invalid_filter: "filter", population_names_key: "filter", unknown_column: "filter" }[code]));
+    parts.push(el("h3", { text: "Define one" }), form);
+    return parts;
   }
 
   /** Show the page again, then say what changed under the heading `id`, and move there. */

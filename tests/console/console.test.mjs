@@ -560,3 +560,40 @@ test("an analyst may not change protection settings: the server refuses and the 
   assert.match(cli("acme", "admin", "policy", "preview", "--partner", "globex", "--dataset", "accounts"), /epsilon=0\.125 /);
   await ctx.close();
 });
+
+test("populations: a compliance officer defines one and removes it after confirming", async () => {
+  const listed = () => cli("globex", "cora", "population", "list");
+  const [ctx, page] = await policiesPage("globex", "cora");
+  const form = page.getByRole("form", { name: "Define a population" });
+  await form.getByLabel("Dataset").selectOption("accounts");
+  await form.getByLabel("Name").fill("prospects");
+  // A population may not single companies out by their key.
+  await form.getByLabel(/^Filter/).fill("website = 'https://www.zyqxm1.example'");
+  await form.getByRole("button", { name: "Define" }).click();
+  await page.getByRole("alert").waitFor();
+  assert.match(await errorOf(page, form.getByLabel(/^Filter/)), /website identifies companies/);
+  assert.doesNotMatch(listed(), /prospects/);
+  await form.getByLabel(/^Filter/).fill("status = 'prospect'");
+  await form.getByRole("button", { name: "Define" }).click();
+  await page.getByRole("status").filter({ hasText: "Defined prospects of accounts." }).waitFor();
+  const pops = page.getByRole("table", { name: "Populations of your datasets" });
+  assert.match(await pops.getByRole("row", { name: /prospects/ }).innerText(), /^accounts\s+3\s+prospects\s+status = 'prospect'/);
+  assert.match(listed(), /^accounts\.prospects {2}where status = 'prospect'$/m);
+
+  // Removing asks first; Cancel keeps it.
+  await pops.getByRole("button", { name: "Remove population prospects of accounts" }).click();
+  const dialog = page.getByRole("dialog", { name: "Remove population prospects of accounts?" });
+  await dialog.waitFor();
+  assert.equal(await page.evaluate(() => document.activeElement.textContent), "Cancel", "focus starts on the safe choice");
+  await axe(page, "population removal dialog");
+  await shot(page, "policies-population-remove");
+  await page.keyboard.press("Enter");
+  await dialog.waitFor({ state: "detached" });
+  assert.match(listed(), /prospects/);
+  await pops.getByRole("button", { name: "Remove population prospects of accounts" }).click();
+  await dialog.getByRole("button", { name: "Remove population" }).click();
+  await pops.getByRole("row", { name: /prospects/ }).waitFor({ state: "detached" });
+  assert.doesNotMatch(listed(), /prospects/);
+  assert.match(listed(), /accounts\.customers/);
+  await ctx.close();
+});
