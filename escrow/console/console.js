@@ -99,7 +99,8 @@
     const byMessage = e.code === "invalid_rule"
       ? ["grantee", "usage", "column", "population", "dataset"].find((w) => (e.message || "").includes(w))
       : null;
-    const name = e.field || (fieldFor ? fieldFor(e.code, e.message || "") : null) ||
+    // A refused role is about the whole form, not a field.
+    const name = e.code === "forbidden" ? null : e.field || (fieldFor ? fieldFor(e.code, e.message || "") : null) ||
       ({ grantee: "to", usage: "usage", column: "column", population: "column", dataset: "dataset" }[byMessage]);
     const control = name ? form.elements[name] : null;
     const msg = el("p", { class: "field-error", role: "alert", id: "err" + (++uid), text: e.message });
@@ -137,6 +138,12 @@
       }
     } } }));
     return b;
+  }
+
+  /** Render what `work()` returns into `out`, saying `busy` meanwhile; a failure empties `out` and is passed on. */
+  async function render(out, busy, work) {
+    out.replaceChildren(el("p", { class: "muted", text: busy }));
+    try { out.replaceChildren(...await work()); } catch (e) { out.replaceChildren(); throw e; }
   }
 
   function partnerOf(dataset) { return dataset.split(".")[0]; }
@@ -197,12 +204,10 @@
         "A new question spends privacy budget with that partner; the same question on the same data versions again is free and gives the same answer. Counts carry noise; cells with too few companies are withheld." }));
       const out = el("div", { id: "mapping-result", "aria-live": "polite" });
       view.append(out);
-      onSubmit(form, async (f) => {
-        out.replaceChildren(el("p", { class: "muted", text: "Counting…" }));
+      onSubmit(form, (f) => render(out, "Counting…", async () => {
         const body = overlapRequest(f);
-        try { out.replaceChildren(...overlapView(await api("/v1/overlaps", { method: "POST", json: body }), body)); }
-        catch (e) { out.replaceChildren(); throw e; }
-      }, overlapField);
+        return overlapView(await api("/v1/overlaps", { method: "POST", json: body }), body);
+      }), overlapField);
     },
 
     async datasets(view) {
@@ -239,17 +244,10 @@
       const out = el("div", { "aria-live": "polite" });
       view.append(form, el("p", { class: "note", text:
         "Explain shows every use the question makes and the grant that allows it, and what answering would cost, without reading data or spending anything. A question over another partner's data spends privacy budget; asking it again is free and gives the same answer." }), out);
-      onSubmit(form, async (f, submitter) => {
-        const what = submitter ? submitter.value : "run";
-        out.replaceChildren(el("p", { class: "muted", text: what === "run" ? "Running…" : "Checking…" }));
-        try {
-          if (what === "explain") {
-            out.replaceChildren(...explainView(await api("/v1/queries/explain", { method: "POST", json: { sql: sql.value } })));
-          } else {
-            out.replaceChildren(...answerView(await api("/v1/queries", { method: "POST", json: { sql: sql.value, format: "json" } })));
-          }
-        } catch (e) { out.replaceChildren(); throw e; }
-      }, () => "sql");
+      onSubmit(form, (f, submitter) => (submitter && submitter.value === "explain")
+        ? render(out, "Checking…", async () => explainView(await api("/v1/queries/explain", { method: "POST", json: { sql: sql.value } })))
+        : render(out, "Running…", async () => answerView(await api("/v1/queries", { method: "POST", json: { sql: sql.value, format: "json" } }))),
+      () => "sql");
     },
 
     async policies(view) {
@@ -374,6 +372,54 @@
     view.append(form);
     view.append(...settingsSection(list.datasets, settingsOf(policy, list.datasets)));
     view.append(...populationsSection(list.datasets, pops.populations));
+    // The partners you grant to or receive from, offered (not imposed) where a partner is named.
+    const partners = new Set([...g.granted.map((x) => x.to), ...g.received.map((x) => partnerOf(x.dataset))]);
+    partners.delete("*");
+    partners.delete(session.partner);
+    view.append(el("datalist", { id: "known-partners" }, [...partners].sort().map((p) => el("option", { value: p }))));
+    view.append(...explainSection(), ...previewSection(list.datasets));
+  }
+
+  function explainSection() {
+    /** A question of `kind` ("SQL", "overlap"): its form, and the explanation under it. */
+    const explainer = (kind, heading, controls, path, body, fieldFor) => {
+      const out = el("section", { "aria-live": "polite", "aria-label": "Explanation of the " + kind + " question" });
+      const form = el("form", { class: "inline", "aria-label": "Explain " + (kind === "SQL" ? "a SQL" : "an " + kind) + " question" },
+        [...controls, el("button", { type: "submit", class: "primary", text: "Explain " + kind })]);
+      onSubmit(form, (f) => render(out, "Checking…", async () => explainView(await api(path, { method: "POST", json: body(f) }))), fieldFor);
+      return [el("h3", { text: heading }), form, out];
+    };
+    return [
+      el("h2", { text: "Explain a question" }),
+      el("p", { class: "note", text: "Whether a question would be answered if you asked it, rule by rule: the grant that allows each use or the one missing, " +
+        "the protection that would apply and what it would cost. Nothing is read, run or spent." }),
+      ...explainer("SQL", "A SQL question",
+        [field("SQL question", el("textarea", { name: "sql", rows: "4", cols: "80", spellcheck: "false", required: true }), { class: "wide" })],
+        "/v1/queries/explain", (f) => ({ sql: f.get("sql") }), () => "sql"),
+      ...explainer("overlap", "An overlap question (account mapping)",
+        [field("Partner", input("with", { required: true, list: "known-partners" })), ...OVERLAP_PARTS.map(([k, label]) => field(label, input(k)))],
+        "/v1/overlaps/explain", overlapRequest, (code) => overlapField(code) || "with"),
+    ];
+  }
+
+  function previewSection(datasets) {
+    const out = el("section", { "aria-live": "polite", "aria-label": "What the partner can learn" });
+    const form = el("form", { class: "inline", "aria-label": "Preview a partner" }, [
+      field("Partner", input("partner", { required: true, list: "known-partners" })),
+      field("Dataset", select("dataset", [{ value: "", label: "all of yours" }, ...datasets.map((d) => d.name)])),
+      el("button", { type: "submit", class: "primary", text: "Preview" }),
+    ]);
+    onSubmit(form, (f) => render(out, "Looking…", async () => {
+      const q = new URLSearchParams({ partner: f.get("partner") });
+      if (f.get("dataset")) q.set("dataset", f.get("dataset"));
+      return previewView(await api("/v1/policies/preview?" + q));
+    }), (code, message) => (/dataset/.test(message) ? "dataset" : "partner"));
+    return [
+      el("h2", { text: "What a partner can learn" }),
+      el("p", { class: "note", text: "What another partner can ask of your datasets now: the columns and uses you granted it, " +
+        "the populations whose overlap counts it sees, the protection in force, its budget, and what that budget guarantees." }),
+      form, out,
+    ];
   }
 
   function populationsSection(datasets, populations) {
@@ -590,20 +636,65 @@
   }
 
 
+  /** Why a question would be answered or refused, as `escrow policy explain` prints it. */
   function explainView(x) {
-    const parts = [el("p", { class: x.allowed ? "" : "error", role: x.allowed ? null : "alert",
-      text: x.allowed ? "Allowed: every use is granted." : "Refused (" + x.refusal.rule + "): " + x.refusal.message })];
-    parts.push(table("Uses of each column, and what allows them", [
-      { label: "Dataset", value: (u) => u.dataset },
-      { label: "Column", value: (u) => u.column },
-      { label: "Use", value: (u) => u.usage },
-      { label: "Decision", value: (u) => u.decision },
-      { label: "Rule or missing grant", value: (u) => u.rule || u.missing_grant || "" },
-    ], x.uses || []));
+    const parts = [el("p", { class: x.allowed ? "decision" : "decision error",
+      text: x.allowed ? "Allowed: every use is granted." : "Refused by rule " + x.refusal.rule + ": " + x.refusal.message })];
+    if (x.datasets.length) parts.push(el("p", { text: "Reads: " + x.datasets.join(", ") }));
+    if (x.uses.length) {
+      parts.push(table("Uses of each column or population, and what allows them", [
+        { label: "Of", value: (u) => (u.column ? u.dataset + "." + u.column : u.population ? "population " + u.population + " of " + u.dataset : u.dataset) },
+        { label: "As", value: (u) => u.usage },
+        { label: "Decision", value: (u) => ({ owner: "your own data", granted: "granted", missing: "MISSING GRANT" }[u.decision] || u.decision) },
+        { label: "Granting rule, or how to grant it", value: (u) => el("code", { text: u.rule || u.missing_grant || "" }) },
+      ], x.uses));
+    }
+    const p = x.protection;
+    if (p) parts.push(el("p", { text: "Protection: " + protection(p) + " (settings of " + p.from.join(", ") + ")." }));
     if (x.cost) {
       parts.push(el("p", { class: "note", text: x.cost.repeated ? "Answering now would repeat an earlier answer: free." : "Answering now would spend \u03b5 " + fmt(x.cost.epsilon_spent) + "." }));
+      for (const b of x.cost.budgets) parts.push(budgetGauge(b, "Budget on " + b.dataset + " after it: " + fmt(b.spent) + " of " + fmt(b.budget) + " spent "));
     }
     return parts;
+  }
+
+  function protection(s) {
+    return "rows need at least " + s.min_entities + " companies, \u03b5 " + s.epsilon + " per question, at most " +
+      s.max_groups_per_entity + " group" + (s.max_groups_per_entity === 1 ? "" : "s") + " per company";
+  }
+
+  /** What a partner can ask of your datasets, as `escrow policy preview` prints it. */
+  function previewView(p) {
+    const who = p.partner;
+    if (!p.datasets.length) return [el("p", { class: "muted", text: "You have no datasets." })];
+    return p.datasets.flatMap((d) => {
+      const parts = [
+        el("h3", { text: d.dataset + " (version " + d.version + ")" }),
+        el("p", { text: d.visible ? who + " can name it in queries." : who + " cannot see it." }),
+      ];
+      const uses = d.columns.flatMap((c) => c.usages.map((u) => Object.assign({ column: c.column }, u)));
+      parts.push(uses.length ? table("Columns of " + d.dataset + " " + who + " may use", [
+        { label: "Column", value: (u) => u.column },
+        { label: "As", value: (u) => u.usage },
+        { label: "Granted by", value: (u) => el("code", { text: u.rule }) },
+      ], uses) : el("p", { class: "muted", text: "No column of it is granted to " + who + "." }));
+      parts.push(el("p", { text: d.standalone ? "Standalone: yes (" + d.standalone + ")."
+        : "Standalone: no (only joined to " + who + "'s own datasets)." }));
+      if (d.populations.length) {
+        parts.push(table("Populations of " + d.dataset, [
+          { label: "Population", value: (x) => x.name },
+          { label: "Overlap counts for " + who, value: (x) => (x.visible ? "visible" : "hidden") },
+          { label: "Granted by", value: (x) => (x.rule ? el("code", { text: x.rule }) : "") },
+        ], d.populations));
+      }
+      const bounds = Object.entries(d.settings.bounds).map(([c, [lo, hi]]) => c + " to " + lo + ".." + hi);
+      parts.push(el("p", { text: "Protection: " + protection(d.settings) + "; SUM and AVG clamp " + (bounds.join(", ") || "no column (none may be summed)") + "." }));
+      parts.push(budgetGauge(d.budget, who + " has spent " + fmt(d.budget.spent) + " of its budget of " + fmt(d.budget.budget) +
+        " on your data; one more question may cost up to \u03b5 " + fmt(d.remaining) + " "));
+      parts.push(el("p", { class: "guarantee" }, [el("strong", { text: "What the budget guarantees: " }), d.guarantee + "."]));
+      if (d.notes.length) parts.push(el("ul", {}, d.notes.map((n) => el("li", { text: "Note: " + n }))));
+      return parts;
+    });
   }
 
   /** A query's answer: a table, and a bar chart when it has a label column and a number. */
@@ -647,10 +738,10 @@
     return el("figure", {}, [chart, el("figcaption", { class: "muted", text: valueName + " by " + labelName })]);
   }
 
-  function budgetGauge(b) {
+  function budgetGauge(b, label) {
     const id = "budget" + (++uid);
     return el("p", {}, [
-      el("label", { for: id, text: "Budget on " + b.dataset + ": " + fmt(b.spent) + " of " + fmt(b.budget) + " spent " }),
+      el("label", { for: id, text: label || "Budget on " + b.dataset + ": " + fmt(b.spent) + " of " + fmt(b.budget) + " spent " }),
       el("meter", { id, min: "0", max: String(b.budget), value: String(b.spent), high: String(b.budget * 0.75), optimum: "0" }),
     ]);
   }

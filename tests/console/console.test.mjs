@@ -476,7 +476,7 @@ async function policiesPage(partner, user, viewport) {
   await page.goto(link(partner, user));
   await page.getByText(new RegExp(`^${user} · ${partner} `)).waitFor();
   await page.goto(`${url}/#policies`);
-  await page.getByRole("heading", { name: "Policies" }).waitFor();
+  await page.getByRole("heading", { name: "History" }).waitFor(); // the page's last part: all of it is there
   return [ctx, page];
 }
 
@@ -595,5 +595,92 @@ test("populations: a compliance officer defines one and removes it after confirm
   await pops.getByRole("row", { name: /prospects/ }).waitFor({ state: "detached" });
   assert.doesNotMatch(listed(), /prospects/);
   assert.match(listed(), /accounts\.customers/);
+  await ctx.close();
+});
+
+test("explain a pasted question: SQL and overlap questions, allowed and refused, as the CLI explains them", async () => {
+  const [ctx, page] = await policiesPage("acme", "admin");
+  const sqlForm = page.getByRole("form", { name: "Explain a SQL question" });
+  const sqlOut = page.getByRole("region", { name: "Explanation of the SQL question" });
+  const overlapOut = page.getByRole("region", { name: "Explanation of the overlap question" });
+  /** The decision `out` shows, once it says `text`. */
+  const decision = async (out, text) => {
+    const d = out.locator(".decision").filter({ hasText: text });
+    await d.waitFor();
+    return d.innerText();
+  };
+  const sql = "SELECT status, COUNT(DISTINCT website) AS companies FROM acme.crm GROUP BY status";
+  await sqlForm.getByLabel("SQL question").fill(sql);
+  await sqlForm.getByRole("button", { name: "Explain SQL" }).click();
+  await decision(sqlOut, "Allowed: every use is granted.");
+  assert.match(cli("acme", "admin", "policy", "explain", sql), /^allowed$/m);
+  const uses = sqlOut.getByRole("table", { name: /Uses of each column/ });
+  assert.match(await uses.getByRole("row", { name: /status/ }).innerText(), /^acme\.crm\.status\s+dimension\s+your own data/);
+  assert.match(await sqlOut.getByText(/^Reads: /).innerText(), /^Reads: acme\.crm@v1$/);
+
+  // Refused by the gate, and for want of a grant: the rule and its message, as the CLI says.
+  for (const refused of ["SELECT * FROM acme.crm",
+    "SELECT g.status, COUNT(DISTINCT c.website) AS n FROM acme.crm c JOIN globex.accounts g ON c.website = g.website GROUP BY g.status"]) {
+    await sqlForm.getByLabel("SQL question").fill(refused);
+    await sqlForm.getByRole("button", { name: "Explain SQL" }).click();
+    const said = cli("acme", "admin", "policy", "explain", refused).split("\n")[0];
+    const [, rule, message] = said.match(/^refused by rule (\w+): (.*)$/);
+    assert.equal(await decision(sqlOut, `Refused by rule ${rule}: `), `Refused by rule ${rule}: ${message}`);
+  }
+
+  // An overlap question: refused while globex shares no overlap counts, allowed once it does.
+  const overlap = page.getByRole("form", { name: "Explain an overlap question" });
+  await overlap.getByLabel("Partner").fill("globex");
+  await overlap.getByLabel("Your dataset (optional)").fill("crm");
+  await overlap.getByRole("button", { name: "Explain overlap" }).click();
+  await decision(overlapOut, "Refused by rule usage_not_granted");
+  cli("globex", "admin", "policy", "grant", "accounts", "--to", "acme", "--usage", "overlap");
+  await overlap.getByRole("button", { name: "Explain overlap" }).click();
+  assert.equal(await decision(overlapOut, "Allowed"), "Allowed: every use is granted.");
+  const pops = overlapOut.getByRole("table", { name: /Uses of each column or population/ });
+  assert.match(await pops.getByRole("row", { name: /customers/ }).innerText(),
+    /^population customers of globex\.accounts\s+overlap\s+granted\s+p,acme,globex,accounts,\*,overlap$/);
+  // The strictest settings of both datasets, as the CLI says.
+  const [, k, eps, l, from] = cli("acme", "admin", "policy", "explain", "--with", "globex", "--mine", "crm")
+    .match(/^protection: min_entities=(\d+) epsilon=([\d.]+) max_groups_per_entity=(\d+) \(settings of (.*)\)$/m);
+  assert.equal(await overlapOut.getByText(/^Protection: /).innerText(),
+    `Protection: rows need at least ${k} companies, ε ${eps} per question, at most ${l} group per company (settings of ${from}).`);
+  await axe(page, "policies explain");
+  await shot(page, "policies-explain");
+  await ctx.close();
+});
+
+test("preview what a partner can learn: grants, populations, protection and the guarantee in plain words", async () => {
+  const [ctx, page] = await policiesPage("globex", "cora");
+  const form = page.getByRole("form", { name: "Preview a partner" });
+  // The partners granted to are offered.
+  assert.deepEqual(await page.locator("#known-partners option").evaluateAll((o) => o.map((x) => x.value)), ["acme"]);
+  await form.getByLabel("Partner").fill("nobody");
+  await form.getByRole("button", { name: "Preview" }).click();
+  await page.getByRole("alert").waitFor();
+  assert.match(await errorOf(page, form.getByLabel("Partner")), /no partner named nobody/);
+
+  await form.getByLabel("Partner").fill("acme");
+  await form.getByLabel("Dataset").selectOption("accounts");
+  await form.getByRole("button", { name: "Preview" }).click();
+  await page.getByRole("heading", { name: "globex.accounts (version 1)" }).waitFor();
+  assert.equal(await form.getByLabel("Partner").getAttribute("aria-invalid"), null, "the old refusal is gone");
+  const printed = cli("globex", "cora", "policy", "preview", "--partner", "acme", "--dataset", "accounts");
+  const guarantee = printed.match(/^ {2}guarantee: (.*)$/m)[1];
+  assert.match(guarantee, /right at most 75\.0% of the time/, "budget 1, set in the settings test");
+  const shown = page.locator(".guarantee");
+  assert.equal(await shown.innerText(), `What the budget guarantees: ${guarantee}.`);
+  await page.getByText("acme can name it in queries.").waitFor();
+  const pops = page.getByRole("table", { name: /Populations of globex\.accounts/ });
+  assert.match(await pops.getByRole("row", { name: /customers/ }).innerText(), /^customers\s+visible\s+p,acme,globex,accounts,\*,overlap$/);
+  await page.getByText(/^acme has spent [\d.]+ of its budget of 1 on your data/).waitFor();
+  await axe(page, "policies preview");
+  await shot(page, "policies-preview");
+
+  // A phone's width: every part readable, no sideways scrolling of the page.
+  await page.setViewportSize({ width: 390, height: 844 });
+  const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  assert.ok(overflow <= 0, `policies page wider than the phone by ${overflow}px`);
+  await shot(page, "policies-phone");
   await ctx.close();
 });
