@@ -380,79 +380,6 @@
     view.append(...explainSection(), ...previewSection(list.datasets));
   }
 
-  function explainSection() {
-    /** A question of `kind` ("SQL", "overlap"): its form, and the explanation under it. */
-    const explainer = (kind, heading, controls, path, body, fieldFor) => {
-      const out = el("section", { "aria-live": "polite", "aria-label": "Explanation of the " + kind + " question" });
-      const form = el("form", { class: "inline", "aria-label": "Explain " + (kind === "SQL" ? "a SQL" : "an " + kind) + " question" },
-        [...controls, el("button", { type: "submit", class: "primary", text: "Explain " + kind })]);
-      onSubmit(form, (f) => render(out, "Checking…", async () => explainView(await api(path, { method: "POST", json: body(f) }))), fieldFor);
-      return [el("h3", { text: heading }), form, out];
-    };
-    return [
-      el("h2", { text: "Explain a question" }),
-      el("p", { class: "note", text: "Whether a question would be answered if you asked it, rule by rule: the grant that allows each use or the one missing, " +
-        "the protection that would apply and what it would cost. Nothing is read, run or spent." }),
-      ...explainer("SQL", "A SQL question",
-        [field("SQL question", el("textarea", { name: "sql", rows: "4", cols: "80", spellcheck: "false", required: true }), { class: "wide" })],
-        "/v1/queries/explain", (f) => ({ sql: f.get("sql") }), () => "sql"),
-      ...explainer("overlap", "An overlap question (account mapping)",
-        [field("Partner", input("with", { required: true, list: "known-partners" })), ...OVERLAP_PARTS.map(([k, label]) => field(label, input(k)))],
-        "/v1/overlaps/explain", overlapRequest, (code) => overlapField(code) || "with"),
-    ];
-  }
-
-  function previewSection(datasets) {
-    const out = el("section", { "aria-live": "polite", "aria-label": "What the partner can learn" });
-    const form = el("form", { class: "inline", "aria-label": "Preview a partner" }, [
-      field("Partner", input("partner", { required: true, list: "known-partners" })),
-      field("Dataset", select("dataset", [{ value: "", label: "all of yours" }, ...datasets.map((d) => d.name)])),
-      el("button", { type: "submit", class: "primary", text: "Preview" }),
-    ]);
-    onSubmit(form, (f) => render(out, "Looking…", async () => {
-      const q = new URLSearchParams({ partner: f.get("partner") });
-      if (f.get("dataset")) q.set("dataset", f.get("dataset"));
-      return previewView(await api("/v1/policies/preview?" + q));
-    }), (code, message) => (/dataset/.test(message) ? "dataset" : "partner"));
-    return [
-      el("h2", { text: "What a partner can learn" }),
-      el("p", { class: "note", text: "What another partner can ask of your datasets now: the columns and uses you granted it, " +
-        "the populations whose overlap counts it sees, the protection in force, its budget, and what that budget guarantees." }),
-      form, out,
-    ];
-  }
-
-  function populationsSection(datasets, populations) {
-    const parts = [el("h2", { id: "policy-populations", tabindex: "-1", text: "Populations" }), el("p", { class: "note", text:
-      "Named subsets of your datasets by a condition on their columns (never the key column). Overlap counts are counted between populations, " +
-      "and an overlap grant shares them; a company counts in the first of a dataset's populations it is in (in this order)." })];
-    parts.push(populations.length ? table("Populations of your datasets", [
-      { label: "Dataset", value: (p) => p.dataset },
-      { label: "Order", value: (p) => p.position, num: true },
-      { label: "Name", value: (p) => p.name },
-      { label: "Filter", value: (p) => el("code", { text: p.filter }) },
-      { label: "Actions", value: (p) => el("button", { type: "button", class: "danger", text: "Remove", "aria-label": "Remove population " + p.name + " of " + p.dataset,
-        on: { click: () => confirmDialog("Remove population " + p.name + " of " + p.dataset + "?",
-          "The overlap grants that name it are removed with it: partners no longer see its overlap counts, even if you define it again.",
-          "Remove population", () => api("/v1/populations/removals", { method: "POST", json: { dataset: p.dataset, name: p.name } })) } }) },
-    ], populations) : el("p", { class: "muted", text: "No populations yet." }));
-    if (!datasets.length) return parts;
-    const form = el("form", { class: "inline", "aria-label": "Define a population" }, [
-      field("Dataset", select("dataset", datasets.map((d) => d.name))),
-      field("Name", input("name", { required: true })),
-      field("Filter: a condition on its columns", input("filter", { required: true, spellcheck: "false", placeholder: "status = 'customer'" }), { class: "wide" }),
-      el("button", { type: "submit", class: "primary", text: "Define" }),
-    ]);
-    onSubmit(form, async (f) => {
-      const body = { dataset: f.get("dataset"), name: f.get("name"), filter: f.get("filter") };
-      const r = await api("/v1/populations", { method: "POST", json: body });
-      await shown("policy-populations", (r.changed ? "Defined " : "Already defined: ") + body.name + " of " + body.dataset + ".");
-    }, (code) => ({ invalid_name: "name", conflict: "name", too_many_populations: "dataset", not_found: "dataset",
-      invalid_filter: "filter", population_names_key: "filter", unknown_column: "filter" }[code]));
-    parts.push(el("h3", { text: "Define one" }), form);
-    return parts;
-  }
-
   /** Show the page again, then say what changed under the heading `id`, and move there. */
   async function shown(id, message) {
     await show();
@@ -586,6 +513,79 @@
     }, settingField);
     parts.push(el("h3", { text: "Change them" }), form);
     return parts;
+  }
+
+  function populationsSection(datasets, populations) {
+    const parts = [el("h2", { id: "policy-populations", tabindex: "-1", text: "Populations" }), el("p", { class: "note", text:
+      "Named subsets of your datasets by a condition on their columns (never the key column). Overlap counts are counted between populations, " +
+      "and an overlap grant shares them. With L = 1 (the default) a company counts only in the first of a dataset's populations it is in, in this order." })];
+    parts.push(populations.length ? table("Populations of your datasets", [
+      { label: "Dataset", value: (p) => p.dataset },
+      { label: "Order", value: (p) => p.position, num: true },
+      { label: "Name", value: (p) => p.name },
+      { label: "Filter", value: (p) => el("code", { text: p.filter }) },
+      { label: "Actions", value: (p) => el("button", { type: "button", class: "danger", text: "Remove", "aria-label": "Remove population " + p.name + " of " + p.dataset,
+        on: { click: () => confirmDialog("Remove population " + p.name + " of " + p.dataset + "?",
+          "The overlap grants that name it are removed with it (grants of every population stay): partners no longer see its overlap counts.",
+          "Remove population", () => api("/v1/populations/removals", { method: "POST", json: { dataset: p.dataset, name: p.name } })) } }) },
+    ], populations) : el("p", { class: "muted", text: "No populations yet." }));
+    if (!datasets.length) return parts;
+    const form = el("form", { class: "inline", "aria-label": "Define a population" }, [
+      field("Dataset", select("dataset", datasets.map((d) => d.name))),
+      field("Name", input("name", { required: true })),
+      field("Filter: a condition on its columns", input("filter", { required: true, spellcheck: "false", placeholder: "status = 'customer'" }), { class: "wide" }),
+      el("button", { type: "submit", class: "primary", text: "Define" }),
+    ]);
+    onSubmit(form, async (f) => {
+      const body = { dataset: f.get("dataset"), name: f.get("name"), filter: f.get("filter") };
+      const r = await api("/v1/populations", { method: "POST", json: body });
+      await shown("policy-populations", (r.changed ? "Defined " : "Already defined: ") + body.name + " of " + body.dataset + ".");
+    }, (code) => ({ invalid_name: "name", conflict: "name", too_many_populations: "dataset", not_found: "dataset",
+      invalid_filter: "filter", population_names_key: "filter", unknown_column: "filter" }[code]));
+    parts.push(el("h3", { text: "Define one" }), form);
+    return parts;
+  }
+
+  function explainSection() {
+    /** A question of `kind` ("SQL", "overlap"): its form, and the explanation under it. */
+    const explainer = (kind, heading, controls, path, body, fieldFor) => {
+      const out = el("section", { "aria-live": "polite", "aria-label": "Explanation of the " + kind + " question" });
+      const form = el("form", { class: "inline", "aria-label": "Explain " + (kind === "SQL" ? "a SQL" : "an " + kind) + " question" },
+        [...controls, el("button", { type: "submit", class: "primary", text: "Explain " + kind })]);
+      onSubmit(form, (f) => render(out, "Checking…", async () => explainView(await api(path, { method: "POST", json: body(f) }))), fieldFor);
+      return [el("h3", { text: heading }), form, out];
+    };
+    return [
+      el("h2", { text: "Explain a question" }),
+      el("p", { class: "note", text: "Whether a question would be answered if you asked it, rule by rule: the grant that allows each use or the one missing, " +
+        "the protection that would apply and what it would cost. Nothing is read, run or spent." }),
+      ...explainer("SQL", "A SQL question",
+        [field("SQL question", el("textarea", { name: "sql", rows: "4", cols: "80", spellcheck: "false", required: true }), { class: "wide" })],
+        "/v1/queries/explain", (f) => ({ sql: f.get("sql") }), () => "sql"),
+      ...explainer("overlap", "An overlap question (account mapping)",
+        [field("Partner", input("with", { required: true, list: "known-partners" })), ...OVERLAP_PARTS.map(([k, label]) => field(label, input(k)))],
+        "/v1/overlaps/explain", overlapRequest, (code) => overlapField(code) || "with"),
+    ];
+  }
+
+  function previewSection(datasets) {
+    const out = el("section", { "aria-live": "polite", "aria-label": "What the partner can learn" });
+    const form = el("form", { class: "inline", "aria-label": "Preview a partner" }, [
+      field("Partner", input("partner", { required: true, list: "known-partners" })),
+      field("Dataset", select("dataset", [{ value: "", label: "all of yours" }, ...datasets.map((d) => d.name)])),
+      el("button", { type: "submit", class: "primary", text: "Preview" }),
+    ]);
+    onSubmit(form, (f) => render(out, "Looking…", async () => {
+      const q = new URLSearchParams({ partner: f.get("partner") });
+      if (f.get("dataset")) q.set("dataset", f.get("dataset"));
+      return previewView(await api("/v1/policies/preview?" + q));
+    }), (code, message) => (/dataset/.test(message) ? "dataset" : "partner"));
+    return [
+      el("h2", { text: "What a partner can learn" }),
+      el("p", { class: "note", text: "What another partner can ask of your datasets now: the columns and uses you granted it, " +
+        "the populations whose overlap counts it sees, the protection in force, its budget, and what that budget guarantees." }),
+      form, out,
+    ];
   }
 
   /** The overlap answer: a heatmap of your populations x theirs, protection and budget. */
