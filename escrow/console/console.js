@@ -62,9 +62,9 @@
 
   let uid = 0;
   /** A labelled form field; `control` is an input or select element. */
-  function field(label, control) {
+  function field(label, control, attrs) {
     control.id = control.id || "f" + (++uid);
-    return el("label", { for: control.id }, [label, control]);
+    return el("label", Object.assign({ for: control.id }, attrs), [label, control]);
   }
 
   function input(name, attrs) {
@@ -72,20 +72,28 @@
   }
 
   function select(name, options, attrs) {
-    return el("select", Object.assign({ name }, attrs || {}),
-      options.map((o) => el("option", { value: o.value !== undefined ? o.value : o, text: o.label || o })));
+    return el("select", Object.assign({ name }, attrs || {}), optionsOf(options));
+  }
+
+  function optionsOf(options) {
+    return options.map((o) => el("option", { value: o.value !== undefined ? o.value : o, text: o.label || o }));
+  }
+
+  function clearErrors(form) {
+    for (const old of form.querySelectorAll(".field-error")) old.remove();
+    for (const c of form.querySelectorAll("[aria-invalid]")) { c.removeAttribute("aria-invalid"); c.removeAttribute("aria-describedby"); }
   }
 
   /** Show an API error next to the field it is about (or the form). */
   function showError(form, e, fieldFor) {
-    for (const old of form.querySelectorAll(".field-error")) old.remove();
-    for (const c of form.querySelectorAll("[aria-invalid]")) { c.removeAttribute("aria-invalid"); c.removeAttribute("aria-describedby"); }
+    clearErrors(form);
     // The field an error is about: by its code, or for a rule refused whole
     // (`invalid_rule`), by the part of the rule its message names.
     const byMessage = e.code === "invalid_rule"
       ? ["grantee", "usage", "column", "population", "dataset"].find((w) => (e.message || "").includes(w))
       : null;
-    const name = (fieldFor ? fieldFor(e.code) : null) ||
+    // A refused role is about the whole form, not a field.
+    const name = e.code === "forbidden" ? null : e.field || (fieldFor ? fieldFor(e.code, e.message || "") : null) ||
       ({ grantee: "to", usage: "usage", column: "column", population: "column", dataset: "dataset" }[byMessage]);
     const control = name ? form.elements[name] : null;
     const msg = el("p", { class: "field-error", role: "alert", id: "err" + (++uid), text: e.message });
@@ -98,7 +106,49 @@
     }
   }
 
+  /** Submit `form` to `action(formData)`; a refusal is shown next to its field (`fieldFor`). */
+  function onSubmit(form, action, fieldFor) {
+    form.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      try {
+        await action(new FormData(form), ev.submitter);
+        clearErrors(form);
+      } catch (e) {
+        if (e.status === 401) return signedOut();
+        showError(form, e, fieldFor);
+      }
+    });
+  }
+
+  /** A button that posts `body` to `path` and shows the page again; a refusal is shown by it. */
+  function postButton(text, attrs, path, body) {
+    const b = el("button", Object.assign({ type: "button", text }, attrs, { on: { click: async () => {
+      try { await api(path, { method: "POST", json: body }); await show(); }
+      catch (e) {
+        if (e.status === 401) return signedOut();
+        for (const old of b.parentNode.querySelectorAll(".error")) old.remove();
+        b.after(el("p", { class: "error", role: "alert", text: e.message }));
+      }
+    } } }));
+    return b;
+  }
+
+  /** Render what `work()` returns into `out`, saying `busy` meanwhile; a failure empties `out` and is passed on. */
+  async function render(out, busy, work) {
+    out.replaceChildren(el("p", { class: "muted", text: busy }));
+    try { out.replaceChildren(...await work()); } catch (e) { out.replaceChildren(); throw e; }
+  }
+
   function partnerOf(dataset) { return dataset.split(".")[0]; }
+
+  /** The optional parts of an overlap question, their fields, and the fields their refusals concern. */
+  const OVERLAP_PARTS = [["mine", "Your dataset (optional)"], ["theirs", "Their dataset (optional)"], ["by", "Break down by (optional)"]];
+  const overlapField = (code) => ({ unknown_column: "by", group_by_key: "by", ambiguous_dataset: "theirs" }[code]);
+  function overlapRequest(f) {
+    const body = { with: f.get("with") };
+    for (const [k] of OVERLAP_PARTS) if (f.get(k)) body[k] = f.get(k);
+    return body;
+  }
 
   const pages = {
     async partners(view) {
@@ -140,35 +190,17 @@
       }
       const form = el("form", { class: "inline", "aria-label": "Overlap question" }, [
         field("Partner", select("with", sharing)),
-        field("Your dataset (optional)", input("mine")),
-        field("Their dataset (optional)", input("theirs")),
-        field("Break down by (optional)", input("by")),
+        ...OVERLAP_PARTS.map(([k, label]) => field(label, input(k))),
         el("button", { type: "submit", class: "primary", text: "Show overlap" }),
       ]);
       view.append(form, el("p", { class: "note", text:
         "A new question spends privacy budget with that partner; the same question on the same data versions again is free and gives the same answer. Counts carry noise; cells with too few companies are withheld." }));
       const out = el("div", { id: "mapping-result", "aria-live": "polite" });
       view.append(out);
-      const request = () => {
-        const f = new FormData(form);
-        const body = { with: f.get("with") };
-        for (const k of ["mine", "theirs", "by"]) if (f.get(k)) body[k] = f.get(k);
-        return body;
-      };
-      form.addEventListener("submit", async (ev) => {
-        ev.preventDefault();
-        out.replaceChildren(el("p", { class: "muted", text: "Counting…" }));
-        try {
-          const body = request();
-          const answer = await api("/v1/overlaps", { method: "POST", json: body });
-          out.replaceChildren(...overlapView(answer, body));
-          for (const old of form.querySelectorAll(".field-error")) old.remove();
-        } catch (e) {
-          if (e.status === 401) return signedOut();
-          out.replaceChildren();
-          showError(form, e, (code) => ({ unknown_column: "by", group_by_key: "by", ambiguous_dataset: "theirs" }[code]));
-        }
-      });
+      onSubmit(form, (f) => render(out, "Counting…", async () => {
+        const body = overlapRequest(f);
+        return overlapView(await api("/v1/overlaps", { method: "POST", json: body }), body);
+      }), overlapField);
     },
 
     async datasets(view) {
@@ -209,23 +241,10 @@
       const out = el("div", { "aria-live": "polite" });
       view.append(form, el("p", { class: "note", text:
         "Explain shows every use the question makes and the grant that allows it, and what answering would cost, without reading data or spending anything. A question over another partner's data spends privacy budget; asking it again is free and gives the same answer." }), out);
-      form.addEventListener("submit", async (ev) => {
-        ev.preventDefault();
-        const what = ev.submitter ? ev.submitter.value : "run";
-        out.replaceChildren(el("p", { class: "muted", text: what === "run" ? "Running…" : "Checking…" }));
-        try {
-          if (what === "explain") {
-            out.replaceChildren(...explainView(await api("/v1/queries/explain", { method: "POST", json: { sql: sql.value } })));
-          } else {
-            out.replaceChildren(...answerView(await api("/v1/queries", { method: "POST", json: { sql: sql.value, format: "json" } })));
-          }
-          for (const old of form.querySelectorAll(".field-error")) old.remove();
-        } catch (e) {
-          if (e.status === 401) return signedOut();
-          out.replaceChildren();
-          showError(form, e, () => "sql");
-        }
-      });
+      onSubmit(form, (f, submitter) => (submitter && submitter.value === "explain")
+        ? render(out, "Checking…", async () => explainView(await api("/v1/queries/explain", { method: "POST", json: { sql: sql.value } })))
+        : render(out, "Running…", async () => answerView(await api("/v1/queries", { method: "POST", json: { sql: sql.value, format: "json" } }))),
+      () => "sql");
     },
 
     async policies(view) {
@@ -245,10 +264,7 @@
         { label: "Change", value: (v) => v.change },
         { label: "Diff", value: (v) => el("pre", { class: "diff", text: [...v.removed.map((l) => "- " + l), ...v.added.map((l) => "+ " + l)].join("\n") || "(no lines)" }) },
         { label: "Actions", value: (v) => (mayChange && v.version !== latest)
-          ? el("button", { type: "button", text: "Roll back to " + v.version, on: { click: async () => {
-            try { await api("/v1/policies/rollback", { method: "POST", json: { version: v.version } }); await show(); }
-            catch (e) { view.append(el("p", { class: "error", role: "alert", text: e.message })); }
-          } } })
+          ? postButton("Roll back to " + v.version, {}, "/v1/policies/rollback", { version: v.version })
           : "" },
       ], h.versions.slice().reverse()));
     },
@@ -260,10 +276,7 @@
         { label: "User", value: (u) => u.user },
         { label: "Role", value: (u) => u.role },
         { label: "Actions", value: (u) => u.user === session.user ? "(you)"
-          : el("button", { type: "button", class: "danger", text: "Revoke " + u.user, on: { click: async () => {
-            try { await api("/v1/users/revocations", { method: "POST", json: { name: u.user } }); await show(); }
-            catch (e) { view.append(el("p", { class: "error", role: "alert", text: e.message })); }
-          } } }) },
+          : postButton("Revoke " + u.user, { class: "danger" }, "/v1/users/revocations", { name: u.user }) },
       ], list.users));
       view.append(el("h2", { text: "Add a user" }));
       view.append(el("p", { class: "note", text:
@@ -312,19 +325,18 @@
 
   async function policyEditor(view) {
     view.append(el("h1", { text: "Policies" }));
-    const [g, list] = await Promise.all([api("/v1/policies"), api("/v1/datasets")]);
+    const [g, list, policy, pops] = await Promise.all([api("/v1/policies"), api("/v1/datasets"),
+      api("/v1/policies/export", { raw: true }).then((r) => r.text()), api("/v1/populations")]);
     view.append(g.granted.length ? table("Uses of your datasets you granted", [
       { label: "Dataset", value: (x) => x.dataset },
       { label: "To", value: (x) => x.to },
       { label: "Use", value: (x) => x.usage },
       { label: "Column or population", value: (x) => x.population || x.column },
-      { label: "Actions", value: (x) => el("button", { type: "button", class: "danger", text: "Revoke", "aria-label": "Revoke " + x.usage + " of " + x.dataset + " to " + x.to,
-        on: { click: async () => {
-          const body = { dataset: x.dataset.split(".").slice(1).join("."), to: x.to, usage: x.usage };
-          if (x.usage === "overlap") { if (x.population !== "*") body.population = x.population; } else if (x.column !== "*") body.column = x.column;
-          try { await api("/v1/policies/revocations", { method: "POST", json: body }); await show(); }
-          catch (e) { view.append(el("p", { class: "error", role: "alert", text: e.message })); }
-        } } }) },
+      { label: "Actions", value: (x) => {
+        const body = { dataset: x.dataset.split(".").slice(1).join("."), to: x.to, usage: x.usage };
+        if (x.usage === "overlap") { if (x.population !== "*") body.population = x.population; } else if (x.column !== "*") body.column = x.column;
+        return postButton("Revoke", { class: "danger", "aria-label": "Revoke " + x.usage + " of " + x.dataset + " to " + x.to }, "/v1/policies/revocations", body);
+      } },
     ], g.granted) : el("p", { class: "muted", text: "You granted nothing yet." }));
     view.append(el("h2", { text: "Grant a use" }));
     const usages = ["join", "count", "dimension", "filter", "sum", "avg", "standalone", "overlap"];
@@ -335,20 +347,229 @@
       field("Column (or population for overlap; empty: all)", input("column")),
       el("button", { type: "submit", class: "primary", text: "Grant" }),
     ]);
-    form.addEventListener("submit", async (ev) => {
-      ev.preventDefault();
-      const f = new FormData(form);
+    onSubmit(form, async (f) => {
       const body = { dataset: f.get("dataset"), to: f.get("to"), usage: f.get("usage") };
       if (f.get("column")) body[f.get("usage") === "overlap" ? "population" : "column"] = f.get("column");
-      try {
-        await api("/v1/policies/grants", { method: "POST", json: body });
-        await show();
-      } catch (e) {
-        if (e.status === 401) return signedOut();
-        showError(form, e, (code) => ({ unknown_column: "column", unknown_population: "column", unknown_dataset: "dataset", invalid_name: "to", unknown_partner: "to" }[code]));
-      }
-    });
+      await api("/v1/policies/grants", { method: "POST", json: body });
+      await show();
+    }, (code) => ({ unknown_column: "column", unknown_population: "column", unknown_dataset: "dataset", invalid_name: "to", unknown_partner: "to" }[code]));
     view.append(form);
+    view.append(...settingsSection(list.datasets, settingsOf(policy, list.datasets)));
+    view.append(...populationsSection(list.datasets, pops.populations));
+    // The partners you grant to or receive from, offered (not imposed) where a partner is named.
+    const partners = new Set([...g.granted.map((x) => x.to), ...g.received.map((x) => partnerOf(x.dataset))]);
+    partners.delete("*");
+    partners.delete(session.partner);
+    view.append(el("datalist", { id: "known-partners" }, [...partners].sort().map((p) => el("option", { value: p }))));
+    view.append(...explainSection(), ...previewSection(list.datasets));
+  }
+
+  /** Show the page again, then say what changed under the heading `id`, and move there. */
+  async function shown(id, message) {
+    await show();
+    const h = document.getElementById(id);
+    if (!h) return;
+    h.after(el("p", { role: "status", text: message }));
+    h.focus();
+  }
+
+  /** A refusal made here, before asking the server, shaped as the server's and about `field`. */
+  function refusal(code, field, message) {
+    return Object.assign(new Error(message), { code, field });
+  }
+
+  // Protection settings: their names in the API, labels, and the defaults of a dataset whose
+  // policy sets none (docs/API.md, "Protection settings").
+  const SETTINGS = [
+    ["epsilon", "Epsilon per question"],
+    ["budget", "Budget per partner (epsilon in all)"],
+    ["min_entities", "Fewest companies per row (k)"],
+    ["max_groups_per_entity", "Most groups per company (L)"],
+  ];
+  const WHOLE = ["min_entities", "max_groups_per_entity"];
+  const DEFAULT_SETTINGS = { epsilon: 0.125, budget: 0.4, min_entities: 5, max_groups_per_entity: 1 };
+  const isNumeric = (c) => /^u?(int|float|decimal|double)/i.test(c.type);
+
+  /** Each dataset's settings in force: the policy document's `setting` and `bounds` lines over the defaults. */
+  function settingsOf(policy, datasets) {
+    const all = Object.fromEntries(datasets.map((d) => [d.name, Object.assign({ bounds: {} }, DEFAULT_SETTINGS)]));
+    for (const [kind, , dataset, name, ...v] of csvRecords(policy)) {
+      const s = all[dataset];
+      if (s && kind === "setting") s[name] = Number(v[0]);
+      else if (s && kind === "bounds") s.bounds[name] = v.map(Number);
+    }
+    return all;
+  }
+
+  /** The records of a CSV text (quoted fields may hold commas, quotes, line breaks); `#` lines are comments. */
+  function csvRecords(text) {
+    const records = [];
+    let rec = [], cur = "", quoted = false;
+    for (let i = 0; i <= text.length; i++) {
+      const c = text[i];
+      if (!quoted && c === "#" && !rec.length && !cur) {
+        i = text.indexOf("\n", i);
+        if (i < 0) break;
+      } else if (quoted && c !== undefined) {
+        if (c !== '"') cur += c;
+        else if (text[i + 1] === '"') { cur += c; i++; }
+        else quoted = false;
+      } else if (c === '"') quoted = true;
+      else if (c === ",") { rec.push(cur); cur = ""; }
+      else if (c === "\n" || c === undefined) { rec.push(cur); records.push(rec); rec = []; cur = ""; }
+      else cur += c;
+    }
+    return records;
+  }
+
+  /** A number typed for `field`, or a refusal next to it. */
+  function numberIn(field, name, text, whole) {
+    const n = Number(text);
+    if (!text || !Number.isFinite(n) || (whole && !(Number.isSafeInteger(n) && n >= 0))) {
+      throw refusal("invalid_setting", field, name + " must be " + (whole ? "a whole number" : "a finite number") + ", not " + JSON.stringify(text));
+    }
+    return n;
+  }
+
+  /** The field a refused setting is about, by the name its message starts with. */
+  function settingField(code, message) {
+    if (code !== "invalid_setting") return null;
+    const named = SETTINGS.find(([k]) => message.startsWith(k + " "));
+    if (named) return named[0];
+    return message.startsWith("bounds need") ? "bounds_column" : message.startsWith("bounds") ? "bounds_low" : null;
+  }
+
+  function settingsSection(datasets, settings) {
+    const parts = [el("h2", { id: "policy-settings", tabindex: "-1", text: "Protection settings" })];
+    if (!datasets.length) return [...parts, el("p", { class: "muted", text: "No datasets yet." })];
+    parts.push(el("p", { class: "note", text:
+      "They apply to every question of another partner that reads the dataset: the noise of each answer (epsilon per question), " +
+      "what each partner may spend on your data in all (epsilons add up in squares), the fewest companies a released row needs, " +
+      "how many groups one company may count in, and the range a numeric column is clamped to (without bounds, partners may not SUM or AVG it)." }));
+    const bounds = (name) => {
+      const set = Object.entries(settings[name].bounds);
+      return set.length ? el("ul", { class: "plain" }, set.map(([col, [lo, hi]]) => el("li", {}, [
+        col + ": " + lo + " to " + hi + " ",
+        postButton("Remove", { "aria-label": "Remove the bounds of " + col + " of " + name }, "/v1/policies/settings", { dataset: name, bounds: { [col]: null } }),
+      ]))) : "none";
+    };
+    parts.push(table("Protection of your datasets now", [
+      { label: "Dataset", value: (d) => d.name },
+      ...SETTINGS.map(([k, label]) => ({ label, value: (d) => settings[d.name][k], num: true })),
+      { label: "Bounds (for SUM and AVG)", value: (d) => bounds(d.name) },
+    ], datasets));
+
+    const dataset = select("dataset", datasets.map((d) => d.name));
+    const column = select("bounds_column", []);
+    const form = el("form", { class: "inline", "aria-label": "Change protection settings" }, [
+      field("Dataset", dataset),
+      ...SETTINGS.map(([k, label]) => field(label, input(k, { inputmode: WHOLE.includes(k) ? "numeric" : "decimal", size: "8" }))),
+      field("Bounds of column", column),
+      field("Lowest value", input("bounds_low", { inputmode: "decimal", size: "10" })),
+      field("Highest value", input("bounds_high", { inputmode: "decimal", size: "10" })),
+      el("button", { type: "submit", class: "primary", text: "Save settings" }),
+    ]);
+    const fillBounds = () => {
+      const b = settings[dataset.value].bounds[column.value] || ["", ""];
+      form.elements.bounds_low.value = b[0];
+      form.elements.bounds_high.value = b[1];
+    };
+    const fill = () => {
+      for (const [k] of SETTINGS) form.elements[k].value = settings[dataset.value][k];
+      const numeric = datasets.find((d) => d.name === dataset.value).columns.filter(isNumeric).map((c) => c.name);
+      column.replaceChildren(...optionsOf([{ value: "", label: numeric.length ? "(none)" : "(no numeric column)" }, ...numeric]));
+      fillBounds();
+    };
+    dataset.addEventListener("change", fill);
+    column.addEventListener("change", fillBounds);
+    fill();
+    onSubmit(form, async (f) => {
+      const body = { dataset: f.get("dataset") };
+      for (const [k] of SETTINGS) {
+        const v = f.get(k).trim();
+        if (v) body[k] = numberIn(k, k, v, WHOLE.includes(k));
+      }
+      const [col, lo, hi] = ["bounds_column", "bounds_low", "bounds_high"].map((k) => f.get(k).trim());
+      if (!col && (lo || hi)) throw refusal("invalid_setting", "bounds_column", "bounds need a numeric column: choose which");
+      if (col) body.bounds = { [col]: [numberIn("bounds_low", "the lowest value", lo), numberIn("bounds_high", "the highest value", hi)] };
+      await api("/v1/policies/settings", { method: "POST", json: body });
+      await shown("policy-settings", "Saved the protection of " + body.dataset + ".");
+    }, settingField);
+    parts.push(el("h3", { text: "Change them" }), form);
+    return parts;
+  }
+
+  function populationsSection(datasets, populations) {
+    const parts = [el("h2", { id: "policy-populations", tabindex: "-1", text: "Populations" }), el("p", { class: "note", text:
+      "Named subsets of your datasets by a condition on their columns (never the key column). Overlap counts are counted between populations, " +
+      "and an overlap grant shares them. With L = 1 (the default) a company counts only in the first of a dataset's populations it is in, in this order." })];
+    parts.push(populations.length ? table("Populations of your datasets", [
+      { label: "Dataset", value: (p) => p.dataset },
+      { label: "Order", value: (p) => p.position, num: true },
+      { label: "Name", value: (p) => p.name },
+      { label: "Filter", value: (p) => el("code", { text: p.filter }) },
+      { label: "Actions", value: (p) => el("button", { type: "button", class: "danger", text: "Remove", "aria-label": "Remove population " + p.name + " of " + p.dataset,
+        on: { click: () => confirmDialog("Remove population " + p.name + " of " + p.dataset + "?",
+          "The overlap grants that name it are removed with it (grants of every population stay): partners no longer see its overlap counts.",
+          "Remove population", () => api("/v1/populations/removals", { method: "POST", json: { dataset: p.dataset, name: p.name } })) } }) },
+    ], populations) : el("p", { class: "muted", text: "No populations yet." }));
+    if (!datasets.length) return parts;
+    const form = el("form", { class: "inline", "aria-label": "Define a population" }, [
+      field("Dataset", select("dataset", datasets.map((d) => d.name))),
+      field("Name", input("name", { required: true })),
+      field("Filter: a condition on its columns", input("filter", { required: true, spellcheck: "false", placeholder: "status = 'customer'" }), { class: "wide" }),
+      el("button", { type: "submit", class: "primary", text: "Define" }),
+    ]);
+    onSubmit(form, async (f) => {
+      const body = { dataset: f.get("dataset"), name: f.get("name"), filter: f.get("filter") };
+      const r = await api("/v1/populations", { method: "POST", json: body });
+      await shown("policy-populations", (r.changed ? "Defined " : "Already defined: ") + body.name + " of " + body.dataset + ".");
+    }, (code) => ({ invalid_name: "name", conflict: "name", too_many_populations: "dataset", not_found: "dataset",
+      invalid_filter: "filter", population_names_key: "filter", unknown_column: "filter" }[code]));
+    parts.push(el("h3", { text: "Define one" }), form);
+    return parts;
+  }
+
+  function explainSection() {
+    /** A question of `kind` ("SQL", "overlap"): its form, and the explanation under it. */
+    const explainer = (kind, heading, controls, path, body, fieldFor) => {
+      const out = el("section", { "aria-live": "polite", "aria-label": "Explanation of the " + kind + " question" });
+      const form = el("form", { class: "inline", "aria-label": "Explain " + (kind === "SQL" ? "a SQL" : "an " + kind) + " question" },
+        [...controls, el("button", { type: "submit", class: "primary", text: "Explain " + kind })]);
+      onSubmit(form, (f) => render(out, "Checking…", async () => explainView(await api(path, { method: "POST", json: body(f) }))), fieldFor);
+      return [el("h3", { text: heading }), form, out];
+    };
+    return [
+      el("h2", { text: "Explain a question" }),
+      el("p", { class: "note", text: "Whether a question would be answered if you asked it, rule by rule: the grant that allows each use or the one missing, " +
+        "the protection that would apply and what it would cost. Nothing is read, run or spent." }),
+      ...explainer("SQL", "A SQL question",
+        [field("SQL question", el("textarea", { name: "sql", rows: "4", cols: "80", spellcheck: "false", required: true }), { class: "wide" })],
+        "/v1/queries/explain", (f) => ({ sql: f.get("sql") }), () => "sql"),
+      ...explainer("overlap", "An overlap question (account mapping)",
+        [field("Partner", input("with", { required: true, list: "known-partners" })), ...OVERLAP_PARTS.map(([k, label]) => field(label, input(k)))],
+        "/v1/overlaps/explain", overlapRequest, (code) => overlapField(code) || "with"),
+    ];
+  }
+
+  function previewSection(datasets) {
+    const out = el("section", { "aria-live": "polite", "aria-label": "What the partner can learn" });
+    const form = el("form", { class: "inline", "aria-label": "Preview a partner" }, [
+      field("Partner", input("partner", { required: true, list: "known-partners" })),
+      field("Dataset", select("dataset", [{ value: "", label: "all of yours" }, ...datasets.map((d) => d.name)])),
+      el("button", { type: "submit", class: "primary", text: "Preview" }),
+    ]);
+    onSubmit(form, (f) => render(out, "Looking…", async () => {
+      const q = new URLSearchParams({ partner: f.get("partner") });
+      if (f.get("dataset")) q.set("dataset", f.get("dataset"));
+      return previewView(await api("/v1/policies/preview?" + q));
+    }), (code, message) => (/dataset/.test(message) ? "dataset" : "partner"));
+    return [
+      el("h2", { text: "What a partner can learn" }),
+      el("p", { class: "note", text: "What another partner can ask of your datasets now: the columns and uses you granted it, " +
+        "the populations whose overlap counts it sees, the protection in force, its budget, and what that budget guarantees." }),
+      form, out,
+    ];
   }
 
   /** The overlap answer: a heatmap of your populations x theirs, protection and budget. */
@@ -399,20 +620,65 @@
   }
 
 
+  /** Why a question would be answered or refused, as `escrow policy explain` prints it. */
   function explainView(x) {
-    const parts = [el("p", { class: x.allowed ? "" : "error", role: x.allowed ? null : "alert",
-      text: x.allowed ? "Allowed: every use is granted." : "Refused (" + x.refusal.rule + "): " + x.refusal.message })];
-    parts.push(table("Uses of each column, and what allows them", [
-      { label: "Dataset", value: (u) => u.dataset },
-      { label: "Column", value: (u) => u.column },
-      { label: "Use", value: (u) => u.usage },
-      { label: "Decision", value: (u) => u.decision },
-      { label: "Rule or missing grant", value: (u) => u.rule || u.missing_grant || "" },
-    ], x.uses || []));
+    const parts = [el("p", { class: x.allowed ? "decision" : "decision error",
+      text: x.allowed ? "Allowed: every use is granted." : "Refused by rule " + x.refusal.rule + ": " + x.refusal.message })];
+    if (x.datasets.length) parts.push(el("p", { text: "Reads: " + x.datasets.join(", ") }));
+    if (x.uses.length) {
+      parts.push(table("Uses of each column or population, and what allows them", [
+        { label: "Of", value: (u) => (u.column ? u.dataset + "." + u.column : u.population ? "population " + u.population + " of " + u.dataset : u.dataset) },
+        { label: "As", value: (u) => u.usage },
+        { label: "Decision", value: (u) => ({ owner: "your own data", granted: "granted", missing: "MISSING GRANT" }[u.decision] || u.decision) },
+        { label: "Granting rule, or how to grant it", value: (u) => el("code", { text: u.rule || u.missing_grant || "" }) },
+      ], x.uses));
+    }
+    const p = x.protection;
+    if (p) parts.push(el("p", { text: "Protection: " + protection(p) + " (settings of " + p.from.join(", ") + ")." }));
     if (x.cost) {
       parts.push(el("p", { class: "note", text: x.cost.repeated ? "Answering now would repeat an earlier answer: free." : "Answering now would spend \u03b5 " + fmt(x.cost.epsilon_spent) + "." }));
+      for (const b of x.cost.budgets) parts.push(budgetGauge(b, "Budget on " + b.dataset + " after it: " + fmt(b.spent) + " of " + fmt(b.budget) + " spent "));
     }
     return parts;
+  }
+
+  function protection(s) {
+    return "rows need at least " + s.min_entities + " companies, \u03b5 " + s.epsilon + " per question, at most " +
+      s.max_groups_per_entity + " group" + (s.max_groups_per_entity === 1 ? "" : "s") + " per company";
+  }
+
+  /** What a partner can ask of your datasets, as `escrow policy preview` prints it. */
+  function previewView(p) {
+    const who = p.partner;
+    if (!p.datasets.length) return [el("p", { class: "muted", text: "You have no datasets." })];
+    return p.datasets.flatMap((d) => {
+      const parts = [
+        el("h3", { text: d.dataset + " (version " + d.version + ")" }),
+        el("p", { text: d.visible ? who + " can name it in queries." : who + " cannot see it." }),
+      ];
+      const uses = d.columns.flatMap((c) => c.usages.map((u) => Object.assign({ column: c.column }, u)));
+      parts.push(uses.length ? table("Columns of " + d.dataset + " " + who + " may use", [
+        { label: "Column", value: (u) => u.column },
+        { label: "As", value: (u) => u.usage },
+        { label: "Granted by", value: (u) => el("code", { text: u.rule }) },
+      ], uses) : el("p", { class: "muted", text: "No column of it is granted to " + who + "." }));
+      parts.push(el("p", { text: d.standalone ? "Standalone: yes (" + d.standalone + ")."
+        : "Standalone: no (only joined to " + who + "'s own datasets)." }));
+      if (d.populations.length) {
+        parts.push(table("Populations of " + d.dataset, [
+          { label: "Population", value: (x) => x.name },
+          { label: "Overlap counts for " + who, value: (x) => (x.visible ? "visible" : "hidden") },
+          { label: "Granted by", value: (x) => (x.rule ? el("code", { text: x.rule }) : "") },
+        ], d.populations));
+      }
+      const bounds = Object.entries(d.settings.bounds).map(([c, [lo, hi]]) => c + " to " + lo + ".." + hi);
+      parts.push(el("p", { text: "Protection: " + protection(d.settings) + "; SUM and AVG clamp " + (bounds.join(", ") || "no column (none may be summed)") + "." }));
+      parts.push(budgetGauge(d.budget, who + " has spent " + fmt(d.budget.spent) + " of its budget of " + fmt(d.budget.budget) +
+        " on your data; one more question may cost up to \u03b5 " + fmt(d.remaining) + " "));
+      parts.push(el("p", { class: "guarantee" }, [el("strong", { text: "What the budget guarantees: " }), d.guarantee + "."]));
+      if (d.notes.length) parts.push(el("ul", {}, d.notes.map((n) => el("li", { text: "Note: " + n }))));
+      return parts;
+    });
   }
 
   /** A query's answer: a table, and a bar chart when it has a label column and a number. */
@@ -508,10 +774,10 @@
     return el("figure", {}, [chart, legend, el("figcaption", { class: "muted", text: "Rows per version, by how their companies matched" })]);
   }
 
-  function budgetGauge(b) {
+  function budgetGauge(b, label) {
     const id = "budget" + (++uid);
     return el("p", {}, [
-      el("label", { for: id, text: "Budget on " + b.dataset + ": " + fmt(b.spent) + " of " + fmt(b.budget) + " spent " }),
+      el("label", { for: id, text: label || "Budget on " + b.dataset + ": " + fmt(b.spent) + " of " + fmt(b.budget) + " spent " }),
       el("meter", { id, min: "0", max: String(b.budget), value: String(b.spent), high: String(b.budget * 0.75), optimum: "0" }),
     ]);
   }
@@ -587,14 +853,22 @@
   }
 
   function confirmDelete(name) {
-    const dialog = el("dialog", { "aria-labelledby": "del-title" }, [
-      el("h2", { id: "del-title", text: "Delete " + name + "?" }),
-      el("p", { text: "Every version of " + name + " is crypto-shredded: its keys are destroyed and nobody, you included, can read it again. This cannot be undone." }),
-    ]);
+    confirmDialog("Delete " + name + "?",
+      "Every version of " + name + " is crypto-shredded: its keys are destroyed and nobody, you included, can read it again. This cannot be undone.",
+      "Delete for good", () => api("/v1/datasets/" + encodeURIComponent(name), { method: "DELETE" }));
+  }
+
+  /** A modal confirmation; `action` runs on confirm, then the page is shown again. A refusal stays in the dialog. */
+  function confirmDialog(title, text, label, action) {
+    const id = "dlg" + (++uid);
+    const dialog = el("dialog", { "aria-labelledby": id }, [el("h2", { id, text: title }), el("p", { text })]);
     const cancel = el("button", { type: "button", text: "Cancel", on: { click: () => dialog.close() } });
-    const confirm = el("button", { type: "button", class: "danger", text: "Delete for good", on: { click: async () => {
-      try { await api("/v1/datasets/" + encodeURIComponent(name), { method: "DELETE" }); dialog.close(); await show(); }
-      catch (e) { dialog.append(el("p", { class: "error", role: "alert", text: e.message })); }
+    const confirm = el("button", { type: "button", class: "danger", text: label, on: { click: async () => {
+      try { await action(); dialog.close(); await show(); }
+      catch (e) {
+        if (e.status === 401) { dialog.close(); return signedOut(); }
+        dialog.append(el("p", { class: "error", role: "alert", text: e.message }));
+      }
     } } });
     dialog.append(el("p", {}, [cancel, " ", confirm]));
     dialog.addEventListener("close", () => dialog.remove());

@@ -511,3 +511,221 @@ test("users: an admin adds and revokes a user of its partner; others may not", a
   assert.match(await other.getByRole("alert").innerText(), /may not user\.manage/);
   await analyst.close();
 });
+
+// ---- Policies page: protection settings, populations, explain, preview (issue 19) ----------
+
+/** The policies page of `partner`'s `user`, signed in, in a fresh profile. */
+async function policiesPage(partner, user, viewport) {
+  const ctx = await fresh(viewport);
+  const page = await ctx.newPage();
+  await page.goto(link(partner, user));
+  await page.getByText(new RegExp(`^${user} · ${partner} `)).waitFor();
+  await page.goto(`${url}/#policies`);
+  await page.getByRole("heading", { name: "History" }).waitFor(); // the page's last part: all of it is there
+  return [ctx, page];
+}
+
+/** The error message a control's aria-describedby points to (it must be marked invalid). */
+async function errorOf(page, control) {
+  assert.equal(await control.getAttribute("aria-invalid"), "true", "the reason sits with its field");
+  const msg = page.locator(`#${await control.getAttribute("aria-describedby")}`);
+  assert.equal(await msg.getAttribute("role"), "alert");
+  return msg.innerText();
+}
+
+test("protection settings: a compliance officer changes them; a refused change says why by its field and changes nothing", async () => {
+  // globex's deals, with a numeric column to bound.
+  const file = join(tmp, "deals.csv");
+  let rows = "website,stage,arr_usd\n";
+  for (let i = 0; i < 40; i++) rows += `https://www.zyqxd${i}.example,${i % 2 ? "won" : "open"},${i * 1000}\n`;
+  writeFileSync(file, rows);
+  cli("globex", "admin", "upload", file, "--dataset", "deals", "--key-column", "website");
+  const protection = (d) => cli("globex", "admin", "policy", "preview", "--partner", "acme", "--dataset", d)
+    .split("\n").find((l) => l.includes("protection:"));
+
+  const [ctx, page] = await policiesPage("globex", "cora");
+  const now = page.getByRole("table", { name: "Protection of your datasets now" });
+  const row = (d) => now.getByRole("row", { name: new RegExp(`^${d} `) });
+  assert.match(await row("accounts").innerText(), /^accounts\s+0\.125\s+0\.4\s+5\s+1\s+none$/, "the defaults");
+  const form = page.getByRole("form", { name: "Change protection settings" });
+  await form.getByLabel("Dataset").selectOption("accounts");
+  assert.equal(await form.getByLabel("Epsilon per question").inputValue(), "0.125", "the form starts from the settings in force");
+  await form.getByLabel("Epsilon per question").fill("0.25");
+  await form.getByLabel(/^Budget/).fill("1");
+  await form.getByRole("button", { name: "Save settings" }).click();
+  await page.getByRole("status").filter({ hasText: "Saved the protection of accounts." }).waitFor();
+  assert.match(await row("accounts").innerText(), /^accounts\s+0\.25\s+1\s+5\s+1\s+none$/);
+  assert.match(protection("accounts"), /min_entities=5 epsilon=0\.25 max_groups_per_entity=1; budget 1\.0 /);
+
+  // Refused whole: the budget typed with it does not apply either.
+  await form.getByLabel("Dataset").selectOption("accounts");
+  await form.getByLabel(/^Budget/).fill("2");
+  await form.getByLabel("Epsilon per question").fill("0.0005");
+  await form.getByRole("button", { name: "Save settings" }).click();
+  await page.getByRole("alert").waitFor();
+  assert.match(await errorOf(page, form.getByLabel("Epsilon per question")), /epsilon must be a multiple of 0\.001/);
+  assert.equal(await form.getByLabel(/^Budget/).getAttribute("aria-invalid"), null);
+  assert.match(protection("accounts"), /epsilon=0\.25 max_groups_per_entity=1; budget 1\.0 /, "nothing changed");
+  assert.match(await row("accounts").innerText(), /^accounts\s+0\.25\s+1\s+5\s+1\s+none$/);
+
+  // Bounds: only numeric columns are offered; low >= high is refused by the lowest value.
+  await form.getByLabel("Dataset").selectOption("deals");
+  assert.deepEqual(await form.getByLabel("Bounds of column").locator("option").allInnerTexts(), ["(none)", "arr_usd"]);
+  await form.getByLabel("Bounds of column").selectOption("arr_usd");
+  await form.getByLabel("Lowest value").fill("5");
+  await form.getByLabel("Highest value").fill("1");
+  await form.getByRole("button", { name: "Save settings" }).click();
+  await page.getByRole("alert").filter({ hasText: /low < high/ }).waitFor();
+  assert.match(await errorOf(page, form.getByLabel("Lowest value")), /bounds of arr_usd must have low < high/);
+  assert.doesNotMatch(cli("globex", "admin", "policy", "export"), /^bounds,/m);
+  await form.getByLabel("Lowest value").fill("0");
+  await form.getByLabel("Highest value").fill("1000000");
+  await form.getByRole("button", { name: "Save settings" }).click();
+  await page.getByRole("status").filter({ hasText: "Saved the protection of deals." }).waitFor();
+  assert.match(await row("deals").innerText(), /arr_usd: 0 to 1000000/);
+  assert.match(cli("globex", "admin", "policy", "export"), /^bounds,globex,deals,arr_usd,0,1000000$/m);
+  assert.equal(await form.getByLabel("Dataset").inputValue(), "accounts");
+  await axe(page, "policies settings");
+  await shot(page, "policies-settings");
+  await now.getByRole("button", { name: "Remove the bounds of arr_usd of deals" }).click();
+  await row("deals").getByText("none").waitFor();
+  assert.doesNotMatch(cli("globex", "admin", "policy", "export"), /^bounds,/m);
+  await ctx.close();
+});
+
+test("an analyst may not change protection settings: the server refuses and the page says so", async () => {
+  const [ctx, page] = await policiesPage("acme", "ann");
+  const form = page.getByRole("form", { name: "Change protection settings" });
+  await form.getByLabel("Dataset").selectOption("accounts");
+  await form.getByLabel("Epsilon per question").fill("0.5");
+  await form.getByRole("button", { name: "Save settings" }).click();
+  const alert = form.getByRole("alert");
+  await alert.waitFor();
+  assert.match(await alert.innerText(), /role analyst of acme may not policy\.change/);
+  assert.match(cli("acme", "admin", "policy", "preview", "--partner", "globex", "--dataset", "accounts"), /epsilon=0\.125 /);
+  await ctx.close();
+});
+
+test("populations: a compliance officer defines one and removes it after confirming", async () => {
+  const listed = () => cli("globex", "cora", "population", "list");
+  const [ctx, page] = await policiesPage("globex", "cora");
+  const form = page.getByRole("form", { name: "Define a population" });
+  await form.getByLabel("Dataset").selectOption("accounts");
+  await form.getByLabel("Name").fill("prospects");
+  // A population may not single companies out by their key.
+  await form.getByLabel(/^Filter/).fill("website = 'https://www.zyqxm1.example'");
+  await form.getByRole("button", { name: "Define" }).click();
+  await page.getByRole("alert").waitFor();
+  assert.match(await errorOf(page, form.getByLabel(/^Filter/)), /website identifies companies/);
+  assert.doesNotMatch(listed(), /prospects/);
+  await form.getByLabel(/^Filter/).fill("status = 'prospect'");
+  await form.getByRole("button", { name: "Define" }).click();
+  await page.getByRole("status").filter({ hasText: "Defined prospects of accounts." }).waitFor();
+  const pops = page.getByRole("table", { name: "Populations of your datasets" });
+  assert.match(await pops.getByRole("row", { name: /prospects/ }).innerText(), /^accounts\s+3\s+prospects\s+status = 'prospect'/);
+  assert.match(listed(), /^accounts\.prospects {2}where status = 'prospect'$/m);
+
+  // Removing asks first; Cancel keeps it.
+  await pops.getByRole("button", { name: "Remove population prospects of accounts" }).click();
+  const dialog = page.getByRole("dialog", { name: "Remove population prospects of accounts?" });
+  await dialog.waitFor();
+  assert.equal(await page.evaluate(() => document.activeElement.textContent), "Cancel", "focus starts on the safe choice");
+  await axe(page, "population removal dialog");
+  await shot(page, "policies-population-remove");
+  await page.keyboard.press("Enter");
+  await dialog.waitFor({ state: "detached" });
+  assert.match(listed(), /prospects/);
+  await pops.getByRole("button", { name: "Remove population prospects of accounts" }).click();
+  await dialog.getByRole("button", { name: "Remove population" }).click();
+  await pops.getByRole("row", { name: /prospects/ }).waitFor({ state: "detached" });
+  assert.doesNotMatch(listed(), /prospects/);
+  assert.match(listed(), /accounts\.customers/);
+  await ctx.close();
+});
+
+test("explain a pasted question: SQL and overlap questions, allowed and refused, as the CLI explains them", async () => {
+  const [ctx, page] = await policiesPage("acme", "admin");
+  const sqlForm = page.getByRole("form", { name: "Explain a SQL question" });
+  const sqlOut = page.getByRole("region", { name: "Explanation of the SQL question" });
+  const overlapOut = page.getByRole("region", { name: "Explanation of the overlap question" });
+  /** The decision `out` shows, once it says `text`. */
+  const decision = async (out, text) => {
+    const d = out.locator(".decision").filter({ hasText: text });
+    await d.waitFor();
+    return d.innerText();
+  };
+  const sql = "SELECT status, COUNT(DISTINCT website) AS companies FROM acme.crm GROUP BY status";
+  await sqlForm.getByLabel("SQL question").fill(sql);
+  await sqlForm.getByRole("button", { name: "Explain SQL" }).click();
+  await decision(sqlOut, "Allowed: every use is granted.");
+  assert.match(cli("acme", "admin", "policy", "explain", sql), /^allowed$/m);
+  const uses = sqlOut.getByRole("table", { name: /Uses of each column/ });
+  assert.match(await uses.getByRole("row", { name: /status/ }).innerText(), /^acme\.crm\.status\s+dimension\s+your own data/);
+  assert.match(await sqlOut.getByText(/^Reads: /).innerText(), /^Reads: acme\.crm@v1$/);
+
+  // Refused by the gate, and for want of a grant: the rule and its message, as the CLI says.
+  for (const refused of ["SELECT * FROM acme.crm",
+    "SELECT g.status, COUNT(DISTINCT c.website) AS n FROM acme.crm c JOIN globex.accounts g ON c.website = g.website GROUP BY g.status"]) {
+    await sqlForm.getByLabel("SQL question").fill(refused);
+    await sqlForm.getByRole("button", { name: "Explain SQL" }).click();
+    const said = cli("acme", "admin", "policy", "explain", refused).split("\n")[0];
+    const [, rule, message] = said.match(/^refused by rule (\w+): (.*)$/);
+    assert.equal(await decision(sqlOut, `Refused by rule ${rule}: `), `Refused by rule ${rule}: ${message}`);
+  }
+
+  // An overlap question: refused while globex shares no overlap counts, allowed once it does.
+  const overlap = page.getByRole("form", { name: "Explain an overlap question" });
+  await overlap.getByLabel("Partner").fill("globex");
+  await overlap.getByLabel("Your dataset (optional)").fill("crm");
+  await overlap.getByRole("button", { name: "Explain overlap" }).click();
+  await decision(overlapOut, "Refused by rule usage_not_granted");
+  cli("globex", "admin", "policy", "grant", "accounts", "--to", "acme", "--usage", "overlap");
+  await overlap.getByRole("button", { name: "Explain overlap" }).click();
+  assert.equal(await decision(overlapOut, "Allowed"), "Allowed: every use is granted.");
+  const pops = overlapOut.getByRole("table", { name: /Uses of each column or population/ });
+  assert.match(await pops.getByRole("row", { name: /customers/ }).innerText(),
+    /^population customers of globex\.accounts\s+overlap\s+granted\s+p,acme,globex,accounts,\*,overlap$/);
+  // The strictest settings of both datasets, as the CLI says.
+  const [, k, eps, l, from] = cli("acme", "admin", "policy", "explain", "--with", "globex", "--mine", "crm")
+    .match(/^protection: min_entities=(\d+) epsilon=([\d.]+) max_groups_per_entity=(\d+) \(settings of (.*)\)$/m);
+  assert.equal(await overlapOut.getByText(/^Protection: /).innerText(),
+    `Protection: rows need at least ${k} companies, ε ${eps} per question, at most ${l} group per company (settings of ${from}).`);
+  await axe(page, "policies explain");
+  await shot(page, "policies-explain");
+  await ctx.close();
+});
+
+test("preview what a partner can learn: grants, populations, protection and the guarantee in plain words", async () => {
+  const [ctx, page] = await policiesPage("globex", "cora");
+  const form = page.getByRole("form", { name: "Preview a partner" });
+  // The partners granted to are offered.
+  assert.deepEqual(await page.locator("#known-partners option").evaluateAll((o) => o.map((x) => x.value)), ["acme"]);
+  await form.getByLabel("Partner").fill("nobody");
+  await form.getByRole("button", { name: "Preview" }).click();
+  await page.getByRole("alert").waitFor();
+  assert.match(await errorOf(page, form.getByLabel("Partner")), /no partner named nobody/);
+
+  await form.getByLabel("Partner").fill("acme");
+  await form.getByLabel("Dataset").selectOption("accounts");
+  await form.getByRole("button", { name: "Preview" }).click();
+  await page.getByRole("heading", { name: "globex.accounts (version 1)" }).waitFor();
+  assert.equal(await form.getByLabel("Partner").getAttribute("aria-invalid"), null, "the old refusal is gone");
+  const printed = cli("globex", "cora", "policy", "preview", "--partner", "acme", "--dataset", "accounts");
+  const guarantee = printed.match(/^ {2}guarantee: (.*)$/m)[1];
+  assert.match(guarantee, /right at most 75\.0% of the time/, "budget 1, set in the settings test");
+  const shown = page.locator(".guarantee");
+  assert.equal(await shown.innerText(), `What the budget guarantees: ${guarantee}.`);
+  await page.getByText("acme can name it in queries.").waitFor();
+  const pops = page.getByRole("table", { name: /Populations of globex\.accounts/ });
+  assert.match(await pops.getByRole("row", { name: /customers/ }).innerText(), /^customers\s+visible\s+p,acme,globex,accounts,\*,overlap$/);
+  await page.getByText(/^acme has spent [\d.]+ of its budget of 1 on your data/).waitFor();
+  await axe(page, "policies preview");
+  await shot(page, "policies-preview");
+
+  // A phone's width: every part readable, no sideways scrolling of the page.
+  await page.setViewportSize({ width: 390, height: 844 });
+  const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  assert.ok(overflow <= 0, `policies page wider than the phone by ${overflow}px`);
+  await shot(page, "policies-phone");
+  await ctx.close();
+});
