@@ -281,7 +281,7 @@
       view.append(el("h2", { text: "Add a user" }));
       view.append(el("p", { class: "note", text:
         "A new user gets a certificate and its private key, so users are added with your certificate, not from the browser (a browser session must not become a lasting identity):" }));
-      view.append(el("pre", { text: "escrow user add " + list.partner + " NAME --role analyst|uploader|compliance|admin --identity YOUR_BUNDLE --server " + window.location.origin }));
+      view.append(el("pre", { tabindex: "0", "aria-label": "Command to add a user", text: "escrow user add " + list.partner + " NAME --role analyst|uploader|compliance|admin --identity YOUR_BUNDLE --server " + window.location.origin }));
     },
 
     async audit(view) {

@@ -233,19 +233,20 @@ async fn confirm_login(State(state): State<Arc<AppState>>, Path(token): Path<Str
 /// `Origin` on a form post, so one from another site is refused; a program sending neither
 /// is not a browser that another site could drive.
 fn same_origin(headers: &HeaderMap, uri: &axum::http::Uri) -> bool {
-    let site_ok = headers
-        .get("sec-fetch-site")
-        .is_none_or(|v| matches!(v.as_bytes(), b"same-origin" | b"none"));
+    // Browsers send `Sec-Fetch-Site`; it says who initiated the request whatever the page's
+    // referrer policy (under `no-referrer` a form post's `Origin` is the opaque "null").
+    if let Some(site) = headers.get("sec-fetch-site") {
+        return matches!(site.as_bytes(), b"same-origin" | b"none");
+    }
     // HTTP/1 names the host in `Host`, HTTP/2 in the `:authority` of the URI.
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .or_else(|| uri.authority().map(|a| a.as_str()));
-    let origin_ok = match headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) {
+    match headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) {
         None => true,
         Some(o) => host.is_some_and(|h| o == format!("https://{h}")),
-    };
-    site_ok && origin_ok
+    }
 }
 
 /// Sign in with a link (the POST of the page above): the session cookie, then on to the
