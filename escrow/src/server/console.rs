@@ -257,7 +257,6 @@ async fn login(
     uri: axum::http::Uri,
     headers: HeaderMap,
 ) -> Response {
-    let refused = link_refused;
     if !same_origin(&headers, &uri) {
         return ApiError(Error::Forbidden(
             "a sign-in is posted by escrow's own sign-in page, not from another site".into(),
@@ -266,7 +265,7 @@ async fn login(
     }
     let redeemed = match state.sessions.redeem(&token) {
         Ok(Some(r)) => r,
-        Ok(None) => return refused(StatusCode::FORBIDDEN),
+        Ok(None) => return link_refused(StatusCode::FORBIDDEN),
         Err(e) => return ApiError(e).into_response(),
     };
     let (identity, session) = redeemed;
@@ -279,7 +278,7 @@ async fn login(
     let Some(id) = active.filter(|i| i.partner == identity.partner && i.user == identity.user)
     else {
         state.sessions.end(&session);
-        return refused(StatusCode::FORBIDDEN);
+        return link_refused(StatusCode::FORBIDDEN);
     };
     let mut actor = Actor::user(&id.partner, &id.user, &id.role);
     actor.via = Some("console".into());

@@ -2,7 +2,8 @@
 //!
 //! A person with an identity bundle mints a login link over mutual TLS (`escrow console`):
 //! a single-use token, valid for [`LINK_TTL`], bound to that identity (its certificate's
-//! serial). Opening it gives the browser a session: a random token in an HttpOnly, Secure,
+//! serial). Opening it shows whose it is; signing in on that page (a same-origin POST, see
+//! `console.rs`) gives the browser a session: a random token in an HttpOnly, Secure,
 //! SameSite=Strict cookie, ended by logout, by [`IDLE`] without a request, after
 //! [`ABSOLUTE`] in any case, and by the identity's revocation (every request checks the
 //! identity, as for a certificate). A state-changing request must also carry the session's

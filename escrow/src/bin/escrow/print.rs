@@ -42,6 +42,11 @@ fn rows_text(n: usize) -> String {
     format!("({n} row{})", if n == 1 { "" } else { "s" })
 }
 
+/// A number as the API's JSON writes it (`1.0`, not `1`): what the CLI has always printed.
+fn num(x: f64) -> String {
+    serde_json::Value::from(x).to_string()
+}
+
 /// A JSON value of an answer's cell or an audit detail as text (`-` for null).
 fn text(v: &serde_json::Value) -> String {
     match v {
@@ -169,7 +174,11 @@ pub fn settings(out: &wire::SettingsNow) {
     let bounds = serde_json::to_string(&s.bounds).unwrap_or_default();
     println!(
         "{}: min_entities={} epsilon={} budget={} max_groups_per_entity={} bounds={bounds}",
-        out.dataset, s.min_entities, s.epsilon, s.budget, s.max_groups_per_entity
+        out.dataset,
+        s.min_entities,
+        num(s.epsilon),
+        num(s.budget),
+        s.max_groups_per_entity
     );
 }
 
@@ -227,7 +236,7 @@ pub fn explanation(e: &wire::Explanation) {
         println!(
             "protection: min_entities={} epsilon={} max_groups_per_entity={} (settings of {})",
             p.min_entities,
-            p.epsilon,
+            num(p.epsilon),
             p.max_groups_per_entity,
             p.from.join(", ")
         );
@@ -238,11 +247,13 @@ pub fn explanation(e: &wire::Explanation) {
         } else {
             ""
         };
-        println!("cost: epsilon {}{repeat}", c.epsilon_spent);
+        println!("cost: epsilon {}{repeat}", num(c.epsilon_spent));
         for b in &c.budgets {
             println!(
                 "  budget of {}: {} of {} spent after it",
-                b.dataset, b.spent, b.budget
+                b.dataset,
+                num(b.spent),
+                num(b.budget)
             );
         }
     }
@@ -280,11 +291,11 @@ pub fn preview(p: &wire::Preview) {
         println!(
             "  protection: min_entities={} epsilon={} max_groups_per_entity={}; budget {} spent {} remaining {}",
             st.min_entities,
-            st.epsilon,
+            num(st.epsilon),
             st.max_groups_per_entity,
-            st.budget,
-            d.budget.spent,
-            d.remaining
+            num(st.budget),
+            num(d.budget.spent),
+            num(d.remaining)
         );
         println!("  guarantee: {}", d.guarantee);
         for n in &d.notes {
@@ -356,15 +367,23 @@ fn protection(p: Option<&wire::Protection>, cost: &wire::Charge, withheld: &str)
     };
     println!(
         "protected: rows need >= {} entities (release threshold {:.1}), noise with epsilon {}{sensitivity} (sd {:.1} per count); {withheld}",
-        p.min_entities, p.release_threshold, p.epsilon, p.noise_sd
+        p.min_entities,
+        p.release_threshold,
+        num(p.epsilon),
+        p.noise_sd
     );
     if cost.repeated {
         println!("same question on the same data as before: same answer, no budget spent");
     } else {
-        println!("budget spent: {}", cost.epsilon_spent);
+        println!("budget spent: {}", num(cost.epsilon_spent));
     }
     for b in &cost.budgets {
-        println!("  {}: {} of {} spent", b.dataset, b.spent, b.budget);
+        println!(
+            "  {}: {} of {} spent",
+            b.dataset,
+            num(b.spent),
+            num(b.budget)
+        );
     }
 }
 
