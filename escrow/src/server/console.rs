@@ -154,12 +154,8 @@ pub(super) async fn mint_link(
     Extension(conn): Extension<super::ConnInfo>,
     caller: Caller,
 ) -> Result<Json<ConsoleLink>, ApiError> {
-    if caller.via != Via::Certificate {
-        return Err(Error::Forbidden(
-            "a login link is minted with a client certificate (`escrow console`)".into(),
-        )
-        .into());
-    }
+    caller
+        .certificate_only("a login link is minted with a client certificate (`escrow console`)")?;
     let serial = conn
         .subject
         .map(|s| s.serial)

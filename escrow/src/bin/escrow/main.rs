@@ -774,10 +774,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 client,
             }) => {
                 let out = identity(&client)?.versions(&name).await?;
-                match format {
-                    OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&out)?),
-                    OutputFormat::Table => print::versions(&out),
-                }
+                show(format, &out, print::versions)?
             }
             Some(DatasetsCommand::Delete { name, client }) => {
                 let out = identity(&client)?.delete(&name).await?;
@@ -788,10 +785,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             None => {
                 let out = identity(&client)?.datasets().await?;
-                match format {
-                    OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&out)?),
-                    OutputFormat::Table => print::datasets(&out),
-                }
+                show(format, &out, print::datasets)?
             }
         },
         Command::Policy { command } => match command {
@@ -852,10 +846,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             PolicyCommand::List { format, client } => {
                 let out = identity(&client)?.policies().await?;
-                match format {
-                    OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&out)?),
-                    OutputFormat::Table => print::grants(&out),
-                }
+                show(format, &out, print::grants)?
             }
             PolicyCommand::Explain {
                 sql,
@@ -880,10 +871,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                         ));
                     }
                 };
-                match format {
-                    OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&out)?),
-                    OutputFormat::Table => print::explanation(&out),
-                }
+                show(format, &out, print::explanation)?
             }
             PolicyCommand::Preview {
                 partner,
@@ -898,19 +886,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 let out: wire::Preview = identity(&client)?
                     .get("v1/policies/preview", &q, "preview")
                     .await?;
-                match format {
-                    OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&out)?),
-                    OutputFormat::Table => print::preview(&out),
-                }
+                show(format, &out, print::preview)?
             }
             PolicyCommand::History { format, client } => {
                 let out: wire::PolicyHistory = identity(&client)?
                     .get("v1/policies/versions", &[], "policy history")
                     .await?;
-                match format {
-                    OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&out)?),
-                    OutputFormat::Table => print::history(&out),
-                }
+                show(format, &out, print::history)?
             }
             PolicyCommand::Diff { from, to, client } => {
                 let (from_s, to_s) = (from.to_string(), to.map(|t| t.to_string()));
@@ -999,10 +981,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             PopulationCommand::List { format, client } => {
                 let out = identity(&client)?.populations().await?;
-                match format {
-                    OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&out)?),
-                    OutputFormat::Table => print::populations(&out),
-                }
+                show(format, &out, print::populations)?
             }
             PopulationCommand::Remove {
                 dataset,
@@ -1239,10 +1218,7 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
                     out.records
                 }
             };
-            match format {
-                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&records)?),
-                OutputFormat::Table => print::audit(&records),
-            }
+            show(format, records.as_slice(), print::audit)?
         }
         AuditCommand::Export {
             output,
@@ -1370,6 +1346,19 @@ impl OverlapArgs {
             by: self.by.clone(),
         }
     }
+}
+
+/// Print an answer as JSON (the API's own shape) or as text by `table`.
+fn show<T: serde::Serialize + ?Sized>(
+    format: OutputFormat,
+    out: &T,
+    table: fn(&T),
+) -> anyhow::Result<()> {
+    match format {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(out)?),
+        OutputFormat::Table => table(out),
+    }
+    Ok(())
 }
 
 /// Ask for an overlap-shaped answer and print it in `format`.

@@ -260,6 +260,15 @@ impl Caller {
         actor
     }
 
+    /// Refused (403, `why`) unless the caller holds its certificate: what would let a console
+    /// session outlive itself (minting sign-in links, receiving a new identity's key).
+    pub(crate) fn certificate_only(&self, why: &str) -> Result<(), ApiError> {
+        if self.via == Via::Certificate {
+            return Ok(());
+        }
+        Err(Error::Forbidden(why.to_string()).into())
+    }
+
     /// The caller, if its role may take `action` (casbin role policy); refusals are audited.
     pub(crate) async fn may(&self, state: &AppState, action: Action) -> Result<Actor, ApiError> {
         let actor = self.actor();

@@ -46,13 +46,9 @@ pub(crate) async fn add_user(
     let actor = caller.may(&state, Action::UserManage).await?;
     // The answer holds a new identity's private key: a console session must not turn itself
     // into a lasting certificate, so only a certificate holder adds users.
-    if caller.via == wire::Via::Console {
-        return Err(Error::Forbidden(
-            "adding a user hands out a private key: run `escrow user add` with your certificate"
-                .into(),
-        )
-        .into());
-    }
+    caller.certificate_only(
+        "adding a user hands out a private key: run `escrow user add` with your certificate",
+    )?;
     let req: UserRequest = json_body(&body)?;
     own_partner(&caller, &req)?;
     let role = req
