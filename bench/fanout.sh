@@ -52,11 +52,7 @@ echo "== $RUNS questions per target, $COPIES extra rows of the target in each ow
 for i in $(seq "$RUNS"); do
   for side in m n; do
     sql="SELECT SUM(y.v) FROM globex.${side}1 x JOIN acme.accounts a ON x.website = a.website JOIN globex.${side}2 y ON y.website = a.website WHERE x.v IN (1, $((i + 1)))"
-    start=$EPOCHREALTIME
-    if "$BIN" query "$sql" --identity "$G" > /dev/null 2> "$WORK/err"; then outcome=answered; else
-      outcome="refused:$(grep -o 'rule [a-z_]*\|(query_[a-z_]*)\|([a-z_]*)' "$WORK/err" | head -1 | tr ' ' '_')"; fi
-    end=$EPOCHREALTIME
-    printf '%s\t%s\t%s\n' "$side" "$(awk "BEGIN { print $end - $start }")" "$outcome" >> "$OUT/fanout.tsv"
+    timed "$side" "$sql" "$G" "$OUT/fanout.tsv"
   done
 done
 

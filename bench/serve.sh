@@ -1,4 +1,4 @@
-# Shared by the privacy bench scripts (sourced): BIN, and start_escrow.
+# Shared by the privacy bench scripts (sourced): BIN, start_escrow and timed.
 #   BIN: $ESCROW_BIN if set (e.g. target/debug/escrow), else a release build.
 #   start_escrow NAME [SERVE FLAGS...]: a fresh data directory with partners acme and globex,
 #   `escrow serve` on a free loopback port (output in $OUT/NAME-serve.{out,log}), stopped and
@@ -28,4 +28,16 @@ start_escrow() {
   export ESCROW_SERVER
   A="$DATA/identities/acme/admin"
   G="$DATA/identities/globex/admin"
+}
+
+# timed LABEL SQL IDENTITY TSV: ask one query as IDENTITY, timed at the client (what an
+# attacker sees); appends "LABEL<TAB>seconds<TAB>outcome" to TSV (answered, or refused: and
+# the rule or error code).
+timed() {
+  local start end outcome
+  start=$EPOCHREALTIME
+  if "$BIN" query "$2" --identity "$3" > /dev/null 2> "$WORK/err"; then outcome=answered; else
+    outcome="refused:$(grep -o 'rule [a-z_]*\|(query_[a-z_]*)\|([a-z_]*)' "$WORK/err" | head -1 | tr ' ' '_')"; fi
+  end=$EPOCHREALTIME
+  printf '%s\t%s\t%s\n' "$1" "$(awk "BEGIN { print $end - $start }")" "$outcome" >> "$4"
 }

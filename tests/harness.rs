@@ -225,6 +225,20 @@ impl Env {
         self.upload(server, partner, &f, dataset, &["--key-column", "website"])
     }
 
+    /// A raw POST of `body` to `path` as `partner`'s admin: the status and the exact body,
+    /// which the CLI does not show.
+    pub fn raw_post(
+        &self,
+        server: &Server,
+        partner: &str,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> (u16, String) {
+        let url = format!("{}/{path}", server.url);
+        let (status, _, text) = raw(&self.bundle(partner), |http| http.post(url).json(body));
+        (status, text)
+    }
+
     /// Datasets of `partner` as JSON.
     pub fn datasets(&self, server: &Server, partner: &str) -> serde_json::Value {
         let r = self
@@ -538,4 +552,30 @@ fn stat_cpu(path: &str) -> Option<(String, f64)> {
             .expect("CLK_TCK")
     });
     Some((stat[open + 1..close].to_string(), ticks / hz))
+}
+
+/// A raw request as the identity `bundle`, made by `build` from a client: the status, the
+/// `Retry-After` header and the body, which the CLI does not show.
+pub fn raw(
+    bundle: &Path,
+    build: impl FnOnce(&reqwest::Client) -> reqwest::RequestBuilder,
+) -> (u16, Option<String>, String) {
+    let config = escrow::server::tls::client_config(bundle).expect("tls config");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    rt.block_on(async {
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(config)
+            .build()
+            .expect("client");
+        let resp = build(&http).send().await.expect("send");
+        let status = resp.status().as_u16();
+        let retry = resp
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().expect("ascii").to_string());
+        (status, retry, resp.text().await.expect("body"))
+    })
 }

@@ -78,32 +78,8 @@ fn raw_put(
     dataset: &str,
     body: Vec<u8>,
 ) -> (u16, Option<String>, String) {
-    let config = escrow::server::tls::client_config(bundle).expect("tls config");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("rt");
-    rt.block_on(async {
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(config)
-            .build()
-            .expect("client");
-        let resp = http
-            .put(format!(
-                "{}/v1/datasets/{dataset}?key_column=website",
-                server.url
-            ))
-            .body(body)
-            .send()
-            .await
-            .expect("send");
-        let status = resp.status().as_u16();
-        let retry = resp
-            .headers()
-            .get("retry-after")
-            .map(|v| v.to_str().expect("ascii").to_string());
-        (status, retry, resp.text().await.expect("body"))
-    })
+    let url = format!("{}/v1/datasets/{dataset}?key_column=website", server.url);
+    crate::harness::raw(bundle, |http| http.put(url).body(body))
 }
 
 #[test]

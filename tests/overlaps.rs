@@ -165,6 +165,14 @@ fn overlap_matrix_matches_the_truth_and_both_partners_see_the_same_counts() {
     assert_eq!(again["epsilon_spent"], 0.0);
     assert_eq!(cells(&again), mine);
 
+    // The history: one release (asked twice on the same versions), the counts as answered.
+    let h = history(&env, &server, "acme", "globex");
+    let released = h["released"].as_array().expect("released");
+    assert_eq!(released.len(), 1, "{h}");
+    assert_eq!(released[0]["mine"], "acme.accounts@v1");
+    assert_eq!(released[0]["theirs"], "globex.accounts@v1");
+    assert_eq!(history_cells(&released[0]), answered_cells(&mine));
+
     // Granting one population shows only that one; its cells keep their numbers.
     env.cli(
         &server,
@@ -211,6 +219,85 @@ fn overlap_matrix_matches_the_truth_and_both_partners_see_the_same_counts() {
     let lines: Vec<&str> = csv.stdout.lines().collect();
     assert_eq!(lines[0], "mine,theirs,count,suppressed");
     assert_eq!(lines.len(), 10);
+
+    // A new version of acme's list: asked again, a second release over the new version.
+    let flags = ["--key-column", "website", "--name-column", "company_name"];
+    env.upload(&server, "acme", &dir.join("acme.arrow"), "accounts", &flags)
+        .ok();
+    let fresh = overlap(&env, &server, "acme", "globex", &[]);
+    assert_eq!(fresh["repeated"], false);
+    let h = history(&env, &server, "acme", "globex");
+    let released = h["released"].as_array().expect("released");
+    assert_eq!(released.len(), 2, "{h}");
+    assert_eq!(released[1]["mine"], "acme.accounts@v2");
+    assert_eq!(history_cells(&released[1]), answered_cells(&cells(&fresh)));
+    // A breakdown is not part of the history; the table form lists every cell.
+    let table = env
+        .cli(&server, "acme", &words("report history --with globex"))
+        .ok();
+    assert!(
+        table.stdout.contains("acme.accounts@v2"),
+        "{}",
+        table.stdout
+    );
+    assert!(table.stdout.contains("(18 rows)"), "{}", table.stdout);
+    // Only one's own releases: globex asked on v1 only; a partner never asked and an unknown
+    // one answer alike (nothing).
+    let g = history(&env, &server, "globex", "acme");
+    let theirs = g["released"].as_array().expect("released");
+    assert!(!theirs.is_empty(), "{g}");
+    assert!(
+        theirs.iter().all(|r| r["theirs"] == "acme.accounts@v1"),
+        "{g}"
+    );
+    for other in ["initech", "nosuch"] {
+        let h = history(&env, &server, "acme", other);
+        assert_eq!(h["released"], json!([]), "{other}: {h}");
+    }
+    // Crypto-shredding a list takes the releases computed from it, both partners'.
+    env.cli(&server, "acme", &["datasets", "delete", "accounts"])
+        .ok();
+    for (who, with) in [("acme", "globex"), ("globex", "acme")] {
+        let h = history(&env, &server, who, with);
+        assert_eq!(h["released"], json!([]), "{who}: {h}");
+    }
+}
+
+/// `escrow report history --with WITH --format json` as `who`.
+fn history(env: &Env, server: &Server, who: &str, with: &str) -> Value {
+    let out = env
+        .cli(
+            server,
+            who,
+            &["report", "history", "--with", with, "--format", "json"],
+        )
+        .ok();
+    serde_json::from_str(&out.stdout).expect("history json")
+}
+
+/// (mine, theirs, count) of a released overlap in the history, sorted.
+fn history_cells(r: &Value) -> Vec<(String, String, Option<u64>)> {
+    let mut out: Vec<_> = (r["cells"].as_array().expect("cells").iter())
+        .map(|c| {
+            (
+                c["mine"].as_str().expect("mine").to_string(),
+                c["theirs"].as_str().expect("theirs").to_string(),
+                c["count"].as_u64(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn answered_cells(
+    cells: &[(String, String, Option<u64>, bool)],
+) -> Vec<(String, String, Option<u64>)> {
+    let mut out: Vec<_> = (cells.iter())
+        .map(|(m, t, c, _)| (m.clone(), t.clone(), *c))
+        .collect();
+    out.sort();
+    out
 }
 
 #[test]
@@ -391,30 +478,6 @@ fn with_column(csv: &str, name: &str, value: impl Fn(usize) -> String) -> String
         out.push_str(&format!("{l},{}\n", value(i)));
     }
     out
-}
-
-/// A raw POST of `body` to `path` as `partner`'s admin: the status and the exact body, which
-/// the CLI does not show.
-fn raw_post(env: &Env, server: &Server, partner: &str, path: &str, body: &Value) -> (u16, String) {
-    let config = escrow::server::tls::client_config(&env.bundle(partner)).expect("tls config");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("rt");
-    rt.block_on(async {
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(config)
-            .build()
-            .expect("client");
-        let resp = http
-            .post(format!("{}/{path}", server.url))
-            .json(body)
-            .send()
-            .await
-            .expect("send");
-        let status = resp.status().as_u16();
-        (status, resp.text().await.expect("body"))
-    })
 }
 
 /// Names of acme's and initech's that globex was never granted: no answer, refusal or
@@ -614,7 +677,7 @@ fn overlaps_answer_unknown_names_as_they_answer_names_not_shared() {
     let same = |path: &str, requests: &[(&str, Value)]| {
         let mut first: Option<(String, u16, String)> = None;
         for (name, body) in requests {
-            let (status, text) = raw_post(&env, &server, "globex", path, body);
+            let (status, text) = env.raw_post(&server, "globex", path, body);
             for secret in NOT_SHARED.iter().filter(|s| !name.contains(*s)) {
                 assert!(
                     !text.contains(secret),

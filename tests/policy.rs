@@ -185,6 +185,47 @@ fn every_change_is_a_version_and_rollback_restores_the_exact_decisions() {
         &server,
         &words("policy set accounts --epsilon 0.25 --min-entities 7"),
     ); // v4
+    // The settings in force, as JSON: what was set, defaults for the rest.
+    let settings = json_of(
+        env.cli(&server, "acme", &words("policy settings --format json"))
+            .ok(),
+    );
+    assert_eq!(
+        settings,
+        serde_json::json!({"datasets": [{"dataset": "accounts", "settings": {
+            "min_entities": 7, "epsilon": 0.25, "budget": 0.4,
+            "max_groups_per_entity": 1, "bounds": {}}}]}),
+    );
+    // A refused setting names its field, for a form to show the reason beside it; nothing
+    // changes (no version).
+    for (body, field) in [
+        (
+            serde_json::json!({"dataset": "accounts", "epsilon": 0}),
+            "epsilon",
+        ),
+        (
+            serde_json::json!({"dataset": "accounts", "min_entities": 1}),
+            "min_entities",
+        ),
+        (
+            serde_json::json!({"dataset": "accounts", "bounds": {"region": [0, 1]}}),
+            "bounds.region",
+        ),
+    ] {
+        let (status, text) = env.raw_post(&server, "acme", "v1/policies/settings", &body);
+        let e: serde_json::Value = serde_json::from_str(&text).expect("json error");
+        assert_eq!(status, 400, "{text}");
+        assert_eq!(e["error"]["code"], "invalid_setting", "{text}");
+        assert_eq!(e["error"]["field"], field, "{text}");
+    }
+    let table = env.cli(&server, "acme", &words("policy settings")).ok();
+    assert!(
+        table
+            .stdout
+            .contains("accounts: min_entities=7 epsilon=0.25 budget=0.4"),
+        "{}",
+        table.stdout
+    );
     acme(
         &env,
         &server,

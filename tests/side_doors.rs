@@ -683,6 +683,44 @@ fn the_memory_limit_does_not_depend_on_who_matches_whom() {
     assert!(answered > 0, "refused at every size: nothing was compared");
 }
 
+/// Shared memory: a question reserves the most it could hold after admission (another
+/// partner's tables at their stored rows), and one partner's questions hold at most half of
+/// the pool, so that none of them makes another partner's question wait (found by review:
+/// a few questions each reserving the whole pool stalled every other partner's). A
+/// question that alone needs more than that share is refused before admission, from the
+/// stored sizes and never from which companies match: the same outcome with acme's list
+/// overlapping globex's or not; a small question is answered.
+#[test]
+fn a_question_over_one_partners_share_of_memory_is_refused_alike_in_both_worlds() {
+    let mine = retail(5_000).replace("website,industry", "website,stage");
+    let outcomes: Vec<(String, String)> = [true, false]
+        .into_iter()
+        .map(|overlap| {
+            let acme = if overlap {
+                retail(20_000)
+            } else {
+                retail(20_000).replace("co", "other")
+            };
+            let (env, server) = lists_joined(&["--admitted-memory-mb", "2"], &acme, &mine);
+            let large = outcome(&env, &server, JOIN);
+            env.upload_csv(&server, "acme", "accounts", &retail(50))
+                .ok();
+            (large, outcome(&env, &server, JOIN))
+        })
+        .collect();
+    assert_eq!(
+        outcomes[0], outcomes[1],
+        "the shared memory tells whether the lists overlap"
+    );
+    let (large, small) = &outcomes[0];
+    assert!(
+        large.contains("query_memory_limit")
+            && large.contains("one partner's share of the server's shared memory (1 MiB"),
+        "{large}"
+    );
+    assert!(small.starts_with("answered"), "{small}");
+}
+
 /// Memory, the other partner's filtered rows: globex holds one company, co7, with a wide
 /// text `pad` it groups by; acme's list holds co7 as its one `retail` company, or no
 /// `retail` company at all. Before, the admission took acme's rows after globex's filter

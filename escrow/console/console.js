@@ -10,6 +10,7 @@
     const e = new Error(body && body.error ? body.error.message : "request failed (" + r.status + ")");
     e.status = r.status;
     e.code = body && body.error ? body.error.code : null;
+    e.field = body && body.error ? body.error.field : undefined;
     return e;
   }
 
@@ -93,7 +94,8 @@
       ? ["grantee", "usage", "column", "population", "dataset"].find((w) => (e.message || "").includes(w))
       : null;
     // A refused role is about the whole form, not a field.
-    const name = e.code === "forbidden" ? null : e.field || (fieldFor ? fieldFor(e.code, e.message || "") : null) ||
+    const own = e.field && form.elements[e.field] ? e.field : null;
+    const name = e.code === "forbidden" ? null : own || (fieldFor ? fieldFor(e.code, e.message || "", e.field) : null) ||
       ({ grantee: "to", usage: "usage", column: "column", population: "column", dataset: "dataset" }[byMessage]);
     const control = name ? form.elements[name] : null;
     const msg = el("p", { class: "field-error", role: "alert", id: "err" + (++uid), text: e.message });
@@ -196,11 +198,18 @@
       view.append(form, el("p", { class: "note", text:
         "A new question spends privacy budget with that partner; the same question on the same data versions again is free and gives the same answer. Counts carry noise; cells with too few companies are withheld." }));
       const out = el("div", { id: "mapping-result", "aria-live": "polite" });
-      view.append(out);
+      const history = el("section", { id: "mapping-history", "aria-live": "polite" });
+      view.append(out, history);
+      const showHistory = () => render(history, "Loading the history…", async () =>
+        historyView(await api("/v1/overlaps/history?with=" + encodeURIComponent(form.elements.with.value))));
+      form.elements.with.addEventListener("change", showHistory);
       onSubmit(form, (f) => render(out, "Counting…", async () => {
         const body = overlapRequest(f);
-        return overlapView(await api("/v1/overlaps", { method: "POST", json: body }), body);
+        const view = overlapView(await api("/v1/overlaps", { method: "POST", json: body }), body);
+        showHistory().catch(() => {});
+        return view;
       }), overlapField);
+      await showHistory();
     },
 
     async datasets(view) {
@@ -325,8 +334,8 @@
 
   async function policyEditor(view) {
     view.append(el("h1", { text: "Policies" }));
-    const [g, list, policy, pops] = await Promise.all([api("/v1/policies"), api("/v1/datasets"),
-      api("/v1/policies/export", { raw: true }).then((r) => r.text()), api("/v1/populations")]);
+    const [g, list, settings, pops] = await Promise.all([api("/v1/policies"), api("/v1/datasets"),
+      api("/v1/policies/settings"), api("/v1/populations")]);
     view.append(g.granted.length ? table("Uses of your datasets you granted", [
       { label: "Dataset", value: (x) => x.dataset },
       { label: "To", value: (x) => x.to },
@@ -354,7 +363,7 @@
       await show();
     }, (code) => ({ unknown_column: "column", unknown_population: "column", unknown_dataset: "dataset", invalid_name: "to", unknown_partner: "to" }[code]));
     view.append(form);
-    view.append(...settingsSection(list.datasets, settingsOf(policy, list.datasets)));
+    view.append(...settingsSection(list.datasets, Object.fromEntries(settings.datasets.map((d) => [d.dataset, d.settings]))));
     view.append(...populationsSection(list.datasets, pops.populations));
     // The partners you grant to or receive from, offered (not imposed) where a partner is named.
     const partners = new Set([...g.granted.map((x) => x.to), ...g.received.map((x) => partnerOf(x.dataset))]);
@@ -378,8 +387,8 @@
     return Object.assign(new Error(message), { code, field });
   }
 
-  // Protection settings: their names in the API, labels, and the defaults of a dataset whose
-  // policy sets none (docs/API.md, "Protection settings").
+  // Protection settings: their names in the API and their labels (docs/API.md, "Protection
+  // settings").
   const SETTINGS = [
     ["epsilon", "Epsilon per question"],
     ["budget", "Budget per partner (epsilon in all)"],
@@ -387,40 +396,7 @@
     ["max_groups_per_entity", "Most groups per company (L)"],
   ];
   const WHOLE = ["min_entities", "max_groups_per_entity"];
-  const DEFAULT_SETTINGS = { epsilon: 0.125, budget: 0.4, min_entities: 5, max_groups_per_entity: 1 };
   const isNumeric = (c) => /^u?(int|float|decimal|double)/i.test(c.type);
-
-  /** Each dataset's settings in force: the policy document's `setting` and `bounds` lines over the defaults. */
-  function settingsOf(policy, datasets) {
-    const all = Object.fromEntries(datasets.map((d) => [d.name, Object.assign({ bounds: {} }, DEFAULT_SETTINGS)]));
-    for (const [kind, , dataset, name, ...v] of csvRecords(policy)) {
-      const s = all[dataset];
-      if (s && kind === "setting") s[name] = Number(v[0]);
-      else if (s && kind === "bounds") s.bounds[name] = v.map(Number);
-    }
-    return all;
-  }
-
-  /** The records of a CSV text (quoted fields may hold commas, quotes, line breaks); `#` lines are comments. */
-  function csvRecords(text) {
-    const records = [];
-    let rec = [], cur = "", quoted = false;
-    for (let i = 0; i <= text.length; i++) {
-      const c = text[i];
-      if (!quoted && c === "#" && !rec.length && !cur) {
-        i = text.indexOf("\n", i);
-        if (i < 0) break;
-      } else if (quoted && c !== undefined) {
-        if (c !== '"') cur += c;
-        else if (text[i + 1] === '"') { cur += c; i++; }
-        else quoted = false;
-      } else if (c === '"') quoted = true;
-      else if (c === ",") { rec.push(cur); cur = ""; }
-      else if (c === "\n" || c === undefined) { rec.push(cur); records.push(rec); rec = []; cur = ""; }
-      else cur += c;
-    }
-    return records;
-  }
 
   /** A number typed for `field`, or a refusal next to it. */
   function numberIn(field, name, text, whole) {
@@ -431,12 +407,10 @@
     return n;
   }
 
-  /** The field a refused setting is about, by the name its message starts with. */
-  function settingField(code, message) {
-    if (code !== "invalid_setting") return null;
-    const named = SETTINGS.find(([k]) => message.startsWith(k + " "));
-    if (named) return named[0];
-    return message.startsWith("bounds need") ? "bounds_column" : message.startsWith("bounds") ? "bounds_low" : null;
+  /** The form field a refused setting is about: the API names it (`field`), a column's bounds as `bounds.COLUMN`. */
+  function settingField(code, message, apiField) {
+    if (code !== "invalid_setting" || !apiField || !apiField.startsWith("bounds.")) return null;
+    return message.startsWith("bounds need") ? "bounds_column" : "bounds_low";
   }
 
   function settingsSection(datasets, settings) {
@@ -706,6 +680,76 @@
     for (const [k, v] of Object.entries(attrs)) n.setAttribute(k, String(v));
     if (text !== undefined) n.textContent = text;
     return n;
+  }
+
+  /**
+   * The overlaps released with one partner before, over both sides' dataset versions: one cell
+   * (your population x theirs) chosen at a time, as a table and a line chart. These are counts
+   * you were already shown; nothing is counted or spent.
+   */
+  function historyView(h) {
+    const parts = [el("h2", { text: "Overlap with " + h.with + " over dataset versions" })];
+    if (!h.released.length) {
+      return [...parts, el("p", { class: "muted", text: "No overlap with " + h.with + " released to you yet: answers appear here as you ask." })];
+    }
+    const pairs = [...new Set(h.released.flatMap((r) => r.cells.map((c) => c.mine + " \u00d7 " + c.theirs)))];
+    const choice = select("cell", pairs);
+    const shown = el("div");
+    const draw = () => {
+      const points = h.released.map((r) => {
+        const c = r.cells.find((x) => x.mine + " \u00d7 " + x.theirs === choice.value);
+        return { at: r.released_at, mine: r.mine, theirs: r.theirs, count: c ? c.count : undefined };
+      });
+      shown.replaceChildren(
+        table("Released counts of " + choice.value + ", oldest first", [
+          { label: "Released", value: (p) => when(p.at) },
+          { label: "Your version", value: (p) => p.mine },
+          { label: "Their version", value: (p) => p.theirs },
+          { label: "Companies in both (noisy)", value: (p) => p.count === undefined ? "not asked" : p.count === null ? "withheld" : p.count, num: true },
+        ], points),
+        lineChart("Companies in both, " + choice.value, points.map((p) => [versionOf(p.mine) + " \u00d7 " + versionOf(p.theirs), p.count])));
+    };
+    choice.addEventListener("change", draw);
+    draw();
+    parts.push(el("form", { class: "inline", "aria-label": "Cell of the history" }, [field("Cell (yours \u00d7 theirs)", choice)]), shown);
+    return parts;
+  }
+
+  /** An RFC 3339 time as people read it: `2026-12-05 12:54:28 UTC`. */
+  function when(rfc3339) { return rfc3339.replace("T", " ").replace(/(\.\d+)?(Z|\+00:00)$/, " UTC"); }
+
+  function versionOf(label) { return label.slice(label.lastIndexOf("@") + 1); }
+
+  /** A line chart of `[label, value]` points in order; a null or missing value is a gap, marked. */
+  function lineChart(valueName, data) {
+    const known = data.map((d) => d[1]).filter((v) => typeof v === "number");
+    const max = Math.max(1, ...known);
+    const left = 60, top = 16, width = 620, height = 200, step = data.length > 1 ? width / (data.length - 1) : 0;
+    const x = (i) => left + (data.length > 1 ? i * step : width / 2);
+    const y = (v) => top + height - (height * Math.max(0, v)) / max;
+    const chart = svg("svg", { role: "img", "aria-label": valueName + " by versions (line chart of the table above)",
+      viewBox: "0 0 " + (left + width + 40) + " " + (top + height + 56), class: "chart" });
+    chart.append(svg("line", { x1: left, y1: top + height, x2: left + width, y2: top + height, stroke: "#5f6b7a" }));
+    chart.append(svg("text", { x: left - 8, y: top + 5, "text-anchor": "end", "font-size": 12, fill: "#1b1f24" }, fmt(max)));
+    chart.append(svg("text", { x: left - 8, y: top + height, "text-anchor": "end", "font-size": 12, fill: "#1b1f24" }, "0"));
+    let run = [];
+    const flush = () => {
+      if (run.length > 1) chart.append(svg("polyline", { points: run.join(" "), fill: "none", stroke: "#0b5cad", "stroke-width": 2 }));
+      run = [];
+    };
+    data.forEach(([label, v], i) => {
+      chart.append(svg("text", { x: x(i), y: top + height + 18, "text-anchor": "middle", "font-size": 12, fill: "#1b1f24" }, label));
+      if (typeof v !== "number") {
+        flush();
+        chart.append(svg("text", { x: x(i), y: top + height - 6, "text-anchor": "middle", "font-size": 12, fill: "#5f6b7a" }, "withheld"));
+        return;
+      }
+      run.push(x(i) + "," + y(v));
+      chart.append(svg("circle", { cx: x(i), cy: y(v), r: 4, fill: "#0b5cad" }));
+      chart.append(svg("text", { x: x(i), y: y(v) - 8, "text-anchor": "middle", "font-size": 12, fill: "#1b1f24" }, fmt(v)));
+    });
+    flush();
+    return el("figure", {}, [chart, el("figcaption", { class: "muted", text: valueName + ", by your version \u00d7 theirs" })]);
   }
 
   function barChart(labelName, valueName, data) {

@@ -101,6 +101,20 @@ CREATE TABLE IF NOT EXISTS released_answers (
     created_at  TEXT NOT NULL,
     PRIMARY KEY (partner, fingerprint)
 );
+-- Overlap matrices (without a breakdown) released to a partner, one row per release, for the
+-- history of an account mapping over dataset versions (overlaps.rs `overlap_history`): only
+-- what the partner was shown, noisy counts already released. Removed with the datasets read.
+CREATE TABLE IF NOT EXISTS released_overlaps (
+    partner     TEXT NOT NULL,
+    with_partner TEXT NOT NULL,
+    mine        TEXT NOT NULL,                 -- owner.dataset@vN of each side
+    theirs      TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    versions    TEXT NOT NULL,                 -- ' id1 id2 ': the version ids read
+    cells       TEXT NOT NULL,                 -- JSON: the cells as released
+    released_at TEXT NOT NULL,
+    PRIMARY KEY (partner, fingerprint, versions)
+);
 -- Populations: a data owner's named subsets of one of its datasets (a SQL predicate over its
 -- columns, validated at definition). `position` orders them per dataset (definition order).
 CREATE TABLE IF NOT EXISTS populations (
@@ -914,11 +928,15 @@ impl Catalog {
             return Err(Error::NotFound(format!("no dataset named {name}")));
         };
         // Answers computed from these versions go with them.
-        tx.execute(
-            "DELETE FROM released_answers WHERE EXISTS (SELECT 1 FROM dataset_versions v
-               WHERE v.dataset_id = ?1 AND instr(versions, ' ' || v.version_id || ' ') > 0)",
-            [&id],
-        )?;
+        for table in ["released_answers", "released_overlaps"] {
+            tx.execute(
+                &format!(
+                    "DELETE FROM {table} WHERE EXISTS (SELECT 1 FROM dataset_versions v
+                       WHERE v.dataset_id = ?1 AND instr(versions, ' ' || v.version_id || ' ') > 0)"
+                ),
+                [&id],
+            )?;
+        }
         let n = tx.execute("DELETE FROM dataset_versions WHERE dataset_id = ?1", [&id])?;
         // Consent was given for this dataset; a later upload under the same name starts bare.
         tx.execute(
@@ -1401,6 +1419,61 @@ impl Catalog {
             )?;
             Ok(())
         })
+    }
+
+    /// Keep an overlap matrix released to `partner` (asked of `with`), computed from
+    /// `versions`: `mine` and `theirs` are `owner.dataset@vN`, `cells` the released cells
+    /// (JSON). Released again on the same versions, it is kept once.
+    #[allow(clippy::too_many_arguments)]
+    pub fn keep_overlap(
+        &self,
+        partner: &str,
+        with: &str,
+        mine: &str,
+        theirs: &str,
+        fingerprint: &str,
+        versions: &[String],
+        cells: &str,
+    ) -> Result<()> {
+        let versions = format!(" {} ", versions.join(" "));
+        self.write(|tx| {
+            tx.execute(
+                "INSERT OR IGNORE INTO released_overlaps
+                   (partner, with_partner, mine, theirs, fingerprint, versions, cells, released_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    partner,
+                    with,
+                    mine,
+                    theirs,
+                    fingerprint,
+                    versions,
+                    cells,
+                    now_rfc3339()
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The overlap matrices released to `partner` with `with`, oldest first: (released at,
+    /// mine, theirs, cells JSON).
+    pub fn released_overlaps(
+        &self,
+        partner: &str,
+        with: &str,
+    ) -> Result<Vec<(String, String, String, String)>> {
+        let conn = self.conn();
+        let mut st = conn.prepare(
+            "SELECT released_at, mine, theirs, cells FROM released_overlaps
+             WHERE partner = ?1 AND with_partner = ?2 ORDER BY released_at, rowid",
+        )?;
+        let rows = st
+            .query_map(params![partner, with], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
     }
 
     /// What `partner` has spent on `owner`'s data, every dataset and version of it, as the

@@ -285,6 +285,18 @@ impl Client {
         self.post("v1/policies/settings", req, "setting").await
     }
 
+    /// The settings in force of each of the caller's datasets.
+    pub async fn settings_list(&self) -> anyhow::Result<wire::SettingsList> {
+        self.get("v1/policies/settings", &[], "reading settings")
+            .await
+    }
+
+    /// The overlaps released to the caller with partner `with`, oldest first.
+    pub async fn overlap_history(&self, with: &str) -> anyhow::Result<wire::OverlapHistory> {
+        self.get("v1/overlaps/history", &[("with", with)], "overlap history")
+            .await
+    }
+
     /// Run a query; the JSON answer.
     pub async fn query(&self, sql: &str) -> anyhow::Result<wire::QueryAnswer> {
         self.post("v1/queries", &query_request(sql, "json"), "query")

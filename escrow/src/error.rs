@@ -16,6 +16,14 @@ pub enum Error {
     /// The request or the uploaded data is invalid. `code` is stable (see docs/API.md).
     #[error("{message}")]
     BadInput { code: &'static str, message: String },
+    /// One field of the request is invalid: `field` names it (a JSON key of the request,
+    /// `bounds.COLUMN` for a column's bounds) so that a form can show the reason beside it.
+    #[error("{message}")]
+    InvalidField {
+        code: &'static str,
+        field: String,
+        message: String,
+    },
     /// The named thing does not exist for this caller.
     #[error("{0}")]
     NotFound(String),
@@ -72,6 +80,19 @@ impl Error {
         }
     }
 
+    /// Field `field` of the request is invalid ([`Error::InvalidField`]).
+    pub fn invalid_field(
+        code: &'static str,
+        field: impl Into<String>,
+        message: impl fmt::Display,
+    ) -> Self {
+        Error::InvalidField {
+            code,
+            field: field.into(),
+            message: message.to_string(),
+        }
+    }
+
     /// A query or overlap refused by rule `rule` (stable, see docs/API.md).
     pub fn refused(rule: &'static str, message: impl fmt::Display) -> Self {
         Error::Refused {
@@ -88,7 +109,7 @@ impl Error {
     /// The stable code of this error, as returned to API clients.
     pub fn code(&self) -> &'static str {
         match self {
-            Error::BadInput { code, .. } => code,
+            Error::BadInput { code, .. } | Error::InvalidField { code, .. } => code,
             Error::NotFound(_) => "not_found",
             Error::Conflict(_) => "conflict",
             Error::TooLarge { .. } => "too_large",

@@ -52,7 +52,7 @@ pub struct OverlapRequest {
 }
 
 /// One released (or suppressed) cell, in the caller's orientation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OverlapRow {
     /// My population.
     pub mine: String,
@@ -63,6 +63,26 @@ pub struct OverlapRow {
     /// Noisy count of companies in both populations; `None` when suppressed.
     pub count: Option<u64>,
     pub suppressed: bool,
+}
+
+/// An overlap matrix (without a breakdown) released to a partner before: what it was shown.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ReleasedOverlap {
+    /// When it was first released (RFC 3339).
+    pub released_at: String,
+    /// `owner.dataset@vN` of each side: the versions it was computed from.
+    pub mine: String,
+    pub theirs: String,
+    /// The cells as released: noisy company counts, `null` where suppressed.
+    pub cells: Vec<ReleasedCount>,
+}
+
+/// One cell of a [`ReleasedOverlap`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ReleasedCount {
+    pub mine: String,
+    pub theirs: String,
+    pub count: Option<u64>,
 }
 
 /// An answered overlap question.
@@ -299,6 +319,66 @@ fn group(populations: Vec<Population>) -> BTreeMap<String, Vec<Population>> {
 }
 
 impl QueryService {
+    /// The overlap matrices (without a breakdown) released to `caller` with partner `with`,
+    /// oldest first: the account mapping over dataset versions. Only what `caller` was
+    /// shown; a partner never asked (or unknown) has none.
+    pub async fn overlap_history(&self, caller: &str, with: &str) -> Result<Vec<ReleasedOverlap>> {
+        check_name("partner", with)?;
+        let (store, caller, with) = (self.store.clone(), caller.to_string(), with.to_string());
+        let rows =
+            crate::queries::blocking(move || store.catalog().released_overlaps(&caller, &with))
+                .await?;
+        rows.into_iter()
+            .map(|(released_at, mine, theirs, cells)| {
+                Ok(ReleasedOverlap {
+                    released_at,
+                    mine,
+                    theirs,
+                    cells: serde_json::from_str(&cells)
+                        .map_err(|e| Error::internal(format!("released overlap: {e}")))?,
+                })
+            })
+            .collect()
+    }
+
+    /// Keep what an overlap without a breakdown released to `caller`, for
+    /// [`QueryService::overlap_history`]. A failure is logged: the release stands.
+    async fn keep_released_overlap(
+        &self,
+        caller: &str,
+        with: &str,
+        o: &OverlapOutcome,
+        versions: Vec<String>,
+    ) {
+        let cells: Vec<ReleasedCount> = (o.rows.iter())
+            .map(|r| ReleasedCount {
+                mine: r.mine.clone(),
+                theirs: r.theirs.clone(),
+                count: r.count,
+            })
+            .collect();
+        let (Ok(cells), [mine, theirs]) = (serde_json::to_string(&cells), &o.datasets[..]) else {
+            tracing::error!("released overlap not kept: cells or datasets");
+            return;
+        };
+        let (store, fp) = (self.store.clone(), o.fingerprint.clone());
+        let (caller, with, mine, theirs) = (
+            caller.to_string(),
+            with.to_string(),
+            mine.clone(),
+            theirs.clone(),
+        );
+        let kept = crate::queries::blocking(move || {
+            store
+                .catalog()
+                .keep_overlap(&caller, &with, &mine, &theirs, &fp, &versions, &cells)
+        })
+        .await;
+        if let Err(e) = kept {
+            tracing::error!(error = %e, "released overlap not kept for the history");
+        }
+    }
+
     /// The overlap matrix of `caller`'s populations and the populations `req.with` lets it
     /// see, or a refusal.
     pub async fn overlap(&self, actor: &Actor, req: &OverlapRequest) -> Result<OverlapOutcome> {
@@ -471,8 +551,10 @@ impl QueryService {
                 let fresh = self
                     .release_matrix(first, second, req, max_groups, (min_entities, epsilon), fp)
                     .await;
-                self.keep_outcome(caller, fp, versions, &fresh, |m| Ok(kept_matrix::encode(m)))
-                    .await;
+                self.keep_outcome(caller, fp, versions.clone(), &fresh, |m| {
+                    Ok(kept_matrix::encode(m))
+                })
+                .await;
                 fresh?
             }
         };
@@ -500,7 +582,7 @@ impl QueryService {
             })
             .collect();
         rows.sort_by(|x, y| (x.0, x.1, &x.2.value).cmp(&(y.0, y.1, &y.2.value)));
-        Ok(OverlapOutcome {
+        let outcome = OverlapOutcome {
             mine_populations,
             their_populations,
             mine: mine.dataset.clone(),
@@ -512,7 +594,12 @@ impl QueryService {
             cost,
             fingerprint: hex::encode(fp),
             datasets: [&mine, &theirs].iter().map(|s| s.label()).collect(),
-        })
+        };
+        if req.by.is_none() {
+            self.keep_released_overlap(caller, &req.with, &outcome, versions)
+                .await;
+        }
+        Ok(outcome)
     }
 
     /// Count both sides and release every cell of the matrix (all populations of both

@@ -742,7 +742,7 @@ impl QueryService {
                     },
                 )
                 .collect(),
-            shared: self.shared.clone(),
+            shared: self.shared.share(caller),
             noise: Noise::new(self.noise_key.clone(), [0; 32]),
         };
         Ok(Some((p, charges)))

@@ -65,31 +65,39 @@ pub struct SettingsChange {
     pub bounds: BTreeMap<String, Option<[f64; 2]>>,
 }
 
-fn invalid(message: impl std::fmt::Display) -> Error {
-    Error::bad("invalid_setting", message)
+fn invalid(field: impl Into<String>, message: impl std::fmt::Display) -> Error {
+    Error::invalid_field("invalid_setting", field, message)
 }
 
 impl DatasetSettings {
     pub(crate) fn validate(&self, numeric_columns: &[String]) -> Result<()> {
         if !(2..=1_000_000).contains(&self.min_entities) {
-            return Err(invalid("min_entities must be between 2 and 1000000"));
+            return Err(invalid(
+                "min_entities",
+                "min_entities must be between 2 and 1000000",
+            ));
         }
         if escrow_query::Epsilon::from_f64(self.epsilon).is_none() {
             return Err(invalid(
+                "epsilon",
                 "epsilon must be a multiple of 0.001 between 0.001 and 100",
             ));
         }
         if !(self.budget.is_finite() && self.budget >= 0.0 && self.budget <= 1e6) {
-            return Err(invalid("budget must be between 0 and 1000000"));
+            return Err(invalid("budget", "budget must be between 0 and 1000000"));
         }
         if !(1..=100).contains(&self.max_groups_per_entity) {
-            return Err(invalid("max_groups_per_entity must be between 1 and 100"));
+            return Err(invalid(
+                "max_groups_per_entity",
+                "max_groups_per_entity must be between 1 and 100",
+            ));
         }
         for (col, [lo, hi]) in &self.bounds {
             if !numeric_columns.contains(col) {
-                return Err(invalid(format!(
-                    "bounds need a numeric column of the dataset; {col:?} is not one"
-                )));
+                return Err(invalid(
+                    format!("bounds.{col}"),
+                    format!("bounds need a numeric column of the dataset; {col:?} is not one"),
+                ));
             }
             check_bounds(col, *lo, *hi)?;
         }
@@ -112,27 +120,36 @@ pub const MIN_BOUND: f64 = 1e-6;
 fn check_bounds(col: &str, lo: f64, hi: f64) -> Result<()> {
     let normal_or_zero = |x: f64| x == 0.0 || x.is_normal();
     if !(lo.is_finite() && hi.is_finite()) {
-        return Err(invalid(format!("bounds of {col} must be finite numbers")));
+        return Err(invalid(
+            format!("bounds.{col}"),
+            format!("bounds of {col} must be finite numbers"),
+        ));
     }
     if !(normal_or_zero(lo) && normal_or_zero(hi)) {
-        return Err(invalid(format!(
-            "bounds of {col} must be 0 or normal numbers (not sub-normal)"
-        )));
+        return Err(invalid(
+            format!("bounds.{col}"),
+            format!("bounds of {col} must be 0 or normal numbers (not sub-normal)"),
+        ));
     }
     if lo.abs() > MAX_BOUND || hi.abs() > MAX_BOUND {
-        return Err(invalid(format!(
-            "bounds of {col} must be within -{MAX_BOUND:e}..{MAX_BOUND:e}"
-        )));
+        return Err(invalid(
+            format!("bounds.{col}"),
+            format!("bounds of {col} must be within -{MAX_BOUND:e}..{MAX_BOUND:e}"),
+        ));
     }
     if lo.abs().max(hi.abs()) < MIN_BOUND {
-        return Err(invalid(format!(
-            "bounds of {col}: the larger magnitude must be at least {MIN_BOUND:e}"
-        )));
+        return Err(invalid(
+            format!("bounds.{col}"),
+            format!("bounds of {col}: the larger magnitude must be at least {MIN_BOUND:e}"),
+        ));
     }
     if lo >= hi || hi - lo < escrow_query::exec::grid_step(lo, hi) {
-        return Err(invalid(format!(
-            "bounds of {col} must have low < high, at least one millionth of their range apart"
-        )));
+        return Err(invalid(
+            format!("bounds.{col}"),
+            format!(
+                "bounds of {col} must have low < high, at least one millionth of their range apart"
+            ),
+        ));
     }
     Ok(())
 }

@@ -13,7 +13,7 @@ pub use crate::audit::{Checkpoint, Record};
 pub use crate::catalog::{ColumnInfo, DatasetInfo, Population, VersionInfo};
 pub use crate::explain::{Explanation, Preview};
 pub use crate::grants::{GrantList, GrantRequest, GrantView};
-pub use crate::overlaps::{CoSellingRequest, OverlapRequest};
+pub use crate::overlaps::{CoSellingRequest, OverlapRequest, ReleasedCount, ReleasedOverlap};
 pub use crate::policy::{HistoryEntry, PolicyDiff};
 pub use crate::populations::PopulationRequest;
 pub use crate::queries::BudgetView;
@@ -36,6 +36,10 @@ pub struct ErrorDetail {
     pub message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
+    /// The request field at fault, for a form to show the reason beside it (e.g.
+    /// `epsilon`, `bounds.revenue`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
 }
 
 /// The error responses every operation can give (for the OpenAPI document).
@@ -134,6 +138,12 @@ pub struct GrantRevoked {
 pub struct SettingsNow {
     pub dataset: String,
     pub settings: DatasetSettings,
+}
+
+/// `GET /v1/policies/settings`: the settings in force of each of your datasets.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SettingsList {
+    pub datasets: Vec<SettingsNow>,
 }
 
 /// `GET /v1/policies/versions`: the policy's versions, oldest first, each with its diff.
@@ -406,6 +416,14 @@ pub struct OverlapCell {
     #[serde(flatten)]
     #[schema(value_type = Object)]
     pub breakdown: BTreeMap<String, Option<String>>,
+}
+
+/// `GET /v1/overlaps/history?with=PARTNER`: the overlaps released to you with `with`,
+/// oldest first.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct OverlapHistory {
+    pub with: String,
+    pub released: Vec<ReleasedOverlap>,
 }
 
 /// `POST /v1/reports/co-selling`: sections of one overlap question.

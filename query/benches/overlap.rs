@@ -115,7 +115,7 @@ async fn main() {
                         _ => Holder::Caller,
                     })
                     .collect(),
-                shared: SharedMemory::new(8 << 30),
+                shared: SharedMemory::new(8 << 30).share("acme"),
                 noise: Noise::new(key.clone(), [1; 32]),
             };
             let answer = execute(

@@ -62,7 +62,7 @@ use datafusion::physical_plan::joins::{
 
 use crate::QueryError;
 use crate::gate::{GateReport, Metric};
-use crate::memory::{Reservation, SharedMemory};
+use crate::memory::{MemoryShare, Reservation};
 use crate::noise::{Epsilon, Noise, Sensitivity, Variance, partition_threshold};
 use crate::stop::{Stop, StopExec};
 
@@ -89,8 +89,9 @@ pub struct Protection {
     pub bounds: Vec<Option<(f64, f64)>>,
     /// Per table instance, in the gate report's order: whose dataset it reads.
     pub tables: Vec<Holder>,
-    /// The memory admitted questions share ([`crate::memory`]).
-    pub shared: SharedMemory,
+    /// The memory admitted questions share, as the asking partner reserves from it
+    /// ([`crate::memory`]).
+    pub shared: MemoryShare,
     pub noise: Noise,
 }
 
@@ -495,7 +496,7 @@ async fn reduce_tables(
         });
     }
     let per_company = per_company(report, p.max_groups_per_entity);
-    admit(&sizes, &per_company, limit)?;
+    admit(&sizes, &first, &per_company, limit, &p.shared)?;
     // Admitted: from here the question is not cut off by its time limit. Another partner's
     // tables are reduced now, without a memory limit: how long that takes and how much it
     // holds depend on how many of their rows pass the caller's filters, so neither may
@@ -506,7 +507,7 @@ async fn reduce_tables(
     }
     let reservation = p
         .shared
-        .reserve(needed(&sizes, &per_company, true).unwrap_or(0.0))
+        .reserve(needed(&sizes, &first, &per_company, true).unwrap_or(0.0))
         .await;
     let unbounded = crate::session::phase_two(state)?;
     for (t, plan) in plans.iter().enumerate() {
@@ -586,14 +587,14 @@ fn slice_bytes(batch: &RecordBatch) -> usize {
 /// joins and aggregates over them. With `theirs`, another partner's tables count at their
 /// stored rows (the most any filter keeps); without, they count by their width only, and a
 /// question with none of the caller's own tables gives `None` (nothing the caller may know
-/// bounds its join).
+/// bounds its join). Instances of one shape (`first`: [`first_of_shape`]) are held once.
 ///
 /// Table instance `t` holds at most `per_company[t]` rows per company, so the join yields
 /// at most `rows(t) x fan / per_company[t]` rows for any `t` (`fan` the product). A joined
 /// row is as wide as the caller's own reduced rows and the others' column types
 /// ([`typed_width`]); joins, the per-entity aggregate and the window hold it about four
 /// times, with [`PER_ROW_OVERHEAD`] bytes of their own.
-fn needed(sizes: &[Reduced], per_company: &[u64], theirs: bool) -> Option<f64> {
+fn needed(sizes: &[Reduced], first: &[usize], per_company: &[u64], theirs: bool) -> Option<f64> {
     let fan: f64 = per_company.iter().map(|&n| n as f64).product();
     let mut joined = f64::INFINITY;
     let (mut width, mut held) = (0.0, 0.0);
@@ -601,7 +602,9 @@ fn needed(sizes: &[Reduced], per_company: &[u64], theirs: bool) -> Option<f64> {
         let rows = match *size {
             Reduced::Own { rows, bytes } => {
                 width += bytes as f64 / rows.max(1) as f64;
-                held += bytes as f64;
+                if first[t] == t {
+                    held += bytes as f64;
+                }
                 rows as f64
             }
             Reduced::Theirs {
@@ -612,7 +615,9 @@ fn needed(sizes: &[Reduced], per_company: &[u64], theirs: bool) -> Option<f64> {
                 if !theirs {
                     continue;
                 }
-                held += stored_rows as f64 * (typed_width + PER_ROW_OVERHEAD);
+                if first[t] == t {
+                    held += stored_rows as f64 * (typed_width + PER_ROW_OVERHEAD);
+                }
                 stored_rows as f64
             }
         };
@@ -621,23 +626,47 @@ fn needed(sizes: &[Reduced], per_company: &[u64], theirs: bool) -> Option<f64> {
     (!joined.is_infinite()).then_some(held + joined * (4.0 * width + PER_ROW_OVERHEAD))
 }
 
-/// Whether the question fits `limit` bytes, judged without looking at another partner's
-/// rows ([`needed`] without theirs): from the question, the settings and the caller's own
-/// rows only. A question with none of the caller's own tables is not judged: its memory is
-/// bounded by the other partners' stored versions and the shared memory it reserves after
-/// admission ([`crate::memory`]; docs/THREAT_MODEL.md).
-fn admit(sizes: &[Reduced], per_company: &[u64], limit: Option<usize>) -> Result<(), QueryError> {
-    let (Some(limit), Some(needed)) = (limit, needed(sizes, per_company, false)) else {
+/// Whether the question fits, judged without looking at which of another partner's rows
+/// pass its filters:
+/// - the per-query `limit` ([`needed`] without theirs: from the question, the settings and
+///   the caller's own rows only; a question with none of the caller's own tables is not
+///   judged here);
+/// - one partner's share of the shared memory ([`needed`] with theirs at the rows of their
+///   stored versions, whatever the filters keep, rounded up to a power of two of MiB): the
+///   most it could hold after admission must be reservable ([`crate::memory`]), so that no
+///   question of one partner makes another's wait (docs/THREAT_MODEL.md).
+fn admit(
+    sizes: &[Reduced],
+    first: &[usize],
+    per_company: &[u64],
+    limit: Option<usize>,
+    shared: &MemoryShare,
+) -> Result<(), QueryError> {
+    let pool = shared.pool();
+    let most = needed(sizes, first, per_company, true).unwrap_or(0.0);
+    if pool.rounded(most).is_none() {
+        return Err(QueryError::ResourcesExhausted(format!(
+            "{ADMISSION_REFUSAL} and the stored sizes of the other partners' tables, the question could hold about {} MiB, more than one partner's share of the server's shared memory ({} MiB, half of --admitted-memory-mb)",
+            mib(most),
+            pool.share_mib()
+        )));
+    }
+    let (Some(limit), Some(needed)) = (limit, needed(sizes, first, per_company, false)) else {
         return Ok(());
     };
     if needed > limit as f64 {
         return Err(QueryError::ResourcesExhausted(format!(
             "{ADMISSION_REFUSAL}, the question needs about {} MiB, more than the per-query limit of {} MiB",
-            (needed as usize) >> 20,
+            mib(needed),
             limit >> 20
         )));
     }
     Ok(())
+}
+
+/// `bytes` in whole MiB, rounded up.
+fn mib(bytes: f64) -> u64 {
+    (bytes / (1u64 << 20) as f64).ceil() as u64
 }
 
 fn protected_stage(
@@ -1003,4 +1032,69 @@ fn replace_aggregate(agg: &Aggregate, rows: RecordBatch) -> Result<LogicalPlan, 
         .collect();
     exprs.push(Expr::Column(Column::new(Some(RESULT), SUPPRESSED)).alias(SUPPRESSED));
     Ok(scan.project(exprs)?.build()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::SharedMemory;
+
+    fn theirs(stored_rows: u64) -> Reduced {
+        Reduced::Theirs {
+            typed_width: 40.0,
+            stored_rows,
+        }
+    }
+
+    #[test]
+    fn instances_of_one_shape_are_counted_once() {
+        let four = [
+            theirs(1_000_000),
+            theirs(1_000_000),
+            theirs(1_000_000),
+            theirs(1_000_000),
+        ];
+        let once = needed(&four, &[0, 0, 0, 0], &[1; 4], true).expect("sized");
+        let each = needed(&four, &[0, 1, 2, 3], &[1; 4], true).expect("sized");
+        // The joined rows are the same; the table is held once, not four times.
+        let table = 1e6 * (40.0 + PER_ROW_OVERHEAD);
+        assert!((each - once - 3.0 * table).abs() < 1.0, "{each} {once}");
+        // Without theirs, a question of theirs only is not sized.
+        assert_eq!(needed(&four, &[0, 0, 0, 0], &[1; 4], false), None);
+    }
+
+    #[test]
+    fn a_question_over_one_partners_share_is_refused_before_admission() {
+        let share = SharedMemory::new(64 << 20).share("acme");
+        let own = Reduced::Own {
+            rows: 1_000,
+            bytes: 40_000,
+        };
+        admit(
+            &[own, theirs(10_000)],
+            &[0, 1],
+            &[1, 1],
+            Some(1 << 30),
+            &share,
+        )
+        .expect("fits");
+        let own = Reduced::Own {
+            rows: 1_000,
+            bytes: 40_000,
+        };
+        // 10M stored rows: over the 32 MiB share whatever the filters keep of them.
+        let e = admit(
+            &[own, theirs(10_000_000)],
+            &[0, 1],
+            &[1, 1],
+            Some(1 << 30),
+            &share,
+        )
+        .expect_err("over the share");
+        assert!(
+            matches!(&e, QueryError::ResourcesExhausted(m)
+                if m.starts_with(ADMISSION_REFUSAL) && m.contains("share of the server's shared memory (32 MiB")),
+            "{e}"
+        );
+    }
 }

@@ -19,7 +19,7 @@ pub use datafusion::logical_expr::LogicalPlan;
 pub use exec::{Answer, Applied, Holder, Protection, execute};
 pub use executor::{Executor, QueryTask};
 pub use gate::{GateReport, Metric, TableInstance};
-pub use memory::SharedMemory;
+pub use memory::{MemoryShare, SharedMemory};
 pub use noise::{Epsilon, Noise, NoiseKey, Sensitivity, Variance};
 pub use session::{Limits, QueryTable, is_planning_rule, plan_for_execution, plan_sql};
 pub use source::{BatchIter, BatchSource, EntityHasher};

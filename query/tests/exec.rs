@@ -98,7 +98,7 @@ async fn reads(sql: &str) -> (usize, usize) {
                 _ => Holder::Partner { stored_rows: 300 },
             })
             .collect(),
-        shared: SharedMemory::new(64 << 20),
+        shared: SharedMemory::new(64 << 20).share("acme"),
         noise: Noise::new(key.clone(), [1; 32]),
     };
     let answer = execute(&state, plan, &report, Some(&p), &Default::default())

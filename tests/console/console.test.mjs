@@ -365,6 +365,16 @@ test("a compliance officer grants overlap; the other partner uploads in the brow
   assert.deepEqual(shown, expected);
   assert.ok(shown.flat().some((v) => /^\d+$/.test(v)), `no released cell: ${JSON.stringify(shown)}`);
   await mine.getByText(/Budget on globex\.accounts/).waitFor();
+  // Below it, the overlap over dataset versions: the counts released before, as `escrow report history` lists them.
+  const hist = JSON.parse(cli("acme", "admin", "report", "history", "--with", "globex", "--format", "json"));
+  assert.equal(hist.released.length, 1, JSON.stringify(hist));
+  const [release] = hist.released;
+  const first = release.cells[0];
+  const past = mine.getByRole("table", { name: `Released counts of ${first.mine} \u00d7 ${first.theirs}, oldest first` });
+  await past.waitFor();
+  const pastRows = await past.locator("tbody tr").evaluateAll((rows) => rows.map((r) => [...r.querySelectorAll("td")].map((d) => d.textContent)));
+  assert.deepEqual(pastRows, [[release.released_at.replace("T", " ").replace(/(\.\d+)?Z$/, " UTC"), release.mine, release.theirs, first.count === null ? "withheld" : String(first.count)]]);
+  await mine.getByRole("img", { name: /by versions \(line chart/ }).waitFor();
   await axe(mine, "account mapping");
   await shot(mine, "mapping");
 

@@ -204,7 +204,8 @@ struct QueryLimitArgs {
     /// Memory, in MiB, that admitted questions share for reading other partners' data
     /// (after admission no per-query limit applies, so that no refusal depends on their
     /// rows): a question reserves what it could hold at most and waits until it is free.
-    /// Default: --max-questions x --query-memory-mb.
+    /// One partner's questions hold at most half of it; a question that alone needs more
+    /// is refused before admission. Default: --max-questions x --query-memory-mb.
     #[arg(long, env = "ESCROW_ADMITTED_MEMORY_MB")]
     admitted_memory_mb: Option<usize>,
     /// Seconds a console sign-in link (`escrow console`) stays valid (1 to 3600).
@@ -415,6 +416,14 @@ enum PolicyCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// The protection settings in force for each of your datasets (defaults where you set
+    /// none).
+    Settings {
+        #[arg(long, default_value = "table")]
+        format: OutputFormat,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Grants you made and grants you received.
     List {
         #[arg(long, default_value = "table")]
@@ -565,6 +574,17 @@ enum ReportCommand {
         their_opportunities: Option<String>,
         #[arg(long, default_value = "table")]
         format: QueryFormat,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// The overlap matrices (without --by) released to you with a partner before, oldest
+    /// first, with the dataset versions they were computed from. Nothing is run or spent.
+    History {
+        /// The other partner.
+        #[arg(long)]
+        with: String,
+        #[arg(long, default_value = "table")]
+        format: OutputFormat,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -844,6 +864,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 };
                 print::settings(&identity(&client)?.settings(&req).await?);
             }
+            PolicyCommand::Settings { format, client } => {
+                let out = identity(&client)?.settings_list().await?;
+                show(format, &out, print::settings_list)?
+            }
             PolicyCommand::List { format, client } => {
                 let out = identity(&client)?.policies().await?;
                 show(format, &out, print::grants)?
@@ -1036,6 +1060,17 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 print::overlap,
             )
             .await?;
+        }
+        Command::Report {
+            command:
+                ReportCommand::History {
+                    with,
+                    format,
+                    client,
+                },
+        } => {
+            let out = identity(&client)?.overlap_history(&with).await?;
+            show(format, &out, print::overlap_history)?
         }
         Command::Report {
             command:

@@ -182,6 +182,13 @@ pub fn settings(out: &wire::SettingsNow) {
     );
 }
 
+/// Each dataset's settings, one line each as `policy set` prints them.
+pub fn settings_list(out: &wire::SettingsList) {
+    if any_or_say(&out.datasets, "no datasets yet") {
+        out.datasets.iter().for_each(settings);
+    }
+}
+
 /// The `removed` and `added` lines of a policy diff, as `- line` / `+ line`.
 pub fn diff(d: &wire::PolicyDiff, indent: &str) {
     for (sign, lines) in [("-", &d.removed), ("+", &d.added)] {
@@ -417,6 +424,43 @@ fn count_text(c: &wire::OverlapCell) -> String {
         (false, Some(n)) => n.to_string(),
         (false, None) => "-".into(),
     }
+}
+
+/// Released overlaps, one line per cell: when, the versions, the populations and the count.
+pub fn overlap_history(out: &wire::OverlapHistory) {
+    if !any_or_say(
+        &out.released,
+        &format!("no overlap with {} released yet", out.with),
+    ) {
+        return;
+    }
+    let header: Vec<String> = [
+        "released at",
+        "mine",
+        "theirs",
+        "my population",
+        "their population",
+        "count",
+    ]
+    .map(String::from)
+    .into();
+    let rows: Vec<Vec<String>> = (out.released.iter())
+        .flat_map(|r| {
+            r.cells.iter().map(|c| {
+                vec![
+                    r.released_at.clone(),
+                    r.mine.clone(),
+                    r.theirs.clone(),
+                    c.mine.clone(),
+                    c.theirs.clone(),
+                    c.count
+                        .map_or_else(|| "suppressed".into(), |n| n.to_string()),
+                ]
+            })
+        })
+        .collect();
+    table(&header, &rows);
+    println!("{}", rows_text(rows.len()));
 }
 
 /// Overlap cells as a list: mine, theirs, [value,] count.

@@ -37,7 +37,7 @@ pub fn routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(policies::list_grants))
         .routes(routes!(policies::add_grant))
         .routes(routes!(policies::revoke_grant))
-        .routes(routes!(policies::change_settings))
+        .routes(routes!(policies::list_settings, policies::change_settings))
         .routes(routes!(policies::policy_history))
         .routes(routes!(policies::policy_diff))
         .routes(routes!(policies::policy_export))
@@ -53,6 +53,7 @@ pub fn routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(questions::explain_query))
         .routes(routes!(questions::overlap))
         .routes(routes!(questions::explain_overlap))
+        .routes(routes!(questions::overlap_history))
         .routes(routes!(questions::co_selling))
         .routes(routes!(users::list_users, users::add_user))
         .routes(routes!(users::revoke_user))
@@ -122,6 +123,7 @@ async fn json_rejections(response: Response) -> Response {
 /// | variant         | status | code                       |
 /// |-----------------|--------|----------------------------|
 /// | BadInput        | 400    | per error (see docs/API.md)|
+/// | InvalidField    | 400    | per error, + `field`       |
 /// | NotFound        | 404    | not_found                  |
 /// | Conflict        | 409    | conflict                   |
 /// | TooLarge        | 413    | too_large                  |
@@ -150,7 +152,9 @@ impl IntoResponse for ApiError {
             Error::BadInput { code, .. } if *code == "method_not_allowed" => {
                 StatusCode::METHOD_NOT_ALLOWED
             }
-            Error::BadInput { .. } | Error::Interrupted => StatusCode::BAD_REQUEST,
+            Error::BadInput { .. } | Error::InvalidField { .. } | Error::Interrupted => {
+                StatusCode::BAD_REQUEST
+            }
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -189,11 +193,16 @@ impl IntoResponse for ApiError {
             Error::Refused { rule, .. } => Some(rule.to_string()),
             _ => None,
         };
+        let field = match &e {
+            Error::InvalidField { field, .. } => Some(field.clone()),
+            _ => None,
+        };
         let body = crate::wire::ErrorBody {
             error: crate::wire::ErrorDetail {
                 code: e.code().to_string(),
                 message,
                 rule,
+                field,
             },
         };
         let mut response = (status, Json(body)).into_response();

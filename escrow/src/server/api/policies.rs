@@ -72,6 +72,30 @@ pub(crate) async fn revoke_grant(
     Ok(Json(wire::GrantRevoked { revoked: grant }))
 }
 
+/// The protection settings in force for each of the caller's partner's own datasets
+/// (defaults where none were set), by dataset name.
+#[utoipa::path(get, path = "/v1/policies/settings", tag = "policies", responses((status = 200, description = "the settings of each of your datasets", body = wire::SettingsList), wire::Errors))]
+pub(crate) async fn list_settings(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+) -> Result<Json<wire::SettingsList>, ApiError> {
+    caller.may(&state, Action::PolicyRead).await?;
+    let store = state.store.clone();
+    let datasets = blocking(move || {
+        (store.list(&caller.partner)?.into_iter())
+            .map(|d| {
+                let settings = crate::settings::of(&store, &caller.partner, &d.name)?;
+                Ok(wire::SettingsNow {
+                    dataset: d.name,
+                    settings,
+                })
+            })
+            .collect::<crate::Result<Vec<_>>>()
+    })
+    .await?;
+    Ok(Json(wire::SettingsList { datasets }))
+}
+
 /// Owners change the protection settings of their own datasets.
 #[utoipa::path(post, path = "/v1/policies/settings", tag = "policies", request_body = wire::SettingsChange, responses((status = 200, description = "the dataset's settings now", body = wire::SettingsNow), wire::Errors))]
 pub(crate) async fn change_settings(

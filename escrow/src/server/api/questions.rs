@@ -204,6 +204,33 @@ pub(crate) async fn overlap(
     Ok(Json(wire::OverlapAnswer::of(&o)).into_response())
 }
 
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HistoryParams {
+    /// The other partner.
+    with: String,
+}
+
+/// The overlap matrices (without a breakdown) released to the caller's partner with another
+/// partner, oldest first: the account mapping over both sides' dataset versions. Only what
+/// was released to the caller; nothing is counted, spent or run.
+#[utoipa::path(get, path = "/v1/overlaps/history", tag = "overlaps", params(HistoryParams), responses((status = 200, description = "overlaps released before, oldest first", body = wire::OverlapHistory), wire::Errors))]
+pub(crate) async fn overlap_history(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    axum::extract::Query(params): axum::extract::Query<HistoryParams>,
+) -> Result<Json<wire::OverlapHistory>, ApiError> {
+    caller.may(&state, Action::OverlapRun).await?;
+    let released = state
+        .queries
+        .overlap_history(&caller.partner, &params.with)
+        .await?;
+    Ok(Json(wire::OverlapHistory {
+        with: params.with,
+        released,
+    }))
+}
+
 /// The co-selling report.
 #[utoipa::path(post, path = "/v1/reports/co-selling", tag = "reports", request_body = wire::CoSellingRequest, responses((status = 200, description = "the co-selling report, JSON or CSV by `format`", content((wire::CoSellingAnswer = "application/json"), (String = "text/csv"))), wire::Errors))]
 pub(crate) async fn co_selling(
