@@ -145,6 +145,9 @@
 
   /** The optional parts of an overlap question, their fields, and the fields their refusals concern. */
   const OVERLAP_PARTS = [["mine", "Your dataset (optional)"], ["theirs", "Their dataset (optional)"], ["by", "Break down by (optional)"]];
+  const CO_SELLING_PARTS = [...OVERLAP_PARTS, ["my_customers", "Your customers (population, optional)"],
+    ["my_opportunities", "Your open opportunities (optional)"], ["their_customers", "Their customers (optional)"],
+    ["their_opportunities", "Their open opportunities (optional)"]];
   const overlapField = (code) => ({ unknown_column: "by", group_by_key: "by", ambiguous_dataset: "theirs" }[code]);
   function overlapRequest(f) {
     const body = { with: f.get("with") };
@@ -203,6 +206,21 @@
       const showHistory = () => render(history, "Loading the history…", async () =>
         historyView(await api("/v1/overlaps/history?with=" + encodeURIComponent(form.elements.with.value))));
       form.elements.with.addEventListener("change", showHistory);
+      // The co-selling report: one overlap question underneath (asked after the matrix of the
+      // same datasets, it spends nothing).
+      const report = el("form", { class: "inline", "aria-label": "Co-selling report" }, [
+        field("Partner", select("with", sharing)),
+        ...CO_SELLING_PARTS.map(([k, label]) => field(label, input(k))),
+        el("button", { type: "submit", class: "primary", text: "Show co-selling report" }),
+      ]);
+      const reported = el("div", { id: "co-selling-result", "aria-live": "polite" });
+      onSubmit(report, (f) => render(reported, "Counting…", async () => {
+        const body = { with: f.get("with") };
+        for (const [k] of CO_SELLING_PARTS) if (f.get(k)) body[k] = f.get(k);
+        return coSellingView(await api("/v1/reports/co-selling", { method: "POST", json: body }), body);
+      }), (code, message) => (code === "unknown_population" ? CO_SELLING_PARTS.map(([k]) => k).find((k) => message.includes(k.replace(/_/g, "-")) || message.includes(k)) : overlapField(code)));
+      view.append(el("h2", { text: "Co-selling report" }), el("p", { class: "note", text:
+        "Your customers among their open opportunities, and your open opportunities among their customers, from one overlap question: asked after the matrix of the same datasets, it spends nothing." }), report, reported);
       onSubmit(form, (f) => render(out, "Counting…", async () => {
         const body = overlapRequest(f);
         const view = overlapView(await api("/v1/overlaps", { method: "POST", json: body }), body);
@@ -583,13 +601,35 @@
         { label: "Companies", value: (r) => (r.suppressed ? "withheld" : r.count), num: true },
       ], a.rows));
     }
+    parts.push(...countsNote(a), el("button", { type: "button", text: "Download CSV", on: { click: () => download("/v1/overlaps", request, "overlap") } }));
+    return parts;
+  }
+
+  /** The noise, threshold and charge of an overlap-shaped answer, and its budget gauges. */
+  function countsNote(a) {
     const p = a.protection || {};
-    parts.push(el("p", { class: "note", text:
+    return [el("p", { class: "note", text:
       "Each count carries discrete Gaussian noise (standard deviation " + fmt(p.noise_sd) + "); a cell is shown only with at least " +
       p.min_entities + " companies and a noisy count of " + fmt(p.release_threshold) + " or more. This answer " +
-      (a.repeated ? "repeats an earlier one and spent nothing." : "spent \u03b5 " + fmt(a.epsilon_spent) + ".") }));
-    for (const b of a.budgets || []) parts.push(budgetGauge(b));
-    parts.push(el("button", { type: "button", text: "Download CSV", on: { click: () => download(request) } }));
+      (a.repeated ? "repeats an earlier one and spent nothing." : "spent \u03b5 " + fmt(a.epsilon_spent) + ".") }),
+      ...(a.budgets || []).map((b) => budgetGauge(b))];
+  }
+
+  /** The co-selling report: where you can introduce them, and where they can introduce you. */
+  function coSellingView(r, request) {
+    const parts = [el("h2", { text: "Co-selling with " + request.with + ": " + r.mine + " \u00d7 " + r.theirs })];
+    const titles = ["Your customers among their open opportunities (you can introduce them)",
+      "Your open opportunities among their customers (they can introduce you)"];
+    r.sections.forEach((s, i) => {
+      const caption = (titles[i] || "Section") + ": your " + s.mine + " \u00d7 their " + s.theirs;
+      parts.push(table(caption, [
+        ...(r.by ? [{ label: r.by, value: (c) => (r.by in c ? c[r.by] : c.value) }] : []),
+        { label: "Companies (noisy)", value: (c) => (c.suppressed ? "withheld" : c.count), num: true },
+      ], s.rows));
+      const shown = s.rows.filter((c) => !c.suppressed);
+      if (r.by && shown.length > 1 && shown.length <= 50) parts.push(barChart(r.by, "Companies", shown.map((c) => [String(r.by in c ? c[r.by] : c.value), c.count])));
+    });
+    parts.push(...countsNote(r), el("button", { type: "button", text: "Download the report as CSV", on: { click: () => download("/v1/reports/co-selling", request, "co-selling") } }));
     return parts;
   }
 
@@ -836,10 +876,10 @@
 
   function fmt(x) { return typeof x === "number" ? String(Math.round(x * 1000) / 1000) : String(x); }
 
-  async function download(request) {
-    const r = await api("/v1/overlaps", { method: "POST", json: Object.assign({}, request, { format: "csv" }), raw: true });
+  async function download(path, request, name) {
+    const r = await api(path, { method: "POST", json: Object.assign({}, request, { format: "csv" }), raw: true });
     const blob = await r.blob();
-    const a = el("a", { href: URL.createObjectURL(blob), download: "overlap-" + request.with + ".csv" });
+    const a = el("a", { href: URL.createObjectURL(blob), download: name + "-" + request.with + ".csv" });
     document.body.append(a);
     a.click();
     a.remove();

@@ -375,6 +375,20 @@ test("a compliance officer grants overlap; the other partner uploads in the brow
   const pastRows = await past.locator("tbody tr").evaluateAll((rows) => rows.map((r) => [...r.querySelectorAll("td")].map((d) => d.textContent)));
   assert.deepEqual(pastRows, [[release.released_at.replace("T", " ").replace(/(\.\d+)?Z$/, " UTC"), release.mine, release.theirs, first.count === null ? "withheld" : String(first.count)]]);
   await mine.getByRole("img", { name: /by versions \(line chart/ }).waitFor();
+  // The co-selling report from the same overlap (free), as `escrow report co-selling` gives it.
+  const co = mine.getByRole("form", { name: "Co-selling report" });
+  await co.getByLabel("Partner").selectOption("globex");
+  await co.getByLabel("Your dataset (optional)").fill("crm");
+  await co.getByRole("button", { name: "Show co-selling report" }).click();
+  const intro = mine.getByRole("table", { name: /^Your customers among their open opportunities/ });
+  await intro.waitFor();
+  const report = JSON.parse(cli("acme", "admin", "report", "co-selling", "--with", "globex", "--mine", "crm", "--format", "json"));
+  assert.equal(report.repeated, true, "the same overlap underneath: free");
+  for (const [i, name] of [[0, /^Your customers among their open opportunities/], [1, /^Your open opportunities among their customers/]]) {
+    const shownCells = await mine.getByRole("table", { name }).locator("tbody td").allTextContents();
+    const cell = report.sections[i].rows[0];
+    assert.deepEqual(shownCells, [cell.suppressed ? "withheld" : String(cell.count)], JSON.stringify(report.sections[i]));
+  }
   await axe(mine, "account mapping");
   await shot(mine, "mapping");
 
@@ -452,8 +466,14 @@ test("audit: filters, chain verification and export", async () => {
   await form.getByLabel("Action").fill("console_login");
   await form.getByRole("button", { name: "Filter" }).click();
   const list = page.getByRole("table", { name: /Events you may see/ });
-  await page.waitForFunction(() => [...document.querySelectorAll("tbody tr")]
-    .every((r) => r.children[2].textContent === "console_login"));
+  // Wait for the filtered list itself: at least the sign-ins so far, and nothing else (an
+  // empty or half-drawn table in between would pass an unguarded check).
+  await page.waitForFunction(() => {
+    const rows = [...document.querySelectorAll("table")]
+      .filter((t) => (t.caption ? t.caption.textContent : "").startsWith("Events you may see"))
+      .flatMap((t) => [...t.querySelectorAll("tbody tr")]);
+    return rows.length >= 3 && rows.every((r) => r.children[2] && r.children[2].textContent === "console_login");
+  });
   const kinds = (await list.locator("tbody tr").allInnerTexts()).map((r) => r.split("\t")[2]);
   assert.ok(kinds.length >= 3, kinds.join());
   assert.deepEqual([...new Set(kinds)], ["console_login"]);

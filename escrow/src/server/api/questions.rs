@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use super::{ApiError, Caller, json_body};
 use crate::Error;
 use crate::server::AppState;
-use crate::server::limits::Work;
+use crate::server::limits::{Permit, Work};
 use crate::wire;
 use escrow_policies::roles::Action;
 
@@ -21,11 +21,7 @@ pub(crate) async fn explain_query(
     caller: Caller,
     body: bytes::Bytes,
 ) -> Result<Json<crate::explain::Explanation>, ApiError> {
-    caller.may(&state, Action::PolicyRead).await?;
-    let _permit = state
-        .admission
-        .admit(&caller.partner, Work::Question)
-        .await?;
+    let (_, _permit) = admitted(&state, &caller, Action::PolicyRead).await?;
     let req: wire::ExplainRequest = json_body(&body)?;
     Ok(Json(
         state.queries.explain_sql(&caller.partner, &req.sql).await?,
@@ -39,11 +35,7 @@ pub(crate) async fn explain_overlap(
     caller: Caller,
     body: bytes::Bytes,
 ) -> Result<Json<crate::explain::Explanation>, ApiError> {
-    caller.may(&state, Action::PolicyRead).await?;
-    let _permit = state
-        .admission
-        .admit(&caller.partner, Work::Question)
-        .await?;
+    let (_, _permit) = admitted(&state, &caller, Action::PolicyRead).await?;
     let req: crate::overlaps::OverlapRequest = json_body(&body)?;
     Ok(Json(
         state.queries.explain_overlap(&caller.partner, &req).await?,
@@ -58,11 +50,7 @@ pub(crate) async fn query(
     caller: Caller,
     body: bytes::Bytes,
 ) -> Result<Response, ApiError> {
-    let actor = caller.may(&state, Action::QueryRun).await?;
-    let _permit = state
-        .admission
-        .admit(&caller.partner, Work::Question)
-        .await?;
+    let (actor, _permit) = admitted(&state, &caller, Action::QueryRun).await?;
     let req: wire::QueryRequest = json_body(&body)?;
     let format = req.format.as_deref().unwrap_or("json");
     if !matches!(format, "json" | "csv" | "arrow") {
@@ -126,6 +114,21 @@ pub(crate) async fn query(
     Ok(resp)
 }
 
+/// What every question handler does first: the caller may do `action`, then a question slot
+/// of its partner's is admitted (`server::limits`), held while the permit lives.
+async fn admitted(
+    state: &AppState,
+    caller: &Caller,
+    action: Action,
+) -> Result<(crate::audit::Actor, Permit), ApiError> {
+    let actor = caller.may(state, action).await?;
+    let permit = state
+        .admission
+        .admit(&caller.partner, Work::Question)
+        .await?;
+    Ok((actor, permit))
+}
+
 /// A JSON request with an optional `format` (json or csv) beside the request's own fields.
 fn with_format<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<(T, bool), ApiError> {
     let mut v: serde_json::Value = json_body(body)?;
@@ -187,11 +190,7 @@ pub(crate) async fn overlap(
     caller: Caller,
     body: bytes::Bytes,
 ) -> Result<Response, ApiError> {
-    let actor = caller.may(&state, Action::OverlapRun).await?;
-    let _permit = state
-        .admission
-        .admit(&caller.partner, Work::Question)
-        .await?;
+    let (actor, _permit) = admitted(&state, &caller, Action::OverlapRun).await?;
     let (req, csv): (crate::overlaps::OverlapRequest, bool) = with_format(&body)?;
     let started = std::time::Instant::now();
     let result = state.queries.overlap(&actor, &req).await;
@@ -238,11 +237,7 @@ pub(crate) async fn co_selling(
     caller: Caller,
     body: bytes::Bytes,
 ) -> Result<Response, ApiError> {
-    let actor = caller.may(&state, Action::OverlapRun).await?;
-    let _permit = state
-        .admission
-        .admit(&caller.partner, Work::Question)
-        .await?;
+    let (actor, _permit) = admitted(&state, &caller, Action::OverlapRun).await?;
     let (req, csv): (crate::overlaps::CoSellingRequest, bool) = with_format(&body)?;
     let started = std::time::Instant::now();
     let result = state.queries.co_selling(&actor, &req).await;
