@@ -5,6 +5,7 @@
 mod harness;
 
 mod app;
+mod architecture;
 mod audit;
 mod bad_input;
 mod console;

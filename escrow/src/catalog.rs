@@ -15,7 +15,7 @@ use time::format_description::well_known::Rfc3339;
 
 use escrow_policies::{Grant, Usage};
 
-use crate::policy::{self, PolicyDocument, PolicyVersion};
+use crate::model::policy::{self, PolicyDocument, PolicyVersion};
 use crate::{Error, Result};
 
 const SCHEMA: &str = r#"

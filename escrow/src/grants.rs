@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::audit::{Actor, Event, Hook, Outcome};
 use crate::datadir::validate_name;
-use crate::policy::PolicyVersion;
+use crate::model::policy::PolicyVersion;
 use crate::store::Store;
 use crate::{Error, Result};
 

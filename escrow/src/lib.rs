@@ -20,6 +20,7 @@ pub mod fsutil;
 pub mod grants;
 pub mod ingest;
 pub mod matching;
+pub mod model;
 pub mod overlaps;
 pub mod pki;
 pub mod policy;

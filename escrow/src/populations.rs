@@ -10,7 +10,7 @@ use serde::Deserialize;
 use crate::audit::{Actor, Event, Hook, Outcome};
 use crate::catalog::Population;
 use crate::datadir::validate_name;
-use crate::policy::PolicyVersion;
+use crate::model::policy::PolicyVersion;
 use crate::store::Store;
 use crate::{Error, Result};
 

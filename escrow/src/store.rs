@@ -395,7 +395,7 @@ impl Store {
             validate_name("dataset", name)?;
             self.catalog
                 .delete_dataset(owner, name, &actor.user, |tx, n, v| {
-                    let mut detail = crate::policy::PolicyVersion::audit_json(v);
+                    let mut detail = crate::model::policy::PolicyVersion::audit_json(v);
                     detail["versions_destroyed"] = n.into();
                     hook.append(tx, detail)
                 })
