@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Crash soak: hundreds of kill -9s of the real server in one data directory, each at a random
-# named fault point (escrow/src/faults.rs: upload steps, random byte offsets of an upload,
+# named fault point (store/src/faults.rs: upload steps, random byte offsets of an upload,
 # audit appends, deletes) or at a random moment of an in-flight upload; after every restart
 # the directory is checked whole (tests/crash.rs `soak`: acknowledged work survives, nothing
 # partial is listed, every dataset reads back all its rows, one sealed file per version,

@@ -1,6 +1,7 @@
-//! The shape of the code, checked: no module of the `escrow` library imports one that imports
-//! it back, directly or around a loop (docs/ARCHITECTURE.md). A loop is what keeps a second
-//! catalog or storage backend from being plugged in at a seam.
+//! The shape of the code, checked (docs/ARCHITECTURE.md): no module of the `escrow` or
+//! `escrow-store` library imports one that imports it back, directly or around a loop (a loop
+//! is what keeps a second catalog or storage backend from being plugged in at a seam); the
+//! storage engine depends on no HTTP or CLI crate.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -88,13 +89,43 @@ fn loop_through(graph: &BTreeMap<String, BTreeSet<String>>, from: &str) -> Optio
 
 #[test]
 fn no_module_imports_one_that_imports_it_back() {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let graph = imports(&src);
-    assert!(graph.len() > 20, "modules found: {:?}", graph.keys());
-    assert!(graph["catalog"].contains("model"), "{:?}", graph["catalog"]);
-    let loops: Vec<String> = (graph.keys())
-        .filter_map(|m| loop_through(&graph, m))
-        .map(|l| l.join(" -> "))
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let escrow = imports(&root.join("escrow/src"));
+    let store = imports(&root.join("store/src"));
+    assert!(escrow.len() > 10, "modules found: {:?}", escrow.keys());
+    assert!(store.len() > 10, "modules found: {:?}", store.keys());
+    assert!(store["catalog"].contains("model"), "{:?}", store["catalog"]);
+    for graph in [escrow, store] {
+        let loops: Vec<String> = (graph.keys())
+            .filter_map(|m| loop_through(&graph, m))
+            .map(|l| l.join(" -> "))
+            .collect();
+        assert!(loops.is_empty(), "import loops:\n{}", loops.join("\n"));
+    }
+}
+
+#[test]
+fn the_storage_engine_depends_on_no_http_or_cli_crate() {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../store/Cargo.toml");
+    let text = std::fs::read_to_string(&manifest).expect("store/Cargo.toml");
+    let deps: Vec<&str> = (text.split("[dependencies]").nth(1).expect("dependencies"))
+        .split("\n[")
+        .next()
+        .unwrap_or("")
+        .lines()
+        .filter_map(|l| l.split(['.', '=', ' ']).next())
+        .filter(|n| !n.is_empty() && !n.starts_with('#'))
         .collect();
-    assert!(loops.is_empty(), "import loops:\n{}", loops.join("\n"));
+    assert!(deps.contains(&"rusqlite"), "{deps:?}");
+    for http in [
+        "axum",
+        "hyper",
+        "hyper-util",
+        "reqwest",
+        "clap",
+        "tower",
+        "tokio-rustls",
+    ] {
+        assert!(!deps.contains(&http), "escrow-store depends on {http}");
+    }
 }

@@ -73,7 +73,7 @@ fn kill9_mid_upload_leaves_nothing() {
 // ---- kill -9 at named points -----------------------------------------------------------------
 //
 // `ESCROW_FAULT=POINT[@N]` makes the real binary SIGKILL itself at a named point
-// (escrow/src/faults.rs; the points are listed in docs/OPERATIONS.md). Each case below arms
+// (store/src/faults.rs; the points are listed in docs/OPERATIONS.md). Each case below arms
 // one point, does the work that reaches it, checks that the process really died of SIGKILL,
 // restarts without the fault and checks the data directory as a whole.
 

@@ -33,109 +33,106 @@ use crate::{Error, Result};
 
 pub use crate::model::policy::*;
 
-impl PolicyDocument {
-    /// Check the document against the catalog, whole: every dataset is a live dataset of the
-    /// owner, every column exists, every grantee is an active partner, every setting is in
-    /// range (bounds on numeric columns), every population filter fits its dataset (and at
-    /// most `MAX_POPULATIONS` per dataset), every `overlap` grant names a population of the
-    /// document; finally the grants load into casbin together with every other owner's.
-    pub async fn validate(&self, store: &std::sync::Arc<Store>) -> Result<()> {
-        let (doc, s) = (self.clone(), store.clone());
-        let mut all = crate::queries::blocking(move || {
-            doc.validate_against_catalog(&s)?;
-            let others = s.catalog().all_grants()?;
-            Ok(others
-                .into_iter()
-                .filter(|g| g.owner != doc.owner)
-                .collect::<Vec<_>>())
-        })
-        .await?;
-        all.extend(self.grants.iter().cloned());
-        PolicySet::build(all)
-            .await
-            .map_err(|e| invalid(None, format!("the rules do not load: {e}")))?;
-        Ok(())
-    }
-
-    fn validate_against_catalog(&self, store: &Store) -> Result<()> {
-        let owner = &self.owner;
-        let mut live = BTreeMap::new();
-        for d in self.datasets() {
-            let info = store.live_dataset(owner, d).map_err(|e| match e {
-                Error::NotFound(_) => invalid(
-                    None,
-                    format!("{owner} has no dataset {d} (rules can only be about live datasets)"),
-                ),
-                other => other,
-            })?;
-            live.insert(d.to_string(), info);
-        }
-        let partners: BTreeSet<String> = store
-            .catalog()
-            .partners()?
+/// Check the document against the catalog, whole: every dataset is a live dataset of the
+/// owner, every column exists, every grantee is an active partner, every setting is in
+/// range (bounds on numeric columns), every population filter fits its dataset (and at
+/// most `MAX_POPULATIONS` per dataset), every `overlap` grant names a population of the
+/// document; finally the grants load into casbin together with every other owner's.
+pub async fn validate(doc: &PolicyDocument, store: &std::sync::Arc<Store>) -> Result<()> {
+    let (d, s) = (doc.clone(), store.clone());
+    let mut all = crate::queries::blocking(move || {
+        validate_against_catalog(&d, &s)?;
+        let others = s.catalog().all_grants()?;
+        Ok(others
             .into_iter()
-            .filter(|(_, active)| *active)
-            .map(|(n, _)| n)
-            .collect();
-        for g in &self.grants {
-            let rule = g.to_casbin().join(",");
-            if g.grantee != "*" && !partners.contains(&g.grantee) {
-                return Err(invalid(
-                    None,
-                    format!("p,{rule}: no active partner named {}", g.grantee),
-                ));
-            }
-            match (&g.column, g.usage) {
-                (Some(p), Usage::Overlap) => {
-                    if !self
-                        .populations
-                        .iter()
-                        .any(|d| d.dataset == g.dataset && &d.name == p)
-                    {
-                        return Err(invalid(
-                            None,
-                            format!(
-                                "p,{rule}: {} has no population {p} in this policy",
-                                g.dataset
-                            ),
-                        ));
-                    }
-                }
-                (Some(c), _) => {
-                    if !live[&g.dataset].columns.iter().any(|col| &col.name == c) {
-                        return Err(invalid(
-                            None,
-                            format!("p,{rule}: {} has no column {c:?}", g.dataset),
-                        ));
-                    }
-                }
-                (None, _) => {}
-            }
-        }
-        for (d, s) in &self.settings {
-            s.validate(&crate::settings::numeric_columns(&live[d]))
-                .map_err(|e| invalid(None, format!("settings of {d}: {e}")))?;
-        }
-        let mut per_dataset: BTreeMap<&str, usize> = BTreeMap::new();
-        for p in &self.populations {
-            let n = per_dataset.entry(p.dataset.as_str()).or_default();
-            *n += 1;
-            if *n > escrow_query::overlap::MAX_POPULATIONS {
-                return Err(invalid(
-                    None,
-                    format!(
-                        "{} has more than {} populations",
-                        p.dataset,
-                        escrow_query::overlap::MAX_POPULATIONS
-                    ),
-                ));
-            }
-            crate::populations::check_filter(store, owner, &p.dataset, &p.filter).map_err(|e| {
-                invalid(None, format!("population {} of {}: {e}", p.name, p.dataset))
-            })?;
-        }
-        Ok(())
+            .filter(|g| g.owner != d.owner)
+            .collect::<Vec<_>>())
+    })
+    .await?;
+    all.extend(doc.grants.iter().cloned());
+    PolicySet::build(all)
+        .await
+        .map_err(|e| invalid(None, format!("the rules do not load: {e}")))?;
+    Ok(())
+}
+
+fn validate_against_catalog(doc: &PolicyDocument, store: &Store) -> Result<()> {
+    let owner = &doc.owner;
+    let mut live = BTreeMap::new();
+    for d in doc.datasets() {
+        let info = store.live_dataset(owner, d).map_err(|e| match e {
+            Error::NotFound(_) => invalid(
+                None,
+                format!("{owner} has no dataset {d} (rules can only be about live datasets)"),
+            ),
+            other => other,
+        })?;
+        live.insert(d.to_string(), info);
     }
+    let partners: BTreeSet<String> = store
+        .catalog()
+        .partners()?
+        .into_iter()
+        .filter(|(_, active)| *active)
+        .map(|(n, _)| n)
+        .collect();
+    for g in &doc.grants {
+        let rule = g.to_casbin().join(",");
+        if g.grantee != "*" && !partners.contains(&g.grantee) {
+            return Err(invalid(
+                None,
+                format!("p,{rule}: no active partner named {}", g.grantee),
+            ));
+        }
+        match (&g.column, g.usage) {
+            (Some(p), Usage::Overlap) => {
+                if !doc
+                    .populations
+                    .iter()
+                    .any(|d| d.dataset == g.dataset && &d.name == p)
+                {
+                    return Err(invalid(
+                        None,
+                        format!(
+                            "p,{rule}: {} has no population {p} in this policy",
+                            g.dataset
+                        ),
+                    ));
+                }
+            }
+            (Some(c), _) => {
+                if !live[&g.dataset].columns.iter().any(|col| &col.name == c) {
+                    return Err(invalid(
+                        None,
+                        format!("p,{rule}: {} has no column {c:?}", g.dataset),
+                    ));
+                }
+            }
+            (None, _) => {}
+        }
+    }
+    for (d, s) in &doc.settings {
+        s.validate(&crate::settings::numeric_columns(&live[d]))
+            .map_err(|e| invalid(None, format!("settings of {d}: {e}")))?;
+    }
+    let mut per_dataset: BTreeMap<&str, usize> = BTreeMap::new();
+    for p in &doc.populations {
+        let n = per_dataset.entry(p.dataset.as_str()).or_default();
+        *n += 1;
+        if *n > escrow_query::overlap::MAX_POPULATIONS {
+            return Err(invalid(
+                None,
+                format!(
+                    "{} has more than {} populations",
+                    p.dataset,
+                    escrow_query::overlap::MAX_POPULATIONS
+                ),
+            ));
+        }
+        crate::populations::check_filter(store, owner, &p.dataset, &p.filter)
+            .map_err(|e| invalid(None, format!("population {} of {}: {e}", p.name, p.dataset)))?;
+    }
+    Ok(())
 }
 
 /// `owner`'s policy history, oldest first.
@@ -171,7 +168,7 @@ pub async fn replace(
     dry_run: bool,
 ) -> Result<(Option<i64>, PolicyDiff)> {
     let validated = match doc {
-        Ok(doc) => doc.validate(store).await.map(|_| doc),
+        Ok(doc) => validate(&doc, store).await.map(|_| doc),
         Err(e) => Err(e),
     };
     if dry_run {

@@ -22,7 +22,7 @@ use arrow_schema::SchemaRef;
 use escrow_policies::{ColumnUse, Decision, PolicySet, Usage};
 use escrow_query::{
     Answer, BatchIter, BatchSource, EntityHasher, Holder, Limits, Metric, Noise, NoiseKey,
-    Protection, QueryError, QueryTable, SharedMemory,
+    Protection, QueryTable, SharedMemory,
 };
 use escrow_query::{Executor, gate};
 use serde::Serialize;
@@ -148,30 +148,6 @@ impl<F: FnOnce()> Drop for StopOnDrop<F> {
 /// Record an audit event from async code (the append is blocking I/O).
 pub(crate) async fn record(store: Arc<Store>, event: Event) -> Result<()> {
     blocking(move || store.record(&event)).await
-}
-
-impl From<QueryError> for Error {
-    fn from(e: QueryError) -> Self {
-        match e {
-            QueryError::Refused { rule, message } => Error::Refused { rule, message },
-            // An admission refusal depends on the caller's own rows only: shown whole.
-            QueryError::ResourcesExhausted(m)
-                if m.starts_with(escrow_query::exec::ADMISSION_REFUSAL) =>
-            {
-                Error::bad("query_memory_limit", m)
-            }
-            QueryError::ResourcesExhausted(_) => Error::bad(
-                "query_memory_limit",
-                "the query needs more memory than the per-query limit",
-            ),
-            // DataFusion wraps some of its errors in others (external, context).
-            QueryError::Internal(m) if m.contains("Resources exhausted") => Error::bad(
-                "query_memory_limit",
-                "the query needs more memory than the per-query limit",
-            ),
-            QueryError::Internal(m) => Error::Internal(format!("query: {m}")),
-        }
-    }
 }
 
 impl QueryService {

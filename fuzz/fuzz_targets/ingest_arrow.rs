@@ -7,9 +7,9 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         return;
     }
     let format = if data[1] & 1 == 0 {
-        escrow::ingest::Format::ArrowFile
+        escrow_store::ingest::Format::ArrowFile
     } else {
-        escrow::ingest::Format::ArrowStream
+        escrow_store::ingest::Format::ArrowStream
     };
     ingest_common::run(format, &[&data[..1], &data[2..]].concat());
 });

@@ -3,7 +3,7 @@
 // fuzzer reaches the company-key code too. Decoder panics are caught by `ingest` itself and
 // become refusals, as in the server; any other panic aborts (libFuzzer reports it).
 
-use escrow::ingest::{Format, IngestLimits, KeySpec, KeyType, ingest};
+use escrow_store::ingest::{Format, IngestLimits, KeySpec, KeyType, ingest};
 
 pub fn run(format: Format, data: &[u8]) {
     static QUIET: std::sync::Once = std::sync::Once::new();

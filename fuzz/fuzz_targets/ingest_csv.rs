@@ -2,5 +2,5 @@
 mod ingest_common;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    ingest_common::run(escrow::ingest::Format::Csv, data);
+    ingest_common::run(escrow_store::ingest::Format::Csv, data);
 });

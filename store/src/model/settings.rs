@@ -61,12 +61,12 @@ pub struct SettingsChange {
     pub bounds: BTreeMap<String, Option<[f64; 2]>>,
 }
 
-pub(crate) fn invalid(field: impl Into<String>, message: impl std::fmt::Display) -> Error {
+pub fn invalid(field: impl Into<String>, message: impl std::fmt::Display) -> Error {
     Error::invalid_field("invalid_setting", field, message)
 }
 
 impl DatasetSettings {
-    pub(crate) fn validate(&self, numeric_columns: &[String]) -> Result<()> {
+    pub fn validate(&self, numeric_columns: &[String]) -> Result<()> {
         if !(2..=1_000_000).contains(&self.min_entities) {
             return Err(invalid(
                 "min_entities",

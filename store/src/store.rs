@@ -105,7 +105,7 @@ fn new_id() -> Result<String> {
 }
 
 /// The AAD binding of a version's data key and sealed file, from its catalog ids.
-pub(crate) fn binding(dataset_id: &str, version_id: &str) -> Result<Binding> {
+pub fn binding(dataset_id: &str, version_id: &str) -> Result<Binding> {
     let parse = |s: &str| -> Result<[u8; 16]> {
         let v = hex::decode(s).map_err(|_| Error::internal(format!("bad id in catalog: {s}")))?;
         v.try_into()
@@ -505,7 +505,7 @@ impl Store {
 /// source's current key if it records none yet, and every key a data key is wrapped under (and
 /// the catalog's current one) must be held by the source, or the store does not open: better
 /// a clear refusal at startup than unreadable datasets later.
-pub(crate) fn open_keyring(dir: &DataDir, catalog: &Catalog) -> Result<Keyring> {
+pub fn open_keyring(dir: &DataDir, catalog: &Catalog) -> Result<Keyring> {
     let keys = Keyring::load(dir.kek_source()?)?;
     let current = match keys.current_id() {
         Some(id) => catalog.ensure_current_kek(&id)?,
@@ -521,7 +521,7 @@ pub(crate) fn open_keyring(dir: &DataDir, catalog: &Catalog) -> Result<Keyring> 
 
 /// Finish or undo a key rotation a crash interrupted (see `keys::settle_rotation`); what was
 /// done, for the recovery log.
-pub(crate) fn settle_rotation(catalog: &Catalog, keys: &Keyring) -> Result<Option<String>> {
+pub fn settle_rotation(catalog: &Catalog, keys: &Keyring) -> Result<Option<String>> {
     let current = catalog.current_kek()?;
     let source = keys.source();
     Ok(match (&source.current, &source.next) {

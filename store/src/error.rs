@@ -143,3 +143,31 @@ impl From<std::io::Error> for Error {
         }
     }
 }
+
+/// A query engine error as the service reports it: refusals keep their rule; a memory
+/// refusal decided before admission is shown whole.
+impl From<escrow_query::QueryError> for Error {
+    fn from(e: escrow_query::QueryError) -> Self {
+        match e {
+            escrow_query::QueryError::Refused { rule, message } => Error::Refused { rule, message },
+            // An admission refusal depends on the caller's own rows only: shown whole.
+            escrow_query::QueryError::ResourcesExhausted(m)
+                if m.starts_with(escrow_query::exec::ADMISSION_REFUSAL) =>
+            {
+                Error::bad("query_memory_limit", m)
+            }
+            escrow_query::QueryError::ResourcesExhausted(_) => Error::bad(
+                "query_memory_limit",
+                "the query needs more memory than the per-query limit",
+            ),
+            // DataFusion wraps some of its errors in others (external, context).
+            escrow_query::QueryError::Internal(m) if m.contains("Resources exhausted") => {
+                Error::bad(
+                    "query_memory_limit",
+                    "the query needs more memory than the per-query limit",
+                )
+            }
+            escrow_query::QueryError::Internal(m) => Error::Internal(format!("query: {m}")),
+        }
+    }
+}

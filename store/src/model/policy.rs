@@ -87,7 +87,7 @@ pub struct HistoryEntry {
     pub diff: PolicyDiff,
 }
 
-pub(crate) fn invalid(line: Option<u64>, message: impl std::fmt::Display) -> Error {
+pub fn invalid(line: Option<u64>, message: impl std::fmt::Display) -> Error {
     match line {
         Some(l) => Error::bad("invalid_policy", format!("line {l}: {message}")),
         None => Error::bad("invalid_policy", message),
@@ -321,7 +321,7 @@ impl PolicyDocument {
     }
 
     /// The datasets the document names.
-    pub(crate) fn datasets(&self) -> BTreeSet<&str> {
+    pub fn datasets(&self) -> BTreeSet<&str> {
         self.grants
             .iter()
             .map(|g| g.dataset.as_str())
