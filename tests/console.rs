@@ -283,3 +283,46 @@ fn expired_links_and_revoked_identities_end_there() {
     // Others keep working.
     env.cli(&server, "acme", &["whoami"]).ok();
 }
+
+/// Links and sessions are kept in the catalog: a restarted server (or another node on the
+/// same catalog) knows them; logout on it ends the session for all.
+#[test]
+fn sessions_and_links_outlive_a_restart_of_the_server() {
+    let env = Env::new();
+    let mut server = env.serve(&[]);
+    let mut browser = Browser::new(&env, &server);
+    let r = browser.open_link(&link(&env, &server, "acme"));
+    assert_eq!(r.status, 303, "{}", r.body);
+    let pending = link(&env, &server, "globex");
+    let csrf = browser.get("/v1/console/session").json()["csrf"]
+        .as_str()
+        .expect("csrf")
+        .to_string();
+    server.terminate();
+
+    let server = env.serve(&[]);
+    browser.base = server.url.clone();
+    let who = browser.get("/v1/whoami").json();
+    assert_eq!(
+        (who["partner"].as_str(), who["via"].as_str()),
+        (Some("acme"), Some("console"))
+    );
+    assert_eq!(
+        browser.get("/v1/console/session").json()["csrf"],
+        csrf.as_str()
+    );
+    // The link minted before the restart works once, on the new server.
+    let pending = pending.replace(
+        pending.split("/login/").next().expect("base"),
+        server.url.trim_end_matches('/'),
+    );
+    let mut other = Browser::new(&env, &server);
+    assert_eq!(other.open_link(&pending).status, 303);
+    assert_eq!(other.get("/v1/whoami").json()["partner"], "globex");
+    assert_eq!(other.open_link(&pending).status, 403, "used already");
+
+    let r = browser.send("POST", "/v1/console/logout", &[("x-csrf-token", &csrf)], "");
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = browser.get("/v1/whoami");
+    assert_eq!((r.status, r.code().as_str()), (401, "unauthenticated"));
+}

@@ -155,7 +155,54 @@ CREATE TABLE IF NOT EXISTS crl_state (
     id      INTEGER PRIMARY KEY CHECK (id = 1),
     number  INTEGER NOT NULL
 );
+-- The web console's sign-in links (kind 'link') and browser sessions (kind 'session'), kept
+-- in the catalog so that every node sharing it knows them and a restart ends none. Tokens
+-- are kept by their SHA-256 only (`digest`, hex): a copy of the catalog cannot be replayed.
+-- Times are milliseconds since the Unix epoch.
+CREATE TABLE IF NOT EXISTS console_tokens (
+    kind        TEXT NOT NULL,
+    digest      TEXT NOT NULL,
+    serial      TEXT NOT NULL,                 -- the certificate the link was minted with
+    partner     TEXT NOT NULL,
+    user        TEXT NOT NULL,
+    created_ms  INTEGER NOT NULL,
+    seen_ms     INTEGER NOT NULL,
+    PRIMARY KEY (kind, digest)
+);
 "#;
+
+/// Who a console link or session acts as: the serial of the certificate it was minted with,
+/// its partner and its user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleIdentity {
+    pub serial: String,
+    pub partner: String,
+    pub user: String,
+}
+
+/// How long console tokens of one kind live and how many are kept.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenRules {
+    /// A token unused for this long has ended.
+    pub idle_ms: i64,
+    /// A token this old has ended, used or not.
+    pub absolute_ms: i64,
+    /// Tokens one identity may hold: another drops that identity's least recently used.
+    pub per_identity: usize,
+    /// Tokens kept in all: past it a new one is refused (nobody else's is dropped).
+    pub max: usize,
+}
+
+/// What to do with a console token found live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenUse {
+    /// Look only.
+    Peek,
+    /// Restart its idle time.
+    Touch,
+    /// Use it up (a sign-in link works once).
+    Take,
+}
 
 /// Handle on the catalog database.
 pub struct Catalog {
@@ -1474,6 +1521,113 @@ impl Catalog {
             })?
             .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
+    }
+
+    /// Keep a new console token of `kind` for `who` (`rules`: ended tokens of that kind
+    /// are dropped first, then `who`'s least recently used beyond its share). `false` when
+    /// the kind is full: nothing was kept.
+    pub fn console_token_insert(
+        &self,
+        kind: &str,
+        digest: &str,
+        who: &ConsoleIdentity,
+        now_ms: i64,
+        rules: &TokenRules,
+    ) -> Result<bool> {
+        self.write(|tx| {
+            tx.execute(
+                "DELETE FROM console_tokens
+                 WHERE kind = ?1 AND (?2 - seen_ms >= ?3 OR ?2 - created_ms >= ?4)",
+                params![kind, now_ms, rules.idle_ms, rules.absolute_ms],
+            )?;
+            let own: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM console_tokens WHERE kind = ?1 AND serial = ?2",
+                params![kind, who.serial],
+                |r| r.get(0),
+            )?;
+            let over = own + 1 - rules.per_identity as i64;
+            if over > 0 {
+                tx.execute(
+                    "DELETE FROM console_tokens WHERE rowid IN (SELECT rowid FROM console_tokens
+                       WHERE kind = ?1 AND serial = ?2 ORDER BY seen_ms, rowid LIMIT ?3)",
+                    params![kind, who.serial, over],
+                )?;
+            }
+            let all: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM console_tokens WHERE kind = ?1",
+                [kind],
+                |r| r.get(0),
+            )?;
+            if all >= rules.max as i64 {
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT INTO console_tokens (kind, digest, serial, partner, user, created_ms, seen_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+                params![kind, digest, who.serial, who.partner, who.user, now_ms],
+            )?;
+            Ok(true)
+        })
+    }
+
+    /// The live console token `digest` of `kind`, used as `how`; `None` if unknown or ended
+    /// (an ended one is dropped).
+    pub fn console_token(
+        &self,
+        kind: &str,
+        digest: &str,
+        now_ms: i64,
+        rules: &TokenRules,
+        how: TokenUse,
+    ) -> Result<Option<ConsoleIdentity>> {
+        self.write(|tx| {
+            let row: Option<(ConsoleIdentity, i64, i64)> = tx
+                .query_row(
+                    "SELECT serial, partner, user, created_ms, seen_ms FROM console_tokens
+                     WHERE kind = ?1 AND digest = ?2",
+                    params![kind, digest],
+                    |r| {
+                        Ok((
+                            ConsoleIdentity {
+                                serial: r.get(0)?,
+                                partner: r.get(1)?,
+                                user: r.get(2)?,
+                            },
+                            r.get(3)?,
+                            r.get(4)?,
+                        ))
+                    },
+                )
+                .optional()?;
+            let Some((who, created, seen)) = row else {
+                return Ok(None);
+            };
+            let ended = now_ms - seen >= rules.idle_ms || now_ms - created >= rules.absolute_ms;
+            let drop = ended || how == TokenUse::Take;
+            if drop {
+                tx.execute(
+                    "DELETE FROM console_tokens WHERE kind = ?1 AND digest = ?2",
+                    params![kind, digest],
+                )?;
+            } else if how == TokenUse::Touch && now_ms > seen {
+                tx.execute(
+                    "UPDATE console_tokens SET seen_ms = ?3 WHERE kind = ?1 AND digest = ?2",
+                    params![kind, digest, now_ms],
+                )?;
+            }
+            Ok((!ended).then_some(who))
+        })
+    }
+
+    /// Forget the console token `digest` of `kind` (logout).
+    pub fn console_token_end(&self, kind: &str, digest: &str) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "DELETE FROM console_tokens WHERE kind = ?1 AND digest = ?2",
+                params![kind, digest],
+            )?;
+            Ok(())
+        })
     }
 
     /// What `partner` has spent on `owner`'s data, every dataset and version of it, as the

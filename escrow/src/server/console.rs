@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 use super::AppState;
 use super::api::{ApiError, Caller, Via, blocking};
-use super::sessions::{self, Identity, Session, Sessions};
+use super::sessions::{self, Identity, Session};
 use crate::Error;
 use crate::audit::{Actor, Event, Outcome};
 use crate::wire::{ConsoleLink, ConsoleSession};
@@ -52,14 +52,14 @@ pub fn api() -> utoipa_axum::router::OpenApiRouter<Arc<AppState>> {
 pub(super) fn session(
     method: &Method,
     headers: &HeaderMap,
-    sessions: &Sessions,
+    state: &AppState,
 ) -> Result<Session, ApiError> {
     let token = cookie(headers).ok_or_else(|| {
         Error::Unauthenticated(
             "no client certificate and no console session (sign in with `escrow console`)".into(),
         )
     })?;
-    let session = sessions.get(&token).ok_or_else(|| {
+    let session = (state.sessions.get(state.store.catalog(), &token)?).ok_or_else(|| {
         Error::Unauthenticated(
             "the console session ended; sign in again with `escrow console`".into(),
         )
@@ -160,11 +160,14 @@ pub(super) async fn mint_link(
         .subject
         .map(|s| s.serial)
         .ok_or_else(|| Error::internal("a certificate caller without a subject"))?;
-    let token = state.sessions.mint_link(Identity {
-        serial,
-        partner: caller.partner.clone(),
-        user: caller.user.clone(),
-    })?;
+    let token = state.sessions.mint_link(
+        state.store.catalog(),
+        Identity {
+            serial,
+            partner: caller.partner.clone(),
+            user: caller.user.clone(),
+        },
+    )?;
     audit(&state, caller.actor(), "console_link", Outcome::Ok).await?;
     Ok(Json(ConsoleLink {
         path: format!("/login/{token}"),
@@ -200,8 +203,10 @@ fn link_refused(status: StatusCode) -> Response {
 /// link (its own partner's, to sign a victim into the wrong account), or a link preview that
 /// fetches one, achieves nothing.
 async fn confirm_login(State(state): State<Arc<AppState>>, Path(token): Path<String>) -> Response {
-    let Some(who) = state.sessions.peek(&token) else {
-        return link_refused(StatusCode::FORBIDDEN);
+    let who = match state.sessions.peek(state.store.catalog(), &token) {
+        Ok(Some(who)) => who,
+        Ok(None) => return link_refused(StatusCode::FORBIDDEN),
+        Err(e) => return ApiError(e).into_response(),
     };
     // Names are [a-z0-9_-] (datadir::validate_name), but escaped anyway.
     let esc = |s: &str| {
@@ -223,6 +228,14 @@ async fn confirm_login(State(state): State<Arc<AppState>>, Path(token): Path<Str
             ),
         ),
     )
+}
+
+/// End a session just made whose sign-in could not finish (a failure to end it is logged:
+/// the sign-in is refused either way, and the session ends by itself when idle).
+fn end_session(state: &AppState, session: &str) {
+    if let Err(e) = state.sessions.end(state.store.catalog(), session) {
+        tracing::error!(error = %e, "console session not ended");
+    }
 }
 
 /// Whether a POST came from this origin's own page: browsers send `Sec-Fetch-Site` and
@@ -259,7 +272,7 @@ async fn login(
         ))
         .into_response();
     }
-    let redeemed = match state.sessions.redeem(&token) {
+    let redeemed = match state.sessions.redeem(state.store.catalog(), &token) {
         Ok(Some(r)) => r,
         Ok(None) => return link_refused(StatusCode::FORBIDDEN),
         Err(e) => return ApiError(e).into_response(),
@@ -273,13 +286,13 @@ async fn login(
     };
     let Some(id) = active.filter(|i| i.partner == identity.partner && i.user == identity.user)
     else {
-        state.sessions.end(&session);
+        end_session(&state, &session);
         return link_refused(StatusCode::FORBIDDEN);
     };
     let mut actor = Actor::user(&id.partner, &id.user, &id.role);
     actor.via = Some("console".into());
     if let Err(e) = audit(&state, actor, "console_login", Outcome::Ok).await {
-        state.sessions.end(&session);
+        end_session(&state, &session);
         return e.into_response();
     }
     let mut r = page(
@@ -317,7 +330,7 @@ pub(super) async fn current_session(
     caller: Caller,
 ) -> Result<Json<ConsoleSession>, ApiError> {
     let csrf = match caller.via {
-        Via::Console => Some(session(&Method::GET, &headers, &state.sessions)?.csrf),
+        Via::Console => Some(session(&Method::GET, &headers, &state)?.csrf),
         Via::Certificate => None,
     };
     Ok(Json(ConsoleSession {
@@ -335,7 +348,7 @@ pub(super) async fn logout(
     caller: Caller,
 ) -> Result<Response, ApiError> {
     if let Some(token) = cookie(&headers) {
-        state.sessions.end(&token);
+        state.sessions.end(state.store.catalog(), &token)?;
     }
     audit(&state, caller.actor(), "console_logout", Outcome::Ok).await?;
     let mut r = StatusCode::NO_CONTENT.into_response();

@@ -7,18 +7,21 @@
 //! SameSite=Strict cookie, ended by logout, by [`IDLE`] without a request, after
 //! [`ABSOLUTE`] in any case, and by the identity's revocation (every request checks the
 //! identity, as for a certificate). A state-changing request must also carry the session's
-//! CSRF token in a header, which a cross-site form cannot set.
+//! CSRF token in a header, which a cross-site form cannot set; it is derived from the
+//! session token, so it is stored nowhere.
 //!
-//! Tokens are kept by their SHA-256 only, so a memory dump of the map cannot be replayed.
-//! Sessions live in this process: a restart ends them.
+//! Links and sessions live in the catalog (`console_tokens`), by the SHA-256 of their tokens
+//! only, so a copy of the catalog cannot be replayed: every node on one catalog knows them,
+//! and a restart ends none.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 
 use crate::Result;
+use crate::catalog::{Catalog, TokenRules, TokenUse};
+
+pub use crate::catalog::ConsoleIdentity as Identity;
 
 /// How long a login link may wait to be opened, by default.
 pub const LINK_TTL: Duration = Duration::from_secs(5 * 60);
@@ -36,14 +39,8 @@ const SESSIONS_PER_IDENTITY: usize = 8;
 /// a new one is refused with 429 rather than anyone's being dropped.
 const MAX_ENTRIES: usize = 10_000;
 
-/// The identity a link or session acts as.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
-    /// Serial of the certificate the link was minted with (checked as active per request).
-    pub serial: String,
-    pub partner: String,
-    pub user: String,
-}
+const LINK: &str = "link";
+const SESSION: &str = "session";
 
 /// A live session, as a request sees it.
 #[derive(Debug, Clone)]
@@ -53,20 +50,10 @@ pub struct Session {
     pub csrf: String,
 }
 
-#[derive(Debug)]
-struct Entry {
-    identity: Identity,
-    csrf: String,
-    created: Instant,
-    last_seen: Instant,
-}
-
-/// Login links and sessions of one server.
+/// The rules of login links and sessions of one server; they are kept in the catalog.
 #[derive(Debug)]
 pub struct Sessions {
     link_ttl: Duration,
-    links: Mutex<HashMap<[u8; 32], (Identity, Instant)>>,
-    sessions: Mutex<HashMap<[u8; 32], Entry>>,
 }
 
 impl Default for Sessions {
@@ -79,50 +66,39 @@ fn token() -> Result<String> {
     Ok(hex::encode(crate::crypto::random_bytes::<32>()?))
 }
 
-fn digest(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
+fn digest(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
 }
 
-/// Make room for one more entry of `serial`: drop its own oldest beyond `per_identity`;
-/// refuse when the whole map is full (nobody else's entry is dropped).
-fn bound<V>(
-    map: &mut HashMap<[u8; 32], V>,
-    serial: &str,
-    per_identity: usize,
-    of: impl Fn(&V) -> (&Identity, Instant),
-) -> Result<()> {
-    loop {
-        let own: Vec<([u8; 32], Instant)> = map
-            .iter()
-            .filter(|(_, v)| of(v).0.serial == serial)
-            .map(|(k, v)| (*k, of(v).1))
-            .collect();
-        if own.len() < per_identity {
-            break;
-        }
-        if let Some((oldest, _)) = own.iter().min_by_key(|(_, at)| *at) {
-            map.remove(oldest);
-        }
+/// The CSRF token of the session `token`: a hash of it under its own label, which the page
+/// learns from the API and a cross-site form cannot.
+fn csrf_of(token: &str) -> String {
+    hex::encode(Sha256::digest(
+        format!("escrow console csrf\0{token}").as_bytes(),
+    ))
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, ms)
+}
+
+fn full() -> crate::Error {
+    crate::Error::Busy {
+        what: "console sign-ins",
+        limit: MAX_ENTRIES,
+        scope: "the server",
+        retry_after: 60,
     }
-    if map.len() >= MAX_ENTRIES {
-        return Err(crate::Error::Busy {
-            what: "console sign-ins",
-            limit: MAX_ENTRIES,
-            scope: "the server",
-            retry_after: 60,
-        });
-    }
-    Ok(())
 }
 
 impl Sessions {
     /// Sessions whose login links are valid for `link_ttl`.
     pub fn new(link_ttl: Duration) -> Self {
-        Sessions {
-            link_ttl,
-            links: Mutex::default(),
-            sessions: Mutex::default(),
-        }
+        Sessions { link_ttl }
     }
 
     /// How long a login link is valid.
@@ -130,103 +106,90 @@ impl Sessions {
         self.link_ttl
     }
 
-    /// A new single-use login link token for `identity`.
-    pub fn mint_link(&self, identity: Identity) -> Result<String> {
-        self.mint_link_at(identity, Instant::now())
+    fn links(&self) -> TokenRules {
+        TokenRules {
+            idle_ms: ms(self.link_ttl),
+            absolute_ms: ms(self.link_ttl),
+            per_identity: LINKS_PER_IDENTITY,
+            max: MAX_ENTRIES,
+        }
     }
 
-    fn mint_link_at(&self, identity: Identity, now: Instant) -> Result<String> {
+    fn sessions() -> TokenRules {
+        TokenRules {
+            idle_ms: ms(IDLE),
+            absolute_ms: ms(ABSOLUTE),
+            per_identity: SESSIONS_PER_IDENTITY,
+            max: MAX_ENTRIES,
+        }
+    }
+
+    /// A new single-use login link token for `identity`.
+    pub fn mint_link(&self, catalog: &Catalog, identity: Identity) -> Result<String> {
+        self.mint_link_at(catalog, identity, now_ms())
+    }
+
+    fn mint_link_at(&self, catalog: &Catalog, identity: Identity, now: i64) -> Result<String> {
         let t = token()?;
-        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
-        links.retain(|_, (_, at)| now.duration_since(*at) < self.link_ttl);
-        bound(
-            &mut links,
-            &identity.serial,
-            LINKS_PER_IDENTITY,
-            |(i, at)| (i, *at),
-        )?;
-        links.insert(digest(&t), (identity, now));
+        if !catalog.console_token_insert(LINK, &digest(&t), &identity, now, &self.links())? {
+            return Err(full());
+        }
         Ok(t)
     }
 
     /// Whose a link is, without using it (the sign-in page asks before signing in); `None`
     /// if unknown, used or expired.
-    pub fn peek(&self, link: &str) -> Option<Identity> {
-        let links = self.links.lock().unwrap_or_else(|p| p.into_inner());
-        links
-            .get(&digest(link))
-            .filter(|(_, at)| at.elapsed() < self.link_ttl)
-            .map(|(i, _)| i.clone())
+    pub fn peek(&self, catalog: &Catalog, link: &str) -> Result<Option<Identity>> {
+        catalog.console_token(LINK, &digest(link), now_ms(), &self.links(), TokenUse::Peek)
     }
 
     /// Use a link: its identity and a new session token, or `None` if the link is unknown,
     /// used already or expired. A link is gone after its first use, successful or not.
-    pub fn redeem(&self, link: &str) -> Result<Option<(Identity, String)>> {
-        self.redeem_at(link, Instant::now())
+    pub fn redeem(&self, catalog: &Catalog, link: &str) -> Result<Option<(Identity, String)>> {
+        self.redeem_at(catalog, link, now_ms())
     }
 
-    fn redeem_at(&self, link: &str, now: Instant) -> Result<Option<(Identity, String)>> {
-        let removed = self
-            .links
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&digest(link));
-        let Some((identity, at)) = removed else {
+    fn redeem_at(
+        &self,
+        catalog: &Catalog,
+        link: &str,
+        now: i64,
+    ) -> Result<Option<(Identity, String)>> {
+        let Some(identity) =
+            catalog.console_token(LINK, &digest(link), now, &self.links(), TokenUse::Take)?
+        else {
             return Ok(None);
         };
-        if now.duration_since(at) >= self.link_ttl {
-            return Ok(None);
+        let t = token()?;
+        if !catalog.console_token_insert(SESSION, &digest(&t), &identity, now, &Self::sessions())? {
+            return Err(full());
         }
-        let (t, csrf) = (token()?, token()?);
-        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        sessions.retain(|_, e| {
-            now.duration_since(e.last_seen) < IDLE && now.duration_since(e.created) < ABSOLUTE
-        });
-        bound(
-            &mut sessions,
-            &identity.serial,
-            SESSIONS_PER_IDENTITY,
-            |e| (&e.identity, e.last_seen),
-        )?;
-        sessions.insert(
-            digest(&t),
-            Entry {
-                identity: identity.clone(),
-                csrf,
-                created: now,
-                last_seen: now,
-            },
-        );
         Ok(Some((identity, t)))
     }
 
     /// The live session of `token`, its idle time restarted; `None` (and forgotten) if it
     /// ended.
-    pub fn get(&self, token: &str) -> Option<Session> {
-        self.get_at(token, Instant::now())
+    pub fn get(&self, catalog: &Catalog, token: &str) -> Result<Option<Session>> {
+        self.get_at(catalog, token, now_ms())
     }
 
-    fn get_at(&self, token: &str, now: Instant) -> Option<Session> {
-        let key = digest(token);
-        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        let e = sessions.get_mut(&key)?;
-        if now.duration_since(e.last_seen) >= IDLE || now.duration_since(e.created) >= ABSOLUTE {
-            sessions.remove(&key);
-            return None;
-        }
-        e.last_seen = now;
-        Some(Session {
-            identity: e.identity.clone(),
-            csrf: e.csrf.clone(),
-        })
+    fn get_at(&self, catalog: &Catalog, token: &str, now: i64) -> Result<Option<Session>> {
+        let found = catalog.console_token(
+            SESSION,
+            &digest(token),
+            now,
+            &Self::sessions(),
+            TokenUse::Touch,
+        )?;
+        Ok(found.map(|identity| Session {
+            identity,
+            csrf: csrf_of(token),
+        }))
     }
 
     /// End the session of `token` (logout).
-    pub fn end(&self, token: &str) {
-        self.sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&digest(token));
+    pub fn end(&self, catalog: &Catalog, token: &str) -> Result<()> {
+        catalog.console_token_end(SESSION, &digest(token))
     }
 }
 
@@ -242,18 +205,47 @@ mod tests {
         }
     }
 
+    fn catalog() -> (tempfile::TempDir, Catalog) {
+        let dir = tempfile::tempdir().expect("tmp");
+        let c = Catalog::open(&dir.path().join("catalog.db")).expect("catalog");
+        (dir, c)
+    }
+
     #[test]
     fn a_link_is_used_once() {
+        let (_d, c) = catalog();
         let s = Sessions::default();
-        let link = s.mint_link(who()).unwrap();
-        let (identity, session) = s.redeem(&link).unwrap().expect("first use");
+        let link = s.mint_link(&c, who()).unwrap();
+        let (identity, session) = s.redeem(&c, &link).unwrap().expect("first use");
         assert_eq!(identity, who());
-        assert!(s.redeem(&link).unwrap().is_none(), "a second use");
-        let got = s.get(&session).expect("session");
+        assert!(s.redeem(&c, &link).unwrap().is_none(), "a second use");
+        let got = s.get(&c, &session).unwrap().expect("session");
         assert_eq!(got.identity, who());
         assert_eq!(got.csrf.len(), 64);
-        assert!(s.get(&link).is_none(), "a link is no session");
-        assert!(s.redeem("00").unwrap().is_none());
+        assert_ne!(got.csrf, session);
+        assert!(s.get(&c, &link).unwrap().is_none(), "a link is no session");
+        assert!(s.redeem(&c, "00").unwrap().is_none());
+    }
+
+    #[test]
+    fn sessions_are_known_to_every_server_on_the_catalog_and_survive_a_restart() {
+        let (d, c) = catalog();
+        let a = Sessions::default();
+        let (_, session) = a
+            .redeem(&c, &a.mint_link(&c, who()).unwrap())
+            .unwrap()
+            .unwrap();
+        let link = a.mint_link(&c, who()).unwrap();
+        drop(c);
+        // Another server (or this one restarted) on the same catalog.
+        let c = Catalog::open(&d.path().join("catalog.db")).expect("catalog");
+        let b = Sessions::default();
+        let got = b.get(&c, &session).unwrap().expect("known on b");
+        assert_eq!(got.identity, who());
+        assert_eq!(got.csrf, csrf_of(&session));
+        assert_eq!(b.peek(&c, &link).unwrap(), Some(who()));
+        b.end(&c, &session).unwrap();
+        assert!(a.get(&c, &session).unwrap().is_none(), "ended for all");
     }
 
     fn of(serial: &str) -> Identity {
@@ -266,82 +258,93 @@ mod tests {
 
     #[test]
     fn one_identity_minting_many_drops_only_its_own() {
+        let (_d, c) = catalog();
         let s = Sessions::default();
-        let theirs = s.mint_link(of("aa")).unwrap();
-        let (_, their_session) = s.redeem(&s.mint_link(of("aa")).unwrap()).unwrap().unwrap();
+        let theirs = s.mint_link(&c, of("aa")).unwrap();
+        let (_, their_session) = s
+            .redeem(&c, &s.mint_link(&c, of("aa")).unwrap())
+            .unwrap()
+            .unwrap();
         let mut mine = Vec::new();
-        for _ in 0..200 {
-            let link = s.mint_link(of("bb")).unwrap();
-            mine.push(link.clone());
-            let _ = s.redeem(&s.mint_link(of("bb")).unwrap()).unwrap().unwrap();
+        let mut sessions = Vec::new();
+        for _ in 0..40 {
+            mine.push(s.mint_link(&c, of("bb")).unwrap());
+            let l = s.mint_link(&c, of("bb")).unwrap();
+            sessions.push(s.redeem(&c, &l).unwrap().unwrap().1);
         }
         assert_eq!(
-            s.peek(&theirs),
+            s.peek(&c, &theirs).unwrap(),
             Some(of("aa")),
             "another identity's link stays"
         );
         assert!(
-            s.get(&their_session).is_some(),
+            s.get(&c, &their_session).unwrap().is_some(),
             "another identity's session stays"
         );
-        let live = mine.iter().filter(|l| s.peek(l).is_some()).count();
-        assert!(live <= LINKS_PER_IDENTITY, "{live} links of one identity");
-        let sessions = s.sessions.lock().unwrap();
-        let own = sessions
-            .values()
-            .filter(|e| e.identity.serial == "bb")
+        let live = mine
+            .iter()
+            .filter(|l| s.peek(&c, l).unwrap().is_some())
             .count();
-        assert!(
-            own <= SESSIONS_PER_IDENTITY,
-            "{own} sessions of one identity"
-        );
+        assert!(live <= LINKS_PER_IDENTITY, "{live} links of one identity");
+        let own = (sessions.iter())
+            .filter(|t| s.get(&c, t).unwrap().is_some())
+            .count();
+        assert_eq!(own, SESSIONS_PER_IDENTITY, "sessions of one identity");
     }
 
     #[test]
     fn peeking_does_not_use_a_link() {
+        let (_d, c) = catalog();
         let s = Sessions::default();
-        let link = s.mint_link(who()).unwrap();
-        assert_eq!(s.peek(&link), Some(who()));
-        assert_eq!(s.peek(&link), Some(who()));
-        assert!(s.redeem(&link).unwrap().is_some());
-        assert_eq!(s.peek(&link), None, "used");
+        let link = s.mint_link(&c, who()).unwrap();
+        assert_eq!(s.peek(&c, &link).unwrap(), Some(who()));
+        assert_eq!(s.peek(&c, &link).unwrap(), Some(who()));
+        assert!(s.redeem(&c, &link).unwrap().is_some());
+        assert_eq!(s.peek(&c, &link).unwrap(), None, "used");
     }
 
     #[test]
     fn links_and_sessions_expire() {
+        let (_d, c) = catalog();
         let s = Sessions::default();
-        let t0 = Instant::now();
-        let link = s.mint_link_at(who(), t0).unwrap();
+        let t0 = 1_000_000;
+        let link = s.mint_link_at(&c, who(), t0).unwrap();
         assert!(
-            s.redeem_at(&link, t0 + LINK_TTL).unwrap().is_none(),
+            s.redeem_at(&c, &link, t0 + ms(LINK_TTL)).unwrap().is_none(),
             "expired link"
         );
 
-        let link = s.mint_link_at(who(), t0).unwrap();
-        let (_, session) = s.redeem_at(&link, t0).unwrap().expect("in time");
+        let link = s.mint_link_at(&c, who(), t0).unwrap();
+        let (_, session) = s.redeem_at(&c, &link, t0).unwrap().expect("in time");
         // Idle expiry restarts with each request...
         let mut now = t0;
         for _ in 0..30 {
-            now += IDLE - Duration::from_secs(1);
-            if now.duration_since(t0) >= ABSOLUTE {
+            now += ms(IDLE) - 1_000;
+            if now - t0 >= ms(ABSOLUTE) {
                 break;
             }
-            assert!(s.get_at(&session, now).is_some());
+            assert!(s.get_at(&c, &session, now).unwrap().is_some());
         }
         // ...but the absolute expiry does not.
-        assert!(s.get_at(&session, t0 + ABSOLUTE).is_none(), "past absolute");
         assert!(
-            s.get_at(&session, t0).is_none(),
+            s.get_at(&c, &session, t0 + ms(ABSOLUTE)).unwrap().is_none(),
+            "past absolute"
+        );
+        assert!(
+            s.get_at(&c, &session, t0).unwrap().is_none(),
             "an ended session stays ended"
         );
 
-        let link = s.mint_link_at(who(), t0).unwrap();
-        let (_, session) = s.redeem_at(&link, t0).unwrap().expect("in time");
-        assert!(s.get_at(&session, t0 + IDLE).is_none(), "idle");
+        let link = s.mint_link_at(&c, who(), t0).unwrap();
+        let (_, session) = s.redeem_at(&c, &link, t0).unwrap().expect("in time");
+        assert!(
+            s.get_at(&c, &session, t0 + ms(IDLE)).unwrap().is_none(),
+            "idle"
+        );
 
-        let link = s.mint_link_at(who(), t0).unwrap();
-        let (_, session) = s.redeem_at(&link, t0).unwrap().expect("in time");
-        s.end(&session);
-        assert!(s.get_at(&session, t0).is_none(), "logged out");
+        let link = s.mint_link_at(&c, who(), t0).unwrap();
+        let (_, session) = s.redeem_at(&c, &link, t0).unwrap().expect("in time");
+        s.end(&c, &session).unwrap();
+        assert!(s.get_at(&c, &session, t0).unwrap().is_none(), "logged out");
     }
 }
