@@ -496,7 +496,7 @@ async fn reduce_tables(
         });
     }
     let per_company = per_company(report, p.max_groups_per_entity);
-    admit(&sizes, &first, &per_company, limit, &p.shared)?;
+    let most = admit(&sizes, &first, &per_company, limit, &p.shared)?;
     // Admitted: from here the question is not cut off by its time limit. Another partner's
     // tables are reduced now, without a memory limit: how long that takes and how much it
     // holds depend on how many of their rows pass the caller's filters, so neither may
@@ -505,10 +505,7 @@ async fn reduce_tables(
     if !stop.admit() {
         return Err(Stop::error().into());
     }
-    let reservation = p
-        .shared
-        .reserve(needed(&sizes, &first, &per_company, true).unwrap_or(0.0))
-        .await;
+    let reservation = p.shared.reserve(most).await;
     let unbounded = crate::session::phase_two(state)?;
     for (t, plan) in plans.iter().enumerate() {
         if reduced[t].is_none() {
@@ -635,13 +632,15 @@ fn needed(sizes: &[Reduced], first: &[usize], per_company: &[u64], theirs: bool)
 ///   stored versions, whatever the filters keep, rounded up to a power of two of MiB): the
 ///   most it could hold after admission must be reservable ([`crate::memory`]), so that no
 ///   question of one partner makes another's wait (docs/THREAT_MODEL.md).
+///
+/// Returns that most, in bytes: what the question reserves once admitted.
 fn admit(
     sizes: &[Reduced],
     first: &[usize],
     per_company: &[u64],
     limit: Option<usize>,
     shared: &MemoryShare,
-) -> Result<(), QueryError> {
+) -> Result<f64, QueryError> {
     let pool = shared.pool();
     let most = needed(sizes, first, per_company, true).unwrap_or(0.0);
     if pool.rounded(most).is_none() {
@@ -652,7 +651,7 @@ fn admit(
         )));
     }
     let (Some(limit), Some(needed)) = (limit, needed(sizes, first, per_company, false)) else {
-        return Ok(());
+        return Ok(most);
     };
     if needed > limit as f64 {
         return Err(QueryError::ResourcesExhausted(format!(
@@ -661,7 +660,7 @@ fn admit(
             limit >> 20
         )));
     }
-    Ok(())
+    Ok(most)
 }
 
 /// `bytes` in whole MiB, rounded up.
