@@ -1,9 +1,12 @@
 """The client side of bench/load.sh (stdlib only): see there."""
 import http.client, json, os, ssl, subprocess, sys, threading, time
 
-server, data, pid, seconds, partners, binary = sys.argv[1:7]
+# SERVERS and PIDS are comma-separated: several nodes on one catalog (partner i talks to
+# node i mod n; setup runs through the first).
+servers, data, pids, seconds, partners, binary = sys.argv[1:7]
+servers, pids = servers.split(","), [int(p) for p in pids.split(",")]
+server = servers[0]
 seconds, partners = float(seconds), int(partners)
-host, port = server.removeprefix("https://").rsplit(":", 1)
 names = [f"p{i:0{len(str(partners))}d}" for i in range(1, partners + 1)]
 
 
@@ -28,8 +31,9 @@ def cli(partner, *args):
 
 
 class Client:
-    def __init__(self, partner):
+    def __init__(self, partner, node=0):
         self.partner = partner
+        self.host, self.port = servers[node % len(servers)].removeprefix("https://").rsplit(":", 1)
         self.ctx = ssl.create_default_context(cafile=os.path.join(ident(partner), "ca.pem"))
         self.ctx.load_cert_chain(os.path.join(ident(partner), "cert.pem"),
                                  os.path.join(ident(partner), "key.pem"))
@@ -42,7 +46,7 @@ class Client:
         busy, start = 0, time.perf_counter()
         while True:
             if self.conn is None:
-                self.conn = http.client.HTTPSConnection(host, int(port), context=self.ctx, timeout=120)
+                self.conn = http.client.HTTPSConnection(self.host, int(self.port), context=self.ctx, timeout=120)
             t0 = time.perf_counter()
             try:
                 self.conn.request(method, path, body=body, headers={"content-type": ctype})
@@ -86,7 +90,7 @@ stop_at = 0.0
 
 def worker(idx):
     p, nxt = names[idx], names[(idx + 1) % len(names)]
-    c = Client(p)
+    c = Client(p, idx)
     step, version = 0, 0
     questions = [
         ("own", "/v1/queries", json.dumps({"sql": f"SELECT region, COUNT(DISTINCT website) AS n FROM {p}.accounts GROUP BY region"})),
@@ -116,11 +120,14 @@ def worker(idx):
 
 
 def rss_kib():
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+    """The servers' resident memory, summed over the nodes."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
 
 
 setup()
@@ -143,7 +150,7 @@ def pct(xs, q):
 
 
 total = sum(len(v) for v in results.values())
-print(f"{len(names)} partners for {elapsed:.0f} s: {total} requests ok ({total / elapsed:.1f}/s), "
+print(f"{len(names)} partners on {len(servers)} node(s) for {elapsed:.0f} s: {total} requests ok ({total / elapsed:.1f}/s), "
       f"{len(failures)} failed, {busy_total[0]} answered 429 and retried after Retry-After")
 for kind in ["upload", "own", "join", "overlap"]:
     xs = results.get(kind, [])
@@ -152,7 +159,7 @@ for kind in ["upload", "own", "join", "overlap"]:
         ys = overall[kind]
         print(f"  {kind:8s} n={len(xs):6d}  p50 {pct(xs, .5):7.1f} ms  p99 {pct(xs, .99):7.1f} ms"
               f"  | with 429 waits: p50 {pct(ys, .5):7.1f} ms  p99 {pct(ys, .99):7.1f} ms{rows}")
-print(f"server RSS: start {rss[0] / 1024:.0f} MiB, peak {max(rss) / 1024:.0f} MiB, end {rss[-1] / 1024:.0f} MiB")
+print(f"server RSS (all nodes): start {rss[0] / 1024:.0f} MiB, peak {max(rss) / 1024:.0f} MiB, end {rss[-1] / 1024:.0f} MiB")
 if failures:
     print("failures (first 10):", failures[:10])
     sys.exit(1)

@@ -10,6 +10,11 @@
 # and the server's peak RSS (sampled every 0.5 s from /proc).
 #
 #   bench/load.sh [SECONDS] [PARTNERS]      (ESCROW_BIN=path skips the release build)
+#
+# CATALOG=postgres: the catalog in a fresh PostgreSQL database (created on ESCROW_BENCH_POSTGRES,
+# default postgres://postgres@127.0.0.1:5432/postgres, with psql; dropped at the end), and
+# NODES=N (default 1) escrow nodes on it and on one data directory, partner i talking to node
+# i mod N. CATALOG=sqlite (the default) allows one node.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_TO_RUN="${1:-300}"
@@ -21,13 +26,36 @@ if [ -z "${ESCROW_BIN:-}" ]; then
 fi
 BIN="${ESCROW_BIN:-${CARGO_TARGET_DIR:-target}/release/escrow}"
 
+CATALOG="${CATALOG:-sqlite}"
+NODES="${NODES:-1}"
 DATA="$(mktemp -d)/data"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  if [ -n "${DB:-}" ]; then psql -q "$PG_SERVER" -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" || true; fi
+  rm -rf "$(dirname "$DATA")"
+}
+trap cleanup EXIT
+case "$CATALOG" in
+  sqlite) [ "$NODES" = 1 ] || { echo "NODES=$NODES needs CATALOG=postgres" >&2; exit 2; } ;;
+  postgres)
+    PG_SERVER="${ESCROW_BENCH_POSTGRES:-postgres://postgres@127.0.0.1:5432/postgres}"
+    DB="escrow_bench_$$"
+    psql -q "$PG_SERVER" -c "CREATE DATABASE $DB"
+    export ESCROW_CATALOG="${PG_SERVER%/*}/$DB" ;;
+  *) echo "CATALOG is sqlite or postgres" >&2; exit 2 ;;
+esac
 "$BIN" init --data-dir "$DATA" > /dev/null
 for i in $(seq -w 1 "$PARTNERS"); do "$BIN" partner add "p$i" --data-dir "$DATA" > /dev/null; done
-"$BIN" serve --data-dir "$DATA" --listen 127.0.0.1:0 > "$OUT/load-serve.out" 2> "$OUT/load-serve.log" &
-PID=$!
-trap 'kill $PID 2>/dev/null || true; rm -rf "$(dirname "$DATA")"' EXIT
-for _ in $(seq 100); do grep -q listening "$OUT/load-serve.out" 2>/dev/null && break; sleep 0.1; done
-export ESCROW_SERVER="$(sed -n 's/^escrow listening on //p' "$OUT/load-serve.out")"
+URLS=()
+for n in $(seq 1 "$NODES"); do
+  "$BIN" serve --data-dir "$DATA" --listen 127.0.0.1:0 > "$OUT/load-serve-$n.out" 2> "$OUT/load-serve-$n.log" &
+  PIDS+=($!)
+  for _ in $(seq 100); do grep -q listening "$OUT/load-serve-$n.out" 2>/dev/null && break; sleep 0.1; done
+  URLS+=("$(sed -n 's/^escrow listening on //p' "$OUT/load-serve-$n.out")")
+done
+echo "catalog: $CATALOG, nodes: $NODES"
 
-python3 bench/load.py "$ESCROW_SERVER" "$DATA" "$PID" "$SECONDS_TO_RUN" "$PARTNERS" "$BIN" | tee "$OUT/load.txt"
+python3 bench/load.py "$(IFS=,; echo "${URLS[*]}")" "$DATA" "$(IFS=,; echo "${PIDS[*]}")" \
+  "$SECONDS_TO_RUN" "$PARTNERS" "$BIN" | tee "$OUT/load-$CATALOG-$NODES.txt"

@@ -16,17 +16,40 @@ pub struct Env {
     pub data: PathBuf,
     /// The data directory is a filesystem of its own (unmounted on drop).
     mounted: bool,
+    /// The catalog is this PostgreSQL database (every command gets `ESCROW_CATALOG`), not
+    /// the data directory's SQLite file. Dropped after the servers of the test.
+    pub catalog: Option<escrow::catalog::testdb::TestDatabase>,
 }
 
 impl Env {
     pub fn new() -> Env {
+        Env::fresh(None)
+    }
+
+    /// As `new`, with the catalog in a PostgreSQL database of the test's own: the data
+    /// directory (keys, sealed files, audit log) is shared by every node started with
+    /// `serve`, as several escrow nodes share one catalog and one object store.
+    pub fn on_postgres() -> Env {
+        Env::fresh(Some(escrow::catalog::testdb::TestDatabase::new()))
+    }
+
+    fn fresh(catalog: Option<escrow::catalog::testdb::TestDatabase>) -> Env {
         let tmp = tempfile::tempdir().expect("tempdir");
         let data = tmp.path().join("data");
         Env::init(Env {
             tmp,
             data,
             mounted: false,
+            catalog,
         })
+    }
+
+    /// `ESCROW_CATALOG` for commands on the data directory, when the catalog is shared.
+    fn catalog_env(&self) -> Vec<(&'static str, String)> {
+        self.catalog
+            .iter()
+            .map(|db| ("ESCROW_CATALOG", db.url().to_string()))
+            .collect()
     }
 
     /// An environment whose data directory is a tmpfs of `bytes` (a small disk), or `None`
@@ -47,6 +70,7 @@ impl Env {
             tmp,
             data,
             mounted: true,
+            catalog: None,
         }))
     }
 
@@ -86,6 +110,7 @@ impl Env {
             .args(extra)
             .env("ESCROW_DATA_DIR", &self.data)
             .env("ESCROW_LOG", "info")
+            .envs(self.catalog_env())
             .envs(envs.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -129,6 +154,7 @@ impl Env {
         cmd.args(args)
             .env("ESCROW_DATA_DIR", &self.data)
             .env_remove("ESCROW_IDENTITY")
+            .envs(self.catalog_env())
             .envs(envs.iter().copied());
         Run::of(cmd)
     }

@@ -1,6 +1,6 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 //! escrow's black-box test suite: the real `escrow` binary, real mutual TLS, real files,
-//! real SQLite. One test binary; modules by surface.
+//! real SQLite and PostgreSQL. One test binary; modules by surface.
 
 mod harness;
 
@@ -14,6 +14,7 @@ mod faults;
 mod identity;
 mod keys;
 mod limits;
+mod nodes;
 mod overlaps;
 mod policy;
 mod populations;

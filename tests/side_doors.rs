@@ -52,13 +52,18 @@ fn world(target_present: bool) -> (Env, Server) {
             "--usage sum",
         ],
     );
+    generous_budget(&env, &server);
+    (env, server)
+}
+
+/// acme's `accounts` at ε 1 with a budget of 1000: room for many questions of one test.
+fn generous_budget(env: &Env, server: &Server) {
     env.cli(
-        &server,
+        server,
         "acme",
         &words("policy set accounts --epsilon 1 --budget 1000"),
     )
     .ok();
-    (env, server)
 }
 
 /// A server started with `serve_args`; acme's `accounts` (`acme`, a CSV), globex's `mine` of
@@ -719,6 +724,71 @@ fn a_question_over_one_partners_share_of_memory_is_refused_alike_in_both_worlds(
         "{large}"
     );
     assert!(small.starts_with("answered"), "{small}");
+}
+
+/// Memory, the other partner's exact size (found by review): the refusal before admission
+/// sized another partner's table by the exact rows of its stored version, and printed its
+/// estimate in MiB. globex, holding one company with a text `pad`, searched the pad for the
+/// edge of its share of the shared memory; at that edge, acme's list with one company more
+/// (3,001 rows instead of 3,000, the company not in globex's list) turned the answer into a
+/// refusal, and the message read acme's row count. Execution now sees another partner's
+/// rows only as their size class (a power of two), and the message holds no estimate: at
+/// the edge found in one world, both worlds give the same outcome, pad by pad.
+#[test]
+fn the_share_refusal_does_not_read_the_other_lists_exact_size() {
+    let question = "SELECT g.pad, COUNT(DISTINCT g.website) FROM globex.mine g \
+                    JOIN acme.accounts a ON g.website = a.website GROUP BY g.pad";
+    let world = |with_target: bool| {
+        let mut acme = String::from("website,industry\n");
+        for i in 1000..4000 {
+            acme.push_str(&format!("co{i}.example,energy\n"));
+        }
+        if with_target {
+            acme.push_str("target-company.example,energy\n");
+        }
+        let mine = "website,pad\nco7.example,p\n";
+        let (env, server) = lists_joined(&["--admitted-memory-mb", "2"], &acme, mine);
+        generous_budget(&env, &server);
+        (env, server)
+    };
+    let ask = |env: &Env, server: &Server, pad: usize| {
+        let mine = format!("website,pad\nco7.example,{}\n", "p".repeat(pad));
+        env.upload_csv(server, "globex", "mine", &mine).ok();
+        outcome(env, server, question)
+    };
+    // The edge of the share in the world without the target, to the byte.
+    let (env, server) = world(false);
+    let (mut fits, mut over) = (1_000usize, 600_000usize);
+    assert!(ask(&env, &server, fits).starts_with("answered"));
+    let refusal = ask(&env, &server, over);
+    assert!(
+        refusal.contains("query_memory_limit")
+            && refusal.contains("share of the server's shared memory"),
+        "{refusal}"
+    );
+    assert!(
+        !refusal.contains("could hold about"),
+        "no estimate: {refusal}"
+    );
+    while over - fits > 1 {
+        let mid = (fits + over) / 2;
+        if ask(&env, &server, mid).starts_with("answered") {
+            fits = mid;
+        } else {
+            over = mid;
+        }
+    }
+    // The same pads, with the target in acme's list.
+    let (env, server) = world(true);
+    assert!(
+        ask(&env, &server, fits).starts_with("answered"),
+        "acme's list with one company more is refused at pad {fits}"
+    );
+    assert_eq!(
+        ask(&env, &server, over),
+        refusal,
+        "acme's list with one company more is answered at pad {over}"
+    );
 }
 
 /// Memory, the other partner's filtered rows: globex holds one company, co7, with a wide

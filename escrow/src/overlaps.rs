@@ -106,6 +106,8 @@ pub struct OverlapOutcome {
     /// The question's fingerprint (hex) and `owner.dataset@vN` of both sides, for the audit.
     pub fingerprint: String,
     pub datasets: Vec<String>,
+    /// The ids of the versions it was computed from (kept with its history).
+    pub version_ids: Vec<String>,
 }
 
 /// The co-selling report: my customers x their opportunities (where I can introduce them)
@@ -342,14 +344,14 @@ impl QueryService {
     }
 
     /// Keep what an overlap without a breakdown released to `caller`, for
-    /// [`QueryService::overlap_history`]. A failure is logged: the release stands.
-    async fn keep_released_overlap(
-        &self,
-        caller: &str,
-        with: &str,
-        o: &OverlapOutcome,
-        versions: Vec<String>,
-    ) {
+    /// [`QueryService::overlap_history`], once its release is audited (a question whose
+    /// record could not be written released nothing, so its cells are kept nowhere). A
+    /// failure is logged: the release stands.
+    async fn keep_released_overlap(&self, caller: &str, with: &str, o: &OverlapOutcome) {
+        if o.by.is_some() {
+            return;
+        }
+        let versions = o.version_ids.clone();
         let cells: Vec<ReleasedCount> = (o.rows.iter())
             .map(|r| ReleasedCount {
                 mine: r.mine.clone(),
@@ -393,7 +395,10 @@ impl QueryService {
         .await
         .map_err(|e| explain_hint(e, req));
         abandoned.disarm();
-        self.release(event, result, overlap_facts).await
+        let out = self.release(event, result, overlap_facts).await?;
+        self.keep_released_overlap(actor.partner_name()?, &req.with, &out)
+            .await;
+        Ok(out)
     }
 
     /// The co-selling report for `caller`, or a refusal.
@@ -424,8 +429,12 @@ impl QueryService {
         .await
         .map_err(|e| explain_hint(e, &question));
         abandoned.disarm();
-        self.release(event, result, |r| overlap_facts(&r.overlap))
-            .await
+        let out = self
+            .release(event, result, |r| overlap_facts(&r.overlap))
+            .await?;
+        self.keep_released_overlap(actor.partner_name()?, &req.with, &out.overlap)
+            .await;
+        Ok(out)
     }
 
     async fn co_selling_report(
@@ -594,11 +603,8 @@ impl QueryService {
             cost,
             fingerprint: hex::encode(fp),
             datasets: [&mine, &theirs].iter().map(|s| s.label()).collect(),
+            version_ids: versions,
         };
-        if req.by.is_none() {
-            self.keep_released_overlap(caller, &req.with, &outcome, versions)
-                .await;
-        }
         Ok(outcome)
     }
 

@@ -79,7 +79,7 @@ pub struct QueryService {
     /// Queries execute on a runtime of their own, so the server's stays responsive.
     executor: Executor,
     shared: SharedMemory,
-    policies: tokio::sync::Mutex<Option<(u64, Arc<PolicySet>)>>,
+    policies: tokio::sync::Mutex<Option<(i64, Arc<PolicySet>)>>,
 }
 
 /// What the audit record of a question says about it, gathered as it is checked.
@@ -169,7 +169,9 @@ impl QueryService {
     /// The casbin policy set of the current grants, rebuilt only after a change.
     pub(crate) async fn policy_set(&self) -> Result<Arc<PolicySet>> {
         let mut cached = self.policies.lock().await;
-        let generation = self.store.catalog().policy_generation();
+        let store = self.store.clone();
+        // Read from the catalog: a change made on another node moves it too.
+        let generation = blocking(move || store.catalog().policy_generation()).await?;
         if let Some((g, set)) = cached.as_ref()
             && *g == generation
         {

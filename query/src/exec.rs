@@ -102,9 +102,21 @@ pub enum Holder {
     /// judged against the memory limit ([`admit`]).
     Caller,
     /// Another partner's, with the rows of its stored version: an upper bound of what any
-    /// filter keeps, used only to reserve shared memory after admission. Its rows after
-    /// the caller's filters would tell which companies it holds.
+    /// filter keeps, used only for shared memory. Execution sees it only as its
+    /// [`size_class`]: its rows after the caller's filters would tell which companies it
+    /// holds, and its exact stored rows would too (one company more or less moves them by
+    /// one, and a caller can pad its own rows to sit any decision at that edge).
     Partner { stored_rows: u64 },
+}
+
+/// What execution may know of another partner's stored rows: the power of two at or above
+/// them (at least 1024). One company more or less changes it only when a list's size
+/// crosses a power of two; docs/THREAT_MODEL.md states it as disclosed to grantees.
+pub fn size_class(stored_rows: u64) -> u64 {
+    stored_rows
+        .max(1024)
+        .checked_next_power_of_two()
+        .unwrap_or(u64::MAX)
 }
 
 /// Rows one company can have in each table instance's reduced form ([`reduced_table`]):
@@ -492,7 +504,7 @@ async fn reduce_tables(
         };
         sizes.push(Reduced::Theirs {
             typed_width: typed_width(plan.schema().as_arrow()),
-            stored_rows,
+            stored_rows: size_class(stored_rows),
         });
     }
     let per_company = per_company(report, p.max_groups_per_entity);
@@ -531,8 +543,10 @@ async fn reduce_tables(
     Ok((out, unbounded, reservation))
 }
 
-/// How a refusal by [`admit`] begins: it depends on the caller's own rows and the question
-/// only, so its message may be shown whole.
+/// How a refusal by [`admit`] begins: it depends on the caller's own rows, the question,
+/// the settings and the other partners' [`size_class`]es only, and its message carries no
+/// estimate (an estimate in MiB, computed from a caller's padded rows, would read a size
+/// class as a number): it may be shown whole.
 pub const ADMISSION_REFUSAL: &str = "judged from the sizes of your own tables it reads";
 
 /// One reduced table instance as [`admit`] may see it.
@@ -540,7 +554,7 @@ enum Reduced {
     /// The caller's own, as phase one measured it: its rows and the bytes they hold.
     Own { rows: usize, bytes: usize },
     /// Another partner's, not reduced yet: bytes per row judged from its column types
-    /// alone ([`typed_width`]), and the rows of its stored version.
+    /// alone ([`typed_width`]), and the [`size_class`] of its stored version's rows.
     Theirs { typed_width: f64, stored_rows: u64 },
 }
 
@@ -645,8 +659,7 @@ fn admit(
     let most = needed(sizes, first, per_company, true).unwrap_or(0.0);
     if pool.rounded(most).is_none() {
         return Err(QueryError::ResourcesExhausted(format!(
-            "{ADMISSION_REFUSAL} and the stored sizes of the other partners' tables, the question could hold about {} MiB, more than one partner's share of the server's shared memory ({} MiB, half of --admitted-memory-mb)",
-            mib(most),
+            "{ADMISSION_REFUSAL} and the size classes of the other partners' tables (their stored rows rounded up to a power of two), the question could hold more than one partner's share of the server's shared memory ({} MiB, half of --admitted-memory-mb)",
             pool.share_mib()
         )));
     }

@@ -5,10 +5,10 @@
 //! depends on how many of another partner's rows pass its filters, so a failure would tell
 //! what they hold. What bounds that stage instead is this pool, shared by the whole server:
 //! an admitted question reserves what it could hold at most (another partner's tables at
-//! their stored rows, whatever its filters keep) and waits until that much is free. The
-//! reservation is rounded up to a power of two of MiB, so the wait depends on the question,
-//! the stored sizes (to a factor of two) and the other questions running, never on which of
-//! another partner's rows pass the filters. A question waits here; it is never refused here.
+//! the size class of their stored rows, a power of two, whatever its filters keep) and
+//! waits until that much is free. The wait depends on the question, the caller's own rows,
+//! the size classes and the other questions running, never on which of another partner's
+//! rows pass the filters, nor on its exact row count. A question waits here; it is never refused here.
 //!
 //! The pool is shared fairly between the partners who ask:
 //! - one partner's questions together hold at most half of it ([`SharedMemory::share_mib`]):
@@ -96,10 +96,12 @@ impl State {
             let Some(w) = self.waiting.remove(i) else {
                 return;
             };
-            if w.granted.send(()).is_ok() {
-                self.free -= w.mib;
-                *self.held.entry(w.partner).or_default() += w.mib;
-            }
+            // Counted even when its question is gone (its receiver dropped before its
+            // `Pending`): that `Pending`'s drop, under this lock, finds it no longer waiting
+            // and gives it back, so the books balance either way.
+            self.free -= w.mib;
+            *self.held.entry(w.partner).or_default() += w.mib;
+            let _ = w.granted.send(());
         }
     }
 

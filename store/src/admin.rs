@@ -42,7 +42,7 @@ pub fn init(dir: &DataDir) -> Result<InitReport> {
         ca: pki::create_ca_if_missing(dir)?,
         ..Default::default()
     };
-    let catalog = Catalog::open(&dir.catalog())?;
+    let catalog = dir.open_catalog()?;
     crate::store::open_keyring(dir, &catalog)?;
     if report.ca || !dir.crl().exists() {
         let (revoked, number) = catalog.revocations()?;
@@ -56,7 +56,7 @@ pub fn init(dir: &DataDir) -> Result<InitReport> {
 /// The catalog and audit log of an initialised data directory, for operator commands.
 fn open(dir: &DataDir) -> Result<(Catalog, AuditLog)> {
     ensure_initialised(dir)?;
-    Ok((Catalog::open(&dir.catalog())?, AuditLog::open(dir)?))
+    Ok((dir.open_catalog()?, AuditLog::open(dir)?))
 }
 
 /// Register a partner and issue its admin identity. Returns the bundle directory.
@@ -179,7 +179,11 @@ fn ensure_initialised(dir: &DataDir) -> Result<()> {
     if dir.ca_key().exists()
         && (dir.kek().exists() || dir.kek_source()?.is_external())
         && dir.audit_key().exists()
-        && dir.catalog().exists()
+        && match dir.catalog_location()? {
+            crate::catalog::Location::File(path) => path.exists(),
+            // Its tables exist once `init` has opened it.
+            crate::catalog::Location::Postgres(_) => true,
+        }
     {
         Ok(())
     } else {

@@ -36,14 +36,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use aws_lc_rs::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
-use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::catalog::{Catalog, now_rfc3339};
+use crate::catalog::sql::params;
+use crate::catalog::{Catalog, Tx, now_rfc3339};
 use crate::datadir::DataDir;
 use crate::{Error, Result};
 
@@ -299,25 +299,21 @@ impl std::fmt::Debug for AuditLog {
 }
 
 /// The anchor kept in the catalog: the last record's sequence number and hash.
-pub fn anchor(conn: &Connection) -> Result<Head> {
-    let row: Option<(i64, Vec<u8>)> = conn
-        .query_row("SELECT seq, hash FROM audit_anchor WHERE id = 1", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .optional()?;
-    Ok(match row {
-        None => Head::GENESIS,
-        Some((seq, hash)) => Head {
-            seq: seq as u64,
-            hash: hash
-                .try_into()
-                .map_err(|_| Error::internal("bad audit anchor in catalog"))?,
-        },
+pub fn anchor(tx: &Tx<'_>) -> Result<Head> {
+    let Some(r) = tx.row("SELECT seq, hash FROM audit_anchor WHERE id = 1", params![])? else {
+        return Ok(Head::GENESIS);
+    };
+    Ok(Head {
+        seq: r.get::<i64>(0)? as u64,
+        hash: r
+            .get::<Vec<u8>>(1)?
+            .try_into()
+            .map_err(|_| Error::internal("bad audit anchor in catalog"))?,
     })
 }
 
-fn set_anchor(conn: &Connection, head: Head) -> Result<()> {
-    conn.execute(
+fn set_anchor(tx: &Tx<'_>, head: Head) -> Result<()> {
+    tx.execute(
         "INSERT INTO audit_anchor (id, seq, hash) VALUES (1, ?1, ?2)
          ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
         params![head.seq as i64, head.hash.to_vec()],
@@ -362,7 +358,7 @@ impl AuditLog {
 
     /// Append `event`, durably, inside the caller's catalog write transaction `tx` (which
     /// also moves the anchor). If this fails the caller must fail its action.
-    pub fn append(&self, tx: &Connection, event: &Event) -> Result<Head> {
+    pub fn append(&self, tx: &Tx<'_>, event: &Event) -> Result<Head> {
         let _local = self.local.lock().unwrap_or_else(|p| p.into_inner());
         let (mut file, tail, mut out) = self.begin(tx)?;
         let head = self.encode(&mut out, tail.head, event)?;
@@ -375,7 +371,7 @@ impl AuditLog {
 
     /// Write a signed checkpoint of the current head unless the log already ends with one
     /// (or is empty). Returns the checkpoint in force afterwards, if any.
-    pub fn checkpoint(&self, tx: &Connection) -> Result<Option<Checkpoint>> {
+    pub fn checkpoint(&self, tx: &Tx<'_>) -> Result<Option<Checkpoint>> {
         let _local = self.local.lock().unwrap_or_else(|p| p.into_inner());
         let (mut file, tail, mut out) = self.begin(tx)?;
         let head = tail.head;
@@ -393,7 +389,7 @@ impl AuditLog {
     /// Open and lock the log, find its head (cutting a torn last line off, and encoding the
     /// record of that repair into the returned buffer, whose head is then the returned
     /// one), and check it against the anchor.
-    fn begin(&self, tx: &Connection) -> Result<(File, Tail, Vec<u8>)> {
+    fn begin(&self, tx: &Tx<'_>) -> Result<(File, Tail, Vec<u8>)> {
         let mut file = self.open_locked(tx)?;
         let mut tail = read_tail(&mut file).map_err(audit_error)?;
         let anchored = check_anchor(tx, tail.head)?;
@@ -442,7 +438,7 @@ impl AuditLog {
     }
 
     /// Write `out` durably and move the anchor to `head`.
-    fn finish(&self, tx: &Connection, file: &mut File, out: &[u8], head: Head) -> Result<()> {
+    fn finish(&self, tx: &Tx<'_>, file: &mut File, out: &[u8], head: Head) -> Result<()> {
         let mut rest = out;
         if crate::faults::is_armed("audit.torn") {
             // Crash tests: half the bytes reach the file, then the process dies.
@@ -460,7 +456,7 @@ impl AuditLog {
 
     /// Open the log for appending and take the exclusive lock. A missing log is created
     /// only while the anchor is at the start: otherwise it was removed, which is refused.
-    fn open_locked(&self, tx: &Connection) -> Result<File> {
+    fn open_locked(&self, tx: &Tx<'_>) -> Result<File> {
         let exists = self.path.exists();
         if !exists {
             let recorded = anchor(tx)?.seq;
@@ -540,7 +536,7 @@ impl AuditLog {
 }
 
 /// Check the log's head against the catalog's anchor; returns the anchor's sequence number.
-fn check_anchor(tx: &Connection, head: Head) -> Result<u64> {
+fn check_anchor(tx: &Tx<'_>, head: Head) -> Result<u64> {
     let anchor = anchor(tx)?;
     // The file is written before the anchor moves (in the same catalog transaction), so
     // it may be ahead after a crash or a rolled-back action, never behind.
@@ -648,7 +644,7 @@ pub struct Hook<'a> {
 }
 
 impl Hook<'_> {
-    pub fn append(&self, tx: &Connection, detail: serde_json::Value) -> Result<()> {
+    pub fn append(&self, tx: &Tx<'_>, detail: serde_json::Value) -> Result<()> {
         self.log
             .append(tx, &self.event.clone().with(detail))
             .map(|_| ())

@@ -20,17 +20,40 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone)]
 pub struct DataDir {
     root: PathBuf,
+    /// A PostgreSQL catalog shared by several nodes, instead of the directory's own file.
+    catalog_url: Option<String>,
 }
 
 impl DataDir {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        DataDir { root: root.into() }
+        DataDir {
+            root: root.into(),
+            catalog_url: None,
+        }
+    }
+    /// The same directory with its catalog in the PostgreSQL database at `url` (checked when
+    /// the catalog is opened).
+    pub fn with_catalog(mut self, url: Option<String>) -> Self {
+        self.catalog_url = url;
+        self
     }
     pub fn root(&self) -> &Path {
         &self.root
     }
+    /// The SQLite catalog file (used unless a PostgreSQL catalog is named).
     pub fn catalog(&self) -> PathBuf {
         self.root.join("escrow.db")
+    }
+    /// Where the catalog lives.
+    pub fn catalog_location(&self) -> crate::Result<crate::catalog::Location> {
+        match &self.catalog_url {
+            Some(url) => crate::catalog::Location::parse_url(url),
+            None => Ok(crate::catalog::Location::File(self.catalog())),
+        }
+    }
+    /// Open this directory's catalog.
+    pub fn open_catalog(&self) -> crate::Result<crate::catalog::Catalog> {
+        crate::catalog::Catalog::open_at(&self.catalog_location()?)
     }
     pub fn keys(&self) -> PathBuf {
         self.root.join("keys")

@@ -134,6 +134,21 @@ impl From<rusqlite::Error> for Error {
     }
 }
 
+impl From<tokio_postgres::Error> for Error {
+    fn from(e: tokio_postgres::Error) -> Self {
+        match e.code() {
+            Some(&tokio_postgres::error::SqlState::DISK_FULL) => {
+                Error::StorageFull(format!("catalog: {e}"))
+            }
+            // Its Display is only "db error": the server's own words are in the source.
+            _ => Error::Internal(match e.as_db_error() {
+                Some(db) => format!("catalog: {} ({})", db.message(), db.code().code()),
+                None => format!("catalog: {e}"),
+            }),
+        }
+    }
+}
+
 impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Self {
         use std::io::ErrorKind::{FileTooLarge, QuotaExceeded, StorageFull};
@@ -150,7 +165,8 @@ impl From<escrow_query::QueryError> for Error {
     fn from(e: escrow_query::QueryError) -> Self {
         match e {
             escrow_query::QueryError::Refused { rule, message } => Error::Refused { rule, message },
-            // An admission refusal depends on the caller's own rows only: shown whole.
+            // An admission refusal depends on the caller's own rows, the question and the
+            // other partners' size classes only, and carries no estimate: shown whole.
             escrow_query::QueryError::ResourcesExhausted(m)
                 if m.starts_with(escrow_query::exec::ADMISSION_REFUSAL) =>
             {

@@ -137,7 +137,7 @@ impl Drop for FileGuard {
 impl Store {
     /// Open the store of an initialised data directory.
     pub fn open(dir: DataDir, config: StoreConfig) -> Result<Self> {
-        let catalog = Catalog::open(&dir.catalog())?;
+        let catalog = dir.open_catalog()?;
         let keys = open_keyring(&dir, &catalog)?;
         let audit = AuditLog::open(&dir)?;
         let mut config = config;
@@ -187,16 +187,36 @@ impl Store {
         &self.config
     }
 
+    /// How long a leftover must have been still before a node on a shared catalog removes it
+    /// (longer than any upload is idle: uploads time out well before).
+    pub const SHARED_RECOVERY_GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
+
     /// Remove what a crash can leave behind: partial uploads, sealed files without a catalog
     /// row (crash between rename and commit, or during a delete), datasets without versions.
+    ///
+    /// On a shared (PostgreSQL) catalog other nodes may be in the middle of an upload right
+    /// now, and their work looks exactly like a crash's leftovers: only what has not moved
+    /// for [`Self::SHARED_RECOVERY_GRACE`] is removed (leftovers are invisible meanwhile: a
+    /// version counts only once its catalog row commits).
     pub fn recover(&self) -> Result<Recovery> {
         let mut r = Recovery {
             key_rotation: settle_rotation(&self.catalog, &self.keys)?,
             ..Recovery::default()
         };
+        let shared = self.catalog.backend() == "postgres";
+        let settled = |path: &std::path::Path| -> Result<bool> {
+            if !shared {
+                return Ok(true);
+            }
+            let age = fs::metadata(path)?
+                .modified()?
+                .elapsed()
+                .unwrap_or_default();
+            Ok(age >= Self::SHARED_RECOVERY_GRACE)
+        };
         for entry in fs::read_dir(self.dir.tmp())? {
             let path = entry?.path();
-            if path.is_file() {
+            if path.is_file() && settled(&path)? {
                 fs::remove_file(&path)?;
                 r.partial_uploads_removed += 1;
                 faults::hit("recovery.partial_removed")?;
@@ -224,7 +244,7 @@ impl Store {
                     .and_then(|n| n.strip_suffix(".sealed"))
                     .map(str::to_string);
                 let keep = version_id.is_some_and(|v| known.contains(&(dataset_id.clone(), v)));
-                if !keep {
+                if !keep && settled(&path)? {
                     fs::remove_file(&path)?;
                     r.orphan_files_removed += 1;
                 }
@@ -234,7 +254,12 @@ impl Store {
             }
         }
         fsutil::sync_parent(&self.dir.datasets().join("x"))?;
-        r.empty_datasets_removed = self.catalog.remove_empty_datasets()?;
+        let cutoff = shared.then(|| {
+            (time::OffsetDateTime::now_utc() - Self::SHARED_RECOVERY_GRACE)
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default()
+        });
+        r.empty_datasets_removed = self.catalog.remove_empty_datasets(cutoff.as_deref())?;
         Ok(r)
     }
 

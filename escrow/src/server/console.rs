@@ -49,17 +49,19 @@ pub fn api() -> utoipa_axum::router::OpenApiRouter<Arc<AppState>> {
 
 /// The session of a request without a client certificate: its cookie names a live session,
 /// and a request that may change something carries the session's CSRF token.
-pub(super) fn session(
+pub(super) async fn session(
     method: &Method,
     headers: &HeaderMap,
-    state: &AppState,
+    state: &Arc<AppState>,
 ) -> Result<Session, ApiError> {
     let token = cookie(headers).ok_or_else(|| {
         Error::Unauthenticated(
             "no client certificate and no console session (sign in with `escrow console`)".into(),
         )
     })?;
-    let session = (state.sessions.get(state.store.catalog(), &token)?).ok_or_else(|| {
+    let st = state.clone();
+    let found = blocking(move || st.sessions.get(st.store.catalog(), &token)).await?;
+    let session = found.ok_or_else(|| {
         Error::Unauthenticated(
             "the console session ended; sign in again with `escrow console`".into(),
         )
@@ -160,14 +162,13 @@ pub(super) async fn mint_link(
         .subject
         .map(|s| s.serial)
         .ok_or_else(|| Error::internal("a certificate caller without a subject"))?;
-    let token = state.sessions.mint_link(
-        state.store.catalog(),
-        Identity {
-            serial,
-            partner: caller.partner.clone(),
-            user: caller.user.clone(),
-        },
-    )?;
+    let identity = Identity {
+        serial,
+        partner: caller.partner.clone(),
+        user: caller.user.clone(),
+    };
+    let st = state.clone();
+    let token = blocking(move || st.sessions.mint_link(st.store.catalog(), identity)).await?;
     audit(&state, caller.actor(), "console_link", Outcome::Ok).await?;
     Ok(Json(ConsoleLink {
         path: format!("/login/{token}"),
@@ -203,10 +204,11 @@ fn link_refused(status: StatusCode) -> Response {
 /// link (its own partner's, to sign a victim into the wrong account), or a link preview that
 /// fetches one, achieves nothing.
 async fn confirm_login(State(state): State<Arc<AppState>>, Path(token): Path<String>) -> Response {
-    let who = match state.sessions.peek(state.store.catalog(), &token) {
+    let st = state.clone();
+    let who = match blocking(move || st.sessions.peek(st.store.catalog(), &token)).await {
         Ok(Some(who)) => who,
         Ok(None) => return link_refused(StatusCode::FORBIDDEN),
-        Err(e) => return ApiError(e).into_response(),
+        Err(e) => return e.into_response(),
     };
     // Names are [a-z0-9_-] (datadir::validate_name), but escaped anyway.
     let esc = |s: &str| {
@@ -232,9 +234,10 @@ async fn confirm_login(State(state): State<Arc<AppState>>, Path(token): Path<Str
 
 /// End a session just made whose sign-in could not finish (a failure to end it is logged:
 /// the sign-in is refused either way, and the session ends by itself when idle).
-fn end_session(state: &AppState, session: &str) {
-    if let Err(e) = state.sessions.end(state.store.catalog(), session) {
-        tracing::error!(error = %e, "console session not ended");
+async fn end_session(state: &Arc<AppState>, session: String) {
+    let st = state.clone();
+    if let Err(e) = blocking(move || st.sessions.end(st.store.catalog(), &session)).await {
+        tracing::error!(error = %e.0, "console session not ended");
     }
 }
 
@@ -272,10 +275,11 @@ async fn login(
         ))
         .into_response();
     }
-    let redeemed = match state.sessions.redeem(state.store.catalog(), &token) {
+    let st = state.clone();
+    let redeemed = match blocking(move || st.sessions.redeem(st.store.catalog(), &token)).await {
         Ok(Some(r)) => r,
         Ok(None) => return link_refused(StatusCode::FORBIDDEN),
-        Err(e) => return ApiError(e).into_response(),
+        Err(e) => return e.into_response(),
     };
     let (identity, session) = redeemed;
     let store = state.store.clone();
@@ -286,13 +290,13 @@ async fn login(
     };
     let Some(id) = active.filter(|i| i.partner == identity.partner && i.user == identity.user)
     else {
-        end_session(&state, &session);
+        end_session(&state, session).await;
         return link_refused(StatusCode::FORBIDDEN);
     };
     let mut actor = Actor::user(&id.partner, &id.user, &id.role);
     actor.via = Some("console".into());
     if let Err(e) = audit(&state, actor, "console_login", Outcome::Ok).await {
-        end_session(&state, &session);
+        end_session(&state, session).await;
         return e.into_response();
     }
     let mut r = page(
@@ -330,7 +334,7 @@ pub(super) async fn current_session(
     caller: Caller,
 ) -> Result<Json<ConsoleSession>, ApiError> {
     let csrf = match caller.via {
-        Via::Console => Some(session(&Method::GET, &headers, &state)?.csrf),
+        Via::Console => Some(session(&Method::GET, &headers, &state).await?.csrf),
         Via::Certificate => None,
     };
     Ok(Json(ConsoleSession {
@@ -348,7 +352,8 @@ pub(super) async fn logout(
     caller: Caller,
 ) -> Result<Response, ApiError> {
     if let Some(token) = cookie(&headers) {
-        state.sessions.end(state.store.catalog(), &token)?;
+        let st = state.clone();
+        blocking(move || st.sessions.end(st.store.catalog(), &token)).await?;
     }
     audit(&state, caller.actor(), "console_logout", Outcome::Ok).await?;
     let mut r = StatusCode::NO_CONTENT.into_response();

@@ -66,6 +66,19 @@ fn token() -> Result<String> {
     Ok(hex::encode(crate::crypto::random_bytes::<32>()?))
 }
 
+/// Whether `token` could be one this server issued (64 lowercase hex digits): anything
+/// else is refused without a lookup.
+fn well_formed(token: &str) -> bool {
+    token.len() == 64
+        && token
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// A session in use restarts its idle time at most this often (one catalog write); in
+/// between, a request only reads it.
+const TOUCH_EVERY: Duration = Duration::from_secs(60);
+
 fn digest(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
@@ -112,6 +125,7 @@ impl Sessions {
             absolute_ms: ms(self.link_ttl),
             per_identity: LINKS_PER_IDENTITY,
             max: MAX_ENTRIES,
+            touch_ms: 0,
         }
     }
 
@@ -121,6 +135,7 @@ impl Sessions {
             absolute_ms: ms(ABSOLUTE),
             per_identity: SESSIONS_PER_IDENTITY,
             max: MAX_ENTRIES,
+            touch_ms: ms(TOUCH_EVERY),
         }
     }
 
@@ -140,6 +155,9 @@ impl Sessions {
     /// Whose a link is, without using it (the sign-in page asks before signing in); `None`
     /// if unknown, used or expired.
     pub fn peek(&self, catalog: &Catalog, link: &str) -> Result<Option<Identity>> {
+        if !well_formed(link) {
+            return Ok(None);
+        }
         catalog.console_token(LINK, &digest(link), now_ms(), &self.links(), TokenUse::Peek)
     }
 
@@ -155,6 +173,9 @@ impl Sessions {
         link: &str,
         now: i64,
     ) -> Result<Option<(Identity, String)>> {
+        if !well_formed(link) {
+            return Ok(None);
+        }
         let Some(identity) =
             catalog.console_token(LINK, &digest(link), now, &self.links(), TokenUse::Take)?
         else {
@@ -174,6 +195,9 @@ impl Sessions {
     }
 
     fn get_at(&self, catalog: &Catalog, token: &str, now: i64) -> Result<Option<Session>> {
+        if !well_formed(token) {
+            return Ok(None);
+        }
         let found = catalog.console_token(
             SESSION,
             &digest(token),
@@ -189,6 +213,9 @@ impl Sessions {
 
     /// End the session of `token` (logout).
     pub fn end(&self, catalog: &Catalog, token: &str) -> Result<()> {
+        if !well_formed(token) {
+            return Ok(());
+        }
         catalog.console_token_end(SESSION, &digest(token))
     }
 }
@@ -290,6 +317,37 @@ mod tests {
             .filter(|t| s.get(&c, t).unwrap().is_some())
             .count();
         assert_eq!(own, SESSIONS_PER_IDENTITY, "sessions of one identity");
+    }
+
+    #[test]
+    fn a_session_in_use_is_touched_at_most_once_a_minute_and_malformed_tokens_are_nobodys() {
+        let (_d, c) = catalog();
+        let s = Sessions::default();
+        let t0 = 1_000_000_000;
+        let link = s.mint_link_at(&c, who(), t0).unwrap();
+        let (_, session) = s.redeem_at(&c, &link, t0).unwrap().unwrap();
+        // Used within the minute: only read, so its idle time still counts from t0.
+        assert!(s.get_at(&c, &session, t0 + 59_000).unwrap().is_some());
+        assert!(s.get_at(&c, &session, t0 + ms(IDLE)).unwrap().is_none());
+        // Used after a minute: touched, so it lives on past t0 + IDLE.
+        let (_, session) = s
+            .redeem_at(&c, &s.mint_link_at(&c, who(), t0).unwrap(), t0)
+            .unwrap()
+            .unwrap();
+        assert!(s.get_at(&c, &session, t0 + 61_000).unwrap().is_some());
+        assert!(s.get_at(&c, &session, t0 + ms(IDLE) + 1).unwrap().is_some());
+        for bad in [
+            "",
+            "x",
+            &"A".repeat(64),
+            &session[..63],
+            &format!("{session}0"),
+        ] {
+            assert!(s.get(&c, bad).unwrap().is_none(), "{bad:?}");
+            assert!(s.peek(&c, bad).unwrap().is_none(), "{bad:?}");
+            assert!(s.redeem(&c, bad).unwrap().is_none(), "{bad:?}");
+            s.end(&c, bad).unwrap();
+        }
     }
 
     #[test]

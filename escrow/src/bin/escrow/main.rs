@@ -33,6 +33,16 @@ struct DirArgs {
     /// Data directory.
     #[arg(long, env = "ESCROW_DATA_DIR", default_value = "./escrow-data")]
     data_dir: PathBuf,
+    /// Keep the catalog in this PostgreSQL database (postgres://user@host:port/db), shared
+    /// by every node, instead of the data directory's SQLite file.
+    #[arg(long, env = "ESCROW_CATALOG")]
+    catalog: Option<String>,
+}
+
+impl DirArgs {
+    fn dir(self) -> DataDir {
+        DataDir::new(self.data_dir).with_catalog(self.catalog)
+    }
 }
 
 #[derive(Args, Clone)]
@@ -256,6 +266,9 @@ struct UserTarget {
     /// Data directory (operator command).
     #[arg(long, env = "ESCROW_DATA_DIR", default_value = "./escrow-data")]
     data_dir: PathBuf,
+    /// The PostgreSQL catalog, if the data directory's nodes share one (operator command).
+    #[arg(long, env = "ESCROW_CATALOG")]
+    catalog: Option<String>,
     /// Act through the API as this admin identity bundle instead of on the data directory.
     #[arg(long)]
     identity: Option<PathBuf>,
@@ -312,6 +325,9 @@ enum AuditCommand {
         /// Read the log of this data directory (operator) instead of asking the server.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// With --data-dir: the PostgreSQL catalog its nodes share, if any.
+        #[arg(long, env = "ESCROW_CATALOG")]
+        catalog: Option<String>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -323,6 +339,9 @@ enum AuditCommand {
         output: Option<PathBuf>,
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// With --data-dir: the PostgreSQL catalog its nodes share, if any.
+        #[arg(long, env = "ESCROW_CATALOG")]
+        catalog: Option<String>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -332,6 +351,9 @@ enum AuditCommand {
     Verify {
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// With --data-dir: the PostgreSQL catalog its nodes share, if any.
+        #[arg(long, env = "ESCROW_CATALOG")]
+        catalog: Option<String>,
         /// An export (`escrow audit export`).
         #[arg(long)]
         file: Option<PathBuf>,
@@ -695,7 +717,7 @@ fn identity(args: &ClientArgs) -> anyhow::Result<Client> {
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Init(d) => {
-            let dir = DataDir::new(d.data_dir);
+            let dir = d.dir();
             let r = escrow::admin::init(&dir).map_err(engine)?;
             if r.created_anything() {
                 println!("initialised {}", dir.root().display());
@@ -714,7 +736,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             query,
         } => {
             serve(
-                DataDir::new(dir.data_dir),
+                dir.dir(),
                 listen,
                 max_upload_bytes,
                 shutdown_grace_secs,
@@ -725,7 +747,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Keys {
             command: KeysCommand::Rotate(dir),
         } => {
-            let r = escrow::admin::rotate_kek(&DataDir::new(dir.data_dir)).map_err(engine)?;
+            let r = escrow::admin::rotate_kek(&dir.dir()).map_err(engine)?;
             if let Some(s) = &r.settled {
                 println!("first {s}");
             }
@@ -746,16 +768,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Partner { command } => match command {
             PartnerCommand::Add { name, dir } => {
-                let bundle = escrow::admin::add_partner(&DataDir::new(dir.data_dir), &name)
-                    .map_err(engine)?;
+                let bundle = escrow::admin::add_partner(&dir.dir(), &name).map_err(engine)?;
                 println!(
                     "partner {name} added; admin identity bundle: {}",
                     bundle.display()
                 );
             }
             PartnerCommand::Revoke { name, dir } => {
-                escrow::admin::revoke_partner(&DataDir::new(dir.data_dir), &name)
-                    .map_err(engine)?;
+                escrow::admin::revoke_partner(&dir.dir(), &name).map_err(engine)?;
                 println!(
                     "partner {name} revoked; its certificates are refused from the next connection"
                 );
@@ -1147,7 +1167,7 @@ async fn user(command: UserCommand) -> anyhow::Result<()> {
         } => match target.client()? {
             None => {
                 let bundle = escrow::admin::add_user(
-                    &DataDir::new(&target.data_dir),
+                    &DataDir::new(&target.data_dir).with_catalog(target.catalog.clone()),
                     &escrow::audit::Actor::operator(),
                     &partner,
                     &name,
@@ -1181,7 +1201,7 @@ async fn user(command: UserCommand) -> anyhow::Result<()> {
         } => {
             match target.client()? {
                 None => escrow::admin::revoke_user(
-                    &DataDir::new(&target.data_dir),
+                    &DataDir::new(&target.data_dir).with_catalog(target.catalog.clone()),
                     &escrow::audit::Actor::operator(),
                     &partner,
                     &name,
@@ -1233,6 +1253,7 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
             since,
             format,
             data_dir,
+            catalog,
             client,
         } => {
             let records = match data_dir {
@@ -1242,7 +1263,8 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
                         .map(escrow::audit::parse_since)
                         .transpose()
                         .map_err(engine)?;
-                    escrow::admin::audit_list(&DataDir::new(d), since).map_err(engine)?
+                    escrow::admin::audit_list(&DataDir::new(d).with_catalog(catalog), since)
+                        .map_err(engine)?
                 }
                 None => {
                     let q: Vec<(&str, &str)> =
@@ -1258,12 +1280,14 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
         AuditCommand::Export {
             output,
             data_dir,
+            catalog,
             client,
         } => {
             let bytes = match data_dir {
                 Some(d) => {
                     let mut out = Vec::new();
-                    escrow::admin::audit_export(&DataDir::new(d), &mut out).map_err(engine)?;
+                    escrow::admin::audit_export(&DataDir::new(d).with_catalog(catalog), &mut out)
+                        .map_err(engine)?;
                     out
                 }
                 None => identity(&client)?
@@ -1282,6 +1306,7 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
         }
         AuditCommand::Verify {
             data_dir,
+            catalog,
             file,
             public_key,
             checkpoint,
@@ -1312,8 +1337,11 @@ async fn audit(command: AuditCommand) -> anyhow::Result<()> {
                 .collect::<Vec<_>>();
             let (what, result, pinned) = match (data_dir, file) {
                 (Some(d), _) => {
-                    let r = escrow::admin::audit_verify(&DataDir::new(&d), must_contain)
-                        .map_err(engine)?;
+                    let r = escrow::admin::audit_verify(
+                        &DataDir::new(&d).with_catalog(catalog),
+                        must_contain,
+                    )
+                    .map_err(engine)?;
                     (d.display().to_string(), r, true)
                 }
                 (None, Some(f)) => {

@@ -234,7 +234,7 @@ impl FromRequestParts<Arc<AppState>> for Caller {
         let (serial, partner, user, via) = match subject {
             Some(s) => (s.serial, s.partner, s.user, Via::Certificate),
             None => {
-                let session = super::console::session(&parts.method, &parts.headers, state)?;
+                let session = super::console::session(&parts.method, &parts.headers, state).await?;
                 let id = session.identity;
                 (id.serial, id.partner, id.user, Via::Console)
             }

@@ -1,0 +1,741 @@
+//! The catalog's conformance suite: every behaviour the service relies on, run against both
+//! backends (a SQLite file, and a PostgreSQL database of the test's own). Where several
+//! nodes matter, two handles on one catalog stand for two nodes.
+
+use std::sync::Arc;
+
+use escrow_policies::{Grant, Usage};
+
+use super::testdb::TestDatabase;
+use super::*;
+
+enum Fixture {
+    Sqlite(tempfile::TempDir),
+    Postgres(TestDatabase),
+}
+
+impl Fixture {
+    /// A new handle on the fixture's catalog (another node, for PostgreSQL; another
+    /// process's connection, for SQLite).
+    fn open(&self) -> Catalog {
+        match self {
+            Fixture::Sqlite(dir) => Catalog::open(&dir.path().join("escrow.db")).expect("open"),
+            Fixture::Postgres(db) => Catalog::connect(db.url()).expect("connect"),
+        }
+    }
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[test]
+            fn $name() {
+                super::$name(&super::Fixture::Sqlite(tempfile::tempdir().expect("tmp")));
+            })*
+        }
+        mod postgres {
+            $(#[test]
+            fn $name() {
+                super::$name(&super::Fixture::Postgres(super::TestDatabase::new()));
+            })*
+        }
+    };
+}
+
+conformance!(
+    schema_is_applied_once_and_reopening_changes_nothing,
+    partners_identities_and_the_crl,
+    a_failed_transaction_leaves_nothing_behind,
+    versions_keys_and_deletion_with_everything_derived,
+    grants_settings_populations_and_policy_versions,
+    the_budget_is_spent_once_under_concurrent_nodes,
+    released_answers_and_overlaps,
+    console_tokens_expire_are_single_use_and_capped,
+    key_rotation_rewraps_every_data_key,
+    the_audit_anchor_moves_only_with_its_transaction,
+);
+
+fn grant(owner: &str, dataset: &str, column: Option<&str>, grantee: &str, usage: Usage) -> Grant {
+    Grant {
+        owner: owner.into(),
+        dataset: dataset.into(),
+        column: column.map(Into::into),
+        grantee: grantee.into(),
+        usage,
+    }
+}
+
+/// Protection settings (JSON) with `epsilon`, the rest default.
+fn settings(epsilon: f64) -> String {
+    serde_json::to_string(&crate::model::settings::DatasetSettings {
+        epsilon,
+        ..Default::default()
+    })
+    .expect("json")
+}
+
+fn version(dataset_id: &str, version_id: &str, rows: i64) -> NewVersion {
+    NewVersion {
+        dataset_id: dataset_id.into(),
+        version_id: version_id.into(),
+        rows,
+        source_bytes: 10 * rows,
+        sealed_bytes: 12 * rows,
+        format: "csv".into(),
+        columns: vec![ColumnInfo {
+            name: "website".into(),
+            data_type: "Utf8".into(),
+            nullable: true,
+        }],
+        key_column: Some("website".into()),
+        uploaded_by: "admin".into(),
+        matching: Some(crate::matching::MatchStats {
+            by_domain: 3,
+            by_name: 2,
+            unmatched: 1,
+        }),
+    }
+}
+
+/// `owner` with a dataset `name` holding one version; returns the dataset id.
+fn dataset(c: &Catalog, owner: &str, name: &str) -> String {
+    if !c
+        .partners()
+        .expect("partners")
+        .iter()
+        .any(|(p, _)| p == owner)
+    {
+        c.add_partner(owner, |_| Ok(())).expect("partner");
+    }
+    c.ensure_current_kek("kek-1").expect("kek");
+    let id = c
+        .dataset_id_for_upload(owner, name, &format!("id-{owner}-{name}"))
+        .expect("id");
+    c.commit_version(
+        &version(&id, &format!("v-{owner}-{name}-1"), 6),
+        |kek| Ok(format!("wrapped under {kek}").into_bytes()),
+        |_, _| Ok(()),
+    )
+    .expect("commit");
+    id
+}
+
+fn schema_is_applied_once_and_reopening_changes_nothing(f: &Fixture) {
+    let c = f.open();
+    c.add_partner("acme", |_| Ok(())).expect("partner");
+    let version = |c: &Catalog| -> i64 {
+        c.read(|tx| tx.value("SELECT version FROM schema_version WHERE id = 1", params![]))
+            .expect("version")
+    };
+    assert_eq!(version(&c), 2);
+    drop(c);
+    let again = f.open();
+    assert_eq!(version(&again), 2);
+    assert_eq!(
+        again.partners().expect("partners"),
+        vec![("acme".into(), true)]
+    );
+    // The CRL starts at number 1, once.
+    assert_eq!(again.revocations().expect("crl").1, 1);
+}
+
+fn partners_identities_and_the_crl(f: &Fixture) {
+    let c = f.open();
+    c.add_partner("acme", |_| Ok(())).expect("acme");
+    c.add_partner("globex", |_| Ok(())).expect("globex");
+    assert!(matches!(
+        c.add_partner("acme", |_| Ok(())),
+        Err(Error::Conflict(_))
+    ));
+    c.add_identity("0a", "acme", "admin", "admin", |_| Ok(()))
+        .expect("id");
+    c.add_identity("0b", "acme", "ana", "analyst", |_| Ok(()))
+        .expect("id");
+    c.add_identity("0c", "globex", "admin", "admin", |_| Ok(()))
+        .expect("id");
+    let (roles, generation) = c.role_assignments().expect("roles");
+    assert_eq!(
+        roles
+            .iter()
+            .map(|r| (r.partner.as_str(), r.user.as_str(), r.role.as_str()))
+            .collect::<Vec<_>>(),
+        vec![
+            ("acme", "admin", "admin"),
+            ("acme", "ana", "analyst"),
+            ("globex", "admin", "admin")
+        ]
+    );
+    assert_eq!(generation, (3, 0));
+    assert_eq!(
+        c.active_identity("0b").expect("active"),
+        Some(IdentityRow {
+            partner: "acme".into(),
+            user: "ana".into(),
+            role: "analyst".into()
+        })
+    );
+    assert!(c.user_is_active("acme", "ana").expect("active"));
+
+    // Another node sees a revocation at once, with the CRL that lists it.
+    let other = f.open();
+    let (crl, number) = c.revoke_user("acme", "ana", |_| Ok(())).expect("revoke");
+    assert_eq!((crl.len(), number), (1, 2));
+    assert_eq!(other.active_identity("0b").expect("gone"), None);
+    assert!(!other.user_is_active("acme", "ana").expect("inactive"));
+    assert_eq!(other.revocations().expect("crl").0[0].0, "0b");
+    assert!(matches!(
+        c.revoke_user("acme", "ana", |_| Ok(())),
+        Err(Error::NotFound(_))
+    ));
+
+    let (crl, number) = other
+        .revoke_partner("acme", |_| Ok(()))
+        .expect("revoke partner");
+    assert_eq!((crl.len(), number), (2, 3));
+    assert!(!c.partner_is_active("acme").expect("inactive"));
+    assert_eq!(c.active_identity("0a").expect("gone"), None);
+    assert!(matches!(
+        c.revoke_partner("acme", |_| Ok(())),
+        Err(Error::Conflict(_))
+    ));
+    assert!(matches!(
+        c.revoke_partner("nobody", |_| Ok(())),
+        Err(Error::NotFound(_))
+    ));
+    // Revoked names are not reused.
+    assert!(matches!(
+        c.add_partner("acme", |_| Ok(())),
+        Err(Error::Conflict(_))
+    ));
+    assert_eq!(
+        c.partners().expect("partners"),
+        vec![("acme".into(), false), ("globex".into(), true)]
+    );
+    assert_eq!(c.identity_generation().expect("generation"), (3, 2));
+}
+
+fn a_failed_transaction_leaves_nothing_behind(f: &Fixture) {
+    let c = f.open();
+    let failed = c.add_partner("acme", |_| Err(Error::AuditUnavailable("disk".into())));
+    assert!(matches!(failed, Err(Error::AuditUnavailable(_))));
+    assert!(c.partners().expect("partners").is_empty());
+    // A panic inside a transaction rolls it back too, and the catalog keeps working.
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        c.add_partner("acme", |_| panic!("audit writer crashed"))
+    }));
+    assert!(panicked.is_err());
+    assert!(c.partners().expect("partners").is_empty());
+    c.add_partner("acme", |_| Ok(())).expect("after");
+    assert_eq!(c.partners().expect("partners").len(), 1);
+}
+
+fn versions_keys_and_deletion_with_everything_derived(f: &Fixture) {
+    let c = f.open();
+    let id = dataset(&c, "acme", "accounts");
+    // The same name keeps its id; a second version becomes the live one.
+    assert_eq!(
+        c.dataset_id_for_upload("acme", "accounts", "other")
+            .expect("id"),
+        id
+    );
+    let n = c
+        .commit_version(
+            &version(&id, "v-2", 9),
+            |_| Ok(vec![7; 40]),
+            |_, n| {
+                assert_eq!(n, 2);
+                Ok(())
+            },
+        )
+        .expect("v2");
+    assert_eq!(n, 2);
+    let live = c.list_datasets("acme").expect("list");
+    assert_eq!((live.len(), live[0].version, live[0].rows), (1, 2, 9));
+    assert_eq!(live[0].columns[0].name, "website");
+    let versions = c.dataset_versions("acme", "accounts").expect("versions");
+    assert_eq!(
+        versions.iter().map(|v| v.version).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    assert_eq!(versions[0].matching.map(|m| m.by_name), Some(2));
+    let keys = c.version_keys("acme", "accounts").expect("keys");
+    assert_eq!(keys[0].wrapped_dek, vec![7; 40]);
+    assert_eq!(keys[1].wrapped_dek, b"wrapped under kek-1".to_vec());
+    assert_eq!(c.all_version_ids().expect("ids").len(), 2);
+    assert_eq!(c.kek_ids_in_use().expect("keks"), vec!["kek-1".to_string()]);
+
+    // Visible to its owner and, once granted, to the grantee only.
+    c.add_partner("globex", |_| Ok(())).expect("globex");
+    c.add_partner("initech", |_| Ok(())).expect("initech");
+    assert_eq!(c.queryable("globex").expect("q").len(), 0);
+    c.add_grant(
+        &grant("acme", "accounts", Some("website"), "globex", Usage::Join),
+        "admin",
+        |_, _| Ok(()),
+    )
+    .expect("grant");
+    let q = c.queryable("globex").expect("q");
+    assert_eq!((q.len(), q[0].live.version, q[0].rows), (1, 2, 9));
+    assert!(c.queryable("initech").expect("q").is_empty());
+
+    // Deleting takes versions, keys, grants, settings, populations and answers with it.
+    c.put_settings_json("acme", "accounts", &settings(0.5), "admin", |_, _| Ok(()))
+        .expect("settings");
+    c.keep_answer("globex", "fp", &["v-2".into()], b"answer")
+        .expect("keep");
+    c.keep_answer("globex", "other", &["v-unrelated".into()], b"kept")
+        .expect("keep");
+    let (gone, n) = c
+        .delete_dataset("acme", "accounts", "admin", |_, n, v| {
+            assert_eq!(n, 2);
+            assert!(v.is_some(), "the policy changed");
+            Ok(())
+        })
+        .expect("delete");
+    assert_eq!((gone, n), (id, 2));
+    assert!(c.list_datasets("acme").expect("list").is_empty());
+    assert!(c.version_keys("acme", "accounts").expect("keys").is_empty());
+    assert!(c.queryable("globex").expect("q").is_empty());
+    assert_eq!(c.settings_json("acme", "accounts").expect("settings"), None);
+    assert_eq!(c.released_answer("globex", "fp").expect("answer"), None);
+    assert_eq!(
+        c.released_answer("globex", "other").expect("answer"),
+        Some(b"kept".to_vec())
+    );
+    assert!(matches!(
+        c.delete_dataset("acme", "accounts", "admin", |_, _, _| Ok(())),
+        Err(Error::NotFound(_))
+    ));
+    // An upload whose dataset was deleted meanwhile is refused; its empty row goes at startup.
+    let fresh = c
+        .dataset_id_for_upload("acme", "later", "id-later")
+        .expect("id");
+    // Not yet, when it may be another node's upload in progress; then it goes.
+    assert_eq!(
+        c.remove_empty_datasets(Some("2000-01-01T00:00:00Z"))
+            .expect("young"),
+        0
+    );
+    assert_eq!(c.remove_empty_datasets(None).expect("cleanup"), 1);
+    assert!(matches!(
+        c.commit_version(&version(&fresh, "v-x", 1), |_| Ok(vec![1]), |_, _| Ok(())),
+        Err(Error::Conflict(_))
+    ));
+}
+
+fn grants_settings_populations_and_policy_versions(f: &Fixture) {
+    let c = f.open();
+    dataset(&c, "acme", "accounts");
+    c.add_partner("globex", |_| Ok(())).expect("globex");
+    let g = grant("acme", "accounts", Some("website"), "globex", Usage::Join);
+    // Another node sees the policy move (and rebuilds its policy set from it).
+    let other = f.open();
+    let before = other.policy_generation().expect("generation");
+    assert!(
+        c.add_grant(&g, "admin", |_, v| {
+            assert_eq!(v.map(|v| v.version), Some(1));
+            Ok(())
+        })
+        .expect("grant")
+    );
+    let after = other.policy_generation().expect("generation");
+    assert!(after > before);
+    assert!(
+        !c.add_grant(&g, "admin", |_, v| {
+            assert!(v.is_none());
+            Ok(())
+        })
+        .expect("again")
+    );
+    assert_eq!(other.policy_generation().expect("unchanged"), after);
+    let every = grant("acme", "accounts", None, "*", Usage::Count);
+    c.add_grant(&every, "admin", |_, _| Ok(())).expect("grant");
+    let (made, received) = c.grants_of("acme").expect("of acme");
+    assert_eq!((made.len(), received.len()), (2, 0));
+    let (made, received) = c.grants_of("globex").expect("of globex");
+    assert_eq!((made.len(), received.len()), (0, 2));
+    assert_eq!(c.all_grants().expect("all").len(), 2);
+
+    c.put_settings_json("acme", "accounts", &settings(0.5), "admin", |_, _| Ok(()))
+        .expect("settings");
+    assert_eq!(
+        c.settings_json("acme", "accounts").expect("settings"),
+        Some(settings(0.5))
+    );
+
+    let p = |name: &str, filter: &str| Population {
+        owner: "acme".into(),
+        dataset: "accounts".into(),
+        name: name.into(),
+        filter: filter.into(),
+        position: 0,
+    };
+    assert_eq!(
+        c.add_population(&p("customers", "status = 'c'"), "admin", |_, _| Ok(()))
+            .expect("add"),
+        (1, true)
+    );
+    assert_eq!(
+        c.add_population(&p("prospects", "status = 'p'"), "admin", |_, _| Ok(()))
+            .expect("add"),
+        (2, true)
+    );
+    assert_eq!(
+        c.add_population(&p("customers", "status = 'c'"), "admin", |_, _| Ok(()))
+            .expect("same"),
+        (1, false)
+    );
+    assert!(matches!(
+        c.add_population(&p("customers", "status = 'x'"), "admin", |_, _| Ok(())),
+        Err(Error::Conflict(_))
+    ));
+    let overlap = grant(
+        "acme",
+        "accounts",
+        Some("customers"),
+        "globex",
+        Usage::Overlap,
+    );
+    c.add_grant(&overlap, "admin", |_, _| Ok(()))
+        .expect("overlap grant");
+    assert!(
+        c.remove_population("acme", "accounts", "customers", "admin", |_, _| Ok(()))
+            .expect("remove")
+    );
+    assert!(
+        !c.remove_population("acme", "accounts", "customers", "admin", |_, _| panic!(
+            "no change"
+        ))
+        .expect("none")
+    );
+    // Its overlap grant went with it.
+    assert!(!c.all_grants().expect("all").contains(&overlap));
+    assert_eq!(
+        c.populations_of("acme")
+            .expect("pops")
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>(),
+        vec!["prospects"]
+    );
+    assert!(
+        c.remove_grant(&every, "admin", |_, _| Ok(()))
+            .expect("revoke")
+    );
+    assert!(
+        !c.remove_grant(&every, "admin", |_, _| panic!("no change"))
+            .expect("none")
+    );
+
+    let history = c.policy_history("acme").expect("history");
+    let changes: Vec<&str> = history.iter().map(|h| h.change.as_str()).collect();
+    assert_eq!(
+        changes,
+        vec![
+            "grant",
+            "grant",
+            "settings",
+            "population_add",
+            "population_add",
+            "grant",
+            "population_remove",
+            "revoke"
+        ]
+    );
+    assert_eq!(
+        history.iter().map(|h| h.version).collect::<Vec<_>>(),
+        (1..=8).collect::<Vec<_>>()
+    );
+    let (latest, text) = c.policy_text("acme", None).expect("text");
+    assert_eq!(latest, 8);
+    assert_eq!(c.policy_text("acme", Some(8)).expect("v8").1, text);
+    assert_eq!(
+        c.policy_text("acme", Some(0)).expect("v0"),
+        (0, String::new())
+    );
+    assert!(matches!(
+        c.policy_text("acme", Some(99)),
+        Err(Error::NotFound(_))
+    ));
+    // Rolling back to version 1 restores exactly its document, as a new version.
+    let (_, v1) = c.policy_text("acme", Some(1)).expect("v1");
+    let doc = crate::model::policy::PolicyDocument::parse("acme", &v1).expect("parse");
+    let v = c
+        .replace_policy(&doc, "admin", "rollback", |_, _| Ok(()))
+        .expect("rollback");
+    assert_eq!(v.map(|v| v.version), Some(9));
+    assert_eq!(c.policy_text("acme", None).expect("now").1, v1);
+    assert!(c.populations_of("acme").expect("pops").is_empty());
+    assert_eq!(c.settings_json("acme", "accounts").expect("settings"), None);
+    assert_eq!(
+        c.replace_policy(&doc, "admin", "again", |_, _| Ok(()))
+            .expect("same")
+            .map(|v| v.version),
+        None
+    );
+}
+
+fn the_budget_is_spent_once_under_concurrent_nodes(f: &Fixture) {
+    let charge = |budget: f64| BudgetCharge {
+        owner: "acme".into(),
+        dataset: "accounts".into(),
+        budget,
+    };
+    let c = f.open();
+    // A dry run spends nothing.
+    let dry = c
+        .spend("globex", &[charge(2.0)], 1.0, "q0", true)
+        .expect("dry");
+    assert!(matches!(dry, Spend::Charged { new: true, .. }));
+    assert_eq!(c.spent("globex", "acme").expect("spent"), 0.0);
+    // Four distinct questions at ε = 1 fit a budget of 2 (√4); eight nodes race to ask
+    // sixteen: exactly four are charged, each once, whichever node asked.
+    let nodes: Vec<Arc<Catalog>> = (0..4).map(|_| Arc::new(f.open())).collect();
+    let mut threads = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        for j in 0..4 {
+            let node = Arc::clone(node);
+            threads.push(std::thread::spawn(move || {
+                let q = format!("q{}", (i + j) % 8);
+                node.spend("globex", &[charge(2.0)], 1.0, &q, false)
+                    .expect("spend")
+            }));
+        }
+    }
+    let outcomes: Vec<Spend> = threads
+        .into_iter()
+        .map(|t| t.join().expect("thread"))
+        .collect();
+    let charged = outcomes
+        .iter()
+        .filter(|s| matches!(s, Spend::Charged { new: true, .. }))
+        .count();
+    assert_eq!(charged, 4, "{outcomes:?}");
+    assert!((c.spent("globex", "acme").expect("spent") - 2.0).abs() < 1e-9);
+    let paid: i64 = c
+        .read(|tx| tx.value("SELECT COUNT(*) FROM privacy_ledger", params![]))
+        .expect("ledger");
+    assert_eq!(paid, 4);
+    // A question already paid for is free; a new one is refused with what was spent.
+    let paid_fp: String = c
+        .read(|tx| {
+            tx.value(
+                "SELECT fingerprint FROM privacy_ledger ORDER BY fingerprint LIMIT 1",
+                params![],
+            )
+        })
+        .expect("fp");
+    assert!(matches!(
+        c.spend("globex", &[charge(2.0)], 1.0, &paid_fp, false)
+            .expect("again"),
+        Spend::Charged { new: false, .. }
+    ));
+    match c
+        .spend("globex", &[charge(2.0)], 1.0, "q-new", false)
+        .expect("over")
+    {
+        Spend::Exhausted { spent, .. } => assert!((spent - 2.0).abs() < 1e-9),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn released_answers_and_overlaps(f: &Fixture) {
+    let c = f.open();
+    assert_eq!(c.released_answer("globex", "fp").expect("none"), None);
+    c.keep_answer("globex", "fp", &["a".into(), "b".into()], b"one")
+        .expect("keep");
+    c.keep_answer("globex", "fp", &["a".into(), "b".into()], b"two")
+        .expect("replace");
+    assert_eq!(
+        c.released_answer("globex", "fp").expect("kept"),
+        Some(b"two".to_vec())
+    );
+    assert_eq!(c.released_answer("acme", "fp").expect("not acme's"), None);
+    for (mine, versions) in [
+        ("acme.a@v1", "v1"),
+        ("acme.a@v2", "v2"),
+        ("acme.a@v2", "v2"),
+    ] {
+        c.keep_overlap(
+            "acme",
+            "globex",
+            mine,
+            "globex.b@v1",
+            "fp",
+            &[versions.into(), "w1".into()],
+            "[]",
+        )
+        .expect("overlap");
+    }
+    let history = c.released_overlaps("acme", "globex").expect("history");
+    assert_eq!(
+        history.iter().map(|h| h.1.as_str()).collect::<Vec<_>>(),
+        vec!["acme.a@v1", "acme.a@v2"]
+    );
+    assert!(
+        c.released_overlaps("globex", "acme")
+            .expect("other way")
+            .is_empty()
+    );
+}
+
+fn console_tokens_expire_are_single_use_and_capped(f: &Fixture) {
+    let c = f.open();
+    let rules = TokenRules {
+        idle_ms: 1_000,
+        absolute_ms: 10_000,
+        per_identity: 2,
+        max: 3,
+        touch_ms: 0,
+    };
+    let who = |serial: &str| ConsoleIdentity {
+        serial: serial.into(),
+        partner: "acme".into(),
+        user: "ana".into(),
+    };
+    assert!(
+        c.console_token_insert("session", "d1", &who("s1"), 0, &rules)
+            .expect("d1")
+    );
+    assert!(
+        c.console_token_insert("session", "d2", &who("s1"), 10, &rules)
+            .expect("d2")
+    );
+    // A third for the same identity drops its least recently used.
+    assert!(
+        c.console_token_insert("session", "d3", &who("s1"), 20, &rules)
+            .expect("d3")
+    );
+    assert_eq!(
+        c.console_token("session", "d1", 30, &rules, TokenUse::Peek)
+            .expect("d1"),
+        None
+    );
+    assert_eq!(
+        c.console_token("session", "d2", 30, &rules, TokenUse::Touch)
+            .expect("d2"),
+        Some(who("s1"))
+    );
+    assert!(
+        c.console_token_insert("session", "d4", &who("s2"), 40, &rules)
+            .expect("d4")
+    );
+    // Full: nobody else's is dropped, the new one is refused.
+    assert!(
+        !c.console_token_insert("session", "d5", &who("s3"), 50, &rules)
+            .expect("full")
+    );
+    // Idle past its limit (d3 last seen at 20): ended, and dropped.
+    assert_eq!(
+        c.console_token("session", "d3", 1_020, &rules, TokenUse::Peek)
+            .expect("idle"),
+        None
+    );
+    // Another node takes a link once.
+    assert!(
+        c.console_token_insert("link", "l1", &who("s1"), 0, &rules)
+            .expect("link")
+    );
+    let other = f.open();
+    assert_eq!(
+        other
+            .console_token("link", "l1", 5, &rules, TokenUse::Take)
+            .expect("take"),
+        Some(who("s1"))
+    );
+    assert_eq!(
+        c.console_token("link", "l1", 6, &rules, TokenUse::Take)
+            .expect("used"),
+        None
+    );
+    c.console_token_end("session", "d4").expect("logout");
+    assert_eq!(
+        other
+            .console_token("session", "d4", 50, &rules, TokenUse::Peek)
+            .expect("ended"),
+        None
+    );
+    // Past the absolute limit even when kept busy.
+    assert!(
+        c.console_token_insert("session", "d6", &who("s4"), 100, &rules)
+            .expect("d6")
+    );
+    for t in (600..10_100).step_by(500) {
+        c.console_token("session", "d6", t, &rules, TokenUse::Touch)
+            .expect("touch");
+    }
+    assert_eq!(
+        c.console_token("session", "d6", 10_100, &rules, TokenUse::Peek)
+            .expect("absolute"),
+        None
+    );
+}
+
+fn key_rotation_rewraps_every_data_key(f: &Fixture) {
+    let c = f.open();
+    dataset(&c, "acme", "a");
+    dataset(&c, "acme", "b");
+    assert_eq!(c.ensure_current_kek("kek-other").expect("kept"), "kek-1");
+    assert!(matches!(
+        c.rewrap_all("kek-0", "kek-2", |_, _, w| Ok(w.to_vec()), |_, _| Ok(())),
+        Err(Error::Conflict(_))
+    ));
+    // A failing re-wrap changes nothing.
+    assert!(
+        c.rewrap_all(
+            "kek-1",
+            "kek-2",
+            |_, _, _| Err(Error::internal("hsm down")),
+            |_, _| Ok(())
+        )
+        .is_err()
+    );
+    assert_eq!(c.current_kek().expect("kek"), "kek-1");
+    let n = c
+        .rewrap_all(
+            "kek-1",
+            "kek-2",
+            |d, v, w| Ok([d.as_bytes(), v.as_bytes(), w].concat()),
+            |_, n| {
+                assert_eq!(n, 2);
+                Ok(())
+            },
+        )
+        .expect("rotate");
+    assert_eq!(n, 2);
+    assert_eq!(f.open().current_kek().expect("kek"), "kek-2");
+    assert_eq!(
+        c.kek_ids_in_use().expect("in use"),
+        vec!["kek-2".to_string()]
+    );
+    let k = &c.version_keys("acme", "a").expect("keys")[0];
+    assert!(k.wrapped_dek.ends_with(b"wrapped under kek-1") && k.kek_id == "kek-2");
+}
+
+fn the_audit_anchor_moves_only_with_its_transaction(f: &Fixture) {
+    let c = f.open();
+    // What audit.rs reads as the anchor (the audit writer sits above the catalog).
+    let head = |c: &Catalog| -> Option<(i64, Vec<u8>)> {
+        c.read(|tx| {
+            tx.row("SELECT seq, hash FROM audit_anchor WHERE id = 1", params![])?
+                .map(|r| Ok((r.get(0)?, r.get(1)?)))
+                .transpose()
+        })
+        .expect("anchor")
+    };
+    assert_eq!(head(&c), None);
+    c.write(|tx| {
+        tx.execute(
+            "INSERT INTO audit_anchor (id, seq, hash) VALUES (1, ?1, ?2)",
+            params![7i64, vec![9u8; 32]],
+        )
+    })
+    .expect("anchor");
+    let failed: Result<()> = c.write(|tx| {
+        tx.execute("UPDATE audit_anchor SET seq = 8 WHERE id = 1", params![])?;
+        Err(Error::internal("the action failed"))
+    });
+    assert!(failed.is_err());
+    let other = f.open();
+    assert_eq!(head(&other), Some((7, vec![9u8; 32])));
+}

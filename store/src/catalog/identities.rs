@@ -1,0 +1,221 @@
+//! Table group `partners`, `identities`, `crl_state`: who may connect, with which role, and
+//! the certificate revocation list every node serves from the catalog.
+
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use super::sql::{Row, Tx, params};
+use super::{Catalog, IdentityRow, now_rfc3339};
+use crate::{Error, Result};
+
+/// Revoked serials with their revocation times, and the CRL number.
+pub type Revocations = (Vec<(String, OffsetDateTime)>, u64);
+
+impl Catalog {
+    /// Register a partner; fails with `conflict` if it exists. `after` runs in the same
+    /// transaction (the audit record).
+    pub fn add_partner(&self, name: &str, after: impl FnOnce(&Tx<'_>) -> Result<()>) -> Result<()> {
+        self.write(|tx| {
+            let exists = tx.row(
+                "SELECT revoked_at FROM partners WHERE name = ?1",
+                params![name],
+            )?;
+            match exists.map(|r| r.get::<Option<String>>(0)).transpose()? {
+                Some(None) => Err(Error::Conflict(format!("partner {name} already exists"))),
+                Some(Some(_)) => Err(Error::Conflict(format!(
+                    "partner {name} was revoked; partner names are not reused"
+                ))),
+                None => {
+                    tx.execute(
+                        "INSERT INTO partners (name, created_at) VALUES (?1, ?2)",
+                        params![name, now_rfc3339()],
+                    )?;
+                    after(tx)
+                }
+            }
+        })
+    }
+
+    /// Record an issued identity certificate.
+    pub fn add_identity(
+        &self,
+        serial: &str,
+        partner: &str,
+        user: &str,
+        role: &str,
+        after: impl FnOnce(&Tx<'_>) -> Result<()>,
+    ) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO identities (serial, partner, \"user\", role, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![serial, partner, user, role, now_rfc3339()],
+            )?;
+            after(tx)
+        })
+    }
+
+    /// Revoke a partner and all its identities; returns the new CRL contents and number.
+    pub fn revoke_partner(
+        &self,
+        name: &str,
+        after: impl FnOnce(&Tx<'_>) -> Result<()>,
+    ) -> Result<Revocations> {
+        self.write(|tx| {
+            let now = now_rfc3339();
+            let changed = tx.execute(
+                "UPDATE partners SET revoked_at = ?2 WHERE name = ?1 AND revoked_at IS NULL",
+                params![name, now.as_str()],
+            )?;
+            if changed == 0 {
+                let known = tx.exists("SELECT 1 FROM partners WHERE name = ?1", params![name])?;
+                return Err(if known {
+                    Error::Conflict(format!("partner {name} is already revoked"))
+                } else {
+                    Error::NotFound(format!("no partner named {name}"))
+                });
+            }
+            tx.execute(
+                "UPDATE identities SET revoked_at = ?2 WHERE partner = ?1 AND revoked_at IS NULL",
+                params![name, now],
+            )?;
+            crl_changed(tx, after)
+        })
+    }
+
+    /// Revoke one user's active identity; returns the new CRL contents and number.
+    pub fn revoke_user(
+        &self,
+        partner: &str,
+        user: &str,
+        after: impl FnOnce(&Tx<'_>) -> Result<()>,
+    ) -> Result<Revocations> {
+        self.write(|tx| {
+            let n = tx.execute(
+                "UPDATE identities SET revoked_at = ?3
+                 WHERE partner = ?1 AND \"user\" = ?2 AND revoked_at IS NULL",
+                params![partner, user, now_rfc3339()],
+            )?;
+            if n == 0 {
+                return Err(Error::NotFound(format!(
+                    "{partner} has no active user {user}"
+                )));
+            }
+            crl_changed(tx, after)
+        })
+    }
+
+    pub fn partner_is_active(&self, name: &str) -> Result<bool> {
+        self.read(|tx| {
+            tx.exists(
+                "SELECT 1 FROM partners WHERE name = ?1 AND revoked_at IS NULL",
+                params![name],
+            )
+        })
+    }
+
+    pub fn user_is_active(&self, partner: &str, user: &str) -> Result<bool> {
+        self.read(|tx| {
+            tx.exists(
+                "SELECT 1 FROM identities WHERE partner = ?1 AND \"user\" = ?2 AND revoked_at IS NULL",
+                params![partner, user],
+            )
+        })
+    }
+
+    /// Every active user's role (the grouping rules of the role policy), and a generation
+    /// that changes whenever an identity is added or revoked.
+    pub fn role_assignments(&self) -> Result<(Vec<IdentityRow>, (i64, i64))> {
+        self.read(|tx| {
+            let generation = identity_generation_in(tx)?;
+            let rows = tx.rows(
+                "SELECT i.partner, i.\"user\", i.role FROM identities i JOIN partners p ON p.name = i.partner
+                 WHERE i.revoked_at IS NULL AND p.revoked_at IS NULL ORDER BY i.partner, i.\"user\"",
+                params![],
+            )?;
+            Ok((rows.iter().map(identity).collect::<Result<_>>()?, generation))
+        })
+    }
+
+    /// The generation of `role_assignments`, cheaply.
+    pub fn identity_generation(&self) -> Result<(i64, i64)> {
+        self.read(identity_generation_in)
+    }
+
+    /// Every revoked serial with its revocation time, and the current CRL number.
+    pub fn revocations(&self) -> Result<Revocations> {
+        self.read(revocations_in)
+    }
+
+    /// The identity registered for this certificate serial, if it and its partner are active.
+    pub fn active_identity(&self, serial: &str) -> Result<Option<IdentityRow>> {
+        self.read(|tx| {
+            tx.row(
+                "SELECT i.partner, i.\"user\", i.role FROM identities i JOIN partners p ON p.name = i.partner
+                 WHERE i.serial = ?1 AND i.revoked_at IS NULL AND p.revoked_at IS NULL",
+                params![serial],
+            )?
+            .as_ref()
+            .map(identity)
+            .transpose()
+        })
+    }
+
+    /// Names of all partners and whether they are active.
+    pub fn partners(&self) -> Result<Vec<(String, bool)>> {
+        self.read(|tx| {
+            tx.rows(
+                "SELECT name, revoked_at IS NULL FROM partners ORDER BY name",
+                params![],
+            )?
+            .iter()
+            .map(|r| Ok((r.get(0)?, r.get(1)?)))
+            .collect()
+        })
+    }
+}
+
+fn identity(r: &Row) -> Result<IdentityRow> {
+    Ok(IdentityRow {
+        partner: r.get(0)?,
+        user: r.get(1)?,
+        role: r.get(2)?,
+    })
+}
+
+/// Identities ever added and ever revoked: changes with every add or revoke (rows are never
+/// deleted).
+fn identity_generation_in(tx: &Tx<'_>) -> Result<(i64, i64)> {
+    let r = tx
+        .row(
+            "SELECT COUNT(*), COUNT(revoked_at) FROM identities",
+            params![],
+        )?
+        .ok_or_else(|| Error::internal("catalog: COUNT returned no row"))?;
+    Ok((r.get(0)?, r.get(1)?))
+}
+
+fn revocations_in(tx: &Tx<'_>) -> Result<Revocations> {
+    let number: i64 = tx.value("SELECT number FROM crl_state WHERE id = 1", params![])?;
+    let mut out = Vec::new();
+    for r in tx.rows(
+        "SELECT serial, revoked_at FROM identities WHERE revoked_at IS NOT NULL ORDER BY serial",
+        params![],
+    )? {
+        let at = OffsetDateTime::parse(&r.get::<String>(1)?, &Rfc3339)
+            .map_err(|e| Error::internal(format!("bad time in catalog: {e}")))?;
+        out.push((r.get(0)?, at));
+    }
+    Ok((out, number as u64))
+}
+
+/// After a revocation in `tx`: the next CRL number, then `after` (the audit record); the
+/// revocations as they now stand.
+fn crl_changed(tx: &Tx<'_>, after: impl FnOnce(&Tx<'_>) -> Result<()>) -> Result<Revocations> {
+    tx.execute(
+        "UPDATE crl_state SET number = number + 1 WHERE id = 1",
+        params![],
+    )?;
+    let out = revocations_in(tx)?;
+    after(tx)?;
+    Ok(out)
+}

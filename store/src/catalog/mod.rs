@@ -1,0 +1,302 @@
+//! The catalog: partners, identities, datasets and their versions (with wrapped data keys),
+//! grants, settings, populations, policy versions, the privacy ledger, released answers,
+//! console sessions and the audit anchor.
+//!
+//! Two backends behind one seam ([`sql::Backend`]): SQLite in the data directory (the
+//! embedded default, one node) and PostgreSQL (`--catalog postgres://...`, any number of
+//! nodes). The SQL is written once (`sql.rs`), the schema is one set of versioned migrations
+//! (`schema.rs`), and each table group has its file. All methods are blocking; async callers
+//! run them on the blocking pool.
+
+use std::path::Path;
+
+use serde::Serialize;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+pub use identities::Revocations;
+pub use sql::{Backend, Mode, Row, Tx, Value};
+
+use sql::params;
+
+use crate::{Error, Result};
+
+mod console;
+mod datasets;
+mod identities;
+mod keys;
+mod ledger;
+mod policy;
+mod postgres;
+mod schema;
+pub mod sql;
+mod sqlite;
+pub mod testdb;
+
+/// Who a console link or session acts as: the serial of the certificate it was minted with,
+/// its partner and its user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleIdentity {
+    pub serial: String,
+    pub partner: String,
+    pub user: String,
+}
+
+/// How long console tokens of one kind live and how many are kept.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenRules {
+    /// A token unused for this long has ended.
+    pub idle_ms: i64,
+    /// A token this old has ended, used or not.
+    pub absolute_ms: i64,
+    /// Tokens one identity may hold: another drops that identity's least recently used.
+    pub per_identity: usize,
+    /// Tokens kept in all: past it a new one is refused (nobody else's is dropped).
+    pub max: usize,
+    /// A token in use has its idle time restarted at most this often (a write); in between,
+    /// using it only reads.
+    pub touch_ms: i64,
+}
+
+/// What to do with a console token found live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenUse {
+    /// Look only.
+    Peek,
+    /// Restart its idle time.
+    Touch,
+    /// Use it up (a sign-in link works once).
+    Take,
+}
+
+/// Handle on the catalog database.
+pub struct Catalog {
+    db: Box<dyn Backend>,
+}
+
+/// A dataset a partner may name in a query: its own, or one shared with it by a grant.
+#[derive(Debug, Clone)]
+pub struct QueryableDataset {
+    pub owner: String,
+    pub name: String,
+    pub key_column: Option<String>,
+    pub live: VersionKey,
+    /// Rows of the live version.
+    pub rows: i64,
+}
+
+/// What `Catalog::spend` did.
+#[derive(Debug, Clone)]
+pub enum Spend {
+    /// Charged (`new`) or already paid; each charge's total spent afterwards.
+    Charged { new: bool, totals: Vec<f64> },
+    /// Nothing spent: this dataset's budget would be exceeded (`spent` so far).
+    Exhausted { charge: BudgetCharge, spent: f64 },
+}
+
+/// The budget a querying partner needs from one dataset, and what it may spend there.
+#[derive(Debug, Clone)]
+pub struct BudgetCharge {
+    pub owner: String,
+    pub dataset: String,
+    pub budget: f64,
+}
+
+/// A registered, unrevoked identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityRow {
+    pub partner: String,
+    pub user: String,
+    pub role: String,
+}
+
+/// One column of a stored dataset.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ColumnInfo {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub data_type: String,
+    pub nullable: bool,
+}
+
+/// A named subset of a dataset, defined by its owner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct Population {
+    pub owner: String,
+    pub dataset: String,
+    pub name: String,
+    /// SQL predicate over the dataset's columns.
+    pub filter: String,
+    /// Definition order within the dataset (1, 2, ...).
+    pub position: i64,
+}
+
+/// Metadata of the live (latest) version of a dataset. Never any row content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema, serde::Deserialize)]
+pub struct DatasetInfo {
+    pub owner: String,
+    pub name: String,
+    pub version: i64,
+    pub rows: i64,
+    pub source_bytes: i64,
+    pub sealed_bytes: i64,
+    pub format: String,
+    pub key_column: Option<String>,
+    pub columns: Vec<ColumnInfo>,
+    pub created_at: String,
+    pub uploaded_by: String,
+}
+
+/// Everything needed to open one sealed version.
+#[derive(Debug, Clone)]
+pub struct VersionKey {
+    pub dataset_id: String,
+    pub version_id: String,
+    pub version: i64,
+    pub wrapped_dek: Vec<u8>,
+    pub kek_id: String,
+}
+
+/// A new version to record at commit.
+#[derive(Debug, Clone)]
+pub struct NewVersion {
+    pub dataset_id: String,
+    pub version_id: String,
+    pub rows: i64,
+    pub source_bytes: i64,
+    pub sealed_bytes: i64,
+    pub format: String,
+    pub columns: Vec<ColumnInfo>,
+    pub key_column: Option<String>,
+    pub uploaded_by: String,
+    /// How website keys matched (none for id keys or no key).
+    pub matching: Option<crate::matching::MatchStats>,
+}
+
+/// One version of a dataset, as its owner sees it. Never any row content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct VersionInfo {
+    pub version: i64,
+    pub rows: i64,
+    pub source_bytes: i64,
+    pub sealed_bytes: i64,
+    pub format: String,
+    pub key_column: Option<String>,
+    pub columns: Vec<ColumnInfo>,
+    /// Rows keyed by domain, by name, and unmatched (website keys; absent for id keys and
+    /// for versions uploaded before escrow kept these).
+    pub matching: Option<crate::matching::MatchStats>,
+    pub created_at: String,
+    pub uploaded_by: String,
+}
+
+pub fn now_rfc3339() -> String {
+    OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
+}
+
+/// Where a catalog lives: a SQLite file (one node) or a PostgreSQL database (several).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    File(std::path::PathBuf),
+    Postgres(String),
+}
+
+impl Location {
+    /// `postgres://...` or `postgresql://...` is a PostgreSQL database; anything else is
+    /// refused (a file catalog is the data directory's own, named by no URL).
+    pub fn parse_url(url: &str) -> Result<Self> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Location::Postgres(url.to_string()))
+        } else {
+            Err(Error::bad(
+                "bad_catalog_url",
+                "--catalog takes a postgres:// URL (without it, the catalog is the data directory's SQLite file)",
+            ))
+        }
+    }
+}
+
+impl Catalog {
+    /// Open (creating if needed) the SQLite catalog at `path` and bring its schema up to
+    /// date.
+    pub fn open(path: &Path) -> Result<Self> {
+        let sqlite = sqlite::Sqlite::open(path)?;
+        sqlite.with_connection(schema::upgrade_unversioned)?;
+        Self::on(Box::new(sqlite))
+    }
+
+    /// Connect to the PostgreSQL catalog at `url` and bring its schema up to date.
+    pub fn connect(url: &str) -> Result<Self> {
+        Self::on(Box::new(postgres::Postgres::connect(url)?))
+    }
+
+    pub fn open_at(location: &Location) -> Result<Self> {
+        match location {
+            Location::File(path) => Self::open(path),
+            Location::Postgres(url) => Self::connect(url),
+        }
+    }
+
+    fn on(db: Box<dyn Backend>) -> Result<Self> {
+        let postgres = db.kind() == "postgres";
+        let catalog = Catalog { db };
+        catalog.write(|tx| schema::migrate(tx, postgres))?;
+        Ok(catalog)
+    }
+
+    /// `sqlite` or `postgres`.
+    pub fn backend(&self) -> &'static str {
+        self.db.kind()
+    }
+
+    /// Changes with every change that can alter a policy decision (grants, settings,
+    /// populations, dataset deletions), on whichever node made it: the query engine
+    /// rebuilds its policy set when it moves.
+    pub fn policy_generation(&self) -> Result<i64> {
+        self.read(|tx| {
+            tx.value(
+                "SELECT value FROM generations WHERE name = 'policy'",
+                params![],
+            )
+        })
+    }
+
+    /// Run `f` in one write transaction, serialised with every other writer (of every
+    /// process and node); committed only if `f` succeeds. Audit appends run inside it, so
+    /// the catalog's write lock always comes before the audit file lock.
+    pub fn write<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
+        self.run(Mode::Write, f)
+    }
+
+    /// Run a read-only `f` on one consistent view of the catalog.
+    pub fn read<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
+        self.run(Mode::Read, f)
+    }
+
+    fn run<T>(&self, mode: Mode, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
+        let mut f = Some(f);
+        let mut out = None;
+        self.db.run(mode, &mut |tx| {
+            let f = f
+                .take()
+                .ok_or_else(|| Error::internal("catalog: a transaction ran twice"))?;
+            out = Some(f(tx)?);
+            Ok(())
+        })?;
+        out.ok_or_else(|| Error::internal("catalog: a transaction did not run"))
+    }
+}
+
+#[cfg(test)]
+mod conformance;
+
+/// Inside a write that can alter a policy decision: move the policy generation.
+fn policy_changed(tx: &Tx<'_>) -> Result<()> {
+    tx.execute(
+        "UPDATE generations SET value = value + 1 WHERE name = 'policy'",
+        params![],
+    )?;
+    Ok(())
+}

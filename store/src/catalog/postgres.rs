@@ -1,0 +1,259 @@
+//! The shared catalog: PostgreSQL, for several escrow nodes (`--catalog postgres://...`).
+//!
+//! Connections come from a deadpool pool driven by a small runtime of the catalog's own, so
+//! the catalog keeps its blocking interface (callers run it on the blocking pool, as with
+//! SQLite) and a call made from inside another runtime cannot deadlock against it. Write
+//! transactions take one transaction-scoped advisory lock first: writers queue on every
+//! node as SQLite's `BEGIN IMMEDIATE` makes them queue on one, which keeps a budget spent
+//! exactly once and the audit chain linear without retry loops. Reads run in a read-only
+//! repeatable-read transaction (one consistent view).
+
+use std::future::Future;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
+
+use super::sql::{Backend, Conn, Mode, Row, Tx, Value, dollar_params};
+use crate::{Error, Result};
+
+/// The advisory lock every write transaction holds ("escrow" in ASCII).
+const WRITE_LOCK: i64 = 0x0000_6573_6372_6f77;
+
+pub struct Postgres {
+    /// Taken on drop, to shut down without blocking (the catalog may be dropped inside
+    /// another runtime's task, where a blocking shutdown is refused).
+    runtime: Option<tokio::runtime::Runtime>,
+    pool: Pool,
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl std::fmt::Debug for Postgres {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Postgres").finish_non_exhaustive()
+    }
+}
+
+impl Postgres {
+    /// Connect to `url` (`postgres://user@host:port/database?...`); fails if the server
+    /// cannot be reached.
+    pub fn connect(url: &str) -> Result<Self> {
+        let config: tokio_postgres::Config = url.parse().map_err(|e| {
+            Error::bad(
+                "bad_catalog_url",
+                format!("--catalog: not a PostgreSQL URL: {e}"),
+            )
+        })?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("escrow-catalog")
+            .enable_all()
+            .build()?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(16)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(30)))
+            .create_timeout(Some(Duration::from_secs(10)))
+            .build()
+            .map_err(|e| Error::internal(format!("catalog pool: {e}")))?;
+        let pg = Postgres {
+            runtime: Some(runtime),
+            pool,
+        };
+        // Fail now, with the reason, rather than at the first request.
+        drop(pg.client()?);
+        Ok(pg)
+    }
+
+    /// Wait for `f` on this thread, with the catalog's runtime driving its I/O and timers.
+    /// (Not `Runtime::block_on`, which refuses to run inside another runtime's task.)
+    fn wait<F: Future>(&self, f: F) -> Result<F::Output> {
+        let runtime = (self.runtime.as_ref()).ok_or_else(|| Error::internal("catalog: closed"))?;
+        let _context = runtime.enter();
+        Ok(futures_executor::block_on(f))
+    }
+
+    /// A pooled connection in a new transaction of `mode` (writers hold the write lock).
+    fn begin(&self, mode: Mode) -> Result<Open<'_>> {
+        let open = Open {
+            pg: self,
+            client: self.client()?,
+            finished: false,
+        };
+        let begin = match mode {
+            Mode::Read => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY".to_string(),
+            Mode::Write | Mode::DryRun => {
+                format!("BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})")
+            }
+        };
+        // Dropped on failure: rolled back, so the connection returns to the pool clean.
+        self.wait(open.client.batch_execute(&begin))??;
+        Ok(open)
+    }
+
+    fn client(&self) -> Result<Object> {
+        self.wait(self.pool.get())?
+            .map_err(|e| Error::internal(format!("catalog: cannot reach PostgreSQL: {e}")))
+    }
+}
+
+/// One pooled connection inside a transaction; rolled back when dropped unfinished (an
+/// error or a panic in the caller's function), so it returns to the pool clean.
+struct Open<'a> {
+    pg: &'a Postgres,
+    client: Object,
+    finished: bool,
+}
+
+impl Open<'_> {
+    fn end(mut self, sql: &str) -> Result<()> {
+        self.finished = true;
+        Ok(self.pg.wait(self.client.batch_execute(sql))??)
+    }
+
+    fn params(params: &[Value]) -> Vec<&(dyn ToSql + Sync)> {
+        params.iter().map(|v| v as &(dyn ToSql + Sync)).collect()
+    }
+
+    fn statement(&self, sql: &str) -> Result<tokio_postgres::Statement> {
+        Ok(self
+            .pg
+            .wait(self.client.prepare_cached(&dollar_params(sql)))??)
+    }
+}
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        if !self.finished
+            && let Ok(Err(e)) = self.pg.wait(self.client.batch_execute("ROLLBACK"))
+        {
+            tracing::warn!(error = %e, "catalog: rollback failed");
+        }
+    }
+}
+
+impl Conn for Open<'_> {
+    fn execute(&self, sql: &str, params: &[Value]) -> Result<usize> {
+        let st = self.statement(sql)?;
+        let n = self
+            .pg
+            .wait(self.client.execute(&st, &Self::params(params)))??;
+        Ok(n as usize)
+    }
+
+    fn query(&self, sql: &str, params: &[Value]) -> Result<Vec<Row>> {
+        let st = self.statement(sql)?;
+        let rows = self
+            .pg
+            .wait(self.client.query(&st, &Self::params(params)))??;
+        rows.iter().map(row).collect()
+    }
+
+    fn batch(&self, sql: &str) -> Result<()> {
+        Ok(self.pg.wait(self.client.batch_execute(sql))??)
+    }
+}
+
+fn row(r: &tokio_postgres::Row) -> Result<Row> {
+    let mut out = Vec::with_capacity(r.len());
+    for (i, c) in r.columns().iter().enumerate() {
+        let ty = c.type_();
+        let v = match *ty {
+            Type::INT8 => r.try_get::<_, Option<i64>>(i)?.map(Value::Int),
+            Type::INT4 => r
+                .try_get::<_, Option<i32>>(i)?
+                .map(|v| Value::Int(v.into())),
+            Type::INT2 => r
+                .try_get::<_, Option<i16>>(i)?
+                .map(|v| Value::Int(v.into())),
+            Type::BOOL => r
+                .try_get::<_, Option<bool>>(i)?
+                .map(|v| Value::Int(v.into())),
+            Type::FLOAT8 => r.try_get::<_, Option<f64>>(i)?.map(Value::Real),
+            Type::FLOAT4 => r
+                .try_get::<_, Option<f32>>(i)?
+                .map(|v| Value::Real(v.into())),
+            Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME => {
+                r.try_get::<_, Option<String>>(i)?.map(Value::Text)
+            }
+            Type::BYTEA => r.try_get::<_, Option<Vec<u8>>>(i)?.map(Value::Blob),
+            _ => {
+                return Err(Error::internal(format!(
+                    "catalog: column {} has type {ty}, which the catalog does not use",
+                    c.name()
+                )));
+            }
+        };
+        out.push(v.unwrap_or(Value::Null));
+    }
+    Ok(Row(out))
+}
+
+/// A value as the parameter type PostgreSQL inferred for its place: the catalog's SQL is
+/// shared with SQLite, whose integers and reals are 64-bit, so an integer may meet an
+/// `int4` parameter (checked, never truncated) and any value a text one.
+impl ToSql for Value {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> std::result::Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match (self, ty) {
+            (Value::Null, _) => Ok(IsNull::Yes),
+            (Value::Int(i), &Type::INT8) => i.to_sql(ty, out),
+            (Value::Int(i), &Type::INT4) => i32::try_from(*i)?.to_sql(ty, out),
+            (Value::Int(i), &Type::INT2) => i16::try_from(*i)?.to_sql(ty, out),
+            (Value::Int(i), &Type::FLOAT8) => (*i as f64).to_sql(ty, out),
+            (Value::Int(i), &Type::BOOL) => (*i != 0).to_sql(ty, out),
+            (Value::Real(f), &Type::FLOAT8) => f.to_sql(ty, out),
+            (Value::Int(i), _) => i.to_string().to_sql(ty, out),
+            (Value::Real(f), _) => f.to_string().to_sql(ty, out),
+            (Value::Text(s), _) => s.as_str().to_sql(ty, out),
+            (Value::Blob(b), _) => b.as_slice().to_sql(ty, out),
+        }
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    to_sql_checked!();
+}
+
+impl Backend for Postgres {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn run(&self, mode: Mode, f: &mut dyn FnMut(&Tx<'_>) -> Result<()>) -> Result<()> {
+        let open = self.begin(mode)?;
+        f(&Tx(&open))?;
+        open.end(if mode == Mode::Write {
+            "COMMIT"
+        } else {
+            "ROLLBACK"
+        })
+    }
+
+    fn purge(&self) -> Result<()> {
+        // PostgreSQL keeps a deleted row's bytes until VACUUM reuses its space; the wrapped
+        // key in it is useless without the key-encryption key, which stays in the escrow's
+        // data directory (docs/OPERATIONS.md).
+        Ok(())
+    }
+}
