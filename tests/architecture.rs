@@ -104,19 +104,36 @@ fn no_module_imports_one_that_imports_it_back() {
     }
 }
 
-#[test]
-fn the_storage_engine_depends_on_no_http_or_cli_crate() {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../store/Cargo.toml");
-    let text = std::fs::read_to_string(&manifest).expect("store/Cargo.toml");
-    let deps: Vec<&str> = (text.split("[dependencies]").nth(1).expect("dependencies"))
+/// The `[dependencies]` of the workspace crate in `dir`, by name.
+fn dependencies(dir: &str) -> Vec<String> {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../{dir}/Cargo.toml"));
+    let text = std::fs::read_to_string(&manifest).expect("Cargo.toml");
+    (text.split("[dependencies]").nth(1).expect("dependencies"))
         .split("\n[")
         .next()
         .unwrap_or("")
         .lines()
         .filter_map(|l| l.split(['.', '=', ' ']).next())
         .filter(|n| !n.is_empty() && !n.starts_with('#'))
-        .collect();
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn the_query_engine_knows_nothing_of_casbin() {
+    let deps = dependencies("query");
+    assert!(deps.iter().any(|d| d == "datafusion"), "{deps:?}");
+    for d in ["casbin", "escrow-policies", "escrow-store"] {
+        assert!(!deps.iter().any(|x| x == d), "escrow-query depends on {d}");
+    }
+}
+
+#[test]
+fn the_storage_engine_depends_on_no_http_or_cli_crate() {
+    let deps = dependencies("store");
+    let deps: Vec<&str> = deps.iter().map(String::as_str).collect();
     assert!(deps.contains(&"rusqlite"), "{deps:?}");
+    assert!(deps.contains(&"tokio-postgres"), "{deps:?}");
     for http in [
         "axum",
         "hyper",

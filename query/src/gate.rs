@@ -16,10 +16,10 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use crate::usage::{ColumnUse, Usage};
 use datafusion::common::{Column, DFSchema, JoinType, ScalarValue};
 use datafusion::logical_expr::expr::{AggregateFunction, Alias, InList};
 use datafusion::logical_expr::{BinaryExpr, Expr, LogicalPlan, Operator, Projection};
-use escrow_policies::{ColumnUse, Usage};
 
 use crate::QueryError;
 

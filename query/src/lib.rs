@@ -14,6 +14,7 @@ pub mod population;
 pub mod session;
 pub mod source;
 pub mod stop;
+pub mod usage;
 
 pub use datafusion::logical_expr::LogicalPlan;
 pub use exec::{Answer, Applied, Holder, Protection, execute};
@@ -24,6 +25,7 @@ pub use noise::{Epsilon, Noise, NoiseKey, Sensitivity, Variance};
 pub use session::{Limits, QueryTable, is_planning_rule, plan_for_execution, plan_sql};
 pub use source::{BatchIter, BatchSource, EntityHasher};
 pub use stop::Stop;
+pub use usage::{ColumnUse, Usage};
 
 /// Errors of the query engine.
 #[derive(Debug, thiserror::Error)]

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use arrow_schema::{DataType, Field, Schema};
-use escrow_policies::Usage;
+use escrow_query::Usage;
 use escrow_query::session::{Limits, QueryTable};
 use escrow_query::{QueryError, gate, plan_for_execution, plan_sql};
 

@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use sha2::{Digest, Sha256};
 
 use crate::Result;
-use crate::catalog::{Catalog, TokenRules, TokenUse};
+use crate::catalog::{Catalog, TokenKept, TokenRules, TokenUse};
 
 pub use crate::catalog::ConsoleIdentity as Identity;
 
@@ -38,6 +38,9 @@ const SESSIONS_PER_IDENTITY: usize = 8;
 /// Links, and sessions, kept at most in all: past it (which takes thousands of identities)
 /// a new one is refused with 429 rather than anyone's being dropped.
 const MAX_ENTRIES: usize = 10_000;
+/// Links, and sessions, one partner's identities may hold together: one partner with many
+/// users cannot fill `MAX_ENTRIES` for every other partner.
+const PER_PARTNER: usize = 1_000;
 
 const LINK: &str = "link";
 const SESSION: &str = "session";
@@ -99,13 +102,19 @@ fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, ms)
 }
 
-fn full() -> crate::Error {
-    crate::Error::Busy {
+/// A new token's fate: kept, or a 429 naming whose limit it met.
+fn kept(outcome: TokenKept) -> Result<()> {
+    let (limit, scope) = match outcome {
+        TokenKept::Kept => return Ok(()),
+        TokenKept::PartnerFull => (PER_PARTNER, "your partner"),
+        TokenKept::Full => (MAX_ENTRIES, "the server"),
+    };
+    Err(crate::Error::Busy {
         what: "console sign-ins",
-        limit: MAX_ENTRIES,
-        scope: "the server",
+        limit,
+        scope,
         retry_after: 60,
-    }
+    })
 }
 
 impl Sessions {
@@ -124,6 +133,7 @@ impl Sessions {
             idle_ms: ms(self.link_ttl),
             absolute_ms: ms(self.link_ttl),
             per_identity: LINKS_PER_IDENTITY,
+            per_partner: PER_PARTNER,
             max: MAX_ENTRIES,
             touch_ms: 0,
         }
@@ -134,6 +144,7 @@ impl Sessions {
             idle_ms: ms(IDLE),
             absolute_ms: ms(ABSOLUTE),
             per_identity: SESSIONS_PER_IDENTITY,
+            per_partner: PER_PARTNER,
             max: MAX_ENTRIES,
             touch_ms: ms(TOUCH_EVERY),
         }
@@ -146,9 +157,7 @@ impl Sessions {
 
     fn mint_link_at(&self, catalog: &Catalog, identity: Identity, now: i64) -> Result<String> {
         let t = token()?;
-        if !catalog.console_token_insert(LINK, &digest(&t), &identity, now, &self.links())? {
-            return Err(full());
-        }
+        kept(catalog.console_token_insert(LINK, &digest(&t), &identity, now, &self.links())?)?;
         Ok(t)
     }
 
@@ -182,9 +191,13 @@ impl Sessions {
             return Ok(None);
         };
         let t = token()?;
-        if !catalog.console_token_insert(SESSION, &digest(&t), &identity, now, &Self::sessions())? {
-            return Err(full());
-        }
+        kept(catalog.console_token_insert(
+            SESSION,
+            &digest(&t),
+            &identity,
+            now,
+            &Self::sessions(),
+        )?)?;
         Ok(Some((identity, t)))
     }
 

@@ -585,7 +585,8 @@ fn console_tokens_expire_are_single_use_and_capped(f: &Fixture) {
         idle_ms: 1_000,
         absolute_ms: 10_000,
         per_identity: 2,
-        max: 3,
+        per_partner: 3,
+        max: 4,
         touch_ms: 0,
     };
     let who = |serial: &str| ConsoleIdentity {
@@ -593,18 +594,21 @@ fn console_tokens_expire_are_single_use_and_capped(f: &Fixture) {
         partner: "acme".into(),
         user: "ana".into(),
     };
-    assert!(
+    assert_eq!(
         c.console_token_insert("session", "d1", &who("s1"), 0, &rules)
-            .expect("d1")
+            .expect("d1"),
+        TokenKept::Kept
     );
-    assert!(
+    assert_eq!(
         c.console_token_insert("session", "d2", &who("s1"), 10, &rules)
-            .expect("d2")
+            .expect("d2"),
+        TokenKept::Kept
     );
     // A third for the same identity drops its least recently used.
-    assert!(
+    assert_eq!(
         c.console_token_insert("session", "d3", &who("s1"), 20, &rules)
-            .expect("d3")
+            .expect("d3"),
+        TokenKept::Kept
     );
     assert_eq!(
         c.console_token("session", "d1", 30, &rules, TokenUse::Peek)
@@ -616,14 +620,31 @@ fn console_tokens_expire_are_single_use_and_capped(f: &Fixture) {
             .expect("d2"),
         Some(who("s1"))
     );
-    assert!(
+    assert_eq!(
         c.console_token_insert("session", "d4", &who("s2"), 40, &rules)
-            .expect("d4")
+            .expect("d4"),
+        TokenKept::Kept
     );
-    // Full: nobody else's is dropped, the new one is refused.
-    assert!(
-        !c.console_token_insert("session", "d5", &who("s3"), 50, &rules)
-            .expect("full")
+    // The partner is full: nobody's is dropped, its new one is refused; another partner's
+    // is kept, until the kind is full.
+    assert_eq!(
+        c.console_token_insert("session", "d5", &who("s3"), 50, &rules)
+            .expect("partner full"),
+        TokenKept::PartnerFull
+    );
+    let globex = |serial: &str| ConsoleIdentity {
+        partner: "globex".into(),
+        ..who(serial)
+    };
+    assert_eq!(
+        c.console_token_insert("session", "g1", &globex("s5"), 50, &rules)
+            .expect("globex"),
+        TokenKept::Kept
+    );
+    assert_eq!(
+        c.console_token_insert("session", "g2", &globex("s6"), 50, &rules)
+            .expect("full"),
+        TokenKept::Full
     );
     // Idle past its limit (d3 last seen at 20): ended, and dropped.
     assert_eq!(
@@ -632,9 +653,10 @@ fn console_tokens_expire_are_single_use_and_capped(f: &Fixture) {
         None
     );
     // Another node takes a link once.
-    assert!(
+    assert_eq!(
         c.console_token_insert("link", "l1", &who("s1"), 0, &rules)
-            .expect("link")
+            .expect("link"),
+        TokenKept::Kept
     );
     let other = f.open();
     assert_eq!(
@@ -656,9 +678,10 @@ fn console_tokens_expire_are_single_use_and_capped(f: &Fixture) {
         None
     );
     // Past the absolute limit even when kept busy.
-    assert!(
+    assert_eq!(
         c.console_token_insert("session", "d6", &who("s4"), 100, &rules)
-            .expect("d6")
+            .expect("d6"),
+        TokenKept::Kept
     );
     for t in (600..10_100).step_by(500) {
         c.console_token("session", "d6", t, &rules, TokenUse::Touch)

@@ -2,13 +2,13 @@
 //! in the catalog so every node sharing it knows them and a restart ends none.
 
 use super::sql::{Row, params};
-use super::{Catalog, ConsoleIdentity, TokenRules, TokenUse};
+use super::{Catalog, ConsoleIdentity, TokenKept, TokenRules, TokenUse};
 use crate::Result;
 
 impl Catalog {
     /// Keep a new console token of `kind` for `who` (`rules`: ended tokens of that kind
-    /// are dropped first, then `who`'s least recently used beyond its share). `false` when
-    /// the kind is full: nothing was kept.
+    /// are dropped first, then `who`'s least recently used beyond its share). Nothing is
+    /// kept when `who`'s partner or the kind is full.
     pub fn console_token_insert(
         &self,
         kind: &str,
@@ -16,7 +16,7 @@ impl Catalog {
         who: &ConsoleIdentity,
         now_ms: i64,
         rules: &TokenRules,
-    ) -> Result<bool> {
+    ) -> Result<TokenKept> {
         self.write(|tx| {
             tx.execute(
                 "DELETE FROM console_tokens
@@ -36,12 +36,19 @@ impl Catalog {
                     params![kind, who.serial.as_str(), over],
                 )?;
             }
+            let partner: i64 = tx.value(
+                "SELECT COUNT(*) FROM console_tokens WHERE kind = ?1 AND partner = ?2",
+                params![kind, who.partner.as_str()],
+            )?;
+            if partner >= rules.per_partner as i64 {
+                return Ok(TokenKept::PartnerFull);
+            }
             let all: i64 = tx.value(
                 "SELECT COUNT(*) FROM console_tokens WHERE kind = ?1",
                 params![kind],
             )?;
             if all >= rules.max as i64 {
-                return Ok(false);
+                return Ok(TokenKept::Full);
             }
             tx.execute(
                 "INSERT INTO console_tokens (kind, digest, serial, partner, \"user\", created_ms, seen_ms)
@@ -55,7 +62,7 @@ impl Catalog {
                     now_ms
                 ],
             )?;
-            Ok(true)
+            Ok(TokenKept::Kept)
         })
     }
 

@@ -51,11 +51,24 @@ pub struct TokenRules {
     pub absolute_ms: i64,
     /// Tokens one identity may hold: another drops that identity's least recently used.
     pub per_identity: usize,
+    /// Tokens one partner's identities may hold together: past it a new one of that
+    /// partner is refused (so one partner's many users cannot fill `max` for everyone).
+    pub per_partner: usize,
     /// Tokens kept in all: past it a new one is refused (nobody else's is dropped).
     pub max: usize,
     /// A token in use has its idle time restarted at most this often (a write); in between,
     /// using it only reads.
     pub touch_ms: i64,
+}
+
+/// Whether a new console token was kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKept {
+    Kept,
+    /// Its partner holds `per_partner` tokens of the kind already.
+    PartnerFull,
+    /// The kind holds `max` tokens already.
+    Full,
 }
 
 /// What to do with a console token found live.
