@@ -239,3 +239,50 @@ fn a_node_killed_mid_upload_leaves_nothing_and_the_other_keeps_serving() {
     env.upload(&a, "acme", &ok, "partial", &[]).ok();
     assert_eq!(env.dataset_names(&b, "acme"), vec!["kept", "partial"]);
 }
+
+#[test]
+fn a_node_or_command_without_the_shared_catalog_is_refused_and_removes_nothing() {
+    let env = Env::on_postgres();
+    let a = env.serve(&[]);
+    env.upload_csv(&a, "acme", "accounts", &companies(0..50))
+        .ok();
+    let sealed = env.sealed_files();
+    assert_eq!(sealed.len(), 1);
+    // The same directory without --catalog: a new, empty catalog, whose startup recovery
+    // would take every sealed file for an orphan. Refused before anything is removed.
+    let mut node = std::process::Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("ESCROW_DATA_DIR", &env.data)
+        .env_remove("ESCROW_CATALOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("serve");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = node.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = node.kill();
+            panic!("a node without the shared catalog started");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut node.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
+    assert!(!status.success());
+    assert!(err.contains("ESCROW_CATALOG missing or wrong"), "{err}");
+    assert_eq!(env.sealed_files(), sealed);
+    let op = std::process::Command::new(BIN)
+        .args(["partner", "add", "initech"])
+        .env("ESCROW_DATA_DIR", &env.data)
+        .env_remove("ESCROW_CATALOG")
+        .output()
+        .expect("partner add");
+    assert!(!op.status.success());
+    // The node on the shared catalog is untouched.
+    assert_eq!(env.dataset_names(&a, "acme"), vec!["accounts"]);
+    assert_eq!(env.sealed_files(), sealed);
+}

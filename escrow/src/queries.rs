@@ -178,7 +178,13 @@ impl QueryService {
             return Ok(set.clone());
         }
         let store = self.store.clone();
-        let grants = blocking(move || store.catalog().all_grants()).await?;
+        let grants = blocking(move || {
+            // The generation moves with every delete, on whichever node: plaintext of a
+            // version gone from the catalog leaves this node's memory too.
+            store.forget_unlisted()?;
+            store.catalog().all_grants()
+        })
+        .await?;
         let set = Arc::new(
             PolicySet::build(grants)
                 .await

@@ -171,11 +171,14 @@ impl PlaintextCache {
     /// Drop every entry of a dataset except `keep` (a version id), e.g. after a new upload
     /// (keep the new live version) or a delete (keep nothing).
     pub fn forget_dataset(&self, dataset_id: &str, keep: Option<&str>) {
+        self.retain(|d, v| d != dataset_id || Some(v) == keep);
+    }
+
+    /// Keep only the entries of the (dataset id, version id) pairs `keep` accepts.
+    pub fn retain(&self, keep: impl Fn(&str, &str) -> bool) {
         let mut inner = self.lock();
-        let gone: Vec<(String, String)> = inner
-            .entries
-            .keys()
-            .filter(|(d, v)| d == dataset_id && Some(v.as_str()) != keep)
+        let gone: Vec<(String, String)> = (inner.entries.keys())
+            .filter(|(d, v)| !keep(d, v))
             .cloned()
             .collect();
         for k in gone {
@@ -183,9 +186,7 @@ impl PlaintextCache {
                 inner.bytes -= e.bytes;
             }
         }
-        inner
-            .schemas
-            .retain(|(d, v), _| d != dataset_id || Some(v.as_str()) == keep);
+        inner.schemas.retain(|(d, v), _| keep(d, v));
     }
 
     /// Bytes held (for logs and tests).

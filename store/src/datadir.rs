@@ -51,9 +51,64 @@ impl DataDir {
             None => Ok(crate::catalog::Location::File(self.catalog())),
         }
     }
-    /// Open this directory's catalog.
+    /// The id that binds this directory to its catalog (the catalog holds it too).
+    pub fn catalog_id(&self) -> PathBuf {
+        self.root.join("catalog.id")
+    }
+
+    /// Open this directory's catalog, and check that it is this directory's: a node or an
+    /// operator command started without `--catalog` (or with another one) must not take an
+    /// empty catalog for the shared one, whose startup recovery would then remove every
+    /// sealed file as an orphan. The first open of a directory and a catalog that both have
+    /// no id binds them; a SQLite catalog inside the directory is its own.
     pub fn open_catalog(&self) -> crate::Result<crate::catalog::Catalog> {
-        crate::catalog::Catalog::open_at(&self.catalog_location()?)
+        let location = self.catalog_location()?;
+        let catalog = crate::catalog::Catalog::open_at(&location)?;
+        let path = self.catalog_id();
+        let mine = match std::fs::read_to_string(&path) {
+            Ok(id) => Some(id.trim().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e.into()),
+        };
+        let own_file = matches!(location, crate::catalog::Location::File(_));
+        match (mine, catalog.id()?) {
+            (Some(mine), Some(theirs)) if mine == theirs => {}
+            (Some(mine), Some(theirs)) => {
+                return Err(crate::Error::bad(
+                    "wrong_catalog",
+                    format!(
+                        "{} belongs to catalog {mine}, but the catalog named is {theirs}: check --catalog / ESCROW_CATALOG",
+                        self.root.display()
+                    ),
+                ));
+            }
+            (Some(mine), None) => {
+                return Err(crate::Error::bad(
+                    "wrong_catalog",
+                    format!(
+                        "{} belongs to catalog {mine}, but the catalog named is a new one: is --catalog / ESCROW_CATALOG missing or wrong?",
+                        self.root.display()
+                    ),
+                ));
+            }
+            (None, Some(theirs)) if own_file => {
+                crate::fsutil::atomic_write(&path, theirs.as_bytes(), false)?;
+            }
+            (None, Some(theirs)) => {
+                return Err(crate::Error::bad(
+                    "wrong_catalog",
+                    format!(
+                        "the catalog named belongs to another data directory (catalog {theirs}); if it is this one's, write that id to {}",
+                        path.display()
+                    ),
+                ));
+            }
+            (None, None) => {
+                let id = catalog.bind_new_id()?;
+                crate::fsutil::atomic_write(&path, id.as_bytes(), false)?;
+            }
+        }
+        Ok(catalog)
     }
     pub fn keys(&self) -> PathBuf {
         self.root.join("keys")

@@ -263,6 +263,16 @@ impl Store {
         Ok(r)
     }
 
+    /// Drop cached plaintext of versions the catalog no longer lists (deleted, or replaced,
+    /// on another node sharing the catalog: its own cache was emptied by the delete).
+    pub fn forget_unlisted(&self) -> Result<()> {
+        let listed: HashSet<(String, String)> =
+            self.catalog.all_version_ids()?.into_iter().collect();
+        self.cache
+            .retain(|d, v| listed.contains(&(d.to_string(), v.to_string())));
+        Ok(())
+    }
+
     /// Receive, check, seal and commit one upload. Blocking; reads `input` to the end.
     /// Either a complete new version is committed (with its audit record) or nothing is
     /// left behind (and the refusal is audited).

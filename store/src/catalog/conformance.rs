@@ -127,10 +127,15 @@ fn schema_is_applied_once_and_reopening_changes_nothing(f: &Fixture) {
         c.read(|tx| tx.value("SELECT version FROM schema_version WHERE id = 1", params![]))
             .expect("version")
     };
-    assert_eq!(version(&c), 2);
+    assert_eq!(version(&c), 3);
+    // One id, kept once given.
+    assert_eq!(c.id().expect("id"), None);
+    let id = c.bind_new_id().expect("bind");
+    assert_eq!(f.open().bind_new_id().expect("again"), id);
     drop(c);
     let again = f.open();
-    assert_eq!(version(&again), 2);
+    assert_eq!(version(&again), 3);
+    assert_eq!(again.id().expect("id"), Some(id));
     assert_eq!(
         again.partners().expect("partners"),
         vec![("acme".into(), true)]

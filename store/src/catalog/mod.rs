@@ -264,6 +264,34 @@ impl Catalog {
         self.db.kind()
     }
 
+    /// The id binding this catalog to its data directory (`DataDir::open_catalog`), if it
+    /// has one yet.
+    pub fn id(&self) -> Result<Option<String>> {
+        self.read(|tx| {
+            tx.row(
+                "SELECT value FROM catalog_meta WHERE name = 'id'",
+                params![],
+            )?
+            .map(|r| r.get(0))
+            .transpose()
+        })
+    }
+
+    /// Give the catalog an id (random, 128 bits) unless it has one; returns the id it has.
+    pub fn bind_new_id(&self) -> Result<String> {
+        let new = hex::encode(crate::crypto::random_bytes::<16>()?);
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO catalog_meta (name, value) VALUES ('id', ?1) ON CONFLICT DO NOTHING",
+                params![new.as_str()],
+            )?;
+            tx.value(
+                "SELECT value FROM catalog_meta WHERE name = 'id'",
+                params![],
+            )
+        })
+    }
+
     /// Changes with every change that can alter a policy decision (grants, settings,
     /// populations, dataset deletions), on whichever node made it: the query engine
     /// rebuilds its policy set when it moves.

@@ -21,6 +21,14 @@ use crate::{Error, Result};
 /// The advisory lock every write transaction holds ("escrow" in ASCII).
 const WRITE_LOCK: i64 = 0x0000_6573_6372_6f77;
 
+/// How long a writer waits for the write lock before its action fails (writes are short:
+/// a minute of waiting means something is stuck).
+const LOCK_WAIT_SECS: u32 = 60;
+
+/// How long a write transaction may sit idle (its node stalled or gone) before the server
+/// ends it and frees the write lock for every other node.
+const IDLE_IN_WRITE_SECS: u32 = 30;
+
 pub struct Postgres {
     /// Taken on drop, to shut down without blocking (the catalog may be dropped inside
     /// another runtime's task, where a blocking shutdown is refused).
@@ -46,12 +54,19 @@ impl Postgres {
     /// Connect to `url` (`postgres://user@host:port/database?...`); fails if the server
     /// cannot be reached.
     pub fn connect(url: &str) -> Result<Self> {
-        let config: tokio_postgres::Config = url.parse().map_err(|e| {
+        let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
             Error::bad(
                 "bad_catalog_url",
                 format!("--catalog: not a PostgreSQL URL: {e}"),
             )
         })?;
+        // A peer that vanished is noticed in about a minute, not the kernel's two hours.
+        config
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(30))
+            .keepalives_interval(Duration::from_secs(10))
+            .keepalives_retries(3)
+            .connect_timeout(Duration::from_secs(10));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("escrow-catalog")
@@ -95,11 +110,19 @@ impl Postgres {
             client: self.client()?,
             finished: false,
         };
+        // Isolation named, never the server's default: a writer's statements must see what
+        // the writer before it committed, so each takes its snapshot after the lock (READ
+        // COMMITTED); under a REPEATABLE READ default the snapshot would predate the lock and
+        // a budget could be spent twice. A writer that stalls (a node gone without closing
+        // its connection) is cut off rather than holding every node's writes.
         let begin = match mode {
             Mode::Read => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY".to_string(),
-            Mode::Write | Mode::DryRun => {
-                format!("BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})")
-            }
+            Mode::Write | Mode::DryRun => format!(
+                "BEGIN ISOLATION LEVEL READ COMMITTED READ WRITE;
+                 SET LOCAL lock_timeout = '{LOCK_WAIT_SECS}s';
+                 SET LOCAL idle_in_transaction_session_timeout = '{IDLE_IN_WRITE_SECS}s';
+                 SELECT pg_advisory_xact_lock({WRITE_LOCK})"
+            ),
         };
         // Dropped on failure: rolled back, so the connection returns to the pool clean.
         self.wait(open.client.batch_execute(&begin))??;

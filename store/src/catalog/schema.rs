@@ -29,7 +29,21 @@ const MIGRATIONS: &[Migration] = &[
         version: 2,
         sql: V2,
     },
+    Migration {
+        version: 3,
+        sql: V3,
+    },
 ];
+
+/// Version 3: the catalog's own facts; `id` binds it to its data directory (the directory
+/// keeps it in `catalog.id`), so a node pointed at the wrong catalog, or at none, refuses
+/// to start instead of taking another catalog's files for orphans.
+const V3: &str = r#"
+CREATE TABLE IF NOT EXISTS catalog_meta (
+    name    TEXT PRIMARY KEY,
+    value   TEXT NOT NULL
+);
+"#;
 
 /// Version 2: generations kept in the catalog, so that a change made on one node is seen by
 /// every node (`policy`: grants, settings, populations, dataset deletions).

@@ -35,7 +35,7 @@ struct DirArgs {
     data_dir: PathBuf,
     /// Keep the catalog in this PostgreSQL database (postgres://user@host:port/db), shared
     /// by every node, instead of the data directory's SQLite file.
-    #[arg(long, env = "ESCROW_CATALOG")]
+    #[arg(long, env = "ESCROW_CATALOG", hide_env_values = true)]
     catalog: Option<String>,
 }
 
@@ -267,7 +267,7 @@ struct UserTarget {
     #[arg(long, env = "ESCROW_DATA_DIR", default_value = "./escrow-data")]
     data_dir: PathBuf,
     /// The PostgreSQL catalog, if the data directory's nodes share one (operator command).
-    #[arg(long, env = "ESCROW_CATALOG")]
+    #[arg(long, env = "ESCROW_CATALOG", hide_env_values = true)]
     catalog: Option<String>,
     /// Act through the API as this admin identity bundle instead of on the data directory.
     #[arg(long)]
@@ -326,7 +326,7 @@ enum AuditCommand {
         #[arg(long)]
         data_dir: Option<PathBuf>,
         /// With --data-dir: the PostgreSQL catalog its nodes share, if any.
-        #[arg(long, env = "ESCROW_CATALOG")]
+        #[arg(long, env = "ESCROW_CATALOG", hide_env_values = true)]
         catalog: Option<String>,
         #[command(flatten)]
         client: ClientArgs,
@@ -340,7 +340,7 @@ enum AuditCommand {
         #[arg(long)]
         data_dir: Option<PathBuf>,
         /// With --data-dir: the PostgreSQL catalog its nodes share, if any.
-        #[arg(long, env = "ESCROW_CATALOG")]
+        #[arg(long, env = "ESCROW_CATALOG", hide_env_values = true)]
         catalog: Option<String>,
         #[command(flatten)]
         client: ClientArgs,
@@ -352,7 +352,7 @@ enum AuditCommand {
         #[arg(long)]
         data_dir: Option<PathBuf>,
         /// With --data-dir: the PostgreSQL catalog its nodes share, if any.
-        #[arg(long, env = "ESCROW_CATALOG")]
+        #[arg(long, env = "ESCROW_CATALOG", hide_env_values = true)]
         catalog: Option<String>,
         /// An export (`escrow audit export`).
         #[arg(long)]
