@@ -48,7 +48,16 @@ impl TestDatabase {
             NEXT.fetch_add(1, Ordering::Relaxed),
             hex::encode(random)
         );
+        // Under the strictest default a server may be given: the catalog names the isolation
+        // of its transactions itself (a write under REPEATABLE READ would take its snapshot
+        // before the write lock, and the budget race of the conformance suite would fail).
+        // (Two statements: CREATE DATABASE runs outside any transaction.)
         admin(&format!("CREATE DATABASE {name}"))
+            .and_then(|()| {
+                admin(&format!(
+                    "ALTER DATABASE {name} SET default_transaction_isolation = 'repeatable read'"
+                ))
+            })
             .unwrap_or_else(|e| panic!("cannot create a test database: {e}"));
         let mut url = url::Url::parse(&server_url()).expect("ESCROW_TEST_POSTGRES is a URL");
         url.set_path(&name);
