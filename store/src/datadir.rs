@@ -17,11 +17,23 @@
 use std::path::{Path, PathBuf};
 
 /// Paths inside one data directory.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DataDir {
     root: PathBuf,
     /// A PostgreSQL catalog shared by several nodes, instead of the directory's own file.
     catalog_url: Option<String>,
+}
+
+impl std::fmt::Debug for DataDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataDir")
+            .field("root", &self.root)
+            .field(
+                "catalog_url",
+                &self.catalog_url.as_deref().map(crate::catalog::redacted),
+            )
+            .finish()
+    }
 }
 
 impl DataDir {

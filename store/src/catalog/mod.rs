@@ -210,10 +210,32 @@ pub fn now_rfc3339() -> String {
 }
 
 /// Where a catalog lives: a SQLite file (one node) or a PostgreSQL database (several).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Shown (Debug) without the URL's password.
+#[derive(Clone, PartialEq, Eq)]
 pub enum Location {
     File(std::path::PathBuf),
     Postgres(String),
+}
+
+impl std::fmt::Debug for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::File(path) => f.debug_tuple("File").field(path).finish(),
+            Location::Postgres(url) => f.debug_tuple("Postgres").field(&redacted(url)).finish(),
+        }
+    }
+}
+
+/// `url` with its password, if any, replaced by `***`.
+pub fn redacted(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "(not a URL)".into(),
+    }
 }
 
 impl Location {

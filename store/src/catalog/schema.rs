@@ -269,7 +269,13 @@ pub(super) fn upgrade_unversioned(conn: &mut Connection) -> Result<()> {
             |r| r.get(0),
         )
     };
-    if !exists(conn, "partners")? || exists(conn, "schema_version")? {
+    if !exists(conn, "partners")? {
+        // A new catalog: its budgets are in zCDP units from the start, which an older
+        // escrow opening it must know too (or it would convert them again).
+        conn.execute_batch(&format!("PRAGMA user_version = {DATA_VERSION}"))?;
+        return Ok(());
+    }
+    if exists(conn, "schema_version")? {
         return Ok(());
     }
     add_column(conn, "dataset_versions", "matching", "TEXT")?;
@@ -399,6 +405,20 @@ mod tests {
 
     /// A catalog written before budgets composed in squares: its stored budget is converted
     /// once, to allow the same number of questions (B/ε = 10 at ε = 1, and √10 now).
+    /// A new catalog says its budgets are in zCDP units, so an older escrow opening it
+    /// does not convert them a second time.
+    #[test]
+    fn a_new_catalog_is_marked_as_holding_zcdp_budgets() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("catalog.db");
+        drop(Catalog::open(&path).expect("new"));
+        let conn = Connection::open(&path).expect("open");
+        let v: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("user_version");
+        assert_eq!(v, DATA_VERSION);
+    }
+
     #[test]
     fn stored_budgets_keep_their_number_of_questions_across_the_zcdp_change() {
         let dir = tempfile::tempdir().expect("tmp");

@@ -103,8 +103,11 @@ impl Backend for Sqlite {
     fn run(&self, mode: Mode, f: &mut dyn FnMut(&Tx<'_>) -> Result<()>) -> Result<()> {
         let mut conn = self.conn();
         if mode == Mode::Read {
-            // One connection, used by one caller at a time: its reads see one state.
-            return f(&Tx(&*conn));
+            // A deferred transaction: one view, also against other processes' writes.
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
+            f(&Tx(&*tx))?;
+            tx.commit()?;
+            return Ok(());
         }
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         f(&Tx(&*tx))?;
