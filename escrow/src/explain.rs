@@ -219,7 +219,7 @@ impl QueryService {
             Err(e) => Err(e),
             Ok((_, _, None)) => Ok(Cost::default()),
             Ok((_, _, Some((p, charges)))) => {
-                self.charge(caller, charges, p.epsilon.as_f64(), fp, true)
+                self.charge(caller, charges, p.epsilon.as_f64(), fp, None)
                     .await
             }
         };

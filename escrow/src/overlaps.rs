@@ -536,37 +536,41 @@ impl QueryService {
         } = m;
         let plan = self.overlap_plan(&mine, &theirs, req.by.as_deref()).await?;
         let (min_entities, epsilon, max_groups) = plan.protection;
-        let cost = self
-            .charge(caller, vec![plan.charge], epsilon, plan.fingerprint, false)
-            .await?;
-        on_charge();
         let (mine_first, fp) = (plan.mine_first, plan.fingerprint);
         let (first, second) = if mine_first {
             (&mine, &theirs)
         } else {
             (&theirs, &mine)
         };
-        // Asked again on the same data: the cells released the first time, without running.
         let versions: Vec<String> = [first, second]
             .iter()
             .map(|s| s.version.version_id.clone())
             .collect();
-        let (released, applied, sensitivity) = match self
-            .released_before(caller, fp, cost.repeated, &versions)
-            .await?
-        {
-            Some(bytes) => kept_matrix::decode(&bytes)?,
-            None => {
-                let fresh = self
-                    .release_matrix(first, second, req, max_groups, (min_entities, epsilon), fp)
+        let cost = self
+            .charge(
+                caller,
+                vec![plan.charge],
+                epsilon,
+                fp,
+                Some(versions.clone()),
+            )
+            .await?;
+        on_charge();
+        // Asked again on the same data: the cells released the first time, without running.
+        let (released, applied, sensitivity) =
+            match self.released_before(caller, fp, cost.repeated).await? {
+                Some(bytes) => kept_matrix::decode(&bytes)?,
+                None => {
+                    let fresh = self
+                        .release_matrix(first, second, req, max_groups, (min_entities, epsilon), fp)
+                        .await;
+                    self.keep_outcome(caller, fp, versions.clone(), &fresh, |m| {
+                        Ok(kept_matrix::encode(m))
+                    })
                     .await;
-                self.keep_outcome(caller, fp, versions.clone(), &fresh, |m| {
-                    Ok(kept_matrix::encode(m))
-                })
-                .await;
-                fresh?
-            }
-        };
+                    fresh?
+                }
+            };
         // Every cell is released (one ε-release of the whole matrix); the caller sees the
         // ones of populations shared with it.
         let released: Vec<ReleasedCell> = released
@@ -735,7 +739,7 @@ impl QueryService {
         let (min_entities, epsilon, max_groups_per_entity) = plan.protection;
         let sides = [&m.mine, &m.theirs];
         let (refusal, cost) = match self
-            .charge(caller, vec![plan.charge], epsilon, plan.fingerprint, true)
+            .charge(caller, vec![plan.charge], epsilon, plan.fingerprint, None)
             .await
         {
             Ok(c) => (None, Some(c)),

@@ -260,13 +260,16 @@ impl QueryService {
             Some((mut p, charges)) => {
                 p.noise = Noise::new(self.noise_key.clone(), fp);
                 cost = self
-                    .charge(caller, charges, p.epsilon.as_f64(), fp, false)
+                    .charge(
+                        caller,
+                        charges,
+                        p.epsilon.as_f64(),
+                        fp,
+                        Some(versions.clone()),
+                    )
                     .await?;
                 on_charge(trace);
-                if let Some(bytes) = self
-                    .released_before(caller, fp, cost.repeated, &versions)
-                    .await?
-                {
+                if let Some(bytes) = self.released_before(caller, fp, cost.repeated).await? {
                     let answer = kept::decode(&bytes)?;
                     return Ok(QueryOutcome { answer, cost });
                 }
@@ -302,23 +305,22 @@ impl QueryService {
     }
 
     /// Before a protected question runs: asked again, what was released for it, or the
-    /// refusal `not_run_again` if it was not answered; charged for the first time, it is
-    /// marked as running. `None`: run it.
+    /// refusal `not_run_again` if it was not answered (or is running now: its charge marked
+    /// it). `None`: run it.
     pub(crate) async fn released_before(
         &self,
         caller: &str,
         fingerprint: [u8; 32],
         repeated: bool,
-        versions: &[String],
     ) -> Result<Option<Vec<u8>>> {
         if !repeated {
-            let running = Ok(Kept::not_answered("running"));
-            self.keep(caller, fingerprint, versions.to_vec(), running)
-                .await;
             return Ok(None);
         }
         match self.kept(caller, fingerprint).await? {
             Some(Kept::Released(bytes)) => Ok(Some(bytes)),
+            Some(Kept::NotAnswered(why)) if why == "running" => Err(not_run_again(
+                "it is running now, or the server stopped while it ran",
+            )),
             Some(Kept::NotAnswered(why)) => Err(not_run_again(&why)),
             // charged before answers were kept: it runs
             None => Ok(None),
@@ -504,13 +506,16 @@ impl QueryService {
     /// Spend `epsilon` of each charged dataset's budget for `caller`, once per question
     /// (`fingerprint`); refused when a budget would be exceeded. With `dry_run`, nothing is
     /// spent: the cost the question would have.
+    /// Charge `caller` for the question `fingerprint`. Unless a dry run, reading `versions`:
+    /// a new charge marks the question as running in the same catalog transaction, so the
+    /// same question asked again at once (on any node) is refused, not run twice.
     pub(crate) async fn charge(
         &self,
         caller: &str,
         charges: Vec<BudgetCharge>,
         epsilon: f64,
         fingerprint: [u8; 32],
-        dry_run: bool,
+        versions: Option<Vec<String>>,
     ) -> Result<Cost> {
         let (store, who, fp_hex) = (
             self.store.clone(),
@@ -518,8 +523,15 @@ impl QueryService {
             hex::encode(fingerprint),
         );
         let ch = charges.clone();
-        let spent =
-            blocking(move || store.catalog().spend(&who, &ch, epsilon, &fp_hex, dry_run)).await?;
+        let dry_run = versions.is_none();
+        let spent = blocking(move || {
+            let marker = Kept::not_answered("running").into_bytes();
+            let running = versions.as_deref().map(|v| (v, marker.as_slice()));
+            store
+                .catalog()
+                .spend(&who, &ch, epsilon, &fp_hex, dry_run, running)
+        })
+        .await?;
         if !dry_run {
             crate::faults::hit("query.charged")?;
         }

@@ -489,7 +489,7 @@ fn the_budget_is_spent_once_under_concurrent_nodes(f: &Fixture) {
     let c = f.open();
     // A dry run spends nothing.
     let dry = c
-        .spend("globex", &[charge(2.0)], 1.0, "q0", true)
+        .spend("globex", &[charge(2.0)], 1.0, "q0", true, None)
         .expect("dry");
     assert!(matches!(dry, Spend::Charged { new: true, .. }));
     assert_eq!(c.spent("globex", "acme").expect("spent"), 0.0);
@@ -502,7 +502,9 @@ fn the_budget_is_spent_once_under_concurrent_nodes(f: &Fixture) {
             let node = Arc::clone(node);
             threads.push(std::thread::spawn(move || {
                 let q = format!("q{}", (i + j) % 8);
-                node.spend("globex", &[charge(2.0)], 1.0, &q, false)
+                let versions = vec![format!("v-{q}")];
+                let running = Some((versions.as_slice(), b"running".as_slice()));
+                node.spend("globex", &[charge(2.0)], 1.0, &q, false, running)
                     .expect("spend")
             }));
         }
@@ -521,6 +523,25 @@ fn the_budget_is_spent_once_under_concurrent_nodes(f: &Fixture) {
         .read(|tx| tx.value("SELECT COUNT(*) FROM privacy_ledger", params![]))
         .expect("ledger");
     assert_eq!(paid, 4);
+    // Each new charge was marked as running in its own transaction, and only those: the
+    // same question asked again at once finds it paid and marked, never unmarked.
+    let marked: Vec<String> = c
+        .read(|tx| {
+            tx.column(
+                "SELECT fingerprint FROM released_answers WHERE answer = ?1 ORDER BY fingerprint",
+                params![b"running".as_slice()],
+            )
+        })
+        .expect("marked");
+    let charged: Vec<String> = c
+        .read(|tx| {
+            tx.column(
+                "SELECT fingerprint FROM privacy_ledger ORDER BY fingerprint",
+                params![],
+            )
+        })
+        .expect("charged");
+    assert_eq!(marked, charged);
     // A question already paid for is free; a new one is refused with what was spent.
     let paid_fp: String = c
         .read(|tx| {
@@ -531,12 +552,12 @@ fn the_budget_is_spent_once_under_concurrent_nodes(f: &Fixture) {
         })
         .expect("fp");
     assert!(matches!(
-        c.spend("globex", &[charge(2.0)], 1.0, &paid_fp, false)
+        c.spend("globex", &[charge(2.0)], 1.0, &paid_fp, false, None)
             .expect("again"),
         Spend::Charged { new: false, .. }
     ));
     match c
-        .spend("globex", &[charge(2.0)], 1.0, "q-new", false)
+        .spend("globex", &[charge(2.0)], 1.0, "q-new", false, None)
         .expect("over")
     {
         Spend::Exhausted { spent, .. } => assert!((spent - 2.0).abs() < 1e-9),

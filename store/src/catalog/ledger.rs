@@ -1,7 +1,7 @@
 //! Table group `privacy_ledger`, `released_answers`, `released_overlaps`: what each partner
 //! has spent of each owner's privacy budget, and what it has been shown.
 
-use super::sql::{Mode, params};
+use super::sql::{Mode, Tx, params};
 use super::{BudgetCharge, Catalog, Spend, now_rfc3339};
 use crate::{Error, Result};
 
@@ -18,7 +18,10 @@ impl Catalog {
     /// `dry_run`, the same answer with nothing spent (the transaction rolls back).
     ///
     /// Writers are serialised on every node, so concurrent questions arriving at several
-    /// nodes spend each budget exactly once.
+    /// nodes spend each budget exactly once. `running` (the version ids read, and what to
+    /// keep for the question meanwhile) is kept in `released_answers` in the same
+    /// transaction as a new charge: the same question asked again at once, on any node,
+    /// finds it paid and marked, and does not run a second time.
     pub fn spend(
         &self,
         partner: &str,
@@ -26,6 +29,7 @@ impl Catalog {
         epsilon: f64,
         fingerprint: &str,
         dry_run: bool,
+        running: Option<(&[String], &[u8])>,
     ) -> Result<Spend> {
         let mode = if dry_run { Mode::DryRun } else { Mode::Write };
         self.run(mode, |tx| {
@@ -74,6 +78,9 @@ impl Catalog {
                 new = true;
                 owner_totals.insert(owner, after_sq.sqrt());
             }
+            if let (true, Some((versions, marker))) = (new, running) {
+                keep_answer_in(tx, partner, fingerprint, versions, marker)?;
+            }
             let totals = charges
                 .iter()
                 .map(|c| owner_totals.get(c.owner.as_str()).copied().unwrap_or(0.0))
@@ -115,18 +122,7 @@ impl Catalog {
         versions: &[String],
         answer: &[u8],
     ) -> Result<()> {
-        let versions = format!(" {} ", versions.join(" "));
-        self.write(|tx| {
-            tx.execute(
-                "INSERT INTO released_answers (partner, fingerprint, versions, answer, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (partner, fingerprint) DO UPDATE SET
-                   versions = excluded.versions, answer = excluded.answer,
-                   created_at = excluded.created_at",
-                params![partner, fingerprint, versions, answer, now_rfc3339()],
-            )?;
-            Ok(())
-        })
+        self.write(|tx| keep_answer_in(tx, partner, fingerprint, versions, answer))
     }
 
     /// Keep an overlap matrix released to `partner` (asked of `with`), computed from
@@ -182,4 +178,24 @@ impl Catalog {
             .collect()
         })
     }
+}
+
+/// Keep `answer` for `partner`'s question `fingerprint`, computed from `versions`.
+fn keep_answer_in(
+    tx: &Tx<'_>,
+    partner: &str,
+    fingerprint: &str,
+    versions: &[String],
+    answer: &[u8],
+) -> Result<()> {
+    let versions = format!(" {} ", versions.join(" "));
+    tx.execute(
+        "INSERT INTO released_answers (partner, fingerprint, versions, answer, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (partner, fingerprint) DO UPDATE SET
+           versions = excluded.versions, answer = excluded.answer,
+           created_at = excluded.created_at",
+        params![partner, fingerprint, versions, answer, now_rfc3339()],
+    )?;
+    Ok(())
 }
