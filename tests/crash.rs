@@ -19,30 +19,9 @@ fn kill9_mid_upload_leaves_nothing() {
     let ok = env.file("ok.csv", accounts_csv(100, "ok").as_bytes());
     env.upload(&server, "acme", &ok, "kept", &[]).ok();
 
-    // a large upload in the background
+    // a large upload in the background, killed while the server writes it
     let big = env.file("big.csv", accounts_csv(400_000, "crash").as_bytes());
-    let mut upload = std::process::Command::new(BIN)
-        .args(["upload", big.to_str().expect("p"), "--dataset", "partial"])
-        .env("ESCROW_IDENTITY", env.bundle("acme"))
-        .env("ESCROW_SERVER", &server.url)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("upload");
-    // wait until the server is writing the sealed temp file
-    let tmp = env.data.join("tmp");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let writing = std::fs::read_dir(&tmp)
-            .expect("tmp")
-            .flatten()
-            .any(|e| e.metadata().is_ok_and(|m| m.len() > 0));
-        if writing {
-            break;
-        }
-        assert!(Instant::now() < deadline, "upload never started writing");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let mut upload = env.upload_in_flight(&server, "acme", &big, "partial");
     server.kill9();
     let _ = upload.wait();
     assert!(

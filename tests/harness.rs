@@ -309,6 +309,44 @@ impl Env {
     }
 
     /// Files in the data directory's `tmp/` (uploads in flight or left by a crash).
+    /// Start uploading `file` as `partner`'s `dataset` to `server` in the background and
+    /// return once the server is writing it (a non-empty temp file): a crash from here on is
+    /// mid-upload.
+    pub fn upload_in_flight(
+        &self,
+        server: &Server,
+        partner: &str,
+        file: &Path,
+        dataset: &str,
+    ) -> Child {
+        let upload = Command::new(BIN)
+            .args([
+                "upload",
+                file.to_str().expect("utf-8 path"),
+                "--dataset",
+                dataset,
+            ])
+            .env("ESCROW_IDENTITY", self.bundle(partner))
+            .env("ESCROW_SERVER", &server.url)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("upload");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self
+            .temp_files()
+            .iter()
+            .any(|f| std::fs::metadata(f).is_ok_and(|m| m.len() > 0))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the upload never started writing"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        upload
+    }
+
     pub fn temp_files(&self) -> Vec<PathBuf> {
         std::fs::read_dir(self.data.join("tmp"))
             .expect("tmp")

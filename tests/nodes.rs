@@ -205,26 +205,7 @@ fn a_node_killed_mid_upload_leaves_nothing_and_the_other_keeps_serving() {
     let ok = env.file("ok.csv", accounts_csv(100, "ok").as_bytes());
     env.upload(&b, "acme", &ok, "kept", &[]).ok();
     let big = env.file("big.csv", accounts_csv(400_000, "crash").as_bytes());
-    let mut upload = std::process::Command::new(BIN)
-        .args(["upload", big.to_str().expect("p"), "--dataset", "partial"])
-        .env("ESCROW_IDENTITY", env.bundle("acme"))
-        .env("ESCROW_SERVER", &a.url)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("upload");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !env
-        .temp_files()
-        .iter()
-        .any(|f| std::fs::metadata(f).is_ok_and(|m| m.len() > 0))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the upload never started writing"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let mut upload = env.upload_in_flight(&a, "acme", &big, "partial");
     a.kill9();
     let _ = upload.wait();
 

@@ -6,7 +6,6 @@ use super::policy::record_policy_version;
 use super::sql::{Row, Tx, params};
 use super::{
     Catalog, DatasetInfo, NewVersion, QueryableDataset, VersionInfo, VersionKey, now_rfc3339,
-    policy_changed,
 };
 use crate::model::policy::PolicyVersion;
 use crate::{Error, Result};
@@ -209,7 +208,6 @@ impl Catalog {
                 )?;
             }
             tx.execute("DELETE FROM datasets WHERE id = ?1", params![id.as_str()])?;
-            policy_changed(tx)?;
             let v = record_policy_version(tx, owner, by, "dataset_delete")?;
             after(tx, n, v.as_ref())?;
             Ok((id, n))

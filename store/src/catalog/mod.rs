@@ -354,12 +354,3 @@ impl Catalog {
 
 #[cfg(test)]
 mod conformance;
-
-/// Inside a write that can alter a policy decision: move the policy generation.
-fn policy_changed(tx: &Tx<'_>) -> Result<()> {
-    tx.execute(
-        "UPDATE generations SET value = value + 1 WHERE name = 'policy'",
-        params![],
-    )?;
-    Ok(())
-}

@@ -4,7 +4,7 @@
 use escrow_policies::{Grant, Usage};
 
 use super::sql::{Row, Tx, Value, params};
-use super::{Catalog, Population, now_rfc3339, policy_changed};
+use super::{Catalog, Population, now_rfc3339};
 use crate::model::policy::{self, PolicyDocument, PolicyVersion};
 use crate::{Error, Result};
 
@@ -38,7 +38,6 @@ impl Catalog {
                 params![&p.owner, &p.dataset],
             )?;
             insert_population_in(tx, p, position, by)?;
-            policy_changed(tx)?;
             let v = record_policy_version(tx, &p.owner, by, "population_add")?;
             after(tx, v.as_ref())?;
             Ok((position, true))
@@ -69,7 +68,6 @@ impl Catalog {
                 "DELETE FROM grants WHERE owner = ?1 AND dataset = ?2 AND col = ?3 AND usage = ?4",
                 params![owner, dataset, name, Usage::Overlap.as_str()],
             )?;
-            policy_changed(tx)?;
             let v = record_policy_version(tx, owner, by, "population_remove")?;
             after(tx, v.as_ref())?;
             Ok(true)
@@ -110,7 +108,6 @@ impl Catalog {
         let n = self.write(|tx| {
             let n = insert_grant_in(tx, g, by)?;
             let v = if n == 1 {
-                policy_changed(tx)?;
                 record_policy_version(tx, &g.owner, by, "grant")?
             } else {
                 None
@@ -141,8 +138,7 @@ impl Catalog {
                 ],
             )?;
             if n == 1 {
-                policy_changed(tx)?;
-                let v = record_policy_version(tx, &g.owner, by, "revoke")?;
+                    let v = record_policy_version(tx, &g.owner, by, "revoke")?;
                 after(tx, v.as_ref())?;
             }
             Ok(n)
@@ -199,7 +195,6 @@ impl Catalog {
     ) -> Result<()> {
         self.write(|tx| {
             put_settings_in(tx, owner, dataset, json, by)?;
-            policy_changed(tx)?;
             let v = record_policy_version(tx, owner, by, "settings")?;
             after(tx, v.as_ref())
         })?;
@@ -305,7 +300,6 @@ impl Catalog {
                 };
                 insert_population_in(tx, &population, position, by)?;
             }
-            policy_changed(tx)?;
             let v = record_policy_version(tx, owner, by, change)?;
             after(tx, v.as_ref())?;
             Ok(v)
@@ -423,14 +417,20 @@ fn latest_policy_in(tx: &Tx<'_>, owner: &str) -> Result<(i64, String)> {
     }
 }
 
-/// After a change made in `tx`: write the next version of `owner`'s policy if the change
-/// altered it (`None` if the document is unchanged).
+/// After a change made in `tx` that can alter a policy decision (grants, settings,
+/// populations, a dataset deleted): move the policy generation (every node's policy set
+/// follows it), and write the next version of `owner`'s policy if the change altered it
+/// (`None` if the document is unchanged).
 pub(super) fn record_policy_version(
     tx: &Tx<'_>,
     owner: &str,
     by: &str,
     change: &str,
 ) -> Result<Option<PolicyVersion>> {
+    tx.execute(
+        "UPDATE generations SET value = value + 1 WHERE name = 'policy'",
+        params![],
+    )?;
     let text = policy_document_in(tx, owner)?.body();
     let (version, previous) = latest_policy_in(tx, owner)?;
     if text == previous {

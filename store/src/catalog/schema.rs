@@ -217,11 +217,19 @@ const VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_version (
 
 /// `sql` with SQLite's type names replaced by PostgreSQL's.
 pub(super) fn for_postgres(sql: &str) -> String {
-    sql.replace(" INTEGER ", " BIGINT ")
-        .replace(" INTEGER,", " BIGINT,")
-        .replace(" INTEGER\n", " BIGINT\n")
-        .replace(" REAL ", " DOUBLE PRECISION ")
-        .replace(" BLOB ", " BYTEA ")
+    // Word by word (a word with what follows it), so a type name is found whatever ends it.
+    sql.split_inclusive(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .map(|piece| {
+            let word = piece.trim_end_matches(|c: char| !(c.is_ascii_alphanumeric() || c == '_'));
+            let pg = match word {
+                "INTEGER" => "BIGINT",
+                "REAL" => "DOUBLE PRECISION",
+                "BLOB" => "BYTEA",
+                _ => return piece.to_string(),
+            };
+            format!("{pg}{}", &piece[word.len()..])
+        })
+        .collect()
 }
 
 /// Apply the migrations `tx`'s catalog lacks (`postgres`: in PostgreSQL's types); returns
@@ -405,6 +413,25 @@ mod tests {
 
     /// A catalog written before budgets composed in squares: its stored budget is converted
     /// once, to allow the same number of questions (B/ε = 10 at ε = 1, and √10 now).
+    #[test]
+    fn postgres_gets_its_type_names_whatever_ends_them() {
+        assert_eq!(
+            for_postgres(
+                "a INTEGER NOT NULL, b INTEGER,\nc INTEGER);d REAL\ne BLOB; INTEGERS x_REAL"
+            ),
+            "a BIGINT NOT NULL, b BIGINT,\nc BIGINT);d DOUBLE PRECISION\ne BYTEA; INTEGERS x_REAL"
+        );
+        for sql in [V1, V2, V3, VERSION_TABLE] {
+            let pg = for_postgres(sql);
+            for word in pg.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                assert!(
+                    !["INTEGER", "REAL", "BLOB"].contains(&word),
+                    "{word} in {pg}"
+                );
+            }
+        }
+    }
+
     /// A new catalog says its budgets are in zCDP units, so an older escrow opening it
     /// does not convert them a second time.
     #[test]
