@@ -14,7 +14,8 @@
 # CATALOG=postgres: the catalog in a fresh PostgreSQL database (created on ESCROW_BENCH_POSTGRES,
 # default postgres://postgres@127.0.0.1:5432/postgres, with psql; dropped at the end), and
 # NODES=N (default 1) escrow nodes on it and on one data directory, partner i talking to node
-# i mod N. CATALOG=sqlite (the default) allows one node.
+# i mod N. CATALOG=sqlite (the default) allows one node. OBJECTS=s3: the sealed datasets in a
+# bucket of a real S3 server (moto's, started here: bench/s3.sh) instead of the data directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_TO_RUN="${1:-300}"
@@ -28,11 +29,14 @@ BIN="${ESCROW_BIN:-${CARGO_TARGET_DIR:-target}/release/escrow}"
 
 CATALOG="${CATALOG:-sqlite}"
 NODES="${NODES:-1}"
+OBJECTS="${OBJECTS:-local}"
+source bench/s3.sh
 DATA="$(mktemp -d)/data"
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  stop_s3
   if [ -n "${DB:-}" ]; then psql -q "$PG_SERVER" -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" || true; fi
   rm -rf "$(dirname "$DATA")"
 }
@@ -46,6 +50,11 @@ case "$CATALOG" in
     export ESCROW_CATALOG="${PG_SERVER%/*}/$DB" ;;
   *) echo "CATALOG is sqlite or postgres" >&2; exit 2 ;;
 esac
+case "$OBJECTS" in
+  local) ;;
+  s3) start_s3 load ;;
+  *) echo "OBJECTS is local or s3" >&2; exit 2 ;;
+esac
 "$BIN" init --data-dir "$DATA" > /dev/null
 for i in $(seq -w 1 "$PARTNERS"); do "$BIN" partner add "p$i" --data-dir "$DATA" > /dev/null; done
 URLS=()
@@ -55,7 +64,7 @@ for n in $(seq 1 "$NODES"); do
   for _ in $(seq 100); do grep -q listening "$OUT/load-serve-$n.out" 2>/dev/null && break; sleep 0.1; done
   URLS+=("$(sed -n 's/^escrow listening on //p' "$OUT/load-serve-$n.out")")
 done
-echo "catalog: $CATALOG, nodes: $NODES"
+echo "catalog: $CATALOG, objects: $OBJECTS, nodes: $NODES"
 
 python3 bench/load.py "$(IFS=,; echo "${URLS[*]}")" "$DATA" "$(IFS=,; echo "${PIDS[*]}")" \
-  "$SECONDS_TO_RUN" "$PARTNERS" "$BIN" | tee "$OUT/load-$CATALOG-$NODES.txt"
+  "$SECONDS_TO_RUN" "$PARTNERS" "$BIN" | tee "$OUT/load-$CATALOG-$OBJECTS-$NODES.txt"

@@ -19,21 +19,36 @@ pub struct Env {
     /// The catalog is this PostgreSQL database (every command gets `ESCROW_CATALOG`), not
     /// the data directory's SQLite file. Dropped after the servers of the test.
     pub catalog: Option<escrow::catalog::testdb::TestDatabase>,
+    /// The sealed objects are in this bucket of the test S3 server (every command gets
+    /// `ESCROW_OBJECTS` and the `AWS_*` settings), not in the data directory.
+    pub objects: Option<crate::s3server::Bucket>,
 }
 
 impl Env {
     pub fn new() -> Env {
-        Env::fresh(None)
+        Env::fresh(None, None)
     }
 
     /// As `new`, with the catalog in a PostgreSQL database of the test's own: the data
     /// directory (keys, sealed files, audit log) is shared by every node started with
     /// `serve`, as several escrow nodes share one catalog and one object store.
     pub fn on_postgres() -> Env {
-        Env::fresh(Some(escrow::catalog::testdb::TestDatabase::new()))
+        Env::fresh(Some(escrow::catalog::testdb::TestDatabase::new()), None)
     }
 
-    fn fresh(catalog: Option<escrow::catalog::testdb::TestDatabase>) -> Env {
+    /// As `on_postgres`, with the sealed objects in a bucket of the test S3 server: the
+    /// data directory holds keys, certificates and the audit log, no dataset.
+    pub fn on_postgres_and_s3() -> Env {
+        Env::fresh(
+            Some(escrow::catalog::testdb::TestDatabase::new()),
+            Some(crate::s3server::Bucket::new()),
+        )
+    }
+
+    fn fresh(
+        catalog: Option<escrow::catalog::testdb::TestDatabase>,
+        objects: Option<crate::s3server::Bucket>,
+    ) -> Env {
         let tmp = tempfile::tempdir().expect("tempdir");
         let data = tmp.path().join("data");
         Env::init(Env {
@@ -41,14 +56,19 @@ impl Env {
             data,
             mounted: false,
             catalog,
+            objects,
         })
     }
 
-    /// `ESCROW_CATALOG` for commands on the data directory, when the catalog is shared.
-    fn catalog_env(&self) -> Vec<(&'static str, String)> {
-        self.catalog
+    /// `ESCROW_CATALOG`, `ESCROW_OBJECTS` and the S3 settings for every command, when the
+    /// catalog or the object store is shared.
+    pub fn shared_env(&self) -> Vec<(&'static str, String)> {
+        let catalog = self
+            .catalog
             .iter()
-            .map(|db| ("ESCROW_CATALOG", db.url().to_string()))
+            .map(|db| ("ESCROW_CATALOG", db.url().to_string()));
+        catalog
+            .chain(self.objects.iter().flat_map(|b| b.env()))
             .collect()
     }
 
@@ -71,6 +91,7 @@ impl Env {
             data,
             mounted: true,
             catalog: None,
+            objects: None,
         }))
     }
 
@@ -110,7 +131,7 @@ impl Env {
             .args(extra)
             .env("ESCROW_DATA_DIR", &self.data)
             .env("ESCROW_LOG", "info")
-            .envs(self.catalog_env())
+            .envs(self.shared_env())
             .envs(envs.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -154,7 +175,7 @@ impl Env {
         cmd.args(args)
             .env("ESCROW_DATA_DIR", &self.data)
             .env_remove("ESCROW_IDENTITY")
-            .envs(self.catalog_env())
+            .envs(self.shared_env())
             .envs(envs.iter().copied());
         Run::of(cmd)
     }
@@ -390,6 +411,19 @@ impl Env {
         out
     }
 
+    /// The keys of the sealed versions in the object store (the data directory's, or the
+    /// test bucket).
+    pub fn sealed_objects(&self) -> Vec<String> {
+        let objects: escrow::objects::SharedObjects = match &self.objects {
+            Some(bucket) => bucket.open(),
+            None => std::sync::Arc::new(
+                escrow::objects::local::LocalObjects::new(&self.data).expect("objects"),
+            ),
+        };
+        let listed = objects.list(escrow::objects::DATASETS).expect("list");
+        listed.into_iter().map(|m| m.key).collect()
+    }
+
     /// Sealed dataset files.
     pub fn sealed_files(&self) -> Vec<PathBuf> {
         self.data_files()
@@ -573,6 +607,13 @@ impl Run {
 /// Command-line words, for arguments without spaces: `words("policy grant accounts")`.
 pub fn words(s: &str) -> Vec<&str> {
     s.split_whitespace().collect()
+}
+
+/// The store of a data directory on its own files, opened in the test process.
+pub fn open_store(data: &Path) -> escrow::store::Store {
+    let dir = escrow::datadir::DataDir::new(data);
+    let objects = escrow::s3::open_objects(&dir).expect("objects");
+    escrow::store::Store::open(dir, escrow::store::StoreConfig::default(), objects).expect("store")
 }
 
 pub fn accounts_csv(n: usize, tag: &str) -> String {

@@ -3,6 +3,7 @@
 //! real SQLite and PostgreSQL. One test binary; modules by surface.
 
 mod harness;
+mod s3server;
 
 mod app;
 mod architecture;
@@ -15,6 +16,7 @@ mod identity;
 mod keys;
 mod limits;
 mod nodes;
+mod objects;
 mod overlaps;
 mod policy;
 mod populations;

@@ -1,8 +1,9 @@
-//! Two escrow nodes on one PostgreSQL catalog (a database of the test's own) and one data
-//! directory (keys, sealed files, audit log): any node answers any request, a change made
-//! on one applies on the other at the next request, a budget is spent once under questions
-//! racing on both, the audit log stays one chain, and a node killed mid-upload leaves
-//! nothing visible while the other keeps serving.
+//! Two escrow nodes on one PostgreSQL catalog (a database of the test's own), one S3 object
+//! store (a bucket of the test's own on a real S3 server) and one data directory (keys,
+//! certificates, audit log): any node answers any request, a change made on one applies on
+//! the other at the next request, a budget is spent once under questions racing on both,
+//! the audit log stays one chain, and a node killed mid-upload leaves nothing visible while
+//! the other keeps serving.
 
 use std::time::{Duration, Instant};
 
@@ -30,7 +31,7 @@ fn ask(env: &Env, server: &Server, sql: &str) -> serde_json::Value {
 /// globex for join/count/filter/dimension at `settings`; globex's `mine` (100..300)
 /// uploaded on the second.
 fn two_nodes(settings: &str) -> (Env, Server, Server) {
-    let env = Env::on_postgres();
+    let env = Env::on_postgres_and_s3();
     let a = env.serve(&[]);
     let b = env.serve(&[]);
     env.upload_csv(&a, "acme", "accounts", &companies(0..200))
@@ -58,6 +59,9 @@ fn two_nodes(settings: &str) -> (Env, Server, Server) {
 #[test]
 fn any_node_answers_any_request_and_a_change_on_one_applies_on_the_other() {
     let (env, a, b) = two_nodes("--epsilon 1 --budget 100");
+    // Sealed into the object store, not the data directory.
+    assert!(env.sealed_files().is_empty(), "{:?}", env.sealed_files());
+    assert_eq!(env.sealed_objects().len(), 2);
     // Uploaded on one node, listed and queried on the other at once.
     assert_eq!(env.dataset_names(&b, "acme"), vec!["accounts"]);
     assert_eq!(env.dataset_names(&a, "globex"), vec!["mine"]);
@@ -118,6 +122,11 @@ fn any_node_answers_any_request_and_a_change_on_one_applies_on_the_other() {
         env.cli(node, "globex", &["query", OVERLAP])
             .fails_with("acme.accounts");
     }
+    assert_eq!(
+        env.sealed_objects().len(),
+        1,
+        "the shredded version's object is gone"
+    );
 
     // Both nodes appended to one chain, which verifies whole.
     let verify = env
@@ -199,7 +208,7 @@ fn a_budget_is_spent_once_under_questions_racing_on_both_nodes() {
 
 #[test]
 fn a_node_killed_mid_upload_leaves_nothing_and_the_other_keeps_serving() {
-    let env = Env::on_postgres();
+    let env = Env::on_postgres_and_s3();
     let mut a = env.serve(&[]);
     let b = env.serve(&[]);
     let ok = env.file("ok.csv", accounts_csv(100, "ok").as_bytes());
@@ -209,8 +218,9 @@ fn a_node_killed_mid_upload_leaves_nothing_and_the_other_keeps_serving() {
     a.kill9();
     let _ = upload.wait();
 
-    // The other node keeps serving and shows no partial dataset.
+    // The other node keeps serving and shows no partial dataset; nothing of it was stored.
     assert_eq!(env.dataset_names(&b, "acme"), vec!["kept"]);
+    assert_eq!(env.sealed_objects().len(), 1);
     // The killed node restarts cleanly. Its leftovers look like another node's upload in
     // progress, so a node on a shared catalog leaves them for the grace period; they stay
     // invisible meanwhile.
@@ -223,18 +233,45 @@ fn a_node_killed_mid_upload_leaves_nothing_and_the_other_keeps_serving() {
 
 #[test]
 fn a_node_or_command_without_the_shared_catalog_is_refused_and_removes_nothing() {
-    let env = Env::on_postgres();
+    let env = Env::on_postgres_and_s3();
     let a = env.serve(&[]);
     env.upload_csv(&a, "acme", "accounts", &companies(0..50))
         .ok();
-    let sealed = env.sealed_files();
+    let sealed = env.sealed_objects();
     assert_eq!(sealed.len(), 1);
     // The same directory without --catalog: a new, empty catalog, whose startup recovery
-    // would take every sealed file for an orphan. Refused before anything is removed.
+    // would take every sealed object for an orphan. Refused before anything is removed.
+    let err = refused_node(&env, "ESCROW_CATALOG");
+    assert!(err.contains("ESCROW_CATALOG missing or wrong"), "{err}");
+    assert_eq!(env.sealed_objects(), sealed);
+    // With the catalog but without the object store: a node that would store new versions
+    // where no other node looks, and find none of the listed ones. Refused too.
+    let err = refused_node(&env, "ESCROW_OBJECTS");
+    assert!(
+        err.contains("wrong_objects") || err.contains("check --objects"),
+        "{err}"
+    );
+    assert_eq!(env.sealed_objects(), sealed);
+    let op = std::process::Command::new(BIN)
+        .args(["partner", "add", "initech"])
+        .env("ESCROW_DATA_DIR", &env.data)
+        .env_remove("ESCROW_CATALOG")
+        .output()
+        .expect("partner add");
+    assert!(!op.status.success());
+    // The node on the shared catalog is untouched.
+    assert_eq!(env.dataset_names(&a, "acme"), vec!["accounts"]);
+    assert_eq!(env.sealed_objects(), sealed);
+}
+
+/// Start a node on `env`'s shared storage but without the setting `missing`; it must exit
+/// with an error. Its stderr.
+fn refused_node(env: &Env, missing: &str) -> String {
     let mut node = std::process::Command::new(BIN)
         .args(["serve", "--listen", "127.0.0.1:0"])
         .env("ESCROW_DATA_DIR", &env.data)
-        .env_remove("ESCROW_CATALOG")
+        .envs(env.shared_env().into_iter().filter(|(k, _)| *k != missing))
+        .env_remove(missing)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -246,24 +283,13 @@ fn a_node_or_command_without_the_shared_catalog_is_refused_and_removes_nothing()
         }
         if Instant::now() > deadline {
             let _ = node.kill();
-            panic!("a node without the shared catalog started");
+            panic!("a node without {missing} started");
         }
         std::thread::sleep(Duration::from_millis(50));
     };
     let mut err = String::new();
     std::io::Read::read_to_string(&mut node.stderr.take().expect("stderr"), &mut err)
         .expect("stderr");
-    assert!(!status.success());
-    assert!(err.contains("ESCROW_CATALOG missing or wrong"), "{err}");
-    assert_eq!(env.sealed_files(), sealed);
-    let op = std::process::Command::new(BIN)
-        .args(["partner", "add", "initech"])
-        .env("ESCROW_DATA_DIR", &env.data)
-        .env_remove("ESCROW_CATALOG")
-        .output()
-        .expect("partner add");
-    assert!(!op.status.success());
-    // The node on the shared catalog is untouched.
-    assert_eq!(env.dataset_names(&a, "acme"), vec!["accounts"]);
-    assert_eq!(env.sealed_files(), sealed);
+    assert!(!status.success(), "a node without {missing} must not start");
+    err
 }

@@ -2,8 +2,7 @@
 
 use std::path::PathBuf;
 
-use escrow::datadir::DataDir;
-use escrow::store::{Store, StoreConfig};
+use escrow::store::Store;
 
 use crate::harness::{Env, accounts_csv};
 
@@ -39,7 +38,7 @@ fn setup() -> (Env, PathBuf, PathBuf) {
 }
 
 fn store(env: &Env) -> Store {
-    Store::open(DataDir::new(&env.data), StoreConfig::default()).expect("store")
+    crate::harness::open_store(&env.data)
 }
 
 fn read_fails(env: &Env, name: &str, why: &str) {

@@ -5,8 +5,6 @@ use std::sync::Arc;
 
 use arrow_array::{Float64Array, Int64Array, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema};
-use escrow::datadir::DataDir;
-use escrow::store::{Store, StoreConfig};
 
 use crate::harness::{Env, accounts_csv, shared_dir};
 
@@ -68,7 +66,7 @@ fn parquet_file(batches: &[RecordBatch]) -> Vec<u8> {
 
 /// Read the live version back through the verified read path (internal API, not the wire).
 fn read_back(env: &Env, owner: &str, name: &str) -> Vec<RecordBatch> {
-    let store = Store::open(DataDir::new(&env.data), StoreConfig::default()).expect("open store");
+    let store = crate::harness::open_store(&env.data);
     store
         .read_live(owner, name)
         .expect("open")
@@ -268,7 +266,7 @@ fn reupload_makes_a_new_live_version_and_delete_shreds() {
             .len(),
         0
     );
-    let store = Store::open(DataDir::new(&env.data), StoreConfig::default()).expect("store");
+    let store = crate::harness::open_store(&env.data);
     assert!(
         store.read_live("acme", "accounts").is_err(),
         "gone for every reader"

@@ -104,6 +104,7 @@ impl Application {
                 cache_bytes: config.query_cache_bytes,
                 ..StoreConfig::default()
             },
+            crate::s3::open_objects(&dir)?,
         )?;
         let recovery = store.recover()?;
         tracing::info!(

@@ -14,6 +14,7 @@ pub mod overlaps;
 pub mod policy;
 pub mod populations;
 pub mod queries;
+pub mod s3;
 pub mod server;
 pub mod settings;
 pub mod wire;
@@ -21,5 +22,5 @@ pub mod wire;
 // The storage engine, under the paths the service has always used.
 pub use escrow_store::{
     Error, Result, admin, audit, cache, catalog, crypto, datadir, error, faults, fsutil, ingest,
-    matching, model, pki, store,
+    matching, model, objects, pki, store,
 };

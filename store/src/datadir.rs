@@ -10,7 +10,8 @@
 //! DIR/ca/ca.pem, ca.key, crl.pem    dev certificate authority and its revocation list
 //! DIR/tls/server.pem, server.key    server certificate (localhost, 127.0.0.1, ::1)
 //! DIR/identities/PARTNER/USER/      client bundles: cert.pem, key.pem, ca.pem
-//! DIR/datasets/DATASET_ID/VERSION_ID.sealed   sealed dataset versions
+//! DIR/datasets/DATASET_ID/VERSION_ID.sealed   sealed dataset versions (unless --objects names
+//!                                   another store: `objects`)
 //! DIR/tmp/                          uploads in flight (sealed too); emptied at startup
 //! ```
 
@@ -22,6 +23,8 @@ pub struct DataDir {
     root: PathBuf,
     /// A PostgreSQL catalog shared by several nodes, instead of the directory's own file.
     catalog_url: Option<String>,
+    /// An object store shared by several nodes, instead of the directory's `datasets/`.
+    objects_url: Option<String>,
 }
 
 impl std::fmt::Debug for DataDir {
@@ -32,6 +35,10 @@ impl std::fmt::Debug for DataDir {
                 "catalog_url",
                 &self.catalog_url.as_deref().map(crate::catalog::redacted),
             )
+            .field(
+                "objects_url",
+                &self.objects_url.as_deref().map(crate::catalog::redacted),
+            )
             .finish()
     }
 }
@@ -41,6 +48,7 @@ impl DataDir {
         DataDir {
             root: root.into(),
             catalog_url: None,
+            objects_url: None,
         }
     }
     /// The same directory with its catalog in the PostgreSQL database at `url` (checked when
@@ -48,6 +56,16 @@ impl DataDir {
     pub fn with_catalog(mut self, url: Option<String>) -> Self {
         self.catalog_url = url;
         self
+    }
+    /// The same directory with its sealed versions in the object store at `url`
+    /// (`s3://bucket/prefix`, or another directory).
+    pub fn with_objects(mut self, url: Option<String>) -> Self {
+        self.objects_url = url;
+        self
+    }
+    /// Where the sealed versions live.
+    pub fn objects_location(&self) -> crate::Result<crate::objects::Location> {
+        crate::objects::Location::parse(self.objects_url.as_deref(), &self.root)
     }
     pub fn root(&self) -> &Path {
         &self.root
@@ -180,13 +198,6 @@ impl DataDir {
     }
     pub fn datasets(&self) -> PathBuf {
         self.root.join("datasets")
-    }
-    pub fn dataset_dir(&self, dataset_id: &str) -> PathBuf {
-        self.datasets().join(dataset_id)
-    }
-    pub fn sealed_file(&self, dataset_id: &str, version_id: &str) -> PathBuf {
-        self.dataset_dir(dataset_id)
-            .join(format!("{version_id}.sealed"))
     }
     pub fn tmp(&self) -> PathBuf {
         self.root.join("tmp")

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod blocking;
 pub mod cache;
 pub mod catalog;
 pub mod crypto;
@@ -17,6 +18,7 @@ pub mod fsutil;
 pub mod ingest;
 pub mod matching;
 pub mod model;
+pub mod objects;
 pub mod pki;
 pub mod store;
 

@@ -3,8 +3,8 @@
 //! engine. Blocking code; the server calls it on the blocking pool. No HTTP here.
 
 use std::collections::HashSet;
-use std::fs::{self, File};
-use std::io::{BufReader, BufWriter, Read};
+use std::fs;
+use std::io::{BufWriter, Read};
 use std::path::PathBuf;
 
 use arrow_array::RecordBatch;
@@ -21,6 +21,7 @@ use crate::crypto::random_bytes;
 use crate::crypto::seal::{self, Binding, OpenReader, SealWriter};
 use crate::datadir::{DataDir, validate_name};
 use crate::ingest::{self, Format, IngestLimits, InputFault, TrackedInput};
+use crate::objects::{self, SharedObjects};
 use crate::{Error, Result, faults, fsutil};
 
 /// Settings of the store.
@@ -53,6 +54,8 @@ pub struct Store {
     catalog: Catalog,
     audit: AuditLog,
     keys: Keyring,
+    /// Where the sealed versions live (the data directory by default, or an S3 store).
+    objects: SharedObjects,
     config: StoreConfig,
     cache: PlaintextCache,
 }
@@ -76,7 +79,7 @@ pub struct UploadOutcome {
     pub rows: u64,
     /// Bytes received from the client.
     pub bytes: u64,
-    /// Bytes of the sealed file on disk.
+    /// Bytes of the sealed object.
     pub sealed_bytes: u64,
     pub format: String,
     pub key_column: Option<String>,
@@ -134,11 +137,35 @@ impl Drop for FileGuard {
     }
 }
 
+/// Removes an uncommitted version's object when dropped (its catalog row never committed).
+struct ObjectGuard<'a>(Option<(&'a dyn objects::Objects, String)>);
+
+impl ObjectGuard<'_> {
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for ObjectGuard<'_> {
+    fn drop(&mut self) {
+        if let Some((objects, key)) = self.0.take()
+            && let Err(e) = objects.delete(&key)
+        {
+            tracing::warn!(key, error = %e, "an uncommitted object stays until startup recovery");
+        }
+    }
+}
+
 impl Store {
-    /// Open the store of an initialised data directory.
-    pub fn open(dir: DataDir, config: StoreConfig) -> Result<Self> {
+    /// Open the store of an initialised data directory, its sealed versions in `objects`
+    /// (which must belong to the directory's catalog: `objects::bind`).
+    pub fn open(dir: DataDir, config: StoreConfig, objects: SharedObjects) -> Result<Self> {
         let catalog = dir.open_catalog()?;
         let keys = open_keyring(&dir, &catalog)?;
+        let catalog_id = catalog
+            .id()?
+            .ok_or_else(|| Error::internal("the catalog has no id after opening"))?;
+        objects::bind(&*objects, &catalog_id, &catalog.all_version_ids()?)?;
         let audit = AuditLog::open(&dir)?;
         let mut config = config;
         config.ingest.spool_dir.get_or_insert_with(|| dir.tmp());
@@ -147,6 +174,7 @@ impl Store {
             catalog,
             audit,
             keys,
+            objects,
             cache: PlaintextCache::new(config.cache_bytes),
             config,
         })
@@ -187,6 +215,11 @@ impl Store {
         &self.config
     }
 
+    /// Where the sealed versions live.
+    pub fn objects(&self) -> &dyn objects::Objects {
+        &*self.objects
+    }
+
     /// How long a leftover must have been still before a node on a shared catalog removes it
     /// (longer than any upload is idle: uploads time out well before).
     pub const SHARED_RECOVERY_GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
@@ -204,19 +237,17 @@ impl Store {
             ..Recovery::default()
         };
         let shared = self.catalog.backend() == "postgres";
-        let settled = |path: &std::path::Path| -> Result<bool> {
-            if !shared {
-                return Ok(true);
+        let settled = |age: std::time::Duration| !shared || age >= Self::SHARED_RECOVERY_GRACE;
+        for entry in fs::read_dir(self.dir.tmp())? {
+            let path = entry?.path();
+            if !path.is_file() {
+                continue;
             }
-            let age = fs::metadata(path)?
+            let age = fs::metadata(&path)?
                 .modified()?
                 .elapsed()
                 .unwrap_or_default();
-            Ok(age >= Self::SHARED_RECOVERY_GRACE)
-        };
-        for entry in fs::read_dir(self.dir.tmp())? {
-            let path = entry?.path();
-            if path.is_file() && settled(&path)? {
+            if settled(age) {
                 fs::remove_file(&path)?;
                 r.partial_uploads_removed += 1;
                 faults::hit("recovery.partial_removed")?;
@@ -224,36 +255,14 @@ impl Store {
         }
         let known: HashSet<(String, String)> =
             self.catalog.all_version_ids()?.into_iter().collect();
-        for entry in fs::read_dir(self.dir.datasets())? {
-            let dataset_dir = entry?.path();
-            let Some(dataset_id) = dataset_dir
-                .file_name()
-                .and_then(|n| n.to_str())
-                .map(str::to_string)
-            else {
-                continue;
-            };
-            if !dataset_dir.is_dir() {
-                continue;
-            }
-            for file in fs::read_dir(&dataset_dir)? {
-                let path = file?.path();
-                let version_id = path
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .and_then(|n| n.strip_suffix(".sealed"))
-                    .map(str::to_string);
-                let keep = version_id.is_some_and(|v| known.contains(&(dataset_id.clone(), v)));
-                if !keep && settled(&path)? {
-                    fs::remove_file(&path)?;
-                    r.orphan_files_removed += 1;
-                }
-            }
-            if fs::read_dir(&dataset_dir)?.next().is_none() {
-                fs::remove_dir(&dataset_dir)?;
+        for meta in self.objects.list(objects::DATASETS)? {
+            let listed = objects::parse_version_key(&meta.key)
+                .is_some_and(|(d, v)| known.contains(&(d.to_string(), v.to_string())));
+            if !listed && settled(meta.age) {
+                self.objects.delete(&meta.key)?;
+                r.orphan_files_removed += 1;
             }
         }
-        fsutil::sync_parent(&self.dir.datasets().join("x"))?;
         let cutoff = shared.then(|| {
             (time::OffsetDateTime::now_utc() - Self::SHARED_RECOVERY_GRACE)
                 .format(&time::format_description::well_known::Rfc3339)
@@ -326,16 +335,10 @@ impl Store {
         drop(file);
         faults::hit("upload.sealed")?;
 
-        let final_path = self.dir.sealed_file(&dataset_id, &version_id);
-        let dataset_dir = self.dir.dataset_dir(&dataset_id);
-        if !dataset_dir.exists() {
-            fs::create_dir_all(&dataset_dir)?;
-            fsutil::sync_parent(&dataset_dir)?;
-        }
-        fs::rename(&tmp_path, &final_path)?;
+        let key = objects::version_key(&dataset_id, &version_id);
+        self.objects.put_file(&key, &tmp_path)?;
         tmp_guard.disarm();
-        let mut final_guard = FileGuard(Some(final_path.clone()));
-        fsutil::sync_parent(&final_path)?;
+        let mut final_guard = ObjectGuard(Some((&*self.objects, key)));
         faults::hit("upload.renamed")?;
 
         let new = NewVersion {
@@ -417,7 +420,7 @@ impl Store {
     }
 
     /// Crypto-shred a dataset: its wrapped keys are deleted from the catalog (secure_delete),
-    /// then its files are removed. Returns the number of versions destroyed.
+    /// then its objects are removed. Returns the number of versions destroyed.
     pub fn delete(&self, actor: &Actor, name: &str) -> Result<usize> {
         let owner = actor.partner.as_deref().unwrap_or_default();
         let event = Event::new(
@@ -437,12 +440,10 @@ impl Store {
         })?;
         self.cache.forget_dataset(&dataset_id, None);
         faults::hit("delete.committed")?;
-        // The keys are gone: the files are unreadable from here on. Removing them is hygiene;
-        // a crash before this point leaves orphans that startup recovery removes.
-        let dir = self.dir.dataset_dir(&dataset_id);
-        if dir.exists() {
-            fs::remove_dir_all(&dir)?;
-            fsutil::sync_parent(&dir)?;
+        // The keys are gone: the objects are unreadable from here on. Removing them is
+        // hygiene; a crash before this point leaves orphans that startup recovery removes.
+        for meta in self.objects.list(&objects::dataset_prefix(&dataset_id))? {
+            self.objects.delete(&meta.key)?;
         }
         Ok(versions)
     }
@@ -475,13 +476,11 @@ impl Store {
         v: &VersionKey,
         prepare: Prepare,
     ) -> Result<Box<dyn Iterator<Item = Result<RecordBatch>> + Send>> {
-        let meta = fs::metadata(self.dir.sealed_file(&v.dataset_id, &v.version_id))?;
-        let mtime = meta
-            .modified()?
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as i128)
-            .unwrap_or(-1);
-        let stamp = (meta.len(), mtime);
+        let meta = self
+            .objects
+            .head(&objects::version_key(&v.dataset_id, &v.version_id))?
+            .ok_or_else(missing)?;
+        let stamp = (meta.size, meta.stamp);
         if let Some(batches) = self.cache.get(&v.dataset_id, &v.version_id, stamp) {
             return Ok(Box::new(
                 (0..batches.len()).map(move |i| Ok(batches[i].clone())),
@@ -524,9 +523,11 @@ impl Store {
     fn read_version(&self, v: &VersionKey) -> Result<SealedBatches> {
         let bind = binding(&v.dataset_id, &v.version_id)?;
         let dek = self.keys.get(&v.kek_id)?.unwrap(&v.wrapped_dek, &bind)?;
-        let file = File::open(self.dir.sealed_file(&v.dataset_id, &v.version_id))?;
-        let opened = OpenReader::new(BufReader::with_capacity(1 << 20, file), &dek[..], bind)
-            .map_err(io_to_integrity)?;
+        let object = self
+            .objects
+            .open(&objects::version_key(&v.dataset_id, &v.version_id))?
+            .ok_or_else(missing)?;
+        let opened = OpenReader::new(object, &dek[..], bind).map_err(io_to_integrity)?;
         let reader =
             arrow_ipc::reader::StreamReader::try_new(opened, None).map_err(arrow_to_integrity)?;
         Ok(SealedBatches {
@@ -595,6 +596,11 @@ pub fn settle_rotation(catalog: &Catalog, keys: &Keyring) -> Result<Option<Strin
     })
 }
 
+/// A version the catalog lists whose sealed object is gone (removed behind escrow's back).
+fn missing() -> Error {
+    Error::Integrity("the sealed object of a listed version is missing".into())
+}
+
 fn io_to_integrity(e: std::io::Error) -> Error {
     if seal::is_integrity_error(&e) {
         Error::Integrity(e.to_string())
@@ -613,7 +619,7 @@ fn arrow_to_integrity(e: ArrowError) -> Error {
 
 /// Record batches of one sealed version, verified segment by segment.
 pub struct SealedBatches {
-    reader: arrow_ipc::reader::StreamReader<OpenReader<BufReader<File>>>,
+    reader: arrow_ipc::reader::StreamReader<OpenReader<Box<dyn Read + Send>>>,
     failed: bool,
 }
 

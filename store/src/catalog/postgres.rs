@@ -16,6 +16,7 @@ use tokio_postgres::NoTls;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 
 use super::sql::{Backend, Conn, Mode, Row, Tx, Value, dollar_params};
+use crate::blocking::Driver;
 use crate::{Error, Result};
 
 /// The advisory lock every write transaction holds ("escrow" in ASCII).
@@ -30,18 +31,9 @@ const LOCK_WAIT_SECS: u32 = 60;
 const IDLE_IN_WRITE_SECS: u32 = 30;
 
 pub struct Postgres {
-    /// Taken on drop, to shut down without blocking (the catalog may be dropped inside
-    /// another runtime's task, where a blocking shutdown is refused).
-    runtime: Option<tokio::runtime::Runtime>,
+    /// Declared before the runtime: the pool's connections close first.
     pool: Pool,
-}
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
-    }
+    runtime: Driver,
 }
 
 impl std::fmt::Debug for Postgres {
@@ -67,11 +59,7 @@ impl Postgres {
             .keepalives_interval(Duration::from_secs(10))
             .keepalives_retries(3)
             .connect_timeout(Duration::from_secs(10));
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("escrow-catalog")
-            .enable_all()
-            .build()?;
+        let runtime = Driver::new("escrow-catalog", 1)?;
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -86,21 +74,15 @@ impl Postgres {
             .create_timeout(Some(Duration::from_secs(10)))
             .build()
             .map_err(|e| Error::internal(format!("catalog pool: {e}")))?;
-        let pg = Postgres {
-            runtime: Some(runtime),
-            pool,
-        };
+        let pg = Postgres { pool, runtime };
         // Fail now, with the reason, rather than at the first request.
         drop(pg.client()?);
         Ok(pg)
     }
 
     /// Wait for `f` on this thread, with the catalog's runtime driving its I/O and timers.
-    /// (Not `Runtime::block_on`, which refuses to run inside another runtime's task.)
     fn wait<F: Future>(&self, f: F) -> Result<F::Output> {
-        let runtime = (self.runtime.as_ref()).ok_or_else(|| Error::internal("catalog: closed"))?;
-        let _context = runtime.enter();
-        Ok(futures_executor::block_on(f))
+        self.runtime.wait(f)
     }
 
     /// A pooled connection in a new transaction of `mode` (writers hold the write lock).

@@ -250,9 +250,12 @@ pub(super) fn migrate(tx: &Tx<'_>, postgres: bool) -> Result<i64> {
         .unwrap_or(0);
     let latest = MIGRATIONS.last().map_or(0, |m| m.version);
     if version > latest {
-        return Err(Error::internal(format!(
-            "the catalog has schema version {version}; this escrow knows versions up to {latest}: upgrade escrow"
-        )));
+        return Err(Error::bad(
+            "catalog_too_new",
+            format!(
+                "the catalog has schema version {version}; this escrow knows versions up to {latest}: upgrade escrow"
+            ),
+        ));
     }
     let from = version;
     for m in MIGRATIONS.iter().filter(|m| m.version > from) {

@@ -37,11 +37,18 @@ struct DirArgs {
     /// by every node, instead of the data directory's SQLite file.
     #[arg(long, env = "ESCROW_CATALOG", hide_env_values = true)]
     catalog: Option<String>,
+    /// Keep the sealed datasets in this object store (s3://bucket/prefix, with endpoint,
+    /// region and credentials from the AWS_* environment variables), shared by every node,
+    /// instead of the data directory's datasets/ folder.
+    #[arg(long, env = "ESCROW_OBJECTS", hide_env_values = true)]
+    objects: Option<String>,
 }
 
 impl DirArgs {
     fn dir(self) -> DataDir {
-        DataDir::new(self.data_dir).with_catalog(self.catalog)
+        DataDir::new(self.data_dir)
+            .with_catalog(self.catalog)
+            .with_objects(self.objects)
     }
 }
 
@@ -269,6 +276,9 @@ struct UserTarget {
     /// The PostgreSQL catalog, if the data directory's nodes share one (operator command).
     #[arg(long, env = "ESCROW_CATALOG", hide_env_values = true)]
     catalog: Option<String>,
+    /// The object store, if the data directory's nodes share one (operator command).
+    #[arg(long, env = "ESCROW_OBJECTS", hide_env_values = true)]
+    objects: Option<String>,
     /// Act through the API as this admin identity bundle instead of on the data directory.
     #[arg(long)]
     identity: Option<PathBuf>,
@@ -278,6 +288,13 @@ struct UserTarget {
 }
 
 impl UserTarget {
+    /// The data directory, for operator commands.
+    fn dir(&self) -> DataDir {
+        DataDir::new(&self.data_dir)
+            .with_catalog(self.catalog.clone())
+            .with_objects(self.objects.clone())
+    }
+
     /// The API client, if acting as an admin through the API.
     fn client(&self) -> anyhow::Result<Option<Client>> {
         self.identity
@@ -719,6 +736,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Init(d) => {
             let dir = d.dir();
             let r = escrow::admin::init(&dir).map_err(engine)?;
+            // Reach the object store and bind it to the catalog now, not at the first serve.
+            escrow::store::Store::open(
+                dir.clone(),
+                escrow::store::StoreConfig::default(),
+                escrow::s3::open_objects(&dir).map_err(engine)?,
+            )
+            .map_err(engine)?;
             if r.created_anything() {
                 println!("initialised {}", dir.root().display());
             } else {
@@ -1167,7 +1191,7 @@ async fn user(command: UserCommand) -> anyhow::Result<()> {
         } => match target.client()? {
             None => {
                 let bundle = escrow::admin::add_user(
-                    &DataDir::new(&target.data_dir).with_catalog(target.catalog.clone()),
+                    &target.dir(),
                     &escrow::audit::Actor::operator(),
                     &partner,
                     &name,
@@ -1201,7 +1225,7 @@ async fn user(command: UserCommand) -> anyhow::Result<()> {
         } => {
             match target.client()? {
                 None => escrow::admin::revoke_user(
-                    &DataDir::new(&target.data_dir).with_catalog(target.catalog.clone()),
+                    &target.dir(),
                     &escrow::audit::Actor::operator(),
                     &partner,
                     &name,
