@@ -293,3 +293,64 @@ fn refused_node(env: &Env, missing: &str) -> String {
     assert!(!status.success(), "a node without {missing} must not start");
     err
 }
+
+#[test]
+fn key_rotation_works_with_both_nodes_running() {
+    let (env, a, b) = two_nodes("--epsilon 1 --budget 100");
+    let noisy_overlap = |answer: &serde_json::Value, truth: i64| {
+        let n = answer["rows"][0][0].as_i64().expect("count");
+        assert!(
+            (n - truth).abs() <= 20,
+            "{truth} companies in common, noisy: {answer}"
+        );
+    };
+    noisy_overlap(&ask(&env, &b, OVERLAP), 100);
+    let out = env.op(&["keys", "rotate"]).ok();
+    assert!(
+        out.stdout.contains("2 data key(s) re-wrapped"),
+        "{}",
+        out.stdout
+    );
+    // A version uploaded on one running node after the rotation is wrapped under the new
+    // key; the other running node, which loaded the old key at its start, reads it.
+    env.upload_csv(&a, "globex", "mine", &companies(100..300))
+        .ok();
+    noisy_overlap(
+        &ask(&env, &b, &format!("{OVERLAP} WHERE a.industry = 'retail'")),
+        50,
+    );
+    // A node started after the rotation reads what was re-wrapped under the new key.
+    drop(a);
+    let a = env.serve(&[]);
+    a.wait_log("startup recovery done");
+    noisy_overlap(
+        &ask(&env, &a, &format!("{OVERLAP} WHERE a.industry = 'energy'")),
+        50,
+    );
+}
+
+#[test]
+fn a_node_starting_while_a_rotation_runs_leaves_its_next_key_alone() {
+    let env = Env::on_postgres_and_s3();
+    let keys = env.data.join("keys");
+    // Another process in the middle of `keys rotate`: it holds the rotation lock and has
+    // written the next key, not yet committed.
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(keys.join("rotation.lock"))
+        .expect("lock file");
+    lock.lock().expect("lock");
+    let next = keys.join("kek.next");
+    std::fs::copy(keys.join("noise"), &next).expect("a next key");
+    let node = env.serve(&[]);
+    node.wait_log("a key rotation is running in another process");
+    assert!(next.exists(), "the running rotation's next key must stay");
+    drop(node);
+    // The rotation's process died without committing: the next start undoes it.
+    drop(lock);
+    let node = env.serve(&[]);
+    node.wait_log("of a rotation that never committed");
+    assert!(!next.exists());
+}

@@ -224,6 +224,8 @@ pub struct Rotation {
 /// the source.
 pub fn rotate_kek(dir: &DataDir) -> Result<Rotation> {
     let (catalog, log) = open(dir)?;
+    // One rotation at a time, and no node settles this one while it runs.
+    let _rotating = crate::store::RotationLock::acquire(dir)?;
     let keys = crate::store::open_keyring(dir, &catalog)?;
     let settled = crate::store::settle_rotation(&catalog, &keys)?;
     let source = keys.source().clone();

@@ -4,6 +4,7 @@
 //! DIR/escrow.db                     catalog (SQLite, WAL): partners, identities, datasets, wrapped keys
 //! DIR/keys/kek                      key-encryption key (32 bytes, 0600)
 //! DIR/keys/kek.next                 the next KEK, only while `keys rotate` runs
+//! DIR/keys/rotation.lock            locked by `keys rotate` while it runs
 //! DIR/keys/noise                    secret seed of differential-privacy noise (32 bytes, 0600)
 //! DIR/keys/audit                    Ed25519 seed signing the audit log (32 bytes, 0600)
 //! DIR/audit/log.jsonl               audit log: hash-chained, signed JSON lines (audit.rs)
@@ -149,6 +150,11 @@ impl DataDir {
     /// The next key-encryption key, while a rotation is in progress.
     pub fn kek_next(&self) -> PathBuf {
         self.keys().join("kek.next")
+    }
+    /// Held (an advisory lock on this file) by `keys rotate` for its whole run, so that no
+    /// node's startup recovery settles a rotation another process is in the middle of.
+    pub fn rotation_lock(&self) -> PathBuf {
+        self.keys().join("rotation.lock")
     }
     /// Where the key-encryption key comes from: these files, unless the environment names
     /// another source (`crypto::keys::KekSource`).

@@ -232,8 +232,12 @@ impl Store {
     /// for [`Self::SHARED_RECOVERY_GRACE`] is removed (leftovers are invisible meanwhile: a
     /// version counts only once its catalog row commits).
     pub fn recover(&self) -> Result<Recovery> {
+        let key_rotation = match RotationLock::try_acquire(&self.dir)? {
+            Some(_held) => settle_rotation(&self.catalog, &self.keys)?,
+            None => Some("a key rotation is running in another process: left to it".into()),
+        };
         let mut r = Recovery {
-            key_rotation: settle_rotation(&self.catalog, &self.keys)?,
+            key_rotation,
             ..Recovery::default()
         };
         let shared = self.catalog.backend() == "postgres";
@@ -553,6 +557,42 @@ pub fn open_keyring(dir: &DataDir, catalog: &Catalog) -> Result<Keyring> {
         keys.get(&id)?;
     }
     Ok(keys)
+}
+
+/// The lock `keys rotate` holds for its whole run (`DataDir::rotation_lock`, an advisory
+/// file lock, released when the process ends however it ends). A rotation's next key file
+/// exists before its catalog commit: a node starting meanwhile (another host on the shared
+/// directory, or a restart) must not take it for a crash's leftover and remove it, or the
+/// commit would wrap every data key under a key that no longer exists.
+pub struct RotationLock {
+    _held: fs::File,
+}
+
+impl RotationLock {
+    fn file(dir: &DataDir) -> Result<fs::File> {
+        Ok(fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.rotation_lock())?)
+    }
+
+    /// Wait for the lock (a rotation).
+    pub fn acquire(dir: &DataDir) -> Result<Self> {
+        let file = Self::file(dir)?;
+        file.lock()?;
+        Ok(RotationLock { _held: file })
+    }
+
+    /// The lock if no rotation holds it (recovery).
+    pub fn try_acquire(dir: &DataDir) -> Result<Option<Self>> {
+        let file = Self::file(dir)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(RotationLock { _held: file })),
+            Err(fs::TryLockError::WouldBlock) => Ok(None),
+            Err(fs::TryLockError::Error(e)) => Err(e.into()),
+        }
+    }
 }
 
 /// Finish or undo a key rotation a crash interrupted (see `keys::settle_rotation`); what was

@@ -46,6 +46,16 @@ impl Catalog {
         after: impl FnOnce(&Tx<'_>) -> Result<()>,
     ) -> Result<()> {
         self.write(|tx| {
+            // Checked again under the write lock: two adds of one user racing (on one node
+            // or two) both pass the caller's check, and only one may register.
+            if tx.exists(
+                "SELECT 1 FROM identities WHERE partner = ?1 AND \"user\" = ?2 AND revoked_at IS NULL",
+                params![partner, user],
+            )? {
+                return Err(Error::Conflict(format!(
+                    "{partner} already has a user {user}; revoke it first"
+                )));
+            }
             tx.execute(
                 "INSERT INTO identities (serial, partner, \"user\", role, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![serial, partner, user, role, now_rfc3339()],
