@@ -203,6 +203,11 @@ impl Objects for S3Objects {
                     }
                 }
                 .await;
+                // Every part sent before completing, so that a failed part can still abort.
+                let sent = match sent {
+                    Ok(()) => writer.wait_for_capacity(0).await.map_err(s3_error),
+                    Err(e) => Err(e),
+                };
                 match sent {
                     Ok(()) => writer.finish().await.map(drop).map_err(s3_error),
                     Err(e) => {
@@ -244,6 +249,7 @@ impl Objects for S3Objects {
             requested: 0,
             current: Bytes::new(),
             ahead: None,
+            failed: false,
         };
         reader.fetch_ahead()?;
         Ok(Some(Box::new(reader)))
@@ -289,6 +295,8 @@ struct RangedReader {
     requested: u64,
     current: Bytes,
     ahead: Option<(u64, Pending)>,
+    /// A read failed: every later read fails too (never a clean end).
+    failed: bool,
 }
 
 impl Drop for RangedReader {
@@ -353,10 +361,17 @@ impl RangedReader {
 
 impl Read for RangedReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.failed {
+            return Err(io::Error::other("an earlier read of this object failed"));
+        }
         if self.current.is_empty() {
-            match self.take_ahead()? {
-                Some(next) => self.current = next,
-                None => return Ok(0),
+            match self.take_ahead() {
+                Ok(Some(next)) => self.current = next,
+                Ok(None) => return Ok(0),
+                Err(e) => {
+                    self.failed = true;
+                    return Err(e);
+                }
             }
         }
         let n = buf.len().min(self.current.len());

@@ -137,20 +137,33 @@ impl Drop for FileGuard {
     }
 }
 
-/// Removes an uncommitted version's object when dropped (its catalog row never committed).
-struct ObjectGuard<'a>(Option<(&'a dyn objects::Objects, String)>);
+/// Removes an uncommitted version's object when dropped (the upload failed before its
+/// catalog row committed). A commit can fail without its outcome being known (a connection
+/// lost during COMMIT): the object goes only if the catalog does not list the version;
+/// whatever cannot be settled here is left to startup recovery.
+struct ObjectGuard<'a> {
+    store: &'a Store,
+    version: Option<(String, String)>,
+}
 
 impl ObjectGuard<'_> {
     fn disarm(&mut self) {
-        self.0 = None;
+        self.version = None;
     }
 }
 
 impl Drop for ObjectGuard<'_> {
     fn drop(&mut self) {
-        if let Some((objects, key)) = self.0.take()
-            && let Err(e) = objects.delete(&key)
-        {
+        let Some((dataset_id, version_id)) = self.version.take() else {
+            return;
+        };
+        let key = objects::version_key(&dataset_id, &version_id);
+        let removed = match self.store.catalog.version_exists(&dataset_id, &version_id) {
+            Ok(false) => self.store.objects.delete(&key),
+            Ok(true) => return,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = removed {
             tracing::warn!(key, error = %e, "an uncommitted object stays until startup recovery");
         }
     }
@@ -162,10 +175,7 @@ impl Store {
     pub fn open(dir: DataDir, config: StoreConfig, objects: SharedObjects) -> Result<Self> {
         let catalog = dir.open_catalog()?;
         let keys = open_keyring(&dir, &catalog)?;
-        let catalog_id = catalog
-            .id()?
-            .ok_or_else(|| Error::internal("the catalog has no id after opening"))?;
-        objects::bind(&*objects, &catalog_id, &catalog.all_version_ids()?)?;
+        objects::bind(&*objects, &catalog)?;
         let audit = AuditLog::open(&dir)?;
         let mut config = config;
         config.ingest.spool_dir.get_or_insert_with(|| dir.tmp());
@@ -257,14 +267,35 @@ impl Store {
                 faults::hit("recovery.partial_removed")?;
             }
         }
+        // Listed before the catalog is read: a version committed in between is known.
+        let stored = self.objects.list(objects::DATASETS)?;
         let known: HashSet<(String, String)> =
             self.catalog.all_version_ids()?.into_iter().collect();
-        for meta in self.objects.list(objects::DATASETS)? {
-            let listed = objects::parse_version_key(&meta.key)
-                .is_some_and(|(d, v)| known.contains(&(d.to_string(), v.to_string())));
-            if !listed && settled(meta.age) {
-                self.objects.delete(&meta.key)?;
-                r.orphan_files_removed += 1;
+        for meta in stored {
+            let version = objects::parse_version_key(&meta.key);
+            let listed =
+                version.is_some_and(|(d, v)| known.contains(&(d.to_string(), v.to_string())));
+            // Only what escrow writes there is removed: versions and the local backend's
+            // partial copies. Anything else is someone's file, left alone.
+            let ours = version.is_some() || meta.key.ends_with(".sealed.partial");
+            if !ours {
+                tracing::warn!(key = meta.key, "not an escrow object: left alone");
+                continue;
+            }
+            if listed || !settled(meta.age) {
+                continue;
+            }
+            // Asked again right before removing: another node may have committed it since.
+            if let Some((d, v)) = version
+                && self.catalog.version_exists(d, v)?
+            {
+                continue;
+            }
+            match self.objects.delete(&meta.key) {
+                Ok(()) => r.orphan_files_removed += 1,
+                Err(e) => {
+                    tracing::warn!(key = meta.key, error = %e, "an orphan stays until the next start")
+                }
             }
         }
         let cutoff = shared.then(|| {
@@ -342,7 +373,10 @@ impl Store {
         let key = objects::version_key(&dataset_id, &version_id);
         self.objects.put_file(&key, &tmp_path)?;
         tmp_guard.disarm();
-        let mut final_guard = ObjectGuard(Some((&*self.objects, key)));
+        let mut final_guard = ObjectGuard {
+            store: self,
+            version: Some((dataset_id.clone(), version_id.clone())),
+        };
         faults::hit("upload.renamed")?;
 
         let new = NewVersion {
@@ -446,8 +480,14 @@ impl Store {
         faults::hit("delete.committed")?;
         // The keys are gone: the objects are unreadable from here on. Removing them is
         // hygiene; a crash before this point leaves orphans that startup recovery removes.
-        for meta in self.objects.list(&objects::dataset_prefix(&dataset_id))? {
-            self.objects.delete(&meta.key)?;
+        // A failure here does not undo the shredding: it is logged, and startup recovery
+        // removes what is left.
+        let removed = self
+            .objects
+            .list(&objects::dataset_prefix(&dataset_id))
+            .and_then(|stored| stored.iter().try_for_each(|m| self.objects.delete(&m.key)));
+        if let Err(e) = removed {
+            tracing::warn!(dataset_id, error = %e, "a shredded dataset's objects stay until startup recovery");
         }
         Ok(versions)
     }

@@ -216,6 +216,17 @@ impl Catalog {
         Ok(out)
     }
 
+    /// Whether the catalog lists this version (a commit whose outcome was not seen, or an
+    /// object about to be removed as an orphan).
+    pub fn version_exists(&self, dataset_id: &str, version_id: &str) -> Result<bool> {
+        self.read(|tx| {
+            tx.exists(
+                "SELECT 1 FROM dataset_versions WHERE dataset_id = ?1 AND version_id = ?2",
+                params![dataset_id, version_id],
+            )
+        })
+    }
+
     /// Every (dataset id, version id) with a catalog row: used to find orphan files.
     pub fn all_version_ids(&self) -> Result<Vec<(String, String)>> {
         self.read(|tx| {

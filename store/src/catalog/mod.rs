@@ -314,6 +314,43 @@ impl Catalog {
         })
     }
 
+    /// The id of the object store this catalog's sealed versions are in, once bound
+    /// (`objects::bind`).
+    pub fn objects_id(&self) -> Result<Option<String>> {
+        self.read(|tx| {
+            tx.row(
+                "SELECT value FROM catalog_meta WHERE name = 'objects'",
+                params![],
+            )?
+            .map(|r| r.get(0))
+            .transpose()
+        })
+    }
+
+    /// Record `new` as the object store's id if the catalog still records `expected` (none,
+    /// or the store being replaced); returns the id recorded afterwards, so that of nodes
+    /// binding at once, all follow the first.
+    pub fn swap_objects_id(&self, expected: Option<&str>, new: &str) -> Result<String> {
+        self.write(|tx| {
+            let current: Option<String> = tx
+                .row(
+                    "SELECT value FROM catalog_meta WHERE name = 'objects'",
+                    params![],
+                )?
+                .map(|r| r.get(0))
+                .transpose()?;
+            if current.as_deref() != expected {
+                return Ok(current.unwrap_or_default());
+            }
+            tx.execute(
+                "INSERT INTO catalog_meta (name, value) VALUES ('objects', ?1)
+                 ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                params![new],
+            )?;
+            Ok(new.to_string())
+        })
+    }
+
     /// Changes with every change that can alter a policy decision (grants, settings,
     /// populations, dataset deletions), on whichever node made it: the query engine
     /// rebuilds its policy set when it moves.

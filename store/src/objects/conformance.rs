@@ -11,7 +11,8 @@
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use super::{Objects, dataset_prefix, version_key};
+use super::{OBJECTS_ID, Objects, bind, dataset_prefix, version_key};
+use crate::catalog::Catalog;
 use crate::crypto::seal::{self, Binding, OpenReader, SealWriter};
 
 /// Turn every behaviour below into a `#[test]` run on the backend `fixture` makes.
@@ -26,6 +27,7 @@ macro_rules! objects_conformance {
             a_rewritten_object_changes_its_stamp,
             a_swapped_or_truncated_sealed_object_fails_its_read,
             keys_that_leave_the_store_are_refused,
+            a_store_and_its_catalog_bind_to_each_other,
         );
     };
     (@tests $fixture:expr; $($name:ident),* $(,)?) => {
@@ -227,5 +229,54 @@ pub fn keys_that_leave_the_store_are_refused(objects: &dyn Objects, scratch: &Pa
         let from = file_with(scratch, "f", b"x");
         assert!(objects.put_file(key, &from).is_err(), "{key:?}");
         assert!(objects.get_bytes(key).is_err(), "{key:?}");
+        assert!(objects.open(key).is_err(), "{key:?}");
+        assert!(objects.head(key).is_err(), "{key:?}");
+        assert!(objects.delete(key).is_err(), "{key:?}");
     }
+    assert!(objects.list("../").is_err());
+}
+
+pub fn a_store_and_its_catalog_bind_to_each_other(objects: &dyn Objects, scratch: &Path) {
+    let catalog = |name: &str| {
+        let c = Catalog::open(&scratch.join(name)).expect("catalog");
+        c.bind_new_id().expect("id");
+        c
+    };
+    let code = |r: crate::Result<()>| r.err().map(|e| e.code());
+    let (c1, c2) = (catalog("c1.db"), catalog("c2.db"));
+    bind(objects, &c1).expect("a new store binds to a new catalog");
+    bind(objects, &c1).expect("and again");
+    let recorded = c1
+        .objects_id()
+        .expect("read")
+        .expect("the catalog records its store");
+    let marker = objects.get_bytes(OBJECTS_ID).expect("get").expect("marker");
+    assert!(String::from_utf8_lossy(&marker).contains(&recorded));
+    assert_eq!(
+        code(bind(objects, &c2)),
+        Some("wrong_objects"),
+        "another catalog's store"
+    );
+    // A store holding sealed objects that c1 did not record (its marker gone: as the data
+    // directory's own folder, met by a node started without --objects).
+    let key = version_key("0a", "0b");
+    objects
+        .put_file(&key, &file_with(scratch, "v", b"sealed"))
+        .expect("put");
+    objects.delete(OBJECTS_ID).expect("delete marker");
+    assert_eq!(
+        code(bind(objects, &c1)),
+        Some("wrong_objects"),
+        "unrecorded store"
+    );
+    // A new catalog does not take a store full of another deployment's objects.
+    assert_eq!(
+        code(bind(objects, &catalog("c3.db"))),
+        Some("wrong_objects")
+    );
+    // Nothing stored on either side: a catalog may still choose its store.
+    objects.delete(&key).expect("delete");
+    bind(objects, &c1).expect("rebinding before any upload");
+    assert_ne!(c1.objects_id().expect("read"), Some(recorded));
+    bind(objects, &c1).expect("bound to the new one");
 }

@@ -113,7 +113,14 @@ impl Objects for LocalObjects {
     fn put_file(&self, key: &str, from: &Path) -> Result<()> {
         let to = self.path(key)?;
         self.make_parent(&to)?;
-        match fs::rename(from, &to) {
+        let mut moved = fs::rename(from, &to);
+        if matches!(&moved, Err(e) if e.kind() == io::ErrorKind::NotFound) && from.exists() {
+            // The dataset's folder went with its last object meanwhile (a delete, or a failed
+            // upload's clean-up): make it again.
+            self.make_parent(&to)?;
+            moved = fs::rename(from, &to);
+        }
+        match moved {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {
                 // Another file system: copy beside the target, make it durable, then rename.

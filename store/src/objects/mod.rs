@@ -146,6 +146,13 @@ impl Location {
             if bucket.is_empty() {
                 return Err(bad("no bucket named"));
             }
+            if bucket.contains('@') || bucket.contains(':') {
+                // Never echo it: it may hold credentials.
+                return Err(Error::bad(
+                    "bad_objects_url",
+                    "--objects: credentials do not go in the URL; give them in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+                ));
+            }
             return Ok(Location::S3(url.to_string()));
         }
         if let Some(path) = url.strip_prefix("file://") {
@@ -161,15 +168,18 @@ impl Location {
     }
 }
 
-/// Bind an object store to its catalog, as `DIR/catalog.id` binds a data directory: a node
-/// started with another deployment's object store, or without the shared one, is refused
-/// instead of serving versions it cannot read, storing new ones where no other node looks,
-/// or taking another catalog's objects for orphans that startup recovery removes.
+/// Bind an object store and its catalog to each other, as `DIR/catalog.id` binds a data
+/// directory: the store's `objects.id` names its catalog and its own id, and the catalog
+/// records that id. A node started with another deployment's store, or without the shared
+/// one (on the data directory's own folder), is refused (`wrong_objects`) instead of serving
+/// versions it cannot read, storing new ones where no other node looks, or taking another
+/// catalog's objects for orphans that startup recovery removes.
 ///
-/// A store that names no catalog yet is bound to this one if the catalog lists no versions
-/// (a new deployment) or if it holds one of the versions the catalog lists (a store from
-/// before the binding); otherwise it is the wrong store.
-pub fn bind(objects: &dyn Objects, catalog_id: &str, versions: &[(String, String)]) -> Result<()> {
+/// An unbound pair binds when the catalog lists no versions and the store holds none (a new
+/// deployment, or one whose store is being chosen), or when the store holds versions the
+/// catalog lists (a data directory from before the binding). Nodes binding at once agree on
+/// the first store id recorded in the catalog.
+pub fn bind(objects: &dyn Objects, catalog: &crate::catalog::Catalog) -> Result<()> {
     let wrong = |why: String| {
         Error::bad(
             "wrong_objects",
@@ -179,29 +189,63 @@ pub fn bind(objects: &dyn Objects, catalog_id: &str, versions: &[(String, String
             ),
         )
     };
-    if let Some(theirs) = objects.get_bytes(OBJECTS_ID)? {
-        let theirs = String::from_utf8_lossy(&theirs).trim().to_string();
-        return if theirs == catalog_id {
-            Ok(())
-        } else {
-            Err(wrong(format!(
-                "these objects belong to catalog {theirs}, not to catalog {catalog_id}"
-            )))
-        };
-    }
-    let mut holds_one = versions.is_empty();
-    for (dataset, version) in versions.iter().take(8) {
-        if objects.head(&version_key(dataset, version))?.is_some() {
-            holds_one = true;
-            break;
+    let catalog_id = catalog
+        .id()?
+        .ok_or_else(|| Error::internal("binding objects to a catalog without an id"))?;
+    let marker = match objects.get_bytes(OBJECTS_ID)? {
+        None => None,
+        Some(bytes) => {
+            let text = String::from_utf8_lossy(&bytes).to_string();
+            match text.split_whitespace().collect::<Vec<_>>()[..] {
+                [catalog, store] => Some((catalog.to_string(), store.to_string())),
+                _ => return Err(wrong(format!("{OBJECTS_ID} is not escrow's"))),
+            }
         }
-    }
-    if !holds_one {
+    };
+    if let Some((theirs, _)) = &marker
+        && *theirs != catalog_id
+    {
         return Err(wrong(format!(
-            "none of the versions catalog {catalog_id} lists is here"
+            "these objects belong to catalog {theirs}, not to catalog {catalog_id}"
         )));
     }
-    objects.put_bytes(OBJECTS_ID, catalog_id.as_bytes())
+    let recorded = catalog.objects_id()?;
+    let marked = marker.map(|(_, store)| store);
+    if marked.is_some() && marked == recorded {
+        return Ok(());
+    }
+    let versions = catalog.all_version_ids()?;
+    let fresh = versions.is_empty() && objects.list(DATASETS)?.is_empty();
+    let from_before = marked.is_none() && recorded.is_none() && {
+        let mut found = false;
+        for (dataset, version) in versions.iter().take(8) {
+            if objects.head(&version_key(dataset, version))?.is_some() {
+                found = true;
+                break;
+            }
+        }
+        found
+    };
+    if !fresh && !from_before {
+        return Err(wrong(match (&marked, &recorded) {
+            (_, Some(r)) => format!(
+                "catalog {catalog_id} keeps its sealed versions in store {r}, and this is {}",
+                marked.as_deref().unwrap_or("no store of it")
+            ),
+            (Some(m), None) => format!("store {m} was never recorded by catalog {catalog_id}"),
+            (None, None) if versions.is_empty() => {
+                "the store holds sealed objects but no objects.id: another deployment's?"
+                    .to_string()
+            }
+            (None, None) => format!("none of the versions catalog {catalog_id} lists is here"),
+        }));
+    }
+    let store = match marked {
+        Some(store) => store,
+        None => hex::encode(crate::crypto::random_bytes::<16>()?),
+    };
+    let store = catalog.swap_objects_id(recorded.as_deref(), &store)?;
+    objects.put_bytes(OBJECTS_ID, format!("{catalog_id} {store}\n").as_bytes())
 }
 
 #[cfg(test)]
@@ -242,28 +286,6 @@ mod tests {
     }
 
     #[test]
-    fn a_store_binds_to_one_catalog() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let objects = local::LocalObjects::new(dir.path()).expect("objects");
-        let code = |r: Result<()>| r.err().map(|e| e.code());
-        let listed = vec![("00aa".to_string(), "00bb".to_string())];
-        // Versions listed, none of them here: the wrong store (e.g. --objects missing).
-        assert_eq!(code(bind(&objects, "c1", &listed)), Some("wrong_objects"));
-        // A new deployment binds; the same catalog again passes; another is refused.
-        bind(&objects, "c1", &[]).expect("a new store binds");
-        bind(&objects, "c1", &listed).expect("bound to c1");
-        assert_eq!(code(bind(&objects, "c2", &[])), Some("wrong_objects"));
-        // A store from before the binding that holds a listed version is bound on sight.
-        let old = tempfile::tempdir().expect("tmp");
-        let objects = local::LocalObjects::new(old.path()).expect("objects");
-        objects
-            .put_bytes(&version_key("00aa", "00bb"), b"sealed")
-            .expect("put");
-        bind(&objects, "c3", &listed).expect("a store holding a listed version");
-        assert_eq!(code(bind(&objects, "c4", &listed)), Some("wrong_objects"));
-    }
-
-    #[test]
     fn locations_parse() {
         let root = Path::new("/data");
         assert_eq!(
@@ -278,7 +300,13 @@ mod tests {
             Location::parse(Some("file:///srv/o"), root).ok(),
             Some(Location::Local("/srv/o".into()))
         );
-        for bad in ["s3://", "s3:///p", "gs://b", "file://rel"] {
+        for bad in [
+            "s3://",
+            "s3:///p",
+            "gs://b",
+            "file://rel",
+            "s3://key:secret@b/p",
+        ] {
             let code = Location::parse(Some(bad), root).err().map(|e| e.code());
             assert_eq!(code, Some("bad_objects_url"), "{bad}");
         }
