@@ -354,3 +354,23 @@ fn a_node_starting_while_a_rotation_runs_leaves_its_next_key_alone() {
     node.wait_log("of a rotation that never committed");
     assert!(!next.exists());
 }
+
+#[test]
+fn an_object_swapped_in_the_store_fails_the_next_question_on_every_node() {
+    let (env, a, b) = two_nodes("--epsilon 1 --budget 100");
+    // Node a holds both lists' plaintext in its cache after this.
+    ask(&env, &a, OVERLAP);
+    let objects = env.objects.as_ref().expect("an S3 store").open();
+    let keys = env.sealed_objects();
+    assert_eq!(keys.len(), 2);
+    // Someone with write access to the bucket puts one list's sealed object in the other's
+    // place: authentic bytes, the wrong version.
+    let other = objects.get_bytes(&keys[1]).expect("get").expect("object");
+    let swapped = env.file("swapped.sealed", &other);
+    objects.put_file(&keys[0], &swapped).expect("put");
+    for (node, filter) in [(&a, "retail"), (&b, "energy")] {
+        let sql = format!("{OVERLAP} WHERE a.industry = '{filter}'");
+        env.cli(node, "globex", &["query", &sql])
+            .fails_with("internal");
+    }
+}
