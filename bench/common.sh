@@ -1,5 +1,5 @@
 # Shared preamble of the bench scripts (sourced): repo root, ROWS, OUT, SHARED, Python deps,
-# release build, BIN.
+# release build (unless ESCROW_BIN is set), BIN.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROWS="${1:-1000000}"
@@ -8,5 +8,7 @@ SHARED="${ESCROW_SHARED_DIR:-../shared}"
 mkdir -p "$OUT"
 python3 -c "import pyarrow, duckdb" 2>/dev/null || python3 -m pip install --quiet pyarrow duckdb
 
-cargo build --release --bin escrow --quiet
-BIN="${CARGO_TARGET_DIR:-target}/release/escrow"
+# ESCROW_BIN=path skips the build (a release binary built with other targets has other
+# features unified, and `cargo build --bin escrow` would rebuild everything to match).
+if [ -z "${ESCROW_BIN:-}" ]; then cargo build --release --bin escrow --quiet; fi
+BIN="${ESCROW_BIN:-${CARGO_TARGET_DIR:-target}/release/escrow}"

@@ -23,6 +23,7 @@ use bytes::Bytes;
 use escrow_store::blocking::Driver;
 use escrow_store::crypto::seal::IntegrityError;
 use escrow_store::datadir::DataDir;
+use escrow_store::objects::cached::CachedObjects;
 use escrow_store::objects::local::LocalObjects;
 use escrow_store::objects::{Location, OBJECTS_ID, ObjectMeta, Objects, SharedObjects, check_key};
 use futures_util::StreamExt;
@@ -47,7 +48,11 @@ const RANGE: u64 = 8 << 20;
 pub fn open_objects(dir: &DataDir) -> Result<SharedObjects> {
     Ok(match dir.objects_location()? {
         Location::Local(root) => Arc::new(LocalObjects::new(root)?),
-        Location::S3(url) => Arc::new(S3Objects::connect(&url)?),
+        // A node reads each version from the remote store at most once: DIR/cache/.
+        Location::S3(url) => Arc::new(CachedObjects::new(
+            Arc::new(S3Objects::connect(&url)?),
+            &dir.root().join("cache"),
+        )?),
     })
 }
 

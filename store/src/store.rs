@@ -298,6 +298,10 @@ impl Store {
                 }
             }
         }
+        let keep = |d: &str, v: &str| known.contains(&(d.to_string(), v.to_string()));
+        if let Err(e) = self.objects.prune(&keep) {
+            tracing::warn!(error = %e, "local copies of removed versions stay until the next start");
+        }
         let cutoff = shared.then(|| {
             (time::OffsetDateTime::now_utc() - Self::SHARED_RECOVERY_GRACE)
                 .format(&time::format_description::well_known::Rfc3339)
@@ -312,8 +316,9 @@ impl Store {
     pub fn forget_unlisted(&self) -> Result<()> {
         let listed: HashSet<(String, String)> =
             self.catalog.all_version_ids()?.into_iter().collect();
-        self.cache
-            .retain(|d, v| listed.contains(&(d.to_string(), v.to_string())));
+        let keep = |d: &str, v: &str| listed.contains(&(d.to_string(), v.to_string()));
+        self.cache.retain(keep);
+        self.objects.prune(&keep)?;
         Ok(())
     }
 

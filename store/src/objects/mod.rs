@@ -11,6 +11,7 @@
 //! `objects.id`, which binds the object store to its catalog. Uploads in flight and ingest
 //! spools are node-local scratch (`DIR/tmp`) until their version is put here whole.
 
+pub mod cached;
 pub mod local;
 
 #[doc(hidden)]
@@ -58,6 +59,12 @@ pub trait Objects: Send + Sync {
     fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>>;
     /// Remove an object; one that is not there is not an error.
     fn delete(&self, key: &str) -> Result<()>;
+    /// Drop what a backend keeps on the side (a node's local copies) of versions for which
+    /// `keep(dataset_id, version_id)` is false; how many were dropped.
+    fn prune(&self, keep: &dyn Fn(&str, &str) -> bool) -> Result<usize> {
+        let _ = keep;
+        Ok(0)
+    }
 }
 
 /// An object store shared by the store and whoever opened it.
