@@ -12,3 +12,12 @@ python3 -c "import pyarrow, duckdb" 2>/dev/null || python3 -m pip install --quie
 # features unified, and `cargo build --bin escrow` would rebuild everything to match).
 if [ -z "${ESCROW_BIN:-}" ]; then cargo build --release --bin escrow --quiet; fi
 BIN="${ESCROW_BIN:-${CARGO_TARGET_DIR:-target}/release/escrow}"
+
+# The generator's two lists of ROWS rows each in $OUT/gen-$ROWS (made once); sets GEN.
+generate_lists() {
+  GEN="$OUT/gen-$ROWS"
+  if [ ! -f "$GEN/acme.arrow" ]; then
+    echo "== generating $ROWS rows per partner"
+    python3 "$SHARED/bench/gen_accounts.py" --out "$GEN" --rows "$ROWS" > /dev/null
+  fi
+}

@@ -20,11 +20,7 @@ cargo build --release --example overlap_matches --quiet
 MATCHES_BIN="${CARGO_TARGET_DIR:-target}/release/examples/overlap_matches"
 NAME_CONTEXT="${NAME_CONTEXT-region}"
 
-GEN="$OUT/gen-$ROWS"
-if [ ! -f "$GEN/acme.arrow" ]; then
-  echo "== generating $ROWS rows per partner"
-  python3 "$SHARED/bench/gen_accounts.py" --out "$GEN" --rows "$ROWS" > /dev/null
-fi
+generate_lists
 
 DATA="$(mktemp -d)/data"
 "$BIN" init --data-dir "$DATA" > /dev/null
@@ -62,16 +58,15 @@ T1=$(date +%s.%N)
 echo "uploads + populations + grants: $(python3 -c "print(f'{$T1 - $T0:.2f}')") s"
 
 python3 - "$ESCROW_SERVER" "$A" "$GEN" "$ROWS" "$SHARED/bench/gen_accounts.py" "$OUT" "$T0" "$NAME_CONTEXT" <<'PY'
-import http.client, importlib.util, json, math, os, random, ssl, statistics, sys, time
+import importlib.util, json, math, os, random, statistics, sys, time
 from collections import Counter, defaultdict
 import duckdb, pyarrow.ipc as ipc
+sys.path.insert(0, "bench")
+from mtls import connect
 
 server, ident, gen, rows, gen_py, out, t_start, served_context = sys.argv[1:9]
 rows, t_start = int(rows), float(t_start)
-host, port = server.removeprefix("https://").rsplit(":", 1)
-ctx = ssl.create_default_context(cafile=os.path.join(ident, "ca.pem"))
-ctx.load_cert_chain(os.path.join(ident, "cert.pem"), os.path.join(ident, "key.pem"))
-conn = http.client.HTTPSConnection(host, int(port), context=ctx, timeout=600)
+conn = connect(server, ident)
 
 def ask():
     t0 = time.perf_counter()

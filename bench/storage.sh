@@ -12,11 +12,7 @@
 # and the ratios PostgreSQL+S3 / default. Usage: bench/storage.sh [ROWS]
 source "$(dirname "$0")/common.sh"
 source bench/s3.sh
-GEN="$OUT/gen-$ROWS"
-if [ ! -f "$GEN/acme.arrow" ]; then
-  echo "== generating $ROWS rows per partner"
-  python3 "$SHARED/bench/gen_accounts.py" --out "$GEN" --rows "$ROWS" > /dev/null
-fi
+generate_lists
 PG_SERVER="${ESCROW_BENCH_POSTGRES:-postgres://postgres@127.0.0.1:5432/postgres}"
 DB="escrow_storage_$$"
 WORK="$(mktemp -d)"
@@ -39,12 +35,11 @@ serve() {  # serve DATA NAME: start a node, export ESCROW_SERVER
 
 matrix() {  # matrix IDENTITY REPEATS: seconds of the first answer, then the median of REPEATS more
   python3 - "$ESCROW_SERVER" "$1" "$2" <<'PY'
-import http.client, json, os, ssl, statistics, sys, time
+import json, statistics, sys, time
+sys.path.insert(0, "bench")
+from mtls import connect
 server, ident, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3])
-host, port = server.removeprefix("https://").rsplit(":", 1)
-ctx = ssl.create_default_context(cafile=os.path.join(ident, "ca.pem"))
-ctx.load_cert_chain(os.path.join(ident, "cert.pem"), os.path.join(ident, "key.pem"))
-conn = http.client.HTTPSConnection(host, int(port), context=ctx, timeout=600)
+conn = connect(server, ident)
 def ask():
     t0 = time.perf_counter()
     conn.request("POST", "/v1/overlaps", body=json.dumps({"with": "globex"}),

@@ -11,10 +11,7 @@
 #        UPLOAD_BENCH_ONLY=parquet bench/upload.sh   runs step 5 alone
 source "$(dirname "$0")/common.sh"
 
-if [ ! -f "$OUT/gen-$ROWS/acme.arrow" ]; then
-  echo "== generating $ROWS rows per partner"
-  python3 "$SHARED/bench/gen_accounts.py" --out "$OUT/gen-$ROWS" --rows "$ROWS" > /dev/null
-fi
+generate_lists
 ARROW="$OUT/gen-$ROWS/acme.arrow"
 BIG="$OUT/gen-$ROWS/acme-1gb.arrow"
 PARQUET="$OUT/gen-$ROWS/acme.parquet"
