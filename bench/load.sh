@@ -35,8 +35,8 @@ DATA="$(mktemp -d)/data"
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
   stop_s3
+  wait 2>/dev/null || true
   if [ -n "${DB:-}" ]; then psql -q "$PG_SERVER" -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" || true; fi
   rm -rf "$(dirname "$DATA")"
 }

@@ -19,8 +19,8 @@ WORK="$(mktemp -d)"
 PID=""
 cleanup() {
   [ -n "$PID" ] && kill "$PID" 2>/dev/null || true
-  wait 2>/dev/null || true
   stop_s3
+  wait 2>/dev/null || true
   psql -q "$PG_SERVER" -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" 2>/dev/null || true
   rm -rf "$WORK"
 }
