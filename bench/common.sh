@@ -21,3 +21,13 @@ generate_lists() {
     python3 "$SHARED/bench/gen_accounts.py" --out "$GEN" --rows "$ROWS" > /dev/null
   fi
 }
+
+# Partner IDENTITY's dataset `accounts` ready for the overlap matrix with OTHER: populations by
+# status (customer, opportunity, prospect), an overlap grant, a budget that never runs out.
+share_for_overlap() {
+  for s in customer opportunity prospect; do
+    "$BIN" population add accounts "$s" --filter "status = '$s'" --identity "$1" > /dev/null
+  done
+  "$BIN" policy grant accounts --to "$2" --usage overlap --identity "$1" > /dev/null
+  "$BIN" policy set accounts --budget 1000000 --identity "$1" > /dev/null
+}

@@ -47,12 +47,7 @@ for p in acme globex; do
   I="$DATA/identities/$p/admin"
   "$BIN" upload "$GEN/$p.arrow" --dataset accounts --key-column website --name-column company_name \
     ${NAME_CONTEXT:+--name-context "$NAME_CONTEXT"} --identity "$I"
-  for s in customer opportunity prospect; do
-    "$BIN" population add accounts "$s" --filter "status = '$s'" --identity "$I" > /dev/null
-  done
-  other=$([ "$p" = acme ] && echo globex || echo acme)
-  "$BIN" policy grant accounts --to "$other" --usage overlap --identity "$I" > /dev/null
-  "$BIN" policy set accounts --budget 1000000 --identity "$I" > /dev/null
+  share_for_overlap "$I" "$([ "$p" = acme ] && echo globex || echo acme)"
 done
 T1=$(date +%s.%N)
 echo "uploads + populations + grants: $(python3 -c "print(f'{$T1 - $T0:.2f}')") s"

@@ -67,15 +67,8 @@ run() {  # run NAME: the whole sequence on the storage the environment names
       --name-context region --identity "$I" > /dev/null
   done
   t1=$(date +%s.%N)
-  for p in acme globex; do
-    I="$data/identities/$p/admin"
-    for s in customer opportunity prospect; do
-      "$BIN" population add accounts "$s" --filter "status = '$s'" --identity "$I" > /dev/null
-    done
-    other=$([ "$p" = acme ] && echo globex || echo acme)
-    "$BIN" policy grant accounts --to "$other" --usage overlap --identity "$I" > /dev/null
-    "$BIN" policy set accounts --budget 1000000 --identity "$I" > /dev/null
-  done
+  share_for_overlap "$data/identities/acme/admin" globex
+  share_for_overlap "$data/identities/globex/admin" acme
   read -r first warm < <(matrix "$data/identities/acme/admin" 7)
   kill "$PID"; wait "$PID" 2>/dev/null || true
   serve "$data" "$name-restarted"
@@ -88,11 +81,11 @@ run() {  # run NAME: the whole sequence on the storage the environment names
 }
 
 echo "== $ROWS rows per list; default (SQLite + data directory), then PostgreSQL + S3 (moto)"
-DEFAULT=$(env -u ESCROW_CATALOG -u ESCROW_OBJECTS bash -c "$(declare -f serve matrix run); BIN=$BIN OUT=$OUT GEN=$GEN WORK=$WORK; run default")
+DEFAULT=$(env -u ESCROW_CATALOG -u ESCROW_OBJECTS bash -c "$(declare -f serve matrix run share_for_overlap); BIN=$BIN OUT=$OUT GEN=$GEN WORK=$WORK; run default")
 echo "$DEFAULT"
 psql -q "$PG_SERVER" -c "CREATE DATABASE $DB"
 start_s3 storage
-SHARED_RUN=$(ESCROW_CATALOG="${PG_SERVER%/*}/$DB" bash -c "$(declare -f serve matrix run); BIN=$BIN OUT=$OUT GEN=$GEN WORK=$WORK; run pg+s3")
+SHARED_RUN=$(ESCROW_CATALOG="${PG_SERVER%/*}/$DB" bash -c "$(declare -f serve matrix run share_for_overlap); BIN=$BIN OUT=$OUT GEN=$GEN WORK=$WORK; run pg+s3")
 echo "$SHARED_RUN"
 python3 - "$DEFAULT" "$SHARED_RUN" <<'PY' | tee "$OUT/storage-$ROWS.txt"
 import sys

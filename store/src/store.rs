@@ -17,7 +17,7 @@ pub type Prepare = std::sync::Arc<dyn Fn(RecordBatch) -> Result<RecordBatch> + S
 use crate::audit::{self, Actor, AuditLog, Event, Outcome};
 use crate::catalog::{Catalog, ColumnInfo, DatasetInfo, NewVersion, VersionKey};
 use crate::crypto::keys::{self, Kek, KeyLocation, Keyring};
-use crate::crypto::random_bytes;
+use crate::crypto::random_id;
 use crate::crypto::seal::{self, Binding, OpenReader, SealWriter};
 use crate::datadir::{DataDir, validate_name};
 use crate::ingest::{self, Format, IngestLimits, InputFault, TrackedInput};
@@ -101,10 +101,6 @@ pub struct Recovery {
     pub empty_datasets_removed: usize,
     /// An interrupted key rotation: finished (the catalog had switched) or undone.
     pub key_rotation: Option<String>,
-}
-
-fn new_id() -> Result<String> {
-    Ok(hex::encode(random_bytes::<16>()?))
 }
 
 /// The AAD binding of a version's data key and sealed file, from its catalog ids.
@@ -344,8 +340,8 @@ impl Store {
         validate_name("dataset", &req.dataset)?;
         let dataset_id =
             self.catalog
-                .dataset_id_for_upload(&req.owner, &req.dataset, &new_id()?)?;
-        let version_id = new_id()?;
+                .dataset_id_for_upload(&req.owner, &req.dataset, &random_id()?)?;
+        let version_id = random_id()?;
         let bind = binding(&dataset_id, &version_id)?;
         let dek = Kek::new_dek()?;
 

@@ -227,6 +227,16 @@ impl std::fmt::Debug for Location {
 }
 
 /// `url` with its password, if any, replaced by `***`.
+/// A value of the catalog's own `catalog_meta` (its id, its object store's id).
+fn meta(tx: &Tx<'_>, name: &str) -> Result<Option<String>> {
+    tx.row(
+        "SELECT value FROM catalog_meta WHERE name = ?1",
+        params![name],
+    )?
+    .map(|r| r.get(0))
+    .transpose()
+}
+
 pub fn redacted(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut u) if u.password().is_some() => {
@@ -289,42 +299,25 @@ impl Catalog {
     /// The id binding this catalog to its data directory (`DataDir::open_catalog`), if it
     /// has one yet.
     pub fn id(&self) -> Result<Option<String>> {
-        self.read(|tx| {
-            tx.row(
-                "SELECT value FROM catalog_meta WHERE name = 'id'",
-                params![],
-            )?
-            .map(|r| r.get(0))
-            .transpose()
-        })
+        self.read(|tx| meta(tx, "id"))
     }
 
     /// Give the catalog an id (random, 128 bits) unless it has one; returns the id it has.
     pub fn bind_new_id(&self) -> Result<String> {
-        let new = hex::encode(crate::crypto::random_bytes::<16>()?);
+        let new = crate::crypto::random_id()?;
         self.write(|tx| {
             tx.execute(
                 "INSERT INTO catalog_meta (name, value) VALUES ('id', ?1) ON CONFLICT DO NOTHING",
                 params![new.as_str()],
             )?;
-            tx.value(
-                "SELECT value FROM catalog_meta WHERE name = 'id'",
-                params![],
-            )
+            Ok(meta(tx, "id")?.unwrap_or(new))
         })
     }
 
     /// The id of the object store this catalog's sealed versions are in, once bound
     /// (`objects::bind`).
     pub fn objects_id(&self) -> Result<Option<String>> {
-        self.read(|tx| {
-            tx.row(
-                "SELECT value FROM catalog_meta WHERE name = 'objects'",
-                params![],
-            )?
-            .map(|r| r.get(0))
-            .transpose()
-        })
+        self.read(|tx| meta(tx, "objects"))
     }
 
     /// Record `new` as the object store's id if the catalog still records `expected` (none,
@@ -332,13 +325,7 @@ impl Catalog {
     /// binding at once, all follow the first.
     pub fn swap_objects_id(&self, expected: Option<&str>, new: &str) -> Result<String> {
         self.write(|tx| {
-            let current: Option<String> = tx
-                .row(
-                    "SELECT value FROM catalog_meta WHERE name = 'objects'",
-                    params![],
-                )?
-                .map(|r| r.get(0))
-                .transpose()?;
+            let current = meta(tx, "objects")?;
             if current.as_deref() != expected {
                 return Ok(current.unwrap_or_default());
             }

@@ -12,3 +12,9 @@ pub fn random_bytes<const N: usize>() -> crate::Result<[u8; N]> {
     getrandom::fill(&mut out).map_err(|e| crate::Error::internal(format!("OS randomness: {e}")))?;
     Ok(out)
 }
+
+/// A new random id (128 bits, hex): dataset and version ids, the catalog's and the object
+/// store's binding ids.
+pub fn random_id() -> crate::Result<String> {
+    Ok(hex::encode(random_bytes::<16>()?))
+}

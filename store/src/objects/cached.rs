@@ -166,11 +166,11 @@ impl Objects for CachedObjects {
             }
         }
         for copy in self.local.list(super::DATASETS)? {
-            let version = copy
-                .key
-                .split_once(".sealed.")
-                .and_then(|(stem, _)| parse_version_key_owned(&format!("{stem}.sealed")));
-            let kept = version.is_some_and(|(d, v)| keep(&d, &v));
+            let version = match copy.key.split_once(".sealed.") {
+                Some((stem, _)) => format!("{stem}.sealed"),
+                None => copy.key.clone(),
+            };
+            let kept = parse_version_key(&version).is_some_and(|(d, v)| keep(d, v));
             if !kept {
                 self.local.delete(&copy.key)?;
                 removed += 1;
@@ -178,8 +178,4 @@ impl Objects for CachedObjects {
         }
         Ok(removed)
     }
-}
-
-fn parse_version_key_owned(key: &str) -> Option<(String, String)> {
-    parse_version_key(key).map(|(d, v)| (d.to_string(), v.to_string()))
 }

@@ -249,7 +249,7 @@ pub fn bind(objects: &dyn Objects, catalog: &crate::catalog::Catalog) -> Result<
     }
     let store = match marked {
         Some(store) => store,
-        None => hex::encode(crate::crypto::random_bytes::<16>()?),
+        None => crate::crypto::random_id()?,
     };
     let store = catalog.swap_objects_id(recorded.as_deref(), &store)?;
     objects.put_bytes(OBJECTS_ID, format!("{catalog_id} {store}\n").as_bytes())
