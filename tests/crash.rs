@@ -379,7 +379,7 @@ fn kill9_during_key_rotation() {
     for (fault, rotated) in [
         ("rotate.next_written", false),
         ("audit.torn@1", false),
-        ("rotate.rewrapped", false),
+        ("key_rotate.committing", false),
         ("rotate.committed", true),
         ("rotate.renamed", true),
     ] {

@@ -5,7 +5,8 @@
 use escrow_policies::{Grant, Usage};
 use serde::{Deserialize, Serialize};
 
-use crate::audit::{Actor, Event, Hook, Outcome};
+use crate::audit::{Actor, Change, Event, Outcome};
+use crate::catalog;
 use crate::datadir::validate_name;
 use crate::model::policy::PolicyVersion;
 use crate::store::Store;
@@ -116,16 +117,16 @@ fn event(kind: &str, actor: &Actor, req: &GrantRequest) -> Event {
 
 /// Record the caller's partner's grant, audited. Returns the grant and whether it is new.
 pub fn grant(store: &Store, actor: &Actor, req: &GrantRequest) -> Result<(GrantView, bool)> {
-    store.audited(event("grant", actor, req), |hook| {
-        grant_audited(store, actor, req, hook)
-    })
+    store
+        .change(event("grant", actor, req))
+        .run(|change| grant_audited(store, actor, req, change))
 }
 
 fn grant_audited(
     store: &Store,
     actor: &Actor,
     req: &GrantRequest,
-    hook: &Hook<'_>,
+    change: &Change<'_>,
 ) -> Result<(GrantView, bool)> {
     let (owner, by) = (actor.partner_name()?, actor.user.as_str());
     validate_name("dataset", &req.dataset)?;
@@ -159,8 +160,9 @@ fn grant_audited(
     if g.grantee != "*" && !store.catalog().partner_is_active(&g.grantee)? {
         return Err(Error::NotFound(format!("no partner named {}", g.grantee)));
     }
-    let new = store.catalog().add_grant(&g, by, |tx, v| {
-        hook.append(tx, PolicyVersion::audit_json(v))
+    let new = change.commit(|tx| {
+        let (new, v) = catalog::policy::add_grant(tx, &g, by)?;
+        Ok((new, PolicyVersion::audit_json(v.as_ref())))
     })?;
     crate::faults::hit("policy.committed")?;
     Ok((GrantView::from(&g), new))
@@ -168,16 +170,15 @@ fn grant_audited(
 
 /// Remove the caller's partner's grant, audited; `not_found` if there is no such grant.
 pub fn revoke(store: &Store, actor: &Actor, req: &GrantRequest) -> Result<GrantView> {
-    store.audited(event("revoke", actor, req), |hook| {
+    store.change(event("revoke", actor, req)).run(|change| {
         validate_name("dataset", &req.dataset)?;
         let g = to_grant(actor.partner_name()?, req)?;
-        if store.catalog().remove_grant(&g, &actor.user, |tx, v| {
-            hook.append(tx, PolicyVersion::audit_json(v))
-        })? {
-            Ok(GrantView::from(&g))
-        } else {
-            Err(Error::NotFound(format!("no such grant: {g}")))
-        }
+        change.commit(
+            |tx| match catalog::policy::remove_grant(tx, &g, &actor.user)? {
+                (true, v) => Ok((GrantView::from(&g), PolicyVersion::audit_json(v.as_ref()))),
+                (false, _) => Err(Error::NotFound(format!("no such grant: {g}"))),
+            },
+        )
     })
 }
 

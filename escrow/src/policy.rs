@@ -182,14 +182,14 @@ pub async fn replace(
     let event = Event::new(kind, actor.clone(), Outcome::Ok, detail);
     let (store, actor) = (store.clone(), actor.clone());
     crate::queries::blocking(move || {
-        store.audited(event, |hook| {
+        store.change(event).run(|change| {
             let doc = validated?;
-            let change = kind.trim_start_matches("policy_");
-            let v = store
-                .catalog()
-                .replace_policy(&doc, &actor.user, change, |tx, v| {
-                    hook.append(tx, PolicyVersion::audit_json(v))
-                })?;
+            let what = kind.trim_start_matches("policy_");
+            let v = change.commit(|tx| {
+                let v = crate::catalog::policy::replace_policy(tx, &doc, &actor.user, what)?;
+                let detail = PolicyVersion::audit_json(v.as_ref());
+                Ok((v, detail))
+            })?;
             Ok(match v {
                 Some(v) => (Some(v.version), v.diff),
                 None => (None, PolicyDiff::default()),

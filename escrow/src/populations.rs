@@ -7,8 +7,8 @@
 use escrow_query::QueryError;
 use serde::Deserialize;
 
-use crate::audit::{Actor, Event, Hook, Outcome};
-use crate::catalog::Population;
+use crate::audit::{Actor, Change, Event, Outcome};
+use crate::catalog::{self, Population};
 use crate::datadir::validate_name;
 use crate::model::policy::PolicyVersion;
 use crate::store::Store;
@@ -36,16 +36,16 @@ fn event(kind: &str, actor: &Actor, req: &PopulationRequest) -> Event {
 /// Define a population of the caller's partner's dataset, audited. Returns it and whether
 /// it is new.
 pub fn add(store: &Store, actor: &Actor, req: &PopulationRequest) -> Result<(Population, bool)> {
-    store.audited(event("population_add", actor, req), |hook| {
-        add_audited(store, actor, req, hook)
-    })
+    store
+        .change(event("population_add", actor, req))
+        .run(|change| add_audited(store, actor, req, change))
 }
 
 fn add_audited(
     store: &Store,
     actor: &Actor,
     req: &PopulationRequest,
-    hook: &Hook<'_>,
+    change: &Change<'_>,
 ) -> Result<(Population, bool)> {
     let (owner, by) = (actor.partner_name()?, actor.user.as_str());
     validate_name("dataset", &req.dataset)?;
@@ -82,8 +82,9 @@ fn add_audited(
         filter,
         position: 0,
     };
-    let (position, new) = store.catalog().add_population(&p, by, |tx, v| {
-        hook.append(tx, PolicyVersion::audit_json(v))
+    let (position, new) = change.commit(|tx| {
+        let (added, v) = catalog::policy::add_population(tx, &p, by)?;
+        Ok((added, PolicyVersion::audit_json(v.as_ref())))
     })?;
     p.position = position;
     Ok((p, new))
@@ -107,25 +108,29 @@ pub(crate) fn check_filter(store: &Store, owner: &str, dataset: &str, filter: &s
 
 /// Remove a population, audited; `not_found` if there is none.
 pub fn remove(store: &Store, actor: &Actor, req: &PopulationRequest) -> Result<()> {
-    store.audited(event("population_remove", actor, req), |hook| {
-        validate_name("dataset", &req.dataset)?;
-        validate_name("population", &req.name)?;
-        let removed = store.catalog().remove_population(
-            actor.partner_name()?,
-            &req.dataset,
-            &req.name,
-            &actor.user,
-            |tx, v| hook.append(tx, PolicyVersion::audit_json(v)),
-        )?;
-        if removed {
-            Ok(())
-        } else {
-            Err(Error::NotFound(format!(
-                "{} has no population {}",
-                req.dataset, req.name
-            )))
-        }
-    })
+    store
+        .change(event("population_remove", actor, req))
+        .run(|change| {
+            validate_name("dataset", &req.dataset)?;
+            validate_name("population", &req.name)?;
+            let owner = actor.partner_name()?;
+            change.commit(|tx| {
+                let (removed, v) = catalog::policy::remove_population(
+                    tx,
+                    owner,
+                    &req.dataset,
+                    &req.name,
+                    &actor.user,
+                )?;
+                if !removed {
+                    return Err(Error::NotFound(format!(
+                        "{} has no population {}",
+                        req.dataset, req.name
+                    )));
+                }
+                Ok(((), PolicyVersion::audit_json(v.as_ref())))
+            })
+        })
 }
 
 /// `owner`'s populations.

@@ -4,7 +4,8 @@
 //! Defaults (documented in docs/API.md and docs/THREAT_MODEL.md) apply until an owner
 //! changes them; a change is validated whole before it is stored.
 
-use crate::audit::{Actor, Event, Hook, Outcome};
+use crate::audit::{Actor, Change, Event, Outcome};
+use crate::catalog;
 use crate::model::policy::PolicyVersion;
 use crate::store::Store;
 use crate::{Error, Result};
@@ -28,14 +29,16 @@ pub fn change(store: &Store, actor: &Actor, req: &SettingsChange) -> Result<Data
         Outcome::Ok,
         serde_json::json!({ "dataset": req.dataset, "change": req }),
     );
-    store.audited(event, |hook| change_audited(store, actor, req, hook))
+    store
+        .change(event)
+        .run(|change| change_audited(store, actor, req, change))
 }
 
 fn change_audited(
     store: &Store,
     actor: &Actor,
     req: &SettingsChange,
-    hook: &Hook<'_>,
+    change: &Change<'_>,
 ) -> Result<DatasetSettings> {
     let (owner, user) = (actor.partner_name()?, actor.user.as_str());
     crate::datadir::validate_name("dataset", &req.dataset)?;
@@ -66,19 +69,18 @@ fn change_audited(
     }
     s.validate(&numeric)?;
     let json = serde_json::to_string(&s).map_err(Error::internal)?;
-    store
-        .catalog()
-        .put_settings_json(owner, &req.dataset, &json, user, |tx, v| {
-            let mut detail = PolicyVersion::audit_json(v);
-            detail["before"] = serde_json::json!(before);
-            detail["after"] = serde_json::json!(s);
-            hook.append(tx, detail)
-        })?;
+    change.commit(|tx| {
+        let v = catalog::policy::put_settings_json(tx, owner, &req.dataset, &json, user)?;
+        let mut detail = PolicyVersion::audit_json(v.as_ref());
+        detail["before"] = serde_json::json!(before);
+        detail["after"] = serde_json::json!(s);
+        Ok(((), detail))
+    })?;
     Ok(s)
 }
 
 /// The numeric columns of a dataset's live version (the ones bounds may clamp).
-pub(crate) fn numeric_columns(info: &crate::catalog::DatasetInfo) -> Vec<String> {
+pub(crate) fn numeric_columns(info: &catalog::DatasetInfo) -> Vec<String> {
     info.columns
         .iter()
         .filter(|c| is_numeric(&c.data_type))

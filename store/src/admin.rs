@@ -3,8 +3,8 @@
 //! They work whether or not a server is running on the same directory (SQLite WAL; the
 //! server notices a new CRL on the next handshake).
 
-use crate::audit::{self, Actor, AuditLog, Event, Outcome};
-use crate::catalog::Catalog;
+use crate::audit::{self, Actor, AuditLog, Change, Event, Outcome};
+use crate::catalog::{Catalog, identities};
 use crate::crypto::keys::{
     ENV_KEK, ENV_KEK_COMMAND, ENV_KEK_NEXT, ENV_KEK_NEXT_COMMAND, Kek, KeyLocation,
     create_secret_if_missing,
@@ -69,9 +69,9 @@ pub fn add_partner(dir: &DataDir, name: &str) -> Result<std::path::PathBuf> {
         serde_json::json!({ "partner": name }),
     )
     .touching([name]);
-    audit::audited(&catalog, &log, event, |hook| {
+    Change::new(&catalog, &log, event).run(|change| {
         validate_name("partner", name)?;
-        catalog.add_partner(name, |tx| hook.append(tx, serde_json::json!({})))
+        change.commit(|tx| Ok((identities::add_partner(tx, name)?, serde_json::json!({}))))
     })?;
     add_user_in(
         dir,
@@ -113,7 +113,7 @@ fn add_user_in(
         serde_json::json!({ "partner": partner, "user": user, "role": role }),
     )
     .touching([partner]);
-    audit::audited(catalog, log, event, |hook| {
+    Change::new(catalog, log, event).run(|change| {
         validate_name("partner", partner)?;
         validate_name("user", user)?;
         escrow_policies::roles::check_role(role).map_err(|e| Error::bad("invalid_role", e))?;
@@ -132,10 +132,10 @@ fn add_user_in(
         // Bundle first: a registered serial without a bundle would be an identity nobody
         // holds; a bundle whose serial never got registered is refused at every request.
         pki::write_bundle(dir, &bundle, &issued)?;
-        catalog.add_identity(&issued.serial, partner, user, role, |tx| {
-            hook.append(tx, serde_json::json!({ "serial": issued.serial }))
-        })?;
-        Ok(bundle)
+        change.commit(|tx| {
+            identities::add_identity(tx, &issued.serial, partner, user, role)?;
+            Ok((bundle, serde_json::json!({ "serial": issued.serial })))
+        })
     })
 }
 
@@ -149,10 +149,15 @@ pub fn revoke_user(dir: &DataDir, actor: &Actor, partner: &str, user: &str) -> R
         serde_json::json!({ "partner": partner, "user": user }),
     )
     .touching([partner]);
-    let (revoked, number) = audit::audited(&catalog, &log, event, |hook| {
+    let (revoked, number) = Change::new(&catalog, &log, event).run(|change| {
         validate_name("partner", partner)?;
         validate_name("user", user)?;
-        catalog.revoke_user(partner, user, |tx| hook.append(tx, serde_json::json!({})))
+        change.commit(|tx| {
+            Ok((
+                identities::revoke_user(tx, partner, user)?,
+                serde_json::json!({}),
+            ))
+        })
     })?;
     pki::write_crl(dir, &revoked, number)
 }
@@ -167,9 +172,9 @@ pub fn revoke_partner(dir: &DataDir, name: &str) -> Result<usize> {
         serde_json::json!({ "partner": name }),
     )
     .touching([name]);
-    let (revoked, number) = audit::audited(&catalog, &log, event, |hook| {
+    let (revoked, number) = Change::new(&catalog, &log, event).run(|change| {
         validate_name("partner", name)?;
-        catalog.revoke_partner(name, |tx| hook.append(tx, serde_json::json!({})))
+        change.commit(|tx| Ok((identities::revoke_partner(tx, name)?, serde_json::json!({}))))
     })?;
     pki::write_crl(dir, &revoked, number)?;
     Ok(revoked.len())
@@ -267,14 +272,12 @@ pub fn rotate_kek(dir: &DataDir) -> Result<Rotation> {
     let rewrap = |dataset: &str, version: &str, wrapped: &[u8]| {
         old.rewrap(&new, wrapped, &crate::store::binding(dataset, version)?)
     };
-    let rewrapped = audit::audited(&catalog, &log, event, |hook| {
-        catalog.rewrap_all(old.id(), new.id(), rewrap, |tx, n| {
-            hook.append(
-                tx,
-                serde_json::json!({ "rewrapped": n, "retired": old.id() }),
-            )?;
-            Ok(crate::faults::hit("rotate.rewrapped")?)
-        })
+    let rewrapped = Change::new(&catalog, &log, event).apply(|tx| {
+        let n = crate::catalog::keys::rewrap_all(tx, old.id(), new.id(), rewrap)?;
+        Ok((
+            n,
+            serde_json::json!({ "rewrapped": n, "retired": old.id() }),
+        ))
     });
     let rewrapped = match rewrapped {
         Ok(n) => n,

@@ -15,7 +15,7 @@ use crate::cache::{MemoryMeter, PlaintextCache};
 /// Turns a verified batch into the form the cache keeps and queries read.
 pub type Prepare = std::sync::Arc<dyn Fn(RecordBatch) -> Result<RecordBatch> + Send + Sync>;
 use crate::audit::{self, Actor, AuditLog, Event, Outcome};
-use crate::catalog::{Catalog, ColumnInfo, DatasetInfo, NewVersion, VersionKey};
+use crate::catalog::{Catalog, ColumnInfo, DatasetInfo, NewVersion, VersionKey, datasets};
 use crate::crypto::keys::{self, Kek, KeyLocation, Keyring};
 use crate::crypto::random_id;
 use crate::crypto::seal::{self, Binding, OpenReader, SealWriter};
@@ -199,13 +199,10 @@ impl Store {
         audit::record(&self.catalog, &self.audit, event).map(|_| ())
     }
 
-    /// Run a change that commits with its audit record (see `audit::audited`).
-    pub fn audited<T>(
-        &self,
-        event: Event,
-        change: impl FnOnce(&audit::Hook<'_>) -> Result<T>,
-    ) -> Result<T> {
-        audit::audited(&self.catalog, &self.audit, event, change)
+    /// A change recorded as `event`: it commits with its audit record, or its failure is
+    /// recorded ([`audit::Change`]).
+    pub fn change(&self, event: Event) -> audit::Change<'_> {
+        audit::Change::new(&self.catalog, &self.audit, event)
     }
 
     /// Write a signed checkpoint of the audit log unless it already ends with one.
@@ -328,14 +325,15 @@ impl Store {
             Outcome::Ok,
             serde_json::json!({ "dataset": req.dataset }),
         );
-        self.audited(event, |hook| self.upload_audited(req, input, hook))
+        self.change(event)
+            .run(|change| self.upload_audited(req, input, change))
     }
 
     fn upload_audited<R: Read>(
         &self,
         req: &UploadRequest,
         input: R,
-        hook: &audit::Hook<'_>,
+        change: &audit::Change<'_>,
     ) -> Result<UploadOutcome> {
         validate_name("dataset", &req.dataset)?;
         let dataset_id =
@@ -393,20 +391,18 @@ impl Store {
             matching: ingested.matching,
         };
         let wrap = |kek_id: &str| self.keys.get(kek_id)?.wrap(&dek, &bind);
-        let version = self.catalog.commit_version(&new, wrap, |tx, version| {
-            hook.append(
-                tx,
-                serde_json::json!({
-                    "version": version,
-                    "version_id": version_id,
-                    "rows": new.rows,
-                    "bytes": new.source_bytes,
-                    "format": new.format,
-                    "key_column": new.key_column,
-                    "columns": new.columns.len(),
-                }),
-            )?;
-            Ok(faults::hit("upload.committing")?)
+        let version = change.commit(|tx| {
+            let version = datasets::commit_version(tx, &new, wrap)?;
+            let detail = serde_json::json!({
+                "version": version,
+                "version_id": version_id,
+                "rows": new.rows,
+                "bytes": new.source_bytes,
+                "format": new.format,
+                "key_column": new.key_column,
+                "columns": new.columns.len(),
+            });
+            Ok((version, detail))
         })?;
         final_guard.disarm();
         faults::hit("upload.committed")?;
@@ -468,15 +464,18 @@ impl Store {
             Outcome::Ok,
             serde_json::json!({ "dataset": name }),
         );
-        let (dataset_id, versions) = self.audited(event, |hook| {
+        let deleted = self.change(event).run(|change| {
             validate_name("dataset", name)?;
-            self.catalog
-                .delete_dataset(owner, name, &actor.user, |tx, n, v| {
-                    let mut detail = crate::model::policy::PolicyVersion::audit_json(v);
-                    detail["versions_destroyed"] = n.into();
-                    hook.append(tx, detail)
-                })
+            change.commit(|tx| {
+                let d = datasets::delete_dataset(tx, owner, name, &actor.user)?;
+                let mut detail = crate::model::policy::PolicyVersion::audit_json(d.policy.as_ref());
+                detail["versions_destroyed"] = d.versions.into();
+                Ok((d, detail))
+            })
         })?;
+        // Out of the write-ahead log too (the rows held wrapped keys).
+        self.catalog.purge()?;
+        let (dataset_id, versions) = (deleted.dataset_id, deleted.versions);
         self.cache.forget_dataset(&dataset_id, None);
         faults::hit("delete.committed")?;
         // The keys are gone: the objects are unreadable from here on. Removing them is

@@ -27,61 +27,6 @@ impl Catalog {
         })
     }
 
-    /// Record a complete version; it becomes the live one. Returns its version number.
-    /// `after` runs in the same transaction with the version number (the audit record).
-    /// `wrap` wraps the version's data key under the current key-encryption key (its id is
-    /// given), inside the transaction, so a rotation cannot slip between wrap and commit.
-    pub fn commit_version(
-        &self,
-        v: &NewVersion,
-        wrap: impl FnOnce(&str) -> Result<Vec<u8>>,
-        after: impl FnOnce(&Tx<'_>, i64) -> Result<()>,
-    ) -> Result<i64> {
-        self.write(|tx| {
-            if !tx.exists("SELECT 1 FROM datasets WHERE id = ?1", params![&v.dataset_id])? {
-                return Err(Error::Conflict(
-                    "the dataset was deleted while this upload was in progress".into(),
-                ));
-            }
-            let version: i64 = tx.value(
-                "SELECT COALESCE(MAX(version), 0) + 1 FROM dataset_versions WHERE dataset_id = ?1",
-                params![&v.dataset_id],
-            )?;
-            let schema_json = serde_json::to_string(&v.columns).map_err(Error::internal)?;
-            let matching = v
-                .matching
-                .map(|m| serde_json::to_string(&m))
-                .transpose()
-                .map_err(Error::internal)?;
-            let kek_id = current_kek_in(tx)?;
-            let wrapped_dek = wrap(&kek_id)?;
-            tx.execute(
-                "INSERT INTO dataset_versions (dataset_id, version, version_id, rows, source_bytes,
-                    sealed_bytes, format, schema_json, key_column, wrapped_dek, kek_id, uploaded_by, created_at,
-                    matching)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-                params![
-                    &v.dataset_id,
-                    version,
-                    &v.version_id,
-                    v.rows,
-                    v.source_bytes,
-                    v.sealed_bytes,
-                    &v.format,
-                    schema_json,
-                    v.key_column.as_deref(),
-                    wrapped_dek,
-                    kek_id,
-                    &v.uploaded_by,
-                    now_rfc3339(),
-                    matching
-                ],
-            )?;
-            after(tx, version)?;
-            Ok(version)
-        })
-    }
-
     /// The live version of every dataset `owner` has.
     pub fn list_datasets(&self, owner: &str) -> Result<Vec<DatasetInfo>> {
         let rows = self.read(|tx| {
@@ -165,57 +110,6 @@ impl Catalog {
         })
     }
 
-    /// Delete a dataset and every version row (with its wrapped key). Returns the dataset id
-    /// and the number of versions removed; `not_found` if the owner has no such dataset.
-    pub fn delete_dataset(
-        &self,
-        owner: &str,
-        name: &str,
-        by: &str,
-        after: impl FnOnce(&Tx<'_>, usize, Option<&PolicyVersion>) -> Result<()>,
-    ) -> Result<(String, usize)> {
-        let out = self.write(|tx| {
-            let id: Option<String> = tx
-                .row(
-                    "SELECT id FROM datasets d WHERE owner = ?1 AND name = ?2
-                       AND EXISTS (SELECT 1 FROM dataset_versions v WHERE v.dataset_id = d.id)",
-                    params![owner, name],
-                )?
-                .map(|r| r.get(0))
-                .transpose()?;
-            let Some(id) = id else {
-                return Err(Error::NotFound(format!("no dataset named {name}")));
-            };
-            // Answers computed from these versions go with them.
-            for table in ["released_answers", "released_overlaps"] {
-                tx.execute(
-                    &format!(
-                        "DELETE FROM {table} WHERE EXISTS (SELECT 1 FROM dataset_versions v
-                           WHERE v.dataset_id = ?1 AND versions LIKE ('% ' || v.version_id || ' %'))"
-                    ),
-                    params![id.as_str()],
-                )?;
-            }
-            let n = tx.execute(
-                "DELETE FROM dataset_versions WHERE dataset_id = ?1",
-                params![id.as_str()],
-            )?;
-            // Consent was given for this dataset; a later upload under the same name starts bare.
-            for table in ["grants", "dataset_settings", "populations"] {
-                tx.execute(
-                    &format!("DELETE FROM {table} WHERE owner = ?1 AND dataset = ?2"),
-                    params![owner, name],
-                )?;
-            }
-            tx.execute("DELETE FROM datasets WHERE id = ?1", params![id.as_str()])?;
-            let v = record_policy_version(tx, owner, by, "dataset_delete")?;
-            after(tx, n, v.as_ref())?;
-            Ok((id, n))
-        })?;
-        self.db.purge()?;
-        Ok(out)
-    }
-
     /// Whether the catalog lists this version (a commit whose outcome was not seen, or an
     /// object about to be removed as an orphan).
     pub fn version_exists(&self, dataset_id: &str, version_id: &str) -> Result<bool> {
@@ -281,6 +175,113 @@ impl Catalog {
             .collect()
         })
     }
+}
+
+/// Record a complete version in `tx`; it becomes the live one. Returns its version number.
+/// `wrap` wraps the version's data key under the current key-encryption key (its id is
+/// given), inside the transaction, so a rotation cannot slip between wrap and commit.
+pub fn commit_version(
+    tx: &Tx<'_>,
+    v: &NewVersion,
+    wrap: impl FnOnce(&str) -> Result<Vec<u8>>,
+) -> Result<i64> {
+    if !tx.exists(
+        "SELECT 1 FROM datasets WHERE id = ?1",
+        params![&v.dataset_id],
+    )? {
+        return Err(Error::Conflict(
+            "the dataset was deleted while this upload was in progress".into(),
+        ));
+    }
+    let version: i64 = tx.value(
+        "SELECT COALESCE(MAX(version), 0) + 1 FROM dataset_versions WHERE dataset_id = ?1",
+        params![&v.dataset_id],
+    )?;
+    let schema_json = serde_json::to_string(&v.columns).map_err(Error::internal)?;
+    let matching = v
+        .matching
+        .map(|m| serde_json::to_string(&m))
+        .transpose()
+        .map_err(Error::internal)?;
+    let kek_id = current_kek_in(tx)?;
+    let wrapped_dek = wrap(&kek_id)?;
+    tx.execute(
+        "INSERT INTO dataset_versions (dataset_id, version, version_id, rows, source_bytes,
+            sealed_bytes, format, schema_json, key_column, wrapped_dek, kek_id, uploaded_by, created_at,
+            matching)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+        params![
+            &v.dataset_id,
+            version,
+            &v.version_id,
+            v.rows,
+            v.source_bytes,
+            v.sealed_bytes,
+            &v.format,
+            schema_json,
+            v.key_column.as_deref(),
+            wrapped_dek,
+            kek_id,
+            &v.uploaded_by,
+            now_rfc3339(),
+            matching
+        ],
+    )?;
+    Ok(version)
+}
+
+/// What deleting a dataset removed.
+#[derive(Debug)]
+pub struct Deleted {
+    pub dataset_id: String,
+    /// Versions destroyed (each with its wrapped data key).
+    pub versions: usize,
+    /// The owner's policy version the removal of the dataset's rules wrote, if any.
+    pub policy: Option<PolicyVersion>,
+}
+
+/// Delete a dataset and every version row (with its wrapped key) in `tx`; `not_found` if the
+/// owner has no such dataset. After the commit, [`Catalog::purge`] removes the rows from
+/// wherever the database still keeps them.
+pub fn delete_dataset(tx: &Tx<'_>, owner: &str, name: &str, by: &str) -> Result<Deleted> {
+    let id: Option<String> = tx
+        .row(
+            "SELECT id FROM datasets d WHERE owner = ?1 AND name = ?2
+               AND EXISTS (SELECT 1 FROM dataset_versions v WHERE v.dataset_id = d.id)",
+            params![owner, name],
+        )?
+        .map(|r| r.get(0))
+        .transpose()?;
+    let Some(id) = id else {
+        return Err(Error::NotFound(format!("no dataset named {name}")));
+    };
+    // Answers computed from these versions go with them.
+    for table in ["released_answers", "released_overlaps"] {
+        tx.execute(
+            &format!(
+                "DELETE FROM {table} WHERE EXISTS (SELECT 1 FROM dataset_versions v
+                   WHERE v.dataset_id = ?1 AND versions LIKE ('% ' || v.version_id || ' %'))"
+            ),
+            params![id.as_str()],
+        )?;
+    }
+    let n = tx.execute(
+        "DELETE FROM dataset_versions WHERE dataset_id = ?1",
+        params![id.as_str()],
+    )?;
+    // Consent was given for this dataset; a later upload under the same name starts bare.
+    for table in ["grants", "dataset_settings", "populations"] {
+        tx.execute(
+            &format!("DELETE FROM {table} WHERE owner = ?1 AND dataset = ?2"),
+            params![owner, name],
+        )?;
+    }
+    tx.execute("DELETE FROM datasets WHERE id = ?1", params![id.as_str()])?;
+    Ok(Deleted {
+        dataset_id: id,
+        versions: n,
+        policy: record_policy_version(tx, owner, by, "dataset_delete")?,
+    })
 }
 
 /// A `VersionKey` from columns `first..first + 5` of a row: dataset id, version id, version,

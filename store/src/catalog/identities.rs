@@ -12,108 +12,6 @@ use crate::{Error, Result};
 pub type Revocations = (Vec<(String, OffsetDateTime)>, u64);
 
 impl Catalog {
-    /// Register a partner; fails with `conflict` if it exists. `after` runs in the same
-    /// transaction (the audit record).
-    pub fn add_partner(&self, name: &str, after: impl FnOnce(&Tx<'_>) -> Result<()>) -> Result<()> {
-        self.write(|tx| {
-            let exists = tx.row(
-                "SELECT revoked_at FROM partners WHERE name = ?1",
-                params![name],
-            )?;
-            match exists.map(|r| r.get::<Option<String>>(0)).transpose()? {
-                Some(None) => Err(Error::Conflict(format!("partner {name} already exists"))),
-                Some(Some(_)) => Err(Error::Conflict(format!(
-                    "partner {name} was revoked; partner names are not reused"
-                ))),
-                None => {
-                    tx.execute(
-                        "INSERT INTO partners (name, created_at) VALUES (?1, ?2)",
-                        params![name, now_rfc3339()],
-                    )?;
-                    after(tx)
-                }
-            }
-        })
-    }
-
-    /// Record an issued identity certificate.
-    pub fn add_identity(
-        &self,
-        serial: &str,
-        partner: &str,
-        user: &str,
-        role: &str,
-        after: impl FnOnce(&Tx<'_>) -> Result<()>,
-    ) -> Result<()> {
-        self.write(|tx| {
-            // Checked again under the write lock: two adds of one user racing (on one node
-            // or two) both pass the caller's check, and only one may register.
-            if tx.exists(
-                "SELECT 1 FROM identities WHERE partner = ?1 AND \"user\" = ?2 AND revoked_at IS NULL",
-                params![partner, user],
-            )? {
-                return Err(Error::Conflict(format!(
-                    "{partner} already has a user {user}; revoke it first"
-                )));
-            }
-            tx.execute(
-                "INSERT INTO identities (serial, partner, \"user\", role, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![serial, partner, user, role, now_rfc3339()],
-            )?;
-            after(tx)
-        })
-    }
-
-    /// Revoke a partner and all its identities; returns the new CRL contents and number.
-    pub fn revoke_partner(
-        &self,
-        name: &str,
-        after: impl FnOnce(&Tx<'_>) -> Result<()>,
-    ) -> Result<Revocations> {
-        self.write(|tx| {
-            let now = now_rfc3339();
-            let changed = tx.execute(
-                "UPDATE partners SET revoked_at = ?2 WHERE name = ?1 AND revoked_at IS NULL",
-                params![name, now.as_str()],
-            )?;
-            if changed == 0 {
-                let known = tx.exists("SELECT 1 FROM partners WHERE name = ?1", params![name])?;
-                return Err(if known {
-                    Error::Conflict(format!("partner {name} is already revoked"))
-                } else {
-                    Error::NotFound(format!("no partner named {name}"))
-                });
-            }
-            tx.execute(
-                "UPDATE identities SET revoked_at = ?2 WHERE partner = ?1 AND revoked_at IS NULL",
-                params![name, now],
-            )?;
-            crl_changed(tx, after)
-        })
-    }
-
-    /// Revoke one user's active identity; returns the new CRL contents and number.
-    pub fn revoke_user(
-        &self,
-        partner: &str,
-        user: &str,
-        after: impl FnOnce(&Tx<'_>) -> Result<()>,
-    ) -> Result<Revocations> {
-        self.write(|tx| {
-            let n = tx.execute(
-                "UPDATE identities SET revoked_at = ?3
-                 WHERE partner = ?1 AND \"user\" = ?2 AND revoked_at IS NULL",
-                params![partner, user, now_rfc3339()],
-            )?;
-            if n == 0 {
-                return Err(Error::NotFound(format!(
-                    "{partner} has no active user {user}"
-                )));
-            }
-            crl_changed(tx, after)
-        })
-    }
-
     pub fn partner_is_active(&self, name: &str) -> Result<bool> {
         self.read(|tx| {
             tx.exists(
@@ -184,6 +82,89 @@ impl Catalog {
     }
 }
 
+/// Register a partner in `tx`; fails with `conflict` if it exists.
+pub fn add_partner(tx: &Tx<'_>, name: &str) -> Result<()> {
+    let exists = tx.row(
+        "SELECT revoked_at FROM partners WHERE name = ?1",
+        params![name],
+    )?;
+    match exists.map(|r| r.get::<Option<String>>(0)).transpose()? {
+        Some(None) => Err(Error::Conflict(format!("partner {name} already exists"))),
+        Some(Some(_)) => Err(Error::Conflict(format!(
+            "partner {name} was revoked; partner names are not reused"
+        ))),
+        None => {
+            tx.execute(
+                "INSERT INTO partners (name, created_at) VALUES (?1, ?2)",
+                params![name, now_rfc3339()],
+            )?;
+            Ok(())
+        }
+    }
+}
+
+/// Record an issued identity certificate in `tx`.
+pub fn add_identity(
+    tx: &Tx<'_>,
+    serial: &str,
+    partner: &str,
+    user: &str,
+    role: &str,
+) -> Result<()> {
+    // Checked again under the write lock: two adds of one user racing (on one node
+    // or two) both pass the caller's check, and only one may register.
+    if tx.exists(
+        "SELECT 1 FROM identities WHERE partner = ?1 AND \"user\" = ?2 AND revoked_at IS NULL",
+        params![partner, user],
+    )? {
+        return Err(Error::Conflict(format!(
+            "{partner} already has a user {user}; revoke it first"
+        )));
+    }
+    tx.execute(
+        "INSERT INTO identities (serial, partner, \"user\", role, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![serial, partner, user, role, now_rfc3339()],
+    )?;
+    Ok(())
+}
+
+/// Revoke a partner and all its identities in `tx`; returns the new CRL contents and number.
+pub fn revoke_partner(tx: &Tx<'_>, name: &str) -> Result<Revocations> {
+    let now = now_rfc3339();
+    let changed = tx.execute(
+        "UPDATE partners SET revoked_at = ?2 WHERE name = ?1 AND revoked_at IS NULL",
+        params![name, now.as_str()],
+    )?;
+    if changed == 0 {
+        let known = tx.exists("SELECT 1 FROM partners WHERE name = ?1", params![name])?;
+        return Err(if known {
+            Error::Conflict(format!("partner {name} is already revoked"))
+        } else {
+            Error::NotFound(format!("no partner named {name}"))
+        });
+    }
+    tx.execute(
+        "UPDATE identities SET revoked_at = ?2 WHERE partner = ?1 AND revoked_at IS NULL",
+        params![name, now],
+    )?;
+    crl_changed(tx)
+}
+
+/// Revoke one user's active identity in `tx`; returns the new CRL contents and number.
+pub fn revoke_user(tx: &Tx<'_>, partner: &str, user: &str) -> Result<Revocations> {
+    let n = tx.execute(
+        "UPDATE identities SET revoked_at = ?3
+         WHERE partner = ?1 AND \"user\" = ?2 AND revoked_at IS NULL",
+        params![partner, user, now_rfc3339()],
+    )?;
+    if n == 0 {
+        return Err(Error::NotFound(format!(
+            "{partner} has no active user {user}"
+        )));
+    }
+    crl_changed(tx)
+}
+
 fn identity(r: &Row) -> Result<IdentityRow> {
     Ok(IdentityRow {
         partner: r.get(0)?,
@@ -218,14 +199,11 @@ fn revocations_in(tx: &Tx<'_>) -> Result<Revocations> {
     Ok((out, number as u64))
 }
 
-/// After a revocation in `tx`: the next CRL number, then `after` (the audit record); the
-/// revocations as they now stand.
-fn crl_changed(tx: &Tx<'_>, after: impl FnOnce(&Tx<'_>) -> Result<()>) -> Result<Revocations> {
+/// After a revocation in `tx`: the next CRL number; the revocations as they now stand.
+fn crl_changed(tx: &Tx<'_>) -> Result<Revocations> {
     tx.execute(
         "UPDATE crl_state SET number = number + 1 WHERE id = 1",
         params![],
     )?;
-    let out = revocations_in(tx)?;
-    after(tx)?;
-    Ok(out)
+    revocations_in(tx)
 }

@@ -22,11 +22,11 @@ use sql::params;
 use crate::{Error, Result};
 
 mod console;
-mod datasets;
-mod identities;
-mod keys;
+pub mod datasets;
+pub mod identities;
+pub mod keys;
 mod ledger;
-mod policy;
+pub mod policy;
 mod postgres;
 mod schema;
 pub mod sql;
@@ -355,6 +355,12 @@ impl Catalog {
     /// the catalog's write lock always comes before the audit file lock.
     pub fn write<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
         self.run(Mode::Write, f)
+    }
+
+    /// After rows holding key material were deleted and committed: make the database drop
+    /// them from wherever it still keeps them (SQLite: its write-ahead log).
+    pub fn purge(&self) -> Result<()> {
+        self.db.purge()
     }
 
     /// Run a read-only `f` on one consistent view of the catalog.

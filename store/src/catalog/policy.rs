@@ -9,72 +9,6 @@ use crate::model::policy::{self, PolicyDocument, PolicyVersion};
 use crate::{Error, Result};
 
 impl Catalog {
-    /// Define a population (`p.position` is ignored). Returns its position and whether it is
-    /// new: the same definition again changes nothing; a different filter under the same
-    /// name is a conflict.
-    pub fn add_population(
-        &self,
-        p: &Population,
-        by: &str,
-        after: impl FnOnce(&Tx<'_>, Option<&PolicyVersion>) -> Result<()>,
-    ) -> Result<(i64, bool)> {
-        let (position, new) = self.write(|tx| {
-            let existing = tx.row(
-                "SELECT filter, position FROM populations WHERE owner = ?1 AND dataset = ?2 AND name = ?3",
-                params![&p.owner, &p.dataset, &p.name],
-            )?;
-            if let Some(r) = existing {
-                if r.get::<String>(0)? != p.filter {
-                    return Err(Error::Conflict(format!(
-                        "{}.{} already has a population {}; remove it first",
-                        p.owner, p.dataset, p.name
-                    )));
-                }
-                after(tx, None)?;
-                return Ok((r.get(1)?, false));
-            }
-            let position: i64 = tx.value(
-                "SELECT COALESCE(MAX(position), 0) + 1 FROM populations WHERE owner = ?1 AND dataset = ?2",
-                params![&p.owner, &p.dataset],
-            )?;
-            insert_population_in(tx, p, position, by)?;
-            let v = record_policy_version(tx, &p.owner, by, "population_add")?;
-            after(tx, v.as_ref())?;
-            Ok((position, true))
-        })?;
-        Ok((position, new))
-    }
-
-    /// Remove a population and the overlap grants that name it (a later population of the
-    /// same name is a new definition and needs its own grants); false if there was none
-    /// (nothing changes then and `after` does not run).
-    pub fn remove_population(
-        &self,
-        owner: &str,
-        dataset: &str,
-        name: &str,
-        by: &str,
-        after: impl FnOnce(&Tx<'_>, Option<&PolicyVersion>) -> Result<()>,
-    ) -> Result<bool> {
-        let removed = self.write(|tx| {
-            let n = tx.execute(
-                "DELETE FROM populations WHERE owner = ?1 AND dataset = ?2 AND name = ?3",
-                params![owner, dataset, name],
-            )?;
-            if n == 0 {
-                return Ok(false);
-            }
-            tx.execute(
-                "DELETE FROM grants WHERE owner = ?1 AND dataset = ?2 AND col = ?3 AND usage = ?4",
-                params![owner, dataset, name, Usage::Overlap.as_str()],
-            )?;
-            let v = record_policy_version(tx, owner, by, "population_remove")?;
-            after(tx, v.as_ref())?;
-            Ok(true)
-        })?;
-        Ok(removed)
-    }
-
     /// `owner`'s populations, by dataset then definition order.
     pub fn populations_of(&self, owner: &str) -> Result<Vec<Population>> {
         self.read(|tx| {
@@ -95,55 +29,6 @@ impl Catalog {
             })
             .collect()
         })
-    }
-
-    /// Record a grant; returns false if it already existed (nothing changed). `after` runs
-    /// in the same transaction.
-    pub fn add_grant(
-        &self,
-        g: &Grant,
-        by: &str,
-        after: impl FnOnce(&Tx<'_>, Option<&PolicyVersion>) -> Result<()>,
-    ) -> Result<bool> {
-        let n = self.write(|tx| {
-            let n = insert_grant_in(tx, g, by)?;
-            let v = if n == 1 {
-                record_policy_version(tx, &g.owner, by, "grant")?
-            } else {
-                None
-            };
-            after(tx, v.as_ref())?;
-            Ok(n)
-        })?;
-        Ok(n == 1)
-    }
-
-    /// Remove a grant; returns false if there was no such grant (then `after` does not
-    /// run).
-    pub fn remove_grant(
-        &self,
-        g: &Grant,
-        by: &str,
-        after: impl FnOnce(&Tx<'_>, Option<&PolicyVersion>) -> Result<()>,
-    ) -> Result<bool> {
-        let n = self.write(|tx| {
-            let n = tx.execute(
-                "DELETE FROM grants WHERE owner = ?1 AND dataset = ?2 AND col = ?3 AND grantee = ?4 AND usage = ?5",
-                params![
-                    g.owner.as_str(),
-                    g.dataset.as_str(),
-                    g.column.as_deref().unwrap_or("*"),
-                    g.grantee.as_str(),
-                    g.usage.as_str()
-                ],
-            )?;
-            if n == 1 {
-                    let v = record_policy_version(tx, &g.owner, by, "revoke")?;
-                after(tx, v.as_ref())?;
-            }
-            Ok(n)
-        })?;
-        Ok(n == 1)
     }
 
     /// Grants made by `owner` (`made`) and grants made to `partner` or to everyone
@@ -182,23 +67,6 @@ impl Catalog {
             .map(|r| r.get(0))
             .transpose()
         })
-    }
-
-    /// Replace a dataset's protection settings.
-    pub fn put_settings_json(
-        &self,
-        owner: &str,
-        dataset: &str,
-        json: &str,
-        by: &str,
-        after: impl FnOnce(&Tx<'_>, Option<&PolicyVersion>) -> Result<()>,
-    ) -> Result<()> {
-        self.write(|tx| {
-            put_settings_in(tx, owner, dataset, json, by)?;
-            let v = record_policy_version(tx, owner, by, "settings")?;
-            after(tx, v.as_ref())
-        })?;
-        Ok(())
     }
 
     /// `owner`'s policy history, oldest first.
@@ -246,66 +114,153 @@ impl Catalog {
                 }),
         })
     }
+}
 
-    /// Replace the owner's whole policy (grants, settings, populations) with `doc`, already
-    /// validated, in one transaction with `after` (the audit record). Returns the version
-    /// written (`None`: the document is the policy in force, nothing changed).
-    pub fn replace_policy(
-        &self,
-        doc: &PolicyDocument,
-        by: &str,
-        change: &str,
-        after: impl FnOnce(&Tx<'_>, Option<&PolicyVersion>) -> Result<()>,
-    ) -> Result<Option<PolicyVersion>> {
-        let owner = doc.owner.as_str();
-        let v = self.write(|tx| {
-            // Validation ran before this transaction: a dataset deleted since then fails here
-            // rather than leaving rules about a dataset that no longer exists.
-            for d in doc.datasets() {
-                if !tx.exists(
-                    "SELECT 1 FROM datasets WHERE owner = ?1 AND name = ?2",
-                    params![owner, d],
-                )? {
-                    return Err(Error::Conflict(format!(
-                        "dataset {d} was deleted while the policy was being replaced"
-                    )));
-                }
-            }
-            for table in ["grants", "dataset_settings", "populations"] {
-                tx.execute(
-                    &format!("DELETE FROM {table} WHERE owner = ?1"),
-                    params![owner],
-                )?;
-            }
-            for g in &doc.grants {
-                insert_grant_in(tx, g, by)?;
-            }
-            for (d, s) in &doc.settings {
-                let json = serde_json::to_string(s).map_err(Error::internal)?;
-                put_settings_in(tx, owner, d, &json, by)?;
-            }
-            let mut position = 0;
-            let mut last = "";
-            for p in &doc.populations {
-                if p.dataset != last {
-                    (position, last) = (0, p.dataset.as_str());
-                }
-                position += 1;
-                let population = Population {
-                    owner: owner.to_string(),
-                    dataset: p.dataset.clone(),
-                    name: p.name.clone(),
-                    filter: p.filter.clone(),
-                    position,
-                };
-                insert_population_in(tx, &population, position, by)?;
-            }
-            let v = record_policy_version(tx, owner, by, change)?;
-            after(tx, v.as_ref())?;
-            Ok(v)
-        })?;
-        Ok(v)
+/// What a policy change did: its result, and the owner's policy version it wrote (`None`
+/// when the policy document did not change).
+pub type Changed<T> = (T, Option<PolicyVersion>);
+
+/// Define a population in `tx` (`p.position` is ignored). Returns its position and whether
+/// it is new: the same definition again changes nothing; a different filter under the same
+/// name is a conflict.
+pub fn add_population(tx: &Tx<'_>, p: &Population, by: &str) -> Result<Changed<(i64, bool)>> {
+    let existing = tx.row(
+        "SELECT filter, position FROM populations WHERE owner = ?1 AND dataset = ?2 AND name = ?3",
+        params![&p.owner, &p.dataset, &p.name],
+    )?;
+    if let Some(r) = existing {
+        if r.get::<String>(0)? != p.filter {
+            return Err(Error::Conflict(format!(
+                "{}.{} already has a population {}; remove it first",
+                p.owner, p.dataset, p.name
+            )));
+        }
+        return Ok(((r.get(1)?, false), None));
     }
+    let position: i64 = tx.value(
+        "SELECT COALESCE(MAX(position), 0) + 1 FROM populations WHERE owner = ?1 AND dataset = ?2",
+        params![&p.owner, &p.dataset],
+    )?;
+    insert_population_in(tx, p, position, by)?;
+    let v = record_policy_version(tx, &p.owner, by, "population_add")?;
+    Ok(((position, true), v))
+}
+
+/// Remove a population and the overlap grants that name it in `tx` (a later population of
+/// the same name is a new definition and needs its own grants); false if there was none
+/// (nothing changes then).
+pub fn remove_population(
+    tx: &Tx<'_>,
+    owner: &str,
+    dataset: &str,
+    name: &str,
+    by: &str,
+) -> Result<Changed<bool>> {
+    let n = tx.execute(
+        "DELETE FROM populations WHERE owner = ?1 AND dataset = ?2 AND name = ?3",
+        params![owner, dataset, name],
+    )?;
+    if n == 0 {
+        return Ok((false, None));
+    }
+    tx.execute(
+        "DELETE FROM grants WHERE owner = ?1 AND dataset = ?2 AND col = ?3 AND usage = ?4",
+        params![owner, dataset, name, Usage::Overlap.as_str()],
+    )?;
+    let v = record_policy_version(tx, owner, by, "population_remove")?;
+    Ok((true, v))
+}
+
+/// Record a grant in `tx`; false if it already existed (nothing changed).
+pub fn add_grant(tx: &Tx<'_>, g: &Grant, by: &str) -> Result<Changed<bool>> {
+    if insert_grant_in(tx, g, by)? == 0 {
+        return Ok((false, None));
+    }
+    Ok((true, record_policy_version(tx, &g.owner, by, "grant")?))
+}
+
+/// Remove a grant in `tx`; false if there was no such grant (nothing changed).
+pub fn remove_grant(tx: &Tx<'_>, g: &Grant, by: &str) -> Result<Changed<bool>> {
+    let n = tx.execute(
+        "DELETE FROM grants WHERE owner = ?1 AND dataset = ?2 AND col = ?3 AND grantee = ?4 AND usage = ?5",
+        params![
+            g.owner.as_str(),
+            g.dataset.as_str(),
+            g.column.as_deref().unwrap_or("*"),
+            g.grantee.as_str(),
+            g.usage.as_str()
+        ],
+    )?;
+    if n == 0 {
+        return Ok((false, None));
+    }
+    Ok((true, record_policy_version(tx, &g.owner, by, "revoke")?))
+}
+
+/// Replace a dataset's protection settings in `tx`; the policy version it wrote.
+pub fn put_settings_json(
+    tx: &Tx<'_>,
+    owner: &str,
+    dataset: &str,
+    json: &str,
+    by: &str,
+) -> Result<Option<PolicyVersion>> {
+    put_settings_in(tx, owner, dataset, json, by)?;
+    record_policy_version(tx, owner, by, "settings")
+}
+
+/// Replace the owner's whole policy (grants, settings, populations) with `doc`, already
+/// validated, in `tx`. Returns the version written (`None`: the document is the policy in
+/// force, nothing changed).
+pub fn replace_policy(
+    tx: &Tx<'_>,
+    doc: &PolicyDocument,
+    by: &str,
+    change: &str,
+) -> Result<Option<PolicyVersion>> {
+    let owner = doc.owner.as_str();
+    // Validation ran before this transaction: a dataset deleted since then fails here
+    // rather than leaving rules about a dataset that no longer exists.
+    for d in doc.datasets() {
+        if !tx.exists(
+            "SELECT 1 FROM datasets WHERE owner = ?1 AND name = ?2",
+            params![owner, d],
+        )? {
+            return Err(Error::Conflict(format!(
+                "dataset {d} was deleted while the policy was being replaced"
+            )));
+        }
+    }
+    for table in ["grants", "dataset_settings", "populations"] {
+        tx.execute(
+            &format!("DELETE FROM {table} WHERE owner = ?1"),
+            params![owner],
+        )?;
+    }
+    for g in &doc.grants {
+        insert_grant_in(tx, g, by)?;
+    }
+    for (d, s) in &doc.settings {
+        let json = serde_json::to_string(s).map_err(Error::internal)?;
+        put_settings_in(tx, owner, d, &json, by)?;
+    }
+    let mut position = 0;
+    let mut last = "";
+    for p in &doc.populations {
+        if p.dataset != last {
+            (position, last) = (0, p.dataset.as_str());
+        }
+        position += 1;
+        let population = Population {
+            owner: owner.to_string(),
+            dataset: p.dataset.clone(),
+            name: p.name.clone(),
+            filter: p.filter.clone(),
+            position,
+        };
+        insert_population_in(tx, &population, position, by)?;
+    }
+    record_policy_version(tx, owner, by, change)
 }
 
 /// Grants from a query selecting `grantee, owner, dataset, col, usage` (casbin order).

@@ -1,0 +1,177 @@
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+
+use super::*;
+use crate::Error;
+use crate::catalog::Catalog;
+use crate::datadir::DataDir;
+
+fn setup() -> (tempfile::TempDir, DataDir, Catalog, AuditLog) {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = DataDir::new(tmp.path());
+    dir.create_dirs().expect("dirs");
+    crate::crypto::keys::create_secret_if_missing(&dir.audit_key()).expect("key");
+    let catalog = Catalog::open(&dir.catalog()).expect("catalog");
+    let log = AuditLog::open(&dir).expect("log");
+    (tmp, dir, catalog, log)
+}
+
+fn event(i: usize) -> Event {
+    Event::new(
+        "query",
+        Actor::user("acme", "ann", "analyst"),
+        Outcome::Ok,
+        serde_json::json!({ "sql": format!("SELECT {i}"), "epsilon": 0.5 }),
+    )
+    .touching(["globex"])
+}
+
+fn opts() -> VerifyOptions {
+    VerifyOptions::default()
+}
+
+#[test]
+fn chain_verifies_and_every_kind_of_tampering_is_named() {
+    let (_t, dir, catalog, log) = setup();
+    for i in 0..70 {
+        catalog
+            .write(|tx| log.append(tx, &event(i)))
+            .expect("append");
+    }
+    catalog.write(|tx| log.checkpoint(tx)).expect("checkpoint");
+    let text = fs::read_to_string(dir.audit_log()).expect("read");
+    let v = verify(text.as_bytes(), &opts()).expect("intact");
+    assert_eq!((v.records, v.checkpoints), (70, 2));
+    assert_eq!(v.public_key, log.public_key());
+
+    let lines: Vec<&str> = text.lines().collect();
+    let join = |ls: &[String]| ls.iter().map(|l| format!("{l}\n")).collect::<String>();
+    let owned: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    // Edit one record's content.
+    let mut edited = owned.clone();
+    edited[10] = edited[10].replace("SELECT 10", "SELECT 11");
+    let e = verify(join(&edited).as_bytes(), &opts()).expect_err("edit");
+    assert_eq!((e.line, e.seq), (11, Some(11)), "{e}");
+    // Delete one record.
+    let mut deleted = owned.clone();
+    deleted.remove(5);
+    let e = verify(join(&deleted).as_bytes(), &opts()).expect_err("delete");
+    assert_eq!(e.seq, Some(7), "{e}");
+    // Reorder two records.
+    let mut reordered = owned.clone();
+    reordered.swap(3, 4);
+    assert!(verify(join(&reordered).as_bytes(), &opts()).is_err());
+    // Truncate and forge: keep 20 records and append records chained by a different key.
+    let other = tempfile::tempdir().expect("tmp");
+    let odir = DataDir::new(other.path());
+    odir.create_dirs().expect("dirs");
+    crate::crypto::keys::create_secret_if_missing(&odir.audit_key()).expect("key");
+    let forger = AuditLog::open(&odir).expect("forger");
+    let ocat = Catalog::open(&odir.catalog()).expect("cat");
+    let mut forged_log = join(&owned[..20]);
+    fs::write(odir.audit_log(), &forged_log).expect("plant");
+    for i in 0..5 {
+        ocat.write(|tx| forger.append(tx, &event(100 + i)))
+            .expect("forge");
+    }
+    forged_log = fs::read_to_string(odir.audit_log()).expect("read");
+    let e = verify(forged_log.as_bytes(), &opts()).expect_err("forged tail");
+    assert!(
+        e.reason.contains("signature") || e.reason.contains("key"),
+        "{e}"
+    );
+    // ... also when the forger drops every checkpoint and re-signs from the start: a
+    // pinned key catches it.
+    let pinned = VerifyOptions {
+        public_key: Some(log.public_key().to_string()),
+        ..opts()
+    };
+    let e = verify(forged_log.as_bytes(), &pinned).expect_err("pinned");
+    assert!(e.reason.contains("signature"), "{e}");
+    // Truncation alone is caught by a kept checkpoint (or the catalog's anchor).
+    let kept = VerifyOptions {
+        must_contain: vec![(70, v.head.clone())],
+        ..pinned
+    };
+    let e = verify(join(&owned[..40]).as_bytes(), &kept).expect_err("truncated");
+    assert!(e.reason.contains("truncated"), "{e}");
+}
+
+#[test]
+fn torn_append_is_cut_and_recorded_and_truncation_is_refused() {
+    let (_t, dir, catalog, log) = setup();
+    for i in 0..3 {
+        catalog
+            .write(|tx| log.append(tx, &event(i)))
+            .expect("append");
+    }
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(dir.audit_log())
+        .expect("open");
+    f.write_all(b"{\"seq\":4,\"prev\":\"ab").expect("torn");
+    drop(f);
+    let text = fs::read(dir.audit_log()).expect("read");
+    let v = verify(&text[..], &opts());
+    // No checkpoint yet: the key is unknown without a pin.
+    assert!(v.is_err());
+    let pinned = VerifyOptions {
+        public_key: Some(log.public_key().into()),
+        ..opts()
+    };
+    assert!(verify(&text[..], &pinned).expect("torn ok").torn_tail);
+    catalog
+        .write(|tx| log.append(tx, &event(9)))
+        .expect("append");
+    let records = list(&dir.audit_log(), &Viewer::Operator, None).expect("list");
+    assert_eq!(records.len(), 5);
+    assert_eq!(records[3].event.kind, "audit_repair");
+    assert_eq!(records[3].event.detail["torn_bytes_removed"], 19);
+    let text = fs::read(dir.audit_log()).expect("read");
+    assert!(!verify(&text[..], &pinned).expect("repaired").torn_tail);
+
+    // Truncating the stored log makes the next append fail (fail closed), not restart.
+    let lines: Vec<&[u8]> = text.split_inclusive(|b| *b == b'\n').collect();
+    fs::write(dir.audit_log(), lines[..2].concat()).expect("truncate");
+    let e = catalog
+        .write(|tx| log.append(tx, &event(10)))
+        .expect_err("refused");
+    assert!(matches!(e, Error::Integrity(_)), "{e}");
+    fs::remove_file(dir.audit_log()).expect("rm");
+    let e = catalog
+        .write(|tx| log.append(tx, &event(10)))
+        .expect_err("refused");
+    assert!(matches!(e, Error::Integrity(_)), "{e}");
+}
+
+#[test]
+fn partners_see_their_events_and_redacted_exports_still_verify() {
+    let (_t, dir, catalog, log) = setup();
+    catalog.write(|tx| log.append(tx, &event(1))).expect("a");
+    let other = Event::new(
+        "upload",
+        Actor::user("initech", "bob", "uploader"),
+        Outcome::Ok,
+        serde_json::json!({"dataset": "leads"}),
+    );
+    catalog.write(|tx| log.append(tx, &other)).expect("b");
+    catalog.write(|tx| log.checkpoint(tx)).expect("cp");
+    let globex = Viewer::Partner("globex".into());
+    assert_eq!(
+        list(&dir.audit_log(), &globex, None).expect("list").len(),
+        1
+    );
+    let mut out = Vec::new();
+    export(&dir.audit_log(), &globex, &mut out).expect("export");
+    let text = String::from_utf8(out).expect("utf8");
+    assert!(!text.contains("initech"), "{text}");
+    let v = verify(
+        text.as_bytes(),
+        &VerifyOptions {
+            whole: true,
+            ..opts()
+        },
+    )
+    .expect("ok");
+    assert_eq!((v.records, v.redacted), (2, 1));
+}
