@@ -346,9 +346,10 @@ impl QueryService {
     /// Keep what an overlap without a breakdown released to `caller`, for
     /// [`QueryService::overlap_history`], once its release is audited (a question whose
     /// record could not be written released nothing, so its cells are kept nowhere). A
-    /// failure is logged: the release stands.
+    /// failure is logged: the release stands. A repeated question released the cells kept
+    /// the first time: the history has them.
     async fn keep_released_overlap(&self, caller: &str, with: &str, o: &OverlapOutcome) {
-        if o.by.is_some() {
+        if o.by.is_some() || o.cost.repeated {
             return;
         }
         let versions = o.version_ids.clone();

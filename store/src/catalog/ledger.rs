@@ -31,24 +31,42 @@ impl Catalog {
         dry_run: bool,
         running: Option<(&[String], &[u8])>,
     ) -> Result<Spend> {
+        let owners: std::collections::BTreeSet<&str> =
+            charges.iter().map(|c| c.owner.as_str()).collect();
+        let totals = |owner_totals: &std::collections::BTreeMap<&str, f64>| -> Vec<f64> {
+            charges
+                .iter()
+                .map(|c| owner_totals.get(c.owner.as_str()).copied().unwrap_or(0.0))
+                .collect()
+        };
+        // A question paid for stays paid (the ledger only grows): asked again, it is told so
+        // by a read, without queueing for the write lock.
+        if !dry_run {
+            let paid = self.read(|tx| {
+                let mut owner_totals = std::collections::BTreeMap::new();
+                for &owner in &owners {
+                    match ledger_of(tx, partner, owner, fingerprint)? {
+                        (spent_sq, true) => owner_totals.insert(owner, spent_sq.sqrt()),
+                        (_, false) => return Ok(None),
+                    };
+                }
+                Ok(Some(owner_totals))
+            })?;
+            if let Some(owner_totals) = paid {
+                return Ok(Spend::Charged {
+                    new: false,
+                    totals: totals(&owner_totals),
+                });
+            }
+        }
         let mode = if dry_run { Mode::DryRun } else { Mode::Write };
         self.run(mode, |tx| {
             let mut new = false;
             let mut owner_totals: std::collections::BTreeMap<&str, f64> = Default::default();
-            let owners: std::collections::BTreeSet<&str> =
-                charges.iter().map(|c| c.owner.as_str()).collect();
-            for owner in owners {
+            for &owner in &owners {
                 let of_owner: Vec<&BudgetCharge> =
                     charges.iter().filter(|c| c.owner == owner).collect();
-                let r = tx
-                    .row(
-                        "SELECT COALESCE(SUM(epsilon * epsilon), 0),
-                                COALESCE(MAX(CASE WHEN fingerprint = ?3 THEN 1 ELSE 0 END), 0)
-                         FROM privacy_ledger WHERE partner = ?1 AND owner = ?2",
-                        params![partner, owner, fingerprint],
-                    )?
-                    .ok_or_else(|| Error::internal("catalog: SUM returned no row"))?;
-                let (spent_sq, paid): (f64, bool) = (r.get(0)?, r.get(1)?);
+                let (spent_sq, paid) = ledger_of(tx, partner, owner, fingerprint)?;
                 if paid {
                     owner_totals.insert(owner, spent_sq.sqrt());
                     continue;
@@ -81,11 +99,10 @@ impl Catalog {
             if let (true, Some((versions, marker))) = (new, running) {
                 keep_answer_in(tx, partner, fingerprint, versions, marker)?;
             }
-            let totals = charges
-                .iter()
-                .map(|c| owner_totals.get(c.owner.as_str()).copied().unwrap_or(0.0))
-                .collect();
-            Ok(Spend::Charged { new, totals })
+            Ok(Spend::Charged {
+                new,
+                totals: totals(&owner_totals),
+            })
         })
     }
 
@@ -198,4 +215,18 @@ fn keep_answer_in(
         params![partner, fingerprint, versions, answer, now_rfc3339()],
     )?;
     Ok(())
+}
+
+/// What `partner` has spent on `owner`'s data (Σ ε²), and whether the question
+/// `fingerprint` is among what it paid for.
+fn ledger_of(tx: &Tx<'_>, partner: &str, owner: &str, fingerprint: &str) -> Result<(f64, bool)> {
+    let r = tx
+        .row(
+            "SELECT COALESCE(SUM(epsilon * epsilon), 0),
+                    COALESCE(MAX(CASE WHEN fingerprint = ?3 THEN 1 ELSE 0 END), 0)
+             FROM privacy_ledger WHERE partner = ?1 AND owner = ?2",
+            params![partner, owner, fingerprint],
+        )?
+        .ok_or_else(|| Error::internal("catalog: SUM returned no row"))?;
+    Ok((r.get(0)?, r.get(1)?))
 }

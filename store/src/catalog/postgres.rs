@@ -8,6 +8,7 @@
 //! exactly once and the audit chain linear without retry loops. Reads run in a read-only
 //! repeatable-read transaction (one consistent view).
 
+use std::cell::Cell;
 use std::future::Future;
 use std::time::Duration;
 
@@ -87,9 +88,10 @@ impl Postgres {
 
     /// A pooled connection in a new transaction of `mode` (writers hold the write lock).
     fn begin(&self, mode: Mode) -> Result<Open<'_>> {
-        let open = Open {
+        let mut open = Open {
             pg: self,
-            client: self.client()?,
+            client: Some(self.client()?),
+            deferred: Cell::new(None),
             finished: false,
         };
         // Isolation named, never the server's default: a writer's statements must see what
@@ -106,8 +108,14 @@ impl Postgres {
                  SELECT pg_advisory_xact_lock({WRITE_LOCK})"
             ),
         };
+        if mode == Mode::Read {
+            // Sent with the first statement, in one round trip (a statement that ran
+            // without it changes nothing: the first one reads).
+            open.deferred = Cell::new(Some(begin));
+            return Ok(open);
+        }
         // Dropped on failure: rolled back, so the connection returns to the pool clean.
-        self.wait(open.client.batch_execute(&begin))??;
+        self.wait(open.client()?.batch_execute(&begin))??;
         Ok(open)
     }
 
@@ -121,14 +129,68 @@ impl Postgres {
 /// error or a panic in the caller's function), so it returns to the pool clean.
 struct Open<'a> {
     pg: &'a Postgres,
-    client: Object,
+    /// Taken only when a read ends in the background.
+    client: Option<Object>,
+    /// A read's `BEGIN`, until the first statement takes it along.
+    deferred: Cell<Option<String>>,
     finished: bool,
 }
 
 impl Open<'_> {
+    fn client(&self) -> Result<&Object> {
+        self.client
+            .as_ref()
+            .ok_or_else(|| Error::internal("catalog: a transaction's connection is gone"))
+    }
+
+    /// Whether the transaction was opened on the server (a read's is, with its first
+    /// statement).
+    fn begun(&self) -> bool {
+        let deferred = self.deferred.take();
+        let begun = deferred.is_none();
+        self.deferred.set(deferred);
+        begun
+    }
+
     fn end(mut self, sql: &str) -> Result<()> {
         self.finished = true;
-        Ok(self.pg.wait(self.client.batch_execute(sql))??)
+        if !self.begun() {
+            return Ok(());
+        }
+        Ok(self.pg.wait(self.client()?.batch_execute(sql))??)
+    }
+
+    /// End a read without waiting: the connection goes back to the pool once its
+    /// `ROLLBACK` is done (or is closed if that fails). A read-only transaction has nothing
+    /// to make durable, so its caller need not wait for the round trip.
+    fn end_read(mut self) -> Result<()> {
+        self.finished = true;
+        let Some(client) = self.client.take().filter(|_| self.begun()) else {
+            return Ok(());
+        };
+        let ended = self.pg.runtime.spawn(async move {
+            if let Err(e) = client.batch_execute("ROLLBACK").await {
+                tracing::warn!(error = %e, "catalog: ending a read failed; connection closed");
+                drop(Object::take(client));
+            }
+        });
+        ended.map(|_| ())
+    }
+
+    /// Wait for `request`; a read's deferred `BEGIN` goes first, pipelined with it.
+    fn send<T>(
+        &self,
+        request: impl Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+    ) -> Result<T> {
+        let Some(begin) = self.deferred.take() else {
+            return Ok(self.pg.wait(request)??);
+        };
+        let client = self.client()?;
+        let (began, out) = self
+            .pg
+            .wait(async { tokio::join!(client.batch_execute(&begin), request) })?;
+        began?;
+        Ok(out?)
     }
 
     fn params(params: &[Value]) -> Vec<&(dyn ToSql + Sync)> {
@@ -136,16 +198,20 @@ impl Open<'_> {
     }
 
     fn statement(&self, sql: &str) -> Result<tokio_postgres::Statement> {
+        // Prepared once per connection, outside the pipeline (usually cached: no round trip).
         Ok(self
             .pg
-            .wait(self.client.prepare_cached(&dollar_params(sql)))??)
+            .wait(self.client()?.prepare_cached(&dollar_params(sql)))??)
     }
 }
 
 impl Drop for Open<'_> {
     fn drop(&mut self) {
-        if !self.finished
-            && let Ok(Err(e)) = self.pg.wait(self.client.batch_execute("ROLLBACK"))
+        if self.finished || !self.begun() {
+            return;
+        }
+        if let Some(client) = &self.client
+            && let Ok(Err(e)) = self.pg.wait(client.batch_execute("ROLLBACK"))
         {
             tracing::warn!(error = %e, "catalog: rollback failed");
         }
@@ -155,22 +221,20 @@ impl Drop for Open<'_> {
 impl Conn for Open<'_> {
     fn execute(&self, sql: &str, params: &[Value]) -> Result<usize> {
         let st = self.statement(sql)?;
-        let n = self
-            .pg
-            .wait(self.client.execute(&st, &Self::params(params)))??;
+        let params = Self::params(params);
+        let n = self.send(self.client()?.execute(&st, &params))?;
         Ok(n as usize)
     }
 
     fn query(&self, sql: &str, params: &[Value]) -> Result<Vec<Row>> {
         let st = self.statement(sql)?;
-        let rows = self
-            .pg
-            .wait(self.client.query(&st, &Self::params(params)))??;
+        let params = Self::params(params);
+        let rows = self.send(self.client()?.query(&st, &params))?;
         rows.iter().map(row).collect()
     }
 
     fn batch(&self, sql: &str) -> Result<()> {
-        Ok(self.pg.wait(self.client.batch_execute(sql))??)
+        self.send(self.client()?.batch_execute(sql))
     }
 }
 
@@ -248,11 +312,11 @@ impl Backend for Postgres {
     fn run(&self, mode: Mode, f: &mut dyn FnMut(&Tx<'_>) -> Result<()>) -> Result<()> {
         let open = self.begin(mode)?;
         f(&Tx(&open))?;
-        open.end(if mode == Mode::Write {
-            "COMMIT"
-        } else {
-            "ROLLBACK"
-        })
+        match mode {
+            Mode::Write => open.end("COMMIT"),
+            Mode::DryRun => open.end("ROLLBACK"),
+            Mode::Read => open.end_read(),
+        }
     }
 
     fn purge(&self) -> Result<()> {
