@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use crate::harness::{BIN, Env, Server, accounts_csv, words};
+use crate::harness::{BIN, Env, Server, accounts_csv, two_nodes, words};
 
 fn json(out: &str) -> serde_json::Value {
     serde_json::from_str(out).unwrap_or_else(|e| panic!("not json ({e}): {out}"))
@@ -80,33 +80,42 @@ fn every_action_appears_once_in_order_and_partners_see_what_touched_them() {
     let mut server = env.serve(&[]);
     session(&env, &server);
     let records = env.audit_records();
+    // Each node records its startup; the records after them shift by the extra nodes.
+    let n = usize::from(two_nodes());
+    let mut expected = vec![
+        "partner_add ok",
+        "user_add ok",
+        "partner_add ok",
+        "user_add ok",
+        "startup ok",
+    ];
+    expected.extend(std::iter::repeat_n("startup ok", n));
     assert_eq!(
         kinds(&records),
         [
-            "partner_add ok",
-            "user_add ok",
-            "partner_add ok",
-            "user_add ok",
-            "startup ok",
-            "user_add ok",
-            "upload ok",
-            "upload ok",
-            "population_add ok",
-            "population_add ok",
-            "grant ok",
-            "settings ok",
-            "query ok",
-            "query refused",
-            "overlap ok",
-            "access refused",
-            "upload refused",
-            "delete ok",
+            expected,
+            vec![
+                "user_add ok",
+                "upload ok",
+                "upload ok",
+                "population_add ok",
+                "population_add ok",
+                "grant ok",
+                "settings ok",
+                "query ok",
+                "query refused",
+                "overlap ok",
+                "access refused",
+                "upload refused",
+                "delete ok",
+            ],
         ]
+        .concat()
     );
     for (i, r) in records.iter().enumerate() {
         assert_eq!(r["seq"], i as u64 + 1);
     }
-    let query = &records[12];
+    let query = &records[12 + n];
     assert_eq!(query["actor"]["user"], "ana");
     assert_eq!(query["actor"]["role"], "analyst");
     assert_eq!(query["detail"]["datasets"][0], "acme.accounts@v1");
@@ -115,20 +124,25 @@ fn every_action_appears_once_in_order_and_partners_see_what_touched_them() {
         query["detail"]["fingerprint"].as_str().expect("fp").len(),
         64
     );
-    let refused = &records[13];
+    let refused = &records[13 + n];
     assert!(refused["code"].as_str().is_some(), "{refused}");
     assert_eq!(refused["parties"], serde_json::json!(["acme", "globex"]));
-    let overlap = &records[14];
+    let overlap = &records[14 + n];
     assert_eq!(overlap["detail"]["epsilon_spent"], 0.125, "{overlap}");
     assert_eq!(
         overlap["detail"]["datasets"].as_array().expect("a").len(),
         2
     );
-    let settings = &records[11];
+    let settings = &records[11 + n];
     assert_eq!(settings["detail"]["before"]["epsilon"], 0.125);
     assert_eq!(settings["detail"]["after"]["epsilon"], 4.0);
-    assert_eq!(records[16]["code"], "unknown_key_column", "{}", records[16]);
-    assert_eq!(records[17]["detail"]["versions_destroyed"], 1);
+    assert_eq!(
+        records[16 + n]["code"],
+        "unknown_key_column",
+        "{}",
+        records[16 + n]
+    );
+    assert_eq!(records[17 + n]["detail"]["versions_destroyed"], 1);
 
     // globex's compliance officer sees globex's own events and acme's questions about
     // globex's data, nothing of acme's own business.
@@ -275,7 +289,12 @@ fn exports_and_the_stored_log_detect_edits_deletions_reordering_truncation_and_f
         kept_arg.as_str(),
     ];
     let ok = verify_file(&env, &lines, &pinned).ok();
-    assert!(ok.stdout.contains("intact: 18 records"), "{}", ok.stdout);
+    let records = 18 + usize::from(two_nodes());
+    assert!(
+        ok.stdout.contains(&format!("intact: {records} records")),
+        "{}",
+        ok.stdout
+    );
 
     // Edit one record's content.
     let at = lines
@@ -328,7 +347,11 @@ fn exports_and_the_stored_log_detect_edits_deletions_reordering_truncation_and_f
         1,
     );
     std::fs::write(&log, &tampered).expect("tamper");
-    verify_dir().fails_with("(record 7): content does not match its digest");
+    // the first upload's record: the 7th, after one more startup with two nodes
+    let upload = 7 + usize::from(two_nodes());
+    verify_dir().fails_with(&format!(
+        "(record {upload}): content does not match its digest"
+    ));
     // Truncating the stored log is caught by the catalog's anchor.
     let stored: Vec<&[u8]> = original.split_inclusive(|b| *b == b'\n').collect();
     std::fs::write(&log, stored[..stored.len() - 3].concat()).expect("truncate");

@@ -1,5 +1,11 @@
 //! Shared fixtures: a fresh data directory with two partners, a real server process on
 //! 127.0.0.1:0, and the CLI run as a partner.
+//!
+//! With `ESCROW_TEST_NODES=2`, the same tests run on the scaled-out setup: `Env::new` puts
+//! the catalog in a PostgreSQL database and the sealed objects in an S3 bucket of the test's
+//! own, and every `serve` starts two nodes behind a round-robin TCP balancer (each new
+//! connection goes to the other node; TLS passes through it to the nodes), so an upload
+//! made on one node is asked about, changed and deleted on the other.
 
 #![allow(dead_code)]
 
@@ -24,8 +30,22 @@ pub struct Env {
     pub objects: Option<crate::s3server::Bucket>,
 }
 
+/// Whether the suite runs on two nodes (`ESCROW_TEST_NODES=2`).
+pub fn two_nodes() -> bool {
+    match std::env::var("ESCROW_TEST_NODES").as_deref() {
+        Ok("2") => true,
+        Ok("1") | Err(_) => false,
+        Ok(other) => panic!("ESCROW_TEST_NODES must be 1 or 2, not {other:?}"),
+    }
+}
+
 impl Env {
+    /// The single-node default (SQLite and the data directory), or with
+    /// `ESCROW_TEST_NODES=2` PostgreSQL and S3 (served by two nodes).
     pub fn new() -> Env {
+        if two_nodes() {
+            return Env::on_postgres_and_s3();
+        }
         Env::fresh(None, None)
     }
 
@@ -111,7 +131,8 @@ impl Env {
         self.data.join("identities").join(partner).join("admin")
     }
 
-    /// Start a server on a free port; extra args go to `escrow serve`.
+    /// Start a server on a free port; extra args go to `escrow serve`. With
+    /// `ESCROW_TEST_NODES=2` on a shared catalog, two nodes behind a round-robin balancer.
     pub fn serve(&self, extra: &[&str]) -> Server {
         self.serve_env(&[], extra).unwrap_or_else(|(line, log)| {
             panic!("unexpected first line from server: {line:?}\n{log}")
@@ -121,6 +142,24 @@ impl Env {
     /// Start a server with extra environment variables (e.g. `ESCROW_FAULT`). `Err` holds
     /// the server's first stdout line and its log when it did not start listening.
     pub fn serve_env(
+        &self,
+        envs: &[(&str, &str)],
+        extra: &[&str],
+    ) -> Result<Server, (String, String)> {
+        let mut first = self.serve_node(envs, extra)?;
+        if !(two_nodes() && self.catalog.is_some()) {
+            return Ok(first);
+        }
+        let second = self.serve_node(envs, extra)?;
+        let proxy = Proxy::start([first.addr(), second.addr()]);
+        first.url = format!("https://{}", proxy.addr);
+        first.peer = Some(Box::new(second));
+        first.proxy = Some(proxy);
+        Ok(first)
+    }
+
+    /// Start one node.
+    fn serve_node(
         &self,
         envs: &[(&str, &str)],
         extra: &[&str],
@@ -159,6 +198,8 @@ impl Env {
                 child,
                 url: url.to_string(),
                 log,
+                peer: None,
+                proxy: None,
             }),
             None => {
                 let _ = child.wait();
@@ -441,17 +482,31 @@ impl Drop for Env {
     }
 }
 
-/// A running server process; killed when dropped.
+/// A running server process; killed when dropped. With `ESCROW_TEST_NODES=2`, two: `url`
+/// is then the balancer's, and `peer` the second node.
 pub struct Server {
     pub child: Child,
     pub url: String,
     pub log: std::sync::Arc<std::sync::Mutex<String>>,
+    pub peer: Option<Box<Server>>,
+    proxy: Option<Proxy>,
 }
 
 impl Server {
     pub fn kill9(&mut self) {
         let _ = self.child.kill(); // SIGKILL
         let _ = self.child.wait();
+        if let Some(peer) = &mut self.peer {
+            peer.kill9();
+        }
+    }
+
+    /// The node's own address (not the balancer's).
+    fn addr(&self) -> std::net::SocketAddr {
+        self.url
+            .trim_start_matches("https://")
+            .parse()
+            .expect("listen address")
     }
 
     /// Wait (up to 60 s) for the server to exit on its own; returns how it ended.
@@ -470,8 +525,13 @@ impl Server {
         }
     }
 
-    /// SIGTERM and wait; returns the exit status.
+    /// SIGTERM and wait; returns the exit status (of the first node, when there are two:
+    /// the second must stop cleanly too).
     pub fn terminate(&mut self) -> std::process::ExitStatus {
+        if let Some(peer) = &mut self.peer {
+            let s = peer.terminate();
+            assert!(s.success(), "the second node: {s:?}\n{}", peer.log());
+        }
         let pid = self.child.id().to_string();
         Command::new("kill")
             .args(["-TERM", &pid])
@@ -524,8 +584,13 @@ impl Server {
         by_name
     }
 
+    /// What the server logged (both nodes', when there are two).
     pub fn log(&self) -> String {
-        self.log.lock().map(|s| s.clone()).unwrap_or_default()
+        let mut log = self.log.lock().map(|s| s.clone()).unwrap_or_default();
+        if let Some(peer) = &self.peer {
+            log.push_str(&peer.log());
+        }
+        log
     }
 
     pub fn port(&self) -> u16 {
@@ -542,6 +607,61 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A round-robin TCP balancer in front of two nodes: each accepted connection is piped to
+/// the next node in turn (bytes only; TLS is between the client and the node).
+struct Proxy {
+    addr: std::net::SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Proxy {
+    fn start(nodes: [std::net::SocketAddr; 2]) -> Proxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("balancer");
+        let addr = listener.local_addr().expect("balancer address");
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        std::thread::spawn(move || {
+            for (i, client) in listener.incoming().enumerate() {
+                if stopped.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                let node = nodes[i % 2];
+                std::thread::spawn(move || pipe(client, node));
+            }
+        });
+        Proxy { addr, stop }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // wake the accept loop so it sees the stop
+        let _ = std::net::TcpStream::connect(self.addr);
+    }
+}
+
+/// Copy both ways between a client and a node until both sides are done.
+fn pipe(client: std::net::TcpStream, node: std::net::SocketAddr) {
+    use std::net::Shutdown;
+    let Ok(upstream) = std::net::TcpStream::connect(node) else {
+        return; // the node is gone: the client sees the connection close
+    };
+    let (Ok(mut from_client), Ok(mut to_node)) = (client.try_clone(), upstream.try_clone()) else {
+        return;
+    };
+    let up = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from_client, &mut to_node);
+        let _ = to_node.shutdown(Shutdown::Write);
+    });
+    let (mut from_node, mut to_client) = (upstream, client);
+    let _ = std::io::copy(&mut from_node, &mut to_client);
+    let _ = to_client.shutdown(Shutdown::Write);
+    let _ = up.join();
 }
 
 /// The outcome of a CLI run.

@@ -1,5 +1,7 @@
 //! Mutual TLS: identities, foreign and missing certificates, revocation without restart.
 
+use std::time::{Duration, Instant};
+
 use crate::harness::{Env, accounts_csv};
 
 #[test]
@@ -71,6 +73,28 @@ fn revocation_applies_without_restart() {
         .fails_with("already exists");
     env.op(&["partner", "add", "Not Valid"])
         .fails_with("partner name must match");
+}
+
+#[test]
+fn a_node_writes_its_revocation_list_from_the_catalog() {
+    // Revocations live in the catalog; the list a node's handshakes check is derived from
+    // it. A node whose copy of the list is stale (a host that missed the operator's write)
+    // writes the catalog's at startup, and again whenever the catalog's moves.
+    let env = Env::new();
+    let crl = env.data.join("ca/crl.pem");
+    let stale = std::fs::read(&crl).expect("crl");
+    env.op(&["partner", "revoke", "globex"]).ok();
+    std::fs::write(&crl, &stale).expect("stale crl");
+    let server = env.serve(&[]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read(&crl).expect("crl") == stale {
+        assert!(Instant::now() < deadline, "the node kept the stale list");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    env.cli(&server, "globex", &["whoami"])
+        .fails_with("cannot talk to escrow");
+    server.wait_log("revocation list changed");
+    env.cli(&server, "acme", &["whoami"]).ok();
 }
 
 #[test]

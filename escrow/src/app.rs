@@ -17,6 +17,9 @@ use crate::{Error, Result};
 /// How often the audit log's tail is certified (so a partner's kept checkpoint is recent).
 const AUDIT_CHECKPOINT_EVERY: Duration = Duration::from_secs(60);
 
+/// How often a node compares its revocation list with the catalog's revocations.
+const CRL_FOLLOW_EVERY: Duration = Duration::from_secs(1);
+
 /// Everything `escrow serve` can be told. `Default` is the documented defaults of its flags.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -209,8 +212,10 @@ impl Application {
                 }
             })
         };
+        let crl = tokio::spawn(follow_revocations(store.clone()));
         server::serve(self.state, self.listener, self.tls, shutdown, self.grace).await;
         checkpoints.abort();
+        crl.abort();
         let stopped = Event::new(
             "shutdown",
             Actor::system(),
@@ -225,5 +230,34 @@ impl Application {
         }
         tracing::info!("escrow stopped");
         Ok(())
+    }
+}
+
+/// Keep this node's revocation list (`DIR/ca/crl.pem`, which its TLS handshakes check) the
+/// catalog's: revocations live in the catalog, so one made on any node or by an operator on
+/// any host reaches every node's handshakes within [`CRL_FOLLOW_EVERY`]. (Requests are
+/// refused from the moment of the revocation either way: every request's identity is looked
+/// up in the catalog.) Written at startup, then whenever the catalog's CRL number moves.
+async fn follow_revocations(store: Arc<Store>) {
+    let mut written = None;
+    let mut tick = tokio::time::interval(CRL_FOLLOW_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let (s, last) = (store.clone(), written);
+        let followed = tokio::task::spawn_blocking(move || -> Result<u64> {
+            let (revoked, number) = s.catalog().revocations()?;
+            if last != Some(number) {
+                crate::pki::write_crl(s.data_dir(), &revoked, number)?;
+                tracing::debug!(number, "revocation list written from the catalog");
+            }
+            Ok(number)
+        })
+        .await;
+        match followed {
+            Ok(Ok(number)) => written = Some(number),
+            Ok(Err(e)) => tracing::error!(error = %e, "revocation list not followed"),
+            Err(e) => tracing::error!(error = %e, "revocation list task failed"),
+        }
     }
 }

@@ -346,10 +346,10 @@ impl QueryService {
     /// Keep what an overlap without a breakdown released to `caller`, for
     /// [`QueryService::overlap_history`], once its release is audited (a question whose
     /// record could not be written released nothing, so its cells are kept nowhere). A
-    /// failure is logged: the release stands. A repeated question released the cells kept
-    /// the first time: the history has them.
+    /// failure is logged: the release stands. Asked again, the release is kept once (and
+    /// kept now if the first time it was not: its record failed, or the client left).
     async fn keep_released_overlap(&self, caller: &str, with: &str, o: &OverlapOutcome) {
-        if o.by.is_some() || o.cost.repeated {
+        if o.by.is_some() {
             return;
         }
         let versions = o.version_ids.clone();

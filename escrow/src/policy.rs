@@ -6,7 +6,7 @@
 //! change that alters the document (grant, revoke, settings, population added or removed,
 //! dataset deleted, rollback, import) writes the next version of it, with author, time and
 //! diff, in the same catalog transaction as the change and its audit record
-//! (`Catalog::record_policy_version`). Rollback and import replace the whole document after
+//! (`catalog::policy`'s `record_policy_version`). Rollback and import replace the whole document after
 //! validating it whole, atomically.
 //!
 //! The text form (export, import, stored versions) is CSV that casbin's file adapter loads

@@ -473,9 +473,10 @@ impl Store {
                 Ok((d, detail))
             })
         })?;
-        // Out of the write-ahead log too (the rows held wrapped keys).
-        self.catalog.purge()?;
         let (dataset_id, versions) = (deleted.dataset_id, deleted.versions);
+        // Out of the write-ahead log too (the rows held wrapped keys). A failure is returned
+        // once the rest of the removal is done.
+        let purged = self.catalog.purge();
         self.cache.forget_dataset(&dataset_id, None);
         faults::hit("delete.committed")?;
         // The keys are gone: the objects are unreadable from here on. Removing them is
@@ -489,6 +490,7 @@ impl Store {
         if let Err(e) = removed {
             tracing::warn!(dataset_id, error = %e, "a shredded dataset's objects stay until startup recovery");
         }
+        purged?;
         Ok(versions)
     }
 

@@ -382,15 +382,25 @@ pub fn record(catalog: &Catalog, log: &AuditLog, event: &Event) -> Result<Head> 
 /// [`Change::commit`] opens the write transaction, runs the change's statements, appends the
 /// event (with what the statements report) in that same transaction and commits: the change
 /// and its record become durable together, or neither does. [`Change::finish`] ends the
-/// change: a failure at any step (the checks before the transaction, the statements, the
-/// append) is recorded instead, in a transaction of its own; if even that cannot be
-/// recorded, the audit's error is returned. Nothing happens unaudited.
+/// change: a failure before the commit (the checks, the work before the transaction, the
+/// statements, the append, the commit itself) is recorded instead, in a transaction of its
+/// own; if even that cannot be recorded, the audit's error is returned. Nothing happens
+/// unaudited. A failure after the commit (a step that follows it) is returned and logged,
+/// not recorded: the record of the change, which did happen, stands.
 #[must_use = "a change is recorded only when it commits or finishes"]
 pub struct Change<'a> {
     catalog: &'a Catalog,
     log: &'a AuditLog,
     event: Event,
-    committed: Cell<bool>,
+    state: Cell<State>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Open,
+    /// Its commit was tried and failed (nothing of it is in the catalog).
+    Failed,
+    Committed,
 }
 
 impl<'a> Change<'a> {
@@ -399,7 +409,7 @@ impl<'a> Change<'a> {
             catalog,
             log,
             event,
-            committed: Cell::new(false),
+            state: Cell::new(State::Open),
         }
     }
 
@@ -409,25 +419,35 @@ impl<'a> Change<'a> {
         &self,
         statements: impl FnOnce(&Tx<'_>) -> Result<(T, serde_json::Value)>,
     ) -> Result<T> {
-        if self.committed.replace(true) {
+        if self.state.get() != State::Open {
             return Err(Error::internal("an audited change committed twice"));
         }
-        self.catalog.write(|tx| {
+        let committed = self.catalog.write(|tx| {
             let (out, detail) = statements(tx)?;
             self.log.append(tx, &self.event.clone().with(detail))?;
             crate::faults::hit(&format!("{}.committing", self.event.kind))?;
             Ok(out)
-        })
+        });
+        self.state.set(match committed {
+            Ok(_) => State::Committed,
+            Err(_) => State::Failed,
+        });
+        committed
     }
 
-    /// End the change with its `outcome`: a failure is recorded (and returned); a success
-    /// must have committed.
+    /// End the change with its `outcome`: a failure before the commit is recorded (and
+    /// returned); a success must have committed.
     pub fn finish<T>(self, outcome: Result<T>) -> Result<T> {
+        let committed = self.state.get() == State::Committed;
         let outcome = match outcome {
-            Ok(_) if !self.committed.get() => Err(Error::internal(format!(
+            Ok(_) if !committed => Err(Error::internal(format!(
                 "an audited change ({}) ended without committing",
                 self.event.kind
             ))),
+            Err(e) if committed => {
+                tracing::error!(kind = %self.event.kind, error = %e, "a step after an audited change committed failed");
+                return Err(e);
+            }
             other => other,
         };
         outcome.map_err(

@@ -590,6 +590,25 @@ fn the_budget_is_spent_once_under_concurrent_nodes(f: &Fixture) {
         Spend::Exhausted { spent, .. } => assert!((spent - 2.0).abs() < 1e-9),
         other => panic!("{other:?}"),
     }
+    // All or nothing across owners: a question over one owner's budget charges no owner.
+    let other_owner = BudgetCharge {
+        owner: "initech".into(),
+        dataset: "deals".into(),
+        budget: 0.5,
+    };
+    let refused = c
+        .spend(
+            "hooli",
+            &[charge(2.0), other_owner],
+            1.0,
+            "q-both",
+            false,
+            None,
+        )
+        .expect("both");
+    assert!(matches!(refused, Spend::Exhausted { .. }), "{refused:?}");
+    assert_eq!(c.spent("hooli", "acme").expect("spent"), 0.0);
+    assert_eq!(c.spent("hooli", "initech").expect("spent"), 0.0);
 }
 
 fn released_answers_and_overlaps(f: &Fixture) {

@@ -61,8 +61,9 @@ impl Catalog {
         }
         let mode = if dry_run { Mode::DryRun } else { Mode::Write };
         self.run(mode, |tx| {
-            let mut new = false;
             let mut owner_totals: std::collections::BTreeMap<&str, f64> = Default::default();
+            // Every owner's limit is checked before anything is charged: all or nothing.
+            let mut to_charge = Vec::new();
             for &owner in &owners {
                 let of_owner: Vec<&BudgetCharge> =
                     charges.iter().filter(|c| c.owner == owner).collect();
@@ -88,13 +89,16 @@ impl Catalog {
                 let mut names: Vec<&str> = of_owner.iter().map(|c| c.dataset.as_str()).collect();
                 names.sort_unstable();
                 names.dedup();
+                to_charge.push((owner, names.join(",")));
+                owner_totals.insert(owner, after_sq.sqrt());
+            }
+            let new = !to_charge.is_empty();
+            for (owner, datasets) in to_charge {
                 tx.execute(
                     "INSERT INTO privacy_ledger (partner, owner, dataset, fingerprint, epsilon, spent_at)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![partner, owner, names.join(","), fingerprint, epsilon, now_rfc3339()],
+                    params![partner, owner, datasets, fingerprint, epsilon, now_rfc3339()],
                 )?;
-                new = true;
-                owner_totals.insert(owner, after_sq.sqrt());
             }
             if let (true, Some((versions, marker))) = (new, running) {
                 keep_answer_in(tx, partner, fingerprint, versions, marker)?;
@@ -157,6 +161,18 @@ impl Catalog {
         cells: &str,
     ) -> Result<()> {
         let versions = format!(" {} ", versions.join(" "));
+        // Asked again, the release is usually kept already: a read says so, without
+        // queueing for the write lock.
+        let kept = self.read(|tx| {
+            tx.exists(
+                "SELECT 1 FROM released_overlaps
+                 WHERE partner = ?1 AND fingerprint = ?2 AND versions = ?3",
+                params![partner, fingerprint, versions.as_str()],
+            )
+        })?;
+        if kept {
+            return Ok(());
+        }
         self.write(|tx| {
             tx.execute(
                 "INSERT INTO released_overlaps

@@ -53,6 +53,11 @@ impl Postgres {
                 format!("--catalog: not a PostgreSQL URL: {e}"),
             )
         })?;
+        // The server's notices ("relation ... already exists, skipping" when the schema is
+        // checked) are not for the operator's terminal: warnings and errors only.
+        if config.get_options().is_none() {
+            config.options("-c client_min_messages=warning");
+        }
         // A peer that vanished is noticed in about a minute, not the kernel's two hours.
         config
             .keepalives(true)
@@ -186,9 +191,11 @@ impl Open<'_> {
             return Ok(self.pg.wait(request)??);
         };
         let client = self.client()?;
+        // tokio-postgres queues a request when its future is first polled, and answers in
+        // order: `biased` polls the BEGIN first, so it is queued before the statement.
         let (began, out) = self
             .pg
-            .wait(async { tokio::join!(client.batch_execute(&begin), request) })?;
+            .wait(async { tokio::join!(biased; client.batch_execute(&begin), request) })?;
         began?;
         Ok(out?)
     }
@@ -210,10 +217,18 @@ impl Drop for Open<'_> {
         if self.finished || !self.begun() {
             return;
         }
-        if let Some(client) = &self.client
-            && let Ok(Err(e)) = self.pg.wait(client.batch_execute("ROLLBACK"))
-        {
-            tracing::warn!(error = %e, "catalog: rollback failed");
+        let Some(client) = self.client.take() else {
+            return;
+        };
+        match self.pg.wait(client.batch_execute("ROLLBACK")) {
+            Ok(Ok(())) => {}
+            failed => {
+                // Not back to the pool: it may still be inside the transaction.
+                if let Ok(Err(e)) = failed {
+                    tracing::warn!(error = %e, "catalog: rollback failed; connection closed");
+                }
+                drop(Object::take(client));
+            }
         }
     }
 }
