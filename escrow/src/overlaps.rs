@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::audit::{Actor, Event, Outcome};
-use crate::catalog::{BudgetCharge, Population, VersionKey};
+use crate::catalog::{BudgetCharge, Generations, Population, VersionKey};
 use crate::explain::{Explanation, ProtectionView, UseExplained};
 use crate::queries::{
     AbandonedQuestion, Cost, DELTA, QueryService, check_grants, decide, query_form, strictest,
@@ -190,11 +190,14 @@ fn role(
 }
 
 /// A checked question: both sides and which of their populations the caller sees.
+#[derive(Clone)]
 struct Matrix {
     mine: SideData,
     theirs: SideData,
     /// Indexes into `theirs.populations`.
     visible: Vec<usize>,
+    /// The catalog's generations it was resolved at.
+    at: Option<Generations>,
 }
 
 impl Matrix {
@@ -216,6 +219,7 @@ impl Matrix {
 }
 
 /// How a checked matrix is protected and charged.
+#[derive(Clone)]
 struct OverlapPlan {
     /// My side comes first in the canonical order.
     mine_first: bool,
@@ -226,6 +230,7 @@ struct OverlapPlan {
 }
 
 /// One side of the matrix: a dataset version and all its populations.
+#[derive(Clone)]
 struct SideData {
     /// The side of the partner asking (whose names its messages may use).
     caller_side: bool,
@@ -515,10 +520,22 @@ impl QueryService {
                 "an overlap is between you and another partner",
             ));
         }
-        let set = self.policy_set().await?;
-        let (caller, req) = (caller.to_string(), req.clone());
+        let (set, at) = self.policy_set_at().await?;
+        // Asked again while nothing it read has changed: resolved as before, without
+        // reading the catalog again.
+        let key = format!(
+            "matrix\0{caller}\0{}",
+            serde_json::to_string(req).map_err(Error::internal)?
+        );
+        if let Some(m) = self.resolved::<Matrix>(at, &key) {
+            return Ok(m);
+        }
+        let (who, asked) = (caller.to_string(), req.clone());
         let store = self.store.clone();
-        crate::queries::blocking(move || resolve(&store, &set, &caller, &req)).await
+        let mut m = crate::queries::blocking(move || resolve(&store, &set, &who, &asked)).await?;
+        m.at = Some(at);
+        self.keep_resolved(at, key, m.clone());
+        Ok(m)
     }
 
     /// Count, protect and release a checked matrix; ε is charged here.
@@ -534,8 +551,11 @@ impl QueryService {
             mine,
             theirs,
             visible,
+            at,
         } = m;
-        let plan = self.overlap_plan(&mine, &theirs, req.by.as_deref()).await?;
+        let plan = self
+            .overlap_plan(&mine, &theirs, req.by.as_deref(), at)
+            .await?;
         let (min_entities, epsilon, max_groups) = plan.protection;
         let (mine_first, fp) = (plan.mine_first, plan.fingerprint);
         let (first, second) = if mine_first {
@@ -735,7 +755,7 @@ impl QueryService {
             }
         };
         let plan = self
-            .overlap_plan(&m.mine, &m.theirs, req.by.as_deref())
+            .overlap_plan(&m.mine, &m.theirs, req.by.as_deref(), m.at)
             .await?;
         let (min_entities, epsilon, max_groups_per_entity) = plan.protection;
         let sides = [&m.mine, &m.theirs];
@@ -768,6 +788,29 @@ impl QueryService {
     /// both partners asking the same question get the same answer), its fingerprint (sides in
     /// canonical order) and its budget charge (on their dataset).
     async fn overlap_plan(
+        &self,
+        mine: &SideData,
+        theirs: &SideData,
+        by: Option<&str>,
+        at: Option<Generations>,
+    ) -> Result<OverlapPlan> {
+        // The settings read are kept with the matrix's generations (settings move the policy
+        // generation).
+        let key = format!(
+            "plan\0{}\0{}\0{by:?}",
+            mine.version.version_id, theirs.version.version_id
+        );
+        if let Some(plan) = at.and_then(|at| self.resolved::<OverlapPlan>(at, &key)) {
+            return Ok(plan);
+        }
+        let plan = self.plan_of(mine, theirs, by).await?;
+        if let Some(at) = at {
+            self.keep_resolved(at, key, plan.clone());
+        }
+        Ok(plan)
+    }
+
+    async fn plan_of(
         &self,
         mine: &SideData,
         theirs: &SideData,
@@ -1019,6 +1062,7 @@ fn resolve(
         mine,
         theirs: side(&req.with, &theirs, their_populations)?,
         visible,
+        at: None,
     })
 }
 

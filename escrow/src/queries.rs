@@ -80,7 +80,23 @@ pub struct QueryService {
     executor: Executor,
     shared: SharedMemory,
     policies: tokio::sync::Mutex<Option<(i64, Arc<PolicySet>)>>,
+    /// What questions resolved (the datasets, versions, populations and settings they
+    /// read), kept while the catalog's generations stand.
+    resolved: std::sync::Mutex<Resolved>,
 }
+
+/// Results of catalog reads a question made, by key, valid at the generations `at`: every
+/// change those reads could see moves one of them (on whichever node made it), so a question
+/// that finds the same generations finds the same results. Kept per node, never across
+/// partners (the key names the partner asking).
+#[derive(Default)]
+struct Resolved {
+    at: Option<crate::catalog::Generations>,
+    entries: std::collections::HashMap<String, Arc<dyn std::any::Any + Send + Sync>>,
+}
+
+/// Entries kept at most; past it they all go (a new generation empties it anyway).
+const RESOLVED_MAX: usize = 4096;
 
 /// What the audit record of a question says about it, gathered as it is checked.
 #[derive(Debug, Default)]
@@ -163,19 +179,56 @@ impl QueryService {
             config,
             executor,
             policies: tokio::sync::Mutex::new(None),
+            resolved: std::sync::Mutex::new(Resolved::default()),
         })
+    }
+
+    /// What was resolved for `key` at generations `at`, if it was.
+    pub(crate) fn resolved<T: Clone + Send + Sync + 'static>(
+        &self,
+        at: crate::catalog::Generations,
+        key: &str,
+    ) -> Option<T> {
+        let r = self.resolved.lock().unwrap_or_else(|p| p.into_inner());
+        if r.at != Some(at) {
+            return None;
+        }
+        r.entries.get(key)?.downcast_ref::<T>().cloned()
+    }
+
+    /// Keep what was resolved for `key` from reads made after the generations were `at`.
+    pub(crate) fn keep_resolved<T: Send + Sync + 'static>(
+        &self,
+        at: crate::catalog::Generations,
+        key: String,
+        value: T,
+    ) {
+        let mut r = self.resolved.lock().unwrap_or_else(|p| p.into_inner());
+        if r.at != Some(at) || r.entries.len() >= RESOLVED_MAX {
+            r.entries.clear();
+            r.at = Some(at);
+        }
+        r.entries.insert(key, Arc::new(value));
     }
 
     /// The casbin policy set of the current grants, rebuilt only after a change.
     pub(crate) async fn policy_set(&self) -> Result<Arc<PolicySet>> {
+        Ok(self.policy_set_at().await?.0)
+    }
+
+    /// The policy set, and the catalog's generations it was read at (one read).
+    pub(crate) async fn policy_set_at(
+        &self,
+    ) -> Result<(Arc<PolicySet>, crate::catalog::Generations)> {
         let mut cached = self.policies.lock().await;
         let store = self.store.clone();
         // Read from the catalog: a change made on another node moves it too.
-        let generation = blocking(move || store.catalog().policy_generation()).await?;
+        let at = blocking(move || store.catalog().generations()).await?;
+        let generation = at.policy;
         if let Some((g, set)) = cached.as_ref()
             && *g == generation
         {
-            return Ok(set.clone());
+            return Ok((set.clone(), at));
         }
         let store = self.store.clone();
         let grants = blocking(move || {
@@ -191,7 +244,7 @@ impl QueryService {
                 .map_err(|e| Error::internal(format!("policy set: {e}")))?,
         );
         *cached = Some((generation, set.clone()));
-        Ok(set)
+        Ok((set, at))
     }
 
     /// Record an event; fails closed.

@@ -53,6 +53,7 @@ conformance!(
     console_tokens_expire_are_single_use_and_capped,
     key_rotation_rewraps_every_data_key,
     the_audit_anchor_moves_only_with_its_transaction,
+    every_change_a_question_reads_moves_a_generation,
 );
 
 fn grant(owner: &str, dataset: &str, column: Option<&str>, grantee: &str, usage: Usage) -> Grant {
@@ -131,14 +132,14 @@ fn schema_is_applied_once_and_reopening_changes_nothing(f: &Fixture) {
         c.read(|tx| tx.value("SELECT version FROM schema_version WHERE id = 1", params![]))
             .expect("version")
     };
-    assert_eq!(version(&c), 3);
+    assert_eq!(version(&c), 4);
     // One id, kept once given.
     assert_eq!(c.id().expect("id"), None);
     let id = c.bind_new_id().expect("bind");
     assert_eq!(f.open().bind_new_id().expect("again"), id);
     drop(c);
     let again = f.open();
-    assert_eq!(version(&again), 3);
+    assert_eq!(version(&again), 4);
     assert_eq!(again.id().expect("id"), Some(id));
     assert_eq!(
         again.partners().expect("partners"),
@@ -828,4 +829,58 @@ fn the_audit_anchor_moves_only_with_its_transaction(f: &Fixture) {
     assert!(failed.is_err());
     let other = f.open();
     assert_eq!(head(&other), Some((7, vec![9u8; 32])));
+}
+
+/// What a node keeps of a question's catalog reads stands while `generations` does: each
+/// kind of change a question reads moves its part, seen from another node.
+fn every_change_a_question_reads_moves_a_generation(f: &Fixture) {
+    let c = f.open();
+    let other = f.open();
+    let mut at = other.generations().expect("generations");
+    let mut moved = |what: &str, change: &dyn Fn()| {
+        change();
+        let now = other.generations().expect("generations");
+        assert_ne!(now, at, "{what} moved no generation");
+        at = now;
+    };
+    moved("a partner", &|| {
+        c.write(|tx| identities::add_partner(tx, "globex"))
+            .expect("partner")
+    });
+    moved("an upload", &|| {
+        dataset(&c, "acme", "accounts");
+    });
+    moved("an identity", &|| {
+        c.write(|tx| identities::add_identity(tx, "0a", "globex", "ana", "analyst"))
+            .expect("identity")
+    });
+    moved("a grant", &|| {
+        let g = grant("acme", "accounts", None, "globex", Usage::Count);
+        c.write(|tx| policy::add_grant(tx, &g, "admin"))
+            .expect("grant");
+    });
+    moved("settings", &|| {
+        c.write(|tx| policy::put_settings_json(tx, "acme", "accounts", &settings(0.5), "admin"))
+            .expect("settings");
+    });
+    moved("a key rotation", &|| {
+        c.write(|tx| keys::rewrap_all(tx, "kek-1", "kek-2", |_, _, w| Ok(w.to_vec())))
+            .expect("rotate");
+    });
+    moved("a user revoked", &|| {
+        c.write(|tx| identities::revoke_user(tx, "globex", "ana"))
+            .expect("revoke");
+    });
+    moved("a partner revoked", &|| {
+        c.write(|tx| identities::revoke_partner(tx, "globex"))
+            .expect("revoke");
+    });
+    moved("a delete", &|| {
+        c.write(|tx| datasets::delete_dataset(tx, "acme", "accounts", "admin"))
+            .expect("delete");
+    });
+    // A question asked, charged and kept moves nothing.
+    c.keep_answer("acme", "fp", &["v".into()], b"answer")
+        .expect("keep");
+    assert_eq!(other.generations().expect("generations"), at);
 }

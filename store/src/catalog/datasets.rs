@@ -227,6 +227,7 @@ pub fn commit_version(
             matching
         ],
     )?;
+    super::data_changed(tx)?;
     Ok(version)
 }
 
@@ -277,6 +278,7 @@ pub fn delete_dataset(tx: &Tx<'_>, owner: &str, name: &str, by: &str) -> Result<
         )?;
     }
     tx.execute("DELETE FROM datasets WHERE id = ?1", params![id.as_str()])?;
+    super::data_changed(tx)?;
     Ok(Deleted {
         dataset_id: id,
         versions: n,

@@ -62,6 +62,7 @@ pub fn rewrap_all(
         "UPDATE kek_state SET current = ?1 WHERE id = 1",
         params![to],
     )?;
+    super::data_changed(tx)?;
     let left: i64 = tx.value(
         "SELECT COUNT(*) FROM dataset_versions WHERE kek_id <> ?1",
         params![to],

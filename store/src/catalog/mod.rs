@@ -33,6 +33,27 @@ pub mod sql;
 mod sqlite;
 pub mod testdb;
 
+/// Where the catalog stands, for what nodes keep in memory: each part moves with every change
+/// of its kind, on whichever node made it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Generations {
+    /// Grants, settings, populations, dataset deletions.
+    pub policy: i64,
+    /// Dataset versions: uploads, deletions, re-wrapped keys.
+    pub data: i64,
+    /// Identities (registered, revoked) and partners (registered plus revoked).
+    pub identities: (i64, i64, i64),
+}
+
+/// Move the `data` generation (in the transaction of a change to the versions).
+pub(crate) fn data_changed(tx: &Tx<'_>) -> Result<()> {
+    tx.execute(
+        "UPDATE generations SET value = value + 1 WHERE name = 'data'",
+        params![],
+    )?;
+    Ok(())
+}
+
 /// Who a console link or session acts as: the serial of the certificate it was minted with,
 /// its partner and its user.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -335,6 +356,26 @@ impl Catalog {
                 params![new],
             )?;
             Ok(new.to_string())
+        })
+    }
+
+    /// The catalog's generations in one read: what a node may keep while they stand.
+    pub fn generations(&self) -> Result<Generations> {
+        let r = self.read(|tx| {
+            tx.row(
+                "SELECT (SELECT value FROM generations WHERE name = 'policy'),
+                        (SELECT value FROM generations WHERE name = 'data'),
+                        (SELECT COUNT(*) FROM identities),
+                        (SELECT COUNT(revoked_at) FROM identities),
+                        (SELECT COUNT(*) + COUNT(revoked_at) FROM partners)",
+                params![],
+            )
+        })?;
+        let r = r.ok_or_else(|| Error::internal("catalog: no generations"))?;
+        Ok(Generations {
+            policy: r.get(0)?,
+            data: r.get(1)?,
+            identities: (r.get(2)?, r.get(3)?, r.get(4)?),
         })
     }
 

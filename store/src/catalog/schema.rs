@@ -33,7 +33,18 @@ const MIGRATIONS: &[Migration] = &[
         version: 3,
         sql: V3,
     },
+    Migration {
+        version: 4,
+        sql: V4,
+    },
 ];
+
+/// Version 4: the `data` generation, moved by every change to the versions a question may
+/// read (an upload, a delete, a key rotation's re-wrapping), so a node can keep what it
+/// resolved for a question while it stands.
+const V4: &str = r#"
+INSERT INTO generations (name, value) VALUES ('data', 0) ON CONFLICT DO NOTHING;
+"#;
 
 /// Version 3: the catalog's own facts; `id` binds it to its data directory (the directory
 /// keeps it in `catalog.id`), so a node pointed at the wrong catalog, or at none, refuses
