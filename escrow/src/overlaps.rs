@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::audit::{Actor, Event, Outcome};
-use crate::catalog::{BudgetCharge, Generations, Population, VersionKey};
+use crate::catalog::{BudgetCharge, Population, VersionKey};
 use crate::explain::{Explanation, ProtectionView, UseExplained};
 use crate::queries::{
     AbandonedQuestion, Cost, DELTA, QueryService, check_grants, decide, query_form, strictest,
@@ -196,8 +196,16 @@ struct Matrix {
     theirs: SideData,
     /// Indexes into `theirs.populations`.
     visible: Vec<usize>,
-    /// The catalog's generations it was resolved at.
-    at: Option<Generations>,
+    /// Its protection, fingerprint and charge, from the same reads of the catalog.
+    plan: Option<OverlapPlan>,
+}
+
+impl Matrix {
+    fn plan(&self) -> Result<OverlapPlan> {
+        self.plan
+            .clone()
+            .ok_or_else(|| Error::internal("an overlap matrix without its plan"))
+    }
 }
 
 impl Matrix {
@@ -533,8 +541,16 @@ impl QueryService {
         let (who, asked) = (caller.to_string(), req.clone());
         let store = self.store.clone();
         let mut m = crate::queries::blocking(move || resolve(&store, &set, &who, &asked)).await?;
-        m.at = Some(at);
-        self.keep_resolved(at, key, m.clone());
+        m.plan = Some(
+            self.overlap_plan(&m.mine, &m.theirs, req.by.as_deref())
+                .await?,
+        );
+        // Kept only if nothing moved while it was resolved: then every read above saw the
+        // catalog as it stood at `at` (each change they could see moves a generation).
+        let store = self.store.clone();
+        if crate::queries::blocking(move || store.catalog().generations()).await? == at {
+            self.keep_resolved(at, key, m.clone());
+        }
         Ok(m)
     }
 
@@ -547,15 +563,13 @@ impl QueryService {
         on_charge: &(dyn Fn() + Sync),
     ) -> Result<OverlapOutcome> {
         let (mine_populations, their_populations) = m.axes();
+        let plan = m.plan()?;
         let Matrix {
             mine,
             theirs,
             visible,
-            at,
+            ..
         } = m;
-        let plan = self
-            .overlap_plan(&mine, &theirs, req.by.as_deref(), at)
-            .await?;
         let (min_entities, epsilon, max_groups) = plan.protection;
         let (mine_first, fp) = (plan.mine_first, plan.fingerprint);
         let (first, second) = if mine_first {
@@ -598,23 +612,31 @@ impl QueryService {
             .into_iter()
             .filter(|c| visible.contains(if mine_first { &c.b } else { &c.a }))
             .collect();
+        // A kept matrix names its populations by position: one that does not fit these sides
+        // was kept for other populations, and fails rather than be read under their names.
+        let name = |side: &SideData, i: usize| -> Result<String> {
+            side.populations
+                .get(i)
+                .map(|p| p.name.clone())
+                .ok_or_else(|| Error::internal("a kept overlap matrix does not fit its question"))
+        };
         let mut rows: Vec<(usize, usize, OverlapRow)> = released
             .into_iter()
             .map(|c| {
                 let (m, t) = if mine_first { (c.a, c.b) } else { (c.b, c.a) };
-                (
+                Ok((
                     m,
                     t,
                     OverlapRow {
-                        mine: mine.populations[m].name.clone(),
-                        theirs: theirs.populations[t].name.clone(),
+                        mine: name(&mine, m)?,
+                        theirs: name(&theirs, t)?,
                         value: c.value,
                         suppressed: c.count.is_none(),
                         count: c.count,
                     },
-                )
+                ))
             })
-            .collect();
+            .collect::<Result<_>>()?;
         rows.sort_by(|x, y| (x.0, x.1, &x.2.value).cmp(&(y.0, y.1, &y.2.value)));
         let outcome = OverlapOutcome {
             mine_populations,
@@ -754,9 +776,7 @@ impl QueryService {
                 });
             }
         };
-        let plan = self
-            .overlap_plan(&m.mine, &m.theirs, req.by.as_deref(), m.at)
-            .await?;
+        let plan = m.plan()?;
         let (min_entities, epsilon, max_groups_per_entity) = plan.protection;
         let sides = [&m.mine, &m.theirs];
         let (refusal, cost) = match self
@@ -788,29 +808,6 @@ impl QueryService {
     /// both partners asking the same question get the same answer), its fingerprint (sides in
     /// canonical order) and its budget charge (on their dataset).
     async fn overlap_plan(
-        &self,
-        mine: &SideData,
-        theirs: &SideData,
-        by: Option<&str>,
-        at: Option<Generations>,
-    ) -> Result<OverlapPlan> {
-        // The settings read are kept with the matrix's generations (settings move the policy
-        // generation).
-        let key = format!(
-            "plan\0{}\0{}\0{by:?}",
-            mine.version.version_id, theirs.version.version_id
-        );
-        if let Some(plan) = at.and_then(|at| self.resolved::<OverlapPlan>(at, &key)) {
-            return Ok(plan);
-        }
-        let plan = self.plan_of(mine, theirs, by).await?;
-        if let Some(at) = at {
-            self.keep_resolved(at, key, plan.clone());
-        }
-        Ok(plan)
-    }
-
-    async fn plan_of(
         &self,
         mine: &SideData,
         theirs: &SideData,
@@ -1062,7 +1059,7 @@ fn resolve(
         mine,
         theirs: side(&req.with, &theirs, their_populations)?,
         visible,
-        at: None,
+        plan: None,
     })
 }
 

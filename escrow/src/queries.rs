@@ -87,7 +87,9 @@ pub struct QueryService {
 
 /// Results of catalog reads a question made, by key, valid at the generations `at`: every
 /// change those reads could see moves one of them (on whichever node made it), so a question
-/// that finds the same generations finds the same results. Kept per node, never across
+/// that finds the same generations finds the same results. An entry is kept only when the
+/// generations read again after its reads are still `at` (no change slipped in between), and
+/// everything goes when a question finds other generations. Kept per node, never across
 /// partners (the key names the partner asking).
 #[derive(Default)]
 struct Resolved {
@@ -189,8 +191,12 @@ impl QueryService {
         at: crate::catalog::Generations,
         key: &str,
     ) -> Option<T> {
-        let r = self.resolved.lock().unwrap_or_else(|p| p.into_inner());
+        let mut r = self.resolved.lock().unwrap_or_else(|p| p.into_inner());
         if r.at != Some(at) {
+            // What was resolved before a change goes at once (it may hold the wrapped keys of
+            // a deleted dataset's versions).
+            r.entries.clear();
+            r.at = Some(at);
             return None;
         }
         r.entries.get(key)?.downcast_ref::<T>().cloned()

@@ -859,6 +859,33 @@ fn every_change_a_question_reads_moves_a_generation(f: &Fixture) {
         c.write(|tx| policy::add_grant(tx, &g, "admin"))
             .expect("grant");
     });
+    moved("a population", &|| {
+        let p = Population {
+            owner: "acme".into(),
+            dataset: "accounts".into(),
+            name: "customers".into(),
+            filter: "status = 'c'".into(),
+            position: 0,
+        };
+        c.write(|tx| policy::add_population(tx, &p, "admin"))
+            .expect("population");
+    });
+    moved("a population removed", &|| {
+        c.write(|tx| policy::remove_population(tx, "acme", "accounts", "customers", "admin"))
+            .expect("removed");
+    });
+    moved("a grant removed", &|| {
+        let g = grant("acme", "accounts", None, "globex", Usage::Count);
+        c.write(|tx| policy::remove_grant(tx, &g, "admin"))
+            .expect("revoke");
+    });
+    moved("a second version", &|| {
+        let id = c
+            .dataset_id_for_upload("acme", "accounts", "unused")
+            .expect("id");
+        c.write(|tx| datasets::commit_version(tx, &version(&id, "v-again", 3), |_| Ok(vec![1])))
+            .expect("version");
+    });
     moved("settings", &|| {
         c.write(|tx| policy::put_settings_json(tx, "acme", "accounts", &settings(0.5), "admin"))
             .expect("settings");

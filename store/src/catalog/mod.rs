@@ -39,8 +39,10 @@ pub mod testdb;
 pub struct Generations {
     /// Grants, settings, populations, dataset deletions.
     pub policy: i64,
-    /// Dataset versions: uploads, deletions, re-wrapped keys.
-    pub data: i64,
+    /// Dataset versions: uploads, deletions, re-wrapped keys; and the number of versions
+    /// (which moves with an upload made by a node from before the `data` generation, during
+    /// a rolling upgrade).
+    pub data: (i64, i64),
     /// Identities (registered, revoked) and partners (registered plus revoked).
     pub identities: (i64, i64, i64),
 }
@@ -365,6 +367,7 @@ impl Catalog {
             tx.row(
                 "SELECT (SELECT value FROM generations WHERE name = 'policy'),
                         (SELECT value FROM generations WHERE name = 'data'),
+                        (SELECT COUNT(*) FROM dataset_versions),
                         (SELECT COUNT(*) FROM identities),
                         (SELECT COUNT(revoked_at) FROM identities),
                         (SELECT COUNT(*) + COUNT(revoked_at) FROM partners)",
@@ -374,8 +377,8 @@ impl Catalog {
         let r = r.ok_or_else(|| Error::internal("catalog: no generations"))?;
         Ok(Generations {
             policy: r.get(0)?,
-            data: r.get(1)?,
-            identities: (r.get(2)?, r.get(3)?, r.get(4)?),
+            data: (r.get(1)?, r.get(2)?),
+            identities: (r.get(3)?, r.get(4)?, r.get(5)?),
         })
     }
 
