@@ -246,11 +246,14 @@ async fn follow_revocations(store: Arc<Store>) {
         tick.tick().await;
         let (s, last) = (store.clone(), written);
         let followed = tokio::task::spawn_blocking(move || -> Result<u64> {
-            let (revoked, number) = s.catalog().revocations()?;
-            if last != Some(number) {
-                crate::pki::write_crl(s.data_dir(), &revoked, number)?;
-                tracing::debug!(number, "revocation list written from the catalog");
+            // The number each second; the list only when it moved.
+            let number = s.catalog().crl_number()?;
+            if last == Some(number) {
+                return Ok(number);
             }
+            let (revoked, number) = s.catalog().revocations()?;
+            crate::pki::write_crl(s.data_dir(), &revoked, number)?;
+            tracing::debug!(number, "revocation list written from the catalog");
             Ok(number)
         })
         .await;

@@ -197,15 +197,7 @@ struct Matrix {
     /// Indexes into `theirs.populations`.
     visible: Vec<usize>,
     /// Its protection, fingerprint and charge, from the same reads of the catalog.
-    plan: Option<OverlapPlan>,
-}
-
-impl Matrix {
-    fn plan(&self) -> Result<OverlapPlan> {
-        self.plan
-            .clone()
-            .ok_or_else(|| Error::internal("an overlap matrix without its plan"))
-    }
+    plan: OverlapPlan,
 }
 
 impl Matrix {
@@ -540,11 +532,7 @@ impl QueryService {
         }
         let (who, asked) = (caller.to_string(), req.clone());
         let store = self.store.clone();
-        let mut m = crate::queries::blocking(move || resolve(&store, &set, &who, &asked)).await?;
-        m.plan = Some(
-            self.overlap_plan(&m.mine, &m.theirs, req.by.as_deref())
-                .await?,
-        );
+        let m = crate::queries::blocking(move || resolve(&store, &set, &who, &asked)).await?;
         // Kept only if nothing moved while it was resolved: then every read above saw the
         // catalog as it stood at `at` (each change they could see moves a generation).
         let store = self.store.clone();
@@ -563,12 +551,11 @@ impl QueryService {
         on_charge: &(dyn Fn() + Sync),
     ) -> Result<OverlapOutcome> {
         let (mine_populations, their_populations) = m.axes();
-        let plan = m.plan()?;
         let Matrix {
             mine,
             theirs,
             visible,
-            ..
+            plan,
         } = m;
         let (min_entities, epsilon, max_groups) = plan.protection;
         let (mine_first, fp) = (plan.mine_first, plan.fingerprint);
@@ -776,11 +763,17 @@ impl QueryService {
                 });
             }
         };
-        let plan = m.plan()?;
+        let plan = &m.plan;
         let (min_entities, epsilon, max_groups_per_entity) = plan.protection;
         let sides = [&m.mine, &m.theirs];
         let (refusal, cost) = match self
-            .charge(caller, vec![plan.charge], epsilon, plan.fingerprint, None)
+            .charge(
+                caller,
+                vec![plan.charge.clone()],
+                epsilon,
+                plan.fingerprint,
+                None,
+            )
             .await
         {
             Ok(c) => (None, Some(c)),
@@ -801,49 +794,6 @@ impl QueryService {
                     .collect(),
             }),
             cost,
-        })
-    }
-
-    /// The protection of a checked matrix (the strictest settings of both datasets, so that
-    /// both partners asking the same question get the same answer), its fingerprint (sides in
-    /// canonical order) and its budget charge (on their dataset).
-    async fn overlap_plan(
-        &self,
-        mine: &SideData,
-        theirs: &SideData,
-        by: Option<&str>,
-    ) -> Result<OverlapPlan> {
-        let (s_mine, s_theirs) = {
-            let store = self.store.clone();
-            let (a, b) = (
-                (mine.owner.clone(), mine.dataset.clone()),
-                (theirs.owner.clone(), theirs.dataset.clone()),
-            );
-            crate::queries::blocking(move || {
-                Ok((
-                    settings::of(&store, &a.0, &a.1)?,
-                    settings::of(&store, &b.0, &b.1)?,
-                ))
-            })
-            .await?
-        };
-        let protection = strictest([&s_mine, &s_theirs]);
-        // Canonical order: the sides sorted by (owner, dataset).
-        let mine_first = (&mine.owner, &mine.dataset) < (&theirs.owner, &theirs.dataset);
-        let (first, second) = if mine_first {
-            (mine, theirs)
-        } else {
-            (theirs, mine)
-        };
-        Ok(OverlapPlan {
-            mine_first,
-            protection,
-            fingerprint: fingerprint(first, second, by, protection),
-            charge: BudgetCharge {
-                owner: theirs.owner.clone(),
-                dataset: theirs.dataset.clone(),
-                budget: s_theirs.budget,
-            },
         })
     }
 
@@ -1055,11 +1005,44 @@ fn resolve(
     if let Some(by) = &req.by {
         check_grants(set, caller, [&dimension(&req.with, &theirs, by)])?;
     }
+    let theirs = side(&req.with, &theirs, their_populations)?;
+    let plan = overlap_plan(store, &mine, &theirs, req.by.as_deref())?;
     Ok(Matrix {
         mine,
-        theirs: side(&req.with, &theirs, their_populations)?,
+        theirs,
         visible,
-        plan: None,
+        plan,
+    })
+}
+
+/// The protection of a checked matrix (the strictest settings of both datasets, so that both
+/// partners asking the same question get the same answer), its fingerprint (sides in
+/// canonical order) and its budget charge (on their dataset).
+fn overlap_plan(
+    store: &crate::store::Store,
+    mine: &SideData,
+    theirs: &SideData,
+    by: Option<&str>,
+) -> Result<OverlapPlan> {
+    let s_mine = settings::of(store, &mine.owner, &mine.dataset)?;
+    let s_theirs = settings::of(store, &theirs.owner, &theirs.dataset)?;
+    let protection = strictest([&s_mine, &s_theirs]);
+    // Canonical order: the sides sorted by (owner, dataset).
+    let mine_first = (&mine.owner, &mine.dataset) < (&theirs.owner, &theirs.dataset);
+    let (first, second) = if mine_first {
+        (mine, theirs)
+    } else {
+        (theirs, mine)
+    };
+    Ok(OverlapPlan {
+        mine_first,
+        protection,
+        fingerprint: fingerprint(first, second, by, protection),
+        charge: BudgetCharge {
+            owner: theirs.owner.clone(),
+            dataset: theirs.dataset.clone(),
+            budget: s_theirs.budget,
+        },
     })
 }
 

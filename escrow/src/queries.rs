@@ -97,6 +97,22 @@ struct Resolved {
     entries: std::collections::HashMap<String, Arc<dyn std::any::Any + Send + Sync>>,
 }
 
+impl Resolved {
+    /// The entries valid at `at`: none when the cache was at other generations (what was
+    /// resolved before a change goes at once: it may hold the wrapped keys of a deleted
+    /// dataset's versions).
+    fn at(
+        &mut self,
+        at: crate::catalog::Generations,
+    ) -> &mut std::collections::HashMap<String, Arc<dyn std::any::Any + Send + Sync>> {
+        if self.at != Some(at) {
+            self.entries.clear();
+            self.at = Some(at);
+        }
+        &mut self.entries
+    }
+}
+
 /// Entries kept at most; past it they all go (a new generation empties it anyway).
 const RESOLVED_MAX: usize = 4096;
 
@@ -192,14 +208,7 @@ impl QueryService {
         key: &str,
     ) -> Option<T> {
         let mut r = self.resolved.lock().unwrap_or_else(|p| p.into_inner());
-        if r.at != Some(at) {
-            // What was resolved before a change goes at once (it may hold the wrapped keys of
-            // a deleted dataset's versions).
-            r.entries.clear();
-            r.at = Some(at);
-            return None;
-        }
-        r.entries.get(key)?.downcast_ref::<T>().cloned()
+        r.at(at).get(key)?.downcast_ref::<T>().cloned()
     }
 
     /// Keep what was resolved for `key` from reads made after the generations were `at`.
@@ -210,11 +219,11 @@ impl QueryService {
         value: T,
     ) {
         let mut r = self.resolved.lock().unwrap_or_else(|p| p.into_inner());
-        if r.at != Some(at) || r.entries.len() >= RESOLVED_MAX {
-            r.entries.clear();
-            r.at = Some(at);
+        let entries = r.at(at);
+        if entries.len() >= RESOLVED_MAX {
+            entries.clear();
         }
-        r.entries.insert(key, Arc::new(value));
+        entries.insert(key, Arc::new(value));
     }
 
     /// The casbin policy set of the current grants, rebuilt only after a change.

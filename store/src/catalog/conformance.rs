@@ -346,19 +346,19 @@ fn grants_settings_populations_and_policy_versions(f: &Fixture) {
     let g = grant("acme", "accounts", Some("website"), "globex", Usage::Join);
     // Another node sees the policy move (and rebuilds its policy set from it).
     let other = f.open();
-    let before = other.policy_generation().expect("generation");
+    let before = other.generations().expect("generation").policy;
     let (new, v) = c
         .write(|tx| policy::add_grant(tx, &g, "admin"))
         .expect("grant");
     assert!(new);
     assert_eq!(v.map(|v| v.version), Some(1));
-    let after = other.policy_generation().expect("generation");
+    let after = other.generations().expect("generation").policy;
     assert!(after > before);
     let (new, v) = c
         .write(|tx| policy::add_grant(tx, &g, "admin"))
         .expect("again");
     assert!(!new && v.is_none());
-    assert_eq!(other.policy_generation().expect("unchanged"), after);
+    assert_eq!(other.generations().expect("unchanged").policy, after);
     let every = grant("acme", "accounts", None, "*", Usage::Count);
     c.write(|tx| policy::add_grant(tx, &every, "admin"))
         .expect("grant");

@@ -54,6 +54,11 @@ impl Catalog {
         self.read(revocations_in)
     }
 
+    /// The current CRL number alone (it moves with every revocation).
+    pub fn crl_number(&self) -> Result<u64> {
+        self.read(crl_number_in)
+    }
+
     /// The identity registered for this certificate serial, if it and its partner are active.
     pub fn active_identity(&self, serial: &str) -> Result<Option<IdentityRow>> {
         self.read(|tx| {
@@ -185,8 +190,13 @@ fn identity_generation_in(tx: &Tx<'_>) -> Result<(i64, i64)> {
     Ok((r.get(0)?, r.get(1)?))
 }
 
-fn revocations_in(tx: &Tx<'_>) -> Result<Revocations> {
+fn crl_number_in(tx: &Tx<'_>) -> Result<u64> {
     let number: i64 = tx.value("SELECT number FROM crl_state WHERE id = 1", params![])?;
+    Ok(number as u64)
+}
+
+fn revocations_in(tx: &Tx<'_>) -> Result<Revocations> {
+    let number = crl_number_in(tx)?;
     let mut out = Vec::new();
     for r in tx.rows(
         "SELECT serial, revoked_at FROM identities WHERE revoked_at IS NOT NULL ORDER BY serial",
@@ -196,7 +206,7 @@ fn revocations_in(tx: &Tx<'_>) -> Result<Revocations> {
             .map_err(|e| Error::internal(format!("bad time in catalog: {e}")))?;
         out.push((r.get(0)?, at));
     }
-    Ok((out, number as u64))
+    Ok((out, number))
 }
 
 /// After a revocation in `tx`: the next CRL number; the revocations as they now stand.

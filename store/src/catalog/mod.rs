@@ -249,7 +249,6 @@ impl std::fmt::Debug for Location {
     }
 }
 
-/// `url` with its password, if any, replaced by `***`.
 /// A value of the catalog's own `catalog_meta` (its id, its object store's id).
 fn meta(tx: &Tx<'_>, name: &str) -> Result<Option<String>> {
     tx.row(
@@ -260,6 +259,7 @@ fn meta(tx: &Tx<'_>, name: &str) -> Result<Option<String>> {
     .transpose()
 }
 
+/// `url` with its password, if any, replaced by `***`.
 pub fn redacted(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut u) if u.password().is_some() => {
@@ -379,18 +379,6 @@ impl Catalog {
             policy: r.get(0)?,
             data: (r.get(1)?, r.get(2)?),
             identities: (r.get(3)?, r.get(4)?, r.get(5)?),
-        })
-    }
-
-    /// Changes with every change that can alter a policy decision (grants, settings,
-    /// populations, dataset deletions), on whichever node made it: the query engine
-    /// rebuilds its policy set when it moves.
-    pub fn policy_generation(&self) -> Result<i64> {
-        self.read(|tx| {
-            tx.value(
-                "SELECT value FROM generations WHERE name = 'policy'",
-                params![],
-            )
         })
     }
 

@@ -8,7 +8,7 @@
 //! exactly once and the audit chain linear without retry loops. Reads run in a read-only
 //! repeatable-read transaction (one consistent view).
 
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::future::Future;
 use std::time::Duration;
 
@@ -96,7 +96,7 @@ impl Postgres {
         let mut open = Open {
             pg: self,
             client: Some(self.client()?),
-            deferred: Cell::new(None),
+            deferred: RefCell::new(None),
             finished: false,
         };
         // Isolation named, never the server's default: a writer's statements must see what
@@ -116,7 +116,7 @@ impl Postgres {
         if mode == Mode::Read {
             // Sent with the first statement, in one round trip (a statement that ran
             // without it changes nothing: the first one reads).
-            open.deferred = Cell::new(Some(begin));
+            open.deferred = RefCell::new(Some(begin));
             return Ok(open);
         }
         // Dropped on failure: rolled back, so the connection returns to the pool clean.
@@ -137,7 +137,7 @@ struct Open<'a> {
     /// Taken only when a read ends in the background.
     client: Option<Object>,
     /// A read's `BEGIN`, until the first statement takes it along.
-    deferred: Cell<Option<String>>,
+    deferred: RefCell<Option<String>>,
     finished: bool,
 }
 
@@ -151,17 +151,12 @@ impl Open<'_> {
     /// Whether the transaction was opened on the server (a read's is, with its first
     /// statement).
     fn begun(&self) -> bool {
-        let deferred = self.deferred.take();
-        let begun = deferred.is_none();
-        self.deferred.set(deferred);
-        begun
+        self.deferred.borrow().is_none()
     }
 
+    /// End a write (`COMMIT`) or a dry run (`ROLLBACK`), which began when it opened.
     fn end(mut self, sql: &str) -> Result<()> {
         self.finished = true;
-        if !self.begun() {
-            return Ok(());
-        }
         Ok(self.pg.wait(self.client()?.batch_execute(sql))??)
     }
 
@@ -187,7 +182,7 @@ impl Open<'_> {
         &self,
         request: impl Future<Output = std::result::Result<T, tokio_postgres::Error>>,
     ) -> Result<T> {
-        let Some(begin) = self.deferred.take() else {
+        let Some(begin) = self.deferred.borrow_mut().take() else {
             return Ok(self.pg.wait(request)??);
         };
         let client = self.client()?;
