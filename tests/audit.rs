@@ -335,26 +335,26 @@ fn exports_and_the_stored_log_detect_edits_deletions_reordering_truncation_and_f
     // Unpinned, the forged tail fails too: the checkpoints name the escrow's key.
     verify_file(&env, &forged, &[]).fails_with("NOT intact");
 
-    // The stored log: stop the server, tamper, verify names the line; restore, intact.
+    // The stored log (the file; the catalog's rows on two nodes): stop the server, tamper,
+    // verify names the line; restore, intact.
     server.terminate();
-    let log = env.data.join("audit/log.jsonl");
-    let original = std::fs::read(&log).expect("log");
+    let original = env.stored_audit_lines();
     let verify_dir = || env.op(&["audit", "verify", "--data-dir", &d]);
     verify_dir().ok();
-    let tampered = String::from_utf8(original.clone()).expect("utf8").replacen(
-        "\"rows\":60",
-        "\"rows\":61",
-        1,
-    );
-    std::fs::write(&log, &tampered).expect("tamper");
+    let mut tampered = original.clone();
+    let edited = tampered
+        .iter()
+        .position(|l| l.contains("\"rows\":60"))
+        .expect("the upload's record");
+    tampered[edited] = tampered[edited].replacen("\"rows\":60", "\"rows\":61", 1);
+    env.store_audit_lines(&tampered);
     // the first upload's record: the 7th, after one more startup with two nodes
     let upload = 7 + usize::from(two_nodes());
     verify_dir().fails_with(&format!(
         "(record {upload}): content does not match its digest"
     ));
     // Truncating the stored log is caught by the catalog's anchor.
-    let stored: Vec<&[u8]> = original.split_inclusive(|b| *b == b'\n').collect();
-    std::fs::write(&log, stored[..stored.len() - 3].concat()).expect("truncate");
+    env.store_audit_lines(&original[..original.len() - 3]);
     verify_dir().fails_with("truncated");
     // ... and a server refuses to continue it (fail closed) rather than start over.
     let refused = env.op(&["serve", "--listen", "127.0.0.1:0"]);
@@ -365,7 +365,7 @@ fn exports_and_the_stored_log_detect_edits_deletions_reordering_truncation_and_f
         refused.stdout
     );
     assert!(refused.stderr.contains("truncated"), "{}", refused.stderr);
-    std::fs::write(&log, &original).expect("restore");
+    env.store_audit_lines(&original);
     verify_dir().ok();
 }
 
@@ -377,10 +377,7 @@ fn an_unwritable_audit_log_refuses_work_and_answers_nothing() {
         .ok();
     let sql = "SELECT COUNT(DISTINCT website) AS n FROM acme.accounts";
     env.cli(&server, "acme", &["query", sql]).ok();
-    let log = env.data.join("audit/log.jsonl");
-    let aside = env.data.join("audit/log.aside");
-    std::fs::rename(&log, &aside).expect("move");
-    std::fs::create_dir(&log).expect("block");
+    env.block_audit_log(true);
     let out = env
         .cli(&server, "acme", &["query", sql, "--format", "json"])
         .fails_with("audit_unavailable");
@@ -393,8 +390,7 @@ fn an_unwritable_audit_log_refuses_work_and_answers_nothing() {
         &words("policy grant accounts --to globex --usage join"),
     )
     .fails_with("audit_unavailable");
-    std::fs::remove_dir(&log).expect("unblock");
-    std::fs::rename(&aside, &log).expect("restore");
+    env.block_audit_log(false);
     // Nothing happened while the log was down: no dataset, no grant.
     assert_eq!(env.dataset_names(&server, "acme"), ["accounts"]);
     let p = env

@@ -5,7 +5,8 @@
 //! the catalog in a PostgreSQL database and the sealed objects in an S3 bucket of the test's
 //! own, and every `serve` starts two nodes behind a round-robin TCP balancer (each new
 //! connection goes to the other node; TLS passes through it to the nodes), so an upload
-//! made on one node is asked about, changed and deleted on the other.
+//! made on one node is asked about, changed and deleted on the other. The second node runs
+//! in a copy of the data directory made when it starts: the nodes share no file.
 
 #![allow(dead_code)]
 
@@ -150,12 +151,33 @@ impl Env {
         if !(two_nodes() && self.catalog.is_some()) {
             return Ok(first);
         }
-        let second = self.serve_node(envs, extra)?;
+        // The second node in a data directory of its own: a copy made now (keys,
+        // certificates), so nothing it serves can come from files the first one writes.
+        let own = self.copy_of_data();
+        let own = own.to_str().expect("utf-8 path");
+        let mut with_own = envs.to_vec();
+        with_own.push(("ESCROW_DATA_DIR", own));
+        let second = self.serve_node(&with_own, extra)?;
         let proxy = Proxy::start([first.addr(), second.addr()]);
         first.url = format!("https://{}", proxy.addr);
         first.peer = Some(Box::new(second));
         first.proxy = Some(proxy);
         Ok(first)
+    }
+
+    /// A copy of the data directory, for a node of its own.
+    fn copy_of_data(&self) -> PathBuf {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let to = self.tmp.path().join(format!("node-{n}"));
+        let copied = Command::new("cp")
+            .arg("-a")
+            .arg(&self.data)
+            .arg(&to)
+            .status()
+            .expect("cp");
+        assert!(copied.success(), "copying the data directory failed");
+        to
     }
 
     /// Start one node.
@@ -360,6 +382,74 @@ impl Env {
     }
 
     /// Every audit record, operator view (`escrow audit list --format json`).
+    /// The stored audit log's lines (without newlines): the data directory's file, or the
+    /// catalog's rows where the catalog is PostgreSQL.
+    pub fn stored_audit_lines(&self) -> Vec<String> {
+        match &self.catalog {
+            None => std::fs::read_to_string(self.data.join("audit/log.jsonl"))
+                .expect("audit log")
+                .lines()
+                .map(String::from)
+                .collect(),
+            Some(db) => escrow::catalog::Catalog::connect(db.url())
+                .expect("catalog")
+                .read(|tx| tx.column("SELECT line FROM audit_lines ORDER BY pos", &[]))
+                .expect("audit lines"),
+        }
+    }
+
+    /// Replace the stored audit log's lines with `lines` (tampering, and putting it back).
+    pub fn store_audit_lines(&self, lines: &[String]) {
+        match &self.catalog {
+            None => {
+                let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+                std::fs::write(self.data.join("audit/log.jsonl"), text).expect("write log");
+            }
+            Some(db) => escrow::catalog::Catalog::connect(db.url())
+                .expect("catalog")
+                .write(|tx| {
+                    tx.execute("DELETE FROM audit_lines", &[])?;
+                    for (i, line) in lines.iter().enumerate() {
+                        tx.execute(
+                            "INSERT INTO audit_lines (pos, line) VALUES (?1, ?2)",
+                            &[(i as i64 + 1).into(), line.into()],
+                        )?;
+                    }
+                    Ok(())
+                })
+                .expect("write audit lines"),
+        }
+    }
+
+    /// Make the stored audit log unwritable (`true`), or writable again: the file replaced by
+    /// a directory, or the catalog's table renamed.
+    pub fn block_audit_log(&self, blocked: bool) {
+        match &self.catalog {
+            None => {
+                let log = self.data.join("audit/log.jsonl");
+                let aside = self.data.join("audit/log.aside");
+                if blocked {
+                    std::fs::rename(&log, &aside).expect("move");
+                    std::fs::create_dir(&log).expect("block");
+                } else {
+                    std::fs::remove_dir(&log).expect("unblock");
+                    std::fs::rename(&aside, &log).expect("restore");
+                }
+            }
+            Some(db) => {
+                let (from, to) = if blocked {
+                    ("audit_lines", "audit_lines_aside")
+                } else {
+                    ("audit_lines_aside", "audit_lines")
+                };
+                escrow::catalog::Catalog::connect(db.url())
+                    .expect("catalog")
+                    .write(|tx| tx.batch(&format!("ALTER TABLE {from} RENAME TO {to}")))
+                    .expect("rename");
+            }
+        }
+    }
+
     pub fn audit_records(&self) -> Vec<serde_json::Value> {
         let d = self.data.to_str().expect("utf-8 path").to_string();
         let out = self

@@ -1,9 +1,9 @@
 //! Two escrow nodes on one PostgreSQL catalog (a database of the test's own), one S3 object
-//! store (a bucket of the test's own on a real S3 server) and one data directory (keys,
-//! certificates, audit log): any node answers any request, a change made on one applies on
-//! the other at the next request, a budget is spent once under questions racing on both,
-//! the audit log stays one chain, and a node killed mid-upload leaves nothing visible while
-//! the other keeps serving.
+//! store (a bucket of the test's own on a real S3 server) and one data directory (keys and
+//! certificates; tests/two-nodes.sh gives each node a copy of its own): any node answers any
+//! request, a change made on one applies on the other at the next request, a budget is spent
+//! once under questions racing on both, the audit log (rows of the catalog) stays one chain,
+//! and a node killed mid-upload leaves nothing visible while the other keeps serving.
 
 use std::time::{Duration, Instant};
 
@@ -128,7 +128,8 @@ fn any_node_answers_any_request_and_a_change_on_one_applies_on_the_other() {
         "the shredded version's object is gone"
     );
 
-    // Both nodes appended to one chain, which verifies whole.
+    // Both nodes appended to one chain, in the catalog, which verifies whole.
+    assert!(!env.data.join("audit/log.jsonl").exists());
     let verify = env
         .op(&[
             "audit",

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # A local two-node escrow: one PostgreSQL catalog (a new database on ESCROW_POSTGRES, default
 # postgres://postgres@127.0.0.1:5432/postgres; psql needed), one S3-compatible object store
-# (moto's server from PyPI, with a bucket), two nodes on 127.0.0.1:8443 and :8444 sharing one
-# data directory (keys, certificates, audit log) under ./escrow-two-nodes. Partners acme and
-# globex are added. Ctrl-C stops the nodes and the S3 server; the database is kept (drop it
+# (moto's server from PyPI, with a bucket), two nodes on 127.0.0.1:8443 and :8444, each with a
+# data directory of its own holding the same keys and certificates (./escrow-two-nodes/a, and
+# b copied from it; the audit log is rows of the catalog). Partners acme and globex are added. Ctrl-C stops the nodes and the S3 server; the database is kept (drop it
 # with the printed command).
 #
 #   docs/examples/two-nodes.sh        (ESCROW_BIN=path/to/escrow skips the release build)
@@ -18,20 +18,24 @@ DB="escrow_two_nodes_$(date +%s)"
 psql -q "$PG" -c "CREATE DATABASE $DB"
 export ESCROW_CATALOG="${PG%/*}/$DB"
 start_s3 nodes
-export ESCROW_DATA_DIR="$PWD/escrow-two-nodes"
+export ESCROW_DATA_DIR="$PWD/escrow-two-nodes/a"
 PIDS=()
 trap 'kill "${PIDS[@]}" 2>/dev/null || true; stop_s3' EXIT
 
 "$BIN" init
 "$BIN" partner add acme > /dev/null
 "$BIN" partner add globex > /dev/null
-for port in 8443 8444; do
-  "$BIN" serve --listen "127.0.0.1:$port" 2> "$ESCROW_DATA_DIR/node-$port.log" &
+# The second node's directory: a copy (keys, CA, server certificate, catalog binding).
+rm -rf escrow-two-nodes/b
+cp -a "$ESCROW_DATA_DIR" escrow-two-nodes/b
+for node in a:8443 b:8444; do
+  dir="$PWD/escrow-two-nodes/${node%%:*}"
+  ESCROW_DATA_DIR="$dir" "$BIN" serve --listen "127.0.0.1:${node#*:}" 2> "$dir/node.log" &
   PIDS+=($!)
 done
 cat <<INFO
 
-two nodes: https://127.0.0.1:8443 and https://127.0.0.1:8444 (logs: $ESCROW_DATA_DIR/node-*.log)
+two nodes: https://127.0.0.1:8443 and https://127.0.0.1:8444 (logs: escrow-two-nodes/{a,b}/node.log)
 catalog:   $ESCROW_CATALOG   (drop later: psql $PG -c "DROP DATABASE $DB WITH (FORCE)")
 objects:   $ESCROW_OBJECTS at $AWS_ENDPOINT_URL
 

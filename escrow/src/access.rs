@@ -1,71 +1,68 @@
 //! Who inside a partner may do what: the casbin role policy (policies/roles.conf and
-//! roles.csv) over the grouping rules of every active identity (`g, user, role, partner`).
+//! roles.csv) over the grouping rule of the caller's identity (`g, user, role, partner`).
 //! Handlers name the action; the policy decides. A refusal is audited. Engine code: no HTTP.
+//!
+//! A partner's user holds one active identity, whose role the request read from the catalog
+//! when it authenticated the caller (`Caller`): the decision for that user depends on its
+//! own grouping rule alone, so it is made from that role, on a role set built once per role,
+//! with no further read (a role change or revocation applies from the next request, on
+//! every node).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use escrow_policies::roles::{Action, RoleAssignment, RoleSet};
 
 use crate::audit::{Actor, Event, Outcome};
-use crate::queries::blocking;
 use crate::store::Store;
 use crate::{Error, Result};
+
+/// The one user of the role sets built per role.
+const HOLDER: (&str, &str) = ("partner", "holder");
 
 /// The role decisions of one running service.
 pub struct Access {
     store: Arc<Store>,
-    /// The loaded role set and the identity generation it was built from.
-    cached: tokio::sync::Mutex<Option<(Generation, Arc<RoleSet>)>>,
+    /// A role set holding one user with the role, by role.
+    by_role: tokio::sync::Mutex<HashMap<String, Arc<RoleSet>>>,
 }
-
-/// Identities added and revoked so far (see `Catalog::identity_generation`).
-type Generation = (i64, i64);
 
 impl Access {
     pub fn new(store: Arc<Store>) -> Self {
         Access {
             store,
-            cached: tokio::sync::Mutex::new(None),
+            by_role: tokio::sync::Mutex::new(HashMap::new()),
         }
     }
 
-    /// The role set of the current identities, rebuilt when one was added or revoked
-    /// (also by an operator command in another process).
-    async fn roles(&self) -> Result<Arc<RoleSet>> {
-        let mut cached = self.cached.lock().await;
-        let store = self.store.clone();
-        let generation = blocking(move || store.catalog().identity_generation()).await?;
-        if let Some((g, set)) = cached.as_ref()
-            && *g == generation
-        {
+    /// The role set whose one user holds `role` (built on first use).
+    async fn holding(&self, role: &str) -> Result<Arc<RoleSet>> {
+        let mut by_role = self.by_role.lock().await;
+        if let Some(set) = by_role.get(role) {
             return Ok(set.clone());
         }
-        let store = self.store.clone();
-        let (rows, generation) = blocking(move || store.catalog().role_assignments()).await?;
-        let assignments: Vec<RoleAssignment> = rows
-            .into_iter()
-            .map(|r| RoleAssignment {
-                partner: r.partner,
-                user: r.user,
-                role: r.role,
-            })
-            .collect();
+        let (partner, user) = HOLDER;
         let set = Arc::new(
-            RoleSet::build(&assignments)
-                .await
-                .map_err(|e| Error::internal(format!("role set: {e}")))?,
+            RoleSet::build(&[RoleAssignment {
+                partner: partner.into(),
+                user: user.into(),
+                role: role.into(),
+            }])
+            .await
+            .map_err(|e| Error::internal(format!("role set: {e}")))?,
         );
-        *cached = Some((generation, set.clone()));
+        by_role.insert(role.to_string(), set.clone());
         Ok(set)
     }
 
     /// Allow `actor` to take `action`, or refuse (`forbidden`, audited, naming the role).
     pub async fn require(&self, actor: &Actor, action: Action) -> Result<()> {
         let partner = actor.partner_name()?;
+        let (holder_partner, holder) = HOLDER;
         let decision = self
-            .roles()
+            .holding(&actor.role)
             .await?
-            .authorize(partner, &actor.user, action)
+            .authorize(holder_partner, holder, action)
             .map_err(|e| Error::internal(format!("role decision: {e}")))?;
         if decision.is_some() {
             return Ok(());

@@ -376,14 +376,23 @@ impl QueryService {
             mine.clone(),
             theirs.clone(),
         );
-        let kept = crate::queries::blocking(move || {
-            store
-                .catalog()
-                .keep_overlap(&caller, &with, &mine, &theirs, &fp, &versions, &cells)
-        })
-        .await;
-        if let Err(e) = kept {
-            tracing::error!(error = %e, "released overlap not kept for the history");
+        let keep = async move {
+            let kept = crate::queries::blocking(move || {
+                store
+                    .catalog()
+                    .keep_overlap(&caller, &with, &mine, &theirs, &fp, &versions, &cells)
+            })
+            .await;
+            if let Err(e) = kept {
+                tracing::error!(error = %e, "released overlap not kept for the history");
+            }
+        };
+        // Asked again, it is there already (unless its first keeping failed): off the
+        // answer's path.
+        if o.cost.repeated {
+            tokio::spawn(keep);
+        } else {
+            keep.await;
         }
     }
 

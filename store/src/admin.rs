@@ -56,7 +56,9 @@ pub fn init(dir: &DataDir) -> Result<InitReport> {
 /// The catalog and audit log of an initialised data directory, for operator commands.
 fn open(dir: &DataDir) -> Result<(Catalog, AuditLog)> {
     ensure_initialised(dir)?;
-    Ok((dir.open_catalog()?, AuditLog::open(dir)?))
+    let catalog = dir.open_catalog()?;
+    let log = AuditLog::open(dir, &catalog)?;
+    Ok((catalog, log))
 }
 
 /// Register a partner and issue its admin identity. Returns the bundle directory.
@@ -324,7 +326,7 @@ pub fn rotate_kek(dir: &DataDir) -> Result<Rotation> {
 pub fn audit_export(dir: &DataDir, out: &mut impl std::io::Write) -> Result<u64> {
     let (catalog, log) = open(dir)?;
     catalog.write(|tx| log.checkpoint(tx))?;
-    audit::export(log.path(), &audit::Viewer::Operator, out)
+    audit::export(&log, &catalog, &audit::Viewer::Operator, out)
 }
 
 /// Every audit record (operator view).
@@ -332,8 +334,8 @@ pub fn audit_list(
     dir: &DataDir,
     since: Option<time::OffsetDateTime>,
 ) -> Result<Vec<audit::Record>> {
-    let (_, log) = open(dir)?;
-    audit::list(log.path(), &audit::Viewer::Operator, since)
+    let (catalog, log) = open(dir)?;
+    audit::list(&log, &catalog, &audit::Viewer::Operator, since)
 }
 
 /// Verify the stored audit log: the chain, every signature against this escrow's key, and
@@ -345,12 +347,15 @@ pub fn audit_verify(
 ) -> Result<std::result::Result<audit::Verified, audit::VerifyFailure>> {
     let (catalog, log) = open(dir)?;
     let anchor = catalog.read(audit::anchor)?;
-    let file = match std::fs::File::open(log.path()) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && anchor.seq == 0 => {
-            return Ok(Ok(audit::Verified::default()));
+    let lines = match log.reader(&catalog)? {
+        Some(lines) => lines,
+        None if anchor.seq == 0 => return Ok(Ok(audit::Verified::default())),
+        None => {
+            return Err(Error::Integrity(format!(
+                "the audit log is missing but the catalog records {} entries",
+                anchor.seq
+            )));
         }
-        Err(e) => return Err(e.into()),
     };
     let mut must_contain = kept;
     if anchor.seq > 0 {
@@ -361,5 +366,5 @@ pub fn audit_verify(
         must_contain,
         whole: false,
     };
-    Ok(audit::verify(file, &opts))
+    Ok(audit::verify(lines, &opts))
 }

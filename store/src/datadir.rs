@@ -7,7 +7,9 @@
 //! DIR/keys/rotation.lock            locked by `keys rotate` while it runs
 //! DIR/keys/noise                    secret seed of differential-privacy noise (32 bytes, 0600)
 //! DIR/keys/audit                    Ed25519 seed signing the audit log (32 bytes, 0600)
-//! DIR/audit/log.jsonl               audit log: hash-chained, signed JSON lines (audit.rs)
+//! DIR/audit/log.jsonl               audit log: hash-chained, signed JSON lines (audit/), when
+//!                                   the catalog is this directory's own (a shared catalog
+//!                                   holds the lines as rows)
 //! DIR/ca/ca.pem, ca.key, crl.pem    dev certificate authority and its revocation list
 //! DIR/tls/server.pem, server.key    server certificate (localhost, 127.0.0.1, ::1)
 //! DIR/identities/PARTNER/USER/      client bundles: cert.pem, key.pem, ca.pem

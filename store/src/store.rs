@@ -172,7 +172,7 @@ impl Store {
         let catalog = dir.open_catalog()?;
         let keys = open_keyring(&dir, &catalog)?;
         objects::bind(&*objects, &catalog)?;
-        let audit = AuditLog::open(&dir)?;
+        let audit = AuditLog::open(&dir, &catalog)?;
         let mut config = config;
         config.ingest.spool_dir.get_or_insert_with(|| dir.tmp());
         Ok(Store {

@@ -1,6 +1,10 @@
 //! The audit log: every upload, delete, query, overlap, policy change, user and partner
-//! change, startup and recovery, as one append-only, hash-chained, signed JSON-lines file
-//! (`DIR/audit/log.jsonl`). Engine code: no HTTP.
+//! change, startup and recovery, as one append-only, hash-chained, signed sequence of JSON
+//! lines. Beside a node's own SQLite catalog the lines are a file (`DIR/audit/log.jsonl`);
+//! with a catalog shared by several nodes (PostgreSQL) they are rows of the catalog
+//! (`audit_lines`), written in the transaction of the change they record, so the nodes
+//! share one chain and no file. Both read back as the same bytes, which the views, exports
+//! and the verifier take. Engine code: no HTTP.
 //!
 //! Record line (one per event):
 //!
@@ -20,11 +24,13 @@
 //! `{"seq","prev","digest","hash","sig","redacted":true}`: the chain and every signature
 //! still verify, the content stays hidden.
 //!
-//! Writing is fail-closed: the record is durable (fsync) before the action it describes is
-//! committed or answered, and an append that fails fails the action (`audit_unavailable`).
+//! Writing is fail-closed: the record is durable (fsync, or the catalog's commit) before the
+//! action it describes is answered, and an append that fails fails the action
+//! (`audit_unavailable`).
 //! Appends run inside a catalog write transaction that also moves the catalog's anchor (the
 //! last record's sequence number and hash): the log file may never fall behind the anchor,
-//! so a truncated or replaced log is refused instead of being continued. Several processes
+//! so a truncated or replaced log is refused instead of being continued (for lines in the
+//! catalog, the anchor is checked the same way against rows removed). Several processes
 //! (the server and operator commands) append under an exclusive file lock. An append torn
 //! by a crash (a last line without its newline) is cut off by the next append, which first
 //! records the repair.
@@ -37,7 +43,7 @@ mod writer;
 pub use events::{Actor, Event, Outcome, Record};
 pub use verifier::{Verified, VerifyFailure, VerifyOptions, verify};
 pub use views::{Viewer, export, list, parse_since};
-pub use writer::{AuditLog, Change, anchor, public_key_of, record};
+pub use writer::{AuditLog, Change, Lines, LogReader, anchor, public_key_of, record};
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;

@@ -4,6 +4,7 @@ use std::io::Write;
 use super::*;
 use crate::Error;
 use crate::catalog::Catalog;
+use crate::catalog::testdb::TestDatabase;
 use crate::datadir::DataDir;
 
 fn setup() -> (tempfile::TempDir, DataDir, Catalog, AuditLog) {
@@ -12,7 +13,7 @@ fn setup() -> (tempfile::TempDir, DataDir, Catalog, AuditLog) {
     dir.create_dirs().expect("dirs");
     crate::crypto::keys::create_secret_if_missing(&dir.audit_key()).expect("key");
     let catalog = Catalog::open(&dir.catalog()).expect("catalog");
-    let log = AuditLog::open(&dir).expect("log");
+    let log = AuditLog::open_in(&dir, Lines::File(dir.audit_log())).expect("log");
     (tmp, dir, catalog, log)
 }
 
@@ -66,7 +67,7 @@ fn chain_verifies_and_every_kind_of_tampering_is_named() {
     let odir = DataDir::new(other.path());
     odir.create_dirs().expect("dirs");
     crate::crypto::keys::create_secret_if_missing(&odir.audit_key()).expect("key");
-    let forger = AuditLog::open(&odir).expect("forger");
+    let forger = AuditLog::open_in(&odir, Lines::File(odir.audit_log())).expect("forger");
     let ocat = Catalog::open(&odir.catalog()).expect("cat");
     let mut forged_log = join(&owned[..20]);
     fs::write(odir.audit_log(), &forged_log).expect("plant");
@@ -123,7 +124,7 @@ fn torn_append_is_cut_and_recorded_and_truncation_is_refused() {
     catalog
         .write(|tx| log.append(tx, &event(9)))
         .expect("append");
-    let records = list(&dir.audit_log(), &Viewer::Operator, None).expect("list");
+    let records = list(&log, &catalog, &Viewer::Operator, None).expect("list");
     assert_eq!(records.len(), 5);
     assert_eq!(records[3].event.kind, "audit_repair");
     assert_eq!(records[3].event.detail["torn_bytes_removed"], 19);
@@ -146,7 +147,7 @@ fn torn_append_is_cut_and_recorded_and_truncation_is_refused() {
 
 #[test]
 fn partners_see_their_events_and_redacted_exports_still_verify() {
-    let (_t, dir, catalog, log) = setup();
+    let (_t, _dir, catalog, log) = setup();
     catalog.write(|tx| log.append(tx, &event(1))).expect("a");
     let other = Event::new(
         "upload",
@@ -157,12 +158,9 @@ fn partners_see_their_events_and_redacted_exports_still_verify() {
     catalog.write(|tx| log.append(tx, &other)).expect("b");
     catalog.write(|tx| log.checkpoint(tx)).expect("cp");
     let globex = Viewer::Partner("globex".into());
-    assert_eq!(
-        list(&dir.audit_log(), &globex, None).expect("list").len(),
-        1
-    );
+    assert_eq!(list(&log, &catalog, &globex, None).expect("list").len(), 1);
     let mut out = Vec::new();
-    export(&dir.audit_log(), &globex, &mut out).expect("export");
+    export(&log, &catalog, &globex, &mut out).expect("export");
     let text = String::from_utf8(out).expect("utf8");
     assert!(!text.contains("initech"), "{text}");
     let v = verify(
@@ -174,4 +172,153 @@ fn partners_see_their_events_and_redacted_exports_still_verify() {
     )
     .expect("ok");
     assert_eq!((v.records, v.redacted), (2, 1));
+}
+
+/// The log's bytes as its reader gives them.
+fn read_all(log: &AuditLog, catalog: &Catalog) -> Vec<u8> {
+    let mut out = Vec::new();
+    if let Some(mut r) = log.reader(catalog).expect("reader") {
+        std::io::Read::read_to_end(&mut r, &mut out).expect("read");
+    }
+    out
+}
+
+/// A directory with an audit key, and a catalog: SQLite in the directory, or PostgreSQL.
+fn catalog_lines(postgres: Option<&TestDatabase>) -> (tempfile::TempDir, DataDir, Catalog) {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = DataDir::new(tmp.path());
+    dir.create_dirs().expect("dirs");
+    crate::crypto::keys::create_secret_if_missing(&dir.audit_key()).expect("key");
+    let catalog = match postgres {
+        Some(db) => Catalog::connect(db.url()).expect("connect"),
+        None => Catalog::open(&dir.catalog()).expect("catalog"),
+    };
+    (tmp, dir, catalog)
+}
+
+fn lines_in_the_catalog_are_one_chain_for_every_node(postgres: Option<&TestDatabase>) {
+    let (_t, dir, catalog) = catalog_lines(postgres);
+    // Four nodes, each with its own connection and writer, appending at once; more than
+    // one page of lines (1024) in all.
+    let nodes: Vec<(Catalog, AuditLog)> = (0..4)
+        .map(|_| {
+            let c = match postgres {
+                Some(db) => Catalog::connect(db.url()).expect("connect"),
+                None => Catalog::open(&dir.catalog()).expect("catalog"),
+            };
+            (c, AuditLog::open_in(&dir, Lines::Catalog).expect("log"))
+        })
+        .collect();
+    std::thread::scope(|s| {
+        for (n, (c, log)) in nodes.iter().enumerate() {
+            s.spawn(move || {
+                for i in 0..260 {
+                    c.write(|tx| log.append(tx, &event(n * 1000 + i)))
+                        .expect("append");
+                }
+            });
+        }
+    });
+    let log = AuditLog::open_in(&dir, Lines::Catalog).expect("log");
+    catalog.write(|tx| log.checkpoint(tx)).expect("checkpoint");
+    assert!(!dir.audit_log().exists(), "no file beside a catalog log");
+    let anchor = catalog.read(anchor).expect("anchor");
+    let kept = VerifyOptions {
+        public_key: Some(log.public_key().to_string()),
+        must_contain: vec![(anchor.seq, hex::encode(anchor.hash))],
+        whole: true,
+    };
+    let v = verify(&read_all(&log, &catalog)[..], &kept).expect("intact");
+    assert_eq!(
+        (v.records, v.checkpoints),
+        (1040, 1040 / CHECKPOINT_EVERY + 1)
+    );
+    assert_eq!(
+        list(&log, &catalog, &Viewer::Operator, None)
+            .expect("list")
+            .len(),
+        1040
+    );
+
+    // An append whose change fails leaves no line.
+    let before = read_all(&log, &catalog);
+    catalog
+        .write(|tx| {
+            log.append(tx, &event(1))?;
+            Err::<(), _>(Error::internal("the change fails after its append"))
+        })
+        .expect_err("rolled back");
+    assert_eq!(read_all(&log, &catalog), before);
+
+    // Lines removed behind the anchor: the next append is refused, not continued.
+    catalog
+        .write(|tx| {
+            tx.execute(
+                "DELETE FROM audit_lines WHERE pos > (SELECT MAX(pos) - 3 FROM audit_lines)",
+                crate::catalog::sql::params![],
+            )
+        })
+        .expect("remove");
+    let e = catalog
+        .write(|tx| log.append(tx, &event(2)))
+        .expect_err("refused");
+    assert!(matches!(e, Error::Integrity(_)), "{e}");
+}
+
+#[test]
+fn lines_in_a_sqlite_catalog_are_one_chain_for_every_node() {
+    lines_in_the_catalog_are_one_chain_for_every_node(None);
+}
+
+#[test]
+fn lines_in_a_postgres_catalog_are_one_chain_for_every_node() {
+    lines_in_the_catalog_are_one_chain_for_every_node(Some(&TestDatabase::new()));
+}
+
+#[test]
+fn a_log_file_moves_into_the_catalog_once() {
+    let (_t, dir, catalog, file_log) = setup();
+    for i in 0..70 {
+        catalog
+            .write(|tx| file_log.append(tx, &event(i)))
+            .expect("append");
+    }
+    // A torn append at the end (never acknowledged) stays behind.
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(dir.audit_log())
+        .expect("open");
+    f.write_all(b"{\"seq\":71,").expect("torn");
+    drop(f);
+    let text = fs::read_to_string(dir.audit_log()).expect("read");
+    let whole = &text[..text.rfind('\n').expect("lines") + 1];
+
+    let log = AuditLog::open_in(&dir, Lines::Catalog).expect("log");
+    log.take_over(&catalog, &dir.audit_log())
+        .expect("take over");
+    assert!(!dir.audit_log().exists());
+    let mut moved = dir.audit_log().into_os_string();
+    moved.push(".moved");
+    assert_eq!(fs::read_to_string(&moved).expect("kept"), text);
+    assert_eq!(read_all(&log, &catalog), whole.as_bytes());
+    // Once: a file put back later is left alone.
+    fs::write(dir.audit_log(), "not a log\n").expect("file");
+    log.take_over(&catalog, &dir.audit_log()).expect("again");
+    assert_eq!(read_all(&log, &catalog), whole.as_bytes());
+
+    catalog
+        .write(|tx| log.append(tx, &event(99)))
+        .expect("append");
+    let anchor = catalog.read(anchor).expect("anchor");
+    assert_eq!(anchor.seq, 71);
+    let v = verify(
+        &read_all(&log, &catalog)[..],
+        &VerifyOptions {
+            public_key: Some(log.public_key().to_string()),
+            must_contain: vec![(anchor.seq, hex::encode(anchor.hash))],
+            whole: true,
+        },
+    )
+    .expect("intact");
+    assert_eq!(v.records, 71);
 }

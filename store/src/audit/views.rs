@@ -1,14 +1,13 @@
 //! Reading the log: listings and exports for a viewer, with what it may not see redacted.
 
-use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
 
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::{Event, Line, Record};
+use super::{AuditLog, Event, Line, Record};
+use crate::catalog::Catalog;
 use crate::{Error, Result};
 
 /// Which records an export or listing shows in full.
@@ -40,9 +39,14 @@ pub fn parse_since(s: &str) -> Result<OffsetDateTime> {
 }
 
 /// The records `viewer` may see, oldest first, optionally only those at or after `since`.
-pub fn list(path: &Path, viewer: &Viewer, since: Option<OffsetDateTime>) -> Result<Vec<Record>> {
+pub fn list(
+    log: &AuditLog,
+    catalog: &Catalog,
+    viewer: &Viewer,
+    since: Option<OffsetDateTime>,
+) -> Result<Vec<Record>> {
     let mut out = Vec::new();
-    for_each_line(path, |_, line| {
+    for_each_line(log, catalog, |_, line| {
         if let Some(raw) = line.record {
             let r = parse_record(raw)?;
             let recent = || {
@@ -61,9 +65,14 @@ pub fn list(path: &Path, viewer: &Viewer, since: Option<OffsetDateTime>) -> Resu
 
 /// The log as JSON lines for `viewer`: records it may not see are redacted to their
 /// hashes and signatures, so the whole chain still verifies.
-pub fn export(path: &Path, viewer: &Viewer, out: &mut impl Write) -> Result<u64> {
+pub fn export(
+    log: &AuditLog,
+    catalog: &Catalog,
+    viewer: &Viewer,
+    out: &mut impl Write,
+) -> Result<u64> {
     let mut n = 0;
-    for_each_line(path, |text, line| {
+    for_each_line(log, catalog, |text, line| {
         let hidden = match line.record {
             Some(raw) => !viewer.sees(&parse_record(raw)?.event),
             None => false,
@@ -89,13 +98,15 @@ fn parse_record(raw: &RawValue) -> Result<Record> {
     serde_json::from_str(raw.get()).map_err(|e| Error::internal(format!("audit record: {e}")))
 }
 
-fn for_each_line(path: &Path, mut f: impl FnMut(&str, Line<'_>) -> Result<()>) -> Result<()> {
-    let file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e.into()),
+fn for_each_line(
+    log: &AuditLog,
+    catalog: &Catalog,
+    mut f: impl FnMut(&str, Line<'_>) -> Result<()>,
+) -> Result<()> {
+    let Some(lines) = log.reader(catalog)? else {
+        return Ok(());
     };
-    let mut reader = BufReader::new(file);
+    let mut reader = BufReader::new(lines);
     let mut buf = String::new();
     loop {
         buf.clear();

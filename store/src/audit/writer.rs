@@ -1,4 +1,5 @@
-//! Appending to the log: the file, its lock and tail, the catalog's anchor, and the
+//! Appending to the log: where its lines are kept (a file beside a node's own catalog, or
+//! rows of a shared catalog), their tail, the catalog's anchor, reading them back, and the
 //! change value an audited action commits through.
 
 use std::cell::Cell;
@@ -16,8 +17,8 @@ use super::{
     CHECKPOINT_DOMAIN, CHECKPOINT_EVERY, Checkpoint, Head, Line, SIGNATURE_DOMAIN, chain_hash,
     decode32, digest_of, signed_message,
 };
-use crate::catalog::sql::params;
-use crate::catalog::{Catalog, Tx, now_rfc3339};
+use crate::catalog::sql::{Value, params};
+use crate::catalog::{Catalog, Location, Tx, now_rfc3339};
 use crate::datadir::DataDir;
 use crate::{Error, Result};
 
@@ -25,9 +26,21 @@ fn audit_error(context: impl std::fmt::Display) -> Error {
     Error::AuditUnavailable(context.to_string())
 }
 
-/// The writer of one data directory's audit log.
+/// Where an audit log's lines are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lines {
+    /// `DIR/audit/log.jsonl`, beside a node's own SQLite catalog: written and made durable
+    /// under a file lock before the catalog transaction that moves the anchor commits.
+    File(PathBuf),
+    /// Rows of the catalog (`audit_lines`), for a catalog shared by several nodes: written
+    /// in the transaction of the change they record, so every node appends to one chain and
+    /// no node keeps a copy of it (a node's directory holds only keys and certificates).
+    Catalog,
+}
+
+/// The writer of one escrow's audit log.
 pub struct AuditLog {
-    path: PathBuf,
+    lines: Lines,
     key: Ed25519KeyPair,
     public_key: String,
     /// Serialises this process's appends (other processes are kept out by the file lock).
@@ -37,7 +50,7 @@ pub struct AuditLog {
 impl std::fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuditLog")
-            .field("path", &self.path)
+            .field("lines", &self.lines)
             .field("public_key", &self.public_key)
             .finish()
     }
@@ -57,12 +70,11 @@ pub fn anchor(tx: &Tx<'_>) -> Result<Head> {
     })
 }
 
+const SET_ANCHOR: &str = "INSERT INTO audit_anchor (id, seq, hash) VALUES (1, ?1, ?2)
+     ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash";
+
 fn set_anchor(tx: &Tx<'_>, head: Head) -> Result<()> {
-    tx.execute(
-        "INSERT INTO audit_anchor (id, seq, hash) VALUES (1, ?1, ?2)
-         ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
-        params![head.seq as i64, head.hash.to_vec()],
-    )?;
+    tx.execute(SET_ANCHOR, params![head.seq as i64, head.hash.to_vec()])?;
     Ok(())
 }
 
@@ -80,16 +92,76 @@ fn load_key(dir: &DataDir) -> Result<(Ed25519KeyPair, String)> {
 }
 
 impl AuditLog {
-    /// Open the audit log of an initialised data directory (the key must exist).
-    pub fn open(dir: &DataDir) -> Result<Self> {
+    /// Open the audit log of an initialised data directory (the key must exist) whose
+    /// catalog is `catalog`: a file in the directory beside its own catalog, rows of a
+    /// shared one (which take over a file the directory kept before, once).
+    pub fn open(dir: &DataDir, catalog: &Catalog) -> Result<Self> {
+        let log = match dir.catalog_location()? {
+            Location::File(_) => Self::open_in(dir, Lines::File(dir.audit_log()))?,
+            Location::Postgres(_) => Self::open_in(dir, Lines::Catalog)?,
+        };
+        if log.lines == Lines::Catalog {
+            log.take_over(catalog, &dir.audit_log())?;
+        }
+        Ok(log)
+    }
+
+    /// Open the log kept in `lines`, signed with `dir`'s audit key.
+    pub fn open_in(dir: &DataDir, lines: Lines) -> Result<Self> {
         let (key, public_key) = load_key(dir)?;
-        fs::create_dir_all(dir.audit_dir())?;
+        if let Lines::File(path) = &lines
+            && let Some(parent) = path.parent()
+        {
+            fs::create_dir_all(parent)?;
+        }
         Ok(AuditLog {
-            path: dir.audit_log(),
+            lines,
             key,
             public_key,
             local: Mutex::new(()),
         })
+    }
+
+    /// Move the lines of the log file at `path`, kept by escrow before its lines went into
+    /// a shared catalog, into the catalog, if the catalog has none yet; the file is then
+    /// renamed `*.moved` (kept, never read again). Every node sharing the directory may try:
+    /// the first one moves it, under the write lock.
+    pub fn take_over(&self, catalog: &Catalog, path: &Path) -> Result<()> {
+        if self.lines != Lines::Catalog || !path.exists() {
+            return Ok(());
+        }
+        let moved = catalog.write(|tx| {
+            let (last, _, anchor) = catalog_tail(tx)?;
+            if last > 0 {
+                return Ok(0);
+            }
+            let mut text = match fs::read_to_string(path) {
+                Ok(t) => t,
+                // Moved by another node in the meantime.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+                Err(e) => return Err(audit_error(format!("reading {}: {e}", path.display()))),
+            };
+            // A torn last line was never acknowledged: the next append would cut it off.
+            text.truncate(text.rfind('\n').map_or(0, |i| i + 1));
+            let head = match text.lines().last() {
+                Some(line) => parse_tail(line.as_bytes()).map_err(audit_error)?.head,
+                None => Head::GENESIS,
+            };
+            check_anchor(head, anchor)?;
+            let lines: Vec<&str> = text.lines().collect();
+            for (i, chunk) in lines.chunks(256).enumerate() {
+                let (sql, values) = insert_lines((i * 256) as i64, chunk);
+                tx.execute(&sql, &values)?;
+            }
+            Ok(lines.len())
+        })?;
+        if moved > 0 {
+            let mut to = path.as_os_str().to_owned();
+            to.push(".moved");
+            fs::rename(path, &to)?;
+            tracing::info!(lines = moved, from = %path.display(), "audit log moved into the shared catalog");
+        }
+        Ok(())
     }
 
     /// The public half of the signing key, hex.
@@ -97,20 +169,38 @@ impl AuditLog {
         &self.public_key
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    pub fn lines(&self) -> &Lines {
+        &self.lines
+    }
+
+    /// The log as the bytes of its JSON-lines file, oldest line first, for the views and
+    /// the verifier; `None` when no line was ever written to a file log.
+    pub fn reader<'a>(&self, catalog: &'a Catalog) -> Result<Option<LogReader<'a>>> {
+        Ok(Some(LogReader(match &self.lines {
+            Lines::File(path) => match File::open(path) {
+                Ok(f) => Source::File(f),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e.into()),
+            },
+            Lines::Catalog => Source::Catalog {
+                catalog,
+                after: 0,
+                page: Vec::new(),
+                at: 0,
+            },
+        })))
     }
 
     /// Append `event`, durably, inside the caller's catalog write transaction `tx` (which
     /// also moves the anchor). If this fails the caller must fail its action.
     pub fn append(&self, tx: &Tx<'_>, event: &Event) -> Result<Head> {
         let _local = self.local.lock().unwrap_or_else(|p| p.into_inner());
-        let (mut file, tail, mut out) = self.begin(tx)?;
+        let (target, tail, mut out) = self.begin(tx)?;
         let head = self.encode(&mut out, tail.head, event)?;
         if head.seq.is_multiple_of(CHECKPOINT_EVERY) {
             self.encode_checkpoint(&mut out, head)?;
         }
-        self.finish(tx, &mut file, &out, head)?;
+        self.finish(tx, target, &out, head)?;
         Ok(head)
     }
 
@@ -118,7 +208,7 @@ impl AuditLog {
     /// (or is empty). Returns the checkpoint in force afterwards, if any.
     pub fn checkpoint(&self, tx: &Tx<'_>) -> Result<Option<Checkpoint>> {
         let _local = self.local.lock().unwrap_or_else(|p| p.into_inner());
-        let (mut file, tail, mut out) = self.begin(tx)?;
+        let (target, tail, mut out) = self.begin(tx)?;
         let head = tail.head;
         if head.seq == 0 {
             return Ok(None);
@@ -127,17 +217,26 @@ impl AuditLog {
             return Ok(Some(c));
         }
         let c = self.encode_checkpoint(&mut out, head)?;
-        self.finish(tx, &mut file, &out, head)?;
+        self.finish(tx, target, &out, head)?;
         Ok(Some(c))
     }
 
     /// Open and lock the log, find its head (cutting a torn last line off, and encoding the
     /// record of that repair into the returned buffer, whose head is then the returned
     /// one), and check it against the anchor.
-    fn begin(&self, tx: &Tx<'_>) -> Result<(File, Tail, Vec<u8>)> {
-        let mut file = self.open_locked(tx)?;
-        let mut tail = read_tail(&mut file).map_err(audit_error)?;
-        let anchored = check_anchor(tx, tail.head)?;
+    fn begin(&self, tx: &Tx<'_>) -> Result<(Target, Tail, Vec<u8>)> {
+        let (target, mut tail, anchor) = match &self.lines {
+            Lines::File(path) => {
+                let mut file = self.open_locked(tx, path)?;
+                let tail = read_tail(&mut file).map_err(audit_error)?;
+                (Target::File(file), tail, anchor(tx)?)
+            }
+            Lines::Catalog => {
+                let (last, tail, anchor) = catalog_tail(tx).map_err(audit_error)?;
+                (Target::Catalog { last }, tail, anchor)
+            }
+        };
+        let anchored = check_anchor(tail.head, anchor)?;
         let mut out = Vec::new();
         if tail.head.seq > anchored {
             // Records whose catalog transaction never committed (the server died or the
@@ -179,11 +278,27 @@ impl AuditLog {
             tail.head = self.encode(&mut out, tail.head, &repair)?;
             tail.checkpoint = None;
         }
-        Ok((file, tail, out))
+        Ok((target, tail, out))
     }
 
-    /// Write `out` durably and move the anchor to `head`.
-    fn finish(&self, tx: &Tx<'_>, file: &mut File, out: &[u8], head: Head) -> Result<()> {
+    /// Write `out` (durably, or in `tx`) and move the anchor to `head`.
+    fn finish(&self, tx: &Tx<'_>, target: Target, out: &[u8], head: Head) -> Result<()> {
+        let mut file = match target {
+            Target::File(file) => file,
+            Target::Catalog { last } => {
+                // The lines and the anchor go with the commit (one round trip to a shared
+                // catalog): the last writes of the change.
+                let text = std::str::from_utf8(out).map_err(Error::internal)?;
+                let lines = insert_lines(last, &text.lines().collect::<Vec<_>>());
+                let anchor = vec![
+                    Value::from(head.seq as i64),
+                    Value::from(head.hash.to_vec()),
+                ];
+                tx.execute_at_commit(vec![lines, (SET_ANCHOR.to_string(), anchor)])
+                    .map_err(audit_error)?;
+                return crate::faults::hit("audit.written").map_err(audit_error);
+            }
+        };
         let mut rest = out;
         if crate::faults::is_armed("audit.torn") {
             // Crash tests: half the bytes reach the file, then the process dies.
@@ -201,14 +316,14 @@ impl AuditLog {
 
     /// Open the log for appending and take the exclusive lock. A missing log is created
     /// only while the anchor is at the start: otherwise it was removed, which is refused.
-    fn open_locked(&self, tx: &Tx<'_>) -> Result<File> {
-        let exists = self.path.exists();
+    fn open_locked(&self, tx: &Tx<'_>, path: &Path) -> Result<File> {
+        let exists = path.exists();
         if !exists {
             let recorded = anchor(tx)?.seq;
             if recorded > 0 {
                 return Err(Error::Integrity(format!(
                     "audit log {} is missing but the catalog records {recorded} entries",
-                    self.path.display()
+                    path.display()
                 )));
             }
         }
@@ -217,12 +332,12 @@ impl AuditLog {
             .append(true)
             .create(true)
             .mode(0o600)
-            .open(&self.path)
-            .map_err(|e| audit_error(format!("opening {}: {e}", self.path.display())))?;
+            .open(path)
+            .map_err(|e| audit_error(format!("opening {}: {e}", path.display())))?;
         file.lock()
-            .map_err(|e| audit_error(format!("locking {}: {e}", self.path.display())))?;
+            .map_err(|e| audit_error(format!("locking {}: {e}", path.display())))?;
         if !exists {
-            crate::fsutil::sync_parent(&self.path).map_err(audit_error)?;
+            crate::fsutil::sync_parent(path).map_err(audit_error)?;
         }
         Ok(file)
     }
@@ -280,9 +395,9 @@ impl AuditLog {
     }
 }
 
-/// Check the log's head against the catalog's anchor; returns the anchor's sequence number.
-fn check_anchor(tx: &Tx<'_>, head: Head) -> Result<u64> {
-    let anchor = anchor(tx)?;
+/// Check the log's head against the catalog's `anchor`; returns the anchor's sequence
+/// number.
+fn check_anchor(head: Head, anchor: Head) -> Result<u64> {
     // The file is written before the anchor moves (in the same catalog transaction), so
     // it may be ahead after a crash or a rolled-back action, never behind.
     if head.seq < anchor.seq || (head.seq == anchor.seq && head.hash != anchor.hash) {
@@ -325,12 +440,21 @@ fn last_line(file: &mut File) -> std::io::Result<(Option<Vec<u8>>, u64)> {
 }
 
 /// How the log ends.
+#[derive(Debug)]
 struct Tail {
     head: Head,
     /// Bytes of a torn last line that were cut off.
     torn: Option<u64>,
     /// The last line, when it is a checkpoint (of `head`).
     checkpoint: Option<Checkpoint>,
+}
+
+impl Tail {
+    const EMPTY: Tail = Tail {
+        head: Head::GENESIS,
+        torn: None,
+        checkpoint: None,
+    };
 }
 
 /// The head of the chain as the file ends, cutting off a torn last line first.
@@ -344,15 +468,18 @@ fn read_tail(file: &mut File) -> std::io::Result<Tail> {
     } else {
         None
     };
-    let Some(line) = line else {
-        return Ok(Tail {
-            head: Head::GENESIS,
-            torn,
-            checkpoint: None,
-        });
+    let mut tail = match line {
+        Some(line) => parse_tail(&line)?,
+        None => Tail::EMPTY,
     };
+    tail.torn = torn;
+    Ok(tail)
+}
+
+/// The head of the chain as it ends with `line`.
+fn parse_tail(line: &[u8]) -> std::io::Result<Tail> {
     let bad = |m: &str| std::io::Error::other(format!("audit log: last line {m}"));
-    let parsed: Line<'_> = serde_json::from_slice(&line).map_err(|_| bad("is not a log line"))?;
+    let parsed: Line<'_> = serde_json::from_slice(line).map_err(|_| bad("is not a log line"))?;
     let (seq, hash, checkpoint) = match (parsed.seq, parsed.hash, parsed.checkpoint) {
         (Some(seq), Some(hash), None) => (seq, hash, None),
         (None, None, Some(c)) => {
@@ -365,9 +492,119 @@ fn read_tail(file: &mut File) -> std::io::Result<Tail> {
     let hash = decode32(&hash).ok_or_else(|| bad("has a bad hash"))?;
     Ok(Tail {
         head: Head { seq, hash },
-        torn,
+        torn: None,
         checkpoint,
     })
+}
+
+/// Where the lines of an append go: the locked file, or the catalog after line `last`.
+enum Target {
+    File(File),
+    Catalog { last: i64 },
+}
+
+/// A catalog log's last line number, how the chain ends there, and the anchor, in one
+/// statement.
+fn catalog_tail(tx: &Tx<'_>) -> Result<(i64, Tail, Head)> {
+    let row = tx
+        .row(
+            "SELECT l.pos, l.line, a.seq, a.hash FROM (SELECT 1 AS one) o
+             LEFT JOIN (SELECT pos, line FROM audit_lines ORDER BY pos DESC LIMIT 1) l ON 1 = 1
+             LEFT JOIN audit_anchor a ON a.id = 1",
+            params![],
+        )?
+        .ok_or_else(|| Error::internal("audit tail: no row"))?;
+    let (last, tail) = match row.get::<Option<i64>>(0)? {
+        Some(pos) => {
+            let line: String = row.get(1)?;
+            (pos, parse_tail(line.as_bytes()).map_err(audit_error)?)
+        }
+        None => (0, Tail::EMPTY),
+    };
+    let anchor = match row.get::<Option<i64>>(2)? {
+        Some(seq) => Head {
+            seq: seq as u64,
+            hash: row
+                .get::<Vec<u8>>(3)?
+                .try_into()
+                .map_err(|_| Error::internal("bad audit anchor in catalog"))?,
+        },
+        None => Head::GENESIS,
+    };
+    Ok((last, tail, anchor))
+}
+
+/// The statement inserting `lines` (at least one) after line `last`.
+fn insert_lines(last: i64, lines: &[&str]) -> (String, Vec<Value>) {
+    let mut sql = String::from("INSERT INTO audit_lines (pos, line) VALUES ");
+    let mut values = Vec::with_capacity(lines.len() * 2);
+    for (i, line) in lines.iter().enumerate() {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&format!("(?{}, ?{})", 2 * i + 1, 2 * i + 2));
+        values.push(Value::from(last + 1 + i as i64));
+        values.push(Value::from(*line));
+    }
+    (sql, values)
+}
+
+/// A log's lines read back as the bytes of its file: the file itself, or the catalog's rows
+/// a page at a time (each page one read; lines are only ever appended).
+pub struct LogReader<'a>(Source<'a>);
+
+enum Source<'a> {
+    File(File),
+    Catalog {
+        catalog: &'a Catalog,
+        /// The last line number read.
+        after: i64,
+        /// The current page's bytes, and how far they were read.
+        page: Vec<u8>,
+        at: usize,
+    },
+}
+
+/// Lines read from the catalog at once.
+const PAGE_LINES: i64 = 1024;
+
+impl Read for LogReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let (catalog, after, page, at) = match &mut self.0 {
+            Source::File(f) => return f.read(buf),
+            Source::Catalog {
+                catalog,
+                after,
+                page,
+                at,
+            } => (*catalog, after, page, at),
+        };
+        if *at == page.len() {
+            let rows = catalog
+                .read(|tx| {
+                    tx.rows(
+                        "SELECT pos, line FROM audit_lines WHERE pos > ?1 ORDER BY pos LIMIT ?2",
+                        params![*after, PAGE_LINES],
+                    )
+                })
+                .map_err(std::io::Error::other)?;
+            page.clear();
+            *at = 0;
+            for r in rows {
+                *after = r.get(0).map_err(std::io::Error::other)?;
+                page.extend_from_slice(
+                    r.get::<String>(1)
+                        .map_err(std::io::Error::other)?
+                        .as_bytes(),
+                );
+                page.push(b'\n');
+            }
+        }
+        let n = buf.len().min(page.len() - *at);
+        buf[..n].copy_from_slice(&page[*at..*at + n]);
+        *at += n;
+        Ok(n)
+    }
 }
 
 // ---- recording actions ------------------------------------------------------------------

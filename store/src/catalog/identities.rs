@@ -30,23 +30,16 @@ impl Catalog {
         })
     }
 
-    /// Every active user's role (the grouping rules of the role policy), and a generation
-    /// that changes whenever an identity is added or revoked.
-    pub fn role_assignments(&self) -> Result<(Vec<IdentityRow>, (i64, i64))> {
+    /// Every active user's role (the grouping rules of the role policy).
+    pub fn role_assignments(&self) -> Result<Vec<IdentityRow>> {
         self.read(|tx| {
-            let generation = identity_generation_in(tx)?;
             let rows = tx.rows(
                 "SELECT i.partner, i.\"user\", i.role FROM identities i JOIN partners p ON p.name = i.partner
                  WHERE i.revoked_at IS NULL AND p.revoked_at IS NULL ORDER BY i.partner, i.\"user\"",
                 params![],
             )?;
-            Ok((rows.iter().map(identity).collect::<Result<_>>()?, generation))
+            rows.iter().map(identity).collect()
         })
-    }
-
-    /// The generation of `role_assignments`, cheaply.
-    pub fn identity_generation(&self) -> Result<(i64, i64)> {
-        self.read(identity_generation_in)
     }
 
     /// Every revoked serial with its revocation time, and the current CRL number.
@@ -176,18 +169,6 @@ fn identity(r: &Row) -> Result<IdentityRow> {
         user: r.get(1)?,
         role: r.get(2)?,
     })
-}
-
-/// Identities ever added and ever revoked: changes with every add or revoke (rows are never
-/// deleted).
-fn identity_generation_in(tx: &Tx<'_>) -> Result<(i64, i64)> {
-    let r = tx
-        .row(
-            "SELECT COUNT(*), COUNT(revoked_at) FROM identities",
-            params![],
-        )?
-        .ok_or_else(|| Error::internal("catalog: COUNT returned no row"))?;
-    Ok((r.get(0)?, r.get(1)?))
 }
 
 fn crl_number_in(tx: &Tx<'_>) -> Result<u64> {

@@ -93,12 +93,6 @@ impl Postgres {
 
     /// A pooled connection in a new transaction of `mode` (writers hold the write lock).
     fn begin(&self, mode: Mode) -> Result<Open<'_>> {
-        let mut open = Open {
-            pg: self,
-            client: Some(self.client()?),
-            deferred: RefCell::new(None),
-            finished: false,
-        };
         // Isolation named, never the server's default: a writer's statements must see what
         // the writer before it committed, so each takes its snapshot after the lock (READ
         // COMMITTED); under a REPEATABLE READ default the snapshot would predate the lock and
@@ -113,15 +107,16 @@ impl Postgres {
                  SELECT pg_advisory_xact_lock({WRITE_LOCK})"
             ),
         };
-        if mode == Mode::Read {
-            // Sent with the first statement, in one round trip (a statement that ran
-            // without it changes nothing: the first one reads).
-            open.deferred = RefCell::new(Some(begin));
-            return Ok(open);
-        }
-        // Dropped on failure: rolled back, so the connection returns to the pool clean.
-        self.wait(open.client()?.batch_execute(&begin))??;
-        Ok(open)
+        // Sent with the first statement, in one round trip: the server runs them in order,
+        // so the statement runs inside the transaction, after the write lock; a transaction
+        // that runs no statement never begins.
+        Ok(Open {
+            pg: self,
+            client: Some(self.client()?),
+            deferred: RefCell::new(Some(begin)),
+            at_commit: RefCell::new(Vec::new()),
+            finished: false,
+        })
     }
 
     fn client(&self) -> Result<Object> {
@@ -136,8 +131,10 @@ struct Open<'a> {
     pg: &'a Postgres,
     /// Taken only when a read ends in the background.
     client: Option<Object>,
-    /// A read's `BEGIN`, until the first statement takes it along.
+    /// The transaction's `BEGIN`, until the first statement takes it along.
     deferred: RefCell<Option<String>>,
+    /// Statements sent with the `COMMIT` (`Tx::execute_at_commit`).
+    at_commit: RefCell<Vec<(tokio_postgres::Statement, Vec<Value>)>>,
     finished: bool,
 }
 
@@ -148,16 +145,42 @@ impl Open<'_> {
             .ok_or_else(|| Error::internal("catalog: a transaction's connection is gone"))
     }
 
-    /// Whether the transaction was opened on the server (a read's is, with its first
-    /// statement).
+    /// Whether the transaction was opened on the server (with its first statement).
     fn begun(&self) -> bool {
         self.deferred.borrow().is_none()
     }
 
-    /// End a write (`COMMIT`) or a dry run (`ROLLBACK`), which began when it opened.
-    fn end(mut self, sql: &str) -> Result<()> {
+    /// Commit a write: its statements queued for the commit, then `COMMIT`, in one round
+    /// trip (with the `BEGIN` too if nothing ran before). A queued statement that fails
+    /// fails the commit: the server then ends the transaction with a rollback.
+    fn commit(mut self) -> Result<()> {
         self.finished = true;
-        Ok(self.pg.wait(self.client()?.batch_execute(sql))??)
+        let queued = self.at_commit.take();
+        if queued.is_empty() && !self.begun() {
+            return Ok(());
+        }
+        let client = self.client()?;
+        let mut requests: Vec<Request<'_>> = queued
+            .iter()
+            .map(|(st, params)| -> Request<'_> {
+                Box::pin(async move { client.execute(st, &Self::params(params)).await.map(drop) })
+            })
+            .collect();
+        requests.push(Box::pin(client.batch_execute("COMMIT")));
+        let all = async { Ok::<_, tokio_postgres::Error>(in_order(requests).await) };
+        for done in self.send(all)? {
+            done?;
+        }
+        Ok(())
+    }
+
+    /// End a dry run: `ROLLBACK` (its queued statements never run).
+    fn roll_back(mut self) -> Result<()> {
+        self.finished = true;
+        if !self.begun() {
+            return Ok(());
+        }
+        Ok(self.pg.wait(self.client()?.batch_execute("ROLLBACK"))??)
     }
 
     /// End a read without waiting: the connection goes back to the pool once its
@@ -177,7 +200,7 @@ impl Open<'_> {
         ended.map(|_| ())
     }
 
-    /// Wait for `request`; a read's deferred `BEGIN` goes first, pipelined with it.
+    /// Wait for `request`; a deferred `BEGIN` goes first, pipelined with it.
     fn send<T>(
         &self,
         request: impl Future<Output = std::result::Result<T, tokio_postgres::Error>>,
@@ -246,6 +269,44 @@ impl Conn for Open<'_> {
     fn batch(&self, sql: &str) -> Result<()> {
         self.send(self.client()?.batch_execute(sql))
     }
+
+    fn execute_at_commit(&self, statements: Vec<(String, Vec<Value>)>) -> Result<()> {
+        let mut queued = self.at_commit.borrow_mut();
+        for (sql, params) in statements {
+            queued.push((self.statement(&sql)?, params));
+        }
+        Ok(())
+    }
+}
+
+/// A request to the server, as `in_order` takes them.
+type Request<'a> = std::pin::Pin<
+    Box<dyn Future<Output = std::result::Result<(), tokio_postgres::Error>> + Send + 'a>,
+>;
+
+/// Wait for every one of `requests`, polling them in their order each time: tokio-postgres
+/// sends a request when its future is first polled, so they reach the server in this order,
+/// together (`join_all` promises no polling order).
+async fn in_order<F: Future + Unpin>(mut requests: Vec<F>) -> Vec<F::Output> {
+    let mut out: Vec<Option<F::Output>> = requests.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (request, done) in requests.iter_mut().zip(out.iter_mut()) {
+            if done.is_none() {
+                match std::pin::Pin::new(request).poll(cx) {
+                    std::task::Poll::Ready(v) => *done = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().flatten().collect()
 }
 
 fn row(r: &tokio_postgres::Row) -> Result<Row> {
@@ -323,8 +384,8 @@ impl Backend for Postgres {
         let open = self.begin(mode)?;
         f(&Tx(&open))?;
         match mode {
-            Mode::Write => open.end("COMMIT"),
-            Mode::DryRun => open.end("ROLLBACK"),
+            Mode::Write => open.commit(),
+            Mode::DryRun => open.roll_back(),
             Mode::Read => open.end_read(),
         }
     }

@@ -37,7 +37,22 @@ const MIGRATIONS: &[Migration] = &[
         version: 4,
         sql: V4,
     },
+    Migration {
+        version: 5,
+        sql: V5,
+    },
 ];
+
+/// Version 5: the audit log's lines, for a catalog shared by several nodes (audit/writer.rs
+/// `Lines::Catalog`): each line (a record or a checkpoint, exactly as a log file holds it)
+/// at its position, written in the transaction of the change it records. A node's own
+/// SQLite catalog keeps its log in a file beside it and leaves this table empty.
+const V5: &str = r#"
+CREATE TABLE IF NOT EXISTS audit_lines (
+    pos     INTEGER PRIMARY KEY,
+    line    TEXT NOT NULL
+);
+"#;
 
 /// Version 4: the `data` generation, moved by every change to the versions a question may
 /// read (an upload, a delete, a key rotation's re-wrapping), so a node can keep what it

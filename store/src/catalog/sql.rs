@@ -169,6 +169,15 @@ pub trait Conn {
     fn query(&self, sql: &str, params: &[Value]) -> Result<Vec<Row>>;
     /// Run a script of statements without parameters (the schema).
     fn batch(&self, sql: &str) -> Result<()>;
+    /// Run `statements` in order as the transaction commits: now, in a backend inside the
+    /// process; with the commit, in one round trip, in a backend across a network (a
+    /// failure then fails the commit).
+    fn execute_at_commit(&self, statements: Vec<(String, Vec<Value>)>) -> Result<()> {
+        for (sql, params) in &statements {
+            self.execute(sql, params)?;
+        }
+        Ok(())
+    }
 }
 
 /// An open catalog transaction: what the catalog's table groups and the audit writer run
@@ -187,6 +196,14 @@ impl Tx<'_> {
 
     pub fn batch(&self, sql: &str) -> Result<()> {
         self.0.batch(sql)
+    }
+
+    /// Run `statements`, in order, as the transaction commits, where the catalog is across a
+    /// network together with the commit (one round trip): the last writes of a transaction,
+    /// which nothing in it reads afterwards. A statement that fails fails the commit (and
+    /// the transaction rolls back); a transaction that is not committed never runs them.
+    pub fn execute_at_commit(&self, statements: Vec<(String, Vec<Value>)>) -> Result<()> {
+        self.0.execute_at_commit(statements)
     }
 
     /// The first row, if any.

@@ -50,7 +50,7 @@ pub(crate) async fn audit_list(
     let read = audit_read(&caller, json!({ "view": "list", "since": params.since }));
     let records = blocking(move || {
         store.record(&read)?;
-        crate::audit::list(store.audit_log().path(), &viewer, since)
+        crate::audit::list(store.audit_log(), store.catalog(), &viewer, since)
     })
     .await?;
     Ok(Json(wire::AuditRecords { records }))
@@ -66,7 +66,7 @@ async fn export_for(state: &AppState, caller: &Caller, view: &str) -> Result<Vec
         store.record(&read)?;
         store.audit_checkpoint()?;
         let mut out = Vec::new();
-        crate::audit::export(store.audit_log().path(), &viewer, &mut out)?;
+        crate::audit::export(store.audit_log(), store.catalog(), &viewer, &mut out)?;
         Ok(out)
     })
     .await

@@ -20,7 +20,7 @@ pub(crate) async fn list_users(
 ) -> Result<Json<wire::UserList>, ApiError> {
     caller.may(&state, Action::UserManage).await?;
     let store = state.store.clone();
-    let (rows, _) = blocking(move || store.catalog().role_assignments()).await?;
+    let rows = blocking(move || store.catalog().role_assignments()).await?;
     let users: Vec<wire::UserRole> = rows
         .into_iter()
         .filter(|r| r.partner == caller.partner)
