@@ -14,12 +14,21 @@ if [ -z "${ESCROW_BIN:-}" ]; then cargo build --release --bin escrow --quiet; fi
 BIN="${ESCROW_BIN:-${CARGO_TARGET_DIR:-target}/release/escrow}"
 
 # The generator's two lists of ROWS rows each in $OUT/gen-$ROWS (made once); sets GEN.
+# Past one million rows, a multiple of a million is made from the 1M lists by
+# bench/scale_lists.py (copies whose companies are renamed alike in both partners' lists: the
+# generator takes minutes per million rows); GENERATE=1 runs the generator instead.
 generate_lists() {
   GEN="$OUT/gen-$ROWS"
-  if [ ! -f "$GEN/acme.arrow" ]; then
-    echo "== generating $ROWS rows per partner"
-    python3 "$SHARED/bench/gen_accounts.py" --out "$GEN" --rows "$ROWS" > /dev/null
+  if [ -f "$GEN/acme.arrow" ]; then return; fi
+  if [ "$ROWS" -gt 1000000 ] && [ $((ROWS % 1000000)) -eq 0 ] && [ -z "${GENERATE:-}" ]; then
+    ROWS=1000000 generate_lists
+    echo "== $ROWS rows per partner: $((ROWS / 1000000)) renamed copies of the 1M lists"
+    python3 bench/scale_lists.py "$OUT/gen-1000000" "$GEN" $((ROWS / 1000000))
+    GEN="$OUT/gen-$ROWS"
+    return
   fi
+  echo "== generating $ROWS rows per partner"
+  python3 "$SHARED/bench/gen_accounts.py" --out "$GEN" --rows "$ROWS" > /dev/null
 }
 
 # Partner IDENTITY's dataset `accounts` ready for the overlap matrix with OTHER: populations by

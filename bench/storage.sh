@@ -9,7 +9,10 @@
 #   warm     median of 50 repeats a second after the first (the kept answer: catalog reads only)
 #   restart  after a server restart, a new matrix (a population added): every list read
 #            again from the object store, nothing cached
-# and the ratios PostgreSQL+S3 / default. Usage: bench/storage.sh [ROWS]
+#   peak MB  the server's peak resident memory (VmHWM) over the uploads, first and warm
+#            answers; and the restarted server's over its matrix
+# and the ratios PostgreSQL+S3 / default. Usage: bench/storage.sh [ROWS] (past 1M rows, the
+# lists are renamed copies of the 1M lists: bench/common.sh)
 source "$(dirname "$0")/common.sh"
 source bench/s3.sh
 generate_lists
@@ -72,14 +75,18 @@ run() {  # run NAME: the whole sequence on the storage the environment names
   share_for_overlap "$data/identities/acme/admin" globex
   share_for_overlap "$data/identities/globex/admin" acme
   read -r first warm < <(matrix "$data/identities/acme/admin" 50)
+  local peak
+  peak=$(awk '/VmHWM/ {print $2 / 1024}' "/proc/$PID/status")
   kill "$PID"; wait "$PID" 2>/dev/null || true
   serve "$data" "$name-restarted"
   "$BIN" population add accounts everyone --filter "status IN ('customer', 'opportunity', 'prospect')" \
     --identity "$data/identities/acme/admin" > /dev/null
   read -r restart _ < <(matrix "$data/identities/acme/admin" 0)
+  local peak_restart
+  peak_restart=$(awk '/VmHWM/ {print $2 / 1024}' "/proc/$PID/status")
   kill "$PID"; wait "$PID" 2>/dev/null || true
   PID=""
-  printf '%s %.2f %s %s %s\n' "$name" "$(python3 -c "print($t1 - $t0)")" "$first" "$warm" "$restart"
+  printf '%s %.2f %s %s %s %.0f %.0f\n' "$name" "$(python3 -c "print($t1 - $t0)")" "$first" "$warm" "$restart" "$peak" "$peak_restart"
 }
 
 echo "== $ROWS rows per list; default (SQLite + data directory), then PostgreSQL + S3 (moto)"
@@ -95,5 +102,8 @@ d, s = (line.split() for line in sys.argv[1:3])
 print(f"{'':10} {'default':>10} {'pg+s3':>10} {'ratio':>7}")
 for i, what in enumerate(["upload", "first", "warm", "restart"], start=1):
     a, b = float(d[i]), float(s[i])
-    print(f"{what:10} {a:10.3f} {b:10.3f} {b / a:7.2f}x")
+    print(f"{what:10} {a:10.4f} {b:10.4f} {b / a:7.2f}x")
+for i, what in ((5, "peak MB"), (6, "peak MB r")):
+    a, b = float(d[i]), float(s[i])
+    print(f"{what:10} {a:10.0f} {b:10.0f} {b / a:7.2f}x")
 PY

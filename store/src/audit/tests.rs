@@ -276,8 +276,18 @@ fn lines_in_a_postgres_catalog_are_one_chain_for_every_node() {
 }
 
 #[test]
-fn a_log_file_moves_into_the_catalog_once() {
-    let (_t, dir, catalog, file_log) = setup();
+fn a_log_file_moves_into_a_sqlite_catalog_once() {
+    a_log_file_moves_into_the_catalog_once(None);
+}
+
+#[test]
+fn a_log_file_moves_into_a_postgres_catalog_once() {
+    a_log_file_moves_into_the_catalog_once(Some(&TestDatabase::new()));
+}
+
+fn a_log_file_moves_into_the_catalog_once(postgres: Option<&TestDatabase>) {
+    let (_t, dir, catalog) = catalog_lines(postgres);
+    let file_log = AuditLog::open_in(&dir, Lines::File(dir.audit_log())).expect("file log");
     for i in 0..70 {
         catalog
             .write(|tx| file_log.append(tx, &event(i)))
@@ -293,24 +303,39 @@ fn a_log_file_moves_into_the_catalog_once() {
     let text = fs::read_to_string(dir.audit_log()).expect("read");
     let whole = &text[..text.rfind('\n').expect("lines") + 1];
 
+    // Two nodes starting at once: one moves it.
     let log = AuditLog::open_in(&dir, Lines::Catalog).expect("log");
-    log.take_over(&catalog, &dir.audit_log())
-        .expect("take over");
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| {
+                let c = match postgres {
+                    Some(db) => Catalog::connect(db.url()).expect("connect"),
+                    None => Catalog::open(&dir.catalog()).expect("catalog"),
+                };
+                log.take_over(&c, &dir.audit_log()).expect("take over");
+            });
+        }
+    });
     assert!(!dir.audit_log().exists());
     let mut moved = dir.audit_log().into_os_string();
     moved.push(".moved");
     assert_eq!(fs::read_to_string(&moved).expect("kept"), text);
-    assert_eq!(read_all(&log, &catalog), whole.as_bytes());
+    let moved_lines = read_all(&log, &catalog);
+    assert!(moved_lines.starts_with(whole.as_bytes()));
     // Once: a file put back later is left alone.
     fs::write(dir.audit_log(), "not a log\n").expect("file");
     log.take_over(&catalog, &dir.audit_log()).expect("again");
-    assert_eq!(read_all(&log, &catalog), whole.as_bytes());
+    assert_eq!(read_all(&log, &catalog), moved_lines);
 
     catalog
         .write(|tx| log.append(tx, &event(99)))
         .expect("append");
     let anchor = catalog.read(anchor).expect("anchor");
-    assert_eq!(anchor.seq, 71);
+    // 70 moved, the record of the move, one more
+    assert_eq!(anchor.seq, 72);
+    let records = list(&log, &catalog, &Viewer::Operator, None).expect("list");
+    assert_eq!(records[70].event.kind, "audit_moved");
+    assert_eq!(records[70].event.detail["lines"], 71);
     let v = verify(
         &read_all(&log, &catalog)[..],
         &VerifyOptions {
@@ -320,5 +345,47 @@ fn a_log_file_moves_into_the_catalog_once() {
         },
     )
     .expect("intact");
-    assert_eq!(v.records, 71);
+    assert_eq!(v.records, 72);
+}
+
+#[test]
+fn writers_sharing_one_log_take_its_locks_in_one_order() {
+    // An audited change takes the catalog's write lock with its first statement, then
+    // appends; a question's record appends first. Sharing one writer (its process mutex),
+    // on a catalog whose write lock comes with the first statement, neither may wait for
+    // the other: 4 threads, half of them changes, finish.
+    let db = TestDatabase::new();
+    for lines in ["file", "catalog"] {
+        let (_t, dir, catalog) = catalog_lines(Some(&db));
+        let log = match lines {
+            "file" => AuditLog::open_in(&dir, Lines::File(dir.audit_log())),
+            _ => AuditLog::open_in(&dir, Lines::Catalog),
+        }
+        .expect("log");
+        std::thread::scope(|s| {
+            for n in 0..4 {
+                let (log, url) = (&log, db.url());
+                s.spawn(move || {
+                    let c = Catalog::connect(url).expect("connect");
+                    for i in 0..40 {
+                        c.write(|tx| {
+                            if n % 2 == 0 {
+                                tx.execute(
+                                    "UPDATE generations SET value = value WHERE name = 'policy'",
+                                    crate::catalog::sql::params![],
+                                )?;
+                            }
+                            log.append(tx, &event(n * 100 + i))
+                        })
+                        .expect("append");
+                    }
+                });
+            }
+        });
+        let anchor = catalog.read(anchor).expect("anchor");
+        assert!(anchor.seq >= 160, "{lines}: {}", anchor.seq);
+        catalog
+            .write(|tx| tx.batch("DELETE FROM audit_lines; DELETE FROM audit_anchor"))
+            .expect("reset");
+    }
 }

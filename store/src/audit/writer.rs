@@ -123,45 +123,86 @@ impl AuditLog {
     }
 
     /// Move the lines of the log file at `path`, kept by escrow before its lines went into
-    /// a shared catalog, into the catalog, if the catalog has none yet; the file is then
-    /// renamed `*.moved` (kept, never read again). Every node sharing the directory may try:
-    /// the first one moves it, under the write lock.
+    /// a shared catalog, into the catalog, if the catalog has none yet, and record the move;
+    /// the file is renamed `*.moved` (kept, never read again). Every node sharing the
+    /// directory may try: the first one moves it, under the write lock, which every writer
+    /// of the file held too (a node of an earlier release still running finds the file gone
+    /// and refuses to write: stop them all for this upgrade).
     pub fn take_over(&self, catalog: &Catalog, path: &Path) -> Result<()> {
-        if self.lines != Lines::Catalog || !path.exists() {
+        if self.lines != Lines::Catalog {
             return Ok(());
         }
+        if !path.exists() {
+            return Ok(());
+        }
+        let moved_already = || -> Result<bool> {
+            tracing::warn!(file = %path.display(), "a log file beside the shared catalog's audit log is not read");
+            Ok(false)
+        };
+        if catalog.read(|tx| Ok(catalog_tail(tx)?.0))? > 0 {
+            return moved_already().map(drop);
+        }
+        // Read and checked before the write lock is taken: every node waits while it is held.
+        let text = match fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(audit_error(format!("reading {}: {e}", path.display()))),
+        };
+        // A torn last line was never acknowledged: the next append would have cut it off.
+        let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        let lines: Vec<&str> = whole.lines().collect();
+        let head = match lines.last() {
+            Some(line) => parse_tail(line.as_bytes()).map_err(audit_error)?.head,
+            None => Head::GENESIS,
+        };
+        let mut moved_to = path.as_os_str().to_owned();
+        moved_to.push(".moved");
         let moved = catalog.write(|tx| {
             let (last, _, anchor) = catalog_tail(tx)?;
             if last > 0 {
-                return Ok(0);
+                return moved_already();
             }
-            let mut text = match fs::read_to_string(path) {
-                Ok(t) => t,
-                // Moved by another node in the meantime.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-                Err(e) => return Err(audit_error(format!("reading {}: {e}", path.display()))),
-            };
-            // A torn last line was never acknowledged: the next append would cut it off.
-            text.truncate(text.rfind('\n').map_or(0, |i| i + 1));
-            let head = match text.lines().last() {
-                Some(line) => parse_tail(line.as_bytes()).map_err(audit_error)?.head,
-                None => Head::GENESIS,
-            };
+            if fs::metadata(path).map(|m| m.len()).ok() != Some(text.len() as u64) {
+                return Err(audit_error(format!(
+                    "{} changed while it was being moved into the catalog: start again",
+                    path.display()
+                )));
+            }
             check_anchor(head, anchor)?;
-            let lines: Vec<&str> = text.lines().collect();
             for (i, chunk) in lines.chunks(256).enumerate() {
                 let (sql, values) = insert_lines((i * 256) as i64, chunk);
                 tx.execute(&sql, &values)?;
             }
-            Ok(lines.len())
-        })?;
-        if moved > 0 {
-            let mut to = path.as_os_str().to_owned();
-            to.push(".moved");
-            fs::rename(path, &to)?;
-            tracing::info!(lines = moved, from = %path.display(), "audit log moved into the shared catalog");
+            let note = Event::new(
+                "audit_moved",
+                Actor::system(),
+                Outcome::Ok,
+                serde_json::json!({
+                    "lines": lines.len(),
+                    "from": path.display().to_string(),
+                    "reason": "the catalog is shared by several nodes: the log's lines are rows of it from here on",
+                }),
+            );
+            self.append(tx, &note)?;
+            // Renamed under the lock and before the commit, so no writer of the file can
+            // append to it after its lines were copied.
+            fs::rename(path, &moved_to)?;
+            Ok(true)
+        });
+        match moved {
+            Ok(true) => {
+                tracing::info!(lines = lines.len(), from = %path.display(), "audit log moved into the shared catalog");
+                Ok(())
+            }
+            Ok(false) => Ok(()),
+            Err(e) => {
+                // The commit failed after the rename: the file stays where it was.
+                if !path.exists() && Path::new(&moved_to).exists() {
+                    let _ = fs::rename(&moved_to, path);
+                }
+                Err(e)
+            }
         }
-        Ok(())
     }
 
     /// The public half of the signing key, hex.
@@ -194,7 +235,6 @@ impl AuditLog {
     /// Append `event`, durably, inside the caller's catalog write transaction `tx` (which
     /// also moves the anchor). If this fails the caller must fail its action.
     pub fn append(&self, tx: &Tx<'_>, event: &Event) -> Result<Head> {
-        let _local = self.local.lock().unwrap_or_else(|p| p.into_inner());
         let (target, tail, mut out) = self.begin(tx)?;
         let head = self.encode(&mut out, tail.head, event)?;
         if head.seq.is_multiple_of(CHECKPOINT_EVERY) {
@@ -207,7 +247,6 @@ impl AuditLog {
     /// Write a signed checkpoint of the current head unless the log already ends with one
     /// (or is empty). Returns the checkpoint in force afterwards, if any.
     pub fn checkpoint(&self, tx: &Tx<'_>) -> Result<Option<Checkpoint>> {
-        let _local = self.local.lock().unwrap_or_else(|p| p.into_inner());
         let (target, tail, mut out) = self.begin(tx)?;
         let head = tail.head;
         if head.seq == 0 {
@@ -224,12 +263,19 @@ impl AuditLog {
     /// Open and lock the log, find its head (cutting a torn last line off, and encoding the
     /// record of that repair into the returned buffer, whose head is then the returned
     /// one), and check it against the anchor.
-    fn begin(&self, tx: &Tx<'_>) -> Result<(Target, Tail, Vec<u8>)> {
+    ///
+    /// Locks are taken in one order by every writer: the catalog's write lock (with the
+    /// transaction's first statement, which on PostgreSQL may be this one), then this
+    /// process's mutex and the file lock (a file log only; in the catalog the write lock
+    /// alone orders appends).
+    fn begin(&self, tx: &Tx<'_>) -> Result<(Target<'_>, Tail, Vec<u8>)> {
         let (target, mut tail, anchor) = match &self.lines {
             Lines::File(path) => {
-                let mut file = self.open_locked(tx, path)?;
+                let anchor = anchor(tx)?;
+                let local = self.local.lock().unwrap_or_else(|p| p.into_inner());
+                let mut file = self.open_locked(anchor, path)?;
                 let tail = read_tail(&mut file).map_err(audit_error)?;
-                (Target::File(file), tail, anchor(tx)?)
+                (Target::File(file, local), tail, anchor)
             }
             Lines::Catalog => {
                 let (last, tail, anchor) = catalog_tail(tx).map_err(audit_error)?;
@@ -282,9 +328,9 @@ impl AuditLog {
     }
 
     /// Write `out` (durably, or in `tx`) and move the anchor to `head`.
-    fn finish(&self, tx: &Tx<'_>, target: Target, out: &[u8], head: Head) -> Result<()> {
-        let mut file = match target {
-            Target::File(file) => file,
+    fn finish(&self, tx: &Tx<'_>, target: Target<'_>, out: &[u8], head: Head) -> Result<()> {
+        let (mut file, _local) = match target {
+            Target::File(file, local) => (file, local),
             Target::Catalog { last } => {
                 // The lines and the anchor go with the commit (one round trip to a shared
                 // catalog): the last writes of the change.
@@ -316,10 +362,10 @@ impl AuditLog {
 
     /// Open the log for appending and take the exclusive lock. A missing log is created
     /// only while the anchor is at the start: otherwise it was removed, which is refused.
-    fn open_locked(&self, tx: &Tx<'_>, path: &Path) -> Result<File> {
+    fn open_locked(&self, anchor: Head, path: &Path) -> Result<File> {
         let exists = path.exists();
         if !exists {
-            let recorded = anchor(tx)?.seq;
+            let recorded = anchor.seq;
             if recorded > 0 {
                 return Err(Error::Integrity(format!(
                     "audit log {} is missing but the catalog records {recorded} entries",
@@ -498,9 +544,12 @@ fn parse_tail(line: &[u8]) -> std::io::Result<Tail> {
 }
 
 /// Where the lines of an append go: the locked file, or the catalog after line `last`.
-enum Target {
-    File(File),
-    Catalog { last: i64 },
+enum Target<'a> {
+    /// The file, locked, and this process's turn to write it.
+    File(File, std::sync::MutexGuard<'a, ()>),
+    Catalog {
+        last: i64,
+    },
 }
 
 /// A catalog log's last line number, how the chain ends there, and the anchor, in one

@@ -252,6 +252,36 @@ fn a_failed_transaction_leaves_nothing_behind(f: &Fixture) {
     c.write(|tx| identities::add_partner(tx, "acme"))
         .expect("after");
     assert_eq!(c.partners().expect("partners").len(), 1);
+
+    // Statements run at the commit: one that fails fails the commit, and nothing of the
+    // transaction stays; a transaction that fails before its commit never runs them.
+    let insert = "INSERT INTO partners (name, created_at) VALUES (?1, ?2)";
+    let at_commit = |name: &str| {
+        vec![(
+            insert.to_string(),
+            vec![Value::from(name), Value::from("2026-01-01T00:00:00Z")],
+        )]
+    };
+    let failed = c.write(|tx| {
+        identities::add_partner(tx, "globex")?;
+        tx.execute_at_commit(at_commit("acme"))
+    });
+    assert!(failed.is_err(), "a duplicate partner at the commit");
+    assert_eq!(c.partners().expect("partners").len(), 1);
+    let failed = c.write(|tx| {
+        tx.execute_at_commit(at_commit("initech"))?;
+        Err::<(), _>(Error::internal("the change fails before its commit"))
+    });
+    assert!(failed.is_err());
+    assert_eq!(c.partners().expect("partners").len(), 1);
+    c.write(|tx| tx.execute_at_commit(at_commit("initech")))
+        .expect("alone");
+    c.write(|tx| {
+        identities::add_partner(tx, "globex")?;
+        tx.execute_at_commit(at_commit("hooli"))
+    })
+    .expect("with others");
+    assert_eq!(c.partners().expect("partners").len(), 4);
 }
 
 fn versions_keys_and_deletion_with_everything_derived(f: &Fixture) {

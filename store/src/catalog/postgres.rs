@@ -160,13 +160,31 @@ impl Open<'_> {
             return Ok(());
         }
         let client = self.client()?;
+        // A statement that fails at the server aborts the transaction, and the COMMIT behind
+        // it then rolls back; one that fails before it is sent (its parameters would not
+        // encode) is seen here first, and the transaction is rolled back instead.
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let failed = &failed;
         let mut requests: Vec<Request<'_>> = queued
             .iter()
             .map(|(st, params)| -> Request<'_> {
-                Box::pin(async move { client.execute(st, &Self::params(params)).await.map(drop) })
+                Box::pin(async move {
+                    let done = client.execute(st, &Self::params(params)).await.map(drop);
+                    if done.is_err() {
+                        failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    done
+                })
             })
             .collect();
-        requests.push(Box::pin(client.batch_execute("COMMIT")));
+        requests.push(Box::pin(async move {
+            let end = if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                "ROLLBACK"
+            } else {
+                "COMMIT"
+            };
+            client.batch_execute(end).await
+        }));
         let all = async { Ok::<_, tokio_postgres::Error>(in_order(requests).await) };
         for done in self.send(all)? {
             done?;
