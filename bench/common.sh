@@ -21,10 +21,11 @@ generate_lists() {
   GEN="$OUT/gen-$ROWS"
   if [ -f "$GEN/acme.arrow" ]; then return; fi
   if [ "$ROWS" -gt 1000000 ] && [ $((ROWS % 1000000)) -eq 0 ] && [ -z "${GENERATE:-}" ]; then
+    local target="$GEN"
     ROWS=1000000 generate_lists
+    GEN="$target"
     echo "== $ROWS rows per partner: $((ROWS / 1000000)) renamed copies of the 1M lists"
     python3 bench/scale_lists.py "$OUT/gen-1000000" "$GEN" $((ROWS / 1000000))
-    GEN="$OUT/gen-$ROWS"
     return
   fi
   echo "== generating $ROWS rows per partner"

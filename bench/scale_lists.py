@@ -47,6 +47,8 @@ def copy(table, i):
 
 def main():
     src, dst, k = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    if os.path.realpath(src) == os.path.realpath(dst):
+        sys.exit("scale_lists.py: the copies must go to another directory")
     os.makedirs(dst, exist_ok=True)
     for f in sorted(os.listdir(src)):
         if not f.endswith(".arrow"):
