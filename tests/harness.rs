@@ -382,17 +382,21 @@ impl Env {
     }
 
     /// Every audit record, operator view (`escrow audit list --format json`).
+    /// The audit log's file (of the single-node default).
+    fn audit_file(&self) -> PathBuf {
+        self.data.join("audit/log.jsonl")
+    }
+
     /// The stored audit log's lines (without newlines): the data directory's file, or the
     /// catalog's rows where the catalog is PostgreSQL.
     pub fn stored_audit_lines(&self) -> Vec<String> {
         match &self.catalog {
-            None => std::fs::read_to_string(self.data.join("audit/log.jsonl"))
+            None => std::fs::read_to_string(self.audit_file())
                 .expect("audit log")
                 .lines()
                 .map(String::from)
                 .collect(),
-            Some(db) => escrow::catalog::Catalog::connect(db.url())
-                .expect("catalog")
+            Some(db) => catalog_of(db)
                 .read(|tx| tx.column("SELECT line FROM audit_lines ORDER BY pos", &[]))
                 .expect("audit lines"),
         }
@@ -403,10 +407,9 @@ impl Env {
         match &self.catalog {
             None => {
                 let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
-                std::fs::write(self.data.join("audit/log.jsonl"), text).expect("write log");
+                std::fs::write(self.audit_file(), text).expect("write log");
             }
-            Some(db) => escrow::catalog::Catalog::connect(db.url())
-                .expect("catalog")
+            Some(db) => catalog_of(db)
                 .write(|tx| {
                     tx.execute("DELETE FROM audit_lines", &[])?;
                     for (i, line) in lines.iter().enumerate() {
@@ -426,8 +429,8 @@ impl Env {
     pub fn block_audit_log(&self, blocked: bool) {
         match &self.catalog {
             None => {
-                let log = self.data.join("audit/log.jsonl");
-                let aside = self.data.join("audit/log.aside");
+                let log = self.audit_file();
+                let aside = log.with_extension("aside");
                 if blocked {
                     std::fs::rename(&log, &aside).expect("move");
                     std::fs::create_dir(&log).expect("block");
@@ -442,8 +445,7 @@ impl Env {
                 } else {
                     ("audit_lines_aside", "audit_lines")
                 };
-                escrow::catalog::Catalog::connect(db.url())
-                    .expect("catalog")
+                catalog_of(db)
                     .write(|tx| tx.batch(&format!("ALTER TABLE {from} RENAME TO {to}")))
                     .expect("rename");
             }
@@ -893,4 +895,9 @@ pub fn raw(
             .map(|v| v.to_str().expect("ascii").to_string());
         (status, retry, resp.text().await.expect("body"))
     })
+}
+
+/// A connection to a test's PostgreSQL catalog, to read or tamper with it directly.
+fn catalog_of(db: &escrow::catalog::testdb::TestDatabase) -> escrow::catalog::Catalog {
+    escrow::catalog::Catalog::connect(db.url()).expect("catalog")
 }

@@ -8,13 +8,18 @@ use crate::catalog::testdb::TestDatabase;
 use crate::datadir::DataDir;
 
 fn setup() -> (tempfile::TempDir, DataDir, Catalog, AuditLog) {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let dir = DataDir::new(tmp.path());
-    dir.create_dirs().expect("dirs");
-    crate::crypto::keys::create_secret_if_missing(&dir.audit_key()).expect("key");
-    let catalog = Catalog::open(&dir.catalog()).expect("catalog");
+    let (tmp, dir, catalog) = catalog_lines(None);
     let log = AuditLog::open_in(&dir, Lines::File(dir.audit_log())).expect("log");
     (tmp, dir, catalog, log)
+}
+
+/// Append `bytes` to the log file, as an append torn by a crash leaves them.
+fn tear(dir: &DataDir, bytes: &[u8]) {
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(dir.audit_log())
+        .expect("open");
+    f.write_all(bytes).expect("torn");
 }
 
 fn event(i: usize) -> Event {
@@ -106,12 +111,7 @@ fn torn_append_is_cut_and_recorded_and_truncation_is_refused() {
             .write(|tx| log.append(tx, &event(i)))
             .expect("append");
     }
-    let mut f = OpenOptions::new()
-        .append(true)
-        .open(dir.audit_log())
-        .expect("open");
-    f.write_all(b"{\"seq\":4,\"prev\":\"ab").expect("torn");
-    drop(f);
+    tear(&dir, b"{\"seq\":4,\"prev\":\"ab");
     let text = fs::read(dir.audit_log()).expect("read");
     let v = verify(&text[..], &opts());
     // No checkpoint yet: the key is unknown without a pin.
@@ -189,11 +189,16 @@ fn catalog_lines(postgres: Option<&TestDatabase>) -> (tempfile::TempDir, DataDir
     let dir = DataDir::new(tmp.path());
     dir.create_dirs().expect("dirs");
     crate::crypto::keys::create_secret_if_missing(&dir.audit_key()).expect("key");
-    let catalog = match postgres {
+    let catalog = connect(postgres, &dir);
+    (tmp, dir, catalog)
+}
+
+/// Another connection to the catalog of `catalog_lines` (another node's).
+fn connect(postgres: Option<&TestDatabase>, dir: &DataDir) -> Catalog {
+    match postgres {
         Some(db) => Catalog::connect(db.url()).expect("connect"),
         None => Catalog::open(&dir.catalog()).expect("catalog"),
-    };
-    (tmp, dir, catalog)
+    }
 }
 
 fn lines_in_the_catalog_are_one_chain_for_every_node(postgres: Option<&TestDatabase>) {
@@ -202,11 +207,10 @@ fn lines_in_the_catalog_are_one_chain_for_every_node(postgres: Option<&TestDatab
     // one page of lines (1024) in all.
     let nodes: Vec<(Catalog, AuditLog)> = (0..4)
         .map(|_| {
-            let c = match postgres {
-                Some(db) => Catalog::connect(db.url()).expect("connect"),
-                None => Catalog::open(&dir.catalog()).expect("catalog"),
-            };
-            (c, AuditLog::open_in(&dir, Lines::Catalog).expect("log"))
+            (
+                connect(postgres, &dir),
+                AuditLog::open_in(&dir, Lines::Catalog).expect("log"),
+            )
         })
         .collect();
     std::thread::scope(|s| {
@@ -294,12 +298,7 @@ fn a_log_file_moves_into_the_catalog_once(postgres: Option<&TestDatabase>) {
             .expect("append");
     }
     // A torn append at the end (never acknowledged) stays behind.
-    let mut f = OpenOptions::new()
-        .append(true)
-        .open(dir.audit_log())
-        .expect("open");
-    f.write_all(b"{\"seq\":71,").expect("torn");
-    drop(f);
+    tear(&dir, b"{\"seq\":71,");
     let text = fs::read_to_string(dir.audit_log()).expect("read");
     let whole = &text[..text.rfind('\n').expect("lines") + 1];
 
@@ -308,11 +307,8 @@ fn a_log_file_moves_into_the_catalog_once(postgres: Option<&TestDatabase>) {
     std::thread::scope(|s| {
         for _ in 0..2 {
             s.spawn(|| {
-                let c = match postgres {
-                    Some(db) => Catalog::connect(db.url()).expect("connect"),
-                    None => Catalog::open(&dir.catalog()).expect("catalog"),
-                };
-                log.take_over(&c, &dir.audit_log()).expect("take over");
+                log.take_over(&connect(postgres, &dir), &dir.audit_log())
+                    .expect("take over");
             });
         }
     });

@@ -58,13 +58,17 @@ impl std::fmt::Debug for AuditLog {
 
 /// The anchor kept in the catalog: the last record's sequence number and hash.
 pub fn anchor(tx: &Tx<'_>) -> Result<Head> {
-    let Some(r) = tx.row("SELECT seq, hash FROM audit_anchor WHERE id = 1", params![])? else {
-        return Ok(Head::GENESIS);
-    };
+    match tx.row("SELECT seq, hash FROM audit_anchor WHERE id = 1", params![])? {
+        Some(r) => anchor_of(r.get(0)?, r.get(1)?),
+        None => Ok(Head::GENESIS),
+    }
+}
+
+/// The anchor as its row holds it.
+fn anchor_of(seq: i64, hash: Vec<u8>) -> Result<Head> {
     Ok(Head {
-        seq: r.get::<i64>(0)? as u64,
-        hash: r
-            .get::<Vec<u8>>(1)?
+        seq: seq as u64,
+        hash: hash
             .try_into()
             .map_err(|_| Error::internal("bad audit anchor in catalog"))?,
     })
@@ -96,13 +100,12 @@ impl AuditLog {
     /// catalog is `catalog`: a file in the directory beside its own catalog, rows of a
     /// shared one (which take over a file the directory kept before, once).
     pub fn open(dir: &DataDir, catalog: &Catalog) -> Result<Self> {
-        let log = match dir.catalog_location()? {
-            Location::File(_) => Self::open_in(dir, Lines::File(dir.audit_log()))?,
-            Location::Postgres(_) => Self::open_in(dir, Lines::Catalog)?,
+        let lines = match dir.catalog_location()? {
+            Location::File(_) => Lines::File(dir.audit_log()),
+            Location::Postgres(_) => Lines::Catalog,
         };
-        if log.lines == Lines::Catalog {
-            log.take_over(catalog, &dir.audit_log())?;
-        }
+        let log = Self::open_in(dir, lines)?;
+        log.take_over(catalog, &dir.audit_log())?;
         Ok(log)
     }
 
@@ -129,18 +132,15 @@ impl AuditLog {
     /// of the file held too (a node of an earlier release still running finds the file gone
     /// and refuses to write: stop them all for this upgrade).
     pub fn take_over(&self, catalog: &Catalog, path: &Path) -> Result<()> {
-        if self.lines != Lines::Catalog {
+        if self.lines != Lines::Catalog || !path.exists() {
             return Ok(());
         }
-        if !path.exists() {
-            return Ok(());
-        }
-        let moved_already = || -> Result<bool> {
+        let left_alone = || {
             tracing::warn!(file = %path.display(), "a log file beside the shared catalog's audit log is not read");
-            Ok(false)
         };
         if catalog.read(|tx| Ok(catalog_tail(tx)?.0))? > 0 {
-            return moved_already().map(drop);
+            left_alone();
+            return Ok(());
         }
         // Read and checked before the write lock is taken: every node waits while it is held.
         let text = match fs::read_to_string(path) {
@@ -160,7 +160,8 @@ impl AuditLog {
         let moved = catalog.write(|tx| {
             let (last, _, anchor) = catalog_tail(tx)?;
             if last > 0 {
-                return moved_already();
+                left_alone();
+                return Ok(false);
             }
             if fs::metadata(path).map(|m| m.len()).ok() != Some(text.len() as u64) {
                 return Err(audit_error(format!(
@@ -208,10 +209,6 @@ impl AuditLog {
     /// The public half of the signing key, hex.
     pub fn public_key(&self) -> &str {
         &self.public_key
-    }
-
-    pub fn lines(&self) -> &Lines {
-        &self.lines
     }
 
     /// The log as the bytes of its JSON-lines file, oldest line first, for the views and
@@ -364,14 +361,12 @@ impl AuditLog {
     /// only while the anchor is at the start: otherwise it was removed, which is refused.
     fn open_locked(&self, anchor: Head, path: &Path) -> Result<File> {
         let exists = path.exists();
-        if !exists {
-            let recorded = anchor.seq;
-            if recorded > 0 {
-                return Err(Error::Integrity(format!(
-                    "audit log {} is missing but the catalog records {recorded} entries",
-                    path.display()
-                )));
-            }
+        if !exists && anchor.seq > 0 {
+            return Err(Error::Integrity(format!(
+                "audit log {} is missing but the catalog records {} entries",
+                path.display(),
+                anchor.seq
+            )));
         }
         let file = OpenOptions::new()
             .read(true)
@@ -571,13 +566,7 @@ fn catalog_tail(tx: &Tx<'_>) -> Result<(i64, Tail, Head)> {
         None => (0, Tail::EMPTY),
     };
     let anchor = match row.get::<Option<i64>>(2)? {
-        Some(seq) => Head {
-            seq: seq as u64,
-            hash: row
-                .get::<Vec<u8>>(3)?
-                .try_into()
-                .map_err(|_| Error::internal("bad audit anchor in catalog"))?,
-        },
+        Some(seq) => anchor_of(seq, row.get(3)?)?,
         None => Head::GENESIS,
     };
     Ok((last, tail, anchor))
