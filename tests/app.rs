@@ -22,7 +22,7 @@ fn csv(path: &std::path::Path, n: usize) {
 async fn an_application_built_in_process_serves_typed_answers_and_audits_its_life() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = DataDir::new(tmp.path().join("data"));
-    escrow::admin::init(&dir).unwrap();
+    escrow::admin::init(&dir, &[]).unwrap();
     let bundle = escrow::admin::add_partner(&dir, "acme").unwrap();
 
     let app = Application::build(Config {

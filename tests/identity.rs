@@ -130,6 +130,79 @@ fn init_is_idempotent_and_keeps_keys() {
     }
 }
 
+/// GET /v1/whoami at `https://NAME:PORT` as acme's admin, with NAME resolved to 127.0.0.1
+/// (as a client whose DNS names the escrow's host would): the status, or the error.
+fn whoami_at(env: &Env, name: &str, port: u16) -> Result<u16, String> {
+    let config = escrow::server::tls::client_config(&env.bundle("acme")).expect("tls config");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    rt.block_on(async {
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(config)
+            .resolve(name, std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+            .build()
+            .expect("client");
+        let resp = http
+            .get(format!("https://{name}:{port}/v1/whoami"))
+            .send()
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        Ok(resp.status().as_u16())
+    })
+}
+
+#[test]
+fn init_hostname_names_the_server_for_its_clients() {
+    let env = Env::new();
+    let cert = || std::fs::read(env.data.join("tls/server.pem")).expect("server cert");
+    let before = cert();
+    // A name that is neither a DNS name nor an address is refused, and nothing changes.
+    env.op(&["init", "--hostname", "bad name!"])
+        .fails_with("neither a DNS name nor an IP address");
+    assert_eq!(cert(), before);
+
+    let out = env
+        .op(&[
+            "init",
+            "--hostname",
+            "escrow.test",
+            "--hostname",
+            "10.0.0.7",
+        ])
+        .ok();
+    assert!(
+        out.stdout
+            .contains("server certificate names: 10.0.0.7, 127.0.0.1, ::1, escrow.test, localhost"),
+        "{}",
+        out.stdout
+    );
+    let issued = cert();
+    assert_ne!(issued, before, "issued again for the new names");
+    // The same names again, or none: the certificate stays.
+    env.op(&[
+        "init",
+        "--hostname",
+        "ESCROW.test",
+        "--hostname",
+        "10.0.0.7",
+    ])
+    .ok();
+    env.op(&["init"]).ok();
+    assert_eq!(cert(), issued);
+
+    let server = env.serve(&[]);
+    assert_eq!(whoami_at(&env, "escrow.test", server.port()), Ok(200));
+    // A name the certificate does not carry fails the handshake.
+    let e = whoami_at(&env, "other.test", server.port()).expect_err("not its name");
+    assert!(
+        e.contains("NotValidForName") || e.contains("certificate"),
+        "{e}"
+    );
+    env.cli(&server, "acme", &["whoami"]).ok();
+}
+
 #[test]
 fn sigterm_stops_gracefully() {
     let env = Env::new();

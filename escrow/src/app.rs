@@ -96,7 +96,7 @@ impl Application {
             );
         }
         let dir = config.data_dir.clone();
-        let report = crate::admin::init(&dir)?;
+        let report = crate::admin::init(&dir, &[])?;
         if report.created_anything() {
             tracing::info!(data_dir = %dir.root().display(), ?report, "initialised data directory");
         }

@@ -218,10 +218,10 @@ impl QueryService {
         let outcome = match checked.into_allowed(caller) {
             Err(e) => Err(e),
             Ok((_, _, None)) => Ok(Cost::default()),
-            Ok((_, _, Some((p, charges)))) => {
-                self.charge(caller, charges, p.epsilon.as_f64(), fp, None)
-                    .await
-            }
+            Ok((_, _, Some((p, charges)))) => self
+                .charge(caller, charges, p.epsilon.as_f64(), fp, None)
+                .await
+                .map(|c| c.cost),
         };
         let (refusal, cost) = match outcome {
             Ok(c) => (None, Some(c)),

@@ -577,7 +577,7 @@ impl QueryService {
             .iter()
             .map(|s| s.version.version_id.clone())
             .collect();
-        let cost = self
+        let mut charged = self
             .charge(
                 caller,
                 vec![plan.charge],
@@ -588,20 +588,21 @@ impl QueryService {
             .await?;
         on_charge();
         // Asked again on the same data: the cells released the first time, without running.
-        let (released, applied, sensitivity) =
-            match self.released_before(caller, fp, cost.repeated).await? {
-                Some(bytes) => kept_matrix::decode(&bytes)?,
-                None => {
-                    let fresh = self
-                        .release_matrix(first, second, req, max_groups, (min_entities, epsilon), fp)
-                        .await;
-                    self.keep_outcome(caller, fp, versions.clone(), &fresh, |m| {
-                        Ok(kept_matrix::encode(m))
-                    })
+        let before = self.released_before(caller, fp, &mut charged).await?;
+        let cost = charged.cost;
+        let (released, applied, sensitivity) = match before {
+            Some(bytes) => kept_matrix::decode(&bytes)?,
+            None => {
+                let fresh = self
+                    .release_matrix(first, second, req, max_groups, (min_entities, epsilon), fp)
                     .await;
-                    fresh?
-                }
-            };
+                self.keep_outcome(caller, fp, versions.clone(), &fresh, |m| {
+                    Ok(kept_matrix::encode(m))
+                })
+                .await;
+                fresh?
+            }
+        };
         // Every cell is released (one ε-release of the whole matrix); the caller sees the
         // ones of populations shared with it.
         let released: Vec<ReleasedCell> = released
@@ -785,7 +786,7 @@ impl QueryService {
             )
             .await
         {
-            Ok(c) => (None, Some(c)),
+            Ok(c) => (None, Some(c.cost)),
             Err(e) => (Some(Explanation::refusal_of(e)?), None),
         };
         Ok(Explanation {

@@ -47,6 +47,35 @@ pub const MAX_FAN_OUT: u64 = 100;
 /// Table instances a question on another partner's data may read.
 pub const MAX_TABLE_INSTANCES: usize = 8;
 
+tokio::task_local! {
+    /// The catalog's generations read with the caller's identity, and when, until a policy
+    /// read of the same request takes them ([`request_scope`]).
+    static WITH_CALLER: std::cell::Cell<Option<(std::time::Instant, crate::catalog::Generations)>>;
+}
+
+/// How long the generations read with the caller stand in for a read of them: a request
+/// that waited longer (for admission, say) reads them again.
+const WITH_CALLER_FOR: Duration = Duration::from_millis(100);
+
+/// Run one request's handling, in which the generations read with its caller's identity
+/// ([`read_with_caller`]) stand in for the first read of them: one round trip fewer on a
+/// shared catalog, and the request's own view (it read them on arrival).
+pub async fn request_scope<F: Future>(f: F) -> F::Output {
+    WITH_CALLER.scope(std::cell::Cell::new(None), f).await
+}
+
+/// Note the generations read with the caller's identity, inside [`request_scope`].
+pub fn generations_with_caller(at: crate::catalog::Generations) {
+    let _ = WITH_CALLER.try_with(|c| c.set(Some((std::time::Instant::now(), at))));
+}
+
+/// The generations noted with this request's caller, once, if read recently; none outside
+/// a request.
+fn read_with_caller() -> Option<crate::catalog::Generations> {
+    let (read, at) = WITH_CALLER.try_with(|c| c.take()).ok().flatten()?;
+    (read.elapsed() < WITH_CALLER_FOR).then_some(at)
+}
+
 /// Limits of query execution.
 #[derive(Debug, Clone)]
 pub struct QueryConfig {
@@ -135,6 +164,13 @@ pub struct BudgetView {
     /// question: √(Σ ε²) over its questions (zCDP composition, `Catalog::spend`).
     pub spent: f64,
     pub budget: f64,
+}
+
+/// A question's charge: what it cost, and what is kept for it when the read that found it
+/// paid read that too (`Catalog::spend`: one round trip fewer on a shared catalog).
+pub(crate) struct Charged {
+    pub(crate) cost: Cost,
+    kept: Option<Option<Vec<u8>>>,
 }
 
 /// What an answer cost.
@@ -236,9 +272,15 @@ impl QueryService {
         &self,
     ) -> Result<(Arc<PolicySet>, crate::catalog::Generations)> {
         let mut cached = self.policies.lock().await;
-        let store = self.store.clone();
-        // Read from the catalog: a change made on another node moves it too.
-        let at = blocking(move || store.catalog().generations()).await?;
+        // Read from the catalog (a change made on another node moves it too): with the
+        // caller's identity when this request read it, else now.
+        let at = match read_with_caller() {
+            Some(at) => at,
+            None => {
+                let store = self.store.clone();
+                blocking(move || store.catalog().generations()).await?
+            }
+        };
         let generation = at.policy;
         if let Some((g, set)) = cached.as_ref()
             && *g == generation
@@ -327,7 +369,7 @@ impl QueryService {
             None => None,
             Some((mut p, charges)) => {
                 p.noise = Noise::new(self.noise_key.clone(), fp);
-                cost = self
+                let mut charged = self
                     .charge(
                         caller,
                         charges,
@@ -337,7 +379,9 @@ impl QueryService {
                     )
                     .await?;
                 on_charge(trace);
-                if let Some(bytes) = self.released_before(caller, fp, cost.repeated).await? {
+                let before = self.released_before(caller, fp, &mut charged).await?;
+                cost = charged.cost;
+                if let Some(bytes) = before {
                     let answer = kept::decode(&bytes)?;
                     return Ok(QueryOutcome { answer, cost });
                 }
@@ -379,12 +423,16 @@ impl QueryService {
         &self,
         caller: &str,
         fingerprint: [u8; 32],
-        repeated: bool,
+        charged: &mut Charged,
     ) -> Result<Option<Vec<u8>>> {
-        if !repeated {
+        if !charged.cost.repeated {
             return Ok(None);
         }
-        match self.kept(caller, fingerprint).await? {
+        let kept = match charged.kept.take() {
+            Some(read_with_charge) => read_with_charge.map(Kept::from_bytes),
+            None => self.kept(caller, fingerprint).await?,
+        };
+        match kept {
             Some(Kept::Released(bytes)) => Ok(Some(bytes)),
             Some(Kept::NotAnswered(why)) if why == "running" => Err(not_run_again(
                 "it is running now, or the server stopped while it ran",
@@ -584,7 +632,7 @@ impl QueryService {
         epsilon: f64,
         fingerprint: [u8; 32],
         versions: Option<Vec<String>>,
-    ) -> Result<Cost> {
+    ) -> Result<Charged> {
         let (store, who, fp_hex) = (
             self.store.clone(),
             caller.to_string(),
@@ -604,18 +652,21 @@ impl QueryService {
             crate::faults::hit("query.charged")?;
         }
         match spent {
-            Spend::Charged { new, totals } => Ok(Cost {
-                repeated: !new,
-                epsilon_spent: if new { epsilon } else { 0.0 },
-                budgets: charges
-                    .iter()
-                    .zip(totals)
-                    .map(|(c, spent)| BudgetView {
-                        dataset: format!("{}.{}", c.owner, c.dataset),
-                        spent,
-                        budget: c.budget,
-                    })
-                    .collect(),
+            Spend::Charged { new, totals, kept } => Ok(Charged {
+                cost: Cost {
+                    repeated: !new,
+                    epsilon_spent: if new { epsilon } else { 0.0 },
+                    budgets: charges
+                        .iter()
+                        .zip(totals)
+                        .map(|(c, spent)| BudgetView {
+                            dataset: format!("{}.{}", c.owner, c.dataset),
+                            spent,
+                            budget: c.budget,
+                        })
+                        .collect(),
+                },
+                kept,
             }),
             Spend::Exhausted { charge: c, spent } => Err(Error::refused(
                 "budget_exhausted",

@@ -29,8 +29,12 @@ impl InitReport {
     }
 }
 
-/// Create whatever is missing of the data directory. Never overwrites keys.
-pub fn init(dir: &DataDir) -> Result<InitReport> {
+/// Create whatever is missing of the data directory. Never overwrites keys but the server
+/// certificate's, when `hostnames` (`init --hostname`) are not the names it was issued for
+/// (besides localhost, 127.0.0.1 and ::1, which it always names).
+pub fn init(dir: &DataDir, hostnames: &[String]) -> Result<InitReport> {
+    // A bad name is refused before anything is written.
+    pki::server_names_for(hostnames)?;
     dir.create_dirs()?;
     let mut report = InitReport {
         kek: match dir.kek_source()?.current {
@@ -49,7 +53,7 @@ pub fn init(dir: &DataDir) -> Result<InitReport> {
         pki::write_crl(dir, &revoked, number)?;
         report.crl = true;
     }
-    report.server_cert = pki::create_server_cert_if_missing(dir)?;
+    report.server_cert = pki::create_server_cert(dir, hostnames)?;
     Ok(report)
 }
 

@@ -81,23 +81,101 @@ fn load_issuer(dir: &DataDir) -> Result<Issuer<'static, KeyPair>> {
     Issuer::from_ca_cert_pem(&cert_pem, key).map_err(pki_err("CA certificate"))
 }
 
-/// Create the server certificate (localhost, 127.0.0.1, ::1) if missing.
-pub fn create_server_cert_if_missing(dir: &DataDir) -> Result<bool> {
+/// The names every server certificate carries, for a client on the escrow's own host.
+const LOCAL_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
+
+/// One name of the server certificate: an IP address, or a DNS name (checked as rustls
+/// checks the name a client asks for).
+fn server_name(name: &str) -> Result<SanType> {
+    if let Ok(ip) = name.parse::<std::net::IpAddr>() {
+        return Ok(SanType::IpAddress(ip));
+    }
+    let bad = || {
+        Error::bad(
+            "bad_hostname",
+            format!("--hostname {name:?}: neither a DNS name nor an IP address"),
+        )
+    };
+    rustls_pki_types::DnsName::try_from(name).map_err(|_| bad())?;
+    Ok(SanType::DnsName(
+        name.to_ascii_lowercase().try_into().map_err(|_| bad())?,
+    ))
+}
+
+/// A name as the certificate's list is compared: DNS names lowercased, addresses as text.
+fn san_text(san: &SanType) -> Option<String> {
+    match san {
+        SanType::DnsName(n) => Some(n.as_str().to_ascii_lowercase()),
+        SanType::IpAddress(ip) => Some(ip.to_string()),
+        _ => None,
+    }
+}
+
+/// The DNS names and addresses the server certificate at `path` is issued for.
+fn names_in(path: &Path) -> Result<std::collections::BTreeSet<String>> {
+    use x509_parser::extensions::GeneralName;
+    let pem = fs::read(path)?;
+    let bad = || Error::internal(format!("{} is not a certificate", path.display()));
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).map_err(|_| bad())?;
+    let cert = pem.parse_x509().map_err(|_| bad())?;
+    let mut names = std::collections::BTreeSet::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            match n {
+                GeneralName::DNSName(d) => {
+                    names.insert(d.to_ascii_lowercase());
+                }
+                GeneralName::IPAddress(b) => {
+                    let ip = match b.len() {
+                        4 => <[u8; 4]>::try_from(*b).map(std::net::IpAddr::from).ok(),
+                        16 => <[u8; 16]>::try_from(*b).map(std::net::IpAddr::from).ok(),
+                        _ => None,
+                    };
+                    names.extend(ip.map(|ip| ip.to_string()));
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(names)
+}
+
+/// The names a server certificate for `hostnames` carries (`bad_hostname` if one is not a
+/// name or an address).
+pub fn server_names_for(hostnames: &[String]) -> Result<Vec<SanType>> {
+    let mut wanted = Vec::new();
+    for name in LOCAL_NAMES
+        .iter()
+        .copied()
+        .chain(hostnames.iter().map(String::as_str))
+    {
+        let san = server_name(name)?;
+        if !wanted.iter().any(|w| san_text(w) == san_text(&san)) {
+            wanted.push(san);
+        }
+    }
+    Ok(wanted)
+}
+
+/// Create the server certificate if missing, for localhost, 127.0.0.1, ::1 and `hostnames`
+/// (`init --hostname`: DNS names and IP addresses); with `hostnames`, issue it again (a new
+/// key too) if it names anything else. Returns whether it was written.
+pub fn create_server_cert(dir: &DataDir, hostnames: &[String]) -> Result<bool> {
+    let wanted = server_names_for(hostnames)?;
     if dir.server_key().exists() && dir.server_cert().exists() {
-        return Ok(false);
+        let same = || -> Result<bool> {
+            let want: std::collections::BTreeSet<String> =
+                wanted.iter().filter_map(san_text).collect();
+            Ok(names_in(&dir.server_cert())? == want)
+        };
+        if hostnames.is_empty() || same()? {
+            return Ok(false);
+        }
     }
     let issuer = load_issuer(dir)?;
     let key = KeyPair::generate().map_err(pki_err("server key"))?;
-    let mut params = CertificateParams::new(vec!["localhost".to_string()])
-        .map_err(pki_err("server certificate"))?;
-    params
-        .subject_alt_names
-        .push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
-    params
-        .subject_alt_names
-        .push(SanType::IpAddress(std::net::IpAddr::from(
-            std::net::Ipv6Addr::LOCALHOST,
-        )));
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = wanted;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, "escrow server");
     params.distinguished_name = dn;
@@ -113,6 +191,11 @@ pub fn create_server_cert_if_missing(dir: &DataDir) -> Result<bool> {
     fsutil::atomic_write(&dir.server_key(), key.serialize_pem().as_bytes(), true)?;
     fsutil::atomic_write(&dir.server_cert(), cert.pem().as_bytes(), false)?;
     Ok(true)
+}
+
+/// The names of the server certificate in `dir`, for the operator.
+pub fn server_names(dir: &DataDir) -> Result<Vec<String>> {
+    Ok(names_in(&dir.server_cert())?.into_iter().collect())
 }
 
 /// A freshly issued identity: PEM cert and key, and the serial in hex.

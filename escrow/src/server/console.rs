@@ -285,7 +285,7 @@ async fn login(
     let store = state.store.clone();
     let serial = identity.serial.clone();
     let active = match blocking(move || store.catalog().active_identity(&serial)).await {
-        Ok(a) => a,
+        Ok((a, _)) => a,
         Err(e) => return e.into_response(),
     };
     let Some(id) = active.filter(|i| i.partner == identity.partner && i.user == identity.user)

@@ -203,8 +203,9 @@ fn connect(postgres: Option<&TestDatabase>, dir: &DataDir) -> Catalog {
 
 fn lines_in_the_catalog_are_one_chain_for_every_node(postgres: Option<&TestDatabase>) {
     let (_t, dir, catalog) = catalog_lines(postgres);
-    // Four nodes, each with its own connection and writer, appending at once; more than
-    // one page of lines (1024) in all.
+    // Four nodes, each with its own connection and writer, appending at once (half of them
+    // records of their own, which follow on from the node's last record when they can);
+    // more than one page of lines (1024) in all.
     let nodes: Vec<(Catalog, AuditLog)> = (0..4)
         .map(|_| {
             (
@@ -217,8 +218,12 @@ fn lines_in_the_catalog_are_one_chain_for_every_node(postgres: Option<&TestDatab
         for (n, (c, log)) in nodes.iter().enumerate() {
             s.spawn(move || {
                 for i in 0..260 {
-                    c.write(|tx| log.append(tx, &event(n * 1000 + i)))
-                        .expect("append");
+                    if i % 2 == 0 {
+                        c.write(|tx| log.append(tx, &event(n * 1000 + i)))
+                            .expect("append");
+                    } else {
+                        record(c, log, &event(n * 1000 + i)).expect("record");
+                    }
                 }
             });
         }
@@ -267,6 +272,70 @@ fn lines_in_the_catalog_are_one_chain_for_every_node(postgres: Option<&TestDatab
         .write(|tx| log.append(tx, &event(2)))
         .expect_err("refused");
     assert!(matches!(e, Error::Integrity(_)), "{e}");
+}
+
+fn a_record_follows_on_only_from_the_last_line(postgres: Option<&TestDatabase>) {
+    let (_t, dir, catalog) = catalog_lines(postgres);
+    let log = AuditLog::open_in(&dir, Lines::Catalog).expect("log");
+    let other = connect(postgres, &dir);
+    let other_log = AuditLog::open_in(&dir, Lines::Catalog).expect("log");
+    let lines = |c: &Catalog| read_all(&log, c).split(|b| *b == b'\n').count() - 1;
+    // The first record reads the tail; the next ones follow on from it.
+    for i in 0..3 {
+        record(&catalog, &log, &event(i)).expect("record");
+        assert_eq!(log.following(), Some(lines(&catalog) as i64), "{i}");
+    }
+    // Another node's record comes in between: the follow-on fails, leaves no line, and the
+    // record is made after the other node's.
+    record(&other, &other_log, &event(10)).expect("other");
+    record(&catalog, &log, &event(3)).expect("after the other's");
+    // An audited change of this node: what it followed is behind.
+    catalog
+        .write(|tx| log.append(tx, &event(4)))
+        .expect("change");
+    assert_eq!(log.following(), None);
+    let pinned = VerifyOptions {
+        public_key: Some(log.public_key().to_string()),
+        ..opts()
+    };
+    let v = verify(&read_all(&log, &catalog)[..], &pinned).expect("intact");
+    assert_eq!(v.records, 6);
+    let text = String::from_utf8(read_all(&log, &catalog)).expect("utf-8");
+    let order: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split("SELECT ").nth(1)?.split('"').next())
+        .collect();
+    assert_eq!(order, ["0", "1", "2", "10", "3", "4"]);
+
+    // A writer following a line that is no longer the last (lines cut behind the anchor)
+    // adds nothing: its insert is refused, and the record the usual way finds the cut.
+    let (_t, dir, catalog) = catalog_lines(postgres);
+    let log = AuditLog::open_in(&dir, Lines::Catalog).expect("log");
+    for i in 0..5 {
+        record(&catalog, &log, &event(i)).expect("record");
+    }
+    catalog
+        .write(|tx| {
+            tx.execute(
+                "DELETE FROM audit_lines WHERE pos > 2",
+                crate::catalog::sql::params![],
+            )
+        })
+        .expect("cut");
+    let before = read_all(&log, &catalog);
+    let e = record(&catalog, &log, &event(9)).expect_err("refused");
+    assert!(matches!(e, Error::Integrity(_)), "{e}");
+    assert_eq!(read_all(&log, &catalog), before, "no gap, no line");
+}
+
+#[test]
+fn a_record_follows_on_only_from_the_last_line_in_sqlite() {
+    a_record_follows_on_only_from_the_last_line(None);
+}
+
+#[test]
+fn a_record_follows_on_only_from_the_last_line_in_postgres() {
+    a_record_follows_on_only_from_the_last_line(Some(&TestDatabase::new()));
 }
 
 #[test]

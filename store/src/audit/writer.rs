@@ -45,7 +45,16 @@ pub struct AuditLog {
     public_key: String,
     /// Serialises this process's appends (other processes are kept out by the file lock).
     local: Mutex<()>,
+    /// A catalog log: where this node's last record left the chain (its last line number
+    /// and head), for [`record`] to follow on in one round trip.
+    followed: Mutex<Option<(i64, Head)>>,
+    /// Records left to make the usual way after a follow-on failed (another node had
+    /// appended): while nodes take turns, trying first would cost a round trip each time.
+    pause: std::sync::atomic::AtomicU32,
 }
+
+/// Records made the usual way after a follow-on append failed.
+const FOLLOW_PAUSE: u32 = 16;
 
 impl std::fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -122,6 +131,8 @@ impl AuditLog {
             key,
             public_key,
             local: Mutex::new(()),
+            followed: Mutex::new(None),
+            pause: std::sync::atomic::AtomicU32::new(0),
         })
     }
 
@@ -232,13 +243,82 @@ impl AuditLog {
     /// Append `event`, durably, inside the caller's catalog write transaction `tx` (which
     /// also moves the anchor). If this fails the caller must fail its action.
     pub fn append(&self, tx: &Tx<'_>, event: &Event) -> Result<Head> {
+        // Whatever this node followed is behind once this commits.
+        self.followed().take();
+        Ok(self.append_at(tx, event)?.0)
+    }
+
+    /// [`AuditLog::append`]; and for a catalog log, the last line number it writes.
+    fn append_at(&self, tx: &Tx<'_>, event: &Event) -> Result<(Head, Option<i64>)> {
         let (target, tail, mut out) = self.begin(tx)?;
-        let head = self.encode(&mut out, tail.head, event)?;
+        let head = self.encode_record(&mut out, tail.head, event)?;
+        let last = self.finish(tx, target, &out, head)?;
+        Ok((head, last))
+    }
+
+    /// Encode `event` after `head` into `out`, with a checkpoint when one is due.
+    fn encode_record(&self, out: &mut Vec<u8>, head: Head, event: &Event) -> Result<Head> {
+        let head = self.encode(out, head, event)?;
         if head.seq.is_multiple_of(CHECKPOINT_EVERY) {
-            self.encode_checkpoint(&mut out, head)?;
+            self.encode_checkpoint(out, head)?;
         }
-        self.finish(tx, target, &out, head)?;
         Ok(head)
+    }
+
+    fn followed(&self) -> std::sync::MutexGuard<'_, Option<(i64, Head)>> {
+        self.followed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Record `event` in a catalog log right after this node's last record, in a write
+    /// transaction of nothing but its lines and anchor (one round trip to a shared catalog:
+    /// no tail read). `None` when it cannot be tried or did not commit: the lines' numbers
+    /// are the table's key, so if any other record came in between, the insert fails and
+    /// the transaction rolls back, leaving the chain as it was; the caller then records the
+    /// usual way (so does every record while a fault is armed at the append: crash tests
+    /// count its hits).
+    fn record_following(&self, catalog: &Catalog, event: &Event) -> Result<Option<Head>> {
+        use std::sync::atomic::Ordering;
+        if self.lines != Lines::Catalog || crate::faults::is_armed("audit.written") {
+            return Ok(None);
+        }
+        if self
+            .pause
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Ok(None);
+        }
+        // Taken, not held: another append of this node meanwhile goes the usual way.
+        let Some((last, head)) = self.followed().take() else {
+            return Ok(None);
+        };
+        let mut out = Vec::new();
+        let head = self.encode_record(&mut out, head, event)?;
+        match catalog.write(|tx| queue_lines(tx, last, &out, head)) {
+            Ok(end) => {
+                self.follow(end, head);
+                Ok(Some(head))
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "audit: another record came first; recording again");
+                self.pause.store(FOLLOW_PAUSE, Ordering::Relaxed);
+                Ok(None)
+            }
+        }
+    }
+
+    /// The last line number a record of this node would follow on from, if any.
+    #[cfg(test)]
+    pub(crate) fn following(&self) -> Option<i64> {
+        self.followed().map(|(last, _)| last)
+    }
+
+    /// After a commit: this node's records end at line `last`, with `head`.
+    fn follow(&self, last: i64, head: Head) {
+        let mut followed = self.followed();
+        if followed.is_none_or(|(at, _)| at < last) {
+            *followed = Some((last, head));
+        }
     }
 
     /// Write a signed checkpoint of the current head unless the log already ends with one
@@ -324,22 +404,21 @@ impl AuditLog {
         Ok((target, tail, out))
     }
 
-    /// Write `out` (durably, or in `tx`) and move the anchor to `head`.
-    fn finish(&self, tx: &Tx<'_>, target: Target<'_>, out: &[u8], head: Head) -> Result<()> {
+    /// Write `out` (durably, or in `tx`) and move the anchor to `head`; a catalog log's
+    /// last line number afterwards.
+    fn finish(
+        &self,
+        tx: &Tx<'_>,
+        target: Target<'_>,
+        out: &[u8],
+        head: Head,
+    ) -> Result<Option<i64>> {
         let (mut file, _local) = match target {
             Target::File(file, local) => (file, local),
             Target::Catalog { last } => {
-                // The lines and the anchor go with the commit (one round trip to a shared
-                // catalog): the last writes of the change.
-                let text = std::str::from_utf8(out).map_err(Error::internal)?;
-                let lines = insert_lines(last, &text.lines().collect::<Vec<_>>());
-                let anchor = vec![
-                    Value::from(head.seq as i64),
-                    Value::from(head.hash.to_vec()),
-                ];
-                tx.execute_at_commit(vec![lines, (SET_ANCHOR.to_string(), anchor)])
-                    .map_err(audit_error)?;
-                return crate::faults::hit("audit.written").map_err(audit_error);
+                let end = queue_lines(tx, last, out, head)?;
+                crate::faults::hit("audit.written").map_err(audit_error)?;
+                return Ok(Some(end));
             }
         };
         let mut rest = out;
@@ -354,7 +433,8 @@ impl AuditLog {
         file.write_all(rest).map_err(audit_error)?;
         file.sync_data().map_err(audit_error)?;
         crate::faults::hit("audit.written").map_err(audit_error)?;
-        set_anchor(tx, head)
+        set_anchor(tx, head)?;
+        Ok(None)
     }
 
     /// Open the log for appending and take the exclusive lock. A missing log is created
@@ -572,15 +652,40 @@ fn catalog_tail(tx: &Tx<'_>) -> Result<(i64, Tail, Head)> {
     Ok((last, tail, anchor))
 }
 
+/// Queue `out`'s lines after line `last`, and the anchor at `head`, for `tx`'s commit (one
+/// round trip to a shared catalog: the last writes of the change); the last line number
+/// they take.
+fn queue_lines(tx: &Tx<'_>, last: i64, out: &[u8], head: Head) -> Result<i64> {
+    let text = std::str::from_utf8(out).map_err(Error::internal)?;
+    let lines: Vec<&str> = text.lines().collect();
+    let insert = insert_lines(last, &lines);
+    let anchor = vec![
+        Value::from(head.seq as i64),
+        Value::from(head.hash.to_vec()),
+    ];
+    tx.execute_at_commit(vec![insert, (SET_ANCHOR.to_string(), anchor)])
+        .map_err(audit_error)?;
+    Ok(last + lines.len() as i64)
+}
+
 /// The statement inserting `lines` (at least one) after line `last`.
+///
+/// Guarded: unless `last` is the table's last line when it runs, the first line is NULL,
+/// which the table refuses, and the transaction fails (never a gap or a fork in the chain,
+/// also for a writer that did not read the tail in its transaction: `record_following`).
 fn insert_lines(last: i64, lines: &[&str]) -> (String, Vec<Value>) {
     let mut sql = String::from("INSERT INTO audit_lines (pos, line) VALUES ");
-    let mut values = Vec::with_capacity(lines.len() * 2);
+    let mut values = Vec::with_capacity(lines.len() * 2 + 1);
+    values.push(Value::from(last));
     for (i, line) in lines.iter().enumerate() {
-        if i > 0 {
-            sql.push_str(", ");
+        let (pos, text) = (2 * i + 2, 2 * i + 3);
+        if i == 0 {
+            sql.push_str(&format!(
+                "(?{pos}, CASE WHEN COALESCE((SELECT MAX(pos) FROM audit_lines), 0) = ?1 THEN ?{text} END)"
+            ));
+        } else {
+            sql.push_str(&format!(", (?{pos}, ?{text})"));
         }
-        sql.push_str(&format!("(?{}, ?{})", 2 * i + 1, 2 * i + 2));
         values.push(Value::from(last + 1 + i as i64));
         values.push(Value::from(*line));
     }
@@ -649,7 +754,14 @@ impl Read for LogReader<'_> {
 
 /// Record `event` on its own (questions, refusals), in its own catalog transaction.
 pub fn record(catalog: &Catalog, log: &AuditLog, event: &Event) -> Result<Head> {
-    catalog.write(|tx| log.append(tx, event))
+    if let Some(head) = log.record_following(catalog, event)? {
+        return Ok(head);
+    }
+    let (head, last) = catalog.write(|tx| log.append_at(tx, event))?;
+    if let Some(last) = last {
+        log.follow(last, head);
+    }
+    Ok(head)
 }
 
 /// One audited change: the event it records and the catalog write transaction it commits in.

@@ -182,8 +182,11 @@ fn partners_identities_and_the_crl(f: &Fixture) {
         (g.0, g.1)
     };
     assert_eq!(identities(&c), (3, 0));
+    // Read with the generations, in one statement: the same as read alone.
+    let (ana, at) = c.active_identity("0b").expect("active");
+    assert_eq!(at, c.generations().expect("generations"));
     assert_eq!(
-        c.active_identity("0b").expect("active"),
+        ana,
         Some(IdentityRow {
             partner: "acme".into(),
             user: "ana".into(),
@@ -198,7 +201,8 @@ fn partners_identities_and_the_crl(f: &Fixture) {
         .write(|tx| identities::revoke_user(tx, "acme", "ana"))
         .expect("revoke");
     assert_eq!((crl.len(), number), (1, 2));
-    assert_eq!(other.active_identity("0b").expect("gone"), None);
+    let (gone, at) = other.active_identity("0b").expect("gone");
+    assert_eq!((gone, at.identities.1), (None, 1));
     assert!(!other.user_is_active("acme", "ana").expect("inactive"));
     assert_eq!(other.revocations().expect("crl").0[0].0, "0b");
     assert!(matches!(
@@ -211,7 +215,7 @@ fn partners_identities_and_the_crl(f: &Fixture) {
         .expect("revoke partner");
     assert_eq!((crl.len(), number), (2, 3));
     assert!(!c.partner_is_active("acme").expect("inactive"));
-    assert_eq!(c.active_identity("0a").expect("gone"), None);
+    assert_eq!(c.active_identity("0a").expect("gone").0, None);
     assert!(matches!(
         c.write(|tx| identities::revoke_partner(tx, "acme")),
         Err(Error::Conflict(_))
@@ -613,11 +617,18 @@ fn the_budget_is_spent_once_under_concurrent_nodes(f: &Fixture) {
             )
         })
         .expect("fp");
-    assert!(matches!(
-        c.spend("globex", &[charge(2.0)], 1.0, &paid_fp, false, None)
-            .expect("again"),
-        Spend::Charged { new: false, .. }
-    ));
+    // The read that finds it paid brings what is kept for it (here its running marker).
+    match c
+        .spend("globex", &[charge(2.0)], 1.0, &paid_fp, false, None)
+        .expect("again")
+    {
+        Spend::Charged {
+            new: false, kept, ..
+        } => {
+            assert_eq!(kept, Some(Some(b"running".to_vec())))
+        }
+        other => panic!("{other:?}"),
+    }
     match c
         .spend("globex", &[charge(2.0)], 1.0, "q-new", false, None)
         .expect("over")
@@ -644,6 +655,34 @@ fn the_budget_is_spent_once_under_concurrent_nodes(f: &Fixture) {
     assert!(matches!(refused, Spend::Exhausted { .. }), "{refused:?}");
     assert_eq!(c.spent("hooli", "acme").expect("spent"), 0.0);
     assert_eq!(c.spent("hooli", "initech").expect("spent"), 0.0);
+    // Paid with nothing kept (charged before answers were kept): read as nothing; a new
+    // charge reads nothing kept.
+    let spend = |fp: &str| {
+        c.spend("umbrella", &[charge(2.0)], 1.0, fp, false, None)
+            .expect("spend")
+    };
+    assert!(
+        matches!(
+            spend("q-unkept"),
+            Spend::Charged {
+                new: true,
+                kept: None,
+                ..
+            }
+        ),
+        "new"
+    );
+    assert!(
+        matches!(
+            spend("q-unkept"),
+            Spend::Charged {
+                new: false,
+                kept: Some(None),
+                ..
+            }
+        ),
+        "paid"
+    );
 }
 
 fn released_answers_and_overlaps(f: &Fixture) {

@@ -5,7 +5,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::sql::{Row, Tx, params};
-use super::{Catalog, IdentityRow, now_rfc3339};
+use super::{Catalog, GENERATIONS, Generations, IdentityRow, now_rfc3339};
 use crate::{Error, Result};
 
 /// Revoked serials with their revocation times, and the CRL number.
@@ -52,18 +52,32 @@ impl Catalog {
         self.read(crl_number_in)
     }
 
-    /// The identity registered for this certificate serial, if it and its partner are active.
-    pub fn active_identity(&self, serial: &str) -> Result<Option<IdentityRow>> {
-        self.read(|tx| {
+    /// The identity registered for this certificate serial, if it and its partner are
+    /// active; and the catalog's generations, read with it in one statement (a request
+    /// reads who its caller is first: what it then keeps or reuses stands at these).
+    pub fn active_identity(&self, serial: &str) -> Result<(Option<IdentityRow>, Generations)> {
+        let r = self.read(|tx| {
             tx.row(
-                "SELECT i.partner, i.\"user\", i.role FROM identities i JOIN partners p ON p.name = i.partner
-                 WHERE i.serial = ?1 AND i.revoked_at IS NULL AND p.revoked_at IS NULL",
+                &format!(
+                    "SELECT {GENERATIONS}, i.partner, i.\"user\", i.role FROM (SELECT 1 AS one) g
+                     LEFT JOIN (SELECT i.partner, i.\"user\", i.role FROM identities i
+                                JOIN partners p ON p.name = i.partner
+                                WHERE i.serial = ?1 AND i.revoked_at IS NULL
+                                  AND p.revoked_at IS NULL) i ON g.one = 1"
+                ),
                 params![serial],
-            )?
-            .as_ref()
-            .map(identity)
-            .transpose()
-        })
+            )
+        })?;
+        let r = r.ok_or_else(|| Error::internal("catalog: no generations"))?;
+        let id = match r.get::<Option<String>>(6)? {
+            None => None,
+            Some(partner) => Some(IdentityRow {
+                partner,
+                user: r.get(7)?,
+                role: r.get(8)?,
+            }),
+        };
+        Ok((id, Generations::of(&r)?))
     }
 
     /// Names of all partners and whether they are active.

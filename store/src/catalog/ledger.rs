@@ -40,22 +40,28 @@ impl Catalog {
                 .collect()
         };
         // A question paid for stays paid (the ledger only grows): asked again, it is told so
-        // by a read, without queueing for the write lock.
+        // by a read, without queueing for the write lock, and gets what was kept for it in
+        // the same statement as the first owner's ledger.
         if !dry_run {
             let paid = self.read(|tx| {
                 let mut owner_totals = std::collections::BTreeMap::new();
-                for &owner in &owners {
-                    match ledger_of(tx, partner, owner, fingerprint)? {
-                        (spent_sq, true) => owner_totals.insert(owner, spent_sq.sqrt()),
-                        (_, false) => return Ok(None),
-                    };
+                let mut kept = None;
+                for (i, &owner) in owners.iter().enumerate() {
+                    let (spent_sq, paid, answer) =
+                        ledger_with(tx, partner, owner, fingerprint, i == 0)?;
+                    if !paid {
+                        return Ok(None);
+                    }
+                    owner_totals.insert(owner, spent_sq.sqrt());
+                    kept = kept.or(answer);
                 }
-                Ok(Some(owner_totals))
+                Ok(Some((owner_totals, kept)))
             })?;
-            if let Some(owner_totals) = paid {
+            if let Some((owner_totals, kept)) = paid {
                 return Ok(Spend::Charged {
                     new: false,
                     totals: totals(&owner_totals),
+                    kept: Some(kept),
                 });
             }
         }
@@ -106,6 +112,7 @@ impl Catalog {
             Ok(Spend::Charged {
                 new,
                 totals: totals(&owner_totals),
+                kept: None,
             })
         })
     }
@@ -236,13 +243,33 @@ fn keep_answer_in(
 /// What `partner` has spent on `owner`'s data (Σ ε²), and whether the question
 /// `fingerprint` is among what it paid for.
 fn ledger_of(tx: &Tx<'_>, partner: &str, owner: &str, fingerprint: &str) -> Result<(f64, bool)> {
+    let (spent_sq, paid, _) = ledger_with(tx, partner, owner, fingerprint, false)?;
+    Ok((spent_sq, paid))
+}
+
+/// [`ledger_of`], and with `answer` what is kept for `partner`'s question `fingerprint`.
+fn ledger_with(
+    tx: &Tx<'_>,
+    partner: &str,
+    owner: &str,
+    fingerprint: &str,
+    answer: bool,
+) -> Result<(f64, bool, Option<Vec<u8>>)> {
+    let kept = if answer {
+        "(SELECT answer FROM released_answers WHERE partner = ?1 AND fingerprint = ?3)"
+    } else {
+        "NULL"
+    };
     let r = tx
         .row(
-            "SELECT COALESCE(SUM(epsilon * epsilon), 0),
-                    COALESCE(MAX(CASE WHEN fingerprint = ?3 THEN 1 ELSE 0 END), 0)
-             FROM privacy_ledger WHERE partner = ?1 AND owner = ?2",
+            &format!(
+                "SELECT COALESCE(SUM(epsilon * epsilon), 0),
+                        COALESCE(MAX(CASE WHEN fingerprint = ?3 THEN 1 ELSE 0 END), 0),
+                        {kept}
+                 FROM privacy_ledger WHERE partner = ?1 AND owner = ?2"
+            ),
             params![partner, owner, fingerprint],
         )?
         .ok_or_else(|| Error::internal("catalog: SUM returned no row"))?;
-    Ok((r.get(0)?, r.get(1)?))
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
 }

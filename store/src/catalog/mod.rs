@@ -47,6 +47,25 @@ pub struct Generations {
     pub identities: (i64, i64, i64),
 }
 
+/// The six columns of [`Generations`], as one `SELECT` list.
+pub(crate) const GENERATIONS: &str = "(SELECT value FROM generations WHERE name = 'policy'),
+        (SELECT value FROM generations WHERE name = 'data'),
+        (SELECT COUNT(*) FROM dataset_versions),
+        (SELECT COUNT(*) FROM identities),
+        (SELECT COUNT(revoked_at) FROM identities),
+        (SELECT COUNT(*) + COUNT(revoked_at) FROM partners)";
+
+impl Generations {
+    /// From the first six columns of `r` (selected as [`GENERATIONS`]).
+    pub(crate) fn of(r: &Row) -> Result<Self> {
+        Ok(Generations {
+            policy: r.get(0)?,
+            data: (r.get(1)?, r.get(2)?),
+            identities: (r.get(3)?, r.get(4)?, r.get(5)?),
+        })
+    }
+}
+
 /// Move the `data` generation (in the transaction of a change to the versions).
 pub(crate) fn data_changed(tx: &Tx<'_>) -> Result<()> {
     tx.execute(
@@ -124,8 +143,14 @@ pub struct QueryableDataset {
 /// What `Catalog::spend` did.
 #[derive(Debug, Clone)]
 pub enum Spend {
-    /// Charged (`new`) or already paid; each charge's total spent afterwards.
-    Charged { new: bool, totals: Vec<f64> },
+    /// Charged (`new`) or already paid; each charge's total spent afterwards. `kept`: when
+    /// the read that found it paid also read what is kept for the question
+    /// ([`Catalog::released_answer`]), that (`Some(None)`: nothing is).
+    Charged {
+        new: bool,
+        totals: Vec<f64>,
+        kept: Option<Option<Vec<u8>>>,
+    },
     /// Nothing spent: this dataset's budget would be exceeded (`spent` so far).
     Exhausted { charge: BudgetCharge, spent: f64 },
 }
@@ -363,23 +388,8 @@ impl Catalog {
 
     /// The catalog's generations in one read: what a node may keep while they stand.
     pub fn generations(&self) -> Result<Generations> {
-        let r = self.read(|tx| {
-            tx.row(
-                "SELECT (SELECT value FROM generations WHERE name = 'policy'),
-                        (SELECT value FROM generations WHERE name = 'data'),
-                        (SELECT COUNT(*) FROM dataset_versions),
-                        (SELECT COUNT(*) FROM identities),
-                        (SELECT COUNT(revoked_at) FROM identities),
-                        (SELECT COUNT(*) + COUNT(revoked_at) FROM partners)",
-                params![],
-            )
-        })?;
-        let r = r.ok_or_else(|| Error::internal("catalog: no generations"))?;
-        Ok(Generations {
-            policy: r.get(0)?,
-            data: (r.get(1)?, r.get(2)?),
-            identities: (r.get(3)?, r.get(4)?, r.get(5)?),
-        })
+        let r = self.read(|tx| tx.row(&format!("SELECT {GENERATIONS}"), params![]))?;
+        Generations::of(&r.ok_or_else(|| Error::internal("catalog: no generations"))?)
     }
 
     /// Run `f` in one write transaction, serialised with every other writer (of every

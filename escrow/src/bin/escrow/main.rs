@@ -65,8 +65,18 @@ struct ClientArgs {
 #[derive(Subcommand)]
 enum Command {
     /// Create the data directory: key-encryption key, dev CA, server certificate, catalog.
-    /// Idempotent; never overwrites existing keys.
-    Init(DirArgs),
+    /// Idempotent; never overwrites existing keys (but the server certificate's, to name
+    /// other --hostname values).
+    Init {
+        #[command(flatten)]
+        dir: DirArgs,
+        /// A DNS name or IP address clients reach the escrow by, named in its server
+        /// certificate besides localhost, 127.0.0.1 and ::1 (repeatable). Given on an
+        /// initialised directory whose certificate names others, the certificate is issued
+        /// again (restart the server to serve it).
+        #[arg(long = "hostname", value_name = "NAME")]
+        hostnames: Vec<String>,
+    },
     /// Run the HTTPS server (initialises an empty data directory first).
     Serve {
         #[command(flatten)]
@@ -733,9 +743,9 @@ fn identity(args: &ClientArgs) -> anyhow::Result<Client> {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Init(d) => {
+        Command::Init { dir: d, hostnames } => {
             let dir = d.dir();
-            let r = escrow::admin::init(&dir).map_err(engine)?;
+            let r = escrow::admin::init(&dir, &hostnames).map_err(engine)?;
             // Reach the object store and bind it to the catalog now, not at the first serve.
             escrow::store::Store::open(
                 dir.clone(),
@@ -750,6 +760,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     "{} is already initialised; nothing changed",
                     dir.root().display()
                 );
+            }
+            if !hostnames.is_empty() {
+                let names = escrow::pki::server_names(&dir).map_err(engine)?;
+                println!("server certificate names: {}", names.join(", "));
             }
         }
         Command::Serve {
