@@ -6,7 +6,7 @@
 # moto's S3 server: bench/s3.sh), in one run, through the full service path as acme:
 #   upload   both uploads with matching (CLI, wall time)
 #   first    the first matrix after the uploads (decrypts both lists from the object store)
-#   warm     median of 50 repeats a second after the first (the kept answer: catalog reads only)
+#   warm     median of 200 repeats a second after the first (the kept answer: catalog reads only)
 #   restart  after a server restart, a new matrix (a population added): every list read
 #            again from the object store, nothing cached
 #   peak MB  the server's peak resident memory (VmHWM) over the uploads, first and warm
@@ -55,7 +55,7 @@ first = ask()
 # The steady state: after what the first answer set going has settled, many asks.
 time.sleep(1)
 warm = [ask() for _ in range(repeats)]
-print(f"{first:.4f} {statistics.median(warm) if warm else 0:.4f}")
+print(f"{first:.6f} {statistics.median(warm) if warm else 0:.6f}")
 PY
 }
 
@@ -74,7 +74,7 @@ run() {  # run NAME: the whole sequence on the storage the environment names
   t1=$(date +%s.%N)
   share_for_overlap "$data/identities/acme/admin" globex
   share_for_overlap "$data/identities/globex/admin" acme
-  read -r first warm < <(matrix "$data/identities/acme/admin" 50)
+  read -r first warm < <(matrix "$data/identities/acme/admin" 200)
   local peak
   peak=$(awk '/VmHWM/ {print $2 / 1024}' "/proc/$PID/status")
   kill "$PID"; wait "$PID" 2>/dev/null || true
@@ -102,7 +102,7 @@ d, s = (line.split() for line in sys.argv[1:3])
 print(f"{'':10} {'default':>10} {'pg+s3':>10} {'ratio':>7}")
 for i, what in enumerate(["upload", "first", "warm", "restart"], start=1):
     a, b = float(d[i]), float(s[i])
-    print(f"{what:10} {a:10.4f} {b:10.4f} {b / a:7.2f}x")
+    print(f"{what:10} {a:10.6f} {b:10.6f} {b / a:7.2f}x")
 for i, what in ((5, "peak MB"), (6, "peak MB r")):
     a, b = float(d[i]), float(s[i])
     print(f"{what:10} {a:10.0f} {b:10.0f} {b / a:7.2f}x")

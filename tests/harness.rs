@@ -877,23 +877,32 @@ pub fn raw(
     bundle: &Path,
     build: impl FnOnce(&reqwest::Client) -> reqwest::RequestBuilder,
 ) -> (u16, Option<String>, String) {
+    raw_with(bundle, |c| c, build).expect("send")
+}
+
+/// [`raw`] with the client built by `client` (names resolved elsewhere, say); the error
+/// when the request cannot be sent (a TLS handshake refused).
+pub fn raw_with(
+    bundle: &Path,
+    client: impl FnOnce(reqwest::ClientBuilder) -> reqwest::ClientBuilder,
+    build: impl FnOnce(&reqwest::Client) -> reqwest::RequestBuilder,
+) -> Result<(u16, Option<String>, String), String> {
     let config = escrow::server::tls::client_config(bundle).expect("tls config");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("rt");
     rt.block_on(async {
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(config)
+        let http = client(reqwest::Client::builder().tls_backend_preconfigured(config))
             .build()
             .expect("client");
-        let resp = build(&http).send().await.expect("send");
+        let resp = build(&http).send().await.map_err(|e| format!("{e:?}"))?;
         let status = resp.status().as_u16();
         let retry = resp
             .headers()
             .get("retry-after")
             .map(|v| v.to_str().expect("ascii").to_string());
-        (status, retry, resp.text().await.expect("body"))
+        Ok((status, retry, resp.text().await.expect("body")))
     })
 }
 

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::harness::{Env, Run, accounts_csv, two_nodes};
+use crate::harness::{Env, Run, accounts_csv, raw_with, two_nodes};
 
 #[test]
 fn certificate_names_the_caller() {
@@ -133,24 +133,13 @@ fn init_is_idempotent_and_keeps_keys() {
 /// GET /v1/whoami at `https://NAME:PORT` as acme's admin, with NAME resolved to 127.0.0.1
 /// (as a client whose DNS names the escrow's host would): the status, or the error.
 fn whoami_at(env: &Env, name: &str, port: u16) -> Result<u16, String> {
-    let config = escrow::server::tls::client_config(&env.bundle("acme")).expect("tls config");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("rt");
-    rt.block_on(async {
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(config)
-            .resolve(name, std::net::SocketAddr::from(([127, 0, 0, 1], port)))
-            .build()
-            .expect("client");
-        let resp = http
-            .get(format!("https://{name}:{port}/v1/whoami"))
-            .send()
-            .await
-            .map_err(|e| format!("{e:?}"))?;
-        Ok(resp.status().as_u16())
-    })
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let (status, _, _) = raw_with(
+        &env.bundle("acme"),
+        |c| c.resolve(name, addr),
+        |http| http.get(format!("https://{name}:{port}/v1/whoami")),
+    )?;
+    Ok(status)
 }
 
 #[test]
@@ -180,17 +169,34 @@ fn init_hostname_names_the_server_for_its_clients() {
     );
     let issued = cert();
     assert_ne!(issued, before, "issued again for the new names");
-    // The same names again, or none: the certificate stays.
+    // The same names again (in capitals, fully qualified), or none: the certificate stays.
     env.op(&[
         "init",
         "--hostname",
-        "ESCROW.test",
+        "ESCROW.test.",
         "--hostname",
         "10.0.0.7",
     ])
     .ok();
     env.op(&["init"]).ok();
     assert_eq!(cert(), issued);
+    // A key that is not the certificate's (a replacement cut short between the two files):
+    // the next init issues the certificate again, for the names it had.
+    std::fs::copy(
+        env.bundle("acme").join("key.pem"),
+        env.data.join("tls/server.key"),
+    )
+    .expect("another key");
+    env.op(&["init"]).ok();
+    assert_ne!(cert(), issued, "issued again for its key");
+    let out = env.op(&[
+        "init",
+        "--hostname",
+        "escrow.test",
+        "--hostname",
+        "10.0.0.7",
+    ]);
+    assert!(out.stdout.contains("nothing changed"), "{}", out.stdout);
 
     let server = env.serve(&[]);
     assert_eq!(whoami_at(&env, "escrow.test", server.port()), Ok(200));
@@ -201,6 +207,72 @@ fn init_hostname_names_the_server_for_its_clients() {
         "{e}"
     );
     env.cli(&server, "acme", &["whoami"]).ok();
+}
+
+/// A CA of the operator's own and a server certificate it issued for localhost and
+/// 127.0.0.1, written into the test's directory as TAG-ca.pem, TAG-cert.pem (chain) and
+/// TAG-key.pem; their paths.
+fn operator_certificate(env: &Env, tag: &str) -> [std::path::PathBuf; 3] {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    let ca_key = KeyPair::generate().expect("ca key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_pem = ca.self_signed(&ca_key).expect("ca").pem();
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).expect("issuer");
+    let key = KeyPair::generate().expect("server key");
+    let mut params = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress([127, 0, 0, 1].into()));
+    let cert = params.signed_by(&key, &issuer).expect("server cert");
+    [
+        env.file(&format!("{tag}-ca.pem"), ca_pem.as_bytes()),
+        env.file(
+            &format!("{tag}-cert.pem"),
+            format!("{}{ca_pem}", cert.pem()).as_bytes(),
+        ),
+        env.file(&format!("{tag}-key.pem"), key.serialize_pem().as_bytes()),
+    ]
+}
+
+#[test]
+fn serve_tls_cert_is_served_and_reloaded() {
+    let env = Env::new();
+    let [ca, cert, key] = operator_certificate(&env, "first");
+    let path = |p: &std::path::Path| p.to_str().expect("utf-8").to_string();
+    let (cert_arg, key_arg) = (path(&cert), path(&key));
+
+    // A key that does not match the certificate: the server does not start, and says why.
+    let [_, _, other_key] = operator_certificate(&env, "unmatched");
+    let (_, log) = env
+        .serve_env(
+            &[],
+            &["--tls-cert", &cert_arg, "--tls-key", &path(&other_key)],
+        )
+        .err()
+        .expect("refused");
+    assert!(log.contains("server certificate"), "{log}");
+
+    let server = env.serve(&["--tls-cert", &cert_arg, "--tls-key", &key_arg]);
+    // Served: a client that trusts the operator's CA gets in with its escrow identity; one
+    // that expects the escrow CA's server certificate does not.
+    let whoami =
+        |ca: &std::path::Path| env.cli(&server, "acme", &["whoami", "--server-ca", &path(ca)]);
+    whoami(&ca).ok();
+    env.cli(&server, "acme", &["whoami"])
+        .fails_with("cannot talk to escrow");
+
+    // Renewed from another CA, key first then certificate (as a renewal writes them): the
+    // next connections get the new certificate, without a restart.
+    let [new_ca, new_cert, new_key] = operator_certificate(&env, "renewed");
+    std::fs::rename(&new_key, &key).expect("new key");
+    std::fs::rename(&new_cert, &cert).expect("new cert");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while whoami(&new_ca).code != Some(0) {
+        assert!(Instant::now() < deadline, "renewed certificate not served");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    whoami(&ca).fails_with("cannot talk to escrow");
 }
 
 #[test]

@@ -26,6 +26,9 @@ pub struct Config {
     pub data_dir: DataDir,
     /// Address to listen on; port 0 picks a free port.
     pub listen: SocketAddr,
+    /// The certificate the server presents: `None`, the one the escrow CA issued for the
+    /// data directory.
+    pub server_cert: Option<server::tls::ServerCert>,
     /// Largest upload accepted, in bytes.
     pub max_upload_bytes: u64,
     /// Time in-flight requests get to finish on shutdown.
@@ -52,6 +55,7 @@ impl Config {
         Config {
             data_dir,
             listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            server_cert: None,
             max_upload_bytes: 2 << 30,
             shutdown_grace: Duration::from_secs(30),
             query_memory_bytes: 1 << 30,
@@ -117,7 +121,11 @@ impl Application {
             key_rotation = recovery.key_rotation.as_deref().unwrap_or("none"),
             "startup recovery done"
         );
-        let tls = server::tls::server_config(&dir)?;
+        let cert = config
+            .server_cert
+            .clone()
+            .unwrap_or_else(|| server::tls::ServerCert::of(&dir));
+        let tls = server::tls::server_config(&dir, cert)?;
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|e| {

@@ -44,13 +44,24 @@ pub fn format_from_path(path: &Path) -> Option<&'static str> {
 
 impl Client {
     pub fn new(server: &str, identity: &Path) -> anyhow::Result<Self> {
+        Self::trusting(server, identity, None)
+    }
+
+    /// [`Client::new`], trusting the server's certificate to chain to `server_ca` (the
+    /// operator's CA, for a server started with `--tls-cert`) instead of the bundle's CA.
+    pub fn trusting(
+        server: &str,
+        identity: &Path,
+        server_ca: Option<&Path>,
+    ) -> anyhow::Result<Self> {
         if !identity.join("cert.pem").exists() {
             bail!(
                 "no identity bundle at {} (expected cert.pem, key.pem, ca.pem; set --identity or ESCROW_IDENTITY)",
                 identity.display()
             );
         }
-        let config = tls::client_config(identity).map_err(|e| anyhow!("{e}"))?;
+        let ca = server_ca.map_or_else(|| identity.join("ca.pem"), Path::to_path_buf);
+        let config = tls::client_config_trusting(identity, &ca).map_err(|e| anyhow!("{e}"))?;
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(config)
             .build()

@@ -64,9 +64,10 @@ pub async fn request_scope<F: Future>(f: F) -> F::Output {
     WITH_CALLER.scope(std::cell::Cell::new(None), f).await
 }
 
-/// Note the generations read with the caller's identity, inside [`request_scope`].
-pub fn generations_with_caller(at: crate::catalog::Generations) {
-    let _ = WITH_CALLER.try_with(|c| c.set(Some((std::time::Instant::now(), at))));
+/// Note the generations read with the caller's identity from `read` on (when that read
+/// began), inside [`request_scope`].
+pub fn generations_with_caller(read: std::time::Instant, at: crate::catalog::Generations) {
+    let _ = WITH_CALLER.try_with(|c| c.set(Some((read, at))));
 }
 
 /// The generations noted with this request's caller, once, if read recently; none outside
@@ -275,8 +276,10 @@ impl QueryService {
         // Read from the catalog (a change made on another node moves it too): with the
         // caller's identity when this request read it, else now.
         let at = match read_with_caller() {
-            Some(at) => at,
-            None => {
+            // Not when the set kept here is newer (built after a change the noted
+            // generations predate): it would be rebuilt, and labelled older.
+            Some(at) if cached.as_ref().is_none_or(|(g, _)| at.policy >= *g) => at,
+            _ => {
                 let store = self.store.clone();
                 blocking(move || store.catalog().generations()).await?
             }

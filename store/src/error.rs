@@ -66,6 +66,12 @@ pub enum Error {
     /// action was not done and left nothing behind; retrying later may succeed. Logged.
     #[error("storage full: {0}")]
     StorageFull(String),
+    /// A catalog write guarded on what the catalog held found it changed (the audit
+    /// writer's insert, `audit::record` following on from a node's last line: another node
+    /// wrote first) and was rolled back whole; a NOT NULL violation, which is what the guard
+    /// raises. Anywhere else it is a server fault, answered as [`Error::Internal`].
+    #[error("internal error: the catalog changed under a guarded write: {0}")]
+    Changed(String),
     /// Anything else on the server side. Logged, never shown to clients.
     #[error("internal error: {0}")]
     Internal(String),
@@ -120,7 +126,7 @@ impl Error {
             Error::AuditUnavailable(_) => "audit_unavailable",
             Error::StorageFull(_) => "storage_full",
             Error::Busy { .. } => "too_many_requests",
-            Error::Integrity(_) | Error::Internal(_) => "internal",
+            Error::Integrity(_) | Error::Changed(_) | Error::Internal(_) => "internal",
         }
     }
 }
@@ -129,6 +135,11 @@ impl From<rusqlite::Error> for Error {
     fn from(e: rusqlite::Error) -> Self {
         match e.sqlite_error_code() {
             Some(rusqlite::ErrorCode::DiskFull) => Error::StorageFull(format!("catalog: {e}")),
+            _ if matches!(&e, rusqlite::Error::SqliteFailure(f, _)
+                if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_NOTNULL) =>
+            {
+                Error::Changed(format!("catalog: {e}"))
+            }
             _ => Error::Internal(format!("catalog: {e}")),
         }
     }
@@ -139,6 +150,9 @@ impl From<tokio_postgres::Error> for Error {
         match e.code() {
             Some(&tokio_postgres::error::SqlState::DISK_FULL) => {
                 Error::StorageFull(format!("catalog: {e}"))
+            }
+            Some(&tokio_postgres::error::SqlState::NOT_NULL_VIOLATION) => {
+                Error::Changed(format!("catalog: {e:?}"))
             }
             // Its Display is only "db error": the server's own words are in the source.
             _ => Error::Internal(match e.as_db_error() {

@@ -11,7 +11,7 @@ use std::path::Path;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
-    RevokedCertParams, SanType, SerialNumber,
+    PublicKeyData, RevokedCertParams, SanType, SerialNumber,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -87,6 +87,9 @@ const LOCAL_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
 /// One name of the server certificate: an IP address, or a DNS name (checked as rustls
 /// checks the name a client asks for).
 fn server_name(name: &str) -> Result<SanType> {
+    // A fully qualified name's final dot is not written in a certificate (a client never
+    // matches a name that has it).
+    let name = name.strip_suffix('.').unwrap_or(name);
     if let Ok(ip) = name.parse::<std::net::IpAddr>() {
         return Ok(SanType::IpAddress(ip));
     }
@@ -113,11 +116,18 @@ fn san_text(san: &SanType) -> Option<String> {
 
 /// The DNS names and addresses the server certificate at `path` is issued for.
 fn names_in(path: &Path) -> Result<std::collections::BTreeSet<String>> {
+    Ok(read_server_cert(path)?.0)
+}
+
+/// The server certificate at `path`: its names (as [`names_in`]) and its public key (the
+/// DER of its SubjectPublicKeyInfo).
+fn read_server_cert(path: &Path) -> Result<(std::collections::BTreeSet<String>, Vec<u8>)> {
     use x509_parser::extensions::GeneralName;
     let pem = fs::read(path)?;
     let bad = || Error::internal(format!("{} is not a certificate", path.display()));
     let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).map_err(|_| bad())?;
     let cert = pem.parse_x509().map_err(|_| bad())?;
+    let spki = cert.public_key().raw.to_vec();
     let mut names = std::collections::BTreeSet::new();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for n in &san.value.general_names {
@@ -137,7 +147,7 @@ fn names_in(path: &Path) -> Result<std::collections::BTreeSet<String>> {
             }
         }
     }
-    Ok(names)
+    Ok((names, spki))
 }
 
 /// The names a server certificate for `hostnames` carries (`bad_hostname` if one is not a
@@ -161,15 +171,33 @@ pub fn server_names_for(hostnames: &[String]) -> Result<Vec<SanType>> {
 /// (`init --hostname`: DNS names and IP addresses); with `hostnames`, issue it again (a new
 /// key too) if it names anything else. Returns whether it was written.
 pub fn create_server_cert(dir: &DataDir, hostnames: &[String]) -> Result<bool> {
-    let wanted = server_names_for(hostnames)?;
+    use std::os::unix::fs::MetadataExt;
+    let mut wanted = server_names_for(hostnames)?;
+    // Who owned the key (an operator running `init` as root keeps the service's owner).
+    let owner = fs::metadata(dir.server_key())
+        .ok()
+        .map(|m| (m.uid(), m.gid()));
     if dir.server_key().exists() && dir.server_cert().exists() {
-        let same = || -> Result<bool> {
-            let want: std::collections::BTreeSet<String> =
-                wanted.iter().filter_map(san_text).collect();
-            Ok(names_in(&dir.server_cert())? == want)
-        };
-        if hostnames.is_empty() || same()? {
-            return Ok(false);
+        // The key the certificate was issued for (the two are replaced one after the other:
+        // a replacement cut short leaves a pair that does not match, issued again here).
+        let key_spki = fs::read_to_string(dir.server_key())
+            .ok()
+            .and_then(|pem| KeyPair::from_pem(&pem).ok())
+            .map(|k| k.subject_public_key_info());
+        match read_server_cert(&dir.server_cert()) {
+            Ok((names, spki)) if key_spki.as_ref() == Some(&spki) => {
+                let want: std::collections::BTreeSet<String> =
+                    wanted.iter().filter_map(san_text).collect();
+                if hostnames.is_empty() || names == want {
+                    return Ok(false);
+                }
+            }
+            other => {
+                tracing::warn!(cert = %dir.server_cert().display(), "the server certificate does not match its key or cannot be read: issuing it again");
+                if let (true, Ok((names, _))) = (hostnames.is_empty(), other) {
+                    wanted = server_names_for(&names.into_iter().collect::<Vec<_>>())?;
+                }
+            }
         }
     }
     let issuer = load_issuer(dir)?;
@@ -190,6 +218,16 @@ pub fn create_server_cert(dir: &DataDir, hostnames: &[String]) -> Result<bool> {
         .map_err(pki_err("server certificate"))?;
     fsutil::atomic_write(&dir.server_key(), key.serialize_pem().as_bytes(), true)?;
     fsutil::atomic_write(&dir.server_cert(), cert.pem().as_bytes(), false)?;
+    if let Some((uid, gid)) = owner {
+        for f in [dir.server_key(), dir.server_cert()] {
+            let now = fs::metadata(&f).map(|m| (m.uid(), m.gid())).ok();
+            if now != Some((uid, gid))
+                && let Err(e) = std::os::unix::fs::chown(&f, Some(uid), Some(gid))
+            {
+                tracing::warn!(file = %f.display(), error = %e, "could not give the new server certificate its previous owner");
+            }
+        }
+    }
     Ok(true)
 }
 

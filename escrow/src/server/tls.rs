@@ -1,5 +1,6 @@
 //! TLS for the server: rustls asking for a client certificate from the escrow CA, checked
-//! against the CRL. A client may connect without one (a browser on the console); it is then
+//! against the CRL; the server's own certificate (the escrow CA's, or the operator's with
+//! `serve --tls-cert/--tls-key`) re-read when its files change. A client may connect without one (a browser on the console); it is then
 //! unauthenticated until it shows a console session (`api::Caller`). The CRL is re-read when its file changes, checked on every
 //! handshake, so `escrow partner revoke` takes effect on the next connection without a
 //! restart.
@@ -13,8 +14,9 @@ use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
-use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 use rustls::{
     DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
 };
@@ -65,6 +67,64 @@ fn stamp(path: &Path) -> Option<FileStamp> {
     })
 }
 
+/// A value built from files, built again when one of them changes (on the next use). A
+/// build that fails keeps the previous value in use, logged: a file caught half-written
+/// never opens the door wider or stops the server.
+#[derive(Debug)]
+struct Reloaded<T> {
+    files: Vec<PathBuf>,
+    /// What is logged when it is built again (`"X changed; reloaded"`).
+    what: &'static str,
+    current: RwLock<(Vec<Option<FileStamp>>, T)>,
+}
+
+impl<T: Clone> Reloaded<T> {
+    /// Built now from `files`; an error if it cannot be.
+    fn new(
+        files: Vec<PathBuf>,
+        what: &'static str,
+        build: impl FnOnce() -> Result<T>,
+    ) -> Result<Self> {
+        let stamps = files.iter().map(|f| stamp(f)).collect();
+        Ok(Reloaded {
+            current: RwLock::new((stamps, build()?)),
+            files,
+            what,
+        })
+    }
+
+    /// The value in use, without looking at the files.
+    fn held(&self) -> T {
+        match self.current.read() {
+            Ok(cur) => cur.1.clone(),
+            Err(p) => p.into_inner().1.clone(),
+        }
+    }
+
+    /// The value for the files as they are now.
+    fn get(&self, build: impl FnOnce() -> Result<T>) -> T {
+        let stamps: Vec<Option<FileStamp>> = self.files.iter().map(|f| stamp(f)).collect();
+        if let Ok(cur) = self.current.read()
+            && cur.0 == stamps
+        {
+            return cur.1.clone();
+        }
+        match build() {
+            Ok(v) => {
+                tracing::info!(file = %self.files[0].display(), "{} changed; reloaded", self.what);
+                if let Ok(mut cur) = self.current.write() {
+                    *cur = (stamps, v.clone());
+                }
+                v
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "{} unreadable; keeping the previous one", self.what);
+                self.held()
+            }
+        }
+    }
+}
+
 /// A client verifier that rebuilds itself when the CRL file changes.
 #[derive(Debug)]
 pub struct ReloadingVerifier {
@@ -72,7 +132,7 @@ pub struct ReloadingVerifier {
     crl_path: PathBuf,
     provider: Arc<CryptoProvider>,
     hints: Vec<DistinguishedName>,
-    current: RwLock<(Option<FileStamp>, Arc<dyn ClientCertVerifier>)>,
+    current: Reloaded<Arc<dyn ClientCertVerifier>>,
 }
 
 impl ReloadingVerifier {
@@ -80,14 +140,15 @@ impl ReloadingVerifier {
         let roots = roots(&dir.ca_cert())?;
         let provider = provider();
         let crl_path = dir.crl();
-        let st = stamp(&crl_path);
-        let inner = build_verifier(&roots, &crl_path, &provider)?;
+        let current = Reloaded::new(vec![crl_path.clone()], "revocation list", || {
+            build_verifier(&roots, &crl_path, &provider)
+        })?;
         Ok(ReloadingVerifier {
-            hints: inner.root_hint_subjects().to_vec(),
+            hints: current.held().root_hint_subjects().to_vec(),
             roots,
             crl_path,
             provider,
-            current: RwLock::new((st, inner)),
+            current,
         })
     }
 
@@ -95,28 +156,8 @@ impl ReloadingVerifier {
     /// the previous verifier stays (a broken CRL write never opens the door wider; it cannot
     /// happen anyway since CRLs are replaced atomically).
     fn current(&self) -> Arc<dyn ClientCertVerifier> {
-        let st = stamp(&self.crl_path);
-        if let Ok(cur) = self.current.read()
-            && cur.0 == st
-        {
-            return cur.1.clone();
-        }
-        match build_verifier(&self.roots, &self.crl_path, &self.provider) {
-            Ok(v) => {
-                tracing::info!(crl = %self.crl_path.display(), "revocation list changed; reloaded");
-                if let Ok(mut cur) = self.current.write() {
-                    *cur = (st, v.clone());
-                }
-                v
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "revocation list unreadable; keeping the previous one");
-                match self.current.read() {
-                    Ok(cur) => cur.1.clone(),
-                    Err(p) => p.into_inner().1.clone(),
-                }
-            }
-        }
+        self.current
+            .get(|| build_verifier(&self.roots, &self.crl_path, &self.provider))
     }
 }
 
@@ -186,26 +227,111 @@ impl ClientCertVerifier for ReloadingVerifier {
     }
 }
 
+/// The certificate the server presents and its key: the escrow CA's server certificate in
+/// the data directory, or the operator's own (`serve --tls-cert FILE --tls-key FILE`, from
+/// their CA or an ACME client). Client certificates are checked against the escrow CA
+/// either way.
+#[derive(Debug, Clone)]
+pub struct ServerCert {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl ServerCert {
+    /// The data directory's own.
+    pub fn of(dir: &DataDir) -> Self {
+        ServerCert {
+            cert: dir.server_cert(),
+            key: dir.server_key(),
+        }
+    }
+
+    /// Both files as they are now, checked: a chain of certificates (the server's first)
+    /// and the private key that matches it.
+    fn load(&self, provider: &CryptoProvider) -> Result<Arc<CertifiedKey>> {
+        let bad = |what: &str, path: &Path, e: &dyn std::fmt::Display| {
+            Error::bad(
+                "bad_tls_certificate",
+                format!("{what} {}: {e}", path.display()),
+            )
+        };
+        let certs = CertificateDer::pem_file_iter(&self.cert)
+            .and_then(|it| it.collect::<std::result::Result<Vec<_>, _>>())
+            .map_err(|e| bad("server certificate", &self.cert, &e))?;
+        if certs.is_empty() {
+            return Err(bad(
+                "server certificate",
+                &self.cert,
+                &"no certificate in it",
+            ));
+        }
+        let key = PrivateKeyDer::from_pem_file(&self.key)
+            .map_err(|e| bad("server private key", &self.key, &e))?;
+        let key = CertifiedKey::from_der(certs, key, provider)
+            .map_err(|e| bad("server certificate", &self.cert, &e))?;
+        Ok(Arc::new(key))
+    }
+}
+
+/// The server certificate, read again when its file or its key's changes (a renewal, or
+/// `init --hostname`): served from the next handshake, without a restart. A pair that cannot
+/// be read or does not match (the key written before the certificate, say) leaves the
+/// previous one in use, logged, until both are right.
+#[derive(Debug)]
+pub struct ReloadingCert {
+    files: ServerCert,
+    provider: Arc<CryptoProvider>,
+    current: Reloaded<Arc<CertifiedKey>>,
+}
+
+impl ReloadingCert {
+    pub fn new(files: ServerCert) -> Result<Self> {
+        let provider = provider();
+        let current = Reloaded::new(
+            vec![files.cert.clone(), files.key.clone()],
+            "server certificate",
+            || files.load(&provider),
+        )?;
+        Ok(ReloadingCert {
+            files,
+            provider,
+            current,
+        })
+    }
+
+    fn current(&self) -> Arc<CertifiedKey> {
+        self.current.get(|| self.files.load(&self.provider))
+    }
+}
+
+impl ResolvesServerCert for ReloadingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
 /// The server's rustls configuration: TLS 1.2/1.3, client certificates verified when
-/// presented, h2 + http/1.1.
-pub fn server_config(dir: &DataDir) -> Result<Arc<ServerConfig>> {
+/// presented, the server certificate `cert` (reloaded when it changes), h2 + http/1.1.
+pub fn server_config(dir: &DataDir, cert: ServerCert) -> Result<Arc<ServerConfig>> {
     let verifier = Arc::new(ReloadingVerifier::new(dir)?);
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::internal(format!("TLS versions: {e}")))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            load_certs(&dir.server_cert())?,
-            load_key(&dir.server_key())?,
-        )
-        .map_err(|e| Error::internal(format!("server certificate: {e}")))?;
+        .with_cert_resolver(Arc::new(ReloadingCert::new(cert)?));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 
 /// A rustls client configuration for an identity bundle (cert.pem, key.pem, ca.pem).
 pub fn client_config(bundle: &Path) -> Result<rustls::ClientConfig> {
-    let roots = roots(&bundle.join("ca.pem"))?;
+    client_config_trusting(bundle, &bundle.join("ca.pem"))
+}
+
+/// [`client_config`], trusting the server certificate to chain to the CA certificates in
+/// `server_ca` (a server with the operator's own certificate: `serve --tls-cert`).
+pub fn client_config_trusting(bundle: &Path, server_ca: &Path) -> Result<rustls::ClientConfig> {
+    let roots = roots(server_ca)?;
     let certs = load_certs(&bundle.join("cert.pem"))?;
     let key = load_key(&bundle.join("key.pem"))?;
     let mut config = rustls::ClientConfig::builder_with_provider(provider())

@@ -125,6 +125,7 @@ impl Event {
     pub fn failed(mut self, e: &Error) -> Self {
         self.outcome = match e {
             Error::Internal(_)
+            | Error::Changed(_)
             | Error::Integrity(_)
             | Error::AuditUnavailable(_)
             | Error::StorageFull(_) => Outcome::Failed,

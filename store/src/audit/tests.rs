@@ -274,6 +274,22 @@ fn lines_in_the_catalog_are_one_chain_for_every_node(postgres: Option<&TestDatab
     assert!(matches!(e, Error::Integrity(_)), "{e}");
 }
 
+/// Empty a catalog log (a PostgreSQL test database holds the lines of the test's earlier
+/// logs).
+fn empty_log(catalog: &Catalog) {
+    catalog
+        .write(|tx| tx.batch("DELETE FROM audit_lines; DELETE FROM audit_anchor"))
+        .expect("empty");
+}
+
+/// The number each record of the log asked about (`event(N)`: "SELECT N"), in order.
+fn asked(log: &AuditLog, catalog: &Catalog) -> Vec<String> {
+    let text = String::from_utf8(read_all(log, catalog)).expect("utf-8");
+    text.lines()
+        .filter_map(|l| Some(l.split("SELECT ").nth(1)?.split('"').next()?.to_string()))
+        .collect()
+}
+
 fn a_record_follows_on_only_from_the_last_line(postgres: Option<&TestDatabase>) {
     let (_t, dir, catalog) = catalog_lines(postgres);
     let log = AuditLog::open_in(&dir, Lines::Catalog).expect("log");
@@ -300,16 +316,44 @@ fn a_record_follows_on_only_from_the_last_line(postgres: Option<&TestDatabase>) 
     };
     let v = verify(&read_all(&log, &catalog)[..], &pinned).expect("intact");
     assert_eq!(v.records, 6);
-    let text = String::from_utf8(read_all(&log, &catalog)).expect("utf-8");
-    let order: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.split("SELECT ").nth(1)?.split('"').next())
-        .collect();
-    assert_eq!(order, ["0", "1", "2", "10", "3", "4"]);
+    assert_eq!(asked(&log, &catalog), ["0", "1", "2", "10", "3", "4"]);
+
+    // The line this node followed lost and another written in its place (a catalog failed
+    // over to a replica that missed the last commit): the follow-on is refused, and the
+    // record goes after the line that is there.
+    let (_t, dir, catalog) = catalog_lines(postgres);
+    empty_log(&catalog);
+    let log = AuditLog::open_in(&dir, Lines::Catalog).expect("log");
+    let other = connect(postgres, &dir);
+    let other_log = AuditLog::open_in(&dir, Lines::Catalog).expect("log");
+    record(&catalog, &log, &event(0)).expect("first");
+    let first = catalog.read(anchor).expect("anchor");
+    record(&catalog, &log, &event(1)).expect("followed on");
+    catalog
+        .write(|tx| {
+            tx.execute(
+                "DELETE FROM audit_lines WHERE pos = 2",
+                crate::catalog::sql::params![],
+            )?;
+            tx.execute(
+                "UPDATE audit_anchor SET seq = ?1, hash = ?2 WHERE id = 1",
+                crate::catalog::sql::params![first.seq as i64, first.hash.to_vec()],
+            )
+        })
+        .expect("lose line 2");
+    record(&other, &other_log, &event(20)).expect("in its place");
+    record(&catalog, &log, &event(2)).expect("after it");
+    assert_eq!(asked(&log, &catalog), ["0", "20", "2"]);
+    let pinned = VerifyOptions {
+        public_key: Some(log.public_key().to_string()),
+        ..opts()
+    };
+    verify(&read_all(&log, &catalog)[..], &pinned).expect("one chain");
 
     // A writer following a line that is no longer the last (lines cut behind the anchor)
     // adds nothing: its insert is refused, and the record the usual way finds the cut.
     let (_t, dir, catalog) = catalog_lines(postgres);
+    empty_log(&catalog);
     let log = AuditLog::open_in(&dir, Lines::Catalog).expect("log");
     for i in 0..5 {
         record(&catalog, &log, &event(i)).expect("record");
@@ -449,8 +493,6 @@ fn writers_sharing_one_log_take_its_locks_in_one_order() {
         });
         let anchor = catalog.read(anchor).expect("anchor");
         assert!(anchor.seq >= 160, "{lines}: {}", anchor.seq);
-        catalog
-            .write(|tx| tx.batch("DELETE FROM audit_lines; DELETE FROM audit_anchor"))
-            .expect("reset");
+        empty_log(&catalog);
     }
 }

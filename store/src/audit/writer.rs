@@ -182,7 +182,7 @@ impl AuditLog {
             }
             check_anchor(head, anchor)?;
             for (i, chunk) in lines.chunks(256).enumerate() {
-                let (sql, values) = insert_lines((i * 256) as i64, chunk);
+                let (sql, values) = insert_lines(((i * 256) as i64, None), chunk);
                 tx.execute(&sql, &values)?;
             }
             let note = Event::new(
@@ -289,21 +289,24 @@ impl AuditLog {
             return Ok(None);
         }
         // Taken, not held: another append of this node meanwhile goes the usual way.
-        let Some((last, head)) = self.followed().take() else {
+        let Some((last, followed)) = self.followed().take() else {
             return Ok(None);
         };
         let mut out = Vec::new();
-        let head = self.encode_record(&mut out, head, event)?;
-        match catalog.write(|tx| queue_lines(tx, last, &out, head)) {
+        let head = self.encode_record(&mut out, followed, event)?;
+        match catalog.write(|tx| queue_lines(tx, (last, Some(followed)), &out, head)) {
             Ok(end) => {
                 self.follow(end, head);
                 Ok(Some(head))
             }
-            Err(e) => {
+            Err(Error::Changed(e)) => {
                 tracing::debug!(error = %e, "audit: another record came first; recording again");
                 self.pause.store(FOLLOW_PAUSE, Ordering::Relaxed);
                 Ok(None)
             }
+            // Not the guard: whether it committed is unknown (its connection went, say), so
+            // it is not made again, which could record the event twice.
+            Err(e) => Err(audit_error(e)),
         }
     }
 
@@ -316,7 +319,7 @@ impl AuditLog {
     /// After a commit: this node's records end at line `last`, with `head`.
     fn follow(&self, last: i64, head: Head) {
         let mut followed = self.followed();
-        if followed.is_none_or(|(at, _)| at < last) {
+        if followed.is_none_or(|(at, _)| at <= last) {
             *followed = Some((last, head));
         }
     }
@@ -324,6 +327,8 @@ impl AuditLog {
     /// Write a signed checkpoint of the current head unless the log already ends with one
     /// (or is empty). Returns the checkpoint in force afterwards, if any.
     pub fn checkpoint(&self, tx: &Tx<'_>) -> Result<Option<Checkpoint>> {
+        // Whatever this node followed is behind once this commits.
+        self.followed().take();
         let (target, tail, mut out) = self.begin(tx)?;
         let head = tail.head;
         if head.seq == 0 {
@@ -416,7 +421,9 @@ impl AuditLog {
         let (mut file, _local) = match target {
             Target::File(file, local) => (file, local),
             Target::Catalog { last } => {
-                let end = queue_lines(tx, last, out, head)?;
+                // The tail and the anchor were read and checked under the write lock, in
+                // this transaction: the guard needs only the line number.
+                let end = queue_lines(tx, (last, None), out, head)?;
                 crate::faults::hit("audit.written").map_err(audit_error)?;
                 return Ok(Some(end));
             }
@@ -652,37 +659,52 @@ fn catalog_tail(tx: &Tx<'_>) -> Result<(i64, Tail, Head)> {
     Ok((last, tail, anchor))
 }
 
-/// Queue `out`'s lines after line `last`, and the anchor at `head`, for `tx`'s commit (one
-/// round trip to a shared catalog: the last writes of the change); the last line number
-/// they take.
-fn queue_lines(tx: &Tx<'_>, last: i64, out: &[u8], head: Head) -> Result<i64> {
+/// Queue `out`'s lines after line `last` (guarded: `insert_lines`), and the anchor at
+/// `head`, for `tx`'s commit (one round trip to a shared catalog: the last writes of the
+/// change); the last line number they take.
+fn queue_lines(tx: &Tx<'_>, after: (i64, Option<Head>), out: &[u8], head: Head) -> Result<i64> {
+    let last = after.0;
     let text = std::str::from_utf8(out).map_err(Error::internal)?;
     let lines: Vec<&str> = text.lines().collect();
-    let insert = insert_lines(last, &lines);
+    let insert = insert_lines(after, &lines);
     let anchor = vec![
         Value::from(head.seq as i64),
         Value::from(head.hash.to_vec()),
     ];
+    // (A backend in the process runs them now: the guard's refusal is seen here.)
     tx.execute_at_commit(vec![insert, (SET_ANCHOR.to_string(), anchor)])
-        .map_err(audit_error)?;
+        .map_err(|e| match e {
+            Error::Changed(_) => e,
+            other => audit_error(other),
+        })?;
     Ok(last + lines.len() as i64)
 }
 
-/// The statement inserting `lines` (at least one) after line `last`.
+/// The statement inserting `lines` (at least one) after line `last`, which ends the chain
+/// at `head` when given (the anchor then holds `head`).
 ///
-/// Guarded: unless `last` is the table's last line when it runs, the first line is NULL,
-/// which the table refuses, and the transaction fails (never a gap or a fork in the chain,
-/// also for a writer that did not read the tail in its transaction: `record_following`).
-fn insert_lines(last: i64, lines: &[&str]) -> (String, Vec<Value>) {
+/// Guarded: unless `last` is the table's last line and the anchor holds `head` when it
+/// runs, the first line is NULL, which the table refuses ([`Error::Changed`]), and the
+/// transaction fails: never a gap or a fork in the chain, also for a writer that did not
+/// read the tail in its transaction (`record_following`).
+fn insert_lines((last, head): (i64, Option<Head>), lines: &[&str]) -> (String, Vec<Value>) {
     let mut sql = String::from("INSERT INTO audit_lines (pos, line) VALUES ");
-    let mut values = Vec::with_capacity(lines.len() * 2 + 1);
+    let mut values = Vec::with_capacity(lines.len() * 2 + 3);
     values.push(Value::from(last));
+    let mut guard = "COALESCE((SELECT MAX(pos) FROM audit_lines), 0) = ?1".to_string();
+    if let Some(head) = head {
+        guard.push_str(
+            " AND (SELECT seq FROM audit_anchor WHERE id = 1) = ?2
+              AND (SELECT hash FROM audit_anchor WHERE id = 1) = ?3",
+        );
+        values.push(Value::from(head.seq as i64));
+        values.push(Value::from(head.hash.to_vec()));
+    }
+    let first = values.len() + 1;
     for (i, line) in lines.iter().enumerate() {
-        let (pos, text) = (2 * i + 2, 2 * i + 3);
+        let (pos, text) = (first + 2 * i, first + 2 * i + 1);
         if i == 0 {
-            sql.push_str(&format!(
-                "(?{pos}, CASE WHEN COALESCE((SELECT MAX(pos) FROM audit_lines), 0) = ?1 THEN ?{text} END)"
-            ));
+            sql.push_str(&format!("(?{pos}, CASE WHEN {guard} THEN ?{text} END)"));
         } else {
             sql.push_str(&format!(", (?{pos}, ?{text})"));
         }

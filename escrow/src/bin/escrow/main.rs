@@ -60,6 +60,10 @@ struct ClientArgs {
     /// Server URL.
     #[arg(long, env = "ESCROW_SERVER", default_value = "https://127.0.0.1:8443")]
     server: String,
+    /// CA certificate(s) (PEM) the server's certificate chains to, when the server presents
+    /// the operator's own (serve --tls-cert); default: the bundle's ca.pem.
+    #[arg(long, env = "ESCROW_SERVER_CA", value_name = "FILE")]
+    server_ca: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -73,7 +77,7 @@ enum Command {
         /// A DNS name or IP address clients reach the escrow by, named in its server
         /// certificate besides localhost, 127.0.0.1 and ::1 (repeatable). Given on an
         /// initialised directory whose certificate names others, the certificate is issued
-        /// again (restart the server to serve it).
+        /// again (a running server serves it from its next connection).
         #[arg(long = "hostname", value_name = "NAME")]
         hostnames: Vec<String>,
     },
@@ -90,6 +94,25 @@ enum Command {
         /// Seconds in-flight requests get to finish on shutdown.
         #[arg(long, default_value_t = 30)]
         shutdown_grace_secs: u64,
+        /// Serve this certificate chain (PEM, the server's certificate first: from your own
+        /// CA or an ACME client) instead of the one the escrow CA issued at init; re-read
+        /// when the file changes. Client certificates are still checked against the escrow
+        /// CA. Give its key with --tls-key.
+        #[arg(
+            long,
+            env = "ESCROW_TLS_CERT",
+            value_name = "FILE",
+            requires = "tls_key"
+        )]
+        tls_cert: Option<PathBuf>,
+        /// The private key (PEM) of --tls-cert; re-read when the file changes.
+        #[arg(
+            long,
+            env = "ESCROW_TLS_KEY",
+            value_name = "FILE",
+            requires = "tls_cert"
+        )]
+        tls_key: Option<PathBuf>,
         #[command(flatten)]
         query: QueryLimitArgs,
     },
@@ -295,6 +318,10 @@ struct UserTarget {
     /// Server URL (with --identity).
     #[arg(long, env = "ESCROW_SERVER", default_value = "https://127.0.0.1:8443")]
     server: String,
+    /// CA certificate(s) the server's certificate chains to (with --identity; as for the
+    /// client commands).
+    #[arg(long, env = "ESCROW_SERVER_CA", value_name = "FILE")]
+    server_ca: Option<PathBuf>,
 }
 
 impl UserTarget {
@@ -309,7 +336,7 @@ impl UserTarget {
     fn client(&self) -> anyhow::Result<Option<Client>> {
         self.identity
             .as_ref()
-            .map(|id| Client::new(&self.server, id))
+            .map(|id| Client::trusting(&self.server, id, self.server_ca.as_deref()))
             .transpose()
     }
 }
@@ -738,7 +765,7 @@ fn identity(args: &ClientArgs) -> anyhow::Result<Client> {
         .identity
         .clone()
         .ok_or_else(|| anyhow!("no identity: pass --identity BUNDLE_DIR or set ESCROW_IDENTITY"))?;
-    Client::new(&args.server, &id)
+    Client::trusting(&args.server, &id, args.server_ca.as_deref())
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
@@ -771,13 +798,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
             listen,
             max_upload_bytes,
             shutdown_grace_secs,
+            tls_cert,
+            tls_key,
             query,
         } => {
+            let server_cert = tls_cert
+                .zip(tls_key)
+                .map(|(cert, key)| server::tls::ServerCert { cert, key });
             serve(
                 dir.dir(),
                 listen,
-                max_upload_bytes,
-                shutdown_grace_secs,
+                (max_upload_bytes, shutdown_grace_secs),
+                server_cert,
                 query,
             )
             .await?
@@ -1492,13 +1524,14 @@ async fn report<R: serde::Serialize, T: serde::Serialize + serde::de::Deserializ
 async fn serve(
     dir: DataDir,
     listen: SocketAddr,
-    max_upload_bytes: u64,
-    grace_secs: u64,
+    (max_upload_bytes, grace_secs): (u64, u64),
+    server_cert: Option<server::tls::ServerCert>,
     query: QueryLimitArgs,
 ) -> anyhow::Result<()> {
     let mb = |n: usize| n.saturating_mul(1 << 20);
     let config = escrow::app::Config {
         listen,
+        server_cert,
         max_upload_bytes,
         shutdown_grace: Duration::from_secs(grace_secs),
         query_memory_bytes: mb(query.query_memory_mb),

@@ -174,7 +174,9 @@ impl IntoResponse for ApiError {
             Error::AuditUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::StorageFull(_) => StatusCode::INSUFFICIENT_STORAGE,
             Error::Busy { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Error::Integrity(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::Integrity(_) | Error::Changed(_) | Error::Internal(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         };
         // Server faults are logged in full under an incident id; the client learns only what
         // it can act on (their details can hold paths, data or key ids).
@@ -185,7 +187,7 @@ impl IntoResponse for ApiError {
             Error::StorageFull(_) => {
                 Some("the server's storage is full, so nothing was stored; retry later")
             }
-            Error::Integrity(_) | Error::Internal(_) => Some("internal error"),
+            Error::Integrity(_) | Error::Changed(_) | Error::Internal(_) => Some("internal error"),
             _ => None,
         };
         let message = match public {
@@ -247,8 +249,12 @@ impl FromRequestParts<Arc<AppState>> for Caller {
             }
         };
         let store = state.store.clone();
-        let (row, at) = blocking(move || store.catalog().active_identity(&serial)).await?;
-        crate::queries::generations_with_caller(at);
+        let ((row, at), read) = blocking(move || {
+            let read = std::time::Instant::now();
+            Ok((store.catalog().active_identity(&serial)?, read))
+        })
+        .await?;
+        crate::queries::generations_with_caller(read, at);
         match row {
             // Checked per request, so a revocation also ends keep-alive connections' access
             // and the console sessions of the identity.
