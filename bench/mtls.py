@@ -10,3 +10,16 @@ def connect(server, ident, timeout=600):
     ctx = ssl.create_default_context(cafile=os.path.join(ident, "ca.pem"))
     ctx.load_cert_chain(os.path.join(ident, "cert.pem"), os.path.join(ident, "key.pem"))
     return http.client.HTTPSConnection(host, int(port), context=ctx, timeout=timeout)
+
+
+def timed_overlap(conn, partner="globex"):
+    """Seconds until `conn`'s overlap matrix with `partner` is answered (it must be)."""
+    import json
+    import time
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/overlaps", body=json.dumps({"with": partner}),
+                 headers={"content-type": "application/json"})
+    r = conn.getresponse()
+    body = r.read()
+    assert r.status == 200, body
+    return time.perf_counter() - t0

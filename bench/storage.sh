@@ -6,11 +6,13 @@
 # moto's S3 server: bench/s3.sh), in one run, through the full service path as acme:
 #   upload   both uploads with matching (CLI, wall time)
 #   first    the first matrix after the uploads (decrypts both lists from the object store)
-#   warm     median of 200 repeats a second after the first (the kept answer: catalog reads only)
+#   warm     the kept answer (catalog reads only): both restarted servers stay up, and a
+#            repeated matrix is asked of each in turn, 400 times each (which goes first
+#            alternates), so both medians come from the same minutes of the machine
 #   restart  after a server restart, a new matrix (a population added): every list read
 #            again from the object store, nothing cached
-#   peak MB  the server's peak resident memory (VmHWM) over the uploads, first and warm
-#            answers; and the restarted server's over its matrix
+#   peak MB  the server's peak resident memory (VmHWM) over the uploads and the first
+#            answer; and the restarted server's over its matrix
 # and the ratios PostgreSQL+S3 / default. Usage: bench/storage.sh [ROWS] (past 1M rows, the
 # lists are renamed copies of the 1M lists: bench/common.sh)
 source "$(dirname "$0")/common.sh"
@@ -20,8 +22,10 @@ PG_SERVER="${ESCROW_BENCH_POSTGRES:-postgres://postgres@127.0.0.1:5432/postgres}
 DB="escrow_storage_$$"
 WORK="$(mktemp -d)"
 PID=""
+LIVE=()  # the restarted servers kept up for the warm answers
 cleanup() {
   [ -n "$PID" ] && kill "$PID" 2>/dev/null || true
+  for p in "${LIVE[@]}"; do kill "$p" 2>/dev/null || true; done
   stop_s3
   wait 2>/dev/null || true
   psql -q "$PG_SERVER" -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" 2>/dev/null || true
@@ -38,19 +42,13 @@ serve() {  # serve DATA NAME: start a node, export ESCROW_SERVER
 
 matrix() {  # matrix IDENTITY REPEATS: seconds of the first answer, then the median of REPEATS more
   python3 - "$ESCROW_SERVER" "$1" "$2" <<'PY'
-import json, statistics, sys, time
+import statistics, sys, time
 sys.path.insert(0, "bench")
-from mtls import connect
+from mtls import connect, timed_overlap
 server, ident, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3])
 conn = connect(server, ident)
 def ask():
-    t0 = time.perf_counter()
-    conn.request("POST", "/v1/overlaps", body=json.dumps({"with": "globex"}),
-                 headers={"content-type": "application/json"})
-    r = conn.getresponse()
-    body = r.read()
-    assert r.status == 200, body
-    return time.perf_counter() - t0
+    return timed_overlap(conn)
 first = ask()
 # The steady state: after what the first answer set going has settled, many asks.
 time.sleep(1)
@@ -74,7 +72,7 @@ run() {  # run NAME: the whole sequence on the storage the environment names
   t1=$(date +%s.%N)
   share_for_overlap "$data/identities/acme/admin" globex
   share_for_overlap "$data/identities/globex/admin" acme
-  read -r first warm < <(matrix "$data/identities/acme/admin" 200)
+  read -r first _ < <(matrix "$data/identities/acme/admin" 0)
   local peak
   peak=$(awk '/VmHWM/ {print $2 / 1024}' "/proc/$PID/status")
   kill "$PID"; wait "$PID" 2>/dev/null || true
@@ -84,26 +82,53 @@ run() {  # run NAME: the whole sequence on the storage the environment names
   read -r restart _ < <(matrix "$data/identities/acme/admin" 0)
   local peak_restart
   peak_restart=$(awk '/VmHWM/ {print $2 / 1024}' "/proc/$PID/status")
-  kill "$PID"; wait "$PID" 2>/dev/null || true
-  PID=""
-  printf '%s %.2f %s %s %s %.0f %.0f\n' "$name" "$(python3 -c "print($t1 - $t0)")" "$first" "$warm" "$restart" "$peak" "$peak_restart"
+  # Left up (its output names it) for the warm answers of both backends, asked in turn.
+  printf '%s %.2f %s %s %.0f %.0f %s %s %s\n' "$name" "$(python3 -c "print($t1 - $t0)")" "$first" "$restart" "$peak" "$peak_restart" "$PID" "$ESCROW_SERVER" "$data/identities/acme/admin"
+}
+
+warm() {  # warm SERVER_A IDENT_A SERVER_B IDENT_B REPEATS: median seconds of each's kept answer
+  python3 - "$@" <<'PY'
+import statistics, sys, time
+sys.path.insert(0, "bench")
+from mtls import connect, timed_overlap as ask
+a, b = (connect(sys.argv[1], sys.argv[2]), connect(sys.argv[3], sys.argv[4]))
+repeats = int(sys.argv[5])
+for conn in (a, b):  # settle: connections up, anything the restart left to do done
+    for _ in range(20):
+        ask(conn)
+time.sleep(1)
+ta, tb = [], []
+for i in range(repeats):
+    if i % 2:
+        tb.append(ask(b)); ta.append(ask(a))
+    else:
+        ta.append(ask(a)); tb.append(ask(b))
+print(f"{statistics.median(ta):.6f} {statistics.median(tb):.6f}")
+PY
 }
 
 echo "== $ROWS rows per list; default (SQLite + data directory), then PostgreSQL + S3 (moto)"
 DEFAULT=$(env -u ESCROW_CATALOG -u ESCROW_OBJECTS bash -c "$(declare -f serve matrix run share_for_overlap); BIN=$BIN OUT=$OUT GEN=$GEN WORK=$WORK; run default")
+read -r _ _ _ _ _ _ pid_d server_d ident_d <<< "$DEFAULT"
+LIVE+=("$pid_d")
 echo "$DEFAULT"
 psql -q "$PG_SERVER" -c "CREATE DATABASE $DB"
 start_s3 storage
 SHARED_RUN=$(ESCROW_CATALOG="${PG_SERVER%/*}/$DB" bash -c "$(declare -f serve matrix run share_for_overlap); BIN=$BIN OUT=$OUT GEN=$GEN WORK=$WORK; run pg+s3")
+read -r _ _ _ _ _ _ pid_s server_s ident_s <<< "$SHARED_RUN"
+LIVE+=("$pid_s")
 echo "$SHARED_RUN"
-python3 - "$DEFAULT" "$SHARED_RUN" <<'PY' | tee "$OUT/storage-$ROWS.txt"
+read -r warm_d warm_s < <(warm "$server_d" "$ident_d" "$server_s" "$ident_s" 400)
+python3 - "$DEFAULT" "$SHARED_RUN" "$warm_d" "$warm_s" <<'PY' | tee "$OUT/storage-$ROWS.txt"
 import sys
 d, s = (line.split() for line in sys.argv[1:3])
+warm = (float(sys.argv[3]), float(sys.argv[4]))
 print(f"{'':10} {'default':>10} {'pg+s3':>10} {'ratio':>7}")
-for i, what in enumerate(["upload", "first", "warm", "restart"], start=1):
-    a, b = float(d[i]), float(s[i])
+rows = [("upload", float(d[1]), float(s[1])), ("first", float(d[2]), float(s[2])),
+        ("warm", *warm), ("restart", float(d[3]), float(s[3]))]
+for what, a, b in rows:
     print(f"{what:10} {a:10.6f} {b:10.6f} {b / a:7.2f}x")
-for i, what in ((5, "peak MB"), (6, "peak MB r")):
+for i, what in ((4, "peak MB"), (5, "peak MB r")):
     a, b = float(d[i]), float(s[i])
     print(f"{what:10} {a:10.0f} {b:10.0f} {b / a:7.2f}x")
 PY

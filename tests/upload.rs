@@ -33,6 +33,21 @@ fn batch(n: usize, tag: &str) -> RecordBatch {
     .expect("batch")
 }
 
+/// A listed dataset's columns, as (name, type).
+fn column_types(dataset: &serde_json::Value) -> Vec<(String, String)> {
+    dataset["columns"]
+        .as_array()
+        .expect("columns")
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().expect("n").into(),
+                c["type"].as_str().expect("t").into(),
+            )
+        })
+        .collect()
+}
+
 pub fn arrow_file(batches: &[RecordBatch]) -> Vec<u8> {
     let mut w =
         arrow_ipc::writer::FileWriter::try_new(Vec::new(), &batches[0].schema()).expect("writer");
@@ -150,17 +165,7 @@ fn every_format_uploads_lists_and_reads_back() {
     assert_eq!(acc["version"], 1);
     assert_eq!(acc["key_column"], "website");
     assert_eq!(acc["format"], "csv");
-    let types: Vec<(String, String)> = acc["columns"]
-        .as_array()
-        .expect("columns")
-        .iter()
-        .map(|c| {
-            (
-                c["name"].as_str().expect("n").into(),
-                c["type"].as_str().expect("t").into(),
-            )
-        })
-        .collect();
+    let types = column_types(acc);
     assert!(
         types.contains(&("employees".into(), "Int64".into())),
         "{types:?}"
@@ -362,4 +367,71 @@ fn canary_nothing_readable_at_rest() {
             );
         }
     }
+}
+
+#[test]
+fn a_declared_csv_schema_overrides_inference_and_names_a_misfit_by_row_and_column() {
+    let env = Env::new();
+    let server = env.serve(&[]);
+    // A CRM export: whole numbers of employees for the first 10,050 rows (past the rows
+    // types are inferred from), then one with a decimal.
+    let csv = |last: &str| {
+        let mut s = String::from("website,employees,since\n");
+        for i in 0..10_050 {
+            s.push_str(&format!(
+                "acme{i}.example,{},2020-01-{:02}\n",
+                i % 500,
+                i % 28 + 1
+            ));
+        }
+        s.push_str(&format!("last.example,{last},2021-02-03\n"));
+        s
+    };
+    let file = env.file("export.csv", csv("12.5").as_bytes());
+    let upload = |extra: &[&str]| {
+        let mut args = vec!["--key-column", "website"];
+        args.extend_from_slice(extra);
+        env.upload(&server, "acme", &file, "accounts", &args)
+    };
+    upload(&[]).fails_with("--schema COLUMN=TYPE");
+    upload(&["--schema", "employees=float", "--schema", "since=date"]).ok();
+    let types = column_types(&env.datasets(&server, "acme")["datasets"][0]);
+    assert!(
+        types.contains(&("employees".into(), "Float64".into())),
+        "{types:?}"
+    );
+    assert!(
+        types.contains(&("since".into(), "Date32".into())),
+        "{types:?}"
+    );
+
+    // A value that does not fit the declared type: refused with its row and column, not
+    // its value, and nothing is stored.
+    let out =
+        upload(&["--schema", "employees=integer"]).fails_with("data row 10051, column employees");
+    assert!(!out.stderr.contains("12.5"), "{}", out.stderr);
+    assert_eq!(env.datasets(&server, "acme")["datasets"][0]["version"], 1);
+    // Declarations that cannot apply: a column the file lacks, a type escrow does not
+    // know, a format that carries its own types.
+    upload(&["--schema", "revenue=float"]).fails_with("not a column of the file's header");
+    upload(&["--schema", "employees=money"]).fails_with("the type is one of string, integer");
+    upload(&["--schema", "employees"]).fails_with("not COLUMN=TYPE");
+    let batch = RecordBatch::try_new(
+        Arc::new(Schema::new(vec![Field::new(
+            "website",
+            DataType::Utf8,
+            false,
+        )])),
+        vec![Arc::new(StringArray::from(vec!["a.example"]))],
+    )
+    .expect("batch");
+    let arrow = env.file("export.arrow", &arrow_file(&[batch]));
+    env.upload(
+        &server,
+        "acme",
+        &arrow,
+        "other",
+        &["--schema", "website=string"],
+    )
+    .fails_with("--schema is for CSV uploads");
 }

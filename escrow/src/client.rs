@@ -22,6 +22,8 @@ pub struct UploadKey<'a> {
     pub name_context: Option<&'a str>,
     /// `website` (default) or `id`.
     pub key_type: Option<&'a str>,
+    /// Declared CSV column types, `COL=TYPE,...` (`ingest::DeclaredSchema::to_param`).
+    pub schema: Option<&'a str>,
 }
 
 /// A connection to an escrow server as one identity.
@@ -145,6 +147,7 @@ impl Client {
             ("name_column", key.name_column),
             ("name_context", key.name_context),
             ("key_type", key.key_type),
+            ("schema", key.schema),
         ] {
             if let Some(v) = value {
                 query.push((param, v));

@@ -1,10 +1,158 @@
-//! CSV: delimiter sniffed, types inferred from a bounded sample, rows read in batches.
+//! CSV: delimiter sniffed, types inferred from a bounded sample (or declared by the
+//! uploader), rows read in batches.
+
+use arrow_schema::{Field, Schema, TimeUnit};
 
 use super::*;
+
+/// Column types an uploader declares for a CSV (`escrow upload --schema COL=TYPE`), used
+/// instead of the types inferred from the first rows: a CRM export whose column holds whole
+/// numbers for ten thousand rows and then a decimal, say.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DeclaredSchema(Vec<(String, DataType)>);
+
+/// The declared columns' positions and types.
+type Declared = Vec<(usize, DataType)>;
+
+/// The type names `--schema` takes, and what each reads as.
+const DECLARABLE: [(&str, DataType); 6] = [
+    ("string", DataType::Utf8),
+    ("integer", DataType::Int64),
+    ("float", DataType::Float64),
+    ("boolean", DataType::Boolean),
+    ("date", DataType::Date32),
+    (
+        "timestamp",
+        DataType::Timestamp(TimeUnit::Microsecond, None),
+    ),
+];
+
+impl DeclaredSchema {
+    /// From `COL=TYPE` declarations (the type after the last `=`; `string`, `integer`,
+    /// `float`, `boolean`, `date` or `timestamp`), each column once.
+    pub fn parse<'s>(declarations: impl IntoIterator<Item = &'s str>) -> Result<Self> {
+        let mut out: Vec<(String, DataType)> = Vec::new();
+        for d in declarations {
+            let bad = |why: String| Error::bad("bad_schema", format!("--schema {d:?}: {why}"));
+            let (column, type_name) = d
+                .rsplit_once('=')
+                .ok_or_else(|| bad("not COLUMN=TYPE".into()))?;
+            let column = column.trim();
+            if column.is_empty() || column.contains(',') {
+                return Err(bad(
+                    "no column name, or one with a comma (not declarable)".into()
+                ));
+            }
+            let t = DECLARABLE
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(type_name.trim()))
+                .map(|(_, t)| t.clone())
+                .ok_or_else(|| {
+                    let names: Vec<&str> = DECLARABLE.iter().map(|(n, _)| *n).collect();
+                    bad(format!("the type is one of {}", names.join(", ")))
+                })?;
+            if out.iter().any(|(c, _)| c == column) {
+                return Err(bad(format!("{column} is declared twice")));
+            }
+            out.push((column.to_string(), t));
+        }
+        Ok(DeclaredSchema(out))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The declarations as the API's `schema` parameter carries them (`COL=TYPE,...`).
+    pub fn to_param(&self) -> String {
+        let name = |t: &DataType| {
+            DECLARABLE
+                .iter()
+                .find(|(_, d)| d == t)
+                .map_or("string", |(n, _)| *n)
+        };
+        self.0
+            .iter()
+            .map(|(c, t)| format!("{c}={}", name(t)))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// `inferred` with the declared columns read as text (converted batch by batch, so
+    /// that a value that does not fit is found with its row), and the schema the batches
+    /// then have; the declared columns' positions.
+    fn apply(&self, inferred: &Schema) -> Result<(SchemaRef, SchemaRef, Declared)> {
+        let mut read: Vec<Field> = inferred
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        let mut out = read.clone();
+        let mut declared = Vec::new();
+        for (column, t) in &self.0 {
+            let i = inferred.index_of(column).map_err(|_| {
+                Error::bad(
+                    "bad_schema",
+                    format!("--schema names {column}, which is not a column of the file's header"),
+                )
+            })?;
+            read[i] = Field::new(column, DataType::Utf8, true);
+            out[i] = Field::new(column, t.clone(), true);
+            declared.push((i, t.clone()));
+        }
+        Ok((
+            Arc::new(Schema::new(read)),
+            Arc::new(Schema::new(out)),
+            declared,
+        ))
+    }
+}
+
+/// Convert the declared columns of `batch` (read as text) to their types; `rows_before`:
+/// rows of the file before this batch. A value that does not convert refuses the upload,
+/// naming its row and column but not the value.
+fn convert(
+    batch: RecordBatch,
+    schema: &SchemaRef,
+    declared: &[(usize, DataType)],
+    rows_before: usize,
+) -> Result<RecordBatch> {
+    let mut columns = batch.columns().to_vec();
+    for (i, t) in declared {
+        let text = &columns[*i];
+        let converted = arrow_cast::cast(text, t).map_err(Error::internal)?;
+        let strings = text
+            .as_any()
+            .downcast_ref::<arrow_array::StringArray>()
+            .ok_or_else(|| Error::internal("a declared CSV column was not read as text"))?;
+        // A safe cast turns what does not convert into null: a null where the text had a
+        // value (not an empty cell) is a value that does not fit.
+        let misfit = |r: usize| {
+            strings.is_valid(r) && !strings.value(r).trim().is_empty() && converted.is_null(r)
+        };
+        if let Some(row) = (0..text.len()).find(|&r| misfit(r)) {
+            return Err(Error::bad(
+                "malformed_csv",
+                format!(
+                    "malformed CSV: data row {}, column {}: the value is not a {} (as --schema declares)",
+                    rows_before + row + 1,
+                    schema.field(*i).name(),
+                    DECLARABLE
+                        .iter()
+                        .find(|(_, d)| d == t)
+                        .map_or("value of its type", |(n, _)| *n)
+                ),
+            ));
+        }
+        columns[*i] = converted;
+    }
+    RecordBatch::try_new(schema.clone(), columns).map_err(Error::internal)
+}
 
 pub(super) fn csv_batches<'a, R: Read + 'a>(
     mut input: BufReader<R>,
     limits: &IngestLimits,
+    declared: &DeclaredSchema,
 ) -> Result<Box<dyn Iterator<Item = Result<RecordBatch>> + 'a>> {
     let mut prefix = Vec::new();
     (&mut input)
@@ -37,18 +185,26 @@ pub(super) fn csv_batches<'a, R: Read + 'a>(
             Some(limits.csv_infer_records),
         )
         .map_err(csv_error)?;
-    let schema = Arc::new(schema);
+    let (read, schema, declared) = declared.apply(&schema)?;
     prefix.drain(..start);
-    let reader = arrow_csv::ReaderBuilder::new(schema.clone())
+    let reader = arrow_csv::ReaderBuilder::new(read)
         .with_header(true)
         .with_delimiter(delimiter)
         .with_batch_size(limits.batch_rows)
         .build(Cursor::new(prefix).chain(input))
         .map_err(csv_error)?;
-    Ok(schema_even_if_empty(
-        reader.map(|b| b.map_err(csv_error)),
-        schema,
-    ))
+    let out = schema.clone();
+    let mut rows = 0;
+    let batches = reader.map(move |b| {
+        let b = b.map_err(csv_error)?;
+        let before = rows;
+        rows += b.num_rows();
+        if declared.is_empty() {
+            return Ok(b);
+        }
+        convert(b, &out, &declared, before)
+    });
+    Ok(schema_even_if_empty(batches, schema))
 }
 
 /// The delimiter of a CSV sample: whichever of `,` `;` tab occurs most in the header line
@@ -93,7 +249,7 @@ fn csv_error(e: ArrowError) -> Error {
         }
         ArrowError::ParseError(_) | ArrowError::CastError(_) => Error::bad(
             "malformed_csv",
-            "malformed CSV: a value does not match the column type inferred from the first rows",
+            "malformed CSV: a value does not match the column type inferred from the first rows (declare the column's type: escrow upload --schema COLUMN=TYPE)",
         ),
         ArrowError::IoError(..) | ArrowError::ExternalError(_) => Error::Interrupted,
         _ => Error::bad("malformed_csv", "malformed CSV"),

@@ -24,6 +24,7 @@ use arrow_schema::{ArrowError, DataType, SchemaRef};
 use crate::catalog::ColumnInfo;
 use crate::matching::{COMPANY_KEY, MatchStats, NAME_KEY, Names, company_keys};
 use crate::{Error, Result};
+pub use csv::DeclaredSchema;
 use csv::{csv_batches, schema_even_if_empty};
 use ipc::{IpcBatches, read_up_to, strip};
 use parquet::parquet_batches;
@@ -219,7 +220,8 @@ impl<R: Read> Read for TrackedInput<R> {
     }
 }
 
-/// Which column identifies a company, and how.
+/// How an upload is read: which column identifies a company, and how; and the types its
+/// uploader declared for a CSV's columns.
 #[derive(Debug, Clone, Default)]
 pub struct KeySpec {
     pub column: Option<String>,
@@ -229,6 +231,8 @@ pub struct KeySpec {
     /// country, a region): part of each row's name key.
     pub name_context: Vec<String>,
     pub key_type: KeyType,
+    /// Column types over the ones inferred from a CSV's first rows (`upload --schema`).
+    pub declared: DeclaredSchema,
 }
 
 /// How a key column is read.
@@ -342,8 +346,14 @@ fn decode_into<'a, R: Read + 'a, W: Write>(
     sink: W,
     limits: &IngestLimits,
 ) -> Result<(Ingested, W)> {
+    if format != Format::Csv && !key.declared.is_empty() {
+        return Err(Error::bad(
+            "bad_schema",
+            "--schema is for CSV uploads: Parquet and Arrow files carry their column types",
+        ));
+    }
     let mut batches: Box<dyn Iterator<Item = Result<RecordBatch>> + 'a> = match format {
-        Format::Csv => csv_batches(input, limits)?,
+        Format::Csv => csv_batches(input, limits, &key.declared)?,
         Format::ArrowFile | Format::ArrowStream => {
             Box::new(IpcBatches::new(input, format, limits)?)
         }

@@ -145,6 +145,11 @@ enum Command {
         /// File format (csv, arrow, arrow-stream, parquet); guessed from the name otherwise.
         #[arg(long = "input-format")]
         input_format: Option<String>,
+        /// A CSV column's type, over the one inferred from the first rows (repeatable):
+        /// COLUMN=TYPE, TYPE one of string, integer, float, boolean, date, timestamp. A value
+        /// that does not fit refuses the upload, naming its row and column.
+        #[arg(long = "schema", value_name = "COLUMN=TYPE")]
+        schema: Vec<String>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -859,14 +864,20 @@ async fn run(command: Command) -> anyhow::Result<()> {
             name_context,
             key_type,
             input_format,
+            schema,
             client,
         } => {
+            // Checked here, before a byte is sent.
+            let declared = escrow::ingest::DeclaredSchema::parse(schema.iter().map(String::as_str))
+                .map_err(engine)?
+                .to_param();
             let c = identity(&client)?;
             let key = escrow::client::UploadKey {
                 column: key_column.as_deref(),
                 name_column: name_column.as_deref(),
                 name_context: name_context.as_deref(),
                 key_type: key_type.as_deref(),
+                schema: (!declared.is_empty()).then_some(declared.as_str()),
             };
             let out = c
                 .upload(&file, &dataset, &key, input_format.as_deref())

@@ -39,12 +39,14 @@ pub(crate) struct UploadParams {
     /// Comma-separated name-context columns.
     name_context: Option<String>,
     key_type: Option<String>,
+    /// Declared CSV column types, `COL=TYPE,...`.
+    schema: Option<String>,
 }
 
 /// Bytes of a refused upload read and discarded so the client can read the error response.
 const DRAIN_AFTER_ERROR: u64 = 64 << 20;
 
-#[utoipa::path(put, path = "/v1/datasets/{name}", tag = "datasets", request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the file's bytes: CSV, Parquet, Arrow IPC file or stream"), params(("name" = String, Path, description = "dataset name, [a-z][a-z0-9_]{0,62}"), ("format" = Option<String>, Query, description = "csv, arrow, arrow-stream, parquet; sniffed when absent"), ("key_column" = Option<String>, Query), ("name_column" = Option<String>, Query), ("name_context" = Option<String>, Query, description = "comma-separated columns"), ("key_type" = Option<String>, Query, description = "website or id")), responses((status = 201, description = "the version committed", body = wire::UploadOutcome), wire::Errors))]
+#[utoipa::path(put, path = "/v1/datasets/{name}", tag = "datasets", request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the file's bytes: CSV, Parquet, Arrow IPC file or stream"), params(("name" = String, Path, description = "dataset name, [a-z][a-z0-9_]{0,62}"), ("format" = Option<String>, Query, description = "csv, arrow, arrow-stream, parquet; sniffed when absent"), ("key_column" = Option<String>, Query), ("name_column" = Option<String>, Query), ("name_context" = Option<String>, Query, description = "comma-separated columns"), ("key_type" = Option<String>, Query, description = "website or id"), ("schema" = Option<String>, Query, description = "CSV column types over the inferred ones: COLUMN=TYPE,... with TYPE one of string, integer, float, boolean, date, timestamp")), responses((status = 201, description = "the version committed", body = wire::UploadOutcome), wire::Errors))]
 pub(crate) async fn upload(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -87,6 +89,13 @@ pub(crate) async fn upload(
                 .map(crate::ingest::KeyType::parse)
                 .transpose()?
                 .unwrap_or_default(),
+            declared: crate::ingest::DeclaredSchema::parse(
+                params
+                    .schema
+                    .iter()
+                    .flat_map(|s| s.split(','))
+                    .filter(|d| !d.trim().is_empty()),
+            )?,
         },
     };
     let stream = body.into_data_stream().map_err(io::Error::other);
