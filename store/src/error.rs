@@ -147,18 +147,17 @@ impl From<rusqlite::Error> for Error {
 
 impl From<tokio_postgres::Error> for Error {
     fn from(e: tokio_postgres::Error) -> Self {
+        // Its Display is only "db error": the server's own words are in the source.
+        let words = match e.as_db_error() {
+            Some(db) => format!("catalog: {} ({})", db.message(), db.code().code()),
+            None => format!("catalog: {e}"),
+        };
         match e.code() {
             Some(&tokio_postgres::error::SqlState::DISK_FULL) => {
                 Error::StorageFull(format!("catalog: {e}"))
             }
-            Some(&tokio_postgres::error::SqlState::NOT_NULL_VIOLATION) => {
-                Error::Changed(format!("catalog: {e:?}"))
-            }
-            // Its Display is only "db error": the server's own words are in the source.
-            _ => Error::Internal(match e.as_db_error() {
-                Some(db) => format!("catalog: {} ({})", db.message(), db.code().code()),
-                None => format!("catalog: {e}"),
-            }),
+            Some(&tokio_postgres::error::SqlState::NOT_NULL_VIOLATION) => Error::Changed(words),
+            _ => Error::Internal(words),
         }
     }
 }

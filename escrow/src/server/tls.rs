@@ -1,9 +1,10 @@
 //! TLS for the server: rustls asking for a client certificate from the escrow CA, checked
 //! against the CRL; the server's own certificate (the escrow CA's, or the operator's with
-//! `serve --tls-cert/--tls-key`) re-read when its files change. A client may connect without one (a browser on the console); it is then
-//! unauthenticated until it shows a console session (`api::Caller`). The CRL is re-read when its file changes, checked on every
-//! handshake, so `escrow partner revoke` takes effect on the next connection without a
-//! restart.
+//! `serve --tls-cert/--tls-key`) re-read when its files change. A client may connect
+//! without one (a browser on the console); it is then unauthenticated until it shows a
+//! console session (`api::Caller`). The CRL is re-read when its file changes, checked on
+//! every handshake, so `escrow partner revoke` takes effect on the next connection without
+//! a restart.
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -12,7 +13,7 @@ use std::sync::{Arc, RwLock};
 
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::pem::{Error as PemError, PemObject};
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
@@ -29,9 +30,13 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
+/// The certificates of a PEM file, in order.
+fn read_certs(path: &Path) -> std::result::Result<Vec<CertificateDer<'static>>, PemError> {
+    CertificateDer::pem_file_iter(path).and_then(|it| it.collect())
+}
+
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
-    CertificateDer::pem_file_iter(path)
-        .and_then(|it| it.collect::<std::result::Result<Vec<_>, _>>())
+    read_certs(path)
         .map_err(|e| Error::internal(format!("reading certificates {}: {e}", path.display())))
 }
 
@@ -255,9 +260,8 @@ impl ServerCert {
                 format!("{what} {}: {e}", path.display()),
             )
         };
-        let certs = CertificateDer::pem_file_iter(&self.cert)
-            .and_then(|it| it.collect::<std::result::Result<Vec<_>, _>>())
-            .map_err(|e| bad("server certificate", &self.cert, &e))?;
+        let certs =
+            read_certs(&self.cert).map_err(|e| bad("server certificate", &self.cert, &e))?;
         if certs.is_empty() {
             return Err(bad(
                 "server certificate",

@@ -71,11 +71,7 @@ impl Catalog {
         let r = r.ok_or_else(|| Error::internal("catalog: no generations"))?;
         let id = match r.get::<Option<String>>(6)? {
             None => None,
-            Some(partner) => Some(IdentityRow {
-                partner,
-                user: r.get(7)?,
-                role: r.get(8)?,
-            }),
+            Some(_) => Some(identity_at(&r, 6)?),
         };
         Ok((id, Generations::of(&r)?))
     }
@@ -178,10 +174,15 @@ pub fn revoke_user(tx: &Tx<'_>, partner: &str, user: &str) -> Result<Revocations
 }
 
 fn identity(r: &Row) -> Result<IdentityRow> {
+    identity_at(r, 0)
+}
+
+/// An identity selected as partner, user and role from column `first` on.
+fn identity_at(r: &Row, first: usize) -> Result<IdentityRow> {
     Ok(IdentityRow {
-        partner: r.get(0)?,
-        user: r.get(1)?,
-        role: r.get(2)?,
+        partner: r.get(first)?,
+        user: r.get(first + 1)?,
+        role: r.get(first + 2)?,
     })
 }
 

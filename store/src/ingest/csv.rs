@@ -65,15 +65,9 @@ impl DeclaredSchema {
 
     /// The declarations as the API's `schema` parameter carries them (`COL=TYPE,...`).
     pub fn to_param(&self) -> String {
-        let name = |t: &DataType| {
-            DECLARABLE
-                .iter()
-                .find(|(_, d)| d == t)
-                .map_or("string", |(n, _)| *n)
-        };
         self.0
             .iter()
-            .map(|(c, t)| format!("{c}={}", name(t)))
+            .map(|(c, t)| format!("{c}={}", declared_name(t).unwrap_or("string")))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -108,6 +102,11 @@ impl DeclaredSchema {
     }
 }
 
+/// The `--schema` name of type `t`, if it is one `--schema` takes.
+fn declared_name(t: &DataType) -> Option<&'static str> {
+    DECLARABLE.iter().find(|(_, d)| d == t).map(|(n, _)| *n)
+}
+
 /// Convert the declared columns of `batch` (read as text) to their types; `rows_before`:
 /// rows of the file before this batch. A value that does not convert refuses the upload,
 /// naming its row and column but not the value.
@@ -137,10 +136,7 @@ fn convert(
                     "malformed CSV: data row {}, column {}: the value is not a {} (as --schema declares)",
                     rows_before + row + 1,
                     schema.field(*i).name(),
-                    DECLARABLE
-                        .iter()
-                        .find(|(_, d)| d == t)
-                        .map_or("value of its type", |(n, _)| *n)
+                    declared_name(t).unwrap_or("value of its type")
                 ),
             ));
         }
