@@ -23,7 +23,7 @@ async fn an_application_built_in_process_serves_typed_answers_and_audits_its_lif
     let tmp = tempfile::tempdir().unwrap();
     let dir = DataDir::new(tmp.path().join("data"));
     escrow::admin::init(&dir, &[]).unwrap();
-    let bundle = escrow::admin::add_partner(&dir, "acme").unwrap();
+    let bundle = escrow::admin::add_partner(&dir, "acme", escrow::pki::DEFAULT_CERT_DAYS).unwrap();
 
     let app = Application::build(Config {
         listen: "127.0.0.1:0".parse().unwrap(),

@@ -764,6 +764,11 @@ pub struct Run {
     pub stderr: String,
 }
 
+/// Run a command built by the test (the escrow binary with arguments of its own).
+pub fn run(cmd: Command) -> Run {
+    Run::of(cmd)
+}
+
 impl Run {
     fn of(mut cmd: Command) -> Run {
         let Output {

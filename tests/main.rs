@@ -11,6 +11,7 @@ mod audit;
 mod bad_input;
 mod console;
 mod crash;
+mod enrollment;
 mod faults;
 mod identity;
 mod keys;

@@ -44,6 +44,9 @@ pub struct Config {
     pub admitted_memory_bytes: Option<usize>,
     /// How long a console sign-in link stays valid (clamped to 1 s .. 1 h).
     pub console_link: Duration,
+    /// Lifetime of the identity certificates this node issues (renewals, and invitations
+    /// an admin makes through the API), in days.
+    pub cert_days: u32,
     /// Uploads and questions running at once, per partner and in all, and how long a request
     /// waits for a server-wide slot.
     pub admission: limits::Limits,
@@ -63,6 +66,7 @@ impl Config {
             query_cache_bytes: 1 << 30,
             admitted_memory_bytes: None,
             console_link: Duration::from_secs(300),
+            cert_days: escrow_store::pki::DEFAULT_CERT_DAYS,
             admission: limits::Limits {
                 uploads: limits::Limit {
                     per_partner: 2,
@@ -183,6 +187,7 @@ impl Application {
             store,
             queries: Arc::new(queries),
             admission: limits::Admission::new(config.admission),
+            cert_days: config.cert_days,
         });
         tracing::info!(%addr, data_dir = %dir.root().display(), "escrow serving");
         Ok(Application {

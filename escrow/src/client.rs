@@ -10,8 +10,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_util::io::ReaderStream;
 
+use crate::model::enrollment::Token;
 use crate::server::tls;
-use crate::wire;
+use crate::{pki, wire};
 
 /// The key options of an upload (see `escrow upload --help`).
 #[derive(Debug, Default, Clone, Copy)]
@@ -62,8 +63,20 @@ impl Client {
                 identity.display()
             );
         }
+        finish_renewal(identity)?;
         let ca = server_ca.map_or_else(|| identity.join("ca.pem"), Path::to_path_buf);
         let config = tls::client_config_trusting(identity, &ca).map_err(|e| anyhow!("{e}"))?;
+        Self::with_config(server, config)
+    }
+
+    /// A client without an identity (`escrow enroll`), trusting the server certificate to
+    /// chain to the CA certificates of `ca_pem`.
+    pub fn without_identity(server: &str, ca_pem: &[u8]) -> anyhow::Result<Self> {
+        let config = tls::client_config_without_identity(ca_pem).map_err(|e| anyhow!("{e}"))?;
+        Self::with_config(server, config)
+    }
+
+    fn with_config(server: &str, config: rustls::ClientConfig) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(config)
             .build()
@@ -72,6 +85,28 @@ impl Client {
             http,
             base: server.trim_end_matches('/').to_string(),
         })
+    }
+
+    /// Renew this client's certificate: a new key made here, its signing request sent over
+    /// this connection, and the bundle at `bundle` replaced by the new key and certificate.
+    pub async fn renew(&self, bundle: &Path) -> anyhow::Result<wire::Certificate> {
+        let me = self.whoami().await?;
+        let (csr_pem, key_pem) =
+            pki::new_request(&me.partner, &me.user).map_err(|e| anyhow!("{e}"))?;
+        let cert: wire::Certificate = self
+            .post("v1/renewals", &wire::RenewRequest { csr_pem }, "renewing")
+            .await?;
+        // Both new files first, then each over its old one: a renewal cut short between the
+        // two is finished by the next command that loads the bundle ([`finish_renewal`]).
+        let write = |file: &str, text: &str, private: bool| {
+            let path = bundle.join(file);
+            crate::fsutil::atomic_write(&path, text.as_bytes(), private)
+                .map_err(|e| anyhow!("writing {}: {e}", path.display()))
+        };
+        write("key.pem.new", &key_pem, true)?;
+        write("cert.pem.new", &cert.cert_pem, false)?;
+        finish_renewal(bundle)?;
+        Ok(cert)
     }
 
     async fn send<T: DeserializeOwned>(
@@ -337,6 +372,118 @@ impl Client {
     pub async fn whoami(&self) -> anyhow::Result<wire::Caller> {
         self.get("v1/whoami", &[], "whoami").await
     }
+}
+
+/// Finish a renewal of the bundle at `bundle` that was cut short: its new key and
+/// certificate, both written (`*.pem.new`), are put in place, the key first; a new key
+/// alone (the answer never came) is dropped.
+fn finish_renewal(bundle: &Path) -> anyhow::Result<()> {
+    let (key, cert) = (bundle.join("key.pem.new"), bundle.join("cert.pem.new"));
+    let rename = |from: &Path, to: &str| {
+        std::fs::rename(from, bundle.join(to))
+            .with_context(|| format!("finishing the renewal of {}", bundle.display()))
+    };
+    match (key.exists(), cert.exists()) {
+        (true, true) => {
+            rename(&key, "key.pem")?;
+            rename(&cert, "cert.pem")
+        }
+        (false, true) => rename(&cert, "cert.pem"),
+        (true, false) => {
+            std::fs::remove_file(&key).with_context(|| format!("dropping {}", key.display()))
+        }
+        (false, false) => Ok(()),
+    }
+}
+
+/// Enroll with `token` at `server` and write the identity bundle to `out`: the escrow CA's
+/// certificate is fetched and checked against the fingerprint the token carries (so nothing
+/// secret goes to a server before it is known to be the escrow that invited), a key is made
+/// here, and its signing request is sent with the token over a connection that trusts that
+/// CA (or `server_ca`, for a server with the operator's own certificate). The key never
+/// leaves this machine.
+pub async fn enroll(
+    server: &str,
+    token: &str,
+    server_ca: Option<&Path>,
+    out: &Path,
+) -> anyhow::Result<wire::Certificate> {
+    let token = Token::parse(token).map_err(|e| anyhow!("{e}"))?;
+    for f in ["key.pem", "cert.pem"] {
+        let path = out.join(f);
+        if path.exists() {
+            bail!(
+                "{} exists; enroll into a new --out directory",
+                path.display()
+            );
+        }
+    }
+    let server_ca = server_ca
+        .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
+        .transpose()?;
+    let fetch = match &server_ca {
+        Some(pem) => Client::without_identity(server, pem)?,
+        None => Client::with_config(
+            server,
+            tls::client_config_unverified().map_err(|e| anyhow!("{e}"))?,
+        )?,
+    };
+    let ca: wire::CaCertificate = fetch
+        .get("v1/ca", &[], "fetching the escrow's CA certificate")
+        .await?;
+    same_ca(&ca.ca_pem, &token)?;
+    let trusted = server_ca.unwrap_or_else(|| ca.ca_pem.clone().into_bytes());
+    let client = Client::without_identity(server, &trusted)?;
+    let (csr_pem, key_pem) =
+        pki::new_request(&token.partner, &token.user).map_err(|e| anyhow!("{e}"))?;
+    let req = wire::EnrollRequest {
+        token: token.to_string(),
+        csr_pem,
+    };
+    let cert: wire::Certificate = client.post("v1/enrollments", &req, "enrolling").await?;
+    same_ca(&cert.ca_pem, &token)?;
+    write_bundle(
+        out,
+        &wire::Bundle {
+            cert_pem: cert.cert_pem.clone(),
+            key_pem,
+            ca_pem: cert.ca_pem.clone(),
+        },
+    )?;
+    Ok(cert)
+}
+
+/// Refuse a CA certificate other than the one `token`'s fingerprint names.
+fn same_ca(ca_pem: &str, token: &Token) -> anyhow::Result<()> {
+    match pki::fingerprint(ca_pem) {
+        Ok(f) if f == token.ca => Ok(()),
+        _ => bail!(
+            "the server's CA certificate is not the one the token names: this is not the escrow that invited you (or the token was copied wrongly)"
+        ),
+    }
+}
+
+/// Write an identity bundle (key 0600, never overwriting).
+pub fn write_bundle(out: &Path, bundle: &wire::Bundle) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(out)
+        .with_context(|| format!("creating {}", out.display()))?;
+    for (file, text) in [
+        ("key.pem", &bundle.key_pem),
+        ("cert.pem", &bundle.cert_pem),
+        ("ca.pem", &bundle.ca_pem),
+    ] {
+        let path = out.join(file);
+        if !crate::fsutil::write_new_private(&path, text.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?
+        {
+            bail!("{} exists; choose another --out", path.display());
+        }
+    }
+    Ok(())
 }
 
 fn query_request(sql: &str, format: &str) -> wire::QueryRequest {

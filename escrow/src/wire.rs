@@ -220,6 +220,85 @@ pub struct UserRequest {
     pub role: Option<String>,
 }
 
+/// `POST /v1/users/invitations`: an admin invites a user of its own partner.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InviteRequest {
+    /// The partner the user belongs to: must be the caller's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partner: Option<String>,
+    pub name: String,
+    pub role: String,
+    /// How long the token may be used, in seconds (1 to 30 days' worth; default one day).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_for_secs: Option<u64>,
+}
+
+/// An invitation: the single-use token `escrow enroll --token` takes, shown once.
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
+pub struct Invitation {
+    pub partner: String,
+    pub user: String,
+    pub role: String,
+    pub token: String,
+    /// When the token stops working (RFC 3339).
+    pub expires_at: String,
+}
+
+impl std::fmt::Debug for Invitation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Invitation")
+            .field("partner", &self.partner)
+            .field("user", &self.user)
+            .field("role", &self.role)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `POST /v1/enrollments`: a token's holder asks for its certificate.
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    pub token: String,
+    /// A PKCS #10 certificate signing request (PEM) naming the token's identity: O =
+    /// partner, CN = user.
+    pub csr_pem: String,
+}
+
+impl std::fmt::Debug for EnrollRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollRequest").finish_non_exhaustive()
+    }
+}
+
+/// `POST /v1/renewals`: an identity asks for a new certificate for a new key.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    /// A PKCS #10 certificate signing request (PEM) naming the caller's identity.
+    pub csr_pem: String,
+}
+
+/// A certificate issued for a key its holder made (enrollment, renewal).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Certificate {
+    pub partner: String,
+    pub user: String,
+    pub role: String,
+    pub cert_pem: String,
+    /// The escrow CA's certificate (the bundle's ca.pem).
+    pub ca_pem: String,
+    /// When the certificate ends (RFC 3339); `escrow renew` before then.
+    pub not_after: String,
+}
+
+/// `GET /v1/ca`: the escrow CA's certificate, which client certificates chain to.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CaCertificate {
+    pub ca_pem: String,
+}
+
 /// `GET /v1/users`: the active users of the caller's partner.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct UserList {

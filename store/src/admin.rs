@@ -1,16 +1,20 @@
-//! Operator commands on a data directory: `init`, `partner add|revoke`, `user add|revoke`.
+//! Operator commands on a data directory: `init`, `partner add|invite|revoke`,
+//! `user add|invite|revoke`; and enrollment, which the server runs for a token's holder
+//! (`enroll`) and for an identity renewing its certificate (`renew`).
 //! Every change is audited in the same transaction as its catalog write.
 //! They work whether or not a server is running on the same directory (SQLite WAL; the
 //! server notices a new CRL on the next handshake).
 
 use crate::audit::{self, Actor, AuditLog, Change, Event, Outcome};
-use crate::catalog::{Catalog, identities};
+use crate::catalog::{Catalog, IdentityRow, identities, rfc3339};
 use crate::crypto::keys::{
     ENV_KEK, ENV_KEK_COMMAND, ENV_KEK_NEXT, ENV_KEK_NEXT_COMMAND, Kek, KeyLocation,
     create_secret_if_missing,
 };
 use crate::datadir::{DataDir, validate_name};
+use crate::model::enrollment::Token;
 use crate::{Error, Result, pki};
+use time::OffsetDateTime;
 
 /// What `init` created (each false means it already existed and was kept).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -65,9 +69,38 @@ fn open(dir: &DataDir) -> Result<(Catalog, AuditLog)> {
     Ok((catalog, log))
 }
 
-/// Register a partner and issue its admin identity. Returns the bundle directory.
-pub fn add_partner(dir: &DataDir, name: &str) -> Result<std::path::PathBuf> {
+/// Register a partner and issue its admin identity, valid for `cert_days`, with a key made
+/// here (for trials and tests: the operator then holds the partner's key; `invite_partner`
+/// is how a partner gets an identity whose key only it holds). Returns the bundle directory.
+pub fn add_partner(dir: &DataDir, name: &str, cert_days: u32) -> Result<std::path::PathBuf> {
     let (catalog, log) = open(dir)?;
+    register_partner(&catalog, &log, name)?;
+    add_user_in(
+        dir,
+        &catalog,
+        &log,
+        &Actor::operator(),
+        (name, "admin", "admin"),
+        cert_days,
+    )
+}
+
+/// Register a partner and invite its admin: the token its admin enrolls with.
+pub fn invite_partner(dir: &DataDir, name: &str, terms: InviteTerms) -> Result<Invited> {
+    let (catalog, log) = open(dir)?;
+    register_partner(&catalog, &log, name)?;
+    invite_in(
+        dir,
+        &catalog,
+        &log,
+        &Actor::operator(),
+        (name, "admin", "admin"),
+        terms,
+    )
+}
+
+/// Register partner `name` (audited as `partner_add`).
+fn register_partner(catalog: &Catalog, log: &AuditLog, name: &str) -> Result<()> {
     let event = Event::new(
         "partner_add",
         Actor::operator(),
@@ -75,32 +108,52 @@ pub fn add_partner(dir: &DataDir, name: &str) -> Result<std::path::PathBuf> {
         serde_json::json!({ "partner": name }),
     )
     .touching([name]);
-    Change::new(&catalog, &log, event).run(|change| {
+    Change::new(catalog, log, event).run(|change| {
         validate_name("partner", name)?;
         change.commit(|tx| Ok((identities::add_partner(tx, name)?, serde_json::json!({}))))
-    })?;
-    add_user_in(
-        dir,
-        &catalog,
-        &log,
-        &Actor::operator(),
-        name,
-        "admin",
-        "admin",
-    )
+    })
 }
 
-/// Issue an identity for `user` of `partner` with `role` and write its bundle to
-/// `DIR/identities/PARTNER/USER/`. `actor` is the operator or the partner's admin.
+/// Issue an identity for `user` of `partner` with `role`, valid for `cert_days`, and write
+/// its bundle (with a key made here: for trials and tests) to `DIR/identities/PARTNER/USER/`.
+/// `actor` is the operator or the partner's admin.
 pub fn add_user(
     dir: &DataDir,
     actor: &Actor,
-    partner: &str,
-    user: &str,
-    role: &str,
+    (partner, user, role): (&str, &str, &str),
+    cert_days: u32,
 ) -> Result<std::path::PathBuf> {
     let (catalog, log) = open(dir)?;
-    add_user_in(dir, &catalog, &log, actor, partner, user, role)
+    add_user_in(dir, &catalog, &log, actor, (partner, user, role), cert_days)
+}
+
+/// The audited event of a change to `user` of `partner` with `role`, by `actor`.
+fn identity_event(kind: &str, actor: &Actor, (partner, user, role): (&str, &str, &str)) -> Event {
+    Event::new(
+        kind,
+        actor.clone(),
+        Outcome::Ok,
+        serde_json::json!({ "partner": partner, "user": user, "role": role }),
+    )
+    .touching([partner])
+}
+
+/// The checks of a new identity: names, role, an active partner, no active user by that name.
+fn check_new_identity(catalog: &Catalog, partner: &str, user: &str, role: &str) -> Result<()> {
+    validate_name("partner", partner)?;
+    validate_name("user", user)?;
+    escrow_policies::roles::check_role(role).map_err(|e| Error::bad("invalid_role", e))?;
+    if !catalog.partner_is_active(partner)? {
+        return Err(Error::NotFound(format!(
+            "no active partner named {partner}"
+        )));
+    }
+    if catalog.user_is_active(partner, user)? {
+        return Err(Error::Conflict(format!(
+            "{partner} already has a user {user}; revoke it first"
+        )));
+    }
+    Ok(())
 }
 
 fn add_user_in(
@@ -108,32 +161,13 @@ fn add_user_in(
     catalog: &Catalog,
     log: &AuditLog,
     actor: &Actor,
-    partner: &str,
-    user: &str,
-    role: &str,
+    (partner, user, role): (&str, &str, &str),
+    cert_days: u32,
 ) -> Result<std::path::PathBuf> {
-    let event = Event::new(
-        "user_add",
-        actor.clone(),
-        Outcome::Ok,
-        serde_json::json!({ "partner": partner, "user": user, "role": role }),
-    )
-    .touching([partner]);
+    let event = identity_event("user_add", actor, (partner, user, role));
     Change::new(catalog, log, event).run(|change| {
-        validate_name("partner", partner)?;
-        validate_name("user", user)?;
-        escrow_policies::roles::check_role(role).map_err(|e| Error::bad("invalid_role", e))?;
-        if !catalog.partner_is_active(partner)? {
-            return Err(Error::NotFound(format!(
-                "no active partner named {partner}"
-            )));
-        }
-        if catalog.user_is_active(partner, user)? {
-            return Err(Error::Conflict(format!(
-                "{partner} already has a user {user}; revoke it first"
-            )));
-        }
-        let issued = pki::issue_identity(dir, partner, user)?;
+        check_new_identity(catalog, partner, user, role)?;
+        let issued = pki::issue_identity(dir, partner, user, cert_days)?;
         let bundle = dir.identity_bundle(partner, user);
         // Bundle first: a registered serial without a bundle would be an identity nobody
         // holds; a bundle whose serial never got registered is refused at every request.
@@ -141,6 +175,203 @@ fn add_user_in(
         change.commit(|tx| {
             identities::add_identity(tx, &issued.serial, partner, user, role)?;
             Ok((bundle, serde_json::json!({ "serial": issued.serial })))
+        })
+    })
+}
+
+/// How long an invitation's token may be used, and the lifetime of the certificate it
+/// enrolls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InviteTerms {
+    pub valid_for: std::time::Duration,
+    pub cert_days: u32,
+}
+
+impl Default for InviteTerms {
+    fn default() -> Self {
+        InviteTerms {
+            valid_for: DEFAULT_INVITATION,
+            cert_days: pki::DEFAULT_CERT_DAYS,
+        }
+    }
+}
+
+/// An invitation's token is valid this long unless its issuer says otherwise.
+pub const DEFAULT_INVITATION: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// The longest an invitation's token may stay valid.
+pub const MAX_INVITATION: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+/// An invitation made: its token (shown once; the catalog keeps only a digest of its
+/// secret) and when the token expires.
+#[derive(Debug, Clone)]
+pub struct Invited {
+    pub token: Token,
+    pub role: String,
+    pub expires_at: OffsetDateTime,
+}
+
+/// Invite `user` of `partner` with `role`: the token `escrow enroll` takes on the machine
+/// that is to hold the key. `actor` is the operator or the partner's admin. An open
+/// invitation for the same identity is withdrawn.
+pub fn invite_user(
+    dir: &DataDir,
+    actor: &Actor,
+    who: (&str, &str, &str),
+    terms: InviteTerms,
+) -> Result<Invited> {
+    let (catalog, log) = open(dir)?;
+    invite_in(dir, &catalog, &log, actor, who, terms)
+}
+
+fn invite_in(
+    dir: &DataDir,
+    catalog: &Catalog,
+    log: &AuditLog,
+    actor: &Actor,
+    (partner, user, role): (&str, &str, &str),
+    terms: InviteTerms,
+) -> Result<Invited> {
+    let event = identity_event("user_invite", actor, (partner, user, role));
+    Change::new(catalog, log, event).run(|change| {
+        check_new_identity(catalog, partner, user, role)?;
+        pki::check_cert_days(terms.cert_days)?;
+        if terms.valid_for < std::time::Duration::from_secs(1) || terms.valid_for > MAX_INVITATION {
+            return Err(Error::bad(
+                "bad_validity",
+                "an invitation is valid for one second to 30 days",
+            ));
+        }
+        let ca = pki::fingerprint(&std::fs::read_to_string(dir.ca_cert())?)?;
+        let token = Token::new(partner, user, ca)?;
+        let expires_at = OffsetDateTime::now_utc() + terms.valid_for;
+        let invitation = identities::Invitation {
+            id: crate::crypto::random_id()?,
+            partner: partner.to_string(),
+            user: user.to_string(),
+            role: role.to_string(),
+            cert_days: terms.cert_days,
+            expires_at,
+            closed: None,
+        };
+        change.commit(|tx| {
+            let replaced = identities::invite(tx, &invitation, &token.digest())?;
+            Ok((
+                Invited {
+                    token,
+                    role: role.to_string(),
+                    expires_at,
+                },
+                serde_json::json!({
+                    "invitation": invitation.id,
+                    "expires_at": rfc3339(expires_at),
+                    "cert_days": terms.cert_days,
+                    "replaced": replaced,
+                }),
+            ))
+        })
+    })
+}
+
+/// A certificate issued over a key its holder made: the identity, the certificate, and the
+/// CA certificate to trust the server with.
+#[derive(Debug, Clone)]
+pub struct Enrolled {
+    pub who: IdentityRow,
+    pub cert: pki::IssuedCert,
+    pub ca_pem: String,
+}
+
+/// Enroll with `token` (its holder, unauthenticated): sign the certificate signing request
+/// `csr_pem` for the identity the token was made for, register it, and close the
+/// invitation. Refused (`unauthenticated`) for a token the catalog does not know, one used
+/// or withdrawn, or one past its expiry; `bad_csr` for a request that names another
+/// identity. Every use of a known token is audited, refused or not; guesses are only logged
+/// (the unauthenticated cannot fill the audit log).
+pub fn enroll(dir: &DataDir, token: &str, csr_pem: &str) -> Result<Enrolled> {
+    let token = Token::parse(token)?;
+    let (catalog, log) = open(dir)?;
+    let invitation = catalog
+        .invitation(&token.digest())?
+        .filter(|i| (i.partner.as_str(), i.user.as_str()) == (&token.partner, &token.user));
+    let Some(invitation) = invitation else {
+        tracing::warn!("an enrollment with an unknown token was refused");
+        return Err(Error::Unauthenticated(
+            "the enrollment token is not valid".into(),
+        ));
+    };
+    let identities::Invitation {
+        id, partner, user, ..
+    } = &invitation;
+    let mut actor = Actor::user(partner, user, &invitation.role);
+    actor.via = Some("enrollment".into());
+    let event = Event::new(
+        "enroll",
+        actor,
+        Outcome::Ok,
+        serde_json::json!({ "invitation": id }),
+    );
+    Change::new(&catalog, &log, event).run(|change| {
+        match invitation.closed.as_deref() {
+            None => {}
+            Some("enrolled") => {
+                return Err(Error::Unauthenticated(
+                    "this enrollment token was used already; ask for a new one".into(),
+                ));
+            }
+            Some(_) => {
+                return Err(Error::Unauthenticated(
+                    "this enrollment token was withdrawn (by a newer invitation or a revocation); ask for a new one".into(),
+                ));
+            }
+        }
+        if invitation.expires_at <= OffsetDateTime::now_utc() {
+            return Err(Error::Unauthenticated(format!(
+                "this enrollment token expired at {}; ask for a new one",
+                rfc3339(invitation.expires_at)
+            )));
+        }
+        let cert = pki::sign_request(dir, csr_pem, partner, user, invitation.cert_days)?;
+        let ca_pem = std::fs::read_to_string(dir.ca_cert())?;
+        change.commit(|tx| {
+            let who = identities::enroll(tx, id, &cert.serial)?;
+            let detail = serde_json::json!({
+                "serial": cert.serial,
+                "not_after": rfc3339(cert.not_after),
+            });
+            Ok((Enrolled { who, cert, ca_pem }, detail))
+        })
+    })
+}
+
+/// Renew the certificate `serial` of `actor` (over its own mutually authenticated
+/// connection): sign `csr_pem`, which must name the same identity, for `cert_days`. The new
+/// certificate replaces the old in listings; the old stays valid until it ends or is
+/// revoked (a renewal whose answer was lost can be asked again with it).
+pub fn renew(
+    dir: &DataDir,
+    actor: &Actor,
+    serial: &str,
+    csr_pem: &str,
+    cert_days: u32,
+) -> Result<Enrolled> {
+    let (catalog, log) = open(dir)?;
+    let partner = actor.partner_name()?.to_string();
+    let event = Event::new(
+        "renew",
+        actor.clone(),
+        Outcome::Ok,
+        serde_json::json!({ "old_serial": serial }),
+    );
+    Change::new(&catalog, &log, event).run(|change| {
+        let cert = pki::sign_request(dir, csr_pem, &partner, &actor.user, cert_days)?;
+        let ca_pem = std::fs::read_to_string(dir.ca_cert())?;
+        change.commit(|tx| {
+            let who = identities::renew(tx, serial, &cert.serial)?;
+            let detail = serde_json::json!({
+                "serial": cert.serial,
+                "not_after": rfc3339(cert.not_after),
+            });
+            Ok((Enrolled { who, cert, ca_pem }, detail))
         })
     })
 }
@@ -334,10 +565,7 @@ pub fn audit_export(dir: &DataDir, out: &mut impl std::io::Write) -> Result<u64>
 }
 
 /// Every audit record (operator view).
-pub fn audit_list(
-    dir: &DataDir,
-    since: Option<time::OffsetDateTime>,
-) -> Result<Vec<audit::Record>> {
+pub fn audit_list(dir: &DataDir, since: Option<OffsetDateTime>) -> Result<Vec<audit::Record>> {
     let (catalog, log) = open(dir)?;
     audit::list(&log, &catalog, &audit::Viewer::Operator, since)
 }

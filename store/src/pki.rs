@@ -20,8 +20,12 @@ use crate::datadir::DataDir;
 use crate::fsutil;
 use crate::{Error, Result};
 
-/// Identity certificates are valid this long.
-const CLIENT_CERT_DAYS: i64 = 825;
+/// Identity certificates are valid this long unless the operator says otherwise
+/// (`--cert-days`); `escrow renew` replaces one before it ends.
+pub const DEFAULT_CERT_DAYS: u32 = 90;
+/// The longest lifetime an identity certificate may be given (the CA/Browser Forum's old
+/// ceiling for TLS certificates).
+pub const MAX_CERT_DAYS: u32 = 825;
 /// The CA and server certificate are valid this long.
 const CA_DAYS: i64 = 3650;
 
@@ -243,30 +247,141 @@ pub struct IssuedIdentity {
     pub serial: String,
 }
 
-/// Issue a client certificate for `user` of `partner`.
-pub fn issue_identity(dir: &DataDir, partner: &str, user: &str) -> Result<IssuedIdentity> {
-    let issuer = load_issuer(dir)?;
-    let key = KeyPair::generate().map_err(pki_err("identity key"))?;
-    let mut params = CertificateParams::default();
+/// `bad_cert_days` unless `days` is a lifetime an identity certificate may have.
+pub fn check_cert_days(days: u32) -> Result<()> {
+    if (1..=MAX_CERT_DAYS).contains(&days) {
+        Ok(())
+    } else {
+        Err(Error::bad(
+            "bad_cert_days",
+            format!("a certificate lifetime is 1 to {MAX_CERT_DAYS} days, not {days}"),
+        ))
+    }
+}
+
+/// The subject of an identity: O = partner, CN = user.
+fn identity_name(partner: &str, user: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, partner);
     dn.push(DnType::CommonName, user);
-    params.distinguished_name = dn;
+    dn
+}
+
+/// Sign a client certificate for `user` of `partner`, valid for `days`, over `key`.
+fn sign_identity(
+    dir: &DataDir,
+    key: &impl PublicKeyData,
+    partner: &str,
+    user: &str,
+    days: u32,
+) -> Result<IssuedCert> {
+    check_cert_days(days)?;
+    let issuer = load_issuer(dir)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = identity_name(partner, user);
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.not_before = now() - Duration::hours(1);
-    params.not_after = now() + Duration::days(CLIENT_CERT_DAYS);
+    params.not_after = now() + Duration::days(i64::from(days));
     let (serial, serial_hex) = new_serial()?;
     params.serial_number = Some(serial);
     params.use_authority_key_identifier_extension = true;
     let cert = params
-        .signed_by(&key, &issuer)
+        .signed_by(key, &issuer)
         .map_err(pki_err("identity certificate"))?;
-    Ok(IssuedIdentity {
+    Ok(IssuedCert {
         cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
         serial: serial_hex,
+        not_after: params.not_after,
     })
+}
+
+/// A certificate the CA signed: PEM, its serial in hex, and when it ends.
+#[derive(Debug, Clone)]
+pub struct IssuedCert {
+    pub cert_pem: String,
+    pub serial: String,
+    pub not_after: OffsetDateTime,
+}
+
+/// Issue a client certificate for `user` of `partner`, valid for `days`, with a key made
+/// here (`partner add`, `user add`: a bundle the operator hands over, for trials and tests).
+pub fn issue_identity(
+    dir: &DataDir,
+    partner: &str,
+    user: &str,
+    days: u32,
+) -> Result<IssuedIdentity> {
+    let key = KeyPair::generate().map_err(pki_err("identity key"))?;
+    let cert = sign_identity(dir, &key, partner, user, days)?;
+    Ok(IssuedIdentity {
+        cert_pem: cert.cert_pem,
+        key_pem: key.serialize_pem(),
+        serial: cert.serial,
+    })
+}
+
+/// A new key pair and a certificate signing request for `user` of `partner`, made where the
+/// key is to stay (`escrow enroll`, `escrow renew`): (CSR PEM, private key PEM).
+pub fn new_request(partner: &str, user: &str) -> Result<(String, String)> {
+    let key = KeyPair::generate().map_err(pki_err("identity key"))?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = identity_name(partner, user);
+    let csr = params
+        .serialize_request(&key)
+        .map_err(pki_err("certificate signing request"))?;
+    let pem = csr.pem().map_err(pki_err("certificate signing request"))?;
+    Ok((pem, key.serialize_pem()))
+}
+
+/// Sign the certificate signing request `csr_pem` for `user` of `partner`, valid for `days`:
+/// `bad_csr` unless its signature holds (its sender has the key) and its subject names that
+/// identity and nothing else. Only its public key is taken: the certificate's names, usages
+/// and lifetime are the CA's.
+pub fn sign_request(
+    dir: &DataDir,
+    csr_pem: &str,
+    partner: &str,
+    user: &str,
+    days: u32,
+) -> Result<IssuedCert> {
+    let bad = |why: String| Error::bad("bad_csr", why);
+    let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(|e| bad(format!("not a valid certificate signing request: {e}")))?;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(csr_pem.as_bytes())
+        .map_err(|_| bad("not a PEM certificate signing request".into()))?;
+    use x509_parser::prelude::FromDer;
+    let (_, req) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(&pem.contents)
+            .map_err(|_| bad("not a valid certificate signing request".into()))?;
+    let subject = &req.certification_request_info.subject;
+    let named = subject_names(subject);
+    if named.as_ref() != Some(&(partner.to_string(), user.to_string()))
+        || subject.iter_attributes().count() != 2
+    {
+        return Err(bad(format!(
+            "the request must name {partner}/{user} (O={partner}, CN={user}) and nothing else: \
+             it names {subject}"
+        )));
+    }
+    sign_identity(dir, &csr.public_key, partner, user, days)
+}
+
+/// When the PEM certificate `pem` ends.
+pub fn not_after(pem: &str) -> Result<OffsetDateTime> {
+    let bad = || Error::bad("bad_identity", "not a PEM certificate");
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|_| bad())?;
+    let cert = pem.parse_x509().map_err(|_| bad())?;
+    Ok(cert.validity().not_after.to_datetime())
+}
+
+/// The CA certificate's fingerprint: SHA-256 of its DER (an enrollment token carries it, so
+/// the enrolling machine knows the CA before it trusts anything the server says).
+pub fn fingerprint(ca_pem: &str) -> Result<[u8; 32]> {
+    use sha2::Digest;
+    let bad = || Error::bad("bad_ca", "not a PEM certificate");
+    let (_, pem) = x509_parser::pem::parse_x509_pem(ca_pem.as_bytes()).map_err(|_| bad())?;
+    Ok(sha2::Sha256::digest(&pem.contents).into())
 }
 
 /// Write an identity bundle directory: cert.pem, key.pem (0600), ca.pem.
@@ -323,23 +438,18 @@ pub struct CertSubject {
 /// Read partner (O), user (CN) and serial from a DER certificate.
 pub fn cert_subject(der: &[u8]) -> Option<CertSubject> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let subject = cert.subject();
-    let partner = subject
-        .iter_organization()
-        .next()?
-        .as_str()
-        .ok()?
-        .to_string();
-    let user = subject
-        .iter_common_name()
-        .next()?
-        .as_str()
-        .ok()?
-        .to_string();
+    let (partner, user) = subject_names(cert.subject())?;
     let serial = hex::encode(cert.raw_serial());
     Some(CertSubject {
         partner,
         user,
         serial,
     })
+}
+
+/// The partner (O) and user (CN) a subject names.
+fn subject_names(subject: &x509_parser::x509::X509Name<'_>) -> Option<(String, String)> {
+    let partner = subject.iter_organization().next()?.as_str().ok()?;
+    let user = subject.iter_common_name().next()?.as_str().ok()?;
+    Some((partner.to_string(), user.to_string()))
 }

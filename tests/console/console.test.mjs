@@ -131,7 +131,13 @@ before(async () => {
 
 after(async () => {
   await browser?.close();
-  server?.kill("SIGTERM");
+  // The server records its shutdown in the audit log on SIGTERM: wait for it to exit before
+  // removing its directory (removing it while it writes fails the hook with ENOTEMPTY).
+  if (server && server.exitCode === null && server.signalCode === null) {
+    const exited = new Promise((resolve) => server.once("exit", resolve));
+    server.kill("SIGTERM");
+    await exited;
+  }
   if (tmp) rmSync(tmp, { recursive: true, force: true });
 });
 

@@ -40,6 +40,8 @@ pub struct AppState {
     pub admission: limits::Admission,
     /// Login links and browser sessions of the console.
     pub sessions: sessions::Sessions,
+    /// Lifetime of the identity certificates this node issues, in days.
+    pub cert_days: u32,
 }
 
 /// What the TLS layer learned about a connection, attached to each of its requests.

@@ -46,8 +46,12 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
 }
 
 fn roots(ca: &Path) -> Result<Arc<RootCertStore>> {
+    roots_of(load_certs(ca)?)
+}
+
+fn roots_of(certs: Vec<CertificateDer<'static>>) -> Result<Arc<RootCertStore>> {
     let mut store = RootCertStore::empty();
-    for c in load_certs(ca)? {
+    for c in certs {
         store
             .add(c)
             .map_err(|e| Error::internal(format!("CA certificate: {e}")))?;
@@ -330,6 +334,86 @@ pub fn server_config(dir: &DataDir, cert: ServerCert) -> Result<Arc<ServerConfig
 /// A rustls client configuration for an identity bundle (cert.pem, key.pem, ca.pem).
 pub fn client_config(bundle: &Path) -> Result<rustls::ClientConfig> {
     client_config_trusting(bundle, &bundle.join("ca.pem"))
+}
+
+/// A rustls client configuration without an identity (`escrow enroll`, which has none yet),
+/// trusting the server certificate to chain to the CA certificates of `ca_pem` (PEM text).
+pub fn client_config_without_identity(ca_pem: &[u8]) -> Result<rustls::ClientConfig> {
+    let certs = CertificateDer::pem_slice_iter(ca_pem)
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::bad("bad_ca", format!("CA certificates: {e}")))?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::internal(format!("TLS versions: {e}")))?
+        .with_root_certificates(roots_of(certs)?)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// A rustls client configuration that takes any server certificate: only for fetching
+/// what is checked afterwards against a fingerprint the client already holds (`escrow
+/// enroll` fetching the escrow CA's certificate, `GET /v1/ca`). Nothing secret may be sent
+/// over it.
+pub fn client_config_unverified() -> Result<rustls::ClientConfig> {
+    let provider = provider();
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::internal(format!("TLS versions: {e}")))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Takes any server certificate (its handshake signature is still checked).
+#[derive(Debug)]
+struct AnyServer(Arc<CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> std::result::Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 /// [`client_config`], trusting the server certificate to chain to the CA certificates in

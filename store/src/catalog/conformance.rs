@@ -45,6 +45,7 @@ macro_rules! conformance {
 conformance!(
     schema_is_applied_once_and_reopening_changes_nothing,
     partners_identities_and_the_crl,
+    invitations_enroll_once_and_renewals_replace,
     a_failed_transaction_leaves_nothing_behind,
     versions_keys_and_deletion_with_everything_derived,
     grants_settings_populations_and_policy_versions,
@@ -132,14 +133,14 @@ fn schema_is_applied_once_and_reopening_changes_nothing(f: &Fixture) {
         c.read(|tx| tx.value("SELECT version FROM schema_version WHERE id = 1", params![]))
             .expect("version")
     };
-    assert_eq!(version(&c), 5);
+    assert_eq!(version(&c), 6);
     // One id, kept once given.
     assert_eq!(c.id().expect("id"), None);
     let id = c.bind_new_id().expect("bind");
     assert_eq!(f.open().bind_new_id().expect("again"), id);
     drop(c);
     let again = f.open();
-    assert_eq!(version(&again), 5);
+    assert_eq!(version(&again), 6);
     assert_eq!(again.id().expect("id"), Some(id));
     assert_eq!(
         again.partners().expect("partners"),
@@ -234,6 +235,106 @@ fn partners_identities_and_the_crl(f: &Fixture) {
         vec![("acme".into(), false), ("globex".into(), true)]
     );
     assert_eq!(identities(&c), (3, 2));
+}
+
+fn invitations_enroll_once_and_renewals_replace(f: &Fixture) {
+    let c = f.open();
+    let other = f.open();
+    c.write(|tx| identities::add_partner(tx, "acme"))
+        .expect("acme");
+    let invitation = |id: &str, user: &str| identities::Invitation {
+        id: id.into(),
+        partner: "acme".into(),
+        user: user.into(),
+        role: "analyst".into(),
+        cert_days: 90,
+        expires_at: OffsetDateTime::now_utc() + time::Duration::hours(1),
+        closed: None,
+    };
+    let replaced = c
+        .write(|tx| identities::invite(tx, &invitation("i1", "ana"), "d1"))
+        .expect("invite");
+    assert!(replaced.is_empty());
+    // A newer invitation for the same identity closes the older one.
+    let replaced = c
+        .write(|tx| identities::invite(tx, &invitation("i2", "ana"), "d2"))
+        .expect("invite again");
+    assert_eq!(replaced, vec!["i1".to_string()]);
+    let i1 = other.invitation("d1").expect("read").expect("known");
+    assert_eq!(i1.closed.as_deref(), Some("replaced"));
+    let i2 = other.invitation("d2").expect("read").expect("known");
+    assert_eq!(
+        (i2.id.as_str(), i2.user.as_str(), i2.cert_days, i2.closed),
+        ("i2", "ana", 90, None)
+    );
+    let expiry = invitation("i2", "ana").expires_at - i2.expires_at;
+    assert!(expiry.abs() < time::Duration::seconds(5), "{expiry}");
+    assert_eq!(other.invitation("nothing").expect("read"), None);
+
+    // Single use, across nodes: the second taker finds it closed, and nothing of its
+    // transaction stays.
+    let who = c
+        .write(|tx| identities::enroll(tx, "i2", "0a"))
+        .expect("enroll");
+    assert_eq!((who.user.as_str(), who.role.as_str()), ("ana", "analyst"));
+    assert!(matches!(
+        other.write(|tx| identities::enroll(tx, "i2", "0b")),
+        Err(Error::Unauthenticated(_))
+    ));
+    assert_eq!(other.active_identity("0b").expect("read").0, None);
+    assert_eq!(
+        other
+            .invitation("d2")
+            .expect("read")
+            .expect("known")
+            .closed
+            .as_deref(),
+        Some("enrolled")
+    );
+    // An enrolled user cannot be invited again before it is revoked.
+    assert!(matches!(
+        c.write(|tx| identities::invite(tx, &invitation("i3", "ana"), "d3")),
+        Err(Error::Conflict(_))
+    ));
+
+    // A renewal registers the new serial and lists the identity once; the old stays valid.
+    let renewed = other
+        .write(|tx| identities::renew(tx, "0a", "0c"))
+        .expect("renew");
+    assert_eq!(renewed.user, "ana");
+    assert!(c.active_identity("0a").expect("old").0.is_some());
+    assert!(c.active_identity("0c").expect("new").0.is_some());
+    let users = |c: &Catalog| {
+        c.role_assignments()
+            .expect("roles")
+            .into_iter()
+            .map(|r| r.user)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(users(&c), vec!["ana".to_string()]);
+    // A revoked certificate cannot renew; revoking the user ends every certificate of it
+    // and its open invitations.
+    c.write(|tx| identities::invite(tx, &invitation("i4", "bob"), "d4"))
+        .expect("invite bob");
+    let (crl, _) = c
+        .write(|tx| identities::revoke_user(tx, "acme", "ana"))
+        .expect("revoke");
+    assert_eq!(crl.len(), 2);
+    assert!(matches!(
+        c.write(|tx| identities::renew(tx, "0c", "0d")),
+        Err(Error::Unauthenticated(_))
+    ));
+    c.write(|tx| identities::revoke_user(tx, "acme", "bob"))
+        .expect("revoke an invited user");
+    assert_eq!(
+        c.invitation("d4")
+            .expect("read")
+            .expect("known")
+            .closed
+            .as_deref(),
+        Some("revoked")
+    );
+    assert!(users(&c).is_empty());
 }
 
 fn a_failed_transaction_leaves_nothing_behind(f: &Fixture) {

@@ -4,7 +4,7 @@
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::sql::{Row, Tx, params};
+use super::sql::{Row, Tx, Value, params};
 use super::{Catalog, GENERATIONS, Generations, IdentityRow, now_rfc3339};
 use crate::{Error, Result};
 
@@ -22,12 +22,7 @@ impl Catalog {
     }
 
     pub fn user_is_active(&self, partner: &str, user: &str) -> Result<bool> {
-        self.read(|tx| {
-            tx.exists(
-                "SELECT 1 FROM identities WHERE partner = ?1 AND \"user\" = ?2 AND revoked_at IS NULL",
-                params![partner, user],
-            )
-        })
+        self.read(|tx| user_active(tx, partner, user))
     }
 
     /// Every active user's role (the grouping rules of the role policy).
@@ -35,7 +30,8 @@ impl Catalog {
         self.read(|tx| {
             let rows = tx.rows(
                 "SELECT i.partner, i.\"user\", i.role FROM identities i JOIN partners p ON p.name = i.partner
-                 WHERE i.revoked_at IS NULL AND p.revoked_at IS NULL ORDER BY i.partner, i.\"user\"",
+                 WHERE i.revoked_at IS NULL AND i.replaced_by IS NULL AND p.revoked_at IS NULL
+                 ORDER BY i.partner, i.\"user\"",
                 params![],
             )?;
             rows.iter().map(identity).collect()
@@ -74,6 +70,31 @@ impl Catalog {
             Some(_) => Some(identity_at(&r, 6)?),
         };
         Ok((id, Generations::of(&r)?))
+    }
+
+    /// The invitation a token's secret digest ([`crate::model::enrollment::Token::digest`])
+    /// names, open or closed.
+    pub fn invitation(&self, digest: &str) -> Result<Option<Invitation>> {
+        self.read(|tx| {
+            tx.row(
+                "SELECT id, partner, \"user\", role, cert_days, expires_at, closed_how
+                 FROM invitations WHERE secret_hash = ?1",
+                params![digest],
+            )?
+            .map(|r| {
+                Ok(Invitation {
+                    id: r.get(0)?,
+                    partner: r.get(1)?,
+                    user: r.get(2)?,
+                    role: r.get(3)?,
+                    cert_days: u32::try_from(r.get::<i64>(4)?)
+                        .map_err(|_| Error::internal("catalog: bad cert_days"))?,
+                    expires_at: parse_time(&r.get::<String>(5)?)?,
+                    closed: r.get(6)?,
+                })
+            })
+            .transpose()
+        })
     }
 
     /// Names of all partners and whether they are active.
@@ -121,10 +142,7 @@ pub fn add_identity(
 ) -> Result<()> {
     // Checked again under the write lock: two adds of one user racing (on one node
     // or two) both pass the caller's check, and only one may register.
-    if tx.exists(
-        "SELECT 1 FROM identities WHERE partner = ?1 AND \"user\" = ?2 AND revoked_at IS NULL",
-        params![partner, user],
-    )? {
+    if user_active(tx, partner, user)? {
         return Err(Error::Conflict(format!(
             "{partner} already has a user {user}; revoke it first"
         )));
@@ -134,6 +152,177 @@ pub fn add_identity(
         params![serial, partner, user, role, now_rfc3339()],
     )?;
     Ok(())
+}
+
+/// An invitation to enroll one identity (`invitations`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invitation {
+    /// Random id, hex: how the audit log names it (never the token).
+    pub id: String,
+    pub partner: String,
+    pub user: String,
+    pub role: String,
+    /// Lifetime of the certificate it enrolls.
+    pub cert_days: u32,
+    pub expires_at: OffsetDateTime,
+    /// How it was closed (`enrolled`, `replaced`, `revoked`), if it was.
+    pub closed: Option<String>,
+}
+
+/// Keep `invitation` in `tx`, known by its token's secret digest. The partner must be
+/// active and the user not (`conflict`); an open invitation for the same identity is closed
+/// as `replaced`. Returns the ids of those it replaced.
+pub fn invite(tx: &Tx<'_>, invitation: &Invitation, digest: &str) -> Result<Vec<String>> {
+    let Invitation {
+        id,
+        partner,
+        user,
+        role,
+        cert_days,
+        expires_at,
+        ..
+    } = invitation;
+    if !tx.exists(
+        "SELECT 1 FROM partners WHERE name = ?1 AND revoked_at IS NULL",
+        params![partner.as_str()],
+    )? {
+        return Err(Error::NotFound(format!(
+            "no active partner named {partner}"
+        )));
+    }
+    if user_active(tx, partner, user)? {
+        return Err(Error::Conflict(format!(
+            "{partner} already has a user {user}; revoke it first"
+        )));
+    }
+    let replaced = close_invitations(tx, partner, Some(user), "replaced")?;
+    let expires = super::rfc3339(*expires_at);
+    tx.execute(
+        "INSERT INTO invitations (id, secret_hash, partner, \"user\", role, cert_days, created_at, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            id.as_str(),
+            digest,
+            partner.as_str(),
+            user.as_str(),
+            role.as_str(),
+            i64::from(*cert_days),
+            now_rfc3339(),
+            expires
+        ],
+    )?;
+    Ok(replaced)
+}
+
+/// Close invitation `id` in `tx` as used to enroll the certificate `serial`, and register
+/// that certificate for its identity. `unauthenticated` if it was closed meanwhile (single
+/// use, even with two nodes taking it at once).
+pub fn enroll(tx: &Tx<'_>, id: &str, serial: &str) -> Result<IdentityRow> {
+    let taken = tx.execute(
+        "UPDATE invitations SET closed_at = ?3, closed_how = 'enrolled', serial = ?2
+         WHERE id = ?1 AND closed_at IS NULL",
+        params![id, serial, now_rfc3339()],
+    )?;
+    if taken == 0 {
+        return Err(Error::Unauthenticated(
+            "this enrollment token was used already or withdrawn; ask for a new one".into(),
+        ));
+    }
+    let r = tx
+        .row(
+            "SELECT partner, \"user\", role FROM invitations WHERE id = ?1",
+            params![id],
+        )?
+        .ok_or_else(|| Error::internal("catalog: an invitation vanished"))?;
+    let who = identity(&r)?;
+    if !tx.exists(
+        "SELECT 1 FROM partners WHERE name = ?1 AND revoked_at IS NULL",
+        params![who.partner.as_str()],
+    )? {
+        return Err(Error::Unauthenticated(format!(
+            "partner {} was revoked",
+            who.partner
+        )));
+    }
+    add_identity(tx, serial, &who.partner, &who.user, &who.role)?;
+    Ok(who)
+}
+
+/// Register `new` in `tx` as the renewal of the active certificate `old`: same identity and
+/// role. The identity's current certificates are marked replaced by it (they stay valid
+/// until they end or are revoked). `unauthenticated` if `old` is not active.
+pub fn renew(tx: &Tx<'_>, old: &str, new: &str) -> Result<IdentityRow> {
+    let r = tx.row(
+        "SELECT i.partner, i.\"user\", i.role FROM identities i JOIN partners p ON p.name = i.partner
+         WHERE i.serial = ?1 AND i.revoked_at IS NULL AND p.revoked_at IS NULL",
+        params![old],
+    )?;
+    let who = match r {
+        Some(r) => identity(&r)?,
+        None => {
+            return Err(Error::Unauthenticated(
+                "the identity is not registered or was revoked".into(),
+            ));
+        }
+    };
+    tx.execute(
+        "UPDATE identities SET replaced_by = ?3
+         WHERE partner = ?1 AND \"user\" = ?2 AND revoked_at IS NULL AND replaced_by IS NULL",
+        params![who.partner.as_str(), who.user.as_str(), new],
+    )?;
+    tx.execute(
+        "INSERT INTO identities (serial, partner, \"user\", role, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![new, who.partner.as_str(), who.user.as_str(), who.role.as_str(), now_rfc3339()],
+    )?;
+    Ok(who)
+}
+
+/// Close the open invitations of `partner` (of its `user` only, if given) as `how`.
+fn close_invitations(
+    tx: &Tx<'_>,
+    partner: &str,
+    user: Option<&str>,
+    how: &str,
+) -> Result<Vec<String>> {
+    let mut args = vec![Value::from(partner)];
+    if let Some(user) = user {
+        args.push(user.into());
+    }
+    let of_user = if user.is_some() {
+        "AND \"user\" = ?2"
+    } else {
+        ""
+    };
+    let open = tx.rows(
+        &format!(
+            "SELECT id FROM invitations WHERE partner = ?1 {of_user} AND closed_at IS NULL ORDER BY id"
+        ),
+        &args,
+    )?;
+    let ids = open
+        .iter()
+        .map(|r| r.get::<String>(0))
+        .collect::<Result<Vec<_>>>()?;
+    let now = now_rfc3339();
+    for id in &ids {
+        tx.execute(
+            "UPDATE invitations SET closed_at = ?2, closed_how = ?3 WHERE id = ?1",
+            params![id, now.as_str(), how],
+        )?;
+    }
+    Ok(ids)
+}
+
+fn user_active(tx: &Tx<'_>, partner: &str, user: &str) -> Result<bool> {
+    tx.exists(
+        "SELECT 1 FROM identities WHERE partner = ?1 AND \"user\" = ?2 AND revoked_at IS NULL",
+        params![partner, user],
+    )
+}
+
+fn parse_time(text: &str) -> Result<OffsetDateTime> {
+    OffsetDateTime::parse(text, &Rfc3339)
+        .map_err(|e| Error::internal(format!("bad time in catalog: {e}")))
 }
 
 /// Revoke a partner and all its identities in `tx`; returns the new CRL contents and number.
@@ -155,17 +344,20 @@ pub fn revoke_partner(tx: &Tx<'_>, name: &str) -> Result<Revocations> {
         "UPDATE identities SET revoked_at = ?2 WHERE partner = ?1 AND revoked_at IS NULL",
         params![name, now],
     )?;
+    close_invitations(tx, name, None, "revoked")?;
     crl_changed(tx)
 }
 
-/// Revoke one user's active identity in `tx`; returns the new CRL contents and number.
+/// Revoke one user's active identity (its every certificate, a renewed one's older ones
+/// too) and open invitation in `tx`; returns the new CRL contents and number.
 pub fn revoke_user(tx: &Tx<'_>, partner: &str, user: &str) -> Result<Revocations> {
     let n = tx.execute(
         "UPDATE identities SET revoked_at = ?3
          WHERE partner = ?1 AND \"user\" = ?2 AND revoked_at IS NULL",
         params![partner, user, now_rfc3339()],
     )?;
-    if n == 0 {
+    let invited = close_invitations(tx, partner, Some(user), "revoked")?;
+    if n == 0 && invited.is_empty() {
         return Err(Error::NotFound(format!(
             "{partner} has no active user {user}"
         )));
@@ -198,9 +390,7 @@ fn revocations_in(tx: &Tx<'_>) -> Result<Revocations> {
         "SELECT serial, revoked_at FROM identities WHERE revoked_at IS NOT NULL ORDER BY serial",
         params![],
     )? {
-        let at = OffsetDateTime::parse(&r.get::<String>(1)?, &Rfc3339)
-            .map_err(|e| Error::internal(format!("bad time in catalog: {e}")))?;
-        out.push((r.get(0)?, at));
+        out.push((r.get(0)?, parse_time(&r.get::<String>(1)?)?));
     }
     Ok((out, number))
 }

@@ -252,8 +252,12 @@ pub struct VersionInfo {
 }
 
 pub fn now_rfc3339() -> String {
-    OffsetDateTime::now_utc()
-        .format(&Rfc3339)
+    rfc3339(OffsetDateTime::now_utc())
+}
+
+/// `t` as the catalog and the API write times (RFC 3339).
+pub fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339)
         .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
 }
 

@@ -41,7 +41,34 @@ const MIGRATIONS: &[Migration] = &[
         version: 5,
         sql: V5,
     },
+    Migration {
+        version: 6,
+        sql: V6,
+    },
 ];
+
+/// Version 6: enrollment. An invitation (`partner invite`, `user invite`) names the identity
+/// it may enroll and keeps only a hash of its token's secret; it is closed once, when used,
+/// replaced by a newer invitation for the same identity, or revoked with it. A renewed
+/// identity's old certificate names the one that replaced it (`replaced_by`); it stays valid
+/// until it expires or is revoked, and is no longer listed.
+const V6: &str = r#"
+CREATE TABLE IF NOT EXISTS invitations (
+    id          TEXT PRIMARY KEY,              -- random 128-bit id, hex (named in the audit log)
+    secret_hash TEXT NOT NULL UNIQUE,          -- SHA-256 of the token's secret, hex
+    partner     TEXT NOT NULL REFERENCES partners(name),
+    "user"      TEXT NOT NULL,
+    role        TEXT NOT NULL,
+    cert_days   INTEGER NOT NULL,              -- lifetime of the certificate it enrolls
+    created_at  TEXT NOT NULL,
+    expires_at  TEXT NOT NULL,
+    closed_at   TEXT,
+    closed_how  TEXT,                          -- enrolled | replaced | revoked
+    serial      TEXT                           -- the certificate it enrolled
+);
+CREATE INDEX IF NOT EXISTS invitations_by_identity ON invitations(partner, "user");
+ALTER TABLE identities ADD COLUMN replaced_by TEXT;
+"#;
 
 /// Version 5: the audit log's lines, for a catalog shared by several nodes (audit/writer.rs
 /// `Lines::Catalog`): each line (a record or a checkpoint, exactly as a log file holds it)

@@ -231,8 +231,33 @@ enum Command {
         #[arg(long)]
         print: bool,
     },
-    /// Show who the server thinks you are.
+    /// Show who the server thinks you are (and warn when your certificate ends within 30
+    /// days).
     Whoami {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Enroll with a token from `partner invite` or `user invite`: make a key on this
+    /// machine, have the escrow sign its certificate, and write the identity bundle
+    /// (cert.pem, key.pem, ca.pem) to --out. The key never leaves this machine.
+    Enroll {
+        /// Server URL.
+        #[arg(long, env = "ESCROW_SERVER")]
+        server: String,
+        /// The enrollment token (escrow1....).
+        #[arg(long, env = "ESCROW_ENROLL_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Where to write the identity bundle (default ./PARTNER-USER).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// CA certificate(s) the server's certificate chains to, when the server presents
+        /// the operator's own (serve --tls-cert).
+        #[arg(long, env = "ESCROW_SERVER_CA", value_name = "FILE")]
+        server_ca: Option<PathBuf>,
+    },
+    /// Renew your certificate before it ends: a new key made here, its certificate signed
+    /// over your current identity, the bundle at --identity replaced in place.
+    Renew {
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -266,6 +291,10 @@ struct QueryLimitArgs {
     /// Seconds a console sign-in link (`escrow console`) stays valid (1 to 3600).
     #[arg(long, env = "ESCROW_CONSOLE_LINK_SECS", default_value_t = 300)]
     console_link_secs: u64,
+    /// Days the identity certificates this server issues are valid (`escrow renew`, and
+    /// invitations admins make through the API), 1 to 825.
+    #[arg(long, env = "ESCROW_CERT_DAYS", default_value_t = escrow::pki::DEFAULT_CERT_DAYS)]
+    cert_days: u32,
     /// Uploads one partner may send at once.
     #[arg(long, env = "ESCROW_MAX_UPLOADS_PER_PARTNER", default_value_t = 2)]
     max_uploads_per_partner: usize,
@@ -290,9 +319,24 @@ enum KeysCommand {
 
 #[derive(Subcommand)]
 enum PartnerCommand {
-    /// Register a partner and write its admin identity bundle to DIR/identities/NAME/admin/.
+    /// Register a partner and print a single-use enrollment token for its admin (the only
+    /// line on stdout). On the partner's machine, `escrow enroll --server URL --token TOKEN
+    /// --out DIR` makes the key there and gets its certificate: the key never leaves it.
+    Invite {
+        name: String,
+        #[command(flatten)]
+        terms: InviteArgs,
+        #[command(flatten)]
+        dir: DirArgs,
+    },
+    /// Register a partner and write its admin identity bundle, key included, to
+    /// DIR/identities/NAME/admin/: for local trials and tests, where the operator may hold
+    /// the partner's key (otherwise use `partner invite`).
     Add {
         name: String,
+        /// Days the certificate is valid (1 to 825).
+        #[arg(long, env = "ESCROW_CERT_DAYS", default_value_t = escrow::pki::DEFAULT_CERT_DAYS)]
+        cert_days: u32,
         #[command(flatten)]
         dir: DirArgs,
     },
@@ -302,6 +346,36 @@ enum PartnerCommand {
         #[command(flatten)]
         dir: DirArgs,
     },
+}
+
+/// The terms of an invitation.
+#[derive(Args, Clone)]
+struct InviteArgs {
+    /// How long the token may be used (e.g. 30m, 24h, 7d; one second to 30 days).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    valid_for: Duration,
+    /// Days the certificate it enrolls is valid (1 to 825; default 90). Through the API
+    /// (--identity) the server's --cert-days applies.
+    #[arg(long, env = "ESCROW_CERT_DAYS")]
+    cert_days: Option<u32>,
+}
+
+impl InviteArgs {
+    fn terms(&self) -> escrow::admin::InviteTerms {
+        escrow::admin::InviteTerms {
+            valid_for: self.valid_for,
+            cert_days: self.cert_days.unwrap_or(escrow::pki::DEFAULT_CERT_DAYS),
+        }
+    }
+}
+
+/// Print an invitation's token alone on stdout (for scripts), and how to use it on stderr.
+fn print_invitation(partner: &str, user: &str, role: &str, token: &str, expires_at: &str) {
+    eprintln!(
+        "invited {partner}/{user} (role {role}); the token below works once, until {expires_at}. \
+         On the machine that is to hold the key: escrow enroll --server URL --token TOKEN --out DIR"
+    );
+    println!("{token}");
 }
 
 /// Where a user command acts: on the data directory (operator), or through the API as the
@@ -348,14 +422,31 @@ impl UserTarget {
 
 #[derive(Subcommand)]
 enum UserCommand {
-    /// Issue an identity for a user of a partner with a role; the bundle is written to
-    /// DIR/identities/PARTNER/NAME/ (or, through the API, to --out).
+    /// Invite a user of a partner with a role: print a single-use enrollment token (the
+    /// only line on stdout) for `escrow enroll` on the user's machine, where its key is made.
+    Invite {
+        partner: String,
+        name: String,
+        /// admin, compliance, analyst or uploader (policies/roles.csv says what each may do).
+        #[arg(long)]
+        role: String,
+        #[command(flatten)]
+        terms: InviteArgs,
+        #[command(flatten)]
+        target: UserTarget,
+    },
+    /// Issue an identity for a user of a partner with a role; the bundle, key included, is
+    /// written to DIR/identities/PARTNER/NAME/ (or, through the API, to --out): for local
+    /// trials and tests (otherwise use `user invite`).
     Add {
         partner: String,
         name: String,
         /// admin, compliance, analyst or uploader (policies/roles.csv says what each may do).
         #[arg(long)]
         role: String,
+        /// Days the certificate is valid (1 to 825; operator command).
+        #[arg(long, env = "ESCROW_CERT_DAYS", default_value_t = escrow::pki::DEFAULT_CERT_DAYS)]
+        cert_days: u32,
         /// With --identity: where to write the new bundle (default ./PARTNER-NAME).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -842,8 +933,24 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
         }
         Command::Partner { command } => match command {
-            PartnerCommand::Add { name, dir } => {
-                let bundle = escrow::admin::add_partner(&dir.dir(), &name).map_err(engine)?;
+            PartnerCommand::Invite { name, terms, dir } => {
+                let invited = escrow::admin::invite_partner(&dir.dir(), &name, terms.terms())
+                    .map_err(engine)?;
+                print_invitation(
+                    &name,
+                    "admin",
+                    &invited.role,
+                    &invited.token.to_string(),
+                    &escrow::catalog::rfc3339(invited.expires_at),
+                );
+            }
+            PartnerCommand::Add {
+                name,
+                cert_days,
+                dir,
+            } => {
+                let bundle =
+                    escrow::admin::add_partner(&dir.dir(), &name, cert_days).map_err(engine)?;
                 println!(
                     "partner {name} added; admin identity bundle: {}",
                     bundle.display()
@@ -1232,17 +1339,117 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 "partner={} user={} role={}",
                 out.partner, out.user, out.role
             );
+            if let Some(bundle) = &client.identity {
+                warn_if_ending(bundle);
+            }
+        }
+        Command::Enroll {
+            server,
+            token,
+            out,
+            server_ca,
+        } => {
+            // The default directory is named after the token's identity.
+            let out = match out {
+                Some(out) => out,
+                None => {
+                    let t = escrow::model::enrollment::Token::parse(&token).map_err(engine)?;
+                    PathBuf::from(format!("{}-{}", t.partner, t.user))
+                }
+            };
+            let cert = escrow::client::enroll(&server, &token, server_ca.as_deref(), &out).await?;
+            println!(
+                "enrolled as {}/{} (role {}); identity bundle: {}; certificate valid until {}",
+                cert.partner,
+                cert.user,
+                cert.role,
+                out.display(),
+                cert.not_after
+            );
+        }
+        Command::Renew { client } => {
+            let bundle = client.identity.clone().ok_or_else(|| {
+                anyhow!("no identity: pass --identity BUNDLE_DIR or set ESCROW_IDENTITY")
+            })?;
+            let cert = identity(&client)?.renew(&bundle).await?;
+            println!(
+                "renewed {}/{}: {} holds a new key and a certificate valid until {}",
+                cert.partner,
+                cert.user,
+                bundle.display(),
+                cert.not_after
+            );
         }
     }
     Ok(())
 }
 
+/// Warn on stderr when the certificate of the bundle at `bundle` ends within 30 days.
+fn warn_if_ending(bundle: &std::path::Path) {
+    let Ok(pem) = std::fs::read_to_string(bundle.join("cert.pem")) else {
+        return;
+    };
+    let Ok(end) = escrow::pki::not_after(&pem) else {
+        return;
+    };
+    let left = end - time::OffsetDateTime::now_utc();
+    if left < time::Duration::days(30) {
+        eprintln!(
+            "warning: your certificate ends on {} (in {} days): run `escrow renew` before then",
+            escrow::catalog::rfc3339(end),
+            left.whole_days()
+        );
+    }
+}
+
 async fn user(command: UserCommand) -> anyhow::Result<()> {
     match command {
+        UserCommand::Invite {
+            partner,
+            name,
+            role,
+            terms,
+            target,
+        } => match target.client()? {
+            None => {
+                let invited = escrow::admin::invite_user(
+                    &target.dir(),
+                    &escrow::audit::Actor::operator(),
+                    (&partner, &name, &role),
+                    terms.terms(),
+                )
+                .map_err(engine)?;
+                print_invitation(
+                    &partner,
+                    &name,
+                    &role,
+                    &invited.token.to_string(),
+                    &escrow::catalog::rfc3339(invited.expires_at),
+                );
+            }
+            Some(c) => {
+                if terms.cert_days.is_some() {
+                    anyhow::bail!(
+                        "--cert-days is the server's (serve --cert-days) for an invitation made through the API"
+                    );
+                }
+                let req = wire::InviteRequest {
+                    partner: Some(partner.clone()),
+                    name: name.clone(),
+                    role: role.clone(),
+                    valid_for_secs: Some(terms.valid_for.as_secs()),
+                };
+                let inv: wire::Invitation = c
+                    .post("v1/users/invitations", &req, "inviting the user")
+                    .await?;
+                print_invitation(&partner, &name, &inv.role, &inv.token, &inv.expires_at);
+            }
+        },
         UserCommand::Add {
             partner,
             name,
             role,
+            cert_days,
             out,
             target,
         } => match target.client()? {
@@ -1250,9 +1457,8 @@ async fn user(command: UserCommand) -> anyhow::Result<()> {
                 let bundle = escrow::admin::add_user(
                     &target.dir(),
                     &escrow::audit::Actor::operator(),
-                    &partner,
-                    &name,
-                    &role,
+                    (&partner, &name, &role),
+                    cert_days,
                 )
                 .map_err(engine)?;
                 println!(
@@ -1268,7 +1474,7 @@ async fn user(command: UserCommand) -> anyhow::Result<()> {
                 };
                 let added: wire::UserAdded = c.post("v1/users", &req, "adding the user").await?;
                 let out = out.unwrap_or_else(|| PathBuf::from(format!("{partner}-{name}")));
-                write_bundle(&out, &added.bundle)?;
+                escrow::client::write_bundle(&out, &added.bundle)?;
                 println!(
                     "user {partner}/{name} added with role {role}; identity bundle: {}",
                     out.display()
@@ -1300,29 +1506,6 @@ async fn user(command: UserCommand) -> anyhow::Result<()> {
                 }
             }
             println!("user {partner}/{name} revoked; its certificate is refused from now on");
-        }
-    }
-    Ok(())
-}
-
-/// Write an identity bundle received from the API (key 0600, never overwriting).
-fn write_bundle(out: &std::path::Path, bundle: &wire::Bundle) -> anyhow::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(out)
-        .with_context(|| format!("creating {}", out.display()))?;
-    for (file, text) in [
-        ("key.pem", &bundle.key_pem),
-        ("cert.pem", &bundle.cert_pem),
-        ("ca.pem", &bundle.ca_pem),
-    ] {
-        let path = out.join(file);
-        if !escrow::fsutil::write_new_private(&path, text.as_bytes())
-            .with_context(|| format!("writing {}", path.display()))?
-        {
-            anyhow::bail!("{} exists; choose another --out", path.display());
         }
     }
     Ok(())
@@ -1540,6 +1723,7 @@ async fn serve(
     query: QueryLimitArgs,
 ) -> anyhow::Result<()> {
     let mb = |n: usize| n.saturating_mul(1 << 20);
+    escrow::pki::check_cert_days(query.cert_days).map_err(engine)?;
     let config = escrow::app::Config {
         listen,
         server_cert,
@@ -1550,6 +1734,7 @@ async fn serve(
         query_cache_bytes: mb(query.query_cache_mb),
         admitted_memory_bytes: query.admitted_memory_mb.map(mb),
         console_link: Duration::from_secs(query.console_link_secs),
+        cert_days: query.cert_days,
         admission: server::limits::Limits {
             uploads: server::limits::Limit {
                 per_partner: query.max_uploads_per_partner,

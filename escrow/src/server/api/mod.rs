@@ -21,6 +21,7 @@ use escrow_policies::roles::Action;
 
 pub(crate) mod audit;
 pub(crate) mod datasets;
+pub(crate) mod enrollment;
 pub(crate) mod policies;
 pub(crate) mod populations;
 pub(crate) mod questions;
@@ -57,6 +58,10 @@ pub fn routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(questions::co_selling))
         .routes(routes!(users::list_users, users::add_user))
         .routes(routes!(users::revoke_user))
+        .routes(routes!(users::invite_user))
+        .routes(routes!(enrollment::ca))
+        .routes(routes!(enrollment::enroll))
+        .routes(routes!(enrollment::renew))
         .routes(routes!(audit::audit_list))
         .routes(routes!(audit::audit_export))
         .routes(routes!(audit::audit_checkpoint))

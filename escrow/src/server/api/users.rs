@@ -1,6 +1,7 @@
 //! Users of the caller's partner (admins).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
@@ -9,7 +10,7 @@ use axum::http::StatusCode;
 use super::{ApiError, Caller, blocking, json_body};
 use crate::Error;
 use crate::server::AppState;
-use crate::wire::{self, UserRequest};
+use crate::wire::{self, InviteRequest, UserRequest};
 use escrow_policies::roles::Action;
 
 /// The active users of the caller's partner and their roles (admins).
@@ -50,15 +51,16 @@ pub(crate) async fn add_user(
         "adding a user hands out a private key: run `escrow user add` with your certificate",
     )?;
     let req: UserRequest = json_body(&body)?;
-    own_partner(&caller, &req)?;
+    own_partner(&caller, req.partner.as_deref())?;
     let role = req
         .role
         .ok_or_else(|| Error::bad("invalid_role", "a user needs a role"))?;
     let dir = state.store.data_dir().clone();
     let partner = caller.partner.clone();
     let (name, r) = (req.name.clone(), role.clone());
+    let days = state.cert_days;
     let bundle = blocking(move || {
-        let path = crate::admin::add_user(&dir, &actor, &partner, &name, &r)?;
+        let path = crate::admin::add_user(&dir, &actor, (&partner, &name, &r), days)?;
         let read = |f: &str| std::fs::read_to_string(path.join(f)).map_err(Error::from);
         Ok(wire::Bundle {
             cert_pem: read("cert.pem")?,
@@ -79,6 +81,46 @@ pub(crate) async fn add_user(
     ))
 }
 
+/// A partner's admin invites a user of its own partner: a single-use token, returned once,
+/// with which the user enrolls a key made on its own machine (`escrow enroll`).
+#[utoipa::path(post, path = "/v1/users/invitations", tag = "users", request_body = InviteRequest, responses((status = 201, description = "invited; the token is returned once", body = wire::Invitation), wire::Errors))]
+pub(crate) async fn invite_user(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    body: bytes::Bytes,
+) -> Result<(StatusCode, Json<wire::Invitation>), ApiError> {
+    let actor = caller.may(&state, Action::UserManage).await?;
+    // A token is an identity to be: a console session must not turn itself into one.
+    caller.certificate_only(
+        "an invitation hands out an identity: run `escrow user invite` with your certificate",
+    )?;
+    let req: InviteRequest = json_body(&body)?;
+    own_partner(&caller, req.partner.as_deref())?;
+    let terms = crate::admin::InviteTerms {
+        valid_for: req
+            .valid_for_secs
+            .map_or(crate::admin::DEFAULT_INVITATION, Duration::from_secs),
+        cert_days: state.cert_days,
+    };
+    let dir = state.store.data_dir().clone();
+    let partner = caller.partner.clone();
+    let (name, role) = (req.name.clone(), req.role.clone());
+    let invited =
+        blocking(move || crate::admin::invite_user(&dir, &actor, (&partner, &name, &role), terms))
+            .await?;
+    tracing::info!(partner = %caller.partner, user = %req.name, role = %req.role, by = %caller.user, "user invited");
+    Ok((
+        StatusCode::CREATED,
+        Json(wire::Invitation {
+            partner: caller.partner,
+            user: req.name,
+            role: invited.role,
+            token: invited.token.to_string(),
+            expires_at: crate::catalog::rfc3339(invited.expires_at),
+        }),
+    ))
+}
+
 #[utoipa::path(post, path = "/v1/users/revocations", tag = "users", request_body = UserRequest, responses((status = 200, description = "revoked", body = wire::UserRevoked), wire::Errors))]
 pub(crate) async fn revoke_user(
     State(state): State<Arc<AppState>>,
@@ -87,7 +129,7 @@ pub(crate) async fn revoke_user(
 ) -> Result<Json<wire::UserRevoked>, ApiError> {
     let actor = caller.may(&state, Action::UserManage).await?;
     let req: UserRequest = json_body(&body)?;
-    own_partner(&caller, &req)?;
+    own_partner(&caller, req.partner.as_deref())?;
     let dir = state.store.data_dir().clone();
     let partner = caller.partner.clone();
     let name = req.name.clone();
@@ -102,9 +144,9 @@ pub(crate) async fn revoke_user(
 }
 
 /// An admin manages the users of its own partner only.
-fn own_partner(caller: &Caller, req: &UserRequest) -> Result<(), ApiError> {
-    match &req.partner {
-        Some(p) if *p != caller.partner => Err(Error::Forbidden(format!(
+fn own_partner(caller: &Caller, partner: Option<&str>) -> Result<(), ApiError> {
+    match partner {
+        Some(p) if p != caller.partner => Err(Error::Forbidden(format!(
             "an admin of {} manages {}'s users only",
             caller.partner, caller.partner
         ))
