@@ -8,8 +8,12 @@ use crate::harness::{Env, Run, Server, raw};
 
 /// `escrow enroll` on "another machine": no data directory, no identity in the environment.
 fn enroll(server: &Server, token: &str, out: &Path) -> Run {
+    enroll_at(&server.url, token, out)
+}
+
+fn enroll_at(url: &str, token: &str, out: &Path) -> Run {
     let mut cmd = std::process::Command::new(crate::harness::BIN);
-    cmd.args(["enroll", "--server", &server.url, "--token", token, "--out"])
+    cmd.args(["enroll", "--server", url, "--token", token, "--out"])
         .arg(out)
         .env_remove("ESCROW_DATA_DIR")
         .env_remove("ESCROW_IDENTITY")
@@ -122,7 +126,9 @@ fn a_partner_enrolls_its_own_key_invites_a_user_renews_and_is_revoked() {
         }
     }
 
-    // Renewal: a new key and serial; the old certificate stays valid until it ends.
+    // Renewal: a new key and serial; the old certificate is accepted for a grace day (a
+    // renewal whose answer was lost) but cannot renew again, and an identity renews at most
+    // once an hour.
     let old = away.path().join("ana-old");
     std::fs::create_dir(&old).expect("dir");
     for f in ["cert.pem", "key.pem", "ca.pem"] {
@@ -136,6 +142,12 @@ fn a_partner_enrolls_its_own_key_invites_a_user_renews_and_is_revoked() {
     assert!(!ana.join("key.pem.new").exists() && !ana.join("cert.pem.new").exists());
     env.cli_as(&server, &ana, &["whoami"]).ok();
     env.cli_as(&server, &old, &["whoami"]).ok();
+    env.cli_as(&server, &old, &["renew"])
+        .fails_with("renewed already");
+    env.cli_as(&server, &ana, &["renew"])
+        .fails_with("less than an hour ago");
+    assert!(!ana.join("key.pem.new").exists());
+    env.cli_as(&server, &ana, &["whoami"]).ok();
     let (status, _, users) = raw(&admin, |c| c.get(format!("{}/v1/users", server.url)));
     assert_eq!(status, 200, "{users}");
     let users: serde_json::Value = serde_json::from_str(&users).expect("json");
@@ -166,7 +178,8 @@ fn a_partner_enrolls_its_own_key_invites_a_user_renews_and_is_revoked() {
     assert!(enrolled.iter().all(|r| r["outcome"] == "ok"));
     assert_eq!(enrolled[1]["actor"]["via"], "enrollment");
     let renewed = kinds(&env, "renew");
-    assert_eq!(renewed.len(), 1);
+    let outcomes: Vec<_> = renewed.iter().map(|r| r["outcome"].clone()).collect();
+    assert_eq!(outcomes, ["ok", "refused", "refused"], "{renewed:?}");
     assert_eq!(renewed[0]["detail"]["serial"], serial_of(&ana));
     // The audit log never holds a token.
     let all = serde_json::to_string(&env.audit_records()).expect("json");
@@ -183,8 +196,13 @@ fn a_token_is_single_use_expires_is_bound_to_its_identity_and_names_its_ca() {
     // Used once; the second use is refused, and audited.
     let token = token_of(env.op(&["user", "invite", "acme", "ana", "--role", "analyst"]));
     enroll(&server, &token, &dir("ana")).ok();
-    enroll(&server, &token, &dir("ana-again")).fails_with("used already");
-    assert!(!dir("ana-again").join("key.pem").exists());
+    for _ in 0..5 {
+        enroll(&server, &token, &dir("ana-again")).fails_with("used already");
+        assert!(!dir("ana-again").join("key.pem").exists());
+    }
+    // Only over TLS: a token never goes out in clear text.
+    let plain = server.url.replacen("https://", "http://", 1);
+    enroll_at(&plain, &token, &dir("plain")).fails_with("must start with https://");
 
     // Expired.
     let token = token_of(env.op(&[
@@ -236,7 +254,16 @@ fn a_token_is_single_use_expires_is_bound_to_its_identity_and_names_its_ca() {
         .iter()
         .filter(|r| r["outcome"] == "refused")
         .collect();
-    assert_eq!(refused.len(), 4, "{enrolls:?}"); // used, expired, withdrawn, bad CSR
+    // ana's spent token 3 times (of 5: the rest only logged), expired, withdrawn, bad CSR
+    assert_eq!(refused.len(), 6, "{enrolls:?}");
+    let spent = &enrolls[0]["detail"]["invitation"];
+    assert_eq!(
+        refused
+            .iter()
+            .filter(|r| r["detail"]["invitation"] == *spent)
+            .count(),
+        3
+    );
     assert!(refused.iter().any(|r| r["code"] == "bad_csr"));
 }
 
@@ -258,6 +285,14 @@ fn whoami_warns_when_the_certificate_ends_soon_and_lifetimes_are_checked() {
     let bundle = env.data.join("identities/acme/dee");
     let out = env.cli_as(&server, &bundle, &["whoami"]).ok();
     assert!(out.stderr.contains("run `escrow renew`"), "{out:?}");
+    // An admin's token through the API lives a week at most.
+    let (status, _, body) = raw(&env.bundle("acme"), |c| {
+        c.post(format!("{}/v1/users/invitations", server.url)).json(
+            &serde_json::json!({"name": "fay", "role": "analyst", "valid_for_secs": 8 * 86400}),
+        )
+    });
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("bad_validity"), "{body}");
     // Renewed with the server's lifetime (90 days): no warning any more.
     env.cli_as(&server, &bundle, &["renew"]).ok();
     let out = env.cli_as(&server, &bundle, &["whoami"]).ok();

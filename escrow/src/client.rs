@@ -77,8 +77,14 @@ impl Client {
     }
 
     fn with_config(server: &str, config: rustls::ClientConfig) -> anyhow::Result<Self> {
+        // Never in clear text, never elsewhere: a token, a key's request or a partner's list
+        // goes to the server named, over TLS, or nowhere.
+        if !server.starts_with("https://") {
+            bail!("the server URL must start with https:// (got {server:?})");
+        }
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(config)
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .context("building the HTTPS client")?;
         Ok(Client {
@@ -90,6 +96,8 @@ impl Client {
     /// Renew this client's certificate: a new key made here, its signing request sent over
     /// this connection, and the bundle at `bundle` replaced by the new key and certificate.
     pub async fn renew(&self, bundle: &Path) -> anyhow::Result<wire::Certificate> {
+        // One renewal of a bundle at a time, and no command finishing one meanwhile.
+        let _lock = lock_bundle(bundle)?;
         let me = self.whoami().await?;
         let (csr_pem, key_pem) =
             pki::new_request(&me.partner, &me.user).map_err(|e| anyhow!("{e}"))?;
@@ -105,7 +113,7 @@ impl Client {
         };
         write("key.pem.new", &key_pem, true)?;
         write("cert.pem.new", &cert.cert_pem, false)?;
-        finish_renewal(bundle)?;
+        finish_renewal_locked(bundle)?;
         Ok(cert)
     }
 
@@ -374,25 +382,61 @@ impl Client {
     }
 }
 
-/// Finish a renewal of the bundle at `bundle` that was cut short: its new key and
-/// certificate, both written (`*.pem.new`), are put in place, the key first; a new key
-/// alone (the answer never came) is dropped.
+/// The exclusive lock of the bundle at `bundle` (`.lock` in it), held until dropped.
+fn lock_bundle(bundle: &Path) -> anyhow::Result<std::fs::File> {
+    let path = bundle.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    file.lock()
+        .with_context(|| format!("locking {}", path.display()))?;
+    Ok(file)
+}
+
+/// Finish a renewal of the bundle at `bundle` that was cut short (under its lock).
 fn finish_renewal(bundle: &Path) -> anyhow::Result<()> {
+    if !bundle.join("key.pem.new").exists() && !bundle.join("cert.pem.new").exists() {
+        return Ok(());
+    }
+    let _lock = lock_bundle(bundle)?;
+    finish_renewal_locked(bundle)
+}
+
+/// Put a renewal's new key and certificate (`key.pem.new`, then `cert.pem.new`: both
+/// written before either is moved) in place, the key first, each only over what it matches;
+/// a new key alone (the answer never came) is dropped. The caller holds the bundle's lock.
+fn finish_renewal_locked(bundle: &Path) -> anyhow::Result<()> {
     let (key, cert) = (bundle.join("key.pem.new"), bundle.join("cert.pem.new"));
+    let read =
+        |p: &Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
     let rename = |from: &Path, to: &str| {
         std::fs::rename(from, bundle.join(to))
             .with_context(|| format!("finishing the renewal of {}", bundle.display()))
     };
-    match (key.exists(), cert.exists()) {
-        (true, true) => {
+    let cert_text = if cert.exists() {
+        Some(read(&cert)?)
+    } else {
+        None
+    };
+    match (key.exists(), cert_text) {
+        (true, Some(c)) if pki::cert_matches_key(&c, &read(&key)?) => {
             rename(&key, "key.pem")?;
             rename(&cert, "cert.pem")
         }
-        (false, true) => rename(&cert, "cert.pem"),
-        (true, false) => {
+        (false, Some(c)) if pki::cert_matches_key(&c, &read(&bundle.join("key.pem"))?) => {
+            rename(&cert, "cert.pem")
+        }
+        (true, None) => {
             std::fs::remove_file(&key).with_context(|| format!("dropping {}", key.display()))
         }
-        (false, false) => Ok(()),
+        (false, None) => Ok(()),
+        _ => bail!(
+            "{}: cert.pem.new does not match its key; the bundle was left as it is (move the .new files away to use the previous certificate)",
+            bundle.display()
+        ),
     }
 }
 
@@ -409,15 +453,6 @@ pub async fn enroll(
     out: &Path,
 ) -> anyhow::Result<wire::Certificate> {
     let token = Token::parse(token).map_err(|e| anyhow!("{e}"))?;
-    for f in ["key.pem", "cert.pem"] {
-        let path = out.join(f);
-        if path.exists() {
-            bail!(
-                "{} exists; enroll into a new --out directory",
-                path.display()
-            );
-        }
-    }
     let server_ca = server_ca
         .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
         .transpose()?;
@@ -431,59 +466,73 @@ pub async fn enroll(
     let ca: wire::CaCertificate = fetch
         .get("v1/ca", &[], "fetching the escrow's CA certificate")
         .await?;
-    same_ca(&ca.ca_pem, &token)?;
-    let trusted = server_ca.unwrap_or_else(|| ca.ca_pem.clone().into_bytes());
+    // From here on only the certificate the fingerprint covers is trusted (as its own DER,
+    // encoded again: nothing else the server sent).
+    let pinned = pinned_ca(&ca.ca_pem, &token)?;
+    let trusted = server_ca.unwrap_or_else(|| pinned.pem.clone().into_bytes());
     let client = Client::without_identity(server, &trusted)?;
     let (csr_pem, key_pem) =
         pki::new_request(&token.partner, &token.user).map_err(|e| anyhow!("{e}"))?;
+    // The key first, where it is to stay: an --out that cannot take it fails before the
+    // token is spent.
+    create_bundle_dir(out)?;
+    write_new(out, "key.pem", &key_pem)?;
     let req = wire::EnrollRequest {
         token: token.to_string(),
         csr_pem,
     };
-    let cert: wire::Certificate = client.post("v1/enrollments", &req, "enrolling").await?;
-    same_ca(&cert.ca_pem, &token)?;
-    write_bundle(
-        out,
-        &wire::Bundle {
-            cert_pem: cert.cert_pem.clone(),
-            key_pem,
-            ca_pem: cert.ca_pem.clone(),
-        },
-    )?;
+    let cert: wire::Certificate = match client.post("v1/enrollments", &req, "enrolling").await {
+        Ok(cert) => cert,
+        Err(e) => {
+            let _ = std::fs::remove_file(out.join("key.pem"));
+            return Err(e);
+        }
+    };
+    pinned_ca(&cert.ca_pem, &token)?;
+    if !pki::cert_matches_key(&cert.cert_pem, &key_pem) {
+        bail!("the server's certificate is not for the key made here");
+    }
+    write_new(out, "cert.pem", &cert.cert_pem)?;
+    write_new(out, "ca.pem", &pinned.pem)?;
     Ok(cert)
 }
 
-/// Refuse a CA certificate other than the one `token`'s fingerprint names.
-fn same_ca(ca_pem: &str, token: &Token) -> anyhow::Result<()> {
-    match pki::fingerprint(ca_pem) {
-        Ok(f) if f == token.ca => Ok(()),
+/// The one CA certificate of `ca_pem`, if it is the one `token`'s fingerprint names.
+fn pinned_ca(ca_pem: &str, token: &Token) -> anyhow::Result<pki::SingleCertificate> {
+    match pki::single_certificate(ca_pem) {
+        Ok(ca) if ca.fingerprint == token.ca => Ok(ca),
         _ => bail!(
             "the server's CA certificate is not the one the token names: this is not the escrow that invited you (or the token was copied wrongly)"
         ),
     }
 }
 
-/// Write an identity bundle (key 0600, never overwriting).
-pub fn write_bundle(out: &Path, bundle: &wire::Bundle) -> anyhow::Result<()> {
+fn create_bundle_dir(out: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(out)
-        .with_context(|| format!("creating {}", out.display()))?;
-    for (file, text) in [
-        ("key.pem", &bundle.key_pem),
-        ("cert.pem", &bundle.cert_pem),
-        ("ca.pem", &bundle.ca_pem),
-    ] {
-        let path = out.join(file);
-        if !crate::fsutil::write_new_private(&path, text.as_bytes())
-            .with_context(|| format!("writing {}", path.display()))?
-        {
-            bail!("{} exists; choose another --out", path.display());
-        }
+        .with_context(|| format!("creating {}", out.display()))
+}
+
+/// Write `file` of a bundle (0600), never over an existing one.
+fn write_new(out: &Path, file: &str, text: &str) -> anyhow::Result<()> {
+    let path = out.join(file);
+    if !crate::fsutil::write_new_private(&path, text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?
+    {
+        bail!("{} exists; choose another --out", path.display());
     }
     Ok(())
+}
+
+/// Write an identity bundle (key 0600, never overwriting).
+pub fn write_bundle(out: &Path, bundle: &wire::Bundle) -> anyhow::Result<()> {
+    create_bundle_dir(out)?;
+    write_new(out, "key.pem", &bundle.key_pem)?;
+    write_new(out, "cert.pem", &bundle.cert_pem)?;
+    write_new(out, "ca.pem", &bundle.ca_pem)
 }
 
 fn query_request(sql: &str, format: &str) -> wire::QueryRequest {

@@ -229,7 +229,7 @@ pub struct InviteRequest {
     pub partner: Option<String>,
     pub name: String,
     pub role: String,
-    /// How long the token may be used, in seconds (1 to 30 days' worth; default one day).
+    /// How long the token may be used, in seconds (1 to 7 days' worth; default one day).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub valid_for_secs: Option<u64>,
 }

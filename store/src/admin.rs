@@ -252,9 +252,11 @@ fn invite_in(
             cert_days: terms.cert_days,
             expires_at,
             closed: None,
+            refusals: 0,
         };
         change.commit(|tx| {
-            let replaced = identities::invite(tx, &invitation, &token.digest())?;
+            let by = (actor.partner.as_deref(), actor.user.as_str());
+            let replaced = identities::invite(tx, &invitation, &token.digest(), by)?;
             Ok((
                 Invited {
                     token,
@@ -285,8 +287,9 @@ pub struct Enrolled {
 /// `csr_pem` for the identity the token was made for, register it, and close the
 /// invitation. Refused (`unauthenticated`) for a token the catalog does not know, one used
 /// or withdrawn, or one past its expiry; `bad_csr` for a request that names another
-/// identity. Every use of a known token is audited, refused or not; guesses are only logged
-/// (the unauthenticated cannot fill the audit log).
+/// identity. The first [`AUDITED_REFUSALS`] refused uses of a known token are audited, like
+/// its use; later ones, and unknown tokens, are only logged (neither a guesser nor the
+/// holder of a leaked, spent token can fill the audit log).
 pub fn enroll(dir: &DataDir, token: &str, csr_pem: &str) -> Result<Enrolled> {
     let token = Token::parse(token)?;
     let (catalog, log) = open(dir)?;
@@ -310,43 +313,62 @@ pub fn enroll(dir: &DataDir, token: &str, csr_pem: &str) -> Result<Enrolled> {
         Outcome::Ok,
         serde_json::json!({ "invitation": id }),
     );
-    Change::new(&catalog, &log, event).run(|change| {
-        match invitation.closed.as_deref() {
-            None => {}
-            Some("enrolled") => {
-                return Err(Error::Unauthenticated(
-                    "this enrollment token was used already; ask for a new one".into(),
-                ));
+    let signed = usable(&invitation)
+        .and_then(|()| pki::sign_request(dir, csr_pem, partner, user, invitation.cert_days));
+    let cert = match signed {
+        Ok(cert) => cert,
+        Err(e) => {
+            let refusals = catalog.write(|tx| identities::count_refusal(tx, id))?;
+            if refusals <= AUDITED_REFUSALS {
+                audit::record(&catalog, &log, &event.failed(&e))?;
+            } else {
+                tracing::warn!(invitation = %id, refusals, code = e.code(), "a refused enrollment, past the audited ones");
             }
-            Some(_) => {
-                return Err(Error::Unauthenticated(
-                    "this enrollment token was withdrawn (by a newer invitation or a revocation); ask for a new one".into(),
-                ));
-            }
+            return Err(e);
         }
-        if invitation.expires_at <= OffsetDateTime::now_utc() {
-            return Err(Error::Unauthenticated(format!(
-                "this enrollment token expired at {}; ask for a new one",
-                rfc3339(invitation.expires_at)
-            )));
-        }
-        let cert = pki::sign_request(dir, csr_pem, partner, user, invitation.cert_days)?;
-        let ca_pem = std::fs::read_to_string(dir.ca_cert())?;
-        change.commit(|tx| {
-            let who = identities::enroll(tx, id, &cert.serial)?;
-            let detail = serde_json::json!({
-                "serial": cert.serial,
-                "not_after": rfc3339(cert.not_after),
-            });
-            Ok((Enrolled { who, cert, ca_pem }, detail))
-        })
+    };
+    let ca_pem = std::fs::read_to_string(dir.ca_cert())?;
+    Change::new(&catalog, &log, event).apply(|tx| {
+        let who = identities::enroll(tx, id, &cert.serial)?;
+        let detail = serde_json::json!({
+            "serial": cert.serial,
+            "not_after": rfc3339(cert.not_after),
+        });
+        Ok((Enrolled { who, cert, ca_pem }, detail))
     })
+}
+
+/// Refused uses of one invitation's token that are audited; later ones are only logged.
+pub const AUDITED_REFUSALS: i64 = 3;
+
+/// `unauthenticated` unless `invitation` is open and not past its expiry.
+fn usable(invitation: &identities::Invitation) -> Result<()> {
+    match invitation.closed.as_deref() {
+        None => {}
+        Some("enrolled") => {
+            return Err(Error::Unauthenticated(
+                "this enrollment token was used already; ask for a new one".into(),
+            ));
+        }
+        Some(_) => {
+            return Err(Error::Unauthenticated(
+                "this enrollment token was withdrawn (by a newer invitation or a revocation); ask for a new one".into(),
+            ));
+        }
+    }
+    if invitation.expires_at <= OffsetDateTime::now_utc() {
+        return Err(Error::Unauthenticated(format!(
+            "this enrollment token expired at {}; ask for a new one",
+            rfc3339(invitation.expires_at)
+        )));
+    }
+    Ok(())
 }
 
 /// Renew the certificate `serial` of `actor` (over its own mutually authenticated
 /// connection): sign `csr_pem`, which must name the same identity, for `cert_days`. The new
-/// certificate replaces the old in listings; the old stays valid until it ends or is
-/// revoked (a renewal whose answer was lost can be asked again with it).
+/// certificate replaces the old; the old is accepted for a grace day more
+/// ([`identities::RENEWAL_GRACE_MS`]) and cannot renew again.
 pub fn renew(
     dir: &DataDir,
     actor: &Actor,

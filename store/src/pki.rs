@@ -359,9 +359,11 @@ pub fn sign_request(
     if named.as_ref() != Some(&(partner.to_string(), user.to_string()))
         || subject.iter_attributes().count() != 2
     {
+        // The requester's text, cut short: it is logged and audited.
+        let names: String = subject.to_string().chars().take(200).collect();
         return Err(bad(format!(
             "the request must name {partner}/{user} (O={partner}, CN={user}) and nothing else: \
-             it names {subject}"
+             it names {names}"
         )));
     }
     sign_identity(dir, &csr.public_key, partner, user, days)
@@ -378,10 +380,54 @@ pub fn not_after(pem: &str) -> Result<OffsetDateTime> {
 /// The CA certificate's fingerprint: SHA-256 of its DER (an enrollment token carries it, so
 /// the enrolling machine knows the CA before it trusts anything the server says).
 pub fn fingerprint(ca_pem: &str) -> Result<[u8; 32]> {
+    Ok(single_certificate(ca_pem)?.fingerprint)
+}
+
+/// One certificate, as [`single_certificate`] read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SingleCertificate {
+    /// SHA-256 of its DER.
+    pub fingerprint: [u8; 32],
+    /// The certificate alone, PEM-encoded again from its DER (nothing of the text it came in
+    /// survives: no second block, no text around it).
+    pub pem: String,
+}
+
+/// The certificate of `pem`, which must hold exactly one PEM block, a certificate: a CA
+/// whose fingerprint was checked is trusted as this and nothing more (a second block would
+/// be a second root the fingerprint never covered).
+pub fn single_certificate(pem: &str) -> Result<SingleCertificate> {
     use sha2::Digest;
-    let bad = || Error::bad("bad_ca", "not a PEM certificate");
-    let (_, pem) = x509_parser::pem::parse_x509_pem(ca_pem.as_bytes()).map_err(|_| bad())?;
-    Ok(sha2::Sha256::digest(&pem.contents).into())
+    let bad = || {
+        Error::bad(
+            "bad_ca",
+            "not exactly one PEM certificate (one CERTIFICATE block and nothing else)",
+        )
+    };
+    let blocks = ::pem::parse_many(pem.as_bytes()).map_err(|_| bad())?;
+    let [block] = &blocks[..] else {
+        return Err(bad());
+    };
+    if block.tag() != "CERTIFICATE" {
+        return Err(bad());
+    }
+    let der = block.contents();
+    x509_parser::parse_x509_certificate(der).map_err(|_| bad())?;
+    Ok(SingleCertificate {
+        fingerprint: sha2::Sha256::digest(der).into(),
+        pem: ::pem::encode(&::pem::Pem::new("CERTIFICATE", der.to_vec())),
+    })
+}
+
+/// Whether the PEM certificate `cert_pem` is issued for the PEM private key `key_pem`.
+pub fn cert_matches_key(cert_pem: &str, key_pem: &str) -> bool {
+    let spki = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+        .ok()
+        .and_then(|(_, pem)| pem.parse_x509().ok().map(|c| c.public_key().raw.to_vec()));
+    let key = KeyPair::from_pem(key_pem)
+        .ok()
+        .map(|k| k.subject_public_key_info());
+    spki.is_some() && spki == key
 }
 
 /// Write an identity bundle directory: cert.pem, key.pem (0600), ca.pem.
@@ -452,4 +498,65 @@ fn subject_names(subject: &x509_parser::x509::X509Name<'_>) -> Option<(String, S
     let partner = subject.iter_organization().next()?.as_str().ok()?;
     let user = subject.iter_common_name().next()?.as_str().ok()?;
     Some((partner.to_string(), user.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert_pem(name: &str) -> String {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::default();
+        params.distinguished_name = identity_name(name, name);
+        params.self_signed(&key).expect("cert").pem()
+    }
+
+    #[test]
+    fn a_pinned_ca_is_one_certificate_and_nothing_else() {
+        let (ca, other) = (cert_pem("ca"), cert_pem("other"));
+        let one = single_certificate(&format!("some text\n{ca}more text\n")).expect("one");
+        assert_eq!(one, single_certificate(&ca).expect("same"));
+        assert_eq!(one.pem.matches("BEGIN").count(), 1);
+        assert!(!one.pem.contains("text"));
+        // A second root behind the pinned one is refused, whatever its order.
+        for two in [format!("{ca}{other}"), format!("{other}{ca}")] {
+            assert_eq!(single_certificate(&two).expect_err("two").code(), "bad_ca");
+        }
+        let key = KeyPair::generate().expect("key").serialize_pem();
+        assert_eq!(single_certificate(&key).expect_err("key").code(), "bad_ca");
+        assert_eq!(single_certificate("").expect_err("none").code(), "bad_ca");
+    }
+
+    #[test]
+    fn a_request_is_signed_only_for_its_identity() {
+        let (csr, key) = new_request("acme", "ana").expect("csr");
+        let dir = tempfile::tempdir().expect("tmp");
+        let data = DataDir::new(dir.path().join("data"));
+        data.create_dirs().expect("dirs");
+        create_ca_if_missing(&data).expect("ca");
+        let cert = sign_request(&data, &csr, "acme", "ana", 90).expect("signed");
+        assert!(cert_matches_key(&cert.cert_pem, &key));
+        let other = KeyPair::generate().expect("key").serialize_pem();
+        assert!(!cert_matches_key(&cert.cert_pem, &other));
+        let subject = cert_subject(
+            &x509_parser::pem::parse_x509_pem(cert.cert_pem.as_bytes())
+                .expect("pem")
+                .1
+                .contents,
+        )
+        .expect("subject");
+        assert_eq!(
+            (subject.partner.as_str(), subject.user.as_str()),
+            ("acme", "ana")
+        );
+        assert_eq!(subject.serial, cert.serial);
+        for (partner, user) in [("acme", "bob"), ("globex", "ana")] {
+            let e = sign_request(&data, &csr, partner, user, 90).expect_err("other identity");
+            assert_eq!(e.code(), "bad_csr");
+        }
+        let e = sign_request(&data, "not a request", "acme", "ana", 90).expect_err("junk");
+        assert_eq!(e.code(), "bad_csr");
+        let e = sign_request(&data, &csr, "acme", "ana", 0).expect_err("no days");
+        assert_eq!(e.code(), "bad_cert_days");
+    }
 }

@@ -32,7 +32,7 @@ impl Modify for Authentication {
             "client_certificate",
             SecurityScheme::MutualTls {
                 description: Some(
-                    "A client certificate from the escrow's CA (`escrow partner add`, `user add`)"
+                    "A client certificate from the escrow's CA (`escrow enroll` with an invitation's token; `partner add`/`user add` for trials)"
                         .into(),
                 ),
                 deprecated: None,

@@ -250,23 +250,36 @@ fn invitations_enroll_once_and_renewals_replace(f: &Fixture) {
         cert_days: 90,
         expires_at: OffsetDateTime::now_utc() + time::Duration::hours(1),
         closed: None,
+        refusals: 0,
     };
+    let operator = (None, "operator");
     let replaced = c
-        .write(|tx| identities::invite(tx, &invitation("i1", "ana"), "d1"))
+        .write(|tx| identities::invite(tx, &invitation("i1", "ana"), "d1", operator))
         .expect("invite");
     assert!(replaced.is_empty());
     // A newer invitation for the same identity closes the older one.
     let replaced = c
-        .write(|tx| identities::invite(tx, &invitation("i2", "ana"), "d2"))
+        .write(|tx| identities::invite(tx, &invitation("i2", "ana"), "d2", operator))
         .expect("invite again");
     assert_eq!(replaced, vec!["i1".to_string()]);
     let i1 = other.invitation("d1").expect("read").expect("known");
     assert_eq!(i1.closed.as_deref(), Some("replaced"));
     let i2 = other.invitation("d2").expect("read").expect("known");
     assert_eq!(
-        (i2.id.as_str(), i2.user.as_str(), i2.cert_days, i2.closed),
-        ("i2", "ana", 90, None)
+        (
+            i2.id.as_str(),
+            i2.user.as_str(),
+            i2.cert_days,
+            i2.closed,
+            i2.refusals
+        ),
+        ("i2", "ana", 90, None, 0)
     );
+    let refused = |c: &Catalog| {
+        c.write(|tx| identities::count_refusal(tx, "i2"))
+            .expect("count")
+    };
+    assert_eq!((refused(&c), refused(&other)), (1, 2));
     let expiry = invitation("i2", "ana").expires_at - i2.expires_at;
     assert!(expiry.abs() < time::Duration::seconds(5), "{expiry}");
     assert_eq!(other.invitation("nothing").expect("read"), None);
@@ -293,17 +306,38 @@ fn invitations_enroll_once_and_renewals_replace(f: &Fixture) {
     );
     // An enrolled user cannot be invited again before it is revoked.
     assert!(matches!(
-        c.write(|tx| identities::invite(tx, &invitation("i3", "ana"), "d3")),
+        c.write(|tx| identities::invite(tx, &invitation("i3", "ana"), "d3", operator)),
         Err(Error::Conflict(_))
     ));
 
-    // A renewal registers the new serial and lists the identity once; the old stays valid.
+    // A renewal registers the new serial and lists the identity once; the old is accepted
+    // for a grace day, and cannot renew again; the identity renews at most once an hour.
     let renewed = other
         .write(|tx| identities::renew(tx, "0a", "0c"))
         .expect("renew");
     assert_eq!(renewed.user, "ana");
     assert!(c.active_identity("0a").expect("old").0.is_some());
     assert!(c.active_identity("0c").expect("new").0.is_some());
+    assert!(matches!(
+        c.write(|tx| identities::renew(tx, "0a", "0x")),
+        Err(Error::Conflict(m)) if m.contains("renewed already")
+    ));
+    assert!(matches!(
+        c.write(|tx| identities::renew(tx, "0c", "0x")),
+        Err(Error::Conflict(m)) if m.contains("less than an hour")
+    ));
+    assert_eq!(c.active_identity("0x").expect("none").0, None);
+    // Past the grace day (the renewal moved back in time), the old one is refused and the
+    // new one renews.
+    c.write(|tx| {
+        tx.execute(
+            "UPDATE identities SET replaced_ms = ?2 WHERE serial = ?1",
+            params!["0a", 1_i64],
+        )
+    })
+    .expect("age");
+    assert_eq!(other.active_identity("0a").expect("old").0, None);
+    assert!(other.active_identity("0c").expect("new").0.is_some());
     let users = |c: &Catalog| {
         c.role_assignments()
             .expect("roles")
@@ -314,26 +348,43 @@ fn invitations_enroll_once_and_renewals_replace(f: &Fixture) {
     assert_eq!(users(&c), vec!["ana".to_string()]);
     // A revoked certificate cannot renew; revoking the user ends every certificate of it
     // and its open invitations.
-    c.write(|tx| identities::invite(tx, &invitation("i4", "bob"), "d4"))
+    // ana invites bob: revoking ana withdraws it.
+    c.write(|tx| identities::invite(tx, &invitation("i4", "bob"), "d4", (Some("acme"), "ana")))
         .expect("invite bob");
     let (crl, _) = c
         .write(|tx| identities::revoke_user(tx, "acme", "ana"))
         .expect("revoke");
-    assert_eq!(crl.len(), 2);
+    assert_eq!(crl.len(), 2, "the renewed certificate and its predecessor");
     assert!(matches!(
         c.write(|tx| identities::renew(tx, "0c", "0d")),
         Err(Error::Unauthenticated(_))
     ));
-    c.write(|tx| identities::revoke_user(tx, "acme", "bob"))
-        .expect("revoke an invited user");
     assert_eq!(
         c.invitation("d4")
             .expect("read")
             .expect("known")
             .closed
             .as_deref(),
+        Some("revoked"),
+        "what a revoked identity invited goes with it"
+    );
+    // Revoking a user who is only invited withdraws the invitation.
+    c.write(|tx| identities::invite(tx, &invitation("i5", "cy"), "d5", operator))
+        .expect("invite cy");
+    c.write(|tx| identities::revoke_user(tx, "acme", "cy"))
+        .expect("revoke an invited user");
+    assert_eq!(
+        c.invitation("d5")
+            .expect("read")
+            .expect("known")
+            .closed
+            .as_deref(),
         Some("revoked")
     );
+    assert!(matches!(
+        c.write(|tx| identities::revoke_user(tx, "acme", "bob")),
+        Err(Error::NotFound(_))
+    ));
     assert!(users(&c).is_empty());
 }
 

@@ -49,7 +49,7 @@ impl Catalog {
     }
 
     /// The identity registered for this certificate serial, if it and its partner are
-    /// active; and the catalog's generations, read with it in one statement (a request
+    /// active (a renewed certificate for [`RENEWAL_GRACE_MS`] after its renewal); and the catalog's generations, read with it in one statement (a request
     /// reads who its caller is first: what it then keeps or reuses stands at these).
     pub fn active_identity(&self, serial: &str) -> Result<(Option<IdentityRow>, Generations)> {
         let r = self.read(|tx| {
@@ -59,9 +59,10 @@ impl Catalog {
                      LEFT JOIN (SELECT i.partner, i.\"user\", i.role FROM identities i
                                 JOIN partners p ON p.name = i.partner
                                 WHERE i.serial = ?1 AND i.revoked_at IS NULL
+                                  AND (i.replaced_ms IS NULL OR i.replaced_ms > ?2)
                                   AND p.revoked_at IS NULL) i ON g.one = 1"
                 ),
-                params![serial],
+                params![serial, now_ms() - RENEWAL_GRACE_MS],
             )
         })?;
         let r = r.ok_or_else(|| Error::internal("catalog: no generations"))?;
@@ -77,7 +78,7 @@ impl Catalog {
     pub fn invitation(&self, digest: &str) -> Result<Option<Invitation>> {
         self.read(|tx| {
             tx.row(
-                "SELECT id, partner, \"user\", role, cert_days, expires_at, closed_how
+                "SELECT id, partner, \"user\", role, cert_days, expires_at, closed_how, refusals
                  FROM invitations WHERE secret_hash = ?1",
                 params![digest],
             )?
@@ -91,6 +92,7 @@ impl Catalog {
                         .map_err(|_| Error::internal("catalog: bad cert_days"))?,
                     expires_at: parse_time(&r.get::<String>(5)?)?,
                     closed: r.get(6)?,
+                    refusals: r.get(7)?,
                 })
             })
             .transpose()
@@ -167,12 +169,44 @@ pub struct Invitation {
     pub expires_at: OffsetDateTime,
     /// How it was closed (`enrolled`, `replaced`, `revoked`), if it was.
     pub closed: Option<String>,
+    /// Refused uses of its token so far.
+    pub refusals: i64,
 }
 
-/// Keep `invitation` in `tx`, known by its token's secret digest. The partner must be
-/// active and the user not (`conflict`); an open invitation for the same identity is closed
-/// as `replaced`. Returns the ids of those it replaced.
-pub fn invite(tx: &Tx<'_>, invitation: &Invitation, digest: &str) -> Result<Vec<String>> {
+/// How long a renewed certificate is still accepted after its renewal: a renewal whose
+/// answer never reached the client can be finished with it (`escrow renew` again refuses,
+/// the client keeps working until its admin invites it again), and a copied old key stops
+/// working a day after its holder renews.
+pub const RENEWAL_GRACE_MS: i64 = 24 * 3600 * 1000;
+/// An identity renews at most once this often.
+pub const RENEWAL_EVERY_MS: i64 = 3600 * 1000;
+
+fn now_ms() -> i64 {
+    i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+/// Count a refused use of invitation `id` in `tx`; returns how many there have been.
+pub fn count_refusal(tx: &Tx<'_>, id: &str) -> Result<i64> {
+    tx.execute(
+        "UPDATE invitations SET refusals = refusals + 1 WHERE id = ?1",
+        params![id],
+    )?;
+    tx.value(
+        "SELECT refusals FROM invitations WHERE id = ?1",
+        params![id],
+    )
+}
+
+/// Keep `invitation` in `tx`, made by `by` (partner, user; no partner: the operator),
+/// known by its token's secret digest. The partner must be active and the user not
+/// (`conflict`); an open invitation for the same identity is closed as `replaced`. Returns
+/// the ids of those it replaced.
+pub fn invite(
+    tx: &Tx<'_>,
+    invitation: &Invitation,
+    digest: &str,
+    by: (Option<&str>, &str),
+) -> Result<Vec<String>> {
     let Invitation {
         id,
         partner,
@@ -195,11 +229,16 @@ pub fn invite(tx: &Tx<'_>, invitation: &Invitation, digest: &str) -> Result<Vec<
             "{partner} already has a user {user}; revoke it first"
         )));
     }
-    let replaced = close_invitations(tx, partner, Some(user), "replaced")?;
+    let replaced = close_invitations(
+        tx,
+        "partner = ?1 AND \"user\" = ?2",
+        params![partner.as_str(), user.as_str()],
+        "replaced",
+    )?;
     let expires = super::rfc3339(*expires_at);
     tx.execute(
-        "INSERT INTO invitations (id, secret_hash, partner, \"user\", role, cert_days, created_at, expires_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO invitations (id, secret_hash, partner, \"user\", role, cert_days, created_at, expires_at, by_partner, by_user)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         params![
             id.as_str(),
             digest,
@@ -208,7 +247,9 @@ pub fn invite(tx: &Tx<'_>, invitation: &Invitation, digest: &str) -> Result<Vec<
             role.as_str(),
             i64::from(*cert_days),
             now_rfc3339(),
-            expires
+            expires,
+            by.0,
+            by.1
         ],
     )?;
     Ok(replaced)
@@ -249,26 +290,51 @@ pub fn enroll(tx: &Tx<'_>, id: &str, serial: &str) -> Result<IdentityRow> {
 }
 
 /// Register `new` in `tx` as the renewal of the active certificate `old`: same identity and
-/// role. The identity's current certificates are marked replaced by it (they stay valid
-/// until they end or are revoked). `unauthenticated` if `old` is not active.
+/// role. The identity's current certificate (`old`) is marked replaced by it, and is accepted
+/// for [`RENEWAL_GRACE_MS`] more. `unauthenticated` if `old` is not active; `conflict` if
+/// `old` was renewed already (only the newest certificate renews, so a copied old key cannot
+/// keep itself alive) or the identity renewed within [`RENEWAL_EVERY_MS`].
 pub fn renew(tx: &Tx<'_>, old: &str, new: &str) -> Result<IdentityRow> {
     let r = tx.row(
-        "SELECT i.partner, i.\"user\", i.role FROM identities i JOIN partners p ON p.name = i.partner
+        "SELECT i.partner, i.\"user\", i.role, i.replaced_by FROM identities i
+         JOIN partners p ON p.name = i.partner
          WHERE i.serial = ?1 AND i.revoked_at IS NULL AND p.revoked_at IS NULL",
         params![old],
     )?;
-    let who = match r {
-        Some(r) => identity(&r)?,
+    let who = match &r {
+        Some(r) => identity(r)?,
         None => {
             return Err(Error::Unauthenticated(
                 "the identity is not registered or was revoked".into(),
             ));
         }
     };
+    if r.map(|r| r.get::<Option<String>>(3))
+        .transpose()?
+        .flatten()
+        .is_some()
+    {
+        return Err(Error::Conflict(
+            "this certificate was renewed already: use the renewed bundle (or ask your admin to invite you again)".into(),
+        ));
+    }
+    let now = now_ms();
+    if tx.exists(
+        "SELECT 1 FROM identities WHERE partner = ?1 AND \"user\" = ?2 AND replaced_ms > ?3",
+        params![
+            who.partner.as_str(),
+            who.user.as_str(),
+            now - RENEWAL_EVERY_MS
+        ],
+    )? {
+        return Err(Error::Conflict(format!(
+            "{}/{} renewed less than an hour ago; renew again later",
+            who.partner, who.user
+        )));
+    }
     tx.execute(
-        "UPDATE identities SET replaced_by = ?3
-         WHERE partner = ?1 AND \"user\" = ?2 AND revoked_at IS NULL AND replaced_by IS NULL",
-        params![who.partner.as_str(), who.user.as_str(), new],
+        "UPDATE identities SET replaced_by = ?2, replaced_ms = ?3 WHERE serial = ?1",
+        params![old, new, now],
     )?;
     tx.execute(
         "INSERT INTO identities (serial, partner, \"user\", role, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -277,27 +343,12 @@ pub fn renew(tx: &Tx<'_>, old: &str, new: &str) -> Result<IdentityRow> {
     Ok(who)
 }
 
-/// Close the open invitations of `partner` (of its `user` only, if given) as `how`.
-fn close_invitations(
-    tx: &Tx<'_>,
-    partner: &str,
-    user: Option<&str>,
-    how: &str,
-) -> Result<Vec<String>> {
-    let mut args = vec![Value::from(partner)];
-    if let Some(user) = user {
-        args.push(user.into());
-    }
-    let of_user = if user.is_some() {
-        "AND \"user\" = ?2"
-    } else {
-        ""
-    };
+/// Close the open invitations `which` (a condition on `invitations` over `args`) as `how`;
+/// returns their ids.
+fn close_invitations(tx: &Tx<'_>, which: &str, args: &[Value], how: &str) -> Result<Vec<String>> {
     let open = tx.rows(
-        &format!(
-            "SELECT id FROM invitations WHERE partner = ?1 {of_user} AND closed_at IS NULL ORDER BY id"
-        ),
-        &args,
+        &format!("SELECT id FROM invitations WHERE ({which}) AND closed_at IS NULL ORDER BY id"),
+        args,
     )?;
     let ids = open
         .iter()
@@ -344,7 +395,13 @@ pub fn revoke_partner(tx: &Tx<'_>, name: &str) -> Result<Revocations> {
         "UPDATE identities SET revoked_at = ?2 WHERE partner = ?1 AND revoked_at IS NULL",
         params![name, now],
     )?;
-    close_invitations(tx, name, None, "revoked")?;
+    // Its invitations, and those its identities made for anyone.
+    close_invitations(
+        tx,
+        "partner = ?1 OR by_partner = ?1",
+        params![name],
+        "revoked",
+    )?;
     crl_changed(tx)
 }
 
@@ -356,7 +413,13 @@ pub fn revoke_user(tx: &Tx<'_>, partner: &str, user: &str) -> Result<Revocations
          WHERE partner = ?1 AND \"user\" = ?2 AND revoked_at IS NULL",
         params![partner, user, now_rfc3339()],
     )?;
-    let invited = close_invitations(tx, partner, Some(user), "revoked")?;
+    // Its own invitation, and what it invited (a departing admin leaves no token behind).
+    let invited = close_invitations(
+        tx,
+        "(partner = ?1 AND \"user\" = ?2) OR (by_partner = ?1 AND by_user = ?2)",
+        params![partner, user],
+        "revoked",
+    )?;
     if n == 0 && invited.is_empty() {
         return Err(Error::NotFound(format!(
             "{partner} has no active user {user}"

@@ -48,10 +48,11 @@ const MIGRATIONS: &[Migration] = &[
 ];
 
 /// Version 6: enrollment. An invitation (`partner invite`, `user invite`) names the identity
-/// it may enroll and keeps only a hash of its token's secret; it is closed once, when used,
-/// replaced by a newer invitation for the same identity, or revoked with it. A renewed
-/// identity's old certificate names the one that replaced it (`replaced_by`); it stays valid
-/// until it expires or is revoked, and is no longer listed.
+/// it may enroll and who made it, and keeps only a hash of its token's secret; it is closed
+/// once: used, replaced by a newer invitation for the same identity, or revoked with that
+/// identity or with the identity that made it. A renewed identity's old certificate names the
+/// one that replaced it and when (`replaced_by`, `replaced_ms`); it is accepted for a grace
+/// day after that (a renewal whose answer was lost), and is no longer listed.
 const V6: &str = r#"
 CREATE TABLE IF NOT EXISTS invitations (
     id          TEXT PRIMARY KEY,              -- random 128-bit id, hex (named in the audit log)
@@ -64,10 +65,14 @@ CREATE TABLE IF NOT EXISTS invitations (
     expires_at  TEXT NOT NULL,
     closed_at   TEXT,
     closed_how  TEXT,                          -- enrolled | replaced | revoked
-    serial      TEXT                           -- the certificate it enrolled
+    serial      TEXT,                          -- the certificate it enrolled
+    by_partner  TEXT,                          -- who made it (NULL: the operator)
+    by_user     TEXT NOT NULL,
+    refusals    INTEGER NOT NULL DEFAULT 0     -- refused uses (the first few are audited)
 );
 CREATE INDEX IF NOT EXISTS invitations_by_identity ON invitations(partner, "user");
 ALTER TABLE identities ADD COLUMN replaced_by TEXT;
+ALTER TABLE identities ADD COLUMN replaced_ms INTEGER;
 "#;
 
 /// Version 5: the audit log's lines, for a catalog shared by several nodes (audit/writer.rs

@@ -81,6 +81,9 @@ pub(crate) async fn add_user(
     ))
 }
 
+/// The longest an admin's invitation may stay valid.
+const MAX_API_INVITATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// A partner's admin invites a user of its own partner: a single-use token, returned once,
 /// with which the user enrolls a key made on its own machine (`escrow enroll`).
 #[utoipa::path(post, path = "/v1/users/invitations", tag = "users", request_body = InviteRequest, responses((status = 201, description = "invited; the token is returned once", body = wire::Invitation), wire::Errors))]
@@ -96,6 +99,17 @@ pub(crate) async fn invite_user(
     )?;
     let req: InviteRequest = json_body(&body)?;
     own_partner(&caller, req.partner.as_deref())?;
+    // An admin's token lives a week at most (the operator's, 30 days).
+    if req
+        .valid_for_secs
+        .is_some_and(|s| s > MAX_API_INVITATION.as_secs())
+    {
+        return Err(Error::bad(
+            "bad_validity",
+            "an invitation made through the API is valid for one second to 7 days",
+        )
+        .into());
+    }
     let terms = crate::admin::InviteTerms {
         valid_for: req
             .valid_for_secs
