@@ -110,8 +110,34 @@ fn a_partner_enrolls_its_own_key_invites_a_user_renews_and_is_revoked() {
             &server.url,
         ],
     ));
+    // Open invitations are visible to the partner's admins and the operator (never a token).
+    let admin_args = [
+        "--identity",
+        admin.to_str().expect("utf-8"),
+        "--server",
+        &server.url,
+    ];
+    let invitations = || {
+        env.cli_as(
+            &server,
+            &admin,
+            &[&["user", "invitations"][..], &admin_args].concat(),
+        )
+        .ok()
+        .stdout
+    };
+    let listed = invitations();
+    assert!(
+        listed.contains("ana") && listed.contains("initech/admin"),
+        "{listed}"
+    );
+    assert!(!listed.contains(token.split('.').nth(3).expect("secret")));
+    let listed = env.op(&["user", "invitations"]).ok().stdout;
+    assert!(listed.contains("initech/ana"), "{listed}");
     let ana = away.path().join("ana");
     enroll(&server, &token, &ana).ok();
+    let listed = invitations();
+    assert!(listed.contains("no open invitations"), "{listed}");
     let who = env.cli_as(&server, &ana, &["whoami"]).ok();
     assert_eq!(who.stdout.trim(), "partner=initech user=ana role=analyst");
 

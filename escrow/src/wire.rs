@@ -256,6 +256,38 @@ impl std::fmt::Debug for Invitation {
     }
 }
 
+/// `GET /v1/users/invitations`: the open invitations of the caller's partner.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct InvitationList {
+    pub partner: String,
+    pub invitations: Vec<PendingInvitation>,
+}
+
+/// An invitation not yet used, withdrawn or expired (`escrow user revoke` withdraws it).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PendingInvitation {
+    pub user: String,
+    pub role: String,
+    /// When its token stops working (RFC 3339).
+    pub expires_at: String,
+    /// Who made it: `PARTNER/USER`, or `operator`.
+    pub invited_by: String,
+}
+
+impl From<crate::catalog::identities::OpenInvitation> for PendingInvitation {
+    fn from(i: crate::catalog::identities::OpenInvitation) -> Self {
+        PendingInvitation {
+            invited_by: match &i.by_partner {
+                Some(p) => format!("{p}/{}", i.by_user),
+                None => i.by_user.clone(),
+            },
+            user: i.user,
+            role: i.role,
+            expires_at: crate::catalog::rfc3339(i.expires_at),
+        }
+    }
+}
+
 /// `POST /v1/enrollments`: a token's holder asks for its certificate.
 #[derive(Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -274,6 +274,15 @@ fn invite_in(
     })
 }
 
+/// The open invitations of `partner` (or of every partner), for the operator.
+pub fn open_invitations(
+    dir: &DataDir,
+    partner: Option<&str>,
+) -> Result<Vec<identities::OpenInvitation>> {
+    ensure_initialised(dir)?;
+    dir.open_catalog()?.open_invitations(partner)
+}
+
 /// A certificate issued over a key its holder made: the identity, the certificate, and the
 /// CA certificate to trust the server with.
 #[derive(Debug, Clone)]

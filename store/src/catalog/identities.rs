@@ -99,6 +99,34 @@ impl Catalog {
         })
     }
 
+    /// The open invitations (of `partner`, or of every partner), oldest first: who is
+    /// invited with which role, until when, and by whom. Never their token.
+    pub fn open_invitations(&self, partner: Option<&str>) -> Result<Vec<OpenInvitation>> {
+        let now = OffsetDateTime::now_utc();
+        let rows = self.read(|tx| {
+            tx.rows(
+                "SELECT partner, \"user\", role, expires_at, by_partner, by_user, created_at
+                 FROM invitations WHERE closed_at IS NULL ORDER BY created_at, id",
+                params![],
+            )
+        })?;
+        let mut out = Vec::new();
+        for r in &rows {
+            let invitation = OpenInvitation {
+                partner: r.get(0)?,
+                user: r.get(1)?,
+                role: r.get(2)?,
+                expires_at: parse_time(&r.get::<String>(3)?)?,
+                by_partner: r.get(4)?,
+                by_user: r.get(5)?,
+            };
+            if invitation.expires_at > now && partner.is_none_or(|p| p == invitation.partner) {
+                out.push(invitation);
+            }
+        }
+        Ok(out)
+    }
+
     /// Names of all partners and whether they are active.
     pub fn partners(&self) -> Result<Vec<(String, bool)>> {
         self.read(|tx| {
@@ -171,6 +199,19 @@ pub struct Invitation {
     pub closed: Option<String>,
     /// Refused uses of its token so far.
     pub refusals: i64,
+}
+
+/// An invitation still open and not expired, as its partner's admins and the operator see
+/// it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenInvitation {
+    pub partner: String,
+    pub user: String,
+    pub role: String,
+    pub expires_at: OffsetDateTime,
+    /// Who made it: a user of `by_partner`, or the operator (no partner).
+    pub by_partner: Option<String>,
+    pub by_user: String,
 }
 
 /// How long a renewed certificate is still accepted after its renewal: a renewal whose

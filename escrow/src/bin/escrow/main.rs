@@ -453,6 +453,13 @@ enum UserCommand {
         #[command(flatten)]
         target: UserTarget,
     },
+    /// The open invitations (of PARTNER, or, for the operator, of every partner): who is
+    /// invited, with which role, until when, by whom. `user revoke` withdraws one.
+    Invitations {
+        partner: Option<String>,
+        #[command(flatten)]
+        target: UserTarget,
+    },
     /// Revoke a user's identity: its certificate is refused from the next request.
     Revoke {
         partner: String,
@@ -1481,6 +1488,43 @@ async fn user(command: UserCommand) -> anyhow::Result<()> {
                 );
             }
         },
+        UserCommand::Invitations { partner, target } => {
+            let (partner_shown, open): (String, Vec<wire::PendingInvitation>) = match target
+                .client()?
+            {
+                None => {
+                    let open = escrow::admin::open_invitations(&target.dir(), partner.as_deref())
+                        .map_err(engine)?;
+                    let rows = open
+                        .into_iter()
+                        .map(|i| {
+                            let p = i.partner.clone();
+                            let mut w = wire::PendingInvitation::from(i);
+                            w.user = format!("{p}/{}", w.user);
+                            w
+                        })
+                        .collect();
+                    (partner.unwrap_or_else(|| "every partner".into()), rows)
+                }
+                Some(c) => {
+                    let list: wire::InvitationList = c
+                        .get("v1/users/invitations", &[], "listing invitations")
+                        .await?;
+                    (list.partner, list.invitations)
+                }
+            };
+            if open.is_empty() {
+                println!("no open invitations ({partner_shown})");
+            } else {
+                print::table(
+                    &["user", "role", "expires_at", "invited_by"].map(String::from),
+                    &open
+                        .into_iter()
+                        .map(|i| vec![i.user, i.role, i.expires_at, i.invited_by])
+                        .collect::<Vec<_>>(),
+                );
+            }
+        }
         UserCommand::Revoke {
             partner,
             name,

@@ -58,7 +58,7 @@ pub fn routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(questions::co_selling))
         .routes(routes!(users::list_users, users::add_user))
         .routes(routes!(users::revoke_user))
-        .routes(routes!(users::invite_user))
+        .routes(routes!(users::list_invitations, users::invite_user))
         .routes(routes!(enrollment::ca))
         .routes(routes!(enrollment::enroll))
         .routes(routes!(enrollment::renew))

@@ -81,6 +81,23 @@ pub(crate) async fn add_user(
     ))
 }
 
+/// The open invitations of the caller's partner (admins): who is invited, until when, by
+/// whom; never a token.
+#[utoipa::path(get, path = "/v1/users/invitations", tag = "users", responses((status = 200, description = "open invitations of the caller's partner", body = wire::InvitationList), wire::Errors))]
+pub(crate) async fn list_invitations(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+) -> Result<Json<wire::InvitationList>, ApiError> {
+    caller.may(&state, Action::UserManage).await?;
+    let store = state.store.clone();
+    let partner = caller.partner.clone();
+    let open = blocking(move || store.catalog().open_invitations(Some(&partner))).await?;
+    Ok(Json(wire::InvitationList {
+        partner: caller.partner,
+        invitations: open.into_iter().map(Into::into).collect(),
+    }))
+}
+
 /// The longest an admin's invitation may stay valid.
 const MAX_API_INVITATION: Duration = Duration::from_secs(7 * 24 * 3600);
 
