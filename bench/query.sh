@@ -3,7 +3,9 @@
 #   1. two 1M-row lists from ../shared/bench/gen_accounts.py sealed in escrow (acme, globex;
 #      globex grants acme join/count/dimension, budget raised so repeats never run out)
 #   2. the approved overlap query through the full service path (mTLS, gate, casbin,
-#      protection rewrite, noise), as acme: first run (decrypting both lists) and warm median
+#      protection rewrite, noise), as acme: first run (decrypting both lists), the same
+#      question repeated (answered from its kept answer) and new questions on warm data
+#      (a no-op filter varied per question): medians
 #   3. DuckDB on the same plaintext (Arrow files loaded in memory), 2 threads, same SQL: median
 #   4. 50 concurrent queries (4 rounds) over 100k-row lists: failures, p50, p99
 # Usage: bench/query.sh [ROWS]   (default 1000000). Needs: pip install pyarrow duckdb
@@ -72,6 +74,18 @@ for _ in range(7):
     assert status == 200, body
     warm.append(dt)
 escrow_med = statistics.median(warm)
+# New questions on warm data: the same join with a filter that keeps every row but makes
+# each question new (a repeated question is answered from its kept answer, not computed).
+fresh = []
+for i in range(7):
+    q = sql.replace(
+        " GROUP BY",
+        f" WHERE a.status IN ('customer', 'opportunity', 'prospect', 'none{i}') GROUP BY",
+    )
+    status, body_i, dt = ask(q, conn)
+    assert status == 200, body_i
+    fresh.append(dt)
+fresh_med = statistics.median(fresh)
 
 con = duckdb.connect()
 con.execute("SET threads = 2")
@@ -92,9 +106,10 @@ worst = max(abs(released[k] - exact[k]) / exact[k] for k in released)
 
 print(f"overlap query, {rows} x {rows} rows, GROUP BY industry ({len(released)} groups released)")
 print(f"  escrow first run (decrypt both lists): {first:.3f} s")
-print(f"  escrow warm median of 7:               {escrow_med:.3f} s")
+print(f"  escrow repeated question (its kept answer), median of 7: {escrow_med:.3f} s")
+print(f"  escrow new question on warm data, median of 7:           {fresh_med:.3f} s")
 print(f"  DuckDB (2 threads, in memory) median:  {duck_med:.3f} s")
-print(f"  ratio escrow/DuckDB warm: {escrow_med/duck_med:.2f}x   first run: {first/duck_med:.2f}x   (target <= 1.5x)")
+print(f"  ratio escrow/DuckDB: first run {first/duck_med:.2f}x (target <= 1.5x); new question warm {fresh_med/duck_med:.2f}x (target <= 1.0x); repeated {escrow_med/duck_med:.2f}x")
 print(f"  largest relative noise on a released group: {worst:.4%}")
 
 # 50 concurrent clients, 4 rounds, over the 100k lists; varied questions.
