@@ -187,15 +187,6 @@ pub struct InviteTerms {
     pub cert_days: u32,
 }
 
-impl Default for InviteTerms {
-    fn default() -> Self {
-        InviteTerms {
-            valid_for: DEFAULT_INVITATION,
-            cert_days: pki::DEFAULT_CERT_DAYS,
-        }
-    }
-}
-
 /// An invitation's token is valid this long unless its issuer says otherwise.
 pub const DEFAULT_INVITATION: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 /// The longest an invitation's token may stay valid.
@@ -338,13 +329,25 @@ pub fn enroll(dir: &DataDir, token: &str, csr_pem: &str) -> Result<Enrolled> {
     };
     let ca_pem = std::fs::read_to_string(dir.ca_cert())?;
     Change::new(&catalog, &log, event).apply(|tx| {
-        let who = identities::enroll(tx, id, &cert.serial)?;
-        let detail = serde_json::json!({
-            "serial": cert.serial,
-            "not_after": rfc3339(cert.not_after),
-        });
-        Ok((Enrolled { who, cert, ca_pem }, detail))
+        Ok(registered(
+            identities::enroll(tx, id, &cert.serial)?,
+            cert,
+            ca_pem,
+        ))
     })
+}
+
+/// A certificate registered for `who`, with the audit detail that names it.
+fn registered(
+    who: IdentityRow,
+    cert: pki::IssuedCert,
+    ca_pem: String,
+) -> (Enrolled, serde_json::Value) {
+    let detail = serde_json::json!({
+        "serial": cert.serial,
+        "not_after": rfc3339(cert.not_after),
+    });
+    (Enrolled { who, cert, ca_pem }, detail)
 }
 
 /// Refused uses of one invitation's token that are audited; later ones are only logged.
@@ -397,12 +400,11 @@ pub fn renew(
         let cert = pki::sign_request(dir, csr_pem, &partner, &actor.user, cert_days)?;
         let ca_pem = std::fs::read_to_string(dir.ca_cert())?;
         change.commit(|tx| {
-            let who = identities::renew(tx, serial, &cert.serial)?;
-            let detail = serde_json::json!({
-                "serial": cert.serial,
-                "not_after": rfc3339(cert.not_after),
-            });
-            Ok((Enrolled { who, cert, ca_pem }, detail))
+            Ok(registered(
+                identities::renew(tx, serial, &cert.serial)?,
+                cert,
+                ca_pem,
+            ))
         })
     })
 }

@@ -14,12 +14,12 @@
 //! only, so a copy of the catalog cannot be replayed: every node on one catalog knows them,
 //! and a restart ends none.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
 use crate::Result;
-use crate::catalog::{Catalog, TokenKept, TokenRules, TokenUse};
+use crate::catalog::{Catalog, TokenKept, TokenRules, TokenUse, now_ms};
 
 pub use crate::catalog::ConsoleIdentity as Identity;
 
@@ -96,10 +96,6 @@ fn csrf_of(token: &str) -> String {
 
 fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, ms)
 }
 
 /// A new token's fate: kept, or a 429 naming whose limit it met.

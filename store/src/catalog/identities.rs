@@ -5,7 +5,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::sql::{Row, Tx, Value, params};
-use super::{Catalog, GENERATIONS, Generations, IdentityRow, now_rfc3339};
+use super::{Catalog, GENERATIONS, Generations, IdentityRow, now_ms, now_rfc3339};
 use crate::{Error, Result};
 
 /// Revoked serials with their revocation times, and the CRL number.
@@ -221,10 +221,6 @@ pub struct OpenInvitation {
 pub const RENEWAL_GRACE_MS: i64 = 24 * 3600 * 1000;
 /// An identity renews at most once this often.
 pub const RENEWAL_EVERY_MS: i64 = 3600 * 1000;
-
-fn now_ms() -> i64 {
-    i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
-}
 
 /// Count a refused use of invitation `id` in `tx`; returns how many there have been.
 pub fn count_refusal(tx: &Tx<'_>, id: &str) -> Result<i64> {

@@ -255,6 +255,12 @@ pub fn now_rfc3339() -> String {
     rfc3339(OffsetDateTime::now_utc())
 }
 
+/// Now, in milliseconds since the Unix epoch (the catalog's times kept as numbers: console
+/// tokens, renewals).
+pub fn now_ms() -> i64 {
+    i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
+}
+
 /// `t` as the catalog and the API write times (RFC 3339).
 pub fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&Rfc3339)
