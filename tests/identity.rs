@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::harness::{Env, Run, accounts_csv, raw_with, two_nodes};
+use crate::harness::{Env, Run, accounts_csv, raw_with, two_nodes, words};
 
 #[test]
 fn certificate_names_the_caller() {
@@ -283,4 +283,89 @@ fn sigterm_stops_gracefully() {
     let status = server.terminate();
     assert!(status.success(), "{status:?}");
     server.wait_log("SIGTERM received");
+}
+
+/// A question asked again on one open connection is answered from what its node kept (the
+/// caller's identity and the catalog's generations, the ledger and the kept answer, assumed
+/// and confirmed with the question's audit record), and follows every change at once, made
+/// on whichever node: a grant taken back refuses it, given again answers it (nothing spent),
+/// and the caller revoked gets 401 on its open connection, with no answer recorded after.
+#[test]
+fn a_repeated_question_on_an_open_connection_follows_every_change_at_once() {
+    let env = Env::new();
+    let server = env.serve(&[]);
+    env.customers_shared(&server);
+    let ana = env.add_user("acme", "ana", "analyst");
+    let config = escrow::server::tls::client_config(&ana).expect("tls config");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let http = reqwest::Client::builder()
+        .tls_backend_preconfigured(config)
+        .build()
+        .expect("client");
+    let url = format!("{}/v1/overlaps", server.url);
+    let ask = || -> (u16, serde_json::Value) {
+        rt.block_on(async {
+            let resp = http
+                .post(&url)
+                .json(&serde_json::json!({ "with": "globex" }))
+                .send()
+                .await
+                .expect("send");
+            let status = resp.status().as_u16();
+            (status, resp.json().await.expect("json"))
+        })
+    };
+    let (status, first) = ask();
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["repeated"], false, "{first}");
+    for _ in 0..3 {
+        let (status, again) = ask();
+        assert_eq!(status, 200, "{again}");
+        assert_eq!(again["rows"], first["rows"]);
+        assert_eq!(again["repeated"], true, "{again}");
+    }
+    let revoke = words("policy revoke accounts --to acme --usage overlap");
+    env.cli(&server, "globex", &revoke).ok();
+    let (status, refused) = ask();
+    assert_eq!(status, 403, "{refused}");
+    assert_eq!(refused["error"]["code"], "QUERY_REFUSED", "{refused}");
+    env.cli(
+        &server,
+        "globex",
+        &words("policy grant accounts --to acme --usage overlap"),
+    )
+    .ok();
+    for _ in 0..3 {
+        let (status, back) = ask();
+        assert_eq!(status, 200, "{back}");
+        assert_eq!(back["rows"], first["rows"]);
+        assert_eq!(back["epsilon_spent"], 0.0, "{back}");
+    }
+    env.op(&["user", "revoke", "acme", "ana"]).ok();
+    let (status, gone) = ask();
+    assert_eq!(status, 401, "{gone}");
+    assert_eq!(gone["error"]["code"], "unauthenticated", "{gone}");
+    let records = env.audit_records();
+    let revoked = records
+        .iter()
+        .rposition(|r| r["kind"] == "user_revoke")
+        .expect("revocation recorded");
+    let by_ana = |r: &&serde_json::Value| r["actor"]["user"] == "ana";
+    assert_eq!(
+        records[..revoked]
+            .iter()
+            .filter(by_ana)
+            .filter(|r| r["kind"] == "overlap")
+            .count(),
+        8,
+        "every answer and the refusal recorded"
+    );
+    assert!(
+        !records[revoked..].iter().any(|r| by_ana(&r)),
+        "nothing of ana's after her revocation: {:?}",
+        &records[revoked..]
+    );
 }

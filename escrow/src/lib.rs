@@ -7,6 +7,7 @@
 
 pub mod access;
 pub mod app;
+pub mod assumed;
 pub mod client;
 pub mod explain;
 pub mod grants;

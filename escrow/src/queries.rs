@@ -47,36 +47,6 @@ pub const MAX_FAN_OUT: u64 = 100;
 /// Table instances a question on another partner's data may read.
 pub const MAX_TABLE_INSTANCES: usize = 8;
 
-tokio::task_local! {
-    /// The catalog's generations read with the caller's identity, and when, until a policy
-    /// read of the same request takes them ([`request_scope`]).
-    static WITH_CALLER: std::cell::Cell<Option<(std::time::Instant, crate::catalog::Generations)>>;
-}
-
-/// How long the generations read with the caller stand in for a read of them: a request
-/// that waited longer (for admission, say) reads them again.
-const WITH_CALLER_FOR: Duration = Duration::from_millis(100);
-
-/// Run one request's handling, in which the generations read with its caller's identity
-/// ([`read_with_caller`]) stand in for the first read of them: one round trip fewer on a
-/// shared catalog, and the request's own view (it read them on arrival).
-pub async fn request_scope<F: Future>(f: F) -> F::Output {
-    WITH_CALLER.scope(std::cell::Cell::new(None), f).await
-}
-
-/// Note the generations read with the caller's identity from `read` on (when that read
-/// began), inside [`request_scope`].
-pub fn generations_with_caller(read: std::time::Instant, at: crate::catalog::Generations) {
-    let _ = WITH_CALLER.try_with(|c| c.set(Some((read, at))));
-}
-
-/// The generations noted with this request's caller, once, if read recently; none outside
-/// a request.
-fn read_with_caller() -> Option<crate::catalog::Generations> {
-    let (read, at) = WITH_CALLER.try_with(|c| c.take()).ok().flatten()?;
-    (read.elapsed() < WITH_CALLER_FOR).then_some(at)
-}
-
 /// Limits of query execution.
 #[derive(Debug, Clone)]
 pub struct QueryConfig {
@@ -113,6 +83,8 @@ pub struct QueryService {
     /// What questions resolved (the datasets, versions, populations and settings they
     /// read), kept while the catalog's generations stand.
     resolved: std::sync::Mutex<Resolved>,
+    /// What questions last read of their callers and ledgers, for the next to assume.
+    pub copies: crate::assumed::Copies,
 }
 
 /// Results of catalog reads a question made, by key, valid at the generations `at`: every
@@ -235,6 +207,7 @@ impl QueryService {
             executor,
             policies: tokio::sync::Mutex::new(None),
             resolved: std::sync::Mutex::new(Resolved::default()),
+            copies: crate::assumed::Copies::default(),
         })
     }
 
@@ -275,13 +248,15 @@ impl QueryService {
         let mut cached = self.policies.lock().await;
         // Read from the catalog (a change made on another node moves it too): with the
         // caller's identity when this request read it, else now.
-        let at = match read_with_caller() {
+        let at = match crate::assumed::read_with_caller() {
             // Not when the set kept here is newer (built after a change the noted
             // generations predate): it would be rebuilt, and labelled older.
             Some(at) if cached.as_ref().is_none_or(|(g, _)| at.policy >= *g) => at,
             _ => {
                 let store = self.store.clone();
-                blocking(move || store.catalog().generations()).await?
+                let at = blocking(move || store.catalog().generations()).await?;
+                self.copies.read_generations(at);
+                at
             }
         };
         let generation = at.policy;
@@ -312,6 +287,34 @@ impl QueryService {
         record(self.store.clone(), event).await
     }
 
+    /// Record a question's event, and with it confirm what its request assumed
+    /// (`crate::assumed`): [`Error::Stale`], with nothing recorded, if that no longer holds.
+    async fn audit_question(&self, event: Event) -> Result<()> {
+        let assumed = crate::assumed::take_assumed();
+        if assumed.is_empty() {
+            return self.audit(event).await;
+        }
+        let store = self.store.clone();
+        match blocking(move || store.record_assuming(&event, &assumed)).await? {
+            true => Ok(()),
+            false => Err(Error::Stale),
+        }
+    }
+
+    /// Confirm what this request assumed, before it charges or computes anything (one read);
+    /// [`Error::Stale`] if that no longer holds.
+    pub(crate) async fn confirm_assumed(&self) -> Result<()> {
+        let assumed = crate::assumed::take_assumed();
+        if assumed.is_empty() {
+            return Ok(());
+        }
+        let store = self.store.clone();
+        match blocking(move || store.catalog().read(|tx| assumed.hold(tx))).await? {
+            true => Ok(()),
+            false => Err(Error::Stale),
+        }
+    }
+
     /// Record a question's outcome before it is released: the answer's `facts` when it was
     /// answered, the rule or code when not. If the record cannot be written, nothing is
     /// released and the audit's error is returned instead.
@@ -323,11 +326,13 @@ impl QueryService {
     ) -> Result<T> {
         match result {
             Ok(v) => {
-                self.audit(event.with(facts(&v))).await?;
+                self.audit_question(event.with(facts(&v))).await?;
                 Ok(v)
             }
+            // Nothing happened: it is asked again.
+            Err(Error::Stale) => Err(Error::Stale),
             Err(e) => {
-                self.audit(event.failed(&e)).await?;
+                self.audit_question(event.failed(&e)).await?;
                 Err(e)
             }
         }
@@ -391,6 +396,8 @@ impl QueryService {
                 Some(p)
             }
         };
+        // What running it stands on is confirmed first.
+        self.confirm_assumed().await?;
         let protected = protection.is_some();
         let run = async {
             let (runs, state) =
@@ -641,8 +648,36 @@ impl QueryService {
             caller.to_string(),
             hex::encode(fingerprint),
         );
-        let ch = charges.clone();
         let dry_run = versions.is_none();
+        // Asked again: paid, and what was kept for it, as this node last read them; assumed
+        // (`crate::assumed`), confirmed with the question's audit record.
+        if let Some(paid) = self.paid_copy(caller, &charges, fingerprint, dry_run) {
+            crate::assumed::assume(|a| {
+                for (owner, _, rows) in &paid.owners {
+                    a.ledger(caller, owner, *rows);
+                }
+                a.kept(caller, &fp_hex, &paid.kept);
+            });
+            crate::faults::hit("query.charged")?;
+            let totals = charges
+                .iter()
+                .map(|c| {
+                    (paid.owners.iter())
+                        .find(|(o, ..)| *o == c.owner)
+                        .map_or(0.0, |(_, total, _)| *total)
+                })
+                .collect();
+            return Ok(charged(
+                &charges,
+                epsilon,
+                false,
+                totals,
+                Some(Some(paid.kept)),
+            ));
+        }
+        // What anything charged or computed stands on is confirmed first.
+        self.confirm_assumed().await?;
+        let ch = charges.clone();
         let spent = blocking(move || {
             let marker = Kept::not_answered("running").into_bytes();
             let running = versions.as_deref().map(|v| (v, marker.as_slice()));
@@ -655,22 +690,33 @@ impl QueryService {
             crate::faults::hit("query.charged")?;
         }
         match spent {
-            Spend::Charged { new, totals, kept } => Ok(Charged {
-                cost: Cost {
-                    repeated: !new,
-                    epsilon_spent: if new { epsilon } else { 0.0 },
-                    budgets: charges
-                        .iter()
-                        .zip(totals)
-                        .map(|(c, spent)| BudgetView {
-                            dataset: format!("{}.{}", c.owner, c.dataset),
-                            spent,
-                            budget: c.budget,
-                        })
-                        .collect(),
-                },
+            Spend::Charged {
+                new,
+                totals,
                 kept,
-            }),
+                ledger,
+            } => {
+                if let Some(Some(bytes)) = &kept
+                    && !ledger.is_empty()
+                    && !matches!(Kept::from_bytes(bytes.clone()), Kept::NotAnswered(why) if why == "running")
+                {
+                    let owners = ledger
+                        .iter()
+                        .map(|(owner, rows)| {
+                            let total = (charges.iter().zip(&totals))
+                                .find(|(c, _)| c.owner == *owner)
+                                .map_or(0.0, |(_, t)| *t);
+                            (owner.clone(), total, *rows)
+                        })
+                        .collect();
+                    let paid = crate::assumed::Paid {
+                        owners,
+                        kept: bytes.clone(),
+                    };
+                    self.copies.keep_paid(caller, fingerprint, paid);
+                }
+                Ok(charged(&charges, epsilon, new, totals, kept))
+            }
             Spend::Exhausted { charge: c, spent } => Err(Error::refused(
                 "budget_exhausted",
                 format!(
@@ -679,6 +725,27 @@ impl QueryService {
                 ),
             )),
         }
+    }
+
+    /// The node's copy of what `caller`'s question `fingerprint`, charged to the owners of
+    /// `charges`, last read of the ledger and its kept answer, when this request may
+    /// assume it (a question, not a dry run).
+    fn paid_copy(
+        &self,
+        caller: &str,
+        charges: &[BudgetCharge],
+        fingerprint: [u8; 32],
+        dry_run: bool,
+    ) -> Option<crate::assumed::Paid> {
+        if dry_run || !crate::assumed::assuming() {
+            return None;
+        }
+        let paid = self.copies.paid(caller, fingerprint)?;
+        let owners: std::collections::BTreeSet<&str> =
+            charges.iter().map(|c| c.owner.as_str()).collect();
+        let same = owners.len() == paid.owners.len()
+            && (paid.owners.iter()).all(|(o, ..)| owners.contains(o.as_str()));
+        same.then_some(paid)
     }
 
     /// The caller's own and granted datasets as engine tables, with their live versions.
@@ -1333,6 +1400,32 @@ impl Kept {
             Kept::Released(b) => b,
             Kept::NotAnswered(code) => [NOT_ANSWERED, code.as_bytes()].concat(),
         }
+    }
+}
+
+/// A question's charge: its cost from `charges` and each one's total spent afterwards.
+fn charged(
+    charges: &[BudgetCharge],
+    epsilon: f64,
+    new: bool,
+    totals: Vec<f64>,
+    kept: Option<Option<Vec<u8>>>,
+) -> Charged {
+    Charged {
+        cost: Cost {
+            repeated: !new,
+            epsilon_spent: if new { epsilon } else { 0.0 },
+            budgets: charges
+                .iter()
+                .zip(totals)
+                .map(|(c, spent)| BudgetView {
+                    dataset: format!("{}.{}", c.owner, c.dataset),
+                    spent,
+                    budget: c.budget,
+                })
+                .collect(),
+        },
+        kept,
     }
 }
 

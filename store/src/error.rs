@@ -72,6 +72,11 @@ pub enum Error {
     /// raises. Anywhere else it is a server fault, answered as [`Error::Internal`].
     #[error("internal error: the catalog changed under a guarded write: {0}")]
     Changed(String),
+    /// What a request took from its node's copies of earlier reads no longer holds in the
+    /// catalog (`catalog::Assumed`): nothing of it was recorded or released, and it is asked
+    /// again on fresh reads. Never answered as such (a server fault if it were).
+    #[error("internal error: a request's assumed reads no longer hold")]
+    Stale,
     /// Anything else on the server side. Logged, never shown to clients.
     #[error("internal error: {0}")]
     Internal(String),
@@ -126,7 +131,9 @@ impl Error {
             Error::AuditUnavailable(_) => "audit_unavailable",
             Error::StorageFull(_) => "storage_full",
             Error::Busy { .. } => "too_many_requests",
-            Error::Integrity(_) | Error::Changed(_) | Error::Internal(_) => "internal",
+            Error::Integrity(_) | Error::Changed(_) | Error::Stale | Error::Internal(_) => {
+                "internal"
+            }
         }
     }
 }

@@ -199,6 +199,16 @@ impl Store {
         audit::record(&self.catalog, &self.audit, event).map(|_| ())
     }
 
+    /// Record `event` if what its request `assumed` still holds
+    /// ([`audit::record_assuming`]); `false`: it no longer does, and nothing was recorded.
+    pub fn record_assuming(
+        &self,
+        event: &Event,
+        assumed: &crate::catalog::Assumed,
+    ) -> Result<bool> {
+        audit::record_assuming(&self.catalog, &self.audit, event, assumed).map(|h| h.is_some())
+    }
+
     /// A change recorded as `event`: it commits with its audit record, or its failure is
     /// recorded ([`audit::Change`]).
     pub fn change(&self, event: Event) -> audit::Change<'_> {

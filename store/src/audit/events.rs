@@ -126,6 +126,7 @@ impl Event {
         self.outcome = match e {
             Error::Internal(_)
             | Error::Changed(_)
+            | Error::Stale
             | Error::Integrity(_)
             | Error::AuditUnavailable(_)
             | Error::StorageFull(_) => Outcome::Failed,

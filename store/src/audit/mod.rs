@@ -43,7 +43,9 @@ mod writer;
 pub use events::{Actor, Event, Outcome, Record};
 pub use verifier::{Verified, VerifyFailure, VerifyOptions, verify};
 pub use views::{Viewer, export, list, parse_since};
-pub use writer::{AuditLog, Change, Lines, LogReader, anchor, public_key_of, record};
+pub use writer::{
+    AuditLog, Change, Lines, LogReader, anchor, public_key_of, record, record_assuming,
+};
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;

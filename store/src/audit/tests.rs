@@ -496,3 +496,198 @@ fn writers_sharing_one_log_take_its_locks_in_one_order() {
         empty_log(&catalog);
     }
 }
+
+/// A question's record made only while what its request assumed (`catalog::Assumed`: its
+/// caller's identity, the generations, its ledger and kept answer, as the node last read
+/// them) still holds, on the one-round-trip follow-on and on the usual path alike; when it
+/// does not, nothing is written.
+fn a_record_assuming_is_made_only_while_its_assumptions_hold(postgres: Option<&TestDatabase>) {
+    use crate::catalog::identities::{add_identity, add_partner, revoke_user};
+    use crate::catalog::{Assumed, BudgetCharge};
+    let (_t, dir, catalog) = catalog_lines(postgres);
+    let log = AuditLog::open_in(&dir, Lines::Catalog).expect("log");
+    let other = connect(postgres, &dir);
+    let other_log = AuditLog::open_in(&dir, Lines::Catalog).expect("log");
+    for p in ["acme", "globex"] {
+        catalog.write(|tx| add_partner(tx, p)).expect("partner");
+    }
+    catalog
+        .write(|tx| add_identity(tx, "0a", "acme", "ann", "analyst"))
+        .expect("identity");
+    let charge = BudgetCharge {
+        owner: "globex".into(),
+        dataset: "accounts".into(),
+        budget: 10.0,
+    };
+    catalog
+        .spend(
+            "acme",
+            std::slice::from_ref(&charge),
+            1.0,
+            "fp",
+            false,
+            None,
+        )
+        .expect("spend");
+    catalog
+        .keep_answer("acme", "fp", &["v1".into()], b"answer")
+        .expect("keep");
+    // What a repeated question reads, as a node keeps it.
+    let assumed = |c: &Catalog| {
+        let (id, at) = c.active_identity("0a").expect("identity");
+        let mut a = Assumed::default();
+        if let Some(id) = id {
+            a.identity("0a", &id);
+        }
+        a.generations(at);
+        let rows = c
+            .read(|tx| {
+                tx.value::<i64>(
+                    "SELECT COUNT(*) FROM privacy_ledger WHERE partner = 'acme' AND owner = 'globex'",
+                    crate::catalog::sql::params![],
+                )
+            })
+            .expect("ledger");
+        a.ledger("acme", "globex", rows);
+        a.kept("acme", "fp", b"answer");
+        a
+    };
+    let held = assumed(&catalog);
+    assert!(catalog.read(|tx| held.hold(tx)).expect("hold"));
+    let lines = |c: &Catalog| read_all(&log, c).split(|b| *b == b'\n').count() - 1;
+    record(&catalog, &log, &event(0)).expect("first");
+    // Following on (one round trip), and the usual way after another node's record.
+    assert_eq!(
+        record_assuming(&catalog, &log, &event(1), &held).expect("held"),
+        Some(catalog.read(anchor).expect("anchor"))
+    );
+    assert_eq!(log.following(), Some(lines(&catalog) as i64));
+    record(&other, &other_log, &event(10)).expect("other");
+    assert!(
+        record_assuming(&catalog, &log, &event(2), &held)
+            .expect("held")
+            .is_some()
+    );
+
+    // Each kind of change, made by another node, refuses a record assuming what was there
+    // before it, following on or not, and leaves the log as it was.
+    type Change<'a> = (&'a str, Box<dyn Fn(&Catalog) + 'a>);
+    let changes: [Change<'_>; 4] = [
+        (
+            "generations",
+            Box::new(|c: &Catalog| {
+                c.write(|tx| {
+                    tx.execute(
+                        "UPDATE generations SET value = value + 1 WHERE name = 'policy'",
+                        crate::catalog::sql::params![],
+                    )
+                })
+                .map(drop)
+                .expect("policy moved")
+            }),
+        ),
+        (
+            "ledger",
+            Box::new(|c: &Catalog| {
+                c.spend(
+                    "acme",
+                    std::slice::from_ref(&charge),
+                    1.0,
+                    "fp2",
+                    false,
+                    None,
+                )
+                .map(drop)
+                .expect("another question paid")
+            }),
+        ),
+        (
+            "kept answer",
+            Box::new(|c: &Catalog| {
+                c.write(|tx| {
+                    tx.execute(
+                        "UPDATE released_answers SET answer = ?1 WHERE fingerprint = 'fp'",
+                        crate::catalog::sql::params![b"other".to_vec()],
+                    )
+                })
+                .map(drop)
+                .expect("kept answer replaced")
+            }),
+        ),
+        (
+            "identity",
+            Box::new(|c: &Catalog| {
+                c.write(|tx| revoke_user(tx, "acme", "ann"))
+                    .map(drop)
+                    .expect("revoked")
+            }),
+        ),
+    ];
+    for (what, change) in changes {
+        let before = assumed(&catalog);
+        // Held, then changed on the other node.
+        assert!(catalog.read(|tx| before.hold(tx)).expect("hold"), "{what}");
+        change(&other);
+        assert!(!catalog.read(|tx| before.hold(tx)).expect("hold"), "{what}");
+        for follow in [true, false] {
+            if follow {
+                record(&catalog, &log, &event(12)).expect("this node's");
+                assert!(log.following().is_some(), "{what}");
+            } else {
+                record(&other, &other_log, &event(11)).expect("other");
+            }
+            let log_before = read_all(&log, &catalog);
+            assert_eq!(
+                record_assuming(&catalog, &log, &event(99), &before).expect(what),
+                None,
+                "{what}, following on: {follow}"
+            );
+            assert_eq!(
+                read_all(&log, &catalog),
+                log_before,
+                "{what}: nothing written"
+            );
+        }
+        if what == "kept answer" {
+            // (the bytes it was read with, back: the next kind starts from a held state)
+            other
+                .write(|tx| {
+                    tx.execute(
+                        "UPDATE released_answers SET answer = ?1 WHERE fingerprint = 'fp'",
+                        crate::catalog::sql::params![b"answer".to_vec()],
+                    )
+                })
+                .expect("restored");
+        }
+    }
+    // Assumed afresh after the ledger moved: the record is made.
+    let mut fresh = Assumed::default();
+    fresh.generations(catalog.generations().expect("generations"));
+    fresh.ledger("acme", "globex", 2);
+    assert!(
+        record_assuming(&catalog, &log, &event(3), &fresh)
+            .expect("fresh")
+            .is_some()
+    );
+    let pinned = VerifyOptions {
+        public_key: Some(log.public_key().to_string()),
+        ..opts()
+    };
+    verify(&read_all(&log, &catalog)[..], &pinned).expect("one chain");
+    assert_eq!(
+        asked(&log, &catalog),
+        [
+            "0", "1", "10", "2", "12", "11", "12", "11", "12", "11", "12", "11", "3"
+        ]
+    );
+}
+
+#[test]
+fn a_record_assuming_in_sqlite() {
+    a_record_assuming_is_made_only_while_its_assumptions_hold(None);
+}
+
+#[test]
+fn a_record_assuming_in_postgres() {
+    a_record_assuming_is_made_only_while_its_assumptions_hold(Some(&TestDatabase::new()));
+}

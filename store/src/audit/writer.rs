@@ -18,7 +18,7 @@ use super::{
     decode32, digest_of, signed_message,
 };
 use crate::catalog::sql::{Value, params};
-use crate::catalog::{Catalog, Location, Tx, now_rfc3339};
+use crate::catalog::{Assumed, Catalog, Location, Tx, now_rfc3339};
 use crate::datadir::DataDir;
 use crate::{Error, Result};
 
@@ -182,7 +182,7 @@ impl AuditLog {
             }
             check_anchor(head, anchor)?;
             for (i, chunk) in lines.chunks(256).enumerate() {
-                let (sql, values) = insert_lines(((i * 256) as i64, None), chunk);
+                let (sql, values) = insert_lines(((i * 256) as i64, None), chunk, None);
                 tx.execute(&sql, &values)?;
             }
             let note = Event::new(
@@ -276,7 +276,15 @@ impl AuditLog {
     /// the transaction rolls back, leaving the chain as it was; the caller then records the
     /// usual way (so does every record while a fault is armed at the append: crash tests
     /// count its hits).
-    fn record_following(&self, catalog: &Catalog, event: &Event) -> Result<Option<Head>> {
+    ///
+    /// With `assumed`, the insert is also guarded on what the request assumed
+    /// ([`Assumed`]): a refusal then does not tell which guard refused.
+    fn record_following(
+        &self,
+        catalog: &Catalog,
+        event: &Event,
+        assumed: Option<&Assumed>,
+    ) -> Result<Option<Head>> {
         use std::sync::atomic::Ordering;
         if self.lines != Lines::Catalog || crate::faults::is_armed("audit.written") {
             return Ok(None);
@@ -294,7 +302,7 @@ impl AuditLog {
         };
         let mut out = Vec::new();
         let head = self.encode_record(&mut out, followed, event)?;
-        match catalog.write(|tx| queue_lines(tx, (last, Some(followed)), &out, head)) {
+        match catalog.write(|tx| queue_lines(tx, (last, Some(followed)), &out, head, assumed)) {
             Ok(end) => {
                 self.follow(end, head);
                 Ok(Some(head))
@@ -423,7 +431,7 @@ impl AuditLog {
             Target::Catalog { last } => {
                 // The tail and the anchor were read and checked under the write lock, in
                 // this transaction: the guard needs only the line number.
-                let end = queue_lines(tx, (last, None), out, head)?;
+                let end = queue_lines(tx, (last, None), out, head, None)?;
                 crate::faults::hit("audit.written").map_err(audit_error)?;
                 return Ok(Some(end));
             }
@@ -662,11 +670,17 @@ fn catalog_tail(tx: &Tx<'_>) -> Result<(i64, Tail, Head)> {
 /// Queue `out`'s lines after line `last` (guarded: `insert_lines`), and the anchor at
 /// `head`, for `tx`'s commit (one round trip to a shared catalog: the last writes of the
 /// change); the last line number they take.
-fn queue_lines(tx: &Tx<'_>, after: (i64, Option<Head>), out: &[u8], head: Head) -> Result<i64> {
+fn queue_lines(
+    tx: &Tx<'_>,
+    after: (i64, Option<Head>),
+    out: &[u8],
+    head: Head,
+    assumed: Option<&Assumed>,
+) -> Result<i64> {
     let last = after.0;
     let text = std::str::from_utf8(out).map_err(Error::internal)?;
     let lines: Vec<&str> = text.lines().collect();
-    let insert = insert_lines(after, &lines);
+    let insert = insert_lines(after, &lines, assumed);
     let anchor = vec![
         Value::from(head.seq as i64),
         Value::from(head.hash.to_vec()),
@@ -686,8 +700,13 @@ fn queue_lines(tx: &Tx<'_>, after: (i64, Option<Head>), out: &[u8], head: Head) 
 /// Guarded: unless `last` is the table's last line and the anchor holds `head` when it
 /// runs, the first line is NULL, which the table refuses ([`Error::Changed`]), and the
 /// transaction fails: never a gap or a fork in the chain, also for a writer that did not
-/// read the tail in its transaction (`record_following`).
-fn insert_lines((last, head): (i64, Option<Head>), lines: &[&str]) -> (String, Vec<Value>) {
+/// read the tail in its transaction (`record_following`); and, with `assumed`, unless every
+/// assumption of the request it records holds.
+fn insert_lines(
+    (last, head): (i64, Option<Head>),
+    lines: &[&str],
+    assumed: Option<&Assumed>,
+) -> (String, Vec<Value>) {
     let mut sql = String::from("INSERT INTO audit_lines (pos, line) VALUES ");
     let mut values = Vec::with_capacity(lines.len() * 2 + 3);
     values.push(Value::from(last));
@@ -699,6 +718,10 @@ fn insert_lines((last, head): (i64, Option<Head>), lines: &[&str]) -> (String, V
         );
         values.push(Value::from(head.seq as i64));
         values.push(Value::from(head.hash.to_vec()));
+    }
+    if let Some(assumed) = assumed.filter(|a| !a.is_empty()) {
+        let condition = assumed.condition(&mut values);
+        guard.push_str(&format!(" AND {condition}"));
     }
     let first = values.len() + 1;
     for (i, line) in lines.iter().enumerate() {
@@ -776,7 +799,7 @@ impl Read for LogReader<'_> {
 
 /// Record `event` on its own (questions, refusals), in its own catalog transaction.
 pub fn record(catalog: &Catalog, log: &AuditLog, event: &Event) -> Result<Head> {
-    if let Some(head) = log.record_following(catalog, event)? {
+    if let Some(head) = log.record_following(catalog, event, None)? {
         return Ok(head);
     }
     let (head, last) = catalog.write(|tx| log.append_at(tx, event))?;
@@ -784,6 +807,42 @@ pub fn record(catalog: &Catalog, log: &AuditLog, event: &Event) -> Result<Head> 
         log.follow(last, head);
     }
     Ok(head)
+}
+
+/// Record `event` on its own if what its request `assumed` still holds, in the same
+/// transaction (one round trip to a shared catalog when the node can follow on from its last
+/// record; [`Assumed`]). `None`: an assumption no longer holds, and nothing was recorded.
+pub fn record_assuming(
+    catalog: &Catalog,
+    log: &AuditLog,
+    event: &Event,
+    assumed: &Assumed,
+) -> Result<Option<Head>> {
+    if assumed.is_empty() {
+        return record(catalog, log, event).map(Some);
+    }
+    if let Some(head) = log.record_following(catalog, event, Some(assumed))? {
+        return Ok(Some(head));
+    }
+    let appended = catalog.write(|tx| {
+        if !assumed.hold(tx)? {
+            return Ok(None);
+        }
+        log.append_at(tx, event).map(Some)
+    })?;
+    match appended {
+        Some((head, last)) => {
+            if let Some(last) = last {
+                log.follow(last, head);
+            }
+            Ok(Some(head))
+        }
+        None => {
+            // What refused the follow-on was the assumption, not another node's record.
+            log.pause.store(0, std::sync::atomic::Ordering::Relaxed);
+            Ok(None)
+        }
+    }
 }
 
 /// One audited change: the event it records and the catalog write transaction it commits in.

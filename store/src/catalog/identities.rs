@@ -5,7 +5,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::sql::{Row, Tx, Value, params};
-use super::{Catalog, GENERATIONS, Generations, IdentityRow, now_ms, now_rfc3339};
+use super::{Catalog, Generations, IdentityRow, generations_list, now_ms, now_rfc3339};
 use crate::{Error, Result};
 
 /// Revoked serials with their revocation times, and the CRL number.
@@ -55,12 +55,12 @@ impl Catalog {
         let r = self.read(|tx| {
             tx.row(
                 &format!(
-                    "SELECT {GENERATIONS}, i.partner, i.\"user\", i.role FROM (SELECT 1 AS one) g
+                    "SELECT {}, i.partner, i.\"user\", i.role FROM (SELECT 1 AS one) g
                      LEFT JOIN (SELECT i.partner, i.\"user\", i.role FROM identities i
                                 JOIN partners p ON p.name = i.partner
-                                WHERE i.serial = ?1 AND i.revoked_at IS NULL
-                                  AND (i.replaced_ms IS NULL OR i.replaced_ms > ?2)
-                                  AND p.revoked_at IS NULL) i ON g.one = 1"
+                                WHERE {}) i ON g.one = 1",
+                    generations_list(),
+                    active_serial("?1", "?2")
                 ),
                 params![serial, now_ms() - RENEWAL_GRACE_MS],
             )
@@ -212,6 +212,16 @@ pub struct OpenInvitation {
     /// Who made it: a user of `by_partner`, or the operator (no partner).
     pub by_partner: Option<String>,
     pub by_user: String,
+}
+
+/// The condition on `identities i JOIN partners p` that certificate `serial` (a parameter) is
+/// active: registered, not revoked, not replaced before `since` (a parameter: now less the
+/// renewal grace), its partner not revoked.
+pub(crate) fn active_serial(serial: &str, since: &str) -> String {
+    format!(
+        "i.serial = {serial} AND i.revoked_at IS NULL
+         AND (i.replaced_ms IS NULL OR i.replaced_ms > {since}) AND p.revoked_at IS NULL"
+    )
 }
 
 /// How long a renewed certificate is still accepted after its renewal: a renewal whose

@@ -45,23 +45,24 @@ impl Catalog {
         if !dry_run {
             let paid = self.read(|tx| {
                 let mut owner_totals = std::collections::BTreeMap::new();
-                let mut kept = None;
+                let (mut kept, mut ledger) = (None, Vec::new());
                 for (i, &owner) in owners.iter().enumerate() {
-                    let (spent_sq, paid, answer) =
-                        ledger_with(tx, partner, owner, fingerprint, i == 0)?;
-                    if !paid {
+                    let read = ledger_with(tx, partner, owner, fingerprint, i == 0)?;
+                    if !read.paid {
                         return Ok(None);
                     }
-                    owner_totals.insert(owner, spent_sq.sqrt());
-                    kept = kept.or(answer);
+                    owner_totals.insert(owner, read.spent_sq.sqrt());
+                    ledger.push((owner.to_string(), read.rows));
+                    kept = kept.or(read.answer);
                 }
-                Ok(Some((owner_totals, kept)))
+                Ok(Some((owner_totals, kept, ledger)))
             })?;
-            if let Some((owner_totals, kept)) = paid {
+            if let Some((owner_totals, kept, ledger)) = paid {
                 return Ok(Spend::Charged {
                     new: false,
                     totals: totals(&owner_totals),
                     kept: Some(kept),
+                    ledger,
                 });
             }
         }
@@ -113,6 +114,7 @@ impl Catalog {
                 new,
                 totals: totals(&owner_totals),
                 kept: None,
+                ledger: Vec::new(),
             })
         })
     }
@@ -243,18 +245,31 @@ fn keep_answer_in(
 /// What `partner` has spent on `owner`'s data (Σ ε²), and whether the question
 /// `fingerprint` is among what it paid for.
 fn ledger_of(tx: &Tx<'_>, partner: &str, owner: &str, fingerprint: &str) -> Result<(f64, bool)> {
-    let (spent_sq, paid, _) = ledger_with(tx, partner, owner, fingerprint, false)?;
-    Ok((spent_sq, paid))
+    let read = ledger_with(tx, partner, owner, fingerprint, false)?;
+    Ok((read.spent_sq, read.paid))
 }
 
-/// [`ledger_of`], and with `answer` what is kept for `partner`'s question `fingerprint`.
+/// One read of `partner`'s ledger on one owner's data.
+struct LedgerRead {
+    /// Σ ε² spent.
+    spent_sq: f64,
+    /// Whether the question is among what was paid for.
+    paid: bool,
+    /// How many rows (questions paid) there are.
+    rows: i64,
+    /// What is kept for the question, when asked for.
+    answer: Option<Vec<u8>>,
+}
+
+/// [`ledger_of`], with the ledger's row count, and with `answer` what is kept for
+/// `partner`'s question `fingerprint`.
 fn ledger_with(
     tx: &Tx<'_>,
     partner: &str,
     owner: &str,
     fingerprint: &str,
     answer: bool,
-) -> Result<(f64, bool, Option<Vec<u8>>)> {
+) -> Result<LedgerRead> {
     let kept = if answer {
         "(SELECT answer FROM released_answers WHERE partner = ?1 AND fingerprint = ?3)"
     } else {
@@ -265,11 +280,16 @@ fn ledger_with(
             &format!(
                 "SELECT COALESCE(SUM(epsilon * epsilon), 0),
                         COALESCE(MAX(CASE WHEN fingerprint = ?3 THEN 1 ELSE 0 END), 0),
-                        {kept}
+                        {kept}, COUNT(*)
                  FROM privacy_ledger WHERE partner = ?1 AND owner = ?2"
             ),
             params![partner, owner, fingerprint],
         )?
         .ok_or_else(|| Error::internal("catalog: SUM returned no row"))?;
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+    Ok(LedgerRead {
+        spent_sq: r.get(0)?,
+        paid: r.get(1)?,
+        answer: r.get(2)?,
+        rows: r.get(3)?,
+    })
 }

@@ -14,6 +14,7 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+pub use assumed::Assumed;
 pub use identities::Revocations;
 pub use sql::{Backend, Mode, Row, Tx, Value};
 
@@ -21,6 +22,7 @@ use sql::params;
 
 use crate::{Error, Result};
 
+pub mod assumed;
 mod console;
 pub mod datasets;
 pub mod identities;
@@ -47,13 +49,20 @@ pub struct Generations {
     pub identities: (i64, i64, i64),
 }
 
+/// The six columns of [`Generations`], in order.
+pub(crate) const GENERATION_COLUMNS: [&str; 6] = [
+    "(SELECT value FROM generations WHERE name = 'policy')",
+    "(SELECT value FROM generations WHERE name = 'data')",
+    "(SELECT COUNT(*) FROM dataset_versions)",
+    "(SELECT COUNT(*) FROM identities)",
+    "(SELECT COUNT(revoked_at) FROM identities)",
+    "(SELECT COUNT(*) + COUNT(revoked_at) FROM partners)",
+];
+
 /// The six columns of [`Generations`], as one `SELECT` list.
-pub(crate) const GENERATIONS: &str = "(SELECT value FROM generations WHERE name = 'policy'),
-        (SELECT value FROM generations WHERE name = 'data'),
-        (SELECT COUNT(*) FROM dataset_versions),
-        (SELECT COUNT(*) FROM identities),
-        (SELECT COUNT(revoked_at) FROM identities),
-        (SELECT COUNT(*) + COUNT(revoked_at) FROM partners)";
+pub(crate) fn generations_list() -> String {
+    GENERATION_COLUMNS.join(", ")
+}
 
 impl Generations {
     /// From the first six columns of `r` (selected as [`GENERATIONS`]).
@@ -146,10 +155,15 @@ pub enum Spend {
     /// Charged (`new`) or already paid; each charge's total spent afterwards. `kept`: when
     /// the read that found it paid also read what is kept for the question
     /// ([`Catalog::released_answer`]), that (`Some(None)`: nothing is).
+    ///
+    /// `ledger`: when found paid by a read, how many rows `partner`'s ledger holds on each
+    /// owner's data ([`Assumed::ledger`]: the ledger only grows, so the same counts mean the
+    /// same totals); empty otherwise.
     Charged {
         new: bool,
         totals: Vec<f64>,
         kept: Option<Option<Vec<u8>>>,
+        ledger: Vec<(String, i64)>,
     },
     /// Nothing spent: this dataset's budget would be exceeded (`spent` so far).
     Exhausted { charge: BudgetCharge, spent: f64 },
@@ -398,7 +412,7 @@ impl Catalog {
 
     /// The catalog's generations in one read: what a node may keep while they stand.
     pub fn generations(&self) -> Result<Generations> {
-        let r = self.read(|tx| tx.row(&format!("SELECT {GENERATIONS}"), params![]))?;
+        let r = self.read(|tx| tx.row(&format!("SELECT {}", generations_list()), params![]))?;
         Generations::of(&r.ok_or_else(|| Error::internal("catalog: no generations"))?)
     }
 

@@ -88,7 +88,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         // read (one round trip fewer on PostgreSQL).
         .layer(axum::middleware::from_fn(
             |req: axum::extract::Request, next: axum::middleware::Next| {
-                crate::queries::request_scope(next.run(req))
+                crate::assumed::request_scope(next.run(req))
             },
         ))
         // (uploads stream their `Body`, which this does not limit: they have their own)
@@ -179,7 +179,7 @@ impl IntoResponse for ApiError {
             Error::AuditUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::StorageFull(_) => StatusCode::INSUFFICIENT_STORAGE,
             Error::Busy { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Error::Integrity(_) | Error::Changed(_) | Error::Internal(_) => {
+            Error::Integrity(_) | Error::Changed(_) | Error::Stale | Error::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         };
@@ -192,7 +192,9 @@ impl IntoResponse for ApiError {
             Error::StorageFull(_) => {
                 Some("the server's storage is full, so nothing was stored; retry later")
             }
-            Error::Integrity(_) | Error::Changed(_) | Error::Internal(_) => Some("internal error"),
+            Error::Integrity(_) | Error::Changed(_) | Error::Stale | Error::Internal(_) => {
+                Some("internal error")
+            }
             _ => None,
         };
         let message = match public {
@@ -241,39 +243,135 @@ impl FromRequestParts<Arc<AppState>> for Caller {
         parts: &mut Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, ApiError> {
-        let subject = parts
-            .extensions
-            .get::<ConnInfo>()
-            .and_then(|c| c.subject.clone());
-        let (serial, partner, user, via) = match subject {
-            Some(s) => (s.serial, s.partner, s.user, Via::Certificate),
-            None => {
-                let session = super::console::session(&parts.method, &parts.headers, state).await?;
-                let id = session.identity;
-                (id.serial, id.partner, id.user, Via::Console)
-            }
-        };
-        let store = state.store.clone();
-        let ((row, at), read) = blocking(move || {
-            let read = std::time::Instant::now();
-            Ok((store.catalog().active_identity(&serial)?, read))
-        })
-        .await?;
-        crate::queries::generations_with_caller(read, at);
-        match row {
-            // Checked per request, so a revocation also ends keep-alive connections' access
-            // and the console sessions of the identity.
-            Some(id) if id.partner == partner && id.user == user => Ok(Caller {
+        let (serial, partner, user, via) = presented(parts, state).await?;
+        read_caller(state, serial, partner, user, via).await
+    }
+}
+
+/// Who the request says it is: the certificate verified in the TLS handshake, or else a
+/// console session (serial, partner, user, how).
+async fn presented(
+    parts: &Parts,
+    state: &Arc<AppState>,
+) -> Result<(String, String, String, Via), ApiError> {
+    let subject = parts
+        .extensions
+        .get::<ConnInfo>()
+        .and_then(|c| c.subject.clone());
+    Ok(match subject {
+        Some(s) => (s.serial, s.partner, s.user, Via::Certificate),
+        None => {
+            let session = super::console::session(&parts.method, &parts.headers, state).await?;
+            let id = session.identity;
+            (id.serial, id.partner, id.user, Via::Console)
+        }
+    })
+}
+
+/// The caller whose certificate (or console session) names `serial`, `partner` and `user`,
+/// read from the catalog with the catalog's generations (which serve the request's first
+/// policy read); the node keeps a copy for the questions that follow (`Asking`).
+async fn read_caller(
+    state: &AppState,
+    serial: String,
+    partner: String,
+    user: String,
+    via: Via,
+) -> Result<Caller, ApiError> {
+    let store = state.store.clone();
+    let s = serial.clone();
+    let ((row, at), read) = blocking(move || {
+        let read = std::time::Instant::now();
+        Ok((store.catalog().active_identity(&s)?, read))
+    })
+    .await?;
+    crate::assumed::generations_with_caller(read, at);
+    state.queries.copies.read_caller(&serial, row.as_ref(), at);
+    match row {
+        // Checked per request, so a revocation also ends keep-alive connections' access
+        // and the console sessions of the identity.
+        Some(id) if id.partner == partner && id.user == user => Ok(Caller {
+            partner: id.partner,
+            user: id.user,
+            role: id.role,
+            via,
+        }),
+        _ => Err(
+            Error::Unauthenticated("the identity is not registered or was revoked".into()).into(),
+        ),
+    }
+}
+
+/// The caller of a question (SQL, overlap, co-selling report). As [`Caller`], except that
+/// a certificate whose identity this node read before, with nothing read since finding the
+/// catalog changed, is not read again: its identity and the generations are assumed as read
+/// then (`crate::assumed`) and confirmed with the question's audit record, or before it
+/// charges or computes anything. [`Asking::answer`] asks a question whose assumptions no
+/// longer held again, on fresh reads (a revoked identity then gets 401).
+pub(crate) struct Asking {
+    pub caller: Caller,
+    serial: String,
+}
+
+impl FromRequestParts<Arc<AppState>> for Asking {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, ApiError> {
+        crate::assumed::may_assume(true);
+        let (serial, partner, user, via) = presented(parts, state).await?;
+        // (A console session was read with its session already.)
+        if via == Via::Certificate
+            && let Some((id, at)) = state.queries.copies.caller(&serial)
+            && id.partner == partner
+            && id.user == user
+        {
+            crate::assumed::generations_with_caller(std::time::Instant::now(), at);
+            crate::assumed::assume(|a| {
+                a.identity(&serial, &id);
+                a.generations(at);
+            });
+            let caller = Caller {
                 partner: id.partner,
                 user: id.user,
                 role: id.role,
                 via,
-            }),
-            _ => Err(Error::Unauthenticated(
-                "the identity is not registered or was revoked".into(),
-            )
-            .into()),
+            };
+            return Ok(Asking { caller, serial });
         }
+        let caller = read_caller(state, serial.clone(), partner, user, via).await?;
+        Ok(Asking { caller, serial })
+    }
+}
+
+impl Asking {
+    /// The outcome of `question`, asked as `actor` (the caller, allowed `action`); if what
+    /// it assumed no longer holds (nothing of it was recorded or released), asked once more
+    /// with the caller and everything else read afresh (which may refuse the caller).
+    pub(crate) async fn answer<T, F, Fut>(
+        &self,
+        state: &AppState,
+        action: Action,
+        actor: Actor,
+        question: F,
+    ) -> Result<crate::Result<T>, ApiError>
+    where
+        F: Fn(Actor) -> Fut,
+        Fut: Future<Output = crate::Result<T>>,
+    {
+        match question(actor).await {
+            Err(Error::Stale) => {}
+            other => return Ok(other),
+        }
+        crate::assumed::may_assume(false);
+        let c = &self.caller;
+        state.queries.copies.forget(&self.serial, &c.partner);
+        let (partner, user) = (c.partner.clone(), c.user.clone());
+        let caller = read_caller(state, self.serial.clone(), partner, user, c.via).await?;
+        let actor = caller.may(state, action).await?;
+        Ok(question(actor).await)
     }
 }
 

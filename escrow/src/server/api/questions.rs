@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
-use super::{ApiError, Caller, json_body};
+use super::{ApiError, Asking, Caller, json_body};
 use crate::Error;
 use crate::server::AppState;
 use crate::server::limits::{Permit, Work};
@@ -47,17 +47,23 @@ pub(crate) async fn explain_overlap(
 #[utoipa::path(post, path = "/v1/queries", tag = "queries", request_body = wire::QueryRequest, responses((status = 200, description = "the answer: JSON, CSV or Arrow IPC stream by `format`", content((wire::QueryAnswer = "application/json"), (String = "text/csv"), (Vec<u8> = "application/vnd.apache.arrow.stream"))), wire::Errors))]
 pub(crate) async fn query(
     State(state): State<Arc<AppState>>,
-    caller: Caller,
+    asking: Asking,
     body: bytes::Bytes,
 ) -> Result<Response, ApiError> {
-    let (actor, _permit) = admitted(&state, &caller, Action::QueryRun).await?;
+    let caller = &asking.caller;
+    let (actor, _permit) = admitted(&state, caller, Action::QueryRun).await?;
     let req: wire::QueryRequest = json_body(&body)?;
     let format = req.format.as_deref().unwrap_or("json");
     if !matches!(format, "json" | "csv" | "arrow") {
         return Err(Error::bad("invalid_request", "format must be json, csv or arrow").into());
     }
     let started = std::time::Instant::now();
-    let outcome = match state.queries.run(&actor, &req.sql).await {
+    let (queries, sql) = (&state.queries, req.sql.as_str());
+    let result = (asking.answer(&state, Action::QueryRun, actor, move |actor| async move {
+        queries.run(&actor, sql).await
+    }))
+    .await?;
+    let outcome = match result {
         Ok(o) => o,
         Err(e) => {
             match &e {
@@ -187,14 +193,19 @@ fn log_overlap(
 #[utoipa::path(post, path = "/v1/overlaps", tag = "overlaps", request_body = wire::OverlapRequest, responses((status = 200, description = "the overlap matrix, JSON or CSV by `format`", content((wire::OverlapAnswer = "application/json"), (String = "text/csv"))), wire::Errors))]
 pub(crate) async fn overlap(
     State(state): State<Arc<AppState>>,
-    caller: Caller,
+    asking: Asking,
     body: bytes::Bytes,
 ) -> Result<Response, ApiError> {
-    let (actor, _permit) = admitted(&state, &caller, Action::OverlapRun).await?;
+    let caller = &asking.caller;
+    let (actor, _permit) = admitted(&state, caller, Action::OverlapRun).await?;
     let (req, csv): (crate::overlaps::OverlapRequest, bool) = with_format(&body)?;
     let started = std::time::Instant::now();
-    let result = state.queries.overlap(&actor, &req).await;
-    log_overlap(&caller, "overlap", &result.as_ref(), started);
+    let (queries, req) = (&state.queries, &req);
+    let result = (asking.answer(&state, Action::OverlapRun, actor, move |actor| async move {
+        queries.overlap(&actor, req).await
+    }))
+    .await?;
+    log_overlap(caller, "overlap", &result.as_ref(), started);
     let o = result?;
     if csv {
         let bytes = crate::overlaps::output::rows_csv(&o.rows, o.by.as_deref())?;
@@ -234,15 +245,20 @@ pub(crate) async fn overlap_history(
 #[utoipa::path(post, path = "/v1/reports/co-selling", tag = "reports", request_body = wire::CoSellingRequest, responses((status = 200, description = "the co-selling report, JSON or CSV by `format`", content((wire::CoSellingAnswer = "application/json"), (String = "text/csv"))), wire::Errors))]
 pub(crate) async fn co_selling(
     State(state): State<Arc<AppState>>,
-    caller: Caller,
+    asking: Asking,
     body: bytes::Bytes,
 ) -> Result<Response, ApiError> {
-    let (actor, _permit) = admitted(&state, &caller, Action::OverlapRun).await?;
+    let caller = &asking.caller;
+    let (actor, _permit) = admitted(&state, caller, Action::OverlapRun).await?;
     let (req, csv): (crate::overlaps::CoSellingRequest, bool) = with_format(&body)?;
     let started = std::time::Instant::now();
-    let result = state.queries.co_selling(&actor, &req).await;
+    let (queries, req) = (&state.queries, &req);
+    let result = (asking.answer(&state, Action::OverlapRun, actor, move |actor| async move {
+        queries.co_selling(&actor, req).await
+    }))
+    .await?;
     log_overlap(
-        &caller,
+        caller,
         "co-selling report",
         &result.as_ref().map(|r| &r.overlap),
         started,
