@@ -295,22 +295,24 @@ fn a_repeated_question_on_an_open_connection_follows_every_change_at_once() {
     let env = Env::new();
     let server = env.serve(&[]);
     env.customers_shared(&server);
-    let ana = env.add_user("acme", "ana", "analyst");
-    let config = escrow::server::tls::client_config(&ana).expect("tls config");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("rt");
-    let http = reqwest::Client::builder()
-        .tls_backend_preconfigured(config)
-        .build()
-        .expect("client");
     let url = format!("{}/v1/overlaps", server.url);
-    let ask = || -> (u16, serde_json::Value) {
+    // One client (one kept-alive connection) per user; `send` posts a body to the overlaps.
+    let connect = |user: &str, role: &str| {
+        let bundle = env.add_user("acme", user, role);
+        let config = escrow::server::tls::client_config(&bundle).expect("tls config");
+        (reqwest::Client::builder().tls_backend_preconfigured(config))
+            .build()
+            .expect("client")
+    };
+    let send = |http: &reqwest::Client, body: &str| -> (u16, serde_json::Value) {
         rt.block_on(async {
-            let resp = http
-                .post(&url)
-                .json(&serde_json::json!({ "with": "globex" }))
+            let resp = (http.post(&url))
+                .header("content-type", "application/json")
+                .body(body.to_string())
                 .send()
                 .await
                 .expect("send");
@@ -318,6 +320,8 @@ fn a_repeated_question_on_an_open_connection_follows_every_change_at_once() {
             (status, resp.json().await.expect("json"))
         })
     };
+    let ana = connect("ana", "analyst");
+    let ask = || send(&ana, r#"{"with": "globex"}"#);
     let (status, first) = ask();
     assert_eq!(status, 200, "{first}");
     assert_eq!(first["repeated"], false, "{first}");
@@ -344,28 +348,39 @@ fn a_repeated_question_on_an_open_connection_follows_every_change_at_once() {
         assert_eq!(back["rows"], first["rows"]);
         assert_eq!(back["epsilon_spent"], 0.0, "{back}");
     }
+    // A user whose role may not ask: refused (and audited) while active, 401 once revoked.
+    let uma = connect("uma", "uploader");
+    for _ in 0..2 {
+        let (status, refused) = send(&uma, r#"{"with": "globex"}"#);
+        assert_eq!(status, 403, "{refused}");
+    }
+    env.op(&["user", "revoke", "acme", "uma"]).ok();
+    let (status, gone) = send(&uma, r#"{"with": "globex"}"#);
+    assert_eq!(status, 401, "{gone}");
+    // Revoked: a bad request and a good one on ana's open connection alike get 401.
     env.op(&["user", "revoke", "acme", "ana"]).ok();
+    let (status, gone) = send(&ana, r#"{"with": 7}"#);
+    assert_eq!(status, 401, "{gone}");
     let (status, gone) = ask();
     assert_eq!(status, 401, "{gone}");
     assert_eq!(gone["error"]["code"], "unauthenticated", "{gone}");
     let records = env.audit_records();
-    let revoked = records
-        .iter()
-        .rposition(|r| r["kind"] == "user_revoke")
-        .expect("revocation recorded");
-    let by_ana = |r: &&serde_json::Value| r["actor"]["user"] == "ana";
-    assert_eq!(
-        records[..revoked]
-            .iter()
-            .filter(by_ana)
-            .filter(|r| r["kind"] == "overlap")
-            .count(),
-        8,
-        "every answer and the refusal recorded"
-    );
-    assert!(
-        !records[revoked..].iter().any(|r| by_ana(&r)),
-        "nothing of ana's after her revocation: {:?}",
-        &records[revoked..]
-    );
+    for (user, kind, before) in [("ana", "overlap", 8), ("uma", "access", 2)] {
+        let revoked = (records.iter())
+            .position(|r| r["kind"] == "user_revoke" && r["detail"]["user"] == user)
+            .unwrap_or_else(|| panic!("{user}'s revocation recorded: {records:?}"));
+        let by = |r: &&serde_json::Value| r["actor"]["user"] == user;
+        assert_eq!(
+            (records[..revoked].iter().filter(by))
+                .filter(|r| r["kind"] == kind)
+                .count(),
+            before,
+            "{user}: every answer and refusal recorded"
+        );
+        assert!(
+            !records[revoked..].iter().any(|r| by(&r)),
+            "nothing of {user}'s after the revocation: {:?}",
+            &records[revoked..]
+        );
+    }
 }

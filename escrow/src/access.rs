@@ -3,10 +3,11 @@
 //! Handlers name the action; the policy decides. A refusal is audited. Engine code: no HTTP.
 //!
 //! A partner's user holds one active identity, whose role the request read from the catalog
-//! when it authenticated the caller (`Caller`): the decision for that user depends on its
-//! own grouping rule alone, so it is made from that role, on a role set built once per role,
-//! with no further read (a role change or revocation applies from the next request, on
-//! every node).
+//! when it authenticated the caller (`Caller`), or took from its node's copy (a question:
+//! `server::api::Asking`, confirmed before anything is given): the decision for that user
+//! depends on its own grouping rule alone, so it is made from that role, on a role set built
+//! once per role, with no further read (a role change or revocation applies from the next
+//! request, on every node).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -78,7 +79,12 @@ impl Access {
             serde_json::json!({ "action": action.as_str() }),
         )
         .failed(&e);
-        crate::queries::record(self.store.clone(), event).await?;
+        // Recorded (and given) only if the caller the request assumed still holds
+        // (`crate::assumed`): else the request reads its caller again.
+        let (store, caller) = (self.store.clone(), crate::assumed::assumed_caller());
+        if !crate::queries::blocking(move || store.record_assuming(&event, &caller)).await? {
+            return Err(Error::Stale);
+        }
         Err(e)
     }
 }

@@ -73,7 +73,8 @@ pub fn may_assume(yes: bool) {
     });
 }
 
-/// Whether this request may take reads from the node's copies.
+/// Whether this request may take reads from the node's copies (never outside a request's
+/// scope: nothing could note what it assumed).
 pub(crate) fn assuming() -> bool {
     with_scope(|s| s.may_assume).unwrap_or(false)
 }
@@ -90,6 +91,12 @@ pub(crate) fn assume(f: impl FnOnce(&mut Assumed)) {
 /// What this request assumed and has not confirmed yet; it is then the taker's to confirm.
 pub(crate) fn take_assumed() -> Assumed {
     with_scope(|s| std::mem::take(&mut s.assumed)).unwrap_or_default()
+}
+
+/// What this request assumed of its caller (the identity alone), still to be confirmed with
+/// the rest: what a refusal given before the question starts must hold.
+pub(crate) fn assumed_caller() -> Assumed {
+    with_scope(|s| s.assumed.caller()).unwrap_or_default()
 }
 
 /// A repeated question's ledger and kept answer, as its node last read them.
@@ -112,13 +119,26 @@ pub struct Copies {
 
 #[derive(Default)]
 struct Callers {
-    /// The generations of the newest read: a copy read at others is known to be behind.
-    newest: Option<Generations>,
+    /// The generations the most recently begun read found, and when it began: a copy read
+    /// at others is known to be behind.
+    newest: Option<(Instant, Generations)>,
     by_serial: HashMap<String, (IdentityRow, Generations)>,
+}
+
+impl Callers {
+    fn saw(&mut self, read: Instant, at: Generations) {
+        if self.newest.is_none_or(|(when, _)| when <= read) {
+            self.newest = Some((read, at));
+        }
+    }
 }
 
 /// Copies kept at most of each kind; past it they all go.
 const COPIES_MAX: usize = 4096;
+
+/// The largest kept answer a node copies (an overlap matrix is well under it; a large SQL
+/// answer is read with its ledger each time rather than held and compared in the guard).
+pub(crate) const PAID_COPY_MAX_BYTES: usize = 16 << 10;
 
 impl Copies {
     /// The identity of certificate `serial` and the generations, as last read, if nothing
@@ -126,13 +146,20 @@ impl Copies {
     pub fn caller(&self, serial: &str) -> Option<(IdentityRow, Generations)> {
         let c = self.callers.lock().unwrap_or_else(|p| p.into_inner());
         let (id, at) = c.by_serial.get(serial)?;
-        (c.newest == Some(*at)).then(|| (id.clone(), *at))
+        (c.newest.map(|(_, g)| g) == Some(*at)).then(|| (id.clone(), *at))
     }
 
-    /// Keep what a read of certificate `serial`'s identity found (`None`: not active).
-    pub fn read_caller(&self, serial: &str, id: Option<&IdentityRow>, at: Generations) {
+    /// Keep what a read of certificate `serial`'s identity begun at `read` found (`None`: not
+    /// active).
+    pub fn read_caller(
+        &self,
+        serial: &str,
+        id: Option<&IdentityRow>,
+        read: Instant,
+        at: Generations,
+    ) {
         let mut c = self.callers.lock().unwrap_or_else(|p| p.into_inner());
-        c.newest = Some(at);
+        c.saw(read, at);
         match id {
             Some(id) => {
                 if c.by_serial.len() >= COPIES_MAX {
@@ -146,12 +173,10 @@ impl Copies {
         }
     }
 
-    /// The catalog was read at generations `at` (copies read at others are behind).
-    pub(crate) fn read_generations(&self, at: Generations) {
-        self.callers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .newest = Some(at);
+    /// A read of the catalog begun at `read` found generations `at` (copies read at others
+    /// are behind).
+    pub(crate) fn read_generations(&self, read: Instant, at: Generations) {
+        (self.callers.lock().unwrap_or_else(|p| p.into_inner())).saw(read, at);
     }
 
     /// What `partner`'s question `fingerprint` last read of the ledger and its kept answer.
@@ -161,11 +186,20 @@ impl Copies {
     }
 
     pub(crate) fn keep_paid(&self, partner: &str, fingerprint: [u8; 32], paid: Paid) {
+        if paid.kept.len() > PAID_COPY_MAX_BYTES {
+            return;
+        }
         let mut p = self.paid.lock().unwrap_or_else(|p| p.into_inner());
         if p.len() >= COPIES_MAX {
             p.clear();
         }
         p.insert((partner.to_string(), fingerprint), paid);
+    }
+
+    /// The catalog's policy generation moved (a grant, setting, population or deletion): the
+    /// kept answers copied go (those of deleted versions are gone from the catalog too).
+    pub(crate) fn policy_moved(&self) {
+        self.paid.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     /// A question of `partner` (certificate `serial`) found its assumptions no longer

@@ -545,7 +545,10 @@ impl QueryService {
         // Kept only if nothing moved while it was resolved: then every read above saw the
         // catalog as it stood at `at` (each change they could see moves a generation).
         let store = self.store.clone();
-        if crate::queries::blocking(move || store.catalog().generations()).await? == at {
+        let read = std::time::Instant::now();
+        let now = crate::queries::blocking(move || store.catalog().generations()).await?;
+        self.copies.read_generations(read, now);
+        if now == at {
             self.keep_resolved(at, key, m.clone());
         }
         Ok(m)

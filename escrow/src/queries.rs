@@ -217,8 +217,13 @@ impl QueryService {
         at: crate::catalog::Generations,
         key: &str,
     ) -> Option<T> {
-        let mut r = self.resolved.lock().unwrap_or_else(|p| p.into_inner());
-        r.at(at).get(key)?.downcast_ref::<T>().cloned()
+        // (Looked up only: generations that are not the cache's, possibly assumed and older,
+        // find nothing and leave it as it is.)
+        let r = self.resolved.lock().unwrap_or_else(|p| p.into_inner());
+        if r.at != Some(at) {
+            return None;
+        }
+        r.entries.get(key)?.downcast_ref::<T>().cloned()
     }
 
     /// Keep what was resolved for `key` from reads made after the generations were `at`.
@@ -254,8 +259,9 @@ impl QueryService {
             Some(at) if cached.as_ref().is_none_or(|(g, _)| at.policy >= *g) => at,
             _ => {
                 let store = self.store.clone();
+                let read = std::time::Instant::now();
                 let at = blocking(move || store.catalog().generations()).await?;
-                self.copies.read_generations(at);
+                self.copies.read_generations(read, at);
                 at
             }
         };
@@ -279,6 +285,7 @@ impl QueryService {
                 .map_err(|e| Error::internal(format!("policy set: {e}")))?,
         );
         *cached = Some((generation, set.clone()));
+        self.copies.policy_moved();
         Ok((set, at))
     }
 
@@ -696,9 +703,11 @@ impl QueryService {
                 kept,
                 ledger,
             } => {
+                let running = Kept::not_answered("running").into_bytes();
                 if let Some(Some(bytes)) = &kept
                     && !ledger.is_empty()
-                    && !matches!(Kept::from_bytes(bytes.clone()), Kept::NotAnswered(why) if why == "running")
+                    && *bytes != running
+                    && bytes.len() <= crate::assumed::PAID_COPY_MAX_BYTES
                 {
                     let owners = ledger
                         .iter()

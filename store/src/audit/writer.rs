@@ -308,7 +308,7 @@ impl AuditLog {
                 Ok(Some(head))
             }
             Err(Error::Changed(e)) => {
-                tracing::debug!(error = %e, "audit: another record came first; recording again");
+                tracing::debug!(error = %e, "audit: another record came first (or the request's assumptions moved); recording again");
                 self.pause.store(FOLLOW_PAUSE, Ordering::Relaxed);
                 Ok(None)
             }

@@ -79,6 +79,16 @@ impl Assumed {
         });
     }
 
+    /// The assumptions about the caller's identity alone.
+    pub fn caller(&self) -> Assumed {
+        Assumed(
+            (self.0.iter())
+                .filter(|a| matches!(a, Assumption::Identity { .. }))
+                .cloned()
+                .collect(),
+        )
+    }
+
     /// Whether every assumption holds in `tx`'s view of the catalog (one statement).
     pub fn hold(&self, tx: &Tx<'_>) -> Result<bool> {
         if self.is_empty() {

@@ -85,12 +85,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         // give them the same JSON error shape and code as everything else.
         .layer(axum::middleware::map_response(json_rejections))
         // The catalog's generations read with the caller serve the request's first policy
-        // read (one round trip fewer on PostgreSQL).
-        .layer(axum::middleware::from_fn(
-            |req: axum::extract::Request, next: axum::middleware::Next| {
-                crate::assumed::request_scope(next.run(req))
-            },
-        ))
+        // read (one round trip fewer on PostgreSQL); what a question assumes is noted there.
+        .layer(axum::middleware::from_fn_with_state(state.clone(), scoped))
         // (uploads stream their `Body`, which this does not limit: they have their own)
         .layer(axum::extract::DefaultBodyLimit::max(
             MAX_REQUEST_BODY as usize,
@@ -100,6 +96,35 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// Largest request body other than an upload (JSON requests, policy documents).
 const MAX_REQUEST_BODY: u64 = 2 << 20;
+
+/// Handle a request in a scope of its own (`assumed::request_scope`). A response given on a
+/// caller the request only assumed (a question refused before it started: a bad request,
+/// too busy) leaves only if the caller still holds: else 401, as a read would have given.
+async fn scoped(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    crate::assumed::request_scope(async move {
+        let response = next.run(req).await;
+        let caller = crate::assumed::take_assumed().caller();
+        if caller.is_empty() {
+            return response;
+        }
+        let store = state.store.clone();
+        match blocking(move || store.catalog().read(|tx| caller.hold(tx))).await {
+            Ok(true) => response,
+            Ok(false) => ApiError(revoked()).into_response(),
+            Err(e) => e.into_response(),
+        }
+    })
+    .await
+}
+
+/// The refusal of a caller whose identity is not (or no longer) active.
+fn revoked() -> Error {
+    Error::Unauthenticated("the identity is not registered or was revoked".into())
+}
 
 async fn json_rejections(response: Response) -> Response {
     let is_json = response
@@ -286,7 +311,10 @@ async fn read_caller(
     })
     .await?;
     crate::assumed::generations_with_caller(read, at);
-    state.queries.copies.read_caller(&serial, row.as_ref(), at);
+    state
+        .queries
+        .copies
+        .read_caller(&serial, row.as_ref(), read, at);
     match row {
         // Checked per request, so a revocation also ends keep-alive connections' access
         // and the console sessions of the identity.
@@ -296,9 +324,7 @@ async fn read_caller(
             role: id.role,
             via,
         }),
-        _ => Err(
-            Error::Unauthenticated("the identity is not registered or was revoked".into()).into(),
-        ),
+        _ => Err(revoked().into()),
     }
 }
 
@@ -324,6 +350,7 @@ impl FromRequestParts<Arc<AppState>> for Asking {
         let (serial, partner, user, via) = presented(parts, state).await?;
         // (A console session was read with its session already.)
         if via == Via::Certificate
+            && crate::assumed::assuming()
             && let Some((id, at)) = state.queries.copies.caller(&serial)
             && id.partner == partner
             && id.user == user
@@ -365,13 +392,35 @@ impl Asking {
             Err(Error::Stale) => {}
             other => return Ok(other),
         }
+        let caller = self.afresh(state).await?;
+        let actor = caller.may(state, action).await?;
+        Ok(question(actor).await)
+    }
+
+    /// The caller allowed `action`, and admitted (`questions::admitted`); a refusal is given
+    /// (and audited) only once the caller it names is confirmed: a revoked caller gets 401.
+    pub(crate) async fn admitted(
+        &mut self,
+        state: &AppState,
+        action: Action,
+    ) -> Result<(Actor, crate::server::limits::Permit), ApiError> {
+        match questions::admitted(state, &self.caller, action).await {
+            Err(ApiError(Error::Stale)) => {
+                self.caller = self.afresh(state).await?;
+                questions::admitted(state, &self.caller, action).await
+            }
+            other => other,
+        }
+    }
+
+    /// The caller read afresh, and the rest of the request on fresh reads: what it assumed
+    /// no longer held (its copies go).
+    async fn afresh(&self, state: &AppState) -> Result<Caller, ApiError> {
         crate::assumed::may_assume(false);
         let c = &self.caller;
         state.queries.copies.forget(&self.serial, &c.partner);
         let (partner, user) = (c.partner.clone(), c.user.clone());
-        let caller = read_caller(state, self.serial.clone(), partner, user, c.via).await?;
-        let actor = caller.may(state, action).await?;
-        Ok(question(actor).await)
+        read_caller(state, self.serial.clone(), partner, user, c.via).await
     }
 }
 

@@ -47,11 +47,11 @@ pub(crate) async fn explain_overlap(
 #[utoipa::path(post, path = "/v1/queries", tag = "queries", request_body = wire::QueryRequest, responses((status = 200, description = "the answer: JSON, CSV or Arrow IPC stream by `format`", content((wire::QueryAnswer = "application/json"), (String = "text/csv"), (Vec<u8> = "application/vnd.apache.arrow.stream"))), wire::Errors))]
 pub(crate) async fn query(
     State(state): State<Arc<AppState>>,
-    asking: Asking,
+    mut asking: Asking,
     body: bytes::Bytes,
 ) -> Result<Response, ApiError> {
+    let (actor, _permit) = asking.admitted(&state, Action::QueryRun).await?;
     let caller = &asking.caller;
-    let (actor, _permit) = admitted(&state, caller, Action::QueryRun).await?;
     let req: wire::QueryRequest = json_body(&body)?;
     let format = req.format.as_deref().unwrap_or("json");
     if !matches!(format, "json" | "csv" | "arrow") {
@@ -122,7 +122,7 @@ pub(crate) async fn query(
 
 /// What every question handler does first: the caller may do `action`, then a question slot
 /// of its partner's is admitted (`server::limits`), held while the permit lives.
-async fn admitted(
+pub(super) async fn admitted(
     state: &AppState,
     caller: &Caller,
     action: Action,
@@ -193,11 +193,11 @@ fn log_overlap(
 #[utoipa::path(post, path = "/v1/overlaps", tag = "overlaps", request_body = wire::OverlapRequest, responses((status = 200, description = "the overlap matrix, JSON or CSV by `format`", content((wire::OverlapAnswer = "application/json"), (String = "text/csv"))), wire::Errors))]
 pub(crate) async fn overlap(
     State(state): State<Arc<AppState>>,
-    asking: Asking,
+    mut asking: Asking,
     body: bytes::Bytes,
 ) -> Result<Response, ApiError> {
+    let (actor, _permit) = asking.admitted(&state, Action::OverlapRun).await?;
     let caller = &asking.caller;
-    let (actor, _permit) = admitted(&state, caller, Action::OverlapRun).await?;
     let (req, csv): (crate::overlaps::OverlapRequest, bool) = with_format(&body)?;
     let started = std::time::Instant::now();
     let (queries, req) = (&state.queries, &req);
@@ -245,11 +245,11 @@ pub(crate) async fn overlap_history(
 #[utoipa::path(post, path = "/v1/reports/co-selling", tag = "reports", request_body = wire::CoSellingRequest, responses((status = 200, description = "the co-selling report, JSON or CSV by `format`", content((wire::CoSellingAnswer = "application/json"), (String = "text/csv"))), wire::Errors))]
 pub(crate) async fn co_selling(
     State(state): State<Arc<AppState>>,
-    asking: Asking,
+    mut asking: Asking,
     body: bytes::Bytes,
 ) -> Result<Response, ApiError> {
+    let (actor, _permit) = asking.admitted(&state, Action::OverlapRun).await?;
     let caller = &asking.caller;
-    let (actor, _permit) = admitted(&state, caller, Action::OverlapRun).await?;
     let (req, csv): (crate::overlaps::CoSellingRequest, bool) = with_format(&body)?;
     let started = std::time::Instant::now();
     let (queries, req) = (&state.queries, &req);
