@@ -8,10 +8,14 @@ SHARED="${ESCROW_SHARED_DIR:-../shared}"
 mkdir -p "$OUT"
 python3 -c "import pyarrow, duckdb" 2>/dev/null || python3 -m pip install --quiet pyarrow duckdb
 
+# The one target dir the project keeps outside the clone (as .ci/run does), so that a bench's
+# cargo build or bench is incremental rather than a cold build inside the clone.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/escrow-ci-target}"
+
 # ESCROW_BIN=path skips the build (a release binary built with other targets has other
 # features unified, and `cargo build --bin escrow` would rebuild everything to match).
 if [ -z "${ESCROW_BIN:-}" ]; then cargo build --release --bin escrow --quiet; fi
-BIN="${ESCROW_BIN:-${CARGO_TARGET_DIR:-target}/release/escrow}"
+BIN="${ESCROW_BIN:-$CARGO_TARGET_DIR/release/escrow}"
 
 # The generator's two lists of ROWS rows each in $OUT/gen-$ROWS (made once); sets GEN.
 # Past one million rows, a multiple of a million is made from the 1M lists by
