@@ -68,7 +68,11 @@ SIZE=$(stat -c %s "$ARROW")
 best_escrow=$(best_upload "$ARROW" accounts)
 RSS_1M=$(hwm_mb)
 
-best_duck=$(python3 - "$ARROW" <<'PY'
+# duck_load ARROW SETTING CREATE: the best of 3 DuckDB loads of the Arrow file into an on-disk
+# table, in seconds: the file read into `tbl` by pyarrow, then SETTING (if any), CREATE and a
+# CHECKPOINT.
+duck_load() {
+  python3 - "$@" <<'PY'
 import sys, time, os, tempfile, duckdb, pyarrow.ipc as ipc
 best = 1e9
 for i in range(3):
@@ -76,40 +80,29 @@ for i in range(3):
     t0 = time.perf_counter()
     tbl = ipc.open_file(sys.argv[1]).read_all()
     con = duckdb.connect(os.path.join(d, "db.duckdb"))
-    con.execute("CREATE TABLE accounts AS SELECT * FROM tbl")
+    if sys.argv[2]:
+        con.execute(sys.argv[2])
+    con.execute(sys.argv[3])
     con.execute("CHECKPOINT")
     con.close()
     best = min(best, time.perf_counter() - t0)
 print(f"{best:.3f}")
 PY
-)
+}
+
+best_duck=$(duck_load "$ARROW" "" "CREATE TABLE accounts AS SELECT * FROM tbl")
 
 # Issue 21's reference for an upload with matching: DuckDB loading the same file and
 # normalising the same two columns in SQL (a website to its host without scheme, www, port
 # or path; a name lowercased, accents and punctuation dropped, a trailing legal form cut),
 # 2 threads. Simpler than escrow's keys (no Public Suffix List, no IDNA, no keyed ids).
-best_duck_norm=$(python3 - "$ARROW" <<'PY'
-import sys, time, os, tempfile, duckdb, pyarrow.ipc as ipc
-best = 1e9
-for i in range(3):
-    d = tempfile.mkdtemp()
-    t0 = time.perf_counter()
-    tbl = ipc.open_file(sys.argv[1]).read_all()
-    con = duckdb.connect(os.path.join(d, "db.duckdb"))
-    con.execute("SET threads = 2")
-    con.execute(r"""
-        CREATE TABLE accounts AS SELECT *,
-          regexp_replace(regexp_replace(lower(trim(website)), '^([a-z]+://)?(www[.])?', ''),
-                         '[/:?#].*$', '') AS company_key,
-          trim(regexp_replace(regexp_replace(lower(strip_accents(company_name)), '[^a-z0-9]+', ' ', 'g'),
-                              ' (inc|llc|ltd|limited|gmbh|ag|sa|corp|co|plc|bv|pty)$', '')) AS name_key
-        FROM tbl""")
-    con.execute("CHECKPOINT")
-    con.close()
-    best = min(best, time.perf_counter() - t0)
-print(f"{best:.3f}")
-PY
-)
+best_duck_norm=$(duck_load "$ARROW" "SET threads = 2" "
+    CREATE TABLE accounts AS SELECT *,
+      regexp_replace(regexp_replace(lower(trim(website)), '^([a-z]+://)?(www[.])?', ''),
+                     '[/:?#].*\$', '') AS company_key,
+      trim(regexp_replace(regexp_replace(lower(strip_accents(company_name)), '[^a-z0-9]+', ' ', 'g'),
+                          ' (inc|llc|ltd|limited|gmbh|ag|sa|corp|co|plc|bv|pty)\$', '')) AS name_key
+    FROM tbl")
 
 BIG_SIZE=$(stat -c %s "$BIG")
 t0=$(now)

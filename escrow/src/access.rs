@@ -81,7 +81,7 @@ impl Access {
         .failed(&e);
         // Recorded (and given) only if the caller the request assumed still holds
         // (`crate::assumed`): else the request reads its caller again.
-        let (store, caller) = (self.store.clone(), crate::assumed::assumed_caller());
+        let (store, caller) = (self.store.clone(), crate::assumed::take_assumed_caller());
         if !crate::queries::blocking(move || store.record_assuming(&event, &caller)).await? {
             return Err(Error::Stale);
         }

@@ -93,10 +93,10 @@ pub(crate) fn take_assumed() -> Assumed {
     with_scope(|s| std::mem::take(&mut s.assumed)).unwrap_or_default()
 }
 
-/// What this request assumed of its caller (the identity alone), still to be confirmed with
-/// the rest: what a refusal given before the question starts must hold.
-pub(crate) fn assumed_caller() -> Assumed {
-    with_scope(|s| s.assumed.caller()).unwrap_or_default()
+/// What this request assumed of its caller (the identity alone), taken out for its taker to
+/// confirm (the rest stays): what a refusal given before the question starts must hold.
+pub(crate) fn take_assumed_caller() -> Assumed {
+    with_scope(|s| s.assumed.take_caller()).unwrap_or_default()
 }
 
 /// A repeated question's ledger and kept answer, as its node last read them.

@@ -685,8 +685,9 @@ impl QueryService {
         // What anything charged or computed stands on is confirmed first.
         self.confirm_assumed().await?;
         let ch = charges.clone();
+        let running = Kept::not_answered("running").into_bytes();
+        let marker = running.clone();
         let spent = blocking(move || {
-            let marker = Kept::not_answered("running").into_bytes();
             let running = versions.as_deref().map(|v| (v, marker.as_slice()));
             store
                 .catalog()
@@ -703,7 +704,6 @@ impl QueryService {
                 kept,
                 ledger,
             } => {
-                let running = Kept::not_answered("running").into_bytes();
                 if let Some(Some(bytes)) = &kept
                     && !ledger.is_empty()
                     && *bytes != running

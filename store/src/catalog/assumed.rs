@@ -79,14 +79,13 @@ impl Assumed {
         });
     }
 
-    /// The assumptions about the caller's identity alone.
-    pub fn caller(&self) -> Assumed {
-        Assumed(
-            (self.0.iter())
-                .filter(|a| matches!(a, Assumption::Identity { .. }))
-                .cloned()
-                .collect(),
-        )
+    /// Take the assumptions about the caller's identity out, leaving the rest.
+    pub fn take_caller(&mut self) -> Assumed {
+        let (caller, rest) = std::mem::take(&mut self.0)
+            .into_iter()
+            .partition(|a| matches!(a, Assumption::Identity { .. }));
+        self.0 = rest;
+        Assumed(caller)
     }
 
     /// Whether every assumption holds in `tx`'s view of the catalog (one statement).

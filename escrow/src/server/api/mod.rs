@@ -107,7 +107,7 @@ async fn scoped(
 ) -> Response {
     crate::assumed::request_scope(async move {
         let response = next.run(req).await;
-        let caller = crate::assumed::take_assumed().caller();
+        let caller = crate::assumed::take_assumed().take_caller();
         if caller.is_empty() {
             return response;
         }
