@@ -923,7 +923,8 @@
           progress.value = 100;
           await show();
           const done = document.querySelector("[role=status]");
-          if (done) done.textContent = "Uploaded " + body.dataset + " version " + body.version + ": " + body.rows + " rows sealed.";
+          const places = (body.places || []).length ? " Name links are checked against each company's place (" + body.places.join(", ") + ")." : "";
+          if (done) done.textContent = "Uploaded " + body.dataset + " version " + body.version + ": " + body.rows + " rows sealed." + places;
         } else {
           progress.hidden = true;
           status.textContent = "";

@@ -4,7 +4,11 @@
 //! (bench/overlap.sh). It reads plaintext the caller already has; escrow never exports keys
 //! or matches.
 //!
-//!     cargo run --release --example overlap_matches -- A.arrow B.arrow WEBSITE NAME [CONTEXT,..] OUTDIR
+//!     cargo run --release --example overlap_matches -- A.arrow B.arrow WEBSITE NAME [CONTEXT,..|none] OUTDIR
+//!
+//! Without CONTEXT, places are detected from the headers as an upload does by default
+//! (`upload --places`); with name-context columns there are none, as in an upload; `none`
+//! is an upload with `--places none`.
 //!
 //! Writes OUTDIR/entities-a.txt and entities-b.txt (per row, the entity it counts as, in hex;
 //! empty for unmatched rows) and OUTDIR/matches.txt (one `a b` pair of entities per common
@@ -18,7 +22,7 @@ use anyhow::{Context, bail};
 use arrow_array::{Array, ArrayRef, RecordBatch, UInt64Array};
 use arrow_ipc::reader::FileReader;
 use arrow_schema::{DataType, Field, Schema};
-use escrow::matching::{MatchStats, Names, company_keys};
+use escrow::matching::{MatchStats, Names, company_keys, detect_places, place_keys, place_kinds};
 use escrow_query::overlap::{self, Membership, Side};
 use escrow_query::source::EntityHasher;
 
@@ -34,7 +38,16 @@ fn side(
     let schema = Arc::new(Schema::new(vec![
         Field::new("key", DataType::UInt64, true),
         Field::new("name", DataType::UInt64, true),
+        Field::new("place", DataType::UInt64, true),
     ]));
+    let places = match context {
+        [] => detect_places(
+            reader.schema().fields().iter().map(|f| f.name().as_str()),
+            &[website, name],
+        ),
+        _ => Vec::new(),
+    };
+    let context: Vec<&str> = context.iter().copied().filter(|c| *c != "none").collect();
     let mut stats = MatchStats::default();
     let mut ids = Vec::new();
     let mut batches = Vec::new();
@@ -59,6 +72,18 @@ fn side(
         let (keys, name_keys) = company_keys(column(website)?.as_ref(), Some(names), &mut stats)?;
         let key_ids = hasher.ids(keys.as_ref())?;
         let name_ids = hasher.ids(name_keys.context("name keys")?.as_ref())?;
+        let place_columns = places
+            .iter()
+            .map(|c| Ok((c.as_str(), column(c)?)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let place_refs: Vec<(&str, &dyn Array)> = place_columns
+            .iter()
+            .map(|(c, a)| (*c, a.as_ref()))
+            .collect();
+        let place_ids = match places.is_empty() {
+            true => Arc::new(UInt64Array::new_null(key_ids.len())) as ArrayRef,
+            false => hasher.ids(place_keys(&place_refs)?.as_ref())?,
+        };
         let k = key_ids
             .as_any()
             .downcast_ref::<UInt64Array>()
@@ -66,7 +91,7 @@ fn side(
         ids.extend(k.iter());
         batches.push(RecordBatch::try_new(
             schema.clone(),
-            vec![key_ids, name_ids],
+            vec![key_ids, name_ids, place_ids],
         )?);
     }
     let side = Side {
@@ -74,10 +99,15 @@ fn side(
         key_index: 0,
         dimension: None,
         names: Some(1),
+        places: (!places.is_empty()).then(|| overlap::Places {
+            index: 2,
+            kinds: place_kinds(&places),
+        }),
     };
     let membership = overlap::memberships(&side, batches.into_iter().map(Ok), usize::MAX)?;
     eprintln!(
-        "{file}: by_domain={} by_name={} unmatched={} folded={}",
+        "{file}: places={} by_domain={} by_name={} unmatched={} folded={}",
+        places.join(","),
         stats.by_domain,
         stats.by_name,
         stats.unmatched,

@@ -21,6 +21,8 @@ pub struct UploadKey<'a> {
     pub name_column: Option<&'a str>,
     /// Comma-separated columns that must agree too when companies are matched by name.
     pub name_context: Option<&'a str>,
+    /// Place columns, comma-separated, or `none` (detected when absent).
+    pub places: Option<&'a str>,
     /// `website` (default) or `id`.
     pub key_type: Option<&'a str>,
     /// Declared CSV column types, `COL=TYPE,...` (`ingest::DeclaredSchema::to_param`).
@@ -189,6 +191,7 @@ impl Client {
             ("key_column", key.column),
             ("name_column", key.name_column),
             ("name_context", key.name_context),
+            ("places", key.places),
             ("key_type", key.key_type),
             ("schema", key.schema),
         ] {

@@ -836,7 +836,7 @@ impl QueryService {
         );
         crate::queries::blocking(move || {
             let sealed = store.schema_of(&version)?;
-            let (declared, executes, prepare) = query_form(&sealed, Some(&key), &hasher, true)?;
+            let (declared, executes, prepare) = query_form(&sealed, Some(&key), &hasher)?;
             let populations = filters
                 .iter()
                 .map(|(name, filter)| {
@@ -864,6 +864,18 @@ impl QueryService {
                 key_index: index(&key, &executes)?,
                 dimension: by.as_deref().map(|c| index(c, &executes)).transpose()?,
                 names: executes.index_of(crate::matching::NAME_KEY).ok(),
+                places: executes
+                    .index_of(crate::matching::PLACE_KEY)
+                    .ok()
+                    .map(|index| overlap::Places {
+                        index,
+                        kinds: executes
+                            .field(index)
+                            .metadata()
+                            .get(crate::matching::PLACE_KINDS)
+                            .cloned()
+                            .unwrap_or_default(),
+                    }),
             };
             let batches = store.batches(&version, prepare)?.map(|b| {
                 if stop.requested() {

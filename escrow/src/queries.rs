@@ -30,7 +30,7 @@ use sha2::{Digest, Sha256};
 
 use crate::audit::{Actor, Event, Outcome};
 use crate::catalog::{BudgetCharge, QueryableDataset, Spend, VersionKey};
-use crate::matching::{COMPANY_KEY, NAME_KEY};
+use crate::matching::{COMPANY_KEY, NAME_KEY, PLACE_KEY};
 use crate::settings::{self, DatasetSettings};
 use crate::store::{Prepare, Store};
 use crate::{Error, Result};
@@ -790,7 +790,14 @@ impl QueryService {
                     ..
                 } = d;
                 let (schema, executes, prepare) =
-                    query_form(&sealed, key_column.as_deref(), &hasher, false)?;
+                    query_form(&sealed, key_column.as_deref(), &hasher)?;
+                // SQL sees the uploaded columns only, not the name and place ids after them.
+                let width = schema.fields().len();
+                let executes = Arc::new(
+                    executes
+                        .project(&(0..width).collect::<Vec<_>>())
+                        .map_err(|e| Error::internal(format!("query form: {e}")))?,
+                );
                 let schema = if owner == who {
                     schema
                 } else {
@@ -801,6 +808,7 @@ impl QueryService {
                     version: live,
                     schema: executes,
                     prepare,
+                    width,
                 });
                 tables.push(QueryTable {
                     owner,
@@ -1137,19 +1145,19 @@ fn fingerprint(
     h.finalize().into()
 }
 
-/// Batches of one sealed version, for the engine.
 /// How a sealed version is queried: the declared schema (what users plan against: the
 /// uploaded columns), the schema it executes with, and the preparation of its batches. The
 /// key column executes as entity ids of each row's company key (the hidden column
 /// `matching::COMPANY_KEY`, sealed at upload for website keys; null for unmatched rows) or,
-/// for id keys and versions without that column, of the key text itself. With `names` (the
-/// overlap engine), a version sealed with name keys executes with one more column at the end,
-/// `matching::NAME_KEY` as the entity ids those keys would have.
+/// for id keys and versions without that column, of the key text itself. A version sealed
+/// with name keys executes with one more column at the end, `matching::NAME_KEY` as the
+/// entity ids those keys would have, and one with places one more again,
+/// `matching::PLACE_KEY` as ids of its places (for the overlap engine; SQL sees the uploaded
+/// columns only). A version has this one form: the plaintext cache holds its batches so.
 pub(crate) fn query_form(
     sealed: &SchemaRef,
     key: Option<&str>,
     hasher: &EntityHasher,
-    names: bool,
 ) -> Result<(SchemaRef, SchemaRef, Prepare)> {
     let (shown, declared) = crate::matching::declared_schema(sealed)
         .map_err(|e| Error::internal(format!("declared schema: {e}")))?;
@@ -1159,7 +1167,11 @@ pub(crate) fn query_form(
     let mut executes = escrow_query::source::entity_schema(&declared, key)
         .map_err(|e| Error::internal(format!("entity schema: {e}")))?;
     let company = sealed.index_of(COMPANY_KEY).ok();
-    let name_keys = sealed.index_of(NAME_KEY).ok().filter(|_| names);
+    let name_keys = sealed.index_of(NAME_KEY).ok();
+    let places = sealed
+        .index_of(PLACE_KEY)
+        .ok()
+        .filter(|_| name_keys.is_some());
     if name_keys.is_some() {
         let mut fields: Vec<arrow_schema::FieldRef> = executes.fields().iter().cloned().collect();
         fields.push(Arc::new(arrow_schema::Field::new(
@@ -1167,6 +1179,12 @@ pub(crate) fn query_form(
             arrow_schema::DataType::UInt64,
             true,
         )));
+        if let Some(p) = places {
+            fields.push(Arc::new(
+                arrow_schema::Field::new(PLACE_KEY, arrow_schema::DataType::UInt64, true)
+                    .with_metadata(sealed.field(p).metadata().clone()),
+            ));
+        }
         executes = Arc::new(arrow_schema::Schema::new_with_metadata(
             fields,
             executes.metadata().clone(),
@@ -1189,6 +1207,13 @@ pub(crate) fn query_form(
                     .map_err(|e| Error::internal(format!("name ids: {e}")))?,
             );
         }
+        if let Some(p) = places {
+            columns.push(
+                hasher
+                    .ids(b.column(p).as_ref())
+                    .map_err(|e| Error::internal(format!("place ids: {e}")))?,
+            );
+        }
         RecordBatch::try_new(out.clone(), columns)
             .map_err(|e| Error::internal(format!("query form: {e}")))
     });
@@ -1202,6 +1227,8 @@ struct SealedSource {
     /// The schema it executes with (key column as entity ids).
     schema: SchemaRef,
     prepare: Prepare,
+    /// The columns SQL sees: the first `width` of the version's query form.
+    width: usize,
 }
 
 impl std::fmt::Debug for SealedSource {
@@ -1220,9 +1247,14 @@ impl BatchSource for SealedSource {
             .store
             .batches(&self.version, self.prepare.clone())
             .map_err(|e| e.to_string())?;
+        let columns: Vec<usize> = (0..self.width).collect();
         Ok(Box::new(batches.map(
-            |b: Result<RecordBatch>| -> std::result::Result<RecordBatch, String> {
-                b.map_err(|e| e.to_string())
+            move |b: Result<RecordBatch>| -> std::result::Result<RecordBatch, String> {
+                let b = b.map_err(|e| e.to_string())?;
+                if b.num_columns() == columns.len() {
+                    return Ok(b);
+                }
+                b.project(&columns).map_err(|e| e.to_string())
             },
         )))
     }

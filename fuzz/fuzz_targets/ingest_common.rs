@@ -18,6 +18,7 @@ pub fn run(format: Format, data: &[u8]) {
             name_column: Some("company_name".into()),
             name_context: vec!["region".into()],
             key_type: KeyType::Website,
+            ..KeySpec::default()
         },
         _ => KeySpec {
             column: Some("account_id".into()),

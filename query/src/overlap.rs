@@ -13,8 +13,11 @@
 //! join   := the smaller side's entities probed in the larger side's map
 //! link   := a name-only entity left unmatched, whose name no website entity of its own list
 //!           carries, is the other side's entity carrying that name if exactly one does (and
-//!           that entity is not in its own list). A website entity carries one name: the
-//!           smallest name id of its rows, so no two names can claim it.
+//!           that entity is not in its own list), unless both lists have places of the same
+//!           kinds and the two entities each have one known place, and they differ. A website
+//!           entity carries one name: the smallest name id of its rows, so no two names can
+//!           claim it. An entity's place comes from its own rows only (a fold does not
+//!           change it), so whether a pair passes depends on the pair alone.
 //! cells  := a common entity counts in the cells (population a, population b [, value]) in
 //!           the order (a's position, b's position, value), at most L of them. The value is
 //!           one both sides agree on, or null when they share none.
@@ -65,6 +68,21 @@ pub const MAX_VALUES_PER_COMPANY: usize = 16;
 /// No name (a name id is a keyed 64-bit hash; 0 stands for none, a 2^-64 loss).
 const NO_NAME: u64 = 0;
 
+/// No known place (place ids are keyed 64-bit hashes, as names).
+const NO_PLACE: u64 = 0;
+
+/// Rows of one entity in different places.
+const MIXED_PLACES: u64 = u64::MAX;
+
+/// Places compared on name links: the column of place ids and the kinds of place it holds.
+pub struct Places {
+    /// Index of the place ids (`UInt64`; null where the row's place is not known).
+    pub index: usize,
+    /// The kinds of its place columns (e.g. `country,region`): two lists' places are
+    /// compared only when their kinds are the same.
+    pub kinds: String,
+}
+
 /// One side of a matrix: how to read a dataset version's batches.
 pub struct Side {
     /// Every population of the dataset, in definition order, compiled over the schema the
@@ -78,6 +96,8 @@ pub struct Side {
     /// would have as a name-only key, null without a name. A row whose entity id equals its
     /// name id is name-only. `None`: no name fallback, nothing folds or links.
     pub names: Option<usize>,
+    /// Places of the rows, compared on name links (with `names` only).
+    pub places: Option<Places>,
 }
 
 /// Hashes keys that are already uniform (keyed entity ids) or small packed cell keys: one
@@ -116,6 +136,9 @@ struct Member {
     linkable: bool,
     /// A website entity's name: the smallest name id of its rows, or `NO_NAME`.
     name: u64,
+    /// The place of its own rows: `NO_PLACE` when none is known, `MIXED_PLACES` when they
+    /// name several.
+    place: u64,
 }
 
 impl Member {
@@ -124,7 +147,14 @@ impl Member {
         value: NO_VALUE,
         linkable: false,
         name: NO_NAME,
+        place: NO_PLACE,
     };
+}
+
+/// Whether two entities' places allow a name link: unless each has one known place and
+/// they differ.
+fn places_agree(x: u64, y: u64) -> bool {
+    x == y || [x, y].iter().any(|p| *p == NO_PLACE || *p == MIXED_PLACES)
 }
 
 /// One side reduced to its entities: the populations each is in and, for a breakdown, its
@@ -136,6 +166,8 @@ pub struct Membership {
     members: FastMap<Member>,
     /// Read with a name column: names fold and link.
     named: bool,
+    /// The kinds of the places read (see [`Places`]).
+    place_kinds: Option<String>,
     /// Name-only entities folded into a website entity of the list: from -> into.
     folded: FastMap<u64>,
     /// Entities whose rows carry more than one dimension value: all of them.
@@ -279,6 +311,11 @@ pub fn memberships(
     }
     let mut out = Membership {
         named: side.names.is_some(),
+        place_kinds: side
+            .places
+            .as_ref()
+            .filter(|_| side.names.is_some())
+            .map(|p| p.kinds.clone()),
         ..Membership::default()
     };
     let mut masks = Vec::new();
@@ -322,6 +359,15 @@ pub fn memberships(
             ),
             None => None,
         };
+        let places = match side.places.as_ref().filter(|_| names.is_some()) {
+            Some(p) => Some(
+                batch
+                    .column(p.index)
+                    .as_primitive_opt::<UInt64Type>()
+                    .ok_or_else(|| internal("overlap: the place column is not place ids"))?,
+            ),
+            None => None,
+        };
         for (i, &mask) in masks.iter().enumerate() {
             if ids.is_null(i) {
                 continue;
@@ -338,6 +384,13 @@ pub fn memberships(
                 Some(n) if n == id => m.linkable = true,
                 Some(n) if m.name == NO_NAME || n < m.name => m.name = n,
                 _ => {}
+            }
+            if let Some(p) = places.filter(|p| p.is_valid(i)).map(|p| p.value(i)) {
+                m.place = match m.place {
+                    NO_PLACE => p,
+                    same if same == p => same,
+                    _ => MIXED_PLACES,
+                };
             }
             add_value(m, &mut out.more_values, id, value);
         }
@@ -417,7 +470,10 @@ fn carriers(names: impl Iterator<Item = u64>, members: &FastMap<Member>) -> Fast
 /// so at most one name-only entity of the other side can claim it.
 fn links(a: &Membership, b: &Membership) -> Vec<(u64, u64)> {
     // Names of `from`'s linkable entities that `to` does not hold as a key -> the one entity
-    // of `to` carrying that name, if exactly one does and `from` does not hold it itself.
+    // of `to` carrying that name, if exactly one does, `from` does not hold it itself, and
+    // (when both lists have places of the same kinds) their places agree.
+    let compare = a.place_kinds.is_some() && a.place_kinds == b.place_kinds;
+    let place = |m: &Membership, id: &u64| m.members.get(id).map_or(NO_PLACE, |m| m.place);
     let one_way = |from: &Membership, to: &Membership| -> Vec<(u64, u64)> {
         let names = from
             .members
@@ -427,7 +483,12 @@ fn links(a: &Membership, b: &Membership) -> Vec<(u64, u64)> {
         carriers(names, &to.members)
             .into_iter()
             .filter_map(|(name, carrier)| match carrier {
-                Carrier::One(target) if !from.members.contains_key(&target) => Some((name, target)),
+                Carrier::One(target)
+                    if !from.members.contains_key(&target)
+                        && (!compare || places_agree(place(from, &name), place(to, &target))) =>
+                {
+                    Some((name, target))
+                }
                 _ => None,
             })
             .collect()
@@ -663,6 +724,7 @@ mod tests {
             key_index: 0,
             dimension: by.then_some(2),
             names: None,
+            places: None,
         }
     }
 
@@ -809,11 +871,17 @@ mod tests {
     type NamedRow<'a> = (u64, Option<u64>, &'a str);
 
     fn named(rows: &[NamedRow<'_>], names: bool) -> Membership {
+        placed(rows, &vec![None; rows.len()], names)
+    }
+
+    /// [`named`] with each row's place id (compared on links when `names`).
+    fn placed(rows: &[NamedRow<'_>], places: &[Option<u64>], names: bool) -> Membership {
         let schema = Arc::new(Schema::new(vec![
             Field::new("id", DataType::UInt64, true),
             Field::new("status", DataType::Utf8, true),
             Field::new("industry", DataType::Utf8, true),
             Field::new("name", DataType::UInt64, true),
+            Field::new("place", DataType::UInt64, true),
         ]));
         let column = |f: &dyn Fn(&NamedRow<'_>) -> Option<u64>| -> ArrayRef {
             Arc::new(UInt64Array::from(rows.iter().map(f).collect::<Vec<_>>()))
@@ -827,36 +895,49 @@ mod tests {
                 )),
                 Arc::new(StringArray::from(vec![None::<&str>; rows.len()])),
                 column(&|r| r.1),
+                Arc::new(UInt64Array::from(places.to_vec())),
             ],
         )
         .expect("batch");
         let mut side = side(&POPS, false);
         side.names = names.then_some(3);
+        side.places = Some(Places {
+            index: 4,
+            kinds: "region".into(),
+        });
         memberships(&side, std::iter::once(Ok(batch)), 1 << 30).expect("side")
     }
 
     /// The sensitivity the noise is calibrated to, checked against the engine itself: in
-    /// hundreds of random small lists whose names collide, folding and linking, removing any
-    /// one company (all rows of one entity) changes the cells by at most S = 4L in all and
-    /// by at most 4 in any one cell (so Δ₂² <= 16L), and without names by at most L, 1 each.
+    /// hundreds of random small lists whose names collide, folding and linking (between
+    /// places that agree or not, or are unknown or mixed), removing any one company (all rows
+    /// of one entity) changes the cells by at most S = 4L in all and by at most 4 in any one
+    /// cell (so Δ₂² <= 16L), and without names by at most L, 1 each.
     #[test]
     fn one_company_moves_the_cells_by_at_most_the_sensitivity() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha20Rng::from_seed([5; 32]);
         let statuses = ["customer", "opportunity", "prospect", "churned"];
-        let list = |rng: &mut rand_chacha::ChaCha20Rng| -> Vec<NamedRow<'static>> {
+        type PlacedRow = (NamedRow<'static>, Option<u64>);
+        let list = |rng: &mut rand_chacha::ChaCha20Rng| -> Vec<PlacedRow> {
             (0..rng.random_range(1..14))
                 .map(|_| {
                     let name = 1000 + rng.random_range(0..4u64);
                     let status = statuses[rng.random_range(0..statuses.len())];
+                    let place = rng.random_bool(0.8).then(|| 7 + rng.random_range(0..2u64));
                     if rng.random_bool(0.35) {
-                        (name, Some(name), status) // name-only
+                        ((name, Some(name), status), place) // name-only
                     } else {
                         let site = 100 + rng.random_range(0..8u64);
-                        (site, rng.random_bool(0.85).then_some(name), status)
+                        ((site, rng.random_bool(0.85).then_some(name), status), place)
                     }
                 })
                 .collect()
+        };
+        let named = |rows: &[PlacedRow], names: bool| -> Membership {
+            let (rows, places): (Vec<NamedRow<'_>>, Vec<Option<u64>>) =
+                rows.iter().copied().unzip();
+            placed(&rows, &places, names)
         };
         let cells = |a: &Membership, b: &Membership, l: u32| -> HashMap<(usize, usize), i64> {
             count(a, b, l, false)
@@ -873,9 +954,9 @@ mod tests {
                     let s = sensitivity(&ma, &mb, l);
                     let full = cells(&ma, &mb, l);
                     for (side, rows) in [(0, &a), (1, &b)] {
-                        for company in rows.iter().map(|r| r.0) {
-                            let rest: Vec<NamedRow<'_>> =
-                                rows.iter().copied().filter(|r| r.0 != company).collect();
+                        for company in rows.iter().map(|r| r.0.0) {
+                            let rest: Vec<PlacedRow> =
+                                rows.iter().copied().filter(|r| r.0.0 != company).collect();
                             let m = named(&rest, names);
                             let less = if side == 0 {
                                 cells(&m, &mb, l)
@@ -970,6 +1051,42 @@ mod tests {
         let (ma, mb) = (named(&a, false), named(&b, false));
         assert_eq!(cells(&ma, &mb), vec![(0, 1, 1), (0, 2, 1), (2, 1, 1)]);
         assert_eq!(sensitivity(&ma, &mb, 2), Sensitivity::groups(2, 1));
+    }
+
+    #[test]
+    fn names_link_only_where_places_agree() {
+        // a's name-only 2000 and 3000 against b's website companies 200 and 300 carrying
+        // those names; 4000 against 400, whose rows are in two places.
+        let a = [
+            (2000, Some(2000), "customer"),
+            (3000, Some(3000), "customer"),
+            (4000, Some(4000), "customer"),
+            (5000, Some(5000), "customer"),
+        ];
+        let b = [
+            (200, Some(2000), "customer"),
+            (300, Some(3000), "customer"),
+            (400, Some(4000), "customer"),
+            (400, Some(4000), "customer"),
+            (500, Some(5000), "customer"),
+        ];
+        let pairs = |ma: &Membership, mb: &Membership| -> Vec<(u64, u64)> {
+            let mut p: Vec<_> = matches(ma, mb).collect();
+            p.sort();
+            p
+        };
+        let ma = placed(&a, &[Some(1), Some(1), Some(1), None], true);
+        let mb = placed(&b, &[Some(1), Some(2), Some(1), Some(2), Some(2)], true);
+        // 3000 and 300 are in different places; a mixed or unknown place is no evidence.
+        assert_eq!(pairs(&ma, &mb), vec![(2000, 200), (4000, 400), (5000, 500)]);
+        assert_eq!(pairs(&mb, &ma), vec![(200, 2000), (400, 4000), (500, 5000)]);
+        // Places of other kinds than the other list's are not compared.
+        let mut other = placed(&b, &[Some(1), Some(2), Some(1), Some(2), Some(2)], true);
+        other.place_kinds = Some("country".into());
+        assert_eq!(pairs(&ma, &other).len(), 4);
+        // Nor without places on one side.
+        let bare = named(&b, true);
+        assert_eq!(pairs(&ma, &bare).len(), 4);
     }
 
     #[test]

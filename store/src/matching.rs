@@ -41,8 +41,137 @@ pub const COMPANY_KEY: &str = "__escrow_company";
 /// name key (null for rows without a name, or with a context value missing).
 pub const NAME_KEY: &str = "__escrow_name";
 
+/// The hidden column, sealed with a dataset that has a name column and place columns (a
+/// country, a region, a state: detected by their header or given with `--places`), that
+/// holds each row's place: its normalised place values (null when one is missing). A name
+/// link is refused when both companies have one known place and the places differ.
+pub const PLACE_KEY: &str = "__escrow_place";
+
+/// Field metadata of [`PLACE_KEY`]: the kinds of its place columns ([`place_kind`]), sorted,
+/// comma-separated. Places of two lists are compared only when their kinds are the same.
+pub const PLACE_KINDS: &str = "escrow.place_kinds";
+
 /// Separates a name from its context values inside a name key.
 const CONTEXT_SEPARATOR: char = '\u{1f}';
+
+/// Headers (lowercase, letters and digits only) of place columns, by kind. CRMs export a
+/// company's country, state or sales region under these names; a column of the same kind in
+/// both lists is compared when a name links two companies.
+const PLACE_HEADERS: &[(&str, &[&str])] = &[
+    (
+        "country",
+        &[
+            "country",
+            "countrycode",
+            "countryname",
+            "billingcountry",
+            "billingcountrycode",
+            "shippingcountry",
+            "mailingcountry",
+            "hqcountry",
+            "headquarterscountry",
+            "accountcountry",
+            "companycountry",
+        ],
+    ),
+    (
+        "region",
+        &[
+            "region",
+            "salesregion",
+            "georegion",
+            "geo",
+            "billingregion",
+            "hqregion",
+        ],
+    ),
+    (
+        "state",
+        &[
+            "state",
+            "stateprovince",
+            "province",
+            "billingstate",
+            "billingstateprovince",
+            "shippingstate",
+            "hqstate",
+        ],
+    ),
+];
+
+/// The kind of place a column holds, from its header (`Billing Country` -> `country`); for a
+/// header not recognised, the header itself (lowercase, letters and digits only).
+pub fn place_kind(column: &str) -> String {
+    let header: String = column
+        .chars()
+        .filter(|c| c.is_alphanumeric())
+        .flat_map(char::to_lowercase)
+        .collect();
+    PLACE_HEADERS
+        .iter()
+        .find(|(_, headers)| headers.contains(&header.as_str()))
+        .map_or(header, |(kind, _)| (*kind).to_string())
+}
+
+/// The place columns detected in `columns` (an upload's column names, in order): per
+/// recognised kind, the first column of that kind, skipping `except` (the key and name
+/// columns). In kind order.
+pub fn detect_places<'c>(columns: impl Iterator<Item = &'c str>, except: &[&str]) -> Vec<String> {
+    let columns: Vec<&str> = columns.filter(|c| !except.contains(c)).collect();
+    PLACE_HEADERS
+        .iter()
+        .filter_map(|(kind, _)| {
+            columns
+                .iter()
+                .find(|c| place_kind(c) == *kind)
+                .map(|c| (*c).to_string())
+        })
+        .collect()
+}
+
+/// The value of [`PLACE_KINDS`] for place columns `columns`.
+pub fn place_kinds(columns: &[String]) -> String {
+    let mut kinds: Vec<String> = columns.iter().map(|c| place_kind(c)).collect();
+    kinds.sort();
+    kinds.join(",")
+}
+
+/// The places of one batch: per row, the normalised values of `columns` (compared like
+/// names: case, accents, punctuation and spacing aside) in kind order, separated by U+001F;
+/// null where one is missing. Each distinct raw value is normalised once.
+pub fn place_keys(columns: &[(&str, &dyn Array)]) -> Result<ArrayRef, ArrowError> {
+    let mut ordered: Vec<(String, StringArray)> = columns
+        .iter()
+        .map(|(c, a)| Ok((place_kind(c), text(*a)?)))
+        .collect::<Result<_, ArrowError>>()?;
+    ordered.sort_by(|x, y| x.0.cmp(&y.0));
+    let rows = ordered.first().map_or(0, |(_, a)| a.len());
+    let mut seen: Vec<std::collections::HashMap<&str, Option<String>>> =
+        vec![std::collections::HashMap::new(); ordered.len()];
+    let mut out = arrow_array::builder::StringBuilder::with_capacity(rows, rows * 8);
+    let mut key = String::new();
+    'rows: for i in 0..rows {
+        key.clear();
+        for (j, (_, a)) in ordered.iter().enumerate() {
+            let v = a.is_valid(i).then(|| a.value(i)).and_then(|raw| {
+                seen[j]
+                    .entry(raw)
+                    .or_insert_with(|| context_value(raw))
+                    .as_deref()
+            });
+            let Some(v) = v else {
+                out.append_null();
+                continue 'rows;
+            };
+            if j > 0 {
+                key.push(CONTEXT_SEPARATOR);
+            }
+            key.push_str(v);
+        }
+        out.append_value(&key);
+    }
+    Ok(Arc::new(out.finish()))
+}
 
 /// The columns of a sealed schema that users see (all but the hidden `__escrow*` ones):
 /// their indices and the declared schema.
@@ -147,6 +276,73 @@ pub fn company_keys(
         .is_some()
         .then(|| Arc::new(StringArray::from(name_keys)) as ArrayRef);
     Ok((keys, name_keys))
+}
+
+/// Rows of a batch below which its keys are computed on one thread.
+const PARALLEL_ROWS: usize = 8192;
+
+/// [`company_keys`] of a large batch in slices, one per core (up to 4): URL, public-suffix
+/// and name normalisation are most of an upload's work.
+pub fn company_keys_parallel(
+    website: &dyn Array,
+    names: Option<Names<'_>>,
+    stats: &mut MatchStats,
+) -> Result<(ArrayRef, Option<ArrayRef>), ArrowError> {
+    let rows = website.len();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(4)
+        .min(rows / PARALLEL_ROWS);
+    if threads < 2 {
+        return company_keys(website, names, stats);
+    }
+    let chunk = rows.div_ceil(threads);
+    type Part = Result<(ArrayRef, Option<ArrayRef>, MatchStats), ArrowError>;
+    let parts: Vec<Part> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (offset, len) = (t * chunk, chunk.min(rows - t * chunk));
+                s.spawn(move || -> Part {
+                    let website = website.slice(offset, len);
+                    let name = names.map(|n| n.name.slice(offset, len));
+                    let context: Vec<ArrayRef> = names
+                        .map(|n| n.context.iter().map(|c| c.slice(offset, len)).collect())
+                        .unwrap_or_default();
+                    let context: Vec<&dyn Array> = context.iter().map(|c| c.as_ref()).collect();
+                    let names = name.as_ref().map(|n| Names {
+                        name: n.as_ref(),
+                        context: &context,
+                    });
+                    let mut stats = MatchStats::default();
+                    let (keys, name_keys) = company_keys(website.as_ref(), names, &mut stats)?;
+                    Ok((keys, name_keys, stats))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    let mut keys = Vec::with_capacity(threads);
+    let mut name_keys = Vec::with_capacity(threads);
+    for part in parts {
+        let (k, n, s) = part?;
+        stats.by_domain += s.by_domain;
+        stats.by_name += s.by_name;
+        stats.unmatched += s.unmatched;
+        keys.push(k);
+        name_keys.extend(n);
+    }
+    let concat = |parts: &[ArrayRef]| {
+        let refs: Vec<&dyn Array> = parts.iter().map(|a| a.as_ref()).collect();
+        arrow_select::concat::concat(&refs)
+    };
+    let name_keys = match names {
+        Some(_) => Some(concat(&name_keys)?),
+        None => None,
+    };
+    Ok((concat(&keys)?, name_keys))
 }
 
 /// A canonical company key (`d:domain` or `n:name`).
@@ -690,6 +886,76 @@ mod tests {
         );
         // Without a name column there are no name keys.
         let (_, none) = company_keys(&websites, None, &mut stats).expect("keys");
+        assert!(none.is_none());
+    }
+
+    #[test]
+    fn place_columns_are_known_by_their_headers() {
+        assert_eq!(place_kind("Billing Country"), "country");
+        assert_eq!(place_kind("billing_country_code"), "country");
+        assert_eq!(place_kind("State/Province"), "state");
+        assert_eq!(place_kind("GEO"), "region");
+        assert_eq!(place_kind("Sales Territory"), "salesterritory");
+        let columns = [
+            "website",
+            "company_name",
+            "city",
+            "Region",
+            "country",
+            "Billing Country",
+        ];
+        // One column per kind, the first; the key and name columns are never places.
+        assert_eq!(
+            detect_places(columns.into_iter(), &["website", "company_name"]),
+            ["country", "Region"]
+        );
+        assert_eq!(
+            detect_places(["region", "website"].into_iter(), &["region"]),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            place_kinds(&["Region".into(), "Country".into()]),
+            "country,region"
+        );
+        // Values in kind order whatever the column order, compared like names.
+        let region = StringArray::from(vec![Some(" EMEA"), Some("apac"), None]);
+        let country = StringArray::from(vec![Some("Côte d'Ivoire"), Some("n/a"), Some("FR")]);
+        let keys = place_keys(&[("region", &region), ("country", &country)]).expect("places");
+        let keys = keys.as_any().downcast_ref::<StringArray>().expect("text");
+        assert_eq!(
+            keys.iter().collect::<Vec<_>>(),
+            [Some("cote divoire\u{1f}emea"), None, None]
+        );
+    }
+
+    #[test]
+    fn keys_in_parallel_are_the_keys_in_one_piece() {
+        let n = 3 * PARALLEL_ROWS + 17;
+        let websites = StringArray::from_iter((0..n).map(|i| match i % 5 {
+            0 => None,
+            1 => Some(format!("https://www.c{i}.co.uk/about")),
+            2 => Some("gmail.com".to_string()),
+            _ => Some(format!("c{}.example", i % 977)),
+        }));
+        let names = StringArray::from_iter(
+            (0..n).map(|i| (i % 7 != 0).then(|| format!("C{} Inc", i % 991))),
+        );
+        let region = StringArray::from_iter((0..n).map(|i| (i % 11 != 0).then_some("EMEA")));
+        let context: [&dyn Array; 1] = [&region];
+        let names = Names {
+            name: &names,
+            context: &context,
+        };
+        let (mut one, mut many) = (MatchStats::default(), MatchStats::default());
+        let whole = company_keys(&websites, Some(names), &mut one).expect("keys");
+        let parts = company_keys_parallel(&websites, Some(names), &mut many).expect("keys");
+        assert_eq!(one, many);
+        assert_eq!(whole.0.to_data(), parts.0.to_data());
+        assert_eq!(
+            whole.1.expect("names").to_data(),
+            parts.1.expect("names").to_data()
+        );
+        let (_, none) = company_keys_parallel(&websites, None, &mut many).expect("keys");
         assert!(none.is_none());
     }
 }

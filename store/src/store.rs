@@ -88,6 +88,10 @@ pub struct UploadOutcome {
     /// Columns that must agree too for a match by name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub name_context: Vec<String>,
+    /// Columns giving each company's place, compared when a name links two companies
+    /// (detected from the headers unless given).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub places: Vec<String>,
     /// Website keys: rows matched by domain, by name, and unmatched.
     pub matching: Option<crate::matching::MatchStats>,
     pub columns: Vec<ColumnInfo>,
@@ -428,6 +432,7 @@ impl Store {
             key_type: ingested.key_type,
             name_column: ingested.name_column,
             name_context: ingested.name_context,
+            places: ingested.places,
             matching: ingested.matching,
             columns: ingested.columns,
         })

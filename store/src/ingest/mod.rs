@@ -22,7 +22,10 @@ use arrow_ipc::writer::StreamWriter;
 use arrow_schema::{ArrowError, DataType, SchemaRef};
 
 use crate::catalog::ColumnInfo;
-use crate::matching::{COMPANY_KEY, MatchStats, NAME_KEY, Names, company_keys};
+use crate::matching::{
+    COMPANY_KEY, MatchStats, NAME_KEY, Names, PLACE_KEY, PLACE_KINDS, company_keys_parallel,
+    detect_places, place_keys, place_kinds,
+};
 use crate::{Error, Result};
 pub use csv::DeclaredSchema;
 use csv::{csv_batches, schema_even_if_empty};
@@ -230,9 +233,44 @@ pub struct KeySpec {
     /// Columns whose values must agree as well when companies are matched by name (a
     /// country, a region): part of each row's name key.
     pub name_context: Vec<String>,
+    /// Columns giving each row's place, compared when a name links two companies
+    /// (`matching::PLACE_KEY`).
+    pub places: Places,
     pub key_type: KeyType,
     /// Column types over the ones inferred from a CSV's first rows (`upload --schema`).
     pub declared: DeclaredSchema,
+}
+
+/// Which columns give a row's place (`matching::PLACE_KEY`), with a name column.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Places {
+    /// The upload's country, region and state columns, recognised by their headers
+    /// (`matching::place_kind`); none when name-context columns are given (they already
+    /// qualify every name).
+    #[default]
+    Detect,
+    /// No place: names link on the name alone (`--places none`).
+    None,
+    /// These columns (`--places COL,...`).
+    Columns(Vec<String>),
+}
+
+impl Places {
+    /// `--places`: absent or empty to detect, `none`, or comma-separated columns.
+    pub fn parse(s: Option<&str>) -> Self {
+        let columns: Vec<String> = s
+            .into_iter()
+            .flat_map(|s| s.split(','))
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(str::to_string)
+            .collect();
+        match columns.as_slice() {
+            [] => Places::Detect,
+            [none] if none == "none" => Places::None,
+            _ => Places::Columns(columns),
+        }
+    }
 }
 
 /// How a key column is read.
@@ -280,6 +318,8 @@ pub struct Ingested {
     pub key_column: Option<String>,
     pub name_column: Option<String>,
     pub name_context: Vec<String>,
+    /// The place columns in effect (`matching::PLACE_KEY`).
+    pub places: Vec<String>,
     /// The key type in effect (`None` without a key column).
     pub key_type: Option<KeyType>,
     /// For website keys: how rows were matched.
@@ -378,6 +418,12 @@ fn decode_into<'a, R: Read + 'a, W: Write>(
             "name-context columns qualify a name column: give --name-column too",
         ));
     }
+    if matches!(key.places, Places::Columns(_)) && key.name_column.is_none() {
+        return Err(Error::bad(
+            "invalid_places",
+            "place columns qualify a name column: give --name-column too",
+        ));
+    }
     // Website keys: hidden company-key (and name-key) columns are computed per row and
     // sealed with the data.
     let company = match (key_column, key_type) {
@@ -392,7 +438,28 @@ fn decode_into<'a, R: Read + 'a, W: Write>(
                 .iter()
                 .map(|c| context_column(&schema, c, key_column, key.name_column.as_deref()))
                 .collect::<Result<Vec<_>>>()?;
-            Some((schema.index_of(k).map_err(internal_arrow)?, name, context))
+            let places = match (&key.places, key.name_column.as_deref()) {
+                (Places::Detect, Some(n)) if key.name_context.is_empty() => {
+                    detect_places(schema.fields().iter().map(|f| f.name().as_str()), &[k, n])
+                }
+                (Places::Columns(columns), Some(n)) => {
+                    for c in columns {
+                        place_column(&schema, c, k, n)?;
+                    }
+                    columns.clone()
+                }
+                _ => Vec::new(),
+            };
+            let place_indices = places
+                .iter()
+                .map(|c| schema.index_of(c).map_err(internal_arrow))
+                .collect::<Result<Vec<_>>>()?;
+            Some((
+                schema.index_of(k).map_err(internal_arrow)?,
+                name,
+                context,
+                (places, place_indices),
+            ))
         }
         _ => {
             if key.name_column.is_some() {
@@ -405,7 +472,7 @@ fn decode_into<'a, R: Read + 'a, W: Write>(
         }
     };
     let sealed_schema = match &company {
-        Some((_, name, _)) => {
+        Some((_, name, _, (places, _))) => {
             let mut fields: Vec<arrow_schema::FieldRef> = schema.fields().iter().cloned().collect();
             let hidden = [Some(COMPANY_KEY), name.map(|_| NAME_KEY)];
             for column in hidden.into_iter().flatten() {
@@ -414,6 +481,12 @@ fn decode_into<'a, R: Read + 'a, W: Write>(
                     DataType::Utf8,
                     true,
                 )));
+            }
+            if !places.is_empty() {
+                fields.push(Arc::new(
+                    arrow_schema::Field::new(PLACE_KEY, DataType::Utf8, true)
+                        .with_metadata([(PLACE_KINDS.to_string(), place_kinds(places))].into()),
+                ));
             }
             Arc::new(arrow_schema::Schema::new_with_metadata(
                 fields,
@@ -435,18 +508,27 @@ fn decode_into<'a, R: Read + 'a, W: Write>(
         }
         rows += batch.num_rows() as u64;
         let batch = match &company {
-            Some((k, name, context)) => {
+            Some((k, name, context, (places, place_indices))) => {
                 let context: Vec<&dyn Array> =
                     context.iter().map(|&c| batch.column(c).as_ref()).collect();
                 let names = name.map(|n| Names {
                     name: batch.column(n).as_ref(),
                     context: &context,
                 });
-                let (keys, name_keys) = company_keys(batch.column(*k).as_ref(), names, &mut stats)
-                    .map_err(internal_arrow)?;
+                let (keys, name_keys) =
+                    company_keys_parallel(batch.column(*k).as_ref(), names, &mut stats)
+                        .map_err(internal_arrow)?;
                 let mut cols = batch.columns().to_vec();
                 cols.push(keys);
                 cols.extend(name_keys);
+                if !places.is_empty() {
+                    let columns: Vec<(&str, &dyn Array)> = places
+                        .iter()
+                        .zip(place_indices)
+                        .map(|(c, &i)| (c.as_str(), batch.column(i).as_ref()))
+                        .collect();
+                    cols.push(place_keys(&columns).map_err(internal_arrow)?);
+                }
                 RecordBatch::try_new(sealed_schema.clone(), cols).map_err(internal_arrow)?
             }
             None => batch,
@@ -466,6 +548,10 @@ fn decode_into<'a, R: Read + 'a, W: Write>(
             key_column: key_column.map(str::to_string),
             name_column: key.name_column.clone(),
             name_context: key.name_context.clone(),
+            places: company
+                .as_ref()
+                .map(|(_, _, _, (places, _))| places.clone())
+                .unwrap_or_default(),
             key_type,
             matching: company.map(|_| stats),
         },
@@ -586,6 +672,22 @@ fn context_column(
         Error::bad(
             "invalid_name_context",
             format!("name-context column {name:?} is not a column of the upload"),
+        )
+    })
+}
+
+/// A place column given with `--places`: any column of the upload but the key and name.
+fn place_column(schema: &SchemaRef, name: &str, key: &str, name_column: &str) -> Result<usize> {
+    if name == key || name == name_column {
+        return Err(Error::bad(
+            "invalid_places",
+            format!("{name:?} is the key or name column; a place is another column"),
+        ));
+    }
+    schema.index_of(name).map_err(|_| {
+        Error::bad(
+            "invalid_places",
+            format!("place column {name:?} is not a column of the upload"),
         )
     })
 }

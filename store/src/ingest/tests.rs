@@ -261,3 +261,95 @@ fn arrow_file_round_trip() {
     assert_eq!(got.format, Format::ArrowFile);
     assert_eq!(got.rows, 150);
 }
+
+/// Ingest a CSV with `key`; the sealed stream's schema and its batches.
+fn sealed_csv(csv: &str, key: &KeySpec) -> Result<(Ingested, SchemaRef, Vec<RecordBatch>)> {
+    let (ingested, sink) = ingest(
+        Some(Format::Csv),
+        csv.as_bytes(),
+        key,
+        Vec::new(),
+        &IngestLimits::default(),
+    )?;
+    let reader = arrow_ipc::reader::StreamReader::try_new(&sink[..], None).expect("stream");
+    let schema = reader.schema();
+    let batches = reader
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .expect("batches");
+    Ok((ingested, schema, batches))
+}
+
+#[test]
+fn places_are_detected_from_the_headers_given_or_turned_off() {
+    let csv = "website,company_name,Billing Country,Region,industry\n\
+               acme.com,Acme,DE,EMEA,software\n\
+               ,Globex,de ,emea,retail\n\
+               ,Initech,,APAC,retail\n";
+    let names = |places: Places, context: &[&str]| KeySpec {
+        column: Some("website".into()),
+        name_column: Some("company_name".into()),
+        name_context: context.iter().map(|c| c.to_string()).collect(),
+        places,
+        ..KeySpec::default()
+    };
+    let (ingested, schema, batches) = sealed_csv(csv, &names(Places::Detect, &[])).expect("ok");
+    assert_eq!(ingested.places, ["Billing Country", "Region"]);
+    let field = schema.field_with_name(PLACE_KEY).expect("place column");
+    assert_eq!(
+        field.metadata().get(PLACE_KINDS).map(String::as_str),
+        Some("country,region")
+    );
+    let places = batches[0]
+        .column(schema.index_of(PLACE_KEY).expect("index"))
+        .as_any()
+        .downcast_ref::<StringArray>()
+        .expect("text")
+        .iter()
+        .map(|v| v.map(str::to_string))
+        .collect::<Vec<_>>();
+    // Compared like names; a row with a place value missing has no known place.
+    assert_eq!(
+        places,
+        [
+            Some("de\u{1f}emea".into()),
+            Some("de\u{1f}emea".into()),
+            None
+        ]
+    );
+    // Given columns, of any header; `none`; name-context columns instead: no detection.
+    let (i, s, _) =
+        sealed_csv(csv, &names(Places::Columns(vec!["industry".into()]), &[])).expect("ok");
+    assert_eq!(i.places, ["industry"]);
+    assert_eq!(
+        s.field_with_name(PLACE_KEY).expect("place").metadata()[PLACE_KINDS],
+        "industry"
+    );
+    for (places, context) in [(Places::None, &[][..]), (Places::Detect, &["Region"][..])] {
+        let (i, s, _) = sealed_csv(csv, &names(places, context)).expect("ok");
+        assert!(i.places.is_empty());
+        assert!(s.field_with_name(PLACE_KEY).is_err());
+    }
+    // Without a name column nothing is detected, and naming places is an error.
+    let bare = KeySpec {
+        column: Some("website".into()),
+        ..KeySpec::default()
+    };
+    assert!(sealed_csv(csv, &bare).expect("ok").0.places.is_empty());
+    for bad in [
+        KeySpec {
+            places: Places::Columns(vec!["Region".into()]),
+            ..bare.clone()
+        },
+        names(Places::Columns(vec!["nosuch".into()]), &[]),
+        names(Places::Columns(vec!["company_name".into()]), &[]),
+    ] {
+        let e = sealed_csv(csv, &bad).expect_err("refused");
+        assert_eq!(e.code(), "invalid_places", "{e}");
+    }
+    assert_eq!(Places::parse(None), Places::Detect);
+    assert_eq!(Places::parse(Some(" none ")), Places::None);
+    assert_eq!(
+        Places::parse(Some("country, region")),
+        Places::Columns(vec!["country".into(), "region".into()])
+    );
+}

@@ -138,6 +138,11 @@ enum Command {
         /// (e.g. country,region): a name alone is weak evidence (docs/MATCHING.md).
         #[arg(long)]
         name_context: Option<String>,
+        /// Columns giving a company's place (country, region, state), comma-separated, or
+        /// `none`: a name link between two companies whose places differ is refused. By
+        /// default the upload's columns so named are used (docs/MATCHING.md).
+        #[arg(long)]
+        places: Option<String>,
         /// How the key column is read: website (matched as companies, the default for text)
         /// or id (exact identifiers such as DUNS numbers).
         #[arg(long)]
@@ -976,6 +981,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             key_column,
             name_column,
             name_context,
+            places,
             key_type,
             input_format,
             schema,
@@ -990,6 +996,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 column: key_column.as_deref(),
                 name_column: name_column.as_deref(),
                 name_context: name_context.as_deref(),
+                places: places.as_deref(),
                 key_type: key_type.as_deref(),
                 schema: (!declared.is_empty()).then_some(declared.as_str()),
             };

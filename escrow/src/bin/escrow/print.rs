@@ -132,8 +132,13 @@ pub fn upload(out: &wire::UploadOutcome) {
             m.by_domain, m.by_name, m.unmatched
         ),
     };
+    let places = if out.places.is_empty() {
+        String::new()
+    } else {
+        format!(" places={}", out.places.join(","))
+    };
     println!(
-        "dataset={} version={} rows={} bytes={} format={} key_column={}{matching}",
+        "dataset={} version={} rows={} bytes={} format={} key_column={}{matching}{places}",
         out.dataset,
         out.version,
         out.rows,

@@ -38,6 +38,8 @@ pub(crate) struct UploadParams {
     name_column: Option<String>,
     /// Comma-separated name-context columns.
     name_context: Option<String>,
+    /// Place columns, comma-separated, or `none`; detected when absent.
+    places: Option<String>,
     key_type: Option<String>,
     /// Declared CSV column types, `COL=TYPE,...`.
     schema: Option<String>,
@@ -46,7 +48,7 @@ pub(crate) struct UploadParams {
 /// Bytes of a refused upload read and discarded so the client can read the error response.
 const DRAIN_AFTER_ERROR: u64 = 64 << 20;
 
-#[utoipa::path(put, path = "/v1/datasets/{name}", tag = "datasets", request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the file's bytes: CSV, Parquet, Arrow IPC file or stream"), params(("name" = String, Path, description = "dataset name, [a-z][a-z0-9_]{0,62}"), ("format" = Option<String>, Query, description = "csv, arrow, arrow-stream, parquet; sniffed when absent"), ("key_column" = Option<String>, Query), ("name_column" = Option<String>, Query), ("name_context" = Option<String>, Query, description = "comma-separated columns"), ("key_type" = Option<String>, Query, description = "website or id"), ("schema" = Option<String>, Query, description = "CSV column types over the inferred ones: COLUMN=TYPE,... with TYPE one of string, integer, float, boolean, date, timestamp")), responses((status = 201, description = "the version committed", body = wire::UploadOutcome), wire::Errors))]
+#[utoipa::path(put, path = "/v1/datasets/{name}", tag = "datasets", request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the file's bytes: CSV, Parquet, Arrow IPC file or stream"), params(("name" = String, Path, description = "dataset name, [a-z][a-z0-9_]{0,62}"), ("format" = Option<String>, Query, description = "csv, arrow, arrow-stream, parquet; sniffed when absent"), ("key_column" = Option<String>, Query), ("name_column" = Option<String>, Query), ("name_context" = Option<String>, Query, description = "comma-separated columns"), ("places" = Option<String>, Query, description = "place columns compared when a name links two companies, comma-separated, or none; detected from the headers (country, region, state) when absent"), ("key_type" = Option<String>, Query, description = "website or id"), ("schema" = Option<String>, Query, description = "CSV column types over the inferred ones: COLUMN=TYPE,... with TYPE one of string, integer, float, boolean, date, timestamp")), responses((status = 201, description = "the version committed", body = wire::UploadOutcome), wire::Errors))]
 pub(crate) async fn upload(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -83,6 +85,7 @@ pub(crate) async fn upload(
                 .filter(|c| !c.is_empty())
                 .map(str::to_string)
                 .collect(),
+            places: crate::ingest::Places::parse(params.places.as_deref()),
             key_type: params
                 .key_type
                 .as_deref()
