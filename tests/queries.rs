@@ -627,6 +627,37 @@ fn messy_spellings_match_as_companies() {
         env.upload(&server, "acme", &f, "ctx", flags)
             .fails_with("invalid_name_context");
     }
+    // Places likewise; the region column is detected unless `--places none`.
+    for flags in [
+        &["--key-column", "website", "--places", "region"][..],
+        &words("--key-column website --name-column company_name --places country"),
+        &words("--key-column website --name-column company_name --places website"),
+    ] {
+        env.upload(&server, "acme", &f, "ctx", flags)
+            .fails_with("invalid_places");
+    }
+    for (flags, places) in [
+        (
+            &words("--key-column website --name-column company_name")[..],
+            true,
+        ),
+        (
+            &words("--key-column website --name-column company_name --places none"),
+            false,
+        ),
+        (
+            &words("--key-column website --name-column company_name --name-context region"),
+            false,
+        ),
+    ] {
+        let out = env.upload(&server, "acme", &f, "ctx", flags).ok();
+        assert_eq!(
+            out.stdout.contains(" places=region"),
+            places,
+            "{}",
+            out.stdout
+        );
+    }
     let f = env.file("reserved.csv", b"website,__escrow_company\na.com,x\n");
     env.upload(
         &server,

@@ -10,7 +10,8 @@
 //!           [+ the dimension values of its rows]           (duplicates are one entity)
 //! fold   := a name-only entity (rows without a usable website, keyed by their name) whose
 //!           name is carried by exactly one website entity of the same list is that entity
-//! join   := the smaller side's entities probed in the larger side's map
+//! join   := the smaller side's entities probed in the larger side's map (two name-only
+//!           entities placed apart, as for a link below, do not match)
 //! link   := a name-only entity left unmatched, whose name no website entity of its own list
 //!           carries, is the other side's entity carrying that name if exactly one does (and
 //!           that entity is not in its own list), unless both lists have places of the same
@@ -34,7 +35,11 @@
 //! cases (website company: its pair, the pair of the other side's name-only entity that
 //! links to the remaining carrier or stops matching, the fold of its own side's name-only
 //! entity into that carrier; name-only company: its pair or its fold) bounds the change by
-//! 4 pairs, each at most L cells: S = [`NAME_SENSITIVITY`] x L.
+//! 4L cells in all and 4 in any one cell (a pair that appears or goes moves at most L cells,
+//! a pair whose populations change through a fold at most 2L, and the cases add up to at
+//! most 4L): S = [`NAME_SENSITIVITY`] x L. Places veto matches by name per pair, from the
+//! two entities' own rows, after the carrier is chosen: the matches can only be fewer, and
+//! one company changes a subset of the ones it changed without places.
 //!
 //! Both partners get the same numbers for the same cell: every population of both datasets
 //! takes part in the bounding (whatever subset a caller is shown), the sides come in a
@@ -134,6 +139,8 @@ struct Member {
     /// A name-only entity whose name no website entity of its list carries: it may link to
     /// the other side by name.
     linkable: bool,
+    /// Keyed by its name (its rows have no usable website).
+    name_only: bool,
     /// A website entity's name: the smallest name id of its rows, or `NO_NAME`.
     name: u64,
     /// The place of its own rows: `NO_PLACE` when none is known, `MIXED_PLACES` when they
@@ -146,6 +153,7 @@ impl Member {
         mask: 0,
         value: NO_VALUE,
         linkable: false,
+        name_only: false,
         name: NO_NAME,
         place: NO_PLACE,
     };
@@ -381,7 +389,10 @@ pub fn memberships(
             let m = out.members.entry(id).or_insert(Member::EMPTY);
             m.mask |= mask;
             match name {
-                Some(n) if n == id => m.linkable = true,
+                Some(n) if n == id => {
+                    m.linkable = true;
+                    m.name_only = true;
+                }
                 Some(n) if m.name == NO_NAME || n < m.name => m.name = n,
                 _ => {}
             }
@@ -422,8 +433,14 @@ fn matched<'m>(
     } else {
         (b, a, false)
     };
+    // Two name-only entities with one key are two lists' rows of one name: a name match
+    // like a link, vetoed like one when the places differ.
+    let compare = compares_places(a, b);
     let direct = small.members.iter().filter_map(move |(id, ms)| {
         let ml = large.members.get(id)?;
+        if compare && ms.name_only && !places_agree(ms.place, ml.place) {
+            return None;
+        }
         Some(if small_is_a {
             (*id, ms, *id, ml)
         } else {
@@ -434,6 +451,11 @@ fn matched<'m>(
         .into_iter()
         .filter_map(|(ia, ib)| Some((ia, a.members.get(&ia)?, ib, b.members.get(&ib)?)));
     direct.chain(linked)
+}
+
+/// Whether name matches between the sides compare places: both have places of the same kinds.
+fn compares_places(a: &Membership, b: &Membership) -> bool {
+    a.place_kinds.is_some() && a.place_kinds == b.place_kinds
 }
 
 /// Which website entities of a side carry a name.
@@ -472,7 +494,7 @@ fn links(a: &Membership, b: &Membership) -> Vec<(u64, u64)> {
     // Names of `from`'s linkable entities that `to` does not hold as a key -> the one entity
     // of `to` carrying that name, if exactly one does, `from` does not hold it itself, and
     // (when both lists have places of the same kinds) their places agree.
-    let compare = a.place_kinds.is_some() && a.place_kinds == b.place_kinds;
+    let compare = compares_places(a, b);
     let place = |m: &Membership, id: &u64| m.members.get(id).map_or(NO_PLACE, |m| m.place);
     let one_way = |from: &Membership, to: &Membership| -> Vec<(u64, u64)> {
         let names = from
@@ -871,11 +893,16 @@ mod tests {
     type NamedRow<'a> = (u64, Option<u64>, &'a str);
 
     fn named(rows: &[NamedRow<'_>], names: bool) -> Membership {
-        placed(rows, &vec![None; rows.len()], names)
+        placed(rows, &vec![None; rows.len()], names, None)
     }
 
-    /// [`named`] with each row's place id (compared on links when `names`).
-    fn placed(rows: &[NamedRow<'_>], places: &[Option<u64>], names: bool) -> Membership {
+    /// [`named`] with each row's place id, places of `kinds` (none: no places).
+    fn placed(
+        rows: &[NamedRow<'_>],
+        places: &[Option<u64>],
+        names: bool,
+        kinds: Option<&str>,
+    ) -> Membership {
         let schema = Arc::new(Schema::new(vec![
             Field::new("id", DataType::UInt64, true),
             Field::new("status", DataType::Utf8, true),
@@ -901,9 +928,9 @@ mod tests {
         .expect("batch");
         let mut side = side(&POPS, false);
         side.names = names.then_some(3);
-        side.places = Some(Places {
+        side.places = kinds.map(|k| Places {
             index: 4,
-            kinds: "region".into(),
+            kinds: k.into(),
         });
         memberships(&side, std::iter::once(Ok(batch)), 1 << 30).expect("side")
     }
@@ -919,25 +946,33 @@ mod tests {
         let mut rng = rand_chacha::ChaCha20Rng::from_seed([5; 32]);
         let statuses = ["customer", "opportunity", "prospect", "churned"];
         type PlacedRow = (NamedRow<'static>, Option<u64>);
+        // A company mostly has one place (sometimes none known), a few rows another.
         let list = |rng: &mut rand_chacha::ChaCha20Rng| -> Vec<PlacedRow> {
+            let home: Vec<Option<u64>> = (0..2000)
+                .map(|_| rng.random_bool(0.85).then(|| 7 + rng.random_range(0..2u64)))
+                .collect();
             (0..rng.random_range(1..14))
                 .map(|_| {
                     let name = 1000 + rng.random_range(0..4u64);
                     let status = statuses[rng.random_range(0..statuses.len())];
-                    let place = rng.random_bool(0.8).then(|| 7 + rng.random_range(0..2u64));
-                    if rng.random_bool(0.35) {
-                        ((name, Some(name), status), place) // name-only
+                    let row = if rng.random_bool(0.35) {
+                        (name, Some(name), status) // name-only
                     } else {
                         let site = 100 + rng.random_range(0..8u64);
-                        ((site, rng.random_bool(0.85).then_some(name), status), place)
-                    }
+                        (site, rng.random_bool(0.85).then_some(name), status)
+                    };
+                    let place = match rng.random_bool(0.1) {
+                        true => rng.random_bool(0.5).then(|| 7 + rng.random_range(0..2u64)),
+                        false => home[row.0 as usize],
+                    };
+                    (row, place)
                 })
                 .collect()
         };
-        let named = |rows: &[PlacedRow], names: bool| -> Membership {
+        let named = |rows: &[PlacedRow], names: bool, kinds: Option<&str>| -> Membership {
             let (rows, places): (Vec<NamedRow<'_>>, Vec<Option<u64>>) =
                 rows.iter().copied().unzip();
-            placed(&rows, &places, names)
+            placed(&rows, &places, names, kinds)
         };
         let cells = |a: &Membership, b: &Membership, l: u32| -> HashMap<(usize, usize), i64> {
             count(a, b, l, false)
@@ -945,23 +980,34 @@ mod tests {
                 .map(|c| ((c.a, c.b), c.entities as i64))
                 .collect()
         };
-        let mut worst = (0i64, 0i64);
-        for _ in 0..400 {
+        // Places of the sides' kinds: none, the same, different, on one side only; and
+        // without names.
+        let region = Some("region");
+        let modes = [
+            (true, None, None),
+            (true, region, region),
+            (true, region, Some("country")),
+            (true, region, None),
+            (false, None, None),
+        ];
+        let (mut worst, mut vetoed) = ((0i64, 0i64), 0usize);
+        for _ in 0..300 {
             let (a, b) = (list(&mut rng), list(&mut rng));
-            for names in [true, false] {
-                for l in [1u32, 2] {
-                    let (ma, mb) = (named(&a, names), named(&b, names));
+            let links = |ka, kb| matches(&named(&a, true, ka), &named(&b, true, kb)).count();
+            vetoed += links(None, None) - links(region, region);
+            for (names, ka, kb) in modes {
+                for l in [1u32, 2, 4] {
+                    let (ma, mb) = (named(&a, names, ka), named(&b, names, kb));
                     let s = sensitivity(&ma, &mb, l);
                     let full = cells(&ma, &mb, l);
                     for (side, rows) in [(0, &a), (1, &b)] {
                         for company in rows.iter().map(|r| r.0.0) {
                             let rest: Vec<PlacedRow> =
                                 rows.iter().copied().filter(|r| r.0.0 != company).collect();
-                            let m = named(&rest, names);
                             let less = if side == 0 {
-                                cells(&m, &mb, l)
+                                cells(&named(&rest, names, ka), &mb, l)
                             } else {
-                                cells(&ma, &m, l)
+                                cells(&ma, &named(&rest, names, kb), l)
                             };
                             let keys: std::collections::BTreeSet<_> =
                                 full.keys().chain(less.keys()).collect();
@@ -976,10 +1022,11 @@ mod tests {
                             let linf = d.iter().map(|x| x.abs()).max().unwrap_or(0);
                             assert!(
                                 l1 <= s.l1 as i64 && linf <= s.linf as i64,
-                                "L {l}, names {names}: removing {company} from side {side} \
-                                 moves the cells by {d:?} (sensitivity {s:?})\na {a:?}\nb {b:?}"
+                                "L {l}, names {names}, places {ka:?}/{kb:?}: removing {company} \
+                                 from side {side} moves the cells by {d:?} (sensitivity {s:?})\n\
+                                 a {a:?}\nb {b:?}"
                             );
-                            if names {
+                            if names && l == 1 {
                                 worst = (worst.0.max(l1), worst.1.max(linf));
                             }
                         }
@@ -987,9 +1034,11 @@ mod tests {
                 }
             }
         }
-        // The random lists reach the name cases: more than one pair moves.
-        eprintln!("largest change with names: {worst:?} (L1, one cell)");
+        // The random lists reach the name cases (more than one pair moves) and places veto
+        // links.
+        eprintln!("largest change with names at L = 1: {worst:?} (L1, one cell); {vetoed} vetoed");
         assert!(worst.0 >= 2, "{worst:?}");
+        assert!(vetoed > 0);
     }
 
     #[test]
@@ -1075,18 +1124,33 @@ mod tests {
             p.sort();
             p
         };
-        let ma = placed(&a, &[Some(1), Some(1), Some(1), None], true);
-        let mb = placed(&b, &[Some(1), Some(2), Some(1), Some(2), Some(2)], true);
+        let region = Some("region");
+        let ma = placed(&a, &[Some(1), Some(1), Some(1), None], true, region);
+        let b_places = [Some(1), Some(2), Some(1), Some(2), Some(2)];
+        let mb = placed(&b, &b_places, true, region);
         // 3000 and 300 are in different places; a mixed or unknown place is no evidence.
         assert_eq!(pairs(&ma, &mb), vec![(2000, 200), (4000, 400), (5000, 500)]);
         assert_eq!(pairs(&mb, &ma), vec![(200, 2000), (400, 4000), (500, 5000)]);
         // Places of other kinds than the other list's are not compared.
-        let mut other = placed(&b, &[Some(1), Some(2), Some(1), Some(2), Some(2)], true);
-        other.place_kinds = Some("country".into());
+        let other = placed(&b, &b_places, true, Some("country"));
         assert_eq!(pairs(&ma, &other).len(), 4);
         // Nor without places on one side.
-        let bare = named(&b, true);
-        assert_eq!(pairs(&ma, &bare).len(), 4);
+        assert_eq!(pairs(&ma, &named(&b, true)).len(), 4);
+        // Name-only on both sides (one key): vetoed alike when placed apart.
+        let both = [(6000, Some(6000), "customer")];
+        let here = placed(&both, &[Some(1)], true, region);
+        let there = placed(&both, &[Some(2)], true, region);
+        assert_eq!(pairs(&here, &there), vec![]);
+        assert_eq!(pairs(&here, &placed(&both, &[None], true, region)).len(), 1);
+        // A name carried by two website companies of b, one of them in a's place: no link
+        // (places veto a link; they never choose among carriers).
+        let a = [(7000, Some(7000), "customer")];
+        let b = [(700, Some(7000), "customer"), (701, Some(7000), "customer")];
+        let (ma, mb) = (
+            placed(&a, &[Some(1)], true, region),
+            placed(&b, &[Some(1), Some(2)], true, region),
+        );
+        assert_eq!(pairs(&ma, &mb), vec![]);
     }
 
     #[test]

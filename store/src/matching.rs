@@ -206,6 +206,14 @@ pub struct MatchStats {
     pub unmatched: u64,
 }
 
+impl std::ops::AddAssign for MatchStats {
+    fn add_assign(&mut self, other: Self) {
+        self.by_domain += other.by_domain;
+        self.by_name += other.by_name;
+        self.unmatched += other.unmatched;
+    }
+}
+
 /// The name side of a batch: the name column and the columns whose values must agree too.
 #[derive(Clone, Copy)]
 pub struct Names<'a> {
@@ -281,56 +289,83 @@ pub fn company_keys(
 /// Rows of a batch below which its keys are computed on one thread.
 const PARALLEL_ROWS: usize = 8192;
 
-/// [`company_keys`] of a large batch in slices, one per core (up to 4): URL, public-suffix
-/// and name normalisation are most of an upload's work.
+/// Helper threads computing keys, in the whole process: at most one fewer than the cores.
+static HELPERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Up to `wanted` helper threads, as many as are free; given back on drop.
+struct Helpers(usize);
+
+impl Helpers {
+    fn take(wanted: usize) -> Helpers {
+        use std::sync::atomic::Ordering;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let most = cores.saturating_sub(1);
+        let mut got = 0;
+        let _ = HELPERS.fetch_update(Ordering::AcqRel, Ordering::Acquire, |busy| {
+            got = wanted.min(most.saturating_sub(busy));
+            Some(busy + got)
+        });
+        Helpers(got)
+    }
+}
+
+impl Drop for Helpers {
+    fn drop(&mut self) {
+        HELPERS.fetch_sub(self.0, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// [`company_keys`] of a large batch in slices on the calling thread and up to 3 helpers
+/// (one fewer than the cores in the whole process, whatever the number of uploads): URL,
+/// public-suffix and name normalisation are most of an upload's work.
 pub fn company_keys_parallel(
     website: &dyn Array,
     names: Option<Names<'_>>,
     stats: &mut MatchStats,
 ) -> Result<(ArrayRef, Option<ArrayRef>), ArrowError> {
     let rows = website.len();
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(4)
-        .min(rows / PARALLEL_ROWS);
+    let helpers = Helpers::take((rows / PARALLEL_ROWS).min(4).saturating_sub(1));
+    let threads = 1 + helpers.0;
     if threads < 2 {
         return company_keys(website, names, stats);
     }
     let chunk = rows.div_ceil(threads);
     type Part = Result<(ArrayRef, Option<ArrayRef>, MatchStats), ArrowError>;
+    // Slice t of the batch.
+    let part = |t: usize| -> Part {
+        let (offset, len) = (t * chunk, chunk.min(rows - t * chunk));
+        let website = website.slice(offset, len);
+        let name = names.map(|n| n.name.slice(offset, len));
+        let context: Vec<ArrayRef> = names
+            .map(|n| n.context.iter().map(|c| c.slice(offset, len)).collect())
+            .unwrap_or_default();
+        let context: Vec<&dyn Array> = context.iter().map(|c| c.as_ref()).collect();
+        let names = name.as_ref().map(|n| Names {
+            name: n.as_ref(),
+            context: &context,
+        });
+        let mut stats = MatchStats::default();
+        let (keys, name_keys) = company_keys(website.as_ref(), names, &mut stats)?;
+        Ok((keys, name_keys, stats))
+    };
     let parts: Vec<Part> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let (offset, len) = (t * chunk, chunk.min(rows - t * chunk));
-                s.spawn(move || -> Part {
-                    let website = website.slice(offset, len);
-                    let name = names.map(|n| n.name.slice(offset, len));
-                    let context: Vec<ArrayRef> = names
-                        .map(|n| n.context.iter().map(|c| c.slice(offset, len)).collect())
-                        .unwrap_or_default();
-                    let context: Vec<&dyn Array> = context.iter().map(|c| c.as_ref()).collect();
-                    let names = name.as_ref().map(|n| Names {
-                        name: n.as_ref(),
-                        context: &context,
-                    });
-                    let mut stats = MatchStats::default();
-                    let (keys, name_keys) = company_keys(website.as_ref(), names, &mut stats)?;
-                    Ok((keys, name_keys, stats))
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+        let part = &part;
+        let handles: Vec<_> = (1..threads).map(|t| s.spawn(move || part(t))).collect();
+        let first = part(0);
+        std::iter::once(first)
+            .chain(
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))),
+            )
             .collect()
     });
+    drop(helpers);
     let mut keys = Vec::with_capacity(threads);
     let mut name_keys = Vec::with_capacity(threads);
     for part in parts {
         let (k, n, s) = part?;
-        stats.by_domain += s.by_domain;
-        stats.by_name += s.by_name;
-        stats.unmatched += s.unmatched;
+        *stats += s;
         keys.push(k);
         name_keys.extend(n);
     }

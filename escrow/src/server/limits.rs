@@ -18,7 +18,8 @@ use crate::{Error, Result};
 /// Kinds of work that are limited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Work {
-    /// Uploads (network- and disk-bound; long).
+    /// Uploads (network-, disk- and key-bound; long). Their company keys use at most one
+    /// helper thread per spare core in the whole process (`matching::company_keys_parallel`).
     Upload,
     /// Questions: queries, overlaps, reports, explanations (CPU- and memory-bound).
     Question,

@@ -440,11 +440,23 @@ fn decode_into<'a, R: Read + 'a, W: Write>(
                 .collect::<Result<Vec<_>>>()?;
             let places = match (&key.places, key.name_column.as_deref()) {
                 (Places::Detect, Some(n)) if key.name_context.is_empty() => {
-                    detect_places(schema.fields().iter().map(|f| f.name().as_str()), &[k, n])
+                    // Text columns only: a place is compared as words, never as a number.
+                    let text = schema.fields().iter().filter(|f| is_text(f.data_type()));
+                    detect_places(text.map(|f| f.name().as_str()), &[k, n])
                 }
                 (Places::Columns(columns), Some(n)) => {
+                    let mut kinds = HashSet::new();
                     for c in columns {
                         place_column(&schema, c, k, n)?;
+                        if !kinds.insert(crate::matching::place_kind(c)) {
+                            return Err(Error::bad(
+                                "invalid_places",
+                                format!(
+                                    "{c:?} is a second place column of its kind ({}); give one per kind, so both lists compare like with like",
+                                    crate::matching::place_kind(c)
+                                ),
+                            ));
+                        }
                     }
                     columns.clone()
                 }
@@ -684,12 +696,19 @@ fn place_column(schema: &SchemaRef, name: &str, key: &str, name_column: &str) ->
             format!("{name:?} is the key or name column; a place is another column"),
         ));
     }
-    schema.index_of(name).map_err(|_| {
+    let i = schema.index_of(name).map_err(|_| {
         Error::bad(
             "invalid_places",
             format!("place column {name:?} is not a column of the upload"),
         )
-    })
+    })?;
+    if !is_text(schema.field(i).data_type()) {
+        return Err(Error::bad(
+            "invalid_places",
+            format!("place column {name:?} must be text (a country, region or state name or code)"),
+        ));
+    }
+    Ok(i)
 }
 
 fn internal_arrow(e: ArrowError) -> Error {

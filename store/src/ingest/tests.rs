@@ -281,10 +281,10 @@ fn sealed_csv(csv: &str, key: &KeySpec) -> Result<(Ingested, SchemaRef, Vec<Reco
 
 #[test]
 fn places_are_detected_from_the_headers_given_or_turned_off() {
-    let csv = "website,company_name,Billing Country,Region,industry\n\
-               acme.com,Acme,DE,EMEA,software\n\
-               ,Globex,de ,emea,retail\n\
-               ,Initech,,APAC,retail\n";
+    let csv = "website,company_name,Billing Country,Region,industry,country,state\n\
+               acme.com,Acme,DE,EMEA,software,DE,1\n\
+               ,Globex,de ,emea,retail,DE,2\n\
+               ,Initech,,APAC,retail,,3\n";
     let names = |places: Places, context: &[&str]| KeySpec {
         column: Some("website".into()),
         name_column: Some("company_name".into()),
@@ -293,6 +293,7 @@ fn places_are_detected_from_the_headers_given_or_turned_off() {
         ..KeySpec::default()
     };
     let (ingested, schema, batches) = sealed_csv(csv, &names(Places::Detect, &[])).expect("ok");
+    // One column per kind, the first; text columns only (`state` holds numbers here).
     assert_eq!(ingested.places, ["Billing Country", "Region"]);
     let field = schema.field_with_name(PLACE_KEY).expect("place column");
     assert_eq!(
@@ -342,6 +343,11 @@ fn places_are_detected_from_the_headers_given_or_turned_off() {
         },
         names(Places::Columns(vec!["nosuch".into()]), &[]),
         names(Places::Columns(vec!["company_name".into()]), &[]),
+        names(Places::Columns(vec!["state".into()]), &[]),
+        names(
+            Places::Columns(vec!["country".into(), "Billing Country".into()]),
+            &[],
+        ),
     ] {
         let e = sealed_csv(csv, &bad).expect_err("refused");
         assert_eq!(e.code(), "invalid_places", "{e}");
