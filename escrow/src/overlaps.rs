@@ -673,7 +673,13 @@ impl QueryService {
             // side that fails stops the other.
             let (by, stop) = (req.by.as_deref(), &stop);
             let side = |s| async move {
+                let started = std::time::Instant::now();
                 let r = self.reduce(s, by, limit, stop).await;
+                tracing::debug!(
+                    side = %SideData::label(s),
+                    ms = started.elapsed().as_millis() as u64,
+                    "overlap side reduced"
+                );
                 if r.is_err() {
                     stop.request();
                 }

@@ -552,30 +552,48 @@ impl Store {
         let max = self.cache.max_bytes();
         let (dataset_id, version_id) = (v.dataset_id.clone(), v.version_id.clone());
         let store = std::sync::Arc::clone(self);
-        let iter = std::iter::from_fn(move || match reader.next().map(|b| b.and_then(&*prepare)) {
-            Some(Ok(b)) => {
-                if let Some((batches, meter)) = collected.as_mut() {
-                    meter.add(&b);
-                    if meter.bytes() > max {
-                        collected = None;
-                    } else {
-                        batches.push(b.clone());
+        // Where a first read's time goes (decrypting and decoding, then preparing), in the
+        // debug log: the cold path's breakdown.
+        let (mut reading, mut preparing) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
+        let iter = std::iter::from_fn(move || {
+            let started = std::time::Instant::now();
+            let read = reader.next();
+            let decoded = std::time::Instant::now();
+            let next = read.map(|b| b.and_then(&*prepare));
+            reading += decoded - started;
+            preparing += decoded.elapsed();
+            match next {
+                Some(Ok(b)) => {
+                    if let Some((batches, meter)) = collected.as_mut() {
+                        meter.add(&b);
+                        if meter.bytes() > max {
+                            collected = None;
+                        } else {
+                            batches.push(b.clone());
+                        }
                     }
+                    Some(Ok(b))
                 }
-                Some(Ok(b))
-            }
-            Some(Err(e)) => {
-                collected = None;
-                Some(Err(e))
-            }
-            None => {
-                if let Some((batches, meter)) = collected.take() {
-                    let bytes = meter.bytes();
-                    store
-                        .cache
-                        .insert(&dataset_id, &version_id, stamp, batches, bytes);
+                Some(Err(e)) => {
+                    collected = None;
+                    Some(Err(e))
                 }
-                None
+                None => {
+                    if let Some((batches, meter)) = collected.take() {
+                        let bytes = meter.bytes();
+                        tracing::debug!(
+                            version = %version_id,
+                            read_ms = reading.as_millis() as u64,
+                            prepare_ms = preparing.as_millis() as u64,
+                            bytes,
+                            "version read from its sealed object"
+                        );
+                        store
+                            .cache
+                            .insert(&dataset_id, &version_id, stamp, batches, bytes);
+                    }
+                    None
+                }
             }
         });
         Ok(Box::new(iter))
