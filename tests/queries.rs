@@ -614,28 +614,34 @@ fn messy_spellings_match_as_companies() {
         &["--key-column", "duns", "--name-column", "company_name"],
     )
     .fails_with("invalid_name_column");
-    // Name-context columns qualify a name column, and must be other columns of the upload.
+    // Name-context and place columns qualify a name column, and must be other columns of
+    // the upload.
     let f = env.file(
         "ctx.csv",
         b"website,company_name,region\nacme.com,Acme,EMEA\n",
     );
-    for flags in [
-        &["--key-column", "website", "--name-context", "region"][..],
-        &words("--key-column website --name-column company_name --name-context country"),
-        &words("--key-column website --name-column company_name --name-context company_name"),
+    for (flag, own, code) in [
+        ("--name-context", "company_name", "invalid_name_context"),
+        ("--places", "website", "invalid_places"),
     ] {
-        env.upload(&server, "acme", &f, "ctx", flags)
-            .fails_with("invalid_name_context");
+        for flags in [
+            vec!["--key-column", "website", flag, "region"],
+            [
+                words("--key-column website --name-column company_name"),
+                vec![flag, "country"],
+            ]
+            .concat(),
+            [
+                words("--key-column website --name-column company_name"),
+                vec![flag, own],
+            ]
+            .concat(),
+        ] {
+            env.upload(&server, "acme", &f, "ctx", &flags)
+                .fails_with(code);
+        }
     }
-    // Places likewise; the region column is detected unless `--places none`.
-    for flags in [
-        &["--key-column", "website", "--places", "region"][..],
-        &words("--key-column website --name-column company_name --places country"),
-        &words("--key-column website --name-column company_name --places website"),
-    ] {
-        env.upload(&server, "acme", &f, "ctx", flags)
-            .fails_with("invalid_places");
-    }
+    // The region column is detected as the place unless `--places none` or a name context.
     for (flags, places) in [
         (
             &words("--key-column website --name-column company_name")[..],

@@ -41,10 +41,7 @@ fn side(
         Field::new("place", DataType::UInt64, true),
     ]));
     let places = match context {
-        [] => detect_places(
-            reader.schema().fields().iter().map(|f| f.name().as_str()),
-            &[website, name],
-        ),
+        [] => detect_places(&reader.schema(), &[website, name]),
         _ => Vec::new(),
     };
     let context: Vec<&str> = context.iter().copied().filter(|c| *c != "none").collect();

@@ -113,11 +113,26 @@ pub fn place_kind(column: &str) -> String {
         .map_or(header, |(kind, _)| (*kind).to_string())
 }
 
-/// The place columns detected in `columns` (an upload's column names, in order): per
-/// recognised kind, the first column of that kind, skipping `except` (the key and name
-/// columns). In kind order.
-pub fn detect_places<'c>(columns: impl Iterator<Item = &'c str>, except: &[&str]) -> Vec<String> {
-    let columns: Vec<&str> = columns.filter(|c| !except.contains(c)).collect();
+/// Whether a column of this type holds text (a dictionary of text too).
+pub fn is_text(t: &DataType) -> bool {
+    let t = match t {
+        DataType::Dictionary(_, v) => v.as_ref(),
+        other => other,
+    };
+    matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
+}
+
+/// The place columns detected in an upload's `schema`: per recognised kind, the first text
+/// column of that kind (a place is compared as words, never as a number), skipping `except`
+/// (the key and name columns). In kind order.
+pub fn detect_places(schema: &arrow_schema::Schema, except: &[&str]) -> Vec<String> {
+    let columns: Vec<&str> = schema
+        .fields()
+        .iter()
+        .filter(|f| is_text(f.data_type()))
+        .map(|f| f.name().as_str())
+        .filter(|c| !except.contains(c))
+        .collect();
     PLACE_HEADERS
         .iter()
         .filter_map(|(kind, _)| {
@@ -298,7 +313,9 @@ struct Helpers(usize);
 impl Helpers {
     fn take(wanted: usize) -> Helpers {
         use std::sync::atomic::Ordering;
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        let cores =
+            *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         let most = cores.saturating_sub(1);
         let mut got = 0;
         let _ = HELPERS.fetch_update(Ordering::AcqRel, Ordering::Acquire, |busy| {
@@ -931,21 +948,31 @@ mod tests {
         assert_eq!(place_kind("State/Province"), "state");
         assert_eq!(place_kind("GEO"), "region");
         assert_eq!(place_kind("Sales Territory"), "salesterritory");
-        let columns = [
-            "website",
-            "company_name",
-            "city",
-            "Region",
-            "country",
-            "Billing Country",
-        ];
-        // One column per kind, the first; the key and name columns are never places.
+        let schema = |columns: &[(&str, DataType)]| {
+            arrow_schema::Schema::new(
+                columns
+                    .iter()
+                    .map(|(c, t)| arrow_schema::Field::new(*c, t.clone(), true))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let columns = schema(&[
+            ("website", DataType::Utf8),
+            ("company_name", DataType::Utf8),
+            ("city", DataType::Utf8),
+            ("state", DataType::Int64),
+            ("Region", DataType::Utf8),
+            ("country", DataType::LargeUtf8),
+            ("Billing Country", DataType::Utf8),
+        ]);
+        // One text column per kind, the first; the key and name columns are never places.
         assert_eq!(
-            detect_places(columns.into_iter(), &["website", "company_name"]),
+            detect_places(&columns, &["website", "company_name"]),
             ["country", "Region"]
         );
+        let region_key = schema(&[("region", DataType::Utf8), ("website", DataType::Utf8)]);
         assert_eq!(
-            detect_places(["region", "website"].into_iter(), &["region"]),
+            detect_places(&region_key, &["region"]),
             Vec::<String>::new()
         );
         assert_eq!(

@@ -24,7 +24,7 @@ use arrow_schema::{ArrowError, DataType, SchemaRef};
 use crate::catalog::ColumnInfo;
 use crate::matching::{
     COMPANY_KEY, MatchStats, NAME_KEY, Names, PLACE_KEY, PLACE_KINDS, company_keys_parallel,
-    detect_places, place_keys, place_kinds,
+    detect_places, is_text, place_keys, place_kind, place_kinds,
 };
 use crate::{Error, Result};
 pub use csv::DeclaredSchema;
@@ -440,23 +440,22 @@ fn decode_into<'a, R: Read + 'a, W: Write>(
                 .collect::<Result<Vec<_>>>()?;
             let places = match (&key.places, key.name_column.as_deref()) {
                 (Places::Detect, Some(n)) if key.name_context.is_empty() => {
-                    // Text columns only: a place is compared as words, never as a number.
-                    let text = schema.fields().iter().filter(|f| is_text(f.data_type()));
-                    detect_places(text.map(|f| f.name().as_str()), &[k, n])
+                    detect_places(&schema, &[k, n])
                 }
                 (Places::Columns(columns), Some(n)) => {
                     let mut kinds = HashSet::new();
                     for c in columns {
                         place_column(&schema, c, k, n)?;
-                        if !kinds.insert(crate::matching::place_kind(c)) {
+                        let kind = place_kind(c);
+                        if kinds.contains(&kind) {
                             return Err(Error::bad(
                                 "invalid_places",
                                 format!(
-                                    "{c:?} is a second place column of its kind ({}); give one per kind, so both lists compare like with like",
-                                    crate::matching::place_kind(c)
+                                    "{c:?} is a second place column of its kind ({kind}); give one per kind, so both lists compare like with like"
                                 ),
                             ));
                         }
+                        kinds.insert(kind);
                     }
                     columns.clone()
                 }
@@ -642,14 +641,6 @@ fn check_schema(schema: &SchemaRef, key_column: Option<&str>) -> Result<Vec<Colu
         .collect())
 }
 
-fn is_text(t: &DataType) -> bool {
-    let t = match t {
-        DataType::Dictionary(_, v) => v.as_ref(),
-        other => other,
-    };
-    matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
-}
-
 /// The index of a text column named by the uploader (the name column).
 fn text_column(schema: &SchemaRef, name: &str) -> Result<usize> {
     let i = schema.index_of(name).map_err(|_| {
@@ -667,41 +658,52 @@ fn text_column(schema: &SchemaRef, name: &str) -> Result<usize> {
     Ok(i)
 }
 
-/// The index of a name-context column: any column of the upload but the key and name.
+/// The index of a column qualifying the name column (a name context, a place): any column of
+/// the upload but the key and name. `what` names it in messages (`name context`, `place`),
+/// `label` before the word column (`name-context`, `place`).
+fn qualifying_column(
+    schema: &SchemaRef,
+    name: &str,
+    [key, name_column]: [Option<&str>; 2],
+    (code, what, label): (&'static str, &str, &str),
+) -> Result<usize> {
+    if Some(name) == key || Some(name) == name_column {
+        return Err(Error::bad(
+            code,
+            format!("{name:?} is the key or name column; a {what} is another column"),
+        ));
+    }
+    schema.index_of(name).map_err(|_| {
+        Error::bad(
+            code,
+            format!("{label} column {name:?} is not a column of the upload"),
+        )
+    })
+}
+
+/// The index of a name-context column.
 fn context_column(
     schema: &SchemaRef,
     name: &str,
     key: Option<&str>,
     name_column: Option<&str>,
 ) -> Result<usize> {
-    if Some(name) == key || Some(name) == name_column {
-        return Err(Error::bad(
-            "invalid_name_context",
-            format!("{name:?} is the key or name column; a name context is another column"),
-        ));
-    }
-    schema.index_of(name).map_err(|_| {
-        Error::bad(
-            "invalid_name_context",
-            format!("name-context column {name:?} is not a column of the upload"),
-        )
-    })
+    qualifying_column(
+        schema,
+        name,
+        [key, name_column],
+        ("invalid_name_context", "name context", "name-context"),
+    )
 }
 
-/// A place column given with `--places`: any column of the upload but the key and name.
+/// A place column given with `--places`: a text column other than the key and name.
 fn place_column(schema: &SchemaRef, name: &str, key: &str, name_column: &str) -> Result<usize> {
-    if name == key || name == name_column {
-        return Err(Error::bad(
-            "invalid_places",
-            format!("{name:?} is the key or name column; a place is another column"),
-        ));
-    }
-    let i = schema.index_of(name).map_err(|_| {
-        Error::bad(
-            "invalid_places",
-            format!("place column {name:?} is not a column of the upload"),
-        )
-    })?;
+    let i = qualifying_column(
+        schema,
+        name,
+        [Some(key), Some(name_column)],
+        ("invalid_places", "place", "place"),
+    )?;
     if !is_text(schema.field(i).data_type()) {
         return Err(Error::bad(
             "invalid_places",
