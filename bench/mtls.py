@@ -23,3 +23,30 @@ def timed_overlap(conn, partner="globex"):
     body = r.read()
     assert r.status == 200, body
     return time.perf_counter() - t0
+
+
+def peak_rss_mb(pid):
+    """A process's peak resident memory, in MB."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def restart(pid, binary, data):
+    """Stop the server `pid` and start another on the same data directory (a cold process:
+    no cached plaintext); returns its address. It is stopped when the script ends."""
+    import atexit
+    import signal
+    import subprocess
+    import time
+    os.kill(pid, signal.SIGTERM)
+    while os.path.exists(f"/proc/{pid}") and "zombie" not in open(f"/proc/{pid}/status").read().lower():
+        time.sleep(0.05)
+    proc = subprocess.Popen([binary, "serve", "--data-dir", data, "--listen", "127.0.0.1:0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    atexit.register(proc.terminate)
+    for line in proc.stdout:
+        if line.startswith("escrow listening on "):
+            return line.removeprefix("escrow listening on ").strip()
+    raise RuntimeError("the restarted server did not start")

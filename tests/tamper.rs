@@ -6,7 +6,7 @@ use escrow::store::Store;
 
 use crate::harness::{Env, accounts_csv};
 
-const SEGMENT: usize = 1 << 20;
+const SEGMENT: usize = escrow::crypto::seal::DEFAULT_SEGMENT_SIZE as usize;
 const TAG: usize = 16;
 const HEADER: usize = escrow::crypto::seal::HEADER_LEN;
 
@@ -155,4 +155,46 @@ fn flipped_byte_fails_queries_through_the_service() {
     assert!(r.stderr.contains("incident"), "{}", r.stderr);
     assert!(!r.stderr.contains("authentication"), "{}", r.stderr);
     server.wait_log("sealed data failed authentication");
+}
+
+/// A question reads only its columns: read alone, from the cache, or some cached and some
+/// read, they are the version's columns as a whole read gives them.
+#[test]
+fn columns_read_apart_are_the_columns_of_a_whole_read() {
+    let (env, _, _) = setup();
+    let store = std::sync::Arc::new(store(&env));
+    let whole = store
+        .read_live("acme", "big")
+        .expect("open")
+        .collect_all()
+        .expect("read");
+    let schema = whole[0].schema();
+    let form = escrow::store::Form {
+        schema: schema.clone(),
+        columns: (0..schema.fields().len()).map(|c| (c, None)).collect(),
+    };
+    let v = store.live_version("acme", "big").expect("version");
+    let read = |columns: &[usize]| -> Vec<arrow_array::RecordBatch> {
+        store
+            .batches(&v, &form, columns)
+            .expect("batches")
+            .collect::<escrow::Result<_>>()
+            .expect("read")
+    };
+    let status = schema.index_of("status").expect("status");
+    let website = schema.index_of("website").expect("website");
+    // status alone (read), then status with website (one cached, one read), then both again
+    // (both cached), then every column
+    for columns in [
+        vec![status],
+        vec![website, status],
+        vec![website, status],
+        (0..schema.fields().len()).collect(),
+    ] {
+        let got = read(&columns);
+        assert_eq!(got.len(), whole.len());
+        for (g, w) in got.iter().zip(&whole) {
+            assert_eq!(g, &w.project(&columns).expect("project"), "{columns:?}");
+        }
+    }
 }

@@ -842,11 +842,11 @@ impl QueryService {
         );
         crate::queries::blocking(move || {
             let sealed = store.schema_of(&version)?;
-            let (declared, executes, prepare) = query_form(&sealed, Some(&key), &hasher)?;
-            let populations = filters
+            let (declared, whole, form) = query_form(&sealed, Some(&key), &hasher)?;
+            let populations = |executes: &SchemaRef| -> Result<Vec<_>> { filters
                 .iter()
                 .map(|(name, filter)| {
-                    compile(filter, &declared, &executes, &key, &owner, &dataset, name).map_err(
+                    compile(filter, &declared, executes, &key, &owner, &dataset, name).map_err(
                         |e| match e {
                             // Not the caller's: its name and filter are the owner's business,
                             // even when the caller may see its counts.
@@ -860,13 +860,36 @@ impl QueryService {
                         },
                     )
                 })
-                .collect::<Result<Vec<_>>>()?;
+                .collect::<Result<Vec<_>>>() };
             let index = |c: &str, s: &SchemaRef| {
                 s.index_of(c)
                     .map_err(|e| Error::internal(format!("overlap column: {e}")))
             };
+            // Only the columns the overlap reads are read (and decrypted, on a first read):
+            // the key, the name and place ids, the breakdown and what the filters use.
+            let mut wanted = std::collections::BTreeSet::new();
+            for p in populations(&whole)? {
+                for c in escrow_query::population::columns(&p) {
+                    wanted.insert(index(&c, &whole)?);
+                }
+            }
+            wanted.insert(index(&key, &whole)?);
+            for c in [by.as_deref(), Some(crate::matching::NAME_KEY), Some(crate::matching::PLACE_KEY)]
+                .into_iter()
+                .flatten()
+            {
+                if let Ok(i) = whole.index_of(c) {
+                    wanted.insert(i);
+                }
+            }
+            let wanted: Vec<usize> = wanted.into_iter().collect();
+            let executes: SchemaRef = Arc::new(
+                whole
+                    .project(&wanted)
+                    .map_err(|e| Error::internal(format!("overlap columns: {e}")))?,
+            );
             let side = Side {
-                populations,
+                populations: populations(&executes)?,
                 key_index: index(&key, &executes)?,
                 dimension: by.as_deref().map(|c| index(c, &executes)).transpose()?,
                 names: executes.index_of(crate::matching::NAME_KEY).ok(),
@@ -883,7 +906,7 @@ impl QueryService {
                             .unwrap_or_default(),
                     }),
             };
-            let batches = store.batches(&version, prepare)?.map(|b| {
+            let batches = store.batches(&version, &form, &wanted)?.map(|b| {
                 if stop.requested() {
                     return Err(escrow_query::Stop::error().to_string());
                 }

@@ -17,7 +17,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrow_array::{ArrayRef, RecordBatch};
 use arrow_schema::SchemaRef;
 use escrow_policies::{ColumnUse, Decision, PolicySet, Usage};
 use escrow_query::{
@@ -30,9 +29,9 @@ use sha2::{Digest, Sha256};
 
 use crate::audit::{Actor, Event, Outcome};
 use crate::catalog::{BudgetCharge, QueryableDataset, Spend, VersionKey};
-use crate::matching::{COMPANY_KEY, NAME_KEY, PLACE_KEY};
+use crate::matching::{COMPANY_KEY, ID_CHECK, KEY_ID, NAME_ID, NAME_KEY, PLACE_ID, PLACE_KEY};
 use crate::settings::{self, DatasetSettings};
-use crate::store::{Prepare, Store};
+use crate::store::{Form, Store, Transform};
 use crate::{Error, Result};
 
 /// δ of the partition selection for data-derived groups.
@@ -789,8 +788,7 @@ impl QueryService {
                     live,
                     ..
                 } = d;
-                let (schema, executes, prepare) =
-                    query_form(&sealed, key_column.as_deref(), &hasher)?;
+                let (schema, executes, form) = query_form(&sealed, key_column.as_deref(), &hasher)?;
                 // SQL sees the uploaded columns only, not the name and place ids after them.
                 let width = schema.fields().len();
                 let executes = Arc::new(
@@ -807,7 +805,7 @@ impl QueryService {
                     store: store.clone(),
                     version: live,
                     schema: executes,
-                    prepare,
+                    form,
                     width,
                 });
                 tables.push(QueryTable {
@@ -1146,23 +1144,34 @@ fn fingerprint(
 }
 
 /// How a sealed version is queried: the declared schema (what users plan against: the
-/// uploaded columns), the schema it executes with, and the preparation of its batches. The
+/// uploaded columns), the schema it executes with, and its form (each column's stored
+/// column, and how it is turned into what executes). The
 /// key column executes as entity ids of each row's company key (the hidden column
 /// `matching::COMPANY_KEY`, sealed at upload for website keys; null for unmatched rows) or,
 /// for id keys and versions without that column, of the key text itself. A version sealed
 /// with name keys executes with one more column at the end, `matching::NAME_KEY` as the
 /// entity ids those keys would have, and one with places one more again,
 /// `matching::PLACE_KEY` as ids of its places (for the overlap engine; SQL sees the uploaded
-/// columns only). A version has this one form: the plaintext cache holds its batches so.
+/// columns only). Ids sealed at upload (`matching::KEY_ID`, `NAME_ID`, `PLACE_ID`) under
+/// this hash are read as they are, not hashed again. A version has this one form: the
+/// plaintext cache holds its columns by their place in it.
 pub(crate) fn query_form(
     sealed: &SchemaRef,
     key: Option<&str>,
     hasher: &EntityHasher,
-) -> Result<(SchemaRef, SchemaRef, Prepare)> {
+) -> Result<(SchemaRef, SchemaRef, Form)> {
     let (shown, declared) = crate::matching::declared_schema(sealed)
         .map_err(|e| Error::internal(format!("declared schema: {e}")))?;
     let Some(key) = key else {
-        return Ok((declared.clone(), declared, Arc::new(Ok)));
+        let columns = shown.iter().map(|&i| (i, None)).collect();
+        return Ok((
+            declared.clone(),
+            declared.clone(),
+            Form {
+                schema: declared,
+                columns,
+            },
+        ));
     };
     let mut executes = escrow_query::source::entity_schema(&declared, key)
         .map_err(|e| Error::internal(format!("entity schema: {e}")))?;
@@ -1193,31 +1202,53 @@ pub(crate) fn query_form(
     let key_index = declared
         .index_of(key)
         .map_err(|e| Error::internal(format!("key column: {e}")))?;
-    let (hasher, out) = (hasher.clone(), executes.clone());
-    let prepare: Prepare = Arc::new(move |b: RecordBatch| {
-        let source = b.column(company.unwrap_or(key_index));
-        let mut columns: Vec<ArrayRef> = shown.iter().map(|&i| b.column(i).clone()).collect();
-        columns[key_index] = hasher
-            .ids(source.as_ref())
-            .map_err(|e| Error::internal(format!("entity ids: {e}")))?;
-        if let Some(n) = name_keys {
-            columns.push(
-                hasher
-                    .ids(b.column(n).as_ref())
-                    .map_err(|e| Error::internal(format!("name ids: {e}")))?,
-            );
+    let ids = |what: &'static str| -> Transform {
+        let hasher = hasher.clone();
+        Arc::new(move |a: &dyn arrow_array::Array| {
+            hasher
+                .ids(a)
+                .map_err(|e| Error::internal(format!("{what} ids: {e}")))
+        })
+    };
+    // Ids sealed at upload under this hash are read as they are; else the texts are hashed.
+    let check = hasher.check().to_string();
+    let stored = |id: &str| {
+        sealed
+            .index_of(id)
+            .ok()
+            .filter(|&i| sealed.field(i).metadata().get(ID_CHECK) == Some(&check))
+    };
+    let from = |id: &str, text: usize, what: &'static str| -> (usize, Option<Transform>) {
+        match stored(id) {
+            Some(i) => (i, None),
+            None => (text, Some(ids(what))),
         }
-        if let Some(p) = places {
-            columns.push(
-                hasher
-                    .ids(b.column(p).as_ref())
-                    .map_err(|e| Error::internal(format!("place ids: {e}")))?,
-            );
-        }
-        RecordBatch::try_new(out.clone(), columns)
-            .map_err(|e| Error::internal(format!("query form: {e}")))
-    });
-    Ok((declared, executes, prepare))
+    };
+    let mut columns: Vec<(usize, Option<Transform>)> = shown.iter().map(|&i| (i, None)).collect();
+    columns[key_index] = from(KEY_ID, company.unwrap_or(shown[key_index]), "entity");
+    columns.extend(name_keys.map(|n| from(NAME_ID, n, "name")));
+    columns.extend(places.map(|p| from(PLACE_ID, p, "place")));
+    Ok((
+        declared,
+        executes.clone(),
+        Form {
+            schema: executes,
+            columns,
+        },
+    ))
+}
+
+/// The entity-id hash, for ids sealed at upload (`ingest::KeySpec::ids`).
+pub(crate) fn stored_ids(hasher: &EntityHasher) -> crate::matching::StoredIds {
+    let (check, hasher) = (hasher.check(), hasher.clone());
+    crate::matching::StoredIds {
+        hash: Arc::new(move |a: &dyn arrow_array::Array| {
+            hasher
+                .ids(a)
+                .map_err(|e| Error::internal(format!("entity ids: {e}")))
+        }),
+        check,
+    }
 }
 
 /// A sealed dataset version in query form.
@@ -1226,7 +1257,7 @@ struct SealedSource {
     version: VersionKey,
     /// The schema it executes with (key column as entity ids).
     schema: SchemaRef,
-    prepare: Prepare,
+    form: Form,
     /// The columns SQL sees: the first `width` of the version's query form.
     width: usize,
 }
@@ -1242,21 +1273,16 @@ impl BatchSource for SealedSource {
         self.schema.clone()
     }
 
-    fn open(&self) -> std::result::Result<BatchIter, String> {
+    fn open(&self, columns: &[usize]) -> std::result::Result<BatchIter, String> {
+        // SQL's columns are the first `width` of the query form, in its order.
+        if columns.iter().any(|&c| c >= self.width) {
+            return Err("a column past the dataset's".into());
+        }
         let batches = self
             .store
-            .batches(&self.version, self.prepare.clone())
+            .batches(&self.version, &self.form, columns)
             .map_err(|e| e.to_string())?;
-        let columns: Vec<usize> = (0..self.width).collect();
-        Ok(Box::new(batches.map(
-            move |b: Result<RecordBatch>| -> std::result::Result<RecordBatch, String> {
-                let b = b.map_err(|e| e.to_string())?;
-                if b.num_columns() == columns.len() {
-                    return Ok(b);
-                }
-                b.project(&columns).map_err(|e| e.to_string())
-            },
-        )))
+        Ok(Box::new(batches.map(|b| b.map_err(|e| e.to_string()))))
     }
 }
 
@@ -1558,5 +1584,55 @@ pub(crate) mod kept {
             suppressed,
             protection,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow_schema::{DataType, Field, Schema};
+
+    use super::*;
+
+    /// Ids sealed at upload are read as they are when their check is this hash's; otherwise
+    /// (an older version, another escrow's hash) the texts are hashed.
+    #[test]
+    fn stored_ids_are_read_only_under_their_own_hash() {
+        let hasher = NoiseKey::new([3; 32]).entity_hasher();
+        let sealed = |check: Option<u64>| -> SchemaRef {
+            let mut fields = vec![
+                Field::new("website", DataType::Utf8, true),
+                Field::new("status", DataType::Utf8, true),
+                Field::new(COMPANY_KEY, DataType::Utf8, true),
+                Field::new(NAME_KEY, DataType::Utf8, true),
+            ];
+            if let Some(c) = check {
+                for id in [KEY_ID, NAME_ID] {
+                    fields.push(
+                        Field::new(id, DataType::UInt64, true)
+                            .with_metadata([(ID_CHECK.to_string(), c.to_string())].into()),
+                    );
+                }
+            }
+            Arc::new(Schema::new(fields))
+        };
+        let sources = |check| {
+            let (_, executes, form) =
+                query_form(&sealed(check), Some("website"), &hasher).expect("form");
+            assert_eq!(executes, form.schema);
+            assert_eq!(executes.field(0).data_type(), &DataType::UInt64);
+            (form.columns.iter())
+                .map(|(s, t)| (*s, t.is_some()))
+                .collect::<Vec<_>>()
+        };
+        // key ids, status, name ids
+        assert_eq!(
+            sources(Some(hasher.check())),
+            [(4, false), (1, false), (5, false)]
+        );
+        assert_eq!(
+            sources(Some(hasher.check() ^ 1)),
+            [(2, true), (1, false), (3, true)]
+        );
+        assert_eq!(sources(None), [(2, true), (1, false), (3, true)]);
     }
 }

@@ -26,8 +26,11 @@ impl BatchSource for Memory {
     fn schema(&self) -> SchemaRef {
         self.0.clone()
     }
-    fn open(&self) -> Result<BatchIter, String> {
-        Ok(Box::new(self.1.clone().into_iter().map(Ok)))
+    fn open(&self, columns: &[usize]) -> Result<BatchIter, String> {
+        let columns = columns.to_vec();
+        Ok(Box::new(self.1.clone().into_iter().map(move |b| {
+            b.project(&columns).map_err(|e| e.to_string())
+        })))
     }
 }
 

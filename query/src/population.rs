@@ -241,6 +241,14 @@ pub fn compile(
     Ok(state.create_physical_expr(expr, &df_schema)?)
 }
 
+/// The columns a compiled filter reads, by name.
+pub fn columns(expr: &Arc<dyn PhysicalExpr>) -> Vec<String> {
+    datafusion::physical_expr::utils::collect_columns(expr)
+        .into_iter()
+        .map(|c| c.name().to_string())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

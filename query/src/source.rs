@@ -19,38 +19,97 @@ use datafusion::arrow::array::{Array, ArrayRef, StringArray, UInt64Array};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::catalog::streaming::StreamingTable;
-use datafusion::datasource::TableProvider;
+use datafusion::catalog::Session;
+use datafusion::datasource::{TableProvider, TableType};
 use datafusion::error::DataFusionError;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::Expr;
+use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::stream::RecordBatchReceiverStream;
-use datafusion::physical_plan::streaming::PartitionStream;
+use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
 
 /// Verified batches of one dataset version, read on demand.
 pub trait BatchSource: Send + Sync + fmt::Debug {
     fn schema(&self) -> SchemaRef;
-    /// Start reading (blocking). Every batch yielded has been authenticated; an error ends
-    /// the read and fails the query.
-    fn open(&self) -> Result<BatchIter, String>;
+    /// Start reading `columns` (indices into the schema, ascending) (blocking): batches of
+    /// those columns only, so a question decrypts only what it reads. Every batch yielded
+    /// has been authenticated; an error ends the read and fails the query.
+    fn open(&self, columns: &[usize]) -> Result<BatchIter, String>;
 }
 
 /// The batches of one read.
 pub type BatchIter = Box<dyn Iterator<Item = Result<RecordBatch, String>> + Send>;
 
-/// A DataFusion table over a [`BatchSource`].
+/// A DataFusion table over a [`BatchSource`]: a scan reads the columns its plan uses.
 pub fn table(source: Arc<dyn BatchSource>) -> Result<Arc<dyn TableProvider>, DataFusionError> {
-    let schema = source.schema();
-    let part: Arc<dyn PartitionStream> = Arc::new(SourcePartition { schema, source });
-    Ok(Arc::new(StreamingTable::try_new(
-        part.schema().clone(),
-        vec![part],
-    )?))
+    Ok(Arc::new(SourceTable {
+        schema: source.schema(),
+        source,
+    }))
+}
+
+#[derive(Debug)]
+struct SourceTable {
+    schema: SchemaRef,
+    source: Arc<dyn BatchSource>,
+}
+
+#[async_trait::async_trait]
+impl TableProvider for SourceTable {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::View
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>, DataFusionError> {
+        let columns = projection
+            .cloned()
+            .unwrap_or_else(|| (0..self.schema.fields().len()).collect());
+        // The source yields columns in ascending order; a projection in another order is
+        // applied over them.
+        let mut read = columns.clone();
+        read.sort_unstable();
+        read.dedup();
+        if read.is_empty() && !self.schema.fields().is_empty() {
+            // No column used (COUNT(*)): one is read for the row counts, projected away.
+            read.push(0);
+        }
+        let schema = Arc::new(self.schema.project(&read)?);
+        let part: Arc<dyn PartitionStream> = Arc::new(SourcePartition {
+            schema: schema.clone(),
+            source: self.source.clone(),
+            columns: read.clone(),
+        });
+        let order: Vec<usize> = columns
+            .iter()
+            .map(|c| read.binary_search(c).unwrap_or_default())
+            .collect();
+        let reorder = (order != (0..read.len()).collect::<Vec<_>>()).then_some(&order);
+        Ok(Arc::new(StreamingTableExec::try_new(
+            schema,
+            vec![part],
+            reorder,
+            Vec::new(),
+            false,
+            limit,
+        )?))
+    }
 }
 
 #[derive(Debug)]
 struct SourcePartition {
     schema: SchemaRef,
     source: Arc<dyn BatchSource>,
+    columns: Vec<usize>,
 }
 
 impl PartitionStream for SourcePartition {
@@ -61,11 +120,11 @@ impl PartitionStream for SourcePartition {
     fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
         let mut builder = RecordBatchReceiverStream::builder(self.schema.clone(), 2);
         let tx = builder.tx();
-        let source = self.source.clone();
+        let (source, columns) = (self.source.clone(), self.columns.clone());
         builder.spawn_blocking(move || {
             // Errors carry no data (they come from the sealing layer); the service logs them
             // and clients see a generic failure.
-            let batches = source.open().map_err(external)?;
+            let batches = source.open(&columns).map_err(external)?;
             for b in batches {
                 let b = b.map_err(external)?;
                 if tx.blocking_send(Ok(b)).is_err() {
@@ -101,6 +160,12 @@ impl EntityHasher {
     /// Entity id of a key value given as text (integer keys hash their decimal text).
     pub fn id(&self, key: &str) -> u64 {
         self.0.hash(key.as_bytes())
+    }
+
+    /// The check value of this hash (the id of a fixed text): ids stored at upload under it
+    /// are the ids this hash gives.
+    pub fn check(&self) -> u64 {
+        self.id("escrow-stored-ids-check-v1")
     }
 
     /// Entity ids of a key column; nulls stay null (a row without a key is no entity).

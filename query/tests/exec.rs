@@ -3,7 +3,7 @@
 #![allow(clippy::expect_used)]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::array::{ArrayRef, StringArray};
@@ -14,21 +14,24 @@ use escrow_query::{
     QueryTable, SharedMemory, execute, gate, plan_for_execution, plan_sql,
 };
 
-/// A dataset in memory that counts how often it was read.
+/// A dataset in memory that records its reads (the columns of each).
 #[derive(Debug)]
 struct Counted {
     schema: SchemaRef,
     batches: Vec<RecordBatch>,
-    reads: AtomicUsize,
+    reads: Mutex<Vec<Vec<usize>>>,
 }
 
 impl BatchSource for Counted {
     fn schema(&self) -> SchemaRef {
         self.schema.clone()
     }
-    fn open(&self) -> Result<BatchIter, String> {
-        self.reads.fetch_add(1, Ordering::SeqCst);
-        Ok(Box::new(self.batches.clone().into_iter().map(Ok)))
+    fn open(&self, columns: &[usize]) -> Result<BatchIter, String> {
+        self.reads.lock().expect("reads").push(columns.to_vec());
+        let columns = columns.to_vec();
+        Ok(Box::new(self.batches.clone().into_iter().map(move |b| {
+            b.project(&columns).map_err(|e| e.to_string())
+        })))
     }
 }
 
@@ -54,7 +57,7 @@ fn list(companies: std::ops::Range<usize>, hasher: &EntityHasher) -> (SchemaRef,
     let source = Arc::new(Counted {
         schema: executes,
         batches,
-        reads: AtomicUsize::new(0),
+        reads: Mutex::default(),
     });
     (schema, source)
 }
@@ -71,6 +74,13 @@ fn table(owner: &str, (schema, source): &(SchemaRef, Arc<Counted>)) -> QueryTabl
 
 /// Runs `sql` as acme, protected; returns how often acme's and globex's lists were read.
 async fn reads(sql: &str) -> (usize, usize) {
+    let (acme, globex) = columns_read(sql).await;
+    (acme.len(), globex.len())
+}
+
+/// Runs `sql` as acme, protected; returns the columns of each read of acme's and globex's
+/// lists.
+async fn columns_read(sql: &str) -> (Vec<Vec<usize>>, Vec<Vec<usize>>) {
     let key = NoiseKey::new([9; 32]);
     let hasher = key.entity_hasher();
     let acme = list(0..200, &hasher);
@@ -105,10 +115,22 @@ async fn reads(sql: &str) -> (usize, usize) {
         .await
         .expect("execute");
     assert_eq!(answer.suppressed, vec![false], "{sql}: one released row");
-    (
-        acme.1.reads.load(Ordering::SeqCst),
-        globex.1.reads.load(Ordering::SeqCst),
-    )
+    let reads = |c: &Counted| c.reads.lock().expect("reads").clone();
+    (reads(&acme.1), reads(&globex.1))
+}
+
+#[tokio::test]
+async fn a_question_reads_only_the_columns_it_uses() {
+    // (website, region): the join and the count read the key alone.
+    let join = "SELECT COUNT(DISTINCT a.website) FROM acme.accounts a \
+                JOIN globex.accounts b ON a.website = b.website";
+    assert_eq!(columns_read(join).await, (vec![vec![0]], vec![vec![0]]));
+    // A filter on globex's region reads that column of globex's list only.
+    let filtered = format!("{join} WHERE b.region = 'EU'");
+    assert_eq!(
+        columns_read(&filtered).await,
+        (vec![vec![0]], vec![vec![0, 1]])
+    );
 }
 
 #[tokio::test]

@@ -1,21 +1,27 @@
-//! A bounded in-memory cache of verified plaintext batches, per dataset version.
+//! A bounded in-memory cache of verified plaintext columns, per dataset version and column
+//! of its query form.
 //!
 //! Decrypting and authenticating a whole dataset on every query costs about 1 s per GB on
-//! one core; repeated questions over the same lists are the common case. Entries are only
-//! ever inserted after a complete, authenticated read; eviction is least-recently-used by
-//! Arrow memory size. The cache lives in process memory only (never on disk), and deleting a
+//! one core; repeated questions over the same lists are the common case. A question reads
+//! only the columns it uses, and keeps those: a column is cached as the chunks of one read of
+//! the version (one per record batch; every read of a version cuts it the same way). Entries
+//! are only ever inserted after a complete, authenticated read; eviction is
+//! least-recently-used by Arrow memory size. The cache lives in process memory only (never on disk), and deleting a
 //! dataset or uploading a new version drops its entries, so crypto-shredding also forgets
 //! the plaintext.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use arrow_array::{Array, RecordBatch};
+use arrow_array::{Array, ArrayRef, RecordBatch};
 use arrow_data::ArrayData;
 use arrow_schema::SchemaRef;
 
-/// Verified batches of one version.
-pub type Batches = Arc<Vec<RecordBatch>>;
+/// One verified column of a version, in its chunks.
+pub type Chunks = Arc<Vec<ArrayRef>>;
+
+/// (dataset id, version id, column of the version's query form)
+type Key = (String, String, usize);
 
 #[derive(Debug)]
 pub struct PlaintextCache {
@@ -25,8 +31,7 @@ pub struct PlaintextCache {
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// (dataset id, version id) -> entry
-    entries: HashMap<(String, String), Entry>,
+    entries: HashMap<Key, Entry>,
     schemas: HashMap<(String, String), SchemaRef>,
     bytes: usize,
     tick: u64,
@@ -34,7 +39,7 @@ struct Inner {
 
 #[derive(Debug)]
 struct Entry {
-    batches: Batches,
+    chunks: Chunks,
     bytes: usize,
     used: u64,
     stamp: Stamp,
@@ -53,8 +58,12 @@ pub struct MemoryMeter {
 impl MemoryMeter {
     pub fn add(&mut self, batch: &RecordBatch) {
         for c in batch.columns() {
-            self.visit(&c.to_data());
+            self.add_array(c.as_ref());
         }
+    }
+
+    pub fn add_array(&mut self, array: &dyn Array) {
+        self.visit(&array.to_data());
     }
 
     pub fn bytes(&self) -> usize {
@@ -92,15 +101,35 @@ impl PlaintextCache {
         self.max_bytes
     }
 
+    /// The cached chunks of each of `columns` of a version (`None` where not cached).
+    pub fn columns(
+        &self,
+        dataset_id: &str,
+        version_id: &str,
+        stamp: Stamp,
+        columns: &[usize],
+    ) -> Vec<Option<Chunks>> {
+        columns
+            .iter()
+            .map(|&c| self.get(dataset_id, version_id, c, stamp))
+            .collect()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn get(&self, dataset_id: &str, version_id: &str, stamp: Stamp) -> Option<Batches> {
+    fn get(
+        &self,
+        dataset_id: &str,
+        version_id: &str,
+        column: usize,
+        stamp: Stamp,
+    ) -> Option<Chunks> {
         let mut inner = self.lock();
         inner.tick += 1;
         let tick = inner.tick;
-        let key = (dataset_id.to_string(), version_id.to_string());
+        let key = (dataset_id.to_string(), version_id.to_string(), column);
         let e = inner.entries.get_mut(&key)?;
         if e.stamp != stamp {
             if let Some(e) = inner.entries.remove(&key) {
@@ -109,16 +138,15 @@ impl PlaintextCache {
             return None;
         }
         e.used = tick;
-        Some(e.batches.clone())
+        Some(e.chunks.clone())
     }
 
-    /// Keep `batches` (which hold `bytes`, as measured by [`MemoryMeter`]).
+    /// Keep a column's `chunks` (which hold `bytes`, as measured by [`MemoryMeter`]).
     pub fn insert(
         &self,
-        dataset_id: &str,
-        version_id: &str,
+        (dataset_id, version_id, column): (&str, &str, usize),
         stamp: Stamp,
-        batches: Vec<RecordBatch>,
+        chunks: Chunks,
         bytes: usize,
     ) {
         if bytes > self.max_bytes {
@@ -140,11 +168,11 @@ impl PlaintextCache {
         }
         inner.tick += 1;
         let used = inner.tick;
-        let key = (dataset_id.to_string(), version_id.to_string());
+        let key = (dataset_id.to_string(), version_id.to_string(), column);
         if let Some(old) = inner.entries.insert(
             key,
             Entry {
-                batches: Arc::new(batches),
+                chunks,
                 bytes,
                 used,
                 stamp,
@@ -177,8 +205,8 @@ impl PlaintextCache {
     /// Keep only the entries of the (dataset id, version id) pairs `keep` accepts.
     pub fn retain(&self, keep: impl Fn(&str, &str) -> bool) {
         let mut inner = self.lock();
-        let gone: Vec<(String, String)> = (inner.entries.keys())
-            .filter(|(d, v)| !keep(d, v))
+        let gone: Vec<Key> = (inner.entries.keys())
+            .filter(|(d, v, _)| !keep(d, v))
             .cloned()
             .collect();
         for k in gone {

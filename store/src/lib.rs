@@ -20,6 +20,7 @@ pub mod matching;
 pub mod model;
 pub mod objects;
 pub mod pki;
+pub mod projected;
 pub mod store;
 
 pub use error::{Error, Result};

@@ -51,6 +51,45 @@ pub const PLACE_KEY: &str = "__escrow_place";
 /// comma-separated. Places of two lists are compared only when their kinds are the same.
 pub const PLACE_KINDS: &str = "escrow.place_kinds";
 
+/// Hidden columns sealed with a keyed dataset when the uploader's server gives the query
+/// engine's id hash ([`StoredIds`]): the entity ids of each row's company key (or key text),
+/// name key and place, as questions read them, so a question neither decrypts the key texts
+/// nor hashes them again.
+pub const KEY_ID: &str = "__escrow_key_id";
+pub const NAME_ID: &str = "__escrow_name_id";
+pub const PLACE_ID: &str = "__escrow_place_id";
+
+/// Field metadata of the id columns: the check value of the hash that made them
+/// ([`StoredIds::check`]). A reader whose hash has another check value hashes the texts
+/// itself.
+pub const ID_CHECK: &str = "escrow.id_check";
+
+/// A function from one column to another (key texts into entity ids, say).
+pub type ColumnFn = Arc<dyn Fn(&dyn Array) -> crate::Result<ArrayRef> + Send + Sync>;
+
+/// The query engine's entity-id hash, for ids computed at upload: the hash is keyed with a
+/// secret of the escrow the store does not hold, and `check` (the hash of a fixed text)
+/// tells a reader whether stored ids are the ones its own hash would give.
+#[derive(Clone)]
+pub struct StoredIds {
+    pub hash: ColumnFn,
+    pub check: u64,
+}
+
+impl std::fmt::Debug for StoredIds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StoredIds(check {:016x})", self.check)
+    }
+}
+
+impl PartialEq for StoredIds {
+    fn eq(&self, other: &Self) -> bool {
+        self.check == other.check
+    }
+}
+
+impl Eq for StoredIds {}
+
 /// Separates a name from its context values inside a name key.
 const CONTEXT_SEPARATOR: char = '\u{1f}';
 

@@ -7,13 +7,33 @@ use std::fs;
 use std::io::{BufWriter, Read};
 use std::path::PathBuf;
 
-use arrow_array::RecordBatch;
+use arrow_array::{ArrayRef, RecordBatch};
 use arrow_schema::{ArrowError, SchemaRef};
 
 use crate::cache::{MemoryMeter, PlaintextCache};
 
 /// Turns a verified batch into the form the cache keeps and queries read.
-pub type Prepare = std::sync::Arc<dyn Fn(RecordBatch) -> Result<RecordBatch> + Send + Sync>;
+/// How one stored column becomes a column of a version's query form (key text into entity
+/// ids, say).
+pub use crate::matching::ColumnFn as Transform;
+
+/// A version's query form: the columns questions read, each one stored column as it is or
+/// transformed. One form per version ([`Store::batches`] caches its columns).
+#[derive(Clone)]
+pub struct Form {
+    pub schema: SchemaRef,
+    /// Per column of `schema`: the stored column it comes from, and how.
+    pub columns: Vec<(usize, Option<Transform>)>,
+}
+
+impl Form {
+    fn source(&self, column: usize) -> Result<usize> {
+        self.columns
+            .get(column)
+            .map(|(s, _)| *s)
+            .ok_or_else(|| Error::internal("a column past the query form"))
+    }
+}
 use crate::audit::{self, Actor, AuditLog, Event, Outcome};
 use crate::catalog::{Catalog, ColumnInfo, DatasetInfo, NewVersion, VersionKey, datasets};
 use crate::crypto::keys::{self, Kek, KeyLocation, Keyring};
@@ -527,76 +547,165 @@ impl Store {
         Ok(schema)
     }
 
-    /// The verified batches of a version in query form (`prepare` applied to each batch,
-    /// e.g. key columns turned into entity ids): from the plaintext cache, or read
-    /// (decrypting and authenticating), prepared and cached once the whole version read
-    /// cleanly. `prepare` must be the same function for every call on a version: the cache
-    /// holds its output.
+    /// The verified batches of a version in query form, with only the form's `columns` (in
+    /// that order): from the plaintext cache, or read (decrypting and authenticating only the
+    /// stored columns they come from, where the object is a local file), transformed, and
+    /// cached column by column once the whole version read cleanly. A version has one form:
+    /// the cache holds its columns by their place in it.
     pub fn batches(
         self: &std::sync::Arc<Self>,
         v: &VersionKey,
-        prepare: Prepare,
+        form: &Form,
+        columns: &[usize],
     ) -> Result<Box<dyn Iterator<Item = Result<RecordBatch>> + Send>> {
+        if columns.is_empty() {
+            return Err(Error::internal("a read of no columns"));
+        }
+        let schema = std::sync::Arc::new(
+            form.schema
+                .project(columns)
+                .map_err(|e| Error::internal(format!("query form: {e}")))?,
+        );
         let meta = self
             .objects
             .head(&objects::version_key(&v.dataset_id, &v.version_id))?
             .ok_or_else(missing)?;
         let stamp = (meta.size, meta.stamp);
-        if let Some(batches) = self.cache.get(&v.dataset_id, &v.version_id, stamp) {
-            return Ok(Box::new(
-                (0..batches.len()).map(move |i| Ok(batches[i].clone())),
-            ));
+        let cached = self
+            .cache
+            .columns(&v.dataset_id, &v.version_id, stamp, columns);
+        if let Some(chunks) = cached.iter().cloned().collect::<Option<Vec<_>>>() {
+            let n = chunks.first().map_or(0, |c| c.len());
+            if chunks.iter().all(|c| c.len() == n) {
+                return Ok(Box::new((0..n).map(move |i| {
+                    let columns = chunks.iter().map(|c| c[i].clone()).collect();
+                    RecordBatch::try_new(schema.clone(), columns)
+                        .map_err(|e| Error::internal(format!("cached columns: {e}")))
+                })));
+            }
         }
-        let mut reader = self.read_version(v)?;
-        let mut collected = Some((Vec::new(), MemoryMeter::default()));
+        // Read what is not cached: the stored columns behind it, once each.
+        let missing: Vec<usize> = (0..columns.len())
+            .filter(|&i| cached[i].is_none())
+            .collect();
+        let mut stored: Vec<usize> = missing
+            .iter()
+            .map(|&i| form.source(columns[i]))
+            .collect::<Result<_>>()?;
+        stored.sort_unstable();
+        stored.dedup();
+        let mut reader = self.read_columns(v, &stored)?;
+        let fresh: Vec<(usize, usize, Option<Transform>)> = missing
+            .iter()
+            .map(|&i| {
+                let (source, transform) = form.columns[columns[i]].clone();
+                let at = stored.binary_search(&source).unwrap_or_default();
+                (i, at, transform)
+            })
+            .collect();
         let max = self.cache.max_bytes();
+        let mut kept: Option<Vec<(Vec<ArrayRef>, MemoryMeter)>> =
+            Some(missing.iter().map(|_| Default::default()).collect());
+        let (mut reading, mut preparing) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
         let (dataset_id, version_id) = (v.dataset_id.clone(), v.version_id.clone());
         let store = std::sync::Arc::clone(self);
-        // Where a first read's time goes (decrypting and decoding, then preparing), in the
-        // debug log: the cold path's breakdown.
-        let (mut reading, mut preparing) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
+        let mut chunk = 0usize;
+        let ids: Vec<usize> = columns.to_vec();
         let iter = std::iter::from_fn(move || {
             let started = std::time::Instant::now();
             let read = reader.next();
             let decoded = std::time::Instant::now();
-            let next = read.map(|b| b.and_then(&*prepare));
             reading += decoded - started;
+            let next = read.map(|b| -> Result<RecordBatch> {
+                let b = b?;
+                let mut out: Vec<Option<ArrayRef>> = cached
+                    .iter()
+                    .map(|c| c.as_ref().and_then(|c| c.get(chunk).cloned()))
+                    .collect();
+                for (k, (i, at, transform)) in fresh.iter().enumerate() {
+                    let column = b.column(*at);
+                    let column = match transform {
+                        Some(t) => t(column.as_ref())?,
+                        None => column.clone(),
+                    };
+                    if let Some(kept) = kept.as_mut() {
+                        kept[k].1.add_array(column.as_ref());
+                        kept[k].0.push(column.clone());
+                    }
+                    out[*i] = Some(column);
+                }
+                let columns = out
+                    .into_iter()
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| Error::internal("a cached column is cut otherwise"))?;
+                RecordBatch::try_new(schema.clone(), columns)
+                    .map_err(|e| Error::internal(format!("query form: {e}")))
+            });
             preparing += decoded.elapsed();
+            chunk += 1;
             match next {
                 Some(Ok(b)) => {
-                    if let Some((batches, meter)) = collected.as_mut() {
-                        meter.add(&b);
-                        if meter.bytes() > max {
-                            collected = None;
-                        } else {
-                            batches.push(b.clone());
-                        }
+                    if kept
+                        .as_ref()
+                        .is_some_and(|k| k.iter().map(|(_, m)| m.bytes()).sum::<usize>() > max)
+                    {
+                        kept = None;
                     }
                     Some(Ok(b))
                 }
                 Some(Err(e)) => {
-                    collected = None;
+                    kept = None;
                     Some(Err(e))
                 }
                 None => {
-                    if let Some((batches, meter)) = collected.take() {
-                        let bytes = meter.bytes();
+                    if let Some(kept) = kept.take() {
                         tracing::debug!(
                             version = %version_id,
                             read_ms = reading.as_millis() as u64,
                             prepare_ms = preparing.as_millis() as u64,
-                            bytes,
-                            "version read from its sealed object"
+                            columns = kept.len(),
+                            bytes = kept.iter().map(|(_, m)| m.bytes()).sum::<usize>(),
+                            "columns read from their sealed object"
                         );
-                        store
-                            .cache
-                            .insert(&dataset_id, &version_id, stamp, batches, bytes);
+                        for ((chunks, meter), (i, _, _)) in kept.into_iter().zip(&fresh) {
+                            store.cache.insert(
+                                (&dataset_id, &version_id, ids[*i]),
+                                stamp,
+                                std::sync::Arc::new(chunks),
+                                meter.bytes(),
+                            );
+                        }
                     }
                     None
                 }
             }
         });
         Ok(Box::new(iter))
+    }
+
+    /// The verified batches of a version with only its stored `columns` (ascending): only
+    /// their segments decrypted where the object is a local file, else read whole.
+    fn read_columns(
+        &self,
+        v: &VersionKey,
+        columns: &[usize],
+    ) -> Result<Box<dyn Iterator<Item = Result<RecordBatch>> + Send>> {
+        let key = objects::version_key(&v.dataset_id, &v.version_id);
+        let Some(file) = self.objects.local_file(&key)? else {
+            let columns = columns.to_vec();
+            return Ok(Box::new(self.read_version(v)?.map(move |b| {
+                b?.project(&columns)
+                    .map_err(|e| Error::internal(format!("projecting a version: {e}")))
+            })));
+        };
+        let bind = binding(&v.dataset_id, &v.version_id)?;
+        let dek = self.keys.get(&v.kek_id)?.unwrap(&v.wrapped_dek, &bind)?;
+        let source =
+            seal::SealedRandomAccess::open(file, &dek[..], bind).map_err(io_to_integrity)?;
+        Ok(Box::new(crate::projected::ProjectedBatches::new(
+            source,
+            columns.to_vec(),
+        )?))
     }
 
     fn read_version(&self, v: &VersionKey) -> Result<SealedBatches> {

@@ -23,8 +23,9 @@ use arrow_schema::{ArrowError, DataType, SchemaRef};
 
 use crate::catalog::ColumnInfo;
 use crate::matching::{
-    COMPANY_KEY, MatchStats, NAME_KEY, Names, PLACE_KEY, PLACE_KINDS, company_keys_parallel,
-    detect_places, is_text, place_keys, place_kind, place_kinds,
+    COMPANY_KEY, ID_CHECK, KEY_ID, MatchStats, NAME_ID, NAME_KEY, Names, PLACE_ID, PLACE_KEY,
+    PLACE_KINDS, company_keys_parallel, detect_places, is_text, place_keys, place_kind,
+    place_kinds,
 };
 use crate::{Error, Result};
 pub use csv::DeclaredSchema;
@@ -239,6 +240,9 @@ pub struct KeySpec {
     pub key_type: KeyType,
     /// Column types over the ones inferred from a CSV's first rows (`upload --schema`).
     pub declared: DeclaredSchema,
+    /// With a key column: the entity ids of each row's key, name and place, computed now
+    /// and sealed (`matching::KEY_ID`).
+    pub ids: Option<crate::matching::StoredIds>,
 }
 
 /// Which columns give a row's place (`matching::PLACE_KEY`), with a name column.
@@ -506,6 +510,40 @@ fn decode_into<'a, R: Read + 'a, W: Write>(
         }
         None => schema.clone(),
     };
+    // Ids computed at upload: of the company key (or the key text), the name key, the place.
+    let ids = match (&key.ids, key_column) {
+        (Some(ids), Some(k)) => {
+            let key_source = sealed_schema
+                .index_of(COMPANY_KEY)
+                .or_else(|_| sealed_schema.index_of(k))
+                .map_err(internal_arrow)?;
+            let mut sources = vec![(KEY_ID, key_source)];
+            for (id, text) in [(NAME_ID, NAME_KEY), (PLACE_ID, PLACE_KEY)] {
+                if let Ok(i) = sealed_schema.index_of(text) {
+                    sources.push((id, i));
+                }
+            }
+            let check = [(ID_CHECK.to_string(), ids.check.to_string())];
+            let mut fields: Vec<arrow_schema::FieldRef> =
+                sealed_schema.fields().iter().cloned().collect();
+            fields.extend(sources.iter().map(|(id, _)| {
+                Arc::new(
+                    arrow_schema::Field::new(*id, DataType::UInt64, true)
+                        .with_metadata(check.clone().into()),
+                )
+            }));
+            let with_ids = Arc::new(arrow_schema::Schema::new_with_metadata(
+                fields,
+                sealed_schema.metadata().clone(),
+            ));
+            Some((ids.hash.clone(), sources, with_ids))
+        }
+        _ => None,
+    };
+    let text_schema = sealed_schema;
+    let sealed_schema = ids
+        .as_ref()
+        .map_or(text_schema.clone(), |(_, _, with_ids)| with_ids.clone());
     let mut stats = MatchStats::default();
     let mut writer = StreamWriter::try_new(sink, &sealed_schema).map_err(internal_arrow)?;
     let mut rows = 0u64;
@@ -539,6 +577,16 @@ fn decode_into<'a, R: Read + 'a, W: Write>(
                         .map(|(c, &i)| (c.as_str(), batch.column(i).as_ref()))
                         .collect();
                     cols.push(place_keys(&columns).map_err(internal_arrow)?);
+                }
+                RecordBatch::try_new(text_schema.clone(), cols).map_err(internal_arrow)?
+            }
+            None => batch,
+        };
+        let batch = match &ids {
+            Some((hash, sources, _)) => {
+                let mut cols = batch.columns().to_vec();
+                for (_, source) in sources {
+                    cols.push(hash(batch.column(*source).as_ref())?);
                 }
                 RecordBatch::try_new(sealed_schema.clone(), cols).map_err(internal_arrow)?
             }

@@ -359,3 +359,55 @@ fn places_are_detected_from_the_headers_given_or_turned_off() {
         Places::Columns(vec!["country".into(), "region".into()])
     );
 }
+
+#[test]
+fn ids_given_at_upload_are_sealed_beside_their_texts() {
+    use crate::matching::{ID_CHECK, KEY_ID, NAME_ID, PLACE_ID, StoredIds};
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::UInt64Type;
+    // A stand-in for the query engine's keyed hash: the text's length (nulls stay null).
+    let hash: crate::matching::ColumnFn = Arc::new(|a: &dyn Array| {
+        let text = a.as_string::<i32>();
+        Ok(Arc::new(arrow_array::UInt64Array::from_iter(
+            text.iter().map(|v| v.map(|v| v.len() as u64)),
+        )) as arrow_array::ArrayRef)
+    });
+    let csv =
+        "website,company_name,region\nacme.com,Acme,EMEA\n,Globex Corporation,NA\nnot a site,,\n";
+    let key = |ids: Option<StoredIds>| KeySpec {
+        column: Some("website".into()),
+        name_column: Some("company_name".into()),
+        ids,
+        ..KeySpec::default()
+    };
+    let ids = StoredIds { hash, check: 42 };
+    let (_, schema, batches) = sealed_csv(csv, &key(Some(ids))).expect("ok");
+    for (id, text) in [
+        (KEY_ID, COMPANY_KEY),
+        (NAME_ID, NAME_KEY),
+        (PLACE_ID, PLACE_KEY),
+    ] {
+        let field = schema.field_with_name(id).expect("an id column");
+        assert_eq!(
+            field.metadata().get(ID_CHECK).map(String::as_str),
+            Some("42")
+        );
+        let (ids, texts) = (
+            batches[0]
+                .column_by_name(id)
+                .expect("ids")
+                .as_primitive::<UInt64Type>()
+                .clone(),
+            batches[0]
+                .column_by_name(text)
+                .expect("texts")
+                .as_string::<i32>()
+                .clone(),
+        );
+        let expected: Vec<Option<u64>> = texts.iter().map(|t| t.map(|t| t.len() as u64)).collect();
+        assert_eq!(ids.iter().collect::<Vec<_>>(), expected, "{id}");
+    }
+    // Without the hash, no id columns; without a key column, none either.
+    let (_, schema, _) = sealed_csv(csv, &key(None)).expect("ok");
+    assert!(schema.field_with_name(KEY_ID).is_err());
+}

@@ -57,6 +57,26 @@ impl CachedObjects {
     }
 
     /// Copy the remote object `key` (as `meta` describes it) into the cache.
+    /// A version's object through this node's copy of it (fetched first if it has none);
+    /// `None` if the store has no such object.
+    fn through_copy<T>(
+        &self,
+        key: &str,
+        read: impl Fn(&LocalObjects, &str) -> Result<Option<T>>,
+    ) -> Result<Option<T>> {
+        let Some(meta) = self.remote.head(key)? else {
+            return Ok(None);
+        };
+        let copy = copy_key(key, &meta);
+        if let Some(found) = read(&self.local, &copy)? {
+            return Ok(Some(found));
+        }
+        if !self.fetch(key, &meta)? {
+            return Ok(None);
+        }
+        read(&self.local, &copy)
+    }
+
     fn fetch(&self, key: &str, meta: &ObjectMeta) -> Result<bool> {
         let Some(mut remote) = self.remote.open(key)? else {
             return Ok(false);
@@ -119,17 +139,14 @@ impl Objects for CachedObjects {
         if parse_version_key(key).is_none() {
             return self.remote.open(key);
         }
-        let Some(meta) = self.remote.head(key)? else {
-            return Ok(None);
-        };
-        let copy = copy_key(key, &meta);
-        if let Some(reader) = self.local.open(&copy)? {
-            return Ok(Some(reader));
-        }
-        if !self.fetch(key, &meta)? {
+        self.through_copy(key, |local, copy| local.open(copy))
+    }
+
+    fn local_file(&self, key: &str) -> Result<Option<std::fs::File>> {
+        if parse_version_key(key).is_none() {
             return Ok(None);
         }
-        self.local.open(&copy)
+        self.through_copy(key, |local, copy| local.local_file(copy))
     }
 
     fn head(&self, key: &str) -> Result<Option<ObjectMeta>> {

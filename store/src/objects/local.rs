@@ -155,6 +155,10 @@ impl Objects for LocalObjects {
             .map(|f| Box::new(BufReader::with_capacity(1 << 20, f)) as Box<dyn io::Read + Send>))
     }
 
+    fn local_file(&self, key: &str) -> Result<Option<File>> {
+        absent_is_none(File::open(self.path(key)?))
+    }
+
     fn head(&self, key: &str) -> Result<Option<ObjectMeta>> {
         Ok(absent_is_none(fs::metadata(self.path(key)?))?.map(|m| self.meta(key.to_string(), &m)))
     }

@@ -53,6 +53,13 @@ pub trait Objects: Send + Sync {
     /// A sequential reader of an object; `None` if there is none. A remote backend reads it
     /// in ranges, ahead of the caller.
     fn open(&self, key: &str) -> Result<Option<Box<dyn Read + Send>>>;
+    /// An object as a local file, for reads of some of its parts (a question decrypts only
+    /// the columns it uses); `None` if there is none, or if the backend keeps no local file
+    /// of it (then `open` reads it whole).
+    fn local_file(&self, key: &str) -> Result<Option<std::fs::File>> {
+        let _ = key;
+        Ok(None)
+    }
     /// Size and stamp of an object; `None` if there is none.
     fn head(&self, key: &str) -> Result<Option<ObjectMeta>>;
     /// Every object whose key starts with `prefix` (a folder, ending in `/`), by key.

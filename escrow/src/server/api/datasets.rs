@@ -92,6 +92,7 @@ pub(crate) async fn upload(
                 .map(crate::ingest::KeyType::parse)
                 .transpose()?
                 .unwrap_or_default(),
+            ids: Some(crate::queries::stored_ids(&state.queries.entity_hasher)),
             declared: crate::ingest::DeclaredSchema::parse(
                 params
                     .schema
