@@ -1,4 +1,5 @@
-//! Tampering with sealed files on disk: every read must fail as a whole.
+//! Tampering with sealed files on disk: every whole read must fail as a whole, and a read of
+//! some columns on the segments it reads (`projected::tests` covers the segments it skips).
 
 use std::path::PathBuf;
 

@@ -80,8 +80,12 @@ impl TableProvider for SourceTable {
         read.sort_unstable();
         read.dedup();
         if read.is_empty() && !self.schema.fields().is_empty() {
-            // No column used (COUNT(*)): one is read for the row counts, projected away.
-            read.push(0);
+            // No column used (COUNT(*)): one is read for the row counts, projected away: a
+            // fixed-width one (the key's ids), so its time does not follow its values.
+            let fixed = (self.schema.fields().iter())
+                .position(|f| f.data_type().is_primitive())
+                .unwrap_or(0);
+            read.push(fixed);
         }
         let schema = Arc::new(self.schema.project(&read)?);
         let part: Arc<dyn PartitionStream> = Arc::new(SourcePartition {

@@ -512,6 +512,13 @@ mod tests {
             + segment * ((clean.len() - crate::crypto::seal::HEADER_LEN) / segment - 1);
         std::fs::write(&path, &clean[..cut]).unwrap();
         assert!(read(&path, &[0]).is_err());
+        let mut tagged = clean[..cut].to_vec();
+        tagged.extend_from_slice(&[0; 16]);
+        std::fs::write(&path, &tagged).unwrap();
+        assert!(
+            read(&path, &[0]).is_err(),
+            "cut, with an empty last segment appended"
+        );
         let mut longer = clean.clone();
         longer.extend_from_slice(&[0; 40]);
         std::fs::write(&path, &longer).unwrap();

@@ -658,6 +658,10 @@ impl Store {
                     Some(Err(e))
                 }
                 None => {
+                    // Every cached column was cut as this read was, or nothing is answered.
+                    if cached.iter().flatten().any(|c| c.len() != chunk - 1) {
+                        return Some(Err(Error::internal("a cached column is cut otherwise")));
+                    }
                     if let Some(kept) = kept.take() {
                         tracing::debug!(
                             version = %version_id,

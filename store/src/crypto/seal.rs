@@ -325,7 +325,9 @@ impl SealedRandomAccess {
         let (n_full, rem) = (body / full, body % full);
         let (segments, plaintext_len) = match rem {
             0 if n_full > 0 => (n_full, n_full * u64::from(segment_size)),
-            r if r >= TAG_LEN as u64 => (
+            // An empty last segment follows no full one: the writer seals a full last
+            // segment as the last (a file cut at a boundary with a tag appended is refused).
+            r if r >= TAG_LEN as u64 && !(r == TAG_LEN as u64 && n_full > 0) => (
                 n_full + 1,
                 n_full * u64::from(segment_size) + r - TAG_LEN as u64,
             ),
