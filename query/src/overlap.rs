@@ -103,6 +103,9 @@ pub struct Side {
     pub names: Option<usize>,
     /// Places of the rows, compared on name links (with `names` only).
     pub places: Option<Places>,
+    /// Rows of the version (its stored count): the entity table is sized for them once,
+    /// rather than grown (and every entity moved) a dozen times on the way.
+    pub rows: usize,
 }
 
 /// Hashes keys that are already uniform (keyed entity ids) or small packed cell keys: one
@@ -326,6 +329,10 @@ pub fn memberships(
             .map(|p| p.kinds.clone()),
         ..Membership::default()
     };
+    // Sized once, within the limit (a side at the limit is refused as it would have been
+    // once grown).
+    let slot = size_of::<(u64, Member)>() + 1;
+    out.members.reserve(side.rows.min(memory_limit / slot / 2));
     let mut masks = Vec::new();
     for batch in batches {
         let batch = batch.map_err(internal)?;
@@ -747,6 +754,7 @@ mod tests {
             dimension: by.then_some(2),
             names: None,
             places: None,
+            rows: 0,
         }
     }
 
