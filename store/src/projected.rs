@@ -108,7 +108,7 @@ impl ProjectedBatches {
     }
 
     fn read(&self, at: u64, out: &mut [u8]) -> Result<()> {
-        self.source.read_into(at, out).map_err(io_error)
+        self.source.read_into(at, out).map_err(io_to_integrity)
     }
 
     /// The next record batch (dictionaries are taken in on the way).
@@ -137,7 +137,7 @@ impl ProjectedBatches {
                         &mut self.dictionaries,
                         &version,
                     )
-                    .map_err(decode_error)?;
+                    .map_err(arrow_to_integrity)?;
                 }
                 MessageHeader::RecordBatch => {
                     let batch = message
@@ -155,7 +155,7 @@ impl ProjectedBatches {
                         Some(&self.projection),
                         &version,
                     )
-                    .map_err(decode_error)?;
+                    .map_err(arrow_to_integrity)?;
                     return Ok(Some(if partial { own(decoded)? } else { decoded }));
                 }
                 _ => return Err(integrity("an unexpected message in the sealed stream")),
@@ -207,7 +207,8 @@ fn integrity(what: impl Into<String>) -> Error {
     Error::Integrity(what.into())
 }
 
-fn io_error(e: std::io::Error) -> Error {
+/// The error of a read of sealed data: an integrity failure, or plain I/O (internal).
+pub(crate) fn io_to_integrity(e: std::io::Error) -> Error {
     if crate::crypto::seal::is_integrity_error(&e) {
         Error::Integrity(e.to_string())
     } else {
@@ -215,9 +216,13 @@ fn io_error(e: std::io::Error) -> Error {
     }
 }
 
-fn decode_error(e: ArrowError) -> Error {
-    // Authenticated bytes that do not decode: written by a bug, not by an attacker.
-    Error::Integrity(format!("sealed data does not decode: {e}"))
+/// The error of decoding sealed data.
+pub(crate) fn arrow_to_integrity(e: ArrowError) -> Error {
+    match e {
+        ArrowError::IoError(_, io) => io_to_integrity(io),
+        // Authenticated bytes that do not decode: written by a bug, not by an attacker.
+        other => Error::Integrity(format!("sealed data does not decode: {other}")),
+    }
 }
 
 /// A batch whose columns own their buffers (a partly filled message body is as large as the

@@ -8,7 +8,7 @@ use std::io::{BufWriter, Read};
 use std::path::PathBuf;
 
 use arrow_array::{ArrayRef, RecordBatch};
-use arrow_schema::{ArrowError, SchemaRef};
+use arrow_schema::SchemaRef;
 
 use crate::cache::{MemoryMeter, PlaintextCache};
 
@@ -42,6 +42,7 @@ use crate::crypto::seal::{self, Binding, OpenReader, SealWriter};
 use crate::datadir::{DataDir, validate_name};
 use crate::ingest::{self, Format, IngestLimits, InputFault, TrackedInput};
 use crate::objects::{self, SharedObjects};
+use crate::projected::{arrow_to_integrity, io_to_integrity};
 use crate::{Error, Result, faults, fsutil};
 
 /// Settings of the store.
@@ -702,8 +703,7 @@ impl Store {
                     .map_err(|e| Error::internal(format!("projecting a version: {e}")))
             })));
         };
-        let bind = binding(&v.dataset_id, &v.version_id)?;
-        let dek = self.keys.get(&v.kek_id)?.unwrap(&v.wrapped_dek, &bind)?;
+        let (bind, dek) = self.data_key(v)?;
         let source =
             seal::SealedRandomAccess::open(file, &dek[..], bind).map_err(io_to_integrity)?;
         Ok(Box::new(crate::projected::ProjectedBatches::new(
@@ -712,9 +712,15 @@ impl Store {
         )?))
     }
 
-    fn read_version(&self, v: &VersionKey) -> Result<SealedBatches> {
+    /// A version's binding and its data key, unwrapped.
+    fn data_key(&self, v: &VersionKey) -> Result<(Binding, keys::SecretKey)> {
         let bind = binding(&v.dataset_id, &v.version_id)?;
         let dek = self.keys.get(&v.kek_id)?.unwrap(&v.wrapped_dek, &bind)?;
+        Ok((bind, dek))
+    }
+
+    fn read_version(&self, v: &VersionKey) -> Result<SealedBatches> {
+        let (bind, dek) = self.data_key(v)?;
         let object = self
             .objects
             .open(&objects::version_key(&v.dataset_id, &v.version_id))?
@@ -827,22 +833,6 @@ pub fn settle_rotation(catalog: &Catalog, keys: &Keyring) -> Result<Option<Strin
 /// A version the catalog lists whose sealed object is gone (removed behind escrow's back).
 fn missing() -> Error {
     Error::Integrity("the sealed object of a listed version is missing".into())
-}
-
-fn io_to_integrity(e: std::io::Error) -> Error {
-    if seal::is_integrity_error(&e) {
-        Error::Integrity(e.to_string())
-    } else {
-        Error::internal(format!("reading sealed file: {e}"))
-    }
-}
-
-fn arrow_to_integrity(e: ArrowError) -> Error {
-    match e {
-        ArrowError::IoError(_, io) => io_to_integrity(io),
-        // Authenticated bytes that do not decode: written by a bug, not by an attacker.
-        other => Error::Integrity(format!("sealed data does not decode: {other}")),
-    }
 }
 
 /// Record batches of one sealed version, verified segment by segment.
