@@ -422,6 +422,11 @@ impl QueryService {
             .await
         };
         let outcome = run.await;
+        if let Ok(answer) = &outcome {
+            for (stage, took) in &answer.stages {
+                tracing::debug!(stage, ms = took.as_secs_f64() * 1e3, "question stage");
+            }
+        }
         if protected {
             self.keep_outcome(caller, fp, versions, &outcome, kept::encode)
                 .await;
@@ -1583,6 +1588,7 @@ pub(crate) mod kept {
             batches,
             suppressed,
             protection,
+            stages: Vec::new(),
         })
     }
 }

@@ -4,9 +4,10 @@
 //! else's data is involved). A query that reads another partner's dataset is rewritten:
 //!
 //! ```text
-//! tables := each table instance reduced on its own: its filters, then GROUP BY key and its
-//!           GROUP BY columns with its metrics summed (averaged) per row, then at most L rows
-//!           per key                                                   (`reduced_table`)
+//! tables := each table instance reduced on its own: its filters (DataFusion scans and
+//!           filters it), then per key its distinct GROUP BY values with its metrics summed
+//!           (averaged) over their rows, at most L per key: the first by those values
+//!                                                     (`crate::entities::Reduction`)
 //!           (instances of one shape, a self-join, once); the caller's own reduced
 //!           tables are held in memory first (phase one, under the memory limit); once
 //!           `admit` found the rest fits, judged from those sizes and the others' column
@@ -14,13 +15,18 @@
 //!           hold (`crate::memory`), the other partners' tables are reduced and everything
 //!           after runs without a limit that could fail on their rows or on how many
 //!           companies match                                            (`reduce_tables`)
-//! rows   := the reduced tables joined on their keys (the query's join graph)
-//! stage1 := GROUP BY unit, dims: per-entity SUM/AVG of each metric          (one row per
-//!           entity and group)
-//! bound  := ROW_NUMBER() OVER (PARTITION BY unit ORDER BY dims) <= L         (contribution
-//!           bounding: an entity reaches at most L groups)
-//! stage2 := GROUP BY dims: COUNT(*) entities, SUM(grid(clamp(metric))) ...
+//! rows   := the reduced tables joined on their keys (the query's join graph), walked per
+//!           company of the privacy unit's table: one row per combination of its reduced
+//!           rows, each with distinct GROUP BY values and each metric as its table reduced it
+//! bound  := per company, its first L rows by the GROUP BY values    (contribution bounding:
+//!           an entity reaches at most L groups)
+//! stage2 := per group: entities, SUM(grid(clamp(metric))) ...   (`crate::entities::stage_two`)
 //! ```
+//!
+//! These are the rows of the plan `GROUP BY unit, dims` / `ROW_NUMBER() OVER (PARTITION BY
+//! unit ORDER BY dims) <= L` / `GROUP BY dims` over the reduced tables joined, computed per
+//! company in one pass instead of by DataFusion's sorts and hash tables (the tests keep that
+//! plan as the reference and compare).
 //!
 //! Reducing every table before the join bounds the work of a question by the sizes of its
 //! inputs: no company has more than L rows in any table, so a join cannot fan out for one
@@ -48,26 +54,23 @@ use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{Column, ScalarValue, TableReference};
 use datafusion::datasource::{MemTable, provider_as_source};
 use datafusion::execution::SessionState;
-use datafusion::functions_aggregate::expr_fn::{avg, count, sum};
-use datafusion::functions_window::expr_fn::row_number;
-use datafusion::logical_expr::{
-    Aggregate, Expr, ExprFunctionExt, LogicalPlan, LogicalPlanBuilder, col, lit, when,
-};
+use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
+use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan, LogicalPlanBuilder, col};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::coop::CooperativeExec;
 use datafusion::physical_plan::joins::{
     CrossJoinExec, HashJoinExec, NestedLoopJoinExec, PiecewiseMergeJoinExec, SortMergeJoinExec,
     SymmetricHashJoinExec,
 };
+use futures_util::StreamExt;
 
 use crate::QueryError;
+use crate::entities::{Instance, Part, Reduction, Totals, stage_two};
 use crate::gate::{GateReport, Metric};
 use crate::memory::{MemoryShare, Reservation};
 use crate::noise::{Epsilon, Noise, Sensitivity, Variance, partition_threshold};
 use crate::stop::{Stop, StopExec};
 
-const ENTITY: &str = "__escrow_entity";
-const ROW_NUMBER: &str = "__escrow_rn";
 const RESULT: &str = "__escrow_result";
 const SUPPRESSED: &str = "__escrow_suppressed";
 
@@ -162,6 +165,8 @@ pub struct Answer {
     pub suppressed: Vec<bool>,
     /// `None` for queries over the caller's own datasets only.
     pub protection: Option<Applied>,
+    /// How long each stage of a protected question took, in order, for the server's log.
+    pub stages: Vec<(&'static str, std::time::Duration)>,
 }
 
 /// Run an allowed plan; with `protection`, through the protection rewrite.
@@ -181,6 +186,7 @@ pub async fn execute(
             batches,
             suppressed: vec![false; rows],
             protection: None,
+            stages: Vec::new(),
         });
     };
     let (top, agg) = split_top(&plan)?;
@@ -188,10 +194,21 @@ pub async fn execute(
     // the caller's own table instances are reduced, under the memory limit: that depends on
     // the question and the caller's own rows only. The rest is judged against the limit
     // from those sizes (`admit`), and then runs without a limit.
-    let (reduced, unbounded, _reserved) = reduce_tables(state, agg, report, p, stop).await?;
-    let stage = protected_stage(report, p, reduced)?;
-    let exact = collect(&unbounded, &stage, stop).await?;
-    let (rows, applied) = release(agg, report, p, &exact)?;
+    let mut stages = Vec::new();
+    let started = std::time::Instant::now();
+    let (instances, _reserved) = reduce_tables(state, agg, report, p, stop, &mut stages).await?;
+    let totals = totals(report, p)?;
+    let stopping = stop.clone();
+    let at = std::time::Instant::now();
+    let threads = state.config().target_partitions();
+    let exact =
+        tokio::task::spawn_blocking(move || stage_two(&instances, &totals, threads, &stopping))
+            .await
+            .map_err(|e| internal(&format!("stage two: {e}")))??;
+    stages.push(("join and totals", at.elapsed()));
+    let at = std::time::Instant::now();
+    let (rows, applied) = release(agg, report, p, std::slice::from_ref(&exact))?;
+    let unbounded = crate::session::with_memory_limit(state, None)?;
     let mut out = replace_aggregate(agg, rows)?;
     for node in top.iter().rev() {
         let mut exprs = node.expressions();
@@ -221,6 +238,11 @@ pub async fn execute(
         batches: answer,
         suppressed,
         protection: Some(applied),
+        stages: {
+            stages.push(("release", at.elapsed()));
+            stages.push(("all", started.elapsed()));
+            stages
+        },
     })
 }
 
@@ -262,6 +284,26 @@ fn cooperative_joins(
     Ok(wrapped.data)
 }
 
+/// What stage two totals ([`stage_two`]), from the question and its protection.
+fn totals(report: &GateReport, p: &Protection) -> Result<Totals, QueryError> {
+    let grids = (report.aggregates.iter().enumerate())
+        .map(|(j, m)| match m {
+            Metric::Entities => Ok(None),
+            Metric::Sum { .. } | Metric::Avg { .. } => {
+                let (lo, hi) = (p.bounds.get(j).copied().flatten())
+                    .ok_or_else(|| internal("metric without bounds"))?;
+                Ok(Some((lo, hi, grid_step(lo, hi))))
+            }
+        })
+        .collect::<Result<_, QueryError>>()?;
+    Ok(Totals {
+        unit: p.entity_table,
+        max_groups: p.max_groups_per_entity,
+        grids,
+        dims: report.dimensions.len(),
+    })
+}
+
 fn internal(what: &str) -> QueryError {
     QueryError::Internal(format!("protection rewrite: {what}"))
 }
@@ -297,95 +339,6 @@ fn scans(plan: &LogicalPlan) -> Vec<LogicalPlan> {
 /// Column `name` of the reduced table instance `table`: `__escrow_t{table}_{what}`.
 fn reduced_column(table: usize, what: &str) -> String {
     format!("__escrow_t{table}_{what}")
-}
-
-/// One table instance in its contribution-bounded form: its own filters applied, then one
-/// row per company and group (the key and this table's GROUP BY columns), with each of its
-/// metrics summed (or averaged) within the row, then at most `L` rows per company (the first
-/// by its group values). Columns: `key`, `d{n}` for the n-th GROUP BY column of the query if
-/// it is this table's, `m{j}` for the j-th aggregate if it is this table's metric.
-///
-/// Whatever the rows are, the table has at most `L` rows per company afterwards: a join of
-/// such tables on the key yields at most [`fan_out`] rows per company, so a question's time
-/// and memory are bounded by the sizes of its inputs, never by how many rows one company has
-/// in each table (before, the caller's own tables with thousands of rows for one target
-/// company made the join fan out only when the target was in the other list).
-fn reduced_table(
-    scan: LogicalPlan,
-    table: usize,
-    report: &GateReport,
-    p: &Protection,
-) -> Result<LogicalPlan, QueryError> {
-    let LogicalPlan::TableScan(ts) = &scan else {
-        return Err(internal("a table instance that is no scan"));
-    };
-    let qualifier = ts.table_name.clone();
-    let column = |name: &str| Expr::Column(Column::new(Some(qualifier.clone()), name));
-    let key = report
-        .tables
-        .get(table)
-        .and_then(|t| t.key_column.clone())
-        .ok_or_else(|| internal("a joined table without a key column"))?;
-    let mut b = LogicalPlanBuilder::from(scan);
-    let conjuncts: Vec<Expr> = report
-        .filters
-        .iter()
-        .filter(|((t, _), _)| *t == table)
-        .map(|((_, c), values)| {
-            column(c).in_list(
-                values
-                    .iter()
-                    .map(|v| Expr::Literal(v.clone(), None))
-                    .collect(),
-                false,
-            )
-        })
-        .collect();
-    if let Some(predicate) = conjuncts.into_iter().reduce(Expr::and) {
-        b = b.filter(predicate)?;
-    }
-    let mut group = vec![column(&key).alias(reduced_column(table, "key"))];
-    let mut dims = Vec::new();
-    for (n, (t, c)) in report.dimensions.iter().enumerate() {
-        if *t == table {
-            let name = reduced_column(table, &format!("d{n}"));
-            group.push(column(c).alias(&name));
-            dims.push(col(name));
-        }
-    }
-    let mut metrics = Vec::new();
-    for (j, m) in report.aggregates.iter().enumerate() {
-        let name = reduced_column(table, &format!("m{j}"));
-        let (per_row, t, c): (fn(Expr) -> Expr, _, _) = match m {
-            Metric::Sum {
-                table: t,
-                column: c,
-            } => (sum, t, c),
-            Metric::Avg {
-                table: t,
-                column: c,
-            } => (avg, t, c),
-            Metric::Entities => continue,
-        };
-        if *t == table {
-            metrics
-                .push(per_row(datafusion::prelude::cast(column(c), DataType::Float64)).alias(name));
-        }
-    }
-    b = b.aggregate(group, metrics)?;
-    if !dims.is_empty() {
-        let rn = row_number()
-            .partition_by(vec![col(reduced_column(table, "key"))])
-            .order_by(dims.iter().map(|d| d.clone().sort(true, true)).collect())
-            .build()?
-            .alias(ROW_NUMBER);
-        let keep: Vec<Expr> = b.schema().fields().iter().map(|f| col(f.name())).collect();
-        b = b
-            .window(vec![rn])?
-            .filter(col(ROW_NUMBER).lt_eq(lit(u64::from(p.max_groups_per_entity))))?
-            .project(keep)?;
-    }
-    Ok(b.build()?)
 }
 
 /// What makes two table instances reduce to the same rows ([`reduced_table`]): the table
@@ -439,32 +392,117 @@ fn first_of_shape(scans: &[LogicalPlan], report: &GateReport) -> Vec<usize> {
         .collect()
 }
 
-/// The rows reduced for another instance of the same shape, under `plan`'s column names.
-fn renamed(batches: &[RecordBatch], plan: &LogicalPlan) -> Result<Vec<RecordBatch>, QueryError> {
-    let schema = Arc::new(plan.schema().as_arrow().clone());
-    Ok(batches
+/// One table instance's input to its reduction ([`Reduction`]): its rows after its own
+/// filters, as its key, its GROUP BY columns and its metrics as `Float64`, in the query's
+/// order ([`Part`]).
+fn input(scan: LogicalPlan, table: usize, report: &GateReport) -> Result<LogicalPlan, QueryError> {
+    let LogicalPlan::TableScan(ts) = &scan else {
+        return Err(internal("a table instance that is no scan"));
+    };
+    let qualifier = ts.table_name.clone();
+    let column = |name: &str| Expr::Column(Column::new(Some(qualifier.clone()), name));
+    let key = report
+        .tables
+        .get(table)
+        .and_then(|t| t.key_column.clone())
+        .ok_or_else(|| internal("a joined table without a key column"))?;
+    let mut b = LogicalPlanBuilder::from(scan);
+    let conjuncts: Vec<Expr> = report
+        .filters
         .iter()
-        .map(|b| RecordBatch::try_new(schema.clone(), b.columns().to_vec()))
-        .collect::<Result<_, _>>()?)
+        .filter(|((t, _), _)| *t == table)
+        .map(|((_, c), values)| {
+            column(c).in_list(
+                values
+                    .iter()
+                    .map(|v| Expr::Literal(v.clone(), None))
+                    .collect(),
+                false,
+            )
+        })
+        .collect();
+    if let Some(predicate) = conjuncts.into_iter().reduce(Expr::and) {
+        b = b.filter(predicate)?;
+    }
+    let mut columns = vec![column(&key).alias(reduced_column(table, "key"))];
+    for (n, (t, c)) in report.dimensions.iter().enumerate() {
+        if *t == table {
+            columns.push(column(c).alias(reduced_column(table, &format!("d{n}"))));
+        }
+    }
+    for (j, m) in report.aggregates.iter().enumerate() {
+        if let Metric::Sum {
+            table: t,
+            column: c,
+        }
+        | Metric::Avg {
+            table: t,
+            column: c,
+        } = m
+            && *t == table
+        {
+            let as_float = datafusion::prelude::cast(column(c), DataType::Float64);
+            columns.push(as_float.alias(reduced_column(table, &format!("m{j}"))));
+        }
+    }
+    Ok(b.project(columns)?.build()?)
 }
 
-/// Every table instance reduced ([`reduced_table`]) and held in memory, in the order of the
-/// gate report's tables; instances of one [`Shape`] (a self-join) are reduced once. Phase
-/// one: the caller's own tables, each under what is left of the memory limit once the ones
-/// before are held (that depends on the caller's own rows only); then [`admit`] and
-/// [`Stop::admit`]. After admission: the question reserves shared memory for what it could
-/// hold at most ([`crate::memory`]), then another partner's tables are reduced without a
-/// limit that could fail; neither a refusal nor a time limit may depend on how many of
-/// their rows pass the caller's filters (a filter on a company's name would make it tell
-/// whether the company is there). Returns the reduced tables, the session the rest runs in
-/// ([`crate::session::phase_two`]) and the reservation, to be held until the answer is out.
+/// Table instance `table` reduced ([`Reduction`]) from its `input` run in `state`, its
+/// shards built on the session's partitions' worth of threads; with `memory`, what it holds
+/// is reserved there as it grows (and fails past its limit).
+async fn reduce(
+    state: &SessionState,
+    input: &LogicalPlan,
+    part: &Part,
+    max_groups: u32,
+    memory: Option<&MemoryReservation>,
+    stop: &Stop,
+) -> Result<Reduction, QueryError> {
+    let physical = state.create_physical_plan(input).await?;
+    let mut batches = datafusion::physical_plan::execute_stream(physical, state.task_ctx())?;
+    let schema = input.schema().as_arrow();
+    let mut reduction = Reduction::new(schema, part.dims.len(), max_groups)?;
+    while let Some(batch) = batches.next().await {
+        if stop.requested() {
+            return Err(Stop::error().into());
+        }
+        reduction.fold(&batch?)?;
+        if let Some(memory) = memory {
+            memory.try_resize(reduction.bytes())?;
+        }
+    }
+    let threads = state.config().target_partitions();
+    let reduction = tokio::task::spawn_blocking(move || {
+        reduction.finish(threads)?;
+        Ok::<_, QueryError>(reduction)
+    })
+    .await
+    .map_err(|e| internal(&format!("building a reduction: {e}")))??;
+    if let Some(memory) = memory {
+        memory.try_resize(reduction.bytes())?;
+    }
+    Ok(reduction)
+}
+
+/// Every table instance reduced ([`Reduction`]), in the order of the gate report's tables;
+/// instances of one [`Shape`] (a self-join) are reduced once. Phase one: the caller's own
+/// tables, each under what is left of the memory limit once the ones before are held (that
+/// depends on the caller's own rows only); then [`admit`] and [`Stop::admit`]. After
+/// admission: the question reserves shared memory for what it could hold at most
+/// ([`crate::memory`]), then another partner's tables are reduced without a limit that
+/// could fail; neither a refusal nor a time limit may depend on how many of their rows pass
+/// the caller's filters (a filter on a company's name would make it tell whether the
+/// company is there). Returns the reduced instances and the reservation, to be held until
+/// the answer is out.
 async fn reduce_tables(
     state: &SessionState,
     agg: &Aggregate,
     report: &GateReport,
     p: &Protection,
     stop: &Stop,
-) -> Result<(Vec<LogicalPlan>, SessionState, Reservation), QueryError> {
+    stages: &mut Vec<(&'static str, std::time::Duration)>,
+) -> Result<(Vec<Instance>, Reservation), QueryError> {
     let scans = scans(&agg.input);
     if scans.len() != report.tables.len() || p.tables.len() != report.tables.len() {
         return Err(internal("scans and table instances differ"));
@@ -474,36 +512,42 @@ async fn reduce_tables(
         _ => None,
     };
     let first = first_of_shape(&scans, report);
-    let plans = scans
+    let inputs = scans
         .into_iter()
         .enumerate()
-        .map(|(t, scan)| reduced_table(scan, t, report, p))
+        .map(|(t, scan)| input(scan, t, report))
         .collect::<Result<Vec<_>, _>>()?;
+    let parts: Vec<Part> = (0..inputs.len()).map(|t| Part::of(report, t)).collect();
+    let l = p.max_groups_per_entity;
     // The caller's own tables first, each under what is left of the limit.
     let mut sizes = Vec::new();
     let mut held = 0usize;
-    let mut reduced: Vec<Option<Vec<RecordBatch>>> = vec![None; plans.len()];
-    for (t, plan) in plans.iter().enumerate() {
+    let mut reduced: Vec<Option<Arc<Reduction>>> = vec![None; inputs.len()];
+    for (t, input) in inputs.iter().enumerate() {
         let Holder::Partner { stored_rows } = p.tables[t] else {
-            let batches = match &reduced[first[t]] {
-                Some(same) => renamed(same, plan)?,
+            let reduction = match &reduced[first[t]] {
+                Some(same) => same.clone(),
                 None => {
+                    let at = std::time::Instant::now();
                     let left = limit.map(|l| l.saturating_sub(held));
                     let session = crate::session::with_memory_limit(state, left)?;
-                    collect(&session, plan, stop).await?
+                    let memory = MemoryConsumer::new("escrow: reduce your table")
+                        .register(&session.runtime_env().memory_pool);
+                    let r = reduce(&session, input, &parts[t], l, Some(&memory), stop).await?;
+                    held += r.bytes();
+                    stages.push(("reduce a table of the caller's", at.elapsed()));
+                    Arc::new(r)
                 }
             };
-            let bytes = batches.iter().map(slice_bytes).sum();
-            held += bytes;
             sizes.push(Reduced::Own {
-                rows: batches.iter().map(RecordBatch::num_rows).sum(),
-                bytes,
+                rows: reduction.rows(),
+                bytes: reduction.bytes(),
             });
-            reduced[t] = Some(batches);
+            reduced[t] = Some(reduction);
             continue;
         };
         sizes.push(Reduced::Theirs {
-            typed_width: typed_width(plan.schema().as_arrow()),
+            typed_width: typed_width(input.schema().as_arrow()),
             stored_rows: size_class(stored_rows),
         });
     }
@@ -518,29 +562,26 @@ async fn reduce_tables(
         return Err(Stop::error().into());
     }
     let reservation = p.shared.reserve(most).await;
-    let unbounded = crate::session::phase_two(state)?;
-    for (t, plan) in plans.iter().enumerate() {
+    let unbounded = crate::session::with_memory_limit(state, None)?;
+    for (t, input) in inputs.iter().enumerate() {
         if reduced[t].is_none() {
+            let at = std::time::Instant::now();
             reduced[t] = Some(match &reduced[first[t]] {
-                Some(same) => renamed(same, plan)?,
-                None => collect(&unbounded, plan, stop).await?,
+                Some(same) => same.clone(),
+                None => Arc::new(reduce(&unbounded, input, &parts[t], l, None, stop).await?),
             });
+            stages.push(("reduce another partner's table", at.elapsed()));
         }
     }
-    let mut out = Vec::new();
-    for (t, (plan, batches)) in plans.into_iter().zip(reduced).enumerate() {
-        let schema = Arc::new(plan.schema().as_arrow().clone());
-        let table = MemTable::try_new(schema, vec![batches.unwrap_or_default()])?;
-        out.push(
-            LogicalPlanBuilder::scan(
-                format!("__escrow_reduced{t}"),
-                provider_as_source(Arc::new(table)),
-                None,
-            )?
-            .build()?,
-        );
-    }
-    Ok((out, unbounded, reservation))
+    let instances = (reduced.into_iter().zip(parts))
+        .map(|(r, part)| {
+            Ok(Instance {
+                reduction: r.ok_or_else(|| internal("a table instance not reduced"))?,
+                part,
+            })
+        })
+        .collect::<Result<_, QueryError>>()?;
+    Ok((instances, reservation))
 }
 
 /// How a refusal by [`admit`] begins: it depends on the caller's own rows, the question,
@@ -576,20 +617,6 @@ fn typed_width(schema: &Schema) -> f64 {
         .map(|f| {
             let t = f.data_type();
             t.primitive_width().unwrap_or(VARIABLE_WIDTH + 4) as f64 + 1.0
-        })
-        .sum()
-}
-
-/// The bytes of a batch's own rows. An aggregate's output batches are slices of larger
-/// arrays, and `get_array_memory_size` counts the whole of what a slice shares.
-fn slice_bytes(batch: &RecordBatch) -> usize {
-    batch
-        .columns()
-        .iter()
-        .map(|c| {
-            let data = c.to_data();
-            data.get_slice_memory_size()
-                .unwrap_or_else(|_| c.get_array_memory_size())
         })
         .sum()
 }
@@ -679,105 +706,6 @@ fn admit(
 /// `bytes` in whole MiB, rounded up.
 fn mib(bytes: f64) -> u64 {
     (bytes / (1u64 << 20) as f64).ceil() as u64
-}
-
-fn protected_stage(
-    report: &GateReport,
-    p: &Protection,
-    reduced: Vec<LogicalPlan>,
-) -> Result<LogicalPlan, QueryError> {
-    let mut reduced: Vec<Option<LogicalPlan>> = reduced.into_iter().map(Some).collect();
-    // Join the reduced tables along the query's key equalities (a connected graph: the
-    // gate allows no other joins), starting from the privacy unit's table.
-    let take = |reduced: &mut Vec<Option<LogicalPlan>>, t: usize| {
-        reduced
-            .get_mut(t)
-            .and_then(Option::take)
-            .ok_or_else(|| internal("table instance"))
-    };
-    let mut joined = vec![p.entity_table];
-    let mut b = LogicalPlanBuilder::from(take(&mut reduced, p.entity_table)?);
-    while joined.len() < report.tables.len() {
-        let next = report.joins.iter().find_map(|&(x, y)| {
-            match (joined.contains(&x), joined.contains(&y)) {
-                (true, false) => Some((x, y)),
-                (false, true) => Some((y, x)),
-                _ => None,
-            }
-        });
-        let Some((have, new)) = next else {
-            return Err(internal("table instances not joined on keys"));
-        };
-        b = b.join(
-            take(&mut reduced, new)?,
-            datafusion::common::JoinType::Inner,
-            (
-                vec![Column::from_name(reduced_column(have, "key"))],
-                vec![Column::from_name(reduced_column(new, "key"))],
-            ),
-            None,
-        )?;
-        joined.push(new);
-    }
-    let entity = col(reduced_column(p.entity_table, "key")).alias(ENTITY);
-    let dims: Vec<Expr> = report
-        .dimensions
-        .iter()
-        .enumerate()
-        .map(|(n, (t, _))| col(reduced_column(*t, &format!("d{n}"))))
-        .collect();
-
-    let mut per_entity = Vec::new();
-    for (j, m) in report.aggregates.iter().enumerate() {
-        let of = |t: &usize| col(reduced_column(*t, &format!("m{j}")));
-        match m {
-            Metric::Entities => {}
-            Metric::Sum { table, .. } => {
-                per_entity.push(sum(of(table)).alias(format!("__escrow_m{j}")))
-            }
-            Metric::Avg { table, .. } => {
-                per_entity.push(avg(of(table)).alias(format!("__escrow_m{j}")))
-            }
-        }
-    }
-    let mut b = b.aggregate(
-        std::iter::once(entity).chain(dims.iter().cloned()),
-        per_entity,
-    )?;
-    if !dims.is_empty() {
-        let rn = row_number()
-            .partition_by(vec![col(ENTITY)])
-            .order_by(dims.iter().map(|d| d.clone().sort(true, true)).collect())
-            .build()?
-            .alias(ROW_NUMBER);
-        b = b
-            .window(vec![rn])?
-            .filter(col(ROW_NUMBER).lt_eq(lit(u64::from(p.max_groups_per_entity))))?;
-    }
-    let mut totals = vec![count(lit(1)).alias("__escrow_n")];
-    for (j, m) in report.aggregates.iter().enumerate() {
-        if matches!(m, Metric::Entities) {
-            continue;
-        }
-        let (lo, hi) = p
-            .bounds
-            .get(j)
-            .copied()
-            .flatten()
-            .ok_or_else(|| internal("metric without bounds"))?;
-        let v = col(format!("__escrow_m{j}"));
-        // Clamped (NaN and infinities too: comparisons order floats totally), then on the
-        // grid: an integer in [-2^GRID_BITS, 2^GRID_BITS] that cannot fail to cast.
-        let clamped = when(v.clone().lt(lit(lo)), lit(lo))
-            .when(v.clone().gt(lit(hi)), lit(hi))
-            .otherwise(v.clone())?;
-        let on_grid = datafusion::prelude::cast(clamped / lit(grid_step(lo, hi)), DataType::Int64);
-        totals.push(sum(on_grid).alias(format!("__escrow_s{j}")));
-        if matches!(m, Metric::Avg { .. }) {
-            totals.push(count(v).alias(format!("__escrow_c{j}")));
-        }
-    }
-    Ok(b.aggregate(dims, totals)?.build()?)
 }
 
 /// Sums are released on a grid of `2^GRID_BITS` steps per bound: each entity's clamped value
@@ -1045,6 +973,9 @@ fn replace_aggregate(agg: &Aggregate, rows: RecordBatch) -> Result<LogicalPlan, 
     exprs.push(Expr::Column(Column::new(Some(RESULT), SUPPRESSED)).alias(SUPPRESSED));
     Ok(scan.project(exprs)?.build()?)
 }
+
+#[cfg(test)]
+mod reference;
 
 #[cfg(test)]
 mod tests {

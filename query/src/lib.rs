@@ -4,9 +4,11 @@
 //! providers that decrypt and verify as they read. Knows nothing of HTTP, of casbin or of how
 //! data is sealed: policy decisions, settings and batch sources come in from the service.
 
+mod entities;
 pub mod exec;
 pub mod executor;
 pub mod gate;
+mod hashing;
 pub mod memory;
 pub mod noise;
 pub mod overlap;

@@ -47,7 +47,6 @@
 //! the cell's names in that order, never by who asks.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, AsArray, BooleanArray, StringArray};
@@ -58,6 +57,7 @@ pub use datafusion::physical_expr::PhysicalExpr;
 
 use crate::QueryError;
 use crate::exec::{Applied, release_threshold};
+use crate::hashing::FastMap;
 use crate::noise::{Noise, Sensitivity, Variance};
 
 /// Populations of one dataset that can take part in a matrix (one bit each).
@@ -107,30 +107,6 @@ pub struct Side {
     /// rather than grown (and every entity moved) a dozen times on the way.
     pub rows: usize,
 }
-
-/// Hashes keys that are already uniform (keyed entity ids) or small packed cell keys: one
-/// folded multiply, good enough for hashbrown's use of both the high and the low bits.
-#[derive(Default)]
-struct MixHasher(u64);
-
-impl Hasher for MixHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.write_u64(u64::from(*b) ^ self.0.rotate_left(8));
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        let full = u128::from(n ^ self.0) * 0x9E37_79B9_7F4A_7C15_u128;
-        self.0 = (full as u64) ^ ((full >> 64) as u64);
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-type FastMap<V> = HashMap<u64, V, BuildHasherDefault<MixHasher>>;
 
 const NO_VALUE: u32 = u32::MAX;
 

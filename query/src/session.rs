@@ -117,21 +117,6 @@ pub(crate) fn with_memory_limit(
         .build())
 }
 
-/// The session of the stage after admission: no memory limit, and join plans that do not
-/// follow the inputs' exact sizes (DataFusion would otherwise pick the build side and
-/// whether to collect it from the reduced tables' row counts, another partner's after the
-/// caller's filters included, so the time would jump at exact counts).
-pub(crate) fn phase_two(
-    state: &datafusion::execution::SessionState,
-) -> Result<datafusion::execution::SessionState, QueryError> {
-    let mut s = with_memory_limit(state, None)?;
-    let optimizer = &mut s.config_mut().options_mut().optimizer;
-    optimizer.join_reordering = false;
-    optimizer.hash_join_single_partition_threshold = 0;
-    optimizer.hash_join_single_partition_threshold_rows = 0;
-    Ok(s)
-}
-
 /// Build the session for one query with exactly `tables` registered.
 fn session(
     tables: &[QueryTable],
