@@ -100,7 +100,6 @@ fn side(
             index: 2,
             kinds: place_kinds(&places),
         }),
-        rows: batches.iter().map(RecordBatch::num_rows).sum(),
     };
     let membership = overlap::memberships(&side, batches.into_iter().map(Ok), usize::MAX)?;
     eprintln!(

@@ -905,10 +905,6 @@ impl QueryService {
                             .cloned()
                             .unwrap_or_default(),
                     }),
-                // the stored rows of this version (a size hint; 0 if it is gone meanwhile)
-                rows: (store.versions(&owner, &dataset)?.iter())
-                    .find(|v| v.version == version.version)
-                    .map_or(0, |v| usize::try_from(v.rows).unwrap_or(0)),
             };
             let batches = store.batches(&version, &form, &wanted)?.map(|b| {
                 if stop.requested() {

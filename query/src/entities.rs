@@ -37,7 +37,7 @@ use datafusion::arrow::row::{RowConverter, Rows, SortField};
 
 use crate::QueryError;
 use crate::gate::{GateReport, Metric};
-use crate::hashing::FastMap;
+use crate::hashing::{FastMap, SHARDS, shard_of};
 use crate::stop::Stop;
 
 /// No entry.
@@ -157,16 +157,6 @@ struct Chain {
 }
 
 const EMPTY: Chain = Chain { head: NONE, len: 0 };
-
-/// Bits of an entity id that choose its shard. Ids are keyed hashes under the escrow's
-/// secret, so shards are even whatever the rows; a shard's companies fit in a core's cache
-/// while it is built and joined, and shards are built and joined on separate threads.
-const SHARD_BITS: u32 = 6;
-const SHARDS: usize = 1 << SHARD_BITS;
-
-fn shard_of(id: u64) -> usize {
-    (id >> (64 - SHARD_BITS)) as usize
-}
 
 /// Rows of one shard as they stream in, before the shard is built.
 #[derive(Default)]

@@ -27,3 +27,80 @@ impl Hasher for MixHasher {
 }
 
 pub(crate) type FastMap<V> = HashMap<u64, V, BuildHasherDefault<MixHasher>>;
+
+/// Bits of an entity id that choose its shard. Ids are keyed hashes under the escrow's
+/// secret, so shards are even whatever the rows: a shard's companies fit in a core's cache
+/// while it is built and probed, and shards can be worked on by separate threads.
+const SHARD_BITS: u32 = 6;
+pub(crate) const SHARDS: usize = 1 << SHARD_BITS;
+
+/// The shard of entity id `id`.
+pub(crate) fn shard_of(id: u64) -> usize {
+    (id >> (64 - SHARD_BITS)) as usize
+}
+
+/// A map from entity ids in [`SHARDS`] maps by [`shard_of`]: one id's lookups go to one
+/// shard, and walking the map goes shard by shard, so looking up what one walk meets in
+/// another such map stays within one shard of each at a time.
+#[derive(Debug)]
+pub(crate) struct Sharded<V> {
+    shards: Vec<FastMap<V>>,
+}
+
+impl<V> Default for Sharded<V> {
+    fn default() -> Self {
+        Sharded {
+            shards: (0..SHARDS).map(|_| FastMap::default()).collect(),
+        }
+    }
+}
+
+impl<V> Sharded<V> {
+    pub fn shard_mut(&mut self, shard: usize) -> &mut FastMap<V> {
+        &mut self.shards[shard]
+    }
+
+    pub fn get(&self, id: &u64) -> Option<&V> {
+        self.shards[shard_of(*id)].get(id)
+    }
+
+    pub fn get_mut(&mut self, id: &u64) -> Option<&mut V> {
+        self.shards[shard_of(*id)].get_mut(id)
+    }
+
+    pub fn contains_key(&self, id: &u64) -> bool {
+        self.shards[shard_of(*id)].contains_key(id)
+    }
+
+    pub fn remove(&mut self, id: &u64) -> Option<V> {
+        self.shards[shard_of(*id)].remove(id)
+    }
+
+    pub fn entry(&mut self, id: u64) -> std::collections::hash_map::Entry<'_, u64, V> {
+        self.shards[shard_of(id)].entry(id)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&u64, &V)> {
+        self.shards.iter().flat_map(|s| s.iter())
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &V> {
+        self.shards.iter().flat_map(|s| s.values())
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(HashMap::len).sum()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.shards.iter().map(HashMap::capacity).sum()
+    }
+}
+
+impl<V> std::ops::Index<&u64> for Sharded<V> {
+    type Output = V;
+
+    fn index(&self, id: &u64) -> &V {
+        &self.shards[shard_of(*id)][id]
+    }
+}

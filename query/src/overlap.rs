@@ -57,7 +57,7 @@ pub use datafusion::physical_expr::PhysicalExpr;
 
 use crate::QueryError;
 use crate::exec::{Applied, release_threshold};
-use crate::hashing::FastMap;
+use crate::hashing::{FastMap, SHARDS, Sharded, shard_of};
 use crate::noise::{Noise, Sensitivity, Variance};
 
 /// Populations of one dataset that can take part in a matrix (one bit each).
@@ -103,9 +103,6 @@ pub struct Side {
     pub names: Option<usize>,
     /// Places of the rows, compared on name links (with `names` only).
     pub places: Option<Places>,
-    /// Rows of the version (its stored count): the entity table is sized for them once,
-    /// rather than grown (and every entity moved) a dozen times on the way.
-    pub rows: usize,
 }
 
 const NO_VALUE: u32 = u32::MAX;
@@ -150,7 +147,7 @@ fn places_agree(x: u64, y: u64) -> bool {
 pub struct Membership {
     /// Every entity of the list, in a population or not (mask 0: counts in no cell, but is
     /// a company of the list when names link).
-    members: FastMap<Member>,
+    members: Sharded<Member>,
     /// Read with a name column: names fold and link.
     named: bool,
     /// The kinds of the places read (see [`Places`]).
@@ -262,6 +259,15 @@ impl Membership {
     }
 }
 
+/// A row of one side, staged in its entity's shard ([`memberships`]).
+struct Staged {
+    id: u64,
+    mask: u64,
+    name: Option<u64>,
+    place: Option<u64>,
+    value: u32,
+}
+
 /// Record that entity `id` (member `m`) has dimension value `value`.
 fn add_value(m: &mut Member, more_values: &mut FastMap<Vec<u32>>, id: u64, value: u32) {
     if value == NO_VALUE || m.value == value {
@@ -305,10 +311,16 @@ pub fn memberships(
             .map(|p| p.kinds.clone()),
         ..Membership::default()
     };
-    // Sized once, within the limit (a side at the limit is refused as it would have been
-    // once grown).
-    let slot = size_of::<(u64, Member)>() + 1;
-    out.members.reserve(side.rows.min(memory_limit / slot / 2));
+    // Rows are staged in their entity's shard as they come, then each shard is built on its
+    // own: its entities fit in a core's cache while it is (one table of them all would
+    // take a cache miss per row).
+    let mut staged: Vec<Vec<Staged>> = (0..SHARDS).map(|_| Vec::new()).collect();
+    let over = || {
+        QueryError::ResourcesExhausted(format!(
+            "the overlap of a dataset needs more than the per-query limit of {} MiB",
+            memory_limit >> 20
+        ))
+    };
     let mut masks = Vec::new();
     for batch in batches {
         let batch = batch.map_err(internal)?;
@@ -364,36 +376,52 @@ pub fn memberships(
                 continue;
             }
             let id = ids.value(i);
-            let name = names.and_then(|n| n.is_valid(i).then(|| n.value(i)));
             let value = match &values {
                 Some(v) if mask != 0 && v.is_valid(i) => out.intern(v.value(i)),
                 _ => NO_VALUE,
             };
-            let m = out.members.entry(id).or_insert(Member::EMPTY);
-            m.mask |= mask;
-            match name {
-                Some(n) if n == id => {
+            staged[shard_of(id)].push(Staged {
+                id,
+                mask,
+                name: names.and_then(|n| n.is_valid(i).then(|| n.value(i))),
+                place: places.filter(|p| p.is_valid(i)).map(|p| p.value(i)),
+                value,
+            });
+        }
+        let held: usize = staged
+            .iter()
+            .map(|s| s.capacity() * size_of::<Staged>())
+            .sum();
+        if out.memory_bytes() + held > memory_limit {
+            return Err(over());
+        }
+    }
+    for (s, rows) in staged.into_iter().enumerate() {
+        let members = out.members.shard_mut(s);
+        members.reserve(rows.len());
+        for r in rows {
+            let m = members.entry(r.id).or_insert(Member::EMPTY);
+            m.mask |= r.mask;
+            match r.name {
+                Some(n) if n == r.id => {
                     m.linkable = true;
                     m.name_only = true;
                 }
                 Some(n) if m.name == NO_NAME || n < m.name => m.name = n,
                 _ => {}
             }
-            if let Some(p) = places.filter(|p| p.is_valid(i)).map(|p| p.value(i)) {
+            if let Some(p) = r.place {
                 m.place = match m.place {
                     NO_PLACE => p,
                     same if same == p => same,
                     _ => MIXED_PLACES,
                 };
             }
-            add_value(m, &mut out.more_values, id, value);
+            add_value(m, &mut out.more_values, r.id, r.value);
         }
-        if out.memory_bytes() > memory_limit {
-            return Err(QueryError::ResourcesExhausted(format!(
-                "the overlap of a dataset needs more than the per-query limit of {} MiB",
-                memory_limit >> 20
-            )));
-        }
+    }
+    if out.memory_bytes() > memory_limit {
+        return Err(over());
     }
     out.fold_names();
     out.cap_values();
@@ -450,12 +478,12 @@ enum Carrier {
 }
 
 /// For each of `names`, which website entity of `members` carries it.
-fn carriers(names: impl Iterator<Item = u64>, members: &FastMap<Member>) -> FastMap<Carrier> {
+fn carriers(names: impl Iterator<Item = u64>, members: &Sharded<Member>) -> FastMap<Carrier> {
     let mut slots: FastMap<Carrier> = names.map(|n| (n, Carrier::Nobody)).collect();
     if slots.is_empty() {
         return slots;
     }
-    for (&entity, m) in members {
+    for (&entity, m) in members.iter() {
         if m.name == NO_NAME {
             continue;
         }
@@ -730,7 +758,6 @@ mod tests {
             dimension: by.then_some(2),
             names: None,
             places: None,
-            rows: 0,
         }
     }
 
