@@ -754,29 +754,31 @@ pub(crate) fn stage_two(
         groups.merge(walk.groups, aggs);
     }
 
-    let rows = groups.tuples.len();
+    // The rows in the order of their GROUP BY values, never in the order their groups were
+    // met: that follows the walk over companies (shard by shard, each in its map's order,
+    // fixed by the companies' ids), so an answer's row order (or the one row a LIMIT keeps)
+    // would tell which companies were in which group, beside the noise.
+    let mut order: Vec<usize> = (0..groups.tuples.len()).collect();
+    order.sort_unstable_by(|&x, &y| groups.tuples[x].cmp(&groups.tuples[y]));
     let mut fields = Vec::new();
     let mut columns: Vec<ArrayRef> = Vec::new();
     for (n, &(t, d)) in layout.dims.iter().enumerate() {
         let values = &instances[t].reduction.values[d];
-        let array = values.array(
-            groups
-                .tuples
-                .iter()
-                .map(|tuple| layout.ordered[n][tuple[n] as usize]),
-        )?;
+        let array = values
+            .array((order.iter()).map(|&g| layout.ordered[n][groups.tuples[g][n] as usize]))?;
         fields.push(Field::new(format!("d{n}"), array.data_type().clone(), true));
         columns.push(array);
     }
     fields.push(Field::new("n", DataType::Int64, false));
-    columns.push(Arc::new(Int64Array::from(groups.companies)));
+    let companies: Vec<i64> = order.iter().map(|&g| groups.companies[g]).collect();
+    columns.push(Arc::new(Int64Array::from(companies)));
     for (j, m) in layout.metrics.iter().enumerate() {
         let Some((_, _, avg)) = m else { continue };
-        let s: Vec<Option<i64>> = (0..rows).map(|g| groups.sums[g * aggs + j]).collect();
+        let s: Vec<Option<i64>> = order.iter().map(|&g| groups.sums[g * aggs + j]).collect();
         fields.push(Field::new(format!("s{j}"), DataType::Int64, true));
         columns.push(Arc::new(Int64Array::from(s)));
         if *avg {
-            let c: Vec<i64> = (0..rows).map(|g| groups.counts[g * aggs + j]).collect();
+            let c: Vec<i64> = order.iter().map(|&g| groups.counts[g * aggs + j]).collect();
             fields.push(Field::new(format!("c{j}"), DataType::Int64, false));
             columns.push(Arc::new(Int64Array::from(c)));
         }

@@ -284,8 +284,23 @@ fn cooperative_joins(
     Ok(wrapped.data)
 }
 
-/// What stage two totals ([`stage_two`]), from the question and its protection.
+/// What stage two totals ([`stage_two`]), from the question and its protection. Every
+/// table instance must be joined to the privacy unit's through the question's key
+/// equalities ([`stage_two`] joins them all on the key).
 fn totals(report: &GateReport, p: &Protection) -> Result<Totals, QueryError> {
+    let mut joined = vec![p.entity_table];
+    while let Some(next) =
+        (report.joins.iter()).find_map(|&(x, y)| match (joined.contains(&x), joined.contains(&y)) {
+            (true, false) => Some(y),
+            (false, true) => Some(x),
+            _ => None,
+        })
+    {
+        joined.push(next);
+    }
+    if joined.len() != report.tables.len() || p.entity_table >= report.tables.len() {
+        return Err(internal("table instances not joined on keys"));
+    }
     let grids = (report.aggregates.iter().enumerate())
         .map(|(j, m)| match m {
             Metric::Entities => Ok(None),

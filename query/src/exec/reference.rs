@@ -3,6 +3,7 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::functions_aggregate::expr_fn::{avg, count, sum};
 use datafusion::functions_window::expr_fn::row_number;
 use datafusion::logical_expr::{ExprFunctionExt, lit, when};
@@ -377,6 +378,20 @@ async fn the_per_company_stage_computes_the_rows_of_the_reference_plan() {
                         .expect("reduce");
                 let fast = stage_two(&instances, &totals(&report, &p).expect("totals"), 2, &stop)
                     .expect("stage two");
+                // Rows come in the order of their GROUP BY values, whoever is in them.
+                let dims = report.dimensions.len();
+                if dims > 0 {
+                    let fields = (fast.schema().fields()[..dims].iter())
+                        .map(|f| SortField::new(f.data_type().clone()))
+                        .collect();
+                    let rows = (RowConverter::new(fields).expect("converter"))
+                        .convert_columns(&fast.columns()[..dims])
+                        .expect("rows");
+                    assert!(
+                        rows.iter().zip(rows.iter().skip(1)).all(|(x, y)| x < y),
+                        "{sql}: rows not in the order of their groups"
+                    );
+                }
                 let slow = reference(&state, agg, &report, &p).await;
                 let (fast, slow) = (rows(&[fast]), rows(&slow));
                 assert!(!slow.is_empty(), "{sql}");
