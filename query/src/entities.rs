@@ -739,10 +739,8 @@ pub(crate) fn stage_two(
             .map(|h| h.join().unwrap_or_else(|_| Err(internal("a join thread"))))
             .collect()
     });
+    // Each part holds the one row of a question without GROUP BY (`Walk::new`).
     let mut groups = Groups::default();
-    if totals.dims == 0 {
-        groups.of(&[], aggs);
-    }
     for p in partial {
         groups.merge(p?, aggs);
     }

@@ -407,10 +407,13 @@ fn first_of_shape(scans: &[LogicalPlan], report: &GateReport) -> Vec<usize> {
         .collect()
 }
 
-/// One table instance's input to its reduction ([`Reduction`]): its rows after its own
-/// filters, as its key, its GROUP BY columns and its metrics as `Float64`, in the query's
-/// order ([`Part`]).
-fn input(scan: LogicalPlan, table: usize, report: &GateReport) -> Result<LogicalPlan, QueryError> {
+/// Table instance `table`'s scan with its own filters (`column IN (literals)`, ANDed), the
+/// scan's qualifier and the instance's key column.
+fn filtered(
+    scan: LogicalPlan,
+    table: usize,
+    report: &GateReport,
+) -> Result<(LogicalPlanBuilder, TableReference, String), QueryError> {
     let LogicalPlan::TableScan(ts) = &scan else {
         return Err(internal("a table instance that is no scan"));
     };
@@ -439,6 +442,15 @@ fn input(scan: LogicalPlan, table: usize, report: &GateReport) -> Result<Logical
     if let Some(predicate) = conjuncts.into_iter().reduce(Expr::and) {
         b = b.filter(predicate)?;
     }
+    Ok((b, qualifier, key))
+}
+
+/// One table instance's input to its reduction ([`Reduction`]): its rows after its own
+/// filters, as its key, its GROUP BY columns and its metrics as `Float64`, in the query's
+/// order ([`Part`]).
+fn input(scan: LogicalPlan, table: usize, report: &GateReport) -> Result<LogicalPlan, QueryError> {
+    let (b, qualifier, key) = filtered(scan, table, report)?;
+    let column = |name: &str| Expr::Column(Column::new(Some(qualifier.clone()), name));
     let mut columns = vec![column(&key).alias(reduced_column(table, "key"))];
     for (n, (t, c)) in report.dimensions.iter().enumerate() {
         if *t == table {

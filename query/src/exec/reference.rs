@@ -34,34 +34,8 @@ fn reduced_table(
     report: &GateReport,
     p: &Protection,
 ) -> Result<LogicalPlan, QueryError> {
-    let LogicalPlan::TableScan(ts) = &scan else {
-        return Err(internal("a table instance that is no scan"));
-    };
-    let qualifier = ts.table_name.clone();
+    let (mut b, qualifier, key) = filtered(scan, table, report)?;
     let column = |name: &str| Expr::Column(Column::new(Some(qualifier.clone()), name));
-    let key = report
-        .tables
-        .get(table)
-        .and_then(|t| t.key_column.clone())
-        .ok_or_else(|| internal("a joined table without a key column"))?;
-    let mut b = LogicalPlanBuilder::from(scan);
-    let conjuncts: Vec<Expr> = report
-        .filters
-        .iter()
-        .filter(|((t, _), _)| *t == table)
-        .map(|((_, c), values)| {
-            column(c).in_list(
-                values
-                    .iter()
-                    .map(|v| Expr::Literal(v.clone(), None))
-                    .collect(),
-                false,
-            )
-        })
-        .collect();
-    if let Some(predicate) = conjuncts.into_iter().reduce(Expr::and) {
-        b = b.filter(predicate)?;
-    }
     let mut group = vec![column(&key).alias(reduced_column(table, "key"))];
     let mut dims = Vec::new();
     for (n, (t, c)) in report.dimensions.iter().enumerate() {
