@@ -30,10 +30,14 @@ use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, Float64Array, Int64Array};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, Float64Array, Int64Array, UInt32Array};
+use datafusion::arrow::compute::{cast, take};
 use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Schema, UInt64Type};
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::arrow::row::{RowConverter, Rows, SortField};
+use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::logical_expr::EmitTo;
+use datafusion::physical_plan::aggregates::group_values::{GroupValues, new_group_values};
+use datafusion::physical_plan::aggregates::order::GroupOrdering;
 
 use crate::QueryError;
 use crate::gate::{GateReport, Metric};
@@ -50,75 +54,73 @@ fn internal(what: &str) -> QueryError {
     QueryError::Internal(format!("protected stage: {what}"))
 }
 
-/// The distinct values of one GROUP BY column, in the row format: their bytes compare as
-/// `ORDER BY column ASC NULLS FIRST` does. A value's code is its index.
+/// The distinct values of one GROUP BY column of a finished [`Reduction`], in the order of
+/// `ORDER BY column ASC NULLS FIRST` (arrow's row format orders them). A value's code is its
+/// rank there, so codes compare as their values do.
 struct Values {
-    converter: RowConverter,
-    rows: Rows,
-    index: HashMap<Box<[u8]>, u32>,
+    /// As interned ([`interned_type`]).
+    sorted: ArrayRef,
+    /// The type they leave in ([`output_type`]).
+    output: DataType,
 }
 
 impl Values {
-    fn new(data_type: &DataType) -> Result<Self, QueryError> {
-        let converter = RowConverter::new(vec![SortField::new(data_type.clone())])?;
-        let rows = converter.empty_rows(0, 0);
-        Ok(Values {
-            converter,
-            rows,
-            index: HashMap::default(),
+    /// The values of `codes`, as an array of the column's output type.
+    fn array(&self, codes: impl Iterator<Item = u32>) -> Result<ArrayRef, QueryError> {
+        let indices = UInt32Array::from_iter_values(codes);
+        let values = take(self.sorted.as_ref(), &indices, None)?;
+        Ok(match values.data_type() == &self.output {
+            true => values,
+            false => cast(&values, &self.output)?,
         })
     }
 
-    /// The codes of `column`'s values into `out`, new values interned.
-    fn codes(&mut self, column: &ArrayRef, out: &mut Vec<u32>) -> Result<(), QueryError> {
-        let rows = self
-            .converter
-            .convert_columns(std::slice::from_ref(column))?;
-        out.clear();
-        for row in rows.iter() {
-            let bytes = row.data();
-            let code = match self.index.get(bytes) {
-                Some(&c) => c,
-                None => {
-                    let c = u32::try_from(self.rows.num_rows())
-                        .ok()
-                        .filter(|&c| c != NONE)
-                        .ok_or_else(|| internal("too many distinct values"))?;
-                    self.rows.push(row);
-                    self.index.insert(bytes.into(), c);
-                    c
-                }
-            };
-            out.push(code);
-        }
-        Ok(())
-    }
-
-    fn cmp(&self, a: u32, b: u32) -> Ordering {
-        self.rows.row(a as usize).cmp(&self.rows.row(b as usize))
-    }
-
-    /// The codes in the values' order.
-    fn ordered(&self) -> Vec<u32> {
-        let mut codes: Vec<u32> = (0..self.rows.num_rows() as u32).collect();
-        codes.sort_unstable_by(|&a, &b| self.cmp(a, b));
-        codes
-    }
-
-    /// The values of `codes`, as an array of the column's type.
-    fn array(&self, codes: impl Iterator<Item = u32>) -> Result<ArrayRef, QueryError> {
-        let rows = codes.map(|c| self.rows.row(c as usize));
-        self.converter
-            .convert_rows(rows)?
-            .pop()
-            .ok_or_else(|| internal("a column of values"))
-    }
-
     fn bytes(&self) -> usize {
-        self.rows.size()
-            + self.index.capacity() * (size_of::<Box<[u8]>>() + 4 + 1)
-            + self.rows.num_rows() * 16
+        self.sorted.get_array_memory_size()
     }
+}
+
+/// The type a GROUP BY column's values are interned as: a dictionary's as its values, and
+/// strings and bytes with 64-bit offsets. DataFusion's interners would fail or stop where the
+/// column's own type runs out: a dictionary past its key type's range of distinct values
+/// (128 for `Int8` keys), 32-bit offsets past 2 GiB of distinct values. Either depends on
+/// the rows, another partner's too, so it must not happen after admission.
+fn interned_type(t: &DataType) -> DataType {
+    match t {
+        DataType::Dictionary(_, values) => interned_type(values),
+        DataType::Utf8 => DataType::LargeUtf8,
+        DataType::Binary => DataType::LargeBinary,
+        other => other.clone(),
+    }
+}
+
+/// The type a GROUP BY column's values leave the stage in: a dictionary's values' type (as
+/// the exact rows held them before), else its own.
+fn output_type(t: &DataType) -> DataType {
+    match t {
+        DataType::Dictionary(_, values) => output_type(values),
+        other => other.clone(),
+    }
+}
+
+/// DataFusion's interner of one GROUP BY column's values (the one its hash aggregate uses:
+/// values equal as a GROUP BY makes them equal, so -0.0 and 0.0 are one value). Its hash has
+/// a fixed seed: values chosen to collide make it slow (on questions that group by them),
+/// not wrong.
+fn interner(field: &Field) -> Result<Box<dyn GroupValues>, QueryError> {
+    let schema = Arc::new(Schema::new(vec![field.clone()]));
+    Ok(new_group_values(schema, &GroupOrdering::None)?)
+}
+
+/// The values an interner holds, in the order of their codes (its group ids).
+fn emitted(interner: &mut dyn GroupValues, field: &Field) -> Result<ArrayRef, QueryError> {
+    if interner.is_empty() {
+        return Ok(datafusion::arrow::array::new_empty_array(field.data_type()));
+    }
+    interner
+        .emit(EmitTo::All)?
+        .pop()
+        .ok_or_else(|| internal("the values of an interner"))
 }
 
 /// What one table instance contributes: its GROUP BY columns (positions in the query's GROUP
@@ -158,7 +160,9 @@ struct Chain {
 
 const EMPTY: Chain = Chain { head: NONE, len: 0 };
 
-/// Rows of one shard as they stream in, before the shard is built.
+/// Rows of one shard as they stream in, before the shard is built: per row its entity id,
+/// its GROUP BY values' codes (the partition's own, see [`Folder`]), its metrics (0 where
+/// null) and whether each was there.
 #[derive(Default)]
 struct Staged {
     keys: Vec<u64>,
@@ -176,24 +180,113 @@ impl Staged {
     }
 }
 
+/// One input partition of a table instance as its rows stream in ([`Folder::fold`]): each
+/// row staged in its entity's shard (the rows without a key apart), its GROUP BY values
+/// interned in the partition's own codes. Partitions fold on their own threads;
+/// [`Reduction::finish`] brings their codes together and builds the shards.
+pub(crate) struct Folder {
+    /// The GROUP BY columns as interned ([`interned_type`]), and their output types.
+    fields: Vec<Field>,
+    outputs: Vec<DataType>,
+    interners: Vec<Box<dyn GroupValues>>,
+    /// [`SHARDS`] shards, then the rows without a key.
+    staged: Vec<Staged>,
+    metrics: usize,
+    scratch: Vec<Vec<usize>>,
+}
+
+impl Folder {
+    /// `schema`: the input batches' (key, GROUP BY columns, metrics).
+    pub fn new(schema: &Schema, dims: usize) -> Result<Folder, QueryError> {
+        let fields = schema.fields();
+        if fields.is_empty() || fields.len() < 1 + dims {
+            return Err(internal("input columns"));
+        }
+        let dims_fields = &fields[1..1 + dims];
+        let outputs = dims_fields
+            .iter()
+            .map(|f| output_type(f.data_type()))
+            .collect();
+        let fields: Vec<Field> = (dims_fields.iter())
+            .map(|f| Field::new(f.name(), interned_type(f.data_type()), true))
+            .collect();
+        Ok(Folder {
+            outputs,
+            interners: fields.iter().map(interner).collect::<Result<_, _>>()?,
+            metrics: schema.fields().len() - 1 - dims,
+            fields,
+            staged: (0..=SHARDS).map(|_| Staged::default()).collect(),
+            scratch: vec![Vec::new(); dims],
+        })
+    }
+
+    /// Bytes held: rows staged, values interned.
+    pub fn bytes(&self) -> usize {
+        self.staged.iter().map(Staged::bytes).sum::<usize>()
+            + self.interners.iter().map(|i| i.size()).sum::<usize>()
+    }
+
+    /// Stages a batch of input rows.
+    pub fn fold(&mut self, batch: &RecordBatch) -> Result<(), QueryError> {
+        let (dims, width) = (self.fields.len(), self.metrics);
+        if batch.num_columns() != 1 + dims + width {
+            return Err(internal("input columns"));
+        }
+        let keys = batch
+            .column(0)
+            .as_primitive_opt::<UInt64Type>()
+            .ok_or_else(|| internal("key column type"))?;
+        for (d, out) in self.scratch.iter_mut().enumerate() {
+            out.clear();
+            let column = batch.column(1 + d);
+            let column = match column.data_type() == self.fields[d].data_type() {
+                true => column.clone(),
+                false => cast(column, self.fields[d].data_type())?,
+            };
+            self.interners[d].intern(&[column], out)?;
+            if self.interners[d].len() >= NONE as usize {
+                return Err(internal("too many distinct values"));
+            }
+        }
+        let metrics: Vec<&Float64Array> = (0..width)
+            .map(|i| batch.column(1 + dims + i).as_primitive_opt::<Float64Type>())
+            .collect::<Option<_>>()
+            .ok_or_else(|| internal("metric column type"))?;
+        for row in 0..batch.num_rows() {
+            let (shard, key) = match keys.is_valid(row) {
+                true => (shard_of(keys.value(row)), keys.value(row)),
+                false => (SHARDS, 0),
+            };
+            let staged = &mut self.staged[shard];
+            staged.keys.push(key);
+            for codes in &self.scratch {
+                staged.codes.push(codes[row] as u32);
+            }
+            for m in &metrics {
+                let valid = m.is_valid(row);
+                staged.metrics.push(if valid { m.value(row) } else { 0.0 });
+                staged.valid.push(valid);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// One shard of a reduction: its companies and their reduced rows.
 struct Shard {
     companies: FastMap<Chain>,
     entries: Entries,
 }
 
-/// A table instance reduced per company (see the module's doc). Its input batches are the
-/// key (entity ids), its GROUP BY columns and its metrics as `Float64`, in [`Part`] order.
-/// Rows are staged per shard as they come ([`Reduction::fold`]), then the shards are built
-/// ([`Reduction::finish`]).
+/// A table instance reduced per company (see the module's doc), from the [`Folder`]s of its
+/// input partitions. Its input batches are the key (entity ids), its GROUP BY columns and
+/// its metrics as `Float64`, in [`Part`] order.
 pub(crate) struct Reduction {
     values: Vec<Values>,
-    staged: Vec<Staged>,
     shards: Vec<Shard>,
     /// Rows with a null key: one company when the question reads one table instance (as a
     /// GROUP BY on the key makes it), none in a join (a null key equals nothing).
     null: (Chain, Entries),
-    scratch: Vec<Vec<u32>>,
 }
 
 /// Reduced rows of companies.
@@ -210,127 +303,115 @@ struct Entries {
     next: Vec<u32>,
 }
 
-impl Reduction {
-    /// `schema`: the input batches' (key, GROUP BY columns, metrics).
-    pub fn new(schema: &Schema, dims: usize, limit: u32) -> Result<Self, QueryError> {
-        let fields = schema.fields();
-        if fields.is_empty() || fields.len() < 1 + dims {
-            return Err(internal("input columns"));
+/// Where [`Entries::stage`] finds a row's company: the one chain of the rows without a key,
+/// or a shard's companies.
+enum Chains<'a> {
+    One(&'a mut Chain),
+    ByKey(&'a mut FastMap<Chain>),
+}
+
+impl Chains<'_> {
+    fn of(&mut self, key: u64) -> &mut Chain {
+        match self {
+            Chains::One(chain) => chain,
+            Chains::ByKey(companies) => companies.entry(key).or_insert(EMPTY),
         }
-        let values = (fields[1..1 + dims].iter())
-            .map(|f| Values::new(f.data_type()))
-            .collect::<Result<Vec<_>, _>>()?;
-        let entries = Entries {
+    }
+}
+
+/// One partition's staged rows of one shard, and per GROUP BY column the codes its own
+/// codes stand for in the reduction.
+type Input<'a> = (Staged, &'a [Vec<u32>]);
+
+impl Reduction {
+    /// The reduction of the rows `folders` staged, keeping at most `limit` rows per company
+    /// (L), its shards built on `threads` threads.
+    pub fn finish(
+        mut folders: Vec<Folder>,
+        limit: u32,
+        threads: usize,
+    ) -> Result<Reduction, QueryError> {
+        let (fields, outputs, width) = match folders.first() {
+            Some(f) => (f.fields.clone(), f.outputs.clone(), f.metrics),
+            None => return Err(internal("no partition folded")),
+        };
+        let dims = fields.len();
+        // Per GROUP BY column: every partition's values interned once more, ranked by their
+        // order; each partition's codes mapped to those ranks.
+        let mut values = Vec::with_capacity(dims);
+        let mut remaps: Vec<Vec<Vec<u32>>> = vec![Vec::with_capacity(dims); folders.len()];
+        for (d, field) in fields.iter().enumerate() {
+            let mut all = interner(field)?;
+            let mut ids = Vec::new();
+            let mut global = Vec::with_capacity(folders.len());
+            for f in folders.iter_mut() {
+                let local = emitted(f.interners[d].as_mut(), field)?;
+                ids.clear();
+                if !local.is_empty() {
+                    all.intern(&[local], &mut ids)?;
+                }
+                global.push(ids.clone());
+            }
+            let distinct = emitted(all.as_mut(), field)?;
+            if distinct.len() >= NONE as usize {
+                return Err(internal("too many distinct values"));
+            }
+            let converter = RowConverter::new(vec![SortField::new(field.data_type().clone())])?;
+            let rows = converter.convert_columns(std::slice::from_ref(&distinct))?;
+            let mut order: Vec<u32> = (0..distinct.len() as u32).collect();
+            order.sort_unstable_by(|&a, &b| rows.row(a as usize).cmp(&rows.row(b as usize)));
+            let mut rank = vec![0u32; order.len()];
+            for (r, &g) in order.iter().enumerate() {
+                rank[g as usize] = r as u32;
+            }
+            for (f, ids) in global.iter().enumerate() {
+                remaps[f].push(ids.iter().map(|&g| rank[g]).collect());
+            }
+            let order = UInt32Array::from(order);
+            values.push(Values {
+                sorted: take(distinct.as_ref(), &order, None)?,
+                output: outputs[d].clone(),
+            });
+        }
+        let template = Entries {
             limit: if dims == 0 { 1 } else { limit.max(1) },
             dims,
-            metrics: fields.len() - 1 - dims,
+            metrics: width,
             codes: Vec::new(),
             sums: Vec::new(),
             counts: Vec::new(),
             next: Vec::new(),
         };
-        Ok(Reduction {
-            values,
-            staged: (0..SHARDS).map(|_| Staged::default()).collect(),
-            shards: Vec::new(),
-            null: (EMPTY, entries),
-            scratch: vec![Vec::new(); dims],
-        })
-    }
-
-    /// Reduced rows held (once finished).
-    pub fn rows(&self) -> usize {
-        self.null.1.next.len()
-            + self
-                .shards
-                .iter()
-                .map(|s| s.entries.next.len())
-                .sum::<usize>()
-    }
-
-    /// Bytes held: rows staged, shards built, interned values.
-    pub fn bytes(&self) -> usize {
-        self.null.1.bytes()
-            + self.staged.iter().map(Staged::bytes).sum::<usize>()
-            + (self.shards.iter())
-                .map(|s| {
-                    s.companies.capacity() * (size_of::<u64>() + size_of::<Chain>() + 1)
-                        + s.entries.bytes()
-                })
-                .sum::<usize>()
-            + self.values.iter().map(Values::bytes).sum::<usize>()
-    }
-
-    /// Stages a batch of input rows.
-    pub fn fold(&mut self, batch: &RecordBatch) -> Result<(), QueryError> {
-        let (dims, width) = (self.values.len(), self.null.1.metrics);
-        if batch.num_columns() != 1 + dims + width {
-            return Err(internal("input columns"));
-        }
-        let keys = batch
-            .column(0)
-            .as_primitive_opt::<UInt64Type>()
-            .ok_or_else(|| internal("key column type"))?;
-        let mut scratch = std::mem::take(&mut self.scratch);
-        for (d, out) in scratch.iter_mut().enumerate() {
-            self.values[d].codes(batch.column(1 + d), out)?;
-        }
-        let metrics: Vec<&Float64Array> = (0..width)
-            .map(|i| batch.column(1 + dims + i).as_primitive_opt::<Float64Type>())
-            .collect::<Option<_>>()
-            .ok_or_else(|| internal("metric column type"))?;
-        let mut tuple = vec![0u32; dims];
-        for row in 0..batch.num_rows() {
-            for (d, codes) in scratch.iter().enumerate() {
-                tuple[d] = codes[row];
-            }
-            if keys.is_null(row) {
-                let (chain, entries) = &mut self.null;
-                if let Some(e) = entries.place(chain, &tuple, &self.values) {
-                    entries.add(
-                        e,
-                        metrics
-                            .iter()
-                            .map(|m| m.is_valid(row).then(|| m.value(row))),
-                    );
-                }
-                continue;
-            }
-            let key = keys.value(row);
-            let staged = &mut self.staged[shard_of(key)];
-            staged.keys.push(key);
-            staged.codes.extend_from_slice(&tuple);
-            for m in &metrics {
-                staged
-                    .metrics
-                    .push(if m.is_valid(row) { m.value(row) } else { 0.0 });
-                staged.valid.push(m.is_valid(row));
+        // Shard by shard, every partition's rows of it (each shard's staged rows are freed
+        // once it is built).
+        let mut inputs: Vec<Vec<Input<'_>>> = (0..=SHARDS).map(|_| Vec::new()).collect();
+        for (f, folder) in folders.iter_mut().enumerate() {
+            for (s, staged) in folder.staged.iter_mut().enumerate() {
+                inputs[s].push((std::mem::take(staged), &remaps[f]));
             }
         }
-        self.scratch = scratch;
-        Ok(())
-    }
-
-    /// Builds the shards from the staged rows, on `threads` threads.
-    pub fn finish(&mut self, threads: usize) -> Result<(), QueryError> {
-        let staged: Vec<(usize, Staged)> = std::mem::take(&mut self.staged)
-            .into_iter()
-            .enumerate()
-            .collect();
-        let template = &self.null.1;
-        let values = &self.values;
+        let null = inputs
+            .pop()
+            .ok_or_else(|| internal("the rows without a key"))?;
+        let mut null_entries = template.empty();
+        let mut null_chain = EMPTY;
+        for (staged, remap) in null {
+            null_entries.stage(&staged, remap, Chains::One(&mut null_chain));
+        }
         let threads = threads.clamp(1, SHARDS);
+        let template = &template;
         let built: Vec<Option<Vec<(usize, Shard)>>> = std::thread::scope(|s| {
-            let mut lanes: Vec<Vec<(usize, Staged)>> = (0..threads).map(|_| Vec::new()).collect();
-            for (i, st) in staged {
-                lanes[i % threads].push((i, st));
+            let mut lanes: Vec<Vec<(usize, Vec<Input<'_>>)>> =
+                (0..threads).map(|_| Vec::new()).collect();
+            for (i, input) in inputs.into_iter().enumerate() {
+                lanes[i % threads].push((i, input));
             }
             let handles: Vec<_> = lanes
                 .into_iter()
                 .map(|lane| {
                     s.spawn(move || {
                         lane.into_iter()
-                            .map(|(i, st)| (i, build(st, template, values)))
+                            .map(|(i, input)| (i, build(input, template)))
                             .collect::<Vec<_>>()
                     })
                 })
@@ -344,27 +425,43 @@ impl Reduction {
             .flatten()
             .collect();
         built.sort_unstable_by_key(|(i, _)| *i);
-        self.shards = built.into_iter().map(|(_, s)| s).collect();
-        Ok(())
+        Ok(Reduction {
+            values,
+            shards: built.into_iter().map(|(_, s)| s).collect(),
+            null: (null_chain, null_entries),
+        })
+    }
+
+    /// Reduced rows held.
+    pub fn rows(&self) -> usize {
+        self.null.1.next.len()
+            + self
+                .shards
+                .iter()
+                .map(|s| s.entries.next.len())
+                .sum::<usize>()
+    }
+
+    /// Bytes held: shards built, values.
+    pub fn bytes(&self) -> usize {
+        self.null.1.bytes()
+            + (self.shards.iter())
+                .map(|s| {
+                    s.companies.capacity() * (size_of::<u64>() + size_of::<Chain>() + 1)
+                        + s.entries.bytes()
+                })
+                .sum::<usize>()
+            + self.values.iter().map(Values::bytes).sum::<usize>()
     }
 }
 
-/// One shard built from its staged rows.
-fn build(staged: Staged, template: &Entries, values: &[Values]) -> Shard {
-    let (dims, width) = (template.dims, template.metrics);
+/// One shard built from its partitions' staged rows.
+fn build(input: Vec<Input<'_>>, template: &Entries) -> Shard {
     let mut companies = FastMap::default();
-    companies.reserve(staged.keys.len());
+    companies.reserve(input.iter().map(|(s, _)| s.keys.len()).sum());
     let mut entries = template.empty();
-    for (r, &key) in staged.keys.iter().enumerate() {
-        let chain = companies.entry(key).or_insert(EMPTY);
-        let tuple = &staged.codes[r * dims..(r + 1) * dims];
-        if let Some(e) = entries.place(chain, tuple, values) {
-            let at = r * width;
-            entries.add(
-                e,
-                (at..at + width).map(|i| staged.valid[i].then(|| staged.metrics[i])),
-            );
-        }
+    for (staged, remap) in input {
+        entries.stage(&staged, remap, Chains::ByKey(&mut companies));
     }
     Shard { companies, entries }
 }
@@ -389,6 +486,25 @@ impl Entries {
             + self.next.capacity() * 4
     }
 
+    /// Places `staged`'s rows, their codes mapped by `remap` (per GROUP BY column), in their
+    /// companies' chains.
+    fn stage(&mut self, staged: &Staged, remap: &[Vec<u32>], mut chains: Chains<'_>) {
+        let (dims, width) = (self.dims, self.metrics);
+        let mut tuple = vec![0u32; dims];
+        for (r, &key) in staged.keys.iter().enumerate() {
+            for (d, code) in tuple.iter_mut().enumerate() {
+                *code = remap[d][staged.codes[r * dims + d] as usize];
+            }
+            if let Some(e) = self.place(chains.of(key), &tuple) {
+                let at = r * width;
+                self.add(
+                    e,
+                    (at..at + width).map(|i| staged.valid[i].then(|| staged.metrics[i])),
+                );
+            }
+        }
+    }
+
     /// Adds a row's metric values to entry `e`.
     fn add(&mut self, e: u32, values: impl Iterator<Item = Option<f64>>) {
         let at = e as usize * self.metrics;
@@ -404,7 +520,7 @@ impl Entries {
     /// limit, or in place of its last (by GROUP BY values) if `tuple` comes before it. `None`
     /// if the company keeps `limit` entries that all come before `tuple`: a dropped entry
     /// never comes back, as every later one of the company would come before it too.
-    fn place(&mut self, chain: &mut Chain, tuple: &[u32], values: &[Values]) -> Option<u32> {
+    fn place(&mut self, chain: &mut Chain, tuple: &[u32]) -> Option<u32> {
         let dims = tuple.len();
         let mut last = NONE;
         let mut e = chain.head;
@@ -413,9 +529,7 @@ impl Entries {
             if self.codes[at..at + dims] == *tuple {
                 return Some(e);
             }
-            if last == NONE
-                || self.order(last, &self.codes[at..at + dims], values) == Ordering::Less
-            {
+            if last == NONE || self.order(last, &self.codes[at..at + dims]) == Ordering::Less {
                 last = e;
             }
             e = self.next[e as usize];
@@ -432,7 +546,7 @@ impl Entries {
             };
             return Some(e);
         }
-        if self.order(last, tuple, values) != Ordering::Greater {
+        if self.order(last, tuple) != Ordering::Greater {
             return None;
         }
         let at = last as usize * dims;
@@ -443,14 +557,10 @@ impl Entries {
         Some(last)
     }
 
-    /// How entry `e`'s GROUP BY values compare with `tuple`'s.
-    fn order(&self, e: u32, tuple: &[u32], values: &[Values]) -> Ordering {
+    /// How entry `e`'s GROUP BY values compare with `tuple`'s (codes are ranks).
+    fn order(&self, e: u32, tuple: &[u32]) -> Ordering {
         let at = e as usize * tuple.len();
-        (values.iter().zip(&self.codes[at..at + tuple.len()]))
-            .zip(tuple)
-            .map(|((v, &a), &b)| if a == b { Ordering::Equal } else { v.cmp(a, b) })
-            .find(|o| o.is_ne())
-            .unwrap_or(Ordering::Equal)
+        self.codes[at..at + tuple.len()].cmp(tuple)
     }
 
     /// Metric `i` of entry `e`, as its reduced row holds it: the sum (or average) of the
@@ -494,10 +604,14 @@ fn on_grid(v: f64, lo: f64, hi: f64, step: f64) -> i64 {
     (clamped / step) as i64
 }
 
-/// The totals of the groups met so far: per group its GROUP BY ranks, companies, and per
+/// The totals of the groups met so far: per group its GROUP BY codes, companies, and per
 /// aggregate the grid total (null while no company had a value) and how many had one.
-#[derive(Default)]
 struct Groups {
+    /// Groups by their codes as one number (codes are ranks below each column's count of
+    /// values: a mixed-radix number of `strides`), where the counts' product fits; else by
+    /// their codes.
+    strides: Option<Vec<u64>>,
+    packed: FastMap<usize>,
     index: HashMap<Vec<u32>, usize>,
     tuples: Vec<Vec<u32>>,
     companies: Vec<i64>,
@@ -506,13 +620,46 @@ struct Groups {
 }
 
 impl Groups {
+    /// No groups yet, of GROUP BY columns with `counts` values each.
+    fn new(counts: &[usize]) -> Groups {
+        let mut strides = Vec::with_capacity(counts.len());
+        let mut product: Option<u64> = Some(1);
+        for &n in counts.iter().rev() {
+            strides.push(product.unwrap_or(0));
+            product = product.and_then(|p| p.checked_mul(n.max(1) as u64));
+        }
+        strides.reverse();
+        Groups {
+            strides: product.map(|_| strides),
+            packed: FastMap::default(),
+            index: HashMap::new(),
+            tuples: Vec::new(),
+            companies: Vec::new(),
+            sums: Vec::new(),
+            counts: Vec::new(),
+        }
+    }
+
     /// The index of the group of `tuple`, added if new.
     fn of(&mut self, tuple: &[u32], aggs: usize) -> usize {
-        if let Some(&g) = self.index.get(tuple) {
-            return g;
-        }
         let g = self.companies.len();
-        self.index.insert(tuple.to_vec(), g);
+        match &self.strides {
+            Some(strides) => {
+                let key = (tuple.iter().zip(strides))
+                    .map(|(&c, &s)| u64::from(c) * s)
+                    .sum();
+                match self.packed.entry(key) {
+                    std::collections::hash_map::Entry::Occupied(e) => return *e.get(),
+                    std::collections::hash_map::Entry::Vacant(e) => e.insert(g),
+                };
+            }
+            None => {
+                if let Some(&g) = self.index.get(tuple) {
+                    return g;
+                }
+                self.index.insert(tuple.to_vec(), g);
+            }
+        }
         self.tuples.push(tuple.to_vec());
         self.companies.push(0);
         self.sums.resize(self.sums.len() + aggs, None);
@@ -536,15 +683,14 @@ impl Groups {
     }
 }
 
-/// Where each GROUP BY column and each aggregate comes from, and the ranks of the values.
+/// Where each GROUP BY column and each aggregate comes from.
 struct Layout {
     /// Per GROUP BY column: (instance, its position there).
     dims: Vec<(usize, usize)>,
     /// Per aggregate: (instance, position, average) of a metric, `None` for a count.
     metrics: Vec<Option<(usize, usize, bool)>>,
-    /// Per GROUP BY column: the codes in the values' order, and each code's rank.
-    ordered: Vec<Vec<u32>>,
-    ranks: Vec<Vec<u32>>,
+    /// Per GROUP BY column: how many values it has.
+    counts: Vec<usize>,
 }
 
 impl Layout {
@@ -562,23 +708,13 @@ impl Layout {
         if dims.iter().any(|&(t, _)| t == usize::MAX) {
             return Err(internal("a GROUP BY column of no table"));
         }
-        let ordered: Vec<Vec<u32>> = (dims.iter())
-            .map(|&(t, d)| instances[t].reduction.values[d].ordered())
-            .collect();
-        let ranks = (ordered.iter())
-            .map(|codes| {
-                let mut rank = vec![0u32; codes.len()];
-                for (r, &c) in codes.iter().enumerate() {
-                    rank[c as usize] = r as u32;
-                }
-                rank
-            })
+        let counts = (dims.iter())
+            .map(|&(t, d)| instances[t].reduction.values[d].sorted.len())
             .collect();
         Ok(Layout {
             dims,
             metrics,
-            ordered,
-            ranks,
+            counts,
         })
     }
 }
@@ -598,7 +734,7 @@ struct Walk<'a> {
 
 impl<'a> Walk<'a> {
     fn new(layout: &'a Layout, totals: &'a Totals, tables: usize) -> Self {
-        let mut groups = Groups::default();
+        let mut groups = Groups::new(&layout.counts);
         if totals.dims == 0 {
             // A question without GROUP BY has its one row, with or without companies.
             groups.of(&[], totals.grids.len());
@@ -625,10 +761,10 @@ impl<'a> Walk<'a> {
         }
         'rows: loop {
             self.entries.extend_from_slice(&self.cursor);
-            for (n, &(t, d)) in self.layout.dims.iter().enumerate() {
+            for &(t, d) in &self.layout.dims {
                 let e = chains[t].1;
-                let code = e.codes[self.cursor[t] as usize * e.dims + d];
-                self.tuples.push(self.layout.ranks[n][code as usize]);
+                self.tuples
+                    .push(e.codes[self.cursor[t] as usize * e.dims + d]);
             }
             for t in (0..tables).rev() {
                 let next = chains[t].1.next[self.cursor[t] as usize];
@@ -740,7 +876,7 @@ pub(crate) fn stage_two(
             .collect()
     });
     // Each part holds the one row of a question without GROUP BY (`Walk::new`).
-    let mut groups = Groups::default();
+    let mut groups = Groups::new(&layout.counts);
     for p in partial {
         groups.merge(p?, aggs);
     }
@@ -762,8 +898,7 @@ pub(crate) fn stage_two(
     let mut columns: Vec<ArrayRef> = Vec::new();
     for (n, &(t, d)) in layout.dims.iter().enumerate() {
         let values = &instances[t].reduction.values[d];
-        let array = values
-            .array((order.iter()).map(|&g| layout.ordered[n][groups.tuples[g][n] as usize]))?;
+        let array = values.array(order.iter().map(|&g| groups.tuples[g][n]))?;
         fields.push(Field::new(format!("d{n}"), array.data_type().clone(), true));
         columns.push(array);
     }
@@ -785,4 +920,51 @@ pub(crate) fn stage_two(
         Arc::new(Schema::new(fields)),
         columns,
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{DictionaryArray, StringArray, UInt64Array};
+    use datafusion::arrow::datatypes::Int8Type;
+
+    /// Two partitions of 100 distinct values each in an `Int8`-keyed dictionary: 200 in all,
+    /// more than its keys reach. Interned as their values, they reduce; as a dictionary they
+    /// would fail, and whether they did would depend on the rows.
+    #[test]
+    fn a_dictionary_column_with_more_values_than_its_keys_reach_is_reduced() {
+        let dictionary = DataType::Dictionary(Box::new(DataType::Int8), Box::new(DataType::Utf8));
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::UInt64, true),
+            Field::new("d", dictionary, true),
+        ]));
+        let partition = |from: usize| {
+            let mut folder = Folder::new(&schema, 1).unwrap();
+            let ids =
+                (from..from + 100).map(|i| (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let names: Vec<String> = (from..from + 100)
+                .rev()
+                .map(|i| format!("v{i:03}"))
+                .collect();
+            let values: DictionaryArray<Int8Type> = names.iter().map(String::as_str).collect();
+            let batch = RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(UInt64Array::from_iter_values(ids)),
+                    Arc::new(values),
+                ],
+            )
+            .unwrap();
+            folder.fold(&batch).unwrap();
+            folder
+        };
+        let reduction = Reduction::finish(vec![partition(0), partition(100)], 1, 2).unwrap();
+        assert_eq!(reduction.rows(), 200);
+        assert_eq!(reduction.values[0].sorted.len(), 200);
+        // Codes are ranks: the first three values in order, in the dictionary's value type.
+        let first = reduction.values[0].array(0..3).unwrap();
+        let first = first.as_any().downcast_ref::<StringArray>().unwrap();
+        let first: Vec<&str> = first.iter().map(Option::unwrap).collect();
+        assert_eq!(first, ["v000", "v001", "v002"]);
+    }
 }

@@ -50,22 +50,24 @@ use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, Float64Array, Int6
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::runtime::SpawnedTask;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{Column, ScalarValue, TableReference};
 use datafusion::datasource::{MemTable, provider_as_source};
 use datafusion::execution::SessionState;
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
 use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan, LogicalPlanBuilder, col};
-use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::coop::CooperativeExec;
 use datafusion::physical_plan::joins::{
     CrossJoinExec, HashJoinExec, NestedLoopJoinExec, PiecewiseMergeJoinExec, SortMergeJoinExec,
     SymmetricHashJoinExec,
 };
+use datafusion::physical_plan::repartition::RepartitionExec;
+use datafusion::physical_plan::{ExecutionPlan, ExecutionPlanProperties, Partitioning};
 use futures_util::StreamExt;
 
 use crate::QueryError;
-use crate::entities::{Instance, Part, Reduction, Totals, stage_two};
+use crate::entities::{Folder, Instance, Part, Reduction, Totals, stage_two};
 use crate::gate::{GateReport, Metric};
 use crate::memory::{MemoryShare, Reservation};
 use crate::noise::{Epsilon, Noise, Sensitivity, Variance, partition_threshold};
@@ -475,9 +477,10 @@ fn input(scan: LogicalPlan, table: usize, report: &GateReport) -> Result<Logical
     Ok(b.project(columns)?.build()?)
 }
 
-/// Table instance `table` reduced ([`Reduction`]) from its `input` run in `state`, its
-/// shards built on the session's partitions' worth of threads; with `memory`, what it holds
-/// is reserved there as it grows (and fails past its limit).
+/// Table instance `table` reduced ([`Reduction`]) from its `input` run in `state`: its
+/// input partitions (at least the session's partitions' worth, batches dealt round robin)
+/// folded on their own tasks, then its shards built on as many threads; with `memory`, what
+/// it holds is reserved there as it grows (and fails past its limit).
 async fn reduce(
     state: &SessionState,
     input: &LogicalPlan,
@@ -486,26 +489,54 @@ async fn reduce(
     memory: Option<&MemoryReservation>,
     stop: &Stop,
 ) -> Result<Reduction, QueryError> {
-    let physical = state.create_physical_plan(input).await?;
-    let mut batches = datafusion::physical_plan::execute_stream(physical, state.task_ctx())?;
-    let schema = input.schema().as_arrow();
-    let mut reduction = Reduction::new(schema, part.dims.len(), max_groups)?;
-    while let Some(batch) = batches.next().await {
-        if stop.requested() {
-            return Err(Stop::error().into());
-        }
-        reduction.fold(&batch?)?;
-        if let Some(memory) = memory {
-            memory.try_resize(reduction.bytes())?;
-        }
+    let threads = state.config().target_partitions().max(1);
+    let mut physical = state.create_physical_plan(input).await?;
+    if physical.output_partitioning().partition_count() < threads {
+        physical = Arc::new(RepartitionExec::try_new(
+            physical,
+            Partitioning::RoundRobinBatch(threads),
+        )?);
     }
-    let threads = state.config().target_partitions();
-    let reduction = tokio::task::spawn_blocking(move || {
-        reduction.finish(threads)?;
-        Ok::<_, QueryError>(reduction)
-    })
-    .await
-    .map_err(|e| internal(&format!("building a reduction: {e}")))??;
+    let schema = input.schema().as_arrow();
+    let streams =
+        datafusion::physical_plan::execute_stream_partitioned(physical, state.task_ctx())?;
+    let tasks = streams
+        .into_iter()
+        .map(|mut batches| {
+            let mut folder = Folder::new(schema, part.dims.len())?;
+            let held = memory.map(MemoryReservation::new_empty);
+            let stop = stop.clone();
+            Ok(SpawnedTask::spawn(async move {
+                while let Some(batch) = batches.next().await {
+                    if stop.requested() {
+                        return Err(Stop::error().into());
+                    }
+                    folder.fold(&batch?)?;
+                    if let Some(held) = &held {
+                        held.try_resize(folder.bytes())?;
+                    }
+                }
+                Ok::<_, QueryError>((folder, held))
+            }))
+        })
+        .collect::<Result<Vec<_>, QueryError>>()?;
+    // The first failure ends the others (a task dropped is aborted).
+    let folded = futures_util::future::try_join_all(tasks.into_iter().map(|task| async {
+        task.join_unwind()
+            .await
+            .map_err(|e| internal(&format!("folding a partition: {e}")))?
+    }))
+    .await?;
+    let (mut folders, partial): (Vec<Folder>, Vec<_>) = folded.into_iter().unzip();
+    if folders.is_empty() {
+        folders.push(Folder::new(schema, part.dims.len())?);
+    }
+    let reduction =
+        tokio::task::spawn_blocking(move || Reduction::finish(folders, max_groups, threads))
+            .await
+            .map_err(|e| internal(&format!("building a reduction: {e}")))??;
+    // The staged rows are gone: what is held now is the reduction.
+    drop(partial);
     if let Some(memory) = memory {
         memory.try_resize(reduction.bytes())?;
     }

@@ -56,6 +56,10 @@ impl<V> Default for Sharded<V> {
 }
 
 impl<V> Sharded<V> {
+    pub fn shard(&self, shard: usize) -> &FastMap<V> {
+        &self.shards[shard]
+    }
+
     pub fn shard_mut(&mut self, shard: usize) -> &mut FastMap<V> {
         &mut self.shards[shard]
     }
