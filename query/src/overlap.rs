@@ -439,6 +439,19 @@ fn matched<'m>(
     a: &'m Membership,
     b: &'m Membership,
 ) -> impl Iterator<Item = (u64, &'m Member, u64, &'m Member)> + 'm {
+    direct(a, b, 0..SHARDS).chain(linked(a, b, links(a, b)))
+}
+
+/// A company with each side's entity and member.
+type Matched<'m> = (u64, &'m Member, u64, &'m Member);
+
+/// The entities both sides hold, in `shards`: the smaller side's walked, the other's looked
+/// up (in the same shard).
+fn direct<'m>(
+    a: &'m Membership,
+    b: &'m Membership,
+    shards: impl Iterator<Item = usize> + 'm,
+) -> impl Iterator<Item = Matched<'m>> + 'm {
     let (small, large, small_is_a) = if a.members.len() <= b.members.len() {
         (a, b, true)
     } else {
@@ -447,21 +460,30 @@ fn matched<'m>(
     // Two name-only entities with one key are two lists' rows of one name: a name match
     // like a link, vetoed like one when the places differ.
     let compare = compares_places(a, b);
-    let direct = small.members.iter().filter_map(move |(id, ms)| {
-        let ml = large.members.get(id)?;
-        if compare && ms.name_only && !places_agree(ms.place, ml.place) {
-            return None;
-        }
-        Some(if small_is_a {
-            (*id, ms, *id, ml)
-        } else {
-            (*id, ml, *id, ms)
+    shards
+        .flat_map(move |s| small.members.shard(s).iter())
+        .filter_map(move |(id, ms)| {
+            let ml = large.members.get(id)?;
+            if compare && ms.name_only && !places_agree(ms.place, ml.place) {
+                return None;
+            }
+            Some(if small_is_a {
+                (*id, ms, *id, ml)
+            } else {
+                (*id, ml, *id, ms)
+            })
         })
-    });
-    let linked = links(a, b)
+}
+
+/// The companies of name links `pairs` (entity of a, entity of b).
+fn linked<'m>(
+    a: &'m Membership,
+    b: &'m Membership,
+    pairs: Vec<(u64, u64)>,
+) -> impl Iterator<Item = Matched<'m>> + 'm {
+    pairs
         .into_iter()
-        .filter_map(|(ia, ib)| Some((ia, a.members.get(&ia)?, ib, b.members.get(&ib)?)));
-    direct.chain(linked)
+        .filter_map(|(ia, ib)| Some((ia, a.members.get(&ia)?, ib, b.members.get(&ib)?)))
 }
 
 /// Whether name matches between the sides compare places: both have places of the same kinds.
@@ -502,33 +524,35 @@ fn carriers(names: impl Iterator<Item = u64>, members: &Sharded<Member>) -> Fast
 /// Symmetric: `links(b, a)` gives the same pairs swapped. A website entity carries one name,
 /// so at most one name-only entity of the other side can claim it.
 fn links(a: &Membership, b: &Membership) -> Vec<(u64, u64)> {
-    // Names of `from`'s linkable entities that `to` does not hold as a key -> the one entity
-    // of `to` carrying that name, if exactly one does, `from` does not hold it itself, and
-    // (when both lists have places of the same kinds) their places agree.
-    let compare = compares_places(a, b);
-    let place = |m: &Membership, id: &u64| m.members.get(id).map_or(NO_PLACE, |m| m.place);
-    let one_way = |from: &Membership, to: &Membership| -> Vec<(u64, u64)> {
-        let names = from
-            .members
-            .iter()
-            .filter(|(id, m)| m.linkable && !to.members.contains_key(id))
-            .map(|(id, _)| *id);
-        carriers(names, &to.members)
-            .into_iter()
-            .filter_map(|(name, carrier)| match carrier {
-                Carrier::One(target)
-                    if !from.members.contains_key(&target)
-                        && (!compare || places_agree(place(from, &name), place(to, &target))) =>
-                {
-                    Some((name, target))
-                }
-                _ => None,
-            })
-            .collect()
-    };
     let mut pairs = one_way(a, b);
     pairs.extend(one_way(b, a).into_iter().map(|(from, to)| (to, from)));
     pairs
+}
+
+/// The links from `from`'s name-only entities to `to`'s website entities, as (entity of
+/// `from`, entity of `to`): names of `from`'s linkable entities that `to` does not hold as a
+/// key -> the one entity of `to` carrying that name, if exactly one does, `from` does not
+/// hold it itself, and (when both lists have places of the same kinds) their places agree.
+fn one_way(from: &Membership, to: &Membership) -> Vec<(u64, u64)> {
+    let compare = compares_places(from, to);
+    let place = |m: &Membership, id: &u64| m.members.get(id).map_or(NO_PLACE, |m| m.place);
+    let names = from
+        .members
+        .iter()
+        .filter(|(id, m)| m.linkable && !to.members.contains_key(id))
+        .map(|(id, _)| *id);
+    carriers(names, &to.members)
+        .into_iter()
+        .filter_map(|(name, carrier)| match carrier {
+            Carrier::One(target)
+                if !from.members.contains_key(&target)
+                    && (!compare || places_agree(place(from, &name), place(to, &target))) =>
+            {
+                Some((name, target))
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// The exact entity count of one cell.
@@ -560,42 +584,49 @@ pub fn count(a: &Membership, b: &Membership, max_groups: u32, by: bool) -> Vec<C
         rank[*id as usize] = r as u32;
     }
 
-    let mut cells: FastMap<u64> = FastMap::default();
-    let mut common = Vec::new();
-    // One company: entity `ia` of a (member `ma`), entity `ib` of b.
-    let mut tally = |ia: u64, ma: &Member, ib: u64, mb: &Member| {
-        if ma.mask == 0 || mb.mask == 0 {
-            return;
-        }
-        common.clear();
-        if by {
-            let in_b: Vec<u32> = b
-                .values_of(ib, mb)
-                .into_iter()
-                .map(|v| b_to_a[v as usize])
-                .collect();
-            common.extend(a.values_of(ia, ma).into_iter().filter(|v| in_b.contains(v)));
-            common.sort_by_key(|v| rank[*v as usize]);
-        }
-        if common.is_empty() {
-            common.push(NO_VALUE);
-        }
-        let mut kept = 0;
-        'cells: for pa in bits(ma.mask) {
-            for pb in bits(mb.mask) {
-                for v in &common {
-                    let key = (pa as u64) << 40 | (pb as u64) << 32 | u64::from(*v);
-                    *cells.entry(key).or_insert(0) += 1;
-                    kept += 1;
-                    if kept == limit {
-                        break 'cells;
-                    }
-                }
-            }
-        }
+    let tally = Tally {
+        a,
+        b,
+        by,
+        limit,
+        b_to_a: &b_to_a,
+        rank: &rank,
     };
-    for (ia, ma, ib, mb) in matched(a, b) {
-        tally(ia, ma, ib, mb);
+    // Two lanes: each the direct matches of every other shard and the name links one way.
+    let lanes: Vec<FastMap<u64>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..COUNT_THREADS)
+            .map(|lane| {
+                let tally = &tally;
+                scope.spawn(move || {
+                    let mut cells = FastMap::default();
+                    let shards = (lane..SHARDS).step_by(COUNT_THREADS);
+                    for m in direct(a, b, shards) {
+                        tally.company(&mut cells, m);
+                    }
+                    let pairs = match lane {
+                        0 => one_way(a, b),
+                        1 => (one_way(b, a).into_iter())
+                            .map(|(from, to)| (to, from))
+                            .collect(),
+                        _ => Vec::new(),
+                    };
+                    for m in linked(a, b, pairs) {
+                        tally.company(&mut cells, m);
+                    }
+                    cells
+                })
+            })
+            .collect();
+        // A lane's panic (a bug) is the count's, as on one thread.
+        (handles.into_iter())
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    let mut cells: FastMap<u64> = FastMap::default();
+    for lane in lanes {
+        for (key, n) in lane {
+            *cells.entry(key).or_insert(0) += n;
+        }
     }
     let mut out: Vec<CellCount> = cells
         .into_iter()
@@ -611,6 +642,54 @@ pub fn count(a: &Membership, b: &Membership, max_groups: u32, by: bool) -> Vec<C
         .collect();
     out.sort_by(|x, y| (x.a, x.b, &x.value).cmp(&(y.a, y.b, &y.value)));
     out
+}
+
+/// Threads [`count`] runs on (the direct matches shard by shard; the name links one way
+/// each).
+const COUNT_THREADS: usize = 2;
+
+/// What [`count`] adds up per company.
+struct Tally<'a> {
+    a: &'a Membership,
+    b: &'a Membership,
+    by: bool,
+    limit: usize,
+    /// b's dimension values as a's; a's values' ranks.
+    b_to_a: &'a [u32],
+    rank: &'a [u32],
+}
+
+impl Tally<'_> {
+    /// One company: entity `ia` of a (member `ma`), entity `ib` of b, into `cells`.
+    fn company(&self, cells: &mut FastMap<u64>, (ia, ma, ib, mb): Matched<'_>) {
+        if ma.mask == 0 || mb.mask == 0 {
+            return;
+        }
+        let mut common = Vec::new();
+        if self.by {
+            let in_b: Vec<u32> = (self.b.values_of(ib, mb).into_iter())
+                .map(|v| self.b_to_a[v as usize])
+                .collect();
+            common.extend((self.a.values_of(ia, ma).into_iter()).filter(|v| in_b.contains(v)));
+            common.sort_by_key(|v| self.rank[*v as usize]);
+        }
+        if common.is_empty() {
+            common.push(NO_VALUE);
+        }
+        let mut kept = 0;
+        'cells: for pa in bits(ma.mask) {
+            for pb in bits(mb.mask) {
+                for v in &common {
+                    let key = (pa as u64) << 40 | (pb as u64) << 32 | u64::from(*v);
+                    *cells.entry(key).or_insert(0) += 1;
+                    kept += 1;
+                    if kept == self.limit {
+                        break 'cells;
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn bits(mask: u64) -> impl Iterator<Item = usize> {
