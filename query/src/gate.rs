@@ -102,6 +102,7 @@ pub fn check(plan: &LogicalPlan, keys: &dyn KeyColumns) -> Result<GateReport, Qu
         keys,
     };
     g.top(plan)?;
+    check_connected(&g.report)?;
     // Filters are conjunctions over inner joins: each one holds for every row, so the values
     // a dimension can take are the intersection of the lists that filter it.
     let domains = g
@@ -931,6 +932,36 @@ fn plan_name(plan: &LogicalPlan) -> String {
         .unwrap_or("this plan node")
         .trim()
         .to_string()
+}
+
+/// Every table instance must be joined to the others by key equalities: a join whose
+/// condition compares only tables already joined (`... JOIN c ON a.k = b.k`) leaves `c`
+/// joined on nothing, a cross join.
+fn check_connected(report: &GateReport) -> Result<(), QueryError> {
+    let n = report.tables.len();
+    let mut reach = vec![false; n];
+    if let Some(first) = reach.first_mut() {
+        *first = true;
+    }
+    let mut changed = true;
+    while changed {
+        changed = false;
+        for &(a, b) in &report.joins {
+            if reach[a] != reach[b] {
+                reach[a] = true;
+                reach[b] = true;
+                changed = true;
+            }
+        }
+    }
+    if reach.iter().all(|&r| r) {
+        Ok(())
+    } else {
+        Err(refuse(
+            "cross_join",
+            "every table must be joined to the others on its key (INNER JOIN ... ON key = key)",
+        ))
+    }
 }
 
 /// Tables of other partners must be joined, on the key, to one of the caller's tables

@@ -129,6 +129,7 @@ async fn refused_queries_name_their_rule() {
         ("SELECT COUNT(DISTINCT a.website) FROM acme.accounts a FULL JOIN globex.accounts b ON a.website = b.website".into(), "outer_join"),
         ("SELECT COUNT(DISTINCT a.website) FROM acme.accounts a CROSS JOIN globex.accounts b".into(), "cross_join"),
         ("SELECT COUNT(DISTINCT a.website) FROM acme.accounts a, globex.accounts b WHERE a.website = b.website".into(), "cross_join"),
+        ("SELECT COUNT(DISTINCT a.website) FROM acme.accounts a JOIN globex.accounts b ON a.website = b.website JOIN globex.pipeline p ON a.website = b.website".into(), "cross_join"),
         ("SELECT COUNT(DISTINCT a.website) FROM acme.accounts a JOIN globex.accounts b ON a.industry = b.industry".into(), "non_key_join"),
         ("SELECT COUNT(DISTINCT a.website) FROM acme.accounts a JOIN globex.accounts b ON a.website = b.website AND a.region = b.region".into(), "non_key_join"),
         ("SELECT COUNT(DISTINCT a.website) FROM acme.accounts a JOIN globex.accounts b ON a.website <> b.website".into(), "key_in_expression"),
