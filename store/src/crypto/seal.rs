@@ -449,12 +449,10 @@ impl SealedRandomAccess {
                 rest = more;
                 pos = cut;
             }
-            (handles.into_iter())
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(io::Error::other("a reading thread")))
-                })
-                .collect::<io::Result<()>>()
+            (handles.into_iter()).try_for_each(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(io::Error::other("a reading thread")))
+            })
         })
     }
 
