@@ -41,7 +41,7 @@ use datafusion::physical_plan::aggregates::order::GroupOrdering;
 
 use crate::QueryError;
 use crate::gate::{GateReport, Metric};
-use crate::hashing::{FastMap, SHARDS, shard_of};
+use crate::hashing::{FastMap, SHARDS, on_lanes, shard_of};
 use crate::stop::Stop;
 
 /// No entry.
@@ -342,15 +342,14 @@ impl Reduction {
         let mut remaps: Vec<Vec<Vec<u32>>> = vec![Vec::with_capacity(dims); folders.len()];
         for (d, field) in fields.iter().enumerate() {
             let mut all = interner(field)?;
-            let mut ids = Vec::new();
             let mut global = Vec::with_capacity(folders.len());
             for f in folders.iter_mut() {
                 let local = emitted(f.interners[d].as_mut(), field)?;
-                ids.clear();
+                let mut ids = Vec::new();
                 if !local.is_empty() {
                     all.intern(&[local], &mut ids)?;
                 }
-                global.push(ids.clone());
+                global.push(ids);
             }
             let distinct = emitted(all.as_mut(), field)?;
             if distinct.len() >= NONE as usize {
@@ -856,29 +855,17 @@ pub(crate) fn stage_two(
     let layout = Layout::of(instances, totals)?;
     let tables = instances.len();
     let aggs = totals.grids.len();
-    let threads = threads.clamp(1, SHARDS);
-    let partial: Vec<Result<Groups, QueryError>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
-            .map(|lane| {
-                let layout = &layout;
-                scope.spawn(move || {
-                    let mut walk = Walk::new(layout, totals, tables);
-                    for s in (lane..SHARDS).step_by(threads) {
-                        walk.shard(instances, s, stop)?;
-                    }
-                    Ok(walk.groups)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(internal("a join thread"))))
-            .collect()
+    let partial = on_lanes(threads, |_, shards| {
+        let mut walk = Walk::new(&layout, totals, tables);
+        for s in shards {
+            walk.shard(instances, s, stop)?;
+        }
+        Ok::<_, QueryError>(walk.groups)
     });
     // Each part holds the one row of a question without GROUP BY (`Walk::new`).
     let mut groups = Groups::new(&layout.counts);
     for p in partial {
-        groups.merge(p?, aggs);
+        groups.merge(p.unwrap_or_else(|_| Err(internal("a join thread")))?, aggs);
     }
     // The company without a key, in a question of one table instance.
     let (null, entries) = &unit.reduction.null;

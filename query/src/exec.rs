@@ -68,7 +68,7 @@ use futures_util::StreamExt;
 
 use crate::QueryError;
 use crate::entities::{Folder, Instance, Part, Reduction, Totals, stage_two};
-use crate::gate::{GateReport, Metric};
+use crate::gate::{GateReport, Metric, joined_to};
 use crate::memory::{MemoryShare, Reservation};
 use crate::noise::{Epsilon, Noise, Sensitivity, Variance, partition_threshold};
 use crate::stop::{Stop, StopExec};
@@ -290,17 +290,8 @@ fn cooperative_joins(
 /// table instance must be joined to the privacy unit's through the question's key
 /// equalities ([`stage_two`] joins them all on the key).
 fn totals(report: &GateReport, p: &Protection) -> Result<Totals, QueryError> {
-    let mut joined = vec![p.entity_table];
-    while let Some(next) =
-        (report.joins.iter()).find_map(|&(x, y)| match (joined.contains(&x), joined.contains(&y)) {
-            (true, false) => Some(y),
-            (false, true) => Some(x),
-            _ => None,
-        })
-    {
-        joined.push(next);
-    }
-    if joined.len() != report.tables.len() || p.entity_table >= report.tables.len() {
+    let joined = joined_to(report, |t| t == p.entity_table);
+    if p.entity_table >= report.tables.len() || !joined.iter().all(|&j| j) {
         return Err(internal("table instances not joined on keys"));
     }
     let grids = (report.aggregates.iter().enumerate())

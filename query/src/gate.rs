@@ -934,15 +934,10 @@ fn plan_name(plan: &LogicalPlan) -> String {
         .to_string()
 }
 
-/// Every table instance must be joined to the others by key equalities: a join whose
-/// condition compares only tables already joined (`... JOIN c ON a.k = b.k`) leaves `c`
-/// joined on nothing, a cross join.
-fn check_connected(report: &GateReport) -> Result<(), QueryError> {
-    let n = report.tables.len();
-    let mut reach = vec![false; n];
-    if let Some(first) = reach.first_mut() {
-        *first = true;
-    }
+/// Per table instance of `report`: whether it is one of `from` or joined to one of them by
+/// the question's key equalities (directly or through other instances).
+pub(crate) fn joined_to(report: &GateReport, from: impl Fn(usize) -> bool) -> Vec<bool> {
+    let mut reach: Vec<bool> = (0..report.tables.len()).map(from).collect();
     let mut changed = true;
     while changed {
         changed = false;
@@ -954,7 +949,14 @@ fn check_connected(report: &GateReport) -> Result<(), QueryError> {
             }
         }
     }
-    if reach.iter().all(|&r| r) {
+    reach
+}
+
+/// Every table instance must be joined to the others by key equalities: a join whose
+/// condition compares only tables already joined (`... JOIN c ON a.k = b.k`) leaves `c`
+/// joined on nothing, a cross join.
+fn check_connected(report: &GateReport) -> Result<(), QueryError> {
+    if joined_to(report, |t| t == 0).iter().all(|&r| r) {
         Ok(())
     } else {
         Err(refuse(
@@ -973,18 +975,7 @@ pub fn check_foreign_joined(
     standalone: &dyn Fn(&TableInstance) -> bool,
 ) -> Result<(), QueryError> {
     let n = report.tables.len();
-    let mut reach: Vec<bool> = report.tables.iter().map(|t| t.owner == caller).collect();
-    let mut changed = true;
-    while changed {
-        changed = false;
-        for &(a, b) in &report.joins {
-            if reach[a] != reach[b] {
-                reach[a] = true;
-                reach[b] = true;
-                changed = true;
-            }
-        }
-    }
+    let reach = joined_to(report, |t| report.tables[t].owner == caller);
     let mut unjoined: Vec<String> = (0..n)
         .filter(|&i| !reach[i] && !standalone(&report.tables[i]))
         .map(|i| format!("{}.{}", report.tables[i].owner, report.tables[i].dataset))

@@ -34,6 +34,22 @@ pub(crate) type FastMap<V> = HashMap<u64, V, BuildHasherDefault<MixHasher>>;
 const SHARD_BITS: u32 = 6;
 pub(crate) const SHARDS: usize = 1 << SHARD_BITS;
 
+/// `work(lane, shards)` on `lanes` scoped threads, lane `i` taking every `lanes`-th shard
+/// from `i`; each lane's outcome (`Err` if it panicked), in lane order.
+pub(crate) fn on_lanes<T: Send>(
+    lanes: usize,
+    work: impl Fn(usize, std::iter::StepBy<std::ops::Range<usize>>) -> T + Sync,
+) -> Vec<std::thread::Result<T>> {
+    let lanes = lanes.clamp(1, SHARDS);
+    std::thread::scope(|scope| {
+        let work = &work;
+        let handles: Vec<_> = (0..lanes)
+            .map(|lane| scope.spawn(move || work(lane, (lane..SHARDS).step_by(lanes))))
+            .collect();
+        handles.into_iter().map(|h| h.join()).collect()
+    })
+}
+
 /// The shard of entity id `id`.
 pub(crate) fn shard_of(id: u64) -> usize {
     (id >> (64 - SHARD_BITS)) as usize

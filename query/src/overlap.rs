@@ -57,7 +57,7 @@ pub use datafusion::physical_expr::PhysicalExpr;
 
 use crate::QueryError;
 use crate::exec::{Applied, release_threshold};
-use crate::hashing::{FastMap, SHARDS, Sharded, shard_of};
+use crate::hashing::{FastMap, SHARDS, Sharded, on_lanes, shard_of};
 use crate::noise::{Noise, Sensitivity, Variance};
 
 /// Populations of one dataset that can take part in a matrix (one bit each).
@@ -593,37 +593,27 @@ pub fn count(a: &Membership, b: &Membership, max_groups: u32, by: bool) -> Vec<C
         rank: &rank,
     };
     // Two lanes: each the direct matches of every other shard and the name links one way.
-    let lanes: Vec<FastMap<u64>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..COUNT_THREADS)
-            .map(|lane| {
-                let tally = &tally;
-                scope.spawn(move || {
-                    let mut cells = FastMap::default();
-                    let shards = (lane..SHARDS).step_by(COUNT_THREADS);
-                    for m in direct(a, b, shards) {
-                        tally.company(&mut cells, m);
-                    }
-                    let pairs = match lane {
-                        0 => one_way(a, b),
-                        1 => (one_way(b, a).into_iter())
-                            .map(|(from, to)| (to, from))
-                            .collect(),
-                        _ => Vec::new(),
-                    };
-                    for m in linked(a, b, pairs) {
-                        tally.company(&mut cells, m);
-                    }
-                    cells
-                })
-            })
-            .collect();
-        // A lane's panic (a bug) is the count's, as on one thread.
-        (handles.into_iter())
-            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
+    let lanes = on_lanes(COUNT_THREADS, |lane, shards| {
+        let (mut cells, mut common) = (FastMap::default(), Vec::new());
+        for m in direct(a, b, shards) {
+            tally.company(&mut cells, &mut common, m);
+        }
+        let pairs = match lane {
+            0 => one_way(a, b),
+            1 => (one_way(b, a).into_iter())
+                .map(|(from, to)| (to, from))
+                .collect(),
+            _ => Vec::new(),
+        };
+        for m in linked(a, b, pairs) {
+            tally.company(&mut cells, &mut common, m);
+        }
+        cells
     });
     let mut cells: FastMap<u64> = FastMap::default();
     for lane in lanes {
+        // A lane's panic (a bug) is the count's, as on one thread.
+        let lane = lane.unwrap_or_else(|p| std::panic::resume_unwind(p));
         for (key, n) in lane {
             *cells.entry(key).or_insert(0) += n;
         }
@@ -660,12 +650,18 @@ struct Tally<'a> {
 }
 
 impl Tally<'_> {
-    /// One company: entity `ia` of a (member `ma`), entity `ib` of b, into `cells`.
-    fn company(&self, cells: &mut FastMap<u64>, (ia, ma, ib, mb): Matched<'_>) {
+    /// One company: entity `ia` of a (member `ma`), entity `ib` of b, into `cells`
+    /// (`common`: the lane's list of the values both sides give it, reused).
+    fn company(
+        &self,
+        cells: &mut FastMap<u64>,
+        common: &mut Vec<u32>,
+        (ia, ma, ib, mb): Matched<'_>,
+    ) {
         if ma.mask == 0 || mb.mask == 0 {
             return;
         }
-        let mut common = Vec::new();
+        common.clear();
         if self.by {
             let in_b: Vec<u32> = (self.b.values_of(ib, mb).into_iter())
                 .map(|v| self.b_to_a[v as usize])
@@ -679,7 +675,7 @@ impl Tally<'_> {
         let mut kept = 0;
         'cells: for pa in bits(ma.mask) {
             for pb in bits(mb.mask) {
-                for v in &common {
+                for v in common.iter() {
                     let key = (pa as u64) << 40 | (pb as u64) << 32 | u64::from(*v);
                     *cells.entry(key).or_insert(0) += 1;
                     kept += 1;
