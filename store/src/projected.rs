@@ -15,9 +15,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow_array::{ArrayRef, RecordBatch, make_array};
+use arrow_array::{ArrayRef, RecordBatch};
 use arrow_buffer::Buffer;
-use arrow_data::transform::MutableArrayData;
 use arrow_ipc::{MessageHeader, MetadataVersion, convert, reader};
 use arrow_schema::{ArrowError, DataType, Field, SchemaRef, UnionMode};
 
@@ -129,7 +128,7 @@ impl ProjectedBatches {
                     let dict = message
                         .header_as_dictionary_batch()
                         .ok_or_else(|| integrity("a dictionary message without its header"))?;
-                    let body = self.body(start, body_len, None)?;
+                    let body = self.body(start, body_len)?;
                     reader::read_dictionary(
                         &body,
                         dict,
@@ -143,41 +142,111 @@ impl ProjectedBatches {
                     let batch = message
                         .header_as_record_batch()
                         .ok_or_else(|| integrity("a record batch message without its header"))?;
-                    let ranges = column_ranges(&self.schema, &batch, version)
-                        .map(|r| self.projection.iter().map(|&c| r[c]).collect::<Vec<_>>());
-                    let partial = ranges.is_some();
-                    let body = self.body(start, body_len, ranges.as_deref())?;
-                    let decoded = reader::read_record_batch(
-                        &body,
-                        batch,
-                        self.schema.clone(),
-                        &self.dictionaries,
-                        Some(&self.projection),
-                        &version,
-                    )
-                    .map_err(arrow_to_integrity)?;
-                    return Ok(Some(if partial { own(decoded)? } else { decoded }));
+                    let layout = (batch.compression().is_none())
+                        .then(|| column_layout(&self.schema, &batch, version))
+                        .flatten();
+                    return Ok(Some(match layout {
+                        Some(layout) => self.columns(start, body_len, &batch, &layout, version)?,
+                        None => {
+                            let body = self.body(start, body_len)?;
+                            reader::read_record_batch(
+                                &body,
+                                batch,
+                                self.schema.clone(),
+                                &self.dictionaries,
+                                Some(&self.projection),
+                                &version,
+                            )
+                            .map_err(arrow_to_integrity)?
+                        }
+                    }));
                 }
                 _ => return Err(integrity("an unexpected message in the sealed stream")),
             }
         }
     }
 
-    /// A message body: whole, or only `ranges` (offsets into it) filled and zeros elsewhere.
-    fn body(&self, start: u64, len: u64, ranges: Option<&[(u64, u64)]>) -> Result<Buffer> {
+    /// A whole message body.
+    fn body(&self, start: u64, len: u64) -> Result<Buffer> {
         let mut body = vec![0u8; len as usize];
-        match ranges {
-            None => self.read(start, &mut body)?,
-            Some(ranges) => {
-                for &(from, to) in ranges {
-                    let to = to.min(len);
-                    if from < to {
-                        self.read(start + from, &mut body[from as usize..to as usize])?;
-                    }
-                }
-            }
-        }
+        self.read(start, &mut body)?;
         Ok(Buffer::from_vec(body))
+    }
+
+    /// The projected columns of the record batch `batch` (its body at `start`, `len` bytes
+    /// long), each decrypted straight into a buffer of its own: only its bytes are read, and
+    /// the arrays decoded from it own exactly that allocation (what the cache keeps of a
+    /// column is that column). Each column is decoded by arrow's reader from a copy of the
+    /// batch's message whose buffers are addressed in the column's own buffer.
+    fn columns(
+        &self,
+        start: u64,
+        len: u64,
+        batch: &arrow_ipc::RecordBatch<'_>,
+        layout: &[Column],
+        version: MetadataVersion,
+    ) -> Result<RecordBatch> {
+        let buffers = batch
+            .buffers()
+            .ok_or_else(|| integrity("a record batch without buffers"))?;
+        let nodes: Vec<arrow_ipc::FieldNode> =
+            batch.nodes().into_iter().flatten().copied().collect();
+        let variadic: Vec<i64> = batch.variadicBufferCounts().into_iter().flatten().collect();
+        let mut columns = Vec::with_capacity(self.projection.len());
+        for &c in &self.projection {
+            let column = &layout[c];
+            let (from, to) = column.bytes;
+            if to > len {
+                return Err(integrity("a column runs past its message body"));
+            }
+            let mut own = vec![0u8; (to - from) as usize];
+            if from < to {
+                self.read(start + from, &mut own)?;
+            }
+            // Its buffers addressed in `own`, every other column's left empty (a projected
+            // read skips them without looking).
+            let moved: Vec<arrow_ipc::Buffer> = (0..buffers.len())
+                .map(|i| {
+                    let b = buffers.get(i);
+                    match column.buffers.contains(&i) && b.length() > 0 {
+                        true => arrow_ipc::Buffer::new(b.offset() - from as i64, b.length()),
+                        false => arrow_ipc::Buffer::new(0, 0),
+                    }
+                })
+                .collect();
+            let mut fbb = flatbuffers::FlatBufferBuilder::new();
+            let args = arrow_ipc::RecordBatchArgs {
+                length: batch.length(),
+                nodes: Some(fbb.create_vector(&nodes)),
+                buffers: Some(fbb.create_vector(&moved)),
+                compression: None,
+                variadicBufferCounts: Some(fbb.create_vector(&variadic)),
+            };
+            let moved = arrow_ipc::RecordBatch::create(&mut fbb, &args);
+            fbb.finish(moved, None);
+            let moved = flatbuffers::root::<arrow_ipc::RecordBatch>(fbb.finished_data())
+                .map_err(|e| Error::internal(format!("a record batch readdressed: {e}")))?;
+            let decoded = reader::read_record_batch(
+                &Buffer::from_vec(own),
+                moved,
+                self.schema.clone(),
+                &self.dictionaries,
+                Some(&[c]),
+                &version,
+            )
+            .map_err(arrow_to_integrity)?;
+            columns.push(decoded.column(0).clone());
+        }
+        let schema = self
+            .schema
+            .project(&self.projection)
+            .map_err(|e| Error::internal(format!("projecting a version: {e}")))?;
+        RecordBatch::try_new_with_options(
+            Arc::new(schema),
+            columns,
+            &arrow_array::RecordBatchOptions::new().with_row_count(Some(batch.length() as usize)),
+        )
+        .map_err(arrow_to_integrity)
     }
 }
 
@@ -225,31 +294,20 @@ pub(crate) fn arrow_to_integrity(e: ArrowError) -> Error {
     }
 }
 
-/// A batch whose columns own their buffers (a partly filled message body is as large as the
-/// whole: the cache must not hold it for three small columns).
-fn own(batch: RecordBatch) -> Result<RecordBatch> {
-    let columns = batch
-        .columns()
-        .iter()
-        .map(|c| {
-            let data = c.to_data();
-            let mut copy = MutableArrayData::new(vec![&data], false, data.len());
-            copy.try_extend(0, 0, data.len())?;
-            Ok(make_array(copy.freeze()))
-        })
-        .collect::<std::result::Result<Vec<_>, ArrowError>>()
-        .map_err(|e| Error::internal(format!("copying read columns: {e}")))?;
-    RecordBatch::try_new(batch.schema(), columns)
-        .map_err(|e| Error::internal(format!("copying read columns: {e}")))
+/// Where one top-level column lies in a record batch: its buffers (indices in the message's
+/// list) and the byte range of the body they span.
+struct Column {
+    buffers: std::ops::Range<usize>,
+    bytes: (u64, u64),
 }
 
-/// Per top-level column of `schema`, the byte range of its buffers in the batch's body;
-/// `None` when the layout is not one this walk knows (the batch is then read whole).
-fn column_ranges(
+/// Per top-level column of `schema`, where it lies in the batch's body; `None` when the
+/// layout is not one this walk knows (the batch is then read whole).
+fn column_layout(
     schema: &arrow_schema::Schema,
     batch: &arrow_ipc::RecordBatch<'_>,
     version: MetadataVersion,
-) -> Option<Vec<(u64, u64)>> {
+) -> Option<Vec<Column>> {
     let buffers = batch.buffers()?;
     let mut variadic = batch.variadicBufferCounts().into_iter().flatten();
     let mut next = 0usize;
@@ -271,8 +329,11 @@ fn column_ranges(
                 to = to.max(offset.checked_add(length)?);
             }
         }
+        ranges.push(Column {
+            buffers: next..next + count,
+            bytes: if from < to { (from, to) } else { (0, 0) },
+        });
         next += count;
-        ranges.push(if from < to { (from, to) } else { (0, 0) });
     }
     // Every buffer and every variadic count accounted for, or the walk is not trusted.
     (next == buffers.len() && variadic.next().is_none()).then_some(ranges)
@@ -462,8 +523,8 @@ mod tests {
             let (meta, body) = p.message().unwrap().unwrap();
             let message = parse(&meta).unwrap();
             if let Some(batch) = message.header_as_record_batch() {
-                let ranges = column_ranges(&p.schema, &batch, message.version()).unwrap();
-                return (p.pos, ranges);
+                let layout = column_layout(&p.schema, &batch, message.version()).unwrap();
+                return (p.pos, layout.into_iter().map(|c| c.bytes).collect());
             }
             p.pos += body;
         }
@@ -493,6 +554,23 @@ mod tests {
         // The walk knows every column's buffers: each batch was read in parts.
         let (_, ranges) = first_batch(&path);
         assert_eq!(ranges.len(), width);
+        // A column read holds its own bytes, not the message body it came in (a
+        // dictionary's values come from their own message).
+        for (c, &(from, to)) in ranges.iter().enumerate() {
+            let got = read(&path, &[c]).unwrap();
+            let column = got[0].column(0);
+            if matches!(column.data_type(), DataType::Dictionary(_, _)) {
+                continue;
+            }
+            let mut meter = crate::cache::MemoryMeter::default();
+            meter.add_array(column.as_ref());
+            assert!(
+                meter.bytes() <= (to - from) as usize,
+                "column {c}: {} bytes held for {} read",
+                meter.bytes(),
+                to - from
+            );
+        }
         assert!(
             ranges
                 .windows(2)

@@ -62,18 +62,33 @@ impl Aead {
         aad: &[u8],
         buf: &mut Vec<u8>,
     ) -> Result<(), CipherError> {
-        let nonce = nonce_of(nonce)?;
+        nonce_of(nonce)?;
         if buf.len() < TAG_LEN {
             buf.clear();
             return Err(CipherError::Truncated);
         }
         let split = buf.len() - TAG_LEN;
-        let tag = Tag::clone_from_slice(&buf[split..]);
+        let mut tag = [0u8; TAG_LEN];
+        tag.copy_from_slice(&buf[split..]);
         buf.truncate(split);
+        self.open_detached(nonce, aad, buf, &tag)
+            .inspect_err(|_| buf.clear())
+    }
+
+    /// Verify `buf` (ciphertext) against `tag` and decrypt it in place. On failure `buf` is
+    /// zeroed: no unauthenticated plaintext is ever left behind.
+    pub fn open_detached(
+        &self,
+        nonce: &[u8],
+        aad: &[u8],
+        buf: &mut [u8],
+        tag: &[u8; TAG_LEN],
+    ) -> Result<(), CipherError> {
+        let nonce = nonce_of(nonce)?;
         self.cipher
-            .decrypt_in_place_detached(nonce, aad, buf, &tag)
+            .decrypt_in_place_detached(nonce, aad, buf, Tag::from_slice(tag))
             .map_err(|_| {
-                buf.clear();
+                buf.fill(0);
                 CipherError::Auth
             })
     }

@@ -385,6 +385,25 @@ impl SealedRandomAccess {
         Ok(seg)
     }
 
+    /// Decrypt segment `index` into `out` (exactly its plaintext length).
+    fn decrypt_segment_into(&self, index: u64, out: &mut [u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let last = index + 1 == self.segments;
+        let offset = HEADER_LEN as u64 + index * (self.segment_size + TAG_LEN as u64);
+        let mut tag = [0u8; TAG_LEN];
+        self.file.read_exact_at(out, offset)?;
+        self.file
+            .read_exact_at(&mut tag, offset + out.len() as u64)?;
+        self.aead
+            .open_detached(
+                &nonce(index, last),
+                &aad(&self.header, index, last),
+                out,
+                &tag,
+            )
+            .map_err(|_| integrity_error(format!("segment {index} does not authenticate")))
+    }
+
     /// Decrypt one segment.
     fn decrypt_segment(&self, index: u64) -> io::Result<Vec<u8>> {
         use std::os::unix::fs::FileExt;
@@ -456,12 +475,27 @@ impl SealedRandomAccess {
         })
     }
 
-    /// [`Self::read_into`] on this thread.
+    /// [`Self::read_into`] on this thread. A segment `out` covers whole is read and
+    /// decrypted in place there; the segments at its ends go through [`Self::segment`] (the
+    /// neighbouring read, of the next column say, often starts in the same one).
     fn read_run(&self, start: u64, out: &mut [u8]) -> io::Result<()> {
         let end = start + out.len() as u64;
         let mut pos = start;
         while pos < end {
             let index = pos / self.segment_size;
+            let (seg_start, seg_end) = (
+                index * self.segment_size,
+                ((index + 1) * self.segment_size).min(self.plaintext_len),
+            );
+            if pos == seg_start && seg_end <= end {
+                let at = (pos - start) as usize;
+                self.decrypt_segment_into(
+                    index,
+                    &mut out[at..at + (seg_end - seg_start) as usize],
+                )?;
+                pos = seg_end;
+                continue;
+            }
             let seg = self.segment(index)?;
             let from = (pos - index * self.segment_size) as usize;
             let to = ((end - index * self.segment_size) as usize).min(seg.len());
