@@ -597,7 +597,14 @@ impl QueryService {
             Some(bytes) => kept_matrix::decode(&bytes)?,
             None => {
                 let fresh = self
-                    .release_matrix(first, second, req, max_groups, (min_entities, epsilon), fp)
+                    .release_matrix(
+                        first,
+                        second,
+                        (caller, req),
+                        max_groups,
+                        (min_entities, epsilon),
+                        fp,
+                    )
                     .await;
                 self.keep_outcome(caller, fp, versions.clone(), &fresh, |m| {
                     Ok(kept_matrix::encode(m))
@@ -661,7 +668,7 @@ impl QueryService {
         &self,
         first: &SideData,
         second: &SideData,
-        req: &OverlapRequest,
+        (caller, req): (&str, &OverlapRequest),
         max_groups: u32,
         (min_entities, epsilon): (u64, f64),
         fp: [u8; 32],
@@ -674,7 +681,7 @@ impl QueryService {
             let (by, stop) = (req.by.as_deref(), &stop);
             let side = |s| async move {
                 let started = std::time::Instant::now();
-                let r = self.reduce(s, by, limit, stop).await;
+                let r = self.reduce(caller, s, by, limit, stop).await;
                 tracing::debug!(
                     side = %SideData::label(s),
                     ms = started.elapsed().as_millis() as u64,
@@ -817,13 +824,19 @@ impl QueryService {
     }
 
     /// Read one side's verified batches and reduce them to its entities (blocking pool).
+    ///
+    /// A side once reduced is kept with the version's cached plaintext, for the caller that
+    /// asked (`caller`): a new matrix over the same populations of a list, a usual next
+    /// question, does not reduce it again. Per caller, so that how fast a matrix is answered
+    /// never tells one partner which matrices another asked.
     async fn reduce(
         &self,
+        caller: &str,
         side: &SideData,
         by: Option<&str>,
         limit: usize,
         stop: &escrow_query::Stop,
-    ) -> Result<Membership> {
+    ) -> Result<Arc<Membership>> {
         let stop = stop.clone();
         let store = self.store.clone();
         let hasher = self.entity_hasher.clone();
@@ -840,7 +853,12 @@ impl QueryService {
             by.map(str::to_string),
             side.caller_side,
         );
+        let kept_as = serde_json::json!(["overlap side", caller, key, by, filters]).to_string();
         crate::queries::blocking(move || {
+            let stamp = store.stamp(&version)?;
+            if let Some(kept) = store.derived::<Membership>(&version, stamp, &kept_as) {
+                return Ok(kept);
+            }
             let sealed = store.schema_of(&version)?;
             let (declared, whole, form) = query_form(&sealed, Some(&key), &hasher)?;
             let populations = |executes: &SchemaRef| -> Result<Vec<_>> { filters
@@ -912,7 +930,10 @@ impl QueryService {
                 }
                 b.map_err(|e| e.to_string())
             });
-            overlap::memberships(&side, batches, limit).map_err(Error::from)
+            let reduced = Arc::new(overlap::memberships(&side, batches, limit)?);
+            let bytes = reduced.memory_bytes();
+            store.keep_derived(&version, stamp, &kept_as, reduced.clone(), bytes);
+            Ok(reduced)
         })
         .await
     }

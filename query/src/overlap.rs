@@ -396,28 +396,25 @@ pub fn memberships(
             return Err(over());
         }
     }
-    for (s, rows) in staged.into_iter().enumerate() {
-        let members = out.members.shard_mut(s);
-        members.reserve(rows.len());
-        for r in rows {
-            let m = members.entry(r.id).or_insert(Member::EMPTY);
-            m.mask |= r.mask;
-            match r.name {
-                Some(n) if n == r.id => {
-                    m.linkable = true;
-                    m.name_only = true;
-                }
-                Some(n) if m.name == NO_NAME || n < m.name => m.name = n,
-                _ => {}
-            }
-            if let Some(p) = r.place {
-                m.place = match m.place {
-                    NO_PLACE => p,
-                    same if same == p => same,
-                    _ => MIXED_PLACES,
-                };
-            }
-            add_value(m, &mut out.more_values, r.id, r.value);
+    // Shards are built on two threads (each shard's rows in the order they came, as on
+    // one), each shard's staged rows freed once it is built.
+    let staged: Vec<std::sync::Mutex<Vec<Staged>>> =
+        staged.into_iter().map(std::sync::Mutex::new).collect();
+    let built = on_lanes(BUILD_THREADS, |_, shards| {
+        shards
+            .map(|s| {
+                let rows =
+                    std::mem::take(&mut *staged[s].lock().unwrap_or_else(|p| p.into_inner()));
+                let (members, more_values) = build_shard(rows);
+                (s, members, more_values)
+            })
+            .collect::<Vec<_>>()
+    });
+    for lane in built {
+        let lane = lane.map_err(|_| internal("overlap: a thread building shards"))?;
+        for (s, members, more_values) in lane {
+            *out.members.shard_mut(s) = members;
+            out.more_values.extend(more_values);
         }
     }
     if out.memory_bytes() > memory_limit {
@@ -426,6 +423,38 @@ pub fn memberships(
     out.fold_names();
     out.cap_values();
     Ok(out)
+}
+
+/// Threads that build a side's shards.
+const BUILD_THREADS: usize = 2;
+
+/// One shard's members from its staged rows, and those of them with more than one dimension
+/// value.
+fn build_shard(rows: Vec<Staged>) -> (FastMap<Member>, FastMap<Vec<u32>>) {
+    let mut members = FastMap::default();
+    let mut more_values = FastMap::default();
+    members.reserve(rows.len());
+    for r in rows {
+        let m = members.entry(r.id).or_insert(Member::EMPTY);
+        m.mask |= r.mask;
+        match r.name {
+            Some(n) if n == r.id => {
+                m.linkable = true;
+                m.name_only = true;
+            }
+            Some(n) if m.name == NO_NAME || n < m.name => m.name = n,
+            _ => {}
+        }
+        if let Some(p) = r.place {
+            m.place = match m.place {
+                NO_PLACE => p,
+                same if same == p => same,
+                _ => MIXED_PLACES,
+            };
+        }
+        add_value(m, &mut more_values, r.id, r.value);
+    }
+    (members, more_values)
 }
 
 /// The companies two sides have in common, as (entity of a, entity of b): the entities both

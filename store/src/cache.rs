@@ -9,7 +9,12 @@
 //! least-recently-used by Arrow memory size. The cache lives in process memory only (never on disk), and deleting a
 //! dataset or uploading a new version drops its entries, so crypto-shredding also forgets
 //! the plaintext.
+//!
+//! Beside columns, it keeps values computed from a version's plaintext (a list reduced to its
+//! companies for the overlap matrix, say: [`PlaintextCache::derived`]), under the same
+//! budget, eviction and forgetting: they are plaintext too.
 
+use std::any::Any;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
@@ -20,8 +25,34 @@ use arrow_schema::SchemaRef;
 /// One verified column of a version, in its chunks.
 pub type Chunks = Arc<Vec<ArrayRef>>;
 
-/// (dataset id, version id, column of the version's query form)
-type Key = (String, String, usize);
+/// A value computed from a version's plaintext.
+pub type Derived = Arc<dyn Any + Send + Sync>;
+
+/// (dataset id, version id, what of it)
+type Key = (String, String, Slot);
+
+/// A column of the version's query form, or a derived value under its name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Slot {
+    Column(usize),
+    Derived(String),
+}
+
+/// What an entry holds.
+#[derive(Clone)]
+enum Held {
+    Chunks(Chunks),
+    Derived(Derived),
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Held::Chunks(c) => write!(f, "Chunks({})", c.len()),
+            Held::Derived(_) => write!(f, "Derived"),
+        }
+    }
+}
 
 #[derive(Debug)]
 pub struct PlaintextCache {
@@ -39,7 +70,7 @@ struct Inner {
 
 #[derive(Debug)]
 struct Entry {
-    chunks: Chunks,
+    held: Held,
     bytes: usize,
     used: u64,
     stamp: Stamp,
@@ -111,25 +142,61 @@ impl PlaintextCache {
     ) -> Vec<Option<Chunks>> {
         columns
             .iter()
-            .map(|&c| self.get(dataset_id, version_id, c, stamp))
+            .map(
+                |&c| match self.get(dataset_id, version_id, Slot::Column(c), stamp) {
+                    Some(Held::Chunks(chunks)) => Some(chunks),
+                    _ => None,
+                },
+            )
             .collect()
+    }
+
+    /// The value kept as `name` for a version, if any (and the file it came from is
+    /// unchanged).
+    pub fn derived(
+        &self,
+        dataset_id: &str,
+        version_id: &str,
+        stamp: Stamp,
+        name: &str,
+    ) -> Option<Derived> {
+        match self.get(
+            dataset_id,
+            version_id,
+            Slot::Derived(name.to_string()),
+            stamp,
+        ) {
+            Some(Held::Derived(value)) => Some(value),
+            _ => None,
+        }
+    }
+
+    /// Keep `value`, computed from a version's plaintext read under `stamp`, as `name`
+    /// (it holds about `bytes`).
+    pub fn insert_derived(
+        &self,
+        (dataset_id, version_id, name): (&str, &str, &str),
+        stamp: Stamp,
+        value: Derived,
+        bytes: usize,
+    ) {
+        let key = (
+            dataset_id.to_string(),
+            version_id.to_string(),
+            Slot::Derived(name.to_string()),
+        );
+        self.put(key, stamp, Held::Derived(value), bytes);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn get(
-        &self,
-        dataset_id: &str,
-        version_id: &str,
-        column: usize,
-        stamp: Stamp,
-    ) -> Option<Chunks> {
+    fn get(&self, dataset_id: &str, version_id: &str, slot: Slot, stamp: Stamp) -> Option<Held> {
         let mut inner = self.lock();
         inner.tick += 1;
         let tick = inner.tick;
-        let key = (dataset_id.to_string(), version_id.to_string(), column);
+        let key = (dataset_id.to_string(), version_id.to_string(), slot);
         let e = inner.entries.get_mut(&key)?;
         if e.stamp != stamp {
             if let Some(e) = inner.entries.remove(&key) {
@@ -138,7 +205,7 @@ impl PlaintextCache {
             return None;
         }
         e.used = tick;
-        Some(e.chunks.clone())
+        Some(e.held.clone())
     }
 
     /// Keep a column's `chunks` (which hold `bytes`, as measured by [`MemoryMeter`]).
@@ -149,6 +216,15 @@ impl PlaintextCache {
         chunks: Chunks,
         bytes: usize,
     ) {
+        let key = (
+            dataset_id.to_string(),
+            version_id.to_string(),
+            Slot::Column(column),
+        );
+        self.put(key, stamp, Held::Chunks(chunks), bytes);
+    }
+
+    fn put(&self, key: Key, stamp: Stamp, held: Held, bytes: usize) {
         if bytes > self.max_bytes {
             return;
         }
@@ -168,11 +244,10 @@ impl PlaintextCache {
         }
         inner.tick += 1;
         let used = inner.tick;
-        let key = (dataset_id.to_string(), version_id.to_string(), column);
         if let Some(old) = inner.entries.insert(
             key,
             Entry {
-                chunks,
+                held,
                 bytes,
                 used,
                 stamp,
@@ -229,7 +304,38 @@ mod tests {
 
     use arrow_array::{ArrayRef, RecordBatch, StringArray};
 
-    use super::MemoryMeter;
+    use super::{MemoryMeter, PlaintextCache};
+
+    #[test]
+    fn derived_values_are_kept_and_forgotten_as_columns_are() {
+        let cache = PlaintextCache::new(1000);
+        let stamp = (10, 1);
+        cache.insert_derived(("d", "v1", "side"), stamp, Arc::new(7u32), 100);
+        let got = cache.derived("d", "v1", stamp, "side").unwrap();
+        assert_eq!(got.downcast_ref::<u32>(), Some(&7));
+        // Another name, another version, a changed file: not that value.
+        assert!(cache.derived("d", "v1", stamp, "other").is_none());
+        assert!(cache.derived("d", "v2", stamp, "side").is_none());
+        assert!(cache.derived("d", "v1", (10, 2), "side").is_none());
+        // The changed file dropped it.
+        assert!(cache.derived("d", "v1", stamp, "side").is_none());
+        assert_eq!(cache.bytes(), 0);
+        // A new version (or a delete) forgets the old version's values with its columns.
+        cache.insert_derived(("d", "v1", "side"), stamp, Arc::new(7u32), 100);
+        cache.insert(("d", "v1", 0), stamp, Arc::new(Vec::new()), 100);
+        cache.forget_dataset("d", Some("v2"));
+        assert!(cache.derived("d", "v1", stamp, "side").is_none());
+        assert_eq!(cache.bytes(), 0);
+        // Counted in the budget: the least recently used goes first, column or value.
+        cache.insert_derived(("d", "v2", "a"), stamp, Arc::new(1u32), 600);
+        cache.insert_derived(("d", "v2", "b"), stamp, Arc::new(2u32), 600);
+        assert!(cache.derived("d", "v2", stamp, "a").is_none());
+        assert!(cache.derived("d", "v2", stamp, "b").is_some());
+        assert_eq!(cache.bytes(), 600);
+        // Larger than the whole budget: not kept.
+        cache.insert_derived(("d", "v2", "c"), stamp, Arc::new(3u32), 2000);
+        assert!(cache.derived("d", "v2", stamp, "c").is_none());
+    }
 
     fn memory_size(batches: &[RecordBatch]) -> usize {
         let mut m = MemoryMeter::default();

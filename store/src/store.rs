@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use arrow_array::{ArrayRef, RecordBatch};
 use arrow_schema::SchemaRef;
 
-use crate::cache::{MemoryMeter, PlaintextCache};
+use crate::cache::{MemoryMeter, PlaintextCache, Stamp};
 
 /// Turns a verified batch into the form the cache keeps and queries read.
 /// How one stored column becomes a column of a version's query form (key text into entity
@@ -567,11 +567,7 @@ impl Store {
                 .project(columns)
                 .map_err(|e| Error::internal(format!("query form: {e}")))?,
         );
-        let meta = self
-            .objects
-            .head(&objects::version_key(&v.dataset_id, &v.version_id))?
-            .ok_or_else(missing)?;
-        let stamp = (meta.size, meta.stamp);
+        let stamp = self.stamp(v)?;
         let cached = self
             .cache
             .columns(&v.dataset_id, &v.version_id, stamp, columns);
@@ -686,6 +682,45 @@ impl Store {
             }
         });
         Ok(Box::new(iter))
+    }
+
+    /// The size and modification time of a version's sealed object: what its cached
+    /// plaintext, and what was computed from it, is kept under.
+    pub fn stamp(&self, v: &VersionKey) -> Result<Stamp> {
+        let meta = self
+            .objects
+            .head(&objects::version_key(&v.dataset_id, &v.version_id))?
+            .ok_or_else(missing)?;
+        Ok((meta.size, meta.stamp))
+    }
+
+    /// A value computed from a version's plaintext and kept as `name` ([`Self::keep_derived`]),
+    /// while the version's object is as it was (`stamp`, from [`Self::stamp`] now).
+    pub fn derived<T: std::any::Any + Send + Sync>(
+        &self,
+        v: &VersionKey,
+        stamp: Stamp,
+        name: &str,
+    ) -> Option<std::sync::Arc<T>> {
+        let value = self
+            .cache
+            .derived(&v.dataset_id, &v.version_id, stamp, name)?;
+        value.downcast::<T>().ok()
+    }
+
+    /// Keep `value`, computed from the plaintext of version `v` read while its object had
+    /// `stamp`, as `name`, beside the version's cached columns: it is plaintext too, counted
+    /// in the same budget (as `bytes`) and forgotten with them (a new upload, a delete).
+    pub fn keep_derived<T: std::any::Any + Send + Sync>(
+        &self,
+        v: &VersionKey,
+        stamp: Stamp,
+        name: &str,
+        value: std::sync::Arc<T>,
+        bytes: usize,
+    ) {
+        self.cache
+            .insert_derived((&v.dataset_id, &v.version_id, name), stamp, value, bytes);
     }
 
     /// The verified batches of a version with only its stored `columns` (ascending): only
