@@ -1148,6 +1148,33 @@ fn fingerprint(
     h.finalize().into()
 }
 
+/// Reads the entity columns of a dataset's live version (its key's entity ids, and its name
+/// and place keys where it has them) into the plaintext cache. Every overlap matrix and every
+/// SQL join over the version reads them, so the first question after an upload finds them
+/// decrypted: the server calls this when an upload commits, in the background (a question
+/// that comes first reads them itself). Nothing is read for a dataset without a key column.
+pub(crate) fn warm_entity_columns(
+    store: &Arc<Store>,
+    hasher: &EntityHasher,
+    owner: &str,
+    dataset: &str,
+) -> Result<()> {
+    let Some(key) = store.live_dataset(owner, dataset)?.key_column else {
+        return Ok(());
+    };
+    let version = store.live_version(owner, dataset)?;
+    let sealed = store.schema_of(&version)?;
+    let (_, whole, form) = query_form(&sealed, Some(&key), hasher)?;
+    let columns: Vec<usize> = [key.as_str(), NAME_KEY, PLACE_KEY]
+        .iter()
+        .filter_map(|c| whole.index_of(c).ok())
+        .collect();
+    for batch in store.batches(&version, &form, &columns)? {
+        batch?;
+    }
+    Ok(())
+}
+
 /// How a sealed version is queried: the declared schema (what users plan against: the
 /// uploaded columns), the schema it executes with, and its form (each column's stored
 /// column, and how it is turned into what executes). The

@@ -129,6 +129,23 @@ pub(crate) async fn upload(
                 secs = started.elapsed().as_secs_f64(),
                 "upload committed"
             );
+            let (store, hasher) = (state.store.clone(), state.queries.entity_hasher.clone());
+            let (owner, dataset) = (caller.partner.clone(), outcome.dataset.clone());
+            tokio::spawn(blocking(move || {
+                let started = std::time::Instant::now();
+                match crate::queries::warm_entity_columns(&store, &hasher, &owner, &dataset) {
+                    Ok(()) => tracing::debug!(
+                        dataset = %dataset,
+                        ms = started.elapsed().as_millis() as u64,
+                        "entity columns read into the cache after an upload"
+                    ),
+                    // A newer upload or a delete in between, say: the next question reads.
+                    Err(e) => {
+                        tracing::debug!(dataset = %dataset, error = %e, "entity columns not read after an upload")
+                    }
+                }
+                Ok(())
+            }));
             Ok((StatusCode::CREATED, Json(outcome)))
         }
         Err(e) => {
