@@ -72,6 +72,13 @@ fn joined_world(serve_args: &[&str], acme: &str) -> (Env, Server) {
     lists_joined(serve_args, acme, "website,stage\nco1.example,open\n")
 }
 
+/// The server of a world started again: it holds nothing in memory (an upload reads its
+/// entity columns into the cache), so its first question reads the lists from disk.
+fn restarted(env: &Env, server: Server, serve_args: &[&str]) -> Server {
+    drop(server);
+    env.serve(serve_args)
+}
+
 /// [`joined_world`] with globex's `mine` given (a CSV).
 fn lists_joined(serve_args: &[&str], acme: &str, mine: &str) -> (Env, Server) {
     let env = Env::new();
@@ -529,7 +536,10 @@ fn the_work_one_company_can_add_is_bounded_before_running() {
 /// failures could be repeated for free (found by review).
 #[test]
 fn a_charged_question_that_was_not_answered_is_not_run_again() {
-    let (env, server) = joined_world(&["--query-timeout-secs", "0"], &retail(60));
+    let args = ["--query-timeout-secs", "0"];
+    let (env, server) = joined_world(&args, &retail(60));
+    // Nothing cached: the question is not past its admission before its time is up.
+    let server = restarted(&env, server, &args);
     let sql = JOIN;
     env.cli(&server, "globex", &["query", sql])
         .fails_with("query_timeout");
@@ -562,9 +572,10 @@ fn globex_spent(env: &Env, server: &Server) -> f64 {
 #[test]
 fn a_question_abandoned_by_its_client_is_audited_and_not_run_again() {
     let (env, server) = joined_world(&[], &retail(300_000));
+    let server = restarted(&env, server, &[]);
     let sql = JOIN;
-    // The first question reads 300,000 sealed rows (nothing cached yet): the client is
-    // killed while the server works on it.
+    // The first question reads 300,000 sealed rows (nothing cached after the restart): the
+    // client is killed while the server works on it.
     let mut client = std::process::Command::new(crate::harness::BIN)
         .args(["query", sql])
         .env("ESCROW_IDENTITY", env.bundle("globex"))

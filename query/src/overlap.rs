@@ -293,7 +293,7 @@ fn internal(m: impl Into<String>) -> QueryError {
 /// the reduced side outgrows `memory_limit` bytes.
 pub fn memberships(
     side: &Side,
-    batches: impl Iterator<Item = Result<RecordBatch, String>>,
+    batches: impl Iterator<Item = Result<RecordBatch, String>> + Send,
     memory_limit: usize,
 ) -> Result<Membership, QueryError> {
     if side.populations.len() > MAX_POPULATIONS {
@@ -311,94 +311,94 @@ pub fn memberships(
             .map(|p| p.kinds.clone()),
         ..Membership::default()
     };
-    // Rows are staged in their entity's shard as they come, then each shard is built on its
-    // own: its entities fit in a core's cache while it is (one table of them all would
-    // take a cache miss per row).
-    let mut staged: Vec<Vec<Staged>> = (0..SHARDS).map(|_| Vec::new()).collect();
     let over = || {
         QueryError::ResourcesExhausted(format!(
             "the overlap of a dataset needs more than the per-query limit of {} MiB",
             memory_limit >> 20
         ))
     };
-    let mut masks = Vec::new();
-    for batch in batches {
-        let batch = batch.map_err(internal)?;
-        let rows = batch.num_rows();
-        let ids = batch
-            .column(side.key_index)
-            .as_primitive_opt::<UInt64Type>()
-            .ok_or_else(|| internal("overlap: the key column is not entity ids"))?;
-        masks.clear();
-        masks.resize(rows, 0u64);
-        for (bit, p) in side.populations.iter().enumerate() {
-            let result = p.evaluate(&batch)?.into_array(rows)?;
-            let inside: &BooleanArray = result
-                .as_boolean_opt()
-                .ok_or_else(|| internal("overlap: a population filter is not boolean"))?;
-            let inside = match inside.nulls() {
-                Some(_) => prep_null_mask_filter(inside),
-                None => inside.clone(),
-            };
-            for i in inside.values().set_indices() {
-                masks[i] |= 1 << bit;
+    // Rows are staged in their entity's shard as they come, then each shard is built on its
+    // own: its entities fit in a core's cache while it is (one table of them all would
+    // take a cache miss per row). Batches are staged on two threads, each pulling the next
+    // batch and staging it in shards of its own; on one when a breakdown's values are
+    // interned (their codes follow the order rows come in). Without values, what a shard's
+    // rows build does not depend on their order (see `build_shard`).
+    let workers = if side.dimension.is_some() {
+        1
+    } else {
+        STAGE_THREADS
+    };
+    let base = out.memory_bytes();
+    let mut parts: Vec<Vec<Vec<Staged>>> = Vec::with_capacity(workers);
+    if workers == 1 {
+        let mut staged: Vec<Vec<Staged>> = (0..SHARDS).map(|_| Vec::new()).collect();
+        let mut masks = Vec::new();
+        for batch in batches {
+            let batch = batch.map_err(internal)?;
+            stage(side, &batch, &mut masks, &mut staged, &mut |v| {
+                out.intern(v)
+            })?;
+            if out.memory_bytes() + held(&staged) > memory_limit {
+                return Err(over());
             }
         }
-        let values: Option<StringArray> = match side.dimension {
-            Some(d) => Some(
-                cast(batch.column(d), &DataType::Utf8)?
-                    .as_string_opt::<i32>()
-                    .ok_or_else(|| internal("overlap: dimension cast"))?
-                    .clone(),
-            ),
-            None => None,
-        };
-        let names = match side.names {
-            Some(n) => Some(
-                batch
-                    .column(n)
-                    .as_primitive_opt::<UInt64Type>()
-                    .ok_or_else(|| internal("overlap: the name column is not name ids"))?,
-            ),
-            None => None,
-        };
-        let places = match side.places.as_ref().filter(|_| names.is_some()) {
-            Some(p) => Some(
-                batch
-                    .column(p.index)
-                    .as_primitive_opt::<UInt64Type>()
-                    .ok_or_else(|| internal("overlap: the place column is not place ids"))?,
-            ),
-            None => None,
-        };
-        for (i, &mask) in masks.iter().enumerate() {
-            if ids.is_null(i) {
-                continue;
-            }
-            let id = ids.value(i);
-            let value = match &values {
-                Some(v) if mask != 0 && v.is_valid(i) => out.intern(v.value(i)),
-                _ => NO_VALUE,
-            };
-            staged[shard_of(id)].push(Staged {
-                id,
-                mask,
-                name: names.and_then(|n| n.is_valid(i).then(|| n.value(i))),
-                place: places.filter(|p| p.is_valid(i)).map(|p| p.value(i)),
-                value,
-            });
-        }
-        let held: usize = staged
-            .iter()
-            .map(|s| s.capacity() * size_of::<Staged>())
-            .sum();
-        if out.memory_bytes() + held > memory_limit {
-            return Err(over());
+        parts.push(staged);
+    } else {
+        // Fused: each thread asks for more at the end (a store's read checks its end once).
+        let source = std::sync::Mutex::new(batches.fuse());
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let sizes: Vec<std::sync::atomic::AtomicUsize> =
+            (0..workers).map(|_| Default::default()).collect();
+        let lanes = std::thread::scope(|scope| {
+            let (source, failed, sizes) = (&source, &failed, &sizes);
+            let handles: Vec<_> = (0..workers)
+                .map(|w| {
+                    scope.spawn(move || {
+                        let mut staged: Vec<Vec<Staged>> =
+                            (0..SHARDS).map(|_| Vec::new()).collect();
+                        let mut masks = Vec::new();
+                        let result = loop {
+                            if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                                break Ok(());
+                            }
+                            let next = source.lock().unwrap_or_else(|p| p.into_inner()).next();
+                            let Some(batch) = next else { break Ok(()) };
+                            let staged_one = batch.map_err(internal).and_then(|batch| {
+                                stage(side, &batch, &mut masks, &mut staged, &mut |_| NO_VALUE)
+                            });
+                            if let Err(e) = staged_one {
+                                break Err(e);
+                            }
+                            sizes[w].store(held(&staged), std::sync::atomic::Ordering::Relaxed);
+                            let total: usize = (sizes.iter())
+                                .map(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+                                .sum();
+                            if base + total > memory_limit {
+                                break Err(over());
+                            }
+                        };
+                        if result.is_err() {
+                            failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        result.map(|()| staged)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join()).collect::<Vec<_>>()
+        });
+        for lane in lanes {
+            parts.push(lane.map_err(|_| internal("overlap: a thread staging rows"))??);
         }
     }
-    // Shards are built on two threads (each shard's rows in the order they came, as on
-    // one), each shard's staged rows freed once it is built.
-    let staged: Vec<std::sync::Mutex<Vec<Staged>>> =
+    // Per shard, every worker's rows of it.
+    let mut staged: Vec<Vec<Vec<Staged>>> = (0..SHARDS).map(|_| Vec::new()).collect();
+    for part in parts {
+        for (s, rows) in part.into_iter().enumerate() {
+            staged[s].push(rows);
+        }
+    }
+    // Shards are built on two threads, each shard's staged rows freed once it is built.
+    let staged: Vec<std::sync::Mutex<Vec<Vec<Staged>>>> =
         staged.into_iter().map(std::sync::Mutex::new).collect();
     let built = on_lanes(BUILD_THREADS, |_, shards| {
         shards
@@ -428,13 +428,103 @@ pub fn memberships(
 /// Threads that build a side's shards.
 const BUILD_THREADS: usize = 2;
 
-/// One shard's members from its staged rows, and those of them with more than one dimension
-/// value.
-fn build_shard(rows: Vec<Staged>) -> (FastMap<Member>, FastMap<Vec<u32>>) {
+/// Threads that stage a side's rows (without a breakdown).
+const STAGE_THREADS: usize = 2;
+
+/// Bytes held by staged rows.
+fn held(staged: &[Vec<Staged>]) -> usize {
+    staged
+        .iter()
+        .map(|s| s.capacity() * size_of::<Staged>())
+        .sum()
+}
+
+/// Stages one batch of a side: per row with an entity id, the populations it is in (`masks`
+/// is scratch), its breakdown value (`intern`ed), name and place, in its entity's shard.
+fn stage(
+    side: &Side,
+    batch: &RecordBatch,
+    masks: &mut Vec<u64>,
+    staged: &mut [Vec<Staged>],
+    intern: &mut dyn FnMut(&str) -> u32,
+) -> Result<(), QueryError> {
+    let rows = batch.num_rows();
+    let ids = batch
+        .column(side.key_index)
+        .as_primitive_opt::<UInt64Type>()
+        .ok_or_else(|| internal("overlap: the key column is not entity ids"))?;
+    masks.clear();
+    masks.resize(rows, 0u64);
+    for (bit, p) in side.populations.iter().enumerate() {
+        let result = p.evaluate(batch)?.into_array(rows)?;
+        let inside: &BooleanArray = result
+            .as_boolean_opt()
+            .ok_or_else(|| internal("overlap: a population filter is not boolean"))?;
+        let inside = match inside.nulls() {
+            Some(_) => prep_null_mask_filter(inside),
+            None => inside.clone(),
+        };
+        for i in inside.values().set_indices() {
+            masks[i] |= 1 << bit;
+        }
+    }
+    let values: Option<StringArray> = match side.dimension {
+        Some(d) => Some(
+            cast(batch.column(d), &DataType::Utf8)?
+                .as_string_opt::<i32>()
+                .ok_or_else(|| internal("overlap: dimension cast"))?
+                .clone(),
+        ),
+        None => None,
+    };
+    let names = match side.names {
+        Some(n) => Some(
+            batch
+                .column(n)
+                .as_primitive_opt::<UInt64Type>()
+                .ok_or_else(|| internal("overlap: the name column is not name ids"))?,
+        ),
+        None => None,
+    };
+    let places = match side.places.as_ref().filter(|_| names.is_some()) {
+        Some(p) => Some(
+            batch
+                .column(p.index)
+                .as_primitive_opt::<UInt64Type>()
+                .ok_or_else(|| internal("overlap: the place column is not place ids"))?,
+        ),
+        None => None,
+    };
+    for (i, &mask) in masks.iter().enumerate() {
+        if ids.is_null(i) {
+            continue;
+        }
+        let id = ids.value(i);
+        let value = match &values {
+            Some(v) if mask != 0 && v.is_valid(i) => intern(v.value(i)),
+            _ => NO_VALUE,
+        };
+        staged[shard_of(id)].push(Staged {
+            id,
+            mask,
+            name: names.and_then(|n| n.is_valid(i).then(|| n.value(i))),
+            place: places.filter(|p| p.is_valid(i)).map(|p| p.value(i)),
+            value,
+        });
+    }
+    Ok(())
+}
+
+/// One shard's members from its staged rows (each worker's part in turn), and those of them
+/// with more than one dimension value. Without dimension values the order of the rows does
+/// not matter: a member's mask is the union of its rows', its name the least, its place the
+/// one all rows agree on (else mixed), and it is name-only if any row says so. With values
+/// one worker staged the rows, in the order they came.
+fn build_shard(parts: Vec<Vec<Staged>>) -> (FastMap<Member>, FastMap<Vec<u32>>) {
     let mut members = FastMap::default();
     let mut more_values = FastMap::default();
-    members.reserve(rows.len());
-    for r in rows {
+    members.reserve(parts.iter().map(Vec::len).sum());
+    for r in parts.into_iter().flatten() {
         let m = members.entry(r.id).or_insert(Member::EMPTY);
         m.mask |= r.mask;
         match r.name {
@@ -883,6 +973,105 @@ mod tests {
         "status = 'opportunity'",
         "status = 'prospect'",
     ];
+
+    #[test]
+    fn a_side_staged_on_two_threads_is_the_side_staged_on_one() {
+        // Rows of few companies, each in many batches (so both threads stage rows of most
+        // companies), with names (some name-only: name = id), places that agree or not,
+        // rows without an id and rows in no population.
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::UInt64, true),
+            Field::new("status", DataType::Utf8, true),
+            Field::new("name", DataType::UInt64, true),
+            Field::new("place", DataType::UInt64, true),
+        ]));
+        let mut seed = 7u64;
+        let mut next = move |n: u64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        let statuses = ["customer", "opportunity", "prospect", "none"];
+        let rows = 6000;
+        let (mut ids, mut status, mut names, mut places) = (vec![], vec![], vec![], vec![]);
+        for _ in 0..rows {
+            // spread over all 64 shards: ids are keyed hashes in real lists
+            let id = (next(300) + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            ids.push((next(20) != 0).then_some(id));
+            status.push(Some(statuses[next(4) as usize]));
+            names.push(match next(3) {
+                0 => None,
+                1 => Some(id),
+                _ => Some(next(50) + 1),
+            });
+            places.push((next(4) != 0).then(|| next(3) + 1));
+        }
+        let whole = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(UInt64Array::from(ids)),
+                Arc::new(StringArray::from(status)),
+                Arc::new(UInt64Array::from(names)),
+                Arc::new(UInt64Array::from(places)),
+            ],
+        )
+        .expect("batch");
+        let declared = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Utf8, true),
+            Field::new("status", DataType::Utf8, true),
+        ]));
+        let side = Side {
+            populations: POPS
+                .iter()
+                .map(|f| {
+                    crate::population::compile(f, &declared, &schema, Some("id")).expect("filter")
+                })
+                .collect(),
+            key_index: 0,
+            dimension: None,
+            names: Some(2),
+            places: Some(Places {
+                index: 3,
+                kinds: "country".into(),
+            }),
+        };
+        let one = memberships(&side, std::iter::once(Ok(whole.clone())), 1 << 30).expect("one");
+        let batches: Vec<_> = (0..rows)
+            .step_by(97)
+            .map(|at| Ok(whole.slice(at, 97.min(rows - at))))
+            .collect();
+        let many = memberships(&side, batches.into_iter(), 1 << 30).expect("many");
+        let sorted = |m: &Membership| {
+            let mut all: Vec<(u64, u64, bool, bool, u64, u64)> = (m.members.iter())
+                .map(|(id, m)| (*id, m.mask, m.linkable, m.name_only, m.name, m.place))
+                .collect();
+            all.sort_unstable();
+            all
+        };
+        assert!(one.members.len() > 250, "{}", one.members.len());
+        assert!(sorted(&one).iter().any(|m| m.5 == MIXED_PLACES));
+        assert_eq!(sorted(&one), sorted(&many));
+        let folded = |m: &Membership| {
+            let mut f: Vec<(u64, u64)> = m.folded.iter().map(|(a, b)| (*a, *b)).collect();
+            f.sort_unstable();
+            f
+        };
+        assert_eq!(folded(&one), folded(&many));
+        // A failing batch fails the side, whichever thread takes it.
+        let mut failing: Vec<Result<RecordBatch, String>> =
+            (0..20).map(|_| Ok(whole.slice(0, 10))).collect();
+        failing.push(Err("read failed".into()));
+        assert!(memberships(&side, failing.into_iter(), 1 << 30).is_err());
+        // So does one past the memory limit.
+        let batches = (0..rows)
+            .step_by(97)
+            .map(|at| Ok(whole.slice(at, 97.min(rows - at))));
+        assert!(matches!(
+            memberships(&side, batches, 4096),
+            Err(QueryError::ResourcesExhausted(_))
+        ));
+    }
 
     #[test]
     fn a_company_keeps_its_smallest_values_only() {
