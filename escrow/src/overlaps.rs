@@ -855,8 +855,8 @@ impl QueryService {
         );
         let kept_as = serde_json::json!(["overlap side", caller, key, by, filters]).to_string();
         crate::queries::blocking(move || {
-            let stamp = store.stamp(&version)?;
-            if let Some(kept) = store.derived::<Membership>(&version, stamp, &kept_as) {
+            let mark = store.read_mark(&version)?;
+            if let Some(kept) = store.derived::<Membership>(&version, mark, &kept_as) {
                 return Ok(kept);
             }
             let sealed = store.schema_of(&version)?;
@@ -932,7 +932,7 @@ impl QueryService {
             });
             let reduced = Arc::new(overlap::memberships(&side, batches, limit)?);
             let bytes = reduced.memory_bytes();
-            store.keep_derived(&version, stamp, &kept_as, reduced.clone(), bytes);
+            store.keep_derived(&version, mark, &kept_as, reduced.clone(), bytes);
             Ok(reduced)
         })
         .await

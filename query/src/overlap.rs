@@ -347,12 +347,13 @@ pub fn memberships(
         // Fused: each thread asks for more at the end (a store's read checks its end once).
         let source = std::sync::Mutex::new(batches.fuse());
         let failed = std::sync::atomic::AtomicBool::new(false);
-        let sizes: Vec<std::sync::atomic::AtomicUsize> =
-            (0..workers).map(|_| Default::default()).collect();
+        // Bytes staged by both threads: the limit is checked on their total, so whether a side
+        // is refused does not depend on how batches fell to the threads.
+        let staged_bytes = std::sync::atomic::AtomicUsize::new(0);
         let lanes = std::thread::scope(|scope| {
-            let (source, failed, sizes) = (&source, &failed, &sizes);
+            let (source, failed, staged_bytes) = (&source, &failed, &staged_bytes);
             let handles: Vec<_> = (0..workers)
-                .map(|w| {
+                .map(|_| {
                     scope.spawn(move || {
                         let mut staged: Vec<Vec<Staged>> =
                             (0..SHARDS).map(|_| Vec::new()).collect();
@@ -361,18 +362,25 @@ pub fn memberships(
                             if failed.load(std::sync::atomic::Ordering::Relaxed) {
                                 break Ok(());
                             }
-                            let next = source.lock().unwrap_or_else(|p| p.into_inner()).next();
+                            // A thread that panicked while reading poisoned the source: the
+                            // read is not finished, and nothing more is read from it.
+                            let Ok(mut batches) = source.lock() else {
+                                break Err(internal("overlap: a thread reading batches"));
+                            };
+                            let next = batches.next();
+                            drop(batches);
                             let Some(batch) = next else { break Ok(()) };
+                            let before = held(&staged);
                             let staged_one = batch.map_err(internal).and_then(|batch| {
                                 stage(side, &batch, &mut masks, &mut staged, &mut |_| NO_VALUE)
                             });
                             if let Err(e) = staged_one {
                                 break Err(e);
                             }
-                            sizes[w].store(held(&staged), std::sync::atomic::Ordering::Relaxed);
-                            let total: usize = (sizes.iter())
-                                .map(|s| s.load(std::sync::atomic::Ordering::Relaxed))
-                                .sum();
+                            let added = held(&staged) - before;
+                            let total = staged_bytes
+                                .fetch_add(added, std::sync::atomic::Ordering::Relaxed)
+                                + added;
                             if base + total > memory_limit {
                                 break Err(over());
                             }
@@ -433,10 +441,7 @@ const STAGE_THREADS: usize = 2;
 
 /// Bytes held by staged rows.
 fn held(staged: &[Vec<Staged>]) -> usize {
-    staged
-        .iter()
-        .map(|s| s.capacity() * size_of::<Staged>())
-        .sum()
+    staged.iter().map(|s| s.len() * size_of::<Staged>()).sum()
 }
 
 /// Stages one batch of a side: per row with an entity id, the populations it is in (`masks`

@@ -66,6 +66,9 @@ struct Inner {
     schemas: HashMap<(String, String), SchemaRef>,
     bytes: usize,
     tick: u64,
+    /// The tick of the last forgetting (a delete, a new version, a version no longer
+    /// listed): a read that began before it keeps nothing (see [`PlaintextCache::mark`]).
+    forgot: u64,
 }
 
 #[derive(Debug)]
@@ -127,6 +130,13 @@ impl PlaintextCache {
         }
     }
 
+    /// Where the cache stands, taken when a read begins and given back when what it read is
+    /// kept: if a dataset was forgotten in between (deleted while the read ran, say), what
+    /// was read is not kept, so nothing of a deleted version outlives its delete in memory.
+    pub fn mark(&self) -> u64 {
+        self.lock().tick
+    }
+
     /// Largest single entry worth collecting while reading.
     pub fn max_bytes(&self) -> usize {
         self.max_bytes
@@ -176,7 +186,7 @@ impl PlaintextCache {
     pub fn insert_derived(
         &self,
         (dataset_id, version_id, name): (&str, &str, &str),
-        stamp: Stamp,
+        (stamp, since): (Stamp, u64),
         value: Derived,
         bytes: usize,
     ) {
@@ -185,7 +195,7 @@ impl PlaintextCache {
             version_id.to_string(),
             Slot::Derived(name.to_string()),
         );
-        self.put(key, stamp, Held::Derived(value), bytes);
+        self.put(key, (stamp, since), Held::Derived(value), bytes);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -212,7 +222,7 @@ impl PlaintextCache {
     pub fn insert(
         &self,
         (dataset_id, version_id, column): (&str, &str, usize),
-        stamp: Stamp,
+        (stamp, since): (Stamp, u64),
         chunks: Chunks,
         bytes: usize,
     ) {
@@ -221,14 +231,17 @@ impl PlaintextCache {
             version_id.to_string(),
             Slot::Column(column),
         );
-        self.put(key, stamp, Held::Chunks(chunks), bytes);
+        self.put(key, (stamp, since), Held::Chunks(chunks), bytes);
     }
 
-    fn put(&self, key: Key, stamp: Stamp, held: Held, bytes: usize) {
+    fn put(&self, key: Key, (stamp, since): (Stamp, u64), held: Held, bytes: usize) {
         if bytes > self.max_bytes {
             return;
         }
         let mut inner = self.lock();
+        if inner.forgot > since {
+            return;
+        }
         while inner.bytes + bytes > self.max_bytes {
             let Some(oldest) = inner
                 .entries
@@ -280,6 +293,8 @@ impl PlaintextCache {
     /// Keep only the entries of the (dataset id, version id) pairs `keep` accepts.
     pub fn retain(&self, keep: impl Fn(&str, &str) -> bool) {
         let mut inner = self.lock();
+        inner.tick += 1;
+        inner.forgot = inner.tick;
         let gone: Vec<Key> = (inner.entries.keys())
             .filter(|(d, v, _)| !keep(d, v))
             .cloned()
@@ -310,7 +325,12 @@ mod tests {
     fn derived_values_are_kept_and_forgotten_as_columns_are() {
         let cache = PlaintextCache::new(1000);
         let stamp = (10, 1);
-        cache.insert_derived(("d", "v1", "side"), stamp, Arc::new(7u32), 100);
+        cache.insert_derived(
+            ("d", "v1", "side"),
+            (stamp, cache.mark()),
+            Arc::new(7u32),
+            100,
+        );
         let got = cache.derived("d", "v1", stamp, "side").unwrap();
         assert_eq!(got.downcast_ref::<u32>(), Some(&7));
         // Another name, another version, a changed file: not that value.
@@ -321,20 +341,46 @@ mod tests {
         assert!(cache.derived("d", "v1", stamp, "side").is_none());
         assert_eq!(cache.bytes(), 0);
         // A new version (or a delete) forgets the old version's values with its columns.
-        cache.insert_derived(("d", "v1", "side"), stamp, Arc::new(7u32), 100);
-        cache.insert(("d", "v1", 0), stamp, Arc::new(Vec::new()), 100);
+        cache.insert_derived(
+            ("d", "v1", "side"),
+            (stamp, cache.mark()),
+            Arc::new(7u32),
+            100,
+        );
+        cache.insert(
+            ("d", "v1", 0),
+            (stamp, cache.mark()),
+            Arc::new(Vec::new()),
+            100,
+        );
         cache.forget_dataset("d", Some("v2"));
         assert!(cache.derived("d", "v1", stamp, "side").is_none());
         assert_eq!(cache.bytes(), 0);
         // Counted in the budget: the least recently used goes first, column or value.
-        cache.insert_derived(("d", "v2", "a"), stamp, Arc::new(1u32), 600);
-        cache.insert_derived(("d", "v2", "b"), stamp, Arc::new(2u32), 600);
+        cache.insert_derived(("d", "v2", "a"), (stamp, cache.mark()), Arc::new(1u32), 600);
+        cache.insert_derived(("d", "v2", "b"), (stamp, cache.mark()), Arc::new(2u32), 600);
         assert!(cache.derived("d", "v2", stamp, "a").is_none());
         assert!(cache.derived("d", "v2", stamp, "b").is_some());
         assert_eq!(cache.bytes(), 600);
         // Larger than the whole budget: not kept.
-        cache.insert_derived(("d", "v2", "c"), stamp, Arc::new(3u32), 2000);
+        cache.insert_derived(
+            ("d", "v2", "c"),
+            (stamp, cache.mark()),
+            Arc::new(3u32),
+            2000,
+        );
         assert!(cache.derived("d", "v2", stamp, "c").is_none());
+        // A read that began before a dataset was forgotten keeps nothing (a delete while a
+        // question or the warm-up after an upload read it): not even another dataset's.
+        let since = cache.mark();
+        cache.forget_dataset("d", None);
+        cache.insert_derived(("d", "v2", "a"), (stamp, since), Arc::new(1u32), 10);
+        cache.insert(("e", "v1", 0), (stamp, since), Arc::new(Vec::new()), 10);
+        assert!(cache.derived("d", "v2", stamp, "a").is_none());
+        assert_eq!(cache.bytes(), 0);
+        let since = cache.mark();
+        cache.insert_derived(("d", "v2", "a"), (stamp, since), Arc::new(1u32), 10);
+        assert!(cache.derived("d", "v2", stamp, "a").is_some());
     }
 
     fn memory_size(batches: &[RecordBatch]) -> usize {

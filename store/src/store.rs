@@ -69,6 +69,13 @@ impl Default for StoreConfig {
     }
 }
 
+/// Where a read of a version began ([`Store::read_mark`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ReadMark {
+    stamp: Stamp,
+    since: u64,
+}
+
 /// The dataset store of one data directory.
 pub struct Store {
     dir: DataDir,
@@ -567,7 +574,7 @@ impl Store {
                 .project(columns)
                 .map_err(|e| Error::internal(format!("query form: {e}")))?,
         );
-        let stamp = self.stamp(v)?;
+        let ReadMark { stamp, since } = self.read_mark(v)?;
         let cached = self
             .cache
             .columns(&v.dataset_id, &v.version_id, stamp, columns);
@@ -671,7 +678,7 @@ impl Store {
                         for ((chunks, meter), (i, _, _)) in kept.into_iter().zip(&fresh) {
                             store.cache.insert(
                                 (&dataset_id, &version_id, ids[*i]),
-                                stamp,
+                                (stamp, since),
                                 std::sync::Arc::new(chunks),
                                 meter.bytes(),
                             );
@@ -684,43 +691,53 @@ impl Store {
         Ok(Box::new(iter))
     }
 
-    /// The size and modification time of a version's sealed object: what its cached
-    /// plaintext, and what was computed from it, is kept under.
-    pub fn stamp(&self, v: &VersionKey) -> Result<Stamp> {
+    /// Taken when a read of version `v` begins: the size and modification time of its sealed
+    /// object (what its cached plaintext, and what was computed from it, is kept under), and
+    /// where the cache stands (what the read computes is not kept if a dataset is forgotten
+    /// meanwhile: see [`PlaintextCache::mark`]).
+    pub fn read_mark(&self, v: &VersionKey) -> Result<ReadMark> {
+        let since = self.cache.mark();
         let meta = self
             .objects
             .head(&objects::version_key(&v.dataset_id, &v.version_id))?
             .ok_or_else(missing)?;
-        Ok((meta.size, meta.stamp))
+        Ok(ReadMark {
+            stamp: (meta.size, meta.stamp),
+            since,
+        })
     }
 
     /// A value computed from a version's plaintext and kept as `name` ([`Self::keep_derived`]),
-    /// while the version's object is as it was (`stamp`, from [`Self::stamp`] now).
+    /// while the version's object is as it was (`mark`, from [`Self::read_mark`] now).
     pub fn derived<T: std::any::Any + Send + Sync>(
         &self,
         v: &VersionKey,
-        stamp: Stamp,
+        mark: ReadMark,
         name: &str,
     ) -> Option<std::sync::Arc<T>> {
         let value = self
             .cache
-            .derived(&v.dataset_id, &v.version_id, stamp, name)?;
+            .derived(&v.dataset_id, &v.version_id, mark.stamp, name)?;
         value.downcast::<T>().ok()
     }
 
-    /// Keep `value`, computed from the plaintext of version `v` read while its object had
-    /// `stamp`, as `name`, beside the version's cached columns: it is plaintext too, counted
-    /// in the same budget (as `bytes`) and forgotten with them (a new upload, a delete).
+    /// Keep `value`, computed from the plaintext of version `v` read since `mark`, as `name`,
+    /// beside the version's cached columns: it is plaintext too, counted in the same budget
+    /// (as `bytes`) and forgotten with them (a new upload, a delete).
     pub fn keep_derived<T: std::any::Any + Send + Sync>(
         &self,
         v: &VersionKey,
-        stamp: Stamp,
+        mark: ReadMark,
         name: &str,
         value: std::sync::Arc<T>,
         bytes: usize,
     ) {
-        self.cache
-            .insert_derived((&v.dataset_id, &v.version_id, name), stamp, value, bytes);
+        self.cache.insert_derived(
+            (&v.dataset_id, &v.version_id, name),
+            (mark.stamp, mark.since),
+            value,
+            bytes,
+        );
     }
 
     /// The verified batches of a version with only its stored `columns` (ascending): only
