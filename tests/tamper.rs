@@ -176,8 +176,9 @@ fn columns_read_apart_are_the_columns_of_a_whole_read() {
     };
     let v = store.live_version("acme", "big").expect("version");
     let read = |columns: &[usize]| -> Vec<arrow_array::RecordBatch> {
+        let mark = store.read_mark(&v).expect("mark");
         store
-            .batches(&v, &form, columns)
+            .batches(&v, mark, &form, columns)
             .expect("batches")
             .collect::<escrow::Result<_>>()
             .expect("read")

@@ -827,8 +827,8 @@ impl QueryService {
     ///
     /// A side once reduced is kept with the version's cached plaintext, for the caller that
     /// asked (`caller`): a new matrix over the same populations of a list, a usual next
-    /// question, does not reduce it again. Per caller, so that how fast a matrix is answered
-    /// never tells one partner which matrices another asked.
+    /// question, does not reduce it again. Per caller: a kept side serves only the partner
+    /// that asked (what time still shows of others' questions: THREAT_MODEL).
     async fn reduce(
         &self,
         caller: &str,
@@ -924,7 +924,7 @@ impl QueryService {
                             .unwrap_or_default(),
                     }),
             };
-            let batches = store.batches(&version, &form, &wanted)?.map(|b| {
+            let batches = store.batches(&version, mark, &form, &wanted)?.map(|b| {
                 if stop.requested() {
                     return Err(escrow_query::Stop::error().to_string());
                 }

@@ -1151,25 +1151,27 @@ fn fingerprint(
 /// Reads the entity columns of a dataset's live version (its key's entity ids, and its name
 /// and place keys where it has them) into the plaintext cache. Every overlap matrix and every
 /// SQL join over the version reads them, so the first question after an upload finds them
-/// decrypted: the server calls this when an upload commits, in the background (a question
-/// that comes first reads them itself). Nothing is read for a dataset without a key column.
+/// decrypted: the server calls this when version `number` of `dataset`, keyed by `key`, has
+/// just committed, in the background (a question that comes first reads them itself).
+/// Nothing is read once another version is live (its key may be another column).
 pub(crate) fn warm_entity_columns(
     store: &Arc<Store>,
     hasher: &EntityHasher,
-    owner: &str,
-    dataset: &str,
+    (owner, dataset): (&str, &str),
+    (number, key): (i64, &str),
 ) -> Result<()> {
-    let Some(key) = store.live_dataset(owner, dataset)?.key_column else {
-        return Ok(());
-    };
     let version = store.live_version(owner, dataset)?;
+    if version.version != number {
+        return Ok(());
+    }
+    let mark = store.read_mark(&version)?;
     let sealed = store.schema_of(&version)?;
-    let (_, whole, form) = query_form(&sealed, Some(&key), hasher)?;
-    let columns: Vec<usize> = [key.as_str(), NAME_KEY, PLACE_KEY]
+    let (_, whole, form) = query_form(&sealed, Some(key), hasher)?;
+    let columns: Vec<usize> = [key, NAME_KEY, PLACE_KEY]
         .iter()
         .filter_map(|c| whole.index_of(c).ok())
         .collect();
-    for batch in store.batches(&version, &form, &columns)? {
+    for batch in store.batches(&version, mark, &form, &columns)? {
         batch?;
     }
     Ok(())
@@ -1312,7 +1314,8 @@ impl BatchSource for SealedSource {
         }
         let batches = self
             .store
-            .batches(&self.version, &self.form, columns)
+            .read_mark(&self.version)
+            .and_then(|mark| self.store.batches(&self.version, mark, &self.form, columns))
             .map_err(|e| e.to_string())?;
         Ok(Box::new(batches.map(|b| b.map_err(|e| e.to_string()))))
     }

@@ -33,6 +33,8 @@ pub struct ProjectedBatches {
     pos: u64,
     schema: SchemaRef,
     projection: Vec<usize>,
+    /// `schema` projected: the batches' schema.
+    projected: SchemaRef,
     dictionaries: HashMap<i64, ArrayRef>,
     done: bool,
 }
@@ -45,6 +47,7 @@ impl ProjectedBatches {
             pos: 0,
             schema: Arc::new(arrow_schema::Schema::empty()),
             projection,
+            projected: Arc::new(arrow_schema::Schema::empty()),
             dictionaries: HashMap::new(),
             done: false,
         };
@@ -63,6 +66,11 @@ impl ProjectedBatches {
         {
             return Err(Error::internal("projection past the version's columns"));
         }
+        this.projected = Arc::new(
+            this.schema
+                .project(&this.projection)
+                .map_err(|e| Error::internal(format!("projecting a version: {e}")))?,
+        );
         this.pos += body;
         Ok(this)
     }
@@ -237,12 +245,8 @@ impl ProjectedBatches {
             .map_err(arrow_to_integrity)?;
             columns.push(decoded.column(0).clone());
         }
-        let schema = self
-            .schema
-            .project(&self.projection)
-            .map_err(|e| Error::internal(format!("projecting a version: {e}")))?;
         RecordBatch::try_new_with_options(
-            Arc::new(schema),
+            self.projected.clone(),
             columns,
             &arrow_array::RecordBatchOptions::new().with_row_count(Some(batch.length() as usize)),
         )

@@ -559,10 +559,13 @@ impl Store {
     /// that order): from the plaintext cache, or read (decrypting and authenticating only the
     /// stored columns they come from, where the object is a local file), transformed, and
     /// cached column by column once the whole version read cleanly. A version has one form:
-    /// the cache holds its columns by their place in it.
+    /// the cache holds its columns by their place in it. `mark` is where the read began
+    /// ([`Self::read_mark`], taken by the caller, who may also look up or keep a value derived
+    /// from the same read with it).
     pub fn batches(
         self: &std::sync::Arc<Self>,
         v: &VersionKey,
+        ReadMark { stamp, since }: ReadMark,
         form: &Form,
         columns: &[usize],
     ) -> Result<Box<dyn Iterator<Item = Result<RecordBatch>> + Send>> {
@@ -574,7 +577,6 @@ impl Store {
                 .project(columns)
                 .map_err(|e| Error::internal(format!("query form: {e}")))?,
         );
-        let ReadMark { stamp, since } = self.read_mark(v)?;
         let cached = self
             .cache
             .columns(&v.dataset_id, &v.version_id, stamp, columns);

@@ -406,24 +406,10 @@ impl SealedRandomAccess {
 
     /// Decrypt one segment.
     fn decrypt_segment(&self, index: u64) -> io::Result<Vec<u8>> {
-        use std::os::unix::fs::FileExt;
-        let last = index + 1 == self.segments;
-        let full = self.segment_size + TAG_LEN as u64;
-        let offset = HEADER_LEN as u64 + index * full;
-        let len = if last {
-            self.plaintext_len - index * self.segment_size + TAG_LEN as u64
-        } else {
-            full
-        };
-        let mut buf = vec![0u8; len as usize];
-        self.file.read_exact_at(&mut buf, offset)?;
-        self.aead
-            .open_in_place(
-                &nonce(index, last),
-                &aad(&self.header, index, last),
-                &mut buf,
-            )
-            .map_err(|_| integrity_error(format!("segment {index} does not authenticate")))?;
+        let start = index * self.segment_size;
+        let end = (start + self.segment_size).min(self.plaintext_len);
+        let mut buf = vec![0u8; (end - start) as usize];
+        self.decrypt_segment_into(index, &mut buf)?;
         Ok(buf)
     }
 

@@ -131,9 +131,17 @@ pub(crate) async fn upload(
             );
             let (store, hasher) = (state.store.clone(), state.queries.entity_hasher.clone());
             let (owner, dataset) = (caller.partner.clone(), outcome.dataset.clone());
+            let (number, key) = (outcome.version, outcome.key_column.clone());
             tokio::spawn(blocking(move || {
+                let Some(key) = key else { return Ok(()) };
                 let started = std::time::Instant::now();
-                match crate::queries::warm_entity_columns(&store, &hasher, &owner, &dataset) {
+                let version = (number, key.as_str());
+                match crate::queries::warm_entity_columns(
+                    &store,
+                    &hasher,
+                    (&owner, &dataset),
+                    version,
+                ) {
                     Ok(()) => tracing::debug!(
                         dataset = %dataset,
                         ms = started.elapsed().as_millis() as u64,
