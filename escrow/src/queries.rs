@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use arrow_schema::SchemaRef;
 use escrow_policies::{ColumnUse, Decision, PolicySet, Usage};
+use escrow_query::exec::KEYS_REDUCTION;
 use escrow_query::{
     Answer, BatchIter, BatchSource, EntityHasher, Holder, Limits, Metric, Noise, NoiseKey,
     Protection, QueryTable, SharedMemory,
@@ -31,7 +32,7 @@ use crate::audit::{Actor, Event, Outcome};
 use crate::catalog::{BudgetCharge, QueryableDataset, Spend, VersionKey};
 use crate::matching::{COMPANY_KEY, ID_CHECK, KEY_ID, NAME_ID, NAME_KEY, PLACE_ID, PLACE_KEY};
 use crate::settings::{self, DatasetSettings};
-use crate::store::{Form, Store, Transform};
+use crate::store::{Form, ReadMark, Store, Transform};
 use crate::{Error, Result};
 
 /// δ of the partition selection for data-derived groups.
@@ -812,6 +813,7 @@ impl QueryService {
                     schema: executes,
                     form,
                     width,
+                    asker: who.clone(),
                 });
                 tables.push(QueryTable {
                     owner,
@@ -1149,16 +1151,20 @@ fn fingerprint(
 }
 
 /// Reads the entity columns of a dataset's live version (its key's entity ids, and its name
-/// and place keys where it has them) into the plaintext cache. Every overlap matrix and every
+/// and place keys where it has them) into the plaintext cache, and reduces its key column to
+/// its companies as a SQL question joining the version on its key alone does
+/// (`escrow_query::exec::reduce_keys`, kept for every asker). Every overlap matrix and every
 /// SQL join over the version reads them, so the first question after an upload finds them
 /// decrypted: the server calls this when version `number` of `dataset`, keyed by `key`, has
-/// just committed, in the background (a question that comes first reads them itself).
-/// Nothing is read once another version is live (its key may be another column).
+/// just committed, in the background (a question that comes first reads them itself), with
+/// the `threads` a question reduces on. Nothing is read once another version is live (its
+/// key may be another column).
 pub(crate) fn warm_entity_columns(
     store: &Arc<Store>,
     hasher: &EntityHasher,
     (owner, dataset): (&str, &str),
     (number, key): (i64, &str),
+    threads: usize,
 ) -> Result<()> {
     let version = store.live_version(owner, dataset)?;
     if version.version != number {
@@ -1174,6 +1180,16 @@ pub(crate) fn warm_entity_columns(
     for batch in store.batches(&version, mark, &form, &columns)? {
         batch?;
     }
+    let Some(&ids) = columns.first().filter(|&&c| whole.field(c).name() == key) else {
+        return Ok(());
+    };
+    let keys = (store.batches(&version, mark, &form, &[ids])?)
+        .map(|b| b.map(|b| b.column(0).clone()))
+        .collect::<Result<Vec<_>>>()?;
+    let (companies, bytes) = escrow_query::exec::reduce_keys(keys, threads)
+        .map_err(|e| Error::internal(format!("a version's companies: {e}")))?;
+    let name = every_askers(KEYS_REDUCTION);
+    store.keep_derived(&version, mark, &name, Arc::new(companies), bytes);
     Ok(())
 }
 
@@ -1294,6 +1310,9 @@ struct SealedSource {
     form: Form,
     /// The columns SQL sees: the first `width` of the version's query form.
     width: usize,
+    /// The partner asking: what its questions compute from this version is kept for its own
+    /// questions only.
+    asker: String,
 }
 
 impl std::fmt::Debug for SealedSource {
@@ -1318,6 +1337,66 @@ impl BatchSource for SealedSource {
             .and_then(|mark| self.store.batches(&self.version, mark, &self.form, columns))
             .map_err(|e| e.to_string())?;
         Ok(Box::new(batches.map(|b| b.map_err(|e| e.to_string()))))
+    }
+
+    fn keeper(&self) -> Option<Box<dyn escrow_query::Keeper>> {
+        let mark = self.store.read_mark(&self.version).ok()?;
+        Some(Box::new(SourceKeeper {
+            store: self.store.clone(),
+            version: self.version.clone(),
+            mark,
+            asker: self.asker.clone(),
+        }))
+    }
+}
+
+/// Values computed from a version for one asking partner, kept in the plaintext cache beside
+/// the version's columns (`Store::keep_derived`): the same budget, eviction and forgetting.
+/// Keyed by the asker, so that another partner's question never finds them: how fast a
+/// question is then tells the asker about its own earlier questions only. Except the
+/// version's companies (`KEYS_REDUCTION`), which depend on no question: kept once for every
+/// asker, as the key column they come from is, and made after an upload
+/// ([`warm_entity_columns`]).
+struct SourceKeeper {
+    store: Arc<Store>,
+    version: VersionKey,
+    mark: ReadMark,
+    asker: String,
+}
+
+type Value = Arc<dyn std::any::Any + Send + Sync>;
+
+impl SourceKeeper {
+    fn name(&self, name: &str) -> String {
+        kept_name(&self.asker, name)
+    }
+}
+
+/// What partner `asker`'s questions keep as `name` is kept under in the store: per asker,
+/// but the version's companies for every asker.
+fn kept_name(asker: &str, name: &str) -> String {
+    match name == KEYS_REDUCTION {
+        true => every_askers(name),
+        false => serde_json::json!(["sql", asker, name]).to_string(),
+    }
+}
+
+/// The name of a value computed from a version that depends on no question or asker.
+fn every_askers(name: &str) -> String {
+    serde_json::json!(["sql", null, name]).to_string()
+}
+
+impl escrow_query::Keeper for SourceKeeper {
+    fn get(&self, name: &str) -> Option<Value> {
+        let kept = self
+            .store
+            .derived::<Value>(&self.version, self.mark, &self.name(name))?;
+        Some(Value::clone(&kept))
+    }
+
+    fn keep(&self, name: &str, value: Value, bytes: usize) {
+        let name = self.name(name);
+        (self.store).keep_derived(&self.version, self.mark, &name, Arc::new(value), bytes);
     }
 }
 
@@ -1628,6 +1707,21 @@ mod tests {
     use arrow_schema::{DataType, Field, Schema};
 
     use super::*;
+
+    /// What one partner's questions keep is found by its own questions only; the version's
+    /// companies, made after an upload under the name every asker looks up, by all.
+    #[test]
+    fn kept_reductions_are_per_asker_but_a_versions_companies() {
+        let shape = "protected reduction v1;9:filters 0;";
+        assert_ne!(kept_name("acme", shape), kept_name("globex", shape));
+        assert_eq!(kept_name("acme", shape), kept_name("acme", shape));
+        // The name the warm-up after an upload keeps the companies under.
+        let warmed = every_askers(KEYS_REDUCTION);
+        assert_eq!(kept_name("acme", KEYS_REDUCTION), warmed);
+        assert_eq!(kept_name("globex", KEYS_REDUCTION), warmed);
+        // A partner named like the shared slot is still itself.
+        assert_ne!(kept_name("null", shape), every_askers(shape));
+    }
 
     /// Ids sealed at upload are read as they are when their check is this hash's; otherwise
     /// (an older version, another escrow's hash) the texts are hashed.

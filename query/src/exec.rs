@@ -71,6 +71,7 @@ use crate::entities::{Folder, Instance, Part, Reduction, Totals, stage_two};
 use crate::gate::{GateReport, Metric, joined_to};
 use crate::memory::{MemoryShare, Reservation};
 use crate::noise::{Epsilon, Noise, Sensitivity, Variance, partition_threshold};
+use crate::source::BatchSource;
 use crate::stop::{Stop, StopExec};
 
 const RESULT: &str = "__escrow_result";
@@ -384,6 +385,80 @@ fn shape<'a>(scan: &'a LogicalPlan, t: usize, report: &'a GateReport) -> Option<
     })
 }
 
+impl Shape<'_> {
+    /// A table instance that contributes its keys alone: no filter, GROUP BY column or
+    /// metric of its own. Its reduction is its companies, whatever the question and L
+    /// ([`reduce_keys`]).
+    fn is_keys(&self) -> bool {
+        let (_, scan_filters, fetch) = self.scan;
+        scan_filters.is_empty()
+            && fetch.is_none()
+            && self.filters.is_empty()
+            && self.dims.is_empty()
+            && self.metrics.is_empty()
+    }
+
+    /// The name its reduction with at most `l` rows per company is kept under
+    /// ([`crate::source::Keeper`], per version): every value that makes the reduction, each
+    /// text length-prefixed, so that no two shapes share a name (a filter value holding
+    /// what another shape's name would continue with included). `None` for a scan with
+    /// filters or a limit of its own (none is pushed into a source's scan today).
+    fn kept_as(&self, l: u32) -> Option<String> {
+        let (_, scan_filters, fetch) = self.scan;
+        if !scan_filters.is_empty() || fetch.is_some() {
+            return None;
+        }
+        if self.is_keys() {
+            return Some(KEYS_REDUCTION.to_string());
+        }
+        let mut name = String::from("protected reduction v1;");
+        let mut field = |text: &str| name.push_str(&format!("{}:{text};", text.len()));
+        field(&format!("filters {}", self.filters.len()));
+        for (column, values) in &self.filters {
+            field(column);
+            field(&format!("values {}", values.len()));
+            for v in *values {
+                field(&format!("{:?}", v.data_type()));
+                field(if v.is_null() { "null" } else { "value" });
+                field(&v.to_string());
+            }
+        }
+        field(&format!("dims {}", self.dims.len()));
+        for d in &self.dims {
+            field(d);
+        }
+        field(&format!("metrics {}", self.metrics.len()));
+        for (sum, column) in &self.metrics {
+            field(if *sum { "sum" } else { "avg" });
+            field(column);
+        }
+        field(&format!("L {l}"));
+        Some(name)
+    }
+}
+
+/// The name a table instance that contributes its keys alone ([`Shape::is_keys`]) is kept
+/// under ([`crate::source::Keeper`]): one value per version, the same for every question.
+pub const KEYS_REDUCTION: &str = "protected reduction v1 of the keys alone";
+
+/// The reduction of a version's key column (its entity ids, in `keys`' batches) as a
+/// question whose table instance contributes its keys alone reduces it, to be kept as
+/// [`KEYS_REDUCTION`]: its companies, its shards built on `threads` threads. With the bytes
+/// it holds.
+pub fn reduce_keys(
+    keys: impl IntoIterator<Item = ArrayRef>,
+    threads: usize,
+) -> Result<(Arc<dyn std::any::Any + Send + Sync>, usize), QueryError> {
+    let schema = Arc::new(Schema::new(vec![Field::new("key", DataType::UInt64, true)]));
+    let mut folder = Folder::new(&schema, 0)?;
+    for ids in keys {
+        folder.fold(&RecordBatch::try_new(schema.clone(), vec![ids])?)?;
+    }
+    let reduction = Reduction::finish(vec![folder], 1, threads)?;
+    let bytes = reduction.bytes();
+    Ok((Arc::new(reduction), bytes))
+}
+
 /// Per table instance: the first instance of the same [`Shape`] (itself if none before).
 fn first_of_shape(scans: &[LogicalPlan], report: &GateReport) -> Vec<usize> {
     let shapes: Vec<Option<Shape>> = (scans.iter().enumerate())
@@ -561,13 +636,37 @@ async fn reduce_tables(
         _ => None,
     };
     let first = first_of_shape(&scans, report);
+    let l = p.max_groups_per_entity;
+    // Another partner's table instance as reduced for an earlier question of the caller's is
+    // kept by the service under how it was reduced: its shape and L.
+    let mut kept_as: Vec<Option<(Arc<dyn BatchSource>, String)>> = (scans.iter().enumerate())
+        .map(|(t, scan)| {
+            let LogicalPlan::TableScan(ts) = scan else {
+                return None;
+            };
+            let table = datafusion::datasource::source_as_provider(&ts.source).ok()?;
+            let name = shape(scan, t, report)?.kept_as(l)?;
+            Some((crate::source::source_of(table.as_ref())?, name))
+        })
+        .collect();
     let inputs = scans
         .into_iter()
         .enumerate()
         .map(|(t, scan)| input(scan, t, report))
         .collect::<Result<Vec<_>, _>>()?;
+    // What a kept reduction counts as (`kept_bytes`) is a bound from the column types, which
+    // holds for fixed widths only: one with a text GROUP BY column holds its distinct values,
+    // as long as they are, so it is not kept.
+    for (t, input) in inputs.iter().enumerate() {
+        let fields = input.schema().as_arrow().fields().clone();
+        if fields
+            .iter()
+            .any(|f| f.data_type().primitive_width().is_none())
+        {
+            kept_as[t] = None;
+        }
+    }
     let parts: Vec<Part> = (0..inputs.len()).map(|t| Part::of(report, t)).collect();
-    let l = p.max_groups_per_entity;
     // The caller's own tables first, each under what is left of the limit.
     let mut sizes = Vec::new();
     let mut held = 0usize;
@@ -615,10 +714,31 @@ async fn reduce_tables(
     for (t, input) in inputs.iter().enumerate() {
         if reduced[t].is_none() {
             let at = std::time::Instant::now();
-            reduced[t] = Some(match &reduced[first[t]] {
-                Some(same) => same.clone(),
-                None => Arc::new(reduce(&unbounded, input, &parts[t], l, None, stop).await?),
-            });
+            if let Some(same) = &reduced[first[t]] {
+                reduced[t] = Some(same.clone());
+                continue;
+            }
+            let keeper = match kept_as[t].clone() {
+                Some((source, name)) => SpawnedTask::spawn_blocking(move || source.keeper())
+                    .join_unwind()
+                    .await
+                    .map_err(|e| internal(&format!("a source's keeper: {e}")))?
+                    .map(|k| (k, name)),
+                None => None,
+            };
+            let kept = (keeper.as_ref())
+                .and_then(|(k, name)| k.get(name))
+                .and_then(|v| v.downcast::<Reduction>().ok());
+            if let Some(kept) = kept {
+                reduced[t] = Some(kept);
+                stages.push(("another partner's table as reduced before", at.elapsed()));
+                continue;
+            }
+            let reduction = Arc::new(reduce(&unbounded, input, &parts[t], l, None, stop).await?);
+            if let Some((k, name)) = &keeper {
+                k.keep(name, reduction.clone(), kept_bytes(&sizes[t]));
+            }
+            reduced[t] = Some(reduction);
             stages.push(("reduce another partner's table", at.elapsed()));
         }
     }
@@ -631,6 +751,21 @@ async fn reduce_tables(
         })
         .collect::<Result<_, QueryError>>()?;
     Ok((instances, reservation))
+}
+
+/// What another partner's reduced table instance is counted as where the service keeps it
+/// ([`crate::source::Keeper`]): the most it could hold, from its stored version's [`size_class`] and its
+/// column types, as the shared memory reserves it ([`needed`]). Its real size depends on how
+/// many of its rows pass the caller's filters (one company's name, say), and the service's
+/// cache evicts by what its entries count, so evictions the caller can time would tell it.
+fn kept_bytes(size: &Reduced) -> usize {
+    match *size {
+        Reduced::Theirs {
+            typed_width,
+            stored_rows,
+        } => (stored_rows as f64 * (typed_width + PER_ROW_OVERHEAD)) as usize,
+        Reduced::Own { bytes, .. } => bytes,
+    }
 }
 
 /// How a refusal by [`admit`] begins: it depends on the caller's own rows, the question,

@@ -25,7 +25,7 @@ pub use gate::{GateReport, Metric, TableInstance};
 pub use memory::{MemoryShare, SharedMemory};
 pub use noise::{Epsilon, Noise, NoiseKey, Sensitivity, Variance};
 pub use session::{Limits, QueryTable, is_planning_rule, plan_for_execution, plan_sql};
-pub use source::{BatchIter, BatchSource, EntityHasher};
+pub use source::{BatchIter, BatchSource, EntityHasher, Keeper};
 pub use stop::Stop;
 pub use usage::{ColumnUse, Usage};
 

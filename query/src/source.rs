@@ -11,6 +11,7 @@
 //! construct a value that collides with another partner's key; two different keys share an id
 //! with probability 2^-64 per pair (about 5·10^-8 for a 1M × 1M join).
 
+use std::any::Any;
 use std::fmt;
 use std::sync::Arc;
 
@@ -35,6 +36,21 @@ pub trait BatchSource: Send + Sync + fmt::Debug {
     /// those columns only, so a question decrypts only what it reads. Every batch yielded
     /// has been authenticated; an error ends the read and fails the query.
     fn open(&self, columns: &[usize]) -> Result<BatchIter, String>;
+    /// Where values computed from this source's rows may be kept for the next questions of
+    /// the same asker (`None`: nowhere), taken before the rows they are computed from are
+    /// read (blocking): what is computed from rows read across a change of the data is not
+    /// kept.
+    fn keeper(&self) -> Option<Box<dyn Keeper>> {
+        None
+    }
+}
+
+/// Values computed from a source's rows, kept by the service between one asker's questions
+/// under names that say how they were computed ([`BatchSource::keeper`]).
+pub trait Keeper: Send {
+    fn get(&self, name: &str) -> Option<Arc<dyn Any + Send + Sync>>;
+    /// Keep `value`, counted as `bytes` in what the service keeps.
+    fn keep(&self, name: &str, value: Arc<dyn Any + Send + Sync>, bytes: usize);
 }
 
 /// The batches of one read.
@@ -52,6 +68,13 @@ pub fn table(source: Arc<dyn BatchSource>) -> Result<Arc<dyn TableProvider>, Dat
 struct SourceTable {
     schema: SchemaRef,
     source: Arc<dyn BatchSource>,
+}
+
+/// The source of a table made by [`table`] (`None` for any other table).
+pub(crate) fn source_of(table: &dyn TableProvider) -> Option<Arc<dyn BatchSource>> {
+    table
+        .downcast_ref::<SourceTable>()
+        .map(|t| t.source.clone())
 }
 
 #[async_trait::async_trait]

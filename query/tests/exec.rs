@@ -2,6 +2,8 @@
 
 #![allow(clippy::expect_used)]
 
+use std::any::Any;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
 
@@ -10,16 +12,34 @@ use datafusion::arrow::array::{ArrayRef, StringArray};
 use datafusion::arrow::record_batch::RecordBatch;
 use escrow_query::source::{entity_schema, with_entity_ids};
 use escrow_query::{
-    BatchIter, BatchSource, EntityHasher, Epsilon, Holder, Limits, Noise, NoiseKey, Protection,
-    QueryTable, SharedMemory, execute, gate, plan_for_execution, plan_sql,
+    Answer, BatchIter, BatchSource, EntityHasher, Epsilon, Holder, Keeper, Limits, Noise, NoiseKey,
+    Protection, QueryTable, SharedMemory, execute, gate, plan_for_execution, plan_sql,
 };
 
-/// A dataset in memory that records its reads (the columns of each).
+/// What a source keeps ([`Keeper`]): each value with the bytes it was counted as.
+type Kept = Arc<Mutex<HashMap<String, (Arc<dyn Any + Send + Sync>, usize)>>>;
+
+/// A dataset in memory that records its reads (the columns of each), and keeps what
+/// questions compute from it in `kept` where there is one.
 #[derive(Debug)]
 struct Counted {
     schema: SchemaRef,
     batches: Vec<RecordBatch>,
     reads: Mutex<Vec<Vec<usize>>>,
+    kept: Option<Kept>,
+}
+
+struct MapKeeper(Kept);
+
+impl Keeper for MapKeeper {
+    fn get(&self, name: &str) -> Option<Arc<dyn Any + Send + Sync>> {
+        let kept = self.0.lock().expect("kept");
+        kept.get(name).map(|(v, _)| v.clone())
+    }
+    fn keep(&self, name: &str, value: Arc<dyn Any + Send + Sync>, bytes: usize) {
+        let mut kept = self.0.lock().expect("kept");
+        kept.insert(name.to_string(), (value, bytes));
+    }
 }
 
 impl BatchSource for Counted {
@@ -32,6 +52,10 @@ impl BatchSource for Counted {
         Ok(Box::new(self.batches.clone().into_iter().map(move |b| {
             b.project(&columns).map_err(|e| e.to_string())
         })))
+    }
+    fn keeper(&self) -> Option<Box<dyn Keeper>> {
+        let kept = self.kept.clone()?;
+        Some(Box::new(MapKeeper(kept)))
     }
 }
 
@@ -58,6 +82,7 @@ fn list(companies: std::ops::Range<usize>, hasher: &EntityHasher) -> (SchemaRef,
         schema: executes,
         batches,
         reads: Mutex::default(),
+        kept: None,
     });
     (schema, source)
 }
@@ -81,11 +106,23 @@ async fn reads(sql: &str) -> (usize, usize) {
 /// Runs `sql` as acme, protected; returns the columns of each read of acme's and globex's
 /// lists.
 async fn columns_read(sql: &str) -> (Vec<Vec<usize>>, Vec<Vec<usize>>) {
-    let key = NoiseKey::new([9; 32]);
-    let hasher = key.entity_hasher();
+    let hasher = NoiseKey::new([9; 32]).entity_hasher();
     let acme = list(0..200, &hasher);
     let globex = list(100..400, &hasher);
-    let tables = vec![table("acme", &acme), table("globex", &globex)];
+    let answer = run(sql, &acme, &globex).await;
+    assert_eq!(answer.suppressed, vec![false], "{sql}: one released row");
+    let reads = |c: &Counted| c.reads.lock().expect("reads").clone();
+    (reads(&acme.1), reads(&globex.1))
+}
+
+/// Runs `sql` as acme over the two lists, protected.
+async fn run(
+    sql: &str,
+    acme: &(SchemaRef, Arc<Counted>),
+    globex: &(SchemaRef, Arc<Counted>),
+) -> Answer {
+    let key = NoiseKey::new([9; 32]);
+    let tables = vec![table("acme", acme), table("globex", globex)];
     let gated = plan_sql(sql, &tables).await.expect("plan");
     let report = gate::check(&gated, &gate::keys_of(&tables)).expect("gate");
     let (plan, state) = plan_for_execution(sql, &tables, &Limits::default(), &report)
@@ -111,12 +148,9 @@ async fn columns_read(sql: &str) -> (Vec<Vec<usize>>, Vec<Vec<usize>>) {
         shared: SharedMemory::new(64 << 20).share("acme"),
         noise: Noise::new(key.clone(), [1; 32]),
     };
-    let answer = execute(&state, plan, &report, Some(&p), &Default::default())
+    execute(&state, plan, &report, Some(&p), &Default::default())
         .await
-        .expect("execute");
-    assert_eq!(answer.suppressed, vec![false], "{sql}: one released row");
-    let reads = |c: &Counted| c.reads.lock().expect("reads").clone();
-    (reads(&acme.1), reads(&globex.1))
+        .expect("execute")
 }
 
 #[tokio::test]
@@ -146,4 +180,96 @@ async fn instances_of_one_shape_are_reduced_once() {
     // A filter on one instance makes it another shape: read on its own.
     let filtered = format!("{self_join} WHERE d.region = 'EU'");
     assert_eq!(reads(&filtered).await, (1, 2));
+}
+
+#[tokio::test]
+async fn another_partners_reduced_table_is_kept_by_its_shape() {
+    let hasher = NoiseKey::new([9; 32]).entity_hasher();
+    let acme = list(0..200, &hasher);
+    let mut globex = list(100..400, &hasher);
+    let kept = Kept::default();
+    Arc::get_mut(&mut globex.1).expect("one owner").kept = Some(kept.clone());
+    let join = "SELECT COUNT(DISTINCT a.website) FROM acme.accounts a \
+                JOIN globex.accounts b ON a.website = b.website";
+    let (acme, globex, hasher) = (&acme, &globex, &hasher);
+    let answers = move |sql: String| async move {
+        let kept = run(&sql, acme, globex).await;
+        // The same question over lists that keep nothing: the answer computed anew.
+        let fresh = run(&sql, &list(0..200, hasher), &list(100..400, hasher)).await;
+        assert_eq!(kept.batches, fresh.batches, "{sql}");
+        assert_eq!(kept.suppressed, fresh.suppressed, "{sql}");
+        (
+            acme.1.reads.lock().expect("reads").len(),
+            globex.1.reads.lock().expect("reads").len(),
+        )
+    };
+    // Questions that differ on acme's side only: globex's list is read and reduced once.
+    assert_eq!(
+        answers(format!("{join} WHERE a.region = 'EU'")).await,
+        (1, 1)
+    );
+    assert_eq!(
+        answers(format!("{join} WHERE a.region = 'US'")).await,
+        (2, 1)
+    );
+    assert_eq!(answers(join.to_string()).await, (3, 1));
+    // A filter on globex's list is another shape: read again, and kept beside the first.
+    assert_eq!(
+        answers(format!("{join} WHERE b.region = 'EU'")).await,
+        (4, 2)
+    );
+    assert_eq!(
+        answers(format!("{join} WHERE b.region = 'EU' AND a.region = 'US'")).await,
+        (5, 2)
+    );
+    // What a kept reduction counts as does not depend on how many of globex's rows the
+    // caller's filters kept: the most the list could hold (its size class), never its size.
+    assert_eq!(
+        answers(format!("{join} WHERE b.region = 'nowhere'")).await,
+        (6, 3)
+    );
+    // A value that spells what a name would go on with is still another shape.
+    let crafted = format!("{join} WHERE b.region = 'EU;\"), Utf8(\"nowhere'");
+    assert_eq!(answers(crafted).await, (7, 4));
+    let counted: Vec<usize> = kept
+        .lock()
+        .expect("kept")
+        .values()
+        .map(|(_, b)| *b)
+        .collect();
+    assert_eq!(counted.len(), 4);
+    assert!(
+        counted.iter().all(|&b| b == counted[0] && b >= 1024 * 64),
+        "{counted:?}"
+    );
+    // A reduction with a text GROUP BY column holds its values, as long as they are: more
+    // than its column types bound, so it is not kept.
+    let by_region = "SELECT b.region, COUNT(DISTINCT a.website) FROM acme.accounts a \
+                     JOIN globex.accounts b ON a.website = b.website GROUP BY b.region";
+    assert_eq!(answers(by_region.to_string()).await, (8, 5));
+    assert_eq!(answers(by_region.to_string()).await, (9, 6));
+    assert_eq!(kept.lock().expect("kept").len(), 4);
+}
+
+#[tokio::test]
+async fn a_versions_companies_reduced_ahead_answer_as_a_question_reduces_them() {
+    let hasher = NoiseKey::new([9; 32]).entity_hasher();
+    let acme = list(0..200, &hasher);
+    let mut globex = list(100..400, &hasher);
+    // What the server makes of a version after its upload: its key column's companies.
+    let keys = globex.1.batches.iter().map(|b| b.column(0).clone());
+    let (companies, bytes) = escrow_query::exec::reduce_keys(keys, 2).expect("companies");
+    let kept = Kept::default();
+    let name = escrow_query::exec::KEYS_REDUCTION.to_string();
+    kept.lock().expect("kept").insert(name, (companies, bytes));
+    Arc::get_mut(&mut globex.1).expect("one owner").kept = Some(kept);
+    let join = "SELECT a.region, COUNT(DISTINCT a.website) FROM acme.accounts a \
+                JOIN globex.accounts b ON a.website = b.website GROUP BY a.region";
+    let ahead = run(join, &acme, &globex).await;
+    let fresh = run(join, &list(0..200, &hasher), &list(100..400, &hasher)).await;
+    assert_eq!(ahead.batches, fresh.batches);
+    assert_eq!(ahead.suppressed, vec![false, false]);
+    // globex's list was not read: its companies were found kept.
+    assert_eq!(globex.1.reads.lock().expect("reads").len(), 0);
+    assert_eq!(acme.1.reads.lock().expect("reads").len(), 1);
 }

@@ -440,24 +440,30 @@ impl SealedRandomAccess {
         if threads < 2 {
             return self.read_run(start, out);
         }
-        // Split `out` at segment boundaries into `threads` runs of about as many segments.
+        // Split `out` at segment boundaries into `threads` runs of about as many segments, the
+        // last read on this thread.
         let per = (last - first).div_ceil(threads as u64);
         std::thread::scope(|scope| {
             let mut rest = out;
             let mut pos = start;
             let mut handles = Vec::with_capacity(threads);
+            let mut here = Ok(());
             while !rest.is_empty() {
                 let cut = ((pos / self.segment_size + per) * self.segment_size).min(end);
                 let (run, more) = rest.split_at_mut((cut - pos) as usize);
                 let at = pos;
-                handles.push(scope.spawn(move || self.read_run(at, run)));
+                match more.is_empty() {
+                    true => here = self.read_run(at, run),
+                    false => handles.push(scope.spawn(move || self.read_run(at, run))),
+                }
                 rest = more;
                 pos = cut;
             }
             (handles.into_iter()).try_for_each(|h| {
                 h.join()
                     .unwrap_or_else(|_| Err(io::Error::other("a reading thread")))
-            })
+            })?;
+            here
         })
     }
 

@@ -130,6 +130,7 @@ pub(crate) async fn upload(
                 "upload committed"
             );
             let (store, hasher) = (state.store.clone(), state.queries.entity_hasher.clone());
+            let threads = state.queries.config.limits.target_partitions;
             let (owner, dataset) = (caller.partner.clone(), outcome.dataset.clone());
             let (number, key) = (outcome.version, outcome.key_column.clone());
             tokio::spawn(blocking(move || {
@@ -141,6 +142,7 @@ pub(crate) async fn upload(
                     &hasher,
                     (&owner, &dataset),
                     version,
+                    threads,
                 ) {
                     Ok(()) => tracing::debug!(
                         dataset = %dataset,
