@@ -322,7 +322,13 @@ impl ResolvesServerCert for ReloadingCert {
 /// presented, the server certificate `cert` (reloaded when it changes), h2 + http/1.1.
 pub fn server_config(dir: &DataDir, cert: ServerCert) -> Result<Arc<ServerConfig>> {
     let verifier = Arc::new(ReloadingVerifier::new(dir)?);
-    let mut config = ServerConfig::builder_with_provider(provider())
+    let provider = provider();
+    // aws-lc seeds its random generator on its first draw, from CPU jitter (about 40 ms of
+    // one core): drawn here, while the server starts, not in its first client's handshake.
+    (provider.secure_random)
+        .fill(&mut [0u8; 32])
+        .map_err(|_| Error::internal("the random generator could not be seeded"))?;
+    let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::internal(format!("TLS versions: {e}")))?
         .with_client_cert_verifier(verifier)
