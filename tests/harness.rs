@@ -170,14 +170,23 @@ impl Env {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let to = self.tmp.path().join(format!("node-{n}"));
-        let copied = Command::new("cp")
-            .arg("-a")
-            .arg(&self.data)
-            .arg(&to)
-            .status()
-            .expect("cp");
-        assert!(copied.success(), "copying the data directory failed");
-        to
+        // The first node writes files while it runs (its revocation list, through a temporary
+        // file renamed into place, just after it starts): a copy that met a file as it
+        // vanished is made again.
+        for _ in 0..5 {
+            let copied = Command::new("cp")
+                .arg("-a")
+                .arg(&self.data)
+                .arg(&to)
+                .status()
+                .expect("cp");
+            if copied.success() {
+                return to;
+            }
+            let _ = std::fs::remove_dir_all(&to);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("copying the data directory failed five times")
     }
 
     /// Start one node.
