@@ -184,7 +184,7 @@ impl Env {
                 return to;
             }
             let _ = std::fs::remove_dir_all(&to);
-            std::thread::sleep(std::time::Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(50));
         }
         panic!("copying the data directory failed five times")
     }
