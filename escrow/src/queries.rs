@@ -1177,19 +1177,30 @@ pub(crate) fn warm_entity_columns(
         .iter()
         .filter_map(|c| whole.index_of(c).ok())
         .collect();
+    // The key's ids come first when it has them: kept from the same read for its companies.
+    let keyed = columns
+        .first()
+        .is_some_and(|&c| whole.field(c).name() == key);
+    let mut keys = Vec::new();
     for batch in store.batches(&version, mark, &form, &columns)? {
-        batch?;
+        let batch = batch?;
+        if keyed {
+            keys.push(batch.column(0).clone());
+        }
     }
-    let Some(&ids) = columns.first().filter(|&&c| whole.field(c).name() == key) else {
+    if !keyed {
         return Ok(());
-    };
-    let keys = (store.batches(&version, mark, &form, &[ids])?)
-        .map(|b| b.map(|b| b.column(0).clone()))
-        .collect::<Result<Vec<_>>>()?;
+    }
     let (companies, bytes) = escrow_query::exec::reduce_keys(keys, threads)
         .map_err(|e| Error::internal(format!("a version's companies: {e}")))?;
-    let name = every_askers(KEYS_REDUCTION);
-    store.keep_derived(&version, mark, &name, Arc::new(companies), bytes);
+    // Kept as a question keeps them: under the name every asker looks up (no asker's own).
+    let keeper = SourceKeeper {
+        store: store.clone(),
+        version,
+        mark,
+        asker: String::new(),
+    };
+    escrow_query::Keeper::keep(&keeper, KEYS_REDUCTION, companies, bytes);
     Ok(())
 }
 

@@ -387,15 +387,10 @@ fn shape<'a>(scan: &'a LogicalPlan, t: usize, report: &'a GateReport) -> Option<
 
 impl Shape<'_> {
     /// A table instance that contributes its keys alone: no filter, GROUP BY column or
-    /// metric of its own. Its reduction is its companies, whatever the question and L
+    /// metric of its own (over a plain scan: [`Self::kept_as`] checks that first). Its reduction is its companies, whatever the question and L
     /// ([`reduce_keys`]).
     fn is_keys(&self) -> bool {
-        let (_, scan_filters, fetch) = self.scan;
-        scan_filters.is_empty()
-            && fetch.is_none()
-            && self.filters.is_empty()
-            && self.dims.is_empty()
-            && self.metrics.is_empty()
+        self.filters.is_empty() && self.dims.is_empty() && self.metrics.is_empty()
     }
 
     /// The name its reduction with at most `l` rows per company is kept under
@@ -654,11 +649,11 @@ async fn reduce_tables(
         .enumerate()
         .map(|(t, scan)| input(scan, t, report))
         .collect::<Result<Vec<_>, _>>()?;
-    // What a kept reduction counts as (`kept_bytes`) is a bound from the column types, which
+    // What a kept reduction counts as (`Reduced::held`) is a bound from the column types, which
     // holds for fixed widths only: one with a text GROUP BY column holds its distinct values,
     // as long as they are, so it is not kept.
     for (t, input) in inputs.iter().enumerate() {
-        let fields = input.schema().as_arrow().fields().clone();
+        let fields = input.schema().fields();
         if fields
             .iter()
             .any(|f| f.data_type().primitive_width().is_none())
@@ -736,7 +731,11 @@ async fn reduce_tables(
             }
             let reduction = Arc::new(reduce(&unbounded, input, &parts[t], l, None, stop).await?);
             if let Some((k, name)) = &keeper {
-                k.keep(name, reduction.clone(), kept_bytes(&sizes[t]));
+                // Counted as the most it could hold ([`Reduced::held`]), never its real size:
+                // that depends on how many of its rows pass the caller's filters (one
+                // company's name, say), and the service's cache evicts by what its entries
+                // count, so evictions the caller can time would tell it.
+                k.keep(name, reduction.clone(), sizes[t].held() as usize);
             }
             reduced[t] = Some(reduction);
             stages.push(("reduce another partner's table", at.elapsed()));
@@ -753,21 +752,6 @@ async fn reduce_tables(
     Ok((instances, reservation))
 }
 
-/// What another partner's reduced table instance is counted as where the service keeps it
-/// ([`crate::source::Keeper`]): the most it could hold, from its stored version's [`size_class`] and its
-/// column types, as the shared memory reserves it ([`needed`]). Its real size depends on how
-/// many of its rows pass the caller's filters (one company's name, say), and the service's
-/// cache evicts by what its entries count, so evictions the caller can time would tell it.
-fn kept_bytes(size: &Reduced) -> usize {
-    match *size {
-        Reduced::Theirs {
-            typed_width,
-            stored_rows,
-        } => (stored_rows as f64 * (typed_width + PER_ROW_OVERHEAD)) as usize,
-        Reduced::Own { bytes, .. } => bytes,
-    }
-}
-
 /// How a refusal by [`admit`] begins: it depends on the caller's own rows, the question,
 /// the settings and the other partners' [`size_class`]es only, and its message carries no
 /// estimate (an estimate in MiB, computed from a caller's padded rows, would read a size
@@ -781,6 +765,21 @@ enum Reduced {
     /// Another partner's, not reduced yet: bytes per row judged from its column types
     /// alone ([`typed_width`]), and the [`size_class`] of its stored version's rows.
     Theirs { typed_width: f64, stored_rows: u64 },
+}
+
+impl Reduced {
+    /// The bytes it holds: the caller's own as measured; another partner's at the most it
+    /// could hold, its stored rows' size class at its column types' width with
+    /// [`PER_ROW_OVERHEAD`] (what the shared memory reserves for it, whatever the filters keep).
+    fn held(&self) -> f64 {
+        match *self {
+            Reduced::Own { bytes, .. } => bytes as f64,
+            Reduced::Theirs {
+                typed_width,
+                stored_rows,
+            } => stored_rows as f64 * (typed_width + PER_ROW_OVERHEAD),
+        }
+    }
 }
 
 /// Bytes a value of a variable-width type (a string) is taken to hold when only its type
@@ -824,9 +823,6 @@ fn needed(sizes: &[Reduced], first: &[usize], per_company: &[u64], theirs: bool)
         let rows = match *size {
             Reduced::Own { rows, bytes } => {
                 width += bytes as f64 / rows.max(1) as f64;
-                if first[t] == t {
-                    held += bytes as f64;
-                }
                 rows as f64
             }
             Reduced::Theirs {
@@ -837,12 +833,12 @@ fn needed(sizes: &[Reduced], first: &[usize], per_company: &[u64], theirs: bool)
                 if !theirs {
                     continue;
                 }
-                if first[t] == t {
-                    held += stored_rows as f64 * (typed_width + PER_ROW_OVERHEAD);
-                }
                 stored_rows as f64
             }
         };
+        if first[t] == t {
+            held += size.held();
+        }
         joined = joined.min(rows * fan / per_company[t].max(1) as f64);
     }
     (!joined.is_infinite()).then_some(held + joined * (4.0 * width + PER_ROW_OVERHEAD))
