@@ -787,3 +787,114 @@ fn overlaps_answer_unknown_names_as_they_answer_names_not_shared() {
         );
     }
 }
+
+/// Wait (20 s at most) until the server's log has `n` lines with every one of `words`.
+fn wait_said(server: &Server, words: &[&str], n: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let said = || {
+        (server.log().lines())
+            .filter(|l| words.iter().all(|w| l.contains(w)))
+            .count()
+    };
+    while said() < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never said {words:?} {n} times:\n{}",
+            server.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// What a first question reads is reduced ahead of it, for every partner asking: a list's
+/// overlap side after its upload and after each change of its populations (one question
+/// that comes while it is being made waits for it), and another partner's companies for a
+/// SQL join after its upload. The matrix then reads neither list, and answers as one that
+/// read them.
+#[test]
+fn the_first_questions_after_uploads_find_the_lists_reduced_ahead() {
+    let env = Env::new();
+    let dir = env.tmp.path().join("gen");
+    let truth = generate(&dir, 3_000);
+    let server = env
+        .serve_env(&[("ESCROW_LOG", "info,escrow=debug")], &[])
+        .expect("server starts");
+    setup(&env, &server, &dir, &[]);
+    const AHEAD: &str = "overlap side made ahead of questions";
+    // Made after each population added: the side with all three at last.
+    for p in ["partner=acme", "partner=globex"] {
+        wait_said(&server, &[AHEAD, p, "populations=3"], 1);
+    }
+    epsilon_4(&env, &server);
+    grant(&env, &server, "acme", "globex", &["overlap"]).ok();
+    grant(&env, &server, "globex", "acme", &["overlap"]).ok();
+    let kept = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("overlap side ready") && l.contains("kept=true"))
+            .count()
+    };
+
+    let a = overlap(&env, &server, "acme", "globex", &[]);
+    let g = overlap(&env, &server, "globex", "acme", &[]);
+    let log = server.log();
+    assert_eq!(kept(&log), 4, "both sides of both matrices: {log}");
+    assert!(!log.contains("kept=false"), "{log}");
+    for (m, t, count, suppressed) in cells(&a) {
+        let want = truth["by_status"][format!("{m}|{t}")].as_u64().unwrap_or(0);
+        let got = count.expect("every cell is large enough");
+        assert!(!suppressed);
+        assert!(
+            got.abs_diff(want) <= 12 + want / 50,
+            "{m} x {t}: {got} vs {want}"
+        );
+    }
+    let mut transposed: Vec<_> = (cells(&g).into_iter())
+        .map(|(m, t, c, s)| (t, m, c, s))
+        .collect();
+    transposed.sort();
+    let mut mine = cells(&a);
+    mine.sort();
+    assert_eq!(transposed, mine, "both partners count the same");
+
+    // A population more: its side is made ahead, or by the matrix if that comes first (the
+    // other waits for it); the other side is still kept.
+    env.cli(
+        &server,
+        "acme",
+        &[
+            "population",
+            "add",
+            "accounts",
+            "all",
+            "--filter",
+            "status IS NOT NULL",
+        ],
+    )
+    .ok();
+    let a = overlap(&env, &server, "acme", "globex", &[]);
+    assert_eq!(cells(&a).len(), 12, "4 x 3 populations: {a}");
+    let log = server.log();
+    assert_eq!(log.matches("overlap side ready").count(), 6, "{log}");
+    assert!((5..=6).contains(&kept(&log)), "{log}");
+
+    // SQL: the first join over globex's list finds its companies reduced after its upload.
+    wait_said(
+        &server,
+        &["entity columns read into the cache after an upload"],
+        2,
+    );
+    for u in ["join", "count"] {
+        grant(&env, &server, "globex", "acme", &[u]).ok();
+    }
+    let sql = "SELECT COUNT(DISTINCT a.website) FROM acme.accounts a \
+               JOIN globex.accounts b ON a.website = b.website";
+    env.cli(&server, "acme", &["query", sql, "--format", "json"])
+        .ok();
+    assert!(
+        server
+            .log()
+            .contains("another partner's table as reduced before"),
+        "{}",
+        server.log()
+    );
+}

@@ -18,6 +18,8 @@
 #                                 read sealed files or temp files in the data directory
 #   nodes::, objects::            already run on PostgreSQL + S3 (nodes:: starts its own)
 #   architecture::                reads the source tree, no server
+#   overlaps::the_first_questions_after_uploads_*
+#                                 what one node reduced ahead and keeps in its own memory
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ESCROW_TEST_NODES=2 exec cargo test --workspace --locked --test escrow_tests -- \
@@ -26,4 +28,5 @@ ESCROW_TEST_NODES=2 exec cargo test --workspace --locked --test escrow_tests -- 
   --skip upload::every_format_uploads_lists_and_reads_back \
   --skip upload::reupload_makes_a_new_live_version_and_delete_shreds \
   --skip bad_input::client_disconnect_mid_upload \
-  --skip nodes:: --skip objects:: --skip architecture:: "$@"
+  --skip nodes:: --skip objects:: --skip architecture:: \
+  --skip overlaps::the_first_questions_after_uploads_ "$@"

@@ -673,20 +673,14 @@ impl QueryService {
         (min_entities, epsilon): (u64, f64),
         fp: [u8; 32],
     ) -> Result<(Vec<ReleasedCell>, Applied, u32)> {
-        let limit = self.config.limits.memory_bytes / 2;
+        let limit = self.side_limit();
         let stop = escrow_query::Stop::default();
         let run = async {
             // Both sides to their end (a dropped side's blocking task would run on), and a
             // side that fails stops the other.
             let (by, stop) = (req.by.as_deref(), &stop);
             let side = |s| async move {
-                let started = std::time::Instant::now();
                 let r = self.reduce(caller, s, by, limit, stop).await;
-                tracing::debug!(
-                    side = %SideData::label(s),
-                    ms = started.elapsed().as_millis() as u64,
-                    "overlap side reduced"
-                );
                 if r.is_err() {
                     stop.request();
                 }
@@ -823,12 +817,7 @@ impl QueryService {
         })
     }
 
-    /// Read one side's verified batches and reduce them to its entities (blocking pool).
-    ///
-    /// A side once reduced is kept with the version's cached plaintext, for the caller that
-    /// asked (`caller`): a new matrix over the same populations of a list, a usual next
-    /// question, does not reduce it again. Per caller: a kept side serves only the partner
-    /// that asked (what time still shows of others' questions: THREAT_MODEL).
+    /// One side reduced to its entities ([`kept_side`], on the blocking pool).
     async fn reduce(
         &self,
         caller: &str,
@@ -837,105 +826,334 @@ impl QueryService {
         limit: usize,
         stop: &escrow_query::Stop,
     ) -> Result<Arc<Membership>> {
-        let stop = stop.clone();
-        let store = self.store.clone();
-        let hasher = self.entity_hasher.clone();
-        let version = side.version.clone();
-        let key = side.key_column.clone();
-        let filters: Vec<(String, String)> = side
-            .populations
-            .iter()
-            .map(|p| (p.name.clone(), p.filter.clone()))
-            .collect();
-        let (owner, dataset, by, own) = (
-            side.owner.clone(),
-            side.dataset.clone(),
-            by.map(str::to_string),
-            side.caller_side,
+        let spec = SideSpec {
+            owner: side.owner.clone(),
+            dataset: side.dataset.clone(),
+            key: side.key_column.clone(),
+            version: side.version.clone(),
+            by: by.map(str::to_string),
+            filters: filters(&side.populations),
+            own: side.caller_side,
+        };
+        let (store, hasher, flights) = (
+            self.store.clone(),
+            self.entity_hasher.clone(),
+            self.flights.clone(),
         );
-        let kept_as = serde_json::json!(["overlap side", caller, key, by, filters]).to_string();
+        let (caller, stop) = (caller.to_string(), stop.clone());
+        let started = std::time::Instant::now();
+        let (reduced, kept) = crate::queries::blocking(move || {
+            kept_side(&store, &hasher, &flights, &caller, &spec, limit, &stop)
+        })
+        .await?;
+        tracing::debug!(
+            side = %side.label(),
+            ms = started.elapsed().as_millis() as u64,
+            kept,
+            "overlap side ready"
+        );
+        Ok(reduced)
+    }
+
+    /// Reduces the side of `owner`'s `dataset` without a breakdown (its live version with
+    /// every population of the dataset, as any matrix over it without one reads it) ahead
+    /// of questions, kept for every asker ([`side_kept_as`]). The server calls it in the
+    /// background after an upload and after a population change, so that the first matrix
+    /// over the dataset finds its side reduced. Nothing for a dataset without a key column
+    /// or populations. Returns how many populations the side has, if it was reduced (rather
+    /// than found kept).
+    pub(crate) async fn reduce_side_ahead(
+        &self,
+        owner: &str,
+        dataset: &str,
+    ) -> Result<Option<usize>> {
+        let (store, hasher, flights) = (
+            self.store.clone(),
+            self.entity_hasher.clone(),
+            self.flights.clone(),
+        );
+        let limit = self.side_limit();
+        let (owner, dataset) = (owner.to_string(), dataset.to_string());
+        // One at a time per dataset, each with its populations as they are when it starts,
+        // and at most one more waiting: of several changes in a row, the one waiting reads
+        // them after the last (the others have nothing left to do).
+        let ahead = serde_json::json!(["ahead", owner, dataset]).to_string();
+        if !flights.queue(&ahead) {
+            return Ok(None);
+        }
         crate::queries::blocking(move || {
-            let mark = store.read_mark(&version)?;
-            if let Some(kept) = store.derived::<Membership>(&version, mark, &kept_as) {
-                return Ok(kept);
-            }
-            let sealed = store.schema_of(&version)?;
-            let (declared, whole, form) = query_form(&sealed, Some(&key), &hasher)?;
-            let populations = |executes: &SchemaRef| -> Result<Vec<_>> { filters
-                .iter()
-                .map(|(name, filter)| {
-                    compile(filter, &declared, executes, &key, &owner, &dataset, name).map_err(
-                        |e| match e {
-                            // Not the caller's: its name and filter are the owner's business,
-                            // even when the caller may see its counts.
-                            Error::BadInput { code, .. } if !own => Error::bad(
-                                code,
-                                format!(
-                                    "a population of {owner}.{dataset} no longer fits the dataset's live version; its owner must define it again"
-                                ),
-                            ),
-                            other => other,
-                        },
-                    )
-                })
-                .collect::<Result<Vec<_>>>() };
-            let index = |c: &str, s: &SchemaRef| {
-                s.index_of(c)
-                    .map_err(|e| Error::internal(format!("overlap column: {e}")))
-            };
-            // Only the columns the overlap reads are read (and decrypted, on a first read):
-            // the key, the name and place ids, the breakdown and what the filters use.
-            let mut wanted = std::collections::BTreeSet::new();
-            for p in populations(&whole)? {
-                for c in escrow_query::population::columns(&p) {
-                    wanted.insert(index(&c, &whole)?);
-                }
-            }
-            wanted.insert(index(&key, &whole)?);
-            for c in [by.as_deref(), Some(crate::matching::NAME_KEY), Some(crate::matching::PLACE_KEY)]
-                .into_iter()
-                .flatten()
-            {
-                if let Ok(i) = whole.index_of(c) {
-                    wanted.insert(i);
-                }
-            }
-            let wanted: Vec<usize> = wanted.into_iter().collect();
-            let executes: SchemaRef = Arc::new(
-                whole
-                    .project(&wanted)
-                    .map_err(|e| Error::internal(format!("overlap columns: {e}")))?,
-            );
-            let side = Side {
-                populations: populations(&executes)?,
-                key_index: index(&key, &executes)?,
-                dimension: by.as_deref().map(|c| index(c, &executes)).transpose()?,
-                names: executes.index_of(crate::matching::NAME_KEY).ok(),
-                places: executes
-                    .index_of(crate::matching::PLACE_KEY)
-                    .ok()
-                    .map(|index| overlap::Places {
-                        index,
-                        kinds: executes
-                            .field(index)
-                            .metadata()
-                            .get(crate::matching::PLACE_KINDS)
-                            .cloned()
-                            .unwrap_or_default(),
-                    }),
-            };
-            let batches = store.batches(&version, mark, &form, &wanted)?.map(|b| {
-                if stop.requested() {
-                    return Err(escrow_query::Stop::error().to_string());
-                }
-                b.map_err(|e| e.to_string())
-            });
-            let reduced = Arc::new(overlap::memberships(&side, batches, limit)?);
-            let bytes = reduced.memory_bytes();
-            store.keep_derived(&version, mark, &kept_as, reduced.clone(), bytes);
-            Ok(reduced)
+            flights.one_at_a_time(&ahead, || {
+                flights.unqueue(&ahead);
+                let Some(populations) =
+                    group(store.catalog().populations_of(&owner)?).remove(&dataset)
+                else {
+                    return Ok(None);
+                };
+                let Some(key) = store.live_dataset(&owner, &dataset)?.key_column else {
+                    return Ok(None);
+                };
+                let spec = SideSpec {
+                    version: store.live_version(&owner, &dataset)?,
+                    owner: owner.clone(),
+                    dataset,
+                    key,
+                    by: None,
+                    filters: filters(&populations),
+                    own: true,
+                };
+                let stop = escrow_query::Stop::default();
+                let (_, kept) = kept_side(&store, &hasher, &flights, &owner, &spec, limit, &stop)?;
+                Ok((!kept).then_some(spec.filters.len()))
+            })
         })
         .await
+    }
+
+    /// [`Self::reduce_side_ahead`], its outcome logged (a failure too: the first matrix over
+    /// the dataset then reduces the side itself, and fails as it would have).
+    pub(crate) async fn side_ahead(&self, owner: &str, dataset: &str) {
+        let started = std::time::Instant::now();
+        match self.reduce_side_ahead(owner, dataset).await {
+            Ok(Some(populations)) => tracing::debug!(
+                partner = %owner,
+                dataset = %dataset,
+                populations,
+                ms = started.elapsed().as_millis() as u64,
+                "overlap side made ahead of questions"
+            ),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(partner = %owner, dataset = %dataset, error = %e, "overlap side not reduced ahead")
+            }
+        }
+    }
+
+    /// What one side of a matrix may hold while it is reduced.
+    fn side_limit(&self) -> usize {
+        self.config.limits.memory_bytes / 2
+    }
+}
+
+/// What one side of a matrix reduces: a version of `owner`'s `dataset`, its key column, the
+/// breakdown column and every population of the dataset (name, filter) in definition order.
+struct SideSpec {
+    owner: String,
+    dataset: String,
+    key: String,
+    version: VersionKey,
+    by: Option<String>,
+    filters: Vec<(String, String)>,
+    /// The asking partner's own dataset (whose names its messages may use).
+    own: bool,
+}
+
+fn filters(populations: &[Population]) -> Vec<(String, String)> {
+    populations
+        .iter()
+        .map(|p| (p.name.clone(), p.filter.clone()))
+        .collect()
+}
+
+/// The name a reduced side is kept under beside its version's plaintext
+/// (`Store::keep_derived`). A side without a breakdown depends on the version and its
+/// owner's populations alone, never on who asks: it is reduced ahead after uploads and
+/// population changes, and kept once for every asker (`null` in place of one), as the
+/// columns it comes from are. A side with a breakdown is kept per asker: another partner's
+/// question never finds it, so how fast a breakdown comes tells its asker about its own
+/// earlier questions only (docs/THREAT_MODEL.md).
+fn side_kept_as(caller: &str, key: &str, by: Option<&str>, filters: &[(String, String)]) -> String {
+    let asker = by.map(|_| caller);
+    serde_json::json!(["overlap side", asker, key, by, filters]).to_string()
+}
+
+/// Side `spec` reduced, as kept ([`side_kept_as`]) or reduced now and kept, and whether it
+/// was found kept. One reduction at a time per name ([`Flights`]): a question that comes
+/// while its side is reduced ahead waits for that rather than reducing it too (blocking).
+fn kept_side(
+    store: &Arc<crate::store::Store>,
+    hasher: &escrow_query::EntityHasher,
+    flights: &Flights,
+    caller: &str,
+    spec: &SideSpec,
+    limit: usize,
+    stop: &escrow_query::Stop,
+) -> Result<(Arc<Membership>, bool)> {
+    let name = side_kept_as(caller, &spec.key, spec.by.as_deref(), &spec.filters);
+    // The cache keeps it per version; one flight per version and name too (another list's
+    // side of the same name is no reason to wait: its time is its rows').
+    let (dataset_id, version_id) = (&spec.version.dataset_id, &spec.version.version_id);
+    let flight = serde_json::json!(["side", dataset_id, version_id, name]).to_string();
+    flights.one_at_a_time(&flight, || {
+        let mark = store.read_mark(&spec.version)?;
+        if let Some(kept) = store.derived::<Membership>(&spec.version, mark, &name) {
+            return Ok((kept, true));
+        }
+        let started = std::time::Instant::now();
+        let reduced = Arc::new(membership(store, hasher, spec, mark, limit, stop)?);
+        tracing::debug!(
+            side = %format!("{}.{}@v{}", spec.owner, spec.dataset, spec.version.version),
+            by = ?spec.by,
+            ms = started.elapsed().as_millis() as u64,
+            "overlap side read and reduced"
+        );
+        let bytes = reduced.memory_bytes();
+        store.keep_derived(&spec.version, mark, &name, reduced.clone(), bytes);
+        Ok((reduced, false))
+    })
+}
+
+/// Reads one side's verified batches (as its version stood at `mark`) and reduces them to
+/// its entities.
+fn membership(
+    store: &Arc<crate::store::Store>,
+    hasher: &escrow_query::EntityHasher,
+    spec: &SideSpec,
+    mark: crate::store::ReadMark,
+    limit: usize,
+    stop: &escrow_query::Stop,
+) -> Result<Membership> {
+    let SideSpec {
+        owner,
+        dataset,
+        key,
+        version,
+        by,
+        filters,
+        own,
+    } = spec;
+    let sealed = store.schema_of(version)?;
+    let (declared, whole, form) = query_form(&sealed, Some(key), hasher)?;
+    let populations = |executes: &SchemaRef| -> Result<Vec<_>> {
+        filters
+            .iter()
+            .map(|(name, filter)| {
+                compile(filter, &declared, executes, key, owner, dataset, name).map_err(|e| {
+                    match e {
+                        // Not the caller's: its name and filter are the owner's business,
+                        // even when the caller may see its counts.
+                        Error::BadInput { code, .. } if !own => Error::bad(
+                            code,
+                            format!(
+                                "a population of {owner}.{dataset} no longer fits the dataset's live version; its owner must define it again"
+                            ),
+                        ),
+                        other => other,
+                    }
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+    };
+    let index = |c: &str, s: &SchemaRef| {
+        s.index_of(c)
+            .map_err(|e| Error::internal(format!("overlap column: {e}")))
+    };
+    // Only the columns the overlap reads are read (and decrypted, on a first read): the
+    // key, the name and place ids, the breakdown and what the filters use.
+    let mut wanted = std::collections::BTreeSet::new();
+    for p in populations(&whole)? {
+        for c in escrow_query::population::columns(&p) {
+            wanted.insert(index(&c, &whole)?);
+        }
+    }
+    wanted.insert(index(key, &whole)?);
+    for c in [
+        by.as_deref(),
+        Some(crate::matching::NAME_KEY),
+        Some(crate::matching::PLACE_KEY),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if let Ok(i) = whole.index_of(c) {
+            wanted.insert(i);
+        }
+    }
+    let wanted: Vec<usize> = wanted.into_iter().collect();
+    let executes: SchemaRef = Arc::new(
+        whole
+            .project(&wanted)
+            .map_err(|e| Error::internal(format!("overlap columns: {e}")))?,
+    );
+    let side = Side {
+        populations: populations(&executes)?,
+        key_index: index(key, &executes)?,
+        dimension: by.as_deref().map(|c| index(c, &executes)).transpose()?,
+        names: executes.index_of(crate::matching::NAME_KEY).ok(),
+        places: executes
+            .index_of(crate::matching::PLACE_KEY)
+            .ok()
+            .map(|index| overlap::Places {
+                index,
+                kinds: executes
+                    .field(index)
+                    .metadata()
+                    .get(crate::matching::PLACE_KINDS)
+                    .cloned()
+                    .unwrap_or_default(),
+            }),
+    };
+    let batches = store.batches(version, mark, &form, &wanted)?.map(|b| {
+        if stop.requested() {
+            return Err(escrow_query::Stop::error().to_string());
+        }
+        b.map_err(|e| e.to_string())
+    });
+    Ok(overlap::memberships(&side, batches, limit)?)
+}
+
+/// Work under way by name: while one caller computes a name's value, another caller of the
+/// same name waits for it and then finds it kept, instead of computing it at the same time.
+#[derive(Default)]
+pub(crate) struct Flights(
+    std::sync::Mutex<std::collections::HashMap<String, Arc<std::sync::Mutex<()>>>>,
+    /// Names with a caller queued for them ([`Self::queue`]).
+    std::sync::Mutex<std::collections::HashSet<String>>,
+);
+
+impl Flights {
+    /// Marks a caller of `name` as queued: false if one already is (it will do what this one
+    /// would, once it gets its turn).
+    pub(crate) fn queue(&self, name: &str) -> bool {
+        (self
+            .1
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
+        .insert(name.to_string())
+    }
+
+    /// The queued caller of `name` got its turn: the next one queues again.
+    pub(crate) fn unqueue(&self, name: &str) {
+        (self
+            .1
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
+        .remove(name);
+    }
+
+    /// Runs `f` holding `name`: until it returns, another caller of `name` waits (blocking).
+    pub(crate) fn one_at_a_time<T>(&self, name: &str, f: impl FnOnce() -> T) -> T {
+        let slot = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(name.to_string())
+            .or_default()
+            .clone();
+        let out = {
+            let _held = slot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            f()
+        };
+        // The last caller of the name out takes it away (the map's and this one's are left).
+        let mut names = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if names.get(name).is_some_and(|s| Arc::ptr_eq(s, &slot)) && Arc::strong_count(&slot) == 2 {
+            names.remove(name);
+        }
+        out
     }
 }
 

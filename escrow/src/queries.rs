@@ -85,6 +85,8 @@ pub struct QueryService {
     resolved: std::sync::Mutex<Resolved>,
     /// What questions last read of their callers and ledgers, for the next to assume.
     pub copies: crate::assumed::Copies,
+    /// Overlap sides being reduced, by name (one reduction of a name at a time).
+    pub(crate) flights: Arc<crate::overlaps::Flights>,
 }
 
 /// Results of catalog reads a question made, by key, valid at the generations `at`: every
@@ -208,6 +210,7 @@ impl QueryService {
             policies: tokio::sync::Mutex::new(None),
             resolved: std::sync::Mutex::new(Resolved::default()),
             copies: crate::assumed::Copies::default(),
+            flights: Arc::default(),
         })
     }
 

@@ -66,10 +66,29 @@ struct Inner {
     schemas: HashMap<(String, String), SchemaRef>,
     bytes: usize,
     tick: u64,
-    /// The tick of the last forgetting (a delete, a new version, a version no longer
-    /// listed): a read that began before it keeps nothing (see [`PlaintextCache::mark`]).
-    forgot: u64,
+    /// The latest forgettings (a delete, a new version, versions no longer listed), each
+    /// with its tick: a read that began before one keeps nothing of a version it forgot
+    /// (see [`PlaintextCache::mark`]).
+    forgets: std::collections::VecDeque<Forget>,
+    /// A read that began before this tick keeps nothing: forgettings older than the ones
+    /// above are no longer listed.
+    forgot_before: u64,
 }
+
+/// Which (dataset id, version id) pairs a forgetting kept.
+type Keep = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
+
+/// One forgetting ([`PlaintextCache::retain`]): its tick, and the versions it kept.
+struct Forget(u64, Keep);
+
+impl std::fmt::Debug for Forget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Forget({})", self.0)
+    }
+}
+
+/// Forgettings listed at most (the oldest goes first; a read older than it keeps nothing).
+const FORGETS: usize = 64;
 
 #[derive(Debug)]
 struct Entry {
@@ -239,7 +258,10 @@ impl PlaintextCache {
             return;
         }
         let mut inner = self.lock();
-        if inner.forgot > since {
+        let (d, v, _) = &key;
+        if since < inner.forgot_before
+            || (inner.forgets.iter()).any(|Forget(tick, keep)| *tick > since && !keep(d, v))
+        {
             return;
         }
         while inner.bytes + bytes > self.max_bytes {
@@ -287,14 +309,25 @@ impl PlaintextCache {
     /// Drop every entry of a dataset except `keep` (a version id), e.g. after a new upload
     /// (keep the new live version) or a delete (keep nothing).
     pub fn forget_dataset(&self, dataset_id: &str, keep: Option<&str>) {
-        self.retain(|d, v| d != dataset_id || Some(v) == keep);
+        let (dataset_id, keep) = (dataset_id.to_string(), keep.map(str::to_string));
+        self.retain(move |d, v| d != dataset_id || Some(v) == keep.as_deref());
     }
 
-    /// Keep only the entries of the (dataset id, version id) pairs `keep` accepts.
-    pub fn retain(&self, keep: impl Fn(&str, &str) -> bool) {
+    /// Keep only the entries of the (dataset id, version id) pairs `keep` accepts; a read
+    /// that began before keeps nothing of the others. A read of a version it accepts keeps
+    /// what it read (the catalog's every policy change forgets the versions no longer
+    /// listed, and a read of a listed version under way goes on to be kept).
+    pub fn retain(&self, keep: impl Fn(&str, &str) -> bool + Send + Sync + 'static) {
+        let keep: Keep = Arc::new(keep);
         let mut inner = self.lock();
         inner.tick += 1;
-        inner.forgot = inner.tick;
+        let tick = inner.tick;
+        if inner.forgets.len() == FORGETS
+            && let Some(Forget(oldest, _)) = inner.forgets.pop_front()
+        {
+            inner.forgot_before = oldest;
+        }
+        inner.forgets.push_back(Forget(tick, keep.clone()));
         let gone: Vec<Key> = (inner.entries.keys())
             .filter(|(d, v, _)| !keep(d, v))
             .cloned()
@@ -370,17 +403,33 @@ mod tests {
             2000,
         );
         assert!(cache.derived("d", "v2", stamp, "c").is_none());
-        // A read that began before a dataset was forgotten keeps nothing (a delete while a
-        // question or the warm-up after an upload read it): not even another dataset's.
+        // A read that began before a dataset was forgotten keeps nothing of it (a delete
+        // while a question or the warm-up after an upload read it); a read of a version
+        // that was not forgotten keeps what it read (the catalog's policy changes forget
+        // the versions it no longer lists, while reads of the others are under way).
         let since = cache.mark();
         cache.forget_dataset("d", None);
         cache.insert_derived(("d", "v2", "a"), (stamp, since), Arc::new(1u32), 10);
         cache.insert(("e", "v1", 0), (stamp, since), Arc::new(Vec::new()), 10);
         assert!(cache.derived("d", "v2", stamp, "a").is_none());
-        assert_eq!(cache.bytes(), 0);
+        assert_eq!(cache.bytes(), 10);
         let since = cache.mark();
         cache.insert_derived(("d", "v2", "a"), (stamp, since), Arc::new(1u32), 10);
         assert!(cache.derived("d", "v2", stamp, "a").is_some());
+        // Past the forgettings listed, a read that began before the oldest keeps nothing.
+        let since = cache.mark();
+        cache.forget_dataset("d", None);
+        for _ in 0..super::FORGETS {
+            cache.retain(|_, _| true);
+        }
+        cache.insert(("e", "v2", 0), (stamp, since), Arc::new(Vec::new()), 10);
+        cache.insert(
+            ("e", "v2", 1),
+            (stamp, cache.mark()),
+            Arc::new(Vec::new()),
+            10,
+        );
+        assert_eq!(cache.bytes(), 20, "e/v1/0 and e/v2/1");
     }
 
     fn memory_size(batches: &[RecordBatch]) -> usize {

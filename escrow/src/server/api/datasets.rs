@@ -133,7 +133,8 @@ pub(crate) async fn upload(
             let threads = state.queries.config.limits.target_partitions;
             let (owner, dataset) = (caller.partner.clone(), outcome.dataset.clone());
             let (number, key) = (outcome.version, outcome.key_column.clone());
-            tokio::spawn(blocking(move || {
+            let (queries, side_of) = (state.queries.clone(), (owner.clone(), dataset.clone()));
+            let columns = blocking(move || {
                 let Some(key) = key else { return Ok(()) };
                 let started = std::time::Instant::now();
                 let version = (number, key.as_str());
@@ -155,7 +156,13 @@ pub(crate) async fn upload(
                     }
                 }
                 Ok(())
-            }));
+            });
+            // Then the dataset's overlap side, if it has populations (after the columns: the
+            // two would compete for the same cores).
+            tokio::spawn(async move {
+                let _ = columns.await;
+                queries.side_ahead(&side_of.0, &side_of.1).await;
+            });
             Ok((StatusCode::CREATED, Json(outcome)))
         }
         Err(e) => {

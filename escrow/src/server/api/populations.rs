@@ -38,6 +38,9 @@ pub(crate) async fn add_population(
     )
     .await?;
     tracing::info!(partner = %caller.partner, dataset = %p.dataset, population = %p.name, new, "population defined");
+    if new {
+        side_ahead(&state, &caller.partner, &p.dataset);
+    }
     Ok((
         created_if(new),
         Json(wire::PopulationChanged {
@@ -63,7 +66,19 @@ pub(crate) async fn remove_population(
     .await?;
     let (dataset, name) = (req.dataset, req.name);
     tracing::info!(partner = %caller.partner, dataset = %dataset, population = %name, "population removed");
+    side_ahead(&state, &caller.partner, &dataset);
     Ok(Json(wire::PopulationRemoved {
         removed: wire::PopulationRef { dataset, name },
     }))
+}
+
+/// The dataset's overlap side with its populations as they now are, reduced in the
+/// background (`QueryService::side_ahead`): the next matrix over it finds it reduced.
+fn side_ahead(state: &Arc<AppState>, owner: &str, dataset: &str) {
+    let (queries, owner, dataset) = (
+        state.queries.clone(),
+        owner.to_string(),
+        dataset.to_string(),
+    );
+    tokio::spawn(async move { queries.side_ahead(&owner, &dataset).await });
 }
