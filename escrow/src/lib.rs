@@ -10,6 +10,7 @@ pub mod app;
 pub mod assumed;
 pub mod client;
 pub mod explain;
+pub mod flights;
 pub mod grants;
 pub mod overlaps;
 pub mod policy;

@@ -28,6 +28,7 @@ use sha2::{Digest, Sha256};
 use crate::audit::{Actor, Event, Outcome};
 use crate::catalog::{BudgetCharge, Population, VersionKey};
 use crate::explain::{Explanation, ProtectionView, UseExplained};
+use crate::flights::Flights;
 use crate::queries::{
     AbandonedQuestion, Cost, DELTA, QueryService, check_grants, decide, query_form, strictest,
 };
@@ -1099,62 +1100,6 @@ fn membership(
         b.map_err(|e| e.to_string())
     });
     Ok(overlap::memberships(&side, batches, limit)?)
-}
-
-/// Work under way by name: while one caller computes a name's value, another caller of the
-/// same name waits for it and then finds it kept, instead of computing it at the same time.
-#[derive(Default)]
-pub(crate) struct Flights(
-    std::sync::Mutex<std::collections::HashMap<String, Arc<std::sync::Mutex<()>>>>,
-    /// Names with a caller queued for them ([`Self::queue`]).
-    std::sync::Mutex<std::collections::HashSet<String>>,
-);
-
-impl Flights {
-    /// Marks a caller of `name` as queued: false if one already is (it will do what this one
-    /// would, once it gets its turn).
-    pub(crate) fn queue(&self, name: &str) -> bool {
-        (self
-            .1
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner))
-        .insert(name.to_string())
-    }
-
-    /// The queued caller of `name` got its turn: the next one queues again.
-    pub(crate) fn unqueue(&self, name: &str) {
-        (self
-            .1
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner))
-        .remove(name);
-    }
-
-    /// Runs `f` holding `name`: until it returns, another caller of `name` waits (blocking).
-    pub(crate) fn one_at_a_time<T>(&self, name: &str, f: impl FnOnce() -> T) -> T {
-        let slot = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry(name.to_string())
-            .or_default()
-            .clone();
-        let out = {
-            let _held = slot
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            f()
-        };
-        // The last caller of the name out takes it away (the map's and this one's are left).
-        let mut names = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if names.get(name).is_some_and(|s| Arc::ptr_eq(s, &slot)) && Arc::strong_count(&slot) == 2 {
-            names.remove(name);
-        }
-        out
-    }
 }
 
 fn compile(

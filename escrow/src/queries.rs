@@ -86,7 +86,7 @@ pub struct QueryService {
     /// What questions last read of their callers and ledgers, for the next to assume.
     pub copies: crate::assumed::Copies,
     /// Overlap sides being reduced, by name (one reduction of a name at a time).
-    pub(crate) flights: Arc<crate::overlaps::Flights>,
+    pub(crate) flights: Arc<crate::flights::Flights>,
 }
 
 /// Results of catalog reads a question made, by key, valid at the generations `at`: every
