@@ -214,6 +214,41 @@ impl QueryService {
         })
     }
 
+    /// What the server does in the background once version `number` of `owner`'s `dataset`,
+    /// keyed by `key`, has committed: its entity columns and companies read
+    /// ([`warm_entity_columns`]), then its overlap side ([`Self::side_ahead`]; after the
+    /// columns, as the two would compete for the same cores). Outcomes are logged: a question
+    /// that comes first reads what it needs itself.
+    pub(crate) async fn after_upload(
+        &self,
+        owner: &str,
+        dataset: &str,
+        number: i64,
+        key: Option<String>,
+    ) {
+        if let Some(key) = key {
+            let (store, hasher) = (self.store.clone(), self.entity_hasher.clone());
+            let threads = self.config.limits.target_partitions;
+            let (o, d) = (owner.to_string(), dataset.to_string());
+            let started = std::time::Instant::now();
+            let warmed = blocking(move || {
+                warm_entity_columns(&store, &hasher, (&o, &d), (number, &key), threads)
+            });
+            match warmed.await {
+                Ok(()) => tracing::debug!(
+                    dataset = %dataset,
+                    ms = started.elapsed().as_millis() as u64,
+                    "entity columns read into the cache after an upload"
+                ),
+                // A newer upload or a delete in between, say: the next question reads.
+                Err(e) => {
+                    tracing::debug!(dataset = %dataset, error = %e, "entity columns not read after an upload")
+                }
+            }
+        }
+        self.side_ahead(owner, dataset).await;
+    }
+
     /// What was resolved for `key` at generations `at`, if it was.
     pub(crate) fn resolved<T: Clone + Send + Sync + 'static>(
         &self,

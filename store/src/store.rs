@@ -351,14 +351,10 @@ impl Store {
     pub fn forget_unlisted(&self) -> Result<()> {
         let listed: HashSet<(String, String)> =
             self.catalog.all_version_ids()?.into_iter().collect();
-        let keep = std::sync::Arc::new(move |d: &str, v: &str| {
-            listed.contains(&(d.to_string(), v.to_string()))
-        });
-        self.cache.retain({
-            let keep = keep.clone();
-            move |d, v| keep(d, v)
-        });
-        self.objects.prune(&*keep)?;
+        let keep = move |d: &str, v: &str| listed.contains(&(d.to_string(), v.to_string()));
+        let pruned = self.objects.prune(&keep);
+        self.cache.retain(keep);
+        pruned?;
         Ok(())
     }
 

@@ -129,40 +129,10 @@ pub(crate) async fn upload(
                 secs = started.elapsed().as_secs_f64(),
                 "upload committed"
             );
-            let (store, hasher) = (state.store.clone(), state.queries.entity_hasher.clone());
-            let threads = state.queries.config.limits.target_partitions;
-            let (owner, dataset) = (caller.partner.clone(), outcome.dataset.clone());
-            let (number, key) = (outcome.version, outcome.key_column.clone());
-            let (queries, side_of) = (state.queries.clone(), (owner.clone(), dataset.clone()));
-            let columns = blocking(move || {
-                let Some(key) = key else { return Ok(()) };
-                let started = std::time::Instant::now();
-                let version = (number, key.as_str());
-                match crate::queries::warm_entity_columns(
-                    &store,
-                    &hasher,
-                    (&owner, &dataset),
-                    version,
-                    threads,
-                ) {
-                    Ok(()) => tracing::debug!(
-                        dataset = %dataset,
-                        ms = started.elapsed().as_millis() as u64,
-                        "entity columns read into the cache after an upload"
-                    ),
-                    // A newer upload or a delete in between, say: the next question reads.
-                    Err(e) => {
-                        tracing::debug!(dataset = %dataset, error = %e, "entity columns not read after an upload")
-                    }
-                }
-                Ok(())
-            });
-            // Then the dataset's overlap side, if it has populations (after the columns: the
-            // two would compete for the same cores).
-            tokio::spawn(async move {
-                let _ = columns.await;
-                queries.side_ahead(&side_of.0, &side_of.1).await;
-            });
+            let (queries, owner) = (state.queries.clone(), caller.partner.clone());
+            let (dataset, number) = (outcome.dataset.clone(), outcome.version);
+            let key = outcome.key_column.clone();
+            tokio::spawn(async move { queries.after_upload(&owner, &dataset, number, key).await });
             Ok((StatusCode::CREATED, Json(outcome)))
         }
         Err(e) => {
