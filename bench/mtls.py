@@ -33,9 +33,15 @@ def peak_rss_mb(pid):
     return float("nan")
 
 
+# Restarts timed per run: each is a new process with a new question, and one cold process's
+# figure moves by tens of percent with what the machine is doing; the median is reported with
+# every sample.
+RESTARTS = int(os.environ.get("RESTARTS", "5"))
+
+
 def restart(pid, binary, data):
     """Stop the server `pid` and start another on the same data directory (a cold process:
-    no cached plaintext); returns its address. It is stopped when the script ends."""
+    no cached plaintext); returns its address and pid. It is stopped when the script ends."""
     import atexit
     import signal
     import subprocess
@@ -48,5 +54,5 @@ def restart(pid, binary, data):
     atexit.register(proc.terminate)
     for line in proc.stdout:
         if line.startswith("escrow listening on "):
-            return line.removeprefix("escrow listening on ").strip()
+            return line.removeprefix("escrow listening on ").strip(), proc.pid
     raise RuntimeError("the restarted server did not start")

@@ -3,8 +3,7 @@
 //! Any other key, nonce or tag size is refused here (checked against Wycheproof vectors in
 //! the tests), so no caller can accidentally use a weaker parameter set.
 
-use aes_gcm::aead::AeadInPlace;
-use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
+use aes_gcm::{AeadInOut, Aes256Gcm, KeyInit, Nonce, Tag};
 
 /// Key length in bytes (AES-256).
 pub const KEY_LEN: usize = 32;
@@ -48,7 +47,7 @@ impl Aead {
         let nonce = nonce_of(nonce)?;
         let tag = self
             .cipher
-            .encrypt_in_place_detached(nonce, aad, buf)
+            .encrypt_inout_detached(nonce, aad, buf.as_mut_slice().into())
             .map_err(|_| CipherError::Auth)?;
         buf.extend_from_slice(&tag);
         Ok(())
@@ -86,7 +85,7 @@ impl Aead {
     ) -> Result<(), CipherError> {
         let nonce = nonce_of(nonce)?;
         self.cipher
-            .decrypt_in_place_detached(nonce, aad, buf, Tag::from_slice(tag))
+            .decrypt_inout_detached(nonce, aad, buf.into(), &Tag::from(*tag))
             .map_err(|_| {
                 buf.fill(0);
                 CipherError::Auth
@@ -115,10 +114,7 @@ impl Aead {
 }
 
 fn nonce_of(nonce: &[u8]) -> Result<&Nonce<aes_gcm::aes::cipher::consts::U12>, CipherError> {
-    if nonce.len() != NONCE_LEN {
-        return Err(CipherError::NonceSize);
-    }
-    Ok(Nonce::from_slice(nonce))
+    <&Nonce<_>>::try_from(nonce).map_err(|_| CipherError::NonceSize)
 }
 
 #[cfg(test)]
