@@ -243,10 +243,14 @@ struct SideData {
 }
 
 impl SideData {
-    /// `owner.dataset@vN`, as audit records and explanations name a dataset read.
     fn label(&self) -> String {
-        format!("{}.{}@v{}", self.owner, self.dataset, self.version.version)
+        label(&self.owner, &self.dataset, &self.version)
     }
+}
+
+/// `owner.dataset@vN`, as audit records, explanations and logs name a dataset read.
+fn label(owner: &str, dataset: &str, version: &VersionKey) -> String {
+    format!("{owner}.{dataset}@v{}", version.version)
 }
 
 /// The audit event of an overlap-shaped question (before its outcome is known).
@@ -992,7 +996,7 @@ fn kept_side(
         let started = std::time::Instant::now();
         let reduced = Arc::new(membership(store, hasher, spec, mark, limit, stop)?);
         tracing::debug!(
-            side = %format!("{}.{}@v{}", spec.owner, spec.dataset, spec.version.version),
+            side = %label(&spec.owner, &spec.dataset, &spec.version),
             by = ?spec.by,
             ms = started.elapsed().as_millis() as u64,
             "overlap side read and reduced"
