@@ -41,7 +41,7 @@ use datafusion::physical_plan::aggregates::order::GroupOrdering;
 
 use crate::QueryError;
 use crate::gate::{GateReport, Metric};
-use crate::hashing::{FastMap, SHARDS, on_lanes, shard_of};
+use crate::hashing::{FastMap, FastSet, SHARDS, on_lanes, reserved_for, shard_of};
 use crate::stop::Stop;
 
 /// No entry.
@@ -274,8 +274,36 @@ impl Folder {
 
 /// One shard of a reduction: its companies and their reduced rows.
 struct Shard {
-    companies: FastMap<Chain>,
+    companies: Companies,
     entries: Entries,
+}
+
+/// A shard's companies: each with the chain of its entries; or, where a company keeps
+/// nothing but being there (no GROUP BY column, no metric: one empty entry each, as
+/// another partner's table joined on its key alone reduces), their ids alone, half the
+/// memory and no entries: each stands for the shard's one empty entry ([`ONE`]).
+enum Companies {
+    Chains(FastMap<Chain>),
+    Keys(FastSet),
+}
+
+/// The chain of a company in a shard of [`Companies::Keys`]: its one entry, empty.
+const ONE: Chain = Chain { head: 0, len: 1 };
+
+impl Companies {
+    fn get(&self, key: &u64) -> Option<Chain> {
+        match self {
+            Companies::Chains(m) => m.get(key).copied(),
+            Companies::Keys(s) => s.contains(key).then_some(ONE),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Companies::Chains(m) => m.capacity() * (size_of::<u64>() + size_of::<Chain>() + 1),
+            Companies::Keys(s) => s.capacity() * (size_of::<u64>() + 1),
+        }
+    }
 }
 
 /// A table instance reduced per company (see the module's doc), from the [`Folder`]s of its
@@ -434,10 +462,11 @@ impl Reduction {
     /// Reduced rows held.
     pub fn rows(&self) -> usize {
         self.null.1.next.len()
-            + self
-                .shards
-                .iter()
-                .map(|s| s.entries.next.len())
+            + (self.shards.iter())
+                .map(|s| match &s.companies {
+                    Companies::Keys(keys) => keys.len(),
+                    Companies::Chains(_) => s.entries.next.len(),
+                })
                 .sum::<usize>()
     }
 
@@ -445,10 +474,7 @@ impl Reduction {
     pub fn bytes(&self) -> usize {
         self.null.1.bytes()
             + (self.shards.iter())
-                .map(|s| {
-                    s.companies.capacity() * (size_of::<u64>() + size_of::<Chain>() + 1)
-                        + s.entries.bytes()
-                })
+                .map(|s| s.companies.bytes() + s.entries.bytes())
                 .sum::<usize>()
             + self.values.iter().map(Values::bytes).sum::<usize>()
     }
@@ -456,13 +482,29 @@ impl Reduction {
 
 /// One shard built from its partitions' staged rows.
 fn build(input: Vec<Input<'_>>, template: &Entries) -> Shard {
-    let mut companies = FastMap::default();
-    companies.reserve(input.iter().map(|(s, _)| s.keys.len()).sum());
+    let rows = reserved_for(input.iter().map(|(s, _)| s.keys.len()).sum());
     let mut entries = template.empty();
+    if template.dims == 0 && template.metrics == 0 {
+        let mut keys = FastSet::default();
+        keys.reserve(rows);
+        for (staged, _) in input {
+            keys.extend(staged.keys.iter().copied());
+        }
+        entries.next.push(NONE);
+        return Shard {
+            companies: Companies::Keys(keys),
+            entries,
+        };
+    }
+    let mut companies = FastMap::default();
+    companies.reserve(rows);
     for (staged, remap) in input {
         entries.stage(&staged, remap, Chains::ByKey(&mut companies));
     }
-    Shard { companies, entries }
+    Shard {
+        companies: Companies::Chains(companies),
+        entries,
+    }
 }
 
 impl Entries {
@@ -603,6 +645,9 @@ fn on_grid(v: f64, lo: f64, hi: f64, step: f64) -> i64 {
     (clamped / step) as i64
 }
 
+/// Most tuples of GROUP BY codes [`Groups`] index densely (256 KiB of indices).
+const DENSE_GROUPS: u64 = 1 << 16;
+
 /// The totals of the groups met so far: per group its GROUP BY codes, companies, and per
 /// aggregate the grid total (null while no company had a value) and how many had one.
 struct Groups {
@@ -610,6 +655,9 @@ struct Groups {
     /// values: a mixed-radix number of `strides`), where the counts' product fits; else by
     /// their codes.
     strides: Option<Vec<u64>>,
+    /// Where there are at most [`DENSE_GROUPS`] tuples of codes: per packed tuple, its
+    /// group (`NONE`: none yet), looked up without hashing.
+    dense: Option<Vec<u32>>,
     packed: FastMap<usize>,
     index: HashMap<Vec<u32>, usize>,
     tuples: Vec<Vec<u32>>,
@@ -629,6 +677,9 @@ impl Groups {
         }
         strides.reverse();
         Groups {
+            dense: product
+                .filter(|&p| p <= DENSE_GROUPS)
+                .map(|p| vec![NONE; p as usize]),
             strides: product.map(|_| strides),
             packed: FastMap::default(),
             index: HashMap::new(),
@@ -644,13 +695,20 @@ impl Groups {
         let g = self.companies.len();
         match &self.strides {
             Some(strides) => {
-                let key = (tuple.iter().zip(strides))
+                let key: u64 = (tuple.iter().zip(strides))
                     .map(|(&c, &s)| u64::from(c) * s)
                     .sum();
-                match self.packed.entry(key) {
-                    std::collections::hash_map::Entry::Occupied(e) => return *e.get(),
-                    std::collections::hash_map::Entry::Vacant(e) => e.insert(g),
-                };
+                if let Some(dense) = &mut self.dense {
+                    match dense[key as usize] {
+                        NONE => dense[key as usize] = g as u32,
+                        known => return known as usize,
+                    }
+                } else {
+                    match self.packed.entry(key) {
+                        std::collections::hash_map::Entry::Occupied(e) => return *e.get(),
+                        std::collections::hash_map::Entry::Vacant(e) => e.insert(g),
+                    };
+                }
             }
             None => {
                 if let Some(&g) = self.index.get(tuple) {
@@ -811,8 +869,28 @@ impl<'a> Walk<'a> {
     /// Every company of the privacy unit's shard `s` found in every instance.
     fn shard(&mut self, instances: &[Instance], s: usize, stop: &Stop) -> Result<(), QueryError> {
         let unit = &instances[self.totals.unit].reduction.shards[s];
+        match &unit.companies {
+            Companies::Chains(m) => {
+                self.companies(instances, s, m.iter().map(|(k, c)| (*k, *c)), stop)
+            }
+            Companies::Keys(keys) => {
+                self.companies(instances, s, keys.iter().map(|&k| (k, ONE)), stop)
+            }
+        }
+    }
+
+    /// The privacy unit's `companies` of shard `s` (each with its chain there) found in
+    /// every instance.
+    fn companies(
+        &mut self,
+        instances: &[Instance],
+        s: usize,
+        companies: impl Iterator<Item = (u64, Chain)>,
+        stop: &Stop,
+    ) -> Result<(), QueryError> {
+        let unit = &instances[self.totals.unit].reduction.shards[s];
         let mut chains: Vec<(Chain, &Entries)> = Vec::with_capacity(instances.len());
-        for (n, (key, chain)) in unit.companies.iter().enumerate() {
+        for (n, (key, chain)) in companies.enumerate() {
             if n % STOP_EVERY == 0 && stop.requested() {
                 return Err(Stop::error().into());
             }
@@ -820,9 +898,9 @@ impl<'a> Walk<'a> {
             for (t, inst) in instances.iter().enumerate() {
                 let shard = &inst.reduction.shards[s];
                 if t == self.totals.unit {
-                    chains.push((*chain, &unit.entries));
-                } else if let Some(c) = shard.companies.get(key) {
-                    chains.push((*c, &shard.entries));
+                    chains.push((chain, &unit.entries));
+                } else if let Some(c) = shard.companies.get(&key) {
+                    chains.push((c, &shard.entries));
                 } else {
                     break;
                 }
@@ -914,6 +992,61 @@ mod tests {
     use super::*;
     use datafusion::arrow::array::{DictionaryArray, StringArray, UInt64Array};
     use datafusion::arrow::datatypes::Int8Type;
+
+    /// A table instance that keeps its companies alone (no GROUP BY column, no metric) holds
+    /// them as sets of ids: each company once, duplicates and rows without a key not, in
+    /// less memory than chains of entries would take, and found by the join as one entry.
+    #[test]
+    fn a_reduction_of_keys_alone_holds_each_company_once() {
+        let schema = Arc::new(Schema::new(vec![Field::new("k", DataType::UInt64, true)]));
+        let id = |i: u64| (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let partition = |from: u64| {
+            let mut folder = Folder::new(&schema, 0).unwrap();
+            // 3000 rows: 1000 companies three times each, and a row without a key.
+            let ids: UInt64Array = (0..3000u64)
+                .map(|i| Some(id(from + i % 1000)))
+                .chain([None])
+                .collect();
+            let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(ids)]).unwrap();
+            folder.fold(&batch).unwrap();
+            folder
+        };
+        // Two partitions sharing 500 companies: 1500 in all, and the rows without a key
+        // (one company of their own when a question reads one table instance).
+        let reduction = Reduction::finish(vec![partition(0), partition(500)], 3, 2).unwrap();
+        assert_eq!(reduction.rows(), 1500 + 1);
+        assert!(
+            reduction
+                .shards
+                .iter()
+                .all(|s| matches!(s.companies, Companies::Keys(_)))
+        );
+        let slots: usize = (reduction.shards.iter())
+            .map(|s| match &s.companies {
+                Companies::Keys(keys) => keys.capacity(),
+                Companies::Chains(_) => unreachable!(),
+            })
+            .sum();
+        // Nine bytes a slot (an id and its control byte), and one empty entry a shard.
+        assert!(reduction.bytes() <= slots * 9 + SHARDS * 16 + 64);
+        let found = (0..2000u64)
+            .filter(|&i| {
+                let key = id(i);
+                reduction.shards[shard_of(key)]
+                    .companies
+                    .get(&key)
+                    .is_some()
+            })
+            .count();
+        assert_eq!(found, 1500);
+        assert_eq!(
+            reduction.shards[shard_of(id(7))]
+                .companies
+                .get(&id(7))
+                .map(|c| (c.head, c.len)),
+            Some((0, 1))
+        );
+    }
 
     /// Two partitions of 100 distinct values each in an `Int8`-keyed dictionary: 200 in all,
     /// more than its keys reach. Interned as their values, they reduce; as a dictionary they

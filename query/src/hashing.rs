@@ -28,6 +28,18 @@ impl Hasher for MixHasher {
 
 pub(crate) type FastMap<V> = HashMap<u64, V, BuildHasherDefault<MixHasher>>;
 
+/// A set of entity ids.
+pub(crate) type FastSet = std::collections::HashSet<u64, BuildHasherDefault<MixHasher>>;
+
+/// What a map of one shard's companies reserves before its `rows` staged rows go in: room
+/// for half of them. A list holds a company in several rows often (its CRM's duplicates),
+/// and a table reserved for every row would stand mostly empty: its memory is what a
+/// restarted server's first question pays most for, a page fault per 4 KiB first touched.
+/// A shard whose companies outgrow it grows once, as a map does.
+pub(crate) fn reserved_for(rows: usize) -> usize {
+    rows / 2
+}
+
 /// Bits of an entity id that choose its shard. Ids are keyed hashes under the escrow's
 /// secret, so shards are even whatever the rows: a shard's companies fit in a core's cache
 /// while it is built and probed, and shards can be worked on by separate threads.

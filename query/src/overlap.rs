@@ -57,7 +57,7 @@ pub use datafusion::physical_expr::PhysicalExpr;
 
 use crate::QueryError;
 use crate::exec::{Applied, release_threshold};
-use crate::hashing::{FastMap, SHARDS, Sharded, on_lanes, shard_of};
+use crate::hashing::{FastMap, SHARDS, Sharded, on_lanes, reserved_for, shard_of};
 use crate::noise::{Noise, Sensitivity, Variance};
 
 /// Populations of one dataset that can take part in a matrix (one bit each).
@@ -259,12 +259,15 @@ impl Membership {
     }
 }
 
-/// A row of one side, staged in its entity's shard ([`memberships`]).
+/// A row of one side, staged in its entity's shard ([`memberships`]): 40 bytes, a side's
+/// rows all staged before its shards are built.
 struct Staged {
     id: u64,
     mask: u64,
-    name: Option<u64>,
-    place: Option<u64>,
+    /// `NO_NAME` for none.
+    name: u64,
+    /// `NO_PLACE` for none.
+    place: u64,
     value: u32,
 }
 
@@ -512,8 +515,12 @@ fn stage(
         staged[shard_of(id)].push(Staged {
             id,
             mask,
-            name: names.and_then(|n| n.is_valid(i).then(|| n.value(i))),
-            place: places.filter(|p| p.is_valid(i)).map(|p| p.value(i)),
+            name: names
+                .filter(|n| n.is_valid(i))
+                .map_or(NO_NAME, |n| n.value(i)),
+            place: places
+                .filter(|p| p.is_valid(i))
+                .map_or(NO_PLACE, |p| p.value(i)),
             value,
         });
     }
@@ -528,22 +535,23 @@ fn stage(
 fn build_shard(parts: Vec<Vec<Staged>>) -> (FastMap<Member>, FastMap<Vec<u32>>) {
     let mut members = FastMap::default();
     let mut more_values = FastMap::default();
-    members.reserve(parts.iter().map(Vec::len).sum());
+    members.reserve(reserved_for(parts.iter().map(Vec::len).sum()));
     for r in parts.into_iter().flatten() {
         let m = members.entry(r.id).or_insert(Member::EMPTY);
         m.mask |= r.mask;
         match r.name {
-            Some(n) if n == r.id => {
+            NO_NAME => {}
+            n if n == r.id => {
                 m.linkable = true;
                 m.name_only = true;
             }
-            Some(n) if m.name == NO_NAME || n < m.name => m.name = n,
+            n if m.name == NO_NAME || n < m.name => m.name = n,
             _ => {}
         }
-        if let Some(p) = r.place {
+        if r.place != NO_PLACE {
             m.place = match m.place {
-                NO_PLACE => p,
-                same if same == p => same,
+                NO_PLACE => r.place,
+                same if same == r.place => same,
                 _ => MIXED_PLACES,
             };
         }
