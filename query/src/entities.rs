@@ -488,7 +488,10 @@ fn build(input: Vec<Input<'_>>, template: &Entries) -> Shard {
         let mut keys = FastSet::default();
         keys.reserve(rows);
         for (staged, _) in input {
-            keys.extend(staged.keys.iter().copied());
+            // One by one: `extend` would reserve for every row it is given.
+            for &key in &staged.keys {
+                keys.insert(key);
+            }
         }
         entries.next.push(NONE);
         return Shard {
@@ -1021,14 +1024,37 @@ mod tests {
                 .iter()
                 .all(|s| matches!(s.companies, Companies::Keys(_)))
         );
-        let slots: usize = (reduction.shards.iter())
+        // One partition (as a version's companies are reduced after its upload): its sets
+        // hold room for half its 3000 rows, not one slot a row, and in less memory than
+        // the same companies as chains of entries (one metric makes them chains).
+        let alone = Reduction::finish(vec![partition(0)], 3, 2).unwrap();
+        let slots: usize = (alone.shards.iter())
             .map(|s| match &s.companies {
                 Companies::Keys(keys) => keys.capacity(),
                 Companies::Chains(_) => unreachable!(),
             })
             .sum();
-        // Nine bytes a slot (an id and its control byte), and one empty entry a shard.
-        assert!(reduction.bytes() <= slots * 9 + SHARDS * 16 + 64);
+        assert!(
+            slots < 3000,
+            "{slots} slots for 3000 rows of 1000 companies"
+        );
+        let with_metric = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::UInt64, true),
+            Field::new("m", DataType::Float64, true),
+        ]));
+        let mut folder = Folder::new(&with_metric, 0).unwrap();
+        let ids: UInt64Array = (0..3000u64)
+            .map(|i| Some(id(i % 1000)))
+            .chain([None])
+            .collect();
+        let metric = Float64Array::from(vec![None::<f64>; 3001]);
+        let batch =
+            RecordBatch::try_new(with_metric, vec![Arc::new(ids), Arc::new(metric)]).unwrap();
+        folder.fold(&batch).unwrap();
+        let chains = Reduction::finish(vec![folder], 3, 2).unwrap();
+        assert_eq!(chains.rows(), alone.rows());
+        assert!((chains.shards.iter()).all(|s| matches!(s.companies, Companies::Chains(_))));
+        assert!(alone.bytes() < chains.bytes());
         let found = (0..2000u64)
             .filter(|&i| {
                 let key = id(i);
@@ -1046,6 +1072,28 @@ mod tests {
                 .map(|c| (c.head, c.len)),
             Some((0, 1))
         );
+    }
+
+    /// Groups are indexed densely up to [`DENSE_GROUPS`] tuples of codes and by hash past
+    /// that: the same tuples met in the same order make the same groups either way.
+    #[test]
+    fn groups_are_the_same_indexed_densely_or_hashed() {
+        let mut dense = Groups::new(&[250, 200]);
+        let mut hashed = Groups::new(&[300, 300]);
+        assert!(dense.dense.is_some());
+        assert!(hashed.dense.is_none() && hashed.strides.is_some());
+        // 3000 rows of 1000 distinct tuples, each met three times.
+        for i in 0..3000u32 {
+            let tuple = [i * 7 % 250, i * 13 % 200];
+            let (d, h) = (dense.of(&tuple, 1), hashed.of(&tuple, 1));
+            assert_eq!(d, h);
+            dense.companies[d] += 1;
+            hashed.companies[h] += 1;
+        }
+        assert_eq!(dense.tuples.len(), 1000);
+        assert_eq!(dense.tuples, hashed.tuples);
+        assert_eq!(dense.companies, hashed.companies);
+        assert!(dense.companies.iter().all(|&n| n == 3));
     }
 
     /// Two partitions of 100 distinct values each in an `Int8`-keyed dictionary: 200 in all,

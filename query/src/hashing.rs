@@ -35,7 +35,7 @@ pub(crate) type FastSet = std::collections::HashSet<u64, BuildHasherDefault<MixH
 /// for half of them. A list holds a company in several rows often (its CRM's duplicates),
 /// and a table reserved for every row would stand mostly empty: its memory is what a
 /// restarted server's first question pays most for, a page fault per 4 KiB first touched.
-/// A shard whose companies outgrow it grows once, as a map does.
+/// A shard whose companies outgrow it grows as a map does (to twice its room each time).
 pub(crate) fn reserved_for(rows: usize) -> usize {
     rows / 2
 }
