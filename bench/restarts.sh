@@ -13,7 +13,7 @@ source "$(dirname "$0")/common.sh" 1000000
 generate_lists
 
 DATA="$(mktemp -d)/data"
-trap 'rm -rf "$(dirname "$DATA")"' EXIT
+trap 'kill $PID 2>/dev/null || true; rm -rf "$(dirname "$DATA")"' EXIT
 "$BIN" init --data-dir "$DATA" > /dev/null
 "$BIN" partner add acme --data-dir "$DATA" > /dev/null
 "$BIN" partner add globex --data-dir "$DATA" > /dev/null
@@ -30,14 +30,13 @@ for p in acme globex; do
     "$BIN" policy grant accounts --to "$o" --usage "$u" --identity "$I" > /dev/null
   done
 done
-kill "$PID"; wait "$PID" 2>/dev/null || true
 
-python3 - "$A_BIN" "$B_BIN" "$ROUNDS" "$DATA" <<'PY'
-import json, os, statistics, subprocess, sys, time
+python3 - "$A_BIN" "$B_BIN" "$ROUNDS" "$DATA" "$PID" <<'PY'
+import json, os, statistics, sys, time
 sys.path.insert(0, "bench")
-from mtls import connect
+from mtls import connect, restart
 
-a_bin, b_bin, rounds, data = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+a_bin, b_bin, rounds, data, pid = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 ident = os.path.join(data, "identities/acme/admin")
 tick = os.sysconf("SC_CLK_TCK")
 
@@ -53,35 +52,29 @@ def post(conn, path, body):
     return out
 
 def first_question(binary, kind, tag):
-    proc = subprocess.Popen([binary, "serve", "--data-dir", data, "--listen", "127.0.0.1:0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        for line in proc.stdout:
-            if line.startswith("escrow listening on "):
-                server = line.removeprefix("escrow listening on ").strip()
-                break
-        conn = connect(server, ident)
-        if kind == "sql":
-            path, body = "/v1/queries", {"sql": (
-                "SELECT a.industry, COUNT(DISTINCT a.website) FROM acme.accounts a JOIN globex.accounts b "
-                f"ON a.website = b.website WHERE a.status IN ('customer', 'opportunity', 'prospect', '{tag}') "
-                "GROUP BY a.industry")}
-        else:
-            # a matrix never asked before, as bench/overlap.sh asks after a restart
-            post(conn, "/v1/populations", {"dataset": "accounts", "name": tag,
-                                           "filter": f"status = 'prospect' OR status = '{tag}'"})
-            path, body = "/v1/overlaps", {"with": "globex"}
-        cpu0, flt0 = stat(proc.pid)
-        t0 = time.perf_counter()
-        post(conn, path, body)
-        dt = time.perf_counter() - t0
-        cpu1, flt1 = stat(proc.pid)
-        if kind != "sql":
-            post(conn, "/v1/populations/removals", {"dataset": "accounts", "name": tag})
-        return dt, cpu1 - cpu0, flt1 - flt0
-    finally:
-        proc.terminate()
-        proc.wait()
+    """The server stopped and `binary` started on the data directory (`mtls.restart`), then
+    asked its first question."""
+    global pid
+    server, pid = restart(pid, binary, data)
+    conn = connect(server, ident)
+    if kind == "sql":
+        path, body = "/v1/queries", {"sql": (
+            "SELECT a.industry, COUNT(DISTINCT a.website) FROM acme.accounts a JOIN globex.accounts b "
+            f"ON a.website = b.website WHERE a.status IN ('customer', 'opportunity', 'prospect', '{tag}') "
+            "GROUP BY a.industry")}
+    else:
+        # a matrix never asked before, as bench/overlap.sh asks after a restart
+        post(conn, "/v1/populations", {"dataset": "accounts", "name": tag,
+                                       "filter": f"status = 'prospect' OR status = '{tag}'"})
+        path, body = "/v1/overlaps", {"with": "globex"}
+    cpu0, flt0 = stat(pid)
+    t0 = time.perf_counter()
+    post(conn, path, body)
+    dt = time.perf_counter() - t0
+    cpu1, flt1 = stat(pid)
+    if kind != "sql":
+        post(conn, "/v1/populations/removals", {"dataset": "accounts", "name": tag})
+    return dt, cpu1 - cpu0, flt1 - flt0
 
 samples = {}
 n = 0

@@ -874,24 +874,24 @@ impl<'a> Walk<'a> {
         let unit = &instances[self.totals.unit].reduction.shards[s];
         match &unit.companies {
             Companies::Chains(m) => {
-                self.companies(instances, s, m.iter().map(|(k, c)| (*k, *c)), stop)
+                self.companies(instances, s, unit, m.iter().map(|(k, c)| (*k, *c)), stop)
             }
             Companies::Keys(keys) => {
-                self.companies(instances, s, keys.iter().map(|&k| (k, ONE)), stop)
+                self.companies(instances, s, unit, keys.iter().map(|&k| (k, ONE)), stop)
             }
         }
     }
 
-    /// The privacy unit's `companies` of shard `s` (each with its chain there) found in
-    /// every instance.
+    /// The privacy unit's `companies` of its shard `unit` (number `s`), each with its chain
+    /// there, found in every instance.
     fn companies(
         &mut self,
         instances: &[Instance],
         s: usize,
+        unit: &Shard,
         companies: impl Iterator<Item = (u64, Chain)>,
         stop: &Stop,
     ) -> Result<(), QueryError> {
-        let unit = &instances[self.totals.unit].reduction.shards[s];
         let mut chains: Vec<(Chain, &Entries)> = Vec::with_capacity(instances.len());
         for (n, (key, chain)) in companies.enumerate() {
             if n % STOP_EVERY == 0 && stop.requested() {
