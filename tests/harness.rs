@@ -563,7 +563,36 @@ impl Env {
             ),
         };
         let listed = objects.list(escrow::objects::DATASETS).expect("list");
-        listed.into_iter().map(|m| m.key).collect()
+        (listed.into_iter().map(|m| m.key))
+            .filter(|k| escrow::objects::parse_version_key(k).is_some())
+            .collect()
+    }
+
+    /// What versions were reduced to, sealed beside them (overlap sides, a version's
+    /// companies: `Store::seal_derived`).
+    pub fn derived_files(&self) -> Vec<PathBuf> {
+        self.data_files()
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "derived"))
+            .collect()
+    }
+
+    /// Wait (20 s at most) until `n` objects derived from versions are sealed beside them
+    /// (they are written in the background after uploads and questions).
+    pub fn wait_derived(&self, n: usize) -> Vec<PathBuf> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let derived = self.derived_files();
+            if derived.len() >= n {
+                return derived;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} of {n} derived objects",
+                derived.len()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Sealed dataset files.

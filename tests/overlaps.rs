@@ -788,6 +788,28 @@ fn overlaps_answer_unknown_names_as_they_answer_names_not_shared() {
     }
 }
 
+/// globex grants acme a join and a count of its list, and acme joins it with its own.
+fn join_as_acme(env: &Env, server: &Server) {
+    for u in ["join", "count"] {
+        grant(env, server, "globex", "acme", &[u]).ok();
+    }
+    let sql = "SELECT COUNT(DISTINCT a.website) FROM acme.accounts a \
+               JOIN globex.accounts b ON a.website = b.website";
+    env.cli(server, "acme", &["query", sql, "--format", "json"])
+        .ok();
+}
+
+/// Whether `g` is `a` transposed: the other partner's matrix over the same lists.
+fn same_transposed(a: &Value, g: &Value, what: &str) {
+    let mut transposed: Vec<_> = (cells(g).into_iter())
+        .map(|(m, t, c, s)| (t, m, c, s))
+        .collect();
+    transposed.sort();
+    let mut mine = cells(a);
+    mine.sort();
+    assert_eq!(transposed, mine, "{what}");
+}
+
 /// Wait (20 s at most) until the server's log has `n` lines with every one of `words`.
 fn wait_said(server: &Server, words: &[&str], n: usize) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -830,7 +852,7 @@ fn the_first_questions_after_uploads_find_the_lists_reduced_ahead() {
     grant(&env, &server, "globex", "acme", &["overlap"]).ok();
     let kept = |log: &str| {
         log.lines()
-            .filter(|l| l.contains("overlap side ready") && l.contains("kept=true"))
+            .filter(|l| l.contains("overlap side ready") && l.contains("found=Memory"))
             .count()
     };
 
@@ -838,7 +860,7 @@ fn the_first_questions_after_uploads_find_the_lists_reduced_ahead() {
     let g = overlap(&env, &server, "globex", "acme", &[]);
     let log = server.log();
     assert_eq!(kept(&log), 4, "both sides of both matrices: {log}");
-    assert!(!log.contains("kept=false"), "{log}");
+    assert!(!log.contains("found=Reduced"), "{log}");
     for (m, t, count, suppressed) in cells(&a) {
         let want = truth["by_status"][format!("{m}|{t}")].as_u64().unwrap_or(0);
         let got = count.expect("every cell is large enough");
@@ -848,13 +870,7 @@ fn the_first_questions_after_uploads_find_the_lists_reduced_ahead() {
             "{m} x {t}: {got} vs {want}"
         );
     }
-    let mut transposed: Vec<_> = (cells(&g).into_iter())
-        .map(|(m, t, c, s)| (t, m, c, s))
-        .collect();
-    transposed.sort();
-    let mut mine = cells(&a);
-    mine.sort();
-    assert_eq!(transposed, mine, "both partners count the same");
+    same_transposed(&a, &g, "both partners count the same");
 
     // A population more: its side is made ahead, or by the matrix if that comes first (the
     // other waits for it); the other side is still kept.
@@ -883,13 +899,7 @@ fn the_first_questions_after_uploads_find_the_lists_reduced_ahead() {
         &["entity columns read into the cache after an upload"],
         2,
     );
-    for u in ["join", "count"] {
-        grant(&env, &server, "globex", "acme", &[u]).ok();
-    }
-    let sql = "SELECT COUNT(DISTINCT a.website) FROM acme.accounts a \
-               JOIN globex.accounts b ON a.website = b.website";
-    env.cli(&server, "acme", &["query", sql, "--format", "json"])
-        .ok();
+    join_as_acme(&env, &server);
     assert!(
         server
             .log()
@@ -897,4 +907,101 @@ fn the_first_questions_after_uploads_find_the_lists_reduced_ahead() {
         "{}",
         server.log()
     );
+}
+
+/// A list's overlap side is sealed beside its version once reduced, so a restarted server's
+/// first matrix reads the sides instead of reducing the lists again, and counts as the first
+/// server did; its first SQL join reads the other list's companies so too. A seal that does not open (altered on disk) is logged and its side reduced
+/// again; deleting a list takes its seals with it.
+#[test]
+fn a_restarted_server_reads_the_sides_sealed_beside_their_versions() {
+    let env = Env::new();
+    let dir = env.tmp.path().join("gen");
+    generate(&dir, 3_000);
+    let debug = [("ESCROW_LOG", "info,escrow=debug")];
+    let server = env.serve_env(&debug, &[]).expect("server starts");
+    setup(&env, &server, &dir, &[]);
+    epsilon_4(&env, &server);
+    grant(&env, &server, "acme", "globex", &["overlap"]).ok();
+    grant(&env, &server, "globex", "acme", &["overlap"]).ok();
+    let a = overlap(&env, &server, "acme", "globex", &[]);
+    for side in ["acme.accounts@v1", "globex.accounts@v1"] {
+        wait_said(
+            &server,
+            &[
+                "overlap side sealed beside its version",
+                side,
+                "populations=3",
+            ],
+            1,
+        );
+    }
+    env.wait_derived(4);
+    drop(server);
+    // One side per list (the last made: a side of fewer populations made ahead while they
+    // were added is replaced), and both lists' companies (for SQL joins).
+    let sealed = env.derived_files();
+    assert_eq!(sealed.len(), 4, "{sealed:?}");
+
+    // Restarted: globex's first matrix reads both sides from their seals, and counts what
+    // acme's counted (transposed; same question, same noise).
+    let server = env.serve_env(&debug, &[]).expect("server restarts");
+    let g = overlap(&env, &server, "globex", "acme", &[]);
+    let log = server.log();
+    assert_eq!(
+        log.matches("overlap side read from its seal").count(),
+        2,
+        "{log}"
+    );
+    assert!(!log.contains("found=Reduced"), "{log}");
+    same_transposed(&a, &g, "read back, the sides count the same");
+    // A SQL join over globex's list reads its companies from their seal too.
+    join_as_acme(&env, &server);
+    let log = server.log();
+    assert!(
+        log.contains("a version's companies read from their seal"),
+        "{log}"
+    );
+    assert!(
+        log.contains("another partner's table as reduced before"),
+        "{log}"
+    );
+    drop(server);
+
+    // Every seal altered: a new question (another ε) reduces both sides again.
+    for s in &sealed {
+        let mut bytes = std::fs::read(s).expect("seal");
+        let at = bytes.len() / 2;
+        bytes[at] ^= 1;
+        std::fs::write(s, bytes).expect("altered");
+    }
+    let server = env.serve_env(&debug, &[]).expect("server restarts");
+    env.cli(&server, "acme", &words("policy set accounts --epsilon 2"))
+        .ok();
+    let again = overlap(&env, &server, "acme", "globex", &[]);
+    assert_eq!(cells(&again).len(), 9, "{again}");
+    let log = server.log();
+    assert_eq!(
+        log.matches("a sealed overlap side does not read back")
+            .count(),
+        2,
+        "{log}"
+    );
+    assert_eq!(log.matches("found=Reduced").count(), 2, "{log}");
+    // Sealed again, off the answer's path.
+    for side in ["acme.accounts@v1", "globex.accounts@v1"] {
+        wait_said(
+            &server,
+            &["overlap side sealed beside its version", side],
+            1,
+        );
+    }
+
+    // Deleted, a list takes its seals with it; the other's stay.
+    env.cli(&server, "acme", &["datasets", "delete", "accounts"])
+        .ok();
+    let left = env.derived_files();
+    assert_eq!(left.len(), 2, "{left:?}");
+    let globex = left[0].parent().expect("dir").to_path_buf();
+    assert!(left.iter().all(|p| p.parent() == Some(&globex)), "{left:?}");
 }

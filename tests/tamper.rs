@@ -200,3 +200,77 @@ fn columns_read_apart_are_the_columns_of_a_whole_read() {
         }
     }
 }
+
+/// What a version's plaintext was reduced to, sealed beside it (`Store::seal_derived`), opens
+/// only as the name and version it was sealed for: moved onto another name or version,
+/// altered or cut short, it is an integrity failure; written again, it is sealed under a
+/// fresh key (its salt), never under the nonces of the first. Startup recovery removes one
+/// whose version the catalog does not list, and one torn by a crash, and keeps the others.
+#[test]
+fn derived_objects_open_only_as_what_they_were_sealed_as() {
+    let (env, big, _) = setup();
+    let store = store(&env);
+    let key = |name: &str| store.catalog().version_keys("acme", name).expect("keys")[0].clone();
+    let (b, s) = (key("big"), key("small"));
+    let path = |v: &escrow::catalog::VersionKey, name: &str| {
+        env.data.join(escrow::objects::derived_key(
+            &v.dataset_id,
+            &v.version_id,
+            name,
+        ))
+    };
+    let plaintext: Vec<u8> = (0..(3 * SEGMENT + 17)).map(|i| (i % 251) as u8).collect();
+    store.seal_derived(&b, "x", &plaintext).expect("sealed");
+    assert_eq!(
+        store.open_derived(&b, "x").expect("opens"),
+        Some(plaintext.clone())
+    );
+    assert_eq!(store.open_derived(&b, "y").expect("none"), None);
+    assert_eq!(store.open_derived(&s, "x").expect("none"), None);
+    let sealed = std::fs::read(path(&b, "x")).expect("on disk");
+    let integrity = |v: &escrow::catalog::VersionKey, name: &str, why: &str| match store
+        .open_derived(v, name)
+    {
+        Err(escrow::Error::Integrity(_)) => {}
+        other => panic!("{why}: expected an integrity failure, got {other:?}"),
+    };
+    // Moved onto another name of the same version, or the same name of another version.
+    std::fs::write(path(&b, "y"), &sealed).expect("copy");
+    integrity(&b, "y", "another name");
+    std::fs::write(path(&s, "x"), &sealed).expect("copy");
+    integrity(&s, "x", "another version");
+    // Altered anywhere (salt, header, a segment, the last tag), or cut short.
+    for at in [3, 32 + 20, 32 + HEADER + SEGMENT + 5, sealed.len() - 1] {
+        let mut altered = sealed.clone();
+        altered[at] ^= 1;
+        std::fs::write(path(&b, "x"), &altered).expect("altered");
+        integrity(&b, "x", &format!("flip at {at}"));
+    }
+    std::fs::write(path(&b, "x"), &sealed[..sealed.len() - SEGMENT]).expect("cut");
+    integrity(&b, "x", "cut short");
+    // Written again: the same plaintext under a fresh salt, so other bytes throughout.
+    store
+        .seal_derived(&b, "x", &plaintext)
+        .expect("sealed again");
+    let again = std::fs::read(path(&b, "x")).expect("on disk");
+    assert_eq!(again.len(), sealed.len());
+    let same = again.iter().zip(&sealed).filter(|(x, y)| x == y).count();
+    assert!(same < sealed.len() / 100, "{same} bytes in common");
+    assert_eq!(store.open_derived(&b, "x").expect("opens"), Some(plaintext));
+    // Recovery: a derived object of a version the catalog does not list goes, the rest stay.
+    let orphan = big
+        .parent()
+        .expect("dir")
+        .join("00000000000000000000000000000000.0123456789abcdef.derived");
+    std::fs::write(&orphan, b"orphan").expect("orphan");
+    // And what a crash leaves of one being written (`fsutil::atomic_write`'s temporary).
+    let torn = path(&b, "x").with_extension("tmp-4242-7");
+    std::fs::write(&torn, &sealed[..100]).expect("torn");
+    drop(store);
+    let recovered = crate::harness::open_store(&env.data)
+        .recover()
+        .expect("recovery");
+    assert_eq!(recovered.orphan_files_removed, 2);
+    assert!(!orphan.exists() && !torn.exists());
+    assert!(path(&b, "x").exists() && path(&s, "x").exists());
+}

@@ -847,16 +847,23 @@ impl QueryService {
         );
         let (caller, stop) = (caller.to_string(), stop.clone());
         let started = std::time::Instant::now();
-        let (reduced, kept) = crate::queries::blocking(move || {
+        let (reduced, found, spec) = crate::queries::blocking(move || {
             kept_side(&store, &hasher, &flights, &caller, &spec, limit, &stop)
+                .map(|(reduced, found)| (reduced, found, spec))
         })
         .await?;
         tracing::debug!(
             side = %side.label(),
             ms = started.elapsed().as_millis() as u64,
-            kept,
+            ?found,
             "overlap side ready"
         );
+        if found == Found::Reduced {
+            // Sealed off the answer's path, for the next process.
+            let (store, side) = (self.store.clone(), reduced.clone());
+            let ids = self.entity_hasher.check();
+            tokio::task::spawn_blocking(move || seal_side(&store, ids, &spec, &side));
+        }
         Ok(reduced)
     }
 
@@ -907,8 +914,12 @@ impl QueryService {
                     own: true,
                 };
                 let stop = escrow_query::Stop::default();
-                let (_, kept) = kept_side(&store, &hasher, &flights, &owner, &spec, limit, &stop)?;
-                Ok((!kept).then_some(spec.filters.len()))
+                let (side, found) =
+                    kept_side(&store, &hasher, &flights, &owner, &spec, limit, &stop)?;
+                if found == Found::Reduced {
+                    seal_side(&store, hasher.check(), &spec, &side);
+                }
+                Ok((found != Found::Memory).then_some(spec.filters.len()))
             })
         })
         .await
@@ -971,9 +982,113 @@ fn side_kept_as(caller: &str, key: &str, by: Option<&str>, filters: &[(String, S
     serde_json::json!(["overlap side", asker, key, by, filters]).to_string()
 }
 
-/// Side `spec` reduced, as kept ([`side_kept_as`]) or reduced now and kept, and whether it
-/// was found kept. One reduction at a time per name ([`Flights`]): a question that comes
-/// while its side is reduced ahead waits for that rather than reducing it too (blocking).
+/// Where a side came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Found {
+    /// Kept in memory.
+    Memory,
+    /// Sealed beside its version ([`seal_side`]), read and kept in memory.
+    Sealed,
+    /// Reduced from its version's rows, kept in memory.
+    Reduced,
+}
+
+/// Where a side without a breakdown is sealed beside its version: one object per version
+/// (the side of its populations as they were when it was last reduced), named by the format
+/// of its bytes and the key its entity ids are hashed under (`EntityHasher::check`: ids of
+/// another key are never read as this one's); and the side's own name ([`side_kept_as`]),
+/// sealed in it and checked on reading (a side of other populations is not this one). One
+/// name per version keeps one seal per version whatever the population changes, and the
+/// object's key (a hash of its name) says nothing of the populations' filters. `None` for a
+/// side with a breakdown: it is its asker's alone.
+fn side_sealed_as(spec: &SideSpec, ids: u64) -> Option<(String, String)> {
+    let format = overlap::KEPT_FORMAT;
+    spec.by.is_none().then(|| {
+        (
+            format!("overlap side v{format} ids {ids:016x}"),
+            side_kept_as("", &spec.key, None, &spec.filters),
+        )
+    })
+}
+
+/// Seal a side without a breakdown beside its version, so that the first matrix of another
+/// process reads its entities instead of reducing its rows. A side with a breakdown is not:
+/// it is its asker's alone. A failure is logged: the next process reduces the side.
+fn seal_side(store: &crate::store::Store, ids: u64, spec: &SideSpec, side: &Membership) {
+    let Some((name, populations)) = side_sealed_as(spec, ids) else {
+        return;
+    };
+    let started = std::time::Instant::now();
+    let mut head = (populations.len() as u32).to_le_bytes().to_vec();
+    head.extend_from_slice(populations.as_bytes());
+    let bytes = side.encode(head);
+    match store.seal_derived(&spec.version, &name, &bytes) {
+        Ok(()) => tracing::debug!(
+            side = %label(&spec.owner, &spec.dataset, &spec.version),
+            populations = spec.filters.len(),
+            bytes = bytes.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "overlap side sealed beside its version"
+        ),
+        Err(e) => tracing::warn!(
+            side = %label(&spec.owner, &spec.dataset, &spec.version),
+            error = %e,
+            "overlap side not sealed: the next process reduces it again"
+        ),
+    }
+}
+
+/// A side sealed beside its version ([`seal_side`]), if there is one that reads back. One
+/// that does not (altered, or of another format) is logged and reduced again; one whose
+/// reduction needed more than `limit` fails as reducing it would.
+fn sealed_side(
+    store: &crate::store::Store,
+    ids: u64,
+    spec: &SideSpec,
+    limit: usize,
+) -> Result<Option<Membership>> {
+    let Some((name, populations)) = side_sealed_as(spec, ids) else {
+        return Ok(None);
+    };
+    let warn = |error: &dyn std::fmt::Display| {
+        tracing::warn!(
+            side = %label(&spec.owner, &spec.dataset, &spec.version),
+            %error,
+            "a sealed overlap side does not read back: reduced again"
+        )
+    };
+    let bytes = match store.open_derived(&spec.version, &name) {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            warn(&e);
+            return Ok(None);
+        }
+    };
+    // The side of the populations asked about, or of others (changed since): not this one.
+    let own = bytes
+        .get(..4)
+        .map(|n| u32::from_le_bytes([n[0], n[1], n[2], n[3]]) as usize);
+    let Some(body) = own
+        .and_then(|n| bytes.get(4..4 + n).zip(bytes.get(4 + n..)))
+        .and_then(|(sealed_for, body)| (sealed_for == populations.as_bytes()).then_some(body))
+    else {
+        return Ok(None);
+    };
+    match Membership::decode(body, limit) {
+        Ok(side) => Ok(Some(side)),
+        Err(e @ QueryError::ResourcesExhausted(_)) => Err(e.into()),
+        Err(e) => {
+            warn(&e);
+            Ok(None)
+        }
+    }
+}
+
+/// Side `spec` reduced, as kept ([`side_kept_as`]), sealed ([`sealed_side`]) or reduced now,
+/// and kept in memory, with where it came from. One reduction at a time per name
+/// ([`Flights`]): a question that comes while its side is reduced ahead waits for that
+/// rather than reducing it too (blocking).
 fn kept_side(
     store: &Arc<crate::store::Store>,
     hasher: &escrow_query::EntityHasher,
@@ -982,7 +1097,7 @@ fn kept_side(
     spec: &SideSpec,
     limit: usize,
     stop: &escrow_query::Stop,
-) -> Result<(Arc<Membership>, bool)> {
+) -> Result<(Arc<Membership>, Found)> {
     let name = side_kept_as(caller, &spec.key, spec.by.as_deref(), &spec.filters);
     // The cache keeps it per version; one flight per version and name too (another list's
     // side of the same name is no reason to wait: its time is its rows').
@@ -991,9 +1106,20 @@ fn kept_side(
     flights.one_at_a_time(&flight, || {
         let mark = store.read_mark(&spec.version)?;
         if let Some(kept) = store.derived::<Membership>(&spec.version, mark, &name) {
-            return Ok((kept, true));
+            return Ok((kept, Found::Memory));
         }
         let started = std::time::Instant::now();
+        if let Some(sealed) = sealed_side(store, hasher.check(), spec, limit)? {
+            tracing::debug!(
+                side = %label(&spec.owner, &spec.dataset, &spec.version),
+                ms = started.elapsed().as_millis() as u64,
+                "overlap side read from its seal"
+            );
+            let sealed = Arc::new(sealed);
+            let bytes = sealed.memory_bytes();
+            store.keep_derived(&spec.version, mark, &name, sealed.clone(), bytes);
+            return Ok((sealed, Found::Sealed));
+        }
         let reduced = Arc::new(membership(store, hasher, spec, mark, limit, stop)?);
         tracing::debug!(
             side = %label(&spec.owner, &spec.dataset, &spec.version),
@@ -1003,7 +1129,7 @@ fn kept_side(
         );
         let bytes = reduced.memory_bytes();
         store.keep_derived(&spec.version, mark, &name, reduced.clone(), bytes);
-        Ok((reduced, false))
+        Ok((reduced, Found::Reduced))
     })
 }
 

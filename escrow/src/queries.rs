@@ -852,6 +852,7 @@ impl QueryService {
                     form,
                     width,
                     asker: who.clone(),
+                    ids: hasher.check(),
                 });
                 tables.push(QueryTable {
                     owner,
@@ -1231,12 +1232,15 @@ pub(crate) fn warm_entity_columns(
     }
     let (companies, bytes) = escrow_query::exec::reduce_keys(keys, threads)
         .map_err(|e| Error::internal(format!("a version's companies: {e}")))?;
+    seal_companies(store, &version, hasher.check(), companies.as_ref());
     // Kept as a question keeps them: under the name every asker looks up (no asker's own).
     let keeper = SourceKeeper {
         store: store.clone(),
         version,
         mark,
         asker: String::new(),
+        ids: hasher.check(),
+        reseal: Default::default(),
     };
     escrow_query::Keeper::keep(&keeper, KEYS_REDUCTION, companies, bytes);
     Ok(())
@@ -1362,6 +1366,8 @@ struct SealedSource {
     /// The partner asking: what its questions compute from this version is kept for its own
     /// questions only.
     asker: String,
+    /// Which key its entity ids are hashed under (`EntityHasher::check`).
+    ids: u64,
 }
 
 impl std::fmt::Debug for SealedSource {
@@ -1395,6 +1401,8 @@ impl BatchSource for SealedSource {
             version: self.version.clone(),
             mark,
             asker: self.asker.clone(),
+            ids: self.ids,
+            reseal: Default::default(),
         }))
     }
 }
@@ -1411,6 +1419,10 @@ struct SourceKeeper {
     version: VersionKey,
     mark: ReadMark,
     asker: String,
+    /// Which key the entity ids are hashed under (`EntityHasher::check`).
+    ids: u64,
+    /// The version's companies were not found sealed: seal them once kept.
+    reseal: std::sync::atomic::AtomicBool,
 }
 
 type Value = Arc<dyn std::any::Any + Send + Sync>;
@@ -1435,15 +1447,96 @@ fn every_askers(name: &str) -> String {
     serde_json::json!(["sql", null, name]).to_string()
 }
 
+/// The name a version's companies are sealed under beside it ([`seal_companies`]): their
+/// format, and the key their entity ids are hashed under (`EntityHasher::check`: ids of
+/// another key, after the noise secret changed, are never read as this one's).
+fn companies_sealed_as(ids: u64) -> String {
+    let format = escrow_query::exec::KEYS_FORMAT;
+    format!("sql companies v{format} ids {ids:016x}")
+}
+
+/// Seal a version's companies (`KEYS_REDUCTION`) beside it, so that the first join over it
+/// in another process (a restarted server, another node) reads them instead of reducing its
+/// key column again. A failure is logged: that process reduces them.
+fn seal_companies(
+    store: &Store,
+    version: &VersionKey,
+    ids: u64,
+    companies: &(dyn std::any::Any + Send + Sync),
+) {
+    let Some(bytes) = escrow_query::exec::encode_keys(companies) else {
+        tracing::error!("a version's companies are not a reduction of keys: not sealed");
+        return;
+    };
+    match store.seal_derived(version, &companies_sealed_as(ids), &bytes) {
+        Ok(()) => tracing::debug!(
+            version = %version.version_id,
+            bytes = bytes.len(),
+            "a version's companies sealed beside it"
+        ),
+        Err(e) => tracing::warn!(
+            version = %version.version_id,
+            error = %e,
+            "a version's companies not sealed: the next process reduces them again"
+        ),
+    }
+}
+
+/// A version's companies sealed beside it ([`seal_companies`]), if they read back; ones that
+/// do not (altered, or of another format) are logged and reduced again.
+fn sealed_companies(store: &Store, version: &VersionKey, ids: u64) -> Option<(Value, usize)> {
+    let read = store
+        .open_derived(version, &companies_sealed_as(ids))
+        .and_then(|bytes| match bytes {
+            Some(b) => escrow_query::exec::decode_keys(&b)
+                .map(Some)
+                .map_err(|e| Error::internal(format!("{e}"))),
+            None => Ok(None),
+        });
+    match read {
+        Ok(companies) => companies,
+        Err(e) => {
+            tracing::warn!(
+                version = %version.version_id,
+                error = %e,
+                "a version's sealed companies do not read back: reduced again"
+            );
+            None
+        }
+    }
+}
+
 impl escrow_query::Keeper for SourceKeeper {
     fn get(&self, name: &str) -> Option<Value> {
-        let kept = self
-            .store
-            .derived::<Value>(&self.version, self.mark, &self.name(name))?;
-        Some(Value::clone(&kept))
+        let key = self.name(name);
+        if let Some(kept) = self.store.derived::<Value>(&self.version, self.mark, &key) {
+            return Some(Value::clone(&kept));
+        }
+        if name != KEYS_REDUCTION {
+            return None;
+        }
+        let Some((companies, bytes)) = sealed_companies(&self.store, &self.version, self.ids)
+        else {
+            // The question reduces them: sealed once it keeps them (`keep`).
+            self.reseal
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            return None;
+        };
+        tracing::debug!(version = %self.version.version_id, "a version's companies read from their seal");
+        self.keep(name, companies.clone(), bytes);
+        Some(companies)
     }
 
     fn keep(&self, name: &str, value: Value, bytes: usize) {
+        if name == KEYS_REDUCTION && self.reseal.load(std::sync::atomic::Ordering::Relaxed) {
+            // Off the answer's path, for the next process.
+            let (store, version, companies) =
+                (self.store.clone(), self.version.clone(), value.clone());
+            let ids = self.ids;
+            tokio::task::spawn_blocking(move || {
+                seal_companies(&store, &version, ids, companies.as_ref())
+            });
+        }
         let name = self.name(name);
         (self.store).keep_derived(&self.version, self.mark, &name, Arc::new(value), bytes);
     }

@@ -42,7 +42,10 @@ use datafusion::physical_plan::aggregates::order::GroupOrdering;
 use crate::QueryError;
 use crate::gate::{GateReport, Metric};
 use crate::hashing::{FastMap, FastSet, SHARDS, on_lanes, reserved_for, shard_of};
+
+mod kept;
 use crate::stop::Stop;
+pub(crate) use kept::FORMAT as KEYS_FORMAT;
 
 /// No entry.
 const NONE: u32 = u32::MAX;
@@ -1024,6 +1027,24 @@ mod tests {
                 .iter()
                 .all(|s| matches!(s.companies, Companies::Keys(_)))
         );
+        // As bytes and back (sealed beside a version): the same companies, and the rows
+        // without a key.
+        let back = Reduction::decode_keys(&reduction.encode_keys().expect("keys")).unwrap();
+        assert_eq!(back.rows(), reduction.rows());
+        assert_eq!(
+            (back.null.0.head, back.null.0.len, &back.null.1.next),
+            (
+                reduction.null.0.head,
+                reduction.null.0.len,
+                &reduction.null.1.next
+            )
+        );
+        for (b, r) in back.shards.iter().zip(&reduction.shards) {
+            let (Companies::Keys(b), Companies::Keys(r)) = (&b.companies, &r.companies) else {
+                unreachable!()
+            };
+            assert_eq!(b, r);
+        }
         // One partition (as a version's companies are reduced after its upload): its sets
         // hold room for half its 3000 rows, not one slot a row, and in less memory than
         // the same companies as chains of entries (one metric makes them chains).
@@ -1055,6 +1076,10 @@ mod tests {
         assert_eq!(chains.rows(), alone.rows());
         assert!((chains.shards.iter()).all(|s| matches!(s.companies, Companies::Chains(_))));
         assert!(alone.bytes() < chains.bytes());
+        assert!(
+            chains.encode_keys().is_none(),
+            "chains are not sealed as keys"
+        );
         let found = (0..2000u64)
             .filter(|&i| {
                 let key = id(i);

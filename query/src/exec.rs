@@ -454,6 +454,24 @@ pub fn reduce_keys(
     Ok((Arc::new(reduction), bytes))
 }
 
+/// A version's companies as [`reduce_keys`] made them, as bytes for the service to seal beside
+/// the version (in format [`KEYS_FORMAT`]); `None` for a value that is not such a reduction.
+pub fn encode_keys(value: &(dyn std::any::Any + Send + Sync)) -> Option<Vec<u8>> {
+    value.downcast_ref::<Reduction>()?.encode_keys()
+}
+
+/// [`encode_keys`]'s bytes back as the value [`reduce_keys`] makes, with the bytes it holds.
+pub fn decode_keys(
+    bytes: &[u8],
+) -> Result<(Arc<dyn std::any::Any + Send + Sync>, usize), QueryError> {
+    let reduction = Reduction::decode_keys(bytes)?;
+    let held = reduction.bytes();
+    Ok((Arc::new(reduction), held))
+}
+
+/// The format of [`encode_keys`]'s bytes.
+pub const KEYS_FORMAT: u32 = crate::entities::KEYS_FORMAT;
+
 /// Per table instance: the first instance of the same [`Shape`] (itself if none before).
 fn first_of_shape(scans: &[LogicalPlan], report: &GateReport) -> Vec<usize> {
     let shapes: Vec<Option<Shape>> = (scans.iter().enumerate())
@@ -713,17 +731,19 @@ async fn reduce_tables(
                 reduced[t] = Some(same.clone());
                 continue;
             }
-            let keeper = match kept_as[t].clone() {
-                Some((source, name)) => SpawnedTask::spawn_blocking(move || source.keeper())
-                    .join_unwind()
-                    .await
-                    .map_err(|e| internal(&format!("a source's keeper: {e}")))?
-                    .map(|k| (k, name)),
-                None => None,
+            // Looked up on the blocking pool: a keeper may read what it kept from storage.
+            let (keeper, kept) = match kept_as[t].clone() {
+                Some((source, name)) => SpawnedTask::spawn_blocking(move || {
+                    let keeper = source.keeper();
+                    let kept = keeper.as_ref().and_then(|k| k.get(&name));
+                    (keeper.map(|k| (k, name)), kept)
+                })
+                .join_unwind()
+                .await
+                .map_err(|e| internal(&format!("a source's keeper: {e}")))?,
+                None => (None, None),
             };
-            let kept = (keeper.as_ref())
-                .and_then(|(k, name)| k.get(name))
-                .and_then(|v| v.downcast::<Reduction>().ok());
+            let kept = kept.and_then(|v| v.downcast::<Reduction>().ok());
             if let Some(kept) = kept {
                 reduced[t] = Some(kept);
                 stages.push(("another partner's table as reduced before", at.elapsed()));

@@ -9,6 +9,7 @@ pub mod exec;
 pub mod executor;
 pub mod gate;
 mod hashing;
+mod kept;
 pub mod memory;
 pub mod noise;
 pub mod overlap;

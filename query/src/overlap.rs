@@ -60,6 +60,9 @@ use crate::exec::{Applied, release_threshold};
 use crate::hashing::{FastMap, SHARDS, Sharded, on_lanes, reserved_for, shard_of};
 use crate::noise::{Noise, Sensitivity, Variance};
 
+mod kept;
+pub use kept::FORMAT as KEPT_FORMAT;
+
 /// Populations of one dataset that can take part in a matrix (one bit each).
 pub const MAX_POPULATIONS: usize = 64;
 
@@ -159,6 +162,9 @@ pub struct Membership {
     /// Interned dimension values.
     values: Vec<String>,
     index: HashMap<String, u32>,
+    /// The most its reduction held (bytes, as checked against its limit): a side read back
+    /// ([`Membership::decode`]) is refused under a limit its reduction would have exceeded.
+    peak: usize,
 }
 
 impl Membership {
@@ -291,6 +297,14 @@ fn internal(m: impl Into<String>) -> QueryError {
     QueryError::Internal(m.into())
 }
 
+/// A side that needs more than its limit of `memory_limit` bytes.
+fn over_limit(memory_limit: usize) -> QueryError {
+    QueryError::ResourcesExhausted(format!(
+        "the overlap of a dataset needs more than the per-query limit of {} MiB",
+        memory_limit >> 20
+    ))
+}
+
 /// Reduce one side's batches to its entities. Rows without an entity id (unmatched keys) and
 /// rows in no population count nowhere. Fails with [`QueryError::ResourcesExhausted`] when
 /// the reduced side outgrows `memory_limit` bytes.
@@ -314,12 +328,7 @@ pub fn memberships(
             .map(|p| p.kinds.clone()),
         ..Membership::default()
     };
-    let over = || {
-        QueryError::ResourcesExhausted(format!(
-            "the overlap of a dataset needs more than the per-query limit of {} MiB",
-            memory_limit >> 20
-        ))
-    };
+    let over = || over_limit(memory_limit);
     // Rows are staged in their entity's shard as they come, then each shard is built on its
     // own: its entities fit in a core's cache while it is (one table of them all would
     // take a cache miss per row). Batches are staged on two threads, each pulling the next
@@ -401,6 +410,8 @@ pub fn memberships(
             parts.push(lane.map_err(|_| internal("overlap: a thread staging rows"))??);
         }
     }
+    // The most staging held: what was checked last (staged bytes only grow).
+    out.peak = out.memory_bytes() + parts.iter().map(|p| held(p)).sum::<usize>();
     // Per shard, every worker's rows of it.
     let mut staged: Vec<Vec<Vec<Staged>>> = (0..SHARDS).map(|_| Vec::new()).collect();
     for part in parts {
@@ -428,7 +439,8 @@ pub fn memberships(
             out.more_values.extend(more_values);
         }
     }
-    if out.memory_bytes() > memory_limit {
+    out.peak = out.peak.max(out.memory_bytes());
+    if out.peak > memory_limit {
         return Err(over());
     }
     out.fold_names();
@@ -1071,6 +1083,43 @@ mod tests {
             f
         };
         assert_eq!(folded(&one), folded(&many));
+        // Read back from its bytes, it is the same side, counts the same and is refused
+        // under the same limits; cut short or of another format, it is an error.
+        let bytes = one.encode(Vec::new());
+        let back = Membership::decode(&bytes, 1 << 30).expect("read back");
+        assert_eq!(sorted(&back), sorted(&one));
+        assert_eq!(folded(&back), folded(&one));
+        assert_eq!(
+            (back.named, &back.place_kinds),
+            (one.named, &one.place_kinds)
+        );
+        let cells = |a: &Membership| {
+            let mut c: Vec<(usize, usize, u64)> = (count(a, &many, 3, false).iter())
+                .map(|c| (c.a, c.b, c.entities))
+                .collect();
+            c.sort_unstable();
+            c
+        };
+        assert!(!cells(&one).is_empty());
+        assert_eq!(cells(&back), cells(&one));
+        assert!(Membership::decode(&bytes, one.peak).is_ok());
+        // The peak is the reduction's own: it fits in exactly that much, not a byte less.
+        let all = || std::iter::once(Ok(whole.clone()));
+        assert!(memberships(&side, all(), one.peak).is_ok());
+        assert!(matches!(
+            memberships(&side, all(), one.peak - 1),
+            Err(QueryError::ResourcesExhausted(_))
+        ));
+        assert!(matches!(
+            Membership::decode(&bytes, one.peak - 1),
+            Err(QueryError::ResourcesExhausted(_))
+        ));
+        for cut in (0..bytes.len()).step_by(37) {
+            assert!(Membership::decode(&bytes[..cut], 1 << 30).is_err(), "{cut}");
+        }
+        let mut other = bytes.clone();
+        other[8] ^= 1;
+        assert!(Membership::decode(&other, 1 << 30).is_err());
         // A failing batch fails the side, whichever thread takes it.
         let mut failing: Vec<Result<RecordBatch, String>> =
             (0..20).map(|_| Ok(whole.slice(0, 10))).collect();
@@ -1112,6 +1161,11 @@ mod tests {
         ]);
         let mb = memberships(&side(&POPS, true), std::iter::once(Ok(b)), 1 << 30).expect("b");
         let cells = count(&ma, &mb, 3, true);
+        // Read back from its bytes, a side keeps its values and counts the same.
+        let back = Membership::decode(&ma.encode(Vec::new()), 1 << 30).expect("read back");
+        assert_eq!(back.values, ma.values);
+        assert_eq!(back.more_values, ma.more_values);
+        assert_eq!(count(&back, &mb, 3, true), cells);
         let got: Vec<(Option<&str>, u64)> = cells
             .iter()
             .map(|c| (c.value.as_deref(), c.entities))

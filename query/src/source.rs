@@ -48,6 +48,7 @@ pub trait BatchSource: Send + Sync + fmt::Debug {
 /// Values computed from a source's rows, kept by the service between one asker's questions
 /// under names that say how they were computed ([`BatchSource::keeper`]).
 pub trait Keeper: Send {
+    /// The value kept as `name`, if any (blocking: a keeper may read it back from storage).
     fn get(&self, name: &str) -> Option<Arc<dyn Any + Send + Sync>>;
     /// Keep `value`, counted as `bytes` in what the service keeps.
     fn keep(&self, name: &str, value: Arc<dyn Any + Send + Sync>, bytes: usize);

@@ -261,7 +261,9 @@ async fn a_versions_companies_reduced_ahead_answer_as_a_question_reduces_them() 
     let (companies, bytes) = escrow_query::exec::reduce_keys(keys, 2).expect("companies");
     let kept = Kept::default();
     let name = escrow_query::exec::KEYS_REDUCTION.to_string();
-    kept.lock().expect("kept").insert(name, (companies, bytes));
+    kept.lock()
+        .expect("kept")
+        .insert(name.clone(), (companies.clone(), bytes));
     Arc::get_mut(&mut globex.1).expect("one owner").kept = Some(kept);
     let join = "SELECT a.region, COUNT(DISTINCT a.website) FROM acme.accounts a \
                 JOIN globex.accounts b ON a.website = b.website GROUP BY a.region";
@@ -272,4 +274,27 @@ async fn a_versions_companies_reduced_ahead_answer_as_a_question_reduces_them() 
     // globex's list was not read: its companies were found kept.
     assert_eq!(globex.1.reads.lock().expect("reads").len(), 0);
     assert_eq!(acme.1.reads.lock().expect("reads").len(), 1);
+
+    // As bytes and back (what the service seals beside the version, and a restarted server
+    // reads): the same answer, globex's list still not read.
+    let sealed = escrow_query::exec::encode_keys(companies.as_ref()).expect("keys alone");
+    let (back, held) = escrow_query::exec::decode_keys(&sealed).expect("read back");
+    assert!(held > 0);
+    let mut globex = list(100..400, &hasher);
+    let kept = Kept::default();
+    kept.lock().expect("kept").insert(name, (back, held));
+    Arc::get_mut(&mut globex.1).expect("one owner").kept = Some(kept);
+    let read_back = run(join, &list(0..200, &hasher), &globex).await;
+    assert_eq!(read_back.batches, fresh.batches);
+    assert_eq!(globex.1.reads.lock().expect("reads").len(), 0);
+    // Cut short or altered in its counts, the bytes are an error, not companies.
+    for cut in (0..sealed.len()).step_by(13) {
+        assert!(
+            escrow_query::exec::decode_keys(&sealed[..cut]).is_err(),
+            "{cut}"
+        );
+    }
+    let mut other = sealed.clone();
+    other[8] ^= 1;
+    assert!(escrow_query::exec::decode_keys(&other).is_err());
 }

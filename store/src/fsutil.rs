@@ -25,7 +25,11 @@ pub fn sync_parent(path: &Path) -> io::Result<()> {
 /// Replace `path` atomically with `contents`: temp file, fsync, rename, fsync directory.
 /// `private` makes the file 0600.
 pub fn atomic_write(path: &Path, contents: &[u8], private: bool) -> io::Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    // Its own temporary per write: two writers of one path in one process never share one
+    // (one could otherwise rename the other's half-written file into place).
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp-{}-{n}", std::process::id()));
     let _ = fs::remove_file(&tmp);
     let mut f = OpenOptions::new()
         .write(true)

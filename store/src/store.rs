@@ -307,12 +307,16 @@ impl Store {
         let known: HashSet<(String, String)> =
             self.catalog.all_version_ids()?.into_iter().collect();
         for meta in stored {
-            let version = objects::parse_version_key(&meta.key);
+            // A derived object goes with its version.
+            let version = objects::parse_version_key(&meta.key)
+                .or_else(|| objects::parse_derived_key(&meta.key));
             let listed =
                 version.is_some_and(|(d, v)| known.contains(&(d.to_string(), v.to_string())));
             // Only what escrow writes there is removed: versions and the local backend's
             // partial copies. Anything else is someone's file, left alone.
-            let ours = version.is_some() || meta.key.ends_with(".sealed.partial");
+            let ours = version.is_some()
+                || meta.key.ends_with(".sealed.partial")
+                || objects::is_partial_derived(&meta.key);
             if !ours {
                 tracing::warn!(key = meta.key, "not an escrow object: left alone");
                 continue;
@@ -741,6 +745,59 @@ impl Store {
             value,
             bytes,
         );
+    }
+
+    /// Seal `plaintext`, a value derived from version `v`'s plaintext, as object `name` beside
+    /// the version, so that another process (a restarted server, another node) reads it back
+    /// ([`Self::open_derived`]) instead of deriving it again. Sealed as versions are, under a
+    /// key derived from the version's data key with a fresh salt (`keys::derived_key`): it
+    /// is removed with its dataset, shredded with its data key, unaffected by a rotation, and
+    /// an object of another name or version does not open in its place. Written whole or not
+    /// at all; writing it again replaces it.
+    pub fn seal_derived(&self, v: &VersionKey, name: &str, plaintext: &[u8]) -> Result<()> {
+        let (bind, dek) = self.data_key(v)?;
+        let salt: [u8; keys::SALT_LEN] = crate::crypto::random_bytes()?;
+        let key = keys::derived_key(&dek, &salt, name)?;
+        // Sealed in memory and stored whole: nothing in `DIR/tmp`, which holds uploads in
+        // flight (a derived object is at most about as large as the version's columns it
+        // was derived from, already in memory).
+        let segments = plaintext.len() / self.config.segment_size as usize + 1;
+        let mut sealed =
+            Vec::with_capacity(keys::SALT_LEN + seal::HEADER_LEN + plaintext.len() + segments * 16);
+        sealed.extend_from_slice(&salt);
+        let mut sealer = SealWriter::new(sealed, &key[..], bind, self.config.segment_size)?;
+        std::io::Write::write_all(&mut sealer, plaintext)?;
+        let (sealed, _, _) = sealer.finish()?;
+        let key = objects::derived_key(&v.dataset_id, &v.version_id, name);
+        self.objects.put_bytes(&key, &sealed)?;
+        // A delete that listed the dataset's objects before this one was stored would leave it
+        // behind (unreadable: the data key it comes from is gone): removed now rather than
+        // by the next startup's recovery. A delete that lists them after this check finds it.
+        if !self.catalog.version_exists(&v.dataset_id, &v.version_id)? {
+            self.objects.delete(&key)?;
+        }
+        Ok(())
+    }
+
+    /// The plaintext sealed as `name` beside version `v` ([`Self::seal_derived`]), verified;
+    /// `None` if there is none. One that does not authenticate is `Error::Integrity`.
+    pub fn open_derived(&self, v: &VersionKey, name: &str) -> Result<Option<Vec<u8>>> {
+        let key = objects::derived_key(&v.dataset_id, &v.version_id, name);
+        let Some(mut object) = self.objects.open(&key)? else {
+            return Ok(None);
+        };
+        let (bind, dek) = self.data_key(v)?;
+        let mut salt = [0u8; keys::SALT_LEN];
+        if fsutil::read_full(&mut object, &mut salt)? != keys::SALT_LEN {
+            return Err(Error::Integrity(format!("derived object {key}: truncated")));
+        }
+        let key = keys::derived_key(&dek, &salt, name)?;
+        let mut opened = OpenReader::new(object, &key[..], bind).map_err(io_to_integrity)?;
+        let mut plaintext = Vec::new();
+        opened
+            .read_to_end(&mut plaintext)
+            .map_err(io_to_integrity)?;
+        Ok(Some(plaintext))
     }
 
     /// The verified batches of a version with only its stored `columns` (ascending): only

@@ -97,6 +97,25 @@ impl Kek {
     }
 }
 
+/// Salt bytes of a derived key ([`derived_key`]).
+pub const SALT_LEN: usize = 32;
+
+/// The key of one object derived from a version's plaintext and sealed beside it
+/// (`Store::seal_derived`): HKDF-SHA256 of the version's data key, with the object's own
+/// random salt and its name as context. A fresh key per object written (the salt), so the
+/// sealed format's counter nonces never repeat under one key, even when an object is written
+/// again; and the object goes with its version's data key (a delete crypto-shreds both, a
+/// rotation, which rewraps the data key only, keeps both readable).
+pub fn derived_key(dek: &SecretKey, salt: &[u8; SALT_LEN], name: &str) -> Result<SecretKey> {
+    let mut info = b"escrow derived object v1\0".to_vec();
+    info.extend_from_slice(name.as_bytes());
+    let mut key: SecretKey = Zeroizing::new([0u8; KEY_LEN]);
+    hkdf::Hkdf::<Sha256>::new(Some(salt), &dek[..])
+        .expand(&info, &mut key[..])
+        .map_err(|e| Error::internal(format!("derived key: {e}")))?;
+    Ok(key)
+}
+
 /// Where a key-encryption key is kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyLocation {

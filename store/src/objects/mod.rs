@@ -7,7 +7,9 @@
 //! authenticated and bound to its dataset, version and position, so a swapped, truncated or
 //! altered object fails its read exactly as a file on disk does. Nothing here decrypts.
 //!
-//! Keys are relative paths: `datasets/DATASET_ID/VERSION_ID.sealed` for versions, and
+//! Keys are relative paths: `datasets/DATASET_ID/VERSION_ID.sealed` for versions,
+//! `datasets/DATASET_ID/VERSION_ID.HASH.derived` for what a version's plaintext was reduced
+//! to and kept sealed beside it (sealed too, under a key derived from the version's), and
 //! `objects.id`, which binds the object store to its catalog. Uploads in flight and ingest
 //! spools are node-local scratch (`DIR/tmp`) until their version is put here whole.
 
@@ -46,7 +48,8 @@ pub trait Objects: Send + Sync {
     /// Store the finished local file `from` as `key`, durably, and remove `from` (a local
     /// backend moves it). Either the whole object is stored or none of it is visible.
     fn put_file(&self, key: &str, from: &Path) -> Result<()>;
-    /// Store a small object whole (markers).
+    /// Store an object held in memory whole (markers, derived objects): either all of it is
+    /// visible or none of it.
     fn put_bytes(&self, key: &str, bytes: &[u8]) -> Result<()>;
     /// A small object whole; `None` if there is none.
     fn get_bytes(&self, key: &str) -> Result<Option<Vec<u8>>>;
@@ -88,6 +91,38 @@ pub const OBJECTS_ID: &str = "objects.id";
 /// The key of a version's sealed object.
 pub fn version_key(dataset_id: &str, version_id: &str) -> String {
     format!("{DATASETS}{dataset_id}/{version_id}.sealed")
+}
+
+/// The key of an object derived from a version's plaintext (`Store::seal_derived`), named
+/// `name`: beside the version, under a hash of the name.
+pub fn derived_key(dataset_id: &str, version_id: &str, name: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let hash = hex::encode(&Sha256::digest(name.as_bytes())[..16]);
+    format!("{DATASETS}{dataset_id}/{version_id}.{hash}.derived")
+}
+
+/// The dataset and version ids of a derived object's key; `None` for anything else.
+pub fn parse_derived_key(key: &str) -> Option<(&str, &str)> {
+    let rest = key.strip_prefix(DATASETS)?;
+    let (dataset, file) = rest.split_once('/')?;
+    let (version, hash) = file.strip_suffix(".derived")?.split_once('.')?;
+    let id = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit());
+    (id(dataset) && id(version) && id(hash)).then_some((dataset, version))
+}
+
+/// Whether `key` is what the local backend leaves of a derived object it was writing when
+/// its process died (`fsutil::atomic_write`: `VERSION_ID.HASH.tmp-PID-N`).
+pub fn is_partial_derived(key: &str) -> bool {
+    let Some((_, file)) = key.strip_prefix(DATASETS).and_then(|r| r.split_once('/')) else {
+        return false;
+    };
+    let Some((stem, pid)) = file.rsplit_once(".tmp-") else {
+        return false;
+    };
+    let hex = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit());
+    !pid.is_empty()
+        && pid.bytes().all(|b| b.is_ascii_digit() || b == b'-')
+        && stem.split_once('.').is_some_and(|(v, h)| hex(v) && hex(h))
 }
 
 /// The folder of one dataset's versions.
