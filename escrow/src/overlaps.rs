@@ -1019,9 +1019,7 @@ fn seal_side(store: &crate::store::Store, ids: u64, spec: &SideSpec, side: &Memb
         return;
     };
     let started = std::time::Instant::now();
-    let mut head = (populations.len() as u32).to_le_bytes().to_vec();
-    head.extend_from_slice(populations.as_bytes());
-    let bytes = side.encode(head);
+    let bytes = side.encode(&populations);
     match store.seal_derived(&spec.version, &name, &bytes) {
         Ok(()) => tracing::debug!(
             side = %label(&spec.owner, &spec.dataset, &spec.version),
@@ -1065,18 +1063,9 @@ fn sealed_side(
             return Ok(None);
         }
     };
-    // The side of the populations asked about, or of others (changed since): not this one.
-    let own = bytes
-        .get(..4)
-        .map(|n| u32::from_le_bytes([n[0], n[1], n[2], n[3]]) as usize);
-    let Some(body) = own
-        .and_then(|n| bytes.get(4..4 + n).zip(bytes.get(4 + n..)))
-        .and_then(|(sealed_for, body)| (sealed_for == populations.as_bytes()).then_some(body))
-    else {
-        return Ok(None);
-    };
-    match Membership::decode(body, limit) {
-        Ok(side) => Ok(Some(side)),
+    // `None`: the side of other populations (changed since), not this one.
+    match Membership::decode(&bytes, &populations, limit) {
+        Ok(side) => Ok(side),
         Err(e @ QueryError::ResourcesExhausted(_)) => Err(e.into()),
         Err(e) => {
             warn(&e);

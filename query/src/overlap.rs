@@ -1085,8 +1085,9 @@ mod tests {
         assert_eq!(folded(&one), folded(&many));
         // Read back from its bytes, it is the same side, counts the same and is refused
         // under the same limits; cut short or of another format, it is an error.
-        let bytes = one.encode(Vec::new());
-        let back = Membership::decode(&bytes, 1 << 30).expect("read back");
+        let bytes = one.encode("x");
+        let back = (Membership::decode(&bytes, "x", 1 << 30).expect("read back")).expect("x");
+        assert!(matches!(Membership::decode(&bytes, "y", 1 << 30), Ok(None)));
         assert_eq!(sorted(&back), sorted(&one));
         assert_eq!(folded(&back), folded(&one));
         assert_eq!(
@@ -1102,7 +1103,10 @@ mod tests {
         };
         assert!(!cells(&one).is_empty());
         assert_eq!(cells(&back), cells(&one));
-        assert!(Membership::decode(&bytes, one.peak).is_ok());
+        assert!(matches!(
+            Membership::decode(&bytes, "x", one.peak),
+            Ok(Some(_))
+        ));
         // The peak is the reduction's own: it fits in exactly that much, not a byte less.
         let all = || std::iter::once(Ok(whole.clone()));
         assert!(memberships(&side, all(), one.peak).is_ok());
@@ -1111,15 +1115,18 @@ mod tests {
             Err(QueryError::ResourcesExhausted(_))
         ));
         assert!(matches!(
-            Membership::decode(&bytes, one.peak - 1),
+            Membership::decode(&bytes, "x", one.peak - 1),
             Err(QueryError::ResourcesExhausted(_))
         ));
         for cut in (0..bytes.len()).step_by(37) {
-            assert!(Membership::decode(&bytes[..cut], 1 << 30).is_err(), "{cut}");
+            assert!(
+                Membership::decode(&bytes[..cut], "x", 1 << 30).is_err(),
+                "{cut}"
+            );
         }
         let mut other = bytes.clone();
         other[8] ^= 1;
-        assert!(Membership::decode(&other, 1 << 30).is_err());
+        assert!(Membership::decode(&other, "x", 1 << 30).is_err());
         // A failing batch fails the side, whichever thread takes it.
         let mut failing: Vec<Result<RecordBatch, String>> =
             (0..20).map(|_| Ok(whole.slice(0, 10))).collect();
@@ -1162,7 +1169,8 @@ mod tests {
         let mb = memberships(&side(&POPS, true), std::iter::once(Ok(b)), 1 << 30).expect("b");
         let cells = count(&ma, &mb, 3, true);
         // Read back from its bytes, a side keeps its values and counts the same.
-        let back = Membership::decode(&ma.encode(Vec::new()), 1 << 30).expect("read back");
+        let back = Membership::decode(&ma.encode(""), "", 1 << 30).expect("read back");
+        let back = back.expect("the side named so");
         assert_eq!(back.values, ma.values);
         assert_eq!(back.more_values, ma.more_values);
         assert_eq!(count(&back, &mb, 3, true), cells);

@@ -2,7 +2,8 @@
 //! a restarted server reads a side's entities instead of reducing its rows again.
 //!
 //! ```text
-//! "ESCROWSD" | format u32 | peak u64 | named u8 | place kinds (u8 present, str)
+//! "ESCROWSD" | format u32 | sealed for (str: the side's name) | peak u64 | named u8
+//! place kinds (u8 present, str)
 //! values: u32 n, n x str                        (str := u32 length | UTF-8 bytes)
 //! members: SHARDS x u32 (per shard, in shard order), then column by column over them all:
 //!          ids u64 | masks u64 | values u32 | names u64 | places u64 | flags u8
@@ -30,13 +31,16 @@ const LINKABLE: u8 = 1;
 const NAME_ONLY: u8 = 2;
 
 impl Membership {
-    /// The side as bytes ([`Membership::decode`] reads them back), after `head`.
-    pub fn encode(&self, mut head: Vec<u8>) -> Vec<u8> {
+    /// The side as bytes, named `sealed_for` (what the side is of: [`Membership::decode`]
+    /// reads them back under that name only).
+    pub fn encode(&self, sealed_for: &str) -> Vec<u8> {
         let members = self.members.len();
-        head.reserve(64 + members * 37 + self.folded.len() * 16);
-        let mut w = Writer(head);
+        let mut w = Writer(Vec::with_capacity(
+            64 + sealed_for.len() + members * 37 + self.folded.len() * 16,
+        ));
         w.0.extend_from_slice(MAGIC);
         w.u32(FORMAT);
+        w.str(sealed_for);
         w.u64(self.peak as u64);
         w.u8(u8::from(self.named));
         w.u8(u8::from(self.place_kinds.is_some()));
@@ -79,13 +83,21 @@ impl Membership {
         w.0
     }
 
-    /// A side from [`Membership::encode`]'s bytes. Fails as reducing the side again would
+    /// A side from [`Membership::encode`]'s bytes; `None` if they are of a side named
+    /// otherwise (its populations changed since it was sealed). Fails as reducing it would
     /// when the reduction needed more than `memory_limit` bytes at its peak (so a side is
     /// refused, or not, whether it was kept or not).
-    pub fn decode(bytes: &[u8], memory_limit: usize) -> Result<Membership, QueryError> {
+    pub fn decode(
+        bytes: &[u8],
+        sealed_for: &str,
+        memory_limit: usize,
+    ) -> Result<Option<Membership>, QueryError> {
         let mut r = Reader::new(bytes);
         if r.take(MAGIC.len())? != MAGIC || r.u32()? != FORMAT {
             return Err(internal("kept overlap side: another format"));
+        }
+        if r.str()? != sealed_for {
+            return Ok(None);
         }
         let peak = usize::try_from(r.u64()?).unwrap_or(usize::MAX);
         if peak > memory_limit {
@@ -161,6 +173,6 @@ impl Membership {
         if r.left() != 0 {
             return Err(internal("kept overlap side: bytes past its end"));
         }
-        Ok(out)
+        Ok(Some(out))
     }
 }
