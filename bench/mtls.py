@@ -49,8 +49,10 @@ def restart(pid, binary, data):
     os.kill(pid, signal.SIGTERM)
     while os.path.exists(f"/proc/{pid}") and "zombie" not in open(f"/proc/{pid}/status").read().lower():
         time.sleep(0.05)
+    # Its log is appended to bench/out/restarted-serve.log (ESCROW_LOG=debug: stage timings).
+    log = open(os.path.join("bench", "out", "restarted-serve.log"), "a")
     proc = subprocess.Popen([binary, "serve", "--data-dir", data, "--listen", "127.0.0.1:0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            stdout=subprocess.PIPE, stderr=log, text=True)
     atexit.register(proc.terminate)
     for line in proc.stdout:
         if line.startswith("escrow listening on "):

@@ -577,10 +577,11 @@ impl Env {
             .collect()
     }
 
-    /// Wait (20 s at most) until `n` objects derived from versions are sealed beside them
-    /// (they are written in the background after uploads and questions).
+    /// Wait (60 s at most) until `n` objects derived from versions are sealed beside them
+    /// (they are written in the background, a second after uploads and questions, at the
+    /// lowest priority: a loaded machine runs them last).
     pub fn wait_derived(&self, n: usize) -> Vec<PathBuf> {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let derived = self.derived_files();
             if derived.len() >= n {

@@ -229,6 +229,15 @@ impl Application {
         server::serve(self.state, self.listener, self.tls, shutdown, self.grace).await;
         checkpoints.abort();
         crl.abort();
+        // Seals written for the next process (`Store::later`) finish first, within the grace:
+        // otherwise it reduces again what they hold.
+        let (sealing, grace) = (store.clone(), self.grace);
+        match tokio::task::spawn_blocking(move || sealing.wait_later(grace)).await {
+            Ok(true) => {}
+            _ => {
+                tracing::warn!("shutting down with seals unwritten: the next process reduces again")
+            }
+        }
         let stopped = Event::new(
             "shutdown",
             Actor::system(),

@@ -859,10 +859,12 @@ impl QueryService {
             "overlap side ready"
         );
         if found == Found::Reduced {
-            // Sealed off the answer's path, for the next process.
-            let (store, side) = (self.store.clone(), reduced.clone());
-            let ids = self.entity_hasher.check();
-            tokio::task::spawn_blocking(move || seal_side(&store, ids, &spec, &side));
+            seal_side_later(
+                &self.store,
+                self.entity_hasher.check(),
+                spec,
+                reduced.clone(),
+            );
         }
         Ok(reduced)
     }
@@ -916,10 +918,11 @@ impl QueryService {
                 let stop = escrow_query::Stop::default();
                 let (side, found) =
                     kept_side(&store, &hasher, &flights, &owner, &spec, limit, &stop)?;
+                let populations = spec.filters.len();
                 if found == Found::Reduced {
-                    seal_side(&store, hasher.check(), &spec, &side);
+                    seal_side_later(&store, hasher.check(), spec, side);
                 }
-                Ok((found != Found::Memory).then_some(spec.filters.len()))
+                Ok((found != Found::Memory).then_some(populations))
             })
         })
         .await
@@ -1012,15 +1015,46 @@ fn side_sealed_as(spec: &SideSpec, ids: u64) -> Option<(String, String)> {
 }
 
 /// Seal a side without a breakdown beside its version, so that the first matrix of another
-/// process reads its entities instead of reducing its rows. A side with a breakdown is not:
-/// it is its asker's alone. A failure is logged: the next process reduces the side.
-fn seal_side(store: &crate::store::Store, ids: u64, spec: &SideSpec, side: &Membership) {
-    let Some((name, populations)) = side_sealed_as(spec, ids) else {
+/// process reads its entities instead of reducing its rows: later, off every question's path
+/// (`Store::later`). A side with a breakdown is not: it is its asker's alone. A failure is
+/// logged: the next process reduces the side.
+fn seal_side_later(
+    store: &Arc<crate::store::Store>,
+    ids: u64,
+    spec: SideSpec,
+    side: Arc<Membership>,
+) {
+    let Some((name, populations)) = side_sealed_as(&spec, ids) else {
         return;
     };
+    let (sealer, version) = (store.clone(), spec.version.clone());
+    store.later(&version, &name.clone(), move || {
+        seal_side(&sealer, (&name, &populations), &spec, &side)
+    });
+}
+
+/// [`seal_side_later`]'s job: `side` sealed as `name` (of `populations`, see
+/// [`side_sealed_as`]).
+fn seal_side(
+    store: &crate::store::Store,
+    (name, populations): (&str, &str),
+    spec: &SideSpec,
+    side: &Membership,
+) {
+    // Populations changed since it was reduced (a burst of changes, each reduced ahead):
+    // the side of the last change is sealed by its own job, this one is stale.
+    let current = (store.catalog().populations_of(&spec.owner))
+        .map(|p| group(p).remove(&spec.dataset).map(|p| filters(&p)));
+    if !matches!(&current, Ok(Some(now)) if *now == spec.filters) {
+        tracing::debug!(
+            side = %label(&spec.owner, &spec.dataset, &spec.version),
+            "overlap side not sealed: its populations changed since it was reduced"
+        );
+        return;
+    }
     let started = std::time::Instant::now();
-    let bytes = side.encode(&populations);
-    match store.seal_derived(&spec.version, &name, &bytes) {
+    let bytes = side.encode(populations);
+    match store.seal_derived(&spec.version, name, &bytes) {
         Ok(()) => tracing::debug!(
             side = %label(&spec.owner, &spec.dataset, &spec.version),
             populations = spec.filters.len(),

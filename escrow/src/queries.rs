@@ -1232,7 +1232,7 @@ pub(crate) fn warm_entity_columns(
     }
     let (companies, bytes) = escrow_query::exec::reduce_keys(keys, threads)
         .map_err(|e| Error::internal(format!("a version's companies: {e}")))?;
-    seal_companies(store, &version, hasher.check(), companies.as_ref());
+    seal_companies_later(store, &version, hasher.check(), companies.clone());
     // Kept as a question keeps them: under the name every asker looks up (no asker's own).
     let keeper = SourceKeeper {
         store: store.clone(),
@@ -1457,7 +1457,16 @@ fn companies_sealed_as(ids: u64) -> String {
 
 /// Seal a version's companies (`KEYS_REDUCTION`) beside it, so that the first join over it
 /// in another process (a restarted server, another node) reads them instead of reducing its
-/// key column again. A failure is logged: that process reduces them.
+/// key column again: later, off every question's path (`Store::later`). A failure is logged:
+/// that process reduces them.
+fn seal_companies_later(store: &Arc<Store>, version: &VersionKey, ids: u64, companies: Value) {
+    let (sealer, at) = (store.clone(), version.clone());
+    store.later(version, &companies_sealed_as(ids), move || {
+        seal_companies(&sealer, &at, ids, companies.as_ref())
+    });
+}
+
+/// [`seal_companies_later`]'s job.
 fn seal_companies(
     store: &Store,
     version: &VersionKey,
@@ -1529,13 +1538,7 @@ impl escrow_query::Keeper for SourceKeeper {
 
     fn keep(&self, name: &str, value: Value, bytes: usize) {
         if name == KEYS_REDUCTION && self.reseal.load(std::sync::atomic::Ordering::Relaxed) {
-            // Off the answer's path, for the next process.
-            let (store, version, companies) =
-                (self.store.clone(), self.version.clone(), value.clone());
-            let ids = self.ids;
-            tokio::task::spawn_blocking(move || {
-                seal_companies(&store, &version, ids, companies.as_ref())
-            });
+            seal_companies_later(&self.store, &self.version, self.ids, value.clone());
         }
         let name = self.name(name);
         (self.store).keep_derived(&self.version, self.mark, &name, Arc::new(value), bytes);

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod background;
 pub mod blocking;
 pub mod cache;
 pub mod catalog;

@@ -69,6 +69,11 @@ impl Default for StoreConfig {
     }
 }
 
+/// How long work given to [`Store::later`] waits before it runs: of a burst of population
+/// changes, the side of the last alone is sealed (a job for one that changed again is
+/// stale by then, and skips itself).
+const LATER_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Where a read of a version began ([`Store::read_mark`]).
 #[derive(Debug, Clone, Copy)]
 pub struct ReadMark {
@@ -86,6 +91,8 @@ pub struct Store {
     objects: SharedObjects,
     config: StoreConfig,
     cache: PlaintextCache,
+    /// Seals of derived objects, written off every question's path ([`Self::later`]).
+    background: crate::background::Background,
 }
 
 /// An upload as the store sees it: who, into which dataset, how to parse.
@@ -215,6 +222,7 @@ impl Store {
             objects,
             cache: PlaintextCache::new(config.cache_bytes),
             config,
+            background: crate::background::Background::new(LATER_DELAY),
         })
     }
 
@@ -777,6 +785,24 @@ impl Store {
             self.objects.delete(&key)?;
         }
         Ok(())
+    }
+
+    /// Run `job` (typically encoding a derived object and [`Self::seal_derived`]) later, on
+    /// the store's background thread at the lowest priority (`background`), so that it
+    /// competes with no question for the cores, a second ([`LATER_DELAY`]) after it comes.
+    /// Of several jobs for `name` beside `v` given within that time, the last one runs. Work
+    /// for a later process only: nothing waits for it (a shutdown runs what waits, within its
+    /// grace), and a job lost to a crash is done again by the next process. A job should
+    /// check, when it runs, that what it seals is still current.
+    pub fn later(&self, v: &VersionKey, name: &str, job: impl FnOnce() + Send + 'static) {
+        let key = objects::derived_key(&v.dataset_id, &v.version_id, name);
+        self.background.submit(key, job);
+    }
+
+    /// Wait until every job given to [`Self::later`] has run, for at most `within`; whether
+    /// they have.
+    pub fn wait_later(&self, within: std::time::Duration) -> bool {
+        self.background.wait_idle(within)
     }
 
     /// The plaintext sealed as `name` beside version `v` ([`Self::seal_derived`]), verified;

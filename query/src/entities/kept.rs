@@ -9,10 +9,13 @@
 
 use super::{Chain, Companies, Entries, NONE, Reduction, Shard, internal};
 use crate::QueryError;
-use crate::hashing::{FastSet, SHARDS, shard_of};
+use crate::hashing::{FastSet, SHARDS, on_lanes, shard_of};
 use crate::kept::{Reader, Writer};
 
 const MAGIC: &[u8; 8] = b"ESCROWSK";
+
+/// Threads that build the decoded companies' sets.
+const DECODE_THREADS: usize = 2;
 
 /// The format written; another is not read (the companies are reduced again). Bumped whenever
 /// what the companies hold, or how they are reduced, changes.
@@ -94,26 +97,50 @@ impl Reduction {
             return Err(internal("kept companies: not the companies it counts"));
         }
         let ids = r.column::<8>(total)?;
-        let mut at = 0;
-        let mut shards = Vec::with_capacity(SHARDS);
-        for (s, len) in lengths.into_iter().enumerate() {
+        // Where each shard's ids begin; the shards' sets are built on DECODE_THREADS threads
+        // (a restarted server's first join waits for them).
+        let starts: Vec<usize> = (lengths.iter())
+            .scan(0, |at, len| {
+                let start = *at;
+                *at += len;
+                Some(start)
+            })
+            .collect();
+        let set = |s: usize| -> Result<FastSet, QueryError> {
             let mut keys = FastSet::default();
-            keys.reserve(len);
-            for id in &ids[at..at + len] {
+            keys.reserve(lengths[s]);
+            for id in &ids[starts[s]..starts[s] + lengths[s]] {
                 let id = u64::from_le_bytes(*id);
                 if shard_of(id) != s {
                     return Err(internal("kept companies: a company in another shard"));
                 }
                 keys.insert(id);
             }
-            at += len;
-            let mut entries = keys_entries();
-            entries.next.push(NONE);
-            shards.push(Shard {
-                companies: Companies::Keys(keys),
-                entries,
-            });
+            Ok(keys)
+        };
+        let mut sets: Vec<Option<FastSet>> = (0..SHARDS).map(|_| None).collect();
+        for lane in on_lanes(DECODE_THREADS, |_, shards| {
+            shards
+                .map(|s| set(s).map(|keys| (s, keys)))
+                .collect::<Result<Vec<_>, _>>()
+        }) {
+            let lane = lane.map_err(|_| internal("kept companies: a thread decoding them"))?;
+            for (s, keys) in lane? {
+                sets[s] = Some(keys);
+            }
         }
+        let shards = (sets.into_iter())
+            .map(|keys| {
+                let mut entries = keys_entries();
+                entries.next.push(NONE);
+                Ok(Shard {
+                    companies: Companies::Keys(
+                        keys.ok_or_else(|| internal("kept companies: a shard not decoded"))?,
+                    ),
+                    entries,
+                })
+            })
+            .collect::<Result<Vec<_>, QueryError>>()?;
         Ok(Reduction {
             values: Vec::new(),
             shards,
