@@ -229,15 +229,6 @@ impl Application {
         server::serve(self.state, self.listener, self.tls, shutdown, self.grace).await;
         checkpoints.abort();
         crl.abort();
-        // Seals written for the next process (`Store::later`) finish first, within the grace:
-        // otherwise it reduces again what they hold.
-        let (sealing, grace) = (store.clone(), self.grace);
-        match tokio::task::spawn_blocking(move || sealing.wait_later(grace)).await {
-            Ok(true) => {}
-            _ => {
-                tracing::warn!("shutting down with seals unwritten: the next process reduces again")
-            }
-        }
         let stopped = Event::new(
             "shutdown",
             Actor::system(),
@@ -249,6 +240,16 @@ impl Application {
             .and_then(|()| store.audit_checkpoint())
         {
             tracing::error!(error = %e, "could not record the shutdown in the audit log");
+        }
+        // Then the seals written for the next process (`Store::later`), within the grace
+        // (otherwise it reduces again what they hold): after the audit record, which a
+        // service manager's stop timeout must not cut off for an optional seal.
+        let (sealing, grace) = (store.clone(), self.grace);
+        match tokio::task::spawn_blocking(move || sealing.wait_later(grace)).await {
+            Ok(true) => {}
+            _ => {
+                tracing::warn!("shutting down with seals unwritten: the next process reduces again")
+            }
         }
         tracing::info!("escrow stopped");
         Ok(())

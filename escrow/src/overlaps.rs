@@ -1027,8 +1027,10 @@ fn seal_side_later(
     let Some((name, populations)) = side_sealed_as(&spec, ids) else {
         return;
     };
+    // Keyed by the populations too: a job for other populations (a question's reduction
+    // that finished after the change) does not replace this one, and each checks itself.
     let (sealer, version) = (store.clone(), spec.version.clone());
-    store.later(&version, &name.clone(), move || {
+    store.later(&version, &format!("{name}\0{populations}"), move || {
         seal_side(&sealer, (&name, &populations), &spec, &side)
     });
 }

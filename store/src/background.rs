@@ -84,14 +84,14 @@ impl Background {
     pub fn submit(&self, key: String, job: impl FnOnce() + Send + 'static) {
         let mut q = self.lock();
         let (job, at): (Job, Instant) = (Box::new(job), Instant::now() + self.delay);
-        match q.jobs.iter().position(|(k, _, _)| *k == key) {
-            Some(i) => {
-                // Behind the others again: they came first, and none waits longer than its delay.
-                q.jobs.remove(i);
-                q.jobs.push_back((key, job, at));
-            }
-            None => q.jobs.push_back((key, job, at)),
+        // What is replaced or dropped may hold the last reference to a large value: freed
+        // once the lock is released, not while the worker waits for it.
+        let mut dropped: Vec<Job> = Vec::new();
+        if let Some(i) = q.jobs.iter().position(|(k, _, _)| *k == key) {
+            // Behind the others again: they came first, and none waits longer than its delay.
+            dropped.extend(q.jobs.remove(i).map(|(_, job, _)| job));
         }
+        q.jobs.push_back((key, job, at));
         if !q.started {
             let shared = self.shared.clone();
             let spawned = std::thread::Builder::new()
@@ -103,11 +103,13 @@ impl Background {
                     // Nothing runs it: dropped (what it would have written is written by
                     // the next process, which reduces again). Tried again with the next job.
                     tracing::warn!(error = %e, "background thread not started: jobs dropped");
-                    q.jobs.clear();
+                    dropped.extend(q.jobs.drain(..).map(|(_, job, _)| job));
                 }
             }
         }
         self.shared.changed.notify_all();
+        drop(q);
+        drop(dropped);
     }
 
     /// Run what is waiting now, without its delay, and wait until no job is waiting or
@@ -136,7 +138,9 @@ impl Background {
 }
 
 fn work(shared: &Shared) {
-    // Linux keeps a nice value per thread: this one alone runs at the lowest priority.
+    // Linux keeps a nice value per thread: this one alone runs at the lowest priority
+    // (elsewhere the call would lower the whole process: not made).
+    #[cfg(target_os = "linux")]
     if let Err(e) = rustix::process::setpriority_process(None, 19) {
         tracing::debug!(error = %e, "background thread: priority not lowered");
     }
@@ -231,6 +235,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_os = "linux")]
     fn the_thread_runs_at_the_lowest_priority() {
         let background = Background::new(Duration::ZERO);
         let (tx, rx) = mpsc::channel();

@@ -790,7 +790,8 @@ impl Store {
     /// Run `job` (typically encoding a derived object and [`Self::seal_derived`]) later, on
     /// the store's background thread at the lowest priority (`background`), so that it
     /// competes with no question for the cores, a second ([`LATER_DELAY`]) after it comes.
-    /// Of several jobs for `name` beside `v` given within that time, the last one runs. Work
+    /// Of several jobs of `name` beside `v` given within that time, the last one runs (`name`
+    /// identifies the job: the object it seals, or that and what it seals it from). Work
     /// for a later process only: nothing waits for it (a shutdown runs what waits, within its
     /// grace), and a job lost to a crash is done again by the next process. A job should
     /// check, when it runs, that what it seals is still current.
