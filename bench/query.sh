@@ -133,16 +133,26 @@ print(f"  DuckDB (2 threads, in memory) median:  {duck_med:.3f} s")
 print(f"  ratio escrow/DuckDB: first after upload {first/duck_med:.2f}x, first after restart {after_restart/duck_med:.2f}x (target <= 1.5x); new question warm {fresh_med/duck_med:.2f}x (target <= 1.0x); repeated {escrow_med/duck_med:.2f}x")
 print(f"  escrow's released count per group / DuckDB's count of identical website strings: at least {found:.1f}x")
 
-# 50 concurrent clients, 4 rounds, over the 100k lists; varied questions.
+# 50 concurrent clients, 4 rounds, over the 100k lists; varied questions. A question the
+# server is too busy for (429 too_many_requests: at most 4 running per partner) is asked
+# again after the second it advises, as a client does; the latency is from the first ask.
 filters = ["", "WHERE b.status = 'customer'", "WHERE b.status = 'prospect'", "WHERE a.region = 'EMEA'", "WHERE a.region = 'NA'"]
-lat, failed = [], []
+lat, failed, busy = [], [], [0]
 lock = threading.Lock()
 def client(i):
     f = filters[i % len(filters)]
     q = (f"SELECT a.industry, COUNT(DISTINCT a.website) FROM acme.accounts_100000 a "
          f"JOIN globex.accounts_100000 b ON a.website = b.website {f} GROUP BY a.industry")
     try:
-        s, body, dt = ask(q)
+        t0 = time.perf_counter()
+        for _ in range(60):
+            s, body, _ = ask(q)
+            if s != 429:
+                break
+            with lock:
+                busy[0] += 1
+            time.sleep(1)
+        dt = time.perf_counter() - t0
         with lock:
             (lat if s == 200 else failed).append(dt if s == 200 else body)
     except Exception as e:
@@ -154,7 +164,7 @@ for r in range(4):
     for t in ts: t.join()
 lat.sort()
 p = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]
-print(f"50 concurrent queries x 4 rounds on 100k x 100k: {len(lat)} answered, {len(failed)} failed")
+print(f"50 concurrent queries x 4 rounds on 100k x 100k: {len(lat)} answered, {len(failed)} failed ({busy[0]} asks answered 429 too busy and asked again)")
 if lat:
     print(f"  p50 {p(0.50):.3f} s   p99 {p(0.99):.3f} s   max {lat[-1]:.3f} s")
 if failed:
