@@ -495,18 +495,12 @@ impl Env {
             .stderr(Stdio::null())
             .spawn()
             .expect("upload");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !self
-            .temp_files()
-            .iter()
-            .any(|f| std::fs::metadata(f).is_ok_and(|m| m.len() > 0))
-        {
-            assert!(
-                Instant::now() < deadline,
-                "the upload never started writing"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let writing = poll_until((60, 5), || {
+            (self.temp_files().iter())
+                .any(|f| std::fs::metadata(f).is_ok_and(|m| m.len() > 0))
+                .then_some(())
+        });
+        assert!(writing.is_some(), "the upload never started writing");
         upload
     }
 
@@ -581,19 +575,10 @@ impl Env {
     /// (they are written in the background, a second after uploads and questions, at the
     /// lowest priority: a loaded machine runs them last).
     pub fn wait_derived(&self, n: usize) -> Vec<PathBuf> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let derived = self.derived_files();
-            if derived.len() >= n {
-                return derived;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} of {n} derived objects",
-                derived.len()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let derived = poll_until((60, 20), || {
+            Some(self.derived_files()).filter(|d| d.len() >= n)
+        });
+        derived.unwrap_or_else(|| panic!("{} of {n} derived objects", self.derived_files().len()))
     }
 
     /// Sealed dataset files.
@@ -642,18 +627,8 @@ impl Server {
 
     /// Wait (up to 60 s) for the server to exit on its own; returns how it ended.
     pub fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(s) = self.child.try_wait().expect("wait") {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "server did not exit:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let exited = poll_until((60, 20), || self.child.try_wait().expect("wait"));
+        exited.unwrap_or_else(|| panic!("server did not exit:\n{}", self.log()))
     }
 
     /// SIGTERM and wait; returns the exit status (of the first node, when there are two:
@@ -668,27 +643,18 @@ impl Server {
             .args(["-TERM", &pid])
             .status()
             .expect("kill -TERM");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(s) = self.child.try_wait().expect("wait") {
-                return s;
-            }
-            assert!(Instant::now() < deadline, "server did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let stopped = poll_until((20, 50), || self.child.try_wait().expect("wait"));
+        stopped.expect("server did not stop on SIGTERM")
     }
 
     /// Wait (up to 20 s) until the server's log contains `needle`; panics with the log if not.
     pub fn wait_log(&self, needle: &str) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.log().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "server never logged {needle:?}:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let logged = poll_until((20, 20), || self.log().contains(needle).then_some(()));
+        assert!(
+            logged.is_some(),
+            "server never logged {needle:?}:\n{}",
+            self.log()
+        );
     }
 
     /// CPU time (user + system) the server process has used so far, from /proc (threads that
@@ -861,6 +827,24 @@ impl Run {
 
 /// A CSV of `n` accounts with distinctive names and ids.
 /// Command-line words, for arguments without spaces: `words("policy grant accounts")`.
+/// `ready()` until it gives a value, checked every `every_ms` for `secs` seconds at most;
+/// `None` if it never did (the caller fails with what it waited for).
+pub fn poll_until<T>(
+    (secs, every_ms): (u64, u64),
+    mut ready: impl FnMut() -> Option<T>,
+) -> Option<T> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(value) = ready() {
+            return Some(value);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(every_ms));
+    }
+}
+
 pub fn words(s: &str) -> Vec<&str> {
     s.split_whitespace().collect()
 }

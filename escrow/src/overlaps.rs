@@ -330,6 +330,15 @@ fn group(populations: Vec<Population>) -> BTreeMap<String, Vec<Population>> {
     by_dataset
 }
 
+/// `owner`'s populations of `dataset`, in definition order; `None` if it has none.
+fn populations_of(
+    store: &crate::store::Store,
+    owner: &str,
+    dataset: &str,
+) -> Result<Option<Vec<Population>>> {
+    Ok(group(store.catalog().populations_of(owner)?).remove(dataset))
+}
+
 impl QueryService {
     /// The overlap matrices (without a breakdown) released to `caller` with partner `with`,
     /// oldest first: the account mapping over dataset versions. Only what `caller` was
@@ -898,9 +907,7 @@ impl QueryService {
         crate::queries::blocking(move || {
             flights.one_at_a_time(&ahead, || {
                 flights.unqueue(&ahead);
-                let Some(populations) =
-                    group(store.catalog().populations_of(&owner)?).remove(&dataset)
-                else {
+                let Some(populations) = populations_of(&store, &owner, &dataset)? else {
                     return Ok(None);
                 };
                 let Some(key) = store.live_dataset(&owner, &dataset)?.key_column else {
@@ -1045,8 +1052,8 @@ fn seal_side(
 ) {
     // Populations changed since it was reduced (a burst of changes, each reduced ahead):
     // the side of the last change is sealed by its own job, this one is stale.
-    let current = (store.catalog().populations_of(&spec.owner))
-        .map(|p| group(p).remove(&spec.dataset).map(|p| filters(&p)));
+    let current =
+        populations_of(store, &spec.owner, &spec.dataset).map(|p| p.as_deref().map(filters));
     if !matches!(&current, Ok(Some(now)) if *now == spec.filters) {
         tracing::debug!(
             side = %label(&spec.owner, &spec.dataset, &spec.version),

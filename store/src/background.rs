@@ -147,25 +147,19 @@ fn work(shared: &Shared) {
     let lock = || shared.queue.lock().unwrap_or_else(PoisonError::into_inner);
     let mut q = lock();
     loop {
-        let now = Instant::now();
-        let wait = match q.jobs.front() {
-            None if q.closed => return,
-            None => None,
-            Some((_, _, at)) if *at > now && !q.hurry && !q.closed => Some(*at - now),
-            Some(_) => Some(Duration::ZERO),
+        let Some(&(_, _, at)) = q.jobs.front() else {
+            if q.closed {
+                return;
+            }
+            q = (shared.changed.wait(q)).unwrap_or_else(PoisonError::into_inner);
+            continue;
         };
-        match wait {
-            None => {
-                q = (shared.changed.wait(q)).unwrap_or_else(PoisonError::into_inner);
-                continue;
-            }
-            Some(left) if !left.is_zero() => {
-                q = (shared.changed.wait_timeout(q, left))
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .0;
-                continue;
-            }
-            Some(_) => {}
+        let left = at.saturating_duration_since(Instant::now());
+        if !left.is_zero() && !q.hurry && !q.closed {
+            q = (shared.changed.wait_timeout(q, left))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+            continue;
         }
         let Some((_, job, _)) = q.jobs.pop_front() else {
             continue;

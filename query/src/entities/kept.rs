@@ -118,29 +118,26 @@ impl Reduction {
             }
             Ok(keys)
         };
-        let mut sets: Vec<Option<FastSet>> = (0..SHARDS).map(|_| None).collect();
+        let mut sets = Vec::with_capacity(SHARDS);
         for lane in on_lanes(DECODE_THREADS, |_, shards| {
             shards
                 .map(|s| set(s).map(|keys| (s, keys)))
                 .collect::<Result<Vec<_>, _>>()
         }) {
-            let lane = lane.map_err(|_| internal("kept companies: a thread decoding them"))?;
-            for (s, keys) in lane? {
-                sets[s] = Some(keys);
-            }
+            sets.extend(lane.map_err(|_| internal("kept companies: a thread decoding them"))??);
         }
+        // Lanes take every other shard: back in shard order.
+        sets.sort_unstable_by_key(|(s, _)| *s);
         let shards = (sets.into_iter())
-            .map(|keys| {
+            .map(|(_, keys)| {
                 let mut entries = keys_entries();
                 entries.next.push(NONE);
-                Ok(Shard {
-                    companies: Companies::Keys(
-                        keys.ok_or_else(|| internal("kept companies: a shard not decoded"))?,
-                    ),
+                Shard {
+                    companies: Companies::Keys(keys),
                     entries,
-                })
+                }
             })
-            .collect::<Result<Vec<_>, QueryError>>()?;
+            .collect();
         Ok(Reduction {
             values: Vec::new(),
             shards,
