@@ -137,7 +137,7 @@ print(f"  escrow's released count per group / DuckDB's count of identical websit
 # server is too busy for (429 too_many_requests: at most 4 running per partner) is asked
 # again after the second it advises, as a client does; the latency is from the first ask.
 filters = ["", "WHERE b.status = 'customer'", "WHERE b.status = 'prospect'", "WHERE a.region = 'EMEA'", "WHERE a.region = 'NA'"]
-lat, failed, busy = [], [], [0]
+lat, failed, busy, running = [], [], [0], [0]
 lock = threading.Lock()
 def client(i):
     f = filters[i % len(filters)]
@@ -154,7 +154,14 @@ def client(i):
             time.sleep(1)
         dt = time.perf_counter() - t0
         with lock:
-            (lat if s == 200 else failed).append(dt if s == 200 else body)
+            if s == 200:
+                lat.append(dt)
+            elif body.get("error", {}).get("rule") == "not_run_again" and "running now" in body["error"]["message"]:
+                # The same question asked while another client's ask of it runs: refused at
+                # once by design (a charged question runs, and is timed, once).
+                running[0] += 1
+            else:
+                failed.append(body)
     except Exception as e:
         with lock:
             failed.append(repr(e))
@@ -164,7 +171,7 @@ for r in range(4):
     for t in ts: t.join()
 lat.sort()
 p = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]
-print(f"50 concurrent queries x 4 rounds on 100k x 100k: {len(lat)} answered, {len(failed)} failed ({busy[0]} asks answered 429 too busy and asked again)")
+print(f"50 concurrent queries x 4 rounds on 100k x 100k: {len(lat)} answered, {len(failed)} failed, {running[0]} refused as running now (the same question as another client's, by design); {busy[0]} asks answered 429 too busy and asked again")
 if lat:
     print(f"  p50 {p(0.50):.3f} s   p99 {p(0.99):.3f} s   max {lat[-1]:.3f} s")
 if failed:

@@ -192,6 +192,27 @@ async fn client_disconnect_mid_upload() {
     tokio::task::block_in_place(|| nothing_stored(env_ref, server_ref));
 }
 
+/// An upload refused before its body is read (a bad name, a bad parameter, a caller who
+/// may not upload) still reads what the client sends, within bounds: the client gets the
+/// refusal, not a connection reset halfway through sending.
+#[test]
+fn an_upload_refused_before_its_body_is_read_answers_the_whole_body() {
+    let env = Env::new();
+    let server = env.serve(&[]);
+    let body = vec![b'x'; 24 << 20];
+    for (path, code) in [
+        ("/v1/datasets/Bad-Name", "invalid_name"),
+        ("/v1/datasets/fine?key_type=nonsense", "invalid_key_type"),
+    ] {
+        let url = format!("{}{path}", server.url);
+        let (status, _, text) =
+            crate::harness::raw(&env.bundle("acme"), |c| c.put(url).body(body.clone()));
+        assert_eq!(status, 400, "{text}");
+        assert!(text.contains(code), "{text}");
+    }
+    nothing_stored(&env, &server);
+}
+
 /// Apache Arrow's fuzz corpus of malformed IPC files and streams: each is refused cleanly
 /// (or, for the few valid ones, uploaded), never a crash or an internal error.
 #[test]

@@ -828,6 +828,16 @@ fn wait_said(server: &Server, words: &[&str], n: usize) {
     }
 }
 
+/// A fourth population of acme's list: every row with a status.
+const ALL: [&str; 6] = [
+    "population",
+    "add",
+    "accounts",
+    "all",
+    "--filter",
+    "status IS NOT NULL",
+];
+
 /// What a first question reads is reduced ahead of it, for every partner asking: a list's
 /// overlap side after its upload and after each change of its populations (one question
 /// that comes while it is being made waits for it), and another partner's companies for a
@@ -874,24 +884,23 @@ fn the_first_questions_after_uploads_find_the_lists_reduced_ahead() {
 
     // A population more: its side is made ahead, or by the matrix if that comes first (the
     // other waits for it); the other side is still kept.
-    env.cli(
-        &server,
-        "acme",
-        &[
-            "population",
-            "add",
-            "accounts",
-            "all",
-            "--filter",
-            "status IS NOT NULL",
-        ],
-    )
-    .ok();
+    env.cli(&server, "acme", &ALL).ok();
     let a = overlap(&env, &server, "acme", "globex", &[]);
     assert_eq!(cells(&a).len(), 12, "4 x 3 populations: {a}");
     let log = server.log();
     assert_eq!(log.matches("overlap side ready").count(), 6, "{log}");
     assert!((5..=6).contains(&kept(&log)), "{log}");
+    // Reduced from the rows once per list (its first side); every side after that, this
+    // one of four populations too, derived from the side before.
+    assert_eq!(
+        log.matches("overlap side read and reduced").count(),
+        2,
+        "{log}"
+    );
+    assert!(
+        log.contains("overlap side derived from the side of other populations"),
+        "{log}"
+    );
 
     // SQL: the first join over globex's list finds its companies reduced after its upload.
     wait_said(
@@ -966,6 +975,19 @@ fn a_restarted_server_reads_the_sides_sealed_beside_their_versions() {
         log.contains("another partner's table as reduced before"),
         "{log}"
     );
+    // A population more: the side is derived from the sealed one (of the three), not
+    // reduced from the rows again.
+    env.cli(&server, "acme", &ALL).ok();
+    let more = overlap(&env, &server, "acme", "globex", &[]);
+    assert_eq!(cells(&more).len(), 12, "4 x 3 populations: {more}");
+    let log = server.log();
+    assert!(
+        log.contains("overlap side derived from the side of other populations"),
+        "{log}"
+    );
+    assert!(!log.contains("overlap side read and reduced"), "{log}");
+    let removal = ["population", "remove", "accounts", "all"];
+    env.cli(&server, "acme", &removal).ok();
     drop(server);
 
     // Every seal altered: a new question (another ε) reduces both sides again.

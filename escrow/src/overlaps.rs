@@ -867,7 +867,7 @@ impl QueryService {
             ?found,
             "overlap side ready"
         );
-        if found == Found::Reduced {
+        if matches!(found, Found::Reduced | Found::Derived) {
             seal_side_later(
                 &self.store,
                 self.entity_hasher.check(),
@@ -926,7 +926,7 @@ impl QueryService {
                 let (side, found) =
                     kept_side(&store, &hasher, &flights, &owner, &spec, limit, &stop)?;
                 let populations = spec.filters.len();
-                if found == Found::Reduced {
+                if matches!(found, Found::Reduced | Found::Derived) {
                     seal_side_later(&store, hasher.check(), spec, side);
                 }
                 Ok((found != Found::Memory).then_some(populations))
@@ -1001,6 +1001,8 @@ enum Found {
     Sealed,
     /// Reduced from its version's rows, kept in memory.
     Reduced,
+    /// Derived from the side of other populations ([`read_side`]), kept in memory.
+    Derived,
 }
 
 /// Where a side without a breakdown is sealed beside its version: one object per version
@@ -1079,16 +1081,18 @@ fn seal_side(
     }
 }
 
-/// A side sealed beside its version ([`seal_side`]), if there is one that reads back. One
-/// that does not (altered, or of another format) is logged and reduced again; one whose
-/// reduction needed more than `limit` fails as reducing it would.
+/// The side sealed beside its version ([`seal_side`]), if there is one that reads back, with
+/// the populations' filters it was reduced over: this side's, or others (changed since) that
+/// it is derived from ([`read_side`]). One that does not read back (altered, or of another
+/// format or key column) is logged and not used; one whose reduction needed more than
+/// `limit` fails as reducing it would.
 fn sealed_side(
     store: &crate::store::Store,
     ids: u64,
     spec: &SideSpec,
     limit: usize,
-) -> Result<Option<Membership>> {
-    let Some((name, populations)) = side_sealed_as(spec, ids) else {
+) -> Result<Option<(Filters, Membership)>> {
+    let Some((name, _)) = side_sealed_as(spec, ids) else {
         return Ok(None);
     };
     let warn = |error: &dyn std::fmt::Display| {
@@ -1106,21 +1110,90 @@ fn sealed_side(
             return Ok(None);
         }
     };
-    // `None`: the side of other populations (changed since), not this one.
-    match Membership::decode(&bytes, &populations, limit) {
-        Ok(side) => Ok(side),
-        Err(e @ QueryError::ResourcesExhausted(_)) => Err(e.into()),
+    let (sealed_for, side) = match Membership::decode(&bytes, limit) {
+        Ok(read) => read,
+        Err(e @ QueryError::ResourcesExhausted(_)) => return Err(e.into()),
         Err(e) => {
             warn(&e);
+            return Ok(None);
+        }
+    };
+    // What `side_sealed_as` sealed it for: the side's name, its filters in it.
+    type Named = (
+        String,
+        Option<String>,
+        String,
+        Option<String>,
+        Vec<(String, String)>,
+    );
+    match serde_json::from_str::<Named>(&sealed_for) {
+        Ok((_, None, key, None, filters)) if key == spec.key => Ok(Some((filters, side))),
+        _ => {
+            warn(&"sealed for another side");
             Ok(None)
         }
     }
 }
 
-/// Side `spec` reduced, as kept ([`side_kept_as`]), sealed ([`sealed_side`]) or reduced now,
-/// and kept in memory, with where it came from. One reduction at a time per name
-/// ([`Flights`]): a question that comes while its side is reduced ahead waits for that
-/// rather than reducing it too (blocking).
+/// The populations of a side: each one's name and filter, in definition order.
+type Filters = Vec<(String, String)>;
+
+/// The sides without a breakdown of one version kept in memory, with their populations'
+/// filters: what a side of other populations is derived from ([`read_side`]) instead of
+/// reducing the rows again. Kept beside the version's columns (forgotten with them), as
+/// weak references: a side the cache let go is no longer one.
+#[derive(Default)]
+struct SideBases(std::sync::Mutex<Vec<(Filters, std::sync::Weak<Membership>)>>);
+
+impl SideBases {
+    /// The most it remembers (the last kept).
+    const MOST: usize = 8;
+
+    /// The bases of the sides of version `v` keyed by `key` (kept as a name no side has).
+    fn of(
+        store: &crate::store::Store,
+        v: &VersionKey,
+        mark: crate::store::ReadMark,
+        key: &str,
+    ) -> Arc<SideBases> {
+        let name = serde_json::json!(["overlap side bases", key]).to_string();
+        if let Some(bases) = store.derived::<SideBases>(v, mark, &name) {
+            return bases;
+        }
+        let bases = Arc::new(SideBases::default());
+        store.keep_derived(v, mark, &name, bases.clone(), 64 * Self::MOST);
+        bases
+    }
+
+    fn add(&self, filters: &[(String, String)], side: &Arc<Membership>) {
+        let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        all.retain(|(f, s)| s.strong_count() > 0 && f != filters);
+        if all.len() >= Self::MOST {
+            all.remove(0);
+        }
+        all.push((filters.to_vec(), Arc::downgrade(side)));
+    }
+
+    /// The side still held that shares the most filters with `filters`.
+    fn closest(&self, filters: &[(String, String)]) -> Option<(Filters, Arc<Membership>)> {
+        let all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let shared = |f: &[(String, String)]| {
+            (filters.iter())
+                .filter(|(_, x)| f.iter().any(|(_, y)| x == y))
+                .count()
+        };
+        // The last of the most shared: the newest.
+        (all.iter())
+            .filter_map(|(f, s)| Some((f.clone(), s.upgrade()?)))
+            .max_by_key(|(f, _)| shared(f))
+    }
+}
+
+/// Side `spec`, as kept ([`side_kept_as`]) or sealed ([`sealed_side`]); else derived from a
+/// side of other populations of its version ([`read_side`]: one kept, else the sealed
+/// one); else reduced from its rows. Kept in memory, with where it came from. One at a time
+/// per name ([`Flights`]): a question that comes while its side is reduced ahead waits for
+/// that rather than reducing it too (blocking).
 fn kept_side(
     store: &Arc<crate::store::Store>,
     hasher: &escrow_query::EntityHasher,
@@ -1141,48 +1214,88 @@ fn kept_side(
             return Ok((kept, Found::Memory));
         }
         let started = std::time::Instant::now();
-        if let Some(sealed) = sealed_side(store, hasher.check(), spec, limit)? {
+        let side_label = label(&spec.owner, &spec.dataset, &spec.version);
+        // Sides with a breakdown are their asker's alone: neither sealed nor derived.
+        let bases =
+            (spec.by.is_none()).then(|| SideBases::of(store, &spec.version, mark, &spec.key));
+        let keep = |side: Membership, found: Found| {
+            let side = Arc::new(side);
+            store.keep_derived(
+                &spec.version,
+                mark,
+                &name,
+                side.clone(),
+                side.memory_bytes(),
+            );
+            if let Some(bases) = &bases {
+                bases.add(&spec.filters, &side);
+            }
+            (side, found)
+        };
+        let mut base = bases.as_ref().and_then(|b| b.closest(&spec.filters));
+        if base.is_none()
+            && let Some((filters, sealed)) = sealed_side(store, hasher.check(), spec, limit)?
+        {
             tracing::debug!(
-                side = %label(&spec.owner, &spec.dataset, &spec.version),
+                side = %side_label,
                 ms = started.elapsed().as_millis() as u64,
                 "overlap side read from its seal"
             );
+            if filters == spec.filters {
+                return Ok(keep(sealed, Found::Sealed));
+            }
+            // Of other populations: kept as that side too (a population removed again
+            // finds it), and this one derived from it.
             let sealed = Arc::new(sealed);
+            let sealed_as = side_kept_as("", &spec.key, None, &filters);
             let bytes = sealed.memory_bytes();
-            store.keep_derived(&spec.version, mark, &name, sealed.clone(), bytes);
-            return Ok((sealed, Found::Sealed));
+            store.keep_derived(&spec.version, mark, &sealed_as, sealed.clone(), bytes);
+            if let Some(bases) = &bases {
+                bases.add(&filters, &sealed);
+            }
+            base = Some((filters, sealed));
         }
-        let reduced = Arc::new(membership(store, hasher, spec, mark, limit, stop)?);
+        if let Some((filters, base)) = base {
+            let at = (mark, limit, stop);
+            let side = read_side(store, hasher, spec, at, Some((&filters, &base)))?;
+            tracing::debug!(
+                side = %side_label,
+                ms = started.elapsed().as_millis() as u64,
+                "overlap side derived from the side of other populations"
+            );
+            return Ok(keep(side, Found::Derived));
+        }
+        let reduced = read_side(store, hasher, spec, (mark, limit, stop), None)?;
         tracing::debug!(
-            side = %label(&spec.owner, &spec.dataset, &spec.version),
+            side = %side_label,
             by = ?spec.by,
             ms = started.elapsed().as_millis() as u64,
             "overlap side read and reduced"
         );
-        let bytes = reduced.memory_bytes();
-        store.keep_derived(&spec.version, mark, &name, reduced.clone(), bytes);
-        Ok((reduced, Found::Reduced))
+        Ok(keep(reduced, Found::Reduced))
     })
 }
 
-/// Reads one side's verified batches (as its version stood at `mark`) and reduces them to
-/// its entities.
-fn membership(
-    store: &Arc<crate::store::Store>,
+/// How one side's rows are read with the populations `filters` (all of the side's, or the
+/// new ones of a side derived from another): the side, the stored columns read (ascending)
+/// and the form they are read in. Only the columns it uses are read (and decrypted, on a
+/// first read): the key, what the filters use and, with `whole`, the breakdown and the
+/// name and place ids.
+fn side_reader(
+    store: &crate::store::Store,
     hasher: &escrow_query::EntityHasher,
     spec: &SideSpec,
-    mark: crate::store::ReadMark,
-    limit: usize,
-    stop: &escrow_query::Stop,
-) -> Result<Membership> {
+    filters: &[(String, String)],
+    whole_side: bool,
+) -> Result<(Side, Vec<usize>, crate::store::Form)> {
     let SideSpec {
         owner,
         dataset,
         key,
         version,
         by,
-        filters,
         own,
+        ..
     } = spec;
     let sealed = store.schema_of(version)?;
     let (declared, whole, form) = query_form(&sealed, Some(key), hasher)?;
@@ -1210,8 +1323,6 @@ fn membership(
         s.index_of(c)
             .map_err(|e| Error::internal(format!("overlap column: {e}")))
     };
-    // Only the columns the overlap reads are read (and decrypted, on a first read): the
-    // key, the name and place ids, the breakdown and what the filters use.
     let mut wanted = std::collections::BTreeSet::new();
     for p in populations(&whole)? {
         for c in escrow_query::population::columns(&p) {
@@ -1219,14 +1330,12 @@ fn membership(
         }
     }
     wanted.insert(index(key, &whole)?);
-    for c in [
+    let more = [
         by.as_deref(),
         Some(crate::matching::NAME_KEY),
         Some(crate::matching::PLACE_KEY),
-    ]
-    .into_iter()
-    .flatten()
-    {
+    ];
+    for c in more.into_iter().flatten().filter(|_| whole_side) {
         if let Ok(i) = whole.index_of(c) {
             wanted.insert(i);
         }
@@ -1255,13 +1364,69 @@ fn membership(
                     .unwrap_or_default(),
             }),
     };
-    let batches = store.batches(version, mark, &form, &wanted)?.map(|b| {
-        if stop.requested() {
-            return Err(escrow_query::Stop::error().to_string());
+    Ok((side, wanted, form))
+}
+
+/// A side's verified batches of `columns` (as its version stood at `mark`), ending at a stop
+/// request.
+fn side_batches(
+    store: &Arc<crate::store::Store>,
+    spec: &SideSpec,
+    mark: crate::store::ReadMark,
+    form: &crate::store::Form,
+    columns: &[usize],
+    stop: &escrow_query::Stop,
+) -> Result<
+    impl Iterator<Item = std::result::Result<arrow_array::RecordBatch, String>> + Send + use<>,
+> {
+    let stop = stop.clone();
+    Ok(store
+        .batches(&spec.version, mark, form, columns)?
+        .map(move |b| {
+            if stop.requested() {
+                return Err(escrow_query::Stop::error().to_string());
+            }
+            b.map_err(|e| e.to_string())
+        }))
+}
+
+/// Side `spec` from its version's verified batches (as it stood at `mark`): reduced from its
+/// rows; or, given `base`, the side of the same version over the populations `filters`,
+/// derived from it ([`Membership::repopulated`]): its populations of the same filter moved
+/// to their places, the others' rows read (their columns and the key only).
+fn read_side(
+    store: &Arc<crate::store::Store>,
+    hasher: &escrow_query::EntityHasher,
+    spec: &SideSpec,
+    (mark, limit, stop): (crate::store::ReadMark, usize, &escrow_query::Stop),
+    base: Option<(&[(String, String)], &Membership)>,
+) -> Result<Membership> {
+    let Some((filters, base)) = base else {
+        let (side, wanted, form) = side_reader(store, hasher, spec, &spec.filters, true)?;
+        let batches = side_batches(store, spec, mark, &form, &wanted, stop)?;
+        return Ok(overlap::memberships(&side, batches, limit)?);
+    };
+    let kept: Vec<Option<usize>> = (spec.filters.iter())
+        .map(|(_, f)| filters.iter().position(|(_, g)| g == f))
+        .collect();
+    let added: Filters = (spec.filters.iter().zip(&kept))
+        .filter(|(_, k)| k.is_none())
+        .map(|(p, _)| p.clone())
+        .collect();
+    let (side, wanted, form) = side_reader(store, hasher, spec, &added, false)?;
+    let side = Side {
+        names: None,
+        places: None,
+        ..side
+    };
+    let derived = match added.is_empty() {
+        true => base.repopulated(&kept, &side, std::iter::empty(), limit),
+        false => {
+            let batches = side_batches(store, spec, mark, &form, &wanted, stop)?;
+            base.repopulated(&kept, &side, batches, limit)
         }
-        b.map_err(|e| e.to_string())
-    });
-    Ok(overlap::memberships(&side, batches, limit)?)
+    };
+    Ok(derived?)
 }
 
 fn compile(

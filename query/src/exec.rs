@@ -71,7 +71,7 @@ use crate::entities::{Folder, Instance, Part, Reduction, Totals, stage_two};
 use crate::gate::{GateReport, Metric, joined_to};
 use crate::memory::{MemoryShare, Reservation};
 use crate::noise::{Epsilon, Noise, Sensitivity, Variance, partition_threshold};
-use crate::source::BatchSource;
+use crate::source::{BatchSource, Keeper};
 use crate::stop::{Stop, StopExec};
 
 const RESULT: &str = "__escrow_result";
@@ -680,6 +680,21 @@ async fn reduce_tables(
         }
     }
     let parts: Vec<Part> = (0..inputs.len()).map(|t| Part::of(report, t)).collect();
+    // Another partner's table joined on its key alone is its version's companies, which
+    // depend on no question and are kept for every asker: looked up (from memory, or read
+    // back from their seal) while the caller's own tables are reduced. Whether they are
+    // found and how long that takes follow that list alone, and nothing of them is used
+    // before admission.
+    let mut looked_up: Vec<Option<SpawnedTask<LookedUp>>> = (kept_as.iter().enumerate())
+        .map(|(t, kept)| match (kept, &p.tables[t]) {
+            (Some((source, name)), Holder::Partner { .. })
+                if first[t] == t && name == KEYS_REDUCTION =>
+            {
+                Some(look_up(source.clone(), name.clone()))
+            }
+            _ => None,
+        })
+        .collect();
     // The caller's own tables first, each under what is left of the limit.
     let mut sizes = Vec::new();
     let mut held = 0usize;
@@ -731,16 +746,14 @@ async fn reduce_tables(
                 reduced[t] = Some(same.clone());
                 continue;
             }
-            // Looked up on the blocking pool: a keeper may read what it kept from storage.
-            let (keeper, kept) = match kept_as[t].clone() {
-                Some((source, name)) => SpawnedTask::spawn_blocking(move || {
-                    let keeper = source.keeper();
-                    let kept = keeper.as_ref().and_then(|k| k.get(&name));
-                    (keeper.map(|k| (k, name)), kept)
-                })
-                .join_unwind()
-                .await
-                .map_err(|e| internal(&format!("a source's keeper: {e}")))?,
+            let lookup = match (looked_up[t].take(), kept_as[t].clone()) {
+                (Some(started), _) => Some(started),
+                (None, Some((source, name))) => Some(look_up(source, name)),
+                (None, None) => None,
+            };
+            let (keeper, kept) = match lookup {
+                Some(task) => (task.join_unwind().await)
+                    .map_err(|e| internal(&format!("a source's keeper: {e}")))?,
                 None => (None, None),
             };
             let kept = kept.and_then(|v| v.downcast::<Reduction>().ok());
@@ -770,6 +783,22 @@ async fn reduce_tables(
         })
         .collect::<Result<_, QueryError>>()?;
     Ok((instances, reservation))
+}
+
+/// The keeper of a source with the name a reduction is kept as, and what it kept so.
+type LookedUp = (
+    Option<(Box<dyn Keeper>, String)>,
+    Option<Arc<dyn std::any::Any + Send + Sync>>,
+);
+
+/// What `source`'s keeper kept as `name`, and the keeper with that name to keep it, looked
+/// up on the blocking pool: a keeper may read what it kept from storage.
+fn look_up(source: Arc<dyn BatchSource>, name: String) -> SpawnedTask<LookedUp> {
+    SpawnedTask::spawn_blocking(move || {
+        let keeper = source.keeper();
+        let kept = keeper.as_ref().and_then(|k| k.get(&name));
+        (keeper.map(|k| (k, name)), kept)
+    })
 }
 
 /// How a refusal by [`admit`] begins: it depends on the caller's own rows, the question,

@@ -49,7 +49,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, AsArray, BooleanArray, StringArray};
+use datafusion::arrow::array::{Array, AsArray, BooleanArray, StringArray, UInt64Array};
 use datafusion::arrow::compute::{cast, prep_null_mask_filter};
 use datafusion::arrow::datatypes::{DataType, UInt64Type};
 use datafusion::arrow::record_batch::RecordBatch;
@@ -314,10 +314,7 @@ pub fn memberships(
     memory_limit: usize,
 ) -> Result<Membership, QueryError> {
     if side.populations.len() > MAX_POPULATIONS {
-        return Err(QueryError::refused(
-            "too_many_populations",
-            format!("a matrix takes at most {MAX_POPULATIONS} populations per dataset"),
-        ));
+        return Err(too_many_populations());
     }
     let mut out = Membership {
         named: side.names.is_some(),
@@ -356,59 +353,15 @@ pub fn memberships(
         }
         parts.push(staged);
     } else {
-        // Fused: each thread asks for more at the end (a store's read checks its end once).
-        let source = std::sync::Mutex::new(batches.fuse());
-        let failed = std::sync::atomic::AtomicBool::new(false);
-        // Bytes staged by both threads: the limit is checked on their total, so whether a side
-        // is refused does not depend on how batches fell to the threads.
-        let staged_bytes = std::sync::atomic::AtomicUsize::new(0);
-        let lanes = std::thread::scope(|scope| {
-            let (source, failed, staged_bytes) = (&source, &failed, &staged_bytes);
-            let handles: Vec<_> = (0..workers)
-                .map(|_| {
-                    scope.spawn(move || {
-                        let mut staged: Vec<Vec<Staged>> =
-                            (0..SHARDS).map(|_| Vec::new()).collect();
-                        let mut masks = Vec::new();
-                        let result = loop {
-                            if failed.load(std::sync::atomic::Ordering::Relaxed) {
-                                break Ok(());
-                            }
-                            // A thread that panicked while reading poisoned the source: the
-                            // read is not finished, and nothing more is read from it.
-                            let Ok(mut batches) = source.lock() else {
-                                break Err(internal("overlap: a thread reading batches"));
-                            };
-                            let next = batches.next();
-                            drop(batches);
-                            let Some(batch) = next else { break Ok(()) };
-                            let before = held(&staged);
-                            let staged_one = batch.map_err(internal).and_then(|batch| {
-                                stage(side, &batch, &mut masks, &mut staged, &mut |_| NO_VALUE)
-                            });
-                            if let Err(e) = staged_one {
-                                break Err(e);
-                            }
-                            let added = held(&staged) - before;
-                            let total = staged_bytes
-                                .fetch_add(added, std::sync::atomic::Ordering::Relaxed)
-                                + added;
-                            if base + total > memory_limit {
-                                break Err(over());
-                            }
-                        };
-                        if result.is_err() {
-                            failed.store(true, std::sync::atomic::Ordering::Relaxed);
-                        }
-                        result.map(|()| staged)
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join()).collect::<Vec<_>>()
-        });
-        for lane in lanes {
-            parts.push(lane.map_err(|_| internal("overlap: a thread staging rows"))??);
-        }
+        let fresh = || -> (Vec<Vec<Staged>>, Vec<u64>) {
+            ((0..SHARDS).map(|_| Vec::new()).collect(), Vec::new())
+        };
+        let limit = (base, memory_limit);
+        let lanes = on_batches(workers, batches, limit, fresh, |(staged, masks), batch| {
+            stage(side, batch, masks, staged, &mut |_| NO_VALUE)?;
+            Ok(held(staged))
+        })?;
+        parts.extend(lanes.into_iter().map(|(staged, _)| staged));
     }
     // The most staging held: what was checked last (staged bytes only grow).
     out.peak = out.memory_bytes() + parts.iter().map(|p| held(p)).sum::<usize>();
@@ -448,6 +401,135 @@ pub fn memberships(
     Ok(out)
 }
 
+impl Membership {
+    /// This side as [`memberships`] reduces the same rows over other populations, without
+    /// reducing them again: population `j` of the new side is the one at `kept[j]` among
+    /// this side's (the same filter over the same rows) or, where that is `None`, the next of
+    /// `added.populations`, evaluated over `batches` (the key column and what those filters
+    /// read; not read when there is none). For a side without a breakdown only.
+    ///
+    /// Why it is the reduced side: what a reduction keeps of an entity (that it is one, its
+    /// name, its place, whether it is name-only) and which name-only entities fold into which
+    /// come from the rows' keys, names and places, never from the populations; an entity's
+    /// mask is the union of its rows' masks and of the entities' folded into it. So a kept
+    /// population's bit moves to its new place, and a new population's bit is set on the
+    /// entity each of its rows counts as ([`Membership::entity_of`]). The peak is the
+    /// reduction's too: its staging holds every row with an id and its table every entity,
+    /// whatever the populations; the side is refused under a limit the reduction would
+    /// have been refused under. What this holds beside the side it starts from is a copy of
+    /// that side (about the reduction's table) and 16 bytes per row of a new population
+    /// (a reduction stages 40 bytes per row of every population).
+    pub fn repopulated(
+        &self,
+        kept: &[Option<usize>],
+        added: &Side,
+        batches: impl Iterator<Item = Result<RecordBatch, String>> + Send,
+        memory_limit: usize,
+    ) -> Result<Membership, QueryError> {
+        if kept.len() > MAX_POPULATIONS {
+            return Err(too_many_populations());
+        }
+        let breakdown = added.dimension.is_some() || !self.values.is_empty();
+        let new_bits: Vec<usize> = (kept.iter().enumerate())
+            .filter(|(_, k)| k.is_none())
+            .map(|(j, _)| j)
+            .collect();
+        if breakdown
+            || new_bits.len() != added.populations.len()
+            || kept.iter().flatten().any(|i| *i >= MAX_POPULATIONS)
+        {
+            return Err(internal(
+                "overlap: a side repopulated other than it was reduced",
+            ));
+        }
+        if self.peak > memory_limit {
+            return Err(over_limit(memory_limit));
+        }
+        // Rows of the new populations, each as (its entity, its new bits), in the entity's
+        // shard, staged on two threads.
+        let mut staged: Vec<Vec<NewBits>> = (0..SHARDS).map(|_| Vec::new()).collect();
+        if !new_bits.is_empty() {
+            let fresh = || -> (Vec<NewBits>, Vec<u64>) {
+                ((0..SHARDS).map(|_| Vec::new()).collect(), Vec::new())
+            };
+            let lanes = on_batches(
+                STAGE_THREADS,
+                batches,
+                (0, usize::MAX),
+                fresh,
+                |state, batch| {
+                    let (rows, masks) = state;
+                    let ids = entity_ids(batch, added.key_index)?;
+                    masks_of(&added.populations, batch, masks, |i| new_bits[i])?;
+                    for (i, &mask) in masks.iter().enumerate() {
+                        if mask != 0 && ids.is_valid(i) {
+                            let entity = self.entity_of(ids.value(i));
+                            rows[shard_of(entity)].push((entity, mask));
+                        }
+                    }
+                    Ok(0)
+                },
+            )?;
+            for (rows, _) in lanes {
+                for (s, rows) in rows.into_iter().enumerate() {
+                    staged[s].push(rows);
+                }
+            }
+        }
+        let moves: Vec<(usize, usize)> = (kept.iter().enumerate())
+            .filter_map(|(j, k)| k.map(|i| (i, j)))
+            .collect();
+        let remap = |mask: u64| {
+            (moves.iter()).fold(0u64, |m, &(from, to)| m | (((mask >> from) & 1) << to))
+        };
+        let staged: Vec<std::sync::Mutex<Vec<NewBits>>> =
+            staged.into_iter().map(std::sync::Mutex::new).collect();
+        let built = on_lanes(BUILD_THREADS, |_, shards| {
+            shards
+                .map(|s| {
+                    let mut members = self.members.shard(s).clone();
+                    for m in members.values_mut() {
+                        m.mask = remap(m.mask);
+                    }
+                    let rows =
+                        std::mem::take(&mut *staged[s].lock().unwrap_or_else(|p| p.into_inner()));
+                    for (entity, mask) in rows.into_iter().flatten() {
+                        let m = members.get_mut(&entity).ok_or_else(|| {
+                            internal("overlap: a row of an entity the side lacks")
+                        })?;
+                        m.mask |= mask;
+                    }
+                    Ok((s, members))
+                })
+                .collect::<Result<Vec<_>, QueryError>>()
+        });
+        let mut out = Membership {
+            named: self.named,
+            place_kinds: self.place_kinds.clone(),
+            folded: self.folded.clone(),
+            peak: self.peak,
+            ..Membership::default()
+        };
+        for lane in built {
+            let lane = lane.map_err(|_| internal("overlap: a thread repopulating shards"))??;
+            for (s, members) in lane {
+                *out.members.shard_mut(s) = members;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Rows of new populations staged in one shard by one thread: (entity, its new bits).
+type NewBits = Vec<(u64, u64)>;
+
+fn too_many_populations() -> QueryError {
+    QueryError::refused(
+        "too_many_populations",
+        format!("a matrix takes at most {MAX_POPULATIONS} populations per dataset"),
+    )
+}
+
 /// Threads that build a side's shards.
 const BUILD_THREADS: usize = 2;
 
@@ -459,6 +541,108 @@ fn held(staged: &[Vec<Staged>]) -> usize {
     staged.iter().map(|s| s.len() * size_of::<Staged>()).sum()
 }
 
+/// `stage_one(state, batch)` for every batch, on `workers` threads: each pulls the next
+/// batch and stages it in a state of its own (`fresh()`), and returns how many bytes that
+/// state holds now. Fails with [`over_limit`] when `base` and what all states hold together
+/// pass `memory_limit` (checked on their total, so whether a side is refused does not
+/// depend on how batches fell to the threads), on a batch that fails, and when a thread
+/// does; the states, one per thread, otherwise.
+fn on_batches<S: Send>(
+    workers: usize,
+    batches: impl Iterator<Item = Result<RecordBatch, String>> + Send,
+    (base, memory_limit): (usize, usize),
+    fresh: impl Fn() -> S + Sync,
+    stage_one: impl Fn(&mut S, &RecordBatch) -> Result<usize, QueryError> + Sync,
+) -> Result<Vec<S>, QueryError> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+    // Fused: each thread asks for more at the end (a store's read checks its end once).
+    let source = std::sync::Mutex::new(batches.fuse());
+    let failed = AtomicBool::new(false);
+    let total = AtomicUsize::new(0);
+    let lanes = std::thread::scope(|scope| {
+        let (source, failed, total, fresh, stage_one) =
+            (&source, &failed, &total, &fresh, &stage_one);
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(move || {
+                    let mut state = fresh();
+                    let mut holds = 0;
+                    let result = loop {
+                        if failed.load(Relaxed) {
+                            break Ok(());
+                        }
+                        // A thread that panicked while reading poisoned the source: the
+                        // read is not finished, and nothing more is read from it.
+                        let Ok(mut batches) = source.lock() else {
+                            break Err(internal("overlap: a thread reading batches"));
+                        };
+                        let next = batches.next();
+                        drop(batches);
+                        let Some(batch) = next else { break Ok(()) };
+                        let now = match batch
+                            .map_err(internal)
+                            .and_then(|b| stage_one(&mut state, &b))
+                        {
+                            Ok(now) => now,
+                            Err(e) => break Err(e),
+                        };
+                        let added = now.saturating_sub(holds);
+                        holds = now;
+                        if base + total.fetch_add(added, Relaxed) + added > memory_limit {
+                            break Err(over_limit(memory_limit));
+                        }
+                    };
+                    if result.is_err() {
+                        failed.store(true, Relaxed);
+                    }
+                    result.map(|()| state)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join()).collect::<Vec<_>>()
+    });
+    lanes
+        .into_iter()
+        .map(|lane| lane.map_err(|_| internal("overlap: a thread staging rows"))?)
+        .collect()
+}
+
+/// The entity ids of a batch (its key column).
+fn entity_ids(batch: &RecordBatch, key_index: usize) -> Result<&UInt64Array, QueryError> {
+    batch
+        .column(key_index)
+        .as_primitive_opt::<UInt64Type>()
+        .ok_or_else(|| internal("overlap: the key column is not entity ids"))
+}
+
+/// Per row of `batch`, the populations it is in (`masks`, one per row): population `i`'s
+/// bit is `bit(i)`.
+fn masks_of(
+    populations: &[Arc<dyn PhysicalExpr>],
+    batch: &RecordBatch,
+    masks: &mut Vec<u64>,
+    bit: impl Fn(usize) -> usize,
+) -> Result<(), QueryError> {
+    let rows = batch.num_rows();
+    masks.clear();
+    masks.resize(rows, 0u64);
+    for (i, p) in populations.iter().enumerate() {
+        let result = p.evaluate(batch)?.into_array(rows)?;
+        let inside: &BooleanArray = result
+            .as_boolean_opt()
+            .ok_or_else(|| internal("overlap: a population filter is not boolean"))?;
+        let inside = match inside.nulls() {
+            Some(_) => prep_null_mask_filter(inside),
+            None => inside.clone(),
+        };
+        let bit = 1u64 << bit(i);
+        for row in inside.values().set_indices() {
+            masks[row] |= bit;
+        }
+    }
+    Ok(())
+}
+
 /// Stages one batch of a side: per row with an entity id, the populations it is in (`masks`
 /// is scratch), its breakdown value (`intern`ed), name and place, in its entity's shard.
 fn stage(
@@ -468,26 +652,8 @@ fn stage(
     staged: &mut [Vec<Staged>],
     intern: &mut dyn FnMut(&str) -> u32,
 ) -> Result<(), QueryError> {
-    let rows = batch.num_rows();
-    let ids = batch
-        .column(side.key_index)
-        .as_primitive_opt::<UInt64Type>()
-        .ok_or_else(|| internal("overlap: the key column is not entity ids"))?;
-    masks.clear();
-    masks.resize(rows, 0u64);
-    for (bit, p) in side.populations.iter().enumerate() {
-        let result = p.evaluate(batch)?.into_array(rows)?;
-        let inside: &BooleanArray = result
-            .as_boolean_opt()
-            .ok_or_else(|| internal("overlap: a population filter is not boolean"))?;
-        let inside = match inside.nulls() {
-            Some(_) => prep_null_mask_filter(inside),
-            None => inside.clone(),
-        };
-        for i in inside.values().set_indices() {
-            masks[i] |= 1 << bit;
-        }
-    }
+    let ids = entity_ids(batch, side.key_index)?;
+    masks_of(&side.populations, batch, masks, |bit| bit)?;
     let values: Option<StringArray> = match side.dimension {
         Some(d) => Some(
             cast(batch.column(d), &DataType::Utf8)?
@@ -999,11 +1165,11 @@ mod tests {
         "status = 'prospect'",
     ];
 
-    #[test]
-    fn a_side_staged_on_two_threads_is_the_side_staged_on_one() {
-        // Rows of few companies, each in many batches (so both threads stage rows of most
-        // companies), with names (some name-only: name = id), places that agree or not,
-        // rows without an id and rows in no population.
+    /// Rows of few companies, each in many rows (so both threads stage rows of most
+    /// companies), with names (some name-only: name = id, most folding into the one company
+    /// that carries their name), places that agree or not, rows without an id and rows in no
+    /// population; and a side reading them with `filters`.
+    fn named_rows(filters: &[&str]) -> (RecordBatch, Side) {
         let schema = Arc::new(Schema::new(vec![
             Field::new("id", DataType::UInt64, true),
             Field::new("status", DataType::Utf8, true),
@@ -1020,15 +1186,20 @@ mod tests {
         let statuses = ["customer", "opportunity", "prospect", "none"];
         let rows = 6000;
         let (mut ids, mut status, mut names, mut places) = (vec![], vec![], vec![], vec![]);
+        // Spread over all 64 shards: ids are keyed hashes in real lists.
+        let hashed = |k: u64| k.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         for _ in 0..rows {
-            // spread over all 64 shards: ids are keyed hashes in real lists
-            let id = (next(300) + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            // Companies 1-150 have websites, each carrying one name: names 152-180 two
+            // companies (no fold), 151 and 181-270 one (the name-only company of that name
+            // folds into it); companies 151-300 are name-only (271-300 carried by nobody).
+            let k = next(300) + 1;
+            let id = hashed(k);
             ids.push((next(20) != 0).then_some(id));
             status.push(Some(statuses[next(4) as usize]));
-            names.push(match next(3) {
-                0 => None,
-                1 => Some(id),
-                _ => Some(next(50) + 1),
+            names.push(match (k > 150, next(4)) {
+                (_, 0) => None,
+                (true, _) => Some(id),
+                (false, _) => Some(hashed(151 + k % 120)),
             });
             places.push((next(4) != 0).then(|| next(3) + 1));
         }
@@ -1047,7 +1218,7 @@ mod tests {
             Field::new("status", DataType::Utf8, true),
         ]));
         let side = Side {
-            populations: POPS
+            populations: filters
                 .iter()
                 .map(|f| {
                     crate::population::compile(f, &declared, &schema, Some("id")).expect("filter")
@@ -1061,35 +1232,43 @@ mod tests {
                 kinds: "country".into(),
             }),
         };
+        (whole, side)
+    }
+
+    /// Members and folds of a side, in order.
+    type Listed = (Vec<(u64, u64, bool, bool, u64, u64)>, Vec<(u64, u64)>);
+
+    fn sorted(m: &Membership) -> Listed {
+        let mut all: Vec<_> = (m.members.iter())
+            .map(|(id, m)| (*id, m.mask, m.linkable, m.name_only, m.name, m.place))
+            .collect();
+        all.sort_unstable();
+        let mut folded: Vec<(u64, u64)> = m.folded.iter().map(|(a, b)| (*a, *b)).collect();
+        folded.sort_unstable();
+        (all, folded)
+    }
+
+    #[test]
+    fn a_side_staged_on_two_threads_is_the_side_staged_on_one() {
+        let (whole, side) = named_rows(&POPS);
+        let rows = whole.num_rows();
         let one = memberships(&side, std::iter::once(Ok(whole.clone())), 1 << 30).expect("one");
         let batches: Vec<_> = (0..rows)
             .step_by(97)
             .map(|at| Ok(whole.slice(at, 97.min(rows - at))))
             .collect();
         let many = memberships(&side, batches.into_iter(), 1 << 30).expect("many");
-        let sorted = |m: &Membership| {
-            let mut all: Vec<(u64, u64, bool, bool, u64, u64)> = (m.members.iter())
-                .map(|(id, m)| (*id, m.mask, m.linkable, m.name_only, m.name, m.place))
-                .collect();
-            all.sort_unstable();
-            all
-        };
-        assert!(one.members.len() > 250, "{}", one.members.len());
-        assert!(sorted(&one).iter().any(|m| m.5 == MIXED_PLACES));
+        // Of 300 companies, those of names 151 and 181-270 folded into the one carrying it.
+        assert!(one.members.len() > 180, "{}", one.members.len());
+        assert!(one.folded.len() > 50, "{}", one.folded.len());
+        assert!(sorted(&one).0.iter().any(|m| m.5 == MIXED_PLACES));
         assert_eq!(sorted(&one), sorted(&many));
-        let folded = |m: &Membership| {
-            let mut f: Vec<(u64, u64)> = m.folded.iter().map(|(a, b)| (*a, *b)).collect();
-            f.sort_unstable();
-            f
-        };
-        assert_eq!(folded(&one), folded(&many));
         // Read back from its bytes, it is the same side, counts the same and is refused
         // under the same limits; cut short or of another format, it is an error.
         let bytes = one.encode("x");
-        let back = (Membership::decode(&bytes, "x", 1 << 30).expect("read back")).expect("x");
-        assert!(matches!(Membership::decode(&bytes, "y", 1 << 30), Ok(None)));
+        let (sealed_for, back) = Membership::decode(&bytes, 1 << 30).expect("read back");
+        assert_eq!(sealed_for, "x");
         assert_eq!(sorted(&back), sorted(&one));
-        assert_eq!(folded(&back), folded(&one));
         assert_eq!(
             (back.named, &back.place_kinds),
             (one.named, &one.place_kinds)
@@ -1103,10 +1282,7 @@ mod tests {
         };
         assert!(!cells(&one).is_empty());
         assert_eq!(cells(&back), cells(&one));
-        assert!(matches!(
-            Membership::decode(&bytes, "x", one.peak),
-            Ok(Some(_))
-        ));
+        assert!(Membership::decode(&bytes, one.peak).is_ok());
         // The peak is the reduction's own: it fits in exactly that much, not a byte less.
         let all = || std::iter::once(Ok(whole.clone()));
         assert!(memberships(&side, all(), one.peak).is_ok());
@@ -1115,18 +1291,15 @@ mod tests {
             Err(QueryError::ResourcesExhausted(_))
         ));
         assert!(matches!(
-            Membership::decode(&bytes, "x", one.peak - 1),
+            Membership::decode(&bytes, one.peak - 1),
             Err(QueryError::ResourcesExhausted(_))
         ));
         for cut in (0..bytes.len()).step_by(37) {
-            assert!(
-                Membership::decode(&bytes[..cut], "x", 1 << 30).is_err(),
-                "{cut}"
-            );
+            assert!(Membership::decode(&bytes[..cut], 1 << 30).is_err(), "{cut}");
         }
         let mut other = bytes.clone();
         other[8] ^= 1;
-        assert!(Membership::decode(&other, "x", 1 << 30).is_err());
+        assert!(Membership::decode(&other, 1 << 30).is_err());
         // A failing batch fails the side, whichever thread takes it.
         let mut failing: Vec<Result<RecordBatch, String>> =
             (0..20).map(|_| Ok(whole.slice(0, 10))).collect();
@@ -1140,6 +1313,95 @@ mod tests {
             memberships(&side, batches, 4096),
             Err(QueryError::ResourcesExhausted(_))
         ));
+    }
+
+    #[test]
+    fn a_side_repopulated_is_the_side_reduced_over_its_new_populations() {
+        // From the side of some populations, the side of others: some kept (moved to other
+        // places), some dropped, some new (filters over the rows, matching rows of folded
+        // name-only entities too); equal to reducing the rows over the new ones, peak and
+        // refusals included.
+        let from = [
+            "status = 'prospect'",
+            "status = 'customer'",
+            "status = 'none'",
+        ];
+        let to = [
+            "status = 'customer'",
+            "status IN ('opportunity', 'none')",
+            "status = 'prospect'",
+            "status <> 'customer'",
+        ];
+        let (whole, base_side) = named_rows(&from);
+        let base =
+            memberships(&base_side, std::iter::once(Ok(whole.clone())), 1 << 30).expect("base");
+        let (_, target) = named_rows(&to);
+        let reduced =
+            memberships(&target, std::iter::once(Ok(whole.clone())), 1 << 30).expect("reduced");
+        let kept = [Some(1), None, Some(0), None];
+        let (_, added) = named_rows(&[to[1], to[3]]);
+        let rows = whole.num_rows();
+        let batches = || {
+            (0..rows)
+                .step_by(101)
+                .map(|at| Ok(whole.slice(at, 101.min(rows - at))))
+        };
+        let derived = base
+            .repopulated(&kept, &added, batches(), 1 << 30)
+            .expect("repopulated");
+        assert!(sorted(&reduced).0.iter().any(|m| m.1 & 0b1010 != 0));
+        assert!(!reduced.folded.is_empty());
+        assert_eq!(sorted(&derived), sorted(&reduced));
+        assert_eq!(derived.peak, reduced.peak);
+        assert_eq!(derived.entities(), reduced.entities());
+        assert_eq!(
+            (derived.named, &derived.place_kinds),
+            (reduced.named, &reduced.place_kinds)
+        );
+        // Read back from its seal, it repopulates the same; only kept populations: no rows.
+        let (_, back) = Membership::decode(&base.encode("b"), 1 << 30).expect("back");
+        let again = back
+            .repopulated(&kept, &added, batches(), 1 << 30)
+            .expect("again");
+        assert_eq!(sorted(&again), sorted(&reduced));
+        let (_, none) = named_rows(&[]);
+        let failing = std::iter::once(Err("never read".to_string()));
+        let moved = base
+            .repopulated(&[Some(2), Some(0)], &none, failing, 1 << 30)
+            .expect("moved");
+        let (_, two) = named_rows(&[from[2], from[0]]);
+        let two = memberships(&two, std::iter::once(Ok(whole.clone())), 1 << 30).expect("two");
+        assert_eq!(sorted(&moved), sorted(&two));
+        // Refused under the limits the reduction is refused under, and as it is.
+        assert!(
+            base.repopulated(&kept, &added, batches(), reduced.peak)
+                .is_ok()
+        );
+        assert!(matches!(
+            base.repopulated(&kept, &added, batches(), reduced.peak - 1),
+            Err(QueryError::ResourcesExhausted(_))
+        ));
+        let failing = batches().chain(std::iter::once(Err("read failed".to_string())));
+        assert!(base.repopulated(&kept, &added, failing, 1 << 30).is_err());
+        // Rows that are not the side's: an error, not a side.
+        let (other, _) = named_rows(&[]);
+        let shifted = other.slice(1, 1);
+        let (_, one_new) = named_rows(&["status <> ''"]);
+        let ids: UInt64Array = (0..1).map(|_| Some(12345u64)).collect();
+        let stranger = RecordBatch::try_new(
+            shifted.schema(),
+            vec![
+                Arc::new(ids),
+                shifted.column(1).clone(),
+                shifted.column(2).clone(),
+                shifted.column(3).clone(),
+            ],
+        )
+        .expect("stranger");
+        assert!(
+            base.repopulated(&[None], &one_new, std::iter::once(Ok(stranger)), 1 << 30)
+                .is_err()
+        );
     }
 
     #[test]
@@ -1169,8 +1431,7 @@ mod tests {
         let mb = memberships(&side(&POPS, true), std::iter::once(Ok(b)), 1 << 30).expect("b");
         let cells = count(&ma, &mb, 3, true);
         // Read back from its bytes, a side keeps its values and counts the same.
-        let back = Membership::decode(&ma.encode(""), "", 1 << 30).expect("read back");
-        let back = back.expect("the side named so");
+        let (_, back) = Membership::decode(&ma.encode(""), 1 << 30).expect("read back");
         assert_eq!(back.values, ma.values);
         assert_eq!(back.more_values, ma.more_values);
         assert_eq!(count(&back, &mb, 3, true), cells);

@@ -32,7 +32,7 @@ const NAME_ONLY: u8 = 2;
 
 impl Membership {
     /// The side as bytes, named `sealed_for` (what the side is of: [`Membership::decode`]
-    /// reads them back under that name only).
+    /// gives it back with the side).
     pub fn encode(&self, sealed_for: &str) -> Vec<u8> {
         let members = self.members.len();
         let mut w = Writer(Vec::with_capacity(
@@ -83,22 +83,18 @@ impl Membership {
         w.0
     }
 
-    /// A side from [`Membership::encode`]'s bytes; `None` if they are of a side named
-    /// otherwise (its populations changed since it was sealed). Fails as reducing it would
+    /// A side from [`Membership::encode`]'s bytes, with the name it was sealed for (the
+    /// caller tells whether that is the side it wants, or one of other populations of the
+    /// same rows to derive it from: [`Membership::repopulated`]). Fails as reducing it would
     /// when the reduction needed more than `memory_limit` bytes at its peak (so a side is
-    /// refused, or not, whether it was kept or not).
-    pub fn decode(
-        bytes: &[u8],
-        sealed_for: &str,
-        memory_limit: usize,
-    ) -> Result<Option<Membership>, QueryError> {
+    /// refused, or not, whether it was kept or not; without a breakdown the peak is the same
+    /// whatever the populations).
+    pub fn decode(bytes: &[u8], memory_limit: usize) -> Result<(String, Membership), QueryError> {
         let mut r = Reader::new(bytes);
         if r.take(MAGIC.len())? != MAGIC || r.u32()? != FORMAT {
             return Err(internal("kept overlap side: another format"));
         }
-        if r.str()? != sealed_for {
-            return Ok(None);
-        }
+        let sealed_for = r.str()?;
         let peak = usize::try_from(r.u64()?).unwrap_or(usize::MAX);
         if peak > memory_limit {
             return Err(over_limit(memory_limit));
@@ -173,6 +169,6 @@ impl Membership {
         if r.left() != 0 {
             return Err(internal("kept overlap side: bytes past its end"));
         }
-        Ok(Some(out))
+        Ok((sealed_for, out))
     }
 }

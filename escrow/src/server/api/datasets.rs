@@ -5,9 +5,10 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use futures_util::TryStreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use serde::Deserialize;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
@@ -48,59 +49,47 @@ pub(crate) struct UploadParams {
 /// Bytes of a refused upload read and discarded so the client can read the error response.
 const DRAIN_AFTER_ERROR: u64 = 64 << 20;
 
+/// The longest a refused upload's body is read for.
+const DRAIN_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[utoipa::path(put, path = "/v1/datasets/{name}", tag = "datasets", request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the file's bytes: CSV, Parquet, Arrow IPC file or stream"), params(("name" = String, Path, description = "dataset name, [a-z][a-z0-9_]{0,62}"), ("format" = Option<String>, Query, description = "csv, arrow, arrow-stream, parquet; sniffed when absent"), ("key_column" = Option<String>, Query), ("name_column" = Option<String>, Query), ("name_context" = Option<String>, Query, description = "comma-separated columns"), ("places" = Option<String>, Query, description = "place columns compared when a name links two companies, comma-separated, or none; detected from the headers (country, region, state) when absent"), ("key_type" = Option<String>, Query, description = "website or id"), ("schema" = Option<String>, Query, description = "CSV column types over the inferred ones: COLUMN=TYPE,... with TYPE one of string, integer, float, boolean, date, timestamp")), responses((status = 201, description = "the version committed", body = wire::UploadOutcome), wire::Errors))]
 pub(crate) async fn upload(
     State(state): State<Arc<AppState>>,
-    caller: Caller,
+    caller: Result<Caller, ApiError>,
     Path(name): Path<String>,
-    Query(params): Query<UploadParams>,
+    params: Result<Query<UploadParams>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<wire::UploadOutcome>), ApiError> {
-    caller.may(&state, Action::DatasetUpload).await?;
-    let _permit = state.admission.admit(&caller.partner, Work::Upload).await?;
-    crate::datadir::validate_name("dataset", &name)?;
     let limit = state.store.config().max_upload_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(Error::TooLarge { limit }.into());
-    }
-    let format = params.format.as_deref().map(Format::parse).transpose()?;
-    let req = UploadRequest {
-        owner: caller.partner.clone(),
-        actor: caller.actor(),
-        dataset: name,
-        format,
-        key: crate::ingest::KeySpec {
-            column: params.key_column.filter(|k| !k.is_empty()),
-            name_column: params.name_column.filter(|k| !k.is_empty()),
-            name_context: params
-                .name_context
-                .iter()
-                .flat_map(|c| c.split(','))
-                .map(str::trim)
-                .filter(|c| !c.is_empty())
-                .map(str::to_string)
-                .collect(),
-            places: crate::ingest::Places::parse(params.places.as_deref()),
-            key_type: params
-                .key_type
-                .as_deref()
-                .map(crate::ingest::KeyType::parse)
-                .transpose()?
-                .unwrap_or_default(),
-            ids: Some(crate::queries::stored_ids(&state.queries.entity_hasher)),
-            declared: crate::ingest::DeclaredSchema::parse(
-                params
-                    .schema
-                    .iter()
-                    .flat_map(|s| s.split(','))
-                    .filter(|d| !d.trim().is_empty()),
-            )?,
-        },
+    let checked = async {
+        let caller = caller?;
+        let Query(params) = params.map_err(|e| Error::bad("invalid_request", e.body_text()))?;
+        caller.may(&state, Action::DatasetUpload).await?;
+        let permit = state.admission.admit(&caller.partner, Work::Upload).await?;
+        crate::datadir::validate_name("dataset", &name)?;
+        if declared.is_some_and(|n| n > limit) {
+            return Err(Error::TooLarge { limit }.into());
+        }
+        let req = upload_request(&state, &caller, name, params)?;
+        Ok::<_, ApiError>((caller, req, permit))
+    };
+    let (caller, req, _permit) = match checked.await {
+        Ok(checked) => checked,
+        Err(e) => {
+            // Refused before its body was read: what an identified client is still sending
+            // is read (within bounds) so that it reads the refusal rather than a reset
+            // connection. Not for a caller the server does not know, nor when it sheds load.
+            let unknown_or_busy = matches!(e.0, Error::Unauthenticated(_) | Error::Busy { .. });
+            if !unknown_or_busy && declared.is_none_or(|n| n <= DRAIN_AFTER_ERROR) {
+                drain(body).await;
+            }
+            return Err(e);
+        }
     };
     let stream = body.into_data_stream().map_err(io::Error::other);
     let mut reader = SyncIoBridge::new(StreamReader::new(stream));
@@ -180,4 +169,63 @@ pub(crate) async fn dataset_versions(
         dataset: name,
         versions,
     }))
+}
+
+/// What an upload asks for, from its parameters.
+fn upload_request(
+    state: &AppState,
+    caller: &Caller,
+    name: String,
+    params: UploadParams,
+) -> Result<UploadRequest, ApiError> {
+    let format = params.format.as_deref().map(Format::parse).transpose()?;
+    Ok(UploadRequest {
+        owner: caller.partner.clone(),
+        actor: caller.actor(),
+        dataset: name,
+        format,
+        key: crate::ingest::KeySpec {
+            column: params.key_column.filter(|k| !k.is_empty()),
+            name_column: params.name_column.filter(|k| !k.is_empty()),
+            name_context: params
+                .name_context
+                .iter()
+                .flat_map(|c| c.split(','))
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .map(str::to_string)
+                .collect(),
+            places: crate::ingest::Places::parse(params.places.as_deref()),
+            key_type: params
+                .key_type
+                .as_deref()
+                .map(crate::ingest::KeyType::parse)
+                .transpose()?
+                .unwrap_or_default(),
+            ids: Some(crate::queries::stored_ids(&state.queries.entity_hasher)),
+            declared: crate::ingest::DeclaredSchema::parse(
+                params
+                    .schema
+                    .iter()
+                    .flat_map(|s| s.split(','))
+                    .filter(|d| !d.trim().is_empty()),
+            )?,
+        },
+    })
+}
+
+/// Reads and drops what is left of a refused upload's body, at most [`DRAIN_AFTER_ERROR`]
+/// bytes for at most [`DRAIN_WITHIN`].
+async fn drain(body: Body) {
+    let mut stream = body.into_data_stream();
+    let mut left = DRAIN_AFTER_ERROR;
+    let _ = tokio::time::timeout(DRAIN_WITHIN, async {
+        while let Some(Ok(chunk)) = stream.next().await {
+            left = left.saturating_sub(chunk.len() as u64);
+            if left == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
