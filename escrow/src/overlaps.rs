@@ -992,6 +992,16 @@ fn side_kept_as(caller: &str, key: &str, by: Option<&str>, filters: &[(String, S
     serde_json::json!(["overlap side", asker, key, by, filters]).to_string()
 }
 
+/// The populations' filters of the side without a breakdown kept as `name` by
+/// [`side_kept_as`] over key column `key`; `None` for another name.
+fn filters_kept_as(name: &str, key: &str) -> Option<Filters> {
+    type Named = (String, Option<String>, String, Option<String>, Filters);
+    match serde_json::from_str::<Named>(name) {
+        Ok((_, None, k, None, filters)) if k == key => Some(filters),
+        _ => None,
+    }
+}
+
 /// Where a side came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Found {
@@ -1118,17 +1128,9 @@ fn sealed_side(
             return Ok(None);
         }
     };
-    // What `side_sealed_as` sealed it for: the side's name, its filters in it.
-    type Named = (
-        String,
-        Option<String>,
-        String,
-        Option<String>,
-        Vec<(String, String)>,
-    );
-    match serde_json::from_str::<Named>(&sealed_for) {
-        Ok((_, None, key, None, filters)) if key == spec.key => Ok(Some((filters, side))),
-        _ => {
+    match filters_kept_as(&sealed_for, &spec.key) {
+        Some(filters) => Ok(Some((filters, side))),
+        None => {
             warn(&"sealed for another side");
             Ok(None)
         }
@@ -1218,19 +1220,15 @@ fn kept_side(
         // Sides with a breakdown are their asker's alone: neither sealed nor derived.
         let bases =
             (spec.by.is_none()).then(|| SideBases::of(store, &spec.version, mark, &spec.key));
-        let keep = |side: Membership, found: Found| {
-            let side = Arc::new(side);
-            store.keep_derived(
-                &spec.version,
-                mark,
-                &name,
-                side.clone(),
-                side.memory_bytes(),
-            );
+        // Kept under its name, and as a base for sides of other populations.
+        let keep = |filters: &[(String, String)], side: Arc<Membership>| {
+            let name = side_kept_as(caller, &spec.key, spec.by.as_deref(), filters);
+            let bytes = side.memory_bytes();
+            store.keep_derived(&spec.version, mark, &name, side.clone(), bytes);
             if let Some(bases) = &bases {
-                bases.add(&spec.filters, &side);
+                bases.add(filters, &side);
             }
-            (side, found)
+            side
         };
         let mut base = bases.as_ref().and_then(|b| b.closest(&spec.filters));
         if base.is_none()
@@ -1241,17 +1239,11 @@ fn kept_side(
                 ms = started.elapsed().as_millis() as u64,
                 "overlap side read from its seal"
             );
-            if filters == spec.filters {
-                return Ok(keep(sealed, Found::Sealed));
-            }
             // Of other populations: kept as that side too (a population removed again
             // finds it), and this one derived from it.
-            let sealed = Arc::new(sealed);
-            let sealed_as = side_kept_as("", &spec.key, None, &filters);
-            let bytes = sealed.memory_bytes();
-            store.keep_derived(&spec.version, mark, &sealed_as, sealed.clone(), bytes);
-            if let Some(bases) = &bases {
-                bases.add(&filters, &sealed);
+            let sealed = keep(&filters, Arc::new(sealed));
+            if filters == spec.filters {
+                return Ok((sealed, Found::Sealed));
             }
             base = Some((filters, sealed));
         }
@@ -1263,7 +1255,7 @@ fn kept_side(
                 ms = started.elapsed().as_millis() as u64,
                 "overlap side derived from the side of other populations"
             );
-            return Ok(keep(side, Found::Derived));
+            return Ok((keep(&spec.filters, Arc::new(side)), Found::Derived));
         }
         let reduced = read_side(store, hasher, spec, (mark, limit, stop), None)?;
         tracing::debug!(
@@ -1272,7 +1264,7 @@ fn kept_side(
             ms = started.elapsed().as_millis() as u64,
             "overlap side read and reduced"
         );
-        Ok(keep(reduced, Found::Reduced))
+        Ok((keep(&spec.filters, Arc::new(reduced)), Found::Reduced))
     })
 }
 
@@ -1413,12 +1405,8 @@ fn read_side(
         .filter(|(_, k)| k.is_none())
         .map(|(p, _)| p.clone())
         .collect();
+    // Without the name and place ids (not read): what folds and links is the base's.
     let (side, wanted, form) = side_reader(store, hasher, spec, &added, false)?;
-    let side = Side {
-        names: None,
-        places: None,
-        ..side
-    };
     let derived = match added.is_empty() {
         true => base.repopulated(&kept, &side, std::iter::empty(), limit),
         false => {

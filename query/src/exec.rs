@@ -746,11 +746,11 @@ async fn reduce_tables(
                 reduced[t] = Some(same.clone());
                 continue;
             }
-            let lookup = match (looked_up[t].take(), kept_as[t].clone()) {
-                (Some(started), _) => Some(started),
-                (None, Some((source, name))) => Some(look_up(source, name)),
-                (None, None) => None,
-            };
+            let lookup = (looked_up[t].take()).or_else(|| {
+                kept_as[t]
+                    .clone()
+                    .map(|(source, name)| look_up(source, name))
+            });
             let (keeper, kept) = match lookup {
                 Some(task) => (task.join_unwind().await)
                     .map_err(|e| internal(&format!("a source's keeper: {e}")))?,

@@ -365,25 +365,9 @@ pub fn memberships(
     }
     // The most staging held: what was checked last (staged bytes only grow).
     out.peak = out.memory_bytes() + parts.iter().map(|p| held(p)).sum::<usize>();
-    // Per shard, every worker's rows of it.
-    let mut staged: Vec<Vec<Vec<Staged>>> = (0..SHARDS).map(|_| Vec::new()).collect();
-    for part in parts {
-        for (s, rows) in part.into_iter().enumerate() {
-            staged[s].push(rows);
-        }
-    }
-    // Shards are built on two threads, each shard's staged rows freed once it is built.
-    let staged: Vec<std::sync::Mutex<Vec<Vec<Staged>>>> =
-        staged.into_iter().map(std::sync::Mutex::new).collect();
-    let built = on_lanes(BUILD_THREADS, |_, shards| {
-        shards
-            .map(|s| {
-                let rows =
-                    std::mem::take(&mut *staged[s].lock().unwrap_or_else(|p| p.into_inner()));
-                let (members, more_values) = build_shard(rows);
-                (s, members, more_values)
-            })
-            .collect::<Vec<_>>()
+    let built = by_shard(parts, |s, rows| {
+        let (members, more_values) = build_shard(rows);
+        (s, members, more_values)
     });
     for lane in built {
         let lane = lane.map_err(|_| internal("overlap: a thread building shards"))?;
@@ -447,7 +431,7 @@ impl Membership {
         }
         // Rows of the new populations, each as (its entity, its new bits), in the entity's
         // shard, staged on two threads.
-        let mut staged: Vec<Vec<NewBits>> = (0..SHARDS).map(|_| Vec::new()).collect();
+        let mut staged: Vec<Vec<NewBits>> = Vec::new();
         if !new_bits.is_empty() {
             let fresh = || -> (Vec<NewBits>, Vec<u64>) {
                 ((0..SHARDS).map(|_| Vec::new()).collect(), Vec::new())
@@ -470,11 +454,7 @@ impl Membership {
                     Ok(0)
                 },
             )?;
-            for (rows, _) in lanes {
-                for (s, rows) in rows.into_iter().enumerate() {
-                    staged[s].push(rows);
-                }
-            }
+            staged.extend(lanes.into_iter().map(|(rows, _)| rows));
         }
         let moves: Vec<(usize, usize)> = (kept.iter().enumerate())
             .filter_map(|(j, k)| k.map(|i| (i, j)))
@@ -482,26 +462,18 @@ impl Membership {
         let remap = |mask: u64| {
             (moves.iter()).fold(0u64, |m, &(from, to)| m | (((mask >> from) & 1) << to))
         };
-        let staged: Vec<std::sync::Mutex<Vec<NewBits>>> =
-            staged.into_iter().map(std::sync::Mutex::new).collect();
-        let built = on_lanes(BUILD_THREADS, |_, shards| {
-            shards
-                .map(|s| {
-                    let mut members = self.members.shard(s).clone();
-                    for m in members.values_mut() {
-                        m.mask = remap(m.mask);
-                    }
-                    let rows =
-                        std::mem::take(&mut *staged[s].lock().unwrap_or_else(|p| p.into_inner()));
-                    for (entity, mask) in rows.into_iter().flatten() {
-                        let m = members.get_mut(&entity).ok_or_else(|| {
-                            internal("overlap: a row of an entity the side lacks")
-                        })?;
-                        m.mask |= mask;
-                    }
-                    Ok((s, members))
-                })
-                .collect::<Result<Vec<_>, QueryError>>()
+        let built = by_shard(staged, |s, rows| {
+            let mut members = self.members.shard(s).clone();
+            for m in members.values_mut() {
+                m.mask = remap(m.mask);
+            }
+            for (entity, mask) in rows.into_iter().flatten() {
+                let m = members
+                    .get_mut(&entity)
+                    .ok_or_else(|| internal("overlap: a row of an entity the side lacks"))?;
+                m.mask |= mask;
+            }
+            Ok::<_, QueryError>((s, members))
         });
         let mut out = Membership {
             named: self.named,
@@ -511,8 +483,9 @@ impl Membership {
             ..Membership::default()
         };
         for lane in built {
-            let lane = lane.map_err(|_| internal("overlap: a thread repopulating shards"))??;
-            for (s, members) in lane {
+            let lane = lane.map_err(|_| internal("overlap: a thread repopulating shards"))?;
+            for shard in lane {
+                let (s, members) = shard?;
                 *out.members.shard_mut(s) = members;
             }
         }
@@ -532,6 +505,33 @@ fn too_many_populations() -> QueryError {
 
 /// Threads that build a side's shards.
 const BUILD_THREADS: usize = 2;
+
+/// `build(shard, rows)` for every shard on [`BUILD_THREADS`] threads, `rows` being every
+/// staging thread's rows of that shard (`parts`: per staging thread, its rows by shard, or
+/// none), each shard's rows freed once it is built; per lane, what its shards built (`Err`
+/// if it panicked).
+fn by_shard<T: Send, R: Send>(
+    parts: Vec<Vec<Vec<T>>>,
+    build: impl Fn(usize, Vec<Vec<T>>) -> R + Sync,
+) -> Vec<std::thread::Result<Vec<R>>> {
+    let mut staged: Vec<Vec<Vec<T>>> = (0..SHARDS).map(|_| Vec::new()).collect();
+    for part in parts {
+        for (s, rows) in part.into_iter().enumerate() {
+            staged[s].push(rows);
+        }
+    }
+    let staged: Vec<std::sync::Mutex<Vec<Vec<T>>>> =
+        staged.into_iter().map(std::sync::Mutex::new).collect();
+    on_lanes(BUILD_THREADS, |_, shards| {
+        shards
+            .map(|s| {
+                let rows =
+                    std::mem::take(&mut *staged[s].lock().unwrap_or_else(|p| p.into_inner()));
+                build(s, rows)
+            })
+            .collect()
+    })
+}
 
 /// Threads that stage a side's rows (without a breakdown).
 const STAGE_THREADS: usize = 2;
