@@ -41,7 +41,7 @@ use datafusion::physical_plan::aggregates::order::GroupOrdering;
 
 use crate::QueryError;
 use crate::gate::{GateReport, Metric};
-use crate::hashing::{FastMap, FastSet, SHARDS, on_lanes, reserved_for, shard_of};
+use crate::hashing::{FastMap, FastSet, SHARDS, on_lanes, reserved_for_ids, shard_of};
 
 mod kept;
 use crate::stop::Stop;
@@ -485,7 +485,7 @@ impl Reduction {
 
 /// One shard built from its partitions' staged rows.
 fn build(input: Vec<Input<'_>>, template: &Entries) -> Shard {
-    let rows = reserved_for(input.iter().map(|(s, _)| s.keys.len()).sum());
+    let rows = reserved_for_ids(input.iter().flat_map(|(s, _)| s.keys.iter().copied()));
     let mut entries = template.empty();
     if template.dims == 0 && template.metrics == 0 {
         let mut keys = FastSet::default();

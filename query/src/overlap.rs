@@ -57,7 +57,7 @@ pub use datafusion::physical_expr::PhysicalExpr;
 
 use crate::QueryError;
 use crate::exec::{Applied, release_threshold};
-use crate::hashing::{FastMap, SHARDS, Sharded, on_lanes, reserved_for, shard_of};
+use crate::hashing::{FastMap, SHARDS, Sharded, on_lanes, reserved_for_ids, shard_of};
 use crate::noise::{Noise, Sensitivity, Variance};
 
 mod kept;
@@ -713,7 +713,7 @@ fn stage(
 fn build_shard(parts: Vec<Vec<Staged>>) -> (FastMap<Member>, FastMap<Vec<u32>>) {
     let mut members = FastMap::default();
     let mut more_values = FastMap::default();
-    members.reserve(reserved_for(parts.iter().map(Vec::len).sum()));
+    members.reserve(reserved_for_ids(parts.iter().flatten().map(|r| r.id)));
     for r in parts.into_iter().flatten() {
         let m = members.entry(r.id).or_insert(Member::EMPTY);
         m.mask |= r.mask;
