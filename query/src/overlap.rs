@@ -340,8 +340,7 @@ pub fn memberships(
     let base = out.memory_bytes();
     let mut parts: Vec<Vec<Vec<Staged>>> = Vec::with_capacity(workers);
     if workers == 1 {
-        let mut staged: Vec<Vec<Staged>> = (0..SHARDS).map(|_| Vec::new()).collect();
-        let mut masks = Vec::new();
+        let (mut staged, mut masks) = staging::<Staged>();
         for batch in batches {
             let batch = batch.map_err(internal)?;
             stage(side, &batch, &mut masks, &mut staged, &mut |v| {
@@ -353,14 +352,17 @@ pub fn memberships(
         }
         parts.push(staged);
     } else {
-        let fresh = || -> (Vec<Vec<Staged>>, Vec<u64>) {
-            ((0..SHARDS).map(|_| Vec::new()).collect(), Vec::new())
-        };
         let limit = (base, memory_limit);
-        let lanes = on_batches(workers, batches, limit, fresh, |(staged, masks), batch| {
-            stage(side, batch, masks, staged, &mut |_| NO_VALUE)?;
-            Ok(held(staged))
-        })?;
+        let lanes = on_batches(
+            workers,
+            batches,
+            limit,
+            staging,
+            |(staged, masks), batch| {
+                stage(side, batch, masks, staged, &mut |_| NO_VALUE)?;
+                Ok(held(staged))
+            },
+        )?;
         parts.extend(lanes.into_iter().map(|(staged, _)| staged));
     }
     // The most staging held: what was checked last (staged bytes only grow).
@@ -433,15 +435,12 @@ impl Membership {
         // shard, staged on two threads.
         let mut staged: Vec<Vec<NewBits>> = Vec::new();
         if !new_bits.is_empty() {
-            let fresh = || -> (Vec<NewBits>, Vec<u64>) {
-                ((0..SHARDS).map(|_| Vec::new()).collect(), Vec::new())
-            };
             let lanes = on_batches(
                 STAGE_THREADS,
                 batches,
                 (0, usize::MAX),
-                fresh,
-                |state, batch| {
+                staging,
+                |state: &mut (Vec<NewBits>, Vec<u64>), batch| {
                     let (rows, masks) = state;
                     let ids = entity_ids(batch, added.key_index)?;
                     masks_of(&added.populations, batch, masks, |i| new_bits[i])?;
@@ -495,6 +494,12 @@ impl Membership {
 
 /// Rows of new populations staged in one shard by one thread: (entity, its new bits).
 type NewBits = Vec<(u64, u64)>;
+
+/// What one thread stages a side's rows in: its rows by shard, and scratch for each row's
+/// populations ([`masks_of`]).
+fn staging<T>() -> (Vec<Vec<T>>, Vec<u64>) {
+    ((0..SHARDS).map(|_| Vec::new()).collect(), Vec::new())
+}
 
 fn too_many_populations() -> QueryError {
     QueryError::refused(
